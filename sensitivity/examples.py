@@ -1,0 +1,138 @@
+"""Small real models and data for tests, benchmarks and the demo (nothing is downloaded).
+
+The data is scikit-learn's digits set (8x8 images, 10 classes, shipped inside the package).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Digits:
+    train_x: np.ndarray  # float32 [N, 1, 8, 8], scaled to [0, 1]
+    train_y: np.ndarray  # int64 [N]
+    test_x: np.ndarray
+    test_y: np.ndarray
+
+
+def load_digits(test_fraction: float = 0.25, seed: int = 0) -> Digits:
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    images = (bunch.images.astype(np.float32) / 16.0)[:, None, :, :]
+    labels = bunch.target.astype(np.int64)
+    order = np.random.default_rng(seed).permutation(len(labels))
+    split = int(len(labels) * (1.0 - test_fraction))
+    train, test = order[:split], order[split:]
+    return Digits(images[train], labels[train], images[test], labels[test])
+
+
+class DigitsCNN(nn.Module):
+    """Conv-BN-ReLU x2, pooling, two Gemms: about 20k parameters, ~97% test accuracy."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, width, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(2 * width)
+        self.pool = nn.MaxPool2d(2)
+        self.fc1 = nn.Linear(2 * width * 4 * 4, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.pool(torch.relu(self.bn2(self.conv2(x))))
+        x = torch.relu(self.fc1(x.flatten(1)))
+        return self.fc2(x)
+
+
+class DigitsMLP(nn.Module):
+    def __init__(self, hidden: int = 32) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.fc3 = nn.Linear(hidden, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        x = torch.relu(self.fc1(x))
+        x = torch.tanh(self.fc2(x))
+        return self.fc3(x)
+
+
+def train(model: nn.Module, digits: Digits, epochs: int = 8, seed: int = 0, lr: float = 3e-3) -> nn.Module:
+    """Adam on the training split; a few seconds on a CPU."""
+    torch.manual_seed(seed)
+    x = torch.from_numpy(digits.train_x)
+    y = torch.from_numpy(digits.train_y)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in range(epochs):
+        for batch in torch.randperm(len(y), generator=generator).split(64):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+            optimizer.step()
+    return model.eval()
+
+
+def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
+    with torch.no_grad():
+        predicted = model(torch.from_numpy(x)).argmax(1).numpy()
+    return float((predicted == y).mean())
+
+
+def export_onnx(
+    model: nn.Module,
+    example: torch.Tensor,
+    opset: int = 17,
+    input_name: str = "input",
+    output_name: str = "logits",
+) -> onnx.ModelProto:
+    """TorchScript-based export with a dynamic batch axis; initializers keep parameter names."""
+    buffer = io.BytesIO()
+    torch.onnx.export(
+        model.eval(),
+        (example,),
+        buffer,
+        dynamo=False,
+        input_names=[input_name],
+        output_names=[output_name],
+        dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
+        opset_version=opset,
+        do_constant_folding=True,
+    )
+    model_proto = onnx.load_from_string(buffer.getvalue())
+    _name_folded_weights(model_proto)
+    return model_proto
+
+
+def _name_folded_weights(model: onnx.ModelProto) -> None:
+    """BatchNorm folding leaves weights named ``onnx::Conv_31``; name them after their module."""
+    taken = {init.name for init in model.graph.initializer}
+    renames: dict[str, str] = {}
+    for node in model.graph.node:
+        if len(node.input) < 2 or not node.input[1].startswith("onnx::") or not node.name.startswith("/"):
+            continue
+        new_name = ".".join(node.name.strip("/").split("/")[:-1]) + ".weight"
+        if new_name not in taken and node.input[1] not in renames:
+            renames[node.input[1]] = new_name
+            taken.add(new_name)
+    for init in model.graph.initializer:
+        init.name = renames.get(init.name, init.name)
+    for node in model.graph.node:
+        node.input[:] = [renames.get(name, name) for name in node.input]
+
+
+def trained_digits_cnn(seed: int = 0, epochs: int = 8) -> tuple[DigitsCNN, Digits]:
+    digits = load_digits(seed=seed)
+    torch.manual_seed(seed)
+    return train(DigitsCNN(), digits, epochs=epochs, seed=seed), digits

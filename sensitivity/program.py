@@ -1,0 +1,41 @@
+"""The interface every model source (ONNX interpreter, torch.export archive) loads into.
+
+A ``Program`` is a pure function of (layer weights, inputs): the weights of quantizable
+layers are passed in explicitly so that ``torch.autograd`` and ``torch.func`` can
+differentiate with respect to them, and so that a perturbed copy (Q_b(W)) can be run
+without mutating anything. Every other constant (biases, norms, shapes) lives inside.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from sensitivity.layers import Layer
+
+
+@runtime_checkable
+class Program(Protocol):
+    @property
+    def layers(self) -> Sequence[Layer]:
+        """Quantizable layers in graph order; ``layer.name`` keys ``layer_weights``."""
+
+    @property
+    def layer_weights(self) -> Mapping[str, torch.Tensor]:
+        """Full-precision weights (float32, detached) keyed by layer name."""
+
+    @property
+    def input_names(self) -> Sequence[str]: ...
+
+    @property
+    def output_names(self) -> Sequence[str]: ...
+
+    def forward(
+        self, weights: Mapping[str, torch.Tensor], inputs: Mapping[str, torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Run the model with the given layer weights; returns the outputs in order."""
+
+    def to(self, device: torch.device) -> "Program":
+        """A copy of the program whose constants live on ``device``."""
