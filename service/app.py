@@ -1,0 +1,91 @@
+"""The FastAPI application: REST API under /v1, health checks, problem+json errors."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from sqlalchemy import text
+
+from service import schemas
+from service.auth import require_token
+from service.db import make_engine, session_factory
+from service.errors import install_error_handlers, problem_response
+from service.inspection import Inspector, Limits
+from service.registry import RegistryKind, _inspect_dataset, _inspect_model, registry_router
+from service.settings import Settings
+from service.store import LocalBlobStore
+from service.tables import Dataset, Model
+
+MODELS = RegistryKind("model", "/models", Model, schemas.ModelOut, schemas.ModelPage, _inspect_model, ".onnx")
+DATASETS = RegistryKind("dataset", "/datasets", Dataset, schemas.DatasetOut, schemas.DatasetPage,
+                        _inspect_dataset, ".npz")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    engine = make_engine(settings.resolved_database_url)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        app.state.inspector.close()
+        engine.dispose()
+
+    app = FastAPI(title="mpq", version=_version(), lifespan=lifespan,
+                  description="Mixed-precision quantization planner: upload models and calibration data, "
+                              "get Hessian-based sensitivities, Pareto-optimal bit allocations and quantized ONNX.")
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.sessions = session_factory(engine)
+    app.state.store = LocalBlobStore(settings.resolved_artifact_dir)
+    app.state.inspector = Inspector(Limits(
+        max_bytes=settings.max_upload_bytes,
+        max_archive_members=settings.max_archive_members,
+        max_dataset_arrays=settings.max_dataset_arrays,
+        allow_torch=settings.allow_torch_uploads,
+    ))
+    install_error_handlers(app)
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
+    v1.include_router(registry_router(MODELS))
+    v1.include_router(registry_router(DATASETS))
+    app.include_router(v1)
+    _add_health_routes(app)
+    return app
+
+
+def _add_health_routes(app: FastAPI) -> None:
+    @app.get("/healthz", response_model=schemas.Health, tags=["health"], summary="The process is up")
+    def healthz():
+        return schemas.Health(status="ok")
+
+    @app.get("/readyz", response_model=schemas.Health, tags=["health"],
+             responses={503: {"description": "database or store unreachable"}},
+             summary="The database and the artifact store are reachable")
+    def readyz(request: Request):
+        checks: dict[str, str] = {}
+        try:
+            with request.app.state.engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+            checks["database"] = "ok"
+        except Exception as error:  # any driver error means "not ready"
+            checks["database"] = f"unreachable: {type(error).__name__}"
+        try:
+            request.app.state.store.check()
+            checks["store"] = "ok"
+        except OSError as error:
+            checks["store"] = f"unusable: {error.strerror or type(error).__name__}"
+        if any(value != "ok" for value in checks.values()):
+            return problem_response(503, "not ready: " + ", ".join(f"{k} {v}" for k, v in checks.items()),
+                                    checks=checks)
+        return schemas.Health(status="ok", checks=checks)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mpq")
+    except PackageNotFoundError:
+        return "0+unknown"

@@ -1,0 +1,170 @@
+"""The ``mpq`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from service.settings import Settings, settings_help
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return 2
+    try:
+        settings = Settings()
+    except ValueError as error:
+        print(f"mpq: invalid settings: {error}", file=sys.stderr)
+        return 2
+    return args.handler(args, settings)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mpq", description="Mixed-precision quantization planner.")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve", help="run the API server", epilog=settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run the HTTP API on the embedded defaults (SQLite, local artifact directory) "
+                    "or on the database and store the settings name.")
+    serve.add_argument("--host", help="override MPQ_HOST")
+    serve.add_argument("--port", type=int, help="override MPQ_PORT")
+    serve.add_argument("--upgrade-db", action="store_true", help="apply pending database migrations first")
+    serve.set_defaults(handler=_serve)
+
+    db = commands.add_parser("db", help="database schema").add_subparsers(title="db commands", metavar="ACTION")
+    db.add_parser("upgrade", help="apply all migrations").set_defaults(handler=_db_upgrade)
+    db.add_parser("current", help="print the schema revision").set_defaults(handler=_db_current)
+
+    token = commands.add_parser("token", help="API tokens").add_subparsers(title="token commands", metavar="ACTION")
+    create = token.add_parser("create", help="create a token (printed once)")
+    create.add_argument("--name", required=True)
+    create.set_defaults(handler=_token_create)
+    token.add_parser("list", help="list tokens").set_defaults(handler=_token_list)
+    revoke = token.add_parser("revoke", help="revoke a token by id")
+    revoke.add_argument("token_id")
+    revoke.set_defaults(handler=_token_revoke)
+    return parser
+
+
+def _engine(settings: Settings):
+    from service.db import make_engine
+
+    return make_engine(settings.resolved_database_url)
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from service.app import create_app
+    from service.db import SchemaOutOfDate, check_schema, upgrade
+
+    updates = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    settings = settings.model_copy(update=updates)
+    try:
+        settings.check_bind()
+    except ValueError as error:
+        print(f"mpq: {error}", file=sys.stderr)
+        return 2
+    engine = _engine(settings)
+    if args.upgrade_db:
+        upgrade(engine)
+    try:
+        check_schema(engine)
+    except SchemaOutOfDate as error:
+        print(f"mpq: {error}", file=sys.stderr)
+        return 2
+    finally:
+        engine.dispose()
+    print(f"mpq: serving on http://{settings.host}:{settings.port} (auth {settings.auth.value}, "
+          f"database {_redacted(settings.resolved_database_url)})", file=sys.stderr)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    return 0
+
+
+def _redacted(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _db_upgrade(_args: argparse.Namespace, settings: Settings) -> int:
+    from service.db import current_revision, upgrade
+
+    engine = _engine(settings)
+    upgrade(engine)
+    print(f"database at revision {current_revision(engine)}")
+    engine.dispose()
+    return 0
+
+
+def _db_current(_args: argparse.Namespace, settings: Settings) -> int:
+    from service.db import current_revision, head_revision
+
+    engine = _engine(settings)
+    print(f"current {current_revision(engine) or '(empty)'}, head {head_revision()}")
+    engine.dispose()
+    return 0
+
+
+def _sessions(settings: Settings):
+    from service.db import SchemaOutOfDate, check_schema, session_factory
+
+    engine = _engine(settings)
+    try:
+        check_schema(engine)
+    except SchemaOutOfDate as error:
+        print(f"mpq: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return session_factory(engine)
+
+
+def _token_create(args: argparse.Namespace, settings: Settings) -> int:
+    from service.auth import create_token
+
+    with _sessions(settings)() as session, session.begin():
+        try:
+            row, secret = create_token(session, args.name)
+        except ValueError as error:
+            print(f"mpq: {error}", file=sys.stderr)
+            return 2
+        print(json.dumps({"id": row.id, "name": row.name, "token": secret}))
+    print("store the token now: it is not shown again", file=sys.stderr)
+    return 0
+
+
+def _token_list(_args: argparse.Namespace, settings: Settings) -> int:
+    from sqlalchemy import select
+
+    from service.tables import ApiToken
+
+    with _sessions(settings)() as session:
+        for row in session.scalars(select(ApiToken).order_by(ApiToken.created_at)):
+            state = "revoked" if row.revoked_at else "active"
+            print(f"{row.id}  {row.prefix}…  {row.name}  {state}  created {row.created_at:%Y-%m-%d %H:%M}")
+    return 0
+
+
+def _token_revoke(args: argparse.Namespace, settings: Settings) -> int:
+    from service.tables import ApiToken, utcnow
+
+    with _sessions(settings)() as session, session.begin():
+        row = session.get(ApiToken, args.token_id)
+        if row is None:
+            print(f"mpq: no token with id {args.token_id!r}", file=sys.stderr)
+            return 1
+        row.revoked_at = row.revoked_at or utcnow()
+    print(f"revoked {args.token_id}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

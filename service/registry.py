@@ -1,0 +1,142 @@
+"""Models and datasets: upload, list, get, download, delete.
+
+Both kinds are the same mechanism (an uploaded blob, inspected, plus a row), so one
+router factory serves both, parametrised by a ``RegistryKind``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
+from pydantic import BaseModel
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from service.errors import Problem
+from service.inspection import InvalidUpload
+from service.tables import Base, Dataset, Model
+from service.transfer import blob_response, receive_upload
+
+BINARY_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+
+
+@dataclass(frozen=True)
+class RegistryKind:
+    noun: str  # "model" / "dataset"
+    path: str  # "/models"
+    table: type[Base]
+    out: type[BaseModel]
+    page: type[BaseModel]
+    inspect: Callable[[Any, Path], dict[str, Any]]  # (inspector, temp path) -> row fields
+    download_suffix: str
+
+
+def blob_in_use(session: Session, sha256: str) -> bool:
+    """Whether any row still references the blob (uploads are deduplicated by content)."""
+    from service.tables import Artifact
+
+    return any(
+        session.scalar(select(func.count()).select_from(table).where(table.sha256 == sha256))
+        for table in (Model, Dataset, Artifact)
+    )
+
+
+def registry_router(kind: RegistryKind) -> APIRouter:
+    router = APIRouter(prefix=kind.path, tags=[kind.path.strip("/")])
+
+    @router.post("", status_code=201, response_model=kind.out, openapi_extra=BINARY_BODY,
+                 summary=f"Upload a {kind.noun} as the raw request body")
+    async def upload(request: Request, name: Annotated[str | None, Query(max_length=200)] = None):
+        state = request.app.state
+        writer = await receive_upload(request, state.store, state.settings.max_upload_bytes)
+        try:
+            fields = await run_in_threadpool(kind.inspect, state.inspector, writer.path)
+        except InvalidUpload as error:
+            writer.abort()
+            raise Problem(422, str(error), title=f"Invalid {kind.noun}") from None
+        except BaseException:
+            writer.abort()
+            raise
+        row = await run_in_threadpool(_store_row, state, kind, writer, name, fields)
+        return kind.out.model_validate(row)
+
+    @router.get("", response_model=kind.page, summary=f"List {kind.noun}s, newest first")
+    def list_items(request: Request, limit: Annotated[int, Query(ge=1, le=500)] = 50,
+                   offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+                   sha256: Annotated[str | None, Query(pattern="^[0-9a-f]{64}$")] = None):
+        with request.app.state.sessions() as session:
+            query = select(kind.table)
+            if sha256:
+                query = query.where(kind.table.sha256 == sha256)
+            total = session.scalar(select(func.count()).select_from(query.subquery()))
+            rows = session.scalars(query.order_by(kind.table.created_at.desc()).limit(limit).offset(offset)).all()
+            return kind.page(items=[kind.out.model_validate(r) for r in rows], total=total or 0)
+
+    @router.get("/{item_id}", response_model=kind.out, summary=f"One {kind.noun}")
+    def get_item(request: Request, item_id: str):
+        with request.app.state.sessions() as session:
+            return kind.out.model_validate(_get_or_404(session, kind, item_id))
+
+    @router.get("/{item_id}/file", summary=f"Download the {kind.noun}'s file",
+                responses={200: {"content": {"application/octet-stream": {}}}})
+    def download(request: Request, item_id: str) -> Response:
+        with request.app.state.sessions() as session:
+            row = _get_or_404(session, kind, item_id)
+        filename = f"{row.name}{'' if row.name.endswith(kind.download_suffix) else kind.download_suffix}"
+        return blob_response(request, request.app.state.store, row.sha256, filename, "application/octet-stream")
+
+    @router.delete("/{item_id}", status_code=204, summary=f"Delete a {kind.noun} (and its file if unused)")
+    def delete(request: Request, item_id: str) -> Response:
+        state = request.app.state
+        with state.sessions() as session, session.begin():
+            row = _get_or_404(session, kind, item_id)
+            sha256 = row.sha256
+            session.delete(row)
+            session.flush()
+            unused = not blob_in_use(session, sha256)
+        if unused:
+            state.store.delete(sha256)
+        return Response(status_code=204)
+
+    return router
+
+
+def _get_or_404(session: Session, kind: RegistryKind, item_id: str):
+    row = session.get(kind.table, item_id) if len(item_id) <= 64 else None
+    if row is None:
+        raise Problem(404, f"no {kind.noun} with id {item_id!r}")
+    return row
+
+
+def _store_row(state, kind: RegistryKind, writer, name: str | None, fields: dict[str, Any]):
+    """Publish the blob and insert the row; if the insert fails the blob goes too (unless shared)."""
+    sha256 = writer.commit()
+    row = kind.table(name=(name or f"{kind.noun}-{sha256[:12]}"), sha256=sha256, size_bytes=writer.size, **fields)
+    try:
+        with state.sessions() as session, session.begin():
+            session.add(row)
+        return row
+    except BaseException:
+        with state.sessions() as session:
+            if not blob_in_use(session, sha256):
+                state.store.delete(sha256)
+        raise
+
+
+def _inspect_model(inspector, path: Path) -> dict[str, Any]:
+    return inspector.model(path)
+
+
+def _inspect_dataset(inspector, path: Path) -> dict[str, Any]:
+    return inspector.dataset(path)

@@ -1,0 +1,70 @@
+"""Service settings, read from the environment with the ``MPQ_`` prefix (pydantic-settings)."""
+
+from __future__ import annotations
+
+import ipaddress
+from enum import Enum
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+GiB = 1024**3
+
+
+class AuthMode(str, Enum):
+    off = "off"  # local default: no tokens, and the server only binds to loopback
+    token = "token"  # every /v1 route needs a bearer API token
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MPQ_", extra="ignore")
+
+    data_dir: Path = Field(Path("mpq-data"), description="Directory for the embedded SQLite database and artifacts.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db. Default: SQLite file in data_dir."
+    )
+    artifact_dir: Path | None = Field(None, description="Content-addressed blob store. Default: data_dir/artifacts.")
+    max_upload_bytes: int = Field(2 * GiB, gt=0, description="Largest accepted upload (model or dataset), in bytes.")
+    auth: AuthMode = Field(AuthMode.off, description="'off' (loopback only) or 'token' (bearer API tokens).")
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to bind.")
+    allow_torch_uploads: bool = Field(
+        True, description="Accept torch.export (.pt2) archives; they are executable and only opened in workers."
+    )
+    max_dataset_arrays: int = Field(64, gt=0, description="Most arrays one dataset .npz may hold.")
+    max_archive_members: int = Field(4096, gt=0, description="Most files one uploaded zip archive may hold.")
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'mpq.db').resolve()}"
+
+    @property
+    def resolved_artifact_dir(self) -> Path:
+        return self.artifact_dir or self.data_dir / "artifacts"
+
+    def check_bind(self) -> None:
+        """With auth off, refuse to listen anywhere but loopback."""
+        if self.auth is AuthMode.off and not _is_loopback(self.host):
+            raise ValueError(
+                f"refusing to bind {self.host!r} with auth off: set MPQ_AUTH=token (and create a token with "
+                "`mpq token create --name NAME`) or bind 127.0.0.1"
+            )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def settings_help() -> str:
+    """One line per setting, for ``mpq serve --help``."""
+    lines = ["settings (environment variables):"]
+    for name, field in Settings.model_fields.items():
+        default = field.default.value if isinstance(field.default, Enum) else field.default
+        lines.append(f"  MPQ_{name.upper():<22} {field.description} [default: {default}]")
+    return "\n".join(lines)
