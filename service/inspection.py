@@ -230,7 +230,8 @@ def _check_external_location(tensor, base: str, root: str) -> None:
 def inspect_dataset(path: str, limits: Limits) -> dict[str, Any]:
     """Read the npz's array headers (never pickle, never the data) and check they form a dataset."""
     if not zipfile.is_zipfile(path):
-        raise InvalidUpload("a dataset must be an .npz file (numpy.savez) with one array per model input")
+        raise InvalidUpload("a dataset must be a complete .npz file (numpy.savez) with one array per model input; "
+                            "this upload is not one, or it is truncated")
     try:
         archive = zipfile.ZipFile(path)
         members = archive.infolist()

@@ -1,0 +1,50 @@
+"""Shared fixtures: small models and data made on the spot (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+
+def tiny_onnx_model(seed: int = 0, opset: int = 17) -> onnx.ModelProto:
+    """x[N,8] -> Gemm(8->6) -> Relu -> MatMul(6->3): two quantizable layers."""
+    rng = np.random.default_rng(seed)
+    w1 = numpy_helper.from_array(rng.standard_normal((6, 8)).astype(np.float32), "fc1.weight")
+    b1 = numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "fc1.bias")
+    w2 = numpy_helper.from_array(rng.standard_normal((6, 3)).astype(np.float32), "fc2.weight")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gemm", ["x", "fc1.weight", "fc1.bias"], ["h"], name="fc1", transB=1),
+            helper.make_node("Relu", ["h"], ["r"], name="relu"),
+            helper.make_node("MatMul", ["r", "fc2.weight"], ["y"], name="fc2"),
+        ],
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+        [w1, b1, w2],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def npz_bytes(**arrays: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_bytes() -> bytes:
+    return tiny_onnx_model().SerializeToString()
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset_bytes() -> bytes:
+    rng = np.random.default_rng(0)
+    return npz_bytes(x=rng.standard_normal((16, 8)).astype(np.float32), labels=rng.integers(0, 3, 16))

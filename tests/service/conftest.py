@@ -1,0 +1,129 @@
+"""Service fixtures: every test using ``client`` runs on SQLite and on PostgreSQL.
+
+PostgreSQL is the real server on 127.0.0.1:5432 (override with MPQ_TEST_POSTGRES_ADMIN_URL);
+each test run creates a fresh database and drops it at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, text
+
+from service.app import create_app
+from service.db import make_engine, upgrade
+from service.settings import AuthMode, Settings
+from service.tables import Base
+
+ADMIN_URL = os.environ.get("MPQ_TEST_POSTGRES_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+BACKENDS = ["sqlite", "postgresql"]
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    name = f"mpq_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    url = ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    yield url
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def database_urls(tmp_path_factory, request) -> dict[str, str]:
+    """Lazily: the PostgreSQL database is only created when a test asks for it."""
+    sqlite_path = tmp_path_factory.mktemp("sqlite") / "mpq.db"
+    return {"sqlite": f"sqlite:///{sqlite_path}"}
+
+
+def _url(backend: str, database_urls: dict[str, str], request) -> str:
+    if backend == "postgresql":
+        return request.getfixturevalue("postgres_url")
+    return database_urls[backend]
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def backend_settings(request, database_urls, tmp_path_factory) -> Settings:
+    url = _url(request.param, database_urls, request)
+    engine = make_engine(url)
+    upgrade(engine)
+    engine.dispose()
+    return Settings(database_url=url, artifact_dir=tmp_path_factory.mktemp(f"store-{request.param}"),
+                    max_upload_bytes=4 * 1024 * 1024, auth=AuthMode.off)
+
+
+@pytest.fixture(scope="session")
+def app_for_backend(backend_settings):
+    app = create_app(backend_settings)
+    with TestClient(app):
+        yield app
+
+
+@pytest.fixture
+def app(app_for_backend):
+    """The session's app, emptied after each test, with its settings restored."""
+    original = app_for_backend.state.settings
+    yield app_for_backend
+    app_for_backend.state.settings = original
+    with app_for_backend.state.sessions() as session, session.begin():
+        for table in reversed(Base.metadata.sorted_tables):
+            session.execute(table.delete())
+    root: Path = app_for_backend.state.store.root
+    for path in sorted(root.rglob("*"), reverse=True):
+        if path.is_file():
+            path.unlink()
+
+
+@pytest.fixture
+def client(app) -> TestClient:
+    return TestClient(app, raise_server_exceptions=False)
+
+
+def enable_auth(app) -> None:
+    app.state.settings = app.state.settings.model_copy(update={"auth": AuthMode.token})
+
+
+def snapshot(app) -> dict[str, int]:
+    """Row counts of every table and files in the store: 'nothing new' is an equal snapshot."""
+    from sqlalchemy import func, select
+
+    counts: dict[str, int] = {}
+    with app.state.sessions() as session:
+        for table in Base.metadata.sorted_tables:
+            counts[table.name] = session.scalar(select(func.count()).select_from(table))
+    counts["blobs"] = app.state.store.blob_count()
+    counts["temp_files"] = app.state.store.temp_count()
+    return counts
+
+
+@pytest.fixture
+def live_server(app) -> Iterator[str]:
+    """The app served by a real uvicorn server on a free loopback port."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
