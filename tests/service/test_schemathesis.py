@@ -1,0 +1,35 @@
+"""Property-based run of the app against its own OpenAPI schema: no server errors, and
+every error answer is problem+json.
+
+Driven through hypothesis directly (schemathesis's pytest plugin does not load under
+pytest 9): one generated test per API operation.
+"""
+
+from __future__ import annotations
+
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from schemathesis.checks import not_a_server_error
+
+
+def errors_are_problem_json(ctx, response, case) -> bool | None:
+    if response.status_code >= 400:
+        content_type = response.headers.get("content-type", [""])
+        content_type = content_type[0] if isinstance(content_type, list) else content_type
+        assert content_type.startswith("application/problem+json"), (response.status_code, content_type)
+    return None
+
+
+def test_api_has_no_server_errors(app):
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) >= 12
+
+    for operation in operations:
+
+        @given(case=operation.as_strategy())
+        @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        def exercise(case):
+            case.call_and_validate(checks=[not_a_server_error, errors_are_problem_json])
+
+        exercise()
