@@ -54,8 +54,10 @@ def _inspect_onnx_file(path: str) -> dict[str, Any]:
             f"the model stores {len(external)} tensors (e.g. {external[0]!r}) in external data files that are not "
             "part of this upload: upload a zip archive holding the .onnx file and its data files"
         )
-    _check_onnx(model)
-    return _describe_onnx(model, "onnx")
+    description = _describe_onnx(model, "onnx")
+    del model  # the checker reads the file itself: never two copies of a multi-GB proto at once
+    _check_onnx(path)
+    return description
 
 
 def _parse_onnx(path: str):
@@ -74,11 +76,11 @@ def _parse_onnx(path: str):
     return model
 
 
-def _check_onnx(model) -> None:
+def _check_onnx(model_or_path) -> None:
     import onnx
 
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(model_or_path)
     except onnx.checker.ValidationError as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else "invalid model"
         raise InvalidUpload(f"the ONNX model fails onnx.checker: {first_line}") from None
@@ -207,11 +209,10 @@ def _inspect_onnx_bundle(archive: zipfile.ZipFile, limits: Limits) -> dict[str, 
         for tensor in _all_tensors(model):
             if tensor.data_location == onnx.TensorProto.EXTERNAL:
                 _check_external_location(tensor, base, root)
-        try:
-            onnx.checker.check_model(model_path)
-        except onnx.checker.ValidationError as error:
-            raise InvalidUpload(f"the ONNX model fails onnx.checker: {str(error).splitlines()[0]}") from None
-        return _describe_onnx(model, "onnx_archive")
+        description = _describe_onnx(model, "onnx_archive")
+        del model
+        _check_onnx(model_path)
+        return description
 
 
 def _check_external_location(tensor, base: str, root: str) -> None:
