@@ -301,3 +301,24 @@ def test_health(client):
     assert client.get("/healthz").json()["status"] == "ok"
     ready = client.get("/readyz").json()
     assert ready["checks"] == {"database": "ok", "store": "ok"}
+
+
+def test_interrupted_upload_leaves_nothing(app, live_server):
+    """The client sends half a body and hangs up: no row, no blob, no temporary file."""
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    address = urlsplit(live_server)
+    before = snapshot(app)
+    with socket.create_connection((address.hostname, address.port), timeout=10) as connection:
+        connection.sendall(b"POST /v1/models HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+                           b"Content-Length: 1000000\r\n\r\n" + b"\0" * 300_000)
+        deadline = time.monotonic() + 10
+        while app.state.store.temp_count() == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert app.state.store.temp_count() == 1, "the server should be writing the upload by now"
+    deadline = time.monotonic() + 10
+    while snapshot(app) != before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert snapshot(app) == before
