@@ -7,10 +7,11 @@ from contextlib import asynccontextmanager
 from fastapi import APIRouter, Depends, FastAPI, Request
 from sqlalchemy import text
 
-from service import schemas
+from service import api_jobs, schemas
 from service.auth import require_token
 from service.db import make_engine, session_factory
 from service.errors import install_error_handlers, problem_response
+from service.executor import make_executor
 from service.inspection import Inspector, Limits
 from service.registry import RegistryKind, _inspect_dataset, _inspect_model, registry_router
 from service.settings import Settings
@@ -28,7 +29,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        app.state.executor.start()
         yield
+        app.state.executor.stop()
         app.state.inspector.close()
         engine.dispose()
 
@@ -45,11 +48,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_dataset_arrays=settings.max_dataset_arrays,
         allow_torch=settings.allow_torch_uploads,
     ))
+    app.state.executor = make_executor(settings, app.state.sessions)
     install_error_handlers(app)
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
     v1.include_router(registry_router(MODELS))
     v1.include_router(registry_router(DATASETS))
+    v1.include_router(api_jobs.router)
     app.include_router(v1)
     _add_health_routes(app)
     return app

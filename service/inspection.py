@@ -310,8 +310,14 @@ class Inspector:
     def dataset(self, path: Path) -> dict[str, Any]:
         return self._run(inspect_dataset, path)
 
+    def analysis_request(self, path: Path, model_format: str, method: str, options: dict[str, Any]) -> None:
+        self._call(check_analysis_request, str(path), model_format, method, options)
+
     def _run(self, function, path: Path) -> dict[str, Any]:
-        future = self._executor().submit(function, str(path), self.limits)
+        return self._call(function, str(path), self.limits)
+
+    def _call(self, function, *args: Any) -> Any:
+        future = self._executor().submit(function, *args)
         try:
             return future.result(timeout=self.timeout_s)
         except concurrent.futures.TimeoutError:
@@ -332,3 +338,32 @@ class Inspector:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+
+
+# ---------------------------------------------------------------- job requests
+
+
+def check_analysis_request(blob_path: str, model_format: str, method: str, options: dict[str, Any]) -> None:
+    """Up-front checks of a sensitivity/plan request that need the libraries: the options
+    build a valid configuration and (for ONNX) every op is supported. Raises InvalidUpload."""
+    from service.model_files import sensitivity_config
+
+    try:
+        sensitivity_config(method, options)
+    except ValueError as error:
+        raise InvalidUpload(str(error)) from None
+    if model_format == "torch_export":
+        return  # executable content: only a worker opens it
+    from sensitivity.onnx_program import UnsupportedOpsError, check_supported
+
+    try:
+        if model_format == "onnx_archive":
+            with zipfile.ZipFile(blob_path) as archive:
+                name = next(n for n in archive.namelist() if n.endswith(".onnx"))
+                import onnx
+
+                check_supported(onnx.load_from_string(archive.read(name)))
+        else:
+            check_supported(blob_path)
+    except UnsupportedOpsError as error:
+        raise InvalidUpload(str(error)) from None

@@ -17,6 +17,11 @@ class AuthMode(str, Enum):
     token = "token"  # every /v1 route needs a bearer API token
 
 
+class ExecutorKind(str, Enum):
+    embedded = "embedded"
+    celery = "celery"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MPQ_", extra="ignore")
 
@@ -34,6 +39,19 @@ class Settings(BaseSettings):
     )
     max_dataset_arrays: int = Field(64, gt=0, description="Most arrays one dataset .npz may hold.")
     max_archive_members: int = Field(4096, gt=0, description="Most files one uploaded zip archive may hold.")
+    executor: ExecutorKind = Field(ExecutorKind.embedded, description="'embedded' (child processes of the server) "
+                                   "or 'celery' (jobs go to MPQ_BROKER_URL, run by `mpq worker`).")
+    worker_slots: int = Field(1, ge=0, le=64, description="Embedded executor: jobs run at once (one GPU each).")
+    gpus: str | None = Field(None, description="Comma-separated GPU ids for the slots (CUDA_VISIBLE_DEVICES); "
+                                               "default: none, jobs use what they find.")
+    broker_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker (Redis or RabbitMQ).")
+    heartbeat_interval_s: float = Field(2.0, gt=0, description="How often a running job reports it is alive.")
+    heartbeat_timeout_s: float = Field(60.0, gt=0, description="A running job silent this long is presumed dead.")
+    cancel_grace_s: float = Field(10.0, ge=0, description="After a cancel, wait this long before SIGTERM, "
+                                                          "and as long again before SIGKILL.")
+    max_attempts: int = Field(2, ge=1, description="A job whose worker died is requeued until it ran this often.")
+    job_time_limit_s: float = Field(6 * 3600, gt=0, description="Longest a job may run; also sets the broker's "
+                                                               "visibility timeout.")
 
     @property
     def resolved_database_url(self) -> str:

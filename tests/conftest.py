@@ -33,6 +33,27 @@ def tiny_onnx_model(seed: int = 0, opset: int = 17) -> onnx.ModelProto:
     return model
 
 
+def mlp_onnx_model(inputs: int = 256, width: int = 1024, classes: int = 10, seed: int = 0) -> onnx.ModelProto:
+    """A wide Gemm-Relu MLP: heavy enough that a Hessian analysis takes a while."""
+    rng = np.random.default_rng(seed)
+    sizes = [(width, inputs), (width, width), (classes, width)]
+    nodes, inits, current = [], [], "x"
+    for index, (rows, cols) in enumerate(sizes):
+        weight = f"fc{index}.weight"
+        inits.append(numpy_helper.from_array((rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32),
+                                             weight))
+        nodes.append(helper.make_node("Gemm", [current, weight], [f"h{index}"], transB=1))
+        current = f"h{index}"
+        if index < len(sizes) - 1:
+            nodes.append(helper.make_node("Relu", [current], [f"r{index}"]))
+            current = f"r{index}"
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", inputs])],
+                              [helper.make_tensor_value_info(current, TensorProto.FLOAT, ["batch", classes])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
 def npz_bytes(**arrays: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)

@@ -1,0 +1,80 @@
+"""Job handlers: what a worker process does for each job type. Imported only in workers
+(they pull in torch and the libraries)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from sqlalchemy import select
+
+from service.jobs import JobContext, JobInputError, job_handler
+from service.model_files import load_arrays, load_program, model_path, sensitivity_config
+from service.tables import Dataset, Model, SensitivityResult
+
+
+def params_hash(config_dict: dict[str, Any]) -> str:
+    """Cache key part: the configuration minus what cannot change the numbers (the device)."""
+    relevant = {k: v for k, v in config_dict.items() if k != "device"}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+def _rows(context: JobContext, model_id: str, dataset_id: str) -> tuple[Model, Dataset]:
+    with context.sessions() as session:
+        model, dataset = session.get(Model, model_id), session.get(Dataset, dataset_id)
+    if model is None or dataset is None:
+        raise JobInputError(f"the {'model' if model is None else 'dataset'} was deleted before the job ran")
+    return model, dataset
+
+
+def cached_sensitivity(context: JobContext, model: Model, dataset: Dataset, method: str,
+                       key: str) -> SensitivityResult | None:
+    with context.sessions() as session:
+        return session.scalars(select(SensitivityResult).where(
+            SensitivityResult.model_sha256 == model.sha256, SensitivityResult.dataset_sha256 == dataset.sha256,
+            SensitivityResult.method == method, SensitivityResult.params_hash == key)
+            .order_by(SensitivityResult.created_at.desc())).first()
+
+
+def compute_or_reuse_sensitivity(context: JobContext, model: Model, dataset: Dataset, method: str,
+                                 options: dict[str, Any], progress_scale: float = 1.0) -> tuple[str, bool]:
+    """The id of a stored sensitivity result for these inputs, computing it if not cached."""
+    from sensitivity.run import compute_sensitivity
+
+    try:
+        config = sensitivity_config(method, options)
+    except ValueError as error:
+        raise JobInputError(str(error)) from None
+    key = params_hash(config.to_dict())
+    cached = cached_sensitivity(context, model, dataset, method, key)
+    if cached is not None:
+        context.log(f"reusing sensitivity result {cached.id} (same model, data, method and parameters)")
+        return cached.id, True
+
+    def progress(phase: str, fraction: float, message: str) -> None:
+        context.progress(f"sensitivity:{phase}", fraction * progress_scale, message)
+
+    context.progress("loading", 0.0, f"loading {model.name}")
+    with model_path(context.store, model.sha256, model.format) as path:
+        try:
+            program = load_program(path, model.format)
+            calibration = load_arrays(context.store, dataset.sha256)
+            result = compute_sensitivity(program, calibration, config, progress)
+        except ValueError as error:  # bad inputs: unsupported ops, arrays not matching the model
+            raise JobInputError(str(error)) from None
+    data = result.to_dict()
+    row = SensitivityResult(job_id=context.job_id, model_sha256=model.sha256, dataset_sha256=dataset.sha256,
+                            method=method, params_hash=key, result=data, versions=data.get("versions", {}))
+    with context.sessions() as session, session.begin():
+        session.add(row)
+    return row.id, False
+
+
+@job_handler("sensitivity")
+def sensitivity_job(context: JobContext) -> dict[str, Any]:
+    params = context.params
+    model, dataset = _rows(context, params["model_id"], params["dataset_id"])
+    result_id, cached = compute_or_reuse_sensitivity(context, model, dataset, params["method"],
+                                                     params.get("options", {}))
+    return {"sensitivity_result_id": result_id, "cached": cached}

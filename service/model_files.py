@@ -1,0 +1,56 @@
+"""Turn stored uploads back into files a library can open (worker side)."""
+
+from __future__ import annotations
+
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SENSITIVITY_METHODS = {"hawq_v2": "TraceConfig", "hawq_v1": "EigenConfig", "interlayer": "InterLayerConfig"}
+
+
+@contextmanager
+def model_path(store: Any, sha256: str, model_format: str) -> Iterator[Path]:
+    """The path of the model file; a zip bundle (ONNX + external data) is unpacked first.
+
+    Bundles were checked at upload (member names and external-data locations stay inside).
+    """
+    blob = Path(store.local_path(sha256))
+    if model_format != "onnx_archive":
+        yield blob
+        return
+    with tempfile.TemporaryDirectory(prefix="mpq-model-") as root, zipfile.ZipFile(blob) as archive:
+        archive.extractall(root)
+        yield next(Path(root).rglob("*.onnx"))
+
+
+def load_program(path: Path, model_format: str):
+    if model_format == "torch_export":
+        from sensitivity.torch_program import load_exported
+
+        return load_exported(path)
+    from sensitivity.onnx_program import load_onnx
+
+    return load_onnx(path)
+
+
+def load_arrays(store: Any, sha256: str) -> dict[str, np.ndarray]:
+    with np.load(store.local_path(sha256), allow_pickle=False) as npz:
+        return {name: npz[name] for name in npz.files}
+
+
+def sensitivity_config(method: str, options: dict[str, Any]):
+    """The library configuration for an API method name and its options (ValueError if bad)."""
+    from sensitivity.results import config_from_dict
+
+    if method not in SENSITIVITY_METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {sorted(SENSITIVITY_METHODS)}")
+    try:
+        return config_from_dict({"type": SENSITIVITY_METHODS[method], **options})
+    except TypeError as error:  # an unknown option name
+        raise ValueError(f"invalid options for {method}: {error}") from None

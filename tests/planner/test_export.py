@@ -1,0 +1,357 @@
+"""The exporter against real onnxruntime sessions: Q_b's integers, accuracy, mixed configurations, metadata."""
+
+import functools
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from planner.candidates import Configuration
+from planner.export import (
+    PLAN_METADATA_KEY,
+    ExportError,
+    export_model,
+    read_plan,
+    stored_weight,
+    validate_artifact,
+)
+from sensitivity.examples import export_onnx, trained_digits_cnn
+from sensitivity.layers import find_layers, weight_array
+from sensitivity.quantize import quantize_weight
+
+QUANTIZED = ("w8a8", "w4a8", "w8", "w4")
+OPSETS = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+
+
+@functools.cache
+def trained_digits_onnx():
+    """The trained digits CNN as ONNX (opset 17) with calibration and test data (~5 s to train).
+
+    Cached so the test modules that need it share one training run in a session.
+    """
+    model, data = trained_digits_cnn()
+    proto = export_onnx(model, torch.from_numpy(data.train_x[:1]))
+    return proto, {"input": data.train_x[:256]}, data
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return trained_digits_onnx()
+
+
+def _run(model_bytes: bytes, x: np.ndarray, input_name: str = "input") -> np.ndarray:
+    session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    return session.run(None, {input_name: x})[0]
+
+
+def _accuracy(model_bytes: bytes, data) -> float:
+    return 100.0 * float(np.mean(_run(model_bytes, data.test_x).argmax(1) == data.test_y))
+
+
+def _stored(model: onnx.ModelProto, node_name: str):
+    """Integers, scales, zero points and axis behind a node's weight input, read straight from the graph."""
+    node = next(n for n in model.graph.node if n.name == node_name)
+    dequantize = next(n for n in model.graph.node if node.input[1] in n.output)
+    assert dequantize.op_type == "DequantizeLinear"
+    initializers = {i.name: i for i in model.graph.initializer}
+    integers, scales, zero_points = (initializers[name] for name in dequantize.input)
+    axis = next(a.i for a in dequantize.attribute if a.name == "axis")
+    unpack = lambda t: numpy_helper.to_array(t).astype(np.int8)  # noqa: E731 - int4 arrays come back as ml_dtypes.int4
+    return integers.data_type, unpack(integers), numpy_helper.to_array(scales), unpack(zero_points), axis
+
+
+def zoo_model() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """ConvTranspose (channel axis 1), Gemm with transB=0 (axis 1), a contrib op, a MatMul weight used twice."""
+    rng = np.random.default_rng(0)
+
+    def weight(name, shape):
+        return numpy_helper.from_array((0.3 * rng.normal(size=shape)).astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("ConvTranspose", ["x", "deconv.weight"], ["d"], name="deconv"),
+        helper.make_node("Flatten", ["d"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "gemm.weight", "gemm.bias"], ["g"], name="gemm"),
+        helper.make_node("Gelu", ["g"], ["a"], domain="com.microsoft", name="gelu"),
+        helper.make_node("MatMul", ["a", "shared.weight"], ["m1"], name="matmul1"),
+        helper.make_node("Relu", ["m1"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "shared.weight"], ["m2"], name="matmul2"),
+        helper.make_node("MatMul", ["m2", "head.weight"], ["y"], name="head"),
+    ]
+    initializers = [
+        weight("deconv.weight", (4, 3, 2, 2)),
+        weight("gemm.weight", (108, 16)),
+        weight("gemm.bias", (16,)),
+        weight("shared.weight", (16, 16)),
+        weight("head.weight", (16, 6)),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "zoo",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=OPSETS)
+    return model, {"x": rng.normal(size=(48, 4, 5, 5)).astype(np.float32)}
+
+
+def uninferable_model() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """com.microsoft Inverse: onnxruntime runs it, but ONNX shape inference gives no type for anything after it
+    and onnxruntime's symbolic shape inference raises."""
+    rng = np.random.default_rng(1)
+    nodes = [
+        helper.make_node("Inverse", ["x"], ["inv"], domain="com.microsoft"),  # unnamed on purpose
+        helper.make_node("Flatten", ["inv"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "fc1.weight"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Gemm", ["r", "fc2.weight"], ["y"], transB=1),
+    ]
+    initializers = [
+        numpy_helper.from_array(rng.normal(size=(16, 8)).astype(np.float32), "fc1.weight"),
+        numpy_helper.from_array(rng.normal(size=(3, 8)).astype(np.float32), "fc2.weight"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "uninferable",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=OPSETS)
+    x = (np.eye(4) + 0.2 * rng.normal(size=(40, 4, 4))).astype(np.float32)
+    return model, {"x": x}
+
+
+def _assert_weights_are_q_b(original: onnx.ModelProto, exported, configuration) -> None:
+    model = exported.load()
+    for layer in find_layers(original):
+        candidate = configuration[layer.name]
+        bits = {"w8a8": 8, "w8": 8, "w4a8": 4, "w4": 4}.get(candidate)
+        if bits is None:
+            assert stored_weight(model, layer.name) is None
+            continue
+        expected = quantize_weight(weight_array(original, layer.name), bits, layer.channel_axis)
+        for node_name in exported.layers[layer.name].node_names:
+            data_type, integers, scales, zero_points, axis = _stored(model, node_name)
+            assert data_type == (TensorProto.INT4 if bits == 4 else TensorProto.INT8), (layer.name, candidate)
+            np.testing.assert_array_equal(integers, expected.integers, err_msg=f"{layer.name} {candidate}")
+            np.testing.assert_array_equal(scales, expected.scales, err_msg=f"{layer.name} {candidate}")
+            assert not zero_points.any() and axis % integers.ndim == layer.channel_axis
+        readback = stored_weight(model, layer.name)
+        assert readback.bits == bits and np.array_equal(readback.dequantize(), expected.dequantize())
+
+
+@pytest.mark.parametrize("candidate", QUANTIZED)
+def test_digits_weights_are_q_b_integers(digits, candidate):
+    proto, calibration, _ = digits
+    configuration = Configuration.uniform(find_layers(proto), candidate)
+    exported = export_model(proto, configuration, calibration)
+    _assert_weights_are_q_b(proto, exported, configuration)
+    assert exported.opset == (21 if "4" in candidate else 17)
+    assert exported.load().ir_version >= (10 if "4" in candidate else 8)  # int4 needs IR 10
+
+
+@pytest.mark.parametrize("candidate", QUANTIZED)
+def test_zoo_weights_are_q_b_integers(candidate):
+    """ConvTranspose/Gemm(transB=0) axes, a weight shared by two MatMuls, a contrib op in the graph."""
+    model, calibration = zoo_model()
+    configuration = Configuration.uniform(find_layers(model), candidate)
+    exported = export_model(model, configuration, calibration)
+    assert exported.layers["shared.weight"].node_names == ("matmul1", "matmul2")
+    _assert_weights_are_q_b(model, exported, configuration)
+
+
+def test_w8a8_digits_accuracy_within_one_point_of_float(digits):
+    proto, calibration, data = digits
+    exported = export_model(proto, Configuration.uniform(find_layers(proto), "w8a8"), calibration)
+    float_accuracy = _accuracy(proto.SerializeToString(), data)
+    quantized_accuracy = _accuracy(exported.model_bytes, data)
+    assert float_accuracy > 90.0
+    assert abs(float_accuracy - quantized_accuracy) <= 1.0, (float_accuracy, quantized_accuracy)
+    # Activations really are quantized: every layer's input comes out of a DequantizeLinear.
+    model = exported.load()
+    producers = {out: node.op_type for node in model.graph.node for out in node.output}
+    for layer in exported.layers.values():
+        node = next(n for n in model.graph.node if n.name == layer.node_names[0])
+        assert producers[node.input[0]] == "DequantizeLinear"
+
+
+MIXED = [
+    {"conv1.weight": "fp32", "conv2.weight": "w8a8", "fc1.weight": "w4", "fc2.weight": "w4a8"},
+    {"conv1.weight": "w4a8", "conv2.weight": "w4", "fc1.weight": "w8", "fc2.weight": "fp32"},
+    {"conv1.weight": "w8", "conv2.weight": "fp32", "fc1.weight": "w8a8", "fc2.weight": "w4"},
+]
+
+
+@pytest.mark.parametrize("configuration", MIXED)
+def test_mixed_configurations_export_and_run(digits, configuration):
+    proto, calibration, data = digits
+    exported = export_model(proto, configuration, calibration)
+    onnx.checker.check_model(exported.load())
+    _assert_weights_are_q_b(proto, exported, configuration)
+    assert _accuracy(exported.model_bytes, data) > _accuracy(proto.SerializeToString(), data) - 5.0
+    methods = {name: layer.method for name, layer in exported.layers.items()}
+    for name, candidate in configuration.items():
+        expected = {"fp32": "float", "w8": "weight_only_dequantize", "w4": "weight_only_dequantize"}
+        assert methods[name] == expected.get(candidate, "onnxruntime.quantize_static")
+    # fp32 layers keep their original weights, bit for bit.
+    initializers = {i.name: i for i in exported.load().graph.initializer}
+    for name in (n for n, c in configuration.items() if c == "fp32"):
+        np.testing.assert_array_equal(numpy_helper.to_array(initializers[name]), weight_array(proto, name))
+
+
+def test_uninferable_model_exports_with_quantized_activations(tmp_path, monkeypatch):
+    model, calibration = uninferable_model()
+    premise = tmp_path / "premise"
+    premise.mkdir()
+    monkeypatch.chdir(premise)  # symbolic shape inference leaves sym_shape_infer_temp.onnx in the cwd on failure
+    with pytest.raises(Exception, match="Incomplete symbolic shape inference"):
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        SymbolicShapeInference.infer_shapes(model)
+    assert not onnx.shape_inference.infer_shapes(model).graph.value_info
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    layers = find_layers(model)
+    assert [layer.node_name for layer in layers] == ["MatMul_2", "Gemm_4"]
+    for configuration in ({"fc1.weight": "w8a8", "fc2.weight": "w4a8"}, {"fc1.weight": "w4", "fc2.weight": "w8a8"}):
+        exported = export_model(model, configuration, calibration)
+        assert "without symbolic" in exported.plan["preprocessing"]
+        _assert_weights_are_q_b(model, exported, configuration)
+        quantized = exported.load()
+        producers = {out: node.op_type for node in quantized.graph.node for out in node.output}
+        gemm = next(n for n in quantized.graph.node if n.op_type == "Gemm")
+        assert producers[gemm.input[0]] == "DequantizeLinear"  # the activation got a type and was quantized
+        reference = _run(model.SerializeToString(), calibration["x"], "x")
+        output = _run(exported.model_bytes, calibration["x"], "x")
+        assert np.corrcoef(reference.ravel(), output.ravel())[0, 1] > 0.99
+    assert not list(work.iterdir()), "the exporter left files in the working directory"
+
+
+def test_metadata_round_trips(digits):
+    proto, calibration, _ = digits
+    configuration = MIXED[0]
+    constraints = {"max_size_bytes": 20000, "max_drop": 1.0}
+    exported = export_model(proto, configuration, calibration, metadata={"job": "42"}, constraints=constraints)
+    model = onnx.load_from_string(exported.model_bytes)
+    plan = read_plan(model)
+    assert plan == dict(exported.plan)
+    assert plan["configuration"] == configuration
+    assert plan["constraints"] == constraints
+    assert plan["layers"]["fc1.weight"]["weight_bits"] == 4 and plan["layers"]["fc1.weight"]["activation_bits"] is None
+    assert plan["opset"] == {"source": 17, "exported": 21}
+    assert plan["versions"]["onnx"] == onnx.__version__ and plan["versions"]["onnxruntime"] == ort.__version__
+    assert plan["versions"]["mpq"]
+    assert plan["calibration"]["samples"] == 256
+    props = {p.key: p.value for p in model.metadata_props}
+    assert props["job"] == "42" and PLAN_METADATA_KEY in props
+    assert Configuration.from_dict(plan["configuration"]) == Configuration(configuration)
+
+
+def test_export_is_deterministic(digits):
+    proto, calibration, _ = digits
+    first = export_model(proto, MIXED[1], calibration)
+    second = export_model(proto, MIXED[1], calibration)
+    assert first.sha256 == second.sha256 and first.model_bytes == second.model_bytes
+
+
+def test_onnxruntime_int4_would_differ_from_q_b():
+    """Why int4 scales are given to quantize_static: its own symmetric int4 ([-8, 7], 2·absmax/15) differs."""
+    from onnxruntime.quantization.quant_utils import quantize_data
+
+    weight = np.linspace(-1.0, 1.0, 31, dtype=np.float32)
+    _, scale, integers = quantize_data(weight, TensorProto.INT4, symmetric=True)
+    q_b = quantize_weight(weight[None, :], 4, 0)
+    assert not np.array_equal(np.asarray(integers).astype(np.int8), q_b.integers[0])
+    assert float(scale) != float(q_b.scales[0])
+
+
+def test_bad_calibration_is_named(digits):
+    proto, calibration, _ = digits
+    configuration = Configuration.uniform(find_layers(proto), "w8a8")
+    with pytest.raises(ValueError, match=r"missing \['input'\], unknown \['images'\]"):
+        export_model(proto, configuration, {"images": calibration["input"]})
+    with pytest.raises(ValueError, match="'input' has dtype float64"):
+        export_model(proto, configuration, {"input": calibration["input"].astype(np.float64)})
+    with pytest.raises(ValueError, match=r"'input' has shape \(256, 64\)"):
+        export_model(proto, configuration, {"input": calibration["input"].reshape(256, 64)})
+    with pytest.raises(ValueError, match="no samples"):
+        export_model(proto, configuration, {"input": calibration["input"][:0]})
+    with pytest.raises(ValueError, match=r"missing layer\(s\) 'fc2.weight'"):
+        export_model(proto, {k: "w8a8" for k in ("conv1.weight", "conv2.weight", "fc1.weight")}, calibration)
+    with pytest.raises(ValueError, match="reserved"):
+        export_model(proto, configuration, calibration, metadata={PLAN_METADATA_KEY: "x"})
+    with pytest.raises(ValueError, match="calibration method"):
+        export_model(proto, configuration, calibration, calibrate_method="magic")
+    dynamic = onnx.ModelProto()
+    dynamic.CopyFrom(proto)
+    for dim in dynamic.graph.input[0].type.tensor_type.shape.dim[2:]:
+        dim.dim_param = "side"  # accepts 4x4 images, which then fail in the first Gemm
+    with pytest.raises(ValueError, match="does not run in onnxruntime on the calibration inputs"):
+        export_model(dynamic, configuration, {"input": calibration["input"][:, :, :4, :4].copy()})
+
+
+def test_validate_artifact_rejects_broken_models(digits):
+    proto, calibration, _ = digits
+    broken = onnx.ModelProto()
+    broken.CopyFrom(proto)
+    broken.graph.node[0].input[1] = "no_such_tensor"
+    with pytest.raises(ExportError, match="onnx.checker"):
+        validate_artifact(broken.SerializeToString(), calibration)
+    with pytest.raises(ExportError, match="does not run in onnxruntime"):
+        validate_artifact(proto.SerializeToString(), {"input": calibration["input"][:, :, :4, :4].copy()})
+
+
+EDGE_VALUES = [0.0, 1e-40, float(np.finfo(np.float32).tiny), 1.4928777e-36, 0.5, -0.5, 2.5 / 127, 3.0e38]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.floats(-1e3, 1e3, width=32) | st.sampled_from(EDGE_VALUES), min_size=1, max_size=9),
+        min_size=1,
+        max_size=6,
+    ).filter(lambda rows: len({len(r) for r in rows}) == 1)
+)
+def test_q_b_int8_equals_onnxruntime_per_channel_quantizer(rows):
+    """The contract: Q_b at 8 bits gives onnxruntime's symmetric per-channel integers and scales exactly."""
+    from onnxruntime.quantization.quant_utils import quantize_data
+
+    weight = np.asarray(rows, dtype=np.float32)
+    ours = quantize_weight(weight, 8, 0)
+    for channel in range(weight.shape[0]):
+        zero_point, scale, integers = quantize_data(weight[channel], TensorProto.INT8, symmetric=True)
+        assert int(zero_point) == 0
+        assert np.float32(scale) == ours.scales[channel], (weight[channel], scale, ours.scales[channel])
+        np.testing.assert_array_equal(np.asarray(integers, dtype=np.int8), ours.integers[channel])
+
+
+def test_onnxruntime_matmul_nbits_would_differ_from_q_b():
+    """Why weight-only MatMuls do not use MatMulNBitsQuantizer: even one block per column (per channel),
+    its symmetric int4 uses [-8, 7] with a signed scale max/-8, so its integers are not Q_b's."""
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    weight = np.random.default_rng(0).normal(size=(32, 8)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        "matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    config = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, quant_format=QuantFormat.QDQ)
+    quantizer = MatMulNBitsQuantizer(model, algo_config=config)
+    quantizer.process()
+    initializers = list(quantizer.model.model.graph.initializer)
+    integers = next(numpy_helper.to_array(i) for i in initializers if i.data_type == TensorProto.INT4).astype(np.int8)
+    q_b = quantize_weight(weight, 4, 1)
+    assert integers.shape == q_b.integers.shape and integers.min() == -8
+    assert not np.array_equal(integers, q_b.integers)

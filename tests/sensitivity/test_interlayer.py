@@ -1,0 +1,121 @@
+"""G, g·Δ, Ω and the predicted loss change against the exact Hessian of a tiny model."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from sensitivity.hvp import HessianVectorProducts
+from sensitivity.interlayer import (
+    diagonal_loss_change,
+    interlayer_terms,
+    omega,
+    perturbations,
+    predicted_loss_change,
+)
+from sensitivity.results import InterLayerTerms, LayerTrace
+from tests.sensitivity.test_hvp import (  # noqa: F401
+    TinyProblem,
+    exact_gradient,
+    exact_hessian,
+    single_thread,
+    tiny_problem,
+)
+
+BITS = (8, 4, 2)
+
+
+@pytest.fixture(scope="module")
+def problem() -> TinyProblem:
+    return tiny_problem()
+
+
+def _exact_traces(problem: TinyProblem) -> list[LayerTrace]:
+    hessian = exact_hessian(problem)
+    return [
+        LayerTrace(layer.name, layer.num_params, float(np.trace(hessian[b, b])), 0.0, 1)
+        for layer, b in zip(problem.program.layers, problem.blocks())
+    ]
+
+
+@pytest.fixture(scope="module")
+def terms(problem: TinyProblem) -> InterLayerTerms:
+    hvp = HessianVectorProducts(problem.loss(batch_size=12), probes_per_pass=4)
+    result = interlayer_terms(hvp, problem.program.layers, BITS, _exact_traces(problem))
+    assert hvp.num_hvps == len(problem.program.layers) * len(BITS)  # one per column
+    return result
+
+
+def _full_deltas(problem: TinyProblem) -> dict[tuple[str, int], np.ndarray]:
+    """Each Δᵢᵇ embedded in a zero vector over all layer weights."""
+    point = tuple(problem.program.layer_weights.values())
+    full = {}
+    for (name, bits), delta in perturbations(problem.program.layers, point, BITS).items():
+        vector = tuple(delta if layer.name == name else torch.zeros(layer.shape, dtype=torch.float64) for layer in problem.program.layers)
+        full[(name, bits)] = problem.flatten(vector).numpy()
+    return full
+
+
+def _configurations(problem: TinyProblem) -> list[dict[str, int | None]]:
+    names = [layer.name for layer in problem.program.layers]
+    return [dict(zip(names, choice)) for choice in itertools.product([None, *BITS], repeat=len(names))]
+
+
+def test_g_matches_exact_blocks(problem: TinyProblem, terms: InterLayerTerms) -> None:
+    hessian = exact_hessian(problem)
+    deltas = _full_deltas(problem)
+    assert terms.labels == tuple(deltas)
+    vectors = np.stack([deltas[label] for label in terms.labels])
+    exact = vectors @ hessian @ vectors.T
+    assert np.allclose(terms.array(), exact, rtol=1e-5, atol=1e-5 * np.abs(exact).max())
+    assert terms.symmetry_error < 1e-8
+    off_diagonal = [exact[a, c] for a, c in itertools.product(range(len(vectors)), repeat=2) if terms.labels[a][0] != terms.labels[c][0]]
+    assert np.abs(off_diagonal).max() > 1e-3 * np.abs(exact).max()  # the inter-layer terms are not negligible here
+
+
+def test_gradient_terms_norms_and_omega(problem: TinyProblem, terms: InterLayerTerms) -> None:
+    gradient = exact_gradient(problem)
+    traces = {t.name: t for t in _exact_traces(problem)}
+    for a, (label, delta) in enumerate(_full_deltas(problem).items()):
+        assert terms.gradient_terms[a] == pytest.approx(float(gradient @ delta), rel=1e-8, abs=1e-14)
+        assert terms.delta_norms_squared[a] == pytest.approx(float(delta @ delta), rel=1e-12)
+        assert terms.omega[a] == pytest.approx(traces[label[0]].average_trace * float(delta @ delta), rel=1e-12)
+
+
+def test_predicted_loss_change_is_the_exact_second_order_expansion(problem: TinyProblem, terms: InterLayerTerms) -> None:
+    hessian, gradient, deltas = exact_hessian(problem), exact_gradient(problem), _full_deltas(problem)
+    for configuration in _configurations(problem):
+        total = sum((deltas[(n, b)] for n, b in configuration.items() if b is not None), np.zeros(len(gradient)))
+        expected = float(gradient @ total + 0.5 * total @ hessian @ total)
+        assert predicted_loss_change(terms, configuration) == pytest.approx(expected, rel=1e-5, abs=1e-12)
+
+
+def test_omega_and_diagonal_predictor(problem: TinyProblem, terms: InterLayerTerms) -> None:
+    index = terms.index()
+    configuration = {"conv.weight": 4, "fc1.weight": None, "fc2.weight": 8}
+    expected = terms.omega[index[("conv.weight", 4)]] + terms.omega[index[("fc2.weight", 8)]]
+    assert omega(terms, configuration) == pytest.approx(expected, rel=1e-15)
+    assert diagonal_loss_change(terms, configuration) == pytest.approx(0.5 * expected, rel=1e-15)
+    assert predicted_loss_change(terms, {}) == 0.0
+    assert omega(terms, {"conv.weight": None}) == 0.0
+
+
+def test_second_order_prediction_tracks_the_measured_change(problem: TinyProblem, terms: InterLayerTerms) -> None:
+    """At 8 bits Δ is tiny, so the remainder O(‖Δ‖³) is far below the prediction."""
+    loss = problem.loss(batch_size=24)
+    weights = dict(loss.weights0)
+    deltas = perturbations(problem.program.layers, tuple(weights.values()), (8,))
+    for (name, _), delta in deltas.items():
+        perturbed = {**weights, name: weights[name] + delta}
+        measured = loss.value(perturbed) - loss.value()
+        assert predicted_loss_change(terms, {name: 8}) == pytest.approx(measured, rel=1e-2, abs=1e-9)
+
+
+def test_bad_configurations_are_named(terms: InterLayerTerms) -> None:
+    with pytest.raises(ValueError, match="unknown layers \\['nope'\\]"):
+        predicted_loss_change(terms, {"nope": 8})
+    with pytest.raises(ValueError, match="at 6 bits; computed bit widths: \\[2, 4, 8\\]"):
+        predicted_loss_change(terms, {"fc1.weight": 6})

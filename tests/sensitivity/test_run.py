@@ -1,0 +1,193 @@
+"""The one verb: dispatch, calibration checks, serialization, reproducibility, ONNX = torch."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from sensitivity import (
+    EigenConfig,
+    InterLayerConfig,
+    SensitivityResult,
+    TorchProgram,
+    TraceConfig,
+    compute_sensitivity,
+    config_from_dict,
+    predicted_loss_change,
+)
+from sensitivity.examples import DigitsCNN, export_onnx, load_digits
+from sensitivity.run import resolve_device
+from tests.sensitivity.test_hvp import TinyProblem, single_thread, tiny_problem  # noqa: F401
+
+FAST = {"batch_size": 12, "device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def problem() -> TinyProblem:
+    return tiny_problem()
+
+
+def _without_timings(result: SensitivityResult) -> dict:
+    data = result.to_dict()
+    data.pop("timings")
+    return data
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        TraceConfig(seed=3, max_probes=16, **FAST),
+        EigenConfig(seed=3, max_iterations=10, **FAST),
+        InterLayerConfig(seed=3, bits=(8, 4), trace_max_probes=16, **FAST),
+    ],
+)
+def test_each_config_runs_its_analysis_and_round_trips_through_json(problem: TinyProblem, config) -> None:
+    result = compute_sensitivity(problem.program, problem.calibration, config)
+    assert (result.traces is not None) == isinstance(config, (TraceConfig, InterLayerConfig))
+    assert (result.eigenvalues is not None) == isinstance(config, EigenConfig)
+    assert (result.interlayer is not None) == isinstance(config, InterLayerConfig)
+    assert result.num_hvps > 0 and result.seed == 3 and result.num_samples == 24
+    assert result.loss_kind == "cross_entropy" and result.loss > 0
+    assert {"torch", "onnx", "onnxruntime", "mpq"} <= set(result.versions)
+    assert result.device.startswith("cpu") and result.timings["total"] > 0
+    assert [layer.name for layer in result.layers] == ["conv.weight", "fc1.weight", "fc2.weight"]
+    text = json.dumps(result.to_dict(), allow_nan=False)  # plain JSON, no NaN/inf
+    assert SensitivityResult.from_dict(json.loads(text)) == result
+
+
+def test_seeded_runs_reproduce_exactly(problem: TinyProblem) -> None:
+    config = InterLayerConfig(seed=5, trace_max_probes=12, **FAST)
+    first = compute_sensitivity(problem.program, problem.calibration, config)
+    second = compute_sensitivity(problem.program, problem.calibration, config)
+    assert _without_timings(first) == _without_timings(second)
+    other = compute_sensitivity(problem.program, problem.calibration, dataclasses.replace(config, seed=6))
+    assert first.traces != other.traces
+    # G and g·Δ are deterministic; only Ω uses the traces (and so the probes).
+    assert first.interlayer.matrix == other.interlayer.matrix
+    assert first.interlayer.gradient_terms == other.interlayer.gradient_terms
+    assert first.interlayer.omega != other.interlayer.omega
+
+
+def test_progress_reports_phases_in_order(problem: TinyProblem) -> None:
+    calls: list[tuple[str, float, str]] = []
+    compute_sensitivity(
+        problem.program, problem.calibration, InterLayerConfig(trace_max_probes=8, **FAST), progress=lambda *a: calls.append(a)
+    )
+    phases = [phase for phase, _, _ in calls]
+    assert phases[0] == "prepare" and phases[-1] == "done"
+    assert phases.index("traces") < phases.index("interlayer")
+    assert all(0.0 <= fraction <= 1.0 for _, fraction, _ in calls)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda c: {"labels": c["labels"]}, r"missing \['input'\]"),
+        (lambda c: {**c, "mask": c["input"]}, r"unexpected \['mask'\]"),
+        (lambda c: {**c, "labels": c["labels"][:-1]}, "different numbers of samples"),
+        (lambda c: {**c, "labels": c["labels"] + 10}, r"labels must lie in \[0, 3\]"),
+        (lambda c: {**c, "labels": c["labels"] - 10}, "non-negative"),
+        (lambda c: {**c, "labels": c["labels"].astype(np.float32)}, "1-D integer array"),
+        (lambda c: {"input": c["input"][:0], "labels": c["labels"][:0]}, "empty"),
+        (lambda c: {**c, "input": c["input"].tolist()}, "must be a numpy array"),
+    ],
+)
+def test_bad_calibration_is_named(problem: TinyProblem, change, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        compute_sensitivity(problem.program, change(problem.calibration), TraceConfig(**FAST))
+
+
+def test_unregistered_config_type_is_a_type_error(problem: TinyProblem) -> None:
+    @dataclasses.dataclass(frozen=True)
+    class Unknown:
+        device: str = "cpu"
+
+    with pytest.raises(TypeError, match="no handler for Unknown"):
+        compute_sensitivity(problem.program, problem.calibration, Unknown())
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: TraceConfig(tolerance=0), "tolerance must be positive"),
+        (lambda: TraceConfig(min_probes=1), "min_probes must be at least 2"),
+        (lambda: TraceConfig(min_probes=10, max_probes=9), "max_probes"),
+        (lambda: EigenConfig(max_iterations=1), "max_iterations"),
+        (lambda: InterLayerConfig(bits=(8, 9)), r"unsupported weight bit widths \[9\]"),
+        (lambda: InterLayerConfig(bits=()), "at least one"),
+        (lambda: TraceConfig(device="tpu"), "device must be one of"),
+        (lambda: TraceConfig(hvp_method="magic"), "hvp_method"),
+        (lambda: TraceConfig(batch_size=0), "batch_size"),
+        (lambda: config_from_dict({"type": "Pickle"}), "unknown configuration type"),
+        (lambda: config_from_dict({"type": "TraceConfig", "probes": 3}), r"unknown keys for TraceConfig: \['probes'\]"),
+    ],
+)
+def test_bad_configs_are_named(build, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_configs_round_trip_through_json() -> None:
+    for config in (TraceConfig(seed=2, tolerance=0.1), EigenConfig(max_iterations=7), InterLayerConfig(bits=[8, 6, 4])):
+        data = json.loads(json.dumps(config.to_dict()))
+        assert config_from_dict(data) == config
+    assert InterLayerConfig(bits=[8, 4]).bits == (8, 4)
+
+
+def test_auto_device_is_cuda_only_when_available() -> None:
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu(problem: TinyProblem) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    config = InterLayerConfig(seed=1, trace_max_probes=16, batch_size=12)
+    gpu = compute_sensitivity(problem.program, problem.calibration, dataclasses.replace(config, device="cuda"))
+    cpu = compute_sensitivity(problem.program, problem.calibration, dataclasses.replace(config, device="cpu"))
+    assert gpu.device.startswith("cuda")
+    assert np.allclose(gpu.interlayer.array(), cpu.interlayer.array(), rtol=1e-6, atol=1e-12)
+    for a, b in zip(gpu.traces, cpu.traces):  # same probes (drawn on the CPU), float64 model
+        assert a.trace == pytest.approx(b.trace, rel=1e-8)
+
+
+def _folded(model: DigitsCNN) -> nn.Module:
+    """The CNN with BatchNorm folded into the convolutions, as the ONNX export does."""
+    fused = copy.deepcopy(model)
+    fused.conv1, fused.bn1 = torch.nn.utils.fusion.fuse_conv_bn_eval(fused.conv1, fused.bn1), nn.Identity()
+    fused.conv2, fused.bn2 = torch.nn.utils.fusion.fuse_conv_bn_eval(fused.conv2, fused.bn2), nn.Identity()
+    return fused
+
+
+def test_onnx_program_gives_the_torch_program_results() -> None:
+    onnx_program = pytest.importorskip("sensitivity.onnx_program")
+    torch.manual_seed(0)
+    model = DigitsCNN().eval()
+    for bn in (model.bn1, model.bn2):  # non-trivial statistics, so folding matters
+        bn.running_mean.uniform_(-0.2, 0.2)
+        bn.running_var.uniform_(0.5, 2.0)
+    from_onnx = onnx_program.load_onnx(export_onnx(model, torch.zeros(1, 1, 8, 8)))
+    from_torch = TorchProgram(_folded(model))
+    assert [(l.name, l.op_type, l.shape, l.channel_axis) for l in from_onnx.layers] == [
+        (l.name, l.op_type, l.shape, l.channel_axis) for l in from_torch.layers
+    ]
+    digits = load_digits()
+    calibration = {"input": digits.train_x[:48], "labels": digits.train_y[:48]}
+    config = InterLayerConfig(seed=2, trace_max_probes=8, batch_size=24, device="cpu")
+    a = compute_sensitivity(from_onnx, calibration, config)
+    b = compute_sensitivity(from_torch, calibration, config)
+    assert a.loss == pytest.approx(b.loss, rel=1e-5)
+    for x, y in zip(a.traces, b.traces):
+        assert x.trace == pytest.approx(y.trace, rel=1e-4, abs=1e-6)
+    assert np.allclose(a.interlayer.array(), b.interlayer.array(), rtol=1e-4, atol=1e-4 * np.abs(b.interlayer.array()).max())
+    everything_at_4 = {l.name: 4 for l in a.layers}
+    assert predicted_loss_change(a, everything_at_4) == pytest.approx(predicted_loss_change(b, everything_at_4), rel=1e-4)

@@ -1,0 +1,131 @@
+"""TorchProgram over nn.Modules and torch.export archives."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from sensitivity.examples import DigitsCNN
+from sensitivity.program import Program
+from sensitivity.torch_program import TorchProgram, load_exported
+
+
+class Mixed(nn.Module):
+    """Every layer kind, plus a weight shared by two Linear modules."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1d = nn.Conv1d(2, 3, 3, padding=1)
+        self.up = nn.ConvTranspose1d(3, 4, 2, stride=2)
+        self.head = nn.Linear(64, 5)
+        self.tied = nn.Linear(64, 5)
+        self.tied.weight = self.head.weight
+        self.norm = nn.LayerNorm(5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(torch.relu(self.conv1d(x))).flatten(1)
+        return self.norm(self.head(h) + self.tied(h))
+
+
+def test_layers_are_named_by_parameter_with_onnx_op_and_channel_axis() -> None:
+    program = TorchProgram(Mixed())
+    assert isinstance(program, Program)
+    summary = [(l.name, l.op_type, l.shape, l.num_params, l.channel_axis) for l in program.layers]
+    assert summary == [
+        ("conv1d.weight", "Conv", (3, 2, 3), 18, 0),
+        ("up.weight", "ConvTranspose", (3, 4, 2), 24, 1),
+        ("head.weight", "Gemm", (5, 64), 320, 0),
+    ]
+    assert list(program.layer_weights) == ["conv1d.weight", "up.weight", "head.weight"]
+    assert all(not w.requires_grad for w in program.layer_weights.values())
+
+
+def test_forward_swaps_weights_without_mutating_the_module() -> None:
+    torch.manual_seed(0)
+    module = Mixed().eval()
+    program = TorchProgram(module)
+    x = torch.randn(4, 2, 8)
+    weights = dict(program.layer_weights)
+    assert torch.equal(program.forward(weights, {"input": x})[0], module(x))
+    zeroed = {**weights, "head.weight": torch.zeros(5, 64)}
+    out = program.forward(zeroed, {"input": x})[0]
+    assert not torch.allclose(out, module(x))
+    assert float(module.head.weight.abs().sum()) > 0  # untouched
+    moved = program.to(torch.device("cpu"))
+    assert torch.equal(moved.forward(weights, {"input": x})[0], module(x))
+
+
+def test_gradients_flow_only_to_the_passed_weights() -> None:
+    program = TorchProgram(DigitsCNN())
+    weights = {n: w.clone().requires_grad_(True) for n, w in program.layer_weights.items()}
+    out = program.forward(weights, {"input": torch.randn(2, 1, 8, 8)})[0].square().sum()
+    grads = torch.autograd.grad(out, list(weights.values()))
+    assert all(g.abs().sum() > 0 for g in grads)
+
+
+def test_module_without_layers_is_rejected() -> None:
+    with pytest.raises(ValueError, match="no quantizable layer"):
+        TorchProgram(nn.Sequential(nn.ReLU()))
+
+
+def _export(path: Path) -> torch.Tensor:
+    torch.manual_seed(0)
+    model = DigitsCNN().eval()
+    example = torch.randn(3, 1, 8, 8)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    exported = torch.export.export(model, (example,), dynamic_shapes={"x": {0: batch}})
+    torch.export.save(exported, str(path))
+    return model(torch.ones(5, 1, 8, 8)).detach()
+
+
+_SUMMARY = """
+import json, sys, torch
+from sensitivity.torch_program import load_exported
+p = load_exported(sys.argv[1])
+out = p.forward(dict(p.layer_weights), {p.input_names[0]: torch.ones(5, 1, 8, 8)})[0]
+print(json.dumps({"layers": [[l.name, l.op_type, l.channel_axis] for l in p.layers],
+                  "inputs": list(p.input_names), "outputs": list(p.output_names), "y": out.tolist()}))
+"""
+
+
+def test_exported_archive_loads_with_stable_names_in_this_and_a_fresh_process(tmp_path: Path) -> None:
+    path = tmp_path / "digits.pt2"
+    expected = _export(path)
+    first, second = load_exported(path), load_exported(path)
+    names = [l.name for l in first.layers]
+    assert names == ["conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"]
+    assert names == [l.name for l in second.layers]
+    assert [l.op_type for l in first.layers] == ["Conv", "Conv", "Gemm", "Gemm"]
+    x = {first.input_names[0]: torch.ones(5, 1, 8, 8)}
+    y1 = first.forward(dict(first.layer_weights), x)[0]
+    assert torch.equal(y1, second.forward(dict(second.layer_weights), x)[0])
+    assert torch.allclose(y1, expected, atol=1e-6)
+
+    run = subprocess.run([sys.executable, "-c", _SUMMARY, str(path)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    fresh = json.loads(run.stdout.strip().splitlines()[-1])
+    assert [name for name, _, _ in fresh["layers"]] == names
+    assert fresh["inputs"] == list(first.input_names) and fresh["outputs"] == list(first.output_names)
+    assert np.array_equal(np.array(fresh["y"], dtype=np.float32), y1.detach().numpy())
+
+
+def test_exported_program_differentiates_and_matches_the_module_program(tmp_path: Path) -> None:
+    path = tmp_path / "digits.pt2"
+    _export(path)
+    torch.manual_seed(0)
+    module_program = TorchProgram(DigitsCNN())
+    exported = load_exported(path)
+    x = torch.randn(6, 1, 8, 8)
+    weights = {n: w.clone().requires_grad_(True) for n, w in exported.layer_weights.items()}
+    out = exported.forward(weights, {exported.input_names[0]: x})[0]
+    reference = module_program.forward(weights, {"input": x})[0]
+    assert torch.allclose(out, reference, atol=1e-6)
+    grad = torch.autograd.grad(out.square().sum(), weights["fc1.weight"])[0]
+    assert grad.abs().sum() > 0

@@ -1,0 +1,156 @@
+"""Jobs on the embedded executor: real worker processes running real analyses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+
+from tests.conftest import mlp_onnx_model, npz_bytes
+from tests.service.test_registry import assert_problem, upload
+
+
+def wait_for(client, job_id: str, statuses=("succeeded", "failed", "cancelled"), timeout: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in statuses:
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} still {job['status']} after {timeout} s: {job}")
+
+
+def uploaded(client, model_bytes: bytes, dataset_bytes: bytes) -> tuple[str, str]:
+    model = upload(client, "/v1/models", model_bytes)
+    dataset = upload(client, "/v1/datasets", dataset_bytes)
+    assert model.status_code == dataset.status_code == 201, (model.text, dataset.text)
+    return model.json()["id"], dataset.json()["id"]
+
+
+def slow_inputs(client, width: int = 1024) -> tuple[str, str]:
+    rng = np.random.default_rng(0)
+    data = npz_bytes(x=rng.standard_normal((256, 256)).astype(np.float32), labels=rng.integers(0, 10, 256))
+    return uploaded(client, mlp_onnx_model(width=width).SerializeToString(), data)
+
+
+def test_sensitivity_job_runs_and_is_cached(client, tiny_model_bytes, tiny_dataset_bytes):
+    model_id, dataset_id = uploaded(client, tiny_model_bytes, tiny_dataset_bytes)
+    body = {"model_id": model_id, "dataset_id": dataset_id, "method": "hawq_v2", "options": {"seed": 3}}
+    response = client.post("/v1/sensitivity", json=body)
+    assert response.status_code == 202, response.text
+    assert response.headers["location"] == f"/v1/jobs/{response.json()['id']}"
+    job = wait_for(client, response.json()["id"])
+    assert job["status"] == "succeeded", job
+    assert job["progress"]["fraction"] == 1.0 and job["attempts"] == 1 and job["worker_id"]
+    assert job["result"]["cached"] is False
+
+    result = client.get(f"/v1/sensitivity/{job['result']['sensitivity_result_id']}").json()
+    traces = {t["name"]: t for t in result["result"]["traces"]}
+    assert set(traces) == {"fc1.weight", "fc2.weight"}
+    assert all(t["num_probes"] >= 8 and t["standard_error"] > 0 for t in traces.values())
+    assert result["versions"]["torch"]
+
+    again = wait_for(client, client.post("/v1/sensitivity", json=body).json()["id"])
+    assert again["status"] == "succeeded" and again["result"]["cached"] is True
+    assert again["result"]["sensitivity_result_id"] == job["result"]["sensitivity_result_id"]
+
+
+def test_idempotency_key_never_starts_duplicate_work(client, tiny_model_bytes, tiny_dataset_bytes):
+    model_id, dataset_id = uploaded(client, tiny_model_bytes, tiny_dataset_bytes)
+    body = {"model_id": model_id, "dataset_id": dataset_id, "method": "hawq_v2"}
+    first = client.post("/v1/sensitivity", json=body, headers={"Idempotency-Key": "ci-run-42"})
+    second = client.post("/v1/sensitivity", json=body, headers={"Idempotency-Key": "ci-run-42"})
+    assert first.status_code == 202 and second.status_code == 200
+    assert first.json()["id"] == second.json()["id"]
+    assert client.get("/v1/jobs", params={"type": "sensitivity"}).json()["total"] == 1
+    other = client.post("/v1/sensitivity", json={**body, "method": "hawq_v1"}, headers={"Idempotency-Key": "ci-run-42"})
+    assert_problem(other, 422, "different request")
+    client.post(f"/v1/jobs/{first.json()['id']}/cancel")
+    wait_for(client, first.json()["id"])
+
+
+def test_requests_are_validated_up_front(client, app, tiny_model_bytes, tiny_dataset_bytes):
+    from onnx import TensorProto, helper
+
+    model_id, dataset_id = uploaded(client, tiny_model_bytes, tiny_dataset_bytes)
+    wrong = upload(client, "/v1/datasets", npz_bytes(y=np.zeros((4, 8), np.float32))).json()["id"]
+    narrow = upload(client, "/v1/datasets", npz_bytes(x=np.zeros((4, 5), np.float32))).json()["id"]
+    hardmax = helper.make_model(helper.make_graph(
+        [helper.make_node("Hardmax", ["x"], ["y"], name="the_hardmax")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    hardmax.ir_version = 8
+    unsupported = upload(client, "/v1/models", hardmax.SerializeToString()).json()["id"]
+
+    cases = [
+        ({"model_id": "nope", "dataset_id": dataset_id}, "upload it first"),
+        ({"model_id": model_id, "dataset_id": "nope"}, "upload it first"),
+        ({"model_id": model_id, "dataset_id": wrong}, "missing ['x']"),
+        ({"model_id": model_id, "dataset_id": narrow}, "shape"),
+        ({"model_id": unsupported, "dataset_id": dataset_id}, "Hardmax"),
+        ({"model_id": model_id, "dataset_id": dataset_id, "options": {"tolerance": -1}}, "tolerance"),
+        ({"model_id": model_id, "dataset_id": dataset_id, "options": {"probes": 3}}, "probes"),
+        ({"model_id": model_id, "dataset_id": dataset_id, "method": "hawq_v9"}, "method"),
+    ]
+    for body, words in cases:
+        assert_problem(client.post("/v1/sensitivity", json=body), 422, words)
+    assert client.get("/v1/jobs").json()["total"] == 0
+
+
+def test_cancel_a_running_job(client):
+    model_id, dataset_id = slow_inputs(client)
+    body = {"model_id": model_id, "dataset_id": dataset_id,
+            "options": {"tolerance": 1e-9, "max_probes": 1_000_000, "min_probes": 2}}
+    job_id = client.post("/v1/sensitivity", json=body).json()["id"]
+    wait_for(client, job_id, statuses=("running",), timeout=60)
+    time.sleep(1.0)
+    started = time.monotonic()
+    assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
+    job = wait_for(client, job_id, timeout=30)
+    assert job["status"] == "cancelled", job
+    assert time.monotonic() - started < 10
+    assert client.get("/v1/jobs", params={"status": "running"}).json()["total"] == 0
+
+
+def test_cancel_a_queued_job_is_immediate(client, app):
+    model_id, dataset_id = slow_inputs(client)
+    long_job = {"model_id": model_id, "dataset_id": dataset_id,
+                "options": {"tolerance": 1e-9, "max_probes": 1_000_000, "min_probes": 2}}
+    running = client.post("/v1/sensitivity", json=long_job).json()["id"]
+    wait_for(client, running, statuses=("running",), timeout=60)
+    queued = client.post("/v1/sensitivity", json={**long_job, "options": {**long_job["options"], "seed": 1}}).json()
+    assert queued["status"] == "queued"
+    assert client.post(f"/v1/jobs/{queued['id']}/cancel").json()["status"] == "cancelled"
+    client.post(f"/v1/jobs/{running}/cancel")
+    assert wait_for(client, running, timeout=30)["status"] == "cancelled"
+
+
+def test_kill_9_mid_job_requeues_then_succeeds(client):
+    model_id, dataset_id = slow_inputs(client, width=384)
+    body = {"model_id": model_id, "dataset_id": dataset_id,
+            "options": {"tolerance": 1e-9, "min_probes": 60, "max_probes": 60}}
+    job_id = client.post("/v1/sensitivity", json=body).json()["id"]
+    job = wait_for(client, job_id, statuses=("running",), timeout=60)
+    time.sleep(0.5)
+    os.kill(int(job["worker_id"].rsplit(":", 1)[1]), signal.SIGKILL)
+    final = wait_for(client, job_id, timeout=180)
+    assert final["status"] == "succeeded", final
+    assert final["attempts"] == 2
+
+
+def test_kill_9_on_the_last_attempt_fails_with_a_reason(client, app):
+    app.state.executor.settings = app.state.executor.settings.model_copy(update={"max_attempts": 1})
+    try:
+        model_id, dataset_id = slow_inputs(client)
+        body = {"model_id": model_id, "dataset_id": dataset_id,
+                "options": {"tolerance": 1e-9, "max_probes": 1_000_000, "min_probes": 2}}
+        job_id = client.post("/v1/sensitivity", json=body).json()["id"]
+        job = wait_for(client, job_id, statuses=("running",), timeout=60)
+        os.kill(int(job["worker_id"].rsplit(":", 1)[1]), signal.SIGKILL)
+        final = wait_for(client, job_id, timeout=60)
+        assert final["status"] == "failed" and "died" in final["error"] and "-9" in final["error"], final
+    finally:
+        app.state.executor.settings = app.state.executor.settings.model_copy(update={"max_attempts": 2})
