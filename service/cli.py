@@ -40,6 +40,15 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--upgrade-db", action="store_true", help="apply pending database migrations first")
     serve.set_defaults(handler=_serve)
 
+    worker = commands.add_parser(
+        "worker", help="run a distributed (Celery) worker: one per GPU", epilog=settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Take jobs from MPQ_BROKER_URL one at a time and run each in a spawned child process. "
+                    "All workers and the API share MPQ_DATABASE_URL and the artifact store.")
+    worker.add_argument("--gpu", help="GPU id this worker uses (sets CUDA_VISIBLE_DEVICES for its jobs)")
+    worker.add_argument("--name", help="Celery node name (default: mpq-HOST-GPU)")
+    worker.set_defaults(handler=_worker)
+
     db = commands.add_parser("db", help="database schema").add_subparsers(title="db commands", metavar="ACTION")
     db.add_parser("upgrade", help="apply all migrations").set_defaults(handler=_db_upgrade)
     db.add_parser("current", help="print the schema revision").set_defaults(handler=_db_current)
@@ -94,6 +103,22 @@ def _redacted(url: str) -> str:
     from sqlalchemy.engine import make_url
 
     return make_url(url).render_as_string(hide_password=True)
+
+
+def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    from service.celery_app import run_worker
+    from service.db import SchemaOutOfDate, check_schema
+
+    engine = _engine(settings)
+    try:
+        check_schema(engine)
+    except SchemaOutOfDate as error:
+        print(f"mpq: {error}", file=sys.stderr)
+        return 2
+    finally:
+        engine.dispose()
+    run_worker(settings, args.gpu, args.name)
+    return 0
 
 
 def _db_upgrade(_args: argparse.Namespace, settings: Settings) -> int:

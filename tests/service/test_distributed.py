@@ -1,0 +1,122 @@
+"""The distributed topology on loopback: PostgreSQL, a Redis broker, `mpq serve` with the
+Celery executor and two `mpq worker` processes, all real processes started here."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+import redis
+
+from tests.conftest import mlp_onnx_model, npz_bytes, tiny_onnx_model
+
+BROKER_DB = 13
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def cluster(postgres_url, tmp_path) -> Iterator[tuple[str, list[subprocess.Popen]]]:
+    broker = f"redis://127.0.0.1:6379/{BROKER_DB}"
+    redis.Redis.from_url(broker).flushdb()
+    env = {**os.environ, "MPQ_DATABASE_URL": postgres_url, "MPQ_ARTIFACT_DIR": str(tmp_path / "store"),
+           "MPQ_EXECUTOR": "celery", "MPQ_BROKER_URL": broker, "MPQ_HEARTBEAT_INTERVAL_S": "0.5",
+           "MPQ_HEARTBEAT_TIMEOUT_S": "5", "MPQ_CANCEL_GRACE_S": "1"}
+    mpq = [sys.executable, "-m", "service.cli"]
+    subprocess.run([*mpq, "db", "upgrade"], env=env, check=True, capture_output=True)
+    port = free_port()
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    processes = [subprocess.Popen([*mpq, "serve", "--port", str(port)], env=env, start_new_session=True,
+                                  stdout=open(logs / "api.log", "w"), stderr=subprocess.STDOUT)]
+    for index in range(2):
+        processes.append(subprocess.Popen([*mpq, "worker", "--name", f"w{index}"], env=env, start_new_session=True,
+                                          stdout=open(logs / f"worker{index}.log", "w"), stderr=subprocess.STDOUT))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait(lambda: httpx.get(f"{url}/readyz").status_code == 200, 60, "the API did not start")
+        yield url, processes
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+
+
+def _wait(condition, timeout: float, message: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if condition():
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(message)
+
+
+def _upload(client: httpx.Client, path: str, body: bytes) -> str:
+    response = client.post(path, content=body, headers={"content-type": "application/octet-stream"})
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+def _job(client: httpx.Client, job_id: str, statuses=("succeeded", "failed", "cancelled"), timeout=180.0) -> dict:
+    box: dict = {}
+
+    def done() -> bool:
+        box["job"] = client.get(f"/v1/jobs/{job_id}").json()
+        return box["job"]["status"] in statuses
+
+    _wait(done, timeout, f"job {job_id} did not reach {statuses}: {box.get('job')}")
+    return box["job"]
+
+
+def test_two_workers_share_the_queue_and_survive_a_kill(cluster):
+    url, processes = cluster
+    rng = np.random.default_rng(0)
+    with httpx.Client(base_url=url, timeout=60) as client:
+        tiny = _upload(client, "/v1/models", tiny_onnx_model().SerializeToString())
+        tiny_data = _upload(client, "/v1/datasets", npz_bytes(x=rng.standard_normal((16, 8)).astype(np.float32)))
+        jobs = [client.post("/v1/sensitivity", json={"model_id": tiny, "dataset_id": tiny_data,
+                                                     "options": {"seed": seed}}).json()["id"] for seed in range(2)]
+        finished = [_job(client, job_id) for job_id in jobs]
+        assert [job["status"] for job in finished] == ["succeeded"] * 2, finished
+
+        # kill -9 the worker (and with it its job process) in the middle of a job
+        mlp = _upload(client, "/v1/models", mlp_onnx_model(width=384).SerializeToString())
+        mlp_data = _upload(client, "/v1/datasets", npz_bytes(x=rng.standard_normal((256, 256)).astype(np.float32)))
+        long_job = client.post("/v1/sensitivity", json={"model_id": mlp, "dataset_id": mlp_data, "options": {
+            "tolerance": 1e-9, "min_probes": 60, "max_probes": 60}}).json()["id"]
+        running = _job(client, long_job, statuses=("running",), timeout=60)
+        job_pid = int(running["worker_id"].rsplit(":", 1)[1])
+        supervisor = next(p for p in processes[1:] if job_pid in _children(p.pid))
+        os.killpg(supervisor.pid, signal.SIGKILL)
+        final = _job(client, long_job, timeout=240)
+        assert final["status"] == "succeeded", final
+        assert final["attempts"] == 2 and final["worker_id"] != running["worker_id"]
+
+
+def _children(pid: int) -> set[int]:
+    import psutil
+
+    try:
+        return {child.pid for child in psutil.Process(pid).children(recursive=True)}
+    except psutil.NoSuchProcess:
+        return set()
