@@ -78,3 +78,41 @@ def sensitivity_job(context: JobContext) -> dict[str, Any]:
     result_id, cached = compute_or_reuse_sensitivity(context, model, dataset, params["method"],
                                                      params.get("options", {}))
     return {"sensitivity_result_id": result_id, "cached": cached}
+
+
+def store_blob(context: JobContext, data: bytes) -> tuple[str, int]:
+    """Write bytes into the content-addressed store; returns (sha256, size)."""
+    writer = context.store.writer(max_bytes=max(len(data), 1))
+    try:
+        writer.write(data)
+        return writer.commit(), len(data)
+    except BaseException:
+        writer.abort()
+        raise
+
+
+@job_handler("latency")
+def latency_job(context: JobContext) -> dict[str, Any]:
+    from planner.latency import measure_latency
+    from service.tables import Artifact, LatencyMeasurement, Plan
+
+    params = context.params
+    with context.sessions() as session:
+        plan = session.get(Plan, params["plan_id"])
+        artifact = session.get(Artifact, plan.artifact_id) if plan and plan.artifact_id else None
+        calibration = session.get(Dataset, plan.calibration_dataset_id) if plan else None
+    if artifact is None or calibration is None:
+        raise JobInputError("the plan, its artifact or its calibration dataset was deleted")
+    context.progress("latency", 0.0, f"timing {params['repeats']} runs at batch size {params['batch_size']}")
+    model_bytes = context.store.local_path(artifact.sha256).read_bytes()
+    inputs = {k: v for k, v in load_arrays(context.store, calibration.sha256).items() if k != "labels"}
+    measured = measure_latency(model_bytes, inputs, device=params.get("device", "auto"),
+                               warmup=params.get("warmup", 10), repeats=params["repeats"],
+                               batch_size=params["batch_size"])
+    row = LatencyMeasurement(plan_id=plan.id, artifact_id=artifact.id, mean_ms=measured.mean_ms,
+                             p50_ms=measured.p50_ms, p90_ms=measured.p90_ms, batch_size=measured.batch_size,
+                             repeats=measured.repeats, device_description=measured.device_description,
+                             provider=measured.provider, onnxruntime_version=measured.onnxruntime_version)
+    with context.sessions() as session, session.begin():
+        session.add(row)
+    return {"latency_measurement_id": row.id}

@@ -313,6 +313,10 @@ class Inspector:
     def analysis_request(self, path: Path, model_format: str, method: str, options: dict[str, Any]) -> None:
         self._call(check_analysis_request, str(path), model_format, method, options)
 
+    def plan_request(self, path: Path, model_format: str, request: dict[str, Any],
+                     batch_shapes: dict[str, list[int]]) -> None:
+        self._call(check_plan_request, str(path), model_format, request, batch_shapes)
+
     def _run(self, function, path: Path) -> dict[str, Any]:
         return self._call(function, str(path), self.limits)
 
@@ -367,3 +371,44 @@ def check_analysis_request(blob_path: str, model_format: str, method: str, optio
             check_supported(blob_path)
     except UnsupportedOpsError as error:
         raise InvalidUpload(str(error)) from None
+
+
+def check_plan_request(blob_path: str, model_format: str, request: dict[str, Any],
+                       batch_shapes: dict[str, list[int]]) -> None:
+    """Plan-specific checks: the model is ONNX, the candidates exist, and a size or BOPS budget
+    is not below what the smallest configuration achieves."""
+    if model_format == "torch_export":
+        raise InvalidUpload("plans export quantized ONNX and need an ONNX model; torch.export archives "
+                            "support sensitivity analyses only")
+    from planner.candidates import parse_candidates
+
+    try:
+        candidates = parse_candidates(request["candidates"])
+    except ValueError as error:
+        raise InvalidUpload(str(error)) from None
+    constraints = request.get("constraints", {})
+    if constraints.get("max_size_bytes") is None and constraints.get("max_bops") is None:
+        return
+    import onnx
+
+    from planner.cost import layer_cost_table, layer_bops, layer_size_bytes
+
+    if model_format == "onnx_archive":
+        with zipfile.ZipFile(blob_path) as archive:
+            name = next(n for n in archive.namelist() if n.endswith(".onnx"))
+            model = onnx.load_from_string(archive.read(name))
+    else:
+        model = onnx.load(blob_path)
+    table = layer_cost_table(model, {name: [1, *shape[1:]] for name, shape in batch_shapes.items()})
+    names = [c.name for c in candidates]
+    if constraints.get("max_size_bytes") is not None:
+        smallest = table.other_initializer_bytes + sum(min(layer_size_bytes(table[l], c) for c in names)
+                                                       for l in table)
+        if constraints["max_size_bytes"] < smallest:
+            raise InvalidUpload(f"max_size_bytes {constraints['max_size_bytes']} is below the smallest "
+                                f"configuration of these candidates ({smallest} bytes)")
+    if constraints.get("max_bops") is not None:
+        fewest = sum(min(layer_bops(table[l], c) for c in names) for l in table)
+        if constraints["max_bops"] < fewest:
+            raise InvalidUpload(f"max_bops {constraints['max_bops']:g} is below the fewest BOPS of any "
+                                f"configuration of these candidates ({fewest:g} at batch size 1)")

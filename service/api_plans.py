@@ -1,0 +1,209 @@
+"""Plans over HTTP: submit, read, frontier, artifact download, latency measurements."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, Field, model_validator
+from sqlalchemy import func, select
+from starlette.concurrency import run_in_threadpool
+
+from service.api_jobs import (IdempotencyKey, JobOut, check_analysis, check_dataset_fits_model, load_inputs,
+                              submit_job)
+from service.errors import Problem
+from service.inspection import InvalidUpload
+from service.tables import Artifact, FrontierPoint, LatencyMeasurement, Plan
+from service.transfer import blob_response
+
+router = APIRouter(tags=["plans"])
+DEFAULT_CANDIDATES = ["fp32", "w8a8", "w4a8", "w8", "w4"]
+
+
+class Constraints(BaseModel):
+    max_size_bytes: int | None = Field(None, gt=0)
+    max_bops: float | None = Field(None, gt=0)
+    max_latency_ms: float | None = Field(None, gt=0)
+    max_drop: float | None = Field(None, ge=0, le=100, description="percentage points of the metric")
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> "Constraints":
+        budgets = [n for n in ("max_size_bytes", "max_bops", "max_latency_ms") if getattr(self, n) is not None]
+        if len(budgets) > 1:
+            raise ValueError(f"give at most one budget; got {budgets}")
+        return self
+
+
+class PlanRequestIn(BaseModel):
+    model_id: str = Field(max_length=64)
+    calibration_dataset_id: str = Field(max_length=64)
+    evaluation_dataset_id: str | None = Field(None, max_length=64)
+    method: Literal["hawq_v2", "interlayer"] = "hawq_v2"
+    search: Literal["pareto", "bisection"] = "pareto"
+    candidates: list[str] = Field(default_factory=lambda: list(DEFAULT_CANDIDATES), min_length=1, max_length=16)
+    constraints: Constraints = Field(default_factory=Constraints)
+    options: dict[str, Any] = Field(default_factory=dict, max_length=32,
+                                    description="sensitivity options (seed, tolerance, max_probes, batch_size)")
+
+    @model_validator(mode="after")
+    def _search_needs(self) -> "PlanRequestIn":
+        c = self.constraints
+        if self.search == "bisection" and c.max_drop is None:
+            raise ValueError("bisection needs constraints.max_drop (percentage points)")
+        if self.search == "pareto" and all(v is None for v in (c.max_size_bytes, c.max_bops, c.max_latency_ms)):
+            raise ValueError("pareto needs a budget: constraints.max_size_bytes, max_bops or max_latency_ms")
+        return self
+
+
+class FrontierPointOut(BaseModel):
+    index: int
+    assignment: dict[str, Any]
+    size_bytes: int | None
+    bops: float | None
+    predicted_loss_change: float | None
+    measured: dict[str, Any]
+
+
+class PlanOut(BaseModel):
+    id: str
+    job_id: str | None
+    model_id: str
+    calibration_dataset_id: str
+    evaluation_dataset_id: str | None
+    search: str
+    request: dict[str, Any]
+    assignment: dict[str, Any]
+    predicted: dict[str, Any]
+    measured: dict[str, Any]
+    artifact: dict[str, Any] | None
+    versions: dict[str, Any]
+    created_at: datetime
+
+
+class PlanPage(BaseModel):
+    items: list[PlanOut]
+    total: int
+
+
+class LatencyOut(BaseModel):
+    id: str
+    mean_ms: float
+    p50_ms: float
+    p90_ms: float
+    batch_size: int
+    repeats: int
+    device_description: str
+    provider: str
+    onnxruntime_version: str
+    created_at: datetime
+
+
+class LatencyRequest(BaseModel):
+    batch_size: int = Field(1, ge=1, le=4096)
+    repeats: int = Field(50, ge=1, le=10_000)
+    warmup: int = Field(10, ge=0, le=1000)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+def plan_out(session, plan: Plan) -> PlanOut:
+    artifact = session.get(Artifact, plan.artifact_id) if plan.artifact_id else None
+    return PlanOut(id=plan.id, job_id=plan.job_id, model_id=plan.model_id,
+                   calibration_dataset_id=plan.calibration_dataset_id,
+                   evaluation_dataset_id=plan.evaluation_dataset_id, search=plan.search, request=plan.request,
+                   assignment=plan.assignment, predicted=plan.predicted, measured=plan.measured,
+                   artifact=None if artifact is None else {"sha256": artifact.sha256, "size_bytes": artifact.size_bytes,
+                                                           "filename": artifact.filename,
+                                                           "url": f"/v1/plans/{plan.id}/artifact"},
+                   versions=plan.versions, created_at=plan.created_at)
+
+
+def _plan_or_404(session, plan_id: str) -> Plan:
+    plan = session.get(Plan, plan_id) if len(plan_id) <= 64 else None
+    if plan is None:
+        raise Problem(404, f"no plan with id {plan_id!r}")
+    return plan
+
+
+@router.post("/plans", status_code=202, response_model=JobOut,
+             summary="Plan per-layer precisions: sensitivity, search, export, measurement (a job)")
+async def create_plan(request: Request, body: PlanRequestIn, idempotency_key: IdempotencyKey = None):
+    model, (calibration, evaluation) = load_inputs(request, body.model_id,
+                                                    [body.calibration_dataset_id, body.evaluation_dataset_id])
+    check_dataset_fits_model(model, calibration, "calibration")
+    if evaluation is not None:
+        check_dataset_fits_model(model, evaluation, "evaluation")
+    await check_analysis(request, model, "interlayer" if body.method == "interlayer" else "hawq_v2", body.options)
+    state = request.app.state
+    shapes = {name: info["shape"] for name, info in calibration.arrays.items() if name != "labels"}
+    try:
+        await run_in_threadpool(state.inspector.plan_request, state.store.local_path(model.sha256), model.format,
+                                body.model_dump(), shapes)
+    except InvalidUpload as error:
+        raise Problem(422, str(error)) from None
+    return submit_job(request, "plan", body.model_dump(), idempotency_key)
+
+
+@router.get("/plans", response_model=PlanPage, summary="List plans, newest first")
+def list_plans(request: Request, model_id: Annotated[str | None, Query(max_length=64)] = None,
+               limit: Annotated[int, Query(ge=1, le=500)] = 50, offset: Annotated[int, Query(ge=0, le=10**6)] = 0):
+    query = select(Plan)
+    if model_id:
+        query = query.where(Plan.model_id == model_id)
+    with request.app.state.sessions() as session:
+        total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+        rows = session.scalars(query.order_by(Plan.created_at.desc()).limit(limit).offset(offset)).all()
+        return PlanPage(items=[plan_out(session, r) for r in rows], total=total)
+
+
+@router.get("/plans/{plan_id}", response_model=PlanOut,
+            summary="Per-layer assignment with predicted and measured quality, size, BOPS and latency")
+def get_plan(request: Request, plan_id: str):
+    with request.app.state.sessions() as session:
+        return plan_out(session, _plan_or_404(session, plan_id))
+
+
+@router.get("/plans/{plan_id}/frontier", response_model=list[FrontierPointOut],
+            summary="The plan's frontier points, predicted and (where measured) measured")
+def get_frontier(request: Request, plan_id: str):
+    with request.app.state.sessions() as session:
+        _plan_or_404(session, plan_id)
+        points = session.scalars(select(FrontierPoint).where(FrontierPoint.plan_id == plan_id)
+                                 .order_by(FrontierPoint.index)).all()
+        return [FrontierPointOut(index=p.index, assignment=p.assignment, size_bytes=p.size_bytes, bops=p.bops,
+                                 predicted_loss_change=p.predicted_loss_change, measured=p.measured) for p in points]
+
+
+@router.get("/plans/{plan_id}/artifact", summary="Download the quantized ONNX model",
+            responses={200: {"content": {"application/octet-stream": {}}}})
+def get_artifact(request: Request, plan_id: str):
+    with request.app.state.sessions() as session:
+        plan = _plan_or_404(session, plan_id)
+        artifact = session.get(Artifact, plan.artifact_id) if plan.artifact_id else None
+    if artifact is None:
+        raise Problem(404, f"plan {plan_id!r} has no artifact")
+    return blob_response(request, request.app.state.store, artifact.sha256, artifact.filename, artifact.media_type)
+
+
+@router.post("/plans/{plan_id}/latency", status_code=202, response_model=JobOut,
+             summary="Measure the plan's artifact again on a worker (e.g. another device)")
+def remeasure_latency(request: Request, plan_id: str, body: LatencyRequest | None = None,
+                      idempotency_key: IdempotencyKey = None):
+    with request.app.state.sessions() as session:
+        plan = _plan_or_404(session, plan_id)
+        if plan.artifact_id is None:
+            raise Problem(409, f"plan {plan_id!r} has no artifact to measure yet")
+    return submit_job(request, "latency", {"plan_id": plan_id, **(body or LatencyRequest()).model_dump()},
+                      idempotency_key)
+
+
+@router.get("/plans/{plan_id}/latency", response_model=list[LatencyOut],
+            summary="Every latency measurement of the plan's artifact, with its device")
+def list_latency(request: Request, plan_id: str):
+    with request.app.state.sessions() as session:
+        _plan_or_404(session, plan_id)
+        rows = session.scalars(select(LatencyMeasurement).where(LatencyMeasurement.plan_id == plan_id)
+                               .order_by(LatencyMeasurement.created_at)).all()
+        return [LatencyOut(id=r.id, mean_ms=r.mean_ms, p50_ms=r.p50_ms, p90_ms=r.p90_ms, batch_size=r.batch_size,
+                           repeats=r.repeats, device_description=r.device_description, provider=r.provider,
+                           onnxruntime_version=r.onnxruntime_version, created_at=r.created_at) for r in rows]
