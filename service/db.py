@@ -82,3 +82,23 @@ def check_schema(engine: Engine) -> None:
             f"database schema is at revision {current or '(empty)'} but this version of mpq needs {head}: "
             "run `mpq db upgrade` (or start with `mpq serve --upgrade-db`)"
         )
+
+
+def retrying(operation, *, attempts: int = 5, first_delay_s: float = 0.2):
+    """Run ``operation()`` again when the database connection drops (OperationalError /
+    DBAPI disconnects), with exponential backoff; other errors propagate at once."""
+    import time
+
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    delay = first_delay_s
+    for attempt in range(1, attempts + 1):
+        try:
+            return operation()
+        except (OperationalError, DBAPIError) as error:
+            transient = isinstance(error, OperationalError) or error.connection_invalidated
+            if not transient or attempt == attempts:
+                raise
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")

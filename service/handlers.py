@@ -66,8 +66,7 @@ def compute_or_reuse_sensitivity(context: JobContext, model: Model, dataset: Dat
     data = result.to_dict()
     row = SensitivityResult(job_id=context.job_id, model_sha256=model.sha256, dataset_sha256=dataset.sha256,
                             method=method, params_hash=key, result=data, versions=data.get("versions", {}))
-    with context.sessions() as session, session.begin():
-        session.add(row)
+    context.save(row)
     return row.id, False
 
 
@@ -113,6 +112,5 @@ def latency_job(context: JobContext) -> dict[str, Any]:
                              p50_ms=measured.p50_ms, p90_ms=measured.p90_ms, batch_size=measured.batch_size,
                              repeats=measured.repeats, device_description=measured.device_description,
                              provider=measured.provider, onnxruntime_version=measured.onnxruntime_version)
-    with context.sessions() as session, session.begin():
-        session.add(row)
+    context.save(row)
     return {"latency_measurement_id": row.id}

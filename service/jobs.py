@@ -24,6 +24,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.db import retrying
 from service.settings import Settings
 from service.tables import Job, utcnow
 
@@ -69,10 +70,23 @@ class JobContext:
         if phase == self._last_phase and now - self._last_write < self.min_progress_interval_s:
             return
         self._last_phase, self._last_write = phase, now
-        with self.sessions() as session, session.begin():
-            session.execute(update(Job).where(Job.id == self.job_id, Job.status == RUNNING).values(
-                progress_phase=phase[:64], progress_fraction=fraction, progress_message=message[:2000]))
+
+        def write() -> None:
+            with self.sessions() as session, session.begin():
+                session.execute(update(Job).where(Job.id == self.job_id, Job.status == RUNNING).values(
+                    progress_phase=phase[:64], progress_fraction=fraction, progress_message=message[:2000]))
+
+        retrying(write)
         self.log(f"[{phase}] {fraction:.0%} {message}".rstrip())
+
+    def save(self, *rows: Any) -> None:
+        """Insert rows in one transaction, retried if the database connection drops."""
+
+        def attempt() -> None:
+            with self.sessions() as session, session.begin():
+                session.add_all(rows)
+
+        retrying(attempt)
 
     def log(self, line: str) -> None:
         self.log_lines.append(line)
@@ -103,12 +117,20 @@ def worker_id() -> str:
 
 def claim(sessions: sessionmaker[Session], job_id: str, worker: str) -> Job | None:
     """queued -> running, atomically; None if someone else has it or it was cancelled."""
-    now = utcnow()
-    with sessions() as session, session.begin():
-        claimed = session.execute(update(Job).where(Job.id == job_id, Job.status == QUEUED).values(
-            status=RUNNING, worker_id=worker, started_at=now, heartbeat_at=now, attempts=Job.attempts + 1,
-            progress_phase="starting", error=None)).rowcount
-        return session.get(Job, job_id) if claimed else None
+
+    def attempt() -> Job | None:
+        now = utcnow()
+        with sessions() as session, session.begin():
+            claimed = session.execute(update(Job).where(Job.id == job_id, Job.status == QUEUED).values(
+                status=RUNNING, worker_id=worker, started_at=now, heartbeat_at=now, attempts=Job.attempts + 1,
+                progress_phase="starting", error=None)).rowcount
+            if claimed:
+                return session.get(Job, job_id)
+            # a retry after a dropped connection may find its own earlier claim committed
+            job = session.get(Job, job_id)
+            return job if job is not None and job.status == RUNNING and job.worker_id == worker else None
+
+    return retrying(attempt)
 
 
 def finish(sessions: sessionmaker[Session], job_id: str, status: str, *, error: str | None = None,
@@ -124,8 +146,11 @@ def finish(sessions: sessionmaker[Session], job_id: str, status: str, *, error: 
     condition = [Job.id == job_id, Job.status.in_((QUEUED, RUNNING))]
     if only_worker is not None:
         condition.append(Job.worker_id == only_worker)
-    with sessions() as session, session.begin():
-        return bool(session.execute(update(Job).where(*condition).values(**values)).rowcount)
+    def attempt() -> bool:
+        with sessions() as session, session.begin():
+            return bool(session.execute(update(Job).where(*condition).values(**values)).rowcount)
+
+    return retrying(attempt)
 
 
 def request_cancel(sessions: sessionmaker[Session], job_id: str) -> Job | None:

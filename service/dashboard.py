@@ -1,0 +1,496 @@
+"""The web dashboard: server-rendered pages (Jinja2) over the rows the /v1 API serves.
+
+Every figure is in an HTML table that reads without JavaScript; the charts (plotly.js,
+served from the installed ``plotly`` package, never a CDN) are progressive enhancement.
+Browser-side actions (upload, cancel, live progress) call the /v1 API with the session
+cookie, which ``service.auth.require_token`` accepts as a token.
+
+The planner's figures are read in the shapes documented in docs/dashboard.md.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, quote, urlsplit
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.responses import FileResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from service import jobs
+from service.auth import verify_token
+from service.errors import Problem
+from service.settings import AuthMode
+from service.tables import (Artifact, Dataset, FrontierPoint, Job, LatencyMeasurement, Model, Plan,
+                            SensitivityResult)
+from service.transfer import blob_response
+
+COOKIE = "mpq_token"
+MAX_FORM_BYTES = 4096  # the login form holds one token
+LIST_LIMIT = 200  # rows per list page; the /v1 API pages through the rest
+HERE = Path(__file__).parent
+STATIC_FILES = {"dashboard.css": "text/css", "dashboard.js": "text/javascript"}
+NAV = [("/models", "Models"), ("/sensitivity", "Sensitivity"), ("/plans", "Plans"), ("/jobs", "Jobs"),
+       ("/latency", "Latency")]
+# Inline <style> is needed by plotly.js; scripts come only from this origin, requests go only here.
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+       "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+
+templates = Jinja2Templates(directory=HERE / "templates")
+router = APIRouter(include_in_schema=False)
+
+
+# ---------------------------------------------------------------- formatting filters
+
+
+def format_bytes(value: float | None) -> str:
+    if value is None:
+        return "—"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return ""  # unreachable
+
+
+def format_number(value: float | None, digits: int = 4) -> str:
+    """Significant digits; scientific notation for very small or large magnitudes."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e6):
+        return f"{value:.{digits - 1}e}"
+    return f"{value:.{digits}g}"
+
+
+def format_time(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S UTC") if value else "—"
+
+
+templates.env.filters.update(bytes=format_bytes, num=format_number, time=format_time)
+
+
+# ---------------------------------------------------------------- auth and rendering
+
+
+def _auth_on(request: Request) -> bool:
+    return request.app.state.settings.auth is AuthMode.token
+
+
+def _token_is_valid(request: Request, token: str) -> bool:
+    with request.app.state.sessions() as session, session.begin():
+        return verify_token(session, token) is not None
+
+
+def require_login(request: Request) -> None:
+    """Pages need a valid ``mpq_token`` cookie when auth is on; otherwise go to the login form.
+
+    The redirect travels as an HTTPException so that the app's error handler, which keeps
+    the Location header, answers it (the router cannot install handlers of its own).
+    """
+    if not _auth_on(request):
+        return
+    token = request.cookies.get(COOKIE)
+    if token and _token_is_valid(request, token):
+        return
+    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    raise HTTPException(303, "log in first", headers={"Location": f"/login?next={quote(target)}"})
+
+
+def require_same_origin(request: Request) -> None:
+    """State-changing form posts must come from our own pages (the cookie is SameSite=Strict too)."""
+    origin = request.headers.get("origin")
+    if request.headers.get("sec-fetch-site") == "cross-site" or (
+            origin and urlsplit(origin).netloc != request.headers.get("host")):
+        raise Problem(403, "cross-site form posts are refused")
+
+
+def render(request: Request, template: str, status_code: int = 200, **context: Any) -> Response:
+    context.update(nav=NAV, auth_on=_auth_on(request), version=request.app.version)
+    response = templates.TemplateResponse(request, template, context, status_code=status_code)
+    response.headers["Content-Security-Policy"] = CSP
+    return response
+
+
+def not_found(request: Request, what: str) -> Response:
+    return render(request, "not_found.html", status_code=404, what=what)
+
+
+def _safe_next(target: str | None) -> str:
+    """Only local paths: never redirect to another site after login."""
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return "/"
+    return target
+
+
+pages = APIRouter(dependencies=[Depends(require_login)])
+
+
+# ---------------------------------------------------------------- login, logout, static files
+
+
+@router.get("/login")
+def login_form(request: Request, next: str = "/") -> Response:
+    if not _auth_on(request):
+        return RedirectResponse(_safe_next(next), status_code=303)
+    return render(request, "login.html", hide_nav=True, next=_safe_next(next), error=None)
+
+
+@router.post("/login", dependencies=[Depends(require_same_origin)])
+async def login(request: Request) -> Response:
+    body = await request.body()
+    if len(body) > MAX_FORM_BYTES:
+        raise Problem(413, f"the login form is larger than {MAX_FORM_BYTES} bytes")
+    form = parse_qs(body.decode("utf-8", errors="replace"))
+    token = (form.get("token") or [""])[0].strip()
+    target = _safe_next((form.get("next") or ["/"])[0])
+    if not _auth_on(request):
+        return RedirectResponse(target, status_code=303)
+    if not token or not _token_is_valid(request, token):
+        return render(request, "login.html", status_code=401, hide_nav=True, next=target,
+                      error="That token is unknown or revoked. Create one with `mpq token create --name NAME`.")
+    response = RedirectResponse(target, status_code=303)
+    response.set_cookie(COOKIE, token, httponly=True, secure=request.url.scheme == "https", samesite="strict",
+                        path="/")
+    return response
+
+
+@router.post("/logout", dependencies=[Depends(require_same_origin)])
+def logout(request: Request) -> Response:
+    response = RedirectResponse("/login" if _auth_on(request) else "/", status_code=303)
+    response.delete_cookie(COOKIE, path="/", httponly=True, secure=request.url.scheme == "https",
+                           samesite="strict")
+    return response
+
+
+def _plotly_path() -> Path:
+    spec = importlib.util.find_spec("plotly")  # located, not imported: the Python package is large
+    if spec is None or spec.origin is None:
+        raise Problem(404, "the plotly package is not installed; charts are unavailable")
+    return Path(spec.origin).parent / "package_data" / "plotly.min.js"
+
+
+@router.get("/static/{name}")
+def static_file(name: str) -> Response:
+    if name == "plotly.min.js":
+        return FileResponse(_plotly_path(), media_type="text/javascript",
+                            headers={"Cache-Control": "public, max-age=86400"})
+    if name not in STATIC_FILES:
+        raise Problem(404, f"no static file {name!r}")
+    return FileResponse(HERE / "static" / name, media_type=STATIC_FILES[name], headers={"Cache-Control": "no-cache"})
+
+
+# ---------------------------------------------------------------- models
+
+
+@pages.get("/")
+def home() -> Response:
+    return RedirectResponse("/models", status_code=303)
+
+
+@pages.get("/models")
+def models_page(request: Request) -> Response:
+    with request.app.state.sessions() as session:
+        models = session.scalars(select(Model).order_by(Model.created_at.desc()).limit(LIST_LIMIT)).all()
+        datasets = session.scalars(select(Dataset).order_by(Dataset.created_at.desc()).limit(LIST_LIMIT)).all()
+    return render(request, "models.html", active="Models", models=models, datasets=datasets)
+
+
+@pages.get("/models/{model_id}")
+def model_page(request: Request, model_id: str) -> Response:
+    with request.app.state.sessions() as session:
+        model = _get(session, Model, model_id)
+        if model is None:
+            return not_found(request, f"model {model_id!r}")
+        results = session.scalars(select(SensitivityResult).where(SensitivityResult.model_sha256 == model.sha256)
+                                  .order_by(SensitivityResult.created_at.desc())).all()
+        plans = session.scalars(select(Plan).where(Plan.model_id == model.id).order_by(Plan.created_at.desc())).all()
+    return render(request, "model.html", active="Models", model=model, results=results, plans=plans)
+
+
+# ---------------------------------------------------------------- sensitivity
+
+
+@dataclass(frozen=True)
+class LayerSensitivity:
+    """One table row: a layer's average trace (± its standard error) and top eigenvalue."""
+
+    order: int  # graph order
+    name: str
+    op_type: str
+    num_params: int
+    average_trace: float | None
+    average_trace_se: float | None
+    relative_se: float | None
+    num_probes: int | None
+    eigenvalue: float | None
+    converged: bool | None
+
+
+SENSITIVITY_SORTS = {"order": "graph order", "name": "layer", "num_params": "parameters",
+                     "average_trace": "average trace", "relative_se": "relative standard error",
+                     "eigenvalue": "eigenvalue"}
+
+
+def layer_sensitivities(result: dict[str, Any]) -> list[LayerSensitivity]:
+    """Rows of a stored result dict (sensitivity.results.SensitivityResult.to_dict())."""
+    traces = {t["name"]: t for t in result.get("traces") or []}
+    eigen = {e["name"]: e for e in result.get("eigenvalues") or []}
+    rows = []
+    for order, layer in enumerate(result.get("layers") or []):
+        name, n = layer["name"], layer["num_params"]
+        trace, top = traces.get(name), eigen.get(name)
+        rows.append(LayerSensitivity(
+            order=order, name=name, op_type=layer.get("op_type", ""), num_params=n,
+            average_trace=trace["trace"] / n if trace else None,
+            average_trace_se=trace["standard_error"] / n if trace else None,
+            relative_se=trace["standard_error"] / abs(trace["trace"]) if trace and trace["trace"] else None,
+            num_probes=trace["num_probes"] if trace else None,
+            eigenvalue=top["eigenvalue"] if top else None, converged=top["converged"] if top else None))
+    return rows
+
+
+def sort_rows(rows: list[Any], key: str, descending: bool) -> list[Any]:
+    """Sort by an attribute; rows without a value go last whichever the direction."""
+    present = [r for r in rows if getattr(r, key) is not None]
+    missing = [r for r in rows if getattr(r, key) is None]
+    return sorted(present, key=lambda r: getattr(r, key), reverse=descending) + missing
+
+
+def g_heatmap(interlayer: dict[str, Any] | None, bits: int | None) -> dict[str, Any] | None:
+    """The block of G where both layers take weight bit width ``bits``: G[(i,b),(j,b)]."""
+    if not interlayer:
+        return None
+    labels = [(name, int(b)) for name, b in interlayer["labels"]]
+    widths = sorted({b for _, b in labels}, reverse=True)
+    chosen = bits if bits in widths else widths[0]
+    picked = [index for index, (_, b) in enumerate(labels) if b == chosen]
+    matrix = interlayer["matrix"]
+    return {"bits": chosen, "widths": widths, "layers": [labels[i][0] for i in picked],
+            "z": [[matrix[i][j] for j in picked] for i in picked],
+            "symmetry_error": interlayer.get("symmetry_error")}
+
+
+@pages.get("/sensitivity")
+def sensitivity_list(request: Request) -> Response:
+    with request.app.state.sessions() as session:
+        results = session.scalars(select(SensitivityResult).order_by(SensitivityResult.created_at.desc())
+                                  .limit(LIST_LIMIT)).all()
+        names = _model_names(session, {r.model_sha256 for r in results})
+    return render(request, "sensitivity_list.html", active="Sensitivity", results=results, model_names=names)
+
+
+@pages.get("/sensitivity/{result_id}")
+def sensitivity_page(request: Request, result_id: str, sort: str = "order", desc: bool = False,
+                     bits: int | None = None) -> Response:
+    with request.app.state.sessions() as session:
+        row = _get(session, SensitivityResult, result_id)
+        if row is None:
+            return not_found(request, f"sensitivity result {result_id!r}")
+        model = session.scalars(select(Model).where(Model.sha256 == row.model_sha256)).first()
+    sort = sort if sort in SENSITIVITY_SORTS else "order"
+    layers = layer_sensitivities(row.result)
+    heatmap = g_heatmap(row.result.get("interlayer"), bits)
+    chart = {"layers": [r.name for r in layers], "average_trace": [r.average_trace for r in layers],
+             "average_trace_se": [r.average_trace_se for r in layers],
+             "eigenvalue": [r.eigenvalue for r in layers], "heatmap": heatmap}
+    return render(request, "sensitivity.html", active="Sensitivity", row=row, result=row.result, model=model,
+                  layers=sort_rows(layers, sort, desc), sort=sort, desc=desc, sorts=SENSITIVITY_SORTS,
+                  has_traces=any(r.average_trace is not None for r in layers),
+                  has_eigen=any(r.eigenvalue is not None for r in layers), heatmap=heatmap, chart=chart,
+                  charts=True)
+
+
+# ---------------------------------------------------------------- plans and frontier points
+
+
+def point_view(point: FrontierPoint, plan: Plan) -> dict[str, Any]:
+    """A frontier point as the chart and the table show it."""
+    measured = point.measured or {}
+    return {"index": point.index, "size_bytes": point.size_bytes, "bops": point.bops,
+            "latency_ms": measured.get("latency_ms"), "predicted_loss_change": point.predicted_loss_change,
+            "metric": measured.get("metric"), "drop": measured.get("drop"), "uniform": measured.get("uniform"),
+            "chosen": point.assignment == plan.assignment, "has_artifact": point.artifact_id is not None,
+            "mix": dict(Counter(point.assignment.values()).most_common())}
+
+
+def uniform_baselines(plan: Plan, points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """plan.measured["baselines"] plus frontier points flagged ``measured["uniform"]``."""
+    baselines = [{"candidate": b.get("candidate", "?"), "size_bytes": b.get("size_bytes"), "bops": b.get("bops"),
+                  "latency_ms": b.get("latency_ms"), "predicted_loss_change": b.get("predicted_loss_change"),
+                  "metric": b.get("metric"), "drop": b.get("drop"), "index": None}
+                 for b in (plan.measured or {}).get("baselines", [])]
+    listed = {b["candidate"] for b in baselines}
+    baselines += [{**p, "candidate": p["uniform"]} for p in points if p["uniform"] and p["uniform"] not in listed]
+    return baselines
+
+
+def float_metric(plan: Plan, points: list[FrontierPoint]) -> float | None:
+    """The float model's metric, against which drops (and the max_drop line) are measured."""
+    if (plan.measured or {}).get("baseline") is not None:
+        return plan.measured["baseline"]
+    return next((p.measured["baseline"] for p in points if (p.measured or {}).get("baseline") is not None), None)
+
+
+def layer_precisions(model: Model | None, assignment: dict[str, Any]) -> list[dict[str, Any]]:
+    """Layers in graph order with their candidate; layers the model no longer lists go last."""
+    layers = list(model.layers) if model else []
+    known = {layer["name"] for layer in layers}
+    layers += [{"name": name, "op_type": None, "shape": [], "num_params": None}
+               for name in assignment if name not in known]
+    return [{**layer, "candidate": assignment.get(layer["name"], "unassigned"),
+             "weight": round(math.log10(max(layer.get("num_params") or 1, 1)) + 1, 2)} for layer in layers]
+
+
+@pages.get("/plans")
+def plans_page(request: Request) -> Response:
+    with request.app.state.sessions() as session:
+        plans = session.scalars(select(Plan).order_by(Plan.created_at.desc()).limit(LIST_LIMIT)).all()
+        names = {m.id: m.name for m in session.scalars(select(Model).where(Model.id.in_({p.model_id for p in plans})))}
+    return render(request, "plans.html", active="Plans", plans=plans, model_names=names)
+
+
+@pages.get("/plans/{plan_id}")
+def plan_page(request: Request, plan_id: str, point: int | None = None) -> Response:
+    with request.app.state.sessions() as session:
+        plan = _get(session, Plan, plan_id)
+        if plan is None:
+            return not_found(request, f"plan {plan_id!r}")
+        model = session.get(Model, plan.model_id)
+        rows = _frontier(session, plan.id)
+        artifact = session.get(Artifact, plan.artifact_id) if plan.artifact_id else None
+        latency_count = session.scalar(select(func.count()).select_from(LatencyMeasurement)
+                                       .where(LatencyMeasurement.plan_id == plan.id))
+    points = [point_view(p, plan) for p in rows]
+    selected = next((p for p in rows if p.index == point), None)
+    chart = {"plan_id": plan.id, "points": points, "baselines": uniform_baselines(plan, points),
+             "constraints": (plan.request or {}).get("constraints", {}), "float_metric": float_metric(plan, rows),
+             "metric_name": _metric_name(plan, rows), "selected": point}
+    return render(request, "plan.html", active="Plans", plan=plan, model=model, points=points, chart=chart,
+                  artifact=artifact, latency_count=latency_count, charts=True,
+                  plan_layers=layer_precisions(model, plan.assignment),
+                  detail=_point_detail(plan, model, selected) if selected else None)
+
+
+@pages.get("/plans/{plan_id}/points/{index}")
+def point_fragment(request: Request, plan_id: str, index: int) -> Response:
+    """The per-layer detail of one frontier point, as an HTML fragment the plan page swaps in."""
+    with request.app.state.sessions() as session:
+        plan = _get(session, Plan, plan_id)
+        point = _point(session, plan_id, index) if plan else None
+        model = session.get(Model, plan.model_id) if plan else None
+    if point is None:
+        return not_found(request, f"frontier point {index} of plan {plan_id!r}")
+    return render(request, "_point_detail.html", detail=_point_detail(plan, model, point))
+
+
+@pages.get("/plans/{plan_id}/points/{index}/artifact")
+def point_artifact(request: Request, plan_id: str, index: int) -> Response:
+    with request.app.state.sessions() as session:
+        point = _point(session, plan_id, index)
+        artifact = session.get(Artifact, point.artifact_id) if point and point.artifact_id else None
+    if artifact is None:
+        raise Problem(404, f"frontier point {index} of plan {plan_id!r} has no artifact")
+    return blob_response(request, request.app.state.store, artifact.sha256, artifact.filename, artifact.media_type)
+
+
+def _point_detail(plan: Plan, model: Model | None, point: FrontierPoint) -> dict[str, Any]:
+    return {"plan_id": plan.id, "point": point_view(point, plan), "measured": point.measured or {},
+            "layers": layer_precisions(model, point.assignment)}
+
+
+def _frontier(session: Session, plan_id: str) -> list[FrontierPoint]:
+    return list(session.scalars(select(FrontierPoint).where(FrontierPoint.plan_id == plan_id)
+                                .order_by(FrontierPoint.index)))
+
+
+def _point(session: Session, plan_id: str, index: int) -> FrontierPoint | None:
+    if len(plan_id) > 64:
+        return None
+    return session.scalars(select(FrontierPoint).where(FrontierPoint.plan_id == plan_id,
+                                                       FrontierPoint.index == index)).first()
+
+
+def _metric_name(plan: Plan, points: list[FrontierPoint]) -> str:
+    names = [(plan.measured or {}).get("metric_name")] + [(p.measured or {}).get("metric_name") for p in points]
+    return next((n for n in names if n), "metric")
+
+
+# ---------------------------------------------------------------- latency
+
+
+@pages.get("/latency")
+def latency_index(request: Request) -> Response:
+    with request.app.state.sessions() as session:
+        counts = dict(session.execute(select(LatencyMeasurement.plan_id, func.count())
+                                      .group_by(LatencyMeasurement.plan_id)).all())
+        plans = session.scalars(select(Plan).where(Plan.id.in_(counts)).order_by(Plan.created_at.desc())).all()
+        names = {m.id: m.name for m in session.scalars(select(Model).where(Model.id.in_({p.model_id for p in plans})))}
+    return render(request, "latency_index.html", active="Latency", plans=plans, counts=counts, model_names=names)
+
+
+@pages.get("/plans/{plan_id}/latency")
+def latency_page(request: Request, plan_id: str) -> Response:
+    with request.app.state.sessions() as session:
+        plan = _get(session, Plan, plan_id)
+        if plan is None:
+            return not_found(request, f"plan {plan_id!r}")
+        model = session.get(Model, plan.model_id)
+        rows = session.scalars(select(LatencyMeasurement).where(LatencyMeasurement.plan_id == plan_id)
+                               .order_by(LatencyMeasurement.device_description, LatencyMeasurement.created_at)).all()
+    devices: dict[str, list[LatencyMeasurement]] = {}
+    for row in rows:
+        devices.setdefault(row.device_description, []).append(row)
+    chart = {"devices": [{"device": device, "mean_ms": [r.mean_ms for r in group], "p50_ms": [r.p50_ms for r in group],
+                          "p90_ms": [r.p90_ms for r in group], "batch_size": [r.batch_size for r in group]}
+                         for device, group in devices.items()]}
+    return render(request, "latency.html", active="Latency", plan=plan, model=model, devices=devices, chart=chart,
+                  charts=bool(rows))
+
+
+# ---------------------------------------------------------------- jobs
+
+
+@pages.get("/jobs")
+def jobs_page(request: Request) -> Response:
+    with request.app.state.sessions() as session:
+        rows = session.scalars(select(Job).order_by(Job.created_at.desc()).limit(LIST_LIMIT)).all()
+    return render(request, "jobs.html", active="Jobs", jobs=rows, finished=jobs.FINISHED)
+
+
+@pages.get("/jobs/{job_id}")
+def job_page(request: Request, job_id: str) -> Response:
+    with request.app.state.sessions() as session:
+        job = _get(session, Job, job_id)
+    if job is None:
+        return not_found(request, f"job {job_id!r}")
+    return render(request, "job.html", active="Jobs", job=job, finished=jobs.FINISHED)
+
+
+@pages.post("/jobs/{job_id}/cancel", dependencies=[Depends(require_same_origin)])
+def cancel_job(request: Request, job_id: str) -> Response:
+    """The no-JavaScript path of the cancel button (with JavaScript it calls POST /v1/jobs/{id}/cancel)."""
+    if len(job_id) > 64 or jobs.request_cancel(request.app.state.sessions, job_id) is None:
+        return not_found(request, f"job {job_id!r}")
+    return RedirectResponse(f"/jobs/{job_id}", status_code=303)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _get(session: Session, table: type, row_id: str) -> Any:
+    return session.get(table, row_id) if len(row_id) <= 64 else None
+
+
+def _model_names(session: Session, hashes: set[str]) -> dict[str, str]:
+    return {m.sha256: m.name for m in session.scalars(select(Model).where(Model.sha256.in_(hashes)))}
+
+
+router.include_router(pages)

@@ -1,0 +1,444 @@
+"""``mpq sensitivity`` and ``mpq plan``: the libraries run locally, without the server.
+
+``register(subparsers)`` adds both subcommands to the ``mpq`` parser (``service/cli.py``).
+Exit status: 0 success (for ``plan``: the plan meets the constraints), 2 bad input (the message
+on stderr names what is wrong), 3 no configuration meets the constraints. Machine-readable
+output (``--json``) goes to stdout; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+EXIT_INFEASIBLE = 3
+SENSITIVITY_METHODS = ("hawq_v1", "hawq_v2", "interlayer")
+PLAN_METHODS = ("hawq_v2", "interlayer")
+DEFAULT_CANDIDATES = "fp32,w8a8,w4a8,w8,w4"
+MiB = 1024 * 1024
+
+
+class BadInput(ValueError):
+    """Input the user must fix; the message is printed on stderr."""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``sensitivity`` and ``plan`` to the ``mpq`` command parser."""
+    _add_sensitivity(subparsers)
+    _add_plan(subparsers)
+
+
+def _add_sensitivity(subparsers: argparse._SubParsersAction) -> None:
+    command = subparsers.add_parser(
+        "sensitivity",
+        help="Hessian sensitivity of each layer (local, no server)",
+        description="Compute per-layer Hessian traces (hawq_v2), top eigenvalues (hawq_v1) or the "
+        "inter-layer terms g·Δ, G and Ω (interlayer) of a model on a calibration set.",
+    )
+    command.add_argument("model", metavar="MODEL", help="ONNX model (.onnx) or torch.export archive (.pt2)")
+    command.add_argument("--data", required=True, metavar="CALIB.npz", help="calibration arrays: one per model input, optional 'labels'")
+    command.add_argument("--method", choices=SENSITIVITY_METHODS, default="hawq_v2")
+    command.add_argument("--bits", default="8,4", help="weight bit widths for interlayer (default 8,4)")
+    command.add_argument("--max-probes", type=int, help="Hutchinson probes (power iterations for hawq_v1) at most")
+    command.add_argument("--tol", type=float, help="relative standard error (hawq_v1: relative change) to stop at")
+    command.add_argument("--seed", type=int, default=0)
+    command.add_argument("--batch-size", type=int, default=256, help="calibration samples per forward pass")
+    command.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    command.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    command.set_defaults(handler=sensitivity_command)
+
+
+def _add_plan(subparsers: argparse._SubParsersAction) -> None:
+    command = subparsers.add_parser(
+        "plan",
+        help="choose, export and measure per-layer precisions (local, no server)",
+        description="Search per-layer precisions under a budget, export the plan as a quantized ONNX "
+        "model and measure its accuracy, size and latency with onnxruntime. Exit status 0 when the "
+        "plan meets the constraints, 3 when no configuration can, 2 on bad input.",
+    )
+    command.add_argument("model", metavar="MODEL", help="ONNX model (.onnx)")
+    command.add_argument("--data", required=True, metavar="CALIB.npz", help="calibration arrays: one per model input, optional 'labels'")
+    command.add_argument("--eval-data", metavar="EVAL.npz", help="evaluation arrays (default: the calibration set)")
+    command.add_argument("--method", choices=PLAN_METHODS, default="hawq_v2")
+    command.add_argument("--search", choices=("pareto", "bisection"), default="pareto")
+    command.add_argument("--candidates", default=DEFAULT_CANDIDATES, help=f"comma-separated (default {DEFAULT_CANDIDATES})")
+    budget = command.add_mutually_exclusive_group()
+    budget.add_argument("--max-size-mb", type=float, help="budget: computed model size in MiB")
+    budget.add_argument("--max-bops", type=float, help="budget: bit operations per sample")
+    budget.add_argument("--max-latency-ms", type=float, help="budget: measured median latency per batch")
+    command.add_argument("--max-drop", type=float, help="largest accuracy drop in percentage points (required by bisection)")
+    command.add_argument("--seed", type=int, default=0)
+    command.add_argument("--max-probes", type=int, help="Hutchinson probes at most (sensitivity)")
+    command.add_argument("--batch-size", type=int, default=256, help="calibration samples per forward pass (sensitivity)")
+    command.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    command.add_argument("--max-frontier-points", type=int, default=8, help="frontier points to measure")
+    command.add_argument("--out", default="quantized.onnx", help="where to write the quantized model (default quantized.onnx)")
+    command.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    command.set_defaults(handler=plan_command)
+
+
+# ---------------------------------------------------------------------------------------------
+# Handlers
+
+
+def sensitivity_command(args: argparse.Namespace, settings: Any = None) -> int:
+    """``mpq sensitivity``: per-layer sensitivities as a table or one JSON document."""
+    from sensitivity.run import compute_sensitivity
+
+    progress = ProgressPrinter(sys.stderr)
+    try:
+        config = sensitivity_config(args)
+        program = load_program(args.model)
+        calibration = load_npz(args.data, "--data")
+        if not args.model.endswith(".pt2"):  # name shape and dtype mismatches before the analysis starts
+            from planner.export import check_inputs
+
+            check_inputs(load_onnx_file(args.model), calibration, what=f"--data {args.data!r}")
+        result = compute_sensitivity(program, calibration, config, progress)
+    except (BadInput, ValueError) as error:
+        return _bad_input(error, progress)
+    progress.finish()
+    document = sensitivity_document(args.method, result)
+    if args.json:
+        print(json.dumps(document, allow_nan=False, default=_json_default))
+    else:
+        print(sensitivity_table(document))
+    return EXIT_OK
+
+
+def plan_command(args: argparse.Namespace, settings: Any = None) -> int:
+    """``mpq plan``: search, export to ``--out``, measure; exit 3 when no configuration meets the constraints."""
+    import onnx
+
+    from planner.plan import NoFeasiblePlan, plan
+
+    progress = ProgressPrinter(sys.stderr)
+    try:
+        request = plan_request(args)
+        model = load_onnx_file(args.model)
+        calibration = load_npz(args.data, "--data")
+        evaluation = load_npz(args.eval_data, "--eval-data") if args.eval_data else None
+        _check_output(args.out)
+        result = plan(model, calibration, request, evaluation=evaluation, progress=progress)
+    except NoFeasiblePlan as error:
+        progress.finish()
+        print(f"mpq: no feasible plan: {error}", file=sys.stderr)
+        return EXIT_INFEASIBLE
+    except (BadInput, ValueError, onnx.checker.ValidationError) as error:
+        return _bad_input(error, progress)
+    progress.finish()
+    _write_atomically(Path(args.out), result.artifact_bytes)
+    document = plan_document(result, args.out)
+    if args.json:
+        print(json.dumps(document, default=_json_default))
+    else:
+        print(plan_summary(document))
+    if not result.meets_constraints:
+        print("mpq: the chosen plan does not meet the constraints (see the measured figures)", file=sys.stderr)
+        return EXIT_INFEASIBLE
+    return EXIT_OK
+
+
+def _bad_input(error: Exception, progress: ProgressPrinter) -> int:
+    progress.finish()
+    print(f"mpq: {error}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+def load_npz(path: str, option: str) -> dict[str, np.ndarray]:
+    """Arrays of an .npz file, loaded without pickle (object arrays are refused)."""
+    if not os.path.isfile(path):
+        raise BadInput(f"{option}: no such file {path!r}")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if not hasattr(archive, "files"):
+                raise BadInput(f"{option}: {path!r} is a single .npy array; give an .npz with one array per model input")
+            return {name: archive[name] for name in archive.files}
+    except BadInput:
+        raise
+    except (ValueError, OSError, EOFError) as error:
+        raise BadInput(f"{option}: {path!r} is not a readable .npz archive without pickled objects ({error})") from None
+
+
+def load_onnx_file(path: str):
+    """Parse an ONNX file (never executed); BadInput when missing or not ONNX."""
+    import onnx
+
+    if not os.path.isfile(path):
+        raise BadInput(f"MODEL: no such file {path!r}")
+    try:
+        model = onnx.load(path)
+    except Exception as error:  # noqa: BLE001 - protobuf raises several types for a bad file
+        raise BadInput(f"MODEL: {path!r} is not a valid ONNX model ({type(error).__name__}: {error})") from None
+    if not model.graph.node:
+        raise BadInput(f"MODEL: {path!r} is not a valid ONNX model (its graph has no nodes)")
+    return model
+
+
+def load_program(path: str):
+    """An ONNX model or a torch.export archive as a differentiable program."""
+    if path.endswith(".pt2"):
+        if not os.path.isfile(path):
+            raise BadInput(f"MODEL: no such file {path!r}")
+        from sensitivity.torch_program import load_exported
+
+        return load_exported(path)
+    from sensitivity.onnx_program import load_onnx
+
+    return load_onnx(load_onnx_file(path))
+
+
+def parse_bits(text: str) -> tuple[int, ...]:
+    try:
+        bits = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise BadInput(f"--bits must be comma-separated integers, e.g. 8,4; got {text!r}") from None
+    if not bits:
+        raise BadInput("--bits lists no bit width")
+    return bits
+
+
+def sensitivity_config(args: argparse.Namespace):
+    """The analysis configuration the options ask for (BadInput when they are invalid)."""
+    from sensitivity.results import EigenConfig, InterLayerConfig, TraceConfig
+
+    shared = {"seed": args.seed, "batch_size": args.batch_size, "device": args.device}
+    try:
+        if args.method == "hawq_v1":
+            return EigenConfig(**shared, **_optional(tolerance=args.tol, max_iterations=args.max_probes))
+        probes = _probe_options(args.max_probes)
+        if args.method == "hawq_v2":
+            return TraceConfig(**shared, **_optional(tolerance=args.tol), **probes)
+        return InterLayerConfig(
+            **shared,
+            bits=parse_bits(args.bits),
+            **_optional(trace_tolerance=args.tol),
+            **{f"trace_{key}": value for key, value in probes.items()},
+        )
+    except ValueError as error:
+        raise BadInput(f"invalid options: {error}") from None
+
+
+def _probe_options(max_probes: int | None) -> dict[str, int]:
+    """max_probes, lowering min_probes (default 8, at least 2) when the cap is below it."""
+    if max_probes is None:
+        return {}
+    return {"max_probes": max_probes, "min_probes": max(2, min(8, max_probes))}
+
+
+def _optional(**values: Any) -> dict[str, Any]:
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def plan_request(args: argparse.Namespace):
+    from planner.plan import PlanRequest
+
+    options = {"batch_size": args.batch_size}
+    if args.max_probes is not None:
+        options.update({f"trace_{k}": v for k, v in _probe_options(args.max_probes).items()})
+    size = None if args.max_size_mb is None else _positive(args.max_size_mb, "--max-size-mb") * MiB
+    try:
+        return PlanRequest(
+            method=args.method,
+            search=args.search,
+            candidates=tuple(args.candidates.split(",")),
+            max_size_bytes=None if size is None else int(math.floor(size)),
+            max_bops=None if args.max_bops is None else int(_positive(args.max_bops, "--max-bops")),
+            max_latency_ms=args.max_latency_ms,
+            max_drop=args.max_drop,
+            seed=args.seed,
+            sensitivity_options=options,
+            max_frontier_points=args.max_frontier_points,
+            device=args.device,
+        )
+    except ValueError as error:
+        raise BadInput(f"invalid options: {error}") from None
+
+
+def _positive(value: float, option: str) -> float:
+    if not (math.isfinite(value) and value > 0):
+        raise BadInput(f"{option} must be a positive number; got {value}")
+    return value
+
+
+def _check_output(path: str) -> None:
+    parent = Path(path).resolve().parent
+    if not parent.is_dir():
+        raise BadInput(f"--out: the directory {str(parent)!r} does not exist")
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside ``path`` and rename it: never a half-written artifact."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.resolve().parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def sensitivity_document(method: str, result) -> dict[str, Any]:
+    """The ``--json`` document of ``mpq sensitivity``."""
+    traces = {t.name: t for t in result.traces or ()}
+    eigen = {e.name: e for e in result.eigenvalues or ()}
+    layers = []
+    for info in result.layers:
+        trace = traces.get(info.name)
+        row: dict[str, Any] = {
+            "name": info.name,
+            "op_type": info.op_type,
+            "n_params": info.num_params,
+            "trace": None if trace is None else trace.trace,
+            "avg_trace": None if trace is None else trace.average_trace,
+            "stderr": None if trace is None else trace.standard_error,
+            "probes": None if trace is None else trace.num_probes,
+        }
+        if info.name in eigen:
+            row["eigenvalue"] = eigen[info.name].eigenvalue
+            row["eigen_iterations"] = eigen[info.name].iterations
+            row["eigen_converged"] = eigen[info.name].converged
+        layers.append(row)
+    document: dict[str, Any] = {"method": method, "loss": result.loss, "loss_kind": result.loss_kind, "layers": layers}
+    if result.interlayer is not None:
+        terms = result.interlayer
+        document["interlayer"] = {
+            "bits": sorted({bits for _, bits in terms.labels}, reverse=True),
+            "layers": list(dict.fromkeys(name for name, _ in terms.labels)),
+            "labels": [[name, bits] for name, bits in terms.labels],
+            "gradient_term": list(terms.gradient_terms),
+            "omega": list(terms.omega),
+            "G": [list(row) for row in terms.matrix],
+            "symmetry_error": terms.symmetry_error,
+        }
+    document["timing"] = {
+        **{f"{phase}_s": seconds for phase, seconds in result.timings.items()},
+        "hvps": result.num_hvps,
+        "device": result.device,
+    }
+    document["seed"] = result.seed
+    document["versions"] = dict(result.versions)
+    return document
+
+
+def sensitivity_table(document: Mapping[str, Any]) -> str:
+    """A readable table of the per-layer figures."""
+    header = f"{'layer':<32} {'op':<8} {'params':>9} {'avg trace':>12} {'± stderr':>11} {'probes':>6}"
+    with_eigen = any("eigenvalue" in row for row in document["layers"])
+    if with_eigen:
+        header += f" {'eigenvalue':>12}"
+    lines = [f"method {document['method']}, loss {document['loss']:.6g}", header, "-" * len(header)]
+    for row in document["layers"]:
+        average = "-" if row["avg_trace"] is None else f"{row['avg_trace']:.4g}"
+        error = "-" if row["stderr"] is None else f"{row['stderr'] / row['n_params']:.2g}"
+        probes = "-" if row["probes"] is None else str(row["probes"])
+        line = f"{row['name']:<32} {row['op_type']:<8} {row['n_params']:>9} {average:>12} {error:>11} {probes:>6}"
+        if with_eigen:
+            line += f" {row.get('eigenvalue', float('nan')):>12.4g}"
+        lines.append(line)
+    timing = document["timing"]
+    lines.append(f"{timing['hvps']} Hessian-vector products in {timing.get('total_s', 0.0):.2f} s on {timing['device']}")
+    return "\n".join(lines)
+
+
+def plan_document(result, artifact_path: str) -> dict[str, Any]:
+    """The ``--json`` document of ``mpq plan``."""
+    data = result.to_dict()
+    return {
+        "plan": data["plan"],
+        "meets_constraints": data["meets_constraints"],
+        "frontier": data["frontier"],
+        "uniform": data["uniform"],
+        "evaluations": data["evaluations"],
+        "search": data["search"],
+        "artifact": str(artifact_path),
+        "artifact_sha256": data["artifact"]["sha256"],
+        "request": data["request"],
+        "versions": data["versions"],
+        "timings": data["timings"],
+    }
+
+
+def plan_summary(document: Mapping[str, Any]) -> str:
+    plan = document["plan"]
+    predicted, measured = plan["predicted"], plan["measured"]
+    lines = [f"{'layer':<32} candidate"]
+    lines += [f"{name:<32} {candidate}" for name, candidate in plan["layers"].items()]
+    lines.append(
+        f"predicted: Ω {predicted['omega']:.4g}, ΔL {predicted['loss_change']:.4g}, "
+        f"size {predicted['size_bytes']} B, {predicted['bops']:.4g} BOPS"
+    )
+    latency = measured["latency_ms"]
+    lines.append(
+        f"measured: {measured['metric_name']} {measured['metric']:.2f} % (float {measured['baseline']:.2f} %, "
+        f"drop {measured['drop']:.2f} pp), artifact {measured['size_bytes']} B, latency p50 {latency['p50']:.3f} ms "
+        f"(mean {latency['mean']:.3f}, p90 {latency['p90']:.3f}) on {latency['device']}"
+    )
+    lines.append(f"{document['evaluations']} evaluations; wrote {document['artifact']}")
+    return "\n".join(lines)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+class ProgressPrinter:
+    """``progress(phase, fraction, message)`` on stderr: a bar redrawn in place on a terminal,
+    plain lines otherwise (at most one per phase change or per second, so logs stay short)."""
+
+    WIDTH = 30
+
+    def __init__(self, stream: TextIO, interval_s: float = 1.0) -> None:
+        self._stream = stream
+        self._tty = stream.isatty()
+        self._interval = interval_s
+        self._phase = ""
+        self._last = 0.0
+        self._open_line = False
+
+    def __call__(self, phase: str, fraction: float, message: str) -> None:
+        fraction = min(max(float(fraction), 0.0), 1.0)
+        if self._tty:
+            filled = int(round(fraction * self.WIDTH))
+            bar = "#" * filled + "." * (self.WIDTH - filled)
+            self._stream.write(f"\r\x1b[K[{bar}] {phase}: {message}"[:200])
+            self._open_line = True
+        else:
+            now = time.monotonic()
+            if phase == self._phase and now - self._last < self._interval and fraction < 1.0:
+                return
+            self._stream.write(f"{phase} {fraction:4.0%} {message}\n")
+            self._last = now
+        self._phase = phase
+        self._stream.flush()
+
+    def finish(self) -> None:
+        if self._open_line:
+            self._stream.write("\n")
+            self._stream.flush()
+            self._open_line = False

@@ -1,0 +1,99 @@
+"""Faults: the API restarts mid-job, the database drops every connection mid-job."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from sqlalchemy import create_engine, text
+
+from tests.conftest import mlp_onnx_model, npz_bytes
+from tests.service.conftest import ADMIN_URL
+from tests.service.test_distributed import _job, _upload, _wait, free_port
+from tests.service.test_jobs import slow_inputs, wait_for
+
+LONG_JOB = {"tolerance": 1e-9, "min_probes": 60, "max_probes": 60}
+
+
+def _serve(env: dict[str, str], port: int, log) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+
+
+def test_api_restart_mid_job_requeues_and_finishes(postgres_url, tmp_path):
+    env = {**os.environ, "MPQ_DATABASE_URL": postgres_url, "MPQ_ARTIFACT_DIR": str(tmp_path / "store"),
+           "MPQ_HEARTBEAT_INTERVAL_S": "0.5", "MPQ_HEARTBEAT_TIMEOUT_S": "10"}
+    subprocess.run([sys.executable, "-m", "service.cli", "db", "upgrade"], env=env, check=True, capture_output=True)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(tmp_path / "api.log", "w")
+    api = _serve(env, port, log)
+    try:
+        _wait(lambda: httpx.get(f"{url}/readyz").status_code == 200, 60, "API did not start")
+        rng = np.random.default_rng(0)
+        with httpx.Client(base_url=url, timeout=60) as client:
+            model = _upload(client, "/v1/models", mlp_onnx_model(width=384).SerializeToString())
+            data = _upload(client, "/v1/datasets", npz_bytes(x=rng.standard_normal((256, 256)).astype(np.float32)))
+            job_id = client.post("/v1/sensitivity", json={"model_id": model, "dataset_id": data,
+                                                          "options": LONG_JOB}).json()["id"]
+            running = _job(client, job_id, statuses=("running",), timeout=60)
+        api.send_signal(signal.SIGKILL)
+        api.wait(timeout=10)
+        job_pid = int(running["worker_id"].rsplit(":", 1)[1])
+        _wait(lambda: not _alive(job_pid), 10, "the job process outlived its server")
+        api = _serve(env, port, log)
+        _wait(lambda: httpx.get(f"{url}/readyz").status_code == 200, 60, "API did not restart")
+        with httpx.Client(base_url=url, timeout=60) as client:
+            final = _job(client, job_id, timeout=240)
+        assert final["status"] == "succeeded", final
+        assert final["attempts"] == 2
+    finally:
+        api.terminate()
+        api.wait(timeout=15)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_lost_database_connections_are_retried(client, app, backend_settings):
+    if not backend_settings.resolved_database_url.startswith("postgresql"):
+        pytest.skip("dropping server connections is a PostgreSQL scenario")
+    database = backend_settings.resolved_database_url.rsplit("/", 1)[1]
+    model_id, dataset_id = slow_inputs(client, width=384)
+    job_id = client.post("/v1/sensitivity", json={"model_id": model_id, "dataset_id": dataset_id,
+                                                  "options": LONG_JOB}).json()["id"]
+    wait_for(client, job_id, statuses=("running",), timeout=60)
+
+    admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
+    stop = threading.Event()
+    dropped = []
+
+    def drop_connections() -> None:
+        while not stop.wait(0.3):
+            with admin.connect() as connection:
+                dropped.append(connection.execute(text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = :db AND pid <> pg_backend_pid()"), {"db": database}).scalar())
+
+    killer = threading.Thread(target=drop_connections)
+    killer.start()
+    time.sleep(3)
+    stop.set()
+    killer.join()
+    admin.dispose()
+    assert sum(dropped) > 0, "no connection was dropped: the test did not test anything"
+    final = wait_for(client, job_id, timeout=240)
+    assert final["status"] == "succeeded", final
+    assert client.get("/v1/jobs").status_code == 200
