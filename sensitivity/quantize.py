@@ -46,8 +46,9 @@ def channel_scales(weight: np.ndarray, bits: int, axis: int) -> np.ndarray:
     absmax = np.abs(weight.astype(np.float32)).max(axis=reduce_axes) if reduce_axes else np.abs(weight)
     scale64 = (2.0 * absmax.astype(np.float64)) / (2.0 * qmax(bits))
     scale = scale64.astype(np.float32)
-    # An all-zero channel gets scale 1 (its integers are all 0), as onnxruntime does.
-    return np.where(scale < np.finfo(np.float32).tiny, np.float32(1.0), scale).astype(np.float32)
+    # An all-zero (or denormal-only) channel gets scale 1 (its integers are all 0), as onnxruntime does;
+    # like onnxruntime, compare the float64 scale (a float64 just below tiny may round up to tiny in float32).
+    return np.where(scale64 < np.finfo(np.float32).tiny, np.float32(1.0), scale).astype(np.float32)
 
 
 def quantize_weight(weight: np.ndarray, bits: int, axis: int) -> QuantizedWeight:

@@ -1,0 +1,715 @@
+"""Export a configuration as a quantized ONNX model (QDQ format), run by onnxruntime.
+
+How each candidate is written:
+
+- ``w8a8``, ``w4a8``: onnxruntime's own ``quantize_static`` in QDQ format, restricted to the layer's
+  nodes (``nodes_to_quantize``), per-channel symmetric weights, uint8 activations calibrated on the
+  calibration set (MinMax by default). Per-tensor ``TensorQuantOverrides`` fix each weight's axis;
+  for int8 onnxruntime computes the scales itself, and they equal Q_b's (tested). For int4 the
+  overrides also carry Q_b's scales, because onnxruntime's own symmetric int4 uses the range [-8, 7]
+  with scale 2·absmax/15, which gives other integers than Q_b's restricted range [-7, 7].
+- ``w8``, ``w4`` (weight-only): a hand-written ``DequantizeLinear`` on the weight. ``quantize_static``
+  always quantizes a layer's input activation together with its weight, and ``MatMulNBitsQuantizer``
+  only covers MatMul, block-wise, with the [-8, 7] int4 range; neither can store Q_b's integers on a
+  Conv/Gemm weight with a float activation.
+- ``fp32``: left untouched.
+
+4-bit types need opset 21: an older model is upgraded with ``onnx.version_converter`` and the
+upgraded float model is checked against the original in onnxruntime before it is used. The plan
+(configuration, constraints, versions) goes into ``metadata_props`` as JSON under ``mpq.plan``.
+Every artifact passes ``onnx.checker.check_model`` and runs in onnxruntime on the calibration inputs
+before it is returned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+from planner.candidates import Configuration, as_configuration, get_candidate
+from planner.cost import cpu_session, graph_inputs, layer_nodes, runtime_tensors
+from sensitivity.layers import Layer, find_layers, weight_array
+from sensitivity.quantize import QuantizedWeight, quantize_weight
+
+logger = logging.getLogger(__name__)
+
+PLAN_METADATA_KEY = "mpq.plan"
+PLAN_FORMAT = "mpq.plan/1"
+OPSET_FOR_4BIT = 21  # first opset whose DequantizeLinear accepts int4
+OPSET_FOR_PER_CHANNEL = 13  # first opset whose DequantizeLinear has ``axis``
+UPGRADE_TOLERANCE = 1e-5  # max |difference| allowed between the original and the opset-upgraded float model
+UPGRADE_CHECK_SAMPLES = 256  # calibration samples both float models run for that comparison
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "distribution")
+IGNORED_INPUT_KEYS = ("labels",)  # data-set arrays that are not model inputs
+_INT_TYPES = {8: TensorProto.INT8, 4: TensorProto.INT4}
+
+
+class ExportError(RuntimeError):
+    """The exporter could not produce a valid, runnable artifact."""
+
+
+@dataclass(frozen=True)
+class ExportedLayer:
+    name: str
+    candidate: str
+    node_names: tuple[str, ...]
+    weight_bits: int | None
+    activation_bits: int | None
+    method: str  # "float", "onnxruntime.quantize_static" or "weight_only_dequantize"
+
+
+@dataclass(frozen=True)
+class ExportedModel:
+    model_bytes: bytes
+    sha256: str
+    opset: int
+    layers: Mapping[str, ExportedLayer]
+    plan: Mapping[str, Any]  # the JSON stored under ``mpq.plan`` in the model's metadata
+
+    def load(self) -> onnx.ModelProto:
+        return onnx.load_from_string(self.model_bytes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry point
+
+
+def export_model(
+    model: onnx.ModelProto,
+    configuration: Configuration | Mapping[str, str],
+    calibration: Mapping[str, np.ndarray],
+    *,
+    metadata: Mapping[str, str] | None = None,
+    constraints: Mapping[str, Any] | None = None,
+    calibrate_method: str = "minmax",
+    calibration_batch_size: int = 64,
+) -> ExportedModel:
+    """Quantize ``model`` as ``configuration`` says and return the checked artifact.
+
+    ``calibration`` maps every model input to an array whose first axis runs over samples (a
+    ``labels`` array is ignored). ``metadata`` adds string key/value pairs to ``metadata_props``;
+    ``constraints`` (the search budget, if any) is stored with the plan.
+    """
+    layers = find_layers(model)
+    configuration = as_configuration(configuration).validate(layers)
+    feeds = check_inputs(model, calibration, what="calibration set")
+    _check_options(calibrate_method, calibration_batch_size, metadata)
+
+    working, preprocessing = _prepare(model, layers, configuration, feeds)
+    nodes = {name: [node.name for node in found] for name, found in layer_nodes(working, layers).items()}
+    by_name = {layer.name: layer for layer in layers}
+    static = [name for name, c in configuration.items() if get_candidate(c).quantizes_activations]
+    weight_only = [name for name, c in configuration.items() if get_candidate(c).weight_only]
+    if static:
+        working = _quantize_static(
+            working, [by_name[n] for n in static], configuration, nodes, feeds, calibrate_method, calibration_batch_size
+        )
+    for name in weight_only:
+        bits = configuration.candidate(name).weight_bits
+        _add_weight_only_dequantize(working, by_name[name], bits, _nodes_named(working, nodes[name]))
+    _check_layers_quantized(working, configuration, nodes)
+    _raise_ir_version(working)
+
+    exported_layers = _exported_layers(configuration, nodes)
+    plan = _plan(configuration, exported_layers, constraints, calibrate_method, feeds, model_opset(model), working)
+    plan["preprocessing"] = preprocessing
+    _write_metadata(working, plan, metadata)
+    model_bytes = _serialize(working)
+    validate_artifact(model_bytes, feeds, batch_size=calibration_batch_size)
+    return ExportedModel(
+        model_bytes=model_bytes,
+        sha256=hashlib.sha256(model_bytes).hexdigest(),
+        opset=model_opset(working),
+        layers=MappingProxyType(exported_layers),
+        plan=MappingProxyType(plan),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+def check_inputs(
+    model: onnx.ModelProto, arrays: Mapping[str, np.ndarray], *, what: str = "inputs"
+) -> dict[str, np.ndarray]:
+    """Check that ``arrays`` feed exactly the model's inputs (name, dtype, rank, fixed dims, same length).
+
+    Returns the model-input arrays (``labels`` and other ignored keys dropped). Raises ValueError naming
+    every mismatch.
+    """
+    if not isinstance(arrays, Mapping):
+        raise ValueError(f"{what} must map input names to arrays, got {type(arrays).__name__}")
+    inputs = graph_inputs(model)
+    expected = [value.name for value in inputs]
+    missing = [name for name in expected if name not in arrays]
+    unknown = [name for name in arrays if name not in expected and name not in IGNORED_INPUT_KEYS]
+    if missing or unknown:
+        raise ValueError(f"{what} does not match the model inputs {expected}: missing {missing}, unknown {unknown}")
+    problems: list[str] = []
+    for value in inputs:
+        problems += _input_problems(value, arrays[value.name])
+    if problems:
+        raise ValueError(f"{what} does not match the model inputs: " + "; ".join(problems))
+    lengths = {name: len(arrays[name]) for name in expected}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"{what}: arrays have different numbers of samples {lengths}")
+    return {name: arrays[name] for name in expected}
+
+
+def _input_problems(value: onnx.ValueInfoProto, array: object) -> list[str]:
+    name = value.name
+    if not isinstance(array, np.ndarray):
+        return [f"{name!r} is a {type(array).__name__}, not a numpy array"]
+    tensor_type = value.type.tensor_type
+    expected_dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+    problems = []
+    if array.dtype != expected_dtype:
+        problems.append(f"{name!r} has dtype {array.dtype}, the model expects {expected_dtype}")
+    if tensor_type.HasField("shape"):
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+        if array.ndim != len(dims):
+            problems.append(f"{name!r} has shape {array.shape}, the model expects rank {len(dims)} ({_show(dims)})")
+        else:
+            fixed = [(axis, size) for axis, size in enumerate(dims) if size and array.shape[axis] != size]
+            if fixed:
+                problems.append(f"{name!r} has shape {array.shape}, the model expects {_show(dims)}")
+    if array.ndim == 0 or len(array) == 0:
+        problems.append(f"{name!r} has no samples (shape {array.shape})")
+    return problems
+
+
+def _show(dims: Sequence[int | None]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
+
+
+def _check_options(calibrate_method: str, batch_size: int, metadata: Mapping[str, str] | None) -> None:
+    if calibrate_method.lower() not in CALIBRATION_METHODS:
+        raise ValueError(f"unknown calibration method {calibrate_method!r}; valid: {', '.join(CALIBRATION_METHODS)}")
+    if batch_size < 1:
+        raise ValueError(f"calibration_batch_size must be positive, got {batch_size}")
+    for key, value in (metadata or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise ValueError(f"metadata must map strings to strings, got {key!r}: {value!r}")
+        if key == PLAN_METADATA_KEY:
+            raise ValueError(f"metadata key {PLAN_METADATA_KEY!r} is reserved for the plan")
+
+
+# ---------------------------------------------------------------------------------------------
+# Preparing the float graph
+
+
+def _prepare(
+    model: onnx.ModelProto, layers: Sequence[Layer], configuration: Configuration, feeds: Mapping[str, np.ndarray]
+) -> tuple[onnx.ModelProto, str]:
+    """A copy of the float model ready for the quantizer: named nodes, the needed opset, typed tensors."""
+    working = _copy(model)
+    _name_unnamed_nodes(working)
+    _check_float_model_runs(working, feeds)
+    working = _upgrade_opset_if_needed(working, configuration, feeds)
+    working, preprocessing = _preprocess(working, layers)
+    _complete_value_types(working, feeds)
+    return working, preprocessing
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+def _name_unnamed_nodes(model: onnx.ModelProto) -> None:
+    """``nodes_to_quantize`` selects nodes by name, so every node needs a unique one.
+
+    Unnamed nodes get ``{op_type}_{index}``, the same fallback ``find_layers`` reports.
+    """
+    taken = {node.name for node in model.graph.node if node.name}
+    seen: set[str] = set()
+    for index, node in enumerate(model.graph.node):
+        if node.name and node.name not in seen:
+            seen.add(node.name)
+            continue
+        base = node.name or f"{node.op_type}_{index}"
+        name, suffix = base, 1
+        while name in seen or (name != node.name and name in taken):
+            name, suffix = f"{base}_{suffix}", suffix + 1
+        node.name = name
+        seen.add(name)
+
+
+def _check_float_model_runs(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> None:
+    """Fail early, naming the cause, when onnxruntime cannot run the float model on the calibration set."""
+    try:
+        _run(model, {name: array[:1] for name, array in feeds.items()})
+    except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise ValueError(f"the float model does not run in onnxruntime on the calibration inputs: {error}") from None
+
+
+def model_opset(model: onnx.ModelProto) -> int:
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            return int(opset.version)
+    raise ValueError("the model imports no default-domain (ai.onnx) opset")
+
+
+def _required_opset(configuration: Configuration) -> int:
+    bits = {configuration.candidate(name).weight_bits for name in configuration}
+    if 4 in bits:
+        return OPSET_FOR_4BIT
+    return OPSET_FOR_PER_CHANNEL if bits - {None} else 0
+
+
+def _upgrade_opset_if_needed(
+    model: onnx.ModelProto, configuration: Configuration, feeds: Mapping[str, np.ndarray]
+) -> onnx.ModelProto:
+    """Upgrade to the opset the quantized types need; check the upgraded float model runs the same."""
+    current, required = model_opset(model), _required_opset(configuration)
+    if current >= required:
+        return model
+    try:
+        upgraded = onnx.version_converter.convert_version(model, required)
+    except Exception as error:  # noqa: BLE001 - the converter raises many types
+        raise ExportError(f"could not upgrade the model from opset {current} to {required}: {error}") from error
+    _raise_ir_version(upgraded)
+    sample = {name: array[:UPGRADE_CHECK_SAMPLES] for name, array in feeds.items()}
+    before, after = _run(model, sample), _run(upgraded, sample)
+    for index, (a, b) in enumerate(zip(before, after, strict=True)):
+        difference = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0
+        if a.shape != b.shape or not difference <= UPGRADE_TOLERANCE:
+            raise ExportError(
+                f"the model upgraded from opset {current} to {required} computes different outputs "
+                f"(output {index}: max |difference| {difference:.3g} > {UPGRADE_TOLERANCE}); not exporting it"
+            )
+    return upgraded
+
+
+def _raise_ir_version(model: onnx.ModelProto) -> None:
+    """The IR version must be new enough for the opset (int4 tensors need IR 10, which opset 21 implies).
+
+    The version converter and onnxruntime's quantizer leave the source model's IR version in place.
+    """
+    required = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    model.ir_version = max(model.ir_version, required)
+
+
+def _preprocess(model: onnx.ModelProto, layers: Sequence[Layer]) -> tuple[onnx.ModelProto, str]:
+    """onnxruntime's ``quant_pre_process`` (shape inference), falling back step by step when it fails.
+
+    The graph optimizer is skipped: it may fuse or rename the nodes and weights that name layers.
+    """
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    attempts = (("quant_pre_process", False), ("quant_pre_process without symbolic shape inference", True))
+    failures = []
+    for label, skip_symbolic in attempts:
+        try:
+            with tempfile.TemporaryDirectory(prefix="mpq-pre.") as directory, _working_directory(directory):
+                path = Path(directory) / "pre.onnx"
+                quant_pre_process(model, path, skip_optimization=True, skip_symbolic_shape=skip_symbolic)
+                processed = onnx.load(path)
+        except Exception as error:  # noqa: BLE001 - shape inference of real models fails in many ways
+            failures.append(f"{label}: {type(error).__name__}: {error}")
+            continue
+        if [layer.name for layer in find_layers(processed)] == [layer.name for layer in layers]:
+            return processed, label
+        failures.append(f"{label}: changed the layers")
+    logger.warning("pre-processing skipped (%s)", "; ".join(failures))
+    return model, "none (" + "; ".join(failures)[:500] + ")"
+
+
+_CWD_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _working_directory(directory: str) -> Iterator[None]:
+    """Run inside ``directory``: onnxruntime's symbolic shape inference saves ``sym_shape_infer_temp.onnx``
+    into the current directory when it fails, and the exporter must leave nothing behind."""
+    with _CWD_LOCK:
+        previous = os.getcwd()
+        os.chdir(directory)
+        try:
+            yield
+        finally:
+            os.chdir(previous)
+
+
+def _complete_value_types(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> None:
+    """Give every node output a type; where inference left one out, read it off a real onnxruntime run.
+
+    ``quantize_static`` silently leaves a tensor float when it cannot find its type.
+    """
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    typed = {
+        value.name
+        for value in [*inferred.graph.input, *inferred.graph.output, *inferred.graph.value_info]
+        if value.type.tensor_type.elem_type
+    }
+    typed |= {init.name for init in model.graph.initializer}
+    untyped = [out for node in model.graph.node for out in node.output if out and out not in typed]
+    if not untyped:
+        return
+    sample = {name: array[:1] for name, array in feeds.items()}
+    for name, array in runtime_tensors(model, sample, untyped).items():
+        elem_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+        # Type only, no shape: a concrete shape would pin the batch size.
+        model.graph.value_info.append(onnx.helper.make_tensor_value_info(name, elem_type, None))
+
+
+# ---------------------------------------------------------------------------------------------
+# Static quantization (w8a8, w4a8) with onnxruntime's tooling
+
+
+class ArrayCalibrationReader(CalibrationDataReader):
+    """onnxruntime ``CalibrationDataReader`` over in-memory arrays, in batches."""
+
+    def __init__(self, feeds: Mapping[str, np.ndarray], batch_size: int) -> None:
+        self._feeds = dict(feeds)
+        self._count = len(next(iter(self._feeds.values())))
+        self._batch_size = batch_size
+        self.set_range(0, self._count)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._starts = iter(range(start_index, min(end_index, self._count), self._batch_size))
+        self._end = min(end_index, self._count)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        start = next(self._starts, None)
+        if start is None:
+            return None
+        stop = min(start + self._batch_size, self._end)
+        return {name: array[start:stop] for name, array in self._feeds.items()}
+
+    def __len__(self) -> int:
+        return math.ceil(self._count / self._batch_size)
+
+
+
+def _quantize_static(
+    model: onnx.ModelProto,
+    layers: Sequence[Layer],
+    configuration: Configuration,
+    nodes: Mapping[str, Sequence[str]],
+    feeds: Mapping[str, np.ndarray],
+    calibrate_method: str,
+    batch_size: int,
+) -> onnx.ModelProto:
+    methods = {m.name.lower(): m for m in CalibrationMethod}
+    overrides = {
+        layer.name: _weight_overrides(model, layer, configuration.candidate(layer.name).weight_bits) for layer in layers
+    }
+    with tempfile.TemporaryDirectory(prefix="mpq-quant.") as directory:
+        output = Path(directory) / "quantized.onnx"
+        try:
+            quantize_static(
+                model,
+                output,
+                ArrayCalibrationReader(feeds, batch_size),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                reduce_range=False,  # Q_b uses the full restricted range [-127, 127]
+                # uint8 activations with int8 weights: onnxruntime's recommendation for x86 CPUs.
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                nodes_to_quantize=[node for layer in layers for node in nodes[layer.name]],
+                calibrate_method=methods[calibrate_method.lower()],
+                extra_options={
+                    "TensorQuantOverrides": overrides,
+                    "WeightSymmetric": True,
+                    # Keep Q_b's weight scales even where a bias would need a larger one: the exported
+                    # weights must be the integers the sensitivity analysis predicted.
+                    "QDQDisableWeightAdjustForInt32Bias": True,
+                },
+            )
+            return onnx.load(output)
+        except Exception as error:  # noqa: BLE001
+            raise ExportError(f"onnxruntime quantize_static failed: {type(error).__name__}: {error}") from error
+
+
+def _weight_overrides(model: onnx.ModelProto, layer: Layer, bits: int) -> list[dict[str, Any]]:
+    """``TensorQuantOverrides`` for one weight: its per-channel axis; for int4 also Q_b's scales."""
+    if bits == 8:
+        return [{"axis": layer.channel_axis}]
+    if bits == 4:
+        # onnxruntime's symmetric int4 would use [-8, 7] and scale 2·absmax/15; give it Q_b's scales
+        # (restricted range [-7, 7]) so it stores Q_b's integers.
+        quantized = quantize_weight(weight_array(model, layer.name), 4, layer.channel_axis)
+        return [
+            {"quant_type": QuantType.QInt4, "axis": layer.channel_axis, "scale": float(scale), "zero_point": 0}
+            for scale in quantized.scales
+        ]
+    raise ValueError(f"no exporter for {bits}-bit weights")
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight-only quantization (w8, w4): hand-written DequantizeLinear
+
+
+def _add_weight_only_dequantize(
+    model: onnx.ModelProto, layer: Layer, bits: int, nodes: Sequence[onnx.NodeProto]
+) -> None:
+    """Replace the float weight by Q_b's integers and scales behind a per-channel DequantizeLinear.
+
+    Hand-written because onnxruntime's tooling has no weight-only mode for Conv/Gemm (see module doc).
+    """
+    quantized = quantize_weight(weight_array(model, layer.name), bits, layer.channel_axis)
+    taken = {init.name for init in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
+    names = {part: _unique(f"{layer.name}_{part}", taken) for part in ("quantized", "scale", "zero_point")}
+    output = _unique(f"{layer.name}_DequantizeLinear_Output", taken)
+    channels = quantized.scales.size
+    model.graph.initializer.extend(
+        [
+            _integer_tensor(names["quantized"], quantized.integers, bits),
+            numpy_helper.from_array(quantized.scales, names["scale"]),
+            _integer_tensor(names["zero_point"], np.zeros(channels, dtype=np.int8), bits),
+        ]
+    )
+    dequantize = onnx.helper.make_node(
+        "DequantizeLinear",
+        [names["quantized"], names["scale"], names["zero_point"]],
+        [output],
+        name=_unique(f"{layer.name}_DequantizeLinear", {n.name for n in model.graph.node}),
+        axis=quantized.axis,
+    )
+    model.graph.node.insert(0, dequantize)  # its inputs are initializers, so the front keeps topological order
+    for node in nodes:
+        node.input[1] = output
+    _remove_unused_initializer(model, layer.name)
+
+
+def _integer_tensor(name: str, integers: np.ndarray, bits: int) -> onnx.TensorProto:
+    if bits == 8:
+        return numpy_helper.from_array(integers.astype(np.int8), name)
+    # Raw little-nibble-first packing, two values per byte (ONNX's int4 layout); make_tensor's non-raw
+    # path would store every packed byte as a varint in int32_data, about 1.5x larger.
+    flat = integers.astype(np.int8).ravel()
+    if flat.size % 2:
+        flat = np.append(flat, np.int8(0))
+    nibbles = flat.view(np.uint8) & 0x0F
+    packed = (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8)
+    return onnx.helper.make_tensor(name, _INT_TYPES[bits], integers.shape, packed.tobytes(), raw=True)
+
+
+def _unique(base: str, taken: set[str]) -> str:
+    name, suffix = base, 1
+    while name in taken:
+        name, suffix = f"{base}_{suffix}", suffix + 1
+    taken.add(name)
+    return name
+
+
+def _remove_unused_initializer(model: onnx.ModelProto, name: str) -> None:
+    if any(name in node.input for node in model.graph.node) or any(o.name == name for o in model.graph.output):
+        return
+    kept = [init for init in model.graph.initializer if init.name != name]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    kept_inputs = [value for value in model.graph.input if value.name != name]
+    del model.graph.input[:]
+    model.graph.input.extend(kept_inputs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks, plan and serialization
+
+
+def _nodes_named(model: onnx.ModelProto, names: Sequence[str]) -> list[onnx.NodeProto]:
+    by_name = {node.name: node for node in model.graph.node}
+    return [by_name[name] for name in names]
+
+
+def _check_layers_quantized(
+    model: onnx.ModelProto, configuration: Configuration, nodes: Mapping[str, Sequence[str]]
+) -> None:
+    """Every quantized layer must end up with a dequantized weight (and input, for static candidates)."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    by_name = {node.name: node for node in model.graph.node}
+    problems = []
+    for layer, candidate_name in configuration.items():
+        candidate = get_candidate(candidate_name)
+        for node_name in nodes[layer]:
+            node = by_name.get(node_name)
+            if node is None:
+                problems.append(f"layer {layer!r}: node {node_name!r} disappeared")
+                continue
+            weight_dq = _is_dequantized(node.input[1], producers)
+            input_dq = _is_dequantized(node.input[0], producers)
+            if candidate.quantizes_weights and not weight_dq:
+                problems.append(f"layer {layer!r} ({candidate_name}): node {node.name!r} has a float weight")
+            if candidate.quantizes_activations and not input_dq:
+                problems.append(
+                    f"layer {layer!r} ({candidate_name}): the input {node.input[0]!r} of node {node.name!r} "
+                    "was not quantized (its type or shape could not be inferred)"
+                )
+            if not candidate.quantizes_weights and weight_dq:
+                problems.append(f"layer {layer!r} (fp32): the weight of node {node.name!r} was quantized")
+    if problems:
+        raise ExportError("the exported graph does not implement the configuration: " + "; ".join(problems))
+
+
+def _is_dequantized(tensor: str, producers: Mapping[str, onnx.NodeProto]) -> bool:
+    producer = producers.get(tensor)
+    return producer is not None and producer.op_type == "DequantizeLinear"
+
+
+def _exported_layers(configuration: Configuration, nodes: Mapping[str, Sequence[str]]) -> dict[str, ExportedLayer]:
+    layers = {}
+    for name, candidate_name in configuration.items():
+        candidate = get_candidate(candidate_name)
+        if candidate.quantizes_activations:
+            method = "onnxruntime.quantize_static"
+        elif candidate.quantizes_weights:
+            method = "weight_only_dequantize"
+        else:
+            method = "float"
+        layers[name] = ExportedLayer(
+            name=name,
+            candidate=candidate_name,
+            node_names=tuple(nodes[name]),
+            weight_bits=candidate.weight_bits,
+            activation_bits=candidate.activation_bits,
+            method=method,
+        )
+    return layers
+
+
+def _plan(
+    configuration: Configuration,
+    layers: Mapping[str, ExportedLayer],
+    constraints: Mapping[str, Any] | None,
+    calibrate_method: str,
+    feeds: Mapping[str, np.ndarray],
+    source_opset: int,
+    model: onnx.ModelProto,
+) -> dict[str, Any]:
+    return {
+        "format": PLAN_FORMAT,
+        "configuration": configuration.to_dict(),
+        "layers": {
+            name: {
+                "candidate": layer.candidate,
+                "weight_bits": layer.weight_bits,
+                "activation_bits": layer.activation_bits,
+                "nodes": list(layer.node_names),
+                "method": layer.method,
+            }
+            for name, layer in layers.items()
+        },
+        "constraints": dict(constraints) if constraints is not None else None,
+        "calibration": {
+            "method": calibrate_method.lower(),
+            "samples": len(next(iter(feeds.values()))),
+            "activation_type": "uint8",
+            "weight_quantizer": "symmetric per-channel, restricted range (sensitivity.quantize)",
+        },
+        "opset": {"source": source_opset, "exported": model_opset(model)},
+        "versions": versions(),
+    }
+
+
+def versions() -> dict[str, str]:
+    """Versions stored with every artifact."""
+    import importlib.metadata
+
+    import onnxruntime
+
+    try:
+        project = importlib.metadata.version("mpq")
+    except importlib.metadata.PackageNotFoundError:
+        project = "unknown"
+    return {"mpq": project, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
+
+
+def _write_metadata(model: onnx.ModelProto, plan: Mapping[str, Any], metadata: Mapping[str, str] | None) -> None:
+    entries = {PLAN_METADATA_KEY: json.dumps(plan, sort_keys=True), **dict(metadata or {})}
+    kept = [prop for prop in model.metadata_props if prop.key not in entries]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in entries.items():
+        model.metadata_props.add(key=key, value=value)
+
+
+def read_plan(model: onnx.ModelProto | bytes) -> dict[str, Any]:
+    """The plan stored in an exported model's metadata."""
+    proto = onnx.load_from_string(model) if isinstance(model, bytes) else model
+    for prop in proto.metadata_props:
+        if prop.key == PLAN_METADATA_KEY:
+            return json.loads(prop.value)
+    raise ValueError(f"the model has no {PLAN_METADATA_KEY!r} metadata; was it exported by planner.export?")
+
+
+def stored_weight(model: onnx.ModelProto, layer: str) -> QuantizedWeight | None:
+    """Read back the integers and scales stored for a layer (``None`` when it is float).
+
+    Follows the layer's first node's weight input to its DequantizeLinear; int4 is unpacked to int8.
+    """
+    plan = read_plan(model)
+    if layer not in plan["layers"]:
+        raise KeyError(f"no layer {layer!r} in the exported plan")
+    node_name = plan["layers"][layer]["nodes"][0]
+    node = next(node for node in model.graph.node if node.name == node_name)
+    producer = next((n for n in model.graph.node if node.input[1] in n.output), None)
+    if producer is None or producer.op_type != "DequantizeLinear":
+        return None
+    initializers = {init.name: init for init in model.graph.initializer}
+    integers_proto = initializers[producer.input[0]]
+    integers = numpy_helper.to_array(integers_proto).astype(np.int8)
+    scales = numpy_helper.to_array(initializers[producer.input[1]]).astype(np.float32)
+    axis = next((a.i for a in producer.attribute if a.name == "axis"), 1)
+    bits = {TensorProto.INT8: 8, TensorProto.INT4: 4}.get(integers_proto.data_type)
+    if bits is None:
+        raise ValueError(f"layer {layer!r} stores weights of ONNX type {integers_proto.data_type}")
+    return QuantizedWeight(integers=integers, scales=scales, axis=axis % integers.ndim, bits=bits)
+
+
+def _serialize(model: onnx.ModelProto) -> bytes:
+    try:
+        return model.SerializeToString()
+    except ValueError as error:  # protobuf's 2 GiB limit
+        raise ExportError(f"the exported model cannot be serialized: {error}") from error
+
+
+def validate_artifact(model_bytes: bytes, feeds: Mapping[str, np.ndarray], *, batch_size: int = 64) -> None:
+    """``onnx.checker`` and a real onnxruntime run over ``feeds``; ExportError on any failure."""
+    try:
+        onnx.checker.check_model(onnx.load_from_string(model_bytes))
+    except Exception as error:  # noqa: BLE001
+        raise ExportError(f"the exported model fails onnx.checker: {error}") from error
+    try:
+        session = _session(model_bytes)
+        count = len(next(iter(feeds.values())))
+        for start in range(0, count, batch_size):
+            outputs = session.run(None, {name: array[start : start + batch_size] for name, array in feeds.items()})
+            bad = [i for i, out in enumerate(outputs) if _is_float(out) and not np.isfinite(out).all()]
+            if bad:
+                raise ExportError(f"output(s) {bad} are not finite on calibration samples {start}..")
+    except ExportError:
+        raise
+    except Exception as error:  # noqa: BLE001
+        raise ExportError(f"the exported model does not run in onnxruntime: {error}") from error
+
+
+def _is_float(array: np.ndarray) -> bool:
+    return np.issubdtype(array.dtype, np.floating)
+
+
+def _session(model: onnx.ModelProto | bytes):
+    return cpu_session(model if isinstance(model, bytes) else model.SerializeToString())
+
+
+def _run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    return _session(model).run(None, dict(feeds))
