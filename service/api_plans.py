@@ -133,7 +133,8 @@ async def create_plan(request: Request, body: PlanRequestIn, idempotency_key: Id
     check_dataset_fits_model(model, calibration, "calibration")
     if evaluation is not None:
         check_dataset_fits_model(model, evaluation, "evaluation")
-    await check_analysis(request, model, "interlayer" if body.method == "interlayer" else "hawq_v2", body.options)
+    # every plan computes the inter-layer analysis (traces, g·Δ, G, Ω), whatever objective it optimises
+    await check_analysis(request, model, "interlayer", body.options)
     state = request.app.state
     shapes = {name: info["shape"] for name, info in calibration.arrays.items() if name != "labels"}
     try:

@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 from fastapi import APIRouter, Depends, FastAPI, Request
 from sqlalchemy import text
 
-from service import api_jobs, api_plans, schemas
+from service import api_jobs, api_plans, dashboard, schemas
 from service.auth import require_token
 from service.db import make_engine, session_factory
 from service.errors import install_error_handlers, problem_response
@@ -57,6 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     v1.include_router(api_jobs.router)
     v1.include_router(api_plans.router)
     app.include_router(v1)
+    app.include_router(dashboard.router)
     _add_health_routes(app)
     return app
 

@@ -311,25 +311,51 @@ def sensitivity_page(request: Request, result_id: str, sort: str = "order", desc
 # ---------------------------------------------------------------- plans and frontier points
 
 
+# The predictor each method optimises (what the plan job stores as predicted_loss_change).
+PREDICTOR = {"hawq_v2": "omega", "interlayer": "loss_change"}
+PREDICTOR_LABELS = {"omega": "Predicted Ω (HAWQ-V2 proxy)", "loss_change": "Predicted loss change ΔL"}
+
+
+def figures(predicted: dict[str, Any], measured: dict[str, Any] | None, loss_change: float | None) -> dict[str, Any]:
+    """Cost, predicted and measured figures of one configuration, in the planner's shapes
+    (planner.plan.PlanPoint.predicted() and Measurement.to_dict(); measured may be absent)."""
+    measured = measured or {}
+    return {"size_bytes": predicted.get("size_bytes"), "bops": predicted.get("bops"),
+            "latency_ms": (measured.get("latency_ms") or {}).get("mean"), "predicted_loss_change": loss_change,
+            "metric": measured.get("metric"), "drop": measured.get("drop")}
+
+
+def uniform_candidate(assignment: dict[str, Any]) -> str | None:
+    """The candidate of a configuration that puts every layer at the same one."""
+    values = set(assignment.values())
+    return values.pop() if len(values) == 1 else None
+
+
 def point_view(point: FrontierPoint, plan: Plan) -> dict[str, Any]:
     """A frontier point as the chart and the table show it."""
-    measured = point.measured or {}
-    return {"index": point.index, "size_bytes": point.size_bytes, "bops": point.bops,
-            "latency_ms": measured.get("latency_ms"), "predicted_loss_change": point.predicted_loss_change,
-            "metric": measured.get("metric"), "drop": measured.get("drop"), "uniform": measured.get("uniform"),
-            "chosen": point.assignment == plan.assignment, "has_artifact": point.artifact_id is not None,
+    return {"index": point.index,
+            **figures({"size_bytes": point.size_bytes, "bops": point.bops}, point.measured,
+                      point.predicted_loss_change),
+            "uniform": uniform_candidate(point.assignment), "chosen": point.assignment == plan.assignment,
             "mix": dict(Counter(point.assignment.values()).most_common())}
 
 
+def predictor(plan: Plan) -> str:
+    return PREDICTOR.get((plan.request or {}).get("method"), "loss_change")
+
+
 def uniform_baselines(plan: Plan, points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """plan.measured["baselines"] plus frontier points flagged ``measured["uniform"]``."""
-    baselines = [{"candidate": b.get("candidate", "?"), "size_bytes": b.get("size_bytes"), "bops": b.get("bops"),
-                  "latency_ms": b.get("latency_ms"), "predicted_loss_change": b.get("predicted_loss_change"),
-                  "metric": b.get("metric"), "drop": b.get("drop"), "index": None}
-                 for b in (plan.measured or {}).get("baselines", [])]
-    listed = {b["candidate"] for b in baselines}
-    baselines += [{**p, "candidate": p["uniform"]} for p in points if p["uniform"] and p["uniform"] not in listed]
-    return baselines
+    """plan.measured["uniform"]: candidate -> {layers, predicted, measured}, every layer at that candidate.
+
+    ``index`` names the frontier point with the same configuration, so clicking either shows it.
+    """
+    on_frontier = {p["uniform"]: p["index"] for p in points if p["uniform"]}
+    rows = []
+    for candidate, point in ((plan.measured or {}).get("uniform") or {}).items():
+        predicted = point.get("predicted") or {}
+        rows.append({"candidate": candidate, "index": on_frontier.get(candidate),
+                     **figures(predicted, point.get("measured"), predicted.get(predictor(plan)))})
+    return rows
 
 
 def float_metric(plan: Plan, points: list[FrontierPoint]) -> float | None:
@@ -372,7 +398,8 @@ def plan_page(request: Request, plan_id: str, point: int | None = None) -> Respo
     selected = next((p for p in rows if p.index == point), None)
     chart = {"plan_id": plan.id, "points": points, "baselines": uniform_baselines(plan, points),
              "constraints": (plan.request or {}).get("constraints", {}), "float_metric": float_metric(plan, rows),
-             "metric_name": _metric_name(plan, rows), "selected": point}
+             "metric_name": _metric_name(plan, rows), "predictor_label": PREDICTOR_LABELS[predictor(plan)],
+             "selected": point}
     return render(request, "plan.html", active="Plans", plan=plan, model=model, points=points, chart=chart,
                   artifact=artifact, latency_count=latency_count, charts=True,
                   plan_layers=layer_precisions(model, plan.assignment),
@@ -403,7 +430,17 @@ def point_artifact(request: Request, plan_id: str, index: int) -> Response:
 
 def _point_detail(plan: Plan, model: Model | None, point: FrontierPoint) -> dict[str, Any]:
     return {"plan_id": plan.id, "point": point_view(point, plan), "measured": point.measured or {},
+            "predicted": point.predicted or {}, "artifact_url": _artifact_url(plan, point),
             "layers": layer_precisions(model, point.assignment)}
+
+
+def _artifact_url(plan: Plan, point: FrontierPoint) -> str | None:
+    """The point's own export, or the plan's when the point is the chosen configuration."""
+    if point.artifact_id:
+        return f"/plans/{plan.id}/points/{point.index}/artifact"
+    if point.assignment == plan.assignment and plan.artifact_id:
+        return f"/v1/plans/{plan.id}/artifact"
+    return None
 
 
 def _frontier(session: Session, plan_id: str) -> list[FrontierPoint]:

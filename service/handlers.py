@@ -114,3 +114,89 @@ def latency_job(context: JobContext) -> dict[str, Any]:
                              provider=measured.provider, onnxruntime_version=measured.onnxruntime_version)
     context.save(row)
     return {"latency_measurement_id": row.id}
+
+
+def plan_request(params: dict[str, Any]):
+    """The library's PlanRequest from the API body (service/api_plans.PlanRequestIn)."""
+    from planner.plan import PlanRequest
+
+    options = dict(params.get("options", {}))
+    seed = options.pop("seed", 0)
+    constraints = {k: v for k, v in params.get("constraints", {}).items() if v is not None}
+    return PlanRequest(method=params["method"], search=params["search"], candidates=tuple(params["candidates"]),
+                       seed=seed, sensitivity_options=options, **constraints)
+
+
+@job_handler("plan")
+def plan_job(context: JobContext) -> dict[str, Any]:
+    import onnx
+
+    from planner.plan import plan
+    from sensitivity.results import SensitivityResult as Sensitivity
+
+    params = context.params
+    model, calibration_row = _rows(context, params["model_id"], params["calibration_dataset_id"])
+    evaluation_row = _rows(context, params["model_id"], params["evaluation_dataset_id"])[1] \
+        if params.get("evaluation_dataset_id") else None
+    try:
+        request = plan_request(params)
+        config = request.sensitivity_config().to_dict()
+    except ValueError as error:
+        raise JobInputError(str(error)) from None
+    options = {k: v for k, v in config.items() if k != "type"}
+    result_id, _ = compute_or_reuse_sensitivity(context, model, calibration_row, "interlayer", options)
+    with context.sessions() as session:
+        sensitivity = Sensitivity.from_dict(session.get(SensitivityResult, result_id).result)
+
+    def progress(phase: str, fraction: float, message: str) -> None:
+        context.progress(f"plan:{phase}", fraction, message)
+
+    with model_path(context.store, model.sha256, model.format) as path:
+        proto = onnx.load(str(path))
+    calibration = load_arrays(context.store, calibration_row.sha256)
+    evaluation = load_arrays(context.store, evaluation_row.sha256) if evaluation_row else None
+    try:
+        result = plan(proto, calibration, request, evaluation=evaluation, sensitivity=sensitivity,
+                      progress=progress)
+    except ValueError as error:  # NoFeasiblePlan included: the constraints cannot be met
+        raise JobInputError(str(error)) from None
+    plan_id = _store_plan(context, model, params, result, result_id)
+    return {"plan_id": plan_id, "sensitivity_result_id": result_id, "meets_constraints": result.meets_constraints}
+
+
+def _store_plan(context: JobContext, model: Model, params: dict[str, Any], result, sensitivity_id: str) -> str:
+    """The artifact blob, then its row, the plan, its frontier points and its latency, in one transaction."""
+    from service.tables import Artifact, FrontierPoint, LatencyMeasurement, Plan, new_id
+
+    data = result.to_dict()
+    sha256, size = store_blob(context, result.artifact_bytes)
+    artifact = Artifact(id=new_id(), sha256=sha256, size_bytes=size, kind="quantized_model",
+                        filename=f"{model.name.removesuffix('.onnx')}-mixed.onnx")
+    chosen = data["plan"]
+    plan_row = Plan(id=new_id(), job_id=context.job_id, model_id=model.id,
+                    calibration_dataset_id=params["calibration_dataset_id"],
+                    evaluation_dataset_id=params.get("evaluation_dataset_id"), search=params["search"],
+                    request={**params, "sensitivity_result_id": sensitivity_id}, assignment=chosen["layers"],
+                    predicted={**chosen["predicted"], "meets_constraints": data["meets_constraints"]},
+                    measured={**(chosen["measured"] or {}), "uniform": data["uniform"],
+                              "evaluations": data["evaluations"], "search": data["search"]},
+                    artifact_id=artifact.id, versions=data["versions"])
+    rows: list[Any] = [artifact, plan_row]
+    rows += [FrontierPoint(plan_id=plan_row.id, index=index, assignment=point["layers"],
+                           size_bytes=point["predicted"]["size_bytes"], bops=point["predicted"]["bops"],
+                           predicted_loss_change=_predicted_by_method(point["predicted"], params["method"]),
+                           predicted=point["predicted"], measured=point["measured"] or {})
+             for index, point in enumerate(data["frontier"])]
+    latency = result.plan.measured.latency if result.plan.measured else None
+    if latency is not None:
+        rows.append(LatencyMeasurement(plan_id=plan_row.id, artifact_id=artifact.id, mean_ms=latency.mean_ms,
+                                       p50_ms=latency.p50_ms, p90_ms=latency.p90_ms, batch_size=latency.batch_size,
+                                       repeats=latency.repeats, device_description=latency.device_description,
+                                       provider=latency.provider, onnxruntime_version=latency.onnxruntime_version))
+    context.save(*rows)
+    return plan_row.id
+
+
+def _predicted_by_method(predicted: dict[str, Any], method: str) -> float | None:
+    """The predictor the plan's method optimised: Ω for HAWQ-V2, ΔL for the inter-layer objective."""
+    return predicted.get("omega") if method == "hawq_v2" else predicted.get("loss_change")

@@ -80,11 +80,14 @@ class JobContext:
         self.log(f"[{phase}] {fraction:.0%} {message}".rstrip())
 
     def save(self, *rows: Any) -> None:
-        """Insert rows in one transaction, retried if the database connection drops."""
+        """Insert rows in the given order (parents first: without ORM relationships the unit of
+        work does not sort by foreign keys) in one transaction, retried if the connection drops."""
 
         def attempt() -> None:
             with self.sessions() as session, session.begin():
-                session.add_all(rows)
+                for row in rows:
+                    session.add(row)
+                    session.flush()
 
         retrying(attempt)
 

@@ -130,7 +130,8 @@ class FrontierPoint(Base):
     assignment: Mapped[dict[str, Any]] = mapped_column(default=dict)
     size_bytes: Mapped[int | None] = mapped_column(BigInteger)
     bops: Mapped[float | None] = mapped_column(Float)
-    predicted_loss_change: Mapped[float | None] = mapped_column(Float)
+    predicted_loss_change: Mapped[float | None] = mapped_column(Float)  # by the plan's method
+    predicted: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default="{}")  # both predictors
     measured: Mapped[dict[str, Any]] = mapped_column(default=dict)  # metric, baseline, drop, latency
     artifact_id: Mapped[str | None] = mapped_column(ForeignKey("artifacts.id", ondelete="SET NULL"))
 

@@ -1,0 +1,85 @@
+"""Plans end to end through HTTP on the embedded executor: upload the trained digits CNN,
+plan, wait, read, download; the artifact runs in onnxruntime and measures what the plan says."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from tests.conftest import npz_bytes
+from tests.planner.test_export import trained_digits_onnx
+from tests.service.test_jobs import uploaded, wait_for
+from tests.service.test_registry import assert_problem, upload
+
+
+@pytest.fixture(scope="module")
+def digits_files():
+    proto, calibration, data = trained_digits_onnx()
+    calib = npz_bytes(input=data.train_x[:256], labels=data.train_y[:256])
+    evaluation = npz_bytes(input=data.test_x, labels=data.test_y)
+    return proto.SerializeToString(), calib, evaluation, data
+
+
+def test_plan_round_trip(client, digits_files):
+    model_bytes, calib, evaluation, data = digits_files
+    model_id, calib_id = uploaded(client, model_bytes, calib)
+    eval_id = upload(client, "/v1/datasets", evaluation).json()["id"]
+    float_size = len(model_bytes)
+    body = {"model_id": model_id, "calibration_dataset_id": calib_id, "evaluation_dataset_id": eval_id,
+            "method": "hawq_v2", "search": "pareto", "candidates": ["fp32", "w8a8", "w4a8"],
+            "constraints": {"max_size_bytes": float_size // 3},
+            "options": {"trace_max_probes": 32, "batch_size": 128}}
+    submitted = client.post("/v1/plans", json=body)
+    assert submitted.status_code == 202, submitted.text
+    job = wait_for(client, submitted.json()["id"], timeout=300)
+    assert job["status"] == "succeeded", job
+    plan_id = job["result"]["plan_id"]
+
+    plan = client.get(f"/v1/plans/{plan_id}").json()
+    assert set(plan["assignment"]) == {"conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"}
+    assert plan["predicted"]["size_bytes"] <= float_size // 3 and plan["predicted"]["meets_constraints"]
+    assert plan["measured"]["metric_name"] and 80 < plan["measured"]["metric"] <= 100
+    assert plan["measured"]["baseline"] - plan["measured"]["metric"] == pytest.approx(plan["measured"]["drop"])
+    assert set(plan["measured"]["uniform"]) >= {"w8a8", "w4a8"}
+
+    frontier = client.get(f"/v1/plans/{plan_id}/frontier").json()
+    assert len(frontier) >= 2
+    sizes = [p["size_bytes"] for p in frontier]
+    assert sizes == sorted(sizes) or sizes == sorted(sizes, reverse=True)
+
+    download = client.get(f"/v1/plans/{plan_id}/artifact")
+    assert download.status_code == 200
+    assert hashlib.sha256(download.content).hexdigest() == plan["artifact"]["sha256"]
+    assert download.headers["etag"] == f'"{plan["artifact"]["sha256"]}"'
+    assert "attachment" in download.headers["content-disposition"]
+    session = ort.InferenceSession(download.content, providers=["CPUExecutionProvider"])
+    logits = session.run(None, {"input": data.test_x})[0]
+    accuracy = 100.0 * float((logits.argmax(1) == data.test_y).mean())
+    assert accuracy == pytest.approx(plan["measured"]["metric"], abs=1e-6)
+
+    measured = client.get(f"/v1/plans/{plan_id}/latency").json()
+    assert len(measured) == 1 and measured[0]["p50_ms"] > 0 and measured[0]["device_description"]
+    again = wait_for(client, client.post(f"/v1/plans/{plan_id}/latency", json={"repeats": 5}).json()["id"])
+    assert again["status"] == "succeeded", again
+    assert len(client.get(f"/v1/plans/{plan_id}/latency").json()) == 2
+
+
+def test_plan_requests_are_validated_up_front(client, digits_files):
+    model_bytes, calib, _, _ = digits_files
+    model_id, calib_id = uploaded(client, model_bytes, calib)
+    base = {"model_id": model_id, "calibration_dataset_id": calib_id}
+    cases = [
+        ({**base, "constraints": {}}, "needs a budget"),
+        ({**base, "search": "bisection", "constraints": {"max_size_bytes": 10**6}}, "max_drop"),
+        ({**base, "constraints": {"max_size_bytes": 100, "max_bops": 100}}, "at most one budget"),
+        ({**base, "constraints": {"max_size_bytes": 100}}, "below the smallest"),
+        ({**base, "candidates": ["w3a3"], "constraints": {"max_size_bytes": 10**6}}, "w3a3"),
+    ]
+    for body, words in cases:
+        assert_problem(client.post("/v1/plans", json=body), 422, words)
+    assert client.get("/v1/jobs").json()["total"] == 0
+    assert_problem(client.get("/v1/plans/nope"), 404, "no plan")
+    assert_problem(client.get("/v1/plans/nope/artifact"), 404, "no plan")
