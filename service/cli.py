@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 
+from service import demo
 from service.settings import Settings, settings_help
 
 Handler = Callable[[argparse.Namespace, Settings], int]
@@ -48,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--gpu", help="GPU id this worker uses (sets CUDA_VISIBLE_DEVICES for its jobs)")
     worker.add_argument("--name", help="Celery node name (default: mpq-HOST-GPU)")
     worker.set_defaults(handler=_worker)
+
+    demo.register(commands)
 
     db = commands.add_parser("db", help="database schema").add_subparsers(title="db commands", metavar="ACTION")
     db.add_parser("upgrade", help="apply all migrations").set_defaults(handler=_db_upgrade)
