@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -113,6 +114,8 @@ def test_steps_carry_predictions_and_costs():
         assert (step.predicted_omega, step.predicted_loss) == pytest.approx(objective.evaluate(step.configuration))
         assert step.cost == objective.cost(step.configuration, "size")
     assert result.best.k == 3
+    data = json.loads(json.dumps(result.to_dict()))
+    assert data["best"]["k"] == 3 and [s["k"] for s in data["steps"]] == [s.k for s in result.steps]
 
 
 def test_layers_without_the_low_candidate_stay_high_and_missing_high_is_an_error():
@@ -128,5 +131,7 @@ def test_layers_without_the_low_candidate_stay_high_and_missing_high_is_an_error
         bisect(objective, "size", lambda configuration: 0.0, 1.0, low="w4", high="w8a8")
     with pytest.raises(ValueError, match="non-finite drop"):
         bisect(objective, "size", lambda configuration: float("nan"), 1.0, low="w4")
+    with pytest.raises(ValueError, match="tolerance must be a finite number"):
+        bisect(objective, "size", lambda configuration: 0.0, float("nan"), low="w4")
     with pytest.raises(ValueError, match="ordering must be"):
         demotion_order(objective, "size", low="w4", ordering="random")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -57,6 +58,58 @@ def test_json_round_trip_is_exact():
     again = Objective.from_dict(json.loads(json.dumps(objective.to_dict())))
     assert again.equals(objective)
     assert np.array_equal(again.G, objective.G)
+
+
+def test_from_weight_bits_duplicates_shared_perturbations():
+    rng = np.random.default_rng(0)
+    labels = [("a", 8), ("a", 4), ("b", 4)]
+    A = rng.normal(size=(3, 3))
+    G_bits, omega_bits, linear_bits = A @ A.T, [0.1, 0.4, 0.5], [0.01, 0.02, -0.05]
+    objective = Objective.from_weight_bits(
+        ("a", "b"),
+        (("fp32", "w8a8", "w8", "w4"), ("fp32", "w4a8")),
+        {"fp32": None, "w8a8": 8, "w8": 8, "w4": 4, "w4a8": 4},
+        labels,
+        omega=omega_bits,
+        linear=linear_bits,
+        G=G_bits,
+        costs={"size": [[32, 8, 8, 4], [64, 8]]},
+    )
+    for configuration, picked in [
+        ({"a": "w8", "b": "w4a8"}, [0, 2]),
+        ({"a": "w8a8", "b": "w4a8"}, [0, 2]),
+        ({"a": "w4", "b": "fp32"}, [1]),
+        ({"a": "fp32", "b": "fp32"}, []),
+    ]:
+        expected_loss = sum(linear_bits[k] for k in picked) + 0.5 * G_bits[np.ix_(picked, picked)].sum()
+        assert objective.evaluate(configuration) == pytest.approx((sum(omega_bits[k] for k in picked), expected_loss))
+    with pytest.raises(ValueError, match="one per label"):
+        Objective.from_weight_bits(
+            ("a",),
+            (("w8",),),
+            {"w8": 8},
+            labels,
+            omega=omega_bits,
+            linear=linear_bits[:2],
+            G=G_bits,
+            costs={"size": [[8]]},
+        )
+    with pytest.raises(ValueError, match="no terms for layer 'b' at 8 weight bits"):
+        Objective.from_weight_bits(
+            ("a", "b"),
+            (("w8",), ("w8",)),
+            {"w8": 8},
+            labels,
+            omega=omega_bits,
+            linear=linear_bits,
+            G=G_bits,
+            costs={"size": [[8], [8]]},
+        )
+
+
+def test_pickles_for_worker_processes():
+    objective = synthetic_objective(3, seed=0)
+    assert pickle.loads(pickle.dumps(objective)).equals(objective)
 
 
 def test_defaults_are_zero():
@@ -122,9 +175,14 @@ def test_bad_configurations_and_kinds():
         objective.cost((0, 0), "bops")
 
 
-def test_from_dict_rejects_unknown_format():
+def test_from_dict_rejects_unknown_format_and_malformed_tables():
     with pytest.raises(ValueError, match="unknown objective format"):
         Objective.from_dict({"format": "other", "layers": []})
+    data = small().to_dict()
+    with pytest.raises(ValueError, match="omega must be a list"):
+        Objective.from_dict({**data, "omega": 5})
+    with pytest.raises(ValueError, match=r"costs\['size'\]\[layer 1\] must be numbers"):
+        Objective.from_dict({**data, "costs": {"size": [[32, 8, 4], ["a", "b"]]}})
 
 
 def test_within_budget_has_relative_slack():

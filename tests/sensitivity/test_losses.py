@@ -99,3 +99,13 @@ def test_bad_settings_are_rejected() -> None:
         CalibrationLoss(problem.program, problem.calibration, 8, CPU, task="segmentation")
     with pytest.raises(ValueError, match="batch_size"):
         CalibrationLoss(problem.program, problem.calibration, 0, CPU)
+
+
+def test_float64_inputs_run_through_a_float32_model() -> None:
+    torch.manual_seed(0)
+    program = TorchProgram(TinyNet().eval())
+    calibration = {"input": np.random.default_rng(0).normal(size=(6, 1, 4, 4)), "labels": np.arange(6) % 4}
+    loss = CalibrationLoss(program, calibration, 4, CPU)
+    assert loss.batches[0].inputs["input"].dtype == torch.float32
+    expected = F.cross_entropy(program.module(torch.from_numpy(calibration["input"]).float()), torch.arange(6) % 4)
+    assert loss.value() == pytest.approx(float(expected.detach()), rel=1e-6)

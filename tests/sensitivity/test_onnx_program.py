@@ -27,10 +27,12 @@ OPSETS = (11, 13, 17)
 MODELS = tuple(zoo.ZOO)
 
 
+def _float64(value: torch.Tensor | np.ndarray) -> torch.Tensor:
+    return value.detach().to(torch.float64) if isinstance(value, torch.Tensor) else torch.from_numpy(value).double()
+
+
 def relative_error(actual: torch.Tensor | np.ndarray, expected: torch.Tensor | np.ndarray) -> float:
-    a = torch.as_tensor(np.asarray(actual.detach() if isinstance(actual, torch.Tensor) else actual), dtype=torch.float64)
-    e = torch.as_tensor(np.asarray(expected.detach() if isinstance(expected, torch.Tensor) else expected),
-                        dtype=torch.float64)
+    a, e = _float64(actual), _float64(expected)
     return float((a - e).norm() / e.norm().clamp_min(1e-12))
 
 
@@ -137,7 +139,7 @@ def _module_counterparts(module: nn.Module, program: OnnxProgram) -> dict[str, t
         for parameter in module.parameters():
             if parameter.shape == weight.shape and torch.equal(parameter.detach(), weight):
                 matches[layer_name] = (parameter, False)
-            elif parameter.dim() == 2 and parameter.t().shape == weight.shape and torch.equal(parameter.detach().t(), weight):
+            elif parameter.dim() == 2 and torch.equal(parameter.detach().t(), weight):
                 matches[layer_name] = (parameter, True)
     return matches
 
@@ -176,7 +178,8 @@ def gradient_matches_module(module: nn.Module, program: OnnxProgram, x: torch.Te
     worst = 0.0
     gradient_by_name = dict(zip(weights, gradients))
     for name, (parameter, transposed) in matches.items():
-        for ours, theirs in ((gradient_by_name[name], module_gradients[id(parameter)]), (hvp[name], module_hvp[id(parameter)])):
+        pairs = ((gradient_by_name[name], module_gradients[id(parameter)]), (hvp[name], module_hvp[id(parameter)]))
+        for ours, theirs in pairs:
             theirs = theirs.t() if transposed else theirs
             worst = max(worst, relative_error(ours, theirs))
     if len(matches) == len(weights):  # every layer has a counterpart: H v must agree everywhere
@@ -242,15 +245,16 @@ def test_unsupported_ops_are_all_named_with_a_node() -> None:
         helper.make_node("NonMaxSuppression", ["b"], ["c"], name="nms_2"),
         helper.make_node("FusedGemm", ["c"], ["d"], name="fused", domain="com.microsoft"),
         helper.make_node("If", ["d"], ["e"], name="branchy", then_branch=branch, else_branch=branch),
-        helper.make_node("Resize", ["e", "", "s"], ["y"], name="crop", coordinate_transformation_mode="tf_crop_and_resize"),
+        helper.make_node("Resize", ["e", "", "s"], ["y"], name="crop",
+                         coordinate_transformation_mode="tf_crop_and_resize"),
     ]
     model = _model(nodes)
     with pytest.raises(UnsupportedOpsError) as raised:
         check_supported(model)
     message = str(raised.value)
     for expected in ("NonMaxSuppression (node 'nms_1')", "com.microsoft::FusedGemm (node 'fused')",
-                     "If (node 'branchy'", "subgraph", "Resize with coordinate_transformation_mode='tf_crop_and_resize'",
-                     "node 'crop'", "4 unsupported"):
+                     "If (node 'branchy'", "subgraph", "node 'crop'", "4 unsupported",
+                     "Resize with coordinate_transformation_mode='tf_crop_and_resize'"):
         assert expected in message
     assert "nms_2" not in message and "Relu" not in message
     with pytest.raises(UnsupportedOpsError):
@@ -312,6 +316,14 @@ def test_load_from_path(tmp_path) -> None:
     assert relative_error(program.forward(program.layer_weights, {"input": x})[0], run_onnxruntime(proto, x)) <= RTOL
     with pytest.raises(ValueError, match="no ONNX file"):
         load_onnx(tmp_path / "missing.onnx")
+    external = tmp_path / "external.onnx"
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)  # saving with external data rewrites the proto it is given
+    onnx.save(copy, external, save_as_external_data=True, location="weights.bin", size_threshold=0)
+    program = load_onnx(external)  # onnx.load reads the weights file next to the model
+    assert relative_error(program.forward(program.layer_weights, {"input": x})[0], run_onnxruntime(proto, x)) <= RTOL
+    with pytest.raises(ValueError, match="external file"):  # a bare proto never opens paths
+        load_onnx(onnx.load(external, load_external_data=False))
     (tmp_path / "junk.onnx").write_bytes(b"not a protobuf at all")
     with pytest.raises(ValueError, match="not a readable ONNX model"):
         load_onnx(tmp_path / "junk.onnx")
@@ -349,6 +361,40 @@ def test_shape_values_are_cached_per_input_shape() -> None:
     uncached = load_onnx(proto, shape_cache_size=0)
     x = random_input("transformer_block", 1)
     torch.testing.assert_close(uncached.forward(uncached.layer_weights, {"input": x})[0], outputs[1])
+
+
+def test_shape_cache_filled_inside_a_transform_is_reused_outside() -> None:
+    """Values recorded during torch.func calls must not carry the transform's wrappers."""
+    _, proto = exported("transformer_block", 13)
+    program = load_onnx(proto)
+    x = random_input("transformer_block", 2)
+    weights = dict(program.layer_weights)
+
+    def loss(w: dict[str, torch.Tensor]) -> torch.Tensor:
+        return _loss(program.forward(w, {"input": x})[0])
+
+    gradient = torch.func.grad(loss)(weights)  # records the shape values inside the transform
+    assert len(program._shape_cache) == 1
+    _, hvp = torch.func.jvp(torch.func.grad(loss), (weights,), (gradient,))
+    leaves = {name: w.clone().requires_grad_() for name, w in weights.items()}
+    autograd = torch.autograd.grad(loss(leaves), list(leaves.values()))
+    for (name, g), g_auto in zip(gradient.items(), autograd):
+        assert relative_error(g, g_auto) <= RTOL
+    fresh = load_onnx(proto)
+    (expected,) = fresh.forward(weights, {"input": x})
+    torch.testing.assert_close(program.forward(weights, {"input": x})[0], expected)
+
+
+def test_shape_arguments_stay_on_the_host() -> None:
+    """Reshape targets and axes are read with .tolist(): they never move to an accelerator."""
+    _, proto = exported("transformer_block", 11)
+    program = load_onnx(proto)
+    host = program._graph.host
+    reshape_targets = {step.inputs[1] for step in program._graph.full.steps if step.node.op_type == "Reshape"}
+    assert reshape_targets and reshape_targets <= host
+    read_as_data = {name for step in program._graph.data.steps for name in step.inputs
+                    if step.node.op_type not in ("Reshape", "Unsqueeze", "ReduceMean")}
+    assert host.isdisjoint(read_as_data)
 
 
 def test_data_dependent_shapes_disable_the_shape_cache() -> None:

@@ -8,6 +8,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 from torch import nn
 
@@ -191,3 +193,78 @@ def test_onnx_program_gives_the_torch_program_results() -> None:
     assert np.allclose(a.interlayer.array(), b.interlayer.array(), rtol=1e-4, atol=1e-4 * np.abs(b.interlayer.array()).max())
     everything_at_4 = {l.name: 4 for l in a.layers}
     assert predicted_loss_change(a, everything_at_4) == pytest.approx(predicted_loss_change(b, everything_at_4), rel=1e-4)
+
+
+def test_onnx_program_supports_both_hvp_methods() -> None:
+    onnx_program = pytest.importorskip("sensitivity.onnx_program")
+    torch.manual_seed(1)
+    program = onnx_program.load_onnx(export_onnx(DigitsCNN().eval(), torch.zeros(1, 1, 8, 8)))
+    digits = load_digits()
+    calibration = {"input": digits.train_x[:32]}  # no labels: self-distillation to the argmax
+    traces = {}
+    for method in ("double_backward", "forward_over_reverse"):
+        config = TraceConfig(seed=0, max_probes=8, batch_size=16, device="cpu", hvp_method=method)
+        result = compute_sensitivity(program, calibration, config)
+        assert result.loss_kind == "distill_cross_entropy"
+        traces[method] = [t.trace for t in result.traces]
+    assert np.allclose(traces["double_backward"], traces["forward_over_reverse"], rtol=1e-4)
+
+
+class _Regressor(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(3, 8)
+        self.fc2 = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def test_regression_without_labels_has_zero_gradient_and_gauss_newton_g() -> None:
+    torch.manual_seed(0)
+    program = TorchProgram(_Regressor().double())
+    calibration = {"input": np.random.default_rng(0).normal(size=(40, 3))}
+    config = InterLayerConfig(bits=(8, 4, 2), trace_max_probes=16, task="regression", **FAST)
+    result = compute_sensitivity(program, calibration, config)
+    assert result.loss_kind == "distill_mse" and result.loss == 0.0
+    assert all(term == 0.0 for term in result.interlayer.gradient_terms)
+    matrix = result.interlayer.array()
+    assert np.linalg.eigvalsh((matrix + matrix.T) / 2).min() > -1e-10 * np.abs(matrix).max()  # G is a Gram matrix
+    assert all(t.trace > 0 for t in result.traces)
+
+
+_finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
+
+
+@given(
+    traces=st.lists(st.tuples(_finite, st.floats(0, 1e6), st.integers(2, 1000)), min_size=1, max_size=4),
+    eigen=st.tuples(_finite, st.integers(1, 100), st.booleans(), st.none() | st.floats(0, 1e3)),
+    entries=st.lists(_finite, min_size=4, max_size=4),
+)
+@settings(max_examples=30, deadline=None)
+def test_results_round_trip_through_json_for_any_values(traces, eigen, entries) -> None:
+    from sensitivity import InterLayerTerms, LayerEigen, LayerInfo, LayerTrace
+
+    names = [f"layer{i}.weight" for i in range(len(traces))]
+    result = SensitivityResult(
+        config=InterLayerConfig(bits=(8,)),
+        layers=tuple(LayerInfo(n, "Gemm", (2, 3), 6, 0) for n in names),
+        loss_kind="cross_entropy",
+        loss=1.5,
+        num_samples=10,
+        traces=tuple(LayerTrace(n, 6, t, se, k) for n, (t, se, k) in zip(names, traces)),
+        eigenvalues=(LayerEigen(names[0], *eigen),),
+        interlayer=InterLayerTerms(
+            labels=(("a", 8), ("b", 4)),
+            matrix=((entries[0], entries[1]), (entries[2], entries[3])),
+            gradient_terms=(entries[0], entries[1]),
+            delta_norms_squared=(1.0, 2.0),
+            omega=(entries[2], entries[3]),
+            symmetry_error=0.0,
+        ),
+        timings={"total": 1.0},
+        num_hvps=3,
+        versions={"torch": torch.__version__},
+        device="cpu",
+    )
+    assert SensitivityResult.from_dict(json.loads(json.dumps(result.to_dict(), allow_nan=False))) == result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from torch import nn
 from sensitivity.examples import DigitsCNN
 from sensitivity.program import Program
 from sensitivity.torch_program import TorchProgram, load_exported
+from tests.sensitivity.test_hvp import single_thread  # noqa: F401
 
 
 class Mixed(nn.Module):
@@ -75,6 +77,13 @@ def test_module_without_layers_is_rejected() -> None:
         TorchProgram(nn.Sequential(nn.ReLU()))
 
 
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.Tensor]:
+    """A digits CNN exported with a dynamic batch, and its output on a batch of ones."""
+    path = tmp_path_factory.mktemp("export") / "digits.pt2"
+    return path, _export(path)
+
+
 def _export(path: Path) -> torch.Tensor:
     torch.manual_seed(0)
     model = DigitsCNN().eval()
@@ -95,9 +104,8 @@ print(json.dumps({"layers": [[l.name, l.op_type, l.channel_axis] for l in p.laye
 """
 
 
-def test_exported_archive_loads_with_stable_names_in_this_and_a_fresh_process(tmp_path: Path) -> None:
-    path = tmp_path / "digits.pt2"
-    expected = _export(path)
+def test_exported_archive_loads_with_stable_names_in_this_and_a_fresh_process(archive) -> None:
+    path, expected = archive
     first, second = load_exported(path), load_exported(path)
     names = [l.name for l in first.layers]
     assert names == ["conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"]
@@ -108,7 +116,10 @@ def test_exported_archive_loads_with_stable_names_in_this_and_a_fresh_process(tm
     assert torch.equal(y1, second.forward(dict(second.layer_weights), x)[0])
     assert torch.allclose(y1, expected, atol=1e-6)
 
-    run = subprocess.run([sys.executable, "-c", _SUMMARY, str(path)], capture_output=True, text=True, timeout=120)
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, "-c", _SUMMARY, str(path)], capture_output=True, text=True, timeout=120, env=environment
+    )
     assert run.returncode == 0, run.stderr
     fresh = json.loads(run.stdout.strip().splitlines()[-1])
     assert [name for name, _, _ in fresh["layers"]] == names
@@ -116,9 +127,8 @@ def test_exported_archive_loads_with_stable_names_in_this_and_a_fresh_process(tm
     assert np.array_equal(np.array(fresh["y"], dtype=np.float32), y1.detach().numpy())
 
 
-def test_exported_program_differentiates_and_matches_the_module_program(tmp_path: Path) -> None:
-    path = tmp_path / "digits.pt2"
-    _export(path)
+def test_exported_program_differentiates_and_matches_the_module_program(archive) -> None:
+    path, _ = archive
     torch.manual_seed(0)
     module_program = TorchProgram(DigitsCNN())
     exported = load_exported(path)

@@ -1,0 +1,126 @@
+"""Inter-layer second-order terms and the predicted loss change of a configuration.
+
+Quantizing layer i to b bits perturbs its weights by Δᵢᵇ = Q_b(Wᵢ) − Wᵢ
+(``sensitivity.quantize.perturbation``, the exporter's quantizer). A configuration c
+perturbs all weights by Δ(c) = (Δ₁^{c₁}, Δ₂^{c₂}, ...), and Taylor's expansion gives
+
+    ΔL(c) ≈ g·Δ(c) + ½ Δ(c)ᵀ H Δ(c) = Σᵢ gᵢ·Δᵢ^{cᵢ} + ½ Σᵢ Σⱼ G[(i,cᵢ),(j,cⱼ)]
+
+with G[(i,b),(j,b′)] = Δᵢᵇ·(H Δⱼᵇ′)ᵢ = Δᵢᵇᵀ Hᵢⱼ Δⱼᵇ′. One HVP with the vector that is
+Δⱼᵇ′ in block j and zero elsewhere gives the whole column (j,b′). The off-diagonal
+blocks (i ≠ j) are the inter-layer dependencies HAWQ-V2's diagonal proxy ignores:
+
+    Ωᵢ(b) = (Tr(Hᵢᵢ)/nᵢ)·‖Δᵢᵇ‖²,   Ω(c) = Σᵢ Ωᵢ(cᵢ)   (DESIGN.md's convention, no ½).
+
+Ωᵢ(b) is what Δᵢᵇᵀ Hᵢᵢ Δᵢᵇ would be if Hᵢᵢ were (Tr(Hᵢᵢ)/nᵢ)·I, so ½Ω(c) is the diagonal
+approximation of the quadratic term; ``diagonal_loss_change`` returns ½Ω(c).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from sensitivity.hvp import HessianVectorProducts
+from sensitivity.layers import Layer
+from sensitivity.quantize import perturbation
+from sensitivity.results import InterLayerTerms, LayerTrace, SensitivityResult
+
+Configuration = Mapping[str, int | None]  # layer name -> weight bits; None (or absent) = unquantized
+
+
+def perturbations(
+    layers: Sequence[Layer], point: Sequence[torch.Tensor], bits: Sequence[int]
+) -> dict[tuple[str, int], torch.Tensor]:
+    """Δᵢᵇ for every layer and bit width, keyed by (layer name, bits), layers outermost."""
+    return {
+        (layer.name, b): perturbation(weight, b, layer.channel_axis)
+        for layer, weight in zip(layers, point)
+        for b in bits
+    }
+
+
+def _symmetry_error(matrix: np.ndarray) -> float:
+    scale = float(np.abs(matrix).max())
+    return float(np.abs(matrix - matrix.T).max()) / scale if scale > 0 else 0.0
+
+
+def interlayer_terms(
+    hvp: HessianVectorProducts,
+    layers: Sequence[Layer],
+    bits: Sequence[int],
+    traces: Sequence[LayerTrace],
+) -> InterLayerTerms:
+    """g·Δ, G (one HVP per column), ‖Δ‖² and Ω for every (layer, bits); see the module docstring."""
+    deltas = perturbations(layers, hvp.point, bits)
+    labels = tuple(deltas)
+    position = {layer.name: i for i, layer in enumerate(layers)}
+
+    def column(k: int) -> tuple[torch.Tensor, ...]:
+        name = labels[k][0]
+        return tuple(deltas[labels[k]] if j == position[name] else torch.zeros_like(w) for j, w in enumerate(hvp.point))
+
+    matrix = np.zeros((len(labels), len(labels)))
+    for col, product in hvp.map(column, len(labels)):
+        for row, label in enumerate(labels):
+            matrix[row, col] = float((deltas[label].double() * product[position[label[0]]].double()).sum())
+    _, gradient = hvp.gradient()
+    gradient_terms = tuple(
+        float((gradient[position[name]].double() * d.double()).sum()) for (name, _), d in deltas.items()
+    )
+    norms = tuple(float(d.double().pow(2).sum()) for d in deltas.values())
+    average_trace = {t.name: t.average_trace for t in traces}
+    return InterLayerTerms(
+        labels=labels,
+        matrix=tuple(tuple(float(x) for x in row) for row in matrix),
+        gradient_terms=gradient_terms,
+        delta_norms_squared=norms,
+        omega=tuple(average_trace[name] * norm for (name, _), norm in zip(labels, norms)),
+        symmetry_error=_symmetry_error(matrix),
+    )
+
+
+def _terms(result: SensitivityResult | InterLayerTerms) -> InterLayerTerms:
+    terms = result.interlayer if isinstance(result, SensitivityResult) else result
+    if terms is None:
+        raise ValueError("this result has no inter-layer terms; compute it with an InterLayerConfig")
+    return terms
+
+
+def _selected(terms: InterLayerTerms, configuration: Configuration) -> list[int]:
+    """Indices into ``terms.labels`` of the quantized layers of ``configuration``."""
+    index = terms.index()
+    names = {name for name, _ in terms.labels}
+    unknown = sorted(set(configuration) - names)
+    if unknown:
+        raise ValueError(f"configuration names unknown layers {unknown}; layers: {sorted(names)}")
+    selected = []
+    for name, bits in configuration.items():
+        if bits is None:
+            continue
+        if (name, bits) not in index:
+            available = sorted(b for n, b in terms.labels if n == name)
+            raise ValueError(f"no terms for layer {name!r} at {bits} bits; computed bit widths: {available}")
+        selected.append(index[(name, bits)])
+    return selected
+
+
+def predicted_loss_change(result: SensitivityResult | InterLayerTerms, configuration: Configuration) -> float:
+    """ΔL(c) ≈ Σᵢ gᵢ·Δᵢ^{cᵢ} + ½ Σᵢ Σⱼ G[(i,cᵢ),(j,cⱼ)]; unquantized layers contribute 0."""
+    terms = _terms(result)
+    selected = _selected(terms, configuration)
+    matrix = terms.array()[np.ix_(selected, selected)]
+    return float(sum(terms.gradient_terms[a] for a in selected) + 0.5 * matrix.sum())
+
+
+def omega(result: SensitivityResult | InterLayerTerms, configuration: Configuration) -> float:
+    """HAWQ-V2's Ω(c) = Σᵢ Ωᵢ(cᵢ) (no ½, as in DESIGN.md)."""
+    terms = _terms(result)
+    return float(sum(terms.omega[a] for a in _selected(terms, configuration)))
+
+
+def diagonal_loss_change(result: SensitivityResult | InterLayerTerms, configuration: Configuration) -> float:
+    """½Ω(c): the quadratic term with each Hᵢᵢ replaced by (Tr(Hᵢᵢ)/nᵢ)·I and Hᵢⱼ (i≠j) by 0."""
+    return 0.5 * omega(result, configuration)

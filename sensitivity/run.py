@@ -1,0 +1,219 @@
+"""The one verb: ``compute_sensitivity(program, calibration, config) -> SensitivityResult``.
+
+The configuration's type selects the analysis through a registry of handlers
+(``register_handler``), torchao style: TraceConfig -> Hutchinson traces, EigenConfig ->
+power-iteration eigenvalues, InterLayerConfig -> traces, g·Δ, G and Ω.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from sensitivity.eigen import top_eigenvalues
+from sensitivity.hvp import HessianVectorProducts
+from sensitivity.interlayer import interlayer_terms
+from sensitivity.losses import LABELS, CalibrationLoss
+from sensitivity.program import Program
+from sensitivity.results import (
+    Config,
+    EigenConfig,
+    InterLayerConfig,
+    LayerInfo,
+    SensitivityResult,
+    TraceConfig,
+)
+from sensitivity.traces import hutchinson_traces
+
+Progress = Callable[[str, float, str], None]
+
+
+def _no_progress(phase: str, fraction: float, message: str) -> None:
+    pass
+
+
+@dataclass
+class Context:
+    """What a handler works with; it fills ``fields`` (SensitivityResult fields) and ``timings``."""
+
+    program: Program
+    hvp: HessianVectorProducts
+    progress: Progress
+    fields: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def timed(self, phase: str, compute: Callable[[], Any]) -> Any:
+        self.progress(phase, 0.0, "started")
+        start = time.perf_counter()
+        value = compute()
+        self.timings[phase] = time.perf_counter() - start
+        self.progress(phase, 1.0, f"done in {self.timings[phase]:.2f} s")
+        return value
+
+
+Handler = Callable[[Context, Any], None]
+_HANDLERS: dict[type, Handler] = {}
+
+
+def register_handler(config_type: type) -> Callable[[Handler], Handler]:
+    """Register ``handler(context, config)`` as the analysis for ``config_type``."""
+
+    def decorate(handler: Handler) -> Handler:
+        _HANDLERS[config_type] = handler
+        return handler
+
+    return decorate
+
+
+@register_handler(TraceConfig)
+def _traces(context: Context, config: TraceConfig) -> None:
+    context.fields["traces"] = context.timed(
+        "traces",
+        lambda: hutchinson_traces(
+            context.hvp,
+            seed=config.seed,
+            tolerance=config.tolerance,
+            min_probes=config.min_probes,
+            max_probes=config.max_probes,
+            progress=context.progress,
+        ),
+    )
+
+
+@register_handler(EigenConfig)
+def _eigenvalues(context: Context, config: EigenConfig) -> None:
+    context.fields["eigenvalues"] = context.timed(
+        "eigenvalues",
+        lambda: top_eigenvalues(
+            context.hvp,
+            seed=config.seed,
+            tolerance=config.tolerance,
+            max_iterations=config.max_iterations,
+            progress=context.progress,
+        ),
+    )
+
+
+@register_handler(InterLayerConfig)
+def _interlayer(context: Context, config: InterLayerConfig) -> None:
+    _traces(context, config.trace_config())
+    context.fields["interlayer"] = context.timed(
+        "interlayer",
+        lambda: interlayer_terms(context.hvp, context.program.layers, config.bits, context.fields["traces"]),
+    )
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" is CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return torch.device(device)
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return f"cpu: {torch.get_num_threads()} threads"
+
+
+def versions() -> dict[str, str]:
+    found = {"torch": torch.__version__}
+    for package in ("mpq", "onnx", "onnxruntime"):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+def validate_calibration(program: Program, calibration: Mapping[str, np.ndarray]) -> int:
+    """Check the arrays against the program's inputs; returns the number of samples.
+
+    Every input needs an array, only inputs and ``labels`` may be present, every array is
+    a numpy array with the same (non-zero) first-axis length, and labels are 1-D integers.
+    The label range is checked against the model's class count when the loss is built.
+    """
+    if not isinstance(calibration, Mapping):
+        raise ValueError(f"calibration must map names to numpy arrays; got {type(calibration).__name__}")
+    expected = set(program.input_names)
+    missing = sorted(expected - set(calibration))
+    extra = sorted(set(calibration) - expected - {LABELS})
+    if missing or extra:
+        raise ValueError(
+            f"calibration arrays do not match the model inputs {list(program.input_names)}: "
+            f"missing {missing}, unexpected {extra} (only inputs and {LABELS!r} are allowed)"
+        )
+    lengths = {}
+    for name, array in calibration.items():
+        if not isinstance(array, np.ndarray) or array.ndim == 0:
+            raise ValueError(f"calibration array {name!r} must be a numpy array with a sample axis")
+        lengths[name] = int(array.shape[0])
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"calibration arrays have different numbers of samples: {lengths}")
+    count = next(iter(lengths.values()))
+    if count == 0:
+        raise ValueError("calibration arrays are empty")
+    labels = calibration.get(LABELS)
+    if labels is not None and (labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer)):
+        raise ValueError(f"{LABELS!r} must be a 1-D integer array; got dtype {labels.dtype}, shape {labels.shape}")
+    if labels is not None and labels.min() < 0:
+        raise ValueError(f"{LABELS!r} must be non-negative class indices; got minimum {labels.min()}")
+    return count
+
+
+def program_on_device(program: Program, device: torch.device) -> Program:
+    current = next(iter(program.layer_weights.values())).device
+    return program if current == device else program.to(device)
+
+
+def compute_sensitivity(
+    program: Program,
+    calibration: Mapping[str, np.ndarray],
+    config: Config,
+    progress: Progress | None = None,
+) -> SensitivityResult:
+    """Run the analysis ``config`` selects on ``program`` over the calibration set.
+
+    ``calibration`` maps each of ``program.input_names`` (and optionally ``labels``) to a
+    numpy array, samples on the first axis. ``progress(phase, fraction, message)`` is
+    called as phases advance. Raises ``ValueError`` for bad calibration data and
+    ``TypeError`` for a configuration type with no handler.
+    """
+    handler = _HANDLERS.get(type(config))
+    if handler is None:
+        raise TypeError(f"no handler for {type(config).__name__}; registered: {[t.__name__ for t in _HANDLERS]}")
+    progress = progress or _no_progress
+    validate_calibration(program, calibration)
+    device = resolve_device(config.device)
+    program = program_on_device(program, device)
+    start = time.perf_counter()
+    progress("prepare", 0.0, "computing the full-precision loss")
+    loss = CalibrationLoss(program, calibration, config.batch_size, device, config.task)
+    hvp = HessianVectorProducts(loss, method=config.hvp_method, probes_per_pass=config.probes_per_pass)
+    context = Context(program, hvp, progress, timings={"prepare": time.perf_counter() - start})
+    handler(context, config)
+    context.timings["total"] = time.perf_counter() - start
+    progress("done", 1.0, f"{hvp.num_hvps} Hessian-vector products")
+    return SensitivityResult(
+        config=config,
+        layers=tuple(
+            LayerInfo(layer.name, layer.op_type, tuple(layer.shape), layer.num_params, layer.channel_axis)
+            for layer in program.layers
+        ),
+        loss_kind=loss.kind,
+        loss=loss.value(),
+        num_samples=loss.num_samples,
+        timings=context.timings,
+        num_hvps=hvp.num_hvps,
+        versions=versions(),
+        device=describe_device(device),
+        **context.fields,
+    )

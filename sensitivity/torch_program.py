@@ -1,0 +1,188 @@
+"""Torch modules and ``torch.export`` archives as ``Program`` (see ``sensitivity.program``).
+
+The layer weights are swapped in with ``torch.func.functional_call``, so the module is
+never mutated and autograd / ``torch.func`` can differentiate with respect to them.
+A layer is named by its parameter's fully qualified name (``fc1.weight``), which is also
+the initializer name ``torch.onnx.export`` gives it, so the names agree across sources.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sensitivity.layers import Layer
+
+# module type -> (ONNX op type, output-channel axis of its weight)
+_LAYER_MODULES: tuple[tuple[type[nn.Module], str, int], ...] = (
+    (nn.Conv1d, "Conv", 0),
+    (nn.Conv2d, "Conv", 0),
+    (nn.Conv3d, "Conv", 0),
+    (nn.ConvTranspose1d, "ConvTranspose", 1),
+    (nn.ConvTranspose2d, "ConvTranspose", 1),
+    (nn.ConvTranspose3d, "ConvTranspose", 1),
+    (nn.Linear, "Gemm", 0),  # weight [out, in]: Gemm with transB=1
+)
+
+# aten operator -> (ONNX op type, output-channel axis); the weight is argument 1 of each.
+_LAYER_OPS: dict[str, tuple[str, int]] = {
+    "aten.linear.default": ("Gemm", 0),
+    "aten.conv1d.default": ("Conv", 0),
+    "aten.conv2d.default": ("Conv", 0),
+    "aten.conv3d.default": ("Conv", 0),
+    "aten.conv1d.padding": ("Conv", 0),
+    "aten.conv2d.padding": ("Conv", 0),
+    "aten.conv3d.padding": ("Conv", 0),
+    "aten.conv_transpose1d.default": ("ConvTranspose", 1),
+    "aten.conv_transpose2d.input": ("ConvTranspose", 1),
+    "aten.conv_transpose3d.input": ("ConvTranspose", 1),
+}
+
+
+def _layer(name: str, node_name: str, op_type: str, axis: int, weight: torch.Tensor) -> Layer:
+    return Layer(
+        name=name,
+        node_name=node_name,
+        op_type=op_type,
+        shape=tuple(int(d) for d in weight.shape),
+        num_params=int(weight.numel()),
+        channel_axis=axis,
+    )
+
+
+def find_module_layers(module: nn.Module) -> list[Layer]:
+    """Weights of Conv/ConvTranspose/Linear submodules in registration order; a shared weight once."""
+    layers: list[Layer] = []
+    seen: set[int] = set()
+    for module_name, sub in module.named_modules():
+        for module_type, op_type, axis in _LAYER_MODULES:
+            if isinstance(sub, module_type) and id(sub.weight) not in seen:
+                seen.add(id(sub.weight))
+                name = f"{module_name}.weight" if module_name else "weight"
+                layers.append(_layer(name, module_name or op_type, op_type, axis, sub.weight))
+                break
+    return layers
+
+
+class TorchProgram:
+    """A ``Program`` over an ``nn.Module``: ``forward(weights, inputs)`` is a functional call.
+
+    ``input_names`` name the module's positional arguments in order. The module is put in
+    eval mode (BatchNorm uses its running statistics, dropout is off): sensitivities are
+    properties of the deployed function. ``layers`` defaults to the module's Conv,
+    ConvTranspose and Linear weights.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        input_names: Sequence[str] = ("input",),
+        output_names: Sequence[str] = ("output",),
+        layers: Sequence[Layer] | None = None,
+        *,
+        set_eval: bool = True,
+    ) -> None:
+        # An exported module has its mode baked in and refuses ``eval()``.
+        self._module = module.eval() if set_eval else module
+        self._set_eval = set_eval
+        self._input_names = tuple(input_names)
+        self._output_names = tuple(output_names)
+        self._layers = tuple(find_module_layers(module) if layers is None else layers)
+        if not self._layers:
+            raise ValueError("the model has no quantizable layer (Conv, ConvTranspose, Linear weight)")
+        state = dict(module.named_parameters())  # a tied weight appears once; functional_call re-ties it
+        state.update(module.named_buffers())
+        missing = [layer.name for layer in self._layers if layer.name not in state]
+        if missing:
+            raise ValueError(f"layers {missing} are not parameters of the module")
+        names = {layer.name for layer in self._layers}
+        self._weights = {layer.name: state[layer.name].detach() for layer in self._layers}
+        # Every other constant is passed detached, so no gradient is ever computed for it.
+        self._constants = {name: t.detach() for name, t in state.items() if name not in names}
+
+    @property
+    def layers(self) -> Sequence[Layer]:
+        return self._layers
+
+    @property
+    def layer_weights(self) -> Mapping[str, torch.Tensor]:
+        return self._weights
+
+    @property
+    def input_names(self) -> Sequence[str]:
+        return self._input_names
+
+    @property
+    def output_names(self) -> Sequence[str]:
+        return self._output_names
+
+    @property
+    def module(self) -> nn.Module:
+        return self._module
+
+    def forward(
+        self, weights: Mapping[str, torch.Tensor], inputs: Mapping[str, torch.Tensor]
+    ) -> list[torch.Tensor]:
+        args = tuple(inputs[name] for name in self._input_names)
+        state = {**self._constants, **weights}
+        outputs = torch.func.functional_call(self._module, state, args, strict=False)
+        if isinstance(outputs, torch.Tensor):
+            return [outputs]
+        return list(outputs)
+
+    def to(self, device: torch.device | str) -> "TorchProgram":
+        module = copy.deepcopy(self._module).to(device)
+        return TorchProgram(
+            module, self._input_names, self._output_names, self._layers, set_eval=self._set_eval
+        )
+
+
+def _exported_layers(exported: torch.export.ExportedProgram) -> list[Layer]:
+    """Layers of an exported graph: conv/linear calls whose weight argument is a parameter."""
+    from torch.export.graph_signature import InputKind
+
+    parameter_of = {
+        spec.arg.name: spec.target
+        for spec in exported.graph_signature.input_specs
+        if spec.kind == InputKind.PARAMETER
+    }
+    state = exported.state_dict
+    layers: list[Layer] = []
+    seen: set[str] = set()
+    for node in exported.graph.nodes:
+        op = _LAYER_OPS.get(str(node.target)) if node.op == "call_function" else None
+        if op is None or len(node.args) < 2 or not hasattr(node.args[1], "name"):
+            continue
+        name = parameter_of.get(node.args[1].name)
+        if name is None or name in seen or state[name].dim() < 2:
+            continue
+        seen.add(name)
+        layers.append(_layer(name, node.name, op[0], op[1], state[name]))
+    return layers
+
+
+def load_exported(path: str | Path) -> TorchProgram:
+    """Load a ``torch.export`` archive (``.pt2``) as a ``Program``.
+
+    Layers are the parameters used as the weight of a conv / conv-transpose / linear call,
+    named by their fully qualified parameter name (``fc1.weight``): the names come from the
+    archive's graph signature, so they are stable across loads and processes. Export with
+    a dynamic batch axis (``dynamic_shapes={"x": {0: torch.export.Dim("batch")}}``):
+    an archive with a static batch only accepts batches of exactly that size.
+
+    Security: a ``.pt2`` archive is executable content (its graph and any custom code run
+    when called). The service opens uploaded archives only inside worker processes, never
+    in the web process; do the same when embedding this library.
+    """
+    from torch.export.graph_signature import InputKind, OutputKind
+
+    exported = torch.export.load(str(path))
+    signature = exported.graph_signature
+    input_names = [s.arg.name for s in signature.input_specs if s.kind == InputKind.USER_INPUT]
+    output_names = [s.arg.name for s in signature.output_specs if s.kind == OutputKind.USER_OUTPUT]
+    layers = _exported_layers(exported)
+    return TorchProgram(exported.module(), input_names, output_names, layers, set_eval=False)

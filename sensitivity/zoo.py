@@ -1,0 +1,144 @@
+"""Small torch architectures to export to ONNX: test material for the ONNX interpreter.
+
+They cover the op patterns real exports contain (attention written out with MatMul,
+Reshape, Transpose and Softmax; LayerNorm and GELU, decomposed before opsets 17/20;
+depthwise convolutions, HardSwish, pooling, ConvTranspose, Resize, Concat, Pad, Sigmoid)
+while staying tiny enough to export and run in milliseconds. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import onnx
+import torch
+from torch import nn
+
+from sensitivity.examples import DigitsCNN, DigitsMLP
+
+
+class TinyTransformerBlock(nn.Module):
+    """A pre-norm encoder block on [batch, tokens, dim]: self-attention and a GELU MLP."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, hidden: int = 32) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.query = nn.Linear(dim, dim)
+        self.key = nn.Linear(dim, dim)
+        self.value = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        return x.reshape(batch, tokens, self.heads, dim // self.heads).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        h = self.norm1(x)
+        q, k, v = (self._split_heads(f(h)) for f in (self.query, self.key, self.value))
+        scores = q @ k.transpose(-2, -1) / math.sqrt(dim // self.heads)
+        attended = (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(batch, tokens, dim)
+        x = x + self.proj(attended)
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.norm2(x))))
+
+
+class TinyMobileUNet(nn.Module):
+    """An encoder-decoder on [batch, 3, 16, 16] -> [batch, 2, 32, 32].
+
+    Strided stem, depthwise + pointwise block with HardSwish, average pooling, nearest
+    upsampling with a skip Concat, reflect Pad, a Sigmoid channel gate, ConvTranspose and
+    bilinear upsampling.
+    """
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, stride=2, padding=1)
+        self.depthwise = nn.Conv2d(width, width, 3, padding=1, groups=width)
+        self.pointwise = nn.Conv2d(width, 2 * width, 1)
+        self.pool = nn.AvgPool2d(2)
+        self.middle = nn.Conv2d(2 * width, width, 3, padding=1)
+        self.up_nearest = nn.Upsample(scale_factor=2, mode="nearest")
+        self.fuse = nn.Conv2d(2 * width, width, 3)  # after a reflect pad of 1
+        self.gate = nn.Conv2d(width, width, 1)
+        self.deconv = nn.ConvTranspose2d(width, width // 2, 2, stride=2)
+        self.up_linear = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+        self.head = nn.Conv2d(width // 2, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = nn.functional.hardswish(self.stem(x))  # 8x8
+        x = nn.functional.hardswish(self.pointwise(self.depthwise(skip)))
+        x = torch.relu(self.middle(self.pool(x)))  # 4x4
+        x = torch.cat([self.up_nearest(x), skip], dim=1)  # 8x8
+        x = self.fuse(nn.functional.pad(x, (1, 1, 1, 1), mode="reflect"))
+        x = x * torch.sigmoid(self.gate(x.mean(dim=(2, 3), keepdim=True)))
+        x = self.deconv(x)  # 16x16
+        return self.head(self.up_linear(x))  # 32x32
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    name: str
+    build: Callable[[], nn.Module]
+    input_shape: tuple[int, ...]  # with batch 2; the export's example batch
+
+
+ZOO: dict[str, ZooModel] = {
+    "digits_cnn": ZooModel("digits_cnn", DigitsCNN, (2, 1, 8, 8)),
+    "digits_mlp": ZooModel("digits_mlp", DigitsMLP, (2, 1, 8, 8)),
+    "transformer_block": ZooModel("transformer_block", TinyTransformerBlock, (2, 5, 16)),
+    "mobile_unet": ZooModel("mobile_unet", TinyMobileUNet, (2, 3, 16, 16)),
+}
+
+
+def build(name: str, seed: int = 0) -> nn.Module:
+    """A freshly initialized zoo model in eval mode; BatchNorm statistics are randomized so
+    that folding them into the convolutions is exercised."""
+    torch.manual_seed(seed)
+    model = ZOO[name].build().eval()
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def export(model: nn.Module, example: torch.Tensor, opset: int = 17, dynamo: bool = False) -> onnx.ModelProto:
+    """Export with a dynamic batch axis, graph input ``input`` and output ``output``.
+
+    ``dynamo=False`` uses the TorchScript exporter with constant folding; ``dynamo=True``
+    uses ``torch.export`` with onnxscript (opset 18 or later). Initializers keep the
+    exporter's names (parameter names, or ``onnx::...`` for folded/transposed weights).
+    """
+    buffer = io.BytesIO()
+    if not dynamo:
+        torch.onnx.export(
+            model.eval(),
+            (example,),
+            buffer,
+            dynamo=False,
+            input_names=["input"],
+            output_names=["output"],
+            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+            opset_version=opset,
+            do_constant_folding=True,
+        )
+        return onnx.load_from_string(buffer.getvalue())
+    program = torch.onnx.export(
+        model.eval(),
+        (example,),
+        dynamo=True,
+        input_names=["input"],
+        output_names=["output"],
+        dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},),
+        opset_version=opset,
+        verbose=False,
+    )
+    onnx.save(program.model_proto, buffer)
+    return onnx.load_from_string(buffer.getvalue())
