@@ -12,6 +12,10 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 if [ "${1:-}" = "--dev" ]; then
     "${PIP[@]}" -e ".[dev]"
+    # The dashboard's browser tests drive Debian's chromium (never `playwright install`: no browser downloads).
+    if [ ! -x /usr/bin/chromium ]; then
+        apt-get update && apt-get install -y chromium
+    fi
 else
     "${PIP[@]}" -e .
 fi

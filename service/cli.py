@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 
-from service import demo
+from service import demo, local_commands
 from service.settings import Settings, settings_help
 
 Handler = Callable[[argparse.Namespace, Settings], int]
@@ -51,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     worker.set_defaults(handler=_worker)
 
     demo.register(commands)
+    local_commands.register(commands)
 
     db = commands.add_parser("db", help="database schema").add_subparsers(title="db commands", metavar="ACTION")
     db.add_parser("upgrade", help="apply all migrations").set_defaults(handler=_db_upgrade)

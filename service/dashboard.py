@@ -74,7 +74,16 @@ def format_time(value: datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S UTC") if value else "—"
 
 
-templates.env.filters.update(bytes=format_bytes, num=format_number, time=format_time)
+def format_constraints(constraints: dict[str, Any] | None) -> str:
+    """plan.request["constraints"] in words, each budget in its unit."""
+    units = {"max_size_bytes": lambda v: f"{int(v):,} bytes", "max_bops": lambda v: f"{format_number(v)} BOPS",
+             "max_latency_ms": lambda v: f"{format_number(v)} ms", "max_drop": lambda v: f"{format_number(v)} pp"}
+    parts = [f"{key} {units[key](value) if key in units else value}"
+             for key, value in (constraints or {}).items() if value is not None]
+    return ", ".join(parts) or "—"
+
+
+templates.env.filters.update(bytes=format_bytes, num=format_number, time=format_time, constraints=format_constraints)
 
 
 # ---------------------------------------------------------------- auth and rendering
@@ -485,9 +494,10 @@ def latency_page(request: Request, plan_id: str) -> Response:
     devices: dict[str, list[LatencyMeasurement]] = {}
     for row in rows:
         devices.setdefault(row.device_description, []).append(row)
-    chart = {"devices": [{"device": device, "mean_ms": [r.mean_ms for r in group], "p50_ms": [r.p50_ms for r in group],
-                          "p90_ms": [r.p90_ms for r in group], "batch_size": [r.batch_size for r in group]}
-                         for device, group in devices.items()]}
+    chart = {"devices": [{"device": device,
+                          "labels": [f"batch {r.batch_size}, {r.created_at:%m-%d %H:%M}" for r in group],
+                          "mean_ms": [r.mean_ms for r in group], "p50_ms": [r.p50_ms for r in group],
+                          "p90_ms": [r.p90_ms for r in group]} for device, group in devices.items()]}
     return render(request, "latency.html", active="Latency", plan=plan, model=model, devices=devices, chart=chart,
                   charts=bool(rows))
 

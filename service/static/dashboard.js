@@ -5,8 +5,8 @@
 document.documentElement.classList.add("js");
 
 const PLOT_CONFIG = { displaylogo: false, responsive: true, modeBarButtonsToRemove: ["lasso2d", "select2d"] };
-const PLOT_LAYOUT = { margin: { t: 20, r: 20, b: 110, l: 70 }, font: { family: "system-ui, sans-serif", size: 12 },
-                      hovermode: "closest" };
+const PLOT_LAYOUT = { margin: { t: 20, r: 20, b: 40, l: 70 }, font: { family: "system-ui, sans-serif", size: 12 },
+                      hovermode: "closest", xaxis: { automargin: true }, yaxis: { automargin: true } };
 const FINISHED = ["succeeded", "failed", "cancelled"];
 const POLL_MS = 1000;
 
@@ -65,13 +65,15 @@ function initSensitivity() {
       type: "bar", x: data.layers, y: data.average_trace, name: "average trace",
       error_y: { type: "data", array: data.average_trace_se, visible: true },
       hovertemplate: "%{x}<br>Tr(H)/n = %{y:.4g} ± %{error_y.array:.2g}<extra></extra>",
-    }], { ...PLOT_LAYOUT, yaxis: { title: { text: "Tr(H\u1d62)/n\u1d62" }, exponentformat: "e" } }, PLOT_CONFIG);
+    }], { ...PLOT_LAYOUT, yaxis: { automargin: true, title: { text: "Tr(H\u1d62)/n\u1d62" }, exponentformat: "e" } },
+    PLOT_CONFIG);
   }
   if (canPlot("eigen-chart")) {
     Plotly.newPlot("eigen-chart", [{
       type: "bar", x: data.layers, y: data.eigenvalue, name: "top eigenvalue", marker: { color: "#e69f00" },
       hovertemplate: "%{x}<br>λ = %{y:.4g}<extra></extra>",
-    }], { ...PLOT_LAYOUT, yaxis: { title: { text: "top eigenvalue" }, exponentformat: "e" } }, PLOT_CONFIG);
+    }], { ...PLOT_LAYOUT, yaxis: { automargin: true, title: { text: "top eigenvalue" }, exponentformat: "e" } },
+    PLOT_CONFIG);
   }
   const heatmap = data.heatmap;
   if (heatmap && canPlot("g-chart")) {
@@ -79,7 +81,7 @@ function initSensitivity() {
     Plotly.newPlot("g-chart", [{
       type: "heatmap", z: heatmap.z, x: heatmap.layers, y: heatmap.layers, colorscale: "RdBu", reversescale: true,
       zmin: -limit, zmax: limit, hovertemplate: "G[%{y}, %{x}] = %{z:.4g}<extra></extra>",
-    }], { ...PLOT_LAYOUT, margin: { t: 20, r: 20, b: 130, l: 130 }, yaxis: { autorange: "reversed" } }, PLOT_CONFIG);
+    }], { ...PLOT_LAYOUT, yaxis: { automargin: true, autorange: "reversed" } }, PLOT_CONFIG);
   }
   const bits = document.getElementById("bits");
   if (bits) bits.addEventListener("change", () => bits.form.requestSubmit());
@@ -97,8 +99,9 @@ function frontierTraces(data, x, y) {
   const has = (p) => p[x] != null && p[y] != null;
   const points = data.points.filter(has).sort((a, b) => a[x] - b[x]);
   const hover = `point %{customdata}<br>${AXIS_TITLES[x]}: %{x:.4g}<br>%{y:.4g}<extra></extra>`;
+  // The staircase joins the frontier in (cost, prediction); measured metrics are points only.
   const traces = [{
-    type: "scatter", mode: "lines+markers", name: "frontier", x: points.map((p) => p[x]),
+    type: "scatter", mode: y === "metric" ? "markers" : "lines+markers", name: "frontier", x: points.map((p) => p[x]),
     y: points.map((p) => p[y]), customdata: points.map((p) => p.index), hovertemplate: hover,
     marker: { size: 11, color: "#0b5cad" }, line: { shape: "hv", color: "#0b5cad", width: 1 },
   }];
@@ -134,11 +137,12 @@ function constraintShapes(data, x, y) {
   const annotations = [];
   const budget = data.constraints[BUDGET_FOR_AXIS[x]];
   if (budget != null) {
-    const at = LOG_AXES.includes(x) ? Math.log10(budget) : budget;  // shapes on log axes take log10 units
-    shapes.push({ type: "line", xref: "x", yref: "paper", x0: at, x1: at, y0: 0, y1: 1,
+    // Shapes take data values on log axes, annotations take log10 of them.
+    const at = LOG_AXES.includes(x) ? Math.log10(budget) : budget;
+    shapes.push({ type: "line", xref: "x", yref: "paper", x0: budget, x1: budget, y0: 0, y1: 1,
                   line: { color: "#b42318", dash: "dash", width: 2 } });
     annotations.push({ xref: "x", yref: "paper", x: at, y: 1, text: `${BUDGET_FOR_AXIS[x]} = ${budget}`,
-                       showarrow: false, xanchor: "left", yanchor: "top", font: { color: "#b42318" } });
+                       showarrow: false, xanchor: "left", yanchor: "bottom", font: { color: "#b42318" } });
   }
   if (y === "metric" && data.float_metric != null) {
     shapes.push({ type: "line", xref: "paper", yref: "y", x0: 0, x1: 1, y0: data.float_metric, y1: data.float_metric,
@@ -213,12 +217,13 @@ function initLatency() {
   const data = readJSON("latency-data");
   if (!data || !canPlot("latency-chart")) return;
   const traces = data.devices.map((d) => ({
-    type: "bar", name: d.device, x: d.mean_ms.map((_, i) => `${d.device} #${i + 1} (batch ${d.batch_size[i]})`),
+    type: "bar", name: d.device, x: d.labels,
     y: d.mean_ms, hovertemplate: "mean %{y:.3f} ms<extra>%{fullData.name}</extra>",
     error_y: { type: "data", symmetric: false, array: d.p90_ms.map((v, i) => Math.max(0, v - d.mean_ms[i])),
                arrayminus: d.p50_ms.map((v, i) => Math.max(0, d.mean_ms[i] - v)), visible: true },
   }));
-  Plotly.newPlot("latency-chart", traces, { ...PLOT_LAYOUT, yaxis: { title: { text: "latency (ms): mean, p50–p90" } },
+  Plotly.newPlot("latency-chart", traces, { ...PLOT_LAYOUT,
+                                            yaxis: { automargin: true, title: { text: "latency (ms): mean, p50–p90" } },
                                             legend: { orientation: "h", y: 1.1 } }, PLOT_CONFIG);
 }
 
@@ -246,7 +251,8 @@ function updateJob(container, job) {
   setField(container, "finished", formatTime(job.finished_at));
   setField(container, "log", job.log_tail || "");
   const done = FINISHED.includes(job.status);
-  setField(container, "cancel-note", job.cancel_requested && !done ? "Cancel requested; the job stops at its next step." : "");
+  const note = job.cancel_requested && !done ? "Cancel requested; the job stops at its next step." : "";
+  setField(container, "cancel-note", note);
   const errorBox = container.querySelector('[data-field="error-box"]');
   if (errorBox) {
     errorBox.hidden = !job.error;

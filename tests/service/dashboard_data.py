@@ -1,0 +1,328 @@
+"""Realistic rows for the dashboard tests, inserted with the app's own sessions and store.
+
+A small CNN with five layers, its calibration set, three stored sensitivity results in the
+shape of ``sensitivity.results.SensitivityResult.to_dict()`` (HAWQ-V2 traces, HAWQ-V1
+eigenvalues, inter-layer G), a Pareto plan with frontier points whose figures follow from
+the per-layer numbers, an artifact blob per point, latency measurements on two devices, and
+jobs in every interesting state: succeeded, failed and one running (kept alive by
+``StandInWorker``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+
+from service import jobs
+from service.tables import (Artifact, Dataset, FrontierPoint, Job, LatencyMeasurement, Model, Plan,
+                            SensitivityResult, new_id, utcnow)
+
+# name, op type, weight shape, output positions per sample (MACs = params × positions)
+LAYERS = [
+    ("conv1.weight", "Conv", [16, 3, 3, 3], 32 * 32),
+    ("layer1.conv.weight", "Conv", [16, 16, 3, 3], 32 * 32),
+    ("layer2.conv.weight", "Conv", [32, 16, 3, 3], 16 * 16),
+    ("layer3.conv.weight", "Conv", [64, 32, 3, 3], 8 * 8),
+    ("fc.weight", "Gemm", [10, 64], 1),
+]
+AVERAGE_TRACES = [2.1e-1, 8.3e-2, 3.1e-2, 9.0e-3, 4.4e-2]  # Tr(Hᵢ)/nᵢ
+EIGENVALUES = [3.92, 1.87, 0.94, 0.31, 1.12]
+CANDIDATE_BITS = {"fp32": (32, 32), "w8a8": (8, 8), "w4a8": (4, 8)}  # (weight, activation) bits
+DELTA_SQUARED_PER_PARAM = {"fp32": 0.0, "w8a8": 2.4e-6, "w4a8": 7.9e-4}  # ‖Δᵢᵇ‖² / nᵢ
+FLOAT_METRIC = 98.44  # top-1 accuracy of the float model, percent
+CPU = "Intel(R) Xeon(R) Platinum 8480+, 16 cores"
+VERSIONS = {"mpq": "0.1.0", "torch": "2.13.0", "onnx": "1.19.0", "onnxruntime": "1.23.0"}
+
+# Frontier points by index: per-layer candidates in graph order. Point 0 was not measured and
+# has no artifact (the planner measures and exports only some points).
+FRONTIER = [
+    ["fp32"] * 5,
+    ["w8a8"] * 5,
+    ["w8a8", "w8a8", "w4a8", "w4a8", "w8a8"],
+    ["w8a8", "w4a8", "w4a8", "w4a8", "w8a8"],
+    ["w8a8", "w4a8", "w4a8", "w4a8", "w4a8"],
+]
+UNMEASURED_POINT = 0
+CHOSEN_POINT = 3
+MAX_DROP = 1.0
+
+
+def num_params(shape: list[int]) -> int:
+    return int(np.prod(shape))
+
+
+def layer_rows() -> list[dict[str, Any]]:
+    """Model.layers as the inspector stores them."""
+    return [{"name": name, "op_type": op, "node_name": name.removesuffix(".weight").replace(".", "_"),
+             "shape": shape, "num_params": num_params(shape)} for name, op, shape, _ in LAYERS]
+
+
+# ---------------------------------------------------------------- sensitivity result dicts
+
+
+def _base_result(config: dict[str, Any]) -> dict[str, Any]:
+    return {"config": config,
+            "layers": [{"name": name, "op_type": op, "shape": shape, "num_params": num_params(shape),
+                        "channel_axis": 0} for name, op, shape, _ in LAYERS],
+            "loss_kind": "cross_entropy", "loss": 0.0571, "num_samples": 512, "traces": None, "eigenvalues": None,
+            "interlayer": None, "timings": {"load": 0.41, "traces": 12.8}, "num_hvps": 256, "seed": 0,
+            "versions": dict(VERSIONS), "device": "cpu"}
+
+
+def _shared_config(kind: str) -> dict[str, Any]:
+    return {"type": kind, "seed": 0, "batch_size": 256, "device": "auto", "task": "auto",
+            "hvp_method": "double_backward", "probes_per_pass": 4}
+
+
+def trace_records() -> list[dict[str, Any]]:
+    records = []
+    for (name, _, shape, _), average, relative_se in zip(LAYERS, AVERAGE_TRACES, [0.031, 0.044, 0.038, 0.071, 0.026]):
+        n = num_params(shape)
+        trace = average * n
+        records.append({"name": name, "num_params": n, "trace": trace, "standard_error": relative_se * trace,
+                        "num_probes": 64, "average_trace": trace / n})
+    return records
+
+
+def hawq_v2_result() -> dict[str, Any]:
+    config = {**_shared_config("TraceConfig"), "tolerance": 0.05, "min_probes": 8, "max_probes": 256}
+    return {**_base_result(config), "traces": trace_records()}
+
+
+def hawq_v1_result() -> dict[str, Any]:
+    config = {**_shared_config("EigenConfig"), "tolerance": 1e-4, "max_iterations": 100}
+    eigen = [{"name": name, "eigenvalue": value, "iterations": 17 + i, "converged": True,
+              "relative_change": 6.1e-5} for i, ((name, *_), value) in enumerate(zip(LAYERS, EIGENVALUES))]
+    return {**_base_result(config), "eigenvalues": eigen, "num_hvps": 98}
+
+
+def interlayer_result(bits: tuple[int, ...] = (8, 4)) -> dict[str, Any]:
+    """G built like the real thing: diagonal blocks from the traces, smaller symmetric cross terms."""
+    config = {**_shared_config("InterLayerConfig"), "bits": list(bits), "trace_tolerance": 0.05,
+              "trace_min_probes": 8, "trace_max_probes": 256}
+    per_bits = {8: DELTA_SQUARED_PER_PARAM["w8a8"], 4: DELTA_SQUARED_PER_PARAM["w4a8"]}
+    labels = [(name, b) for name, *_ in LAYERS for b in bits]  # layers outermost, as sensitivity does
+    norms = [num_params(LAYERS[i // len(bits)][2]) * per_bits[b] for i, (_, b) in enumerate(labels)]
+    omega = [AVERAGE_TRACES[i // len(bits)] * norm for i, norm in enumerate(norms)]
+    rng = np.random.default_rng(7)
+    scale = np.sqrt(np.outer(omega, omega))
+    matrix = 0.3 * scale * rng.uniform(-1, 1, scale.shape)
+    matrix = (matrix + matrix.T) / 2
+    np.fill_diagonal(matrix, 2 * np.asarray(omega))
+    gradient = (rng.normal(0, 1, len(labels)) * np.sqrt(omega) * 0.05).tolist()
+    interlayer = {"labels": [[name, b] for name, b in labels], "matrix": matrix.tolist(), "gradient_terms": gradient,
+                  "delta_norms_squared": norms, "omega": omega, "symmetry_error": 3.2e-7}
+    return {**_base_result(config), "traces": trace_records(), "interlayer": interlayer, "num_hvps": 266}
+
+
+# ---------------------------------------------------------------- plan figures
+
+
+def configuration(candidates: list[str]) -> dict[str, str]:
+    return {name: candidate for (name, *_), candidate in zip(LAYERS, candidates)}
+
+
+def point_figures(candidates: list[str]) -> dict[str, Any]:
+    """Size, BOPS, Ω, ΔL, latency and metric of a configuration, all from the per-layer numbers."""
+    size = bops = omega = 0.0
+    for (_, _, shape, positions), average, candidate in zip(LAYERS, AVERAGE_TRACES, candidates):
+        n = num_params(shape)
+        weight_bits, activation_bits = CANDIDATE_BITS[candidate]
+        size += n * weight_bits / 8
+        bops += n * positions * weight_bits * activation_bits
+        omega += average * n * DELTA_SQUARED_PER_PARAM[candidate]
+    drop = round(omega * 2.0, 3)  # measured drops track the prediction, as on a real model
+    return {"size_bytes": int(size), "bops": int(bops), "omega": omega, "loss_change": omega * 1.07,
+            "latency_ms": round(0.21 + bops * 1.1e-9, 4), "metric": round(FLOAT_METRIC - drop, 3), "drop": drop}
+
+
+def measurement(figures: dict[str, Any]) -> dict[str, Any]:
+    """planner.plan.Measurement.to_dict()."""
+    mean = figures["latency_ms"]
+    return {"metric_name": "top1_accuracy", "metric": figures["metric"], "baseline": FLOAT_METRIC,
+            "drop": figures["drop"], "num_samples": 512, "size_bytes": figures["size_bytes"] + 2150,
+            "sha256": hashlib.sha256(repr(figures).encode()).hexdigest(),
+            "latency_ms": {"mean": mean, "p50": round(mean * 0.97, 4), "p90": round(mean * 1.12, 4), "batch_size": 1,
+                           "repeats": 50, "device": CPU, "provider": "CPUExecutionProvider"}}
+
+
+def plan_point(candidates: list[str], measured: bool = True) -> dict[str, Any]:
+    """planner.plan.PlanPoint.to_dict()."""
+    figures = point_figures(candidates)
+    return {"layers": configuration(candidates),
+            "predicted": {key: figures[key] for key in ("omega", "loss_change", "size_bytes", "bops")},
+            "measured": measurement(figures) if measured else None}
+
+
+@dataclass
+class DashboardData:
+    model_id: str
+    dataset_id: str
+    hawq_v2_id: str
+    hawq_v1_id: str
+    interlayer_id: str
+    plan_id: str
+    sensitivity_job_id: str
+    plan_job_id: str
+    failed_job_id: str
+    running_job_id: str
+    points: list[dict[str, Any]]  # index, assignment, figures
+    artifacts: dict[int, str] = field(default_factory=dict)  # point index -> sha256 of its artifact
+    max_size_bytes: int = 0
+
+
+def write_blob(app, data: bytes) -> str:
+    writer = app.state.store.writer(max_bytes=len(data))
+    writer.write(data)
+    sha256 = writer.commit()
+    assert sha256 == hashlib.sha256(data).hexdigest()
+    return sha256
+
+
+def artifact_bytes(index: int) -> bytes:
+    return (f"mpq quantized model, frontier point {index}\n".encode() * 64) + bytes(range(256)) * (index + 1)
+
+
+def insert(app) -> DashboardData:
+    """Insert every row and blob; returns their ids and the figures the pages should show."""
+    now = utcnow()
+    model, dataset = _inputs(app, now)
+    done, planned, failed, running = _jobs(model, now)
+    results = {method: SensitivityResult(job_id=done.id, model_sha256=model.sha256, dataset_sha256=dataset.sha256,
+                                         method=method, params_hash=hashlib.sha256(method.encode()).hexdigest(),
+                                         result=result, versions=dict(VERSIONS), created_at=now - timedelta(hours=2))
+               for method, result in (("hawq_v2", hawq_v2_result()), ("hawq_v1", hawq_v1_result()),
+                                      ("interlayer", interlayer_result()))}
+    with app.state.sessions() as session, session.begin():
+        session.add_all([model, dataset, done, planned, failed, running, *results.values()])
+        session.flush()
+        done.result = {"sensitivity_result_id": results["hawq_v2"].id, "cached": False}
+    data = DashboardData(model_id=model.id, dataset_id=dataset.id, hawq_v2_id=results["hawq_v2"].id,
+                         hawq_v1_id=results["hawq_v1"].id, interlayer_id=results["interlayer"].id, plan_id="",
+                         sensitivity_job_id=done.id, plan_job_id=planned.id, failed_job_id=failed.id,
+                         running_job_id=running.id, points=[])
+    _insert_plan(app, data, model, dataset, planned, now)
+    return data
+
+
+def _inputs(app, now) -> tuple[Model, Dataset]:
+    """The model and calibration rows, with blobs in the store so their downloads work."""
+    model_bytes = b"resnet-mini onnx bytes (the dashboard never opens them)\n" * 32
+    dataset_bytes = b"calibration npz bytes\n" * 32
+    model = Model(id=new_id(), name="resnet-mini", format="onnx", sha256=write_blob(app, model_bytes),
+                  size_bytes=len(model_bytes), opset=17, created_at=now - timedelta(hours=3), layers=layer_rows(),
+                  details={"ir_version": 8, "producer": "pytorch 2.13.0", "node_count": 23,
+                           "inputs": [{"name": "input", "dtype": "float32", "shape": ["batch", 3, 32, 32]}],
+                           "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", 10]}]})
+    dataset = Dataset(id=new_id(), name="calib-512", sha256=write_blob(app, dataset_bytes),
+                      size_bytes=len(dataset_bytes), num_samples=512, has_labels=True,
+                      created_at=now - timedelta(hours=3),
+                      arrays={"input": {"shape": [512, 3, 32, 32], "dtype": "float32"},
+                              "labels": {"shape": [512], "dtype": "int64"}})
+    return model, dataset
+
+
+def _jobs(model: Model, now) -> tuple[Job, Job, Job, Job]:
+    """A succeeded sensitivity job, the succeeded plan job, a failed one and a running one."""
+    done = Job(id=new_id(), type="sensitivity", status="succeeded", attempts=1, worker_id="node-1:4242",
+               params={"model_id": model.id, "method": "hawq_v2"}, progress_phase="done", progress_fraction=1.0,
+               created_at=now - timedelta(hours=2), started_at=now - timedelta(hours=2),
+               finished_at=now - timedelta(hours=2) + timedelta(seconds=14),
+               log_tail="[sensitivity:traces] 100% 64 probes, max relative SE 7.1 %")
+    planned = Job(id=new_id(), type="plan", status="succeeded", params={"search": "pareto"}, progress_phase="done",
+                  progress_fraction=1.0, attempts=1, created_at=now - timedelta(hours=1),
+                  finished_at=now - timedelta(minutes=50))
+    failed = Job(id=new_id(), type="sensitivity", status="failed", attempts=1, progress_phase="loading",
+                 progress_fraction=0.0, created_at=now - timedelta(minutes=30),
+                 finished_at=now - timedelta(minutes=30),
+                 error="the calibration dataset's arrays do not match the model's inputs ['input']: "
+                       "missing ['input'], unexpected ['x']")
+    running = Job(id=new_id(), type="plan", status="running", params={"search": "pareto", "method": "interlayer"},
+                  progress_phase="sensitivity:traces", progress_fraction=0.42,
+                  progress_message="probe 54 of 128, max relative SE 7.9 %", attempts=1,
+                  worker_id=jobs.worker_id(), created_at=now - timedelta(minutes=2),
+                  started_at=now - timedelta(minutes=2), heartbeat_at=now)
+    return done, planned, failed, running
+
+
+def _insert_plan(app, data: DashboardData, model: Model, dataset: Dataset, plan_job: Job, now) -> None:
+    """The rows the plan job writes (service.handlers._store_plan), in the planner's shapes."""
+    points = [plan_point(candidates, measured=index != UNMEASURED_POINT) for index, candidates in enumerate(FRONTIER)]
+    artifacts: dict[int, Artifact] = {}
+    for index in range(len(points)):
+        if index == UNMEASURED_POINT:
+            continue
+        payload = artifact_bytes(index)
+        data.artifacts[index] = write_blob(app, payload)
+        artifacts[index] = Artifact(id=new_id(), sha256=data.artifacts[index], size_bytes=len(payload),
+                                    kind="quantized_model", filename=f"resnet-mini-point{index}.onnx")
+    data.points = [{"index": index, "assignment": point["layers"], **point_figures(FRONTIER[index])}
+                   for index, point in enumerate(points)]
+    chosen = points[CHOSEN_POINT]
+    data.max_size_bytes = (chosen["predicted"]["size_bytes"] + points[2]["predicted"]["size_bytes"]) // 2
+    plan = Plan(id=new_id(), job_id=plan_job.id, model_id=model.id, calibration_dataset_id=dataset.id,
+                evaluation_dataset_id=dataset.id, search="pareto", created_at=now - timedelta(minutes=50),
+                request={"model_id": model.id, "calibration_dataset_id": dataset.id,
+                         "evaluation_dataset_id": dataset.id, "method": "hawq_v2", "search": "pareto",
+                         "candidates": list(CANDIDATE_BITS), "options": {"seed": 0},
+                         "constraints": {"max_size_bytes": data.max_size_bytes, "max_bops": None,
+                                         "max_latency_ms": None, "max_drop": MAX_DROP}},
+                assignment=chosen["layers"], predicted={**chosen["predicted"], "meets_constraints": True},
+                measured={**chosen["measured"], "evaluations": 6, "search": {"kind": "diagonal_frontier"},
+                          "uniform": {c: plan_point([c] * len(LAYERS)) for c in CANDIDATE_BITS}},
+                artifact_id=artifacts[CHOSEN_POINT].id, versions=dict(VERSIONS))
+    rows: list[Any] = [FrontierPoint(plan_id=plan.id, index=index, assignment=point["layers"],
+                           size_bytes=point["predicted"]["size_bytes"], bops=point["predicted"]["bops"],
+                           predicted_loss_change=point["predicted"]["omega"], predicted=point["predicted"],
+                           measured=point["measured"] or {},
+                           artifact_id=artifacts[index].id if index in artifacts else None)
+             for index, point in enumerate(points)]
+    for minutes, device, provider, batch, mean in ((49, CPU, "CPUExecutionProvider", 1, 0.84),
+                                                   (48, CPU, "CPUExecutionProvider", 8, 3.91),
+                                                   (20, "NVIDIA H100 80GB HBM3", "CUDAExecutionProvider", 1, 0.19)):
+        rows.append(LatencyMeasurement(plan_id=plan.id, artifact_id=plan.artifact_id, mean_ms=mean,
+                                       p50_ms=round(mean * 0.97, 3), p90_ms=round(mean * 1.12, 3), batch_size=batch,
+                                       repeats=50, device_description=device, provider=provider,
+                                       onnxruntime_version="1.23.0", created_at=now - timedelta(minutes=minutes)))
+    with app.state.sessions() as session, session.begin():
+        session.add_all([*artifacts.values(), plan])
+        session.flush()  # the rows carry no relationships, so parents go first by hand
+        session.add_all(rows)
+        session.get(Job, plan_job.id).result = {"plan_id": plan.id}
+    data.plan_id = plan.id
+
+
+class StandInWorker:
+    """Plays the worker process of the running job: beats its heartbeat (so the reaper leaves
+    it alone) and honours a cancel request the way ``service.jobs`` does, without spawning."""
+
+    def __init__(self, app, job_id: str) -> None:
+        self.context = jobs.JobContext(job_id, {}, app.state.settings, app.state.sessions, app.state.store)
+        self.context.log("[loading] 0% loading resnet-mini")
+        self.context.log("[sensitivity:traces] 42% probe 54 of 128, max relative SE 7.9 %")
+        self.heartbeat = jobs.Heartbeat(self.context, interval_s=0.2)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name=f"stand-in-{job_id}")
+
+    def __enter__(self) -> "StandInWorker":
+        self.heartbeat.start()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=5)
+        self.heartbeat.stopped.set()
+        self.heartbeat.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self.stopped.is_set():
+            if self.context.cancel_event.wait(0.1):
+                jobs.finish(self.context.sessions, self.context.job_id, jobs.CANCELLED, error="cancelled by request",
+                            log_tail="\n".join(self.context.log_lines), only_worker=jobs.worker_id())
+                return

@@ -1,0 +1,383 @@
+"""The web dashboard: server-rendered pages (TestClient) and the pages in a real browser
+(Playwright driving Debian's /usr/bin/chromium) against the live server.
+
+Select these tests by module: ``pytest tests/service/test_dashboard.py``. The browser tests
+skip only where /usr/bin/chromium is missing and CI is not set; in CI they must run. They run
+on SQLite only: what they add (scripts, charts, clicks, downloads, cookies) does not depend on
+the database, and every page's queries run on both backends in the tests without a browser.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from service.auth import create_token
+from tests.service import dashboard_data
+from tests.service.conftest import enable_auth
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
+                 "--no-first-run", "--disable-component-update", "--disable-sync"]
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "test-output" / "screenshots"
+LOCAL_HOSTS = {"127.0.0.1", "localhost"}
+TIMEOUT_MS = 10_000
+
+
+@pytest.fixture
+def dashboard(app) -> Iterator[dashboard_data.DashboardData]:
+    """The realistic rows, with a stand-in worker keeping the running job alive."""
+    data = dashboard_data.insert(app)
+    with dashboard_data.StandInWorker(app, data.running_job_id):
+        yield data
+
+
+# ---------------------------------------------------------------- without a browser
+
+
+def test_pages_render_their_tables_without_javascript(client, dashboard):
+    data = dashboard
+    pages = {
+        "/models": ["resnet-mini", "calib-512"],
+        f"/models/{data.model_id}": ["layer3.conv.weight", "64×32×3×3", "18,432"],
+        "/sensitivity": ["hawq_v1", "interlayer"],
+        f"/sensitivity/{data.hawq_v2_id}": ["Average trace", "0.21", "3.1 %"],
+        f"/sensitivity/{data.hawq_v1_id}": ["Eigenvalue", "3.92"],
+        f"/sensitivity/{data.interlayer_id}?bits=4": ["G at 4 bits"],
+        "/plans": ["pareto", "hawq_v2"],
+        f"/plans/{data.plan_id}": ["Pareto frontier", "Uniform baselines", "Show point 4"],
+        f"/plans/{data.plan_id}/latency": ["NVIDIA H100 80GB HBM3", "CPUExecutionProvider"],
+        "/latency": [data.plan_id[:8]],
+        "/jobs": ["running", "failed", "succeeded"],
+        f"/jobs/{data.failed_job_id}": ["do not match the model&#39;s inputs"],
+    }
+    for path, expected in pages.items():
+        response = client.get(path)
+        assert response.status_code == 200, (path, response.text[:500])
+        assert response.headers["content-type"].startswith("text/html")
+        assert "default-src 'self'" in response.headers["content-security-policy"]
+        for text in expected:
+            assert text in response.text, (path, text)
+        assert "<main" in response.text and "<nav" in response.text, path
+
+    # The chosen point's per-layer table is in the HTML itself, no script needed.
+    page = client.get(f"/plans/{data.plan_id}?point={dashboard_data.CHOSEN_POINT}").text
+    table = page[page.index('id="point-layers"'):]
+    assert precisions_in(table) == dashboard_data.FRONTIER[dashboard_data.CHOSEN_POINT]
+
+
+def test_sensitivity_table_sorts_on_the_server(client, dashboard):
+    page = client.get(f"/sensitivity/{dashboard.hawq_v2_id}?sort=average_trace&desc=1").text
+    names = re.findall(r'<th scope="row"><code>([^<]+)</code>', page)
+    ranked = [name for _, name in sorted(zip(dashboard_data.AVERAGE_TRACES, (n for n, *_ in dashboard_data.LAYERS)),
+                                         reverse=True)]
+    assert names == ranked
+    assert 'aria-sort="descending"' in page
+
+
+def test_unknown_rows_get_a_404_page(client, dashboard):
+    plan = f"/plans/{dashboard.plan_id}"
+    for path in ("/plans/nope", "/models/nope", "/jobs/nope", "/sensitivity/nope", f"{plan}/points/99"):
+        response = client.get(path)
+        assert response.status_code == 404 and "Not found" in response.text, path
+    assert client.get(f"{plan}/points/{dashboard_data.UNMEASURED_POINT}/artifact").status_code == 404  # not exported
+    assert client.get("/static/../app.py").status_code == 404
+    assert client.get("/static/plotly.min.js").headers["content-type"].startswith("text/javascript")
+
+
+def test_pages_need_a_login_when_auth_is_on(client, app):
+    enable_auth(app)
+    with app.state.sessions() as session, session.begin():
+        _, token = create_token(session, "dashboard")
+
+    response = client.get("/plans?x=1", follow_redirects=False)
+    assert response.status_code == 303 and response.headers["location"] == "/login?next=/plans%3Fx%3D1"
+    assert client.get("/static/dashboard.css").status_code == 200  # the login page needs its styles
+
+    wrong = client.post("/login", data={"token": "mpq_wrong", "next": "/plans"}, follow_redirects=False)
+    assert wrong.status_code == 401 and "unknown or revoked" in wrong.text and "mpq_token" not in wrong.headers.get(
+        "set-cookie", "")
+
+    right = client.post("/login", data={"token": token, "next": "/plans"}, follow_redirects=False)
+    assert right.status_code == 303 and right.headers["location"] == "/plans"
+    cookie = right.headers["set-cookie"]
+    assert cookie.startswith(f"mpq_token={token};") and "HttpOnly" in cookie and "SameSite=strict" in cookie
+    assert "Secure" not in cookie  # plain http here
+    assert client.get("/plans").status_code == 200  # the client keeps the cookie, as a browser does
+
+    https = client.post("https://testserver/login", data={"token": token}, follow_redirects=False)
+    assert "Secure" in https.headers["set-cookie"]
+
+    escape = client.post("/login", data={"token": token, "next": "//evil.example/x"}, follow_redirects=False)
+    assert escape.headers["location"] == "/"
+    cross_site = client.post("/login", data={"token": token}, headers={"Origin": "http://evil.example"},
+                             follow_redirects=False)
+    assert cross_site.status_code == 403
+
+    logout = client.post("/logout", follow_redirects=False)
+    assert logout.headers["location"] == "/login" and 'mpq_token=""' in logout.headers["set-cookie"]
+
+
+def test_fixture_results_have_the_real_shape():
+    """The stored dicts are what sensitivity.results writes: they round-trip exactly."""
+    from sensitivity.results import SensitivityResult
+
+    for data in (dashboard_data.hawq_v2_result(), dashboard_data.hawq_v1_result(), dashboard_data.interlayer_result()):
+        assert SensitivityResult.from_dict(data).to_dict() == data
+
+
+def precisions_in(html: str) -> list[str]:
+    return re.findall(r'<td data-field="precision"><span class="chip prec-[\w-]+">([\w-]+)</span>', html)
+
+
+# ---------------------------------------------------------------- in a browser
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists() and not os.environ.get("CI"):
+        pytest.skip("browser tests need Debian's chromium at /usr/bin/chromium (bash scripts/setup.sh --dev)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        instance = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        yield instance
+        instance.close()
+
+
+class Recorder:
+    """Every URL a page requested, every failed response and every script error it logged."""
+
+    def __init__(self) -> None:
+        self.urls: list[str] = []
+        self.failures: list[str] = []
+        self.errors: list[str] = []
+        self.allowed_statuses: set[int] = set()
+
+    def attach(self, page) -> None:
+        page.on("request", lambda request: self.urls.append(request.url))
+        page.on("response", self._response)
+        page.on("console", self._console)
+        page.on("pageerror", lambda error: self.errors.append(str(error)))
+
+    def _response(self, response) -> None:
+        if response.status >= 400:
+            self.failures.append(f"{response.status} {response.url}")
+
+    def _console(self, message) -> None:
+        # Failed loads are checked by status in _response; any other error logged is a bug.
+        if message.type == "error" and not message.text.startswith("Failed to load resource"):
+            self.errors.append(message.text)
+
+    def check(self) -> None:
+        remote = [url for url in self.urls
+                  if not url.startswith(("data:", "blob:")) and urlsplit(url).hostname not in LOCAL_HOSTS]
+        assert not remote, f"requests left localhost: {remote}"
+        failures = [f for f in self.failures if int(f.split()[0]) not in self.allowed_statuses]
+        assert not failures, f"failed requests: {failures}"
+        assert not self.errors, f"script errors: {self.errors}"
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+def page(browser, live_server, recorder):
+    context = browser.new_context(base_url=live_server, accept_downloads=True, viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(TIMEOUT_MS)
+    page = context.new_page()
+    recorder.attach(page)
+    yield page
+    context.close()
+    recorder.check()
+
+
+@pytest.fixture
+def shot(page):
+    """Save a full-page screenshot as test-output/screenshots/NAME.png (gitignored)."""
+    def save(name: str) -> None:
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+    return save
+
+
+# The browser tests run on SQLite only (see the module docstring).
+browser_test = pytest.mark.parametrize("backend_settings", ["sqlite"], indirect=True)
+
+
+def wait_for_chart(page, selector: str) -> None:
+    page.wait_for_selector(f"{selector} .main-svg")
+
+
+@browser_test
+def test_models_page_and_upload(page, shot, dashboard, tiny_model_bytes, tmp_path):
+    page.goto("/models")
+    assert page.locator("#models-table tbody tr").count() == 1
+    shot("models")
+
+    model_file = tmp_path / "tiny.onnx"
+    model_file.write_bytes(tiny_model_bytes)
+    page.get_by_label("Kind").select_option("models")
+    page.get_by_label("File").set_input_files(str(model_file))
+    page.get_by_label("Name").fill("tiny-from-browser")
+    page.get_by_role("button", name="Upload").click()
+    page.wait_for_url(re.compile(r"/models/[0-9a-f]{32}$"), timeout=60_000)  # the inspector process starts cold
+    assert page.get_by_role("heading", level=1).inner_text() == "tiny-from-browser"
+    assert page.locator("#layers-table tbody th").all_inner_texts() == ["fc1.weight", "fc2.weight"]
+
+    page.goto(f"/models/{dashboard.model_id}")
+    names = page.locator("#layers-table tbody th").all_inner_texts()
+    assert names == [name for name, *_ in dashboard_data.LAYERS]
+    shot("model")
+
+
+@browser_test
+def test_sensitivity_charts_sorting_and_heat_map(page, shot, dashboard):
+    page.goto(f"/sensitivity/{dashboard.hawq_v2_id}")
+    wait_for_chart(page, "#trace-chart")
+    assert page.locator("#trace-chart .bars .point").count() == len(dashboard_data.LAYERS)
+    assert page.locator("#trace-chart .errorbar").count() == len(dashboard_data.LAYERS)
+    page.get_by_role("link", name="Average trace").click()
+    page.wait_for_url(re.compile("sort=average_trace&desc=0"))
+    page.get_by_role("link", name="Average trace").click()  # again: descending
+    page.wait_for_url(re.compile("sort=average_trace&desc=1"))
+    assert page.locator("#sensitivity-layers tbody th code").first.inner_text() == "conv1.weight"
+    shot("sensitivity-hawq-v2")
+
+    page.goto(f"/sensitivity/{dashboard.hawq_v1_id}")
+    wait_for_chart(page, "#eigen-chart")
+    assert page.locator("#eigen-chart .bars .point").count() == len(dashboard_data.LAYERS)
+    shot("sensitivity-hawq-v1")
+
+    page.goto(f"/sensitivity/{dashboard.interlayer_id}")
+    wait_for_chart(page, "#g-chart")
+    assert "8-bit" in page.locator("#g-heading").inner_text()
+    page.get_by_label("Weight bit width").select_option("4")  # submits the form on change
+    page.wait_for_url(re.compile("bits=4"))
+    wait_for_chart(page, "#g-chart")
+    assert "4-bit" in page.locator("#g-heading").inner_text()
+    assert page.locator("#g-table tbody tr").count() == len(dashboard_data.LAYERS)
+    shot("sensitivity-interlayer")
+
+
+def click_frontier_point(page, index: int, points: list[dict], x: str = "size_bytes") -> None:
+    """Click the marker of frontier point ``index`` (markers are drawn in order of x)."""
+    order = [p["index"] for p in sorted(points, key=lambda p: p[x])]
+    marker = page.locator("#frontier-chart .scatterlayer .trace").first.locator("path.point").nth(order.index(index))
+    marker.scroll_into_view_if_needed()
+    box = marker.bounding_box()
+    page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+
+
+@browser_test
+def test_plan_frontier_point_detail_and_downloads(page, shot, dashboard):
+    page.goto(f"/plans/{dashboard.plan_id}")
+    wait_for_chart(page, "#frontier-chart")
+    assert page.locator("#frontier-chart .shapelayer path").count() == 1  # the max_size_bytes line
+    shot("plan")
+
+    index = 2
+    click_frontier_point(page, index, dashboard.points)
+    detail = page.locator(f'#point-detail [data-point-index="{index}"]')
+    detail.wait_for()
+    precisions = page.locator("#point-layers td[data-field=precision]").all_inner_texts()
+    assert precisions == dashboard_data.FRONTIER[index]
+    assert page.locator("#point-layers tbody th").all_inner_texts() == [n for n, *_ in dashboard_data.LAYERS]
+    assert page.locator("#point-detail .strip li").count() == len(dashboard_data.LAYERS)
+    assert f"point={index}" in page.url
+    shot("plan-point")
+
+    with page.expect_download() as download:
+        page.locator("#point-artifact").click()
+    assert sha256_of(download.value.path()) == dashboard.artifacts[index]
+    with page.expect_download() as download:
+        page.locator("#plan-artifact").click()
+    assert sha256_of(download.value.path()) == dashboard.artifacts[dashboard_data.CHOSEN_POINT]
+
+    page.get_by_label("y axis").select_option("metric")
+    page.get_by_label("x axis").select_option("latency_ms")
+    expect_text(page, "#frontier-chart", "max_drop = 1 pp")
+    assert page.locator("#frontier-chart .shapelayer path").count() == 2  # float baseline and max_drop
+    measured = [p for p in dashboard.points if p["index"] != dashboard_data.UNMEASURED_POINT]
+    click_frontier_point(page, 1, measured, x="latency_ms")
+    page.locator('#point-detail [data-point-index="1"]').wait_for()
+    assert page.locator("#point-layers td[data-field=precision]").all_inner_texts() == dashboard_data.FRONTIER[1]
+    shot("plan-metric-latency")
+
+
+@browser_test
+def test_job_progress_error_and_cancel(page, shot, dashboard):
+    page.goto(f"/jobs/{dashboard.failed_job_id}")
+    assert "do not match the model's inputs" in page.get_by_role("alert").inner_text()
+
+    page.goto("/jobs")
+    assert page.locator("#jobs-table tbody tr").count() == 4
+    shot("jobs")
+
+    page.goto(f"/jobs/{dashboard.running_job_id}")
+    status = page.locator("h1 [data-field=status]")
+    assert status.inner_text() == "running"
+    assert page.locator("progress[data-field=progress]").get_attribute("value") == "0.42"
+    shot("job-running")
+    page.get_by_role("button", name="Cancel job").click()
+    expect_text(page, "h1 [data-field=status]", "cancelled")
+    assert page.locator("#cancel-form").count() == 0
+    assert "cancelled by request" in page.locator("[data-field=error]").inner_text()
+    shot("job-cancelled")
+
+
+@browser_test
+def test_latency_page(page, shot, dashboard):
+    page.goto(f"/plans/{dashboard.plan_id}/latency")
+    wait_for_chart(page, "#latency-chart")
+    assert page.locator("main h2").all_inner_texts() == [dashboard_data.CPU, "NVIDIA H100 80GB HBM3"]
+    assert page.locator(".latency-table tbody tr").count() == 3
+    assert page.locator("#latency-chart .bars .point").count() == 3
+    shot("latency")
+
+
+@browser_test
+def test_login_logout_in_the_browser(page, shot, recorder, app, dashboard, live_server):
+    enable_auth(app)
+    recorder.allowed_statuses.add(401)  # the wrong token, on purpose
+    with app.state.sessions() as session, session.begin():
+        _, token = create_token(session, "browser")
+
+    page.goto(f"/plans/{dashboard.plan_id}")
+    page.wait_for_url(re.compile(r"/login\?next="))
+    shot("login")
+    page.get_by_label("API token").fill("mpq_not_a_token")
+    page.get_by_role("button", name="Log in").click()
+    assert "unknown or revoked" in page.get_by_role("alert").inner_text()
+    page.get_by_label("API token").fill(token)
+    page.get_by_role("button", name="Log in").click()
+    page.wait_for_url(f"{live_server}/plans/{dashboard.plan_id}")
+
+    cookie = next(c for c in page.context.cookies() if c["name"] == "mpq_token")
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and not cookie["secure"]
+    assert page.evaluate("document.cookie") == ""  # HttpOnly: scripts cannot read it
+    assert page.evaluate("fetch('/v1/jobs').then(r => r.status)") == 200  # the API accepts the cookie
+    click_frontier_point(page, 1, dashboard.points)
+    page.locator('#point-detail [data-point-index="1"]').wait_for()
+
+    page.get_by_role("button", name="Log out").click()
+    page.wait_for_url(re.compile("/login$"))
+    assert not [c for c in page.context.cookies() if c["name"] == "mpq_token"]
+    page.goto("/models")
+    page.wait_for_url(re.compile(r"/login\?next=/models"))
+
+
+def expect_text(page, selector: str, text: str) -> None:
+    page.wait_for_function("([s, t]) => document.querySelector(s)?.textContent.includes(t)", arg=[selector, text])
+
+
+def sha256_of(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
