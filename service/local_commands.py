@@ -28,6 +28,7 @@ SENSITIVITY_METHODS = ("hawq_v1", "hawq_v2", "interlayer")
 PLAN_METHODS = ("hawq_v2", "interlayer")
 DEFAULT_CANDIDATES = "fp32,w8a8,w4a8,w8,w4"
 MiB = 1024 * 1024
+DATA_HELP = "calibration arrays (.npz): one per model input, optionally 'labels'"
 
 
 class BadInput(ValueError):
@@ -48,7 +49,7 @@ def _add_sensitivity(subparsers: argparse._SubParsersAction) -> None:
         "inter-layer terms g·Δ, G and Ω (interlayer) of a model on a calibration set.",
     )
     command.add_argument("model", metavar="MODEL", help="ONNX model (.onnx) or torch.export archive (.pt2)")
-    command.add_argument("--data", required=True, metavar="CALIB.npz", help="calibration arrays: one per model input, optional 'labels'")
+    command.add_argument("--data", required=True, metavar="CALIB.npz", help=DATA_HELP)
     command.add_argument("--method", choices=SENSITIVITY_METHODS, default="hawq_v2")
     command.add_argument("--bits", default="8,4", help="weight bit widths for interlayer (default 8,4)")
     command.add_argument("--max-probes", type=int, help="Hutchinson probes (power iterations for hawq_v1) at most")
@@ -69,22 +70,22 @@ def _add_plan(subparsers: argparse._SubParsersAction) -> None:
         "plan meets the constraints, 3 when no configuration can, 2 on bad input.",
     )
     command.add_argument("model", metavar="MODEL", help="ONNX model (.onnx)")
-    command.add_argument("--data", required=True, metavar="CALIB.npz", help="calibration arrays: one per model input, optional 'labels'")
+    command.add_argument("--data", required=True, metavar="CALIB.npz", help=DATA_HELP)
     command.add_argument("--eval-data", metavar="EVAL.npz", help="evaluation arrays (default: the calibration set)")
     command.add_argument("--method", choices=PLAN_METHODS, default="hawq_v2")
     command.add_argument("--search", choices=("pareto", "bisection"), default="pareto")
-    command.add_argument("--candidates", default=DEFAULT_CANDIDATES, help=f"comma-separated (default {DEFAULT_CANDIDATES})")
+    command.add_argument("--candidates", default=DEFAULT_CANDIDATES, help=f"comma-separated ({DEFAULT_CANDIDATES})")
     budget = command.add_mutually_exclusive_group()
     budget.add_argument("--max-size-mb", type=float, help="budget: computed model size in MiB")
     budget.add_argument("--max-bops", type=float, help="budget: bit operations per sample")
     budget.add_argument("--max-latency-ms", type=float, help="budget: measured median latency per batch")
-    command.add_argument("--max-drop", type=float, help="largest accuracy drop in percentage points (required by bisection)")
+    command.add_argument("--max-drop", type=float, help="largest drop in percentage points (bisection needs it)")
     command.add_argument("--seed", type=int, default=0)
     command.add_argument("--max-probes", type=int, help="Hutchinson probes at most (sensitivity)")
-    command.add_argument("--batch-size", type=int, default=256, help="calibration samples per forward pass (sensitivity)")
+    command.add_argument("--batch-size", type=int, default=256, help="samples per forward pass (sensitivity)")
     command.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     command.add_argument("--max-frontier-points", type=int, default=8, help="frontier points to measure")
-    command.add_argument("--out", default="quantized.onnx", help="where to write the quantized model (default quantized.onnx)")
+    command.add_argument("--out", default="quantized.onnx", help="where to write the quantized model")
     command.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     command.set_defaults(handler=plan_command)
 
@@ -166,9 +167,10 @@ def load_npz(path: str, option: str) -> dict[str, np.ndarray]:
     if not os.path.isfile(path):
         raise BadInput(f"{option}: no such file {path!r}")
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            if not hasattr(archive, "files"):
-                raise BadInput(f"{option}: {path!r} is a single .npy array; give an .npz with one array per model input")
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            raise BadInput(f"{option}: {path!r} is a single .npy array; give an .npz, one array per model input")
+        with loaded as archive:
             return {name: archive[name] for name in archive.files}
     except BadInput:
         raise
@@ -289,10 +291,17 @@ def _write_atomically(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(handle, "wb") as file:
             file.write(data)
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,7 +367,8 @@ def sensitivity_table(document: Mapping[str, Any]) -> str:
             line += f" {row.get('eigenvalue', float('nan')):>12.4g}"
         lines.append(line)
     timing = document["timing"]
-    lines.append(f"{timing['hvps']} Hessian-vector products in {timing.get('total_s', 0.0):.2f} s on {timing['device']}")
+    seconds = timing.get("total_s", 0.0)
+    lines.append(f"{timing['hvps']} Hessian-vector products in {seconds:.2f} s on {timing['device']}")
     return "\n".join(lines)
 
 

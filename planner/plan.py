@@ -1,0 +1,826 @@
+"""The one verb of the planner: ``plan(model, calibration, request) -> PlanResult``.
+
+Steps (DESIGN.md's data flow):
+
+1. sensitivity: ``compute_sensitivity`` with an ``InterLayerConfig`` for the weight bit widths
+   the candidates need (traces, g·Δ, G and Ω in one analysis), unless a result is given;
+2. objective: per layer × candidate, Ω and g·Δ and the G blocks from the candidate's weight bits
+   (fp32 -> zeros; w8a8 and w8 share the 8-bit Δ), size bytes and BOPS from ``layer_cost_table``;
+3. search: ``pareto`` builds the whole frontier (exact DP on Ω for ``hawq_v2``, the quadratic
+   solver on ΔL for ``interlayer``) and picks the best point within the budget; ``bisection``
+   demotes the least sensitive layers, measuring each step for real;
+4. measurement: the chosen plan, up to ``max_frontier_points`` frontier points and the uniform
+   configurations are exported (``export_model``) and evaluated in onnxruntime, with latency;
+5. the result: chosen configuration, predicted and measured figures, frontier, uniform
+   baselines, the artifact (bytes + sha256, the plan in its metadata) and versions.
+
+Budgets: ``max_size_bytes`` and ``max_bops`` are computed costs (``planner.cost``: weight
+storage plus the other initializers; BOPS of one sample), so the search enforces them exactly.
+The artifact's byte count (graph, QDQ nodes, metadata included) is reported as the measured
+size beside them. ``max_latency_ms`` cannot be predicted per layer cheaply (a per-layer
+latency table would need one measured export per layer and candidate, and latency is not
+additive across QDQ boundaries), so frontier points are measured and the measured ones are
+compared with it (see ``_choose_by_latency``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+
+from planner.bisection import bisect
+from planner.candidates import CANDIDATES, Configuration, parse_candidates
+from planner.cost import CostTable, layer_bops, layer_cost_table, layer_size_bytes
+from planner.evaluate import evaluate
+from planner.export import ExportedModel, check_inputs, export_model
+from planner.export import versions as export_versions
+from planner.frontier import InfeasibleBudget, diagonal_frontier, solve_budget
+from planner.latency import LatencyMeasurement, measure_latency
+from planner.objective import Objective
+from planner.quadratic import quadratic_frontier, solve_quadratic
+from sensitivity.interlayer import perturbations
+from sensitivity.onnx_program import check_supported
+from sensitivity.results import InterLayerConfig, InterLayerTerms, SensitivityResult
+
+Progress = Callable[[str, float, str], None]
+
+METHODS = ("hawq_v2", "interlayer")
+SEARCHES = ("pareto", "bisection")
+DEFAULT_CANDIDATES = ("fp32", "w8a8", "w4a8", "w8", "w4")
+BUDGET_FIELDS = ("max_size_bytes", "max_bops", "max_latency_ms")
+# Options the request sets itself; the rest of InterLayerConfig's fields may be given.
+_OWNED_SENSITIVITY_OPTIONS = ("bits", "seed", "device")
+# The frontier listed in a result is thinned to this many points (always keeping the measured
+# ones): a DP frontier of a large model can have many thousands of points.
+MAX_LISTED_FRONTIER = 256
+REQUEST_METADATA_KEY = "mpq.request"
+
+
+class NoFeasiblePlan(ValueError):
+    """No configuration meets the constraints; ``minimum`` is the least achievable value of ``kind``."""
+
+    def __init__(self, message: str, *, kind: str, limit: float, minimum: float | None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.limit = limit
+        self.minimum = minimum
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+# ---------------------------------------------------------------------------------------------
+# The request
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What to plan: method, search, candidates, constraints and measurement settings.
+
+    method: ``hawq_v2`` (diagonal Ω objective) or ``interlayer`` (ΔL = Σ g·Δ + ½ Σ G).
+    search: ``pareto`` (whole frontier, best point within the budget) or ``bisection``
+    (demotion order, measured; needs ``max_drop``). At most one budget among
+    ``max_size_bytes``, ``max_bops`` and ``max_latency_ms``; ``max_drop`` (percentage points)
+    may accompany it. ``sensitivity_options`` are further ``InterLayerConfig`` fields
+    (``batch_size``, ``trace_max_probes``, ...); bits, seed and device come from the request.
+    ``device`` is used for the sensitivity analysis and the latency measurement.
+    """
+
+    method: str = "hawq_v2"
+    search: str = "pareto"
+    candidates: tuple[str, ...] = DEFAULT_CANDIDATES
+    max_size_bytes: int | None = None
+    max_bops: int | None = None
+    max_latency_ms: float | None = None
+    max_drop: float | None = None
+    seed: int = 0
+    sensitivity_options: Mapping[str, Any] = field(default_factory=dict)
+    max_frontier_points: int = 8
+    measure_uniform: bool = True
+    latency_repeats: int = 50
+    latency_warmup: int = 10
+    latency_batch_size: int = 1
+    device: str = "auto"
+    solver_time_limit_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        _require(self.method in METHODS, f"method must be one of {METHODS}; got {self.method!r}")
+        _require(self.search in SEARCHES, f"search must be one of {SEARCHES}; got {self.search!r}")
+        names = tuple(c.name for c in parse_candidates(self.candidates))
+        object.__setattr__(self, "candidates", names)
+        budgets = [name for name in BUDGET_FIELDS if getattr(self, name) is not None]
+        _require(len(budgets) <= 1, f"give at most one budget; got {budgets}")
+        for name in budgets:
+            value = getattr(self, name)
+            _require(_is_number(value) and value > 0, f"{name} must be a positive number; got {value!r}")
+        if self.max_drop is not None:
+            _require(_is_number(self.max_drop) and self.max_drop >= 0, f"max_drop must be >= 0; got {self.max_drop!r}")
+        bisection = self.search == "bisection"
+        _require(not bisection or self.max_drop is not None, "bisection needs max_drop (percentage points)")
+        _require(
+            not bisection or self.max_latency_ms is None,
+            "bisection takes a size or BOPS budget, not max_latency_ms; use search='pareto'",
+        )
+        _require(isinstance(self.seed, int) and self.seed >= 0, f"seed must be a non-negative int; got {self.seed!r}")
+        for name in ("max_frontier_points", "latency_repeats", "latency_batch_size"):
+            _require(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, f"{name} must be an int >= 1")
+        warmup = self.latency_warmup
+        _require(isinstance(warmup, int) and warmup >= 0, f"latency_warmup must be an int >= 0; got {warmup!r}")
+        _require(self.solver_time_limit_s > 0, f"solver_time_limit_s must be positive; got {self.solver_time_limit_s}")
+        _require(isinstance(self.sensitivity_options, Mapping), "sensitivity_options must be a mapping")
+        options = dict(self.sensitivity_options)
+        owned = sorted(set(options) & set(_OWNED_SENSITIVITY_OPTIONS))
+        _require(not owned, f"sensitivity_options must not set {owned}: the request sets them")
+        object.__setattr__(self, "sensitivity_options", options)  # a copy: plain data, picklable
+        self.sensitivity_config()  # validates the options (unknown names, bad values)
+
+    @property
+    def weight_bits(self) -> tuple[int, ...]:
+        """The weight bit widths the candidates need Δ for, widest first."""
+        bits = {CANDIDATES[name].weight_bits for name in self.candidates} - {None}
+        return tuple(sorted(bits, reverse=True))
+
+    @property
+    def cost_kind(self) -> str:
+        """The cost the search trades against the predicted loss: BOPS for BOPS and latency budgets
+        (BOPS is the computed proxy of compute time), else size."""
+        return "bops" if self.max_bops is not None or self.max_latency_ms is not None else "size"
+
+    @property
+    def budget(self) -> float | None:
+        """The computed-cost budget on ``cost_kind`` (None for no budget or a latency budget)."""
+        return self.max_size_bytes if self.max_size_bytes is not None else self.max_bops
+
+    def constraints(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in (*BUDGET_FIELDS, "max_drop") if getattr(self, name) is not None}
+
+    def sensitivity_config(self) -> InterLayerConfig:
+        bits = self.weight_bits or (8,)  # only fp32 candidates: nothing is quantized, any width will do
+        try:
+            return InterLayerConfig(**dict(self.sensitivity_options), bits=bits, seed=self.seed, device=self.device)
+        except TypeError as error:  # an unknown option name
+            raise ValueError(f"invalid sensitivity_options: {error}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {**data, "candidates": list(self.candidates), "sensitivity_options": dict(self.sensitivity_options)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PlanRequest:
+        _require(isinstance(data, Mapping), f"a plan request must be a JSON object; got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        _require(not unknown, f"unknown plan request keys {unknown}; known: {sorted(known)}")
+        values = dict(data)
+        if "candidates" in values and not isinstance(values["candidates"], str):
+            values["candidates"] = tuple(values["candidates"])
+        return cls(**values)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What the exported configuration measured in onnxruntime."""
+
+    metric_name: str
+    metric: float  # percent
+    baseline: float  # percent, the float model on the same samples
+    drop: float  # percentage points
+    num_samples: int
+    size_bytes: int  # the artifact's bytes
+    sha256: str
+    latency: LatencyMeasurement | None
+
+    def to_dict(self) -> dict[str, Any]:
+        latency = self.latency
+        return {
+            "metric_name": self.metric_name,
+            "metric": self.metric,
+            "baseline": self.baseline,
+            "drop": self.drop,
+            "num_samples": self.num_samples,
+            "size_bytes": self.size_bytes,
+            "sha256": self.sha256,
+            "latency_ms": None
+            if latency is None
+            else {
+                "mean": latency.mean_ms,
+                "p50": latency.p50_ms,
+                "p90": latency.p90_ms,
+                "batch_size": latency.batch_size,
+                "repeats": latency.repeats,
+                "device": latency.device_description,
+                "provider": latency.provider,
+            },
+        }
+
+
+@dataclass(frozen=True)
+class PlanPoint:
+    """A configuration with its computed costs, both predicted loss changes and, if measured, its measurement."""
+
+    configuration: Mapping[str, str]
+    size_bytes: int
+    bops: int
+    omega: float  # Ω(c), HAWQ-V2's diagonal proxy
+    loss_change: float  # ΔL(c) = Σ g·Δ + ½ Σ G
+    measured: Measurement | None = None
+
+    def predicted(self) -> dict[str, Any]:
+        return {"omega": self.omega, "loss_change": self.loss_change, "size_bytes": self.size_bytes, "bops": self.bops}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layers": dict(self.configuration),
+            "predicted": self.predicted(),
+            "measured": None if self.measured is None else self.measured.to_dict(),
+        }
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """What ``plan`` returns (plain picklable data). ``to_dict`` gives JSON data, the artifact by size and sha256."""
+
+    request: PlanRequest
+    plan: PlanPoint  # the chosen configuration, always measured
+    meets_constraints: bool
+    frontier: tuple[PlanPoint, ...]
+    uniform: Mapping[str, PlanPoint]  # candidate -> every layer at it
+    evaluations: int  # configurations the search exported and evaluated to choose the plan
+    search_details: Mapping[str, Any]
+    artifact_bytes: bytes = field(repr=False)
+    artifact_sha256: str
+    sensitivity: Mapping[str, Any] = field(repr=False)
+    versions: Mapping[str, str]
+    timings: Mapping[str, float]
+
+    @property
+    def configuration(self) -> Configuration:
+        return Configuration(dict(self.plan.configuration))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "request": self.request.to_dict(),
+            "plan": self.plan.to_dict(),
+            "meets_constraints": self.meets_constraints,
+            "frontier": [point.to_dict() for point in self.frontier],
+            "uniform": {name: point.to_dict() for name, point in self.uniform.items()},
+            "evaluations": self.evaluations,
+            "search": dict(self.search_details),
+            "artifact": {"sha256": self.artifact_sha256, "size_bytes": len(self.artifact_bytes)},
+            "sensitivity": dict(self.sensitivity),
+            "versions": dict(self.versions),
+            "timings": dict(self.timings),
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# The verb
+
+
+def plan(
+    model: onnx.ModelProto,
+    calibration: Mapping[str, np.ndarray],
+    request: PlanRequest,
+    *,
+    evaluation: Mapping[str, np.ndarray] | None = None,
+    sensitivity: SensitivityResult | None = None,
+    progress: Progress | None = None,
+) -> PlanResult:
+    """Choose, export and measure a mixed-precision configuration of ``model`` (see the module doc).
+
+    ``calibration`` (and ``evaluation``, default: the calibration set) map the model inputs,
+    and optionally ``labels``, to arrays with samples on the first axis. Raises ``ValueError``
+    for bad input (``UnsupportedOpsError`` for ops the sensitivity analysis lacks) and
+    ``NoFeasiblePlan`` when no configuration meets the constraints.
+    """
+    progress = progress or _no_progress
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    if sensitivity is None:  # the analysis interprets the graph: name unsupported ops before anything runs
+        check_supported(model)
+    check_inputs(model, calibration, what="calibration set")
+    evaluation = calibration if evaluation is None else evaluation
+    check_inputs(model, evaluation, what="evaluation set")
+
+    table = layer_cost_table(model, _sample_shape(model, calibration))
+    _check_budget_feasible(table, request)  # before the costly analysis
+    sensitivity = _sensitivity(model, calibration, request, sensitivity, progress, timings)
+    progress("objective", 0.0, "building the objective")
+    objective = build_objective(sensitivity, table, request.candidates, model)
+
+    measurer = _Measurer(model, calibration, evaluation, request, progress)
+    search_start = time.perf_counter()
+    if request.search == "bisection":
+        chosen, frontier, details = _bisection(objective, table, request, measurer)
+    else:
+        chosen, frontier, details = _pareto(objective, table, request, measurer)
+    timings["search"] = time.perf_counter() - search_start
+    evaluations = measurer.count
+
+    measure_start = time.perf_counter()
+    chosen = measurer.measured(chosen)
+    frontier = tuple(measurer.measured(p) if measurer.has(p.configuration) else p for p in frontier)
+    uniform = _uniform(objective, table, request, measurer) if request.measure_uniform else {}
+    timings["measure"] = time.perf_counter() - measure_start
+    timings["total"] = time.perf_counter() - start
+    artifact = measurer.export(chosen.configuration)
+    progress("done", 1.0, f"plan measured: {chosen.measured.metric:.2f} % ({chosen.measured.metric_name})")
+    return PlanResult(
+        request=request,
+        plan=chosen,
+        meets_constraints=meets_constraints(chosen, request),
+        frontier=_listed(frontier),
+        uniform=uniform,
+        evaluations=evaluations,
+        search_details=details,
+        artifact_bytes=artifact.model_bytes,
+        artifact_sha256=artifact.sha256,
+        sensitivity=sensitivity.to_dict(),
+        versions={**sensitivity.versions, **export_versions()},
+        timings=timings,
+    )
+
+
+def _no_progress(phase: str, fraction: float, message: str) -> None:
+    pass
+
+
+def meets_constraints(point: PlanPoint, request: PlanRequest) -> bool:
+    """Computed costs within the size/BOPS budget, measured latency and drop within theirs."""
+    checks = []
+    if request.max_size_bytes is not None:
+        checks.append(point.size_bytes <= request.max_size_bytes)
+    if request.max_bops is not None:
+        checks.append(point.bops <= request.max_bops)
+    measured = point.measured
+    if request.max_latency_ms is not None:
+        latency = None if measured is None else measured.latency
+        checks.append(latency is not None and latency.p50_ms <= request.max_latency_ms)
+    if request.max_drop is not None:
+        checks.append(measured is not None and measured.drop <= request.max_drop)
+    return all(checks)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sensitivity and the objective
+
+
+def _sensitivity(
+    model: onnx.ModelProto,
+    calibration: Mapping[str, np.ndarray],
+    request: PlanRequest,
+    given: SensitivityResult | None,
+    progress: Progress,
+    timings: dict[str, float],
+) -> SensitivityResult:
+    if given is not None:
+        _require(
+            request.method != "interlayer" or given.interlayer is not None,
+            "method 'interlayer' needs a sensitivity result with inter-layer terms (an InterLayerConfig analysis)",
+        )
+        return given
+    from sensitivity.onnx_program import load_onnx
+    from sensitivity.run import compute_sensitivity
+
+    start = time.perf_counter()
+    program = load_onnx(model)
+
+    def forward(phase: str, fraction: float, message: str) -> None:
+        progress(f"sensitivity:{phase}", fraction, message)
+
+    result = compute_sensitivity(program, calibration, request.sensitivity_config(), forward)
+    timings["sensitivity"] = time.perf_counter() - start
+    return result
+
+
+def _sample_shape(model: onnx.ModelProto, calibration: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    """The calibration arrays' shapes with batch 1: BOPS are counted per sample."""
+    feeds = check_inputs(model, calibration, what="calibration set")
+    return {name: (1, *array.shape[1:]) for name, array in feeds.items()}
+
+
+def build_objective(
+    sensitivity: SensitivityResult,
+    table: CostTable,
+    candidates: Sequence[str],
+    model: onnx.ModelProto | None = None,
+) -> Objective:
+    """Ω, g·Δ, G and costs (``size``: bytes of the layer's weight; ``bops``) per layer × candidate.
+
+    The terms come from the inter-layer analysis by the candidate's weight bits (fp32 -> 0).
+    A result with traces only (a TraceConfig analysis) gives Ω from the traces and the ‖Δ‖²
+    of ``model``'s weights, with g·Δ and G zero: enough for ``hawq_v2``, not for ``interlayer``.
+    """
+    layers = [layer.name for layer in sensitivity.layers]
+    missing = sorted(set(table) ^ set(layers))
+    _require(not missing, f"the sensitivity result does not match the model's layers (differ: {missing})")
+    terms = sensitivity.interlayer
+    if terms is None:
+        terms = _trace_terms(sensitivity, candidates, model)
+    index = terms.index()
+    bits_of = {name: CANDIDATES[name].weight_bits for name in candidates}
+    needed = sorted({(layer, bits) for layer in layers for bits in bits_of.values() if bits is not None} - set(index))
+    _require(not needed, f"the sensitivity result lacks terms for (layer, bits) {needed[:5]}; analyse those bit widths")
+
+    def per_candidate(values: Sequence[float], layer: str) -> list[float]:
+        return [0.0 if bits_of[c] is None else float(values[index[(layer, bits_of[c])]]) for c in candidates]
+
+    flat = [(layer, bits_of[c]) for layer in layers for c in candidates]
+    rows = np.array([-1 if bits is None else index[(layer, bits)] for layer, bits in flat])
+    matrix = terms.array()
+    G = np.where((rows[:, None] >= 0) & (rows[None, :] >= 0), matrix[np.ix_(rows, rows)], 0.0)
+    return Objective(
+        layers=tuple(layers),
+        candidates=tuple(tuple(candidates) for _ in layers),
+        omega=[per_candidate(terms.omega, layer) for layer in layers],
+        linear=[per_candidate(terms.gradient_terms, layer) for layer in layers],
+        G=0.5 * (G + G.T),  # HVP estimates are symmetric only up to round-off
+        costs={
+            "size": [[layer_size_bytes(table[layer], c) for c in candidates] for layer in layers],
+            "bops": [[layer_bops(table[layer], c) for c in candidates] for layer in layers],
+        },
+    )
+
+
+def _trace_terms(
+    sensitivity: SensitivityResult, candidates: Sequence[str], model: onnx.ModelProto | None
+) -> InterLayerTerms:
+    """Ω from traces and the model's own Δ; g·Δ and G zero (see ``build_objective``)."""
+    _require(sensitivity.traces is not None, "the sensitivity result has neither traces nor inter-layer terms")
+    _require(model is not None, "a result with traces only needs the model to compute Δ")
+    import torch
+
+    from sensitivity.layers import find_layers, weight_array
+
+    bits = sorted({CANDIDATES[c].weight_bits for c in candidates} - {None}) or [8]
+    layers = find_layers(model)
+    weights = [torch.from_numpy(weight_array(model, layer.name).astype(np.float32)) for layer in layers]
+    deltas = perturbations(layers, weights, bits)
+    norms = {label: float(delta.double().pow(2).sum()) for label, delta in deltas.items()}
+    average = {trace.name: trace.average_trace for trace in sensitivity.traces}
+    labels = tuple(deltas)
+    return InterLayerTerms(
+        labels=labels,
+        matrix=tuple(tuple(0.0 for _ in labels) for _ in labels),
+        gradient_terms=tuple(0.0 for _ in labels),
+        delta_norms_squared=tuple(norms[label] for label in labels),
+        omega=tuple(average[name] * norms[(name, b)] for name, b in labels),
+        symmetry_error=0.0,
+    )
+
+
+def _point(objective: Objective, table: CostTable, configuration: Mapping[str, str]) -> PlanPoint:
+    omega, loss = objective.evaluate(configuration)
+    return PlanPoint(
+        configuration=dict(configuration),
+        size_bytes=int(round(objective.cost(configuration, "size"))) + table.other_initializer_bytes,
+        bops=int(round(objective.cost(configuration, "bops"))),
+        omega=omega,
+        loss_change=loss,
+    )
+
+
+def _layer_budget(table: CostTable, request: PlanRequest) -> float | None:
+    """The budget on the objective's per-layer costs (size: minus the bytes outside layers)."""
+    if request.budget is None:
+        return None
+    other = table.other_initializer_bytes if request.cost_kind == "size" else 0
+    return float(request.budget - other)
+
+
+def minimum_cost(table: CostTable, candidates: Sequence[str], kind: str) -> int:
+    """The computed cost of the cheapest configuration (size includes the bytes outside layers)."""
+    cost = layer_size_bytes if kind == "size" else layer_bops
+    other = table.other_initializer_bytes if kind == "size" else 0
+    return other + sum(min(cost(layer, c) for c in candidates) for layer in table.values())
+
+
+def _check_budget_feasible(table: CostTable, request: PlanRequest) -> None:
+    """NoFeasiblePlan naming the minimum achievable cost when the size/BOPS budget is below it."""
+    if request.budget is None:
+        return
+    kind = request.cost_kind
+    cheapest = minimum_cost(table, request.candidates, kind)
+    if cheapest > request.budget:
+        name = "max_size_bytes" if kind == "size" else "max_bops"
+        unit = "bytes" if kind == "size" else "BOPS"
+        raise NoFeasiblePlan(
+            f"no configuration meets {name}={request.budget:.6g}: the cheapest with candidates "
+            f"{list(request.candidates)} costs {cheapest:.6g} {unit}",
+            kind=name,
+            limit=float(request.budget),
+            minimum=float(cheapest),
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring configurations
+
+
+class _Measurer:
+    """Exports and measures configurations once each (cached); counts the distinct ones."""
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        calibration: Mapping[str, np.ndarray],
+        evaluation: Mapping[str, np.ndarray],
+        request: PlanRequest,
+        progress: Progress,
+    ) -> None:
+        self._model = model
+        self._float_bytes = model.SerializeToString()
+        self._calibration = calibration
+        self._evaluation = evaluation
+        self._request = request
+        self.progress = progress
+        # Every artifact carries the same metadata, so the chosen one is byte-identical to the measured one.
+        self._metadata = {REQUEST_METADATA_KEY: json.dumps(request.to_dict(), sort_keys=True)}
+        self._exports: dict[Configuration, ExportedModel] = {}
+        self._measurements: dict[Configuration, Measurement] = {}
+
+    @property
+    def count(self) -> int:
+        return len(self._measurements)
+
+    def has(self, configuration: Mapping[str, str]) -> bool:
+        return Configuration(dict(configuration)) in self._measurements
+
+    def export(self, configuration: Mapping[str, str]) -> ExportedModel:
+        key = Configuration(dict(configuration))
+        if key not in self._exports:
+            self._exports[key] = export_model(
+                self._model,
+                key,
+                self._calibration,
+                metadata=self._metadata,
+                constraints=self._request.constraints(),
+            )
+        return self._exports[key]
+
+    def measure(self, configuration: Mapping[str, str]) -> Measurement:
+        key = Configuration(dict(configuration))
+        if key not in self._measurements:
+            self.progress("measure", 0.0, f"exporting and evaluating configuration {len(self._measurements) + 1}")
+            exported = self.export(key)
+            result = evaluate(exported, self._float_bytes, self._evaluation)
+            latency = measure_latency(
+                exported.model_bytes,
+                self._evaluation,
+                device=_latency_device(self._request.device),
+                warmup=self._request.latency_warmup,
+                repeats=self._request.latency_repeats,
+                batch_size=self._request.latency_batch_size,
+            )
+            self._measurements[key] = Measurement(
+                metric_name=result.metric_name,
+                metric=result.metric,
+                baseline=result.baseline,
+                drop=result.drop,
+                num_samples=result.num_samples,
+                size_bytes=len(exported.model_bytes),
+                sha256=exported.sha256,
+                latency=latency,
+            )
+            self.progress("measure", 1.0, f"{result.metric_name} {result.metric:.2f} % (drop {result.drop:.2f} pp)")
+        return self._measurements[key]
+
+    def measured(self, point: PlanPoint) -> PlanPoint:
+        return dataclasses.replace(point, measured=self.measure(point.configuration))
+
+
+def _latency_device(device: str) -> str:
+    """The latency module knows auto, cpu and cuda; a numbered CUDA device counts as cuda."""
+    return "cuda" if device.startswith("cuda") else device
+
+
+def _evenly(points: Sequence[PlanPoint], count: int) -> list[PlanPoint]:
+    """At most ``count`` points spread evenly, keeping the first and the last."""
+    if len(points) <= count:
+        return list(points)
+    picks = np.unique(np.linspace(0, len(points) - 1, count).round().astype(int))
+    return [points[k] for k in picks]
+
+
+def _listed(frontier: Sequence[PlanPoint]) -> tuple[PlanPoint, ...]:
+    """The frontier thinned to ``MAX_LISTED_FRONTIER`` points, keeping every measured one."""
+    if len(frontier) <= MAX_LISTED_FRONTIER:
+        return tuple(frontier)
+    measured = [k for k, p in enumerate(frontier) if p.measured is not None]
+    spread = np.linspace(0, len(frontier) - 1, max(MAX_LISTED_FRONTIER - len(measured), 2)).round().astype(int)
+    return tuple(frontier[k] for k in sorted(set(spread.tolist()) | set(measured)))
+
+
+def _uniform(objective: Objective, table: CostTable, request: PlanRequest, measurer: _Measurer) -> dict[str, PlanPoint]:
+    points = {}
+    for name in request.candidates:
+        configuration = {layer: name for layer in objective.layers}
+        points[name] = measurer.measured(_point(objective, table, configuration))
+    return points
+
+
+# ---------------------------------------------------------------------------------------------
+# Searches
+
+
+def _frontier_points(
+    objective: Objective, table: CostTable, request: PlanRequest
+) -> tuple[list[PlanPoint], dict[str, Any]]:
+    """The (cost, predicted loss) frontier by increasing cost: exact DP on Ω, or the quadratic solver on ΔL."""
+    kind = request.cost_kind
+    if request.method == "hawq_v2":
+        frontier = diagonal_frontier(objective, kind)
+        configurations = [objective.configuration(point.choice) for point in frontier]
+        details = {"solver": "diagonal-dp", "points": len(frontier)}
+    else:
+        results = quadratic_frontier(objective, kind, time_limit=request.solver_time_limit_s)
+        configurations = [objective.configuration(result.choice) for result in results]
+        details = {
+            "solver": "quadratic",
+            "points": len(results),
+            "proven_optimal": all(result.proven_optimal for result in results),
+            "max_relative_gap": max((result.relative_gap for result in results), default=0.0),
+        }
+    return [_point(objective, table, c) for c in configurations], details
+
+
+def _value(point: PlanPoint, method: str) -> float:
+    return point.omega if method == "hawq_v2" else point.loss_change
+
+
+def _best_within_budget(
+    objective: Objective, table: CostTable, request: PlanRequest
+) -> tuple[PlanPoint, dict[str, Any]]:
+    """The least predicted loss within the computed-cost budget, solved exactly for that budget."""
+    kind, budget = request.cost_kind, _layer_budget(table, request)
+    if budget is None:
+        budget = float(sum(row.max() for row in objective.cost_table(kind)))
+    try:
+        if request.method == "hawq_v2":
+            choice, details = solve_budget(objective, kind, budget).choice, {}
+        else:
+            result = solve_quadratic(objective, kind, budget, time_limit=request.solver_time_limit_s)
+            choice = result.choice
+            details = {"budget_solver": result.method, "lower_bound": result.lower_bound, "gap": result.gap,
+                       "proven_optimal": result.proven_optimal}
+    except InfeasibleBudget as error:  # checked up front already; kept so a rounding difference still reads clearly
+        name = "max_size_bytes" if kind == "size" else "max_bops"
+        raise NoFeasiblePlan(str(error), kind=name, limit=float(request.budget), minimum=error.min_cost) from None
+    return _point(objective, table, objective.configuration(choice)), details
+
+
+def _pareto(
+    objective: Objective, table: CostTable, request: PlanRequest, measurer: _Measurer
+) -> tuple[PlanPoint, list[PlanPoint], dict[str, Any]]:
+    """Frontier, then: the best point within the budget; with max_drop or a latency budget,
+    the best measured frontier point meeting them."""
+    measurer.progress("search", 0.0, f"building the {request.method} frontier")
+    frontier, details = _frontier_points(objective, table, request)
+    best, best_details = _best_within_budget(objective, table, request)
+    details.update(best_details)
+    frontier = _with_point(frontier, best, request.cost_kind)
+    budget = request.budget
+    eligible = [p for p in frontier if budget is None or _cost_of(p, request.cost_kind) <= budget]
+    # Measure an even spread of the eligible points, always including the predicted best.
+    to_measure = _with_point(_evenly(eligible, max(request.max_frontier_points - 1, 1)), best, request.cost_kind)
+    for k, point in enumerate(to_measure):
+        measurer.progress("search", k / len(to_measure), f"measuring frontier point {k + 1}/{len(to_measure)}")
+        measurer.measure(point.configuration)
+    measured = [measurer.measured(p) for p in to_measure]
+    details["measured_points"] = len(measured)
+    if request.max_latency_ms is None and request.max_drop is None:
+        return best, frontier, details
+    if request.max_latency_ms is not None:
+        measured = _within_latency(measured, request)
+    if request.max_drop is not None:
+        details["chosen_by"] = "cheapest measured point within max_drop"
+        return _choose_by_drop(measured, request), frontier, details
+    details["chosen_by"] = "least predicted loss among the measured points within max_latency_ms"
+    return min(measured, key=lambda p: _value(p, request.method)), frontier, details
+
+
+def _with_point(points: Sequence[PlanPoint], extra: PlanPoint, kind: str) -> list[PlanPoint]:
+    """``points`` plus ``extra`` (if its configuration is new), by increasing cost ``kind``."""
+    if any(p.configuration == extra.configuration for p in points):
+        return list(points)
+    return sorted([*points, extra], key=lambda p: _cost_of(p, kind))
+
+
+def _cost_of(point: PlanPoint, kind: str) -> int:
+    return point.size_bytes if kind == "size" else point.bops
+
+
+def _within_latency(measured: Sequence[PlanPoint], request: PlanRequest) -> list[PlanPoint]:
+    """Latency is measured, not predicted: the measured frontier points (BOPS frontier) whose
+    measured median latency (robust to scheduling noise, unlike the mean) is within the budget."""
+    fast = [p for p in measured if p.measured.latency.p50_ms <= request.max_latency_ms]
+    if not fast:
+        fastest = min(p.measured.latency.p50_ms for p in measured)
+        raise NoFeasiblePlan(
+            f"no measured configuration meets max_latency_ms={request.max_latency_ms:g}: the fastest of "
+            f"{len(measured)} measured frontier points has a median latency of {fastest:.4g} ms",
+            kind="max_latency_ms",
+            limit=float(request.max_latency_ms),
+            minimum=fastest,
+        )
+    return fast
+
+
+def _choose_by_drop(measured: Sequence[PlanPoint], request: PlanRequest) -> PlanPoint:
+    """The cheapest measured point whose drop is within max_drop."""
+    good = [p for p in measured if p.measured.drop <= request.max_drop]
+    if not good:
+        least = min(p.measured.drop for p in measured)
+        raise NoFeasiblePlan(
+            f"no measured configuration meets max_drop={request.max_drop:g} pp within the constraints: "
+            f"the least drop among {len(measured)} measured points is {least:.4g} pp",
+            kind="max_drop",
+            limit=float(request.max_drop),
+            minimum=least,
+        )
+    return min(good, key=lambda p: (_cost_of(p, request.cost_kind), _value(p, request.method)))
+
+
+def bisection_candidates(objective: Objective, request: PlanRequest) -> tuple[str, str]:
+    """(low, high): demote from the most expensive candidate (fp32 when offered) to the cheapest
+    one in the search's cost (ties: fewer BOPS, then fewer bits of activation)."""
+    names = request.candidates
+    kind = request.cost_kind
+
+    def total(name: str, cost: str) -> float:
+        return objective.cost({layer: name for layer in objective.layers}, cost)
+
+    low = min(names, key=lambda n: (total(n, kind), total(n, "bops"), names.index(n)))
+    high = "fp32" if "fp32" in names else max(names, key=lambda n: (total(n, kind), total(n, "bops")))
+    _require(low != high, f"bisection needs two candidates of different cost; got {list(names)}")
+    return low, high
+
+
+def _bisection(
+    objective: Objective, table: CostTable, request: PlanRequest, measurer: _Measurer
+) -> tuple[PlanPoint, list[PlanPoint], dict[str, Any]]:
+    """Demotion order by predicted sensitivity per cost saved; binary search measured for real.
+    The measured steps are the frontier."""
+    low, high = bisection_candidates(objective, request)
+    ordering = "diagonal" if request.method == "hawq_v2" else "interlayer"
+    measurer.progress("search", 0.0, f"bisection: demoting {high} -> {low} ({ordering} order)")
+    result = bisect(
+        objective,
+        request.cost_kind,
+        lambda configuration: measurer.measure(configuration).drop,
+        request.max_drop,
+        low=low,
+        high=high,
+        ordering=ordering,
+    )
+    steps = sorted({step.k: step for step in result.steps}.values(), key=lambda step: -step.k)
+    frontier = [measurer.measured(_point(objective, table, step.configuration)) for step in steps]
+    chosen = measurer.measured(_point(objective, table, result.configuration))
+    details = {
+        "solver": "bisection",
+        "low": low,
+        "high": high,
+        "ordering": ordering,
+        "order": list(result.order),
+        "demoted": result.best.k,
+        "within_tolerance": result.within_tolerance,
+        "steps": [{"k": step.k, "drop": step.drop, "cost": step.cost} for step in result.steps],
+    }
+    if not result.within_tolerance:
+        raise NoFeasiblePlan(
+            f"no measured configuration meets max_drop={request.max_drop:g} pp: even the undemoted "
+            f"configuration drops {result.best.drop:.4g} pp",
+            kind="max_drop",
+            limit=float(request.max_drop),
+            minimum=result.best.drop,
+        )
+    if request.budget is not None and _cost_of(chosen, request.cost_kind) > request.budget:
+        cheapest = min(_cost_of(p, request.cost_kind) for p in frontier if p.measured.drop <= request.max_drop)
+        raise NoFeasiblePlan(
+            f"bisection found no configuration within both max_drop={request.max_drop:g} pp and the "
+            f"{request.cost_kind} budget {request.budget:.6g}: the cheapest measured one within the drop "
+            f"costs {cheapest:.6g}",
+            kind="max_size_bytes" if request.cost_kind == "size" else "max_bops",
+            limit=float(request.budget),
+            minimum=float(cheapest),
+        )
+    return chosen, frontier, details
+

@@ -1,0 +1,193 @@
+"""plan(): sensitivity -> objective -> search -> export -> measurement, on the trained digits CNN."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from planner.export import read_plan
+from planner.cost import layer_cost_table
+from planner.plan import DEFAULT_CANDIDATES, NoFeasiblePlan, PlanRequest, build_objective, minimum_cost, plan
+from sensitivity.examples import export_onnx, trained_digits_cnn
+from sensitivity.onnx_program import load_onnx
+from sensitivity.results import InterLayerConfig
+from sensitivity.run import compute_sensitivity
+
+FAST = {"measure_uniform": False, "max_frontier_points": 3, "latency_repeats": 5, "latency_warmup": 1, "device": "cpu"}
+PROBES = {"trace_max_probes": 8, "trace_min_probes": 4}
+SIZE_BUDGET = 30_000  # bytes: between all-w4 (~11.5 kB) and fp32 (~86 kB)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    model, data = trained_digits_cnn(epochs=4)
+    proto = export_onnx(model, torch.from_numpy(data.train_x[:1]))
+    calibration = {"input": data.train_x[:256], "labels": data.train_y[:256]}
+    evaluation = {"input": data.test_x[:300], "labels": data.test_y[:300]}
+    return proto, calibration, evaluation
+
+
+@pytest.fixture(scope="module")
+def sensitivity(digits):
+    proto, calibration, _ = digits
+    config = InterLayerConfig(bits=(8, 4), trace_max_probes=8, trace_min_probes=4, device="cpu")
+    return compute_sensitivity(load_onnx(proto), calibration, config)
+
+
+def onnxruntime_accuracy(model_bytes: bytes, dataset) -> float:
+    session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    logits = session.run(None, {"input": dataset["input"]})[0]
+    return 100.0 * float(np.mean(logits.argmax(axis=1) == dataset["labels"]))
+
+
+def test_pareto_plan_meets_a_size_budget_and_its_artifact_measures_what_is_reported(digits):
+    proto, calibration, evaluation = digits
+    request = PlanRequest(max_size_bytes=SIZE_BUDGET, sensitivity_options=PROBES, **FAST)
+    phases = []
+    result = plan(proto, calibration, request, evaluation=evaluation, progress=lambda p, f, m: phases.append(p))
+
+    assert result.plan.size_bytes <= SIZE_BUDGET
+    assert result.meets_constraints
+    assert any(c != "fp32" for c in result.plan.configuration.values())
+    # The chosen point is the least Ω among the frontier points within the budget.
+    within = [p for p in result.frontier if p.size_bytes <= SIZE_BUDGET]
+    assert result.plan.omega == pytest.approx(min(p.omega for p in within))
+    # The artifact is the chosen configuration, runs in onnxruntime and measures what was reported.
+    assert hashlib.sha256(result.artifact_bytes).hexdigest() == result.artifact_sha256
+    assert read_plan(result.artifact_bytes)["configuration"] == dict(result.plan.configuration)
+    measured = result.plan.measured
+    assert measured.size_bytes == len(result.artifact_bytes)
+    assert measured.metric == pytest.approx(onnxruntime_accuracy(result.artifact_bytes, evaluation))
+    assert measured.baseline == pytest.approx(onnxruntime_accuracy(proto.SerializeToString(), evaluation))
+    assert measured.latency.p50_ms > 0 and measured.latency.repeats == 5
+    assert 1 <= result.evaluations <= 3
+    assert {"sensitivity:traces", "search", "measure", "done"} <= set(phases)
+    document = json.loads(json.dumps(result.to_dict(), allow_nan=False))
+    assert document["plan"]["layers"] == dict(result.plan.configuration)
+    assert document["sensitivity"]["interlayer"] is not None
+    assert document["artifact"]["sha256"] == result.artifact_sha256
+
+
+def test_an_impossible_budget_names_the_minimum_cost(digits):
+    proto, calibration, evaluation = digits
+    cheapest = minimum_cost(layer_cost_table(proto, (1, 1, 8, 8)), ("fp32", "w8a8", "w4a8"), "size")
+    request = PlanRequest(candidates=("fp32", "w8a8", "w4a8"), max_size_bytes=1_000, **FAST)
+    with pytest.raises(NoFeasiblePlan, match=f"costs {cheapest} bytes") as raised:
+        plan(proto, calibration, request, evaluation=evaluation)
+    assert raised.value.minimum == cheapest > 1_000
+
+
+def test_bisection_respects_max_drop_within_the_evaluation_bound(digits, sensitivity):
+    proto, calibration, evaluation = digits
+    request = PlanRequest(search="bisection", max_drop=0.5, **FAST)
+    result = plan(proto, calibration, request, evaluation=evaluation, sensitivity=sensitivity)
+    layers = len(result.plan.configuration)
+    assert result.evaluations <= math.ceil(math.log2(layers)) + 2
+    assert result.plan.measured.drop <= 0.5
+    assert result.meets_constraints
+    assert result.search_details["low"] == "w4a8" and result.search_details["high"] == "fp32"
+    # Every step was measured for real, and the chosen one is the cheapest measured within the drop.
+    assert all(p.measured is not None for p in result.frontier)
+    good = [p for p in result.frontier if p.measured.drop <= 0.5]
+    assert result.plan.size_bytes == min(p.size_bytes for p in good)
+
+
+def test_interlayer_and_hawq_v2_each_minimise_their_own_prediction(digits, sensitivity):
+    proto, calibration, evaluation = digits
+    results = {
+        method: plan(
+            proto, calibration, PlanRequest(method=method, max_size_bytes=SIZE_BUDGET, **FAST),
+            evaluation=evaluation, sensitivity=sensitivity,
+        )
+        for method in ("hawq_v2", "interlayer")
+    }
+    for result in results.values():
+        assert result.plan.size_bytes <= SIZE_BUDGET and result.meets_constraints
+        assert result.plan.measured.metric > 80.0
+    hawq, inter = results["hawq_v2"].plan, results["interlayer"].plan
+    scale = max(abs(hawq.loss_change), abs(inter.loss_change), 1e-12)
+    assert inter.loss_change <= hawq.loss_change + 1e-9 * scale  # ΔL is exactly minimised by the MILP
+    assert hawq.omega <= inter.omega * (1 + 1e-9)  # Ω is exactly minimised by the DP
+    assert results["interlayer"].search_details["solver"] == "quadratic"
+
+
+def test_latency_budget_picks_a_measured_point(digits, sensitivity):
+    proto, calibration, evaluation = digits
+    fast = {**FAST, "max_frontier_points": 2}
+    result = plan(proto, calibration, PlanRequest(max_latency_ms=1_000.0, **fast), evaluation=evaluation,
+                  sensitivity=sensitivity)
+    assert result.plan.measured.latency.p50_ms <= 1_000.0 and result.meets_constraints
+    with pytest.raises(NoFeasiblePlan, match="median latency"):
+        plan(proto, calibration, PlanRequest(max_latency_ms=1e-6, **fast), evaluation=evaluation,
+             sensitivity=sensitivity)
+
+
+def test_uniform_baselines_are_measured(digits, sensitivity):
+    proto, calibration, evaluation = digits
+    request = PlanRequest(candidates=("fp32", "w8a8", "w4a8"), **{**FAST, "measure_uniform": True,
+                                                                   "max_frontier_points": 1})
+    result = plan(proto, calibration, request, evaluation=evaluation, sensitivity=sensitivity)
+    assert set(result.uniform) == {"fp32", "w8a8", "w4a8"}
+    fp32, w8a8, w4a8 = (result.uniform[name] for name in ("fp32", "w8a8", "w4a8"))
+    assert fp32.measured.drop == 0.0 and fp32.omega == 0.0
+    assert fp32.size_bytes > w8a8.size_bytes > w4a8.size_bytes
+    assert w4a8.omega > w8a8.omega > 0.0
+    # No budget: the least predicted loss, i.e. nothing quantized.
+    assert set(result.plan.configuration.values()) == {"fp32"}
+
+
+def test_request_round_trips_and_rejects_bad_input():
+    request = PlanRequest(method="interlayer", search="bisection", candidates=("fp32", "w4a8"), max_bops=10**9,
+                          max_drop=1.0, sensitivity_options={"batch_size": 64})
+    assert PlanRequest.from_dict(json.loads(json.dumps(request.to_dict()))) == request
+    bad = [
+        ({"max_size_bytes": 10, "max_bops": 10}, "at most one budget"),
+        ({"search": "bisection"}, "needs max_drop"),
+        ({"candidates": ("fp32", "w3")}, "unknown candidate"),
+        ({"method": "hawq_v9"}, "method must be"),
+        ({"sensitivity_options": {"seed": 3}}, "must not set"),
+        ({"sensitivity_options": {"no_such_option": 3}}, "invalid sensitivity_options"),
+        ({"max_size_bytes": -5}, "positive"),
+    ]
+    for fields, message in bad:
+        with pytest.raises(ValueError, match=message):
+            PlanRequest(**fields)
+    with pytest.raises(ValueError, match="unknown plan request keys"):
+        PlanRequest.from_dict({"budget": 3})
+
+
+def test_bops_budget(digits, sensitivity):
+    proto, calibration, evaluation = digits
+    table = layer_cost_table(proto, (1, 1, 8, 8))
+    budget = (minimum_cost(table, ("w4a8",), "bops") + minimum_cost(table, ("w8a8",), "bops")) // 2
+    request = PlanRequest(max_bops=budget, **{**FAST, "max_frontier_points": 1})
+    result = plan(proto, calibration, request, evaluation=evaluation, sensitivity=sensitivity)
+    assert result.plan.bops <= budget and result.meets_constraints
+    assert result.to_dict()["plan"]["predicted"]["bops"] == result.plan.bops
+
+
+def test_omega_from_traces_alone_matches_the_interlayer_analysis(digits, sensitivity):
+    proto, _, _ = digits
+    table = layer_cost_table(proto, (1, 1, 8, 8))
+    full = build_objective(sensitivity, table, DEFAULT_CANDIDATES, proto)
+    traces_only = build_objective(dataclasses.replace(sensitivity, interlayer=None), table, DEFAULT_CANDIDATES, proto)
+    np.testing.assert_allclose(traces_only.flat_omega, full.flat_omega, rtol=1e-6)
+    assert not traces_only.G.any() and full.G.any()
+
+
+def test_result_is_plain_data(digits, sensitivity):
+    import pickle
+
+    proto, calibration, evaluation = digits
+    request = PlanRequest(max_size_bytes=SIZE_BUDGET, sensitivity_options={"batch_size": 128},
+                          **{**FAST, "max_frontier_points": 1})
+    result = plan(proto, calibration, request, evaluation=evaluation, sensitivity=sensitivity)
+    copy = pickle.loads(pickle.dumps(result))  # crosses process boundaries (spawned workers)
+    assert copy.to_dict() == result.to_dict() and copy.artifact_bytes == result.artifact_bytes

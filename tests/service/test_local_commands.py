@@ -1,0 +1,153 @@
+"""``mpq sensitivity`` and ``mpq plan`` run as real processes on files in tmp_path.
+
+Until ``service/cli.py`` registers the commands, the process runs a fresh parser with
+``service.local_commands.register`` (the same handlers, the same exit codes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from service.local_commands import register
+from tests.conftest import tiny_onnx_model
+
+# Builds the mpq parser with the local commands, as service/cli.py will once it registers them.
+_RUNNER = """
+import argparse, sys
+from service.local_commands import register
+parser = argparse.ArgumentParser(prog="mpq")
+register(parser.add_subparsers())
+args = parser.parse_args(sys.argv[1:])
+sys.exit(args.handler(args, None))
+"""
+
+
+def _registered_in_cli() -> bool:
+    from service import cli
+
+    commands = next(a for a in cli._parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return "plan" in commands.choices and "sensitivity" in commands.choices
+
+
+def run_mpq(*args: str, cwd) -> subprocess.CompletedProcess[str]:
+    """A real ``mpq`` process (each costs seconds of imports, so only one per exit status)."""
+    command = ["-m", "service.cli"] if _registered_in_cli() else ["-c", _RUNNER]
+    environment = {**os.environ, "MPQ_DATA_DIR": str(cwd), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *command, *args], capture_output=True, text=True, cwd=cwd,
+                          env=environment, timeout=120)
+
+
+def call_mpq(*args: str, capsys) -> tuple[int, str, str]:
+    """The same command line in this process: (exit status, stdout, stderr)."""
+    if _registered_in_cli():
+        from service.cli import main
+
+        status = main(list(args))
+    else:
+        parser = argparse.ArgumentParser(prog="mpq")
+        register(parser.add_subparsers())
+        parsed = parser.parse_args(list(args))
+        status = parsed.handler(parsed, None)
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A two-layer ONNX model, calibration data labelled by the float model, and a mismatching set."""
+    root = tmp_path_factory.mktemp("local")
+    model = tiny_onnx_model()
+    onnx.save(model, root / "model.onnx")
+    x = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
+    labels = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0].argmax(axis=1)
+    np.savez(root / "calib.npz", x=x, labels=labels.astype(np.int64))
+    np.savez(root / "wrong.npz", image=x)
+    custom = tiny_onnx_model()
+    custom.graph.node[1].op_type = "Frobnicate"  # in place of the Relu: an op nobody implements
+    onnx.save(custom, root / "custom.onnx")
+    return root
+
+
+def test_sensitivity_json(files):
+    result = run_mpq("sensitivity", "model.onnx", "--data", "calib.npz", "--method", "interlayer", "--bits", "8,4",
+                     "--max-probes", "4", "--device", "cpu", "--json", cwd=files)
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["method"] == "interlayer" and np.isfinite(document["loss"])
+    assert [layer["name"] for layer in document["layers"]] == ["fc1.weight", "fc2.weight"]
+    for layer in document["layers"]:
+        assert {"name", "op_type", "n_params", "trace", "avg_trace", "stderr", "probes"} <= set(layer)
+        assert layer["probes"] == 4 and layer["avg_trace"] == pytest.approx(layer["trace"] / layer["n_params"])
+    interlayer = document["interlayer"]
+    assert interlayer["bits"] == [8, 4] and interlayer["layers"] == ["fc1.weight", "fc2.weight"]
+    assert len(interlayer["gradient_term"]) == 4 and np.array(interlayer["G"]).shape == (4, 4)
+    assert document["timing"]["hvps"] > 0 and "total_s" in document["timing"]
+    assert result.stderr.strip(), "progress goes to stderr"
+
+
+def test_sensitivity_table_and_eigenvalues(files, capsys, monkeypatch):
+    monkeypatch.chdir(files)
+    status, out, err = call_mpq("sensitivity", "model.onnx", "--data", "calib.npz", "--method", "hawq_v1",
+                                "--max-probes", "5", "--device", "cpu", capsys=capsys)
+    assert status == 0, err
+    assert "fc1.weight" in out and "eigenvalue" in out
+
+
+def test_plan_json_writes_the_artifact(files):
+    result = run_mpq("plan", "model.onnx", "--data", "calib.npz", "--candidates", "fp32,w8a8,w4a8",
+                     "--max-size-mb", "0.0004", "--max-probes", "4", "--max-frontier-points", "2", "--device", "cpu",
+                     "--out", "q.onnx", "--json", cwd=files)
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    plan = document["plan"]
+    assert set(plan["layers"]) == {"fc1.weight", "fc2.weight"}
+    assert plan["predicted"]["size_bytes"] <= 0.0004 * 1024 * 1024
+    assert {"metric", "baseline", "size_bytes", "latency_ms"} <= set(plan["measured"])
+    assert document["evaluations"] >= 1 and document["frontier"]
+    artifact = files / "q.onnx"
+    assert document["artifact"] == "q.onnx" and artifact.stat().st_size == plan["measured"]["size_bytes"]
+    x = np.load(files / "calib.npz")["x"]
+    assert ort.InferenceSession(str(artifact)).run(None, {"x": x})[0].shape == (64, 3)
+
+
+def test_plan_impossible_budget_exits_3(files):
+    result = run_mpq("plan", "model.onnx", "--data", "calib.npz", "--max-size-mb", "0.00001", "--out", "none.onnx",
+                     cwd=files)
+    assert result.returncode == 3, result.stderr
+    assert "cheapest" in result.stderr
+    assert not (files / "none.onnx").exists()
+
+
+def test_mismatching_arrays_exit_2_in_a_real_process(files):
+    result = run_mpq("plan", "model.onnx", "--data", "wrong.npz", cwd=files)
+    assert result.returncode == 2, result.stderr
+    assert "does not match the model inputs" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (("plan", "missing.onnx", "--data", "calib.npz"), "no such file"),
+        (("plan", "model.onnx", "--data", "missing.npz"), "no such file"),
+        (("plan", "model.onnx", "--data", "calib.npz", "--candidates", "fp32,w3a3"), "unknown candidate"),
+        (("plan", "model.onnx", "--data", "calib.npz", "--search", "bisection"), "needs max_drop"),
+        (("plan", "custom.onnx", "--data", "calib.npz"), "Frobnicate"),
+        (("sensitivity", "model.onnx", "--data", "wrong.npz"), "does not match the model inputs"),
+        (("sensitivity", "calib.npz", "--data", "calib.npz"), "not a valid ONNX model"),
+        (("sensitivity", "model.onnx", "--data", "calib.npz", "--method", "interlayer", "--bits", "8,x"), "--bits"),
+    ],
+)
+def test_bad_input_exits_2(files, capsys, monkeypatch, arguments, message):
+    monkeypatch.chdir(files)
+    status, out, err = call_mpq(*arguments, capsys=capsys)
+    assert status == 2, err
+    assert message in err and out == ""
