@@ -5,14 +5,20 @@ layer weight's shape); H is the Hessian of L with respect to the concatenation o
 layer weights, so (Hv)ᵢ = Σⱼ Hᵢⱼ vⱼ mixes every layer. Two exact implementations:
 
 - ``double_backward`` (reverse-over-reverse): g = ∂L/∂W with ``create_graph=True``, then
-  Hv = ∂(g·v)/∂W. Several probes share the forward and first backward (the graph is
-  retained), each adding one backward pass.
+  Hv = ∂(g·v)/∂W. Several probes share the forward and first backward; their second
+  backward passes run as one ``torch.func.vmap``-batched pass (``torch.func.vjp`` of
+  ``torch.func.grad``). Where functorch has no batching rule for a double-backward kernel
+  (e.g. CPU convolutions running channels-last, as on images stored HWC), the operator
+  falls back, once and for good, to one retained-graph backward per probe; see
+  ``HessianVectorProducts.batched_backward``. Both give the same products (up to rounding).
 - ``forward_over_reverse``: Hv = d/dt ∇L(W + t·v) at t = 0, as ``torch.func.jvp`` of
   ``torch.func.grad``; several probes at once with ``torch.func.vmap``.
 
 Both accumulate over calibration batches weighted by n_b / N (see ``sensitivity.losses``).
 ``bench/hvp.py`` measures them: similar speed on CPU, but forward-over-reverse holds 2-3x
 the memory (and vmap batching a full activation copy per probe), hence ``DEFAULT_METHOD``.
+The vmap-batched second backward also holds its intermediates once per probe of a pass;
+``bench/sensitivity.py`` measures what it saves (time per probe over time per gradient).
 """
 
 from __future__ import annotations
@@ -32,6 +38,14 @@ DEFAULT_PROBES_PER_PASS = 4  # near the fastest in bench/hvp.py at small memory 
 def dot(u: Vector, v: Vector) -> torch.Tensor:
     """Σᵢ uᵢ·vᵢ over all layers."""
     return sum((a * b).sum() for a, b in zip(u, v))
+
+
+def _missing_batching_rule(error: RuntimeError) -> bool:
+    """Whether ``error`` is functorch lacking a vmap rule (not a real failure such as running
+    out of memory). Channels-last CPU convolution double-backward raises "NYI: querying
+    is_contiguous inside of vmap for memory_format other than torch.contiguous_format"."""
+    message = str(error)
+    return "inside of vmap" in message or "Batching rule not implemented" in message or "NYI" in message
 
 
 class HessianVectorProducts:
@@ -60,6 +74,9 @@ class HessianVectorProducts:
         self.method = method
         self.probes_per_pass = probes_per_pass
         self.num_hvps = 0
+        # double_backward: whether the probes' second backward runs vmap-batched; turned off
+        # for good by the first pass whose kernels vmap cannot batch.
+        self.batched_backward = True
 
     def _function(self, batch: Batch) -> Callable[[Vector], torch.Tensor]:
         """W ↦ L_b(W) as a function of the layer-weight tuple."""
@@ -85,12 +102,19 @@ class HessianVectorProducts:
         """Hv for stacked probes (leading probe axis of size k) on one calibration batch."""
         f = self._function(batch)
         if self.method == "double_backward":
+            k = probes[0].shape[0]
+            if k > 1 and self.batched_backward:
+                try:
+                    return self._vmapped_double_backward(f, probes)
+                except RuntimeError as error:
+                    if not _missing_batching_rule(error):
+                        raise
+                    self.batched_backward = False  # the same kernels would fail on every pass
             params = self._leaves()
             grads = torch.autograd.grad(f(params), params, create_graph=True)
             # The probes share the forward and first backward; each then costs one more
-            # backward. (``is_grads_batched=True`` would vmap that backward, but the legacy
-            # vmap it uses lacks rules for convolution double-backward.)
-            k = probes[0].shape[0]
+            # backward. (``is_grads_batched=True`` would batch those with the legacy vmap,
+            # which lacks rules for convolution double-backward.)
             columns = [
                 torch.autograd.grad(dot(grads, tuple(p[i] for p in probes)), params, retain_graph=i < k - 1)
                 for i in range(k)
@@ -103,6 +127,13 @@ class HessianVectorProducts:
         if probes[0].shape[0] == 1:
             return tuple(h.unsqueeze(0) for h in single(tuple(p[0] for p in probes)))
         return torch.func.vmap(single)(probes)
+
+    def _vmapped_double_backward(self, f: Callable[[Vector], torch.Tensor], probes: Vector) -> Vector:
+        """Hv for stacked probes: one forward and first backward (the VJP's primal), then the
+        k second backward passes as one batched pass. On few-weight, many-op models (the ONNX
+        interpreter's transformers) this saves the per-pass overhead: bench/sensitivity.py."""
+        _, second_backward = torch.func.vjp(torch.func.grad(f), self.point)
+        return torch.func.vmap(lambda v: second_backward(v)[0])(probes)
 
     def stacked(self, probes: Vector) -> Vector:
         """H applied to each of k stacked probes in one pass per calibration batch."""

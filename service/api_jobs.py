@@ -148,11 +148,13 @@ def check_dataset_fits_model(model: Model, dataset: Dataset, role: str) -> None:
                                "(first axis = samples)")
 
 
-async def check_analysis(request: Request, model: Model, method: str, options: dict[str, Any]) -> None:
+async def check_request(request: Request, model: Model, method: str, options: dict[str, Any],
+                        plan: dict[str, Any] | None = None, batch_shapes: dict[str, list[int]] | None = None) -> None:
+    """The checks that need the libraries, in the inspector process (the API never imports torch)."""
     state = request.app.state
     try:
-        await run_in_threadpool(state.inspector.analysis_request, state.store.local_path(model.sha256),
-                                model.format, method, options)
+        await run_in_threadpool(state.inspector.job_request, state.store.local_path(model.sha256), model.format,
+                                method, options, plan, batch_shapes)
     except InvalidUpload as error:
         raise Problem(422, str(error)) from None
 
@@ -165,7 +167,7 @@ async def check_analysis(request: Request, model: Model, method: str, options: d
 async def create_sensitivity(request: Request, body: SensitivityRequest, idempotency_key: IdempotencyKey = None):
     model, (dataset,) = load_inputs(request, body.model_id, [body.dataset_id])
     check_dataset_fits_model(model, dataset, "calibration")
-    await check_analysis(request, model, body.method, body.options)
+    await check_request(request, model, body.method, body.options)
     return submit_job(request, "sensitivity", body.model_dump(), idempotency_key)
 
 

@@ -5,15 +5,17 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
+import time
+
 from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
 from pydantic import BaseModel, Field, model_validator
 from sqlalchemy import func, select
-from starlette.concurrency import run_in_threadpool
 
-from service.api_jobs import (IdempotencyKey, JobOut, check_analysis, check_dataset_fits_model, load_inputs,
+from service.api_jobs import (IdempotencyKey, JobOut, check_dataset_fits_model, check_request, load_inputs,
                               submit_job)
 from service.errors import Problem
-from service.inspection import InvalidUpload
 from service.tables import Artifact, FrontierPoint, LatencyMeasurement, Plan
 from service.transfer import blob_response
 
@@ -134,14 +136,8 @@ async def create_plan(request: Request, body: PlanRequestIn, idempotency_key: Id
     if evaluation is not None:
         check_dataset_fits_model(model, evaluation, "evaluation")
     # every plan computes the inter-layer analysis (traces, g·Δ, G, Ω), whatever objective it optimises
-    await check_analysis(request, model, "interlayer", body.options)
-    state = request.app.state
     shapes = {name: info["shape"] for name, info in calibration.arrays.items() if name != "labels"}
-    try:
-        await run_in_threadpool(state.inspector.plan_request, state.store.local_path(model.sha256), model.format,
-                                body.model_dump(), shapes)
-    except InvalidUpload as error:
-        raise Problem(422, str(error)) from None
+    await check_request(request, model, "interlayer", body.options, plan=body.model_dump(), batch_shapes=shapes)
     return submit_job(request, "plan", body.model_dump(), idempotency_key)
 
 
@@ -157,11 +153,44 @@ def list_plans(request: Request, model_id: Annotated[str | None, Query(max_lengt
         return PlanPage(items=[plan_out(session, r) for r in rows], total=total)
 
 
+class ResponseCache:
+    """Serialized bodies of immutable resources (a plan never changes once written), bounded in
+    entries and time: the TTL bounds staleness when another API process deletes a plan."""
+
+    def __init__(self, max_entries: int = 1024, ttl_s: float = 10.0) -> None:
+        self.max_entries = max_entries
+        self.ttl_s = ttl_s
+        self._entries: dict[str, tuple[float, bytes]] = {}
+
+    def get(self, key: str) -> bytes | None:
+        entry = self._entries.get(key)
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return entry[1]
+
+    def put(self, key: str, body: bytes) -> None:
+        if len(self._entries) >= self.max_entries:
+            self._entries.pop(next(iter(self._entries)))
+        self._entries[key] = (time.monotonic() + self.ttl_s, body)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
 @router.get("/plans/{plan_id}", response_model=PlanOut,
             summary="Per-layer assignment with predicted and measured quality, size, BOPS and latency")
-def get_plan(request: Request, plan_id: str):
+async def get_plan(request: Request, plan_id: str):
+    cache: ResponseCache = request.app.state.plan_cache
+    body = cache.get(plan_id)
+    if body is None:
+        body = await run_in_threadpool(_plan_json, request, plan_id)
+        cache.put(plan_id, body)
+    return Response(body, media_type="application/json")
+
+
+def _plan_json(request: Request, plan_id: str) -> bytes:
     with request.app.state.sessions() as session:
-        return plan_out(session, _plan_or_404(session, plan_id))
+        return plan_out(session, _plan_or_404(session, plan_id)).model_dump_json().encode()
 
 
 @router.get("/plans/{plan_id}/frontier", response_model=list[FrontierPointOut],

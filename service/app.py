@@ -49,6 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         allow_torch=settings.allow_torch_uploads,
     ))
     app.state.executor = make_executor(settings, app.state.sessions)
+    app.state.plan_cache = api_plans.ResponseCache()
     install_error_handlers(app)
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])

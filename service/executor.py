@@ -49,8 +49,12 @@ def _die_with_parent() -> None:
 
 
 def supervise(job_id: str, settings: Settings, sessions: sessionmaker[Session], env: dict[str, str] | None = None,
-              poll_s: float = 0.2) -> str:
-    """Run one job in a spawned child and make sure it ends in a finished (or requeued) state."""
+              poll_s: float = 0.2, shutdown: threading.Event | None = None) -> str:
+    """Run one job in a spawned child and make sure it ends in a finished (or requeued) state.
+
+    When ``shutdown`` is set the child is stopped at once and its job requeued without
+    counting the attempt (the server is going away; the job did nothing wrong).
+    """
     process = multiprocessing.get_context("spawn").Process(
         target=_child_main, args=(job_id, settings.model_dump(mode="json"), env or {}), name=f"mpq-job-{job_id}")
     process.start()
@@ -60,6 +64,10 @@ def supervise(job_id: str, settings: Settings, sessions: sessionmaker[Session], 
     last_check = 0.0
     while process.is_alive():
         process.join(poll_s)
+        if shutdown is not None and shutdown.is_set():
+            process.kill()
+            process.join()
+            return _settle_shutdown(sessions, job_id, child_worker)
         now = time.monotonic()
         if now - last_check < 1.0 or not process.is_alive():
             continue
@@ -97,6 +105,15 @@ def _settle(sessions: sessionmaker[Session], settings: Settings, job_id: str, ch
         return jobs.CANCELLED
     reason = f"the worker process died (exit code {exitcode})"
     return jobs.requeue_or_fail(sessions, job, reason, settings.max_attempts)
+
+
+def _settle_shutdown(sessions: sessionmaker[Session], job_id: str, child_worker: str) -> str:
+    with sessions() as session:
+        job = session.get(Job, job_id)
+    if job is not None and job.status == jobs.RUNNING and job.worker_id == child_worker:
+        jobs.requeue_after_shutdown(sessions, job)
+        return jobs.QUEUED
+    return job.status if job else "missing"
 
 
 def local_worker_is_dead(worker: str | None) -> bool:
@@ -156,6 +173,9 @@ class EmbeddedExecutor:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        for thread in self._slots.values():  # their supervisors see _stop, kill the job, requeue it
+            if thread is not None:
+                thread.join(timeout=10)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -182,7 +202,7 @@ class EmbeddedExecutor:
 
     def _run_slot(self, job_id: str, slot: int) -> None:
         try:
-            supervise(job_id, self.settings, self.sessions, self._slot_env[slot])
+            supervise(job_id, self.settings, self.sessions, self._slot_env[slot], shutdown=self._stop)
         except Exception:
             logger.exception("supervising job %s failed", job_id)
         finally:

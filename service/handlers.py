@@ -131,7 +131,7 @@ def plan_request(params: dict[str, Any]):
 def plan_job(context: JobContext) -> dict[str, Any]:
     import onnx
 
-    from planner.plan import plan
+    from planner.plan import NoFeasiblePlan, plan
     from sensitivity.results import SensitivityResult as Sensitivity
 
     params = context.params
@@ -158,7 +158,9 @@ def plan_job(context: JobContext) -> dict[str, Any]:
     try:
         result = plan(proto, calibration, request, evaluation=evaluation, sensitivity=sensitivity,
                       progress=progress)
-    except ValueError as error:  # NoFeasiblePlan included: the constraints cannot be met
+    except NoFeasiblePlan as error:
+        raise JobInputError(str(error), code="infeasible") from None
+    except ValueError as error:
         raise JobInputError(str(error)) from None
     plan_id = _store_plan(context, model, params, result, result_id)
     return {"plan_id": plan_id, "sensitivity_result_id": result_id, "meets_constraints": result.meets_constraints}
@@ -179,7 +181,8 @@ def _store_plan(context: JobContext, model: Model, params: dict[str, Any], resul
                     request={**params, "sensitivity_result_id": sensitivity_id}, assignment=chosen["layers"],
                     predicted={**chosen["predicted"], "meets_constraints": data["meets_constraints"]},
                     measured={**(chosen["measured"] or {}), "uniform": data["uniform"],
-                              "evaluations": data["evaluations"], "search": data["search"]},
+                              "evaluations": data["evaluations"], "search": data["search"],
+                              "timings": data["timings"]},
                     artifact_id=artifact.id, versions=data["versions"])
     rows: list[Any] = [artifact, plan_row]
     rows += [FrontierPoint(plan_id=plan_row.id, index=index, assignment=point["layers"],

@@ -300,7 +300,7 @@ class Inspector:
     def _executor(self) -> concurrent.futures.ProcessPoolExecutor:
         if self._pool is None:
             self._pool = concurrent.futures.ProcessPoolExecutor(
-                max_workers=1, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=100
+                max_workers=1, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1000
             )
         return self._pool
 
@@ -310,12 +310,9 @@ class Inspector:
     def dataset(self, path: Path) -> dict[str, Any]:
         return self._run(inspect_dataset, path)
 
-    def analysis_request(self, path: Path, model_format: str, method: str, options: dict[str, Any]) -> None:
-        self._call(check_analysis_request, str(path), model_format, method, options)
-
-    def plan_request(self, path: Path, model_format: str, request: dict[str, Any],
-                     batch_shapes: dict[str, list[int]]) -> None:
-        self._call(check_plan_request, str(path), model_format, request, batch_shapes)
+    def job_request(self, path: Path, model_format: str, method: str, options: dict[str, Any],
+                    plan: dict[str, Any] | None = None, batch_shapes: dict[str, list[int]] | None = None) -> None:
+        self._call(check_job_request, str(path), model_format, method, options, plan, batch_shapes or {})
 
     def _run(self, function, path: Path) -> dict[str, Any]:
         return self._call(function, str(path), self.limits)
@@ -344,12 +341,31 @@ class Inspector:
             self._pool = None
 
 
-# ---------------------------------------------------------------- job requests
+# ---------------------------------------------------------------- job requests (run in the child)
+
+# Per-model facts, keyed by the blob's path: blobs are content-addressed, so a path always
+# names the same bytes and the facts never go stale. Bounded; the child is long-lived.
+_FACTS: dict[tuple[Any, ...], Any] = {}
+_MAX_FACTS = 256
 
 
-def check_analysis_request(blob_path: str, model_format: str, method: str, options: dict[str, Any]) -> None:
-    """Up-front checks of a sensitivity/plan request that need the libraries: the options
-    build a valid configuration and (for ONNX) every op is supported. Raises InvalidUpload."""
+def _cached(key: tuple[Any, ...], compute):
+    if key not in _FACTS:
+        if len(_FACTS) >= _MAX_FACTS:
+            _FACTS.pop(next(iter(_FACTS)))
+        _FACTS[key] = compute()
+    return _FACTS[key]
+
+
+def check_job_request(blob_path: str, model_format: str, method: str, options: dict[str, Any],
+                      plan: dict[str, Any] | None, batch_shapes: dict[str, list[int]]) -> None:
+    """Up-front checks of a sensitivity or plan request that need the libraries. Raises InvalidUpload.
+
+    - the options build a valid analysis configuration;
+    - (ONNX) every op is supported by the interpreter;
+    - (plans) the model is ONNX, the candidates exist, and a size or BOPS budget is not below
+      what the smallest configuration of those candidates achieves.
+    """
     from service.model_files import sensitivity_config
 
     try:
@@ -357,58 +373,62 @@ def check_analysis_request(blob_path: str, model_format: str, method: str, optio
     except ValueError as error:
         raise InvalidUpload(str(error)) from None
     if model_format == "torch_export":
+        if plan is not None:
+            raise InvalidUpload("plans export quantized ONNX and need an ONNX model; torch.export archives "
+                                "support sensitivity analyses only")
         return  # executable content: only a worker opens it
-    from sensitivity.onnx_program import UnsupportedOpsError, check_supported
-
-    try:
-        if model_format == "onnx_archive":
-            with zipfile.ZipFile(blob_path) as archive:
-                name = next(n for n in archive.namelist() if n.endswith(".onnx"))
-                import onnx
-
-                check_supported(onnx.load_from_string(archive.read(name)))
-        else:
-            check_supported(blob_path)
-    except UnsupportedOpsError as error:
-        raise InvalidUpload(str(error)) from None
+    unsupported = _cached(("ops", blob_path), lambda: _unsupported_ops(blob_path, model_format))
+    if unsupported:
+        raise InvalidUpload(unsupported)
+    if plan is not None:
+        _check_plan(blob_path, model_format, plan, batch_shapes)
 
 
-def check_plan_request(blob_path: str, model_format: str, request: dict[str, Any],
-                       batch_shapes: dict[str, list[int]]) -> None:
-    """Plan-specific checks: the model is ONNX, the candidates exist, and a size or BOPS budget
-    is not below what the smallest configuration achieves."""
-    if model_format == "torch_export":
-        raise InvalidUpload("plans export quantized ONNX and need an ONNX model; torch.export archives "
-                            "support sensitivity analyses only")
-    from planner.candidates import parse_candidates
-
-    try:
-        candidates = parse_candidates(request["candidates"])
-    except ValueError as error:
-        raise InvalidUpload(str(error)) from None
-    constraints = request.get("constraints", {})
-    if constraints.get("max_size_bytes") is None and constraints.get("max_bops") is None:
-        return
+def _load_model(blob_path: str, model_format: str):
     import onnx
-
-    from planner.cost import layer_cost_table, layer_bops, layer_size_bytes
 
     if model_format == "onnx_archive":
         with zipfile.ZipFile(blob_path) as archive:
             name = next(n for n in archive.namelist() if n.endswith(".onnx"))
-            model = onnx.load_from_string(archive.read(name))
-    else:
-        model = onnx.load(blob_path)
-    table = layer_cost_table(model, {name: [1, *shape[1:]] for name, shape in batch_shapes.items()})
-    names = [c.name for c in candidates]
-    if constraints.get("max_size_bytes") is not None:
-        smallest = table.other_initializer_bytes + sum(min(layer_size_bytes(table[l], c) for c in names)
-                                                       for l in table)
-        if constraints["max_size_bytes"] < smallest:
-            raise InvalidUpload(f"max_size_bytes {constraints['max_size_bytes']} is below the smallest "
-                                f"configuration of these candidates ({smallest} bytes)")
-    if constraints.get("max_bops") is not None:
-        fewest = sum(min(layer_bops(table[l], c) for c in names) for l in table)
-        if constraints["max_bops"] < fewest:
-            raise InvalidUpload(f"max_bops {constraints['max_bops']:g} is below the fewest BOPS of any "
-                                f"configuration of these candidates ({fewest:g} at batch size 1)")
+            return onnx.load_from_string(archive.read(name))
+    return onnx.load(blob_path, load_external_data=False)
+
+
+def _unsupported_ops(blob_path: str, model_format: str) -> str | None:
+    from sensitivity.onnx_program import UnsupportedOpsError, check_supported
+
+    try:
+        check_supported(_load_model(blob_path, model_format))
+    except UnsupportedOpsError as error:
+        return str(error)
+    return None
+
+
+def _check_plan(blob_path: str, model_format: str, plan: dict[str, Any], batch_shapes: dict[str, list[int]]) -> None:
+    from planner.candidates import parse_candidates
+
+    try:
+        names = tuple(c.name for c in parse_candidates(plan["candidates"]))
+    except ValueError as error:
+        raise InvalidUpload(str(error)) from None
+    constraints = plan.get("constraints", {})
+    if constraints.get("max_size_bytes") is None and constraints.get("max_bops") is None:
+        return
+    shapes = tuple(sorted((name, tuple(shape[1:])) for name, shape in batch_shapes.items()))
+    smallest, fewest = _cached(("min-cost", blob_path, shapes, names),
+                               lambda: _minimum_costs(blob_path, model_format, shapes, names))
+    if constraints.get("max_size_bytes") is not None and constraints["max_size_bytes"] < smallest:
+        raise InvalidUpload(f"max_size_bytes {constraints['max_size_bytes']} is below the smallest "
+                            f"configuration of these candidates ({smallest} bytes)")
+    if constraints.get("max_bops") is not None and constraints["max_bops"] < fewest:
+        raise InvalidUpload(f"max_bops {constraints['max_bops']:g} is below the fewest BOPS of any "
+                            f"configuration of these candidates ({fewest:g} at batch size 1)")
+
+
+def _minimum_costs(blob_path: str, model_format: str, shapes: tuple, names: tuple[str, ...]) -> tuple[int, int]:
+    from planner.cost import layer_bops, layer_cost_table, layer_size_bytes
+
+    table = layer_cost_table(_load_model(blob_path, model_format), {name: [1, *rest] for name, rest in shapes})
+    smallest = table.other_initializer_bytes + sum(min(layer_size_bytes(table[l], c) for c in names) for l in table)
+    fewest = sum(min(layer_bops(table[l], c) for c in names) for l in table)
+    return smallest, fewest

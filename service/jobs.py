@@ -40,7 +40,15 @@ class Cancelled(Exception):
 
 
 class JobInputError(Exception):
-    """The job's inputs are wrong (the user's problem, not ours): the message is shown as is."""
+    """The job's inputs are wrong (the user's problem, not ours): the message is shown as is.
+
+    ``code`` goes into the job's result (``error_code``) for clients: "bad_input", or
+    "infeasible" when no configuration meets the constraints.
+    """
+
+    def __init__(self, message: str, code: str = "bad_input") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass
@@ -188,6 +196,14 @@ def requeue_or_fail(sessions: sessionmaker[Session], job: Job, reason: str, max_
     return new_status if moved else job.status
 
 
+def requeue_after_shutdown(sessions: sessionmaker[Session], job: Job) -> None:
+    """The server stopped the job on purpose: back to the queue, and the attempt does not count."""
+    with sessions() as session, session.begin():
+        session.execute(update(Job).where(Job.id == job.id, Job.status == RUNNING, Job.worker_id == job.worker_id)
+                        .values(status=QUEUED, worker_id=None, heartbeat_at=None, progress_phase="requeued",
+                                progress_message="the server shut down", attempts=Job.attempts - 1))
+
+
 def reap_stale(sessions: sessionmaker[Session], settings: Settings) -> list[tuple[str, str]]:
     """Running jobs whose heartbeat stopped: requeue or fail them. Returns (job id, new status)."""
     cutoff = utcnow() - timedelta(seconds=settings.heartbeat_timeout_s)
@@ -260,7 +276,7 @@ def _execute(context: JobContext, job_type: str, worker: str) -> str:
     except Cancelled:
         status, error = CANCELLED, "cancelled by request"
     except JobInputError as exc:
-        error = str(exc)
+        error, result = str(exc), {"error_code": exc.code}
     except Exception as exc:  # the job fails, the worker lives on
         error = f"internal error: {type(exc).__name__}: {exc}"
         context.log(traceback.format_exc())

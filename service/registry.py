@@ -107,6 +107,7 @@ def registry_router(kind: RegistryKind) -> APIRouter:
             unused = not blob_in_use(session, sha256)
         if unused:
             state.store.delete(sha256)
+        state.plan_cache.clear()  # the delete cascaded to the plans made from it
         return Response(status_code=204)
 
     return router

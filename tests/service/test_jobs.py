@@ -77,20 +77,21 @@ def test_requests_are_validated_up_front(client, app, tiny_model_bytes, tiny_dat
     model_id, dataset_id = uploaded(client, tiny_model_bytes, tiny_dataset_bytes)
     wrong = upload(client, "/v1/datasets", npz_bytes(y=np.zeros((4, 8), np.float32))).json()["id"]
     narrow = upload(client, "/v1/datasets", npz_bytes(x=np.zeros((4, 5), np.float32))).json()["id"]
-    hardmax = helper.make_model(helper.make_graph(
-        [helper.make_node("Hardmax", ["x"], ["y"], name="the_hardmax")], "g",
+    unusual = helper.make_model(helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("NonZero", ["r"], ["nz"], name="the_nonzero"),
+         helper.make_node("Shape", ["nz"], ["s"]), helper.make_node("Cast", ["s"], ["y"], to=TensorProto.FLOAT)], "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])]),
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])]),
         opset_imports=[helper.make_opsetid("", 17)])
-    hardmax.ir_version = 8
-    unsupported = upload(client, "/v1/models", hardmax.SerializeToString()).json()["id"]
+    unusual.ir_version = 8
+    unsupported = upload(client, "/v1/models", unusual.SerializeToString()).json()["id"]
 
     cases = [
         ({"model_id": "nope", "dataset_id": dataset_id}, "upload it first"),
         ({"model_id": model_id, "dataset_id": "nope"}, "upload it first"),
         ({"model_id": model_id, "dataset_id": wrong}, "missing ['x']"),
         ({"model_id": model_id, "dataset_id": narrow}, "shape"),
-        ({"model_id": unsupported, "dataset_id": dataset_id}, "Hardmax"),
+        ({"model_id": unsupported, "dataset_id": dataset_id}, "NonZero (node 'the_nonzero')"),
         ({"model_id": model_id, "dataset_id": dataset_id, "options": {"tolerance": -1}}, "tolerance"),
         ({"model_id": model_id, "dataset_id": dataset_id, "options": {"probes": 3}}, "probes"),
         ({"model_id": model_id, "dataset_id": dataset_id, "method": "hawq_v9"}, "method"),

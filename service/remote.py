@@ -1,0 +1,135 @@
+"""``mpq sensitivity`` / ``mpq plan`` with ``--server URL``: the same commands, run by a server.
+
+Upload (skipped when the server already has the file), submit with an Idempotency-Key,
+wait with progress on stderr, download the artifact to ``--out``; the same JSON document
+and exit codes as the local run (0 ok, 2 bad input, 3 no configuration meets the
+constraints, 1 anything else).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+from service.client import ApiError, MpqClient
+from service.demo import ProgressLines
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INFEASIBLE = 0, 1, 2, 3
+
+
+def add_server_options(command: argparse.ArgumentParser) -> None:
+    group = command.add_argument_group("remote run")
+    group.add_argument("--server", metavar="URL", help="run on this mpq server instead of locally")
+    group.add_argument("--token", help="API token for --server (default: $MPQ_TOKEN)")
+    group.add_argument("--timeout", type=float, default=None, help="give up waiting after this many seconds")
+
+
+def _client(args: argparse.Namespace) -> MpqClient:
+    return MpqClient(args.server, args.token or os.environ.get("MPQ_TOKEN"))
+
+
+def _fail(error: Exception) -> int:
+    print(f"mpq: {error}", file=sys.stderr)
+    if isinstance(error, ApiError) and error.status in (400, 404, 413, 415, 422):
+        return EXIT_BAD_INPUT
+    if isinstance(error, (FileNotFoundError, ValueError)):
+        return EXIT_BAD_INPUT
+    return EXIT_FAILED
+
+
+def _run_job(client: MpqClient, route: str, body: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    job = client.submit(route, body, idempotency_key=uuid.uuid4().hex)
+    print(f"mpq: job {job['id']} on {args.server}", file=sys.stderr)
+    return client.wait(job["id"], on_progress=ProgressLines(sys.stderr), poll_s=1.0, timeout_s=args.timeout)
+
+
+def _job_exit(job: dict[str, Any]) -> int | None:
+    if job["status"] == "succeeded":
+        return None
+    print(f"mpq: the job {job['status']}: {job.get('error') or ''}", file=sys.stderr)
+    code = (job.get("result") or {}).get("error_code")
+    return {"infeasible": EXIT_INFEASIBLE, "bad_input": EXIT_BAD_INPUT}.get(code, EXIT_FAILED)
+
+
+def _uploads(client: MpqClient, args: argparse.Namespace, *data_options: str) -> tuple[dict, list[dict | None]]:
+    model = client.upload_model(Path(args.model))
+    datasets = [client.upload_dataset(Path(getattr(args, o))) if getattr(args, o, None) else None
+                for o in data_options]
+    return model, datasets
+
+
+def remote_sensitivity(args: argparse.Namespace) -> int:
+    from service.local_commands import sensitivity_config, sensitivity_document, sensitivity_table
+    from sensitivity.results import SensitivityResult
+
+    try:
+        config = sensitivity_config(args)
+        with _client(args) as client:
+            model, (data,) = _uploads(client, args, "data")
+            options = {k: v for k, v in config.to_dict().items() if k != "type"}
+            job = _run_job(client, "/v1/sensitivity", {"model_id": model["id"], "dataset_id": data["id"],
+                                                       "method": args.method, "options": options}, args)
+            if (code := _job_exit(job)) is not None:
+                return code
+            stored = client.get(f"/v1/sensitivity/{job['result']['sensitivity_result_id']}")
+    except (ApiError, OSError, ValueError) as error:
+        return _fail(error)
+    document = sensitivity_document(args.method, SensitivityResult.from_dict(stored["result"]))
+    print(json.dumps(document, allow_nan=False) if args.json else sensitivity_table(document))
+    return EXIT_OK
+
+
+def remote_plan(args: argparse.Namespace) -> int:
+    from service.local_commands import plan_request, plan_summary
+
+    try:
+        request = plan_request(args)
+        with _client(args) as client:
+            model, (calibration, evaluation) = _uploads(client, args, "data", "eval_data")
+            body = {"model_id": model["id"], "calibration_dataset_id": calibration["id"],
+                    "evaluation_dataset_id": evaluation["id"] if evaluation else None,
+                    "method": request.method, "search": request.search, "candidates": list(request.candidates),
+                    "constraints": request.constraints(),
+                    "options": {"seed": request.seed, **dict(request.sensitivity_options)}}
+            job = _run_job(client, "/v1/plans", body, args)
+            if (code := _job_exit(job)) is not None:
+                return code
+            plan_id = job["result"]["plan_id"]
+            plan, frontier = client.get(f"/v1/plans/{plan_id}"), client.get(f"/v1/plans/{plan_id}/frontier")
+            sha256 = client.download_artifact(plan_id, Path(args.out))
+    except (ApiError, OSError, ValueError) as error:
+        return _fail(error)
+    document = plan_document(plan, frontier, request.to_dict(), args.out, sha256)
+    print(json.dumps(document) if args.json else plan_summary(document))
+    if not document["meets_constraints"]:
+        print("mpq: the chosen plan does not meet the constraints (see the measured figures)", file=sys.stderr)
+        return EXIT_INFEASIBLE
+    return EXIT_OK
+
+
+def plan_document(plan: dict[str, Any], frontier: list[dict[str, Any]], request: dict[str, Any], out: str,
+                  sha256: str) -> dict[str, Any]:
+    """The local ``mpq plan --json`` document, rebuilt from the API's plan and frontier."""
+    extras = ("uniform", "evaluations", "search", "timings")
+    measured = {k: v for k, v in plan["measured"].items() if k not in extras}
+    predicted = {k: v for k, v in plan["predicted"].items() if k != "meets_constraints"}
+    return {
+        "plan": {"layers": plan["assignment"], "predicted": predicted, "measured": measured},
+        "meets_constraints": plan["predicted"]["meets_constraints"],
+        "frontier": [{"layers": p["assignment"], "predicted": p["predicted"], "measured": p["measured"] or None}
+                     for p in frontier],
+        "uniform": plan["measured"].get("uniform", {}),
+        "evaluations": plan["measured"].get("evaluations"),
+        "search": plan["measured"].get("search", {}),
+        "artifact": str(out),
+        "artifact_sha256": sha256,
+        "request": request,
+        "versions": plan["versions"],
+        "timings": plan["measured"].get("timings", {}),
+        "plan_id": plan["id"],
+    }
