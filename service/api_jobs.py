@@ -156,7 +156,7 @@ async def check_request(request: Request, model: Model, method: str, options: di
         await run_in_threadpool(state.inspector.job_request, state.store.local_path(model.sha256), model.format,
                                 method, options, plan, batch_shapes)
     except InvalidUpload as error:
-        raise Problem(422, str(error)) from None
+        raise Problem(422, str(error), code=error.code) from None
 
 
 # ---------------------------------------------------------------- routes

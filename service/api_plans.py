@@ -64,6 +64,7 @@ class FrontierPointOut(BaseModel):
     size_bytes: int | None
     bops: float | None
     predicted_loss_change: float | None
+    predicted: dict[str, Any]
     measured: dict[str, Any]
 
 
@@ -201,7 +202,8 @@ def get_frontier(request: Request, plan_id: str):
         points = session.scalars(select(FrontierPoint).where(FrontierPoint.plan_id == plan_id)
                                  .order_by(FrontierPoint.index)).all()
         return [FrontierPointOut(index=p.index, assignment=p.assignment, size_bytes=p.size_bytes, bops=p.bops,
-                                 predicted_loss_change=p.predicted_loss_change, measured=p.measured) for p in points]
+                                 predicted_loss_change=p.predicted_loss_change, predicted=p.predicted,
+                                 measured=p.measured) for p in points]
 
 
 @router.get("/plans/{plan_id}/artifact", summary="Download the quantized ONNX model",

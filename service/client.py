@@ -21,10 +21,11 @@ FINISHED = ("succeeded", "failed", "cancelled")
 class ApiError(Exception):
     """The server answered with a problem document (or could not be reached)."""
 
-    def __init__(self, status: int, detail: str) -> None:
+    def __init__(self, status: int, detail: str, code: str | None = None) -> None:
         super().__init__(f"{detail} (HTTP {status})" if status else detail)
         self.status = status
         self.detail = detail
+        self.code = code  # the problem document's machine-readable code, when it has one
 
 
 def file_sha256(path: Path) -> str:
@@ -60,10 +61,10 @@ class MpqClient:
             raise ApiError(0, f"cannot reach the server at {self._http.base_url}: {error}") from None
         if response.status_code >= 400:
             try:
-                detail = response.json().get("detail") or response.text
+                problem = response.json()
             except ValueError:
-                detail = response.text[:500]
-            raise ApiError(response.status_code, detail)
+                problem = {"detail": response.text[:500]}
+            raise ApiError(response.status_code, problem.get("detail") or response.text[:500], problem.get("code"))
         return response
 
     # ------------------------------------------------------------ registry

@@ -24,7 +24,12 @@ import numpy as np
 
 
 class InvalidUpload(ValueError):
-    """The upload is not acceptable; the message says why and what to do."""
+    """The upload is not acceptable; the message says why and what to do. ``code`` is
+    "infeasible" when the request's constraints can never be met."""
+
+    def __init__(self, message: str, code: str = "bad_input") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -419,10 +424,10 @@ def _check_plan(blob_path: str, model_format: str, plan: dict[str, Any], batch_s
                                lambda: _minimum_costs(blob_path, model_format, shapes, names))
     if constraints.get("max_size_bytes") is not None and constraints["max_size_bytes"] < smallest:
         raise InvalidUpload(f"max_size_bytes {constraints['max_size_bytes']} is below the smallest "
-                            f"configuration of these candidates ({smallest} bytes)")
+                            f"configuration of these candidates ({smallest} bytes)", code="infeasible")
     if constraints.get("max_bops") is not None and constraints["max_bops"] < fewest:
         raise InvalidUpload(f"max_bops {constraints['max_bops']:g} is below the fewest BOPS of any "
-                            f"configuration of these candidates ({fewest:g} at batch size 1)")
+                            f"configuration of these candidates ({fewest:g} at batch size 1)", code="infeasible")
 
 
 def _minimum_costs(blob_path: str, model_format: str, shapes: tuple, names: tuple[str, ...]) -> tuple[int, int]:

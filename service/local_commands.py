@@ -21,6 +21,8 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from service.remote import add_server_options, remote_plan, remote_sensitivity
+
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 EXIT_INFEASIBLE = 3
@@ -44,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _add_sensitivity(subparsers: argparse._SubParsersAction) -> None:
     command = subparsers.add_parser(
         "sensitivity",
-        help="Hessian sensitivity of each layer (local, no server)",
+        help="Hessian sensitivity of each layer (locally, or on a server with --server)",
         description="Compute per-layer Hessian traces (hawq_v2), top eigenvalues (hawq_v1) or the "
         "inter-layer terms g·Δ, G and Ω (interlayer) of a model on a calibration set.",
     )
@@ -58,13 +60,14 @@ def _add_sensitivity(subparsers: argparse._SubParsersAction) -> None:
     command.add_argument("--batch-size", type=int, default=256, help="calibration samples per forward pass")
     command.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     command.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    add_server_options(command)
     command.set_defaults(handler=sensitivity_command)
 
 
 def _add_plan(subparsers: argparse._SubParsersAction) -> None:
     command = subparsers.add_parser(
         "plan",
-        help="choose, export and measure per-layer precisions (local, no server)",
+        help="choose, export and measure per-layer precisions (locally, or on a server with --server)",
         description="Search per-layer precisions under a budget, export the plan as a quantized ONNX "
         "model and measure its accuracy, size and latency with onnxruntime. Exit status 0 when the "
         "plan meets the constraints, 3 when no configuration can, 2 on bad input.",
@@ -87,6 +90,7 @@ def _add_plan(subparsers: argparse._SubParsersAction) -> None:
     command.add_argument("--max-frontier-points", type=int, default=8, help="frontier points to measure")
     command.add_argument("--out", default="quantized.onnx", help="where to write the quantized model")
     command.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    add_server_options(command)
     command.set_defaults(handler=plan_command)
 
 
@@ -96,6 +100,8 @@ def _add_plan(subparsers: argparse._SubParsersAction) -> None:
 
 def sensitivity_command(args: argparse.Namespace, settings: Any = None) -> int:
     """``mpq sensitivity``: per-layer sensitivities as a table or one JSON document."""
+    if getattr(args, "server", None):
+        return remote_sensitivity(args)
     from sensitivity.run import compute_sensitivity
 
     progress = ProgressPrinter(sys.stderr)
@@ -121,6 +127,8 @@ def sensitivity_command(args: argparse.Namespace, settings: Any = None) -> int:
 
 def plan_command(args: argparse.Namespace, settings: Any = None) -> int:
     """``mpq plan``: search, export to ``--out``, measure; exit 3 when no configuration meets the constraints."""
+    if getattr(args, "server", None):
+        return remote_plan(args)
     import onnx
 
     from planner.plan import NoFeasiblePlan, plan

@@ -35,7 +35,9 @@ def _client(args: argparse.Namespace) -> MpqClient:
 
 def _fail(error: Exception) -> int:
     print(f"mpq: {error}", file=sys.stderr)
-    if isinstance(error, ApiError) and error.status in (400, 404, 413, 415, 422):
+    if isinstance(error, ApiError) and error.code == "infeasible":
+        return EXIT_INFEASIBLE
+    if isinstance(error, ApiError) and error.status in (400, 401, 403, 404, 413, 415, 422):
         return EXIT_BAD_INPUT
     if isinstance(error, (FileNotFoundError, ValueError)):
         return EXIT_BAD_INPUT

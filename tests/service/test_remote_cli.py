@@ -1,0 +1,91 @@
+"""`mpq sensitivity` / `mpq plan` with --server: real CLI processes against a live server with
+auth on. Same JSON and exit codes as the local run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from service.auth import create_token
+from tests.conftest import tiny_onnx_model
+from tests.service.conftest import enable_auth
+
+
+# The CLI's logic does not depend on the database; the API routes it calls run on both backends
+# in test_plans.py and test_jobs.py. Each CLI process costs seconds of imports, so SQLite only.
+pytestmark = pytest.mark.parametrize("backend_settings", ["sqlite"], indirect=True)
+
+
+@pytest.fixture
+def files(tmp_path):
+    rng = np.random.default_rng(0)
+    model = tmp_path / "tiny.onnx"
+    model.write_bytes(tiny_onnx_model().SerializeToString())
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=rng.standard_normal((32, 8)).astype(np.float32), labels=rng.integers(0, 3, 32))
+    return model, data
+
+
+@pytest.fixture
+def token(app):
+    enable_auth(app)
+    with app.state.sessions() as session, session.begin():
+        return create_token(session, "ci")[1]
+
+
+def mpq(*args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **({"MPQ_TOKEN": token} if token else {})}
+    return subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_remote_plan_round_trip(app, live_server, files, token, tmp_path, client):
+    model, data = files
+    out = tmp_path / "q.onnx"
+    args = ["plan", str(model), "--data", str(data), "--server", live_server, "--candidates", "fp32,w8a8,w4",
+            "--max-size-mb", "0.0003", "--max-probes", "16", "--out", str(out), "--json"]
+    result = mpq(*args, token=token)
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert set(document["plan"]["layers"]) == {"fc1.weight", "fc2.weight"}
+    assert document["meets_constraints"] is True and document["frontier"]
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == document["artifact_sha256"]
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"x": np.zeros((2, 8), np.float32)})[0].shape == (2, 3)
+
+    again = mpq(*args, token=token)  # the files are already on the server: uploads are skipped
+    assert again.returncode == 0, again.stderr
+    headers = {"authorization": f"Bearer {token}"}
+    assert client.get("/v1/models", headers=headers).json()["total"] == 1
+    assert client.get("/v1/datasets", headers=headers).json()["total"] == 1
+
+
+def test_remote_exit_codes(app, live_server, files, token):
+    model, data = files
+    base = ["plan", str(model), "--data", str(data), "--server", live_server]
+    assert mpq(*base, "--max-size-mb", "1", token="mpq_wrong").returncode == 2  # 401
+    bad = mpq(*base, "--candidates", "w3a3", "--max-size-mb", "1", token=token)
+    assert bad.returncode == 2 and "w3a3" in bad.stderr
+    impossible = mpq(*base, "--max-size-mb", "0.00001", token=token)
+    assert impossible.returncode == 3, impossible.stderr
+
+
+def test_remote_sensitivity_matches_local(app, live_server, files, token):
+    model, data = files
+    args = ["sensitivity", str(model), "--data", str(data), "--method", "hawq_v2", "--max-probes", "16", "--json"]
+    local = mpq(*args)
+    remote = mpq(*args, "--server", live_server, token=token)
+    assert local.returncode == remote.returncode == 0, (local.stderr, remote.stderr)
+    local_layers = json.loads(local.stdout)["layers"]
+    remote_layers = json.loads(remote.stdout)["layers"]
+    assert [layer["name"] for layer in remote_layers] == [layer["name"] for layer in local_layers]
+    for ours, theirs in zip(local_layers, remote_layers):
+        assert theirs["trace"] == pytest.approx(ours["trace"], rel=1e-6)
+        assert theirs["probes"] == ours["probes"]
