@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from service import jobs
 from service.errors import Problem
 from service.inspection import InvalidUpload
-from service.tables import Dataset, Job, Model, SensitivityResult
+from service.tables import Dataset, Job, Model, SensitivityResult, get_row, is_id
 
 router = APIRouter(tags=["jobs"])
 
@@ -120,8 +120,8 @@ def _replay(job: Job, request_hash: str) -> JSONResponse:
 
 def load_inputs(request: Request, model_id: str, dataset_ids: list[str | None]) -> tuple[Model, list[Dataset | None]]:
     with request.app.state.sessions() as session:
-        model = session.get(Model, model_id)
-        datasets = [session.get(Dataset, d) if d else None for d in dataset_ids]
+        model = get_row(session, Model, model_id)
+        datasets = [get_row(session, Dataset, d) if d else None for d in dataset_ids]
     if model is None:
         raise Problem(422, f"model_id {model_id!r} names no model; upload it first (POST /v1/models)")
     for dataset_id, dataset in zip(dataset_ids, datasets):
@@ -174,7 +174,7 @@ async def create_sensitivity(request: Request, body: SensitivityRequest, idempot
 @router.get("/sensitivity/{result_id}", response_model=SensitivityOut, summary="A stored sensitivity result")
 def get_sensitivity(request: Request, result_id: str):
     with request.app.state.sessions() as session:
-        row = session.get(SensitivityResult, result_id) if len(result_id) <= 64 else None
+        row = get_row(session, SensitivityResult, result_id)
     if row is None:
         raise Problem(404, f"no sensitivity result with id {result_id!r}")
     return SensitivityOut(id=row.id, job_id=row.job_id, method=row.method, model_sha256=row.model_sha256,
@@ -185,7 +185,7 @@ def get_sensitivity(request: Request, result_id: str):
 @router.get("/jobs", response_model=JobPage, summary="List jobs, newest first")
 def list_jobs(request: Request, status: Annotated[Literal["queued", "running", "succeeded", "failed", "cancelled"]
                                                    | None, Query()] = None,
-              type: Annotated[str | None, Query(max_length=32)] = None,
+              type: Annotated[Literal["sensitivity", "plan", "latency"] | None, Query()] = None,
               limit: Annotated[int, Query(ge=1, le=500)] = 50, offset: Annotated[int, Query(ge=0, le=10**6)] = 0):
     query = select(Job)
     if status:
@@ -201,7 +201,7 @@ def list_jobs(request: Request, status: Annotated[Literal["queued", "running", "
 @router.get("/jobs/{job_id}", response_model=JobOut, summary="One job with progress, error and log tail")
 def get_job(request: Request, job_id: str):
     with request.app.state.sessions() as session:
-        job = session.get(Job, job_id) if len(job_id) <= 64 else None
+        job = get_row(session, Job, job_id)
     if job is None:
         raise Problem(404, f"no job with id {job_id!r}")
     return JobOut.of(job)
@@ -210,7 +210,7 @@ def get_job(request: Request, job_id: str):
 @router.post("/jobs/{job_id}/cancel", response_model=JobOut, status_code=202,
              summary="Cancel a job: queued jobs stop at once, running ones at their next step")
 def cancel_job(request: Request, job_id: str):
-    job = jobs.request_cancel(request.app.state.sessions, job_id) if len(job_id) <= 64 else None
+    job = jobs.request_cancel(request.app.state.sessions, job_id) if is_id(job_id) else None
     if job is None:
         raise Problem(404, f"no job with id {job_id!r}")
     return JobOut.of(job)

@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from service.api_jobs import (IdempotencyKey, JobOut, check_dataset_fits_model, check_request, load_inputs,
                               submit_job)
 from service.errors import Problem
-from service.tables import Artifact, FrontierPoint, LatencyMeasurement, Plan
+from service.tables import Artifact, FrontierPoint, LatencyMeasurement, Plan, get_row
 from service.transfer import blob_response
 
 router = APIRouter(tags=["plans"])
@@ -122,7 +122,7 @@ def plan_out(session, plan: Plan) -> PlanOut:
 
 
 def _plan_or_404(session, plan_id: str) -> Plan:
-    plan = session.get(Plan, plan_id) if len(plan_id) <= 64 else None
+    plan = get_row(session, Plan, plan_id)
     if plan is None:
         raise Problem(404, f"no plan with id {plan_id!r}")
     return plan

@@ -30,7 +30,7 @@ from service.auth import verify_token
 from service.errors import Problem
 from service.settings import AuthMode
 from service.tables import (Artifact, Dataset, FrontierPoint, Job, LatencyMeasurement, Model, Plan,
-                            SensitivityResult)
+                            SensitivityResult, get_row)
 from service.transfer import blob_response
 
 COOKIE = "mpq_token"
@@ -533,7 +533,7 @@ def cancel_job(request: Request, job_id: str) -> Response:
 
 
 def _get(session: Session, table: type, row_id: str) -> Any:
-    return session.get(table, row_id) if len(row_id) <= 64 else None
+    return get_row(session, table, row_id)
 
 
 def _model_names(session: Session, hashes: set[str]) -> dict[str, str]:

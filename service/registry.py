@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.errors import Problem
 from service.inspection import InvalidUpload
-from service.tables import Base, Dataset, Model
+from service.tables import Base, Dataset, Model, get_row
 from service.transfer import blob_response, receive_upload
 
 BINARY_BODY = {
@@ -59,6 +59,8 @@ def registry_router(kind: RegistryKind) -> APIRouter:
                  summary=f"Upload a {kind.noun} as the raw request body")
     async def upload(request: Request, name: Annotated[str | None, Query(max_length=200)] = None):
         state = request.app.state
+        if name is not None and any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+            raise Problem(422, "the name must not contain control characters (NUL, newlines, ...)")
         writer = await receive_upload(request, state.store, state.settings.max_upload_bytes)
         try:
             fields = await run_in_threadpool(kind.inspect, state.inspector, writer.path)
@@ -114,7 +116,7 @@ def registry_router(kind: RegistryKind) -> APIRouter:
 
 
 def _get_or_404(session: Session, kind: RegistryKind, item_id: str):
-    row = session.get(kind.table, item_id) if len(item_id) <= 64 else None
+    row = get_row(session, kind.table, item_id)
     if row is None:
         raise Problem(404, f"no {kind.noun} with id {item_id!r}")
     return row

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -13,6 +14,21 @@ from sqlalchemy.types import TypeDecorator
 
 def new_id() -> str:
     return uuid.uuid4().hex
+
+
+_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def is_id(value: object) -> bool:
+    return isinstance(value, str) and _ID.fullmatch(value) is not None
+
+
+def get_row(session, table, row_id: str | None):
+    """The row with this id, or None; a string that cannot be an id (wrong length, NUL bytes, ...)
+    never reaches the database."""
+    if not is_id(row_id):
+        return None
+    return session.get(table, row_id)
 
 
 def utcnow() -> datetime:

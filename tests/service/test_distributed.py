@@ -28,10 +28,10 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def cluster(postgres_url, tmp_path) -> Iterator[tuple[str, list[subprocess.Popen]]]:
+def cluster(own_postgres_url, tmp_path) -> Iterator[tuple[str, list[subprocess.Popen]]]:
     broker = f"redis://127.0.0.1:6379/{BROKER_DB}"
     redis.Redis.from_url(broker).flushdb()
-    env = {**os.environ, "MPQ_DATABASE_URL": postgres_url, "MPQ_ARTIFACT_DIR": str(tmp_path / "store"),
+    env = {**os.environ, "MPQ_DATABASE_URL": own_postgres_url, "MPQ_ARTIFACT_DIR": str(tmp_path / "store"),
            "MPQ_EXECUTOR": "celery", "MPQ_BROKER_URL": broker, "MPQ_HEARTBEAT_INTERVAL_S": "0.5",
            "MPQ_HEARTBEAT_TIMEOUT_S": "5", "MPQ_CANCEL_GRACE_S": "1"}
     mpq = [sys.executable, "-m", "service.cli"]

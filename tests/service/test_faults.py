@@ -27,8 +27,8 @@ def _serve(env: dict[str, str], port: int, log) -> subprocess.Popen:
                             stdout=log, stderr=subprocess.STDOUT)
 
 
-def test_api_restart_mid_job_requeues_and_finishes(postgres_url, tmp_path):
-    env = {**os.environ, "MPQ_DATABASE_URL": postgres_url, "MPQ_ARTIFACT_DIR": str(tmp_path / "store"),
+def test_api_restart_mid_job_requeues_and_finishes(own_postgres_url, tmp_path):
+    env = {**os.environ, "MPQ_DATABASE_URL": own_postgres_url, "MPQ_ARTIFACT_DIR": str(tmp_path / "store"),
            "MPQ_HEARTBEAT_INTERVAL_S": "0.5", "MPQ_HEARTBEAT_TIMEOUT_S": "10"}
     subprocess.run([sys.executable, "-m", "service.cli", "db", "upgrade"], env=env, check=True, capture_output=True)
     port = free_port()

@@ -322,3 +322,14 @@ def test_interrupted_upload_leaves_nothing(app, live_server):
     while snapshot(app) != before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert snapshot(app) == before
+
+
+def test_nul_bytes_are_a_clear_4xx_on_every_backend(client, app, tiny_model_bytes):
+    """Found by schemathesis: PostgreSQL cannot store NUL in text; that must be a 4xx, not a 500."""
+    before = snapshot(app)
+    assert_problem(upload(client, "/v1/models", tiny_model_bytes, name="bad\x00name"), 422, "control characters")
+    assert snapshot(app) == before
+    assert_problem(client.post("/v1/plans", json={"model_id": "\x00", "calibration_dataset_id": "x",
+                                                  "constraints": {"max_size_bytes": 1}}), 422, "no model")
+    assert_problem(client.get("/v1/jobs", params={"type": "a\x00b"}), 422, "type")
+    assert_problem(client.get("/v1/models/%00"), 404, "no model")
