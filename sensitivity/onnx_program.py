@@ -26,6 +26,7 @@ import onnx.inliner
 import torch
 
 from sensitivity.layers import Layer, find_layers
+from sensitivity.program import ProgramAttributes
 from sensitivity.onnx_ops import OPS, Handler, Node, parse_attributes, tensor_from_proto
 
 MIN_OPSET = 11
@@ -93,7 +94,7 @@ class _Recorded:
         return torch.tensor(self.values, dtype=self.dtype, device=device).reshape(self.shape)
 
 
-class OnnxProgram:
+class OnnxProgram(ProgramAttributes):
     """A ``Program`` interpreting an ONNX graph with torch ops (build it with ``load_onnx``).
 
     ``shape_cache_size`` bounds how many input-shape signatures keep their shape values.
@@ -122,22 +123,6 @@ class OnnxProgram:
         self._shape_cache_size = shape_cache_size
         self.opset = opset
         self.device = device
-
-    @property
-    def layers(self) -> Sequence[Layer]:
-        return self._layers
-
-    @property
-    def layer_weights(self) -> Mapping[str, torch.Tensor]:
-        return self._layer_weights
-
-    @property
-    def input_names(self) -> Sequence[str]:
-        return self._input_names
-
-    @property
-    def output_names(self) -> Sequence[str]:
-        return self._output_names
 
     @property
     def num_steps(self) -> int:

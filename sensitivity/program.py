@@ -39,3 +39,29 @@ class Program(Protocol):
 
     def to(self, device: torch.device) -> "Program":
         """A copy of the program whose constants live on ``device``."""
+
+
+class ProgramAttributes:
+    """The read-only attributes of the ``Program`` protocol, for implementations that set
+    ``_layers``, ``_layer_weights``, ``_input_names`` and ``_output_names``."""
+
+    _layers: Sequence[Layer]
+    _layer_weights: Mapping[str, torch.Tensor]
+    _input_names: Sequence[str]
+    _output_names: Sequence[str]
+
+    @property
+    def layers(self) -> Sequence[Layer]:
+        return self._layers
+
+    @property
+    def layer_weights(self) -> Mapping[str, torch.Tensor]:
+        return self._layer_weights
+
+    @property
+    def input_names(self) -> Sequence[str]:
+        return self._input_names
+
+    @property
+    def output_names(self) -> Sequence[str]:
+        return self._output_names

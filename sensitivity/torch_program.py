@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from sensitivity.layers import Layer
+from sensitivity.program import ProgramAttributes
 
 # module type -> (ONNX op type, output-channel axis of its weight)
 _LAYER_MODULES: tuple[tuple[type[nn.Module], str, int], ...] = (
@@ -68,7 +69,7 @@ def find_module_layers(module: nn.Module) -> list[Layer]:
     return layers
 
 
-class TorchProgram:
+class TorchProgram(ProgramAttributes):
     """A ``Program`` over an ``nn.Module``: ``forward(weights, inputs)`` is a functional call.
 
     ``input_names`` name the module's positional arguments in order. The module is put in
@@ -100,25 +101,9 @@ class TorchProgram:
         if missing:
             raise ValueError(f"layers {missing} are not parameters of the module")
         names = {layer.name for layer in self._layers}
-        self._weights = {layer.name: state[layer.name].detach() for layer in self._layers}
+        self._layer_weights = {layer.name: state[layer.name].detach() for layer in self._layers}
         # Every other constant is passed detached, so no gradient is ever computed for it.
         self._constants = {name: t.detach() for name, t in state.items() if name not in names}
-
-    @property
-    def layers(self) -> Sequence[Layer]:
-        return self._layers
-
-    @property
-    def layer_weights(self) -> Mapping[str, torch.Tensor]:
-        return self._weights
-
-    @property
-    def input_names(self) -> Sequence[str]:
-        return self._input_names
-
-    @property
-    def output_names(self) -> Sequence[str]:
-        return self._output_names
 
     @property
     def module(self) -> nn.Module:

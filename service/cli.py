@@ -78,7 +78,6 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from service.app import create_app
-    from service.db import SchemaOutOfDate, check_schema, upgrade
 
     updates = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = settings.model_copy(update=updates)
@@ -87,16 +86,8 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     except ValueError as error:
         print(f"mpq: {error}", file=sys.stderr)
         return 2
-    engine = _engine(settings)
-    if args.upgrade_db:
-        upgrade(engine)
-    try:
-        check_schema(engine)
-    except SchemaOutOfDate as error:
-        print(f"mpq: {error}", file=sys.stderr)
+    if not _schema_is_current(settings, upgrade_first=args.upgrade_db):
         return 2
-    finally:
-        engine.dispose()
     print(f"mpq: serving on http://{settings.host}:{settings.port} (auth {settings.auth.value}, "
           f"database {_redacted(settings.resolved_database_url)})", file=sys.stderr)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
@@ -109,18 +100,28 @@ def _redacted(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def _worker(args: argparse.Namespace, settings: Settings) -> int:
-    from service.celery_app import run_worker
-    from service.db import SchemaOutOfDate, check_schema
+def _schema_is_current(settings: Settings, upgrade_first: bool = False) -> bool:
+    """Check (optionally after upgrading) that the schema matches this version; say what to run if not."""
+    from service.db import SchemaOutOfDate, check_schema, upgrade
 
     engine = _engine(settings)
     try:
+        if upgrade_first:
+            upgrade(engine)
         check_schema(engine)
+        return True
     except SchemaOutOfDate as error:
         print(f"mpq: {error}", file=sys.stderr)
-        return 2
+        return False
     finally:
         engine.dispose()
+
+
+def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    from service.celery_app import run_worker
+
+    if not _schema_is_current(settings):
+        return 2
     run_worker(settings, args.gpu, args.name)
     return 0
 
@@ -145,15 +146,11 @@ def _db_current(_args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _sessions(settings: Settings):
-    from service.db import SchemaOutOfDate, check_schema, session_factory
+    from service.db import session_factory
 
-    engine = _engine(settings)
-    try:
-        check_schema(engine)
-    except SchemaOutOfDate as error:
-        print(f"mpq: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    return session_factory(engine)
+    if not _schema_is_current(settings):
+        raise SystemExit(2)
+    return session_factory(_engine(settings))
 
 
 def _token_create(args: argparse.Namespace, settings: Settings) -> int:

@@ -144,17 +144,13 @@ def reap(sessions: sessionmaker[Session], settings: Settings) -> list[tuple[str,
     return moved + jobs.reap_stale(sessions, settings)
 
 
-class EmbeddedExecutor:
-    """Runs queued jobs in up to ``worker_slots`` child processes of this server."""
+class _BackgroundLoop:
+    """A daemon thread running ``_loop`` until ``stop``; restartable (tests start and stop
+    an app's lifespan more than once)."""
 
-    def __init__(self, settings: Settings, sessions: sessionmaker[Session], poll_s: float = 0.5) -> None:
-        self.settings = settings
-        self.sessions = sessions
-        self.poll_s = poll_s
-        gpus = [g.strip() for g in (settings.gpus or "").split(",") if g.strip()]
-        self._slots: dict[int, threading.Thread | None] = {i: None for i in range(settings.worker_slots)}
-        self._slot_env = {i: ({"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} if gpus else {}) for i in self._slots}
-        self._wake = threading.Event()
+    thread_name = "mpq-loop"
+
+    def __init__(self) -> None:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -162,17 +158,39 @@ class EmbeddedExecutor:
         if self._thread is not None and self._thread.is_alive():
             return
         self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, daemon=True, name="mpq-dispatcher")
+        self._thread = threading.Thread(target=self._loop, daemon=True, name=self.thread_name)
         self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+
+class EmbeddedExecutor(_BackgroundLoop):
+    """Runs queued jobs in up to ``worker_slots`` child processes of this server."""
+
+    thread_name = "mpq-dispatcher"
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], poll_s: float = 0.5) -> None:
+        super().__init__()
+        self.settings = settings
+        self.sessions = sessions
+        self.poll_s = poll_s
+        gpus = [g.strip() for g in (settings.gpus or "").split(",") if g.strip()]
+        self._slots: dict[int, threading.Thread | None] = {i: None for i in range(settings.worker_slots)}
+        self._slot_env = {i: ({"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} if gpus else {}) for i in self._slots}
+        self._wake = threading.Event()
 
     def submit(self, job_id: str) -> None:
         self._wake.set()  # the dispatcher reads the queue from the database
 
     def stop(self) -> None:
-        self._stop.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        super().stop()
         for thread in self._slots.values():  # their supervisors see _stop, kill the job, requeue it
             if thread is not None:
                 thread.join(timeout=10)
@@ -209,30 +227,24 @@ class EmbeddedExecutor:
             self._wake.set()  # a slot is free: look at the queue now
 
 
-class CeleryExecutor:
+class CeleryExecutor(_BackgroundLoop):
     """Sends jobs to the broker; ``mpq worker`` processes run them. Also re-sends jobs the
     reaper requeued, and queued jobs whose message may have been lost (duplicates are
     harmless: claiming a job is atomic)."""
+
+    thread_name = "mpq-reaper"
 
     def __init__(self, settings: Settings, sessions: sessionmaker[Session], poll_s: float = 2.0,
                  resend_after_s: float = 60.0) -> None:
         from service.celery_app import make_celery
 
+        super().__init__()
         self.settings = settings
         self.sessions = sessions
         self.celery = make_celery(settings)
         self.poll_s = poll_s
         self.resend_after_s = resend_after_s
         self._sent: dict[str, float] = {}
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, daemon=True, name="mpq-reaper")
-        self._thread.start()
 
     def submit(self, job_id: str) -> None:
         try:
@@ -240,11 +252,6 @@ class CeleryExecutor:
             self._sent[job_id] = time.monotonic()
         except Exception:  # broker down: the loop re-sends once it is back
             logger.exception("could not send job %s to the broker; will retry", job_id)
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.poll_s):
