@@ -11,8 +11,11 @@ import sys
 import time
 from collections.abc import Iterator
 
+import hashlib
+
 import httpx
 import numpy as np
+import onnxruntime as ort
 import pytest
 import redis
 
@@ -98,6 +101,21 @@ def test_two_workers_share_the_queue_and_survive_a_kill(cluster):
                                                      "options": {"seed": seed}}).json()["id"] for seed in range(2)]
         finished = [_job(client, job_id) for job_id in jobs]
         assert [job["status"] for job in finished] == ["succeeded"] * 2, finished
+
+        # a plan end to end on the Celery executor: plan, wait, download, run the artifact
+        labelled = _upload(client, "/v1/datasets", npz_bytes(x=rng.standard_normal((32, 8)).astype(np.float32),
+                                                             labels=rng.integers(0, 3, 32)))
+        plan_job = client.post("/v1/plans", json={
+            "model_id": tiny, "calibration_dataset_id": labelled, "candidates": ["fp32", "w8a8", "w4"],
+            "constraints": {"max_size_bytes": 10**6}, "options": {"trace_max_probes": 16}}).json()["id"]
+        done = _job(client, plan_job)
+        assert done["status"] == "succeeded", done
+        plan = client.get(f"/v1/plans/{done['result']['plan_id']}").json()
+        artifact = client.get(f"/v1/plans/{plan['id']}/artifact").content
+        assert hashlib.sha256(artifact).hexdigest() == plan["artifact"]["sha256"]
+        outputs = ort.InferenceSession(artifact, providers=["CPUExecutionProvider"]).run(
+            None, {"x": np.zeros((4, 8), np.float32)})[0]
+        assert outputs.shape == (4, 3)
 
         # kill -9 the worker (and with it its job process) in the middle of a job
         mlp = _upload(client, "/v1/models", mlp_onnx_model(width=384).SerializeToString())
