@@ -381,3 +381,34 @@ def expect_text(page, selector: str, text: str) -> None:
 
 def sha256_of(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@browser_test
+def test_a_real_plan_from_the_planner(page, shot, client, app):
+    """The plan page on data the real plan job wrote (not fixture rows): click a frontier point,
+    check its per-layer precisions against the API, download the plan's artifact."""
+    from tests.service.test_jobs import uploaded, wait_for
+    from tests.service.test_plans import digits_files
+
+    model_bytes, calib, _, _ = digits_files.__wrapped__()
+    model_id, calib_id = uploaded(client, model_bytes, calib)
+    job = client.post("/v1/plans", json={
+        "model_id": model_id, "calibration_dataset_id": calib_id, "candidates": ["fp32", "w8a8", "w4a8"],
+        "constraints": {"max_size_bytes": len(model_bytes) // 3}, "options": {"trace_max_probes": 16}}).json()
+    job = wait_for(client, job["id"], timeout=300)
+    assert job["status"] == "succeeded", job
+    plan_id = job["result"]["plan_id"]
+    plan = client.get(f"/v1/plans/{plan_id}").json()
+    points = client.get(f"/v1/plans/{plan_id}/frontier").json()
+
+    page.goto(f"/plans/{plan_id}")
+    wait_for_chart(page, "#frontier-chart")
+    index = points[len(points) // 2]["index"]
+    click_frontier_point(page, index, points)
+    page.locator(f'#point-detail [data-point-index="{index}"]').wait_for()
+    shown = page.locator("#point-layers td[data-field=precision]").all_inner_texts()
+    assert shown == list(points[index]["assignment"].values())
+    shot("real-plan-point")
+    with page.expect_download() as download:
+        page.locator("#plan-artifact").click()
+    assert sha256_of(download.value.path()) == plan["artifact"]["sha256"]
