@@ -468,6 +468,7 @@ def _trace_terms(
     _require(model is not None, "a result with traces only needs the model to compute Δ")
     import torch
 
+    from sensitivity.interlayer import omega_trace
     from sensitivity.layers import find_layers, weight_array
 
     bits = sorted({CANDIDATES[c].weight_bits for c in candidates} - {None}) or [8]
@@ -475,7 +476,7 @@ def _trace_terms(
     weights = [torch.from_numpy(weight_array(model, layer.name).astype(np.float32)) for layer in layers]
     deltas = perturbations(layers, weights, bits)
     norms = {label: float(delta.double().pow(2).sum()) for label, delta in deltas.items()}
-    average = {trace.name: trace.average_trace for trace in sensitivity.traces}
+    average = {trace.name: omega_trace(trace) for trace in sensitivity.traces}
     labels = tuple(deltas)
     return InterLayerTerms(
         labels=labels,

@@ -71,7 +71,7 @@ def interlayer_terms(
         float((gradient[position[name]].double() * d.double()).sum()) for (name, _), d in deltas.items()
     )
     norms = tuple(float(d.double().pow(2).sum()) for d in deltas.values())
-    average_trace = {t.name: t.average_trace for t in traces}
+    average_trace = {t.name: omega_trace(t) for t in traces}
     return InterLayerTerms(
         labels=labels,
         matrix=tuple(tuple(float(x) for x in row) for row in matrix),
@@ -80,6 +80,17 @@ def interlayer_terms(
         omega=tuple(average_trace[name] * norm for (name, _), norm in zip(labels, norms)),
         symmetry_error=_symmetry_error(matrix),
     )
+
+
+def omega_trace(trace) -> float:
+    """The average trace Ω uses: max(Tr(Hᵢ)/nᵢ, 0).
+
+    HAWQ-V2's proxy assumes a positive semi-definite Hessian block. A negative Hutchinson
+    estimate (possible near a minimum where the trace is small against its standard error,
+    which is reported with it) would otherwise make a search prefer *larger* perturbations
+    of that layer, i.e. it would optimise noise.
+    """
+    return max(trace.average_trace, 0.0)
 
 
 def _terms(result: SensitivityResult | InterLayerTerms) -> InterLayerTerms:
