@@ -65,7 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 def _add_health_routes(app: FastAPI) -> None:
     @app.get("/healthz", response_model=schemas.Health, tags=["health"], summary="The process is up")
-    def healthz():
+    async def healthz():
         return schemas.Health(status="ok")
 
     @app.get("/readyz", response_model=schemas.Health, tags=["health"],

@@ -6,8 +6,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import time
 
 from fastapi import Request
+from starlette.concurrency import run_in_threadpool
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -16,6 +18,7 @@ from service.settings import AuthMode
 from service.tables import ApiToken, utcnow
 
 TOKEN_PREFIX = "mpq_"
+TOKEN_CACHE_S = 5.0
 
 
 def hash_token(token: str) -> str:
@@ -42,8 +45,13 @@ def verify_token(session: Session, token: str) -> ApiToken | None:
     return row
 
 
-def require_token(request: Request) -> None:
-    """FastAPI dependency on every /v1 route; a no-op when auth is off."""
+async def require_token(request: Request) -> None:
+    """FastAPI dependency on every /v1 route; a no-op when auth is off.
+
+    Async so that requests do not hop through the threadpool just to be let in; a token seen
+    valid recently is trusted for ``TOKEN_CACHE_S`` without a database round trip (a revoked
+    token stops working within that time).
+    """
     state = request.app.state
     if state.settings.auth is AuthMode.off:
         return
@@ -52,10 +60,21 @@ def require_token(request: Request) -> None:
     if not token:
         raise Problem(401, "missing API token: send 'Authorization: Bearer <token>' (create one with "
                            "`mpq token create --name NAME`)", headers=challenge)
-    factory: sessionmaker[Session] = state.sessions
+    cache: dict[str, float] = state.__dict__.setdefault("_token_cache", {})
+    digest = hash_token(token)
+    if cache.get(digest, 0.0) > time.monotonic():
+        return
+    if not await run_in_threadpool(_token_is_valid, state.sessions, token):
+        cache.pop(digest, None)
+        raise Problem(401, "the API token is unknown or revoked", headers=challenge)
+    if len(cache) > 10_000:
+        cache.clear()
+    cache[digest] = time.monotonic() + TOKEN_CACHE_S
+
+
+def _token_is_valid(factory: sessionmaker[Session], token: str) -> bool:
     with factory() as session, session.begin():
-        if verify_token(session, token) is None:
-            raise Problem(401, "the API token is unknown or revoked", headers=challenge)
+        return verify_token(session, token) is not None
 
 
 def _bearer(request: Request) -> str | None:

@@ -268,9 +268,11 @@ def test_invalid_query_is_problem_json(client):
 # ------------------------------------------------------------------ auth
 
 
-def test_every_v1_route_requires_a_token_when_auth_is_on(client, app, tiny_model_bytes):
+def test_every_v1_route_requires_a_token_when_auth_is_on(client, app, tiny_model_bytes, monkeypatch):
+    from service import auth
     from service.auth import create_token
 
+    monkeypatch.setattr(auth, "TOKEN_CACHE_S", 0.0)  # see the revocation at once
     enable_auth(app)
     before = snapshot(app)
     paths = app.openapi()["paths"]
@@ -333,3 +335,22 @@ def test_nul_bytes_are_a_clear_4xx_on_every_backend(client, app, tiny_model_byte
                                                   "constraints": {"max_size_bytes": 1}}), 422, "no model")
     assert_problem(client.get("/v1/jobs", params={"type": "a\x00b"}), 422, "type")
     assert_problem(client.get("/v1/models/%00"), 404, "no model")
+
+
+def test_a_revoked_token_stops_working_within_the_cache_window(client, app, monkeypatch):
+    from service import auth
+    from service.tables import ApiToken, utcnow
+
+    monkeypatch.setattr(auth, "TOKEN_CACHE_S", 0.5)
+    enable_auth(app)
+    with app.state.sessions() as session, session.begin():
+        row, secret = auth.create_token(session, "short-lived")
+    headers = {"authorization": f"Bearer {secret}"}
+    assert client.get("/v1/models", headers=headers).status_code == 200
+    with app.state.sessions() as session, session.begin():
+        session.get(ApiToken, row.id).revoked_at = utcnow()
+    assert client.get("/v1/models", headers=headers).status_code == 200  # still cached
+    import time
+
+    time.sleep(0.6)
+    assert_problem(client.get("/v1/models", headers=headers), 401, "revoked")
