@@ -14,7 +14,7 @@ if [ "${1:-}" = "--dev" ]; then
     "${PIP[@]}" -e ".[dev]"
     # The dashboard's browser tests drive Debian's chromium (never `playwright install`: no browser downloads).
     if [ ! -x /usr/bin/chromium ]; then
-        apt-get update && apt-get install -y chromium
+        apt-get update -qq && apt-get install -y -qq chromium >/dev/null
     fi
 else
     "${PIP[@]}" -e .
