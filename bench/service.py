@@ -35,14 +35,15 @@ def npz(**arrays: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def start_server(root: Path, slots: int) -> tuple[subprocess.Popen, str]:
+def start_server(root: Path, slots: int, api_workers: int = 1) -> tuple[subprocess.Popen, str]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = {**os.environ, "MPQ_DATA_DIR": str(root), "MPQ_WORKER_SLOTS": str(slots)}
     mpq = [sys.executable, "-m", "service.cli"]
     subprocess.run([*mpq, "db", "upgrade"], env=env, check=True, capture_output=True)
-    server = subprocess.Popen([*mpq, "serve", "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
+    server = subprocess.Popen([*mpq, "serve", "--port", str(port), "--api-workers", str(api_workers)], env=env,
+                              stdout=subprocess.DEVNULL,
                               stderr=open(root / "server.log", "w"))
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -136,10 +137,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20, help="GETs per client")
     parser.add_argument("--submissions", type=int, default=50)
     parser.add_argument("--slots", type=int, default=2)
+    parser.add_argument("--api-workers", type=int, default=1, help="API processes (mpq serve --api-workers)")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as root:
-        server, url = start_server(Path(root), args.slots)
+        server, url = start_server(Path(root), args.slots, args.api_workers)
         try:
             with httpx.Client(base_url=url, timeout=120) as client:
                 model_id = upload(client, "/v1/models", tiny_onnx_model().SerializeToString())
@@ -151,7 +153,8 @@ def main() -> None:
 
             summary = wrk_latency(f"{url}/v1/plans/{plan_id}", args.clients, 15)
             if summary:
-                print(f"wrk, {args.clients} connections, 15 s, GET /v1/plans/{{id}}: {summary}")
+                print(f"wrk, {args.clients} connections, 15 s, {args.api_workers} API process(es), "
+                      f"GET /v1/plans/{{id}}: {summary}")
             started = time.perf_counter()
             latencies = asyncio.run(hammer(url, f"/v1/plans/{plan_id}", args.clients, args.requests))
             elapsed = time.perf_counter() - started

@@ -11,7 +11,7 @@ from service import api_jobs, api_plans, dashboard, schemas
 from service.auth import require_token
 from service.db import make_engine, session_factory
 from service.errors import install_error_handlers, problem_response
-from service.executor import make_executor
+from service.executor import ExecutorLock, make_executor
 from service.inspection import Inspector, Limits
 from service.registry import RegistryKind, _inspect_dataset, _inspect_model, registry_router
 from service.settings import Settings
@@ -29,9 +29,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.executor.start()
+        lock = ExecutorLock(settings.resolved_artifact_dir / ".executor.lock")
+        runs_executor = lock.acquire()
+        if runs_executor:
+            app.state.executor.start()
         yield
-        app.state.executor.stop()
+        if runs_executor:
+            app.state.executor.stop()
+            lock.release()
         app.state.inspector.close()
         engine.dispose()
 

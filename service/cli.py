@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -39,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="override MPQ_HOST")
     serve.add_argument("--port", type=int, help="override MPQ_PORT")
     serve.add_argument("--upgrade-db", action="store_true", help="apply pending database migrations first")
+    serve.add_argument("--api-workers", type=int, default=1, metavar="N",
+                       help="API processes sharing the port (the job executor runs in one of them)")
     serve.set_defaults(handler=_serve)
 
     worker = commands.add_parser(
@@ -90,7 +93,13 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     print(f"mpq: serving on http://{settings.host}:{settings.port} (auth {settings.auth.value}, "
           f"database {_redacted(settings.resolved_database_url)})", file=sys.stderr)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    if args.api_workers > 1:
+        # each worker process builds its own app from the environment (MPQ_* settings)
+        os.environ.update({"MPQ_HOST": settings.host, "MPQ_PORT": str(settings.port)})
+        uvicorn.run("service.app:create_app", factory=True, workers=args.api_workers, host=settings.host,
+                    port=settings.port, log_level="info")
+    else:
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
     return 0
 
 

@@ -20,6 +20,7 @@ import signal
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -270,6 +271,35 @@ class CeleryExecutor(_BackgroundLoop):
         for job_id in queued:
             if now - self._sent.get(job_id, 0.0) > self.resend_after_s:
                 self.submit(job_id)
+
+
+class ExecutorLock:
+    """One dispatcher per deployment: with several API processes (``mpq serve --api-workers N``)
+    only the process holding this lock runs the executor loop; the others only write job rows,
+    which that loop reads from the database. An exclusive ``flock`` on a file in the artifact
+    store, released by the kernel when its holder dies."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = None
+
+    def acquire(self) -> bool:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = self.path.open("a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            return False
+        self._file = handle
+        return True
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the descriptor drops the flock
+            self._file = None
 
 
 def make_executor(settings: Settings, sessions: sessionmaker[Session]):

@@ -97,3 +97,39 @@ def test_lost_database_connections_are_retried(client, app, backend_settings):
     final = wait_for(client, job_id, timeout=240)
     assert final["status"] == "succeeded", final
     assert client.get("/v1/jobs").status_code == 200
+
+
+def test_executor_lock_is_exclusive(tmp_path):
+    from service.executor import ExecutorLock
+
+    first, second = ExecutorLock(tmp_path / "x.lock"), ExecutorLock(tmp_path / "x.lock")
+    assert first.acquire() and not second.acquire()
+    first.release()
+    assert second.acquire()
+    second.release()
+
+
+def test_several_api_processes_share_one_executor(tmp_path):
+    """`mpq serve --api-workers 2`: jobs submitted to either process run (once each)."""
+    env = {**os.environ, "MPQ_DATA_DIR": str(tmp_path), "MPQ_HEARTBEAT_INTERVAL_S": "0.5"}
+    subprocess.run([sys.executable, "-m", "service.cli", "db", "upgrade"], env=env, check=True, capture_output=True)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--api-workers", "2"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "api.log", "w"))
+    try:
+        _wait(lambda: httpx.get(f"{url}/readyz").status_code == 200, 60, "API did not start")
+        rng = np.random.default_rng(0)
+        with httpx.Client(base_url=url, timeout=60) as client:
+            from tests.conftest import tiny_onnx_model
+
+            model = _upload(client, "/v1/models", tiny_onnx_model().SerializeToString())
+            data = _upload(client, "/v1/datasets", npz_bytes(x=rng.standard_normal((16, 8)).astype(np.float32)))
+            jobs = [client.post("/v1/sensitivity", json={"model_id": model, "dataset_id": data,
+                                                         "options": {"seed": seed}}).json()["id"] for seed in range(3)]
+            finished = [_job(client, job_id, timeout=180) for job_id in jobs]
+        assert [job["status"] for job in finished] == ["succeeded"] * 3, finished
+        assert all(job["attempts"] == 1 for job in finished)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
