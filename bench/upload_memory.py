@@ -21,7 +21,6 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import onnx
 import psutil
 from onnx import TensorProto, helper
 

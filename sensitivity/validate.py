@@ -23,7 +23,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
 
 from sensitivity.interlayer import Configuration, diagonal_loss_change, predicted_loss_change
 from sensitivity.losses import CalibrationLoss

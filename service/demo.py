@@ -17,6 +17,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from service.client import MpqClient
+from service.progress import ProgressPrinter, follow_job
 from service.settings import Settings
 
 
@@ -115,36 +116,12 @@ def _plan(client: MpqClient, model_path: Path, calib_path: Path, eval_path: Path
         "model_id": model["id"], "calibration_dataset_id": calibration["id"],
         "evaluation_dataset_id": evaluation["id"], "method": "interlayer", "search": "pareto",
         "constraints": {"max_size_bytes": budget}, "options": {"seed": 0, "batch_size": 256}})
-    job = client.wait(job["id"], on_progress=ProgressLines(out), poll_s=0.5)
+    job = client.wait(job["id"], on_progress=follow_job(ProgressPrinter(out)), poll_s=0.5)
     if job["status"] != "succeeded":
         raise SystemExit(f"mpq: the plan job {job['status']}: {job['error']}")
     plan_id = job["result"]["plan_id"]
     print_plan(client.get(f"/v1/plans/{plan_id}"), client.get(f"/v1/plans/{plan_id}/frontier"), out)
     return plan_id
-
-
-class ProgressLines:
-    """Job progress as plain lines, one per phase change or 10% step (a bar on a terminal)."""
-
-    def __init__(self, out: TextIO) -> None:
-        self.out = out
-        self.last: tuple[str | None, int] = (None, -1)
-        self.tty = out.isatty()
-
-    def __call__(self, job: dict[str, Any]) -> None:
-        progress = job["progress"]
-        phase, fraction = progress["phase"], progress["fraction"] or 0.0
-        if self.tty:
-            bar = "#" * int(30 * fraction)
-            print(f"\r[{bar:<30}] {fraction:4.0%} {phase or job['status']:<28.28}", end="", file=self.out, flush=True)
-            if job["status"] in ("succeeded", "failed", "cancelled"):
-                print(file=self.out)
-            return
-        step = (phase, int(fraction * 10))
-        if step != self.last:
-            self.last = step
-            print(f"  {job['status']:<9} {fraction:4.0%} {phase or ''} {progress['message'] or ''}".rstrip(),
-                  file=self.out, flush=True)
 
 
 def print_plan(plan: dict[str, Any], frontier: list[dict[str, Any]], out: TextIO) -> None:

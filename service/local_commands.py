@@ -14,13 +14,13 @@ import math
 import os
 import sys
 import tempfile
-import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 
+from service.progress import ProgressPrinter
 from service.remote import add_server_options, remote_plan, remote_sensitivity
 
 EXIT_OK = 0
@@ -423,40 +423,3 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, Mapping):
         return dict(value)
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
-
-
-class ProgressPrinter:
-    """``progress(phase, fraction, message)`` on stderr: a bar redrawn in place on a terminal,
-    plain lines otherwise (at most one per phase change or per second, so logs stay short)."""
-
-    WIDTH = 30
-
-    def __init__(self, stream: TextIO, interval_s: float = 1.0) -> None:
-        self._stream = stream
-        self._tty = stream.isatty()
-        self._interval = interval_s
-        self._phase = ""
-        self._last = 0.0
-        self._open_line = False
-
-    def __call__(self, phase: str, fraction: float, message: str) -> None:
-        fraction = min(max(float(fraction), 0.0), 1.0)
-        if self._tty:
-            filled = int(round(fraction * self.WIDTH))
-            bar = "#" * filled + "." * (self.WIDTH - filled)
-            self._stream.write(f"\r\x1b[K[{bar}] {phase}: {message}"[:200])
-            self._open_line = True
-        else:
-            now = time.monotonic()
-            if phase == self._phase and now - self._last < self._interval and fraction < 1.0:
-                return
-            self._stream.write(f"{phase} {fraction:4.0%} {message}\n")
-            self._last = now
-        self._phase = phase
-        self._stream.flush()
-
-    def finish(self) -> None:
-        if self._open_line:
-            self._stream.write("\n")
-            self._stream.flush()
-            self._open_line = False

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from service.client import ApiError, MpqClient
-from service.demo import ProgressLines
+from service.progress import ProgressPrinter, follow_job
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INFEASIBLE = 0, 1, 2, 3
 
@@ -47,7 +47,7 @@ def _fail(error: Exception) -> int:
 def _run_job(client: MpqClient, route: str, body: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     job = client.submit(route, body, idempotency_key=uuid.uuid4().hex)
     print(f"mpq: job {job['id']} on {args.server}", file=sys.stderr)
-    return client.wait(job["id"], on_progress=ProgressLines(sys.stderr), poll_s=1.0, timeout_s=args.timeout)
+    return client.wait(job["id"], on_progress=follow_job(ProgressPrinter(sys.stderr)), poll_s=1.0, timeout_s=args.timeout)
 
 
 def _job_exit(job: dict[str, Any]) -> int | None:
