@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
@@ -72,6 +72,7 @@ class SensitivityRequest(BaseModel):
 
 
 class SensitivityOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
     id: str
     job_id: str | None
     method: str
@@ -177,9 +178,7 @@ def get_sensitivity(request: Request, result_id: str):
         row = get_row(session, SensitivityResult, result_id)
     if row is None:
         raise Problem(404, f"no sensitivity result with id {result_id!r}")
-    return SensitivityOut(id=row.id, job_id=row.job_id, method=row.method, model_sha256=row.model_sha256,
-                          dataset_sha256=row.dataset_sha256, result=row.result, versions=row.versions,
-                          created_at=row.created_at)
+    return SensitivityOut.model_validate(row)
 
 
 @router.get("/jobs", response_model=JobPage, summary="List jobs, newest first")

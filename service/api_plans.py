@@ -10,7 +10,7 @@ import time
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import func, select
 
 from service.api_jobs import (IdempotencyKey, JobOut, check_dataset_fits_model, check_request, load_inputs,
@@ -59,6 +59,7 @@ class PlanRequestIn(BaseModel):
 
 
 class FrontierPointOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
     index: int
     assignment: dict[str, Any]
     size_bytes: int | None
@@ -90,6 +91,7 @@ class PlanPage(BaseModel):
 
 
 class LatencyOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
     id: str
     mean_ms: float
     p50_ms: float
@@ -201,9 +203,7 @@ def get_frontier(request: Request, plan_id: str):
         _plan_or_404(session, plan_id)
         points = session.scalars(select(FrontierPoint).where(FrontierPoint.plan_id == plan_id)
                                  .order_by(FrontierPoint.index)).all()
-        return [FrontierPointOut(index=p.index, assignment=p.assignment, size_bytes=p.size_bytes, bops=p.bops,
-                                 predicted_loss_change=p.predicted_loss_change, predicted=p.predicted,
-                                 measured=p.measured) for p in points]
+        return [FrontierPointOut.model_validate(point) for point in points]
 
 
 @router.get("/plans/{plan_id}/artifact", summary="Download the quantized ONNX model",
@@ -236,6 +236,4 @@ def list_latency(request: Request, plan_id: str):
         _plan_or_404(session, plan_id)
         rows = session.scalars(select(LatencyMeasurement).where(LatencyMeasurement.plan_id == plan_id)
                                .order_by(LatencyMeasurement.created_at)).all()
-        return [LatencyOut(id=r.id, mean_ms=r.mean_ms, p50_ms=r.p50_ms, p90_ms=r.p90_ms, batch_size=r.batch_size,
-                           repeats=r.repeats, device_description=r.device_description, provider=r.provider,
-                           onnxruntime_version=r.onnxruntime_version, created_at=r.created_at) for r in rows]
+        return [LatencyOut.model_validate(row) for row in rows]

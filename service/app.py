@@ -13,14 +13,14 @@ from service.db import make_engine, session_factory
 from service.errors import install_error_handlers, problem_response
 from service.executor import ExecutorLock, make_executor
 from service.inspection import Inspector, Limits
-from service.registry import RegistryKind, _inspect_dataset, _inspect_model, registry_router
+from service.registry import RegistryKind, registry_router
 from service.settings import Settings
 from service.store import LocalBlobStore
 from service.tables import Dataset, Model
 
-MODELS = RegistryKind("model", "/models", Model, schemas.ModelOut, schemas.ModelPage, _inspect_model, ".onnx")
+MODELS = RegistryKind("model", "/models", Model, schemas.ModelOut, schemas.ModelPage, Inspector.model, ".onnx")
 DATASETS = RegistryKind("dataset", "/datasets", Dataset, schemas.DatasetOut, schemas.DatasetPage,
-                        _inspect_dataset, ".npz")
+                        Inspector.dataset, ".npz")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -20,12 +20,14 @@ def params_hash(config_dict: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
-def _rows(context: JobContext, model_id: str, dataset_id: str) -> tuple[Model, Dataset]:
+def _rows(context: JobContext, model_id: str, *dataset_ids: str) -> tuple[Model | Dataset, ...]:
+    """The job's model and datasets, read once; a row deleted since submission is the user's doing."""
     with context.sessions() as session:
-        model, dataset = session.get(Model, model_id), session.get(Dataset, dataset_id)
-    if model is None or dataset is None:
+        model = session.get(Model, model_id)
+        datasets = [session.get(Dataset, dataset_id) for dataset_id in dataset_ids]
+    if model is None or any(dataset is None for dataset in datasets):
         raise JobInputError(f"the {'model' if model is None else 'dataset'} was deleted before the job ran")
-    return model, dataset
+    return (model, *datasets)
 
 
 def cached_sensitivity(context: JobContext, model: Model, dataset: Dataset, method: str,
@@ -90,10 +92,19 @@ def store_blob(context: JobContext, data: bytes) -> tuple[str, int]:
         raise
 
 
+def latency_row(measured, plan_id: str, artifact_id: str):
+    """The stored row of a ``planner.latency.LatencyMeasurement``."""
+    from dataclasses import asdict
+
+    from service.tables import LatencyMeasurement
+
+    return LatencyMeasurement(plan_id=plan_id, artifact_id=artifact_id, **asdict(measured))
+
+
 @job_handler("latency")
 def latency_job(context: JobContext) -> dict[str, Any]:
     from planner.latency import measure_latency
-    from service.tables import Artifact, LatencyMeasurement, Plan
+    from service.tables import Artifact, Plan
 
     params = context.params
     with context.sessions() as session:
@@ -108,10 +119,7 @@ def latency_job(context: JobContext) -> dict[str, Any]:
     measured = measure_latency(model_bytes, inputs, device=params.get("device", "auto"),
                                warmup=params.get("warmup", 10), repeats=params["repeats"],
                                batch_size=params["batch_size"])
-    row = LatencyMeasurement(plan_id=plan.id, artifact_id=artifact.id, mean_ms=measured.mean_ms,
-                             p50_ms=measured.p50_ms, p90_ms=measured.p90_ms, batch_size=measured.batch_size,
-                             repeats=measured.repeats, device_description=measured.device_description,
-                             provider=measured.provider, onnxruntime_version=measured.onnxruntime_version)
+    row = latency_row(measured, plan.id, artifact.id)
     context.save(row)
     return {"latency_measurement_id": row.id}
 
@@ -135,9 +143,10 @@ def plan_job(context: JobContext) -> dict[str, Any]:
     from sensitivity.results import SensitivityResult as Sensitivity
 
     params = context.params
-    model, calibration_row = _rows(context, params["model_id"], params["calibration_dataset_id"])
-    evaluation_row = _rows(context, params["model_id"], params["evaluation_dataset_id"])[1] \
-        if params.get("evaluation_dataset_id") else None
+    evaluation_id = params.get("evaluation_dataset_id")
+    model, calibration_row, *evaluation = _rows(context, params["model_id"], params["calibration_dataset_id"],
+                                                *([evaluation_id] if evaluation_id else []))
+    evaluation_row = evaluation[0] if evaluation else None
     try:
         request = plan_request(params)
         config = request.sensitivity_config().to_dict()
@@ -168,7 +177,7 @@ def plan_job(context: JobContext) -> dict[str, Any]:
 
 def _store_plan(context: JobContext, model: Model, params: dict[str, Any], result, sensitivity_id: str) -> str:
     """The artifact blob, then its row, the plan, its frontier points and its latency, in one transaction."""
-    from service.tables import Artifact, FrontierPoint, LatencyMeasurement, Plan, new_id
+    from service.tables import Artifact, FrontierPoint, Plan, new_id
 
     data = result.to_dict()
     sha256, size = store_blob(context, result.artifact_bytes)
@@ -192,10 +201,7 @@ def _store_plan(context: JobContext, model: Model, params: dict[str, Any], resul
              for index, point in enumerate(data["frontier"])]
     latency = result.plan.measured.latency if result.plan.measured else None
     if latency is not None:
-        rows.append(LatencyMeasurement(plan_id=plan_row.id, artifact_id=artifact.id, mean_ms=latency.mean_ms,
-                                       p50_ms=latency.p50_ms, p90_ms=latency.p90_ms, batch_size=latency.batch_size,
-                                       repeats=latency.repeats, device_description=latency.device_description,
-                                       provider=latency.provider, onnxruntime_version=latency.onnxruntime_version))
+        rows.append(latency_row(latency, plan_row.id, artifact.id))
     context.save(*rows)
     return plan_row.id
 

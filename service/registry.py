@@ -135,11 +135,3 @@ def _store_row(state, kind: RegistryKind, writer, name: str | None, fields: dict
             if not blob_in_use(session, sha256):
                 state.store.delete(sha256)
         raise
-
-
-def _inspect_model(inspector, path: Path) -> dict[str, Any]:
-    return inspector.model(path)
-
-
-def _inspect_dataset(inspector, path: Path) -> dict[str, Any]:
-    return inspector.dataset(path)
