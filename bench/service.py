@@ -15,7 +15,6 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository, not be
 
 import argparse
 import asyncio
-import io
 import os
 import socket
 import statistics
@@ -26,13 +25,7 @@ import time
 import httpx
 import numpy as np
 
-from tests.conftest import tiny_onnx_model
-
-
-def npz(**arrays: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
+from tests.conftest import npz_bytes, tiny_onnx_model
 
 
 def start_server(root: Path, slots: int, api_workers: int = 1) -> tuple[subprocess.Popen, str]:
@@ -145,7 +138,7 @@ def main() -> None:
         try:
             with httpx.Client(base_url=url, timeout=120) as client:
                 model_id = upload(client, "/v1/models", tiny_onnx_model().SerializeToString())
-                data_id = upload(client, "/v1/datasets", npz(x=rng.standard_normal((64, 8)).astype(np.float32),
+                data_id = upload(client, "/v1/datasets", npz_bytes(x=rng.standard_normal((64, 8)).astype(np.float32),
                                                              labels=rng.integers(0, 3, 64)))
                 first = client.post("/v1/plans", json=plan_body(model_id, data_id, 0)).json()["id"]
                 assert wait_all(client, [first], 300) == {"succeeded": 1}, "the first plan failed"

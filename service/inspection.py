@@ -198,17 +198,23 @@ def _pt2_weight_layers(archive: zipfile.ZipFile) -> list[dict[str, Any]]:
     return layers
 
 
+def onnx_member(archive: zipfile.ZipFile) -> str:
+    """The name of the bundle's one .onnx file (uploads with none or several are refused)."""
+    members = [n for n in archive.namelist() if n.endswith(".onnx")]
+    if len(members) != 1:
+        raise InvalidUpload(
+            f"a zip upload must hold exactly one .onnx file (and its external data); found {len(members)}"
+        )
+    return members[0]
+
+
 def _inspect_onnx_bundle(archive: zipfile.ZipFile, limits: Limits) -> dict[str, Any]:
     import onnx
 
-    onnx_members = [n for n in archive.namelist() if n.endswith(".onnx")]
-    if len(onnx_members) != 1:
-        raise InvalidUpload(
-            f"a zip upload must hold exactly one .onnx file (and its external data); found {len(onnx_members)}"
-        )
+    member = onnx_member(archive)
     with tempfile.TemporaryDirectory(prefix="mpq-inspect-") as root:
         archive.extractall(root)  # member names were checked by _check_members
-        model_path = os.path.join(root, onnx_members[0])
+        model_path = os.path.join(root, member)
         model = _parse_onnx(model_path)
         base = os.path.dirname(model_path)
         for tensor in _all_tensors(model):
@@ -394,8 +400,7 @@ def _load_model(blob_path: str, model_format: str):
 
     if model_format == "onnx_archive":
         with zipfile.ZipFile(blob_path) as archive:
-            name = next(n for n in archive.namelist() if n.endswith(".onnx"))
-            return onnx.load_from_string(archive.read(name))
+            return onnx.load_from_string(archive.read(onnx_member(archive)))
     return onnx.load(blob_path, load_external_data=False)
 
 
