@@ -111,7 +111,7 @@ def test_executor_lock_is_exclusive(tmp_path):
 
 def test_several_api_processes_share_one_executor(tmp_path):
     """`mpq serve --api-workers 2`: jobs submitted to either process run (once each)."""
-    env = {**os.environ, "MPQ_DATA_DIR": str(tmp_path), "MPQ_HEARTBEAT_INTERVAL_S": "0.5"}
+    env = {**os.environ, "MPQ_DATA_DIR": str(tmp_path), "MPQ_HEARTBEAT_INTERVAL_S": "0.5", "MPQ_WORKER_SLOTS": "1"}
     subprocess.run([sys.executable, "-m", "service.cli", "db", "upgrade"], env=env, check=True, capture_output=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -130,6 +130,12 @@ def test_several_api_processes_share_one_executor(tmp_path):
             finished = [_job(client, job_id, timeout=180) for job_id in jobs]
         assert [job["status"] for job in finished] == ["succeeded"] * 3, finished
         assert all(job["attempts"] == 1 for job in finished)
+        # one executor with one slot: the jobs ran one after another, never two at once
+        from datetime import datetime
+
+        spans = sorted((datetime.fromisoformat(job["started_at"]), datetime.fromisoformat(job["finished_at"]))
+                       for job in finished)
+        assert all(earlier[1] <= later[0] for earlier, later in zip(spans, spans[1:])), spans
     finally:
         server.terminate()
         server.wait(timeout=30)
