@@ -19,6 +19,11 @@ from service.store import LocalBlobStore
 from service.tables import Dataset, Model
 
 MODELS = RegistryKind("model", "/models", Model, schemas.ModelOut, schemas.ModelPage, Inspector.model, ".onnx")
+# uvicorn's default event loop is uvloop, which starves some keep-alive connections once the process is
+# saturated: at 200 connections a trivial FastAPI endpoint had p99 797 ms (and wrk timeouts) under
+# uvloop and 53 ms under the standard loop at the same throughput. See docs/benchmarks.md, "Service".
+SERVER_OPTIONS: dict[str, str] = {"loop": "asyncio", "http": "httptools"}
+
 DATASETS = RegistryKind("dataset", "/datasets", Dataset, schemas.DatasetOut, schemas.DatasetPage,
                         Inspector.dataset, ".npz")
 

@@ -80,7 +80,7 @@ def _engine(settings: Settings):
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
-    from service.app import create_app
+    from service.app import SERVER_OPTIONS, create_app
 
     updates = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = settings.model_copy(update=updates)
@@ -97,9 +97,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         # each worker process builds its own app from the environment (MPQ_* settings)
         os.environ.update({"MPQ_HOST": settings.host, "MPQ_PORT": str(settings.port)})
         uvicorn.run("service.app:create_app", factory=True, workers=args.api_workers, host=settings.host,
-                    port=settings.port, log_level="info")
+                    port=settings.port, log_level="info", **SERVER_OPTIONS)
     else:
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info", **SERVER_OPTIONS)
     return 0
 
 

@@ -77,7 +77,7 @@ def _make_inputs(out: Path) -> tuple[Path, Path, Path]:
 def _start_server(settings: Settings) -> tuple[threading.Thread, str]:
     import uvicorn
 
-    from service.app import create_app
+    from service.app import SERVER_OPTIONS, create_app
     from service.db import make_engine, upgrade
 
     settings.check_bind()
@@ -85,7 +85,7 @@ def _start_server(settings: Settings) -> tuple[threading.Thread, str]:
     upgrade(engine)
     engine.dispose()
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
-                                           log_level="warning"))
+                                           log_level="warning", **SERVER_OPTIONS))
     thread = threading.Thread(target=server.run, daemon=True, name="mpq-demo-server")
     thread.server = server  # type: ignore[attr-defined]
     thread.start()
