@@ -46,7 +46,7 @@ from planner.frontier import InfeasibleBudget, diagonal_frontier, solve_budget
 from planner.latency import LatencyMeasurement, measure_latency
 from planner.objective import Objective
 from planner.quadratic import quadratic_frontier, solve_quadratic
-from sensitivity.interlayer import perturbations
+from sensitivity.interlayer import perturbations, shrunk_gradient_terms
 from sensitivity.onnx_program import check_supported
 from sensitivity.results import InterLayerConfig, InterLayerTerms, SensitivityResult
 
@@ -440,6 +440,8 @@ def build_objective(
     needed = sorted({(layer, bits) for layer in layers for bits in bits_of.values() if bits is not None} - set(index))
     _require(not needed, f"the sensitivity result lacks terms for (layer, bits) {needed[:5]}; analyse those bit widths")
 
+    gradient_terms = shrunk_gradient_terms(terms)  # a search would otherwise fit their noise
+
     def per_candidate(values: Sequence[float], layer: str) -> list[float]:
         return [0.0 if bits_of[c] is None else float(values[index[(layer, bits_of[c])]]) for c in candidates]
 
@@ -451,7 +453,7 @@ def build_objective(
         layers=tuple(layers),
         candidates=tuple(tuple(candidates) for _ in layers),
         omega=[per_candidate(terms.omega, layer) for layer in layers],
-        linear=[per_candidate(terms.gradient_terms, layer) for layer in layers],
+        linear=[per_candidate(gradient_terms, layer) for layer in layers],
         G=0.5 * (G + G.T),  # HVP estimates are symmetric only up to round-off
         costs={
             "size": [[layer_size_bytes(table[layer], c) for c in candidates] for layer in layers],

@@ -125,6 +125,16 @@ class CalibrationLoss:
             return sum(F.mse_loss(out, target) for out, target in zip(outputs, batch.targets))
         return F.cross_entropy(outputs[0], batch.targets[0])
 
+    def sample_losses(self, weights: Mapping[str, torch.Tensor], batch: Batch) -> torch.Tensor:
+        """Each sample's loss in one batch, shape [n_b]; their mean is ``batch_loss``."""
+        outputs = self.program.forward(weights, batch.inputs)
+        if self.kind == "distill_mse":
+            return sum(
+                F.mse_loss(out, target, reduction="none").flatten(1).mean(dim=1)
+                for out, target in zip(outputs, batch.targets)
+            )
+        return F.cross_entropy(outputs[0], batch.targets[0], reduction="none")
+
     def value(self, weights: Mapping[str, torch.Tensor] | None = None) -> float:
         """L(W) over the whole set (W₀ when ``weights`` is None), without gradients."""
         weights = self.weights0 if weights is None else weights

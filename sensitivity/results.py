@@ -214,6 +214,8 @@ class InterLayerTerms:
     ``matrix[a][c]`` = G[labels[a], labels[c]] = Δᵢᵇ·(H Δⱼᵇ′)ᵢ; ``gradient_terms[a]`` = gᵢ·Δᵢᵇ;
     ``delta_norms_squared[a]`` = ‖Δᵢᵇ‖²; ``omega[a]`` = Ωᵢ(b) = (Tr(Hᵢᵢ)/nᵢ)·‖Δᵢᵇ‖².
     ``symmetry_error`` = max|G − Gᵀ| / max|G|, a numerical check (G is symmetric exactly).
+    ``gradient_term_errors[a]`` = the standard error of gᵢ·Δᵢᵇ over the calibration samples
+    (empty in results written before it was recorded).
     """
 
     labels: tuple[tuple[str, int], ...]
@@ -222,6 +224,7 @@ class InterLayerTerms:
     delta_norms_squared: tuple[float, ...]
     omega: tuple[float, ...]
     symmetry_error: float
+    gradient_term_errors: tuple[float, ...] = ()
 
     def array(self) -> np.ndarray:
         return np.asarray(self.matrix, dtype=np.float64)
@@ -237,6 +240,7 @@ class InterLayerTerms:
             "delta_norms_squared": list(self.delta_norms_squared),
             "omega": list(self.omega),
             "symmetry_error": self.symmetry_error,
+            "gradient_term_errors": list(self.gradient_term_errors),
         }
 
     @classmethod
@@ -248,6 +252,7 @@ class InterLayerTerms:
             delta_norms_squared=tuple(float(x) for x in data["delta_norms_squared"]),
             omega=tuple(float(x) for x in data["omega"]),
             symmetry_error=float(data["symmetry_error"]),
+            gradient_term_errors=tuple(float(x) for x in data.get("gradient_term_errors", ())),
         )
 
 

@@ -14,6 +14,7 @@ import torch
 
 from planner.export import read_plan
 from planner.cost import layer_cost_table
+from planner.candidates import CANDIDATES
 from planner.plan import DEFAULT_CANDIDATES, NoFeasiblePlan, PlanRequest, build_objective, minimum_cost, plan
 from sensitivity.examples import export_onnx, trained_digits_cnn
 from sensitivity.onnx_program import load_onnx
@@ -180,6 +181,29 @@ def test_omega_from_traces_alone_matches_the_interlayer_analysis(digits, sensiti
     traces_only = build_objective(dataclasses.replace(sensitivity, interlayer=None), table, DEFAULT_CANDIDATES, proto)
     np.testing.assert_allclose(traces_only.flat_omega, full.flat_omega, rtol=1e-6)
     assert not traces_only.G.any() and full.G.any()
+
+
+def test_objective_uses_gradient_terms_shrunk_by_their_errors(digits, sensitivity):
+    proto, _, _ = digits
+    table = layer_cost_table(proto, (1, 1, 8, 8))
+    terms = sensitivity.interlayer
+    assert len(terms.gradient_term_errors) == len(terms.labels) and min(terms.gradient_term_errors) > 0
+    objective = build_objective(sensitivity, table, DEFAULT_CANDIDATES, proto)
+    index = terms.index()
+    for layer in objective.layers:
+        for candidate, value in zip(objective.candidates[0], objective.linear[objective.layers.index(layer)]):
+            bits = CANDIDATES[candidate].weight_bits
+            if bits is None:
+                assert value == 0.0
+                continue
+            raw, error = terms.gradient_terms[index[(layer, bits)]], terms.gradient_term_errors[index[(layer, bits)]]
+            assert value == pytest.approx(raw * max(0.0, 1.0 - (error / raw) ** 2))
+    # with errors far below the terms nothing is shrunk
+    exact = dataclasses.replace(terms, gradient_term_errors=tuple(abs(g) * 1e-9 for g in terms.gradient_terms))
+    unshrunk = build_objective(dataclasses.replace(sensitivity, interlayer=exact), table, DEFAULT_CANDIDATES, proto)
+    flat_raw = [terms.gradient_terms[index[(layer, CANDIDATES[c].weight_bits)]] if CANDIDATES[c].weight_bits else 0.0
+                for layer in unshrunk.layers for c in unshrunk.candidates[0]]
+    np.testing.assert_allclose(unshrunk.flat_linear, flat_raw, rtol=1e-12)
 
 
 def test_result_is_plain_data(digits, sensitivity):

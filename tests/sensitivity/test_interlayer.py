@@ -15,6 +15,7 @@ from sensitivity.interlayer import (
     omega,
     perturbations,
     predicted_loss_change,
+    shrunk_gradient_terms,
 )
 from sensitivity.results import InterLayerTerms, LayerTrace
 from tests.sensitivity.test_hvp import (  # noqa: F401
@@ -84,6 +85,42 @@ def test_gradient_terms_norms_and_omega(problem: TinyProblem, terms: InterLayerT
         assert terms.delta_norms_squared[a] == pytest.approx(float(delta @ delta), rel=1e-12)
         clipped = max(traces[label[0]].average_trace, 0.0)  # Ω assumes a PSD block: see omega_trace
         assert terms.omega[a] == pytest.approx(clipped * float(delta @ delta), rel=1e-12, abs=1e-300)
+
+
+def _sample_gradients(problem: TinyProblem) -> np.ndarray:
+    """∇Lₛ of each calibration sample's own loss, [samples, weights], independently of losses.py."""
+    names = [layer.name for layer in problem.program.layers]
+    rows = []
+    for s in range(len(problem.calibration["labels"])):
+        flat = problem.point().clone().requires_grad_(True)
+        state = {**{k: v.detach() for k, v in problem.module.named_parameters()},
+                 **dict(zip(names, problem.unflatten(flat)))}
+        logits = torch.func.functional_call(problem.module, state, (torch.from_numpy(problem.calibration["input"][s : s + 1]),))
+        loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(problem.calibration["labels"][s : s + 1]))
+        rows.append(torch.autograd.grad(loss, flat)[0].numpy())
+    return np.stack(rows)
+
+
+def test_gradient_term_errors_are_the_standard_errors_over_samples(problem: TinyProblem, terms: InterLayerTerms) -> None:
+    per_sample = _sample_gradients(problem)  # the fixture's loss has two batches: errors span both
+    for a, delta in enumerate(_full_deltas(problem).values()):
+        derivatives = per_sample @ delta
+        assert derivatives.mean() == pytest.approx(terms.gradient_terms[a], rel=1e-8, abs=1e-14)
+        expected = derivatives.std(ddof=1) / np.sqrt(len(derivatives))
+        assert terms.gradient_term_errors[a] == pytest.approx(expected, rel=1e-8, abs=1e-15)
+    assert min(terms.gradient_term_errors) > 0
+
+
+def test_shrinkage_keeps_clear_terms_and_drops_noise() -> None:
+    base = dict(labels=(("a", 8), ("a", 4), ("b", 8), ("b", 4)), matrix=((0.0,) * 4,) * 4,
+                delta_norms_squared=(1.0,) * 4, omega=(1.0,) * 4, symmetry_error=0.0)
+    terms = InterLayerTerms(gradient_terms=(2.0, -0.5, -3.0, 0.0), gradient_term_errors=(0.2, 1.0, 3.0, 1.0), **base)
+    shrunk = shrunk_gradient_terms(terms)
+    assert shrunk == pytest.approx((2.0 * 0.99, 0.0, 0.0, 0.0))  # z = 10 kept almost whole; |z| ≤ 1 dropped
+    legacy = InterLayerTerms(gradient_terms=(2.0, -0.5, -3.0, 0.0), **base)  # written before errors existed
+    assert shrunk_gradient_terms(legacy) == legacy.gradient_terms
+    assert InterLayerTerms.from_dict(terms.to_dict()) == terms
+    assert InterLayerTerms.from_dict({k: v for k, v in legacy.to_dict().items() if k != "gradient_term_errors"}) == legacy
 
 
 def test_predicted_loss_change_is_the_exact_second_order_expansion(problem: TinyProblem, terms: InterLayerTerms) -> None:

@@ -109,3 +109,17 @@ def test_float64_inputs_run_through_a_float32_model() -> None:
     assert loss.batches[0].inputs["input"].dtype == torch.float32
     expected = F.cross_entropy(program.module(torch.from_numpy(calibration["input"]).float()), torch.arange(6) % 4)
     assert loss.value() == pytest.approx(float(expected.detach()), rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["cross_entropy", "distill_cross_entropy", "distill_mse"])
+def test_sample_losses_average_to_the_batch_loss(kind: str) -> None:
+    problem = tiny_problem(labels=kind == "cross_entropy")
+    task = "regression" if kind == "distill_mse" else "auto"
+    loss = CalibrationLoss(problem.program, problem.calibration, 10, CPU, task=task)
+    assert loss.kind == kind
+    moved = {name: w + 0.05 for name, w in loss.weights0.items()}  # away from the float point: nonzero losses
+    for batch in loss.batches:
+        samples = loss.sample_losses(moved, batch)
+        assert samples.shape == (len(next(iter(batch.inputs.values()))),)
+        assert float(samples.min()) >= 0 and float(samples.std()) > 0
+        assert float(samples.mean()) == pytest.approx(float(loss.batch_loss(moved, batch)), rel=1e-12)

@@ -115,8 +115,10 @@ def interlayer_result(bits: tuple[int, ...] = (8, 4)) -> dict[str, Any]:
     matrix = (matrix + matrix.T) / 2
     np.fill_diagonal(matrix, 2 * np.asarray(omega))
     gradient = (rng.normal(0, 1, len(labels)) * np.sqrt(omega) * 0.05).tolist()
+    errors = (np.abs(gradient) * rng.uniform(0.3, 2.0, len(labels))).tolist()  # half the terms within their error
     interlayer = {"labels": [[name, b] for name, b in labels], "matrix": matrix.tolist(), "gradient_terms": gradient,
-                  "delta_norms_squared": norms, "omega": omega, "symmetry_error": 3.2e-7}
+                  "delta_norms_squared": norms, "omega": omega, "symmetry_error": 3.2e-7,
+                  "gradient_term_errors": errors}
     return {**_base_result(config), "traces": trace_records(), "interlayer": interlayer, "num_hvps": 266}
 
 
