@@ -10,13 +10,15 @@ on held-out labelled samples, it measures in onnxruntime:
   error over ``--random`` of them, seeded), the HAWQ-V2 plan and the inter-layer plan (pareto
   search under that budget, both from one inter-layer sensitivity analysis per model);
 
-each with the computed size, the artifact's bytes, the metric and the median latency (batch 1),
-then the differences at equal size with their standard errors (plan − random: the standard error
-of the random mean; inter-layer − HAWQ-V2: paired over the evaluation samples). Last, the
-frontier solve time for 200 synthetic layers × 5 candidates.
+each with the computed size, the artifact's bytes, the metric (top-1 accuracy), the change of the
+evaluation cross-entropy against the float model (ΔCE: the loss the Hessian terms predict) and the
+KL divergence from the float model's outputs, and the median latency (batch 1); then, for each of
+the three figures, the differences at equal size with their standard errors (plan − random:
+samples paired, plus the spread of the random configurations; inter-layer − HAWQ-V2: paired over
+the evaluation samples). Last, the frontier solve time for 200 synthetic layers × 5 candidates.
 Prints markdown (section "Planner" of docs/benchmarks.md).
 
-Usage: ``.venv/bin/python bench/plans.py [--seed 0] [--random 10] [--probes 64]``.
+Usage: ``.venv/bin/python bench/planner.py [--seed 0] [--random 10] [--probes 64]``.
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ class Row:
     metric: float
     metric_se: float  # standard error over random configurations; 0 for a single one
     latency_p50_ms: float
+    loss_change: float  # millinats, mean over the evaluation set
+    kl: float  # millinats
     note: str = ""
 
 
@@ -108,17 +112,47 @@ def transformer_case(seed: int, evaluation_samples: int) -> Case:
     )
 
 
-def correct(model_bytes: bytes, evaluation: Mapping[str, np.ndarray]) -> np.ndarray:
-    """Per-sample top-1 correctness (0/1) of a model in onnxruntime."""
-    feeds = {name: array for name, array in evaluation.items() if name != "labels"}
-    return (run_batched(model_bytes, feeds, 256).argmax(axis=1) == evaluation["labels"]).astype(float)
+@dataclass(frozen=True)
+class PerSample:
+    """One configuration's per-sample figures on the evaluation set."""
+
+    correct: np.ndarray  # top-1 correct, 0/1
+    loss_change: np.ndarray  # cross-entropy with the labels minus the float model's, nats
+    kl: np.ndarray  # KL(softmax(float) ‖ softmax(quantized)), nats
+
+    def metric(self, name: str) -> np.ndarray:
+        """Per-sample values in the units the tables print: pp, and millinats for the losses."""
+        return 100.0 * self.correct if name == "accuracy" else 1000.0 * getattr(self, name)
 
 
-def measure(case: Case, configuration: Mapping[str, str]) -> tuple[int, np.ndarray, float]:
-    """(artifact bytes, per-sample correctness, median latency ms) of one configuration."""
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def per_sample(model_bytes: bytes, case: Case, reference: np.ndarray) -> PerSample:
+    """Per-sample figures of a model in onnxruntime; ``reference`` = the float model's logits."""
+    feeds = {name: array for name, array in case.evaluation.items() if name != "labels"}
+    labels = case.evaluation["labels"]
+    logp, logp_float = log_softmax(run_batched(model_bytes, feeds, 256)), log_softmax(reference)
+    rows = np.arange(len(labels))
+    return PerSample(
+        correct=(logp.argmax(axis=1) == labels).astype(float),
+        loss_change=logp_float[rows, labels] - logp[rows, labels],
+        kl=(np.exp(logp_float) * (logp_float - logp)).sum(axis=1),
+    )
+
+
+def float_logits(case: Case) -> np.ndarray:
+    feeds = {name: array for name, array in case.evaluation.items() if name != "labels"}
+    return run_batched(case.model.SerializeToString(), feeds, 256)
+
+
+def measure(case: Case, configuration: Mapping[str, str], reference: np.ndarray) -> tuple[int, PerSample, float]:
+    """(artifact bytes, per-sample figures, median latency ms) of one configuration."""
     exported = export_model(case.model, configuration, case.calibration)
     latency = measure_latency(exported.model_bytes, case.evaluation, **LATENCY)
-    return len(exported.model_bytes), correct(exported.model_bytes, case.evaluation), latency.p50_ms
+    return len(exported.model_bytes), per_sample(exported.model_bytes, case, reference), latency.p50_ms
 
 
 def random_configurations(table: CostTable, size: float, budget: float, count: int, seed: int) -> list[dict[str, str]]:
@@ -141,19 +175,25 @@ def random_configurations(table: CostTable, size: float, budget: float, count: i
     return [{name: CANDIDATES[k] for name, k in zip(layers, pool[p])} for p in picks]
 
 
-def plan_row(name: str, result: PlanResult) -> Row:
+def plan_row(name: str, result: PlanResult, figures: PerSample) -> Row:
     measured = result.plan.measured
     layers = ", ".join(result.plan.configuration.values())
-    return Row(name, result.plan.size_bytes, measured.size_bytes, measured.metric, 0.0, measured.latency.p50_ms, layers)
+    return Row(name, result.plan.size_bytes, measured.size_bytes, measured.metric, 0.0, measured.latency.p50_ms,
+               *_losses(figures), layers)
 
 
-def uniform_rows(result: PlanResult) -> list[Row]:
+def _losses(figures: PerSample) -> tuple[float, float]:
+    return float(figures.metric("loss_change").mean()), float(figures.metric("kl").mean())
+
+
+def uniform_rows(result: PlanResult, case: Case, reference: np.ndarray) -> list[Row]:
     rows = []
     for name in ("fp32", "w8a8", "w4a8"):
         point = result.uniform[name]
         label = "float" if name == "fp32" else f"uniform {name}"
+        exported = export_model(case.model, point.configuration, case.calibration)
         rows.append(Row(label, point.size_bytes, point.measured.size_bytes, point.measured.metric, 0.0,
-                        point.measured.latency.p50_ms))
+                        point.measured.latency.p50_ms, *_losses(per_sample(exported.model_bytes, case, reference))))
     return rows
 
 
@@ -175,27 +215,37 @@ def mean_and_se(values: np.ndarray) -> tuple[float, float]:
     return float(values.mean()), float(values.std(ddof=1) / np.sqrt(len(values)))
 
 
-def comparison(case: Case, results: Mapping[str, PlanResult], random_correct: np.ndarray) -> str:
-    """Differences at equal size, in pp, with standard errors.
+FIGURES = (("accuracy", "accuracy", "pp", +1), ("loss_change", "ΔCE", "mnat", -1), ("kl", "KL", "mnat", -1))
 
-    plan − random: per sample, the plan's correctness minus the random configurations' mean; its
-    standard error combines the evaluation samples' (paired) and the random configurations' spread
-    (standard error of the mean of their accuracies). inter-layer − HAWQ-V2: paired over samples.
-    Both plans' artifacts are run afresh; the run reproduces the reported metric exactly.
+
+def comparison(case: Case, results: Mapping[str, PlanResult], plans: Mapping[str, PerSample],
+               randoms: Sequence[PerSample]) -> list[str]:
+    """Differences at equal size with standard errors, one line per figure.
+
+    plan − random: per sample, the plan's value minus the random configurations' mean; its standard
+    error combines the evaluation samples' (paired) and the random configurations' spread (standard
+    error of the mean of their means). inter-layer − HAWQ-V2: paired over samples. Each line ends
+    with which plan is better than random by more than two standard errors.
     """
-    per_sample = {m: correct(r.artifact_bytes, case.evaluation) for m, r in results.items()}
-    for method, result in results.items():
-        assert 100.0 * float(per_sample[method].mean()) == result.plan.measured.metric, method
-    _, configurations_se = mean_and_se(100.0 * random_correct.mean(axis=1))
-    parts = []
-    for method, label in (("hawq_v2", "HAWQ-V2"), ("interlayer", "inter-layer")):
-        mean, samples_se = mean_and_se(100.0 * (per_sample[method] - random_correct.mean(axis=0)))
-        parts.append(f"{label} − random {mean:+.2f} ± {np.hypot(samples_se, configurations_se):.2f} pp")
-    difference = 100.0 * (per_sample["interlayer"] - per_sample["hawq_v2"])
-    mean, se = mean_and_se(difference)
-    parts.append(f"inter-layer − HAWQ-V2 {mean:+.2f} ± {se:.2f} pp (paired; the plans differ on "
-                 f"{int((difference != 0).sum())} of {len(difference)} samples)")
-    return "; ".join(parts)
+    for method, result in results.items():  # the artifacts, run afresh, reproduce the reported metric
+        assert 100.0 * float(plans[method].correct.mean()) == result.plan.measured.metric, method
+    lines = []
+    for figure, label, unit, sign in FIGURES:
+        random_values = np.stack([r.metric(figure) for r in randoms])  # [configurations, samples]
+        _, configurations_se = mean_and_se(random_values.mean(axis=1))
+        parts, better = [], []
+        for method, name in (("hawq_v2", "HAWQ-V2"), ("interlayer", "inter-layer")):
+            mean, samples_se = mean_and_se(plans[method].metric(figure) - random_values.mean(axis=0))
+            se = float(np.hypot(samples_se, configurations_se))
+            parts.append(f"{name} − random {mean:+.3g} ± {se:.2g}")
+            if sign * mean > 2 * se:
+                better.append(name)
+        mean, se = mean_and_se(plans["interlayer"].metric(figure) - plans["hawq_v2"].metric(figure))
+        parts.append(f"inter-layer − HAWQ-V2 {mean:+.3g} ± {se:.2g} (paired)")
+        verdict = ", ".join(better) if better else "neither"
+        lines.append(f"{label} ({unit}, {'higher' if sign > 0 else 'lower'} is better): {'; '.join(parts)}; "
+                     f"better than random by > 2 SE: {verdict}")
+    return lines
 
 
 def run_case(case: Case, seed: int, random_count: int, probes: int) -> tuple[list[Row], list[str], str]:
@@ -208,6 +258,7 @@ def run_case(case: Case, seed: int, random_count: int, probes: int) -> tuple[lis
     layers = list(table)
     uniform_size = {c: configuration_cost(table, {n: c for n in layers}).size_bytes for c in ("w8a8", "w4a8")}
 
+    reference = float_logits(case)
     rows: list[Row] = []
     notes: list[str] = []
     for k, fraction in enumerate(case.budget_fractions):
@@ -215,18 +266,20 @@ def run_case(case: Case, seed: int, random_count: int, probes: int) -> tuple[lis
         budget = int(uniform_size["w4a8"] + fraction * (uniform_size["w8a8"] - uniform_size["w4a8"]))
         results = plans_at(case, sensitivity, budget, seed, uniform=k == 0)
         if k == 0:
-            rows += uniform_rows(results["hawq_v2"])
+            rows += uniform_rows(results["hawq_v2"], case, reference)
         randoms = random_configurations(table, results["hawq_v2"].plan.size_bytes, budget, random_count, seed + k)
-        artifact_bytes, random_correct, latencies = zip(*(measure(case, c) for c in randoms))
-        random_correct = np.stack(random_correct)  # [configurations, samples]
-        mean, se = mean_and_se(100.0 * random_correct.mean(axis=1))
+        artifact_bytes, random_figures, latencies = zip(*(measure(case, c, reference) for c in randoms))
+        mean, se = mean_and_se(np.array([r.metric("accuracy").mean() for r in random_figures]))
+        losses = np.array([_losses(r) for r in random_figures]).mean(axis=0)
         sizes = [configuration_cost(table, c).size_bytes for c in randoms]
         at = f"budget {budget:,} B"
         rows.append(Row(f"{at}: random, same size (n={len(randoms)})", float(np.mean(sizes)),
-                        float(np.mean(artifact_bytes)), mean, se, float(np.median(latencies))))
-        rows.append(plan_row(f"{at}: HAWQ-V2 plan", results["hawq_v2"]))
-        rows.append(plan_row(f"{at}: inter-layer plan", results["interlayer"]))
-        notes.append(f"{at} (w4a8 + {fraction:g} × (w8a8 − w4a8)): {comparison(case, results, random_correct)}")
+                        float(np.mean(artifact_bytes)), mean, se, float(np.median(latencies)), *losses))
+        plans = {m: per_sample(r.artifact_bytes, case, reference) for m, r in results.items()}
+        rows.append(plan_row(f"{at}: HAWQ-V2 plan", results["hawq_v2"], plans["hawq_v2"]))
+        rows.append(plan_row(f"{at}: inter-layer plan", results["interlayer"], plans["interlayer"]))
+        notes.append(f"- {at} (w4a8 + {fraction:g} × (w8a8 − w4a8)):")
+        notes += [f"  - {line}" for line in comparison(case, results, plans, random_figures)]
     header = (f"{case.description}; sensitivity {analysis_s:.1f} s, {sensitivity.num_hvps} HVPs; "
               f"layers {', '.join(layers)}")
     return rows, notes, header
@@ -234,13 +287,14 @@ def run_case(case: Case, seed: int, random_count: int, probes: int) -> tuple[lis
 
 def markdown(case: Case, rows: Sequence[Row], notes: Sequence[str], header: str) -> str:
     lines = [f"**{case.name}** — {header}", "",
-             "| configuration | computed size (B) | artifact (B) | metric (%) | latency p50 (ms) | layers |",
-             "|---|---:|---:|---:|---:|---|"]
+             "| configuration | computed size (B) | artifact (B) | accuracy (%) | ΔCE (mnat) | KL (mnat) "
+             "| latency p50 (ms) | layers |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
     for row in rows:
         metric = f"{row.metric:.2f}" + (f" ± {row.metric_se:.2f}" if row.metric_se else "")
         lines.append(f"| {row.name} | {row.size_bytes:,.0f} | {row.artifact_bytes:,.0f} | {metric} | "
-                     f"{row.latency_p50_ms:.3f} | {row.note} |")
-    lines += [""] + [f"- {note}" for note in notes]
+                     f"{row.loss_change:.3f} | {row.kl:.3f} | {row.latency_p50_ms:.3f} | {row.note} |")
+    lines += [""] + list(notes)
     return "\n".join(lines)
 
 

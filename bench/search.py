@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 # Run as `python bench/search.py`, this folder comes first on sys.path, and a sibling script
-# named like a package (bench/plans.py) would shadow it: drop the folder.
+# named like a package (bench/planner.py) would shadow it: drop the folder.
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
 
 from planner.frontier import Frontier, diagonal_frontier  # noqa: E402
