@@ -130,22 +130,21 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
+def logits(model_bytes: bytes, case: Case) -> np.ndarray:
+    feeds = {name: array for name, array in case.evaluation.items() if name != "labels"}
+    return run_batched(model_bytes, feeds, 256)
+
+
 def per_sample(model_bytes: bytes, case: Case, reference: np.ndarray) -> PerSample:
     """Per-sample figures of a model in onnxruntime; ``reference`` = the float model's logits."""
-    feeds = {name: array for name, array in case.evaluation.items() if name != "labels"}
     labels = case.evaluation["labels"]
-    logp, logp_float = log_softmax(run_batched(model_bytes, feeds, 256)), log_softmax(reference)
+    logp, logp_float = log_softmax(logits(model_bytes, case)), log_softmax(reference)
     rows = np.arange(len(labels))
     return PerSample(
         correct=(logp.argmax(axis=1) == labels).astype(float),
         loss_change=logp_float[rows, labels] - logp[rows, labels],
         kl=(np.exp(logp_float) * (logp_float - logp)).sum(axis=1),
     )
-
-
-def float_logits(case: Case) -> np.ndarray:
-    feeds = {name: array for name, array in case.evaluation.items() if name != "labels"}
-    return run_batched(case.model.SerializeToString(), feeds, 256)
 
 
 def measure(case: Case, configuration: Mapping[str, str], reference: np.ndarray) -> tuple[int, PerSample, float]:
@@ -258,7 +257,7 @@ def run_case(case: Case, seed: int, random_count: int, probes: int) -> tuple[lis
     layers = list(table)
     uniform_size = {c: configuration_cost(table, {n: c for n in layers}).size_bytes for c in ("w8a8", "w4a8")}
 
-    reference = float_logits(case)
+    reference = logits(case.model.SerializeToString(), case)
     rows: list[Row] = []
     notes: list[str] = []
     for k, fraction in enumerate(case.budget_fractions):

@@ -42,6 +42,11 @@ def perturbations(
     }
 
 
+def _in_block(delta: torch.Tensor, block: int, point: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The vector over all layer weights that is ``delta`` in layer ``block`` and zero elsewhere."""
+    return tuple(delta if j == block else torch.zeros_like(w) for j, w in enumerate(point))
+
+
 def _symmetry_error(matrix: np.ndarray) -> float:
     scale = float(np.abs(matrix).max())
     return float(np.abs(matrix - matrix.T).max()) / scale if scale > 0 else 0.0
@@ -59,8 +64,7 @@ def interlayer_terms(
     position = {layer.name: i for i, layer in enumerate(layers)}
 
     def column(k: int) -> tuple[torch.Tensor, ...]:
-        name = labels[k][0]
-        return tuple(deltas[labels[k]] if j == position[name] else torch.zeros_like(w) for j, w in enumerate(hvp.point))
+        return _in_block(deltas[labels[k]], position[labels[k][0]], hvp.point)
 
     matrix = np.zeros((len(labels), len(labels)))
     for col, product in hvp.map(column, len(labels)):
@@ -99,8 +103,7 @@ def gradient_term_errors(
             return loss.sample_losses(dict(zip(hvp.names, params)), batch)
 
         for label, delta in deltas.items():
-            tangent = tuple(delta if j == position[label[0]] else torch.zeros_like(w) for j, w in enumerate(point))
-            _, derivative = torch.func.jvp(sample_losses, tuple(point), tangent)
+            _, derivative = torch.func.jvp(sample_losses, tuple(point), _in_block(delta, position[label[0]], point))
             derivatives[label].append(derivative.detach().double().cpu())
     errors = []
     for parts in derivatives.values():

@@ -119,18 +119,20 @@ class CalibrationLoss:
         return tuple(out.detach() for out in outputs)
 
     def batch_loss(self, weights: Mapping[str, torch.Tensor], batch: Batch) -> torch.Tensor:
-        """Mean loss over one batch (differentiable in ``weights``)."""
+        """Mean loss over one batch (differentiable in ``weights``). Not ``sample_losses().mean()``:
+        this also takes outputs whose first axis is not the sample axis."""
         outputs = self.program.forward(weights, batch.inputs)
         if self.kind == "distill_mse":
             return sum(F.mse_loss(out, target) for out, target in zip(outputs, batch.targets))
         return F.cross_entropy(outputs[0], batch.targets[0])
 
     def sample_losses(self, weights: Mapping[str, torch.Tensor], batch: Batch) -> torch.Tensor:
-        """Each sample's loss in one batch, shape [n_b]; their mean is ``batch_loss``."""
+        """Each sample's loss in one batch, shape [n_b], for outputs with the sample axis first;
+        their mean is ``batch_loss``."""
         outputs = self.program.forward(weights, batch.inputs)
         if self.kind == "distill_mse":
             return sum(
-                F.mse_loss(out, target, reduction="none").flatten(1).mean(dim=1)
+                F.mse_loss(out, target, reduction="none").reshape(out.shape[0], -1).mean(dim=1)  # [batch] outputs too
                 for out, target in zip(outputs, batch.targets)
             )
         return F.cross_entropy(outputs[0], batch.targets[0], reduction="none")
