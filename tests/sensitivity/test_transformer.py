@@ -17,7 +17,7 @@ from sensitivity.hvp import HessianVectorProducts
 from sensitivity.losses import CalibrationLoss
 from sensitivity.onnx_program import OnnxProgram, load_onnx
 from sensitivity.traces import rademacher_probe
-from sensitivity.zoo import TokenTask, export_tiny_transformer, trained_tiny_transformer
+from sensitivity.zoo import HARD_TOKEN_TASK, TokenTask, TokenTaskSpec, export_tiny_transformer, trained_tiny_transformer
 from tests.sensitivity.test_hvp import single_thread  # noqa: F401
 
 CALIBRATION_SAMPLES = 256
@@ -41,6 +41,22 @@ def test_trains_to_high_accuracy(trained) -> None:
     with torch.no_grad():
         predicted = model(torch.from_numpy(task.test_x)).argmax(1).numpy()
     assert float((predicted == task.test_y).mean()) > 0.9  # measured 0.99; the majority class is 34%
+
+
+def test_task_spec_sizes_the_data_and_the_model() -> None:
+    task = HARD_TOKEN_TASK.task(seed=3)
+    assert task.train_x.shape == (6144, 16) and task.test_x.shape == (2048, 16)
+    assert task.train_x.max() < 32 and set(np.unique(task.train_y)) == set(range(8))
+    counts = np.stack([(task.train_x % 8 == g).sum(axis=1) for g in range(8)], axis=1)
+    np.testing.assert_array_equal(task.train_y, counts.argmax(axis=1))  # the majority group, ties to the lowest
+    fresh = HARD_TOKEN_TASK.task(seed=4, samples=100, test_fraction=1.0)
+    assert fresh.train_x.shape == (0, 16) and fresh.test_x.shape == (100, 16)
+
+    spec = TokenTaskSpec(samples=64, vocab=32, tokens=16, classes=8, epochs=1)
+    model, small = trained_tiny_transformer(seed=0, spec=spec)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(small.test_x))
+    assert logits.shape == (16, 8)
 
 
 def test_layers_are_the_matmul_and_gemm_weights(trained) -> None:
