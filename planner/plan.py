@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from planner.activation import ActivationTerm, activation_terms
 from planner.bisection import bisect
 from planner.candidates import CANDIDATES, Configuration, parse_candidates
 from planner.cost import CostTable, layer_bops, layer_cost_table, layer_size_bytes
@@ -46,7 +47,7 @@ from planner.frontier import InfeasibleBudget, diagonal_frontier, solve_budget
 from planner.latency import LatencyMeasurement, measure_latency
 from planner.objective import Objective
 from planner.quadratic import quadratic_frontier, solve_quadratic
-from sensitivity.interlayer import perturbations, shrunk_gradient_terms
+from sensitivity.interlayer import perturbations, shrunk, shrunk_gradient_terms
 from sensitivity.onnx_program import check_supported
 from sensitivity.results import InterLayerConfig, InterLayerTerms, SensitivityResult
 
@@ -94,6 +95,8 @@ class PlanRequest:
     may accompany it. ``sensitivity_options`` are further ``InterLayerConfig`` fields
     (``batch_size``, ``trace_max_probes``, ...); bits, seed and device come from the request.
     ``device`` is used for the sensitivity analysis and the latency measurement.
+    ``measure_activation_terms``: measure what 8-bit activations cost each layer and add it to
+    both objectives; without it ``w8a8`` and ``w8`` (``w4a8`` and ``w4``) are predicted alike.
     """
 
     method: str = "hawq_v2"
@@ -112,6 +115,7 @@ class PlanRequest:
     latency_batch_size: int = 1
     device: str = "auto"
     solver_time_limit_s: float = 10.0
+    measure_activation_terms: bool = True  # add each layer's measured activation cost (planner.activation)
 
     def __post_init__(self) -> None:
         _require(self.method in METHODS, f"method must be one of {METHODS}; got {self.method!r}")
@@ -137,6 +141,7 @@ class PlanRequest:
         warmup = self.latency_warmup
         _require(isinstance(warmup, int) and warmup >= 0, f"latency_warmup must be an int >= 0; got {warmup!r}")
         _require(self.solver_time_limit_s > 0, f"solver_time_limit_s must be positive; got {self.solver_time_limit_s}")
+        _require(isinstance(self.measure_activation_terms, bool), "measure_activation_terms must be true or false")
         _require(isinstance(self.sensitivity_options, Mapping), "sensitivity_options must be a mapping")
         options = dict(self.sensitivity_options)
         owned = sorted(set(options) & set(_OWNED_SENSITIVITY_OPTIONS))
@@ -270,6 +275,7 @@ class PlanResult:
     sensitivity: Mapping[str, Any] = field(repr=False)
     versions: Mapping[str, str]
     timings: Mapping[str, float]
+    activation_terms: Mapping[str, ActivationTerm] = field(default_factory=dict)
 
     @property
     def configuration(self) -> Configuration:
@@ -286,6 +292,7 @@ class PlanResult:
             "search": dict(self.search_details),
             "artifact": {"sha256": self.artifact_sha256, "size_bytes": len(self.artifact_bytes)},
             "sensitivity": dict(self.sensitivity),
+            "activation_terms": {layer: term.to_dict() for layer, term in self.activation_terms.items()},
             "versions": dict(self.versions),
             "timings": dict(self.timings),
         }
@@ -323,8 +330,9 @@ def plan(
     table = layer_cost_table(model, _sample_shape(model, calibration))
     _check_budget_feasible(table, request)  # before the costly analysis
     sensitivity = _sensitivity(model, calibration, request, sensitivity, progress, timings)
+    activation = _activation_terms(model, calibration, request, sensitivity, progress, timings)
     progress("objective", 0.0, "building the objective")
-    objective = build_objective(sensitivity, table, request.candidates, model)
+    objective = build_objective(sensitivity, table, request.candidates, model, activation)
 
     measurer = _Measurer(model, calibration, evaluation, request, progress)
     search_start = time.perf_counter()
@@ -356,6 +364,7 @@ def plan(
         sensitivity=sensitivity.to_dict(),
         versions={**sensitivity.versions, **export_versions()},
         timings=timings,
+        activation_terms=activation,
     )
 
 
@@ -411,6 +420,23 @@ def _sensitivity(
     return result
 
 
+def _activation_terms(
+    model: onnx.ModelProto,
+    calibration: Mapping[str, np.ndarray],
+    request: PlanRequest,
+    sensitivity: SensitivityResult,
+    progress: Progress,
+    timings: dict[str, float],
+) -> dict[str, ActivationTerm]:
+    if not request.measure_activation_terms or not any(CANDIDATES[c].quantizes_activations for c in request.candidates):
+        return {}
+    progress("activation", 0.0, "measuring each layer's activation quantization")
+    start = time.perf_counter()
+    terms = activation_terms(model, calibration, sensitivity.loss_kind)
+    timings["activation_terms"] = time.perf_counter() - start
+    return terms
+
+
 def _sample_shape(model: onnx.ModelProto, calibration: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
     """The calibration arrays' shapes with batch 1: BOPS are counted per sample."""
     feeds = check_inputs(model, calibration, what="calibration set")
@@ -422,12 +448,16 @@ def build_objective(
     table: CostTable,
     candidates: Sequence[str],
     model: onnx.ModelProto | None = None,
+    activation: Mapping[str, ActivationTerm] | None = None,
 ) -> Objective:
     """Ω, g·Δ, G and costs (``size``: bytes of the layer's weight; ``bops``) per layer × candidate.
 
     The terms come from the inter-layer analysis by the candidate's weight bits (fp32 -> 0).
     A result with traces only (a TraceConfig analysis) gives Ω from the traces and the ‖Δ‖²
     of ``model``'s weights, with g·Δ and G zero: enough for ``hawq_v2``, not for ``interlayer``.
+    ``activation`` (``planner.activation``): each layer's measured activation term, shrunk by its
+    standard error like g·Δ, is added to l and (floored at 0) to Ω of the candidates that
+    quantize activations.
     """
     layers = [layer.name for layer in sensitivity.layers]
     missing = sorted(set(table) ^ set(layers))
@@ -442,8 +472,14 @@ def build_objective(
 
     gradient_terms = shrunk_gradient_terms(terms)  # a search would otherwise fit their noise
 
-    def per_candidate(values: Sequence[float], layer: str) -> list[float]:
+    def weight_terms(values: Sequence[float], layer: str) -> list[float]:
         return [0.0 if bits_of[c] is None else float(values[index[(layer, bits_of[c])]]) for c in candidates]
+
+    def with_activation(values: Sequence[float], layer: str, floor: float) -> list[float]:
+        term = activation.get(layer) if activation else None
+        cost = 0.0 if term is None else max(shrunk(term.loss_change, term.standard_error), floor)
+        a8 = [CANDIDATES[c].quantizes_activations for c in candidates]
+        return [w + (cost if quantized else 0.0) for w, quantized in zip(weight_terms(values, layer), a8)]
 
     flat = [(layer, bits_of[c]) for layer in layers for c in candidates]
     rows = np.array([-1 if bits is None else index[(layer, bits)] for layer, bits in flat])
@@ -452,8 +488,10 @@ def build_objective(
     return Objective(
         layers=tuple(layers),
         candidates=tuple(tuple(candidates) for _ in layers),
-        omega=[per_candidate(terms.omega, layer) for layer in layers],
-        linear=[per_candidate(gradient_terms, layer) for layer in layers],
+        # Ω is HAWQ-V2's non-negative proxy (a minimum's loss rises under any perturbation): a
+        # measured activation term below 0 is noise to it. l takes the term with its sign, like g·Δ.
+        omega=[with_activation(terms.omega, layer, floor=0.0) for layer in layers],
+        linear=[with_activation(gradient_terms, layer, floor=-math.inf) for layer in layers],
         G=0.5 * (G + G.T),  # HVP estimates are symmetric only up to round-off
         costs={
             "size": [[layer_size_bytes(table[layer], c) for c in candidates] for layer in layers],

@@ -127,10 +127,13 @@ def shrunk_gradient_terms(terms: InterLayerTerms) -> tuple[float, ...]:
     """
     if not terms.gradient_term_errors:
         return terms.gradient_terms
-    return tuple(
-        term * max(0.0, 1.0 - (error / term) ** 2) if term != 0.0 else 0.0
-        for term, error in zip(terms.gradient_terms, terms.gradient_term_errors)
-    )
+    return tuple(shrunk(term, error) for term, error in zip(terms.gradient_terms, terms.gradient_term_errors))
+
+
+def shrunk(term: float, error: float) -> float:
+    """A noisy mean shrunk toward 0 by its standard error (positive-part James–Stein):
+    term·max(0, 1 − error²/term²)."""
+    return term * max(0.0, 1.0 - (error / term) ** 2) if term != 0.0 else 0.0
 
 
 def omega_trace(trace) -> float:

@@ -15,6 +15,7 @@ import torch
 from planner.export import read_plan
 from planner.cost import layer_cost_table
 from planner.candidates import CANDIDATES
+from planner.activation import ActivationTerm
 from planner.plan import DEFAULT_CANDIDATES, NoFeasiblePlan, PlanRequest, build_objective, minimum_cost, plan
 from sensitivity.examples import export_onnx, trained_digits_cnn
 from sensitivity.onnx_program import load_onnx
@@ -215,3 +216,41 @@ def test_result_is_plain_data(digits, sensitivity):
     result = plan(proto, calibration, request, evaluation=evaluation, sensitivity=sensitivity)
     copy = pickle.loads(pickle.dumps(result))  # crosses process boundaries (spawned workers)
     assert copy.to_dict() == result.to_dict() and copy.artifact_bytes == result.artifact_bytes
+
+
+def test_activation_terms_enter_both_objectives_for_the_a8_candidates_only(digits, sensitivity):
+    proto, _, _ = digits
+    table = layer_cost_table(proto, (1, 1, 8, 8))
+    candidates = ("fp32", "w8a8", "w8", "w4a8", "w4")
+    first, second = (layer.name for layer in sensitivity.layers[:2])
+    activation = {first: ActivationTerm(first, ("x",), 0.5, 0.1), second: ActivationTerm(second, ("y",), -0.5, 0.1)}
+    plain = build_objective(sensitivity, table, candidates, proto)
+    with_terms = build_objective(sensitivity, table, candidates, proto, activation)
+    added = 0.5 * (1.0 - 0.2**2)  # shrunk by its standard error
+    a8 = np.array([CANDIDATES[c].quantizes_activations for c in candidates], dtype=float)
+    np.testing.assert_allclose(with_terms.omega[0] - plain.omega[0], added * a8)
+    np.testing.assert_allclose(with_terms.linear[0] - plain.linear[0], added * a8)
+    # a term below 0 lowers l; Ω, HAWQ-V2's non-negative proxy, keeps it at 0
+    np.testing.assert_allclose(with_terms.omega[1], plain.omega[1])
+    np.testing.assert_allclose(with_terms.linear[1] - plain.linear[1], -added * a8)
+    # w8a8 and w8 cost the same bytes: with a costly activation the weight-only one is preferred
+    assert plain.omega[0][1] == plain.omega[0][2]
+    assert with_terms.omega[0][2] < with_terms.omega[0][1]
+
+
+def test_plans_report_their_measured_activation_terms(digits, sensitivity):
+    proto, calibration, evaluation = digits
+    request = PlanRequest(max_size_bytes=SIZE_BUDGET, **{**FAST, "max_frontier_points": 1})
+    result = plan(proto, calibration, request, evaluation=evaluation, sensitivity=sensitivity)
+    assert set(result.activation_terms) == {layer.name for layer in sensitivity.layers}
+    assert all(term.tensors and term.standard_error > 0 for term in result.activation_terms.values())
+    assert result.timings["activation_terms"] > 0
+    document = json.loads(json.dumps(result.to_dict(), allow_nan=False))
+    assert document["activation_terms"][sensitivity.layers[0].name]["tensors"]
+
+    off = dataclasses.replace(request, measure_activation_terms=False)
+    assert plan(proto, calibration, off, evaluation=evaluation, sensitivity=sensitivity).activation_terms == {}
+    weight_only = dataclasses.replace(request, candidates=("fp32", "w8", "w4"))
+    assert plan(proto, calibration, weight_only, evaluation=evaluation, sensitivity=sensitivity).activation_terms == {}
+    with pytest.raises(ValueError, match="measure_activation_terms"):
+        dataclasses.replace(request, measure_activation_terms="yes")

@@ -1,0 +1,210 @@
+"""Measured activation-quantization terms: what 8-bit activations cost each layer, in loss.
+
+The Hessian terms (Ω, g·Δ, G) see weights only, so without this ``w8a8`` and ``w8`` (and ``w4a8``
+and ``w4``) are predicted alike although the weight-only candidates measure better. Activation
+noise has no cheap Hessian form that matches what onnxruntime does, so it is measured instead:
+
+1. the exporter quantizes every layer at ``w8a8`` once; the activation tensors onnxruntime puts
+   QuantizeLinear on, with the scale and zero point its calibration chose, are read off that
+   artifact (onnxruntime decides which tensors: a layer's input, and for MatMul/Gemm its output);
+2. for each layer, the float model gets QuantizeLinear → DequantizeLinear on just that layer's
+   tensors (its inputs and outputs among them), and onnxruntime runs it over the calibration set;
+3. the layer's term aᵢ is the mean per-sample change of the calibration loss (the same loss as the
+   sensitivity analysis) against the float model, with its standard error over the samples.
+
+The objective adds aᵢ to each of layer i's candidates that quantize activations. Additivity is an
+approximation: a tensor between two layers (one's output, the next one's input) is counted in
+both terms, and activation and weight errors are assumed not to interact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from planner.cost import cpu_session, layer_nodes
+from planner.export import check_inputs, export_model, model_opset
+from sensitivity.layers import find_layers
+
+LOSS_KINDS = ("cross_entropy", "distill_cross_entropy", "distill_mse")
+QDQ_OPSET = 13  # per-tensor QuantizeLinear with a uint8 zero point is older, but the exporter's floor is 13
+RENAMED_OUTPUT_SUFFIX = "_QuantizeLinear_Input"  # onnxruntime renames a quantized graph output's producer
+
+
+@dataclass(frozen=True)
+class ActivationQuantization:
+    """One activation tensor as onnxruntime quantizes it (per tensor, asymmetric)."""
+
+    tensor: str
+    scale: float
+    zero_point: int
+    zero_point_type: int  # onnx.TensorProto data type (UINT8 for the exporter's activations)
+
+
+@dataclass(frozen=True)
+class ActivationTerm:
+    """Layer's measured activation-quantization term: calibration loss change, nats."""
+
+    layer: str
+    tensors: tuple[str, ...]
+    loss_change: float  # mean over the calibration samples
+    standard_error: float  # of that mean, over the samples
+
+    def to_dict(self) -> dict[str, object]:
+        return {"tensors": list(self.tensors), "loss_change": self.loss_change, "standard_error": self.standard_error}
+
+
+def activation_terms(
+    model: onnx.ModelProto,
+    calibration: Mapping[str, np.ndarray],
+    loss_kind: str,
+    *,
+    batch_size: int = 256,
+) -> dict[str, ActivationTerm]:
+    """aᵢ for every layer of ``model`` (see the module doc); ``loss_kind`` as the sensitivity result's."""
+    if loss_kind not in LOSS_KINDS:
+        raise ValueError(f"loss_kind must be one of {LOSS_KINDS}; got {loss_kind!r}")
+    feeds = check_inputs(model, calibration, what="calibration set")
+    float_model = _with_qdq_opset(model)
+    quantized = activation_quantization(model, calibration)
+    reference = _run(float_model, feeds, batch_size)
+    loss = _SampleLoss(loss_kind, reference, calibration.get("labels"))
+    terms = {}
+    for layer, tensors in _layer_tensors(float_model, quantized).items():
+        if tensors:
+            outputs = _run(_with_fake_quantization(float_model, [quantized[t] for t in tensors]), feeds, batch_size)
+            change = loss(outputs) - loss(reference)
+            error = float(change.std(ddof=1) / np.sqrt(len(change))) if len(change) > 1 else abs(float(change[0]))
+            terms[layer] = ActivationTerm(layer, tensors, float(change.mean()), error)
+        else:
+            terms[layer] = ActivationTerm(layer, (), 0.0, 0.0)
+    return terms
+
+
+def activation_quantization(
+    model: onnx.ModelProto, calibration: Mapping[str, np.ndarray]
+) -> dict[str, ActivationQuantization]:
+    """The activation tensors of ``model`` that the exporter quantizes when every layer is ``w8a8``."""
+    configuration = {layer.name: "w8a8" for layer in find_layers(model)}
+    exported = onnx.load_from_string(export_model(model, configuration, calibration).model_bytes)
+    initializers = {init.name: numpy_helper.to_array(init) for init in exported.graph.initializer}
+    names = _tensor_names(model)
+    found = {}
+    for node in exported.graph.node:
+        if node.op_type != "QuantizeLinear" or node.input[0] in initializers:
+            continue
+        tensor = node.input[0]
+        if tensor not in names and tensor.endswith(RENAMED_OUTPUT_SUFFIX):
+            tensor = tensor.removesuffix(RENAMED_OUTPUT_SUFFIX)
+        if tensor not in names:
+            continue  # a tensor of the exporter's own making; the float model has no such value
+        zero_point = next(i for i in exported.graph.initializer if i.name == node.input[2])
+        found[tensor] = ActivationQuantization(
+            tensor, float(initializers[node.input[1]]), int(initializers[node.input[2]]), zero_point.data_type
+        )
+    return found
+
+
+def _tensor_names(model: onnx.ModelProto) -> set[str]:
+    return {name for node in model.graph.node for name in (*node.input, *node.output)} | {
+        value.name for value in model.graph.input
+    }
+
+
+def _layer_tensors(
+    model: onnx.ModelProto, quantized: Mapping[str, ActivationQuantization]
+) -> dict[str, tuple[str, ...]]:
+    """Each layer's quantized activations: the non-weight inputs and the outputs of its nodes."""
+    initializers = {init.name for init in model.graph.initializer}
+    result = {}
+    for layer, nodes in layer_nodes(model).items():
+        adjacent = [name for node in nodes for name in (*node.input, *node.output) if name not in initializers]
+        result[layer] = tuple(dict.fromkeys(name for name in adjacent if name in quantized))
+    return result
+
+
+def _with_qdq_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    if model_opset(model) >= QDQ_OPSET:
+        return model
+    return onnx.version_converter.convert_version(model, QDQ_OPSET)
+
+
+def _with_fake_quantization(model: onnx.ModelProto, tensors: Sequence[ActivationQuantization]) -> onnx.ModelProto:
+    """A copy of ``model`` in which every consumer of each tensor reads it quantized and dequantized,
+    as in onnxruntime's QDQ artifacts (a graph output keeps its name and is quantized too)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph = copy.graph
+    outputs = {value.name for value in graph.output}
+    for quantization in tensors:
+        name = quantization.tensor
+        source = name + "_mpq_float" if name in outputs else name
+        if source != name:  # the producer writes the float value under a new name; the DQ takes the old one
+            for node in graph.node:
+                node.output[:] = [source if out == name else out for out in node.output]
+        dequantized = name if source != name else name + "_mpq_dequantized"
+        for node in graph.node:
+            node.input[:] = [dequantized if value == name else value for value in node.input]
+        scale, zero_point = name + "_mpq_scale", name + "_mpq_zero_point"
+        graph.initializer.extend([
+            numpy_helper.from_array(np.array(quantization.scale, dtype=np.float32), scale),
+            helper.make_tensor(zero_point, quantization.zero_point_type, [], [quantization.zero_point]),
+        ])
+        graph.node.extend([
+            helper.make_node("QuantizeLinear", [source, scale, zero_point], [name + "_mpq_quantized"]),
+            helper.make_node("DequantizeLinear", [name + "_mpq_quantized", scale, zero_point], [dequantized]),
+        ])
+    _sort_topologically(graph)
+    return copy
+
+
+def _sort_topologically(graph: onnx.GraphProto) -> None:
+    """onnxruntime needs nodes in topological order; the Q/DQ pairs were appended at the end."""
+    ready = {value.name for value in graph.input} | {init.name for init in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        runnable = [node for node in pending if all(name in ready for name in node.input)]
+        if not runnable:
+            raise ValueError("the graph has a cycle or an input no node produces")
+        for node in runnable:
+            ready.update(node.output)
+        ordered += runnable
+        pending = [node for node in pending if node not in runnable]
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def _run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], batch_size: int) -> list[np.ndarray]:
+    """Every output over all samples, each as float64 ``[samples, -1]``."""
+    session = cpu_session(model.SerializeToString())
+    count = len(next(iter(feeds.values())))
+    chunks: list[list[np.ndarray]] = []
+    for start in range(0, count, batch_size):
+        batch = {name: array[start : start + batch_size] for name, array in feeds.items()}
+        rows = len(next(iter(batch.values())))
+        chunks.append([np.asarray(out, dtype=np.float64).reshape(rows, -1) for out in session.run(None, batch)])
+    return [np.concatenate(parts) for parts in zip(*chunks)]
+
+
+class _SampleLoss:
+    """Per-sample calibration loss in numpy, as ``sensitivity.losses.CalibrationLoss.sample_losses``."""
+
+    def __init__(self, kind: str, reference: Sequence[np.ndarray], labels: np.ndarray | None) -> None:
+        if kind == "cross_entropy" and labels is None:
+            raise ValueError("loss kind 'cross_entropy' needs labels in the calibration set")
+        self.kind = kind
+        self.reference = reference
+        self.targets = np.asarray(labels) if kind == "cross_entropy" else reference[0].argmax(axis=1)
+
+    def __call__(self, outputs: Sequence[np.ndarray]) -> np.ndarray:
+        if self.kind == "distill_mse":
+            return sum(((out - ref) ** 2).mean(axis=1) for out, ref in zip(outputs, self.reference))
+        logits = outputs[0]
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        log_probabilities = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        return -log_probabilities[np.arange(len(logits)), self.targets]
+

@@ -1,0 +1,141 @@
+"""Measured activation terms against the exporter's own artifacts, in onnxruntime."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from onnx import numpy_helper
+
+from planner.activation import (
+    _run,
+    _SampleLoss,
+    _with_fake_quantization,
+    activation_quantization,
+    activation_terms,
+)
+from planner.export import export_model
+from sensitivity import zoo
+from sensitivity.layers import find_layers
+
+SAMPLES = 96
+
+
+def _model_and_data(name: str) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    entry = zoo.ZOO[name]
+    proto = zoo.export(zoo.build(name), torch.zeros(entry.input_shape))
+    rng = np.random.default_rng(0)
+    data = {"input": rng.standard_normal((SAMPLES, *entry.input_shape[1:])).astype(np.float32)}
+    if name == "digits_cnn":
+        data["labels"] = rng.integers(0, 10, SAMPLES)
+    return proto, data
+
+
+@pytest.fixture(scope="module", params=["digits_cnn", "transformer_block"])
+def case(request):
+    """Conv + Gemm layers reading the graph input and writing the graph output (cross-entropy with
+    labels), and MatMul layers behind LayerNorm (MSE to the float outputs)."""
+    proto, data = _model_and_data(request.param)
+    kind = "cross_entropy" if "labels" in data else "distill_mse"
+    return proto, data, kind, activation_terms(proto, data, kind)
+
+
+def _quantized_activations(artifact: onnx.ModelProto) -> dict[str, tuple[float, int]]:
+    """(scale, zero point) of every activation QuantizeLinear, by the float model's tensor name."""
+    values = {init.name: numpy_helper.to_array(init) for init in artifact.graph.initializer}
+    found = {}
+    for node in artifact.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] not in values:
+            name = node.input[0].removesuffix("_QuantizeLinear_Input")
+            found[name] = (float(values[node.input[1]]), int(values[node.input[2]]))
+    return found
+
+
+def _single_layer_artifact(proto: onnx.ModelProto, layer: str, data) -> onnx.ModelProto:
+    configuration = {other.name: "fp32" for other in find_layers(proto)} | {layer: "w8a8"}
+    return onnx.load_from_string(export_model(proto, configuration, data).model_bytes)
+
+
+def _with_float_weights(artifact: onnx.ModelProto, float_model: onnx.ModelProto) -> onnx.ModelProto:
+    """``artifact`` with every quantized initializer (weights, int32 biases) replaced by its float original."""
+    originals = {init.name: init for init in float_model.graph.initializer}
+    stored = {init.name for init in artifact.graph.initializer}
+    rewired = {}
+    for node in artifact.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in stored:
+            rewired[node.output[0]] = node.input[0].removesuffix("_quantized")
+    copy = onnx.ModelProto()
+    copy.CopyFrom(artifact)
+    kept = [node for node in copy.graph.node if not (node.op_type == "DequantizeLinear" and node.input[0] in stored)]
+    del copy.graph.node[:]
+    copy.graph.node.extend(kept)
+    for node in copy.graph.node:
+        node.input[:] = [rewired.get(name, name) for name in node.input]
+    copy.graph.initializer.extend(originals[name] for name in set(rewired.values()) if name not in stored)
+    return copy
+
+
+def test_each_layer_quantizes_what_the_exporter_quantizes_with_its_ranges(case):
+    proto, data, _, terms = case
+    for layer in find_layers(proto):
+        expected = _quantized_activations(_single_layer_artifact(proto, layer.name, data))
+        assert set(terms[layer.name].tensors) == set(expected), layer.name
+        ranges = activation_quantization(proto, data)
+        for tensor, (scale, zero_point) in expected.items():
+            assert ranges[tensor].scale == pytest.approx(scale, rel=1e-6)
+            assert ranges[tensor].zero_point == zero_point
+
+
+def test_fake_quantized_model_is_the_exporters_artifact_with_float_weights(case):
+    """Exact up to float rounding: the same QDQ on the same tensors, the weights left float."""
+    proto, data, _, terms = case
+    ranges = activation_quantization(proto, data)
+    feeds = {"input": data["input"]}
+    for layer in find_layers(proto):
+        ours = _with_fake_quantization(proto, [ranges[t] for t in terms[layer.name].tensors])
+        theirs = _with_float_weights(_single_layer_artifact(proto, layer.name, data), proto)
+        for a, b in zip(_run(ours, feeds, 32), _run(theirs, feeds, 32)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        float_outputs = _run(proto, feeds, 32)
+        assert any(not np.array_equal(a, b) for a, b in zip(_run(ours, feeds, 32), float_outputs)), layer.name
+
+
+def test_terms_are_per_sample_loss_changes_with_standard_errors(case):
+    proto, data, kind, terms = case
+    feeds = {"input": data["input"]}
+    ranges = activation_quantization(proto, data)
+    reference = _run(proto, feeds, 64)
+    loss = _SampleLoss(kind, reference, data.get("labels"))
+    for name, term in terms.items():
+        changes = loss(_run(_with_fake_quantization(proto, [ranges[t] for t in term.tensors]), feeds, 64)) - loss(
+            reference
+        )
+        assert term.loss_change == pytest.approx(changes.mean(), rel=1e-9, abs=1e-15)
+        assert term.standard_error == pytest.approx(changes.std(ddof=1) / np.sqrt(SAMPLES), rel=1e-9)
+        assert term.standard_error > 0.0
+
+
+@pytest.mark.parametrize("kind", ["cross_entropy", "distill_cross_entropy", "distill_mse"])
+def test_sample_losses_match_the_sensitivity_losses(kind):
+    rng = np.random.default_rng(1)
+    reference = [rng.standard_normal((20, 5)), rng.standard_normal((20, 3))]
+    outputs = [r + 0.3 * rng.standard_normal(r.shape) for r in reference]
+    labels = rng.integers(0, 5, 20)
+    ours = _SampleLoss(kind, reference, labels)(outputs)
+    logits, targets = torch.from_numpy(outputs[0]), torch.from_numpy(labels)
+    if kind == "distill_cross_entropy":
+        targets = torch.from_numpy(reference[0].argmax(axis=1))
+    if kind == "distill_mse":
+        expected = sum(F.mse_loss(torch.from_numpy(o), torch.from_numpy(r), reduction="none").mean(dim=1)
+                       for o, r in zip(outputs, reference))
+    else:
+        expected = F.cross_entropy(logits, targets, reduction="none")
+    np.testing.assert_allclose(ours, expected.numpy(), rtol=1e-12)
+
+
+def test_bad_loss_kind_and_missing_labels_are_named():
+    proto, data = _model_and_data("digits_cnn")
+    with pytest.raises(ValueError, match="loss_kind must be one of"):
+        activation_terms(proto, data, "hinge")
+    with pytest.raises(ValueError, match="needs labels"):
+        activation_terms(proto, {"input": data["input"]}, "cross_entropy")
