@@ -154,28 +154,22 @@ def _with_fake_quantization(model: onnx.ModelProto, tensors: Sequence[Activation
             numpy_helper.from_array(np.array(quantization.scale, dtype=np.float32), scale),
             helper.make_tensor(zero_point, quantization.zero_point_type, [], [quantization.zero_point]),
         ])
-        graph.node.extend([
+        pair = [
             helper.make_node("QuantizeLinear", [source, scale, zero_point], [name + "_mpq_quantized"]),
             helper.make_node("DequantizeLinear", [name + "_mpq_quantized", scale, zero_point], [dequantized]),
-        ])
-    _sort_topologically(graph)
+        ]
+        _insert_after_producer(graph, source, pair)
     return copy
 
 
-def _sort_topologically(graph: onnx.GraphProto) -> None:
-    """onnxruntime needs nodes in topological order; the Q/DQ pairs were appended at the end."""
-    ready = {value.name for value in graph.input} | {init.name for init in graph.initializer} | {""}
-    pending, ordered = list(graph.node), []
-    while pending:
-        runnable = [node for node in pending if all(name in ready for name in node.input)]
-        if not runnable:
-            raise ValueError("the graph has a cycle or an input no node produces")
-        for node in runnable:
-            ready.update(node.output)
-        ordered += runnable
-        pending = [node for node in pending if node not in runnable]
+def _insert_after_producer(graph: onnx.GraphProto, tensor: str, nodes: Sequence[onnx.NodeProto]) -> None:
+    """Keep the graph topologically sorted (onnxruntime needs it): right after ``tensor``'s
+    producer, or first when a graph input or initializer holds it."""
+    existing = list(graph.node)
+    producer = next((i for i, node in enumerate(existing) if tensor in node.output), -1)
+    existing[producer + 1 : producer + 1] = nodes
     del graph.node[:]
-    graph.node.extend(ordered)
+    graph.node.extend(existing)
 
 
 def _run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], batch_size: int) -> list[np.ndarray]:
