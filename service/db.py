@@ -84,21 +84,26 @@ def check_schema(engine: Engine) -> None:
         )
 
 
-def retrying(operation, *, attempts: int = 5, first_delay_s: float = 0.2):
+def retrying(operation, *, deadline_s: float = 30.0, first_delay_s: float = 0.2, max_delay_s: float = 2.0):
     """Run ``operation()`` again when the database connection drops (OperationalError /
-    DBAPI disconnects), with exponential backoff; other errors propagate at once."""
+    DBAPI disconnects), with exponential backoff capped at ``max_delay_s``, until ``deadline_s``
+    has passed since the first try; other errors propagate at once.
+
+    A deadline rather than a count of tries: a server restart or fail-over takes seconds, and five
+    quick tries gave up after 3 s.
+    """
     import time
 
     from sqlalchemy.exc import DBAPIError, OperationalError
 
+    give_up_at = time.monotonic() + deadline_s
     delay = first_delay_s
-    for attempt in range(1, attempts + 1):
+    while True:
         try:
             return operation()
         except (OperationalError, DBAPIError) as error:
             transient = isinstance(error, OperationalError) or error.connection_invalidated
-            if not transient or attempt == attempts:
+            if not transient or time.monotonic() + delay > give_up_at:
                 raise
             time.sleep(delay)
-            delay *= 2
-    raise AssertionError("unreachable")
+            delay = min(2 * delay, max_delay_s)

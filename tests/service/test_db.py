@@ -42,3 +42,44 @@ def test_downgrade_then_upgrade_round_trips(tmp_path):
     upgrade(engine)
     assert current_revision(engine) == head_revision()
     engine.dispose()
+
+
+def _dropped_connection() -> Exception:
+    from sqlalchemy.exc import OperationalError
+
+    return OperationalError("SELECT 1", {}, Exception("terminating connection due to administrator command"))
+
+
+def test_retrying_outlasts_a_dropped_connection_until_its_deadline():
+    import time
+
+    from service.db import retrying
+
+    failures = iter([_dropped_connection()] * 4)
+
+    def flaky() -> str:
+        error = next(failures, None)
+        if error is not None:
+            raise error
+        return "done"
+
+    assert retrying(flaky, first_delay_s=0.01) == "done"
+
+    calls = []
+
+    def down() -> None:
+        calls.append(time.monotonic())
+        raise _dropped_connection()
+
+    start = time.monotonic()
+    with pytest.raises(Exception, match="administrator command"):
+        retrying(down, deadline_s=0.5, first_delay_s=0.01, max_delay_s=0.1)
+    assert 0.3 < time.monotonic() - start < 2.0 and len(calls) >= 6  # kept trying, capped delays
+
+    def broken() -> None:
+        calls.append("broken")
+        raise ValueError("not a connection problem")
+
+    with pytest.raises(ValueError):
+        retrying(broken, first_delay_s=0.01)
+    assert calls.count("broken") == 1

@@ -95,7 +95,7 @@ def test_lost_database_connections_are_retried(client, app, backend_settings):
     admin.dispose()
     assert sum(dropped) > 0, "no connection was dropped: the test did not test anything"
     final = wait_for(client, job_id, timeout=240)
-    assert final["status"] == "succeeded", final
+    assert final["status"] == "succeeded", (final["error"], final["attempts"], final["log_tail"])
     assert client.get("/v1/jobs").status_code == 200
 
 
