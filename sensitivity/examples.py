@@ -22,14 +22,17 @@ class Digits:
     test_y: np.ndarray
 
 
-def load_digits(test_fraction: float = 0.25, seed: int = 0) -> Digits:
+def load_digits(test_fraction: float = 0.25, seed: int = 0, fold: int = 0) -> Digits:
+    """The 1797 scikit-learn digits, shuffled by ``seed``. ``fold`` k holds out the k-th block of
+    the shuffled order counted from its end (fold 0: the last ``test_fraction``), so folds
+    0..⌈1/test_fraction⌉−1 hold out (almost) disjoint test sets: cross-validation."""
     from sklearn.datasets import load_digits as sklearn_digits
 
     bunch = sklearn_digits()
     images = (bunch.images.astype(np.float32) / 16.0)[:, None, :, :]
     labels = bunch.target.astype(np.int64)
-    order = np.random.default_rng(seed).permutation(len(labels))
     split = int(len(labels) * (1.0 - test_fraction))
+    order = np.roll(np.random.default_rng(seed).permutation(len(labels)), fold * (len(labels) - split))
     train, test = order[:split], order[split:]
     return Digits(images[train], labels[train], images[test], labels[test])
 
@@ -137,7 +140,7 @@ def _name_folded_weights(model: onnx.ModelProto) -> None:
         node.input[:] = [renames.get(name, name) for name in node.input]
 
 
-def trained_digits_cnn(seed: int = 0, epochs: int = 8) -> tuple[DigitsCNN, Digits]:
-    digits = load_digits(seed=seed)
+def trained_digits_cnn(seed: int = 0, epochs: int = 8, fold: int = 0) -> tuple[DigitsCNN, Digits]:
+    digits = load_digits(seed=seed, fold=fold)
     torch.manual_seed(seed)
     return train(DigitsCNN(), digits, epochs=epochs, seed=seed), digits
