@@ -16,7 +16,9 @@ evaluation cross-entropy against the float model (ΔCE: the loss the Hessian ter
 KL divergence from the float model's outputs, and the median latency (batch 1); then, for each of
 the three figures, the differences at equal size with their standard errors (plan − random:
 samples paired, plus the spread of the random configurations; inter-layer − HAWQ-V2: paired over
-the evaluation samples). Last, the frontier solve time for 200 synthetic layers × 5 candidates.
+the evaluation samples). The digits CNN runs as 4-fold cross-validation (one CNN per fold, each
+evaluated on its own held-out quarter of the data): fold 0's table in full, then each difference
+pooled over the folds. Last, the frontier solve time for 200 synthetic layers × 5 candidates.
 Prints markdown (section "Planner" of docs/benchmarks.md).
 
 Usage: ``.venv/bin/python bench/planner.py [--seed 0] [--random 10] [--probes 64]``.
@@ -81,13 +83,16 @@ class Row:
     note: str = ""
 
 
-def digits_case(seed: int) -> Case:
+DIGITS_FOLDS = 4  # cross-validation: four CNNs, each evaluated on its own quarter of the digits
+
+
+def digits_case(seed: int, fold: int = 0) -> Case:
     from sensitivity.examples import export_onnx, trained_digits_cnn
 
-    model, data = trained_digits_cnn(seed=seed)
+    model, data = trained_digits_cnn(seed=seed, fold=fold)
     proto = export_onnx(model, torch.from_numpy(data.train_x[:1]))
     return Case(
-        "digits CNN (top-1 accuracy, %)",
+        f"digits CNN, fold {fold} (top-1 accuracy, %)",
         proto,
         {"input": data.train_x[:512], "labels": data.train_y[:512]},
         {"input": data.test_x, "labels": data.test_y},
@@ -231,37 +236,66 @@ def mean_and_se(values: np.ndarray) -> tuple[float, float]:
 FIGURES = (("accuracy", "accuracy", "pp", +1), ("loss_change", "ΔCE", "mnat", -1), ("kl", "KL", "mnat", -1))
 
 
-def comparison(case: Case, results: Mapping[str, PlanResult], plans: Mapping[str, PerSample],
-               randoms: Sequence[PerSample]) -> list[str]:
-    """Differences at equal size with standard errors, one line per figure.
+PLAN_NAMES = (("hawq_v2", "HAWQ-V2"), ("interlayer", "inter-layer"))
+Differences = dict[tuple[str, str], tuple[float, float]]  # (figure, "HAWQ-V2 − random", ...) -> (mean, SE)
+
+
+def differences(results: Mapping[str, PlanResult], plans: Mapping[str, PerSample],
+                randoms: Sequence[PerSample]) -> Differences:
+    """Differences at equal size with standard errors, per figure.
 
     plan − random: per sample, the plan's value minus the random configurations' mean; its standard
     error combines the evaluation samples' (paired) and the random configurations' spread (standard
-    error of the mean of their means). inter-layer − HAWQ-V2: paired over samples. Each line ends
-    with which plan is better than random by more than two standard errors.
+    error of the mean of their means). inter-layer − HAWQ-V2: paired over samples.
     """
     for method, result in results.items():  # the artifacts, run afresh, reproduce the reported metric
         assert 100.0 * float(plans[method].correct.mean()) == result.plan.measured.metric, method
-    lines = []
-    for figure, label, unit, sign in FIGURES:
+    found: Differences = {}
+    for figure, *_ in FIGURES:
         random_values = np.stack([r.metric(figure) for r in randoms])  # [configurations, samples]
         _, configurations_se = mean_and_se(random_values.mean(axis=1))
-        parts, better = [], []
-        for method, name in (("hawq_v2", "HAWQ-V2"), ("interlayer", "inter-layer")):
+        for method, name in PLAN_NAMES:
             mean, samples_se = mean_and_se(plans[method].metric(figure) - random_values.mean(axis=0))
-            se = float(np.hypot(samples_se, configurations_se))
-            parts.append(f"{name} − random {mean:+.3g} ± {se:.2g}")
-            if sign * mean > 2 * se:
-                better.append(name)
-        mean, se = mean_and_se(plans["interlayer"].metric(figure) - plans["hawq_v2"].metric(figure))
-        parts.append(f"inter-layer − HAWQ-V2 {mean:+.3g} ± {se:.2g} (paired)")
-        verdict = ", ".join(better) if better else "neither"
+            found[figure, f"{name} − random"] = (mean, float(np.hypot(samples_se, configurations_se)))
+        found[figure, "inter-layer − HAWQ-V2"] = mean_and_se(
+            plans["interlayer"].metric(figure) - plans["hawq_v2"].metric(figure))
+    return found
+
+
+def comparison_lines(found: Differences) -> list[str]:
+    """One line per figure, ending with which plan is better than random by more than two SE."""
+    lines = []
+    for figure, label, unit, sign in FIGURES:
+        parts = [f"{name} {mean:+.3g} ± {se:.2g}" + (" (paired)" if "random" not in name else "")
+                 for (f, name), (mean, se) in found.items() if f == figure]
+        better = [name for _, name in PLAN_NAMES if sign * found[figure, f"{name} − random"][0]
+                  > 2 * found[figure, f"{name} − random"][1]]
         lines.append(f"{label} ({unit}, {'higher' if sign > 0 else 'lower'} is better): {'; '.join(parts)}; "
-                     f"better than random by > 2 SE: {verdict}")
+                     f"better than random by > 2 SE: {', '.join(better) or 'neither'}")
     return lines
 
 
-def run_case(case: Case, seed: int, random_count: int, probes: int) -> tuple[list[Row], list[str], str]:
+def pooled(per_fold: Sequence[Mapping[float, Differences]]) -> str:
+    """Cross-validation: each difference averaged over the folds (independent test sets), its
+    standard error √(Σ SE²)/K, and in how many folds the plan was ahead."""
+    lines = ["| budget | figure | comparison | mean ± SE over folds | folds ahead |", "|---|---|---|---:|---:|"]
+    for fraction in per_fold[0]:
+        for figure, label, unit, sign in FIGURES:
+            for (f, name) in per_fold[0][fraction]:
+                if f != figure:
+                    continue
+                values = [fold[fraction][figure, name] for fold in per_fold]
+                mean = float(np.mean([m for m, _ in values]))
+                se = float(np.sqrt(sum(e**2 for _, e in values))) / len(values)
+                ahead = sum(sign * m > 0 for m, _ in values)
+                lines.append(f"| w4a8 + {fraction:g} × (w8a8 − w4a8) | {label} ({unit}) | {name} | "
+                             f"{mean:+.3g} ± {se:.2g} | {ahead} of {len(values)} |")
+    return "\n".join(lines)
+
+
+def run_case(
+    case: Case, seed: int, random_count: int, probes: int
+) -> tuple[list[Row], list[str], str, dict[float, Differences]]:
     start = time.perf_counter()
     config = InterLayerConfig(bits=(8, 4), seed=seed, trace_max_probes=probes, device="cpu")
     sensitivity = compute_sensitivity(load_onnx(case.model), case.calibration, config)
@@ -274,6 +308,7 @@ def run_case(case: Case, seed: int, random_count: int, probes: int) -> tuple[lis
     reference = logits(case.model.SerializeToString(), case)
     rows: list[Row] = []
     notes: list[str] = []
+    found: dict[float, Differences] = {}
     for k, fraction in enumerate(case.budget_fractions):
         # Between uniform w4a8 and w8a8: only a mix of precisions uses such a budget well.
         budget = int(uniform_size["w4a8"] + fraction * (uniform_size["w8a8"] - uniform_size["w4a8"]))
@@ -292,10 +327,11 @@ def run_case(case: Case, seed: int, random_count: int, probes: int) -> tuple[lis
         rows.append(plan_row(f"{at}: HAWQ-V2 plan", results["hawq_v2"], plans["hawq_v2"]))
         rows.append(plan_row(f"{at}: inter-layer plan", results["interlayer"], plans["interlayer"]))
         notes.append(f"- {at} (w4a8 + {fraction:g} × (w8a8 − w4a8)):")
-        notes += [f"  - {line}" for line in comparison(case, results, plans, random_figures)]
+        found[fraction] = differences(results, plans, random_figures)
+        notes += [f"  - {line}" for line in comparison_lines(found[fraction])]
     header = (f"{case.description}; sensitivity {analysis_s:.1f} s, {sensitivity.num_hvps} HVPs; "
               f"layers {', '.join(layers)}")
-    return rows, notes, header
+    return rows, notes, header, found
 
 
 def markdown(case: Case, rows: Sequence[Row], notes: Sequence[str], header: str) -> str:
@@ -342,13 +378,20 @@ def main() -> None:
     start = time.perf_counter()
     print(f"{cpu_description()}, torch threads {torch.get_num_threads()}, {platform.python_version()}; "
           f"latency: onnxruntime CPU, batch 1, median of {LATENCY['repeats']} runs\n")
-    cases = (
-        digits_case(args.seed),
-        transformer_case(args.seed, args.token_samples, "held-out"),
-        transformer_case(args.seed, args.token_samples, "training"),
-    )
-    for case in cases:
-        rows, notes, header = run_case(case, args.seed, args.random, args.probes)
+    folds, accuracies = [], []
+    for fold in range(DIGITS_FOLDS):  # fold 0's table in full, then all folds pooled
+        case = digits_case(args.seed, fold)
+        rows, notes, header, found = run_case(case, args.seed, args.random, args.probes)
+        folds.append(found)
+        accuracies.append("/".join(f"{row.metric:.2f}" for row in rows[:3]))  # float, uniform w8a8, w4a8
+        if fold == 0:
+            print(markdown(case, rows, notes, header) + "\n", flush=True)
+    print(f"**digits CNN, {DIGITS_FOLDS}-fold cross-validation** (one CNN per fold, each evaluated on its "
+          f"held-out quarter: {DIGITS_FOLDS} × 450 images; accuracy float / uniform w8a8 / uniform w4a8 by fold: "
+          f"{', '.join(accuracies)} %)\n\n{pooled(folds)}\n", flush=True)
+    for calibration in ("held-out", "training"):
+        case = transformer_case(args.seed, args.token_samples, calibration)
+        rows, notes, header, _ = run_case(case, args.seed, args.random, args.probes)
         print(markdown(case, rows, notes, header) + "\n", flush=True)
     print(solver_timing(args.seed))
     print(f"\nwhole script {time.perf_counter() - start:.0f} s")
