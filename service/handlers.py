@@ -191,7 +191,7 @@ def _store_plan(context: JobContext, model: Model, params: dict[str, Any], resul
                     predicted={**chosen["predicted"], "meets_constraints": data["meets_constraints"]},
                     measured={**(chosen["measured"] or {}), "uniform": data["uniform"],
                               "evaluations": data["evaluations"], "search": data["search"],
-                              "timings": data["timings"]},
+                              "timings": data["timings"], "activation_terms": data["activation_terms"]},
                     artifact_id=artifact.id, versions=data["versions"])
     rows: list[Any] = [artifact, plan_row]
     rows += [FrontierPoint(plan_id=plan_row.id, index=index, assignment=point["layers"],

@@ -75,7 +75,9 @@ def _add_plan(subparsers: argparse._SubParsersAction) -> None:
     command.add_argument("model", metavar="MODEL", help="ONNX model (.onnx)")
     command.add_argument("--data", required=True, metavar="CALIB.npz", help=DATA_HELP)
     command.add_argument("--eval-data", metavar="EVAL.npz", help="evaluation arrays (default: the calibration set)")
-    command.add_argument("--method", choices=PLAN_METHODS, default="hawq_v2")
+    command.add_argument("--method", choices=PLAN_METHODS, default="hawq_v2",
+                         help="hawq_v2: diagonal Ω; interlayer: gradient and cross-layer terms (calibrate it on "
+                              "data the model was not trained on: docs/search.md)")
     command.add_argument("--search", choices=("pareto", "bisection"), default="pareto")
     command.add_argument("--candidates", default=DEFAULT_CANDIDATES, help=f"comma-separated ({DEFAULT_CANDIDATES})")
     budget = command.add_mutually_exclusive_group()
@@ -395,6 +397,7 @@ def plan_document(result, artifact_path: str) -> dict[str, Any]:
         "request": data["request"],
         "versions": data["versions"],
         "timings": data["timings"],
+        "activation_terms": data["activation_terms"],
     }
 
 

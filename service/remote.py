@@ -117,7 +117,7 @@ def remote_plan(args: argparse.Namespace) -> int:
 def plan_document(plan: dict[str, Any], frontier: list[dict[str, Any]], request: dict[str, Any], out: str,
                   sha256: str) -> dict[str, Any]:
     """The local ``mpq plan --json`` document, rebuilt from the API's plan and frontier."""
-    extras = ("uniform", "evaluations", "search", "timings")
+    extras = ("uniform", "evaluations", "search", "timings", "activation_terms")
     measured = {k: v for k, v in plan["measured"].items() if k not in extras}
     predicted = {k: v for k, v in plan["predicted"].items() if k != "meets_constraints"}
     return {
@@ -133,5 +133,6 @@ def plan_document(plan: dict[str, Any], frontier: list[dict[str, Any]], request:
         "request": request,
         "versions": plan["versions"],
         "timings": plan["measured"].get("timings", {}),
+        "activation_terms": plan["measured"].get("activation_terms", {}),
         "plan_id": plan["id"],
     }

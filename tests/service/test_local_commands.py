@@ -113,6 +113,8 @@ def test_plan_json_writes_the_artifact(files):
     assert plan["predicted"]["size_bytes"] <= 0.0004 * 1024 * 1024
     assert {"metric", "baseline", "size_bytes", "latency_ms"} <= set(plan["measured"])
     assert document["evaluations"] >= 1 and document["frontier"]
+    assert set(document["activation_terms"]) == {"fc1.weight", "fc2.weight"}
+    assert all(term["tensors"] for term in document["activation_terms"].values())
     artifact = files / "q.onnx"
     assert document["artifact"] == "q.onnx" and artifact.stat().st_size == plan["measured"]["size_bytes"]
     x = np.load(files / "calib.npz")["x"]

@@ -56,6 +56,7 @@ def test_remote_plan_round_trip(app, live_server, files, token, tmp_path, client
     document = json.loads(result.stdout)
     assert set(document["plan"]["layers"]) == {"fc1.weight", "fc2.weight"}
     assert document["meets_constraints"] is True and document["frontier"]
+    assert set(document["activation_terms"]) == {"fc1.weight", "fc2.weight"}  # stored with the plan
     assert hashlib.sha256(out.read_bytes()).hexdigest() == document["artifact_sha256"]
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert session.run(None, {"x": np.zeros((2, 8), np.float32)})[0].shape == (2, 3)
