@@ -17,7 +17,7 @@ import onnx
 from onnx import TensorProto
 
 from planner.candidates import Configuration, as_configuration, get_candidate
-from sensitivity.layers import QUANTIZABLE_OPS, Layer, find_layers
+from sensitivity.layers import ACTIVATION_FREE_OPS, QUANTIZABLE_OPS, Layer, find_layers, weight_index
 
 FLOAT_BYTES = 4
 SCALE_BYTES = 4  # one float32 scale per output channel
@@ -63,8 +63,8 @@ def layer_nodes(model: onnx.ModelProto, layers: Sequence[Layer] | None = None) -
     layers = find_layers(model) if layers is None else layers
     nodes: dict[str, list[onnx.NodeProto]] = {layer.name: [] for layer in layers}
     for node in model.graph.node:
-        if node.op_type in QUANTIZABLE_OPS and len(node.input) > 1 and node.input[1] in nodes:
-            nodes[node.input[1]].append(node)
+        if node.op_type in QUANTIZABLE_OPS and len(node.input) > 1 and node.input[weight_index(node.op_type)] in nodes:
+            nodes[node.input[weight_index(node.op_type)]].append(node)
     return nodes
 
 
@@ -147,7 +147,13 @@ def layer_cost_table(model: onnx.ModelProto, batch_shape: BatchShape) -> CostTab
     input_shapes = normalize_batch_shape(model, batch_shape)
     layers = find_layers(model)
     nodes = layer_nodes(model, layers)
-    needed = {name for node_list in nodes.values() for node in node_list for name in (node.input[0], node.output[0])}
+    needed = {
+        name
+        for node_list in nodes.values()
+        for node in node_list
+        if node.op_type not in ACTIVATION_FREE_OPS  # no MACs: a lookup
+        for name in (node.input[0], node.output[0])
+    }
     shapes = inferred_shapes(model, input_shapes)
     if not needed <= set(shapes):
         shapes.update(_runtime_shapes(model, input_shapes, sorted(needed - set(shapes))))
@@ -168,7 +174,10 @@ def layer_cost_table(model: onnx.ModelProto, batch_shape: BatchShape) -> CostTab
 
 
 def node_macs(node: onnx.NodeProto, weight_shape: Sequence[int], shapes: Mapping[str, Sequence[int]]) -> int:
-    """Multiply-accumulates of one Conv / ConvTranspose / Gemm / MatMul node, from its tensor shapes."""
+    """Multiply-accumulates of one Conv / ConvTranspose / Gemm / MatMul node, from its tensor shapes;
+    none for a Gather (a table lookup)."""
+    if node.op_type in ACTIVATION_FREE_OPS:
+        return 0
     output_elements = math.prod(shapes[node.output[0]])
     if node.op_type == "Conv":  # each output element: (C_in / group) * kernel MACs; W is [O, I/g, k...]
         return output_elements * math.prod(weight_shape[1:])

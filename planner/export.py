@@ -11,7 +11,11 @@ How each candidate is written:
 - ``w8``, ``w4`` (weight-only): a hand-written ``DequantizeLinear`` on the weight. ``quantize_static``
   always quantizes a layer's input activation together with its weight, and ``MatMulNBitsQuantizer``
   only covers MatMul, block-wise, with the [-8, 7] int4 range; neither can store Q_b's integers on a
-  Conv/Gemm weight with a float activation.
+  Conv/Gemm weight with a float activation. (onnxruntime's CPU optimizer fuses such a
+  DequantizeLinear → MatMul into MatMulNBits, which computes with int8 activations: docs/export.md.)
+- An embedding (a Gather from a float table) has integer indices for input, no activation to
+  quantize: every quantized candidate stores its table as the weight-only ones do, one scale per
+  row (so ``w8a8`` there is ``w8``; its ``ExportedLayer`` says ``activation_bits=None``).
 - ``fp32``: left untouched.
 
 4-bit types need opset 21: an older model is upgraded with ``onnx.version_converter`` and the
@@ -42,9 +46,9 @@ import onnx
 from onnx import TensorProto, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-from planner.candidates import Configuration, as_configuration, get_candidate
+from planner.candidates import Candidate, Configuration, as_configuration, get_candidate
 from planner.cost import cpu_session, graph_inputs, layer_nodes, runtime_tensors
-from sensitivity.layers import Layer, find_layers, weight_array
+from sensitivity.layers import Layer, find_layers, weight_array, weight_index
 from sensitivity.quantize import QuantizedWeight, quantize_weight
 
 logger = logging.getLogger(__name__)
@@ -114,8 +118,8 @@ def export_model(
     working, preprocessing = _prepare(model, layers, configuration, feeds)
     nodes = {name: [node.name for node in found] for name, found in layer_nodes(working, layers).items()}
     by_name = {layer.name: layer for layer in layers}
-    static = [name for name, c in configuration.items() if get_candidate(c).quantizes_activations]
-    weight_only = [name for name, c in configuration.items() if get_candidate(c).weight_only]
+    static = [name for name, c in configuration.items() if _is_static(get_candidate(c), by_name[name])]
+    weight_only = [name for name, c in configuration.items() if get_candidate(c).quantizes_weights and name not in static]
     if static:
         working = _quantize_static(
             working, [by_name[n] for n in static], configuration, nodes, feeds, calibrate_method, calibration_batch_size
@@ -123,10 +127,10 @@ def export_model(
     for name in weight_only:
         bits = configuration.candidate(name).weight_bits
         _add_weight_only_dequantize(working, by_name[name], bits, _nodes_named(working, nodes[name]))
-    _check_layers_quantized(working, configuration, nodes)
+    _check_layers_quantized(working, configuration, nodes, by_name)
     _raise_ir_version(working)
 
-    exported_layers = _exported_layers(configuration, nodes)
+    exported_layers = _exported_layers(configuration, nodes, by_name)
     plan = _plan(configuration, exported_layers, constraints, calibrate_method, feeds, model_opset(model), working)
     plan["preprocessing"] = preprocessing
     _write_metadata(working, plan, metadata)
@@ -487,7 +491,7 @@ def _add_weight_only_dequantize(
     )
     model.graph.node.insert(0, dequantize)  # its inputs are initializers, so the front keeps topological order
     for node in nodes:
-        node.input[1] = output
+        node.input[weight_index(node.op_type)] = output
     _remove_unused_initializer(model, layer.name)
 
 
@@ -533,7 +537,8 @@ def _nodes_named(model: onnx.ModelProto, names: Sequence[str]) -> list[onnx.Node
 
 
 def _check_layers_quantized(
-    model: onnx.ModelProto, configuration: Configuration, nodes: Mapping[str, Sequence[str]]
+    model: onnx.ModelProto, configuration: Configuration, nodes: Mapping[str, Sequence[str]],
+    layers: Mapping[str, Layer],
 ) -> None:
     """Every quantized layer must end up with a dequantized weight (and input, for static candidates)."""
     producers = {out: node for node in model.graph.node for out in node.output}
@@ -546,11 +551,11 @@ def _check_layers_quantized(
             if node is None:
                 problems.append(f"layer {layer!r}: node {node_name!r} disappeared")
                 continue
-            weight_dq = _is_dequantized(node.input[1], producers)
+            weight_dq = _is_dequantized(node.input[weight_index(node.op_type)], producers)
             input_dq = _is_dequantized(node.input[0], producers)
             if candidate.quantizes_weights and not weight_dq:
                 problems.append(f"layer {layer!r} ({candidate_name}): node {node.name!r} has a float weight")
-            if candidate.quantizes_activations and not input_dq:
+            if _is_static(candidate, layers[layer]) and not input_dq:
                 problems.append(
                     f"layer {layer!r} ({candidate_name}): the input {node.input[0]!r} of node {node.name!r} "
                     "was not quantized (its type or shape could not be inferred)"
@@ -566,11 +571,19 @@ def _is_dequantized(tensor: str, producers: Mapping[str, onnx.NodeProto]) -> boo
     return producer is not None and producer.op_type == "DequantizeLinear"
 
 
-def _exported_layers(configuration: Configuration, nodes: Mapping[str, Sequence[str]]) -> dict[str, ExportedLayer]:
+def _is_static(candidate: Candidate, layer: Layer) -> bool:
+    """Whether the layer's activations are quantized too (``quantize_static``); a Gather has none."""
+    return candidate.quantizes_activations and layer.has_float_input
+
+
+def _exported_layers(
+    configuration: Configuration, nodes: Mapping[str, Sequence[str]], by_name: Mapping[str, Layer]
+) -> dict[str, ExportedLayer]:
     layers = {}
     for name, candidate_name in configuration.items():
         candidate = get_candidate(candidate_name)
-        if candidate.quantizes_activations:
+        static = _is_static(candidate, by_name[name])
+        if static:
             method = "onnxruntime.quantize_static"
         elif candidate.quantizes_weights:
             method = "weight_only_dequantize"
@@ -581,7 +594,7 @@ def _exported_layers(configuration: Configuration, nodes: Mapping[str, Sequence[
             candidate=candidate_name,
             node_names=tuple(nodes[name]),
             weight_bits=candidate.weight_bits,
-            activation_bits=candidate.activation_bits,
+            activation_bits=candidate.activation_bits if static else None,
             method=method,
         )
     return layers
@@ -662,7 +675,8 @@ def stored_weight(model: onnx.ModelProto, layer: str) -> QuantizedWeight | None:
         raise KeyError(f"no layer {layer!r} in the exported plan")
     node_name = plan["layers"][layer]["nodes"][0]
     node = next(node for node in model.graph.node if node.name == node_name)
-    producer = next((n for n in model.graph.node if node.input[1] in n.output), None)
+    weight = node.input[weight_index(node.op_type)]
+    producer = next((n for n in model.graph.node if weight in n.output), None)
     if producer is None or producer.op_type != "DequantizeLinear":
         return None
     initializers = {init.name: init for init in model.graph.initializer}

@@ -120,15 +120,15 @@ def export_onnx(
 
 def _name_folded_weights(model: onnx.ModelProto) -> None:
     """BatchNorm folding leaves weights named ``onnx::Conv_31``; name them after their module."""
-    from sensitivity.layers import QUANTIZABLE_OPS
+    from sensitivity.layers import QUANTIZABLE_OPS, weight_index
 
     initializers = {init.name for init in model.graph.initializer}
     taken = set(initializers)
     renames: dict[str, str] = {}
     for node in model.graph.node:
-        if node.op_type not in QUANTIZABLE_OPS or len(node.input) < 2 or not node.name.startswith("/"):
+        if node.op_type not in QUANTIZABLE_OPS or weight_index(node.op_type) != 1 or not node.name.startswith("/"):
             continue
-        if not node.input[1].startswith("onnx::") or node.input[1] not in initializers:
+        if len(node.input) < 2 or not node.input[1].startswith("onnx::") or node.input[1] not in initializers:
             continue
         new_name = ".".join(node.name.strip("/").split("/")[:-1]) + ".weight"
         if new_name not in taken and node.input[1] not in renames:

@@ -1,4 +1,5 @@
-"""Quantizable layers of an ONNX graph: Conv, ConvTranspose, Gemm, MatMul with a constant weight.
+"""Quantizable layers of an ONNX graph: Conv, ConvTranspose, Gemm, MatMul with a constant weight,
+and Gather from a constant 2-D float table (an embedding).
 
 A layer is named by its weight initializer; that name is its key everywhere (DESIGN.md).
 This module only reads the graph protobuf; it never runs anything.
@@ -6,12 +7,17 @@ This module only reads the graph protobuf; it never runs anything.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import onnx
 from onnx import numpy_helper
 
-QUANTIZABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+QUANTIZABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather")
+# A Gather's other input is integer indices: only its weight (the table) can be quantized, so the
+# candidates that also quantize activations store its weight alone (DESIGN.md's w8a8 = w8 there).
+ACTIVATION_FREE_OPS = ("Gather",)
+_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
 
 
 @dataclass(frozen=True)
@@ -23,6 +29,20 @@ class Layer:
     num_params: int
     channel_axis: int  # the output-channel axis of the weight, for per-channel quantization
 
+    @property
+    def weight_index(self) -> int:
+        """Which input of its node the weight is."""
+        return weight_index(self.op_type)
+
+    @property
+    def has_float_input(self) -> bool:
+        """Whether the node has a float activation input that a8 candidates quantize."""
+        return self.op_type not in ACTIVATION_FREE_OPS
+
+
+def weight_index(op_type: str) -> int:
+    return 0 if op_type == "Gather" else 1
+
 
 def _attribute(node: onnx.NodeProto, name: str, default: int) -> int:
     for attr in node.attribute:
@@ -31,7 +51,11 @@ def _attribute(node: onnx.NodeProto, name: str, default: int) -> int:
     return default
 
 
-def _weight_input(node: onnx.NodeProto, initializers: set[str]) -> str | None:
+def _weight_input(node: onnx.NodeProto, initializers: Mapping[str, onnx.TensorProto]) -> str | None:
+    if node.op_type == "Gather":  # an embedding: rows of a float table picked by integer ids
+        table = initializers.get(node.input[0])
+        is_table = table is not None and table.data_type in _FLOAT_TYPES and _attribute(node, "axis", 0) == 0
+        return node.input[0] if is_table else None
     if node.op_type in ("Conv", "ConvTranspose", "Gemm"):
         return node.input[1] if len(node.input) > 1 and node.input[1] in initializers else None
     if node.op_type == "MatMul":  # x @ W with W constant; a constant left operand is not a layer
@@ -46,6 +70,8 @@ def _channel_axis(node: onnx.NodeProto, rank: int) -> int:
         return 1  # [I, O/g, k...]
     if node.op_type == "Gemm":
         return 0 if _attribute(node, "transB", 0) else 1  # B is [N, K] when transposed, else [K, N]
+    if node.op_type == "Gather":
+        return 0  # one scale per row: each token's embedding, as embedding quantizers do
     return rank - 1  # MatMul: [..., K, N]
 
 
@@ -57,7 +83,7 @@ def find_layers(model: onnx.ModelProto) -> list[Layer]:
     for index, node in enumerate(model.graph.node):
         if node.op_type not in QUANTIZABLE_OPS:
             continue
-        weight_name = _weight_input(node, set(initializers))
+        weight_name = _weight_input(node, initializers)
         if weight_name is None or weight_name in seen:
             continue
         shape = tuple(int(d) for d in initializers[weight_name].dims)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sensitivity.layers import Layer
+from sensitivity.layers import Layer, weight_index
 from sensitivity.program import ProgramAttributes
 
 # module type -> (ONNX op type, output-channel axis of its weight)
@@ -27,10 +27,13 @@ _LAYER_MODULES: tuple[tuple[type[nn.Module], str, int], ...] = (
     (nn.ConvTranspose2d, "ConvTranspose", 1),
     (nn.ConvTranspose3d, "ConvTranspose", 1),
     (nn.Linear, "Gemm", 0),  # weight [out, in]: Gemm with transB=1
+    (nn.Embedding, "Gather", 0),  # weight [vocab, dim]: one scale per row
 )
 
-# aten operator -> (ONNX op type, output-channel axis); the weight is argument 1 of each.
+# aten operator -> (ONNX op type, output-channel axis); the weight is argument
+# ``weight_index(op type)`` of each (0 for embedding, 1 for the others).
 _LAYER_OPS: dict[str, tuple[str, int]] = {
+    "aten.embedding.default": ("Gather", 0),
     "aten.linear.default": ("Gemm", 0),
     "aten.conv1d.default": ("Conv", 0),
     "aten.conv2d.default": ("Conv", 0),
@@ -56,7 +59,7 @@ def _layer(name: str, node_name: str, op_type: str, axis: int, weight: torch.Ten
 
 
 def find_module_layers(module: nn.Module) -> list[Layer]:
-    """Weights of Conv/ConvTranspose/Linear submodules in registration order; a shared weight once."""
+    """Weights of Conv/ConvTranspose/Linear/Embedding submodules in registration order; a shared weight once."""
     layers: list[Layer] = []
     seen: set[int] = set()
     for module_name, sub in module.named_modules():
@@ -75,7 +78,7 @@ class TorchProgram(ProgramAttributes):
     ``input_names`` name the module's positional arguments in order. The module is put in
     eval mode (BatchNorm uses its running statistics, dropout is off): sensitivities are
     properties of the deployed function. ``layers`` defaults to the module's Conv,
-    ConvTranspose and Linear weights.
+    ConvTranspose, Linear and Embedding weights.
     """
 
     def __init__(
@@ -94,7 +97,7 @@ class TorchProgram(ProgramAttributes):
         self._output_names = tuple(output_names)
         self._layers = tuple(find_module_layers(module) if layers is None else layers)
         if not self._layers:
-            raise ValueError("the model has no quantizable layer (Conv, ConvTranspose, Linear weight)")
+            raise ValueError("the model has no quantizable layer (Conv, ConvTranspose, Linear or Embedding weight)")
         state = dict(module.named_parameters())  # a tied weight appears once; functional_call re-ties it
         state.update(module.named_buffers())
         missing = [layer.name for layer in self._layers if layer.name not in state]
@@ -140,9 +143,9 @@ def _exported_layers(exported: torch.export.ExportedProgram) -> list[Layer]:
     seen: set[str] = set()
     for node in exported.graph.nodes:
         op = _LAYER_OPS.get(str(node.target)) if node.op == "call_function" else None
-        if op is None or len(node.args) < 2 or not hasattr(node.args[1], "name"):
+        if op is None or len(node.args) < 2 or not hasattr(node.args[weight_index(op[0])], "name"):
             continue
-        name = parameter_of.get(node.args[1].name)
+        name = parameter_of.get(node.args[weight_index(op[0])].name)
         if name is None or name in seen or state[name].dim() < 2:
             continue
         seen.add(name)
@@ -153,7 +156,7 @@ def _exported_layers(exported: torch.export.ExportedProgram) -> list[Layer]:
 def load_exported(path: str | Path) -> TorchProgram:
     """Load a ``torch.export`` archive (``.pt2``) as a ``Program``.
 
-    Layers are the parameters used as the weight of a conv / conv-transpose / linear call,
+    Layers are the parameters used as the weight of a conv / conv-transpose / linear / embedding call,
     named by their fully qualified parameter name (``fc1.weight``): the names come from the
     archive's graph signature, so they are stable across loads and processes. Export with
     a dynamic batch axis (``dynamic_shapes={"x": {0: torch.export.Dim("batch")}}``):

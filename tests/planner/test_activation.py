@@ -139,3 +139,12 @@ def test_bad_loss_kind_and_missing_labels_are_named():
         activation_terms(proto, data, "hinge")
     with pytest.raises(ValueError, match="needs labels"):
         activation_terms(proto, {"input": data["input"]}, "cross_entropy")
+
+
+def test_an_embedding_has_no_activation_to_quantize():
+    from tests.planner.test_export import embedding_model
+
+    model, data = embedding_model()
+    terms = activation_terms(model, data, "distill_cross_entropy")
+    assert terms["table"].tensors == () and terms["table"].loss_change == 0.0
+    assert terms["head"].tensors == ("pooled", "logits")  # the MatMul's input and output

@@ -141,3 +141,17 @@ def test_size_against_exported_file(wide_cnn, candidate):
 
 def test_cost_is_plain_data():
     assert Cost(size_bytes=1, bops=2) == Cost(1, 2)
+
+
+def test_an_embedding_is_a_layer_without_macs():
+    from tests.planner.test_export import embedding_model
+
+    model, _ = embedding_model()
+    table = layer_cost_table(model, {"ids": (1, 5)})
+    assert (table["table"].op_type, table["table"].macs, table["table"].channels) == ("Gather", 0, 12)
+    assert table["head"].macs == 6 * 3
+    for candidate in ("w8a8", "w4"):
+        cost = configuration_cost(table, {"table": candidate, "head": "fp32"})
+        bits = 8 if candidate == "w8a8" else 4
+        assert cost.bops == 18 * 32 * 32  # the lookup adds no bit operations
+        assert cost.size_bytes == 72 * bits // 8 + 4 * 12 + 12 * bits // 8 + 4 * 18  # table per row + float head

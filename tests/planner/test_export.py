@@ -21,7 +21,7 @@ from planner.export import (
     validate_artifact,
 )
 from sensitivity.examples import export_onnx, trained_digits_cnn
-from sensitivity.layers import find_layers, weight_array
+from sensitivity.layers import find_layers, weight_array, weight_index
 from sensitivity.quantize import quantize_weight
 
 QUANTIZED = ("w8a8", "w4a8", "w8", "w4")
@@ -62,7 +62,7 @@ def _accuracy(model_bytes: bytes, data) -> float:
 def _stored(model: onnx.ModelProto, node_name: str):
     """Integers, scales, zero points and axis behind a node's weight input, read straight from the graph."""
     node = next(n for n in model.graph.node if n.name == node_name)
-    dequantize = next(n for n in model.graph.node if node.input[1] in n.output)
+    dequantize = next(n for n in model.graph.node if node.input[weight_index(node.op_type)] in n.output)
     assert dequantize.op_type == "DequantizeLinear"
     initializers = {i.name: i for i in model.graph.initializer}
     integers, scales, zero_points = (initializers[name] for name in dequantize.input)
@@ -170,6 +170,51 @@ def test_zoo_weights_are_q_b_integers(candidate):
     exported = export_model(model, configuration, calibration)
     assert exported.layers["shared.weight"].node_names == ("matmul1", "matmul2")
     _assert_weights_are_q_b(model, exported, configuration)
+
+
+def embedding_model() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """ids [N, 5] -> Gather from a [12, 6] table -> mean over tokens -> MatMul [6, 3]."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["table", "ids"], ["embedded"], name="lookup"),
+            helper.make_node("ReduceMean", ["embedded"], ["pooled"], name="pool", axes=[1], keepdims=0),
+            helper.make_node("MatMul", ["pooled", "head"], ["logits"], name="project"),
+        ],
+        "embedding",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 5])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(rng.standard_normal((12, 6)).astype(np.float32), "table"),
+         numpy_helper.from_array(rng.standard_normal((6, 3)).astype(np.float32), "head")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return model, {"ids": rng.integers(0, 12, (64, 5))}
+
+
+@pytest.mark.parametrize("candidate", QUANTIZED)
+def test_embedding_tables_store_q_b_integers_per_row(candidate):
+    """A Gather's table is a layer; its input is indices, so every candidate quantizes the table alone."""
+    model, calibration = embedding_model()
+    assert [(layer.name, layer.op_type, layer.channel_axis) for layer in find_layers(model)] == [
+        ("table", "Gather", 0), ("head", "MatMul", 1)]
+    configuration = Configuration.uniform(find_layers(model), candidate)
+    exported = export_model(model, configuration, calibration)
+    _assert_weights_are_q_b(model, exported, configuration)
+    table = exported.layers["table"]
+    assert table.method == "weight_only_dequantize" and table.activation_bits is None
+    assert exported.layers["head"].activation_bits == (8 if "a8" in candidate else None)
+    if "a8" not in candidate:  # weights only: the graph computes with Q_b's tables exactly
+        bits = 8 if "8" in candidate else 4
+        table_q, head_q = (quantize_weight(weight_array(model, name), bits, axis).dequantize()
+                           for name, axis in (("table", 0), ("head", 1)))
+        ids = calibration["ids"]
+        # Unoptimized: onnxruntime's CPU optimizer fuses DequantizeLinear -> MatMul into MatMulNBits,
+        # which computes in int8 (accuracy_level 4) and so differs from the graph by ~1 %.
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(exported.model_bytes, options, providers=["CPUExecutionProvider"])
+        np.testing.assert_allclose(session.run(None, {"ids": ids})[0], table_q[ids].mean(axis=1) @ head_q,
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_w8a8_digits_accuracy_within_one_point_of_float(digits):

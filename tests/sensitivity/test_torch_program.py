@@ -139,3 +139,20 @@ def test_exported_program_differentiates_and_matches_the_module_program(archive)
     assert torch.allclose(out, reference, atol=1e-6)
     grad = torch.autograd.grad(out.square().sum(), weights["fc1.weight"])[0]
     assert grad.abs().sum() > 0
+
+
+def test_embeddings_are_layers_of_modules_and_of_exported_archives(tmp_path) -> None:
+    from sensitivity.zoo import TinyTokenTransformer
+
+    torch.manual_seed(0)
+    model = TinyTokenTransformer().eval()
+    module_layers = {layer.name: layer for layer in TorchProgram(model).layers}
+    embedding = module_layers["embedding.weight"]
+    assert (embedding.op_type, embedding.channel_axis, embedding.shape) == ("Gather", 0, (16, 16))
+    ids = torch.randint(0, 16, (3, 8))
+    batch = torch.export.Dim("batch", min=1, max=64)
+    exported = torch.export.export(model, (ids,), dynamic_shapes={"ids": {0: batch}})
+    torch.export.save(exported, str(tmp_path / "tokens.pt2"))
+    archive_layers = {layer.name: layer for layer in load_exported(tmp_path / "tokens.pt2").layers}
+    assert archive_layers["embedding.weight"] == module_layers["embedding.weight"]
+    assert set(archive_layers) >= {"embedding.weight", "head.weight"}

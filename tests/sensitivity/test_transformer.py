@@ -59,13 +59,19 @@ def test_task_spec_sizes_the_data_and_the_model() -> None:
     assert logits.shape == (16, 8)
 
 
-def test_layers_are_the_matmul_and_gemm_weights(trained) -> None:
-    _, _, _, program = trained
+def test_layers_are_the_embedding_matmul_and_gemm_weights(trained) -> None:
+    model, _, _, program = trained
     names = [layer.name for layer in program.layers]
     expected = [f"block.{n}.weight" for n in ("query", "key", "value", "proj", "fc1", "fc2")]
-    assert names == [*expected, "head.weight"]
-    assert [layer.op_type for layer in program.layers] == ["MatMul"] * 6 + ["Gemm"]
-    assert "embedding.weight" not in names  # a Gather table: not a layer (yet)
+    assert names == ["embedding.weight", *expected, "head.weight"]
+    assert [layer.op_type for layer in program.layers] == ["Gather"] + ["MatMul"] * 6 + ["Gemm"]
+    embedding = program.layers[0]
+    assert embedding.shape == (16, 16) and embedding.channel_axis == 0  # one scale per token's row
+    assert not embedding.has_float_input and embedding.weight_index == 0
+    # the torch module names the same layers (nn.Embedding, nn.Linear) with the same shapes
+    torch_layers = TorchProgram(model, ("input",), ("logits",)).layers
+    assert {layer.name: layer.shape for layer in torch_layers}["embedding.weight"] == (16, 16)
+    assert [layer.op_type for layer in torch_layers if layer.name == "embedding.weight"] == ["Gather"]
 
 
 def test_onnx_program_matches_onnxruntime(trained) -> None:
@@ -85,7 +91,7 @@ def test_hawq_v2_traces(trained, calibration) -> None:
     config = TraceConfig(seed=0, min_probes=8, max_probes=16, device="cpu")
     result = compute_sensitivity(program, calibration, config)
     assert result.loss_kind == "cross_entropy" and 0 < result.loss < 0.5
-    assert len(result.traces) == 7
+    assert len(result.traces) == 8  # the embedding and seven MatMul/Gemm weights
     for trace in result.traces:
         assert 8 <= trace.num_probes <= 16
         assert math.isfinite(trace.trace) and trace.standard_error > 0
@@ -135,3 +141,13 @@ def test_double_backward_falls_back_where_vmap_lacks_rules() -> None:
 def _relative(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> float:
     flat_a, flat_b = torch.cat([t.reshape(-1) for t in a]), torch.cat([t.reshape(-1) for t in b])
     return float((flat_a - flat_b).norm() / flat_b.norm())
+
+
+def test_embedding_gradient_and_hvp_match_the_torch_module(trained) -> None:
+    """The embedding is a layer: the interpreter's dL/dW and H v for its table (through Gather)
+    equal nn.Embedding's under autograd, as for the MatMul and Gemm weights."""
+    from tests.sensitivity.test_onnx_program import RTOL, _module_counterparts, gradient_matches_module
+
+    model, task, _, program = trained
+    assert set(_module_counterparts(model, program)) == {layer.name for layer in program.layers}
+    assert gradient_matches_module(model, program, torch.from_numpy(task.test_x[:16])) <= RTOL
