@@ -91,7 +91,8 @@ def activation_quantization(
     """The activation tensors of ``model`` that the exporter quantizes when every layer is ``w8a8``."""
     configuration = {layer.name: "w8a8" for layer in find_layers(model)}
     exported = onnx.load_from_string(export_model(model, configuration, calibration).model_bytes)
-    initializers = {init.name: numpy_helper.to_array(init) for init in exported.graph.initializer}
+    protos = {init.name: init for init in exported.graph.initializer}
+    initializers = {name: numpy_helper.to_array(proto) for name, proto in protos.items()}
     names = _tensor_names(model)
     found = {}
     for node in exported.graph.node:
@@ -102,9 +103,9 @@ def activation_quantization(
             tensor = tensor.removesuffix(RENAMED_OUTPUT_SUFFIX)
         if tensor not in names:
             continue  # a tensor of the exporter's own making; the float model has no such value
-        zero_point = next(i for i in exported.graph.initializer if i.name == node.input[2])
+        scale, zero_point = node.input[1], node.input[2]
         found[tensor] = ActivationQuantization(
-            tensor, float(initializers[node.input[1]]), int(initializers[node.input[2]]), zero_point.data_type
+            tensor, float(initializers[scale]), int(initializers[zero_point]), protos[zero_point].data_type
         )
     return found
 
