@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -41,7 +42,7 @@ from planner.bisection import bisect
 from planner.candidates import CANDIDATES, Configuration, parse_candidates
 from planner.cost import CostTable, layer_bops, layer_cost_table, layer_size_bytes
 from planner.evaluate import evaluate
-from planner.export import ExportedModel, check_inputs, export_model
+from planner.export import ExportedModel, ExportError, check_inputs, export_model
 from planner.export import versions as export_versions
 from planner.frontier import InfeasibleBudget, diagonal_frontier, solve_budget
 from planner.latency import LatencyMeasurement, measure_latency
@@ -51,6 +52,7 @@ from sensitivity.interlayer import perturbations, shrunk, shrunk_gradient_terms
 from sensitivity.onnx_program import check_supported
 from sensitivity.results import InterLayerConfig, InterLayerTerms, SensitivityResult
 
+logger = logging.getLogger(__name__)
 Progress = Callable[[str, float, str], None]
 
 METHODS = ("hawq_v2", "interlayer")
@@ -432,7 +434,13 @@ def _activation_terms(
         return {}
     progress("activation", 0.0, "measuring each layer's activation quantization")
     start = time.perf_counter()
-    terms = activation_terms(model, calibration, sensitivity.loss_kind)
+    try:
+        terms = activation_terms(model, calibration, sensitivity.loss_kind)
+    except ExportError as error:
+        # Not fatal: the search can still avoid a8 where it fails, as before these terms existed.
+        logger.warning("activation terms skipped: uniform w8a8 does not export (%s)", error)
+        progress("activation", 1.0, f"skipped: uniform w8a8 does not export ({error})"[:500])
+        return {}
     timings["activation_terms"] = time.perf_counter() - start
     return terms
 

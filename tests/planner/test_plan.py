@@ -254,3 +254,20 @@ def test_plans_report_their_measured_activation_terms(digits, sensitivity):
     assert plan(proto, calibration, weight_only, evaluation=evaluation, sensitivity=sensitivity).activation_terms == {}
     with pytest.raises(ValueError, match="measure_activation_terms"):
         dataclasses.replace(request, measure_activation_terms="yes")
+
+
+def test_a_model_whose_uniform_w8a8_does_not_export_plans_without_activation_terms(digits, sensitivity, monkeypatch):
+    import planner.activation
+    from planner.export import ExportError
+
+    def refuse(*args, **kwargs):
+        raise ExportError("the input of node 'x' was not quantized")
+
+    monkeypatch.setattr(planner.activation, "activation_quantization", refuse)
+    proto, calibration, evaluation = digits
+    messages = []
+    request = PlanRequest(max_size_bytes=SIZE_BUDGET, **{**FAST, "max_frontier_points": 1})
+    result = plan(proto, calibration, request, evaluation=evaluation, sensitivity=sensitivity,
+                  progress=lambda phase, fraction, message: messages.append((phase, message)))
+    assert result.activation_terms == {} and result.meets_constraints
+    assert any(phase == "activation" and "skipped" in message for phase, message in messages)
