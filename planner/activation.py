@@ -26,7 +26,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from planner.cost import cpu_session, layer_nodes
+from planner.cost import layer_nodes
+from planner.evaluate import log_softmax, run_batched_outputs
 from planner.export import check_inputs, export_model, model_opset
 from sensitivity.layers import find_layers
 
@@ -64,13 +65,15 @@ def activation_terms(
     loss_kind: str,
     *,
     batch_size: int = 256,
+    w8a8_artifact: bytes | None = None,
 ) -> dict[str, ActivationTerm]:
-    """aᵢ for every layer of ``model`` (see the module doc); ``loss_kind`` as the sensitivity result's."""
+    """aᵢ for every layer of ``model`` (see the module doc); ``loss_kind`` as the sensitivity result's;
+    ``w8a8_artifact``: see ``activation_quantization``."""
     if loss_kind not in LOSS_KINDS:
         raise ValueError(f"loss_kind must be one of {LOSS_KINDS}; got {loss_kind!r}")
     feeds = check_inputs(model, calibration, what="calibration set")
     float_model = _with_qdq_opset(model)
-    quantized = activation_quantization(model, calibration)
+    quantized = activation_quantization(model, calibration, w8a8_artifact)
     reference = _run(float_model, feeds, batch_size)
     loss = _SampleLoss(loss_kind, reference, calibration.get("labels"))
     terms = {}
@@ -86,11 +89,17 @@ def activation_terms(
 
 
 def activation_quantization(
-    model: onnx.ModelProto, calibration: Mapping[str, np.ndarray]
+    model: onnx.ModelProto, calibration: Mapping[str, np.ndarray], w8a8_artifact: bytes | None = None
 ) -> dict[str, ActivationQuantization]:
-    """The activation tensors of ``model`` that the exporter quantizes when every layer is ``w8a8``."""
-    configuration = {layer.name: "w8a8" for layer in find_layers(model)}
-    exported = onnx.load_from_string(export_model(model, configuration, calibration).model_bytes)
+    """The activation tensors of ``model`` that the exporter quantizes when every layer is ``w8a8``.
+
+    ``w8a8_artifact``: that export of ``model`` when the caller has it already (``plan()`` shares
+    the one it measures as the uniform baseline); otherwise it is exported here.
+    """
+    if w8a8_artifact is None:
+        configuration = {layer.name: "w8a8" for layer in find_layers(model)}
+        w8a8_artifact = export_model(model, configuration, calibration).model_bytes
+    exported = onnx.load_from_string(w8a8_artifact)
     protos = {init.name: init for init in exported.graph.initializer}
     initializers = {name: numpy_helper.to_array(proto) for name, proto in protos.items()}
     names = _tensor_names(model)
@@ -174,15 +183,7 @@ def _insert_after_producer(graph: onnx.GraphProto, tensor: str, nodes: Sequence[
 
 
 def _run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], batch_size: int) -> list[np.ndarray]:
-    """Every output over all samples, each as float64 ``[samples, -1]``."""
-    session = cpu_session(model.SerializeToString())
-    count = len(next(iter(feeds.values())))
-    chunks: list[list[np.ndarray]] = []
-    for start in range(0, count, batch_size):
-        batch = {name: array[start : start + batch_size] for name, array in feeds.items()}
-        rows = len(next(iter(batch.values())))
-        chunks.append([np.asarray(out, dtype=np.float64).reshape(rows, -1) for out in session.run(None, batch)])
-    return [np.concatenate(parts) for parts in zip(*chunks)]
+    return run_batched_outputs(model.SerializeToString(), feeds, batch_size)
 
 
 class _SampleLoss:
@@ -198,8 +199,5 @@ class _SampleLoss:
     def __call__(self, outputs: Sequence[np.ndarray]) -> np.ndarray:
         if self.kind == "distill_mse":
             return sum(((out - ref) ** 2).mean(axis=1) for out, ref in zip(outputs, self.reference))
-        logits = outputs[0]
-        shifted = logits - logits.max(axis=1, keepdims=True)
-        log_probabilities = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-        return -log_probabilities[np.arange(len(logits)), self.targets]
+        return -log_softmax(outputs[0])[np.arange(len(outputs[0])), self.targets]
 

@@ -82,16 +82,29 @@ def evaluate(
 
 def run_batched(model_bytes: bytes, feeds: Mapping[str, np.ndarray], batch_size: int) -> np.ndarray:
     """The first output over all samples, as a float64 array ``[samples, -1]``."""
+    return run_batched_outputs(model_bytes, feeds, batch_size, first_only=True)[0]
+
+
+def run_batched_outputs(
+    model_bytes: bytes, feeds: Mapping[str, np.ndarray], batch_size: int, *, first_only: bool = False
+) -> list[np.ndarray]:
+    """Every output (or the first only) over all samples, each as a float64 array ``[samples, -1]``."""
     session = cpu_session(model_bytes)
     count = len(next(iter(feeds.values())))
-    chunks = []
+    chunks: list[list[np.ndarray]] = []
     for start in range(0, count, batch_size):
         batch = {name: array[start : start + batch_size] for name, array in feeds.items()}
-        output = np.asarray(session.run(None, batch)[0])
-        if output.ndim == 0 or len(output) != len(next(iter(batch.values()))):
-            raise ValueError(f"the model's first output has shape {output.shape}; expected one row per sample")
-        chunks.append(output.reshape(len(output), -1).astype(np.float64))
-    return np.concatenate(chunks)
+        outputs = session.run(None, batch)[: 1 if first_only else None]
+        rows = len(next(iter(batch.values())))
+        chunks.append([_rows(np.asarray(output), rows, index) for index, output in enumerate(outputs)])
+    return [np.concatenate(parts) for parts in zip(*chunks)]
+
+
+def _rows(output: np.ndarray, rows: int, index: int) -> np.ndarray:
+    if output.ndim == 0 or len(output) != rows:
+        which = "first output" if index == 0 else f"output {index}"
+        raise ValueError(f"the model's {which} has shape {output.shape}; expected one row per sample")
+    return output.reshape(rows, -1).astype(np.float64)
 
 
 def top1_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -101,7 +114,7 @@ def top1_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
 def compare_outputs(reference: np.ndarray, outputs: np.ndarray) -> Fidelity:
     """Label-free fidelity of ``outputs`` to ``reference`` (both ``[samples, classes]``)."""
     agreement = 100.0 * float(np.mean(reference.argmax(axis=1) == outputs.argmax(axis=1)))
-    log_p, log_q = _log_softmax(reference), _log_softmax(outputs)
+    log_p, log_q = log_softmax(reference), log_softmax(outputs)
     kl = float(np.mean(np.sum(np.exp(log_p) * (log_p - log_q), axis=1)))
     noise = float(np.sum((reference - outputs) ** 2))
     signal = float(np.sum(reference**2))
@@ -112,7 +125,8 @@ def compare_outputs(reference: np.ndarray, outputs: np.ndarray) -> Fidelity:
     return Fidelity(top1_agreement=agreement, kl_divergence=max(kl, 0.0), sqnr_db=sqnr, cosine_similarity=cosine)
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax of ``[samples, classes]`` logits, shifted by the row maximum."""
     shifted = logits - logits.max(axis=1, keepdims=True)
     return shifted - np.log(np.sum(np.exp(shifted), axis=1, keepdims=True))
 
