@@ -44,7 +44,7 @@ import onnx
 import torch
 
 from planner.cost import CostTable, configuration_cost, layer_cost_table, layer_size_bytes
-from planner.evaluate import run_batched
+from planner.evaluate import log_softmax, run_batched
 from planner.export import export_model
 from planner.frontier import diagonal_frontier, solve_budget
 from planner.latency import cpu_description, measure_latency
@@ -142,11 +142,6 @@ class PerSample:
     def metric(self, name: str) -> np.ndarray:
         """Per-sample values in the units the tables print: pp, and millinats for the losses."""
         return 100.0 * self.correct if name == "accuracy" else 1000.0 * getattr(self, name)
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
 def logits(model_bytes: bytes, case: Case) -> np.ndarray:
@@ -278,18 +273,17 @@ def comparison_lines(found: Differences) -> list[str]:
 def pooled(per_fold: Sequence[Mapping[float, Differences]]) -> str:
     """Cross-validation: each difference averaged over the folds (independent test sets), its
     standard error √(Σ SE²)/K, and in how many folds the plan was ahead."""
+    labels = {figure: (label, unit, sign) for figure, label, unit, sign in FIGURES}
     lines = ["| budget | figure | comparison | mean ± SE over folds | folds ahead |", "|---|---|---|---:|---:|"]
-    for fraction in per_fold[0]:
-        for figure, label, unit, sign in FIGURES:
-            for (f, name) in per_fold[0][fraction]:
-                if f != figure:
-                    continue
-                values = [fold[fraction][figure, name] for fold in per_fold]
-                mean = float(np.mean([m for m, _ in values]))
-                se = float(np.sqrt(sum(e**2 for _, e in values))) / len(values)
-                ahead = sum(sign * m > 0 for m, _ in values)
-                lines.append(f"| w4a8 + {fraction:g} × (w8a8 − w4a8) | {label} ({unit}) | {name} | "
-                             f"{mean:+.3g} ± {se:.2g} | {ahead} of {len(values)} |")
+    for fraction, found in per_fold[0].items():
+        for figure, name in found:  # figure by figure, as ``differences`` filled it
+            label, unit, sign = labels[figure]
+            values = [fold[fraction][figure, name] for fold in per_fold]
+            mean = float(np.mean([m for m, _ in values]))
+            se = float(np.sqrt(sum(e**2 for _, e in values))) / len(values)
+            ahead = sum(sign * m > 0 for m, _ in values)
+            lines.append(f"| w4a8 + {fraction:g} × (w8a8 − w4a8) | {label} ({unit}) | {name} | "
+                         f"{mean:+.3g} ± {se:.2g} | {ahead} of {len(values)} |")
     return "\n".join(lines)
 
 
