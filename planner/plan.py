@@ -332,11 +332,11 @@ def plan(
     table = layer_cost_table(model, _sample_shape(model, calibration))
     _check_budget_feasible(table, request)  # before the costly analysis
     sensitivity = _sensitivity(model, calibration, request, sensitivity, progress, timings)
-    activation = _activation_terms(model, calibration, request, sensitivity, progress, timings)
+    measurer = _Measurer(model, calibration, evaluation, request, progress)
+    activation = _activation_terms(model, calibration, request, sensitivity, measurer, timings)
     progress("objective", 0.0, "building the objective")
     objective = build_objective(sensitivity, table, request.candidates, model, activation)
 
-    measurer = _Measurer(model, calibration, evaluation, request, progress)
     search_start = time.perf_counter()
     if request.search == "bisection":
         chosen, frontier, details = _bisection(objective, table, request, measurer)
@@ -427,15 +427,18 @@ def _activation_terms(
     calibration: Mapping[str, np.ndarray],
     request: PlanRequest,
     sensitivity: SensitivityResult,
-    progress: Progress,
+    measurer: _Measurer,
     timings: dict[str, float],
 ) -> dict[str, ActivationTerm]:
     if not request.measure_activation_terms or not any(CANDIDATES[c].quantizes_activations for c in request.candidates):
         return {}
+    progress = measurer.progress
     progress("activation", 0.0, "measuring each layer's activation quantization")
     start = time.perf_counter()
     try:
-        terms = activation_terms(model, calibration, sensitivity.loss_kind)
+        # Exported through the measurer's cache: the uniform w8a8 baseline reuses this artifact.
+        uniform = measurer.export({layer.name: "w8a8" for layer in sensitivity.layers})
+        terms = activation_terms(model, calibration, sensitivity.loss_kind, w8a8_artifact=uniform.model_bytes)
     except ExportError as error:
         # Not fatal: the search can still avoid a8 where it fails, as before these terms existed.
         logger.warning("activation terms skipped: uniform w8a8 does not export (%s)", error)
