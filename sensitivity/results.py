@@ -9,17 +9,45 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from sensitivity.checks import check_choice, check_float, check_int, is_int, set_fields, shown
 from sensitivity.hvp import DEFAULT_METHOD, DEFAULT_PROBES_PER_PASS, HVP_METHODS
 from sensitivity.losses import TASKS
 from sensitivity.quantize import SUPPORTED_WEIGHT_BITS
 
 DEVICES = ("auto", "cpu", "cuda")
+_CUDA_INDEX = re.compile(r"cuda:[0-9]{1,2}")  # "cuda:N": no machine has 100 GPUs
+
+# Bounds of the configuration fields. Values arrive from JSON (any type, any size): each bound
+# refuses what no analysis needs, so a request cannot hold a worker for hours or overflow a
+# conversion. See sensitivity/checks.py for what an int or a number must be.
+
+# torch.Generator.manual_seed accepts up to 2**64 - 1 (torch 2.13: "Overflow when unpacking long long"
+# beyond); seeds stay in a signed 64-bit int so they also fit numpy's int64 and database integers.
+MAX_SEED = 2**63 - 1
+# Calibration samples per pass: the loss is averaged over the whole set in batches of at most this
+# many, so a batch above the set's size means the whole set. Calibration sets are hundreds to a few
+# thousand samples (the benchmarks calibrate on 512 to 2048); 2**16 refuses only nonsense.
+MAX_BATCH_SIZE = 65_536
+# Hutchinson probes per batched pass: memory grows with it (forward-over-reverse holds a copy of
+# the activations per probe: 1.2 GiB at 16 on the wide digits CNN) and speed stops improving by 16
+# (docs/benchmarks.md, "Hessian-vector products"), so 64 is already past any useful setting.
+MAX_PROBES_PER_PASS = 64
+# Hutchinson probes: the worst layer measured needs ~4500 probes for a 5 % relative standard error
+# (digits CNN conv1, docs/benchmarks.md); 8192 covers it with room, and at 1.2-2.6 gradients per probe
+# bounds a trace analysis to ~20k gradients of the calibration loss (max_probes=1e9 held a worker 9 min).
+MAX_PROBES = 8192
+# Power iterations per layer (one HVP per layer each): 10x the default of 100.
+MAX_ITERATIONS = 1000
+# Tolerances are relative: SE/|trace| for traces, |λₖ − λₖ₋₁|/|λₖ| for eigenvalues. A relative
+# error of 1 (100 %) already says nothing, so (0, 1] holds every meaningful value.
+MAX_TOLERANCE = 1.0
 
 
 def _require(condition: bool, message: str) -> None:
@@ -27,15 +55,22 @@ def _require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def check_device(name: str, value: Any) -> str:
+    """One of "auto", "cpu", "cuda" or "cuda:N" (whether that device exists is checked where it is used)."""
+    if not (isinstance(value, str) and (value in DEVICES or _CUDA_INDEX.fullmatch(value))):
+        raise ValueError(f"{name} must be one of {DEVICES} or 'cuda:N'; got {shown(value)}")
+    return value
+
+
 @dataclass(frozen=True)
 class _AnalysisConfig:
     """Settings every analysis shares.
 
-    seed: seeds every random probe (``torch.Generator``); batch_size: calibration samples
-    per forward pass (bounds memory); device: "auto" (CUDA when available, else CPU),
-    "cpu", "cuda" or "cuda:N"; task: "auto", "classification" or "regression" (which
-    self-distillation loss to use without labels); hvp_method and probes_per_pass: see
-    ``sensitivity.hvp``.
+    seed: seeds every random probe (``torch.Generator``), 0..MAX_SEED; batch_size: calibration
+    samples per forward pass (bounds memory), 1..MAX_BATCH_SIZE; device: "auto" (CUDA when
+    available, else CPU), "cpu", "cuda" or "cuda:N"; task: "auto", "classification" or
+    "regression" (which self-distillation loss to use without labels); hvp_method and
+    probes_per_pass (1..MAX_PROBES_PER_PASS): see ``sensitivity.hvp``.
     """
 
     seed: int = 0
@@ -46,15 +81,15 @@ class _AnalysisConfig:
     probes_per_pass: int = DEFAULT_PROBES_PER_PASS
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.seed, int) and self.seed >= 0, f"seed must be a non-negative int; got {self.seed!r}")
-        _require(self.batch_size >= 1, f"batch_size must be at least 1; got {self.batch_size}")
-        _require(
-            self.device in DEVICES or self.device.startswith("cuda:"),
-            f"device must be one of {DEVICES} or 'cuda:N'; got {self.device!r}",
+        set_fields(
+            self,
+            seed=check_int("seed", self.seed, 0, MAX_SEED),
+            batch_size=check_int("batch_size", self.batch_size, 1, MAX_BATCH_SIZE),
+            device=check_device("device", self.device),
+            task=check_choice("task", self.task, TASKS),
+            hvp_method=check_choice("hvp_method", self.hvp_method, HVP_METHODS),
+            probes_per_pass=check_int("probes_per_pass", self.probes_per_pass, 1, MAX_PROBES_PER_PASS),
         )
-        _require(self.task in TASKS, f"task must be one of {TASKS}; got {self.task!r}")
-        _require(self.hvp_method in HVP_METHODS, f"hvp_method must be one of {HVP_METHODS}; got {self.hvp_method!r}")
-        _require(self.probes_per_pass >= 1, f"probes_per_pass must be at least 1; got {self.probes_per_pass}")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -62,15 +97,18 @@ class _AnalysisConfig:
         return {"type": type(self).__name__, **data}
 
 
-def _check_probes(tolerance: float, min_probes: int, max_probes: int, prefix: str = "") -> None:
-    _require(tolerance > 0, f"{prefix}tolerance must be positive; got {tolerance}")
-    _require(min_probes >= 2, f"{prefix}min_probes must be at least 2 (a standard error needs 2); got {min_probes}")
-    _require(max_probes >= min_probes, f"{prefix}max_probes ({max_probes}) must be >= {prefix}min_probes ({min_probes})")
+def _checked_probes(tolerance: Any, min_probes: Any, max_probes: Any, prefix: str = "") -> dict[str, Any]:
+    """The fields ``{prefix}tolerance``, ``{prefix}min_probes`` and ``{prefix}max_probes``, checked."""
+    tolerance = check_float(f"{prefix}tolerance", tolerance, 0.0, MAX_TOLERANCE, low_open=True)
+    min_probes = check_int(f"{prefix}min_probes", min_probes, 2, MAX_PROBES)  # a standard error needs 2
+    max_probes = check_int(f"{prefix}max_probes", max_probes, min_probes, MAX_PROBES)
+    return {f"{prefix}tolerance": tolerance, f"{prefix}min_probes": min_probes, f"{prefix}max_probes": max_probes}
 
 
 @dataclass(frozen=True)
 class TraceConfig(_AnalysisConfig):
-    """HAWQ-V2 Hutchinson traces: stop when every layer's SE/|trace| < tolerance, or at max_probes."""
+    """HAWQ-V2 Hutchinson traces: stop when every layer's SE/|trace| < tolerance (in (0, 1]), or at
+    max_probes (min_probes..MAX_PROBES; min_probes at least 2)."""
 
     tolerance: float = 0.05
     min_probes: int = 8
@@ -78,20 +116,36 @@ class TraceConfig(_AnalysisConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_probes(self.tolerance, self.min_probes, self.max_probes)
+        set_fields(self, **_checked_probes(self.tolerance, self.min_probes, self.max_probes))
 
 
 @dataclass(frozen=True)
 class EigenConfig(_AnalysisConfig):
-    """HAWQ-V1 top eigenvalues: power iteration until the relative change < tolerance."""
+    """HAWQ-V1 top eigenvalues: power iteration until the relative change < tolerance (in (0, 1]),
+    at most max_iterations (2..MAX_ITERATIONS)."""
 
     tolerance: float = 1e-4
     max_iterations: int = 100
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _require(self.tolerance > 0, f"tolerance must be positive; got {self.tolerance}")
-        _require(self.max_iterations >= 2, f"max_iterations must be at least 2; got {self.max_iterations}")
+        set_fields(
+            self,
+            tolerance=check_float("tolerance", self.tolerance, 0.0, MAX_TOLERANCE, low_open=True),
+            max_iterations=check_int("max_iterations", self.max_iterations, 2, MAX_ITERATIONS),
+        )
+
+
+def _check_bits(value: Any) -> tuple[int, ...]:
+    """A non-empty list (or tuple) of distinct weight bit widths from SUPPORTED_WEIGHT_BITS."""
+    _require(
+        isinstance(value, list | tuple) and len(value) > 0,
+        f"bits must be a non-empty list of weight bit widths from {SUPPORTED_WEIGHT_BITS}; got {shown(value)}",
+    )
+    bad = [b for b in value if not (is_int(b) and b in SUPPORTED_WEIGHT_BITS)]
+    _require(not bad, f"bits: unsupported weight bit widths {shown(bad)}; supported: {SUPPORTED_WEIGHT_BITS}")
+    _require(len(set(value)) == len(value), f"bits must not repeat; got {shown(value)}")
+    return tuple(int(b) for b in value)
 
 
 @dataclass(frozen=True)
@@ -99,7 +153,7 @@ class InterLayerConfig(_AnalysisConfig):
     """Gradient terms g·Δ, the inter-layer matrix G and Ω for each weight bit width in ``bits``.
 
     Ω needs the average traces, so this analysis also runs Hutchinson with the
-    ``trace_*`` settings (and the shared seed, batch size and device).
+    ``trace_*`` settings (and the shared seed, batch size and device), bounded as TraceConfig's.
     """
 
     bits: tuple[int, ...] = (8, 4)
@@ -109,12 +163,8 @@ class InterLayerConfig(_AnalysisConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        object.__setattr__(self, "bits", tuple(int(b) for b in self.bits))
-        _require(len(self.bits) > 0, "bits must list at least one weight bit width")
-        _require(len(set(self.bits)) == len(self.bits), f"bits must not repeat; got {self.bits}")
-        bad = [b for b in self.bits if b not in SUPPORTED_WEIGHT_BITS]
-        _require(not bad, f"unsupported weight bit widths {bad}; supported: {SUPPORTED_WEIGHT_BITS}")
-        _check_probes(self.trace_tolerance, self.trace_min_probes, self.trace_max_probes, "trace_")
+        probes = _checked_probes(self.trace_tolerance, self.trace_min_probes, self.trace_max_probes, "trace_")
+        set_fields(self, bits=_check_bits(self.bits), **probes)
 
     def trace_config(self) -> TraceConfig:
         shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(_AnalysisConfig)}
@@ -128,16 +178,19 @@ CONFIG_TYPES: dict[str, type] = {cls.__name__: cls for cls in (TraceConfig, Eige
 
 
 def config_from_dict(data: Mapping[str, Any]) -> Config:
-    """Rebuild a configuration from ``to_dict()`` output; unknown types or keys are errors."""
+    """Rebuild a configuration from ``to_dict()`` output (or any JSON object): ValueError for
+    anything but a mapping, an unknown ``type``, unknown keys and bad values."""
+    _require(isinstance(data, Mapping), f"a configuration must be a JSON object; got {type(data).__name__}")
     data = dict(data)
     kind = data.pop("type", None)
-    _require(kind in CONFIG_TYPES, f"unknown configuration type {kind!r}; expected one of {sorted(CONFIG_TYPES)}")
+    _require(
+        isinstance(kind, str) and kind in CONFIG_TYPES,
+        f"unknown configuration type {shown(kind)}; expected one of {sorted(CONFIG_TYPES)}",
+    )
     cls = CONFIG_TYPES[kind]
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    _require(not unknown, f"unknown keys for {kind}: {unknown}")
-    if "bits" in data:
-        data["bits"] = tuple(data["bits"])
+    unknown = sorted(str(key) for key in data if key not in known)  # non-str keys are unknown too
+    _require(not unknown, f"unknown keys for {kind}: {shown(unknown)}; known: {sorted(known)}")
     return cls(**data)
 
 

@@ -20,7 +20,6 @@ from sensitivity import (
     TorchProgram,
     TraceConfig,
     compute_sensitivity,
-    config_from_dict,
     predicted_loss_change,
 )
 from sensitivity.examples import DigitsCNN, export_onnx, load_digits
@@ -112,34 +111,6 @@ def test_unregistered_config_type_is_a_type_error(problem: TinyProblem) -> None:
 
     with pytest.raises(TypeError, match="no handler for Unknown"):
         compute_sensitivity(problem.program, problem.calibration, Unknown())
-
-
-@pytest.mark.parametrize(
-    ("build", "message"),
-    [
-        (lambda: TraceConfig(tolerance=0), "tolerance must be positive"),
-        (lambda: TraceConfig(min_probes=1), "min_probes must be at least 2"),
-        (lambda: TraceConfig(min_probes=10, max_probes=9), "max_probes"),
-        (lambda: EigenConfig(max_iterations=1), "max_iterations"),
-        (lambda: InterLayerConfig(bits=(8, 9)), r"unsupported weight bit widths \[9\]"),
-        (lambda: InterLayerConfig(bits=()), "at least one"),
-        (lambda: TraceConfig(device="tpu"), "device must be one of"),
-        (lambda: TraceConfig(hvp_method="magic"), "hvp_method"),
-        (lambda: TraceConfig(batch_size=0), "batch_size"),
-        (lambda: config_from_dict({"type": "Pickle"}), "unknown configuration type"),
-        (lambda: config_from_dict({"type": "TraceConfig", "probes": 3}), r"unknown keys for TraceConfig: \['probes'\]"),
-    ],
-)
-def test_bad_configs_are_named(build, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        build()
-
-
-def test_configs_round_trip_through_json() -> None:
-    for config in (TraceConfig(seed=2, tolerance=0.1), EigenConfig(max_iterations=7), InterLayerConfig(bits=[8, 6, 4])):
-        data = json.loads(json.dumps(config.to_dict()))
-        assert config_from_dict(data) == config
-    assert InterLayerConfig(bits=[8, 4]).bits == (8, 4)
 
 
 def test_auto_device_is_cuda_only_when_available() -> None:
