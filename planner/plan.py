@@ -48,9 +48,10 @@ from planner.frontier import InfeasibleBudget, diagonal_frontier, solve_budget
 from planner.latency import LatencyMeasurement, measure_latency
 from planner.objective import Objective
 from planner.quadratic import quadratic_frontier, solve_quadratic
+from sensitivity.checks import check_bool, check_choice, check_float, check_int, set_fields, shown
 from sensitivity.interlayer import perturbations, shrunk, shrunk_gradient_terms
 from sensitivity.onnx_program import check_supported
-from sensitivity.results import InterLayerConfig, InterLayerTerms, SensitivityResult
+from sensitivity.results import MAX_SEED, InterLayerConfig, InterLayerTerms, SensitivityResult, check_device
 
 logger = logging.getLogger(__name__)
 Progress = Callable[[str, float, str], None]
@@ -65,6 +66,35 @@ _OWNED_SENSITIVITY_OPTIONS = ("bits", "seed", "device")
 # ones): a DP frontier of a large model can have many thousands of points.
 MAX_LISTED_FRONTIER = 256
 REQUEST_METADATA_KEY = "mpq.request"
+
+# Bounds of the request's fields (the API's schema in service/api_plans.py states the same ones).
+# Values arrive from JSON (any type, any size); see sensitivity/checks.py for what ints and numbers
+# must be. The sensitivity options are bounded by InterLayerConfig (sensitivity/results.py).
+
+# Size and BOPS budgets are ints: computed costs are (planner.cost), and a fractional budget means
+# the same as its floor. 2**63 - 1 keeps them int64 (numpy, BigInteger columns) and exact to compare;
+# a budget above any model's cost is the same as no budget.
+MAX_COST = 2**63 - 1
+# A model taking an hour per run could not be measured within a job's time limit (6 h by default;
+# each measured point runs it latency_warmup + latency_repeats times): a larger budget means none.
+MAX_LATENCY_MS = 3_600_000
+# max_drop is in percentage points of a metric in percent.
+MAX_DROP = 100
+# Measured points: each is an export, an evaluation and a latency measurement (seconds to minutes
+# each on a real model); 64 is 8x the default and a dense frontier for the dashboard.
+MAX_FRONTIER_POINTS = 64
+# Latency settings, as for re-measuring a plan over the API (service/api_plans.LatencyRequest):
+# 10 000 runs of a 10 ms model is 100 s per measured point.
+MAX_LATENCY_REPEATS = 10_000
+MAX_LATENCY_WARMUP = 1_000
+MAX_LATENCY_BATCH_SIZE = 4_096
+# Per solve of the quadratic search: plan() solves at up to 16 frontier budgets (quadratic_frontier's
+# max_points) and at the request's budget, so 120 s bounds a plan's solver time at 34 minutes.
+MAX_SOLVER_TIME_LIMIT_S = 120
+# Candidate names given (repeats allowed and dropped; there are fewer distinct candidates), each
+# short (the longest is 5 characters): an unknown name is quoted back in the error.
+MAX_CANDIDATE_NAMES = 16
+MAX_CANDIDATE_NAME_LENGTH = 32
 
 
 class NoFeasiblePlan(ValueError):
@@ -99,6 +129,8 @@ class PlanRequest:
     ``device`` is used for the sensitivity analysis and the latency measurement.
     ``measure_activation_terms``: measure what 8-bit activations cost each layer and add it to
     both objectives; without it ``w8a8`` and ``w8`` (``w4a8`` and ``w4``) are predicted alike.
+    Every field is checked on construction against the ``MAX_*`` bounds above (a ValueError
+    naming the field), whatever JSON value it holds; ints must be ints, numbers finite.
     """
 
     method: str = "hawq_v2"
@@ -120,36 +152,37 @@ class PlanRequest:
     measure_activation_terms: bool = True  # add each layer's measured activation cost (planner.activation)
 
     def __post_init__(self) -> None:
-        _require(self.method in METHODS, f"method must be one of {METHODS}; got {self.method!r}")
-        _require(self.search in SEARCHES, f"search must be one of {SEARCHES}; got {self.search!r}")
-        names = tuple(c.name for c in parse_candidates(self.candidates))
-        object.__setattr__(self, "candidates", names)
+        set_fields(
+            self,
+            method=check_choice("method", self.method, METHODS),
+            search=check_choice("search", self.search, SEARCHES),
+            candidates=_check_candidates(self.candidates),
+            max_size_bytes=_optional(check_int, "max_size_bytes", self.max_size_bytes, 1, MAX_COST),
+            max_bops=_optional(check_int, "max_bops", self.max_bops, 1, MAX_COST),
+            max_latency_ms=_optional(check_float, "max_latency_ms", self.max_latency_ms, 0.0, MAX_LATENCY_MS,
+                                     low_open=True),
+            max_drop=_optional(check_float, "max_drop", self.max_drop, 0.0, MAX_DROP),
+            seed=check_int("seed", self.seed, 0, MAX_SEED),
+            max_frontier_points=check_int("max_frontier_points", self.max_frontier_points, 1, MAX_FRONTIER_POINTS),
+            measure_uniform=check_bool("measure_uniform", self.measure_uniform),
+            latency_repeats=check_int("latency_repeats", self.latency_repeats, 1, MAX_LATENCY_REPEATS),
+            latency_warmup=check_int("latency_warmup", self.latency_warmup, 0, MAX_LATENCY_WARMUP),
+            latency_batch_size=check_int("latency_batch_size", self.latency_batch_size, 1, MAX_LATENCY_BATCH_SIZE),
+            device=check_device("device", self.device),
+            solver_time_limit_s=check_float("solver_time_limit_s", self.solver_time_limit_s, 0.0,
+                                            MAX_SOLVER_TIME_LIMIT_S, low_open=True),
+            measure_activation_terms=check_bool("measure_activation_terms", self.measure_activation_terms),
+            sensitivity_options=_check_sensitivity_options(self.sensitivity_options),
+        )
         budgets = [name for name in BUDGET_FIELDS if getattr(self, name) is not None]
         _require(len(budgets) <= 1, f"give at most one budget; got {budgets}")
-        for name in budgets:
-            value = getattr(self, name)
-            _require(_is_number(value) and value > 0, f"{name} must be a positive number; got {value!r}")
-        if self.max_drop is not None:
-            _require(_is_number(self.max_drop) and self.max_drop >= 0, f"max_drop must be >= 0; got {self.max_drop!r}")
         bisection = self.search == "bisection"
         _require(not bisection or self.max_drop is not None, "bisection needs max_drop (percentage points)")
         _require(
             not bisection or self.max_latency_ms is None,
             "bisection takes a size or BOPS budget, not max_latency_ms; use search='pareto'",
         )
-        _require(isinstance(self.seed, int) and self.seed >= 0, f"seed must be a non-negative int; got {self.seed!r}")
-        for name in ("max_frontier_points", "latency_repeats", "latency_batch_size"):
-            _require(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, f"{name} must be an int >= 1")
-        warmup = self.latency_warmup
-        _require(isinstance(warmup, int) and warmup >= 0, f"latency_warmup must be an int >= 0; got {warmup!r}")
-        _require(self.solver_time_limit_s > 0, f"solver_time_limit_s must be positive; got {self.solver_time_limit_s}")
-        _require(isinstance(self.measure_activation_terms, bool), "measure_activation_terms must be true or false")
-        _require(isinstance(self.sensitivity_options, Mapping), "sensitivity_options must be a mapping")
-        options = dict(self.sensitivity_options)
-        owned = sorted(set(options) & set(_OWNED_SENSITIVITY_OPTIONS))
-        _require(not owned, f"sensitivity_options must not set {owned}: the request sets them")
-        object.__setattr__(self, "sensitivity_options", options)  # a copy: plain data, picklable
-        self.sensitivity_config()  # validates the options (unknown names, bad values)
+        self.sensitivity_config()  # validates the options' values
 
     @property
     def weight_bits(self) -> tuple[int, ...]:
@@ -164,7 +197,7 @@ class PlanRequest:
         return "bops" if self.max_bops is not None or self.max_latency_ms is not None else "size"
 
     @property
-    def budget(self) -> float | None:
+    def budget(self) -> int | None:
         """The computed-cost budget on ``cost_kind`` (None for no budget or a latency budget)."""
         return self.max_size_bytes if self.max_size_bytes is not None else self.max_bops
 
@@ -175,7 +208,7 @@ class PlanRequest:
         bits = self.weight_bits or (8,)  # only fp32 candidates: nothing is quantized, any width will do
         try:
             return InterLayerConfig(**dict(self.sensitivity_options), bits=bits, seed=self.seed, device=self.device)
-        except TypeError as error:  # an unknown option name
+        except ValueError as error:
             raise ValueError(f"invalid sensitivity_options: {error}") from None
 
     def to_dict(self) -> dict[str, Any]:
@@ -186,16 +219,38 @@ class PlanRequest:
     def from_dict(cls, data: Mapping[str, Any]) -> PlanRequest:
         _require(isinstance(data, Mapping), f"a plan request must be a JSON object; got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        _require(not unknown, f"unknown plan request keys {unknown}; known: {sorted(known)}")
-        values = dict(data)
-        if "candidates" in values and not isinstance(values["candidates"], str):
-            values["candidates"] = tuple(values["candidates"])
-        return cls(**values)
+        unknown = sorted(str(key) for key in data if key not in known)  # non-str keys are unknown too
+        _require(not unknown, f"unknown plan request keys {shown(unknown)}; known: {sorted(known)}")
+        return cls(**data)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+def _optional(check: Callable[..., Any], name: str, value: Any, *bounds: Any, **options: Any) -> Any:
+    """None (the constraint is not set) or the checked value."""
+    return None if value is None else check(name, value, *bounds, **options)
+
+
+def _check_candidates(value: Any) -> tuple[str, ...]:
+    """Candidate names, as a list or a comma-separated string: known, in order, without repeats."""
+    names = value.split(",") if isinstance(value, str) else value
+    _require(
+        isinstance(names, list | tuple) and len(names) <= MAX_CANDIDATE_NAMES
+        and all(isinstance(name, str) and len(name) <= MAX_CANDIDATE_NAME_LENGTH for name in names),
+        f"candidates must be a list of at most {MAX_CANDIDATE_NAMES} candidate names; got {shown(value)}",
+    )
+    return tuple(candidate.name for candidate in parse_candidates(names))
+
+
+def _check_sensitivity_options(value: Any) -> dict[str, Any]:
+    """A copy (plain data, picklable) of InterLayerConfig fields other than the owned ones; their
+    values are checked by building the configuration."""
+    _require(isinstance(value, Mapping), f"sensitivity_options must be a mapping; got {type(value).__name__}")
+    options = dict(value)
+    owned = sorted(name for name in _OWNED_SENSITIVITY_OPTIONS if name in options)
+    _require(not owned, f"sensitivity_options must not set {owned}: the request sets them")
+    known = {f.name for f in dataclasses.fields(InterLayerConfig)} - set(_OWNED_SENSITIVITY_OPTIONS)
+    unknown = sorted(str(key) for key in options if key not in known)
+    _require(not unknown, f"invalid sensitivity_options: unknown keys {shown(unknown)}; known: {sorted(known)}")
+    return options
 
 
 # ---------------------------------------------------------------------------------------------

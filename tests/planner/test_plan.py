@@ -6,21 +6,42 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
+
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from planner.export import read_plan
 from planner.cost import layer_cost_table
 from planner.candidates import CANDIDATES
 from planner.activation import ActivationTerm
-from planner.plan import DEFAULT_CANDIDATES, NoFeasiblePlan, PlanRequest, build_objective, minimum_cost, plan
+from planner.plan import (
+    DEFAULT_CANDIDATES,
+    MAX_COST,
+    MAX_FRONTIER_POINTS,
+    MAX_LATENCY_BATCH_SIZE,
+    MAX_LATENCY_MS,
+    MAX_LATENCY_REPEATS,
+    MAX_LATENCY_WARMUP,
+    MAX_SOLVER_TIME_LIMIT_S,
+    NoFeasiblePlan,
+    PlanRequest,
+    build_objective,
+    minimum_cost,
+    plan,
+)
+from sensitivity.checks import shown
 from sensitivity.examples import export_onnx, trained_digits_cnn
 from sensitivity.onnx_program import load_onnx
 from sensitivity.results import InterLayerConfig
 from sensitivity.run import compute_sensitivity
+from tests.sensitivity.test_results import JSON_VALUES, NOT_INTS
 
 FAST = {"measure_uniform": False, "max_frontier_points": 3, "latency_repeats": 5, "latency_warmup": 1, "device": "cpu"}
 PROBES = {"trace_max_probes": 8, "trace_min_probes": 4}
@@ -156,13 +177,109 @@ def test_request_round_trips_and_rejects_bad_input():
         ({"method": "hawq_v9"}, "method must be"),
         ({"sensitivity_options": {"seed": 3}}, "must not set"),
         ({"sensitivity_options": {"no_such_option": 3}}, "invalid sensitivity_options"),
-        ({"max_size_bytes": -5}, "positive"),
+        ({"max_size_bytes": -5}, r"max_size_bytes must be an integer in \[1, "),
     ]
     for fields, message in bad:
         with pytest.raises(ValueError, match=message):
             PlanRequest(**fields)
     with pytest.raises(ValueError, match="unknown plan request keys"):
         PlanRequest.from_dict({"budget": 3})
+
+
+# What JSON can hold where each field is expected, none of it acceptable. Budgets may be None (unset).
+NOT_COSTS = [v for v in NOT_INTS if v is not None] + [0, -5, MAX_COST + 1]
+NOT_FLAGS = [1, 0, "yes", "true", None, [True]]
+BAD_REQUEST_VALUES: dict[str, list[Any]] = {
+    "method": ["hawq_v9", "", None, 1, ["hawq_v2"]],
+    "search": ["random", None, True],
+    "candidates": [[], "", ["w3"], ["w3a3"], [1], [None], [["fp32"]], 5, None, {"fp32": 1}, ["fp32"] * 17,
+                   ["x" * 33], "fp32," * 17],
+    "max_size_bytes": NOT_COSTS,
+    "max_bops": NOT_COSTS,
+    "max_latency_ms": [0, -1.0, math.inf, math.nan, True, "1", [1], MAX_LATENCY_MS + 0.5, 10**400],
+    "max_drop": [-0.1, 100.5, math.inf, -math.inf, math.nan, True, "1", [1], 10**400],
+    "seed": [*NOT_INTS, -1, 2**63],
+    "sensitivity_options": [None, [], "batch_size", {"seed": 1}, {"bits": [8]}, {"device": "cpu"},
+                            {"type": "TraceConfig"}, {1: 2}, {"batch_size": 1.5}, {"batch_size": math.inf},
+                            {"trace_max_probes": 1e9}, {"trace_tolerance": math.nan}, {"no_such_option": 3}],
+    "max_frontier_points": [*NOT_INTS, 0, MAX_FRONTIER_POINTS + 1],
+    "measure_uniform": NOT_FLAGS,
+    "latency_repeats": [*NOT_INTS, 0, MAX_LATENCY_REPEATS + 1],
+    "latency_warmup": [*NOT_INTS, -1, MAX_LATENCY_WARMUP + 1],
+    "latency_batch_size": [*NOT_INTS, 0, MAX_LATENCY_BATCH_SIZE + 1],
+    "device": ["tpu", "", "cuda:x", 5, None, ["cpu"]],
+    "solver_time_limit_s": [0, -1, math.inf, math.nan, True, "10", None, MAX_SOLVER_TIME_LIMIT_S + 1, 10**400],
+    "measure_activation_terms": NOT_FLAGS,
+}
+
+
+def test_every_request_field_has_bad_values():
+    assert {f.name for f in dataclasses.fields(PlanRequest)} == set(BAD_REQUEST_VALUES)
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    pytest.param(name, value, id=f"{name}-{shown(value)}") for name, values in BAD_REQUEST_VALUES.items()
+    for value in values])
+def test_a_bad_request_value_is_a_value_error_naming_its_field(name: str, value: Any):
+    with pytest.raises(ValueError, match=rf"(?<![a-z_]){name}\b"):
+        PlanRequest(**{name: value})
+    with pytest.raises(ValueError, match=rf"(?<![a-z_]){name}\b"):
+        PlanRequest.from_dict({name: value})
+
+
+@pytest.mark.parametrize(("options", "named"), [
+    ({"bits": [8]}, "must not set ['bits']"), ({"type": "TraceConfig"}, "unknown keys ['type']"),
+    ({"batch_size": 1.5}, "batch_size must be an integer"), ({"trace_max_probes": 1e9}, "trace_max_probes must be"),
+    ({"trace_tolerance": math.inf}, "trace_tolerance must be a finite number")])
+def test_bad_sensitivity_options_name_the_option(options: dict[str, Any], named: str):
+    with pytest.raises(ValueError, match=re.escape(named)):
+        PlanRequest(sensitivity_options=options)
+
+
+def test_request_bounds_are_inclusive_and_values_canonical():
+    request = PlanRequest(max_bops=np.int64(MAX_COST), max_drop=100, seed=2**63 - 1, candidates="fp32, w8a8,fp32",
+                          max_frontier_points=MAX_FRONTIER_POINTS, latency_repeats=MAX_LATENCY_REPEATS,
+                          latency_warmup=MAX_LATENCY_WARMUP, latency_batch_size=MAX_LATENCY_BATCH_SIZE,
+                          solver_time_limit_s=MAX_SOLVER_TIME_LIMIT_S, device="cuda:1")
+    assert type(request.max_bops) is int and type(request.max_drop) is float and request.max_drop == 100.0
+    assert request.candidates == ("fp32", "w8a8") and type(request.solver_time_limit_s) is float
+    assert PlanRequest(max_latency_ms=MAX_LATENCY_MS).max_latency_ms == MAX_LATENCY_MS
+    assert PlanRequest.from_dict(json.loads(json.dumps(request.to_dict(), allow_nan=False))) == request
+
+
+GOOD_REQUEST_VALUES: dict[str, list[Any]] = {
+    "method": ["hawq_v2", "interlayer"], "search": ["pareto", "bisection"],
+    "candidates": [["fp32", "w8a8"], "w4,w8", ("w4a8",)], "max_size_bytes": [None, 1, 10**6],
+    "max_bops": [None, 10**9], "max_latency_ms": [None, 0.5, 20], "max_drop": [None, 0, 1.5, 100], "seed": [0, 3],
+    "sensitivity_options": [{}, {"batch_size": 32, "trace_max_probes": 64}, {"hvp_method": "forward_over_reverse"}],
+    "max_frontier_points": [1, 8], "measure_uniform": [True, False], "latency_repeats": [1, 50],
+    "latency_warmup": [0, 10], "latency_batch_size": [1, 8], "device": ["auto", "cpu"],
+    "solver_time_limit_s": [0.5, 10], "measure_activation_terms": [True, False],
+}
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(good=st.fixed_dictionaries({}, optional={name: st.sampled_from(v) for name, v in GOOD_REQUEST_VALUES.items()}),
+       hostile=st.dictionaries(st.sampled_from(sorted(GOOD_REQUEST_VALUES)), JSON_VALUES, max_size=3))
+def test_any_json_values_give_a_valid_request_or_a_value_error(good: dict[str, Any], hostile: dict[str, Any]):
+    values = {**good, **hostile}  # mostly good values, so that valid requests are drawn too
+    try:
+        request = PlanRequest.from_dict(values)
+    except ValueError:
+        return
+    document = json.loads(json.dumps(request.to_dict(), allow_nan=False))  # plain, finite JSON
+    assert PlanRequest.from_dict(document) == request
+    assert request.sensitivity_config().seed == request.seed
+
+
+@settings(max_examples=100, deadline=None, database=None)
+@given(data=JSON_VALUES | st.dictionaries(st.sampled_from(sorted(GOOD_REQUEST_VALUES)) | st.text(max_size=4)
+                                          | st.integers(), JSON_VALUES, max_size=4))
+def test_from_dict_takes_any_value(data: Any):
+    try:
+        PlanRequest.from_dict(data)
+    except ValueError:
+        pass
 
 
 def test_bops_budget(digits, sensitivity):
