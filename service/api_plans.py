@@ -24,11 +24,22 @@ router = APIRouter(tags=["plans"])
 DEFAULT_CANDIDATES = ["fp32", "w8a8", "w4a8", "w8", "w4"]
 
 
+# The library's bounds (planner.plan; the API process does not import the libraries, which pull in
+# torch): tests/service/test_plans.py checks that these agree. strict: ints must be JSON ints (not
+# true, 1.5 or "8"), as the library requires; allow_inf_nan=False: Python's json reads Infinity and NaN.
+MAX_COST = 2**63 - 1
+MAX_LATENCY_MS = 3_600_000
+MAX_LATENCY_REPEATS = 10_000
+MAX_LATENCY_WARMUP = 1_000
+MAX_LATENCY_BATCH_SIZE = 4_096
+
+
 class Constraints(BaseModel):
-    max_size_bytes: int | None = Field(None, gt=0)
-    max_bops: float | None = Field(None, gt=0)
-    max_latency_ms: float | None = Field(None, gt=0)
-    max_drop: float | None = Field(None, ge=0, le=100, description="percentage points of the metric")
+    max_size_bytes: int | None = Field(None, gt=0, le=MAX_COST, strict=True)
+    max_bops: int | None = Field(None, gt=0, le=MAX_COST, strict=True)
+    max_latency_ms: float | None = Field(None, gt=0, le=MAX_LATENCY_MS, strict=True, allow_inf_nan=False)
+    max_drop: float | None = Field(None, ge=0, le=100, strict=True, allow_inf_nan=False,
+                                   description="percentage points of the metric")
 
     @model_validator(mode="after")
     def _one_budget(self) -> "Constraints":
@@ -106,9 +117,9 @@ class LatencyOut(BaseModel):
 
 
 class LatencyRequest(BaseModel):
-    batch_size: int = Field(1, ge=1, le=4096)
-    repeats: int = Field(50, ge=1, le=10_000)
-    warmup: int = Field(10, ge=0, le=1000)
+    batch_size: int = Field(1, ge=1, le=MAX_LATENCY_BATCH_SIZE, strict=True)
+    repeats: int = Field(50, ge=1, le=MAX_LATENCY_REPEATS, strict=True)
+    warmup: int = Field(10, ge=0, le=MAX_LATENCY_WARMUP, strict=True)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 

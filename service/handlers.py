@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import select
 
 from service.jobs import JobContext, JobInputError, job_handler
-from service.model_files import load_arrays, load_program, model_path, sensitivity_config
+from service.model_files import load_arrays, load_program, model_path, plan_request, sensitivity_config
 from service.tables import Dataset, Model, SensitivityResult
 
 
@@ -122,17 +122,6 @@ def latency_job(context: JobContext) -> dict[str, Any]:
     row = latency_row(measured, plan.id, artifact.id)
     context.save(row)
     return {"latency_measurement_id": row.id}
-
-
-def plan_request(params: dict[str, Any]):
-    """The library's PlanRequest from the API body (service/api_plans.PlanRequestIn)."""
-    from planner.plan import PlanRequest
-
-    options = dict(params.get("options", {}))
-    seed = options.pop("seed", 0)
-    constraints = {k: v for k, v in params.get("constraints", {}).items() if v is not None}
-    return PlanRequest(method=params["method"], search=params["search"], candidates=tuple(params["candidates"]),
-                       seed=seed, sensitivity_options=options, **constraints)
 
 
 @job_handler("plan")

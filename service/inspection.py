@@ -372,15 +372,19 @@ def check_job_request(blob_path: str, model_format: str, method: str, options: d
                       plan: dict[str, Any] | None, batch_shapes: dict[str, list[int]]) -> None:
     """Up-front checks of a sensitivity or plan request that need the libraries. Raises InvalidUpload.
 
-    - the options build a valid analysis configuration;
+    - the options build a valid analysis configuration; for plans, the whole request builds the
+      worker's own PlanRequest (``plan_request``: what passes here is what the worker runs);
     - (ONNX) every op is supported by the interpreter;
     - (plans) the model is ONNX, the candidates exist, and a size or BOPS budget is not below
       what the smallest configuration of those candidates achieves.
     """
-    from service.model_files import sensitivity_config
+    from service.model_files import plan_request, sensitivity_config
 
     try:
-        sensitivity_config(method, options)
+        if plan is None:
+            sensitivity_config(method, options)
+        else:
+            plan_request(plan)
     except ValueError as error:
         raise InvalidUpload(str(error)) from None
     if model_format == "torch_export":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -44,13 +44,29 @@ def load_arrays(store: Any, sha256: str) -> dict[str, np.ndarray]:
         return {name: npz[name] for name in npz.files}
 
 
-def sensitivity_config(method: str, options: dict[str, Any]):
+def sensitivity_config(method: str, options: Mapping[str, Any]):
     """The library configuration for an API method name and its options (ValueError if bad)."""
     from sensitivity.results import config_from_dict
 
     if method not in SENSITIVITY_METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {sorted(SENSITIVITY_METHODS)}")
-    try:
-        return config_from_dict({"type": SENSITIVITY_METHODS[method], **options})
-    except TypeError as error:  # an unknown option name
-        raise ValueError(f"invalid options for {method}: {error}") from None
+    if not isinstance(options, Mapping):
+        raise ValueError(f"options must be a JSON object; got {type(options).__name__}")
+    if "type" in options:
+        raise ValueError(f"options must not set 'type': the method ({method}) picks the analysis")
+    return config_from_dict({**options, "type": SENSITIVITY_METHODS[method]})
+
+
+def plan_request(params: Mapping[str, Any]):
+    """The library's PlanRequest from a plan's API body (service/api_plans.PlanRequestIn); ValueError if
+    bad. The one translation: the API's up-front check and the worker both use it."""
+    from planner.plan import PlanRequest
+
+    options = params.get("options", {})
+    if not isinstance(options, Mapping):
+        raise ValueError(f"options must be a JSON object; got {type(options).__name__}")
+    options = dict(options)
+    seed = options.pop("seed", 0)
+    constraints = {k: v for k, v in params.get("constraints", {}).items() if v is not None}
+    return PlanRequest(method=params["method"], search=params["search"], candidates=params["candidates"],
+                       seed=seed, sensitivity_options=options, **constraints)

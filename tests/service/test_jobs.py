@@ -7,8 +7,11 @@ import signal
 import time
 
 import numpy as np
+import pytest
 
+from sensitivity.results import MAX_PROBES
 from tests.conftest import mlp_onnx_model, npz_bytes
+from tests.service.conftest import snapshot
 from tests.service.test_registry import assert_problem, upload
 
 
@@ -30,6 +33,7 @@ def uploaded(client, model_bytes: bytes, dataset_bytes: bytes) -> tuple[str, str
 
 
 def slow_inputs(client, width: int = 1024) -> tuple[str, str]:
+    """A model and data whose Hutchinson probes take ~50 ms each (2-core CPU): MAX_PROBES of them, minutes."""
     rng = np.random.default_rng(0)
     data = npz_bytes(x=rng.standard_normal((256, 256)).astype(np.float32), labels=rng.integers(0, 10, 256))
     return uploaded(client, mlp_onnx_model(width=width).SerializeToString(), data)
@@ -101,10 +105,47 @@ def test_requests_are_validated_up_front(client, app, tiny_model_bytes, tiny_dat
     assert client.get("/v1/jobs").json()["total"] == 0
 
 
+def post_json_text(client, path: str, text: str):
+    """POST a JSON body written by hand: the API reads bodies with Python's json, which accepts
+    Infinity, NaN, 1e400 (= inf) and ints of any size, none of which json.dumps writes from a dict."""
+    return client.post(path, content=text, headers={"content-type": "application/json"})
+
+
+# The hostile review's cases (method, options as JSON text, the option the answer must name): each
+# passed submission, then failed in the worker as an internal error or held its slot for minutes.
+HOSTILE_SENSITIVITY_OPTIONS = [
+    ("hawq_v2", '"batch_size": 1.5', "batch_size"),
+    ("hawq_v2", '"batch_size": Infinity', "batch_size"),
+    ("hawq_v2", '"seed": true', "seed"),
+    ("hawq_v2", f'"seed": {2**70}', "seed"),
+    ("hawq_v2", '"max_probes": 1e9', "max_probes"),
+    ("hawq_v2", '"max_probes": 1000000000', "max_probes"),
+    ("hawq_v2", '"tolerance": Infinity', "tolerance"),
+    ("hawq_v2", '"probes_per_pass": 1000000', "probes_per_pass"),
+    ("hawq_v2", '"device": 5', "device"),
+    ("hawq_v2", '"type": "EigenConfig"', "type"),
+    ("hawq_v1", '"max_iterations": 1000000000', "max_iterations"),
+    ("interlayer", '"bits": [1e400]', "bits"),
+    ("interlayer", '"bits": "84"', "bits"),
+    ("interlayer", '"trace_tolerance": Infinity', "trace_tolerance"),
+]
+
+
+@pytest.mark.parametrize(("method", "options", "named"), HOSTILE_SENSITIVITY_OPTIONS,
+                         ids=[f"{m}-{o}" for m, o, _ in HOSTILE_SENSITIVITY_OPTIONS])
+def test_hostile_options_are_refused_at_submission(client, app, tiny_model_bytes, tiny_dataset_bytes, method: str,
+                                                   options: str, named: str):
+    model_id, dataset_id = uploaded(client, tiny_model_bytes, tiny_dataset_bytes)
+    before = snapshot(app)
+    body = f'{{"model_id": "{model_id}", "dataset_id": "{dataset_id}", "method": "{method}", "options": {{{options}}}}}'
+    assert_problem(post_json_text(client, "/v1/sensitivity", body), 422, named)
+    assert snapshot(app) == before  # no job row, nothing stored
+
+
 def test_cancel_a_running_job(client):
     model_id, dataset_id = slow_inputs(client)
     body = {"model_id": model_id, "dataset_id": dataset_id,
-            "options": {"tolerance": 1e-9, "max_probes": 1_000_000, "min_probes": 2}}
+            "options": {"tolerance": 1e-9, "max_probes": MAX_PROBES, "min_probes": 2}}
     job_id = client.post("/v1/sensitivity", json=body).json()["id"]
     wait_for(client, job_id, statuses=("running",), timeout=60)
     time.sleep(1.0)
@@ -119,7 +160,7 @@ def test_cancel_a_running_job(client):
 def test_cancel_a_queued_job_is_immediate(client, app):
     model_id, dataset_id = slow_inputs(client)
     long_job = {"model_id": model_id, "dataset_id": dataset_id,
-                "options": {"tolerance": 1e-9, "max_probes": 1_000_000, "min_probes": 2}}
+                "options": {"tolerance": 1e-9, "max_probes": MAX_PROBES, "min_probes": 2}}
     running = client.post("/v1/sensitivity", json=long_job).json()["id"]
     wait_for(client, running, statuses=("running",), timeout=60)
     queued = client.post("/v1/sensitivity", json={**long_job, "options": {**long_job["options"], "seed": 1}}).json()
@@ -147,7 +188,7 @@ def test_kill_9_on_the_last_attempt_fails_with_a_reason(client, app):
     try:
         model_id, dataset_id = slow_inputs(client)
         body = {"model_id": model_id, "dataset_id": dataset_id,
-                "options": {"tolerance": 1e-9, "max_probes": 1_000_000, "min_probes": 2}}
+                "options": {"tolerance": 1e-9, "max_probes": MAX_PROBES, "min_probes": 2}}
         job_id = client.post("/v1/sensitivity", json=body).json()["id"]
         job = wait_for(client, job_id, statuses=("running",), timeout=60)
         os.kill(int(job["worker_id"].rsplit(":", 1)[1]), signal.SIGKILL)

@@ -11,7 +11,8 @@ import pytest
 
 from tests.conftest import npz_bytes
 from tests.planner.test_export import trained_digits_onnx
-from tests.service.test_jobs import uploaded, wait_for
+from tests.service.conftest import snapshot
+from tests.service.test_jobs import post_json_text, uploaded, wait_for
 from tests.service.test_registry import assert_problem, upload
 
 
@@ -83,3 +84,58 @@ def test_plan_requests_are_validated_up_front(client, digits_files):
     assert client.get("/v1/jobs").json()["total"] == 0
     assert_problem(client.get("/v1/plans/nope"), 404, "no plan")
     assert_problem(client.get("/v1/plans/nope/artifact"), 404, "no plan")
+
+
+BUDGET = '"constraints": {"max_size_bytes": 1000000}'
+# The hostile review's plan cases (body fields as JSON text, the field the answer must name): each
+# passed submission and failed in the worker. Infinity is what Python's json (and so the API) reads.
+# (max_size_bytes and max_drop Infinity were already refused: an int field, and max_drop <= 100.)
+HOSTILE_PLAN_FIELDS = [
+    ('"constraints": {"max_bops": Infinity}', "max_bops"),
+    ('"constraints": {"max_bops": 123456789.5}', "max_bops"),
+    ('"constraints": {"max_latency_ms": Infinity}', "max_latency_ms"),
+    (f'{BUDGET}, "options": {{"bits": [8]}}', "bits"),
+    (f'{BUDGET}, "options": {{"type": "TraceConfig"}}', "type"),
+    (f'{BUDGET}, "options": {{"seed": {2**70}}}', "seed"),
+    (f'{BUDGET}, "options": {{"seed": true}}', "seed"),
+    (f'{BUDGET}, "options": {{"batch_size": Infinity}}', "batch_size"),
+    (f'{BUDGET}, "options": {{"trace_max_probes": 1e9}}', "trace_max_probes"),
+]
+
+
+@pytest.mark.parametrize(("fields", "named"), HOSTILE_PLAN_FIELDS, ids=[f for f, _ in HOSTILE_PLAN_FIELDS])
+def test_hostile_plan_requests_are_refused_at_submission(client, app, tiny_model_bytes, tiny_dataset_bytes,
+                                                         fields: str, named: str):
+    model_id, dataset_id = uploaded(client, tiny_model_bytes, tiny_dataset_bytes)
+    before = snapshot(app)
+    body = f'{{"model_id": "{model_id}", "calibration_dataset_id": "{dataset_id}", {fields}}}'
+    assert_problem(post_json_text(client, "/v1/plans", body), 422, named)
+    assert snapshot(app) == before  # no job row, nothing stored
+
+
+def test_the_api_schema_states_the_library_bounds():
+    """The API process does not import the libraries, so its schema repeats their bounds: the same ones."""
+    import importlib
+
+    from service.api_plans import Constraints, LatencyRequest, PlanRequestIn
+
+    def schema(model, name: str) -> dict:
+        field = model.model_json_schema()["properties"][name]
+        return next((s for s in field.get("anyOf", [field]) if s.get("type") != "null"), field)
+
+    library = importlib.import_module("planner.plan")  # the module: `planner.plan` is the function
+
+    for name in ("max_size_bytes", "max_bops"):
+        assert schema(Constraints, name) == {"type": "integer", "exclusiveMinimum": 0, "maximum": library.MAX_COST}
+    assert schema(Constraints, "max_latency_ms")["maximum"] == library.MAX_LATENCY_MS
+    assert schema(Constraints, "max_drop")["maximum"] == library.MAX_DROP
+    assert schema(PlanRequestIn, "candidates")["maxItems"] == library.MAX_CANDIDATE_NAMES
+    latency = {name: schema(LatencyRequest, name)["maximum"] for name in ("batch_size", "repeats", "warmup")}
+    assert latency == {"batch_size": library.MAX_LATENCY_BATCH_SIZE, "repeats": library.MAX_LATENCY_REPEATS,
+                       "warmup": library.MAX_LATENCY_WARMUP}
+
+
+@pytest.mark.parametrize("fields", ['"repeats": true', '"batch_size": 2.0', '"warmup": "5"'])
+def test_latency_requests_take_json_ints_only(client, fields: str):
+    """Checked before the plan is looked up: a bad body is a 422 naming the field, not a 404 or a job."""
+    assert_problem(post_json_text(client, "/v1/plans/nope/latency", f"{{{fields}}}"), 422, fields.split('"')[1])
