@@ -162,13 +162,19 @@ def load_exported(path: str | Path) -> TorchProgram:
     a dynamic batch axis (``dynamic_shapes={"x": {0: torch.export.Dim("batch")}}``):
     an archive with a static batch only accepts batches of exactly that size.
 
-    Security: a ``.pt2`` archive is executable content (its graph and any custom code run
-    when called). The service opens uploaded archives only inside worker processes, never
-    in the web process; do the same when embedding this library.
+    Security: the archive is loaded with ``sensitivity.pt2_archive.load_exported_program``, never
+    ``torch.export.load`` (which unpickles and evaluates archive content). Archives holding pickles,
+    compiled code, call targets other than aten operators and torch's symbolic-shape builtins, or shape
+    expressions beyond plain arithmetic are refused with ``UnsafeArchive`` (a ValueError naming the entry);
+    guards code and sample inputs are never used. The graph still runs aten kernels on tensors sized by the
+    archive, so the service keeps opening uploads only in resource-limited worker processes; do the same
+    when embedding this library.
     """
     from torch.export.graph_signature import InputKind, OutputKind
 
-    exported = torch.export.load(str(path))
+    from sensitivity.pt2_archive import load_exported_program
+
+    exported = load_exported_program(path)
     signature = exported.graph_signature
     input_names = [s.arg.name for s in signature.input_specs if s.kind == InputKind.USER_INPUT]
     output_names = [s.arg.name for s in signature.output_specs if s.kind == OutputKind.USER_OUTPUT]
