@@ -25,6 +25,11 @@ SCALE_BYTES = 4  # one float32 scale per output channel
 BatchShape = Sequence[int] | Mapping[str, Sequence[int]]
 
 
+class ShapesUnknown(ValueError):
+    """Static shape inference left some layer's tensor shapes unknown, and running the model was not
+    allowed (the service's up-front checks never run an uploaded graph)."""
+
+
 @dataclass(frozen=True)
 class LayerCost:
     name: str
@@ -142,8 +147,12 @@ def cpu_session(model_bytes: bytes):
     return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
 
 
-def layer_cost_table(model: onnx.ModelProto, batch_shape: BatchShape) -> CostTable:
-    """MACs and parameter counts of every layer at ``batch_shape`` (e.g. ``(1, 1, 8, 8)``)."""
+def layer_cost_table(model: onnx.ModelProto, batch_shape: BatchShape, *, run_model: bool = True) -> CostTable:
+    """MACs and parameter counts of every layer at ``batch_shape`` (e.g. ``(1, 1, 8, 8)``).
+
+    Where static shape inference falls short, the model is run once in onnxruntime; with
+    ``run_model=False`` that raises ``ShapesUnknown`` instead.
+    """
     input_shapes = normalize_batch_shape(model, batch_shape)
     layers = find_layers(model)
     nodes = layer_nodes(model, layers)
@@ -156,7 +165,10 @@ def layer_cost_table(model: onnx.ModelProto, batch_shape: BatchShape) -> CostTab
     }
     shapes = inferred_shapes(model, input_shapes)
     if not needed <= set(shapes):
-        shapes.update(_runtime_shapes(model, input_shapes, sorted(needed - set(shapes))))
+        unknown = sorted(needed - set(shapes))
+        if not run_model:
+            raise ShapesUnknown(f"static shape inference leaves {len(unknown)} layer tensors unknown, e.g. {unknown[0]!r}")
+        shapes.update(_runtime_shapes(model, input_shapes, unknown))
     weights = {layer.name: layer.shape for layer in layers}
     table = {
         layer.name: LayerCost(

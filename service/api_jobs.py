@@ -15,6 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
 from service import jobs
+from service.auth import request_owner
 from service.errors import Problem
 from service.inspection import InvalidUpload
 from service.tables import Dataset, Job, Model, SensitivityResult, get_row, is_id
@@ -94,7 +95,7 @@ def submit_job(request: Request, job_type: str, params: dict[str, Any], idempote
     existing = _job_for_key(state, idempotency_key)
     if existing is not None:
         return _replay(existing, request_hash)
-    job = Job(type=job_type, params=params, idempotency_key=idempotency_key)
+    job = Job(type=job_type, params=params, idempotency_key=idempotency_key, owner=request_owner(request))
     try:
         with state.sessions() as session, session.begin():
             session.add(job)

@@ -81,3 +81,14 @@ def _bearer(request: Request) -> str | None:
     header = request.headers.get("authorization", "")
     scheme, _, value = header.partition(" ")
     return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+
+
+def request_owner(request: Request) -> str | None:
+    """The id of the API token that made the request (None with auth off): who owns what it stores."""
+    if request.app.state.settings.auth is AuthMode.off:
+        return None
+    token = _bearer(request)
+    if not token:
+        return None
+    with request.app.state.sessions() as session:
+        return session.scalar(select(ApiToken.id).where(ApiToken.token_hash == hash_token(token)))

@@ -1,120 +1,31 @@
 """Where jobs run.
 
-Both executors run each job in a **spawned** child process (never forked: CUDA does not
-survive a fork, and the API process never imports torch) watched by ``supervise``:
+Both executors run each job through ``service.supervisor.supervise``, which starts a fresh,
+sandboxed child process for it (never forked: CUDA does not survive a fork, and the API process
+never imports torch):
 
 - ``EmbeddedExecutor`` (default): a dispatcher thread inside ``mpq serve`` fills N slots.
 - Celery (``mpq worker``): a solo-pool worker per GPU calls ``supervise`` from its task.
-
-Cancellation is a flag in the job row: the job checks it between steps; if it has not
-stopped after ``cancel_grace_s`` it gets SIGTERM, and SIGKILL after as long again.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import multiprocessing
 import os
-import signal
 import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import jobs
 from service.settings import Settings
+from service.supervisor import supervise
 from service.tables import Job
 
 logger = logging.getLogger("mpq.executor")
-_PR_SET_PDEATHSIG = 1
-
-
-def _child_main(job_id: str, settings_data: dict[str, Any], env: dict[str, str]) -> None:
-    _die_with_parent()
-    os.environ.update(env)  # CUDA_VISIBLE_DEVICES must be set before torch is imported
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM -> KeyboardInterrupt -> no finish
-    jobs.run_job(job_id, Settings(**settings_data))
-
-
-def _die_with_parent() -> None:
-    """Linux: the job dies with its supervisor, so no job runs unwatched after a crash."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
-
-
-def supervise(job_id: str, settings: Settings, sessions: sessionmaker[Session], env: dict[str, str] | None = None,
-              poll_s: float = 0.2, shutdown: threading.Event | None = None) -> str:
-    """Run one job in a spawned child and make sure it ends in a finished (or requeued) state.
-
-    When ``shutdown`` is set the child is stopped at once and its job requeued without
-    counting the attempt (the server is going away; the job did nothing wrong).
-    """
-    process = multiprocessing.get_context("spawn").Process(
-        target=_child_main, args=(job_id, settings.model_dump(mode="json"), env or {}), name=f"mpq-job-{job_id}")
-    process.start()
-    child_worker = f"{socket.gethostname()}:{process.pid}"
-    cancel_seen: float | None = None
-    terminated: float | None = None
-    last_check = 0.0
-    while process.is_alive():
-        process.join(poll_s)
-        if shutdown is not None and shutdown.is_set():
-            process.kill()
-            process.join()
-            return _settle_shutdown(sessions, job_id, child_worker)
-        now = time.monotonic()
-        if now - last_check < 1.0 or not process.is_alive():
-            continue
-        last_check = now
-        if cancel_seen is None and _cancel_requested(sessions, job_id):
-            cancel_seen = now
-        if cancel_seen is not None and terminated is None and now - cancel_seen > settings.cancel_grace_s:
-            logger.info("job %s ignored its cancel flag: SIGTERM", job_id)
-            process.terminate()
-            terminated = now
-        elif terminated is not None and now - terminated > settings.cancel_grace_s:
-            logger.info("job %s survived SIGTERM: SIGKILL", job_id)
-            process.kill()
-    return _settle(sessions, settings, job_id, child_worker, process.exitcode)
-
-
-def _cancel_requested(sessions: sessionmaker[Session], job_id: str) -> bool:
-    try:
-        with sessions() as session:
-            return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
-    except Exception:  # the database is away for a moment: ask again next time
-        return False
-
-
-def _settle(sessions: sessionmaker[Session], settings: Settings, job_id: str, child_worker: str,
-            exitcode: int | None) -> str:
-    """If the child died without finishing its job, finish or requeue it here."""
-    with sessions() as session:
-        job = session.get(Job, job_id)
-    if job is None or job.status != jobs.RUNNING or job.worker_id != child_worker:
-        return job.status if job else "missing"
-    if job.cancel_requested:
-        jobs.finish(sessions, job_id, jobs.CANCELLED, error="cancelled by request (the job was stopped)",
-                    only_worker=child_worker)
-        return jobs.CANCELLED
-    reason = f"the worker process died (exit code {exitcode})"
-    return jobs.requeue_or_fail(sessions, job, reason, settings.max_attempts)
-
-
-def _settle_shutdown(sessions: sessionmaker[Session], job_id: str, child_worker: str) -> str:
-    with sessions() as session:
-        job = session.get(Job, job_id)
-    if job is not None and job.status == jobs.RUNNING and job.worker_id == child_worker:
-        jobs.requeue_after_shutdown(sessions, job)
-        return jobs.QUEUED
-    return job.status if job else "missing"
 
 
 def local_worker_is_dead(worker: str | None) -> bool:

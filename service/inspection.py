@@ -1,26 +1,29 @@
 """Validation of uploaded files: what they are, and whether we accept them.
 
-Everything here reads files and never runs them: ONNX is parsed and checked, torch.export
-archives are only listed (their pickles are never opened in the API), npz headers are read
-without pickle. The functions run in a spawned child process (see ``Inspector``) so that
-parsing a multi-GB protobuf, or a parser crash on hostile bytes, never touches the API
-process's memory.
+Everything here reads files and never runs them: ONNX is checked (onnx.checker) before it is
+described, zip bundles are read from their directory and never unpacked, torch.export archives
+are checked statically (``sensitivity.pt2_archive``), npz headers are read without pickle, and
+every declared size is bounded before anything is decompressed. The functions run in a one-shot
+sandboxed process (``python -m service.inspection``, started by ``service.inspector``) that gets
+the file as a descriptor: a parser crash, a bomb or a hang costs that process, never the API.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import json
-import multiprocessing
+import math
 import os
 import posixpath
 import tempfile
+import traceback
 import zipfile
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
+
+MAX_COMPRESSION_RATIO = 100  # float weights and calibration data compress ~1.1-20x; zeros ~1000x
+RATIO_FLOOR_BYTES = 16 << 20  # small members may compress as well as they like
+MAX_PROTO_BYTES = 2 << 30  # protobuf cannot hold more: larger models use external data
 
 
 class InvalidUpload(ValueError):
@@ -35,6 +38,7 @@ class InvalidUpload(ValueError):
 @dataclass(frozen=True)
 class Limits:
     max_bytes: int
+    max_decompressed_bytes: int
     max_archive_members: int
     max_dataset_arrays: int
     allow_torch: bool
@@ -43,35 +47,35 @@ class Limits:
 # ---------------------------------------------------------------- models
 
 
-def inspect_model(path: str, limits: Limits) -> dict[str, Any]:
-    if zipfile.is_zipfile(path):
-        return _inspect_zip(path, limits)
-    return _inspect_onnx_file(path)
+def inspect_model(file: IO[bytes], limits: Limits) -> dict[str, Any]:
+    if zipfile.is_zipfile(file):
+        return _inspect_zip(file, limits)
+    file.seek(0)
+    return _inspect_onnx_file(file)
 
 
-def _inspect_onnx_file(path: str) -> dict[str, Any]:
+def _inspect_onnx_file(file: IO[bytes]) -> dict[str, Any]:
     import onnx
 
-    model = _parse_onnx(path)
+    data = file.read()
+    model = _parse_onnx(data)
     external = [t.name for t in _all_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL]
     if external:
         raise InvalidUpload(
             f"the model stores {len(external)} tensors (e.g. {external[0]!r}) in external data files that are not "
             "part of this upload: upload a zip archive holding the .onnx file and its data files"
         )
-    description = _describe_onnx(model, "onnx")
-    del model  # the checker reads the file itself: never two copies of a multi-GB proto at once
-    _check_onnx(path)
-    return description
+    _check_onnx(data)
+    return _describe_onnx(model, "onnx")
 
 
-def _parse_onnx(path: str):
+def _parse_onnx(data: bytes):
     import onnx
     from google.protobuf.message import DecodeError
 
     try:
-        model = onnx.load(path, load_external_data=False)
-    except (DecodeError, ValueError, RuntimeError, UnicodeDecodeError, onnx.onnx_cpp2py_export.checker.ValidationError):
+        model = onnx.load_from_string(data)
+    except (DecodeError, ValueError, RuntimeError, UnicodeDecodeError):
         raise InvalidUpload(
             "not a model this service reads: expected an ONNX model (protobuf), a zip archive holding one ONNX "
             "model and its external data, or a torch.export (.pt2) archive"
@@ -81,22 +85,16 @@ def _parse_onnx(path: str):
     return model
 
 
-def _check_onnx(model_or_path) -> None:
+def _check_onnx(model: bytes | str) -> None:
+    """onnx.checker, before anything reads the nodes: a node with missing inputs, a string where an int
+    attribute belongs, an unknown element type are all refused here."""
     import onnx
 
     try:
-        onnx.checker.check_model(model_or_path)
-    except onnx.checker.ValidationError as error:
+        onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else "invalid model"
         raise InvalidUpload(f"the ONNX model fails onnx.checker: {first_line}") from None
-
-
-def _all_tensors(model):
-    yield from model.graph.initializer
-    for node in model.graph.node:
-        for attribute in node.attribute:
-            if attribute.HasField("t"):
-                yield attribute.t
 
 
 def _describe_onnx(model, model_format: str) -> dict[str, Any]:
@@ -138,29 +136,43 @@ def _value_info(value) -> dict[str, Any]:
     return {"name": value.name, "dtype": dtype, "shape": shape}
 
 
-def _inspect_zip(path: str, limits: Limits) -> dict[str, Any]:
+def _all_tensors(model):
+    yield from model.graph.initializer
+    for node in model.graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+
+
+def _inspect_zip(file: IO[bytes], limits: Limits) -> dict[str, Any]:
     try:
-        archive = zipfile.ZipFile(path)
+        archive = zipfile.ZipFile(file)
         members = archive.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError) as error:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:
         raise InvalidUpload(f"the zip archive is damaged: {error}") from None
     with archive:
-        _check_members(members, limits)
-        names = [m.filename for m in members]
-        if any(posixpath.basename(n) == "archive_format" for n in names):
-            return _inspect_pt2(archive, limits)
-        return _inspect_onnx_bundle(archive, limits)
+        check_members(members, limits)
+        if any(posixpath.basename(m.filename) == "archive_format" for m in members):
+            return _inspect_pt2(file, limits)
+        return _inspect_onnx_bundle(archive)
 
 
-def _check_members(members: list[zipfile.ZipInfo], limits: Limits) -> None:
+def check_members(members: list[zipfile.ZipInfo], limits: Limits) -> None:
+    """An archive's directory, before any member is read: how many, where, how large unpacked, and
+    how much smaller packed (a bomb unpacks to far more than it sent)."""
     if len(members) > limits.max_archive_members:
         raise InvalidUpload(f"the archive holds {len(members)} files; at most {limits.max_archive_members} allowed")
     total = sum(m.file_size for m in members)
-    if total > limits.max_bytes:
-        raise InvalidUpload(f"the archive unpacks to {total} bytes, over the limit of {limits.max_bytes}")
+    if total > limits.max_decompressed_bytes:
+        raise InvalidUpload(f"the archive unpacks to {total} bytes, over the limit of {limits.max_decompressed_bytes} "
+                            "(MPQ_MAX_DECOMPRESSED_BYTES)")
     for member in members:
         if not _safe_relative(member.filename):
             raise InvalidUpload(f"archive member {member.filename!r} points outside the archive")
+        if member.file_size > RATIO_FLOOR_BYTES and member.file_size > MAX_COMPRESSION_RATIO * member.compress_size:
+            raise InvalidUpload(f"archive member {member.filename!r} unpacks {member.file_size // member.compress_size}"
+                                f" times larger than it is packed (at most {MAX_COMPRESSION_RATIO}: a decompression "
+                                "bomb?); store it uncompressed (zip -0, numpy.savez)")
 
 
 def _safe_relative(name: str) -> bool:
@@ -168,34 +180,21 @@ def _safe_relative(name: str) -> bool:
     return not (name.startswith(("/", "\\")) or normalized.startswith("..") or ":" in name or "\\" in name)
 
 
-def _inspect_pt2(archive: zipfile.ZipFile, limits: Limits) -> dict[str, Any]:
+def _inspect_pt2(file: IO[bytes], limits: Limits) -> dict[str, Any]:
+    from sensitivity.pt2_archive import check_archive
+
     if not limits.allow_torch:
         raise InvalidUpload("torch.export (.pt2) uploads are disabled on this server (MPQ_ALLOW_TORCH_UPLOADS=false)")
-    format_member = next(n for n in archive.namelist() if posixpath.basename(n) == "archive_format")
-    if archive.read(format_member).strip() != b"pt2":
-        raise InvalidUpload("the zip archive is neither a torch.export .pt2 archive nor an ONNX bundle")
-    return {"format": "torch_export", "opset": None, "details": {"archive_files": len(archive.namelist())},
-            "layers": _pt2_weight_layers(archive)}
-
-
-def _pt2_weight_layers(archive: zipfile.ZipFile) -> list[dict[str, Any]]:
-    """Candidate layers from the archive's JSON weight table (rank >= 2 parameters).
-
-    The JSON is read, never the pickles; a worker confirms the layers when it loads the program.
-    """
-    config_names = [n for n in archive.namelist() if n.endswith("model_weights_config.json")]
-    layers: list[dict[str, Any]] = []
-    for name in config_names:
-        try:
-            config = json.loads(archive.read(name))["config"]
-        except (KeyError, ValueError):
-            raise InvalidUpload(f"the .pt2 archive's weight table {name!r} is not valid JSON") from None
-        for weight_name, entry in config.items():
-            sizes = [d.get("as_int") for d in entry.get("tensor_meta", {}).get("sizes", [])]
-            if entry.get("is_param") and len(sizes) >= 2 and all(isinstance(s, int) for s in sizes):
-                layers.append({"name": weight_name, "op_type": None, "node_name": None, "shape": sizes,
-                               "num_params": int(np.prod(sizes))})
-    return layers
+    file.seek(0)
+    try:
+        summary = check_archive(file, max_members=limits.max_archive_members)
+        model = summary.model("model")  # the program torch.export.load (and mpq's loader) reads
+    except ValueError as error:  # UnsafeArchive names the refused entry
+        raise InvalidUpload(str(error)) from None
+    layers = [{"name": entry.name, "op_type": None, "node_name": None, "shape": list(entry.shape),
+               "num_params": math.prod(entry.shape)} for entry in model.parameters if len(entry.shape) >= 2]
+    return {"format": "torch_export", "opset": None, "details": {"programs": list(summary.model_names)},
+            "layers": layers}
 
 
 def onnx_member(archive: zipfile.ZipFile) -> str:
@@ -208,49 +207,74 @@ def onnx_member(archive: zipfile.ZipFile) -> str:
     return members[0]
 
 
-def _inspect_onnx_bundle(archive: zipfile.ZipFile, limits: Limits) -> dict[str, Any]:
+def _inspect_onnx_bundle(archive: zipfile.ZipFile) -> dict[str, Any]:
+    """An ONNX model and its external data, never unpacked: each external tensor must name a member
+    of the archive and lie inside it; onnx.checker sees the data files as sparse placeholders of their
+    declared sizes (it checks that they exist, not what they hold)."""
     import onnx
 
-    member = onnx_member(archive)
-    with tempfile.TemporaryDirectory(prefix="mpq-inspect-") as root:
-        archive.extractall(root)  # member names were checked by _check_members
-        model_path = os.path.join(root, member)
-        model = _parse_onnx(model_path)
-        base = os.path.dirname(model_path)
+    name = onnx_member(archive)
+    member = archive.getinfo(name)
+    if member.file_size > MAX_PROTO_BYTES:
+        raise InvalidUpload(f"{name!r} is {member.file_size} bytes; an ONNX protobuf holds at most {MAX_PROTO_BYTES}")
+    data = archive.read(member)
+    model = _parse_onnx(data)
+    sizes = {m.filename: m.file_size for m in archive.infolist()}
+    with tempfile.TemporaryDirectory(prefix="check-") as root:
+        model_path = os.path.join(root, name)
+        os.makedirs(os.path.dirname(model_path), exist_ok=True)
+        with open(model_path, "wb") as copy:
+            copy.write(data)
         for tensor in _all_tensors(model):
             if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                _check_external_location(tensor, base, root)
-        description = _describe_onnx(model, "onnx_archive")
-        del model
+                _placeholder_for(tensor, name, sizes, root)
         _check_onnx(model_path)
-        return description
+    return _describe_onnx(model, "onnx_archive")
 
 
-def _check_external_location(tensor, base: str, root: str) -> None:
-    location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-    resolved = os.path.realpath(os.path.join(base, location))
-    inside = resolved.startswith(os.path.realpath(root) + os.sep)
-    if not location or os.path.isabs(location) or not inside:
+def _placeholder_for(tensor, model_member: str, sizes: dict[str, int], root: str) -> None:
+    entries = {entry.key: entry.value for entry in tensor.external_data}
+    location = entries.get("location", "")
+    member = posixpath.normpath(posixpath.join(posixpath.dirname(model_member), location))
+    if not location or location.startswith("/") or "\\" in location or not _safe_relative(member):
         raise InvalidUpload(f"tensor {tensor.name!r} points at external data {location!r} outside the upload")
-    if not os.path.isfile(resolved):
+    if member not in sizes:
         raise InvalidUpload(f"tensor {tensor.name!r} needs external data file {location!r}, missing from the upload")
+    offset, length = _int_entry(tensor, entries, "offset", 0), _int_entry(tensor, entries, "length", None)
+    end = offset + (length if length is not None else 0)
+    if end > sizes[member]:
+        raise InvalidUpload(f"tensor {tensor.name!r} reads bytes {offset}..{end} of {location!r}, which holds "
+                            f"{sizes[member]}")
+    path = os.path.join(root, member)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "ab") as placeholder:
+        placeholder.truncate(sizes[member])  # sparse: no disk space, whatever the declared size
+
+
+def _int_entry(tensor, entries: dict[str, str], key: str, default: int | None) -> int | None:
+    if key not in entries:
+        return default
+    value = entries[key]
+    if not value.isdigit():
+        raise InvalidUpload(f"tensor {tensor.name!r} has a non-numeric external-data {key} {value!r}")
+    return int(value)
 
 
 # ---------------------------------------------------------------- datasets
 
 
-def inspect_dataset(path: str, limits: Limits) -> dict[str, Any]:
+def inspect_dataset(file: IO[bytes], limits: Limits) -> dict[str, Any]:
     """Read the npz's array headers (never pickle, never the data) and check they form a dataset."""
-    if not zipfile.is_zipfile(path):
+    if not zipfile.is_zipfile(file):
         raise InvalidUpload("a dataset must be a complete .npz file (numpy.savez) with one array per model input; "
                             "this upload is not one, or it is truncated")
     try:
-        archive = zipfile.ZipFile(path)
+        archive = zipfile.ZipFile(file)
         members = archive.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError) as error:
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:
         raise InvalidUpload(f"the .npz file is damaged: {error}") from None
     with archive:
-        _check_members(members, limits)
+        check_members(members, limits)
         if len(members) > limits.max_dataset_arrays:
             raise InvalidUpload(f"the dataset holds {len(members)} arrays; at most {limits.max_dataset_arrays}")
         arrays = {_array_name(m.filename): _array_header(archive, m) for m in members}
@@ -270,7 +294,7 @@ def _array_header(archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> dict[str
             version = np.lib.format.read_magic(file)
             read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             shape, _fortran_order, dtype = read_header(file)
-        except (ValueError, OSError, SyntaxError, EOFError) as error:
+        except (ValueError, OSError, SyntaxError, EOFError, zipfile.BadZipFile) as error:
             raise InvalidUpload(f"array {name!r} has no valid .npy header: {error}") from None
         header_size = file.tell()
     if dtype.hasobject:
@@ -279,9 +303,10 @@ def _array_header(archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> dict[str
         )
     if dtype.kind not in "biuf":
         raise InvalidUpload(f"array {name!r} has dtype {dtype}; only bool, integer and float arrays are accepted")
-    expected = header_size + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = header_size + math.prod(shape) * dtype.itemsize  # Python ints: a hostile shape cannot overflow
     if member.file_size != expected:
-        raise InvalidUpload(f"array {name!r} is truncated: {member.file_size} bytes, header says {expected}")
+        raise InvalidUpload(f"array {name!r} has {member.file_size} bytes, but its header's shape {list(shape)} "
+                            f"needs {expected}")
     return {"shape": list(shape), "dtype": dtype.name}
 
 
@@ -297,78 +322,10 @@ def _describe_dataset(arrays: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {"num_samples": next(iter(lengths.values())), "has_labels": labels is not None, "arrays": arrays}
 
 
-# ---------------------------------------------------------------- the child process
+# ---------------------------------------------------------------- job requests
 
 
-class Inspector:
-    """Runs inspections in one spawned child process, replaced if it dies or hangs."""
-
-    def __init__(self, limits: Limits, timeout_s: float = 300.0) -> None:
-        self.limits = limits
-        self.timeout_s = timeout_s
-        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
-
-    def _executor(self) -> concurrent.futures.ProcessPoolExecutor:
-        if self._pool is None:
-            self._pool = concurrent.futures.ProcessPoolExecutor(
-                max_workers=1, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1000
-            )
-        return self._pool
-
-    def model(self, path: Path) -> dict[str, Any]:
-        return self._run(inspect_model, path)
-
-    def dataset(self, path: Path) -> dict[str, Any]:
-        return self._run(inspect_dataset, path)
-
-    def job_request(self, path: Path, model_format: str, method: str, options: dict[str, Any],
-                    plan: dict[str, Any] | None = None, batch_shapes: dict[str, list[int]] | None = None) -> None:
-        self._call(check_job_request, str(path), model_format, method, options, plan, batch_shapes or {})
-
-    def _run(self, function, path: Path) -> dict[str, Any]:
-        return self._call(function, str(path), self.limits)
-
-    def _call(self, function, *args: Any) -> Any:
-        future = self._executor().submit(function, *args)
-        try:
-            return future.result(timeout=self.timeout_s)
-        except concurrent.futures.TimeoutError:
-            self._kill()
-            raise InvalidUpload(f"inspecting the upload took longer than {self.timeout_s:.0f} s") from None
-        except concurrent.futures.process.BrokenProcessPool:
-            self._kill()
-            raise InvalidUpload("the upload crashed the parser; it is not a valid model or dataset") from None
-
-    def _kill(self) -> None:
-        if self._pool is not None:
-            for process in list(getattr(self._pool, "_processes", {}).values()):
-                process.kill()
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
-
-
-# ---------------------------------------------------------------- job requests (run in the child)
-
-# Per-model facts, keyed by the blob's path: blobs are content-addressed, so a path always
-# names the same bytes and the facts never go stale. Bounded; the child is long-lived.
-_FACTS: dict[tuple[Any, ...], Any] = {}
-_MAX_FACTS = 256
-
-
-def _cached(key: tuple[Any, ...], compute):
-    if key not in _FACTS:
-        if len(_FACTS) >= _MAX_FACTS:
-            _FACTS.pop(next(iter(_FACTS)))
-        _FACTS[key] = compute()
-    return _FACTS[key]
-
-
-def check_job_request(blob_path: str, model_format: str, method: str, options: dict[str, Any],
+def check_job_request(file: IO[bytes], model_format: str, method: str, options: dict[str, Any],
                       plan: dict[str, Any] | None, batch_shapes: dict[str, list[int]]) -> None:
     """Up-front checks of a sensitivity or plan request that need the libraries. Raises InvalidUpload.
 
@@ -376,7 +333,8 @@ def check_job_request(blob_path: str, model_format: str, method: str, options: d
       worker's own PlanRequest (``plan_request``: what passes here is what the worker runs);
     - (ONNX) every op is supported by the interpreter;
     - (plans) the model is ONNX, the candidates exist, and a size or BOPS budget is not below
-      what the smallest configuration of those candidates achieves.
+      what the smallest configuration of those candidates achieves (BOPS only where static shape
+      inference gives the layers' shapes: the model is never run here).
     """
     from service.model_files import plan_request, sensitivity_config
 
@@ -391,58 +349,108 @@ def check_job_request(blob_path: str, model_format: str, method: str, options: d
         if plan is not None:
             raise InvalidUpload("plans export quantized ONNX and need an ONNX model; torch.export archives "
                                 "support sensitivity analyses only")
-        return  # executable content: only a worker opens it
-    unsupported = _cached(("ops", blob_path), lambda: _unsupported_ops(blob_path, model_format))
-    if unsupported:
-        raise InvalidUpload(unsupported)
+        return  # checked at upload; a worker loads it
+    model = _load_model(file, model_format)
+    _check_supported_ops(model)
     if plan is not None:
-        _check_plan(blob_path, model_format, plan, batch_shapes)
+        _check_plan(model, plan, batch_shapes)
 
 
-def _load_model(blob_path: str, model_format: str):
+def _load_model(file: IO[bytes], model_format: str):
     import onnx
 
     if model_format == "onnx_archive":
-        with zipfile.ZipFile(blob_path) as archive:
+        with zipfile.ZipFile(file) as archive:
             return onnx.load_from_string(archive.read(onnx_member(archive)))
-    return onnx.load(blob_path, load_external_data=False)
+    return onnx.load_from_string(file.read())
 
 
-def _unsupported_ops(blob_path: str, model_format: str) -> str | None:
+def _check_supported_ops(model) -> None:
     from sensitivity.onnx_program import UnsupportedOpsError, check_supported
 
     try:
-        check_supported(_load_model(blob_path, model_format))
+        check_supported(model)
     except UnsupportedOpsError as error:
-        return str(error)
-    return None
+        raise InvalidUpload(str(error)) from None
 
 
-def _check_plan(blob_path: str, model_format: str, plan: dict[str, Any], batch_shapes: dict[str, list[int]]) -> None:
+def _check_plan(model, plan: dict[str, Any], batch_shapes: dict[str, list[int]]) -> None:
     from planner.candidates import parse_candidates
 
-    try:
-        names = tuple(c.name for c in parse_candidates(plan["candidates"]))
-    except ValueError as error:
-        raise InvalidUpload(str(error)) from None
+    names = tuple(c.name for c in parse_candidates(plan["candidates"]))
     constraints = plan.get("constraints", {})
-    if constraints.get("max_size_bytes") is None and constraints.get("max_bops") is None:
+    if constraints.get("max_size_bytes") is not None:
+        smallest = _smallest_size(model, names)
+        if constraints["max_size_bytes"] < smallest:
+            raise InvalidUpload(f"max_size_bytes {constraints['max_size_bytes']} is below the smallest "
+                                f"configuration of these candidates ({smallest} bytes)", code="infeasible")
+    if constraints.get("max_bops") is not None:
+        fewest = _fewest_bops(model, {name: [1, *shape[1:]] for name, shape in batch_shapes.items()}, names)
+        if fewest is not None and constraints["max_bops"] < fewest:
+            raise InvalidUpload(f"max_bops {constraints['max_bops']:g} is below the fewest BOPS of any "
+                                f"configuration of these candidates ({fewest:g} at batch size 1)", code="infeasible")
+
+
+def _smallest_size(model, names: tuple[str, ...]) -> int:
+    from planner.cost import LayerCost, initializer_bytes, layer_size_bytes
+    from sensitivity.layers import find_layers
+
+    layers = find_layers(model)
+    costs = [LayerCost(layer.name, layer.op_type, 0, layer.num_params, layer.shape[layer.channel_axis])
+             for layer in layers]
+    layer_names = {layer.name for layer in layers}
+    other = sum(initializer_bytes(init) for init in model.graph.initializer if init.name not in layer_names)
+    return other + sum(min(layer_size_bytes(cost, name) for name in names) for cost in costs)
+
+
+def _fewest_bops(model, shapes: dict[str, list[int]], names: tuple[str, ...]) -> int | None:
+    from planner.cost import ShapesUnknown, layer_bops, layer_cost_table
+
+    try:
+        table = layer_cost_table(model, shapes, run_model=False)
+    except ShapesUnknown:
+        return None  # the job computes it, running the model inside its sandbox
+    return sum(min(layer_bops(table[layer], name) for name in names) for layer in table)
+
+
+# ---------------------------------------------------------------- the sandboxed process
+
+FUNCTIONS = {"model": inspect_model, "dataset": inspect_dataset, "job_request": check_job_request}
+
+
+def answer(request: dict[str, Any], file: IO[bytes], limits: Limits) -> dict[str, Any]:
+    """The reply to one request: the function's value, or the reason the upload is refused."""
+    function = FUNCTIONS[request["function"]]
+    try:
+        if request["function"] == "job_request":
+            value = function(file, *request["args"])
+        else:
+            value = function(file, limits)
+        return {"value": value}
+    except InvalidUpload as error:
+        return {"invalid": str(error), "code": error.code}
+    except MemoryError:
+        return {"invalid": "inspecting the upload needs more memory than the inspector's budget "
+                           "(MPQ_INSPECT_MEMORY_BYTES)", "code": "bad_input"}
+    except Exception as error:  # a parser choking on hostile bytes: refused, and the traceback logged
+        traceback.print_exc()
+        return {"invalid": f"the upload could not be read ({type(error).__name__}: {str(error)[:200]})",
+                "code": "bad_input"}
+
+
+def main() -> None:
+    from service.sandbox import enter_sandbox
+
+    channel, _report = enter_sandbox()
+    import onnx  # noqa: F401  (before the request arrives: a spare process is a warm one)
+
+    received = channel.receive()
+    if received is None:
         return
-    shapes = tuple(sorted((name, tuple(shape[1:])) for name, shape in batch_shapes.items()))
-    smallest, fewest = _cached(("min-cost", blob_path, shapes, names),
-                               lambda: _minimum_costs(blob_path, model_format, shapes, names))
-    if constraints.get("max_size_bytes") is not None and constraints["max_size_bytes"] < smallest:
-        raise InvalidUpload(f"max_size_bytes {constraints['max_size_bytes']} is below the smallest "
-                            f"configuration of these candidates ({smallest} bytes)", code="infeasible")
-    if constraints.get("max_bops") is not None and constraints["max_bops"] < fewest:
-        raise InvalidUpload(f"max_bops {constraints['max_bops']:g} is below the fewest BOPS of any "
-                            f"configuration of these candidates ({fewest:g} at batch size 1)", code="infeasible")
+    request, fds = received
+    with os.fdopen(fds[0], "rb") as file:
+        channel.send(answer(request, file, Limits(**request["limits"])))
 
 
-def _minimum_costs(blob_path: str, model_format: str, shapes: tuple, names: tuple[str, ...]) -> tuple[int, int]:
-    from planner.cost import layer_bops, layer_cost_table, layer_size_bytes
-
-    table = layer_cost_table(_load_model(blob_path, model_format), {name: [1, *rest] for name, rest in shapes})
-    smallest = table.other_initializer_bytes + sum(min(layer_size_bytes(table[l], c) for c in names) for l in table)
-    fewest = sum(min(layer_bops(table[l], c) for c in names) for l in table)
-    return smallest, fewest
+if __name__ == "__main__":
+    main()

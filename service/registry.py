@@ -18,9 +18,11 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from service.auth import request_owner
 from service.errors import Problem
 from service.inspection import InvalidUpload
-from service.tables import Base, Dataset, Model, get_row
+from service.storage import delete_if_unused, delete_upload, jobs_using, stored_bytes
+from service.tables import Base, get_row
 from service.transfer import blob_response, receive_upload
 
 BINARY_BODY = {
@@ -42,16 +44,6 @@ class RegistryKind:
     download_suffix: str
 
 
-def blob_in_use(session: Session, sha256: str) -> bool:
-    """Whether any row still references the blob (uploads are deduplicated by content)."""
-    from service.tables import Artifact
-
-    return any(
-        session.scalar(select(func.count()).select_from(table).where(table.sha256 == sha256))
-        for table in (Model, Dataset, Artifact)
-    )
-
-
 def registry_router(kind: RegistryKind) -> APIRouter:
     router = APIRouter(prefix=kind.path, tags=[kind.path.strip("/")])
 
@@ -61,16 +53,22 @@ def registry_router(kind: RegistryKind) -> APIRouter:
         state = request.app.state
         if name is not None and any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
             raise Problem(422, "the name must not contain control characters (NUL, newlines, ...)")
-        writer = await receive_upload(request, state.store, state.settings.max_upload_bytes)
-        try:
-            fields = await run_in_threadpool(kind.inspect, state.inspector, writer.path)
-        except InvalidUpload as error:
-            writer.abort()
-            raise Problem(422, str(error), title=f"Invalid {kind.noun}") from None
-        except BaseException:
-            writer.abort()
-            raise
-        row = await run_in_threadpool(_store_row, state, kind, writer, name, fields)
+        owner = await run_in_threadpool(request_owner, request)
+        async with state.uploads.slot(owner or _client_address(request)):
+            declared = request.headers.get("content-length", "")
+            await run_in_threadpool(check_quota, state, owner, int(declared) if declared.isdigit() else 0)
+            writer = await receive_upload(request, state.store, state.settings.max_upload_bytes,
+                                          state.settings.upload_idle_timeout_s)
+            try:
+                await run_in_threadpool(check_quota, state, owner, writer.size)
+                fields = await run_in_threadpool(kind.inspect, state.inspector, writer.path)
+            except InvalidUpload as error:
+                writer.abort()
+                raise Problem(422, str(error), title=f"Invalid {kind.noun}") from None
+            except BaseException:
+                writer.abort()
+                raise
+            row = await run_in_threadpool(_store_row, state, kind, writer, name, owner, fields)
         return kind.out.model_validate(row)
 
     @router.get("", response_model=kind.page, summary=f"List {kind.noun}s, newest first")
@@ -98,17 +96,18 @@ def registry_router(kind: RegistryKind) -> APIRouter:
         filename = f"{row.name}{'' if row.name.endswith(kind.download_suffix) else kind.download_suffix}"
         return blob_response(request, request.app.state.store, row.sha256, filename, "application/octet-stream")
 
-    @router.delete("/{item_id}", status_code=204, summary=f"Delete a {kind.noun} (and its file if unused)")
+    @router.delete("/{item_id}", status_code=204, summary=f"Delete a {kind.noun}, the plans made from it and "
+                   "their artifacts", responses={409: {"description": "queued or running jobs use it"}})
     def delete(request: Request, item_id: str) -> Response:
         state = request.app.state
         with state.sessions() as session, session.begin():
             row = _get_or_404(session, kind, item_id)
-            sha256 = row.sha256
-            session.delete(row)
-            session.flush()
-            unused = not blob_in_use(session, sha256)
-        if unused:
-            state.store.delete(sha256)
+            busy = jobs_using(session, kind.table, row.id)
+            if busy:
+                raise Problem(409, f"{len(busy)} queued or running jobs use this {kind.noun} (e.g. {busy[0]}): cancel "
+                                   "them (POST /v1/jobs/{id}/cancel) or wait for them to finish", jobs=busy)
+            hashes = delete_upload(session, row)
+        delete_if_unused(state.sessions, state.store, *hashes)
         state.plan_cache.clear()  # the delete cascaded to the plans made from it
         return Response(status_code=204)
 
@@ -122,16 +121,40 @@ def _get_or_404(session: Session, kind: RegistryKind, item_id: str):
     return row
 
 
-def _store_row(state, kind: RegistryKind, writer, name: str | None, fields: dict[str, Any]):
+def _store_row(state, kind: RegistryKind, writer, name: str | None, owner: str | None, fields: dict[str, Any]):
     """Publish the blob and insert the row; if the insert fails the blob goes too (unless shared)."""
-    sha256 = writer.commit()
-    row = kind.table(name=(name or f"{kind.noun}-{sha256[:12]}"), sha256=sha256, size_bytes=writer.size, **fields)
     try:
-        with state.sessions() as session, session.begin():
-            session.add(row)
-        return row
+        with state.store.reference_lock():  # a concurrent delete of the same bytes waits for our row
+            sha256 = writer.commit()
+            row = kind.table(name=(name or f"{kind.noun}-{sha256[:12]}"), sha256=sha256, size_bytes=writer.size,
+                             owner=owner, **fields)
+            with state.sessions() as session, session.begin():
+                session.add(row)
+            return row
     except BaseException:
-        with state.sessions() as session:
-            if not blob_in_use(session, sha256):
-                state.store.delete(sha256)
+        writer.abort()  # a write not yet renamed into the store
+        delete_if_unused(state.sessions, state.store, writer.finish())
         raise
+
+
+def check_quota(state, owner: str | None, incoming: int) -> None:
+    """Refuse an upload that would take its owner past their quota (413) or the server past its
+    total (507)."""
+    settings = state.settings
+    with state.sessions() as session:
+        if owner is not None and settings.quota_bytes_per_owner is not None:
+            used = stored_bytes(session, owner)
+            if used + incoming > settings.quota_bytes_per_owner:
+                raise Problem(413, f"this token stores {used} bytes; {incoming} more would pass its quota of "
+                                   f"{settings.quota_bytes_per_owner} (MPQ_QUOTA_BYTES_PER_OWNER): delete models, "
+                                   "datasets or plans first", headers={"Connection": "close"})
+        if settings.quota_bytes_total is not None:
+            used = stored_bytes(session, everyone=True)
+            if used + incoming > settings.quota_bytes_total:
+                raise Problem(507, f"the server stores {used} bytes; {incoming} more would pass its total quota of "
+                                   f"{settings.quota_bytes_total} (MPQ_QUOTA_BYTES_TOTAL)",
+                              headers={"Connection": "close"})
+
+
+def _client_address(request: Request) -> str:
+    return request.client.host if request.client else "unknown"

@@ -35,8 +35,27 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address to bind.")
     port: int = Field(8000, ge=0, le=65535, description="Port to bind.")
     allow_torch_uploads: bool = Field(
-        True, description="Accept torch.export (.pt2) archives; they are executable and only opened in workers."
+        True, description="Accept torch.export (.pt2) archives (checked: no pickles, aten ops only; see "
+                          "docs/security.md)."
     )
+    max_decompressed_bytes: int = Field(4 * GiB, gt=0, description="Largest unpacked size of one upload (zip "
+                                        "bundle, .npz, .pt2), checked from its headers before anything is read.")
+    sandbox_user: str = Field("nobody", description="When the server runs as root, job and inspector processes "
+                              "run as this unprivileged user ('' keeps root, without capabilities).")
+    job_memory_bytes: int = Field(8 * GiB, gt=0, description="Memory budget of one job process (RLIMIT_DATA).")
+    inspector_processes: int = Field(2, ge=1, le=64, description="Upload inspections that may run at once, each "
+                                     "in its own sandboxed process.")
+    inspect_time_limit_s: float = Field(60.0, gt=0, le=3600, description="Longest one upload inspection may take.")
+    inspect_memory_bytes: int = Field(3 * GiB, gt=0, description="Memory budget of one inspector process.")
+    max_concurrent_uploads: int = Field(16, ge=1, description="Uploads streaming at once, all clients together.")
+    max_uploads_per_client: int = Field(4, ge=1, description="Uploads streaming at once from one client (token, "
+                                        "or address when auth is off).")
+    upload_idle_timeout_s: float = Field(30.0, gt=0, description="An upload that sends nothing for this long is "
+                                         "cut (408).")
+    quota_bytes_per_owner: int | None = Field(50 * GiB, gt=0, description="Stored bytes (models, datasets, "
+                                              "artifacts) one token may own; uploads beyond get 413. Unset: none.")
+    quota_bytes_total: int | None = Field(None, gt=0, description="Stored bytes of all owners together; uploads "
+                                          "beyond get 507. Unset: none.")
     max_dataset_arrays: int = Field(64, gt=0, description="Most arrays one dataset .npz may hold.")
     max_archive_members: int = Field(4096, gt=0, description="Most files one uploaded zip archive may hold.")
     executor: ExecutorKind = Field(ExecutorKind.embedded, description="'embedded' (child processes of the server) "

@@ -8,12 +8,15 @@ reader never sees a partial blob and an interrupted write leaves nothing behind.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import re
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from contextlib import AbstractContextManager
 from typing import BinaryIO, Protocol
 
 CHUNK_SIZE = 1 << 20
@@ -39,6 +42,9 @@ class BlobWriter(Protocol):
     def path(self) -> Path:
         """The temporary file, readable for inspection before ``commit``."""
 
+    def finish(self) -> str:
+        """Flush to disk and return the sha256, without publishing yet."""
+
     def commit(self) -> str:
         """Make the blob visible; returns its sha256."""
 
@@ -47,6 +53,12 @@ class BlobWriter(Protocol):
 
 class BlobStore(Protocol):
     def writer(self, max_bytes: int) -> BlobWriter: ...
+
+    def reference_lock(self) -> AbstractContextManager[None]:
+        """Held (shared) from committing a blob until the row that references it is committed."""
+
+    def collection_lock(self) -> AbstractContextManager[None]:
+        """Held (exclusive) while deciding that a blob is unreferenced and deleting it."""
 
     def exists(self, sha256: str) -> bool: ...
 
@@ -66,7 +78,8 @@ class BlobStore(Protocol):
 
 class LocalBlobWriter:
     def __init__(self, temp_dir: Path, final_path_for, max_bytes: int) -> None:
-        fd, name = tempfile.mkstemp(dir=temp_dir, prefix="upload-")
+        # named by the writing process, so that a restart can tell an abandoned write from a live one
+        fd, name = tempfile.mkstemp(dir=temp_dir, prefix=f"upload-{os.getpid()}-")
         self._file: BinaryIO = os.fdopen(fd, "wb")
         self._path = Path(name)
         self._final_path_for = final_path_for
@@ -97,6 +110,7 @@ class LocalBlobWriter:
         sha256 = self.finish()
         final = self._final_path_for(sha256)
         final.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(self._path, 0o644)  # readable through a descriptor by a sandboxed job; blobs/ itself is 0700
         os.replace(self._path, final)  # atomic; an existing identical blob is simply replaced
         return sha256
 
@@ -107,17 +121,64 @@ class LocalBlobWriter:
 
 
 class LocalBlobStore:
+    """Blobs under ``root/blobs`` and writes in progress under ``root/tmp``, both private to the
+    server's user (sandboxed processes get descriptors, never paths).
+
+    Deleting a blob races with a new upload of the same bytes (the upload's rename lands, then the
+    delete's "unreferenced?" check runs before the upload's row is committed): uploads hold
+    ``reference_lock`` (shared) from rename to commit, and deletions hold ``collection_lock``
+    (exclusive) from the check to the unlink. Both are ``flock``s on a file in the store, so they
+    hold across the API processes and workers of one host.
+    """
+
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self._blobs = self.root / "blobs"
         self._temp = self.root / "tmp"
-        self._blobs.mkdir(parents=True, exist_ok=True)
-        self._temp.mkdir(parents=True, exist_ok=True)
+        for directory in (self.root, self._blobs, self._temp):
+            directory.mkdir(parents=True, exist_ok=True)
+        for directory in (self._blobs, self._temp):
+            os.chmod(directory, 0o700)
+        self._lock_path = self.root / ".references.lock"
+
+    @contextmanager
+    def reference_lock(self) -> Iterator[None]:
+        with self._flock(fcntl.LOCK_SH):
+            yield
+
+    @contextmanager
+    def collection_lock(self) -> Iterator[None]:
+        with self._flock(fcntl.LOCK_EX):
+            yield
+
+    @contextmanager
+    def _flock(self, mode: int) -> Iterator[None]:
+        with self._lock_path.open("a") as handle:
+            fcntl.flock(handle, mode)  # released when the descriptor closes
+            yield
+
+    def blob_hashes(self) -> list[str]:
+        return [path.name for path in self._blobs.glob("*/*") if _SHA256.match(path.name)]
+
+    def remove_abandoned_writes(self) -> int:
+        """Temporary files of writers whose process is gone (an upload cut by ``kill -9``)."""
+        removed = 0
+        for path in self._temp.glob("upload-*"):
+            pid = path.name.split("-")[1]
+            if pid.isdigit() and not _process_alive(int(pid)):
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
     def _path(self, sha256: str) -> Path:
         if not _SHA256.match(sha256):
             raise ValueError(f"not a sha256 hex digest: {sha256!r}")
         return self._blobs / sha256[:2] / sha256
+
+    @property
+    def temp_dir(self) -> Path:
+        """Where writes begin (the same filesystem as the blobs, so a commit is a rename)."""
+        return self._temp
 
     def writer(self, max_bytes: int) -> LocalBlobWriter:
         return LocalBlobWriter(self._temp, self._path, max_bytes)
@@ -172,3 +233,13 @@ class LocalBlobStore:
 
     def temp_count(self) -> int:
         return sum(1 for p in self._temp.iterdir() if p.name != ".ready")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

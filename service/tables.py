@@ -55,7 +55,13 @@ class Timestamped:
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
-class Model(Timestamped, Base):
+class Owned:
+    """The API token that stored the row (None with auth off): what storage quotas count."""
+
+    owner: Mapped[str | None] = mapped_column(String(32), index=True)
+
+
+class Model(Timestamped, Owned, Base):
     __tablename__ = "models"
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(200))
@@ -67,7 +73,7 @@ class Model(Timestamped, Base):
     layers: Mapped[list[Any]] = mapped_column(default=list)
 
 
-class Dataset(Timestamped, Base):
+class Dataset(Timestamped, Owned, Base):
     __tablename__ = "datasets"
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(200))
@@ -78,7 +84,7 @@ class Dataset(Timestamped, Base):
     arrays: Mapped[dict[str, Any]] = mapped_column(default=dict)  # name -> {shape, dtype}
 
 
-class Job(Timestamped, Base):
+class Job(Timestamped, Owned, Base):
     __tablename__ = "jobs"
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     type: Mapped[str] = mapped_column(String(32))  # "sensitivity" | "plan" | "latency"
@@ -112,7 +118,7 @@ class SensitivityResult(Timestamped, Base):
     versions: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 
-class Artifact(Timestamped, Base):
+class Artifact(Timestamped, Owned, Base):
     __tablename__ = "artifacts"
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     sha256: Mapped[str] = mapped_column(String(64), index=True)

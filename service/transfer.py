@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
@@ -16,23 +18,32 @@ from service.store import BlobStore, BlobTooLarge, BlobWriter
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 
-async def receive_upload(request: Request, store: BlobStore, max_bytes: int) -> BlobWriter:
+async def receive_upload(request: Request, store: BlobStore, max_bytes: int, idle_timeout_s: float) -> BlobWriter:
     """Stream the request body into a temporary blob, never holding it in memory.
 
-    Over the limit the stream is cut at once (413) and the partial file removed; a client
-    that disconnects mid-upload leaves nothing behind either.
+    Over the limit the stream is cut at once (413) and the partial file removed; a client that
+    disconnects, or sends nothing for ``idle_timeout_s`` (408), leaves nothing behind either.
     """
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise _too_large(max_bytes)
     writer = store.writer(max_bytes)
+    chunks = request.stream().__aiter__()
     try:
-        async for chunk in request.stream():
+        while True:
+            try:
+                chunk = await asyncio.wait_for(chunks.__anext__(), idle_timeout_s)
+            except StopAsyncIteration:
+                break
             writer.write(chunk)
         writer.finish()
     except BlobTooLarge:
         writer.abort()
         raise _too_large(max_bytes) from None
+    except TimeoutError:
+        writer.abort()
+        raise Problem(408, f"the upload sent nothing for {idle_timeout_s:g} s (MPQ_UPLOAD_IDLE_TIMEOUT_S); "
+                           "nothing was stored", headers={"Connection": "close"}) from None
     except ClientDisconnect:
         writer.abort()
         raise Problem(400, "the upload was interrupted before it finished; nothing was stored") from None
@@ -44,6 +55,33 @@ async def receive_upload(request: Request, store: BlobStore, max_bytes: int) -> 
         raise Problem(422, "the request body is empty: send the file's bytes as the body "
                            "(Content-Type: application/octet-stream)")
     return writer
+
+
+class UploadSlots:
+    """Uploads streaming at once, per client and in total: a client that opens hundreds of
+    never-ending uploads gets 429 past its share instead of holding the server's connections,
+    temporary files and inspectors. Counts live in one API process (each process has its own)."""
+
+    def __init__(self, per_client: int, total: int) -> None:
+        self.per_client = per_client
+        self.total = total
+        self._by_client: dict[str, int] = {}
+
+    @asynccontextmanager
+    async def slot(self, client: str) -> AsyncIterator[None]:
+        if sum(self._by_client.values()) >= self.total:
+            raise Problem(503, f"{self.total} uploads are already in progress (MPQ_MAX_CONCURRENT_UPLOADS); retry "
+                               "shortly", headers={"Retry-After": "5"})
+        if self._by_client.get(client, 0) >= self.per_client:
+            raise Problem(429, f"this client already has {self.per_client} uploads in progress "
+                               "(MPQ_MAX_UPLOADS_PER_CLIENT); wait for one to finish", headers={"Retry-After": "5"})
+        self._by_client[client] = self._by_client.get(client, 0) + 1
+        try:
+            yield
+        finally:
+            self._by_client[client] -= 1
+            if not self._by_client[client]:
+                del self._by_client[client]
 
 
 def _too_large(max_bytes: int) -> Problem:

@@ -253,7 +253,7 @@ def _jobs(model: Model, now) -> tuple[Job, Job, Job, Job]:
 
 
 def _insert_plan(app, data: DashboardData, model: Model, dataset: Dataset, plan_job: Job, now) -> None:
-    """The rows the plan job writes (service.handlers._store_plan), in the planner's shapes."""
+    """The rows the plan job writes (service.job_types.store_plan), in the planner's shapes."""
     points = [plan_point(candidates, measured=index != UNMEASURED_POINT) for index, candidates in enumerate(FRONTIER)]
     artifacts: dict[int, Artifact] = {}
     for index in range(len(points)):
@@ -300,31 +300,31 @@ def _insert_plan(app, data: DashboardData, model: Model, dataset: Dataset, plan_
 
 
 class StandInWorker:
-    """Plays the worker process of the running job: beats its heartbeat (so the reaper leaves
-    it alone) and honours a cancel request the way ``service.jobs`` does, without spawning."""
+    """Plays the supervisor of the running job without spawning anything: beats its heartbeat (so the
+    reaper leaves it alone) and honours a cancel request the way ``service.supervisor`` does."""
+
+    LOG_TAIL = "[loading] 0% loading resnet-mini\n[sensitivity:traces] 42% probe 54 of 128, max relative SE 7.9 %"
 
     def __init__(self, app, job_id: str) -> None:
-        self.context = jobs.JobContext(job_id, {}, app.state.settings, app.state.sessions, app.state.store)
-        self.context.log("[loading] 0% loading resnet-mini")
-        self.context.log("[sensitivity:traces] 42% probe 54 of 128, max relative SE 7.9 %")
-        self.heartbeat = jobs.Heartbeat(self.context, interval_s=0.2)
+        self.sessions, self.job_id = app.state.sessions, job_id
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True, name=f"stand-in-{job_id}")
 
     def __enter__(self) -> "StandInWorker":
-        self.heartbeat.start()
         self.thread.start()
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.stopped.set()
         self.thread.join(timeout=5)
-        self.heartbeat.stopped.set()
-        self.heartbeat.join(timeout=5)
 
     def _run(self) -> None:
-        while not self.stopped.is_set():
-            if self.context.cancel_event.wait(0.1):
-                jobs.finish(self.context.sessions, self.context.job_id, jobs.CANCELLED, error="cancelled by request",
-                            log_tail="\n".join(self.context.log_lines), only_worker=jobs.worker_id())
+        while not self.stopped.wait(0.2):
+            with self.sessions() as session, session.begin():
+                job = session.get(Job, self.job_id)
+                job.heartbeat_at, job.log_tail = utcnow(), self.LOG_TAIL
+                cancelled = job.cancel_requested
+            if cancelled:
+                jobs.finish(self.sessions, self.job_id, jobs.CANCELLED, error="cancelled by request",
+                            log_tail=self.LOG_TAIL, only_worker=jobs.worker_id())
                 return

@@ -36,7 +36,7 @@ def test_plan_round_trip(client, digits_files):
     submitted = client.post("/v1/plans", json=body)
     assert submitted.status_code == 202, submitted.text
     job = wait_for(client, submitted.json()["id"], timeout=300)
-    assert job["status"] == "succeeded", job
+    assert job["status"] == "succeeded", (job["error"], job["log_tail"][-3000:])
     plan_id = job["result"]["plan_id"]
 
     plan = client.get(f"/v1/plans/{plan_id}").json()

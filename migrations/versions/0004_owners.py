@@ -1,0 +1,30 @@
+"""owners of stored rows (for storage quotas)
+
+Revision ID: 0004
+Revises: 0003
+Create Date: 2026-11-23 19:30:00
+"""
+
+from alembic import op
+import sqlalchemy as sa
+
+revision = '0004'
+down_revision = '0003'
+branch_labels = None
+depends_on = None
+
+TABLES = ('models', 'datasets', 'artifacts', 'jobs')
+
+
+def upgrade() -> None:
+    for table in TABLES:
+        with op.batch_alter_table(table, schema=None) as batch_op:
+            batch_op.add_column(sa.Column('owner', sa.String(length=32), nullable=True))
+            batch_op.create_index(f'ix_{table}_owner', ['owner'], unique=False)
+
+
+def downgrade() -> None:
+    for table in TABLES:
+        with op.batch_alter_table(table, schema=None) as batch_op:
+            batch_op.drop_index(f'ix_{table}_owner')
+            batch_op.drop_column('owner')

@@ -1,0 +1,140 @@
+"""Upload inspections in sandboxed one-shot processes, at most N at once, each bounded in time and memory.
+
+Every inspection (``service.inspection``) runs in its own fresh process that gets the file as a
+descriptor, answers once and exits: a hostile upload can hang or exhaust only the process that
+reads it, never the API process, and never the next user's inspection. Spare processes are
+started ahead by one long-lived thread (their parent-death signal follows the thread that
+started them), so a request does not wait for an interpreter to start.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from service.channel import ChannelClosed
+from service.inspection import InvalidUpload, Limits
+from service.sandbox import Child, SandboxLimits, start_child
+
+logger = logging.getLogger("mpq.inspector")
+MAX_REPLY_BYTES = 64 << 20  # a model's description: names and shapes of its layers, inputs and outputs
+
+
+class Inspector:
+    def __init__(self, limits: Limits, sandbox: SandboxLimits, processes: int = 2, timeout_s: float = 60.0,
+                 hide: list[Path] | None = None, queue_timeout_s: float = 30.0) -> None:
+        self.limits = limits
+        self.sandbox = sandbox
+        self.timeout_s = timeout_s
+        self.queue_timeout_s = queue_timeout_s  # how long a request waits for a free inspector before 503
+        self.hide = hide or []
+        self._slots = threading.BoundedSemaphore(processes)
+        self._spares: list[Child] = []
+        self._wanted = processes
+        self._changed = threading.Condition()
+        self._closed = False
+        self._keeper: threading.Thread | None = None
+
+    # ------------------------------------------------ the three questions
+
+    def model(self, path: Path) -> dict[str, Any]:
+        return self._ask("model", path)
+
+    def dataset(self, path: Path) -> dict[str, Any]:
+        return self._ask("dataset", path)
+
+    def job_request(self, path: Path, model_format: str, method: str, options: dict[str, Any],
+                    plan: dict[str, Any] | None = None, batch_shapes: dict[str, list[int]] | None = None) -> None:
+        self._ask("job_request", path, [model_format, method, options, plan, batch_shapes or {}])
+
+    # ------------------------------------------------ mechanics
+
+    def _ask(self, function: str, path: Path, args: list[Any] | None = None) -> Any:
+        if not self._slots.acquire(timeout=self.queue_timeout_s):
+            raise InspectorBusy(f"every upload inspector stayed busy for {self.queue_timeout_s:.0f} s; retry later")
+        try:
+            child = self._take_spare()
+            try:
+                with path.open("rb") as file:
+                    child.channel.send({"function": function, "args": args or [], "limits": asdict(self.limits)},
+                                       [file.fileno()])
+                reply = child.channel.receive(self.timeout_s)
+            except ChannelClosed:
+                reply = (_crash_message(child), [])
+            finally:
+                self._retire(child)
+        finally:
+            self._slots.release()
+        if reply is None:
+            raise InvalidUpload(f"inspecting the upload took longer than {self.timeout_s:.0f} s "
+                                "(MPQ_INSPECT_TIME_LIMIT_S); it was stopped")
+        message, _fds = reply
+        if "value" in message:
+            return message["value"]
+        raise InvalidUpload(str(message.get("invalid", "the upload could not be inspected")),
+                            code="infeasible" if message.get("code") == "infeasible" else "bad_input")
+
+    def _take_spare(self) -> Child:
+        with self._changed:
+            self._start_keeper()
+            while not self._spares:
+                self._changed.wait(self.timeout_s)
+                if self._closed:
+                    raise InspectorBusy("the server is shutting down")
+            child = self._spares.pop()
+            self._changed.notify_all()  # the keeper starts a replacement
+            return child
+
+    def _retire(self, child: Child) -> None:
+        output = child.log_tail(4000).strip()
+        if output:
+            logger.warning("inspector process %s said:\n%s", child.pid, output)
+        child.close()  # one inspection per process: nothing of one upload survives into the next
+
+    def _start_keeper(self) -> None:
+        if self._keeper is None:
+            self._keeper = threading.Thread(target=self._keep, daemon=True, name="mpq-inspector-spares")
+            self._keeper.start()
+
+    def _keep(self) -> None:
+        """Keep ``processes`` spare inspectors started, from this one thread."""
+        while True:
+            with self._changed:
+                while not self._closed and len(self._spares) >= self._wanted:
+                    self._changed.wait()
+                if self._closed:
+                    return
+            try:
+                child = start_child("service.inspection", self.sandbox, hide=self.hide)
+            except Exception:
+                logger.exception("could not start an upload inspector")
+                with self._changed:
+                    self._changed.wait(1.0)
+                continue
+            with self._changed:
+                self._spares.append(child)
+                self._changed.notify_all()
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            spares, self._spares = self._spares, []
+            self._changed.notify_all()
+        for child in spares:
+            child.close()
+
+
+class InspectorBusy(Exception):
+    """No inspector became free in time (the API answers 503 with Retry-After)."""
+
+
+def _crash_message(child: Child) -> dict[str, str]:
+    child.kill()
+    code = child.process.returncode
+    if code is not None and code < 0:
+        return {"invalid": f"inspecting the upload crashed the inspector (signal {-code}); it is not a valid model "
+                           "or dataset, or it needs more than the inspector's memory budget (MPQ_INSPECT_MEMORY_BYTES)"}
+    return {"invalid": "inspecting the upload crashed the inspector; it is not a valid model or dataset"}
