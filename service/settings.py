@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from enum import Enum
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 KiB = 1024
 GiB = 1024**3
 LOOPBACK_HOST_NAMES = ("127.0.0.1", "localhost", "[::1]")
+_HOST_NAME = re.compile(r"[a-z0-9.-]+|\[[0-9a-f:.]+\]")  # a DNS name, an IPv4 address or a bracketed IPv6 one
 
 
 class AuthMode(str, Enum):
@@ -69,6 +71,15 @@ class Settings(BaseSettings):
     @property
     def resolved_artifact_dir(self) -> Path:
         return self.artifact_dir or self.data_dir / "artifacts"
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: str) -> str:
+        for name in filter(None, (name.strip().lower() for name in value.split(","))):
+            if not _HOST_NAME.fullmatch(name):
+                raise ValueError(f"MPQ_ALLOWED_HOSTS: {name!r} is not a host name; list names without scheme or "
+                                 "port (any port is allowed), e.g. mpq.example.com,[2001:db8::1]")
+        return value
 
     @property
     def allowed_host_names(self) -> frozenset[str]:
