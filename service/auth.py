@@ -8,10 +8,10 @@ import hmac
 import secrets
 import time
 
-from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import Headers, State
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers, State
 
 from service.errors import Problem
 from service.settings import AuthMode

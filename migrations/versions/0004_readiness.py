@@ -7,9 +7,8 @@ Create Date: 2026-11-29 10:00:00.000000
 
 from datetime import UTC, datetime
 
-from alembic import op
 import sqlalchemy as sa
-
+from alembic import op
 
 revision = '0004'
 down_revision = '0003'

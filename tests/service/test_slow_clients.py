@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -107,12 +108,12 @@ def test_slow_requests_with_complete_headers_are_not_cut(server):
 def test_mpq_serve_raises_its_open_file_limit_and_times_out_headers(tmp_path):
     env = {**os.environ, "MPQ_DATA_DIR": str(tmp_path), "MPQ_HEADER_TIMEOUT_S": "1", "MPQ_WORKER_SLOTS": "0"}
     subprocess.run([sys.executable, "-m", "service.cli", "db", "upgrade"], env=env, check=True, capture_output=True)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     assert hard > 256, "the hard limit leaves nothing to raise"
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)))
+    # prlimit starts the server (same pid) with a soft limit of 256 open files
+    server = subprocess.Popen(["prlimit", "--nofile=256:", sys.executable, "-m", "service.cli", "serve",
+                               "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -122,8 +123,8 @@ def test_mpq_serve_raises_its_open_file_limit_and_times_out_headers(tmp_path):
             except httpx.TransportError:
                 assert time.monotonic() < deadline and server.poll() is None, "mpq serve did not start"
                 time.sleep(0.1)
-        limits = open(f"/proc/{server.pid}/limits").read()
-        open_files = next(line for line in limits.splitlines() if line.startswith("Max open files")).split()
+        limits = Path(f"/proc/{server.pid}/limits").read_text().splitlines()
+        open_files = next(line for line in limits if line.startswith("Max open files")).split()
         assert open_files[3] == open_files[4] == str(hard), open_files
         with socket.create_connection(("127.0.0.1", port)) as half:
             half.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
