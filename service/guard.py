@@ -60,7 +60,7 @@ class RequestBodyTooLarge(HTTPException):
 
 
 class Guard:
-    """The outermost middleware of service.app (see the module docstring).
+    """The first middleware of service.app, inside only Starlette's own error middleware (see the module docstring).
 
     ``state`` is the app's state, read on every request: settings changed at runtime apply at once.
     """
