@@ -247,6 +247,7 @@ def get_frontier(request: Request, plan_id: str):
         return [FrontierPointOut.model_validate(point) for point in points]
 
 
+@router.head("/plans/{plan_id}/artifact", include_in_schema=False)  # headers only: service/transfer.blob_response
 @router.get("/plans/{plan_id}/artifact", summary="Download the quantized ONNX model",
             responses={200: {"content": {"application/octet-stream": {}}}})
 def get_artifact(request: Request, plan_id: str):

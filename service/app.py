@@ -2,34 +2,38 @@
 
 from __future__ import annotations
 
+import os
 from contextlib import asynccontextmanager
+from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
-from sqlalchemy import text
+from sqlalchemy import text, update
+from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from service import api_jobs, api_plans, dashboard, schemas
-from service.auth import require_token
 from service.db import make_engine, session_factory
 from service.errors import install_error_handlers, problem_response
 from service.executor import ExecutorLock, make_executor
+from service.guard import Guard, HeaderTimeoutProtocol
 from service.inspection import Limits
 from service.inspector import Inspector, InspectorBusy
 from service.registry import RegistryKind, registry_router
 from service.storage import collect_garbage
 from service.sandbox import SandboxLimits, check_sandbox_user, remove_stale_workdirs
 from service.settings import Settings
-from service.store import LocalBlobStore
+from service.store import BlobStore, LocalBlobStore
 from service.supervisor import hidden_paths
+from service.tables import Dataset, Model, Readiness, utcnow
 from service.transfer import UploadSlots
-from service.tables import Dataset, Model
 
 MODELS = RegistryKind("model", "/models", Model, schemas.ModelOut, schemas.ModelPage, Inspector.model, ".onnx")
 # uvicorn's default event loop is uvloop, which starves some keep-alive connections once the process is
 # saturated: at 200 connections a trivial FastAPI endpoint had p99 797 ms (and wrk timeouts) under
 # uvloop and 53 ms under the standard loop at the same throughput. See docs/benchmarks.md, "Service".
-SERVER_OPTIONS: dict[str, str] = {"loop": "asyncio", "http": "httptools"}
+# HeaderTimeoutProtocol is uvicorn's httptools protocol with a header-read timeout (service/guard.py).
+SERVER_OPTIONS: dict[str, Any] = {"loop": "asyncio", "http": HeaderTimeoutProtocol}
 
 DATASETS = RegistryKind("dataset", "/datasets", Dataset, schemas.DatasetOut, schemas.DatasetPage,
                         Inspector.dataset, ".npz")
@@ -65,10 +69,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.uploads = UploadSlots(settings.max_uploads_per_client, settings.max_concurrent_uploads)
     app.state.executor = make_executor(settings, app.state.sessions)
     app.state.plan_cache = api_plans.ResponseCache()
+    app.state.token_cache = {}  # service.auth.token_is_valid
+    app.state.registry_kinds = {kind.path.strip("/"): kind for kind in (MODELS, DATASETS)}  # the dashboard's uploads
     install_error_handlers(app)
     app.add_exception_handler(InspectorBusy, _inspector_busy)
+    # Outermost but for Starlette's own error middleware: Host, Origin and the /v1 token are checked, and
+    # request bodies bounded, before any route runs (service/guard.py).
+    app.add_middleware(Guard, state=app.state)
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
+    v1 = APIRouter(prefix="/v1")  # Guard requires the bearer token on every /v1 path when auth is on
     v1.include_router(registry_router(MODELS))
     v1.include_router(registry_router(DATASETS))
     v1.include_router(api_jobs.router)
@@ -105,25 +114,48 @@ def _add_health_routes(app: FastAPI) -> None:
         return schemas.Health(status="ok")
 
     @app.get("/readyz", response_model=schemas.Health, tags=["health"],
-             responses={503: {"description": "database or store unreachable"}},
-             summary="The database and the artifact store are reachable")
+             responses={503: {"description": "the database does not take writes, or the store is unusable or full"}},
+             summary="The database takes writes and the artifact store has room")
     def readyz(request: Request):
-        checks: dict[str, str] = {}
-        try:
-            with request.app.state.engine.connect() as connection:
-                connection.execute(text("SELECT 1"))
-            checks["database"] = "ok"
-        except Exception as error:  # any driver error means "not ready"
-            checks["database"] = f"unreachable: {type(error).__name__}"
-        try:
-            request.app.state.store.check()
-            checks["store"] = "ok"
-        except OSError as error:
-            checks["store"] = f"unusable: {error.strerror or type(error).__name__}"
+        state = request.app.state
+        checks = {"database": database_check(state.sessions),
+                  "store": store_check(state.store, state.settings.resolved_artifact_dir,
+                                       state.settings.min_free_bytes)}
         if any(value != "ok" for value in checks.values()):
-            return problem_response(503, "not ready: " + ", ".join(f"{k} {v}" for k, v in checks.items()),
-                                    checks=checks)
+            return problem_response(503, "not ready: " + ", ".join(f"{k} {v}" for k, v in checks.items()
+                                                                    if v != "ok"), checks=checks)
         return schemas.Health(status="ok", checks=checks)
+
+
+def database_check(sessions: sessionmaker[Session]) -> str:
+    """A read, then a real write in a transaction: a read-only or full database answers reads only."""
+    with sessions() as session:
+        try:
+            session.execute(text("SELECT 1"))
+        except Exception as error:  # noqa: BLE001 - any driver error means "not ready"
+            return f"unreachable: {type(error).__name__}"
+        try:
+            written = session.execute(update(Readiness).where(Readiness.id == 1).values(checked_at=utcnow())).rowcount
+            if not written:  # a schema made without the migrations' row
+                session.add(Readiness(id=1, checked_at=utcnow()))
+            session.commit()
+        except Exception as error:  # noqa: BLE001 - any driver error means "not ready"
+            return f"not writable: {type(error).__name__}"
+    return "ok"
+
+
+def store_check(store: BlobStore, root: os.PathLike[str], min_free_bytes: int) -> str:
+    """The store takes a file, and its file system has MPQ_MIN_FREE_BYTES free (uploads and artifacts
+    would fail part-way otherwise)."""
+    try:
+        store.check()
+        stats = os.statvfs(root)
+    except OSError as error:
+        return f"unusable: {error.strerror or type(error).__name__}"
+    free = stats.f_bavail * stats.f_frsize
+    if free < min_free_bytes:
+        return f"full: {free} bytes free, below MPQ_MIN_FREE_BYTES ({min_free_bytes})"
+    return "ok"
 
 
 def _version() -> str:

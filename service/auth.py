@@ -8,10 +8,11 @@ import hmac
 import secrets
 import time
 
-from fastapi import Request
-from starlette.concurrency import run_in_threadpool
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers, State
+from starlette.requests import Request
 
 from service.errors import Problem
 from service.settings import AuthMode
@@ -19,6 +20,7 @@ from service.tables import ApiToken, utcnow
 
 TOKEN_PREFIX = "mpq_"
 TOKEN_CACHE_S = 5.0
+CHALLENGE = {"WWW-Authenticate": 'Bearer realm="mpq"'}
 
 
 def hash_token(token: str) -> str:
@@ -45,31 +47,41 @@ def verify_token(session: Session, token: str) -> ApiToken | None:
     return row
 
 
-async def require_token(request: Request) -> None:
-    """FastAPI dependency on every /v1 route; a no-op when auth is off.
+async def token_is_valid(state: State, token: str) -> bool:
+    """Whether ``token`` is a live API token (the bearer header on /v1, the dashboard's cookie).
 
-    Async so that requests do not hop through the threadpool just to be let in; a token seen
-    valid recently is trusted for ``TOKEN_CACHE_S`` without a database round trip (a revoked
-    token stops working within that time).
+    A token seen valid recently is trusted for ``TOKEN_CACHE_S`` without a database round trip
+    (a revoked token stops working within that time); the lookup itself runs in a thread so that
+    the event loop never waits on the database.
     """
-    state = request.app.state
-    if state.settings.auth is AuthMode.off:
-        return
-    token = _bearer(request) or request.cookies.get("mpq_token")
-    challenge = {"WWW-Authenticate": 'Bearer realm="mpq"'}
-    if not token:
-        raise Problem(401, "missing API token: send 'Authorization: Bearer <token>' (create one with "
-                           "`mpq token create --name NAME`)", headers=challenge)
-    cache: dict[str, float] = state.__dict__.setdefault("_token_cache", {})
+    cache: dict[str, float] = state.token_cache
     digest = hash_token(token)
     if cache.get(digest, 0.0) > time.monotonic():
-        return
+        return True
     if not await run_in_threadpool(_token_is_valid, state.sessions, token):
         cache.pop(digest, None)
-        raise Problem(401, "the API token is unknown or revoked", headers=challenge)
+        return False
     if len(cache) > 10_000:
         cache.clear()
     cache[digest] = time.monotonic() + TOKEN_CACHE_S
+    return True
+
+
+async def require_bearer(state: State, headers: Headers) -> None:
+    """The /v1 check, run by ``service.guard`` before any body byte is read; a no-op when auth is off.
+
+    Only the ``Authorization: Bearer`` header counts. The dashboard's cookie does not: a browser
+    attaches cookies to requests that other sites' pages make, so accepting it here would let any
+    page drive the API with the logged-in user's rights (CSRF).
+    """
+    if state.settings.auth is AuthMode.off:
+        return
+    token = bearer_token(headers)
+    if not token:
+        raise Problem(401, "missing API token: send 'Authorization: Bearer <token>' (create one with "
+                           "`mpq token create --name NAME`)", headers=CHALLENGE)
+    if not await token_is_valid(state, token):
+        raise Problem(401, "the API token is unknown or revoked", headers=CHALLENGE)
 
 
 def _token_is_valid(factory: sessionmaker[Session], token: str) -> bool:
@@ -77,17 +89,17 @@ def _token_is_valid(factory: sessionmaker[Session], token: str) -> bool:
         return verify_token(session, token) is not None
 
 
-def _bearer(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
-    scheme, _, value = header.partition(" ")
+def bearer_token(headers: Headers) -> str | None:
+    scheme, _, value = headers.get("authorization", "").partition(" ")
     return value.strip() if scheme.lower() == "bearer" and value.strip() else None
 
 
 def request_owner(request: Request) -> str | None:
-    """The id of the API token that made the request (None with auth off): who owns what it stores."""
+    """The id of the API token that made the request (None with auth off): who owns what it stores.
+    /v1 requests carry it as the bearer header (the guard checked it); the dashboard's, as its cookie."""
     if request.app.state.settings.auth is AuthMode.off:
         return None
-    token = _bearer(request)
+    token = bearer_token(request.headers) or request.cookies.get("mpq_token")
     if not token:
         return None
     with request.app.state.sessions() as session:

@@ -91,6 +91,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     if not _schema_is_current(settings, upgrade_first=args.upgrade_db):
         return 2
+    raise_open_file_limit()
     print(f"mpq: serving on http://{settings.host}:{settings.port} (auth {settings.auth.value}, "
           f"database {_redacted(settings.resolved_database_url)})", file=sys.stderr)
     if args.api_workers > 1:
@@ -101,6 +102,24 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     else:
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info", **SERVER_OPTIONS)
     return 0
+
+
+def raise_open_file_limit() -> int:
+    """Raise the soft limit on open files to the hard limit; returns the soft limit now in force.
+
+    Every connection is a descriptor: at the usual soft limit of 1024, 1,100 slow connections left the
+    server unable to accept more (its /healthz timed out). API worker processes inherit the limit.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20  # Linux refuses "unlimited" here
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):  # above fs.nr_open: keep what we have
+            pass
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def _redacted(url: str) -> str:

@@ -2,39 +2,50 @@
 
 Every figure is in an HTML table that reads without JavaScript; the charts (plotly.js,
 served from the installed ``plotly`` package, never a CDN) are progressive enhancement.
-Browser-side actions (upload, cancel, live progress) call the /v1 API with the session
-cookie, which ``service.auth.require_token`` accepts as a token.
+
+With auth on, the dashboard's routes take the ``mpq_token`` cookie set at login; /v1 never does
+(it takes the bearer header only). Browser-side actions (upload, cancel, live progress, downloads)
+therefore go to the dashboard's own routes below, never to /v1. Every state-changing one carries a
+CSRF token (double submit, ``require_csrf``) on top of the origin checks of ``service.guard``.
 
 The planner's figures are read in the shapes documented in docs/dashboard.md.
 """
 
 from __future__ import annotations
 
+import hmac
 import importlib.util
 import math
+import secrets
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
-from urllib.parse import parse_qs, quote, urlsplit
+from typing import Annotated, Any
+from urllib.parse import parse_qs, quote
 
-from fastapi import APIRouter, Depends, HTTPException, Request
-from fastapi.responses import FileResponse, RedirectResponse, Response
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import Path as PathParam
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service import jobs
-from service.auth import verify_token
+from service.api_jobs import JobOut
+from service.auth import token_is_valid
 from service.errors import Problem
+from service.registry import store_upload
 from service.settings import AuthMode
 from service.tables import (Artifact, Dataset, FrontierPoint, Job, LatencyMeasurement, Model, Plan,
-                            SensitivityResult, get_row)
+                            SensitivityResult, get_row, is_id)
 from service.transfer import blob_response
 
 COOKIE = "mpq_token"
-MAX_FORM_BYTES = 4096  # the login form holds one token
+CSRF_COOKIE = "mpq_csrf"
+CSRF_HEADER = "X-CSRF-Token"
+CSRF_FIELD = "csrf_token"
+MAX_POINT_INDEX = 2**31 - 1  # frontier_points.index is a 32-bit integer column
 LIST_LIMIT = 200  # rows per list page; the /v1 API pages through the rest
 HERE = Path(__file__).parent
 STATIC_FILES = {"dashboard.css": "text/css", "dashboard.js": "text/javascript"}
@@ -93,13 +104,9 @@ def _auth_on(request: Request) -> bool:
     return request.app.state.settings.auth is AuthMode.token
 
 
-def _token_is_valid(request: Request, token: str) -> bool:
-    with request.app.state.sessions() as session, session.begin():
-        return verify_token(session, token) is not None
-
-
-def require_login(request: Request) -> None:
-    """Pages need a valid ``mpq_token`` cookie when auth is on; otherwise go to the login form.
+async def require_login(request: Request) -> None:
+    """Dashboard routes need a valid ``mpq_token`` cookie when auth is on. A browser goes to the login form;
+    the page's scripts, which ask for JSON, get 401.
 
     The redirect travels as an HTTPException so that the app's error handler, which keeps
     the Location header, answers it (the router cannot install handlers of its own).
@@ -107,24 +114,58 @@ def require_login(request: Request) -> None:
     if not _auth_on(request):
         return
     token = request.cookies.get(COOKIE)
-    if token and _token_is_valid(request, token):
+    if token and await token_is_valid(request.app.state, token):
         return
+    if wants_json(request):
+        raise Problem(401, "not logged in, or the login expired: log in again on /login")
     target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
     raise HTTPException(303, "log in first", headers={"Location": f"/login?next={quote(target)}"})
 
 
-def require_same_origin(request: Request) -> None:
-    """State-changing form posts must come from our own pages (the cookie is SameSite=Strict too)."""
-    origin = request.headers.get("origin")
-    if request.headers.get("sec-fetch-site") == "cross-site" or (
-            origin and urlsplit(origin).netloc != request.headers.get("host")):
-        raise Problem(403, "cross-site form posts are refused")
+def wants_json(request: Request) -> bool:
+    """The dashboard's scripts ask for JSON; forms and links ask for pages."""
+    return "application/json" in request.headers.get("accept", "")
+
+
+async def require_csrf(request: Request) -> None:
+    """Double submit: state-changing requests send back the ``mpq_csrf`` cookie's value, which only this
+    server's pages carry (in a meta tag and hidden form fields), in the X-CSRF-Token header or the
+    csrf_token form field. Another site's page can make the browser send the cookie, not read it."""
+    expected = request.cookies.get(CSRF_COOKIE, "")
+    sent = request.headers.get(CSRF_HEADER) or (await _form(request)).get(CSRF_FIELD, "")
+    if not expected or not hmac.compare_digest(expected.encode(), sent.encode()):
+        raise Problem(403, "the request's CSRF token is missing or does not match this browser's: reload the "
+                           "page and try again", title="CSRF check failed")
+
+
+async def _form(request: Request) -> dict[str, str]:
+    """An urlencoded form's fields (the body is bounded by service.guard); {} for other bodies."""
+    if request.headers.get("content-type", "").split(";")[0].strip() != "application/x-www-form-urlencoded":
+        return {}
+    fields = parse_qs((await request.body()).decode("utf-8", errors="replace"))
+    return {name: values[0] for name, values in fields.items()}
+
+
+def _csrf_token(request: Request) -> tuple[str, bool]:
+    """The browser's CSRF token, and whether it is new (then the response sets the cookie)."""
+    token = request.cookies.get(CSRF_COOKIE, "")
+    if len(token) == 43 and token.replace("-", "").replace("_", "").isalnum():  # token_urlsafe(32)
+        return token, False
+    return secrets.token_urlsafe(32), True
+
+
+def _set_csrf_cookie(request: Request, response: Response, token: str) -> None:
+    response.set_cookie(CSRF_COOKIE, token, httponly=True, secure=request.url.scheme == "https",
+                        samesite="strict", path="/")
 
 
 def render(request: Request, template: str, status_code: int = 200, **context: Any) -> Response:
-    context.update(nav=NAV, auth_on=_auth_on(request), version=request.app.version)
+    token, new = _csrf_token(request)
+    context.update(nav=NAV, auth_on=_auth_on(request), version=request.app.version, csrf_token=token)
     response = templates.TemplateResponse(request, template, context, status_code=status_code)
     response.headers["Content-Security-Policy"] = CSP
+    if new:
+        _set_csrf_cookie(request, response, token)
     return response
 
 
@@ -152,26 +193,25 @@ def login_form(request: Request, next: str = "/") -> Response:
     return render(request, "login.html", hide_nav=True, next=_safe_next(next), error=None)
 
 
-@router.post("/login", dependencies=[Depends(require_same_origin)])
+@router.post("/login", dependencies=[Depends(require_csrf)])
 async def login(request: Request) -> Response:
-    body = await request.body()
-    if len(body) > MAX_FORM_BYTES:
-        raise Problem(413, f"the login form is larger than {MAX_FORM_BYTES} bytes")
-    form = parse_qs(body.decode("utf-8", errors="replace"))
-    token = (form.get("token") or [""])[0].strip()
-    target = _safe_next((form.get("next") or ["/"])[0])
+    """The form's body is at most service.guard.LOGIN_BODY_BYTES."""
+    form = await _form(request)
+    token = form.get("token", "").strip()
+    target = _safe_next(form.get("next", "/"))
     if not _auth_on(request):
         return RedirectResponse(target, status_code=303)
-    if not token or not _token_is_valid(request, token):
+    if not token or not await token_is_valid(request.app.state, token):
         return render(request, "login.html", status_code=401, hide_nav=True, next=target,
                       error="That token is unknown or revoked. Create one with `mpq token create --name NAME`.")
     response = RedirectResponse(target, status_code=303)
     response.set_cookie(COOKIE, token, httponly=True, secure=request.url.scheme == "https", samesite="strict",
                         path="/")
+    _set_csrf_cookie(request, response, secrets.token_urlsafe(32))  # a new session gets a new CSRF token
     return response
 
 
-@router.post("/logout", dependencies=[Depends(require_same_origin)])
+@router.post("/logout", dependencies=[Depends(require_csrf)])
 def logout(request: Request) -> Response:
     response = RedirectResponse("/login" if _auth_on(request) else "/", status_code=303)
     response.delete_cookie(COOKIE, path="/", httponly=True, secure=request.url.scheme == "https",
@@ -222,6 +262,29 @@ def model_page(request: Request, model_id: str) -> Response:
                                   .order_by(SensitivityResult.created_at.desc())).all()
         plans = session.scalars(select(Plan).where(Plan.model_id == model.id).order_by(Plan.created_at.desc())).all()
     return render(request, "model.html", active="Models", model=model, results=results, plans=plans)
+
+
+@pages.post("/upload/{kind}", status_code=201, dependencies=[Depends(require_csrf)])
+async def upload(request: Request, kind: str, name: Annotated[str | None, Query(max_length=200)] = None) -> Response:
+    """The upload form's target (kind: models or datasets): the API's upload, streamed the same way."""
+    registry_kind = request.app.state.registry_kinds.get(kind)
+    if registry_kind is None:
+        raise Problem(404, f"cannot upload {kind!r}: upload models or datasets")
+    row = await store_upload(request, registry_kind, name)
+    return JSONResponse(registry_kind.out.model_validate(row).model_dump(mode="json"), status_code=201)
+
+
+@pages.api_route("/{kind}/{item_id}/file", methods=["GET", "HEAD"])
+def registry_file(request: Request, kind: str, item_id: str) -> Response:
+    """A model's or dataset's file (the API's GET /v1/{kind}/{id}/file, for the logged-in browser)."""
+    registry_kind = request.app.state.registry_kinds.get(kind)
+    with request.app.state.sessions() as session:
+        row = _get(session, registry_kind.table, item_id) if registry_kind else None
+    if row is None:
+        return not_found(request, f"{kind} file {item_id!r}")
+    suffix = registry_kind.download_suffix
+    filename = row.name if row.name.endswith(suffix) else row.name + suffix
+    return blob_response(request, request.app.state.store, row.sha256, filename, "application/octet-stream")
 
 
 # ---------------------------------------------------------------- sensitivity
@@ -415,8 +478,11 @@ def plan_page(request: Request, plan_id: str, point: int | None = None) -> Respo
                   detail=_point_detail(plan, model, selected) if selected else None)
 
 
+PointIndex = Annotated[int, PathParam(ge=0, le=MAX_POINT_INDEX)]
+
+
 @pages.get("/plans/{plan_id}/points/{index}")
-def point_fragment(request: Request, plan_id: str, index: int) -> Response:
+def point_fragment(request: Request, plan_id: str, index: PointIndex) -> Response:
     """The per-layer detail of one frontier point, as an HTML fragment the plan page swaps in."""
     with request.app.state.sessions() as session:
         plan = _get(session, Plan, plan_id)
@@ -427,13 +493,24 @@ def point_fragment(request: Request, plan_id: str, index: int) -> Response:
     return render(request, "_point_detail.html", detail=_point_detail(plan, model, point))
 
 
-@pages.get("/plans/{plan_id}/points/{index}/artifact")
-def point_artifact(request: Request, plan_id: str, index: int) -> Response:
+@pages.api_route("/plans/{plan_id}/points/{index}/artifact", methods=["GET", "HEAD"])
+def point_artifact(request: Request, plan_id: str, index: PointIndex) -> Response:
     with request.app.state.sessions() as session:
         point = _point(session, plan_id, index)
         artifact = session.get(Artifact, point.artifact_id) if point and point.artifact_id else None
     if artifact is None:
         raise Problem(404, f"frontier point {index} of plan {plan_id!r} has no artifact")
+    return blob_response(request, request.app.state.store, artifact.sha256, artifact.filename, artifact.media_type)
+
+
+@pages.api_route("/plans/{plan_id}/artifact", methods=["GET", "HEAD"])
+def plan_artifact(request: Request, plan_id: str) -> Response:
+    """The plan's quantized ONNX (the API's GET /v1/plans/{id}/artifact, for the logged-in browser)."""
+    with request.app.state.sessions() as session:
+        plan = _get(session, Plan, plan_id)
+        artifact = session.get(Artifact, plan.artifact_id) if plan and plan.artifact_id else None
+    if artifact is None:
+        raise Problem(404, f"plan {plan_id!r} has no artifact")
     return blob_response(request, request.app.state.store, artifact.sha256, artifact.filename, artifact.media_type)
 
 
@@ -448,7 +525,7 @@ def _artifact_url(plan: Plan, point: FrontierPoint) -> str | None:
     if point.artifact_id:
         return f"/plans/{plan.id}/points/{point.index}/artifact"
     if point.assignment == plan.assignment and plan.artifact_id:
-        return f"/v1/plans/{plan.id}/artifact"
+        return f"/plans/{plan.id}/artifact"
     return None
 
 
@@ -521,11 +598,25 @@ def job_page(request: Request, job_id: str) -> Response:
     return render(request, "job.html", active="Jobs", job=job, finished=jobs.FINISHED)
 
 
-@pages.post("/jobs/{job_id}/cancel", dependencies=[Depends(require_same_origin)])
+@pages.get("/jobs/{job_id}/status")
+def job_status(request: Request, job_id: str) -> Response:
+    """The job as GET /v1/jobs/{id} shows it, for the job page's live progress."""
+    with request.app.state.sessions() as session:
+        job = _get(session, Job, job_id)
+    if job is None:
+        raise Problem(404, f"no job with id {job_id!r}")
+    return JSONResponse(JobOut.of(job).model_dump(mode="json"))
+
+
+@pages.post("/jobs/{job_id}/cancel", dependencies=[Depends(require_csrf)])
 def cancel_job(request: Request, job_id: str) -> Response:
-    """The no-JavaScript path of the cancel button (with JavaScript it calls POST /v1/jobs/{id}/cancel)."""
-    if len(job_id) > 64 or jobs.request_cancel(request.app.state.sessions, job_id) is None:
+    """The cancel button: the form post redirects back to the job page; the script (which asks for JSON)
+    gets the job as POST /v1/jobs/{id}/cancel answers it."""
+    job = jobs.request_cancel(request.app.state.sessions, job_id) if is_id(job_id) else None
+    if job is None:
         return not_found(request, f"job {job_id!r}")
+    if wants_json(request):
+        return JSONResponse(JobOut.of(job).model_dump(mode="json"), status_code=202)
     return RedirectResponse(f"/jobs/{job_id}", status_code=303)
 
 

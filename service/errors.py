@@ -1,8 +1,10 @@
-"""Every 4xx/5xx answer is ``application/problem+json`` (RFC 9457), never a stack trace."""
+"""Every 4xx/5xx answer is ``application/problem+json`` (RFC 9457), never a stack trace.
+
+Unexpected exceptions are answered (500) by ``service.guard.Guard``, which keeps the connection open.
+"""
 
 from __future__ import annotations
 
-import logging
 from http import HTTPStatus
 from typing import Any
 
@@ -13,7 +15,6 @@ from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
-logger = logging.getLogger("mpq.service")
 
 
 class Problem(Exception):
@@ -66,8 +67,3 @@ def install_error_handlers(app: FastAPI) -> None:
         # e.g. a NUL byte in a text field, which PostgreSQL cannot store
         return problem_response(422, "the request holds a value the database cannot store (control characters "
                                      "such as NUL bytes are not allowed in names and ids)", instance=request.url.path)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return problem_response(500, "internal error; the server log has the details", instance=request.url.path)

@@ -50,26 +50,7 @@ def registry_router(kind: RegistryKind) -> APIRouter:
     @router.post("", status_code=201, response_model=kind.out, openapi_extra=BINARY_BODY,
                  summary=f"Upload a {kind.noun} as the raw request body")
     async def upload(request: Request, name: Annotated[str | None, Query(max_length=200)] = None):
-        state = request.app.state
-        if name is not None and any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
-            raise Problem(422, "the name must not contain control characters (NUL, newlines, ...)")
-        owner = await run_in_threadpool(request_owner, request)
-        async with state.uploads.slot(owner or _client_address(request)):
-            declared = request.headers.get("content-length", "")
-            await run_in_threadpool(check_quota, state, owner, int(declared) if declared.isdigit() else 0)
-            writer = await receive_upload(request, state.store, state.settings.max_upload_bytes,
-                                          state.settings.upload_idle_timeout_s)
-            try:
-                await run_in_threadpool(check_quota, state, owner, writer.size)
-                fields = await run_in_threadpool(kind.inspect, state.inspector, writer.path)
-            except InvalidUpload as error:
-                writer.abort()
-                raise Problem(422, str(error), title=f"Invalid {kind.noun}") from None
-            except BaseException:
-                writer.abort()
-                raise
-            row = await run_in_threadpool(_store_row, state, kind, writer, name, owner, fields)
-        return kind.out.model_validate(row)
+        return kind.out.model_validate(await store_upload(request, kind, name))
 
     @router.get("", response_model=kind.page, summary=f"List {kind.noun}s, newest first")
     def list_items(request: Request, limit: Annotated[int, Query(ge=1, le=500)] = 50,
@@ -88,6 +69,7 @@ def registry_router(kind: RegistryKind) -> APIRouter:
         with request.app.state.sessions() as session:
             return kind.out.model_validate(_get_or_404(session, kind, item_id))
 
+    @router.head("/{item_id}/file", include_in_schema=False)  # headers only: service/transfer.blob_response
     @router.get("/{item_id}/file", summary=f"Download the {kind.noun}'s file",
                 responses={200: {"content": {"application/octet-stream": {}}}})
     def download(request: Request, item_id: str) -> Response:
@@ -112,6 +94,30 @@ def registry_router(kind: RegistryKind) -> APIRouter:
         return Response(status_code=204)
 
     return router
+
+
+async def store_upload(request: Request, kind: RegistryKind, name: str | None) -> Base:
+    """Stream the request body into the store, inspect it and insert its row (the API's upload route and
+    the dashboard's share this): within the client's upload slots and the owner's quota."""
+    state = request.app.state
+    if name is not None and any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        raise Problem(422, "the name must not contain control characters (NUL, newlines, ...)")
+    owner = await run_in_threadpool(request_owner, request)
+    async with state.uploads.slot(owner or _client_address(request)):
+        declared = request.headers.get("content-length", "")
+        await run_in_threadpool(check_quota, state, owner, int(declared) if declared.isdigit() else 0)
+        writer = await receive_upload(request, state.store, state.settings.max_upload_bytes,
+                                      state.settings.upload_idle_timeout_s)
+        try:
+            await run_in_threadpool(check_quota, state, owner, writer.size)
+            fields = await run_in_threadpool(kind.inspect, state.inspector, writer.path)
+        except InvalidUpload as error:
+            writer.abort()
+            raise Problem(422, str(error), title=f"Invalid {kind.noun}") from None
+        except BaseException:
+            writer.abort()
+            raise
+        return await run_in_threadpool(_store_row, state, kind, writer, name, owner, fields)
 
 
 def _get_or_404(session: Session, kind: RegistryKind, item_id: str):

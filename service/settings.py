@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from enum import Enum
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+KiB = 1024
 GiB = 1024**3
+LOOPBACK_HOST_NAMES = ("127.0.0.1", "localhost", "[::1]")
+_HOST_NAME = re.compile(r"[a-z0-9.-]+|\[[0-9a-f:.]+\]")  # a DNS name, an IPv4 address or a bracketed IPv6 one
 
 
 class AuthMode(str, Enum):
@@ -56,6 +60,13 @@ class Settings(BaseSettings):
                                               "artifacts) one token may own; uploads beyond get 413. Unset: none.")
     quota_bytes_total: int | None = Field(None, gt=0, description="Stored bytes of all owners together; uploads "
                                           "beyond get 507. Unset: none.")
+    allowed_hosts: str = Field("", description="Comma-separated host names (without port) the server answers to "
+                                               "besides 127.0.0.1, localhost and [::1]; other Host headers get 400.")
+    max_request_body_bytes: int = Field(256 * KiB, gt=0, description="Largest request body of any route but the "
+                                                                     "uploads (those have MPQ_MAX_UPLOAD_BYTES).")
+    header_timeout_s: float = Field(10.0, gt=0, description="A connection that has not sent a request's headers "
+                                                            "within this time is closed.")
+    min_free_bytes: int = Field(GiB, ge=0, description="/readyz fails when the artifact store has less free space.")
     max_dataset_arrays: int = Field(64, gt=0, description="Most arrays one dataset .npz may hold.")
     max_archive_members: int = Field(4096, gt=0, description="Most files one uploaded zip archive may hold.")
     executor: ExecutorKind = Field(ExecutorKind.embedded, description="'embedded' (child processes of the server) "
@@ -79,6 +90,21 @@ class Settings(BaseSettings):
     @property
     def resolved_artifact_dir(self) -> Path:
         return self.artifact_dir or self.data_dir / "artifacts"
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: str) -> str:
+        for name in filter(None, (name.strip().lower() for name in value.split(","))):
+            if not _HOST_NAME.fullmatch(name):
+                raise ValueError(f"MPQ_ALLOWED_HOSTS: {name!r} is not a host name; list names without scheme or "
+                                 "port (any port is allowed), e.g. mpq.example.com,[2001:db8::1]")
+        return value
+
+    @property
+    def allowed_host_names(self) -> frozenset[str]:
+        """Host names (lower case, ports stripped by the caller) a request's Host header may carry."""
+        extra = (name.strip().lower() for name in self.allowed_hosts.split(","))
+        return frozenset(LOOPBACK_HOST_NAMES) | {name for name in extra if name}
 
     def check_bind(self) -> None:
         """With auth off, refuse to listen anywhere but loopback."""

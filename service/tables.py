@@ -181,3 +181,12 @@ class ApiToken(Timestamped, Base):
     prefix: Mapped[str] = mapped_column(String(16))  # shown in listings to tell tokens apart
     last_used_at: Mapped[datetime | None] = mapped_column()
     revoked_at: Mapped[datetime | None] = mapped_column()
+
+
+class Readiness(Base):
+    """One row (id 1) that /readyz updates: proof that the database takes writes, which a read-only,
+    full or fenced-off database does not (a SELECT would still succeed)."""
+
+    __tablename__ = "readiness"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    checked_at: Mapped[datetime] = mapped_column()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import secrets
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
@@ -15,7 +16,8 @@ from starlette.requests import ClientDisconnect
 from service.errors import Problem
 from service.store import BlobStore, BlobTooLarge, BlobWriter
 
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_RANGE_SPEC = re.compile(r"^(\d*)-(\d*)$")
+MAX_RANGES = 16  # more (after coalescing) and the whole file is cheaper to send than the parts
 
 
 async def receive_upload(request: Request, store: BlobStore, max_bytes: int, idle_timeout_s: float) -> BlobWriter:
@@ -90,7 +92,12 @@ def _too_large(max_bytes: int) -> Problem:
 
 
 def blob_response(request: Request, store: BlobStore, sha256: str, filename: str, media_type: str) -> Response:
-    """Serve a blob with its sha256 as ETag, honouring If-None-Match and a single Range."""
+    """Serve a blob with its sha256 as ETag, honouring If-None-Match and Range (RFC 9110 §14).
+
+    HEAD gets the headers GET would (Content-Length included) and no body. A single range is a plain
+    206; several (after coalescing) are a ``multipart/byteranges`` 206, up to ``MAX_RANGES`` of them,
+    beyond which the whole file is sent (200).
+    """
     size = store.size(sha256)
     headers = {
         "ETag": f'"{sha256}"',
@@ -99,34 +106,80 @@ def blob_response(request: Request, store: BlobStore, sha256: str, filename: str
     }
     if request.headers.get("if-none-match", "").strip('"') == sha256:
         return Response(status_code=304, headers=headers)
-    start, end, status = 0, size, 200
     range_header = request.headers.get("range")
-    if range_header:
-        start, end = _parse_range(range_header, size)
-        status = 206
-        headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
-    headers["Content-Length"] = str(end - start)
-    body: Iterator[bytes] = store.read(sha256, start, end)
+    ranges = _parse_range(range_header, size) if range_header else [(0, size)]
+    status = 206 if range_header else 200
+    if len(ranges) > MAX_RANGES:
+        ranges, status = [(0, size)], 200
+    if len(ranges) == 1:
+        start, end = ranges[0]
+        if status == 206:
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+        body, length = store.read(sha256, start, end), end - start
+    else:
+        boundary = secrets.token_hex(16)
+        body, length = _multipart(store, sha256, ranges, size, boundary, media_type)
+        media_type = f"multipart/byteranges; boundary={boundary}"
+    headers["Content-Length"] = str(length)
+    if request.method == "HEAD":
+        return Response(status_code=status, media_type=media_type, headers=headers)
     return StreamingResponse(iterate_in_threadpool(body), status_code=status, media_type=media_type, headers=headers)
 
 
-def _parse_range(header: str, size: int) -> tuple[int, int]:
-    match = _RANGE.match(header.strip())
-    unsatisfiable = Problem(416, f"cannot serve range {header!r} of a {size}-byte file",
+def _parse_range(header: str, size: int) -> list[tuple[int, int]]:
+    """``bytes=a-b, c-, -n, ...`` -> sorted [start, end) ranges, overlapping and adjacent ones coalesced.
+
+    Ranges that start past the end are dropped (RFC 9110 §14.1.1); none left, or a malformed header, is 416.
+    """
+    unit, _, specs = header.partition("=")
+    unsatisfiable = Problem(416, f"cannot serve range {header[:200]!r} of a {size}-byte file",
                             headers={"Content-Range": f"bytes */{size}"})
-    if not match or match.groups() == ("", ""):
+    if unit.strip().lower() != "bytes" or not specs.strip():
         raise unsatisfiable
-    first, last = match.groups()
+    ranges = []
+    for spec in filter(None, (spec.strip() for spec in specs.split(","))):
+        match = _RANGE_SPEC.match(spec)
+        first, last = match.groups() if match else ("", "")
+        if (first, last) == ("", "") or (first and last and int(last) < int(first)):
+            raise unsatisfiable
+        ranges.append(_satisfiable(first, last, size))
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(r for r in ranges if r is not None):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    if not merged:
+        raise unsatisfiable
+    return merged
+
+
+def _satisfiable(first: str, last: str, size: int) -> tuple[int, int] | None:
+    """One range-spec as [start, end) clipped to the file, or None if it selects nothing."""
     if first == "":  # suffix range: the last N bytes
         length = int(last)
-        if length == 0:
-            raise unsatisfiable
-        return max(size - length, 0), size
+        return (max(size - length, 0), size) if length > 0 and size > 0 else None
     start = int(first)
     end = min(int(last) + 1, size) if last else size
-    if start >= size or end <= start:
-        raise unsatisfiable
-    return start, end
+    return (start, end) if start < size else None
+
+
+def _multipart(store: BlobStore, sha256: str, ranges: list[tuple[int, int]], size: int, boundary: str,
+               media_type: str) -> tuple[Iterator[bytes], int]:
+    """The body of a ``multipart/byteranges`` answer (RFC 9110 §14.6), streamed, and its length."""
+    heads = [(f"--{boundary}\r\nContent-Type: {media_type}\r\nContent-Range: bytes {start}-{end - 1}/{size}\r\n\r\n"
+              ).encode() for start, end in ranges]
+    tail = f"--{boundary}--\r\n".encode()
+    length = sum(len(head) + (end - start) + 2 for head, (start, end) in zip(heads, ranges)) + len(tail)
+
+    def parts() -> Iterator[bytes]:
+        for head, (start, end) in zip(heads, ranges):
+            yield head
+            yield from store.read(sha256, start, end)
+            yield b"\r\n"
+        yield tail
+
+    return parts(), length
 
 
 def _safe_filename(name: str) -> str:

@@ -19,8 +19,13 @@ function canPlot(id) {
   return window.Plotly && document.getElementById(id);
 }
 
+function csrfHeaders() {
+  // The double-submit token of this page (service/dashboard.py require_csrf): state-changing requests send it.
+  return { "X-CSRF-Token": document.querySelector('meta[name="csrf-token"]').content };
+}
+
 async function problemText(response) {
-  // Errors from /v1 are application/problem+json with a "detail" naming what is wrong.
+  // Errors are application/problem+json with a "detail" naming what is wrong.
   try {
     const body = await response.json();
     return body.detail || body.title || response.statusText;
@@ -42,8 +47,9 @@ function initUpload() {
     if (!file) return;
     const name = form.elements.name.value.trim() || file.name;
     status.textContent = `Uploading ${file.name} (${file.size.toLocaleString()} bytes)…`;
-    const response = await fetch(`/v1/${kind}?name=${encodeURIComponent(name)}`, {
-      method: "POST", body: file, headers: { "Content-Type": "application/octet-stream" },
+    const response = await fetch(`/upload/${kind}?name=${encodeURIComponent(name)}`, {
+      method: "POST", body: file,
+      headers: { "Content-Type": "application/octet-stream", Accept: "application/json", ...csrfHeaders() },
     });
     if (!response.ok) {
       status.textContent = `Upload failed: ${await problemText(response)}`;
@@ -278,7 +284,7 @@ function pollJob(container) {
   const tick = async () => {
     if (container.dataset.finished === "true") return;
     try {
-      const response = await fetch(`/v1/jobs/${container.dataset.jobId}`, { headers: { Accept: "application/json" } });
+      const response = await fetch(`/jobs/${container.dataset.jobId}/status`, { headers: { Accept: "application/json" } });
       if (response.ok) updateJob(container, await response.json());
     } catch {
       // the server is restarting: keep polling
@@ -296,7 +302,9 @@ function initCancel() {
     event.preventDefault();
     const button = form.querySelector("button");
     button.disabled = true;
-    const response = await fetch(`/v1/jobs/${container.dataset.jobId}/cancel`, { method: "POST" });
+    const response = await fetch(`/jobs/${container.dataset.jobId}/cancel`, {
+      method: "POST", headers: { Accept: "application/json", ...csrfHeaders() },
+    });
     if (response.ok) {
       updateJob(container, await response.json());
     } else {

@@ -100,28 +100,38 @@ def test_pages_need_a_login_when_auth_is_on(client, app):
     assert response.status_code == 303 and response.headers["location"] == "/login?next=/plans%3Fx%3D1"
     assert client.get("/static/dashboard.css").status_code == 200  # the login page needs its styles
 
-    wrong = client.post("/login", data={"token": "mpq_wrong", "next": "/plans"}, follow_redirects=False)
+    csrf = csrf_token_of(client.get("/login").text)  # the form's hidden field; the page set the cookie
+    wrong = client.post("/login", data={"token": "mpq_wrong", "next": "/plans", "csrf_token": csrf},
+                        follow_redirects=False)
     assert wrong.status_code == 401 and "unknown or revoked" in wrong.text and "mpq_token" not in wrong.headers.get(
         "set-cookie", "")
 
-    right = client.post("/login", data={"token": token, "next": "/plans"}, follow_redirects=False)
+    assert client.post("/login", data={"token": token, "next": "/plans"}, follow_redirects=False).status_code == 403
+    right = client.post("/login", data={"token": token, "next": "/plans", "csrf_token": csrf}, follow_redirects=False)
     assert right.status_code == 303 and right.headers["location"] == "/plans"
     cookie = right.headers["set-cookie"]
     assert cookie.startswith(f"mpq_token={token};") and "HttpOnly" in cookie and "SameSite=strict" in cookie
     assert "Secure" not in cookie  # plain http here
     assert client.get("/plans").status_code == 200  # the client keeps the cookie, as a browser does
 
-    https = client.post("https://testserver/login", data={"token": token}, follow_redirects=False)
-    assert "Secure" in https.headers["set-cookie"]
-
-    escape = client.post("/login", data={"token": token, "next": "//evil.example/x"}, follow_redirects=False)
+    csrf = client.cookies["mpq_csrf"]  # a new one with the session
+    escape = client.post("/login", data={"token": token, "next": "//evil.example/x", "csrf_token": csrf},
+                         follow_redirects=False)
     assert escape.headers["location"] == "/"
-    cross_site = client.post("/login", data={"token": token}, headers={"Origin": "http://evil.example"},
-                             follow_redirects=False)
+    csrf = client.cookies["mpq_csrf"]
+    cross_site = client.post("/login", data={"token": token, "csrf_token": csrf},
+                             headers={"Origin": "http://evil.example"}, follow_redirects=False)
     assert cross_site.status_code == 403
 
-    logout = client.post("/logout", follow_redirects=False)
+    logout = client.post("/logout", data={"csrf_token": csrf}, follow_redirects=False)
     assert logout.headers["location"] == "/login" and 'mpq_token=""' in logout.headers["set-cookie"]
+
+    https = client.post("https://testserver/login", data={"token": token, "csrf_token": csrf}, follow_redirects=False)
+    assert "Secure" in https.headers["set-cookie"]
+
+
+def csrf_token_of(html: str) -> str:
+    return re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
 
 
 def test_fixture_results_have_the_real_shape():
@@ -364,7 +374,7 @@ def test_login_logout_in_the_browser(page, shot, recorder, app, dashboard, live_
     cookie = next(c for c in page.context.cookies() if c["name"] == "mpq_token")
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and not cookie["secure"]
     assert page.evaluate("document.cookie") == ""  # HttpOnly: scripts cannot read it
-    assert page.evaluate("fetch('/v1/jobs').then(r => r.status)") == 200  # the API accepts the cookie
+    assert page.evaluate("fetch('/v1/jobs').then(r => r.status)") == 401  # /v1 takes the bearer header, not the cookie
     click_frontier_point(page, 1, dashboard.points)
     page.locator('#point-detail [data-point-index="1"]').wait_for()
 
@@ -373,6 +383,40 @@ def test_login_logout_in_the_browser(page, shot, recorder, app, dashboard, live_
     assert not [c for c in page.context.cookies() if c["name"] == "mpq_token"]
     page.goto("/models")
     page.wait_for_url(re.compile(r"/login\?next=/models"))
+
+
+@browser_test
+def test_upload_and_cancel_with_auth_on(page, shot, recorder, app, dashboard, tiny_model_bytes, tmp_path,
+                                        live_server):
+    """With auth on, the page's scripts upload, follow a job and cancel it through the dashboard's routes,
+    with the login cookie and the page's CSRF token; the cookie alone is not enough."""
+    enable_auth(app)
+    recorder.allowed_statuses.add(403)  # the call without the page's token, on purpose
+    with app.state.sessions() as session, session.begin():
+        _, token = create_token(session, "browser")
+    page.goto("/login?next=/models")
+    page.get_by_label("API token").fill(token)
+    page.get_by_role("button", name="Log in").click()
+    page.wait_for_url(f"{live_server}/models")
+
+    model_file = tmp_path / "tiny.onnx"
+    model_file.write_bytes(tiny_model_bytes)
+    page.get_by_label("Kind").select_option("models")
+    page.get_by_label("File").set_input_files(str(model_file))
+    page.get_by_label("Name").fill("tiny-with-auth")
+    page.get_by_role("button", name="Upload").click()
+    page.wait_for_url(re.compile(r"/models/[0-9a-f]{32}$"), timeout=60_000)  # the inspector process starts cold
+    assert page.get_by_role("heading", level=1).inner_text() == "tiny-with-auth"
+
+    job = dashboard.running_job_id
+    page.goto(f"/jobs/{job}")
+    no_token = f"fetch('/jobs/{job}/cancel', {{method: 'POST', headers: {{Accept: 'application/json'}}}})"
+    assert page.evaluate(f"{no_token}.then(r => r.status)") == 403
+    assert page.locator("h1 [data-field=status]").inner_text() == "running"
+    page.get_by_role("button", name="Cancel job").click()
+    expect_text(page, "h1 [data-field=status]", "cancelled")  # the page's polling saw it
+    assert "cancelled by request" in page.locator("[data-field=error]").inner_text()
+    shot("job-cancelled-with-auth")
 
 
 def expect_text(page, selector: str, text: str) -> None:

@@ -9,7 +9,6 @@ import zipfile
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
 
 from tests.conftest import npz_bytes, tiny_onnx_model
 from tests.service.conftest import enable_auth, snapshot
@@ -230,7 +229,7 @@ def test_streamed_oversize_is_cut_early(app, live_server):
     before = snapshot(app)
     sent = 0
     with socket.create_connection((address.hostname, address.port), timeout=10) as connection:
-        connection.sendall(b"POST /v1/models HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+        connection.sendall(b"POST /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
                            b"Transfer-Encoding: chunked\r\n\r\n")
         connection.settimeout(0.5)
         try:
@@ -314,7 +313,7 @@ def test_interrupted_upload_leaves_nothing(app, live_server):
     address = urlsplit(live_server)
     before = snapshot(app)
     with socket.create_connection((address.hostname, address.port), timeout=10) as connection:
-        connection.sendall(b"POST /v1/models HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+        connection.sendall(b"POST /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
                            b"Content-Length: 1000000\r\n\r\n" + b"\0" * 300_000)
         deadline = time.monotonic() + 10
         while app.state.store.temp_count() == 0 and time.monotonic() < deadline:
