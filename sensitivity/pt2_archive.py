@@ -10,7 +10,9 @@ to import (``importlib.import_module``); call targets are resolved by ``getattr`
 shared libraries. This module closes each path in two steps:
 
 - ``check_archive`` (standard library only: it runs in the torch-free inspector process) reads the zip's
-  central directory and its JSON members, bounded, and refuses every construct above; it returns an
+  central directory and its JSON members, bounded, and refuses every construct above (the sample inputs'
+  pickle is read opcode by opcode with ``pickletools``, never executed, and refused if it names anything
+  but tensor rebuilding); it returns an
   ``ArchiveSummary`` (models, their weights with shape and dtype) to describe the upload.
 - ``load_exported_program`` checks the same open file, builds the weights and constants itself from the raw
   tensor members, drops what it does not need (sample inputs, guards code, node metadata) and only then hands
@@ -27,7 +29,7 @@ import re
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -185,22 +187,23 @@ class _Checked:
 
 
 def check_archive(
-    path: str | os.PathLike[str], *, max_json_bytes: int = MAX_JSON_BYTES, max_members: int = MAX_MEMBERS
+    path: str | os.PathLike[str] | IO[bytes], *, max_json_bytes: int = MAX_JSON_BYTES, max_members: int = MAX_MEMBERS
 ) -> ArchiveSummary:
     """Statically check a ``.pt2`` archive and describe it; raises ``UnsafeArchive`` naming what was refused.
 
-    Reads the zip's central directory and its JSON members only (each at most ``max_json_bytes``); tensor
-    bytes and sample inputs are never read. Imports only the standard library.
+    Reads the zip's central directory, its JSON members and the sample inputs' pickle opcodes (each at most
+    ``max_json_bytes``); tensor bytes are never read, nothing is unpickled. Imports only the standard library.
     """
     with _open_zip(path) as archive:
         return _check(archive, max_json_bytes, max_members).summary
 
 
-def _open_zip(path: str | os.PathLike[str]) -> zipfile.ZipFile:
+def _open_zip(path: str | os.PathLike[str] | IO[bytes]) -> zipfile.ZipFile:
     try:
         return zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:
-        raise UnsafeArchive(os.fspath(path), None, f"not a readable zip archive ({error})") from None
+        where = os.fspath(path) if isinstance(path, (str, os.PathLike)) else "(the upload)"
+        raise UnsafeArchive(where, None, f"not a readable zip archive ({error})") from None
 
 
 def _check(archive: zipfile.ZipFile, max_json_bytes: int, max_members: int) -> _Checked:
@@ -212,6 +215,9 @@ def _check(archive: zipfile.ZipFile, max_json_bytes: int, max_members: int) -> _
     models = sorted(p[len("models/"):-len(".json")] for p in members if p.startswith("models/"))
     if not models:
         raise UnsafeArchive(f"{root}/models/", None, "the archive holds no exported program (models/<name>.json)")
+    for path, info in members.items():
+        if path.startswith("data/sample_inputs/"):
+            _check_sample_inputs(archive, info, max_json_bytes)
     read = _json_reader(archive, root, members, max_json_bytes)
     summaries, programs = [], {}
     for model in models:
@@ -259,11 +265,50 @@ def _check_member_path(path: str, name: str) -> None:
         or re.fullmatch(r"models/[A-Za-z0-9_]+\.json", path)
         or re.fullmatch(r"data/weights/([A-Za-z0-9_]+_weights_config\.json|weight_[0-9]+)", path)
         or re.fullmatch(r"data/constants/([A-Za-z0-9_]+_constants_config\.json|tensor_[0-9]+)", path)
-        or re.fullmatch(r"data/sample_inputs/[A-Za-z0-9_]+\.pt", path)  # allowed, never read
+        or re.fullmatch(r"data/sample_inputs/[A-Za-z0-9_]+\.pt", path)  # scanned, never unpickled
         or path.startswith("extra/")  # user extra files: never read
     )
     if not known:
         raise UnsafeArchive(name, None, "a member torch.export.save does not write; such archives are refused")
+
+
+# What a weights-only pickle of tensors may name (torch.save's protocol 2 writes GLOBAL opcodes).
+_PICKLE_GLOBALS = frozenset({("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
+                             ("collections", "OrderedDict"), ("torch", "device"), ("torch", "Size")})
+_STORAGE_GLOBAL = re.compile(r"[A-Z][A-Za-z0-9]*Storage")  # torch.FloatStorage, torch.LongStorage, ...
+_PICKLE_REFUSED_OPS = frozenset({"STACK_GLOBAL", "OBJ", "EXT1", "EXT2", "EXT4"})
+
+
+def _check_sample_inputs(archive: zipfile.ZipFile, info: zipfile.ZipInfo, max_bytes: int) -> None:
+    """The sample inputs are a torch.save zip holding a pickle. mpq never unpickles them (torch's own
+    loader would fall back to an unrestricted unpickler), but an archive whose pickle names anything
+    but tensor rebuilding is refused: its opcodes are read with ``pickletools`` and never executed."""
+    import io
+    import pickletools
+
+    name = info.filename
+    if info.file_size > max_bytes:
+        raise UnsafeArchive(name, None, f"sample inputs of {info.file_size} bytes; at most {max_bytes} are read")
+    try:
+        with zipfile.ZipFile(io.BytesIO(archive.read(info))) as inner:
+            pickles = [entry for entry in inner.infolist() if entry.filename.endswith("data.pkl")]
+            if len(pickles) != 1 or pickles[0].file_size > max_bytes:
+                raise UnsafeArchive(name, None, "sample inputs that are not one torch.save pickle")
+            data = inner.read(pickles[0])
+        for opcode, argument, _position in pickletools.genops(data):
+            if opcode.name in _PICKLE_REFUSED_OPS:
+                raise UnsafeArchive(name, None, f"sample inputs whose pickle uses {opcode.name}, which can import "
+                                                "and run anything")
+            if opcode.name in ("GLOBAL", "INST"):
+                module, _, attribute = str(argument).partition(" ")
+                if (module, attribute) not in _PICKLE_GLOBALS and not (
+                        module == "torch" and _STORAGE_GLOBAL.fullmatch(attribute)):
+                    raise UnsafeArchive(name, None, f"sample inputs whose pickle calls {module}.{attribute}: "
+                                                    "unpickling them would run it")
+    except (zipfile.BadZipFile, ValueError, EOFError) as error:
+        if isinstance(error, UnsafeArchive):
+            raise
+        raise UnsafeArchive(name, None, f"sample inputs that are not a readable torch.save pickle ({error})") from None
 
 
 def _check_format(archive: zipfile.ZipFile, root: str, members: dict[str, zipfile.ZipInfo]) -> None:

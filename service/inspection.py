@@ -97,9 +97,23 @@ def _check_onnx(model: bytes | str) -> None:
         raise InvalidUpload(f"the ONNX model fails onnx.checker: {first_line}") from None
 
 
+def _check_element_types(model) -> None:
+    """onnx.checker accepts element types it does not know; everything downstream would choke on them."""
+    import onnx
+
+    known = set(onnx.TensorProto.DataType.values())
+    typed = [(t.name, t.data_type) for t in model.graph.initializer]
+    typed += [(v.name, v.type.tensor_type.elem_type) for v in [*model.graph.input, *model.graph.output]
+              if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type]
+    for name, element_type in typed:
+        if element_type not in known:
+            raise InvalidUpload(f"tensor {name!r} has element type {element_type}, which ONNX does not define")
+
+
 def _describe_onnx(model, model_format: str) -> dict[str, Any]:
     from sensitivity.layers import find_layers
 
+    _check_element_types(model)
     initializer_names = {init.name for init in model.graph.initializer}
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     return {

@@ -25,7 +25,10 @@ MAX_REPLY_BYTES = 64 << 20  # a model's description: names and shapes of its lay
 
 class Inspector:
     def __init__(self, limits: Limits, sandbox: SandboxLimits, processes: int = 2, timeout_s: float = 60.0,
-                 hide: list[Path] | None = None, queue_timeout_s: float = 30.0) -> None:
+                 hide: list[Path] | None = None, queue_timeout_s: float = 30.0, module: str = "service.inspection",
+                 env: dict[str, str] | None = None) -> None:
+        self.module = module  # what the sandboxed processes run (tests swap in a double)
+        self.env = env
         self.limits = limits
         self.sandbox = sandbox
         self.timeout_s = timeout_s
@@ -108,7 +111,7 @@ class Inspector:
                 if self._closed:
                     return
             try:
-                child = start_child("service.inspection", self.sandbox, hide=self.hide)
+                child = start_child(self.module, self.sandbox, env=self.env, hide=self.hide)
             except Exception:
                 logger.exception("could not start an upload inspector")
                 with self._changed:

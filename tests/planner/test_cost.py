@@ -9,6 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 from planner.candidates import CANDIDATES, Configuration
 from planner.cost import (
     Cost,
+    ShapesUnknown,
     configuration_cost,
     initializer_bytes,
     layer_cost_table,
@@ -72,6 +73,13 @@ def test_macs_fall_back_to_a_runtime_run_when_inference_is_incomplete():
     table = layer_cost_table(model, (4, 4, 4))
     assert table["fc1.weight"].macs == 4 * 16 * 8
     assert table["fc2.weight"].macs == 4 * 8 * 3
+
+
+def test_without_running_the_model_unknown_shapes_are_an_error_not_a_run():
+    model, _ = uninferable_model()
+    with pytest.raises(ShapesUnknown, match="static shape inference"):
+        layer_cost_table(model, (4, 4, 4), run_model=False)
+    assert layer_cost_table(shapes_model(), {"x": (1, 3, 8, 8), "t": (1, 5, 16)}, run_model=False)
 
 
 def test_bops_and_shared_weights():

@@ -260,9 +260,9 @@ REFUSED = {
     "pytree_enum_import": Case(pytree_enum_import, "signature.in_spec", True),
     "aotinductor_member": Case(aotinductor_member, "data/aotinductor/model/model.so", False),
     "legacy_weights": Case(legacy_weights, "data/weights/model.pt", True),
+    "pickled_sample_inputs": Case(pickled_sample_inputs, "data/sample_inputs/model.pt", True),
 }
 IGNORED = {  # allowed in an archive but never used by load_exported_program
-    "pickled_sample_inputs": Case(pickled_sample_inputs, "", True),
     "guards_code": Case(guards_code, "", True),
 }
 

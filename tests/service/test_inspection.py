@@ -1,0 +1,212 @@
+"""Upload inspection: bombs and malformed files are refused before they are unpacked or run, and a
+stuck inspection holds up nobody else."""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from service.inspection import InvalidUpload, Limits
+from service.inspector import Inspector
+from service.sandbox import SandboxLimits
+from tests.conftest import npz_bytes, tiny_onnx_model
+from tests.service.conftest import snapshot
+from tests.service.test_registry import assert_problem, upload
+
+REPO = Path(__file__).resolve().parents[2]
+MiB = 1 << 20
+
+
+def _zip(members: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def _bundle_bomb() -> bytes:
+    """A 32 MiB external-data file of zeros, deflated to ~32 KiB beside a real model."""
+    model = tiny_onnx_model()
+    weight = model.graph.initializer[0]
+    weight.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", "weights.bin"), ("offset", "0"), ("length", str(6 * 8 * 4))):
+        entry = weight.external_data.add()
+        entry.key, entry.value = key, value
+    weight.ClearField("float_data")
+    weight.ClearField("raw_data")
+    return _zip({"model.onnx": model.SerializeToString(), "weights.bin": bytes(32 * MiB)})
+
+
+def _bundle_reading_past_its_file() -> bytes:
+    model = tiny_onnx_model()
+    weight = model.graph.initializer[0]
+    data = numpy_helper.to_array(weight).tobytes()
+    weight.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", "weights.bin"), ("offset", "64"), ("length", str(len(data)))):
+        entry = weight.external_data.add()
+        entry.key, entry.value = key, value
+    weight.ClearField("float_data")
+    weight.ClearField("raw_data")
+    return _zip({"model.onnx": model.SerializeToString(), "weights.bin": data}, zipfile.ZIP_STORED)
+
+
+def _npz_bomb() -> bytes:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, x=np.zeros((8192, 1024), np.float32))  # 32 MiB of zeros in ~32 KiB
+    return buffer.getvalue()
+
+
+def _npy_with_header(shape: tuple[int, ...], data: bytes = b"") -> bytes:
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    return header.getvalue() + data
+
+
+def _unchecked_model(node: onnx.NodeProto, inputs=None, initializers=()) -> bytes:
+    graph = helper.make_graph([node], "hostile", inputs or [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])], list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()  # never checked: these are what onnx.checker must refuse
+
+
+def _string_axis() -> bytes:
+    node = helper.make_node("Gather", ["table", "x"], ["y"])
+    node.attribute.append(helper.make_attribute("axis", "zero"))
+    table = numpy_helper.from_array(np.zeros((4, 2), np.float32), "table")
+    return _unchecked_model(node, [helper.make_tensor_value_info("x", TensorProto.INT64, [2])], [table])
+
+
+def _bad_element_type(where: str) -> bytes:
+    weight = numpy_helper.from_array(np.zeros((2, 2), np.float32), "w")
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2])]
+    if where == "initializer":
+        weight.data_type = 999
+    else:
+        inputs[0].type.tensor_type.elem_type = 999
+    return _unchecked_model(helper.make_node("MatMul", ["x", "w"], ["y"]), inputs, initializers=[weight])
+
+
+HOSTILE_MODELS = {
+    "a bundle bomb": (_bundle_bomb, "times larger than it is packed"),
+    "external data past its file": (_bundle_reading_past_its_file, "reads bytes"),
+    "MatMul with one input": (lambda: _unchecked_model(helper.make_node("MatMul", ["x"], ["y"])), "onnx.checker"),
+    "Gather without inputs": (lambda: _unchecked_model(helper.make_node("Gather", [], ["y"])), "onnx.checker"),
+    "a string axis": (_string_axis, "onnx.checker"),
+    "a bad initializer element type": (lambda: _bad_element_type("initializer"), "element type 999"),
+    "a bad input element type": (lambda: _bad_element_type("input"), "element type"),
+}
+HOSTILE_DATASETS = {
+    "an npz bomb": (_npz_bomb, "times larger than it is packed"),
+    "a shape whose product overflows int64": (lambda: _zip({"x.npy": _npy_with_header((2**62, 4))}), "needs"),
+    "a shape past the unpacked limit": (lambda: _zip({"x.npy": _npy_with_header((2**40,))}), "needs"),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE_MODELS)
+def test_hostile_models_are_refused_before_anything_runs(client, app, case):
+    make, words = HOSTILE_MODELS[case]
+    before = snapshot(app)
+    assert_problem(upload(client, "/v1/models", make()), 422, words)
+    assert snapshot(app) == before
+
+
+@pytest.mark.parametrize("case", HOSTILE_DATASETS)
+def test_hostile_datasets_are_refused_from_their_headers(client, app, case):
+    make, words = HOSTILE_DATASETS[case]
+    before = snapshot(app)
+    assert_problem(upload(client, "/v1/datasets", make()), 422, words)
+    assert snapshot(app) == before
+
+
+def test_a_pt2_with_an_oversized_weight_table_is_refused(client, app):
+    archive = _zip({"m/archive_format": b"pt2", "m/data/weights/model_weights_config.json": b" " * (80 * MiB)})
+    assert len(archive) < MiB
+    assert_problem(upload(client, "/v1/models", archive), 422, "model_weights_config.json")
+
+
+def test_a_bundle_with_external_data_is_described_without_unpacking(client):
+    model = tiny_onnx_model()
+    weight = model.graph.initializer[0]
+    data = numpy_helper.to_array(weight).tobytes()
+    weight.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", "data/weights.bin"), ("length", str(len(data)))):
+        entry = weight.external_data.add()
+        entry.key, entry.value = key, value
+    weight.ClearField("float_data")
+    weight.ClearField("raw_data")
+    response = upload(client, "/v1/models", _zip({"model.onnx": model.SerializeToString(), "data/weights.bin": data}))
+    assert response.status_code == 201, response.text
+    assert [layer["name"] for layer in response.json()["layers"]] == ["fc1.weight", "fc2.weight"]
+
+
+def test_bops_budgets_are_checked_without_running_the_model(client):
+    """BOPS need the layers' shapes: known statically, the budget is checked up front; unknown, the check
+    is left to the job (which runs the model inside its sandbox), never run in the API's inspector."""
+    from service.inspection import _fewest_bops
+    from tests.planner.test_export import uninferable_model
+
+    model, _ = uninferable_model()
+    assert _fewest_bops(model, {"x": [1, 4, 4]}, ("fp32", "w8a8")) is None
+    model_id = upload(client, "/v1/models", tiny_onnx_model().SerializeToString()).json()["id"]
+    data = upload(client, "/v1/datasets", npz_bytes(x=np.zeros((8, 8), np.float32))).json()["id"]
+    body = {"model_id": model_id, "calibration_dataset_id": data, "constraints": {"max_bops": 1}}
+    assert_problem(client.post("/v1/plans", json=body), 422, "max_bops")
+
+
+def test_a_stuck_inspection_holds_up_no_other_request(tmp_path):
+    """One upload whose parser never returns: the other requests are answered meanwhile, and the stuck
+    process is killed at the time limit."""
+    limits = Limits(max_bytes=MiB, max_decompressed_bytes=MiB, max_archive_members=8, max_dataset_arrays=8,
+                    allow_torch=False)
+    inspector = Inspector(limits, SandboxLimits(memory_bytes=1 << 30, cpu_time_s=60, file_size_bytes=MiB),
+                          processes=2, timeout_s=5, module="tests.service.stuck_inspection",
+                          env={"PYTHONPATH": str(REPO)})
+    upload_path = tmp_path / "upload"
+    upload_path.write_bytes(b"anything")
+    outcome: dict[str, object] = {}
+
+    def stuck() -> None:
+        try:
+            inspector.model(upload_path)
+        except InvalidUpload as error:
+            outcome["stuck"] = str(error)
+
+    try:
+        thread = threading.Thread(target=stuck)
+        thread.start()
+        time.sleep(0.5)
+        answered = [inspector.dataset(upload_path) for _ in range(3)]
+        assert thread.is_alive()  # still stuck while the others were answered
+        assert answered == [{"answered": "dataset"}] * 3
+        thread.join(timeout=30)
+        assert "took longer than 5 s" in str(outcome["stuck"])
+        assert not _children_running("tests.service.stuck_inspection", exclude_spares=inspector)
+    finally:
+        inspector.close()
+
+
+def _children_running(module: str, exclude_spares: Inspector) -> list[int]:
+    """Processes running ``module`` that are not the inspector's idle spares."""
+    spares = {child.pid for child in exclude_spares._spares}
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if module.encode() in command and int(pid) not in spares and int(pid) != os.getpid():
+            status = Path(f"/proc/{pid}/stat").read_text().split()[2] if Path(f"/proc/{pid}/stat").exists() else "Z"
+            if status != "Z":
+                found.append(int(pid))
+    return found

@@ -1,0 +1,115 @@
+"""Hostile models through the service: refused by name, nothing they carry ever runs, and jobs end
+within their limits."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from service.tables import Model
+from tests.conftest import npz_bytes
+from tests.service.conftest import snapshot
+from tests.service.test_jobs import slow_inputs, uploaded, wait_for
+from tests.service.test_registry import upload
+from tests.sensitivity.test_pt2_archive import SmallModel, pickled_sample_inputs, pickled_weight
+
+HOSTILE = {"pickled_weight": (pickled_weight, "model_weights_config.json (weight 'fc.weight')"),
+           "pickled_sample_inputs": (pickled_sample_inputs, "data/sample_inputs/model.pt")}
+
+
+@pytest.fixture(scope="module")
+def benign_pt2(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("pt2") / "small.pt2"
+    batch = torch.export.Dim("batch", min=1, max=64)
+    exported = torch.export.export(SmallModel().eval(), (torch.randint(0, 12, (3, 5)),),
+                                   dynamic_shapes={"ids": {0: batch}})
+    torch.export.save(exported, str(path))
+    return path
+
+
+@pytest.fixture
+def marker_dir() -> Iterator[Path]:
+    """Where a payload would write its marker: world-writable, so that a sandboxed job running as
+    another user could write it too (the test must not pass merely because the sandbox lacks rights)."""
+    with tempfile.TemporaryDirectory(prefix="mpq-marker-") as directory:
+        Path(directory).chmod(0o777)
+        yield Path(directory)
+
+
+def hostile(name: str, benign: Path, directory: Path) -> tuple[bytes, Path]:
+    build, _entry = HOSTILE[name]
+    archive, marker = directory / f"{name}.pt2", directory / f"{name}-MARKER"
+    build(benign, archive, marker)
+    return archive.read_bytes(), marker
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_pt2_is_refused_at_upload_naming_the_entry(name, client, app, benign_pt2, marker_dir):
+    archive, marker = hostile(name, benign_pt2, marker_dir)
+    before = snapshot(app)
+    response = upload(client, "/v1/models", archive)
+    assert response.status_code == 422, response.text
+    assert HOSTILE[name][1] in response.json()["detail"]
+    assert snapshot(app) == before
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_pt2_stored_earlier_is_refused_at_job_start(name, client, app, benign_pt2, marker_dir):
+    """An archive that reached the store before the upload checks existed: the job refuses it by name."""
+    archive, marker = hostile(name, benign_pt2, marker_dir)
+    model_id = _store_without_checks(app, archive)
+    dataset = upload(client, "/v1/datasets", npz_bytes(ids=np.random.default_rng(0).integers(0, 12, (8, 5))))
+    job = client.post("/v1/sensitivity", json={"model_id": model_id, "dataset_id": dataset.json()["id"]})
+    assert job.status_code == 202, job.text
+    final = wait_for(client, job.json()["id"])
+    assert final["status"] == "failed" and final["result"]["error_code"] == "bad_input", final
+    assert HOSTILE[name][1] in final["error"]
+    assert "sandbox: user" in final["log_tail"]
+    assert not marker.exists()
+
+
+def test_a_benign_pt2_runs_in_the_sandbox(client, benign_pt2):
+    ids = np.random.default_rng(0).integers(0, 12, (16, 5))
+    model_id, dataset_id = uploaded(client, benign_pt2.read_bytes(), npz_bytes(ids=ids))
+    job = client.post("/v1/sensitivity", json={"model_id": model_id, "dataset_id": dataset_id,
+                                               "options": {"max_probes": 16}}).json()
+    final = wait_for(client, job["id"])
+    assert final["status"] == "succeeded", (final["error"], final["log_tail"])
+    result = client.get(f"/v1/sensitivity/{final['result']['sensitivity_result_id']}").json()["result"]
+    assert {trace["name"] for trace in result["traces"]} == {"embedding.weight", "conv.weight", "fc.weight"}
+
+
+def test_a_job_past_its_time_limit_fails_and_frees_its_slot(client, app, tiny_model_bytes, tiny_dataset_bytes):
+    settings = app.state.executor.settings
+    app.state.executor.settings = settings.model_copy(update={"job_time_limit_s": 3.0})
+    try:
+        model_id, dataset_id = slow_inputs(client)
+        slow = client.post("/v1/sensitivity", json={"model_id": model_id, "dataset_id": dataset_id, "options": {
+            "tolerance": 1e-9, "min_probes": 1000, "max_probes": 1000}}).json()
+        final = wait_for(client, slow["id"], timeout=60)
+    finally:
+        app.state.executor.settings = settings
+    assert final["status"] == "failed" and final["error"].startswith("time limit"), final
+    assert final["result"]["error_code"] == "time_limit"
+    tiny_model, tiny_data = uploaded(client, tiny_model_bytes, tiny_dataset_bytes)
+    quick = client.post("/v1/sensitivity", json={"model_id": tiny_model, "dataset_id": tiny_data}).json()
+    done = wait_for(client, quick["id"], timeout=60)
+    assert done["status"] == "succeeded", (done["error"], done["log_tail"])
+
+
+def _store_without_checks(app, data: bytes) -> str:
+    writer = app.state.store.writer(len(data))
+    writer.write(data)
+    sha256 = writer.commit()
+    row = Model(name="stored-earlier.pt2", format="torch_export", sha256=sha256, size_bytes=len(data),
+                details={}, layers=[])
+    with app.state.sessions() as session, session.begin():
+        session.add(row)
+    return row.id
