@@ -47,6 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         lock = ExecutorLock(settings.resolved_artifact_dir / ".executor.lock")
+        app.state.inspector.start()
         runs_executor = lock.acquire()
         if runs_executor:  # one process per deployment cleans what a killed one left, then runs the jobs
             await run_in_threadpool(_clean_up, app.state.sessions, app.state.store)

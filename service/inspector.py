@@ -97,6 +97,12 @@ class Inspector:
             logger.warning("inspector process %s said:\n%s", child.pid, output)
         child.close()  # one inspection per process: nothing of one upload survives into the next
 
+    def start(self) -> None:
+        """Start the spare processes now (else on the first request); also after ``close``."""
+        with self._changed:
+            self._closed = False
+            self._start_keeper()
+
     def _start_keeper(self) -> None:
         if self._keeper is None:
             self._keeper = threading.Thread(target=self._keep, daemon=True, name="mpq-inspector-spares")
@@ -125,9 +131,13 @@ class Inspector:
         with self._changed:
             self._closed = True
             spares, self._spares = self._spares, []
+            keeper, self._keeper = self._keeper, None
             self._changed.notify_all()
-        for child in spares:
+        if keeper is not None:
+            keeper.join(timeout=10)
+        for child in spares + self._spares:  # and one the keeper may have added while stopping
             child.close()
+        self._spares = []
 
 
 class InspectorBusy(Exception):
