@@ -80,8 +80,8 @@ class Settings(BaseSettings):
     cancel_grace_s: float = Field(10.0, ge=0, description="After a cancel, wait this long before SIGTERM, "
                                                           "and as long again before SIGKILL.")
     max_attempts: int = Field(2, ge=1, description="A job whose worker died is requeued until it ran this often.")
-    job_time_limit_s: float = Field(6 * 3600, gt=0, description="Longest a job may run; also sets the broker's "
-                                                               "visibility timeout.")
+    job_time_limit_s: float = Field(6 * 3600, gt=0, description="Longest a job may run: its supervisor stops it "
+                                    "(failed, 'time limit'); also sets the broker's visibility timeout.")
 
     @property
     def resolved_database_url(self) -> str:

@@ -53,3 +53,9 @@ def test_topology(compose):
         build = service.get("build")
         if build:
             assert (DOCKER.parent / build["dockerfile"]).is_file(), name
+
+
+def test_images_never_run_as_root():
+    for dockerfile in DOCKER.glob("Dockerfile*"):
+        users = re.findall(r"^USER (\S+)$", dockerfile.read_text(), re.MULTILINE)
+        assert users and users[-1] not in ("root", "0"), dockerfile.name
