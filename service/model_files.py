@@ -1,32 +1,12 @@
-"""Turn stored uploads back into files a library can open (worker side)."""
+"""From stored uploads and API bodies to what the libraries take: programs, configurations, plan requests."""
 
 from __future__ import annotations
 
-import tempfile
-import zipfile
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 SENSITIVITY_METHODS = {"hawq_v2": "TraceConfig", "hawq_v1": "EigenConfig", "interlayer": "InterLayerConfig"}
-
-
-@contextmanager
-def model_path(store: Any, sha256: str, model_format: str) -> Iterator[Path]:
-    """The path of the model file; a zip bundle (ONNX + external data) is unpacked first.
-
-    Bundles were checked at upload (member names and external-data locations stay inside).
-    """
-    blob = Path(store.local_path(sha256))
-    if model_format != "onnx_archive":
-        yield blob
-        return
-    with tempfile.TemporaryDirectory(prefix="mpq-model-") as root, zipfile.ZipFile(blob) as archive:
-        archive.extractall(root)
-        yield next(Path(root).rglob("*.onnx"))
 
 
 def load_program(path: Path, model_format: str):
@@ -37,11 +17,6 @@ def load_program(path: Path, model_format: str):
     from sensitivity.onnx_program import load_onnx
 
     return load_onnx(path)
-
-
-def load_arrays(store: Any, sha256: str) -> dict[str, np.ndarray]:
-    with np.load(store.local_path(sha256), allow_pickle=False) as npz:
-        return {name: npz[name] for name in npz.files}
 
 
 def sensitivity_config(method: str, options: Mapping[str, Any]):
