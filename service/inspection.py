@@ -458,6 +458,10 @@ def main() -> None:
     channel, _report = enter_sandbox()
     import onnx  # noqa: F401  (before the request arrives: a spare process is a warm one)
 
+    if os.environ.get("MPQ_INSPECTOR_KIND") == "job":  # job requests build the libraries' configurations
+        import planner.plan  # noqa: F401
+        import sensitivity.onnx_program  # noqa: F401
+
     received = channel.receive()
     if received is None:
         return

@@ -4,7 +4,10 @@ Every inspection (``service.inspection``) runs in its own fresh process that get
 descriptor, answers once and exits: a hostile upload can hang or exhaust only the process that
 reads it, never the API process, and never the next user's inspection. Spare processes are
 started ahead by one long-lived thread (their parent-death signal follows the thread that
-started them), so a request does not wait for an interpreter to start.
+started them), so a request does not wait for an interpreter to start. Two kinds: spares for
+uploads import onnx only (~0.3 s of CPU to start); spares for job requests also import the
+libraries and torch (~1.5 s), which an upload never needs: a sensitivity submission waited
+1.5-2 s for that import when it happened on the request's path.
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ class Inspector:
         self.queue_timeout_s = queue_timeout_s  # how long a request waits for a free inspector before 503
         self.hide = hide or []
         self._slots = threading.BoundedSemaphore(processes)
-        self._spares: list[Child] = []
-        self._wanted = processes
+        self._spares: dict[str, list[Child]] = {"upload": [], "job": []}
+        self._wanted = {"upload": processes, "job": 1}
         self._changed = threading.Condition()
         self._closed = False
         self._keeper: threading.Thread | None = None
@@ -59,7 +62,7 @@ class Inspector:
         if not self._slots.acquire(timeout=self.queue_timeout_s):
             raise InspectorBusy(f"every upload inspector stayed busy for {self.queue_timeout_s:.0f} s; retry later")
         try:
-            child = self._take_spare()
+            child = self._take_spare("job" if function == "job_request" else "upload")
             try:
                 with path.open("rb") as file:
                     child.channel.send({"function": function, "args": args or [], "limits": asdict(self.limits)},
@@ -80,14 +83,14 @@ class Inspector:
         raise InvalidUpload(str(message.get("invalid", "the upload could not be inspected")),
                             code="infeasible" if message.get("code") == "infeasible" else "bad_input")
 
-    def _take_spare(self) -> Child:
+    def _take_spare(self, kind: str) -> Child:
         with self._changed:
             self._start_keeper()
-            while not self._spares:
+            while not self._spares[kind]:
                 self._changed.wait(self.timeout_s)
                 if self._closed:
                     raise InspectorBusy("the server is shutting down")
-            child = self._spares.pop()
+            child = self._spares[kind].pop()
             self._changed.notify_all()  # the keeper starts a replacement
             return child
 
@@ -109,35 +112,41 @@ class Inspector:
             self._keeper.start()
 
     def _keep(self) -> None:
-        """Keep ``processes`` spare inspectors started, from this one thread."""
+        """Keep the wanted spare inspectors of each kind started, from this one thread."""
         while True:
             with self._changed:
-                while not self._closed and len(self._spares) >= self._wanted:
+                while not self._closed and not (kind := self._short_kind()):
                     self._changed.wait()
                 if self._closed:
                     return
             try:
-                child = start_child(self.module, self.sandbox, env=self.env, hide=self.hide)
+                child = start_child(self.module, self.sandbox, env={**(self.env or {}), "MPQ_INSPECTOR_KIND": kind},
+                                    hide=self.hide)
             except Exception:
                 logger.exception("could not start an upload inspector")
                 with self._changed:
                     self._changed.wait(1.0)
                 continue
             with self._changed:
-                self._spares.append(child)
+                self._spares[kind].append(child)
                 self._changed.notify_all()
+
+    def _short_kind(self) -> str | None:
+        """The kind with fewer spares than wanted (uploads first), if any."""
+        return next((kind for kind, wanted in self._wanted.items() if len(self._spares[kind]) < wanted), None)
 
     def close(self) -> None:
         with self._changed:
             self._closed = True
-            spares, self._spares = self._spares, []
             keeper, self._keeper = self._keeper, None
             self._changed.notify_all()
         if keeper is not None:
             keeper.join(timeout=10)
-        for child in spares + self._spares:  # and one the keeper may have added while stopping
+        with self._changed:  # after the keeper: it may have added one while stopping
+            spares = [child for children in self._spares.values() for child in children]
+            self._spares = {kind: [] for kind in self._spares}
+        for child in spares:
             child.close()
-        self._spares = []
 
 
 class InspectorBusy(Exception):

@@ -198,7 +198,7 @@ def test_a_stuck_inspection_holds_up_no_other_request(tmp_path):
 
 def _children_running(module: str, exclude_spares: Inspector) -> list[int]:
     """Processes running ``module`` that are not the inspector's idle spares."""
-    spares = {child.pid for child in exclude_spares._spares}
+    spares = {child.pid for children in exclude_spares._spares.values() for child in children}
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
