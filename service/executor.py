@@ -11,7 +11,6 @@ never imports torch):
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import threading
 import time
@@ -21,6 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import jobs
+from service.sandbox import process_alive
 from service.settings import Settings
 from service.supervisor import supervise
 from service.tables import Job
@@ -33,15 +33,7 @@ def local_worker_is_dead(worker: str | None) -> bool:
     if not worker or ":" not in worker:
         return False
     host, _, pid = worker.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    return host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid))
 
 
 def reap(sessions: sessionmaker[Session], settings: Settings) -> list[tuple[str, str]]:

@@ -220,7 +220,7 @@ def remove_stale_workdirs() -> int:
     removed = 0
     for path in workdir_base().iterdir():
         pid = path.name.split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
             removed += 1
     return removed
@@ -235,7 +235,8 @@ def _make_workdir(uid: int | None, gid: int | None) -> Path:
     return workdir
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (one of another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -19,6 +19,8 @@ from pathlib import Path
 from contextlib import AbstractContextManager
 from typing import BinaryIO, Protocol
 
+from service.sandbox import process_alive
+
 CHUNK_SIZE = 1 << 20
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -165,7 +167,7 @@ class LocalBlobStore:
         removed = 0
         for path in self._temp.glob("upload-*"):
             pid = path.name.split("-")[1]
-            if pid.isdigit() and not _process_alive(int(pid)):
+            if pid.isdigit() and not process_alive(int(pid)):
                 path.unlink(missing_ok=True)
                 removed += 1
         return removed
@@ -234,12 +236,3 @@ class LocalBlobStore:
     def temp_count(self) -> int:
         return sum(1 for p in self._temp.iterdir() if p.name != ".ready")
 
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

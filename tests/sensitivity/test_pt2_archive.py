@@ -51,15 +51,19 @@ class SmallModel(nn.Module):
         return self.fc(hidden) * self.scale + torch.tensor([0.0, 1.0, 2.0])
 
 
-@pytest.fixture(scope="module")
-def benign(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def save_small_model(path: Path) -> Path:
+    """``SmallModel`` (seed 0) exported with a dynamic batch and saved with ``torch.export.save``."""
     torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("benign") / "small.pt2"
     batch = torch.export.Dim("batch", min=1, max=64)
     exported = torch.export.export(SmallModel().eval(), (torch.randint(0, 12, (3, 5)),),
                                    dynamic_shapes={"ids": {0: batch}})
     torch.export.save(exported, str(path))
     return path
+
+
+@pytest.fixture(scope="module")
+def benign(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_small_model(tmp_path_factory.mktemp("benign") / "small.pt2")
 
 
 # ---------------------------------------------------------------- editing archives

@@ -34,29 +34,28 @@ def _zip(members: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED) -> 
     return buffer.getvalue()
 
 
-def _bundle_bomb() -> bytes:
-    """A 32 MiB external-data file of zeros, deflated to ~32 KiB beside a real model."""
-    model = tiny_onnx_model()
-    weight = model.graph.initializer[0]
-    weight.data_location = TensorProto.EXTERNAL
-    for key, value in (("location", "weights.bin"), ("offset", "0"), ("length", str(6 * 8 * 4))):
-        entry = weight.external_data.add()
-        entry.key, entry.value = key, value
-    weight.ClearField("float_data")
-    weight.ClearField("raw_data")
-    return _zip({"model.onnx": model.SerializeToString(), "weights.bin": bytes(32 * MiB)})
-
-
-def _bundle_reading_past_its_file() -> bytes:
+def _external_model(location: str, offset: int = 0) -> tuple[onnx.ModelProto, bytes]:
+    """The tiny model with its first weight moved to external data at ``location``; returns it and the data."""
     model = tiny_onnx_model()
     weight = model.graph.initializer[0]
     data = numpy_helper.to_array(weight).tobytes()
     weight.data_location = TensorProto.EXTERNAL
-    for key, value in (("location", "weights.bin"), ("offset", "64"), ("length", str(len(data)))):
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(data)))):
         entry = weight.external_data.add()
         entry.key, entry.value = key, value
     weight.ClearField("float_data")
     weight.ClearField("raw_data")
+    return model, data
+
+
+def _bundle_bomb() -> bytes:
+    """A 32 MiB external-data file of zeros, deflated to ~32 KiB beside a real model."""
+    model, _data = _external_model("weights.bin")
+    return _zip({"model.onnx": model.SerializeToString(), "weights.bin": bytes(32 * MiB)})
+
+
+def _bundle_reading_past_its_file() -> bytes:
+    model, data = _external_model("weights.bin", offset=64)
     return _zip({"model.onnx": model.SerializeToString(), "weights.bin": data}, zipfile.ZIP_STORED)
 
 
@@ -136,15 +135,7 @@ def test_a_pt2_with_an_oversized_weight_table_is_refused(client, app):
 
 
 def test_a_bundle_with_external_data_is_described_without_unpacking(client):
-    model = tiny_onnx_model()
-    weight = model.graph.initializer[0]
-    data = numpy_helper.to_array(weight).tobytes()
-    weight.data_location = TensorProto.EXTERNAL
-    for key, value in (("location", "data/weights.bin"), ("length", str(len(data)))):
-        entry = weight.external_data.add()
-        entry.key, entry.value = key, value
-    weight.ClearField("float_data")
-    weight.ClearField("raw_data")
+    model, data = _external_model("data/weights.bin")
     response = upload(client, "/v1/models", _zip({"model.onnx": model.SerializeToString(), "data/weights.bin": data}))
     assert response.status_code == 201, response.text
     assert [layer["name"] for layer in response.json()["layers"]] == ["fc1.weight", "fc2.weight"]

@@ -9,14 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from service.tables import Model
 from tests.conftest import npz_bytes
 from tests.service.conftest import snapshot
 from tests.service.test_jobs import slow_inputs, uploaded, wait_for
 from tests.service.test_registry import upload
-from tests.sensitivity.test_pt2_archive import SmallModel, pickled_sample_inputs, pickled_weight
+from tests.sensitivity.test_pt2_archive import pickled_sample_inputs, pickled_weight, save_small_model
 
 HOSTILE = {"pickled_weight": (pickled_weight, "model_weights_config.json (weight 'fc.weight')"),
            "pickled_sample_inputs": (pickled_sample_inputs, "data/sample_inputs/model.pt")}
@@ -24,13 +23,7 @@ HOSTILE = {"pickled_weight": (pickled_weight, "model_weights_config.json (weight
 
 @pytest.fixture(scope="module")
 def benign_pt2(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("pt2") / "small.pt2"
-    batch = torch.export.Dim("batch", min=1, max=64)
-    exported = torch.export.export(SmallModel().eval(), (torch.randint(0, 12, (3, 5)),),
-                                   dynamic_shapes={"ids": {0: batch}})
-    torch.export.save(exported, str(path))
-    return path
+    return save_small_model(tmp_path_factory.mktemp("pt2") / "small.pt2")
 
 
 @pytest.fixture
