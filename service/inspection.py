@@ -462,12 +462,13 @@ def main() -> None:
         import planner.plan  # noqa: F401
         import sensitivity.onnx_program  # noqa: F401
 
-    received = channel.receive()
-    if received is None:
-        return
-    request, fds = received
-    with os.fdopen(fds[0], "rb") as file:
-        channel.send(answer(request, file, Limits(**request["limits"])))
+    for _ in range(int(os.environ.get("MPQ_INSPECTOR_REQUESTS", "1"))):
+        received = channel.receive()
+        if received is None:
+            return
+        request, fds = received
+        with os.fdopen(fds[0], "rb") as file:
+            channel.send(answer(request, file, Limits(**request["limits"])))
 
 
 if __name__ == "__main__":

@@ -4,17 +4,20 @@ Every inspection (``service.inspection``) runs in its own fresh process that get
 descriptor, answers once and exits: a hostile upload can hang or exhaust only the process that
 reads it, never the API process, and never the next user's inspection. Spare processes are
 started ahead by one long-lived thread (their parent-death signal follows the thread that
-started them), so a request does not wait for an interpreter to start. Two kinds: spares for
-uploads import onnx only (~0.3 s of CPU to start); spares for job requests also import the
-libraries and torch (~1.5 s), which an upload never needs: a sensitivity submission waited
-1.5-2 s for that import when it happened on the request's path.
+started them), so a request does not wait for an interpreter to start.
+
+Two kinds. An upload's inspector imports onnx only (~0.3 s of CPU to start) and reads one upload.
+A job request's inspector also imports the libraries and torch (~1.5 s) and answers up to
+``JOB_REQUESTS_PER_PROCESS`` requests: those read models that already passed an upload's
+inspection, and starting torch for each one cost every submission 1.5-2 s of CPU (on its path
+without a spare, in the background with one). Any error, crash or timeout retires it at once.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,8 @@ from service.sandbox import Child, SandboxLimits, start_child
 
 logger = logging.getLogger("mpq.inspector")
 MAX_REPLY_BYTES = 64 << 20  # a model's description: names and shapes of its layers, inputs and outputs
+JOB_REQUESTS_PER_PROCESS = 50
+REQUESTS_PER_PROCESS = {"upload": 1, "job": JOB_REQUESTS_PER_PROCESS}
 
 
 class Inspector:
@@ -39,6 +44,7 @@ class Inspector:
         self.hide = hide or []
         self._slots = threading.BoundedSemaphore(processes)
         self._spares: dict[str, list[Child]] = {"upload": [], "job": []}
+        self._answered: dict[int, int] = {}  # pid -> requests answered
         self._wanted = {"upload": processes, "job": 1}
         self._changed = threading.Condition()
         self._closed = False
@@ -61,17 +67,20 @@ class Inspector:
     def _ask(self, function: str, path: Path, args: list[Any] | None = None) -> Any:
         if not self._slots.acquire(timeout=self.queue_timeout_s):
             raise InspectorBusy(f"every upload inspector stayed busy for {self.queue_timeout_s:.0f} s; retry later")
+        kind = "job" if function == "job_request" else "upload"
         try:
-            child = self._take_spare("job" if function == "job_request" else "upload")
+            child = self._take_spare(kind)
+            answered = False
             try:
                 with path.open("rb") as file:
                     child.channel.send({"function": function, "args": args or [], "limits": asdict(self.limits)},
                                        [file.fileno()])
                 reply = child.channel.receive(self.timeout_s)
+                answered = reply is not None
             except ChannelClosed:
                 reply = (_crash_message(child), [])
             finally:
-                self._retire(child)
+                self._done_with(child, kind, healthy=answered)
         finally:
             self._slots.release()
         if reply is None:
@@ -93,6 +102,18 @@ class Inspector:
             child = self._spares[kind].pop()
             self._changed.notify_all()  # the keeper starts a replacement
             return child
+
+    def _done_with(self, child: Child, kind: str, healthy: bool) -> None:
+        """Back among the spares if it may answer more, else retired."""
+        answered = self._answered.pop(child.pid, 0) + 1
+        if healthy and answered < REQUESTS_PER_PROCESS[kind] and child.process.poll() is None:
+            with self._changed:
+                if not self._closed:
+                    self._answered[child.pid] = answered
+                    self._spares[kind].append(child)
+                    self._changed.notify_all()
+                    return
+        self._retire(child)
 
     def _retire(self, child: Child) -> None:
         output = child.log_tail(4000).strip()
@@ -119,9 +140,12 @@ class Inspector:
                     self._changed.wait()
                 if self._closed:
                     return
+            requests = REQUESTS_PER_PROCESS[kind]
+            # CPU time adds up over a process's requests; the wall-clock limit bounds each one
+            limits = replace(self.sandbox, cpu_time_s=self.sandbox.cpu_time_s * requests)
+            env = {**(self.env or {}), "MPQ_INSPECTOR_KIND": kind, "MPQ_INSPECTOR_REQUESTS": str(requests)}
             try:
-                child = start_child(self.module, self.sandbox, env={**(self.env or {}), "MPQ_INSPECTOR_KIND": kind},
-                                    hide=self.hide)
+                child = start_child(self.module, limits, env=env, hide=self.hide)
             except Exception:
                 logger.exception("could not start an upload inspector")
                 with self._changed:
