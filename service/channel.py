@@ -58,8 +58,9 @@ class Channel:
             raise ChannelClosed(str(error)) from None
 
     def receive(self, timeout_s: float | None = None) -> tuple[dict[str, Any], list[int]] | None:
-        """The next frame and its descriptors; None if none began within ``timeout_s``."""
-        if timeout_s is not None and not select.select([self.sock], [], [], timeout_s)[0]:
+        """The next frame and its descriptors; None if none began within ``timeout_s`` (None: wait as long
+        as it takes). Once a frame has begun, the rest must follow within ``frame_timeout_s``."""
+        if not select.select([self.sock], [], [], timeout_s)[0]:
             return None
         deadline = time.monotonic() + self.frame_timeout_s
         try:

@@ -15,7 +15,8 @@ JOB_FINISHED = ("succeeded", "failed", "cancelled")
 
 class ProgressPrinter:
     """``progress(phase, fraction, message)`` on stderr: a bar redrawn in place on a terminal,
-    plain lines otherwise (at most one per phase change or per second, so logs stay short)."""
+    plain lines otherwise (at most one per phase change or per second, none repeating the last, so
+    logs stay short)."""
 
     WIDTH = 30
 
@@ -25,6 +26,7 @@ class ProgressPrinter:
         self._interval = interval_s
         self._phase = ""
         self._last = 0.0
+        self._shown: tuple[str, float, str] | None = None
         self._open_line = False
 
     def __call__(self, phase: str, fraction: float, message: str) -> None:
@@ -36,8 +38,10 @@ class ProgressPrinter:
             self._open_line = True
         else:
             now = time.monotonic()
-            if phase == self._phase and now - self._last < self._interval and fraction < 1.0:
+            unchanged = self._shown == (phase, fraction, message)  # a poll that found no news
+            if unchanged or (phase == self._phase and now - self._last < self._interval and fraction < 1.0):
                 return
+            self._shown = (phase, fraction, message)
             self._stream.write(f"{phase} {fraction:4.0%} {message}\n")
             self._last = now
         self._phase = phase
