@@ -68,7 +68,7 @@ def latency_job(context: ChildContext) -> dict[str, Any]:
     context.progress("latency", 0.0, f"timing {params['repeats']} runs at batch size {params['batch_size']}")
     with context.model_path() as path:
         model_bytes = path.read_bytes()
-    inputs = {k: v for k, v in (context.arrays("calibration") or {}).items() if k != "labels"}
+    inputs = {k: v for k, v in context.arrays("calibration").items() if k != "labels"}
     measured = measure_latency(model_bytes, inputs, device=params.get("device", "auto"),
                                warmup=params.get("warmup", 10), repeats=params["repeats"],
                                batch_size=params["batch_size"])
@@ -96,7 +96,7 @@ def plan_job(context: ChildContext) -> dict[str, Any]:
     with context.model_path() as path:
         proto = onnx.load(str(path))
     try:
-        result = plan(proto, context.arrays("calibration"), request, evaluation=context.arrays("evaluation"),
+        result = plan(proto, context.arrays("calibration"), request, evaluation=context.arrays_if_given("evaluation"),
                       sensitivity=SensitivityResult.from_dict(sensitivity_data), progress=progress)
     except NoFeasiblePlan as error:
         raise JobInputError(str(error), code="infeasible") from None

@@ -16,6 +16,7 @@ import posixpath
 import tempfile
 import traceback
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -254,8 +255,8 @@ def _placeholder_for(tensor, model_member: str, sizes: dict[str, int], root: str
         raise InvalidUpload(f"tensor {tensor.name!r} points at external data {location!r} outside the upload")
     if member not in sizes:
         raise InvalidUpload(f"tensor {tensor.name!r} needs external data file {location!r}, missing from the upload")
-    offset, length = _int_entry(tensor, entries, "offset", 0), _int_entry(tensor, entries, "length", None)
-    end = offset + (length if length is not None else 0)
+    offset, length = _int_entry(tensor, entries, "offset"), _int_entry(tensor, entries, "length")
+    end = offset + length
     if end > sizes[member]:
         raise InvalidUpload(f"tensor {tensor.name!r} reads bytes {offset}..{end} of {location!r}, which holds "
                             f"{sizes[member]}")
@@ -265,9 +266,11 @@ def _placeholder_for(tensor, model_member: str, sizes: dict[str, int], root: str
         placeholder.truncate(sizes[member])  # sparse: no disk space, whatever the declared size
 
 
-def _int_entry(tensor, entries: dict[str, str], key: str, default: int | None) -> int | None:
+def _int_entry(tensor, entries: dict[str, str], key: str) -> int:
+    """An external-data offset or length (0 when absent: the length then is the whole file, checked
+    by onnx.checker against the placeholder's size)."""
     if key not in entries:
-        return default
+        return 0
     value = entries[key]
     if not value.isdigit():
         raise InvalidUpload(f"tensor {tensor.name!r} has a non-numeric external-data {key} {value!r}")
@@ -429,7 +432,8 @@ def _fewest_bops(model, shapes: dict[str, list[int]], names: tuple[str, ...]) ->
 
 # ---------------------------------------------------------------- the sandboxed process
 
-FUNCTIONS = {"model": inspect_model, "dataset": inspect_dataset, "job_request": check_job_request}
+FUNCTIONS: dict[str, Callable[..., Any]] = {"model": inspect_model, "dataset": inspect_dataset,
+                                            "job_request": check_job_request}
 
 
 def answer(request: dict[str, Any], file: IO[bytes], limits: Limits) -> dict[str, Any]:

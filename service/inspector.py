@@ -136,9 +136,11 @@ class Inspector:
         """Keep the wanted spare inspectors of each kind started, from this one thread."""
         while True:
             with self._changed:
-                while not self._closed and not (kind := self._short_kind()):
+                kind = self._short_kind()
+                while not self._closed and kind is None:
                     self._changed.wait()
-                if self._closed:
+                    kind = self._short_kind()
+                if self._closed or kind is None:
                     return
             requests = REQUESTS_PER_PROCESS[kind]
             # CPU time adds up over a process's requests; the wall-clock limit bounds each one

@@ -44,7 +44,7 @@ class ChildContext:
         self.workdir = workdir
         self.cancel_event = threading.Event()
         self._replies: queue.Queue[dict[str, Any]] = queue.Queue()
-        self._last_progress = (None, 0.0)
+        self._last_progress: tuple[str | None, float] = (None, 0.0)
 
     # ------------------------------------------------ reporting
 
@@ -100,12 +100,13 @@ class ChildContext:
         finally:
             shutil.rmtree(root, ignore_errors=True)
 
-    def arrays(self, name: str) -> dict[str, np.ndarray] | None:
+    def arrays(self, name: str) -> dict[str, np.ndarray]:
         """The arrays of dataset input ``name`` ("calibration", "evaluation"), read without pickle."""
-        if name not in self.fds:
-            return None
         with self._open(name) as file, np.load(file, allow_pickle=False) as npz:
             return {key: npz[key] for key in npz.files}
+
+    def arrays_if_given(self, name: str) -> dict[str, np.ndarray] | None:
+        return self.arrays(name) if name in self.fds else None
 
     def _open(self, name: str) -> IO[bytes]:
         """A file object over input ``name`` from its start (a duplicate shares the offset: seek)."""

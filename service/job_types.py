@@ -12,10 +12,18 @@ from typing import IO, Any
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.storage import delete_if_unused, store_file
 from service.db import retrying
 from service.jobs import JobInputError
-from service.tables import Artifact, Dataset, FrontierPoint, LatencyMeasurement, Model, Plan, new_id
+from service.storage import delete_if_unused, store_file
+from service.tables import (
+    Artifact,
+    Dataset,
+    FrontierPoint,
+    LatencyMeasurement,
+    Model,
+    Plan,
+    new_id,
+)
 
 
 @dataclass

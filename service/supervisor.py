@@ -25,7 +25,7 @@ import time
 from collections import deque
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service import jobs
 from service.channel import ChannelClosed
 from service.db import retrying
-from service.job_types import JOB_TYPES, Finished, JobInputs, save_rows
+from service.job_types import JOB_TYPES, Finished, JobInputs, JobType, save_rows
 from service.jobs import JobInputError
 from service.sandbox import Child, SandboxLimits, start_child
 from service.settings import Settings
@@ -104,7 +104,6 @@ class JobRun:
         self.inputs: JobInputs | None = None
         self.sensitivity_result_id: str | None = None
         self.final: dict[str, Any] | None = None
-        self.stored: dict[str, Any] | None = None
         self._progress_written = ("", 0.0)
 
     # ------------------------------------------------ the run
@@ -120,8 +119,8 @@ class JobRun:
         self.inputs.owner = self.owner
         with ExitStack() as stack:
             try:
-                files = {role: stack.enter_context(self.store.local_path(sha256).open("rb"))
-                         for role, sha256 in self.inputs.blobs.items()}
+                files: dict[str, IO[bytes]] = {role: stack.enter_context(self.store.local_path(sha256).open("rb"))
+                                               for role, sha256 in self.inputs.blobs.items()}
             except FileNotFoundError:  # a server fault; the path stays in the server's log
                 logger.exception("job %s: a stored file is missing", self.job_id)
                 return self.end(jobs.FAILED, "internal error: a stored input file of this job is missing from the "
@@ -130,18 +129,18 @@ class JobRun:
                 if self.inputs.artifact else None
             if artifact is not None:
                 files["artifact"] = artifact
-            child = self.child
             started = time.monotonic()
-            child.channel.send({"type": self.job_type, "params": self.params, "files": list(files),
+            self.child.channel.send({"type": self.job_type, "params": self.params, "files": list(files),
                                 "model": {"name": self.inputs.model_name, "format": self.inputs.model_format}},
                                [f.fileno() for f in files.values()])
-            stopped = self._relay(child, started)
+            stopped = self._relay(started)
             if stopped is not None:
                 return stopped
-            return self._conclude(child, job_type, artifact)
+            return self._conclude(job_type, artifact)
 
-    def _relay(self, child: Child, started: float) -> str | None:
+    def _relay(self, started: float) -> str | None:
         """Pass frames until the child ends; returns a final status if the supervisor ended the job."""
+        child = self.child
         cancel_seen = terminated = None
         next_beat = 0.0
         while True:
@@ -184,10 +183,10 @@ class JobRun:
             self.log("the job process closed its channel but did not exit; stopping it")
             child.kill()
 
-    def _conclude(self, child: Child, job_type, artifact) -> str:
+    def _conclude(self, job_type: JobType, artifact: IO[bytes] | None) -> str:
         final = self.final
         if final is None:
-            return self._died(child)
+            return self._died(self.child)
         if final["kind"] == "failed":
             code = final.get("code")
             if code == "cancelled":

@@ -67,6 +67,11 @@ def _url(backend: str, database_urls: dict[str, str], request) -> str:
     return database_urls[backend]
 
 
+# For tests of logic no database takes part in (request validation, upload inspection, the sandbox):
+# one backend suffices, and each of these tests starts processes that take seconds of CPU.
+sqlite_only = pytest.mark.parametrize("backend_settings", ["sqlite"], indirect=True)
+
+
 @pytest.fixture(scope="session", params=BACKENDS)
 def backend_settings(request, database_urls, tmp_path_factory) -> Settings:
     url = _url(request.param, database_urls, request)

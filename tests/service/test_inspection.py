@@ -19,7 +19,7 @@ from service.inspection import InvalidUpload, Limits
 from service.inspector import Inspector
 from service.sandbox import SandboxLimits
 from tests.conftest import npz_bytes, tiny_onnx_model
-from tests.service.conftest import snapshot
+from tests.service.conftest import snapshot, sqlite_only
 from tests.service.test_registry import assert_problem, upload
 
 REPO = Path(__file__).resolve().parents[2]
@@ -112,6 +112,7 @@ HOSTILE_DATASETS = {
 }
 
 
+@sqlite_only
 @pytest.mark.parametrize("case", HOSTILE_MODELS)
 def test_hostile_models_are_refused_before_anything_runs(client, app, case):
     make, words = HOSTILE_MODELS[case]
@@ -120,6 +121,7 @@ def test_hostile_models_are_refused_before_anything_runs(client, app, case):
     assert snapshot(app) == before
 
 
+@sqlite_only
 @pytest.mark.parametrize("case", HOSTILE_DATASETS)
 def test_hostile_datasets_are_refused_from_their_headers(client, app, case):
     make, words = HOSTILE_DATASETS[case]
@@ -128,12 +130,14 @@ def test_hostile_datasets_are_refused_from_their_headers(client, app, case):
     assert snapshot(app) == before
 
 
+@sqlite_only
 def test_a_pt2_with_an_oversized_weight_table_is_refused(client, app):
     archive = _zip({"m/archive_format": b"pt2", "m/data/weights/model_weights_config.json": b" " * (80 * MiB)})
     assert len(archive) < MiB
     assert_problem(upload(client, "/v1/models", archive), 422, "model_weights_config.json")
 
 
+@sqlite_only
 def test_a_bundle_with_external_data_is_described_without_unpacking(client):
     model, data = _external_model("data/weights.bin")
     response = upload(client, "/v1/models", _zip({"model.onnx": model.SerializeToString(), "data/weights.bin": data}))
@@ -141,6 +145,7 @@ def test_a_bundle_with_external_data_is_described_without_unpacking(client):
     assert [layer["name"] for layer in response.json()["layers"]] == ["fc1.weight", "fc2.weight"]
 
 
+@sqlite_only
 def test_bops_budgets_are_checked_without_running_the_model(client):
     """BOPS need the layers' shapes: known statically, the budget is checked up front; unknown, the check
     is left to the job (which runs the model inside its sandbox), never run in the API's inspector."""

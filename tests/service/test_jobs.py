@@ -11,7 +11,7 @@ import pytest
 
 from sensitivity.results import MAX_PROBES
 from tests.conftest import mlp_onnx_model, npz_bytes
-from tests.service.conftest import snapshot
+from tests.service.conftest import snapshot, sqlite_only
 from tests.service.test_registry import assert_problem, upload
 
 
@@ -131,6 +131,7 @@ HOSTILE_SENSITIVITY_OPTIONS = [
 ]
 
 
+@sqlite_only
 @pytest.mark.parametrize(("method", "options", "named"), HOSTILE_SENSITIVITY_OPTIONS,
                          ids=[f"{m}-{o}" for m, o, _ in HOSTILE_SENSITIVITY_OPTIONS])
 def test_hostile_options_are_refused_at_submission(client, app, tiny_model_bytes, tiny_dataset_bytes, method: str,

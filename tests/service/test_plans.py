@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import npz_bytes
 from tests.planner.test_export import trained_digits_onnx
-from tests.service.conftest import snapshot
+from tests.service.conftest import snapshot, sqlite_only
 from tests.service.test_jobs import post_json_text, uploaded, wait_for
 from tests.service.test_registry import assert_problem, upload
 
@@ -102,6 +102,7 @@ HOSTILE_PLAN_FIELDS = [
 ]
 
 
+@sqlite_only
 @pytest.mark.parametrize(("fields", "named"), HOSTILE_PLAN_FIELDS, ids=[f for f, _ in HOSTILE_PLAN_FIELDS])
 def test_hostile_plan_requests_are_refused_at_submission(client, app, tiny_model_bytes, tiny_dataset_bytes,
                                                          fields: str, named: str):
@@ -134,6 +135,7 @@ def test_the_api_schema_states_the_library_bounds():
                        "warmup": library.MAX_LATENCY_WARMUP}
 
 
+@sqlite_only
 @pytest.mark.parametrize("fields", ['"repeats": true', '"batch_size": 2.0', '"warmup": "5"'])
 def test_latency_requests_take_json_ints_only(client, fields: str):
     """Checked before the plan is looked up: a bad body is a 422 naming the field, not a 404 or a job."""

@@ -18,11 +18,11 @@ import pytest
 import uvicorn
 
 from service.guard import HeaderTimeoutProtocol
+from tests.service.conftest import sqlite_only
 from tests.service.test_guard import exchange
 
 TIMEOUT_S = 0.5
 # What is tested is the server's sockets, not the database: SQLite only.
-sqlite_only = pytest.mark.parametrize("backend_settings", ["sqlite"], indirect=True)
 
 
 class ShortHeaderTimeout(HeaderTimeoutProtocol):

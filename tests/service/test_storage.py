@@ -28,7 +28,6 @@ from tests.service.test_distributed import free_port
 from tests.service.test_jobs import slow_inputs, uploaded, wait_for
 from tests.service.test_registry import assert_problem, upload
 
-
 # ---------------------------------------------------------------- deletes racing uploads
 
 

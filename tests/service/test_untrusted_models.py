@@ -12,10 +12,14 @@ import pytest
 
 from service.tables import Model
 from tests.conftest import npz_bytes
-from tests.service.conftest import snapshot
+from tests.sensitivity.test_pt2_archive import (
+    pickled_sample_inputs,
+    pickled_weight,
+    save_small_model,
+)
+from tests.service.conftest import snapshot, sqlite_only
 from tests.service.test_jobs import slow_inputs, uploaded, wait_for
 from tests.service.test_registry import upload
-from tests.sensitivity.test_pt2_archive import pickled_sample_inputs, pickled_weight, save_small_model
 
 HOSTILE = {"pickled_weight": (pickled_weight, "model_weights_config.json (weight 'fc.weight')"),
            "pickled_sample_inputs": (pickled_sample_inputs, "data/sample_inputs/model.pt")}
@@ -42,6 +46,7 @@ def hostile(name: str, benign: Path, directory: Path) -> tuple[bytes, Path]:
     return archive.read_bytes(), marker
 
 
+@sqlite_only
 @pytest.mark.parametrize("name", sorted(HOSTILE))
 def test_hostile_pt2_is_refused_at_upload_naming_the_entry(name, client, app, benign_pt2, marker_dir):
     archive, marker = hostile(name, benign_pt2, marker_dir)
@@ -53,6 +58,7 @@ def test_hostile_pt2_is_refused_at_upload_naming_the_entry(name, client, app, be
     assert not marker.exists()
 
 
+@sqlite_only
 @pytest.mark.parametrize("name", sorted(HOSTILE))
 def test_hostile_pt2_stored_earlier_is_refused_at_job_start(name, client, app, benign_pt2, marker_dir):
     """An archive that reached the store before the upload checks existed: the job refuses it by name."""
@@ -68,6 +74,7 @@ def test_hostile_pt2_stored_earlier_is_refused_at_job_start(name, client, app, b
     assert not marker.exists()
 
 
+@sqlite_only
 def test_a_benign_pt2_runs_in_the_sandbox(client, benign_pt2):
     ids = np.random.default_rng(0).integers(0, 12, (16, 5))
     model_id, dataset_id = uploaded(client, benign_pt2.read_bytes(), npz_bytes(ids=ids))
@@ -79,6 +86,7 @@ def test_a_benign_pt2_runs_in_the_sandbox(client, benign_pt2):
     assert {trace["name"] for trace in result["traces"]} == {"embedding.weight", "conv.weight", "fc.weight"}
 
 
+@sqlite_only
 def test_a_job_past_its_time_limit_fails_and_frees_its_slot(client, app, tiny_model_bytes, tiny_dataset_bytes):
     settings = app.state.executor.settings
     app.state.executor.settings = settings.model_copy(update={"job_time_limit_s": 3.0})
