@@ -196,20 +196,28 @@ def _safe_relative(name: str) -> bool:
 
 
 def _inspect_pt2(file: IO[bytes], limits: Limits) -> dict[str, Any]:
-    from sensitivity.pt2_archive import check_archive
-
     if not limits.allow_torch:
         raise InvalidUpload("torch.export (.pt2) uploads are disabled on this server (MPQ_ALLOW_TORCH_UPLOADS=false)")
-    file.seek(0)
-    try:
-        summary = check_archive(file, max_members=limits.max_archive_members)
-        model = summary.model("model")  # the program torch.export.load (and mpq's loader) reads
-    except ValueError as error:  # UnsafeArchive names the refused entry
-        raise InvalidUpload(str(error)) from None
+    summary = _check_pt2(file, limits.max_archive_members)
+    model = summary.model("model")
     layers = [{"name": entry.name, "op_type": None, "node_name": None, "shape": list(entry.shape),
                "num_params": math.prod(entry.shape)} for entry in model.parameters if len(entry.shape) >= 2]
     return {"format": "torch_export", "opset": None, "details": {"programs": list(summary.model_names)},
             "layers": layers}
+
+
+def _check_pt2(file: IO[bytes], max_members: int = 4096):
+    """``sensitivity.pt2_archive.check_archive`` (static: nothing is unpickled or run), refusals as
+    InvalidUpload naming the archive entry; the archive must hold the program mpq loads ("model")."""
+    from sensitivity.pt2_archive import check_archive
+
+    file.seek(0)
+    try:
+        summary = check_archive(file, max_members=max_members)
+        summary.model("model")
+    except ValueError as error:  # UnsafeArchive names the refused entry
+        raise InvalidUpload(str(error)) from None
+    return summary
 
 
 def onnx_member(archive: zipfile.ZipFile) -> str:
@@ -366,7 +374,8 @@ def check_job_request(file: IO[bytes], model_format: str, method: str, options: 
         if plan is not None:
             raise InvalidUpload("plans export quantized ONNX and need an ONNX model; torch.export archives "
                                 "support sensitivity analyses only")
-        return  # checked at upload; a worker loads it
+        _check_pt2(file)  # again: an archive stored before today's checks existed must not reach a worker
+        return
     model = _load_model(file, model_format)
     _check_supported_ops(model)
     if plan is not None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.tables import Model
+from service.tables import Job, Model
 from tests.conftest import npz_bytes
 from tests.sensitivity.test_pt2_archive import (
     pickled_sample_inputs,
@@ -19,7 +19,7 @@ from tests.sensitivity.test_pt2_archive import (
 )
 from tests.service.conftest import snapshot, sqlite_only
 from tests.service.test_jobs import slow_inputs, uploaded, wait_for
-from tests.service.test_registry import upload
+from tests.service.test_registry import assert_problem, upload
 
 HOSTILE = {"pickled_weight": (pickled_weight, "model_weights_config.json (weight 'fc.weight')"),
            "pickled_sample_inputs": (pickled_sample_inputs, "data/sample_inputs/model.pt")}
@@ -60,14 +60,31 @@ def test_hostile_pt2_is_refused_at_upload_naming_the_entry(name, client, app, be
 
 @sqlite_only
 @pytest.mark.parametrize("name", sorted(HOSTILE))
-def test_hostile_pt2_stored_earlier_is_refused_at_job_start(name, client, app, benign_pt2, marker_dir):
-    """An archive that reached the store before the upload checks existed: the job refuses it by name."""
+def test_hostile_pt2_stored_earlier_is_refused_at_job_submission(name, client, app, benign_pt2, marker_dir):
+    """An archive that reached the store before the upload checks existed: submitting a job refuses it by name."""
     archive, marker = hostile(name, benign_pt2, marker_dir)
     model_id = _store_without_checks(app, archive)
     dataset = upload(client, "/v1/datasets", npz_bytes(ids=np.random.default_rng(0).integers(0, 12, (8, 5))))
-    job = client.post("/v1/sensitivity", json={"model_id": model_id, "dataset_id": dataset.json()["id"]})
-    assert job.status_code == 202, job.text
-    final = wait_for(client, job.json()["id"])
+    before = snapshot(app)
+    refused = client.post("/v1/sensitivity", json={"model_id": model_id, "dataset_id": dataset.json()["id"]})
+    assert_problem(refused, 422, HOSTILE[name][1])
+    assert snapshot(app) == before
+    assert not marker.exists()
+
+
+@sqlite_only
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_pt2_queued_earlier_is_refused_by_its_job(name, client, app, benign_pt2, marker_dir):
+    """And a job queued before the checks existed: its sandboxed process refuses the archive by name."""
+    archive, marker = hostile(name, benign_pt2, marker_dir)
+    model_id = _store_without_checks(app, archive)
+    dataset = upload(client, "/v1/datasets", npz_bytes(ids=np.random.default_rng(0).integers(0, 12, (8, 5))))
+    job = Job(type="sensitivity", params={"model_id": model_id, "dataset_id": dataset.json()["id"],
+                                          "method": "hawq_v2", "options": {}})
+    with app.state.sessions() as session, session.begin():
+        session.add(job)
+    app.state.executor.submit(job.id)
+    final = wait_for(client, job.id)
     assert final["status"] == "failed" and final["result"]["error_code"] == "bad_input", final
     assert HOSTILE[name][1] in final["error"]
     assert "sandbox: user" in final["log_tail"]
