@@ -28,7 +28,8 @@ from service.supervisor import hidden_paths
 from service.tables import Dataset, Model, Readiness, utcnow
 from service.transfer import UploadSlots
 
-MODELS = RegistryKind("model", "/models", Model, schemas.ModelOut, schemas.ModelPage, Inspector.model, ".onnx")
+MODELS = RegistryKind("model", "/models", Model, schemas.ModelOut, schemas.ModelPage, Inspector.model, ".onnx",
+                      unlisted=("layers",))
 # uvicorn's default event loop is uvloop, which starves some keep-alive connections once the process is
 # saturated: at 200 connections a trivial FastAPI endpoint had p99 797 ms (and wrk timeouts) under
 # uvloop and 53 ms under the standard loop at the same throughput. See docs/benchmarks.md, "Service".

@@ -12,6 +12,7 @@ data with the header) and the UTF-8 JSON payload.
 from __future__ import annotations
 
 import json
+import math
 import select
 import socket
 import struct
@@ -60,7 +61,7 @@ class Channel:
     def receive(self, timeout_s: float | None = None) -> tuple[dict[str, Any], list[int]] | None:
         """The next frame and its descriptors; None if none began within ``timeout_s`` (None: wait as long
         as it takes). Once a frame has begun, the rest must follow within ``frame_timeout_s``."""
-        if not select.select([self.sock], [], [], timeout_s)[0]:
+        if not self._readable(timeout_s):
             return None
         deadline = time.monotonic() + self.frame_timeout_s
         try:
@@ -108,8 +109,16 @@ class Channel:
 
     def _wait_readable(self, deadline: float) -> None:
         remaining = deadline - time.monotonic()
-        if remaining <= 0 or not select.select([self.sock], [], [], remaining)[0]:
+        if remaining <= 0 or not self._readable(remaining):
             raise ChannelClosed(f"a frame took longer than {self.frame_timeout_s:.0f} s to arrive")
+
+
+    def _readable(self, timeout_s: float | None) -> bool:
+        """poll, not select: select fails on descriptors numbered 1024 and above, which a server holding
+        a thousand client connections hands out."""
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        return bool(poller.poll(None if timeout_s is None else max(0, math.ceil(timeout_s * 1000))))
 
 
 def _close_all(fds: Sequence[int]) -> None:

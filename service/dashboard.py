@@ -29,7 +29,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from service import jobs
 from service.api_jobs import JobOut
@@ -247,7 +247,8 @@ def home() -> Response:
 @pages.get("/models")
 def models_page(request: Request) -> Response:
     with request.app.state.sessions() as session:
-        models = session.scalars(select(Model).order_by(Model.created_at.desc()).limit(LIST_LIMIT)).all()
+        models = session.scalars(select(Model).options(defer(Model.layers))
+                                 .order_by(Model.created_at.desc()).limit(LIST_LIMIT)).all()
         datasets = session.scalars(select(Dataset).order_by(Dataset.created_at.desc()).limit(LIST_LIMIT)).all()
     return render(request, "models.html", active="Models", models=models, datasets=datasets)
 

@@ -110,7 +110,7 @@ def _plan(client: MpqClient, model_path: Path, calib_path: Path, eval_path: Path
     calibration = client.upload_dataset(calib_path, "digits-calibration")
     evaluation = client.upload_dataset(eval_path, "digits-evaluation")
     budget = int(model["size_bytes"] * budget_fraction)
-    print(f"uploaded model {model['id']} ({len(model['layers'])} layers, {model['size_bytes']} bytes); "
+    print(f"uploaded model {model['id']} ({model['layer_count']} layers, {model['size_bytes']} bytes); "
           f"planning under {budget} bytes", file=out)
     job = client.submit("/v1/plans", {
         "model_id": model["id"], "calibration_dataset_id": calibration["id"],

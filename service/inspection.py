@@ -25,6 +25,10 @@ import numpy as np
 MAX_COMPRESSION_RATIO = 100  # float weights and calibration data compress ~1.1-20x; zeros ~1000x
 RATIO_FLOOR_BYTES = 16 << 20  # small members may compress as well as they like
 MAX_PROTO_BYTES = 2 << 30  # protobuf cannot hold more: larger models use external data
+# A model's description travels to the API process and into its row. Real models have tens to a few
+# thousand weight layers (a 70B decoder: ~560); a legal 800,000-layer upload grew the API by 1.5 GB.
+MAX_LAYERS = 16_384
+MAX_GRAPH_VALUES = 4_096  # graph inputs, and graph outputs, each
 
 
 class InvalidUpload(ValueError):
@@ -115,6 +119,10 @@ def _describe_onnx(model, model_format: str) -> dict[str, Any]:
     from sensitivity.layers import find_layers
 
     _check_element_types(model)
+    for kind, values in (("inputs", model.graph.input), ("outputs", model.graph.output)):
+        if len(values) > MAX_GRAPH_VALUES:
+            raise InvalidUpload(f"the graph has {len(values)} {kind}; this service takes at most {MAX_GRAPH_VALUES}")
+    layers = _bounded_layers(find_layers(model))
     initializer_names = {init.name for init in model.graph.initializer}
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     return {
@@ -135,9 +143,16 @@ def _describe_onnx(model, model_format: str) -> dict[str, Any]:
                 "shape": list(layer.shape),
                 "num_params": layer.num_params,
             }
-            for layer in find_layers(model)
+            for layer in layers
         ],
     }
+
+
+def _bounded_layers(layers: list[Any]) -> list[Any]:
+    if len(layers) > MAX_LAYERS:
+        raise InvalidUpload(f"the model has {len(layers)} weight layers; this service plans at most {MAX_LAYERS} "
+                            "per model")
+    return layers
 
 
 def _value_info(value) -> dict[str, Any]:
@@ -200,8 +215,9 @@ def _inspect_pt2(file: IO[bytes], limits: Limits) -> dict[str, Any]:
         raise InvalidUpload("torch.export (.pt2) uploads are disabled on this server (MPQ_ALLOW_TORCH_UPLOADS=false)")
     summary = _check_pt2(file, limits.max_archive_members)
     model = summary.model("model")
+    weights = _bounded_layers([entry for entry in model.parameters if len(entry.shape) >= 2])
     layers = [{"name": entry.name, "op_type": None, "node_name": None, "shape": list(entry.shape),
-               "num_params": math.prod(entry.shape)} for entry in model.parameters if len(entry.shape) >= 2]
+               "num_params": math.prod(entry.shape)} for entry in weights]
     return {"format": "torch_export", "opset": None, "details": {"programs": list(summary.model_names)},
             "layers": layers}
 
@@ -481,7 +497,12 @@ def main() -> None:
             return
         request, fds = received
         with os.fdopen(fds[0], "rb") as file:
-            channel.send(answer(request, file, Limits(**request["limits"])))
+            reply = answer(request, file, Limits(**request["limits"]))
+        try:
+            channel.send(reply)
+        except ValueError:  # longer than the channel takes (service.inspector.MAX_REPLY_BYTES)
+            channel.send({"invalid": f"the upload's description (names and shapes of its layers, inputs and "
+                                     f"outputs) exceeds {channel.max_frame_bytes} bytes of JSON", "code": "bad_input"})
 
 
 if __name__ == "__main__":

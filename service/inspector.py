@@ -26,7 +26,9 @@ from service.inspection import InvalidUpload, Limits
 from service.sandbox import Child, SandboxLimits, start_child
 
 logger = logging.getLogger("mpq.inspector")
-MAX_REPLY_BYTES = 64 << 20  # a model's description: names and shapes of its layers, inputs and outputs
+# A model's description: names and shapes of its layers, inputs and outputs (a real 1,000-layer
+# model's is ~200 KB). The API parses it, so it is bounded.
+MAX_REPLY_BYTES = 16 << 20
 JOB_REQUESTS_PER_PROCESS = 50
 REQUESTS_PER_PROCESS = {"upload": 1, "job": JOB_REQUESTS_PER_PROCESS}
 
@@ -95,13 +97,17 @@ class Inspector:
     def _take_spare(self, kind: str) -> Child:
         with self._changed:
             self._start_keeper()
-            while not self._spares[kind]:
-                self._changed.wait(self.timeout_s)
-                if self._closed:
-                    raise InspectorBusy("the server is shutting down")
-            child = self._spares[kind].pop()
-            self._changed.notify_all()  # the keeper starts a replacement
-            return child
+            while True:
+                while not self._spares[kind]:
+                    self._changed.wait(self.timeout_s)
+                    if self._closed:
+                        raise InspectorBusy("the server is shutting down")
+                child = self._spares[kind].pop()
+                self._changed.notify_all()  # the keeper starts a replacement
+                if child.process.poll() is None:
+                    return child
+                self._answered.pop(child.pid, None)  # died waiting (killed, out of memory): never handed out
+                self._retire(child)
 
     def _done_with(self, child: Child, kind: str, healthy: bool) -> None:
         """Back among the spares if it may answer more, else retired."""
@@ -144,7 +150,8 @@ class Inspector:
                     return
             requests = REQUESTS_PER_PROCESS[kind]
             # CPU time adds up over a process's requests; the wall-clock limit bounds each one
-            limits = replace(self.sandbox, cpu_time_s=self.sandbox.cpu_time_s * requests)
+            limits = replace(self.sandbox, cpu_time_s=self.sandbox.cpu_time_s * requests,
+                             max_frame_bytes=MAX_REPLY_BYTES)
             env = {**(self.env or {}), "MPQ_INSPECTOR_KIND": kind, "MPQ_INSPECTOR_REQUESTS": str(requests)}
             try:
                 child = start_child(self.module, limits, env=env, hide=self.hide)

@@ -16,7 +16,10 @@ class LayerOut(BaseModel):
     num_params: int
 
 
-class ModelOut(BaseModel):
+class ModelSummary(BaseModel):
+    """A model in a list: everything but its layers (a page of 500 models of 16,384 layers each would
+    be a gigabyte of JSON); GET /v1/models/{id} has them."""
+
     model_config = ConfigDict(from_attributes=True)
     id: str
     name: str
@@ -25,8 +28,12 @@ class ModelOut(BaseModel):
     size_bytes: int
     opset: int | None
     details: dict[str, Any]
-    layers: list[LayerOut]
+    layer_count: int
     created_at: datetime
+
+
+class ModelOut(ModelSummary):
+    layers: list[LayerOut]
 
 
 class DatasetOut(BaseModel):
@@ -42,7 +49,7 @@ class DatasetOut(BaseModel):
 
 
 class ModelPage(BaseModel):
-    items: list[ModelOut]
+    items: list[ModelSummary]
     total: int
 
 

@@ -56,6 +56,8 @@ class Settings(BaseSettings):
                                         "or address when auth is off).")
     upload_idle_timeout_s: float = Field(30.0, gt=0, description="An upload that sends nothing for this long is "
                                          "cut (408).")
+    upload_min_bytes_per_s: float = Field(10 * KiB, ge=0, description="An upload averaging less over any "
+                                          "MPQ_UPLOAD_IDLE_TIMEOUT_S is cut (408): a trickle holds no slot.")
     quota_bytes_per_owner: int | None = Field(50 * GiB, gt=0, description="Stored bytes (models, datasets, "
                                               "artifacts) one token may own; uploads beyond get 413. Unset: none.")
     quota_bytes_total: int | None = Field(None, gt=0, description="Stored bytes of all owners together; uploads "

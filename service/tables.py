@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, String, Text
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, validates
 from sqlalchemy.types import TypeDecorator
 
 
@@ -71,6 +71,12 @@ class Model(Timestamped, Owned, Base):
     opset: Mapped[int | None] = mapped_column(Integer)
     details: Mapped[dict[str, Any]] = mapped_column(default=dict)  # inputs, outputs, producer, ir_version
     layers: Mapped[list[Any]] = mapped_column(default=list)
+    layer_count: Mapped[int] = mapped_column(Integer, server_default="0")  # len(layers), for lists that skip them
+
+    @validates("layers")
+    def _count_layers(self, _key: str, layers: list[Any]) -> list[Any]:
+        self.layer_count = len(layers)
+        return layers
 
 
 class Dataset(Timestamped, Owned, Base):

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
@@ -20,32 +22,36 @@ _RANGE_SPEC = re.compile(r"^(\d*)-(\d*)$")
 MAX_RANGES = 16  # more (after coalescing) and the whole file is cheaper to send than the parts
 
 
-async def receive_upload(request: Request, store: BlobStore, max_bytes: int, idle_timeout_s: float) -> BlobWriter:
+@dataclass(frozen=True)
+class UploadPace:
+    """How slowly an upload may arrive: nothing at all for ``idle_timeout_s``, or less than
+    ``min_bytes_per_s`` on average over any window of that length, and it is cut (408). The idle
+    timeout alone let a client sending a byte every 29 s hold an upload slot for ever."""
+
+    idle_timeout_s: float
+    min_bytes_per_s: float = 0.0
+
+
+async def receive_upload(request: Request, store: BlobStore, max_bytes: int, pace: UploadPace) -> BlobWriter:
     """Stream the request body into a temporary blob, never holding it in memory.
 
     Over the limit the stream is cut at once (413) and the partial file removed; a client that
-    disconnects, or sends nothing for ``idle_timeout_s`` (408), leaves nothing behind either.
+    disconnects, or sends too slowly (``pace``: 408), leaves nothing behind either.
     """
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise _too_large(max_bytes)
     writer = store.writer(max_bytes)
-    chunks = request.stream().__aiter__()
     try:
-        while True:
-            try:
-                chunk = await asyncio.wait_for(chunks.__anext__(), idle_timeout_s)
-            except StopAsyncIteration:
-                break
+        async for chunk in _paced(request.stream(), pace):
             writer.write(chunk)
         writer.finish()
     except BlobTooLarge:
         writer.abort()
         raise _too_large(max_bytes) from None
-    except TimeoutError:
+    except _TooSlow as error:
         writer.abort()
-        raise Problem(408, f"the upload sent nothing for {idle_timeout_s:g} s (MPQ_UPLOAD_IDLE_TIMEOUT_S); "
-                           "nothing was stored", headers={"Connection": "close"}) from None
+        raise Problem(408, f"{error}; nothing was stored", headers={"Connection": "close"}) from None
     except ClientDisconnect:
         writer.abort()
         raise Problem(400, "the upload was interrupted before it finished; nothing was stored") from None
@@ -57,6 +63,31 @@ async def receive_upload(request: Request, store: BlobStore, max_bytes: int, idl
         raise Problem(422, "the request body is empty: send the file's bytes as the body "
                            "(Content-Type: application/octet-stream)")
     return writer
+
+
+class _TooSlow(Exception):
+    pass
+
+
+async def _paced(chunks: AsyncIterator[bytes], pace: UploadPace) -> AsyncIterator[bytes]:
+    """The chunks, as long as they keep ``pace``."""
+    iterator = chunks.__aiter__()
+    window_start, window_bytes = time.monotonic(), 0
+    while True:
+        try:
+            chunk = await asyncio.wait_for(iterator.__anext__(), pace.idle_timeout_s)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise _TooSlow(f"the upload sent nothing for {pace.idle_timeout_s:g} s (MPQ_UPLOAD_IDLE_TIMEOUT_S)") from None
+        yield chunk
+        window_bytes += len(chunk)
+        elapsed = time.monotonic() - window_start
+        if elapsed >= pace.idle_timeout_s:
+            if window_bytes < pace.min_bytes_per_s * elapsed:
+                raise _TooSlow(f"the upload sent {window_bytes} bytes in {elapsed:.0f} s, less than "
+                               f"{pace.min_bytes_per_s:g} bytes/s (MPQ_UPLOAD_MIN_BYTES_PER_S)")
+            window_start, window_bytes = time.monotonic(), 0
 
 
 class UploadSlots:

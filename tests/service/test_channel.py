@@ -63,3 +63,28 @@ def test_a_closed_end_is_reported(pair):
     other.close()
     with pytest.raises(ChannelClosed):
         mine.receive(1.0)
+
+
+def test_channels_work_with_descriptors_numbered_past_1024():
+    """A server holding a thousand client connections hands its next socketpair descriptors past 1024,
+    where select() raises ValueError: the channel polls instead."""
+    import fcntl
+    import resource
+    import socket
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} is below 1200")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    try:
+        left, right = socket.socketpair()
+        high = [socket.socket(fileno=fcntl.fcntl(s.fileno(), fcntl.F_DUPFD, 1100)) for s in (left, right)]
+        left.close(), right.close()
+        mine, other = Channel(high[0], 1024, 0.5), Channel(high[1], 1024, 0.5)
+        assert mine.fileno() >= 1024
+        other.send({"kind": "hello"})
+        assert mine.receive(1.0) == ({"kind": "hello"}, [])
+        assert mine.receive(0.05) is None
+        mine.close(), other.close()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

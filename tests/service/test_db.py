@@ -44,6 +44,23 @@ def test_downgrade_then_upgrade_round_trips(tmp_path):
     engine.dispose()
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_layer_counts_are_filled_in_for_models_stored_before_the_column(backend, tmp_path, request):
+    from sqlalchemy import text
+
+    url = f"sqlite:///{tmp_path / 'old.db'}" if backend == "sqlite" else request.getfixturevalue("own_postgres_url")
+    engine = make_engine(url)
+    upgrade(engine, "0005")
+    with engine.begin() as connection:
+        connection.execute(text("INSERT INTO models (id, name, format, sha256, size_bytes, details, layers, created_at)"
+                                " VALUES ('m', 'm', 'onnx', :sha, 1, '{}', :layers, CURRENT_TIMESTAMP)"),
+                           {"sha": "0" * 64, "layers": '[{"name": "a"}, {"name": "b"}, {"name": "c"}]'})
+    upgrade(engine)
+    with engine.connect() as connection:
+        assert connection.scalar(text("SELECT layer_count FROM models WHERE id = 'm'")) == 3
+    engine.dispose()
+
+
 def _dropped_connection() -> Exception:
     from sqlalchemy.exc import OperationalError
 

@@ -192,6 +192,67 @@ def test_a_stuck_inspection_holds_up_no_other_request(tmp_path):
         inspector.close()
 
 
+def _many_layers(count: int) -> bytes:
+    """A legal model of ``count`` 1x1 MatMul layers in a chain."""
+    weights = [numpy_helper.from_array(np.ones((1, 1), np.float32), f"w{i}") for i in range(count)]
+    nodes = [helper.make_node("MatMul", ["x" if i == 0 else f"h{i}", f"w{i}"], [f"h{i + 1}"]) for i in range(count)]
+    graph = helper.make_graph(nodes, "many", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1])],
+                              [helper.make_tensor_value_info(f"h{count}", TensorProto.FLOAT, [1, 1])], weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+@sqlite_only
+def test_a_model_past_the_layer_limit_is_refused(client, app):
+    """800,000 legal layers grew the API process by 1.5 GB (their description was parsed there)."""
+    from service.inspection import MAX_LAYERS
+
+    before = snapshot(app)
+    assert_problem(upload(client, "/v1/models", _many_layers(MAX_LAYERS + 1)), 422, f"at most {MAX_LAYERS}")
+    assert snapshot(app) == before
+
+
+def _small_inspector(processes: int = 1) -> Inspector:
+    limits = Limits(max_bytes=16 * MiB, max_decompressed_bytes=16 * MiB, max_archive_members=8,
+                    max_dataset_arrays=8, allow_torch=False)
+    return Inspector(limits, SandboxLimits(memory_bytes=2 << 30, cpu_time_s=60, file_size_bytes=MiB),
+                     processes=processes, timeout_s=30)
+
+
+def test_a_description_past_the_reply_limit_is_refused_by_the_inspector(tmp_path, monkeypatch):
+    import service.inspector
+
+    monkeypatch.setattr(service.inspector, "MAX_REPLY_BYTES", 4096)
+    inspector = _small_inspector()
+    path = tmp_path / "model.onnx"
+    try:
+        path.write_bytes(_many_layers(200))
+        with pytest.raises(InvalidUpload, match="exceeds 4096 bytes"):
+            inspector.model(path)
+        path.write_bytes(_many_layers(2))
+        assert [layer["name"] for layer in inspector.model(path)["layers"]] == ["w0", "w1"]
+    finally:
+        inspector.close()
+
+
+def test_a_spare_that_died_while_waiting_is_never_handed_out(tmp_path):
+    import signal
+
+    inspector = _small_inspector()
+    inspector.start()
+    path = tmp_path / "model.onnx"
+    path.write_bytes(_many_layers(2))
+    try:
+        deadline = time.monotonic() + 30
+        while not inspector._spares["upload"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        spare = inspector._spares["upload"][0]
+        os.kill(spare.pid, signal.SIGKILL)
+        spare.process.wait(timeout=10)
+        assert len(inspector.model(path)["layers"]) == 2  # answered by a fresh process, not "crashed"
+    finally:
+        inspector.close()
+
+
 def _children_running(module: str, exclude_spares: Inspector) -> list[int]:
     """Processes running ``module`` that are not the inspector's idle spares."""
     spares = {child.pid for children in exclude_spares._spares.values() for child in children}

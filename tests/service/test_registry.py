@@ -99,6 +99,14 @@ def test_onnx_archive_with_external_data_inside_the_upload(client, tmp_path):
     assert len(response.json()["layers"]) == 2
 
 
+def test_lists_of_models_count_their_layers_and_one_model_has_them(client):
+    model_id = upload(client, "/v1/models", tiny_onnx_model().SerializeToString()).json()["id"]
+    listed = client.get("/v1/models").json()["items"][0]
+    one = client.get(f"/v1/models/{model_id}").json()
+    assert "layers" not in listed
+    assert listed["layer_count"] == one["layer_count"] == len(one["layers"]) > 0
+
+
 def test_torch_export_archive_is_listed_not_loaded(client, app, tmp_path):
     import torch
 

@@ -233,6 +233,34 @@ def test_a_client_gets_its_share_of_upload_slots_and_stalled_uploads_are_cut(app
     assert app.state.store.temp_count() == 0
 
 
+def test_a_trickling_upload_is_cut_and_frees_its_slot(app, live_server, tight_uploads):
+    """A byte every 0.3 s never trips the one-second idle timeout; the minimum pace cuts it."""
+    app.state.settings = app.state.settings.model_copy(update={"upload_min_bytes_per_s": 1000.0})
+    address = urlsplit(live_server)
+    trickles = [_begin_upload(address) for _ in range(2)]
+    started = time.monotonic()
+    try:
+        replies = [b"", b""]
+        while not all(replies) and time.monotonic() - started < 10:
+            time.sleep(0.3)
+            for index, connection in enumerate(trickles):
+                if not replies[index]:
+                    connection.setblocking(False)
+                    try:
+                        replies[index] = connection.recv(4096)
+                    except BlockingIOError:
+                        connection.sendall(b"\0")
+        assert all(reply.startswith(b"HTTP/1.1 408") for reply in replies), replies
+        assert b"MPQ_UPLOAD_MIN_BYTES_PER_S" in replies[0]
+        assert time.monotonic() - started < 4  # one window of a second, plus a chunk's wait
+        with httpx.Client(base_url=live_server, timeout=10) as client:
+            assert upload(client, "/v1/models", tiny_onnx_model().SerializeToString()).status_code == 201
+    finally:
+        for connection in trickles:
+            connection.close()
+    assert app.state.store.temp_count() == 0
+
+
 def _begin_upload(address) -> socket.socket:
     connection = socket.create_connection((address.hostname, address.port), timeout=10)
     connection.sendall(b"POST /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n" + b"\0" * 10)
