@@ -211,6 +211,34 @@ def test_a_model_past_the_layer_limit_is_refused(client, app):
     assert snapshot(app) == before
 
 
+def _wide_layers(count: int, side: int) -> onnx.ModelProto:
+    weights = [numpy_helper.from_array(np.zeros((side, side), np.float32), f"w{i}") for i in range(count)]
+    nodes = [helper.make_node("MatMul", ["x" if i == 0 else f"h{i}", f"w{i}"], [f"h{i + 1}"]) for i in range(count)]
+    graph = helper.make_graph(nodes, "wide", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, side])],
+                              [helper.make_tensor_value_info(f"h{count}", TensorProto.FLOAT, [1, side])], weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_raw_model_is_inspected_in_little_more_memory_than_its_size(tmp_path):
+    """Reading, parsing and checking a raw model took 3.0x its size (a 900 MiB model passed the 3 GiB
+    budget); it is parsed from a mapping and checked without its weights: 1.5x is plenty."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "model.onnx"
+    path.write_bytes(_wide_layers(16, 1448).SerializeToString())  # 128 MiB in 16 weights
+    result = subprocess.run([sys.executable, "-m", "tests.service.inspect_within_budget", str(path), "1.5"],
+                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.stdout.strip() == "16", result.stdout + result.stderr
+
+
+@sqlite_only
+def test_a_weight_whose_bytes_do_not_fit_its_shape_is_refused(client):
+    model = _wide_layers(1, 1024)
+    model.graph.initializer[0].raw_data = b"\0" * (4 * 1024 * 1024 - 4)
+    assert_problem(upload(client, "/v1/models", model.SerializeToString()), 422, "'w0' holds 4194300 bytes")
+
+
 def _small_inspector(processes: int = 1) -> Inspector:
     limits = Limits(max_bytes=16 * MiB, max_decompressed_bytes=16 * MiB, max_archive_members=8,
                     max_dataset_arrays=8, allow_torch=False)
