@@ -192,13 +192,13 @@ def test_a_stuck_inspection_holds_up_no_other_request(tmp_path):
         inspector.close()
 
 
-def _many_layers(count: int) -> bytes:
-    """A legal model of ``count`` 1x1 MatMul layers in a chain."""
-    weights = [numpy_helper.from_array(np.ones((1, 1), np.float32), f"w{i}") for i in range(count)]
+def _many_layers(count: int, side: int = 1) -> onnx.ModelProto:
+    """A legal model of ``count`` side-by-side MatMul layers in a chain."""
+    weights = [numpy_helper.from_array(np.ones((side, side), np.float32), f"w{i}") for i in range(count)]
     nodes = [helper.make_node("MatMul", ["x" if i == 0 else f"h{i}", f"w{i}"], [f"h{i + 1}"]) for i in range(count)]
-    graph = helper.make_graph(nodes, "many", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1])],
-                              [helper.make_tensor_value_info(f"h{count}", TensorProto.FLOAT, [1, 1])], weights)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    graph = helper.make_graph(nodes, "many", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, side])],
+                              [helper.make_tensor_value_info(f"h{count}", TensorProto.FLOAT, [1, side])], weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 @sqlite_only
@@ -207,16 +207,9 @@ def test_a_model_past_the_layer_limit_is_refused(client, app):
     from service.inspection import MAX_LAYERS
 
     before = snapshot(app)
-    assert_problem(upload(client, "/v1/models", _many_layers(MAX_LAYERS + 1)), 422, f"at most {MAX_LAYERS}")
+    too_many = _many_layers(MAX_LAYERS + 1).SerializeToString()
+    assert_problem(upload(client, "/v1/models", too_many), 422, f"at most {MAX_LAYERS}")
     assert snapshot(app) == before
-
-
-def _wide_layers(count: int, side: int) -> onnx.ModelProto:
-    weights = [numpy_helper.from_array(np.zeros((side, side), np.float32), f"w{i}") for i in range(count)]
-    nodes = [helper.make_node("MatMul", ["x" if i == 0 else f"h{i}", f"w{i}"], [f"h{i + 1}"]) for i in range(count)]
-    graph = helper.make_graph(nodes, "wide", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, side])],
-                              [helper.make_tensor_value_info(f"h{count}", TensorProto.FLOAT, [1, side])], weights)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def test_a_raw_model_is_inspected_in_little_more_memory_than_its_size(tmp_path):
@@ -226,7 +219,7 @@ def test_a_raw_model_is_inspected_in_little_more_memory_than_its_size(tmp_path):
     import sys
 
     path = tmp_path / "model.onnx"
-    path.write_bytes(_wide_layers(16, 1448).SerializeToString())  # 128 MiB in 16 weights
+    path.write_bytes(_many_layers(16, 1448).SerializeToString())  # 128 MiB in 16 weights
     result = subprocess.run([sys.executable, "-m", "tests.service.inspect_within_budget", str(path), "1.5"],
                             capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.stdout.strip() == "16", result.stdout + result.stderr
@@ -234,7 +227,7 @@ def test_a_raw_model_is_inspected_in_little_more_memory_than_its_size(tmp_path):
 
 @sqlite_only
 def test_a_weight_whose_bytes_do_not_fit_its_shape_is_refused(client):
-    model = _wide_layers(1, 1024)
+    model = _many_layers(1, 1024)
     model.graph.initializer[0].raw_data = b"\0" * (4 * 1024 * 1024 - 4)
     assert_problem(upload(client, "/v1/models", model.SerializeToString()), 422, "'w0' holds 4194300 bytes")
 
@@ -253,10 +246,10 @@ def test_a_description_past_the_reply_limit_is_refused_by_the_inspector(tmp_path
     inspector = _small_inspector()
     path = tmp_path / "model.onnx"
     try:
-        path.write_bytes(_many_layers(200))
+        path.write_bytes(_many_layers(200).SerializeToString())
         with pytest.raises(InvalidUpload, match="exceeds 4096 bytes"):
             inspector.model(path)
-        path.write_bytes(_many_layers(2))
+        path.write_bytes(_many_layers(2).SerializeToString())
         assert [layer["name"] for layer in inspector.model(path)["layers"]] == ["w0", "w1"]
     finally:
         inspector.close()
@@ -268,7 +261,7 @@ def test_a_spare_that_died_while_waiting_is_never_handed_out(tmp_path):
     inspector = _small_inspector()
     inspector.start()
     path = tmp_path / "model.onnx"
-    path.write_bytes(_many_layers(2))
+    path.write_bytes(_many_layers(2).SerializeToString())
     try:
         deadline = time.monotonic() + 30
         while not inspector._spares["upload"] and time.monotonic() < deadline:

@@ -62,11 +62,9 @@ def test_hostile_pt2_is_refused_at_upload_naming_the_entry(name, client, app, be
 @pytest.mark.parametrize("name", sorted(HOSTILE))
 def test_hostile_pt2_stored_earlier_is_refused_at_job_submission(name, client, app, benign_pt2, marker_dir):
     """An archive that reached the store before the upload checks existed: submitting a job refuses it by name."""
-    archive, marker = hostile(name, benign_pt2, marker_dir)
-    model_id = _store_without_checks(app, archive)
-    dataset = upload(client, "/v1/datasets", npz_bytes(ids=np.random.default_rng(0).integers(0, 12, (8, 5))))
+    model_id, dataset_id, marker = _stored_earlier(name, client, app, benign_pt2, marker_dir)
     before = snapshot(app)
-    refused = client.post("/v1/sensitivity", json={"model_id": model_id, "dataset_id": dataset.json()["id"]})
+    refused = client.post("/v1/sensitivity", json={"model_id": model_id, "dataset_id": dataset_id})
     assert_problem(refused, 422, HOSTILE[name][1])
     assert snapshot(app) == before
     assert not marker.exists()
@@ -76,10 +74,8 @@ def test_hostile_pt2_stored_earlier_is_refused_at_job_submission(name, client, a
 @pytest.mark.parametrize("name", sorted(HOSTILE))
 def test_hostile_pt2_queued_earlier_is_refused_by_its_job(name, client, app, benign_pt2, marker_dir):
     """And a job queued before the checks existed: its sandboxed process refuses the archive by name."""
-    archive, marker = hostile(name, benign_pt2, marker_dir)
-    model_id = _store_without_checks(app, archive)
-    dataset = upload(client, "/v1/datasets", npz_bytes(ids=np.random.default_rng(0).integers(0, 12, (8, 5))))
-    job = Job(type="sensitivity", params={"model_id": model_id, "dataset_id": dataset.json()["id"],
+    model_id, dataset_id, marker = _stored_earlier(name, client, app, benign_pt2, marker_dir)
+    job = Job(type="sensitivity", params={"model_id": model_id, "dataset_id": dataset_id,
                                           "method": "hawq_v2", "options": {}})
     with app.state.sessions() as session, session.begin():
         session.add(job)
@@ -120,6 +116,13 @@ def test_a_job_past_its_time_limit_fails_and_frees_its_slot(client, app, tiny_mo
     quick = client.post("/v1/sensitivity", json={"model_id": tiny_model, "dataset_id": tiny_data}).json()
     done = wait_for(client, quick["id"], timeout=60)
     assert done["status"] == "succeeded", (done["error"], done["log_tail"])
+
+
+def _stored_earlier(name: str, client, app, benign_pt2, marker_dir):
+    """A hostile archive stored without today's checks, a dataset for it, and the payload's marker."""
+    archive, marker = hostile(name, benign_pt2, marker_dir)
+    dataset = upload(client, "/v1/datasets", npz_bytes(ids=np.random.default_rng(0).integers(0, 12, (8, 5))))
+    return _store_without_checks(app, archive), dataset.json()["id"], marker
 
 
 def _store_without_checks(app, data: bytes) -> str:
