@@ -2,8 +2,9 @@
 
 Steps (DESIGN.md's data flow):
 
-1. sensitivity: ``compute_sensitivity`` with an ``InterLayerConfig`` for the weight bit widths
-   the candidates need (traces, g·Δ, G and Ω in one analysis), unless a result is given;
+1. sensitivity: ``compute_sensitivity`` with what the method needs, unless a result is given:
+   traces (``hawq_v2``), or an ``InterLayerConfig`` for the weight bit widths the candidates need
+   (``interlayer``: traces, g·Δ, G and Ω in one analysis);
 2. objective: per layer × candidate, Ω and g·Δ and the G blocks from the candidate's weight bits
    (fp32 -> zeros; w8a8 and w8 share the 8-bit Δ), size bytes and BOPS from ``layer_cost_table``;
 3. search: ``pareto`` builds the whole frontier (exact DP on Ω for ``hawq_v2``, the quadratic
@@ -51,7 +52,14 @@ from planner.quadratic import quadratic_frontier, solve_quadratic
 from sensitivity.checks import check_bool, check_choice, check_float, check_int, set_fields, shown
 from sensitivity.interlayer import perturbations, shrunk, shrunk_gradient_terms
 from sensitivity.onnx_program import check_supported
-from sensitivity.results import MAX_SEED, InterLayerConfig, InterLayerTerms, SensitivityResult, check_device
+from sensitivity.results import (
+    MAX_SEED,
+    InterLayerConfig,
+    InterLayerTerms,
+    SensitivityResult,
+    TraceConfig,
+    check_device,
+)
 
 logger = logging.getLogger(__name__)
 Progress = Callable[[str, float, str], None]
@@ -204,12 +212,16 @@ class PlanRequest:
     def constraints(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in (*BUDGET_FIELDS, "max_drop") if getattr(self, name) is not None}
 
-    def sensitivity_config(self) -> InterLayerConfig:
+    def sensitivity_config(self) -> TraceConfig | InterLayerConfig:
+        """What the method needs: traces for ``hawq_v2`` (Ω comes from them), inter-layer terms for
+        ``interlayer``. Computing the inter-layer terms for every plan took 529 of a 637 s hawq_v2 plan
+        on a 224x224 classifier. The options are InterLayerConfig's either way (``trace_*`` names)."""
         bits = self.weight_bits or (8,)  # only fp32 candidates: nothing is quantized, any width will do
         try:
-            return InterLayerConfig(**dict(self.sensitivity_options), bits=bits, seed=self.seed, device=self.device)
+            config = InterLayerConfig(**dict(self.sensitivity_options), bits=bits, seed=self.seed, device=self.device)
         except ValueError as error:
             raise ValueError(f"invalid sensitivity_options: {error}") from None
+        return config.trace_config() if self.method == "hawq_v2" else config
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -88,7 +88,7 @@ def plan_job(context: ChildContext) -> dict[str, Any]:
     except ValueError as error:
         raise JobInputError(str(error)) from None
     options = {k: v for k, v in config.items() if k != "type"}
-    sensitivity_data, _ = compute_or_reuse_sensitivity(context, "interlayer", options)
+    sensitivity_data, _ = compute_or_reuse_sensitivity(context, request.method, options)  # a stored one if any
 
     def progress(phase: str, fraction: float, message: str) -> None:
         context.progress(f"plan:{phase}", fraction, message)

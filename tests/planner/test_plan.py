@@ -39,7 +39,7 @@ from planner.plan import (
 from sensitivity.checks import shown
 from sensitivity.examples import export_onnx, trained_digits_cnn
 from sensitivity.onnx_program import load_onnx
-from sensitivity.results import InterLayerConfig
+from sensitivity.results import InterLayerConfig, TraceConfig
 from sensitivity.run import compute_sensitivity
 from tests.sensitivity.test_results import JSON_VALUES, NOT_INTS
 
@@ -94,7 +94,7 @@ def test_pareto_plan_meets_a_size_budget_and_its_artifact_measures_what_is_repor
     assert {"sensitivity:traces", "search", "measure", "done"} <= set(phases)
     document = json.loads(json.dumps(result.to_dict(), allow_nan=False))
     assert document["plan"]["layers"] == dict(result.plan.configuration)
-    assert document["sensitivity"]["interlayer"] is not None
+    assert document["sensitivity"]["traces"] and document["sensitivity"]["interlayer"] is None  # hawq_v2: traces only
     assert document["artifact"]["sha256"] == result.artifact_sha256
 
 
@@ -270,6 +270,8 @@ def test_any_json_values_give_a_valid_request_or_a_value_error(good: dict[str, A
     document = json.loads(json.dumps(request.to_dict(), allow_nan=False))  # plain, finite JSON
     assert PlanRequest.from_dict(document) == request
     assert request.sensitivity_config().seed == request.seed
+    expected = TraceConfig if request.method == "hawq_v2" else InterLayerConfig
+    assert type(request.sensitivity_config()) is expected  # hawq_v2 needs traces, not inter-layer terms
 
 
 @settings(max_examples=100, deadline=None, database=None)

@@ -37,6 +37,8 @@ def test_plan_round_trip(client, digits_files):
     job = wait_for(client, submitted.json()["id"], timeout=300)
     assert job["status"] == "succeeded", (job["error"], job["log_tail"][-3000:])
     plan_id = job["result"]["plan_id"]
+    sensitivity = client.get(f"/v1/sensitivity/{job['result']['sensitivity_result_id']}").json()
+    assert sensitivity["method"] == "hawq_v2" and sensitivity["result"].get("interlayer") is None  # only what it needs
 
     plan = client.get(f"/v1/plans/{plan_id}").json()
     assert set(plan["assignment"]) == {"conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"}
