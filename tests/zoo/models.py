@@ -192,10 +192,10 @@ CAPTCHA_SIZE = (50, 150)  # rendered (height, width); the model sees it resized 
 
 def ddddocr_input(rgb: np.ndarray) -> np.ndarray:
     """[1, 64, W]: height 64 with the width in ratio (Lanczos), grayscale, / 255."""
-    height, width = rgb.shape[:2]
-    resized = _resize(rgb, int(width * (64 / height)), 64, "LANCZOS")
     from PIL import Image
 
+    height, width = rgb.shape[:2]
+    resized = _resize(rgb, int(width * (64 / height)), 64, "LANCZOS")
     gray = np.asarray(Image.fromarray(resized).convert("L"), dtype=np.float32)
     return (gray / 255.0)[None]
 
