@@ -1152,3 +1152,7 @@ def resize(node: Node, inputs: Inputs) -> torch.Tensor:
             a = node.attr("cubic_coeff_a", -0.75)
             x = _cubic_1d(x, axis, coordinates, a, bool(node.attr("exclude_outside", 0)))
     return x
+
+
+# LSTM and GRU live in their own module (loops over time); importing it registers them here.
+from sensitivity import onnx_recurrent  # noqa: F401
