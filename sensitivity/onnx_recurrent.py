@@ -8,8 +8,9 @@ X·Wᵀ + Wb of all steps is one matmul before the loop; only H·Rᵀ runs per s
 
 ``sequence_lens`` follows onnxruntime: per batch entry b of length L_b, outputs at steps
 t ≥ L_b are zero and the final states are those after step L_b − 1 (a reverse direction
-starts at step L_b − 1). The loop runs over all steps and masks with ``torch.where``, so the
-lengths are read as data, never as Python ints: shapes do not depend on them.
+starts at step L_b − 1); a sequence of length 0 has zero outputs and zero final states. The
+loop runs over all steps and masks with ``torch.where``, so the lengths are read as data,
+never as Python ints: shapes do not depend on them.
 """
 
 from __future__ import annotations
@@ -170,6 +171,9 @@ def _run_direction(
         else:  # past its length a sequence keeps its state (the reverse one: its initial state)
             state = tuple(torch.where(mask[t], n, s) for n, s in zip(new, state))
             outputs[t] = torch.where(mask[t], new[0], torch.zeros_like(new[0]))
+    if mask is not None:  # an empty sequence ends with zero states, as in onnxruntime (not its initial ones)
+        started = mask.any(dim=0)
+        state = tuple(torch.where(started, s, torch.zeros_like(s)) for s in state)
     return torch.stack(outputs), state
 
 

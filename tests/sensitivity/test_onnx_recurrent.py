@@ -41,7 +41,7 @@ def _r(*shape: int, scale: float = 0.5) -> np.ndarray:
     return (_rng.standard_normal(shape) * scale).astype(np.float32)
 
 
-def _inputs(op: str, directions: int, layout: int, *, bias: bool = True, lengths: bool = False,
+def _inputs(op: str, directions: int, layout: int, *, bias: bool = True, lengths: bool | str = False,
             initial: bool = False, peephole: bool = False) -> list[Any]:
     """X, W, R[, B, sequence_lens, initial_h(, initial_c, P)] with omitted ones as None."""
     gates = 4 if op == "LSTM" else 3
@@ -50,6 +50,8 @@ def _inputs(op: str, directions: int, layout: int, *, bias: bool = True, lengths
     values: list[Any] = [x, _r(directions, gates * HIDDEN, INPUT), _r(directions, gates * HIDDEN, HIDDEN)]
     values.append(_r(directions, 2 * gates * HIDDEN) if bias else None)
     values.append(C(np.array([SEQ, 2, 4][:BATCH], dtype=np.int32)) if lengths else None)
+    if lengths == "with-empty":  # a sequence of length 0: zero outputs and zero final states
+        values[-1] = C(np.array([SEQ, 0, 3][:BATCH], dtype=np.int32))
     values.append(_r(*state_shape) if initial else None)
     if op == "LSTM":
         values.append(_r(*state_shape) if initial else None)
@@ -60,7 +62,7 @@ def _inputs(op: str, directions: int, layout: int, *, bias: bool = True, lengths
 
 
 def _case(op: str, direction: str = "forward", layout: int = 0, tag: str = "", opset: int = 14,
-          inputs: dict[str, bool] | None = None, **attrs: Any) -> Case:
+          inputs: dict[str, Any] | None = None, **attrs: Any) -> Case:
     directions = 2 if direction == "bidirectional" else 1
     outputs = 3 if op == "LSTM" else 2
     values = _inputs(op, directions, layout, **(inputs or {}))
@@ -87,6 +89,7 @@ def _matrix(op: str) -> list[Case]:
         _case(op, tag="initial-state", inputs={"initial": True}),
         *[_case(op, direction, tag=f"lengths-{direction}", inputs={"lengths": True})
           for direction in ("forward", "reverse", "bidirectional")],
+        _case(op, "bidirectional", tag="empty-sequence", inputs={"lengths": "with-empty", "initial": True}),
         *([_case(op, tag="peephole", inputs={"peephole": True})] if op == "LSTM" else []),
         _case(op, tag="activations", activations=leaky, activation_alpha=[0.2, 0.7], activation_beta=[0.6, 0.1]),
         _case(op, tag="activations-thresholded", activations=thresholded, activation_alpha=[0.1, 0.5, 1.5],
