@@ -10,7 +10,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from sensitivity.onnx_program import load_onnx
+from sensitivity.onnx_program import UnsupportedOpsError, check_supported, load_onnx
 from tests.sensitivity.test_onnx_ops import relative_error, run_onnxruntime
 
 _rng = np.random.default_rng(5)
@@ -159,7 +159,8 @@ def test_nested_ifs_with_constant_and_run_time_conditions() -> None:
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_second_order_through_a_run_time_branch(sign: float) -> None:
     """The HVP with respect to the layer weight W (read by the branch as an outer value) is the
-    same by double backward and by forward-over-reverse vmapped over probes (sensitivity.hvp)."""
+    same by double backward, one probe at a time and vmapped, and by forward-over-reverse
+    vmapped over probes (the three ways sensitivity.hvp computes it)."""
     program = load_onnx(_model(_data_condition()))
     x = torch.from_numpy((np.abs(_rng.standard_normal((3, 4))) * sign).astype(np.float32))
 
@@ -173,5 +174,15 @@ def test_second_order_through_a_run_time_branch(sign: float) -> None:
     leaf = point[0].clone().requires_grad_()
     (gradient,) = torch.autograd.grad(loss((leaf,)), leaf, create_graph=True)
     backward = torch.stack([torch.autograd.grad((gradient * v).sum(), leaf, retain_graph=True)[0] for v in probes[0]])
+    _, second_backward = torch.func.vjp(torch.func.grad(loss), point)  # the vmapped double backward
+    batched = torch.func.vmap(lambda v: second_backward((v,))[0][0])(probes[0])
     torch.testing.assert_close(forward, backward, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(batched, backward, rtol=1e-4, atol=1e-5)
     assert float(forward.abs().max()) > 0
+
+
+def test_unsupported_ops_inside_branches_are_named_with_their_path() -> None:
+    inner = _branch("inner", [helper.make_node("NonMaxSuppression", ["x", "h"], ["n"], name="nms")], ["n", "n"])
+    model = _model(_data_condition(), else_branch=inner)
+    with pytest.raises(UnsupportedOpsError, match="NonMaxSuppression \\(node 'branchy/nms'\\)"):
+        check_supported(model)
