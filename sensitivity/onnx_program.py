@@ -269,8 +269,9 @@ def load_onnx(model: ModelSource, shape_cache_size: int = 8) -> OnnxProgram:
 def check_supported(model: ModelSource) -> None:
     """Raise ``UnsupportedOpsError`` naming every unsupported op type, with one node of each.
 
-    Covers unknown op types, other domains, control flow with subgraphs, attribute values
-    an op handler does not implement, and opsets outside the supported range.
+    Covers unknown op types, other domains, control flow other than If (Loop, Scan, ...),
+    attribute values an op handler does not implement, and opsets outside the supported range.
+    The nodes of If branches are checked too, named 'if_node/branch_node'.
     """
     proto = _inline(_read(model))
     opset = _default_opset(proto)
