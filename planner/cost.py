@@ -16,8 +16,21 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from planner.candidates import Configuration, as_configuration, get_candidate
-from sensitivity.layers import ACTIVATION_FREE_OPS, QUANTIZABLE_OPS, Layer, find_layers, weight_index
+from planner.candidates import (
+    FLOAT_BITS,
+    Configuration,
+    as_configuration,
+    get_candidate,
+)
+from sensitivity.layers import (
+    ACTIVATION_FREE_OPS,
+    QUANTIZABLE_OPS,
+    RECURRENT_OPS,
+    WEIGHT_ONLY_OPS,
+    Layer,
+    find_layers,
+    weight_indices,
+)
 
 FLOAT_BYTES = 4
 SCALE_BYTES = 4  # one float32 scale per output channel
@@ -68,8 +81,11 @@ def layer_nodes(model: onnx.ModelProto, layers: Sequence[Layer] | None = None) -
     layers = find_layers(model) if layers is None else layers
     nodes: dict[str, list[onnx.NodeProto]] = {layer.name: [] for layer in layers}
     for node in model.graph.node:
-        if node.op_type in QUANTIZABLE_OPS and len(node.input) > 1 and node.input[weight_index(node.op_type)] in nodes:
-            nodes[node.input[weight_index(node.op_type)]].append(node)
+        if node.op_type not in QUANTIZABLE_OPS or len(node.input) < 2:
+            continue
+        for index in weight_indices(node.op_type):
+            if index < len(node.input) and node.input[index] in nodes:
+                nodes[node.input[index]].append(node)
     return nodes
 
 
@@ -161,7 +177,7 @@ def layer_cost_table(model: onnx.ModelProto, batch_shape: BatchShape, *, run_mod
         for node_list in nodes.values()
         for node in node_list
         if node.op_type not in ACTIVATION_FREE_OPS  # no MACs: a lookup
-        for name in (node.input[0], node.output[0])
+        for name in _mac_tensors(node)
     }
     shapes = inferred_shapes(model, input_shapes)
     if not needed <= set(shapes):
@@ -185,11 +201,20 @@ def layer_cost_table(model: onnx.ModelProto, batch_shape: BatchShape, *, run_mod
     return CostTable(layers=table, other_initializer_bytes=other, batch_shape=input_shapes)
 
 
+def _mac_tensors(node: onnx.NodeProto) -> tuple[str, ...]:
+    """The tensors whose shapes ``node_macs`` reads (an LSTM/GRU's Y may be omitted: X suffices)."""
+    return (node.input[0],) if node.op_type in RECURRENT_OPS else (node.input[0], node.output[0])
+
+
 def node_macs(node: onnx.NodeProto, weight_shape: Sequence[int], shapes: Mapping[str, Sequence[int]]) -> int:
-    """Multiply-accumulates of one Conv / ConvTranspose / Gemm / MatMul node, from its tensor shapes;
-    none for a Gather (a table lookup)."""
+    """Multiply-accumulates of one Conv / ConvTranspose / Gemm / MatMul / LSTM / GRU node with one of
+    its weights, from its tensor shapes; none for a Gather (a table lookup)."""
     if node.op_type in ACTIVATION_FREE_OPS:
         return 0
+    if node.op_type in RECURRENT_OPS:
+        # W [D, G·H, I] multiplies every step's input, R [D, G·H, H] every step's state: one
+        # product of the weight's size per (step, batch entry), whatever the layout
+        return math.prod(shapes[node.input[0]][:-1]) * math.prod(weight_shape)
     output_elements = math.prod(shapes[node.output[0]])
     if node.op_type == "Conv":  # each output element: (C_in / group) * kernel MACs; W is [O, I/g, k...]
         return output_elements * math.prod(weight_shape[1:])
@@ -216,7 +241,10 @@ def layer_size_bytes(cost: LayerCost, candidate: str) -> int:
 
 def layer_bops(cost: LayerCost, candidate: str) -> int:
     chosen = get_candidate(candidate)
-    return cost.macs * chosen.effective_weight_bits * chosen.effective_activation_bits
+    # an LSTM/GRU's input stays float whatever the candidate (the exporter quantizes its weights
+    # alone: WEIGHT_ONLY_OPS), so its products count float activation bits
+    activation_bits = FLOAT_BITS if cost.op_type in WEIGHT_ONLY_OPS else chosen.effective_activation_bits
+    return cost.macs * chosen.effective_weight_bits * activation_bits
 
 
 def configuration_cost(table: CostTable, configuration: Configuration | Mapping[str, str]) -> Cost:

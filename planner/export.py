@@ -48,7 +48,7 @@ from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, Q
 
 from planner.candidates import Candidate, Configuration, as_configuration, get_candidate
 from planner.cost import cpu_session, graph_inputs, layer_nodes, runtime_tensors
-from sensitivity.layers import Layer, find_layers, weight_array, weight_index
+from sensitivity.layers import Layer, find_layers, node_weight_index, weight_array, weight_index
 from sensitivity.quantize import QuantizedWeight, quantize_weight
 
 logger = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ class ExportedLayer:
     name: str
     candidate: str
     node_names: tuple[str, ...]
+    weight_input: int  # which input of its first node the weight is (an LSTM/GRU has W at 1, R at 2)
     weight_bits: int | None
     activation_bits: int | None
     method: str  # "float", "onnxruntime.quantize_static" or "weight_only_dequantize"
@@ -491,7 +492,7 @@ def _add_weight_only_dequantize(
     )
     model.graph.node.insert(0, dequantize)  # its inputs are initializers, so the front keeps topological order
     for node in nodes:
-        node.input[weight_index(node.op_type)] = output
+        node.input[node_weight_index(node.op_type, layer)] = output
     _remove_unused_initializer(model, layer.name)
 
 
@@ -551,7 +552,7 @@ def _check_layers_quantized(
             if node is None:
                 problems.append(f"layer {layer!r}: node {node_name!r} disappeared")
                 continue
-            weight_dq = _is_dequantized(node.input[weight_index(node.op_type)], producers)
+            weight_dq = _is_dequantized(node.input[node_weight_index(node.op_type, layers[layer])], producers)
             input_dq = _is_dequantized(node.input[0], producers)
             if candidate.quantizes_weights and not weight_dq:
                 problems.append(f"layer {layer!r} ({candidate_name}): node {node.name!r} has a float weight")
@@ -593,6 +594,7 @@ def _exported_layers(
             name=name,
             candidate=candidate_name,
             node_names=tuple(nodes[name]),
+            weight_input=by_name[name].weight_index,
             weight_bits=candidate.weight_bits,
             activation_bits=candidate.activation_bits if static else None,
             method=method,
@@ -618,6 +620,7 @@ def _plan(
                 "weight_bits": layer.weight_bits,
                 "activation_bits": layer.activation_bits,
                 "nodes": list(layer.node_names),
+                "weight_input": layer.weight_input,
                 "method": layer.method,
             }
             for name, layer in layers.items()
@@ -673,9 +676,9 @@ def stored_weight(model: onnx.ModelProto, layer: str) -> QuantizedWeight | None:
     plan = read_plan(model)
     if layer not in plan["layers"]:
         raise KeyError(f"no layer {layer!r} in the exported plan")
-    node_name = plan["layers"][layer]["nodes"][0]
-    node = next(node for node in model.graph.node if node.name == node_name)
-    weight = node.input[weight_index(node.op_type)]
+    entry = plan["layers"][layer]
+    node = next(node for node in model.graph.node if node.name == entry["nodes"][0])
+    weight = node.input[entry.get("weight_input", weight_index(node.op_type))]  # older plans lack it
     producer = next((n for n in model.graph.node if weight in n.output), None)
     if producer is None or producer.op_type != "DequantizeLinear":
         return None

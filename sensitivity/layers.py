@@ -1,5 +1,11 @@
 """Quantizable layers of an ONNX graph: Conv, ConvTranspose, Gemm, MatMul with a constant weight,
-and Gather from a constant 2-D float table (an embedding).
+Gather from a constant 2-D float table (an embedding), and the W and R weights of LSTM and GRU
+(two layers per node, each named by its own initializer).
+
+LSTM/GRU weights are [num_directions, G·hidden, K] (K = input size for W, hidden for R; G = 4
+gates for LSTM, 3 for GRU). Their channel axis is 1: one scale per gate row, i.e. per output
+unit of each gate, as for a Gemm's output channels; a row's scale is shared by the directions
+of a bidirectional layer (per-channel quantization has one axis).
 
 A layer is named by its weight initializer; that name is its key everywhere (DESIGN.md).
 This module only reads the graph protobuf; it never runs anything.
@@ -7,16 +13,22 @@ This module only reads the graph protobuf; it never runs anything.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import onnx
 from onnx import numpy_helper
 
-QUANTIZABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather")
+RECURRENT_OPS = ("LSTM", "GRU")
+QUANTIZABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Gather", *RECURRENT_OPS)
 # A Gather's other input is integer indices: only its weight (the table) can be quantized, so the
 # candidates that also quantize activations store its weight alone (DESIGN.md's w8a8 = w8 there).
 ACTIVATION_FREE_OPS = ("Gather",)
+# Ops whose quantized candidates store the weight alone: a Gather has no float input, and
+# onnxruntime's QDQ quantizer has no recurrent ops, so an LSTM/GRU input stays float
+# (the exporter writes its W and R behind a DequantizeLinear: docs/export.md).
+WEIGHT_ONLY_OPS = (*ACTIVATION_FREE_OPS, *RECURRENT_OPS)
 _FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
 
 
@@ -28,20 +40,34 @@ class Layer:
     shape: tuple[int, ...]
     num_params: int
     channel_axis: int  # the output-channel axis of the weight, for per-channel quantization
+    input_index: int | None = None  # which input of its node the weight is (None: weight_index(op_type))
 
     @property
     def weight_index(self) -> int:
-        """Which input of its node the weight is."""
-        return weight_index(self.op_type)
+        """Which input of its node the weight is (an LSTM/GRU has two: W is 1, R is 2)."""
+        return weight_index(self.op_type) if self.input_index is None else self.input_index
 
     @property
     def has_float_input(self) -> bool:
-        """Whether the node has a float activation input that a8 candidates quantize."""
-        return self.op_type not in ACTIVATION_FREE_OPS
+        """Whether a8 candidates quantize the node's input activation too (see WEIGHT_ONLY_OPS)."""
+        return self.op_type not in WEIGHT_ONLY_OPS
 
 
 def weight_index(op_type: str) -> int:
+    """The (first) weight input of an op type."""
     return 0 if op_type == "Gather" else 1
+
+
+def node_weight_index(op_type: str, layer: Layer) -> int:
+    """Where ``layer``'s weight is among the inputs of a node of ``op_type`` that reads it: a
+    tied weight feeds nodes of several op types (a Gather table and a MatMul), and an LSTM/GRU
+    reads two layers (W and R)."""
+    return layer.weight_index if op_type in RECURRENT_OPS else weight_index(op_type)
+
+
+def weight_indices(op_type: str) -> tuple[int, ...]:
+    """Every input of an op type that can be a layer's weight."""
+    return (1, 2) if op_type in RECURRENT_OPS else (weight_index(op_type),)
 
 
 def _attribute(node: onnx.NodeProto, name: str, default: int) -> int:
@@ -49,6 +75,14 @@ def _attribute(node: onnx.NodeProto, name: str, default: int) -> int:
         if attr.name == name:
             return int(onnx.helper.get_attribute_value(attr))
     return default
+
+
+def _weight_inputs(node: onnx.NodeProto, initializers: Mapping[str, onnx.TensorProto]) -> list[tuple[int, str]]:
+    """(input index, initializer name) of each weight of the node that is a layer."""
+    if node.op_type in RECURRENT_OPS:  # W and R; B (biases) and P (peepholes) stay float
+        return [(i, node.input[i]) for i in (1, 2) if len(node.input) > i and node.input[i] in initializers]
+    name = _weight_input(node, initializers)
+    return [] if name is None else [(weight_index(node.op_type), name)]
 
 
 def _weight_input(node: onnx.NodeProto, initializers: Mapping[str, onnx.TensorProto]) -> str | None:
@@ -72,6 +106,8 @@ def _channel_axis(node: onnx.NodeProto, rank: int) -> int:
         return 0 if _attribute(node, "transB", 0) else 1  # B is [N, K] when transposed, else [K, N]
     if node.op_type == "Gather":
         return 0  # one scale per row: each token's embedding, as embedding quantizers do
+    if node.op_type in RECURRENT_OPS:
+        return 1  # [directions, G·hidden, K]: one scale per gate row (module docstring)
     return rank - 1  # MatMul: [..., K, N]
 
 
@@ -83,26 +119,22 @@ def find_layers(model: onnx.ModelProto) -> list[Layer]:
     for index, node in enumerate(model.graph.node):
         if node.op_type not in QUANTIZABLE_OPS:
             continue
-        weight_name = _weight_input(node, initializers)
-        if weight_name is None or weight_name in seen:
-            continue
-        shape = tuple(int(d) for d in initializers[weight_name].dims)
-        if len(shape) < 2:
-            continue
-        seen.add(weight_name)
-        num_params = 1
-        for dim in shape:
-            num_params *= dim
-        layers.append(
-            Layer(
-                name=weight_name,
-                node_name=node.name or f"{node.op_type}_{index}",
-                op_type=node.op_type,
-                shape=shape,
-                num_params=num_params,
-                channel_axis=_channel_axis(node, len(shape)),
+        for input_index, weight_name in _weight_inputs(node, initializers):
+            shape = tuple(int(d) for d in initializers[weight_name].dims)
+            if weight_name in seen or len(shape) < 2:
+                continue
+            seen.add(weight_name)
+            layers.append(
+                Layer(
+                    name=weight_name,
+                    node_name=node.name or f"{node.op_type}_{index}",
+                    op_type=node.op_type,
+                    shape=shape,
+                    num_params=math.prod(shape),
+                    channel_axis=_channel_axis(node, len(shape)),
+                    input_index=input_index,
+                )
             )
-        )
     return layers
 
 

@@ -117,11 +117,16 @@ def tensor_from_proto(proto: onnx.TensorProto) -> torch.Tensor:
     return torch.from_numpy(np.array(array, dtype=numpy_dtype, copy=True))
 
 
-def parse_attributes(node: onnx.NodeProto) -> dict[str, Any]:
-    """Attribute values as Python values: strings decoded, tensors as torch tensors."""
+def parse_attributes(node: onnx.NodeProto, skip_subgraphs: bool = False) -> dict[str, Any]:
+    """Attribute values as Python values: strings decoded, tensors as torch tensors.
+
+    Subgraph attributes are an error unless ``skip_subgraphs`` (the interpreter prepares the
+    branches of ``If`` itself, see ``sensitivity.onnx_program``)."""
     attrs: dict[str, Any] = {}
     for attribute in node.attribute:
         if attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+            if skip_subgraphs:
+                continue
             raise ValueError(f"node {node.name!r} ({node.op_type}) has a subgraph attribute")
         value = onnx.helper.get_attribute_value(attribute)
         if isinstance(value, bytes):
@@ -1152,3 +1157,7 @@ def resize(node: Node, inputs: Inputs) -> torch.Tensor:
             a = node.attr("cubic_coeff_a", -0.75)
             x = _cubic_1d(x, axis, coordinates, a, bool(node.attr("exclude_outside", 0)))
     return x
+
+
+# LSTM and GRU live in their own module (loops over time); importing it registers them here.
+from sensitivity import onnx_recurrent  # noqa: F401

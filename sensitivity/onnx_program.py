@@ -8,6 +8,14 @@ depend only on the input shapes (the Shape/Gather/Concat chains of dynamic-batch
 are computed once per input-shape signature and cached. The ONNX content is interpreted
 by the handlers in ``sensitivity.onnx_ops``; nothing in the file is ever executed.
 
+``If`` runs its branches as subgraphs that see the outer scope's values. A condition known at
+load (a constant, an initializer, or computed from them only) picks its branch once: the
+branch's nodes are inlined in place of the ``If`` and the other branch is never prepared for
+running. Otherwise the condition is read at run time (``_IfHandler``) and the taken branch
+runs; autograd and ``torch.func.grad``/``jvp`` follow it like any Python control flow, as long
+as the condition is not batched by ``torch.func.vmap`` (it never is when it depends on the
+inputs only, as in exported models: the HVP probes batch weight tangents, not inputs).
+
 The weights of the quantizable layers (``sensitivity.layers.find_layers``) are not baked in:
 they are passed to ``forward`` so autograd and ``torch.func`` can differentiate with respect
 to them. Every other initializer is a constant held by the program.
@@ -16,7 +24,8 @@ to them. Every other initializer is a constant held by the program.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -26,13 +35,13 @@ import onnx.inliner
 import torch
 
 from sensitivity.layers import Layer, find_layers
-from sensitivity.program import ProgramAttributes
 from sensitivity.onnx_ops import OPS, Handler, Node, parse_attributes, tensor_from_proto
+from sensitivity.program import ProgramAttributes
 
 MIN_OPSET = 11
 MAX_OPSET = 21
 _DEFAULT_DOMAINS = ("", "ai.onnx")
-_CONTROL_FLOW = ("If", "Loop", "Scan", "SequenceMap")
+_CONTROL_FLOW = ("Loop", "Scan", "SequenceMap")  # If is interpreted: see _IfHandler
 
 ModelSource = onnx.ModelProto | str | os.PathLike
 
@@ -240,8 +249,9 @@ def load_onnx(model: ModelSource, shape_cache_size: int = 8) -> OnnxProgram:
 
     nodes = _topological_order(proto.graph, set(initializers) | layer_names | set(input_names))
     _check_outputs(nodes, set(initializers) | layer_names | set(input_names), output_names)
-    constants, runtime_nodes = _fold_constants(nodes, initializers, opset)
-    steps = [_step(node, index, opset) for index, node in runtime_nodes]
+    scope = set(initializers) | layer_names | set(input_names) | {name for node in proto.graph.node for name in node.output}
+    constants, runtime_nodes = _fold_constants(nodes, initializers, opset, scope)
+    steps = [_step(node, index, opset, constants, scope) for index, node in runtime_nodes]
     needed = {name for step in steps for name in step.inputs} | set(output_names)
     constants = {name: value for name, value in constants.items() if name in needed}
     return OnnxProgram(
@@ -259,8 +269,9 @@ def load_onnx(model: ModelSource, shape_cache_size: int = 8) -> OnnxProgram:
 def check_supported(model: ModelSource) -> None:
     """Raise ``UnsupportedOpsError`` naming every unsupported op type, with one node of each.
 
-    Covers unknown op types, other domains, control flow with subgraphs, attribute values
-    an op handler does not implement, and opsets outside the supported range.
+    Covers unknown op types, other domains, control flow other than If (Loop, Scan, ...),
+    attribute values an op handler does not implement, and opsets outside the supported range.
+    The nodes of If branches are checked too, named 'if_node/branch_node'.
     """
     proto = _inline(_read(model))
     opset = _default_opset(proto)
@@ -269,20 +280,34 @@ def check_supported(model: ModelSource) -> None:
             f"the model uses ONNX opset {opset}; the interpreter supports opsets {MIN_OPSET} to {MAX_OPSET}"
         )
     problems: dict[str, str] = {}  # op label -> "node 'x'" (+ why), first node of each kind
-    for index, node in enumerate(proto.graph.node):
+    for node, name in _all_nodes(proto.graph):
         label, reason = _unsupported(node, opset)
         if label is not None and label not in problems:
-            where = f"node {_node_name(node, index)!r}"
+            where = f"node {name!r}"
             problems[label] = f"{where}: {reason}" if reason else where
     if problems:
         listing = "; ".join(f"{label} ({where})" for label, where in problems.items())
         raise UnsupportedOpsError(f"the model uses {len(problems)} unsupported op type(s): {listing}")
 
 
+def _all_nodes(graph: onnx.GraphProto, prefix: str = "") -> Iterator[tuple[onnx.NodeProto, str]]:
+    """Every node with its name, the nodes of ``If`` branches included (named 'if/node')."""
+    for index, node in enumerate(graph.node):
+        name = prefix + _node_name(node, index)
+        yield node, name
+        if _is_if(node):
+            for subgraph in _subgraphs(node):
+                yield from _all_nodes(subgraph, f"{name}/")
+
+
 def _unsupported(node: onnx.NodeProto, opset: int) -> tuple[str | None, str | None]:
     """(op label, reason) if the node cannot be interpreted, else (None, None)."""
     if node.domain not in _DEFAULT_DOMAINS:
         return f"{node.domain}::{node.op_type}", None
+    if _is_if(node):
+        branches = {a.name for a in node.attribute if a.type == onnx.AttributeProto.GRAPH}
+        ok = branches == {"then_branch", "else_branch"} and len(node.input) == 1
+        return (None, None) if ok else ("If", "an If needs a condition, then_branch and else_branch")
     has_subgraph = any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
     if has_subgraph or node.op_type in _CONTROL_FLOW:
         return node.op_type, "control flow with subgraphs is not supported"
@@ -332,7 +357,7 @@ def _node(node: onnx.NodeProto, index: int, opset: int) -> Node:
     return Node(
         name=_node_name(node, index),
         op_type=node.op_type,
-        attrs=MappingProxyType(parse_attributes(node)),
+        attrs=MappingProxyType(parse_attributes(node, skip_subgraphs=_is_if(node))),
         opset=opset,
         num_outputs=sum(1 for name in node.output if name),
     )
@@ -352,7 +377,7 @@ def _topological_order(graph: onnx.GraphProto, available: set[str]) -> list[tupl
         progress = [item for item in pending if _runnable(item[1], ready)]
         if not progress:
             index, node = pending[0]
-            missing = [name for name in node.input if name and name not in ready]
+            missing = [name for name in _reads(node) if name and name not in ready]
             raise ValueError(
                 f"node {_node_name(node, index)!r} ({node.op_type}) reads {missing}, which no node, "
                 "initializer or graph input provides (or the graph has a cycle)"
@@ -374,7 +399,7 @@ def _is_sorted(nodes: Sequence[tuple[int, onnx.NodeProto]], available: set[str])
 
 
 def _runnable(node: onnx.NodeProto, ready: set[str]) -> bool:
-    return all(not name or name in ready for name in node.input)
+    return all(not name or name in ready for name in _reads(node))
 
 
 def _check_outputs(
@@ -387,14 +412,26 @@ def _check_outputs(
 
 
 def _fold_constants(
-    nodes: Iterable[tuple[int, onnx.NodeProto]], initializers: dict[str, torch.Tensor], opset: int
+    nodes: Iterable[tuple[int, onnx.NodeProto]], initializers: Mapping[str, torch.Tensor], opset: int,
+    scope: set[str],
 ) -> tuple[dict[str, torch.Tensor], list[tuple[int, onnx.NodeProto]]]:
     """Run, once, every node whose inputs are all constants (Constant nodes, shape arithmetic
-    on initializers); the remaining nodes run per call. Layer weights are never constants."""
+    on initializers); the remaining nodes run per call. Layer weights are never constants.
+    An ``If`` whose condition is constant is replaced by its taken branch's nodes, which are
+    folded in turn. ``scope`` names every value visible here (for ordering branch nodes); the
+    inlined branches' values are added to it."""
     constants = dict(initializers)
     runtime: list[tuple[int, onnx.NodeProto]] = []
-    for index, node in nodes:
-        if all(not name or name in constants for name in node.input):
+    pending = deque(nodes)
+    while pending:
+        index, node = pending.popleft()
+        if _is_if(node) and node.input[0] in constants:
+            branch_nodes, branch_constants = _taken_branch(node, index, constants, scope)
+            constants.update(branch_constants)
+            # the inlined values join the scope the later (nested) Ifs are prepared in
+            scope.update(branch_constants, (name for _, inner in branch_nodes for name in inner.output))
+            pending.extendleft(reversed(branch_nodes))
+        elif all(not name or name in constants for name in node.input):
             prepared = _node(node, index, opset)
             args = [constants[name] if name else None for name in node.input]
             with torch.no_grad():
@@ -406,8 +443,139 @@ def _fold_constants(
     return constants, runtime
 
 
-def _step(node: onnx.NodeProto, index: int, opset: int) -> _Step:
-    return _Step(_node(node, index, opset), OPS[node.op_type].handler, tuple(node.input), tuple(node.output))
+def _step(node: onnx.NodeProto, index: int, opset: int, constants: Mapping[str, torch.Tensor], scope: set[str]) -> _Step:
+    prepared = _node(node, index, opset)
+    if _is_if(node):
+        handler = _IfHandler.build(node, opset, constants, scope)
+        return _Step(prepared, handler, (node.input[0], *handler.reads), tuple(node.output))
+    return _Step(prepared, OPS[node.op_type].handler, tuple(node.input), tuple(node.output))
+
+
+# --- If -------------------------------------------------------------------------------------
+
+
+def _is_if(node: onnx.NodeProto) -> bool:
+    return node.op_type == "If" and node.domain in _DEFAULT_DOMAINS
+
+
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    graphs = [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
+    return graphs + [g for a in node.attribute if a.type == onnx.AttributeProto.GRAPHS for g in a.graphs]
+
+
+def _branch(node: onnx.NodeProto, name: str) -> onnx.GraphProto:
+    return next(a.g for a in node.attribute if a.name == name)
+
+
+def _free_names(graph: onnx.GraphProto) -> set[str]:
+    """Outer-scope names a subgraph reads (through its nested subgraphs too)."""
+    defined = {v.name for v in graph.initializer} | {v.name for v in graph.input}
+    defined |= {name for node in graph.node for name in node.output}
+    read = {name for node in graph.node for name in _reads(node) if name} | {v.name for v in graph.output}
+    return read - defined
+
+
+def _reads(node: onnx.NodeProto) -> list[str]:
+    """The node's inputs, then the outer-scope values its branches read (an If reads them as
+    implicit inputs: they must exist before it runs and live until it has run)."""
+    if not _is_if(node):
+        return list(node.input)
+    implicit = set().union(*(_free_names(graph) for graph in _subgraphs(node))) - set(node.input)
+    return [*node.input, *sorted(implicit)]
+
+
+def _taken_branch(
+    node: onnx.NodeProto, index: int, constants: Mapping[str, torch.Tensor], scope: set[str]
+) -> tuple[list[tuple[int, onnx.NodeProto]], dict[str, torch.Tensor]]:
+    """The nodes that replace an If whose condition is the constant ``constants[node.input[0]]``:
+    the taken branch's nodes (names prefixed with the If's), then one Identity per output;
+    and the branch's initializers."""
+    name = _node_name(node, index)
+    branch = _branch(node, "then_branch" if _condition(constants[node.input[0]]) else "else_branch")
+    initializers = {init.name: tensor_from_proto(init) for init in branch.initializer}
+    ordered = _topological_order(branch, scope | set(constants) | set(initializers))
+    nodes = []
+    for inner_index, inner in ordered:
+        renamed = onnx.NodeProto()
+        renamed.CopyFrom(inner)
+        renamed.name = f"{name}/{_node_name(inner, inner_index)}"
+        nodes.append((index, renamed))
+    for position, (source, target) in enumerate(zip(branch.output, node.output)):
+        if target:
+            nodes.append((index, onnx.helper.make_node("Identity", [source.name], [target], name=f"{name}/out{position}")))
+    return nodes, initializers
+
+
+def _condition(value: torch.Tensor) -> bool:
+    """An If condition as a Python bool (it is a bool tensor: never carries gradient)."""
+    if value.numel() != 1:
+        raise ValueError(f"an If condition must hold one element; it has shape {tuple(value.shape)}")
+    return bool(value.reshape(()).item())
+
+
+@dataclass(frozen=True)
+class _Branch:
+    """One prepared branch: its steps, the constants it reads, its output names."""
+
+    plan: _Plan
+    constants: Mapping[str, torch.Tensor]
+    outputs: tuple[str, ...]
+
+
+def _prepare_branch(
+    graph: onnx.GraphProto, opset: int, outer_constants: Mapping[str, torch.Tensor], scope: set[str]
+) -> tuple[_Branch, set[str]]:
+    """A branch prepared like a graph (ordering, folding with the outer constants visible,
+    nested Ifs); also the outer run-time values it reads."""
+    initializers = {init.name: tensor_from_proto(init) for init in graph.initializer}
+    available = scope | set(initializers)
+    inner_scope = available | {name for node in graph.node for name in node.output}
+    nodes = _topological_order(graph, available)
+    constants, runtime = _fold_constants(nodes, {**outer_constants, **initializers}, opset, inner_scope)
+    steps = [_step(node, index, opset, constants, inner_scope) for index, node in runtime]
+    outputs = tuple(value.name for value in graph.output)
+    needed = {name for step in steps for name in step.inputs if name} | set(outputs)
+    produced = {name for step in steps for name in step.outputs if name}
+    kept = {name: value for name, value in constants.items() if name in needed}
+    branch = _Branch(_plan(steps, outputs), MappingProxyType(kept), outputs)
+    return branch, needed - produced - set(constants)
+
+
+class _IfHandler:
+    """The handler of an If whose condition is known only at run time. Its step reads the
+    condition, then ``reads`` (the outer values either branch needs)."""
+
+    def __init__(self, then_branch: _Branch, else_branch: _Branch, reads: tuple[str, ...]) -> None:
+        self.branches = {True: then_branch, False: else_branch}
+        self.reads = reads
+        self._on_device: dict[tuple[bool, torch.device], dict[str, torch.Tensor]] = {}
+
+    @classmethod
+    def build(cls, node: onnx.NodeProto, opset: int, constants: Mapping[str, torch.Tensor], scope: set[str]) -> _IfHandler:
+        then_branch, then_reads = _prepare_branch(_branch(node, "then_branch"), opset, constants, scope)
+        else_branch, else_reads = _prepare_branch(_branch(node, "else_branch"), opset, constants, scope)
+        return cls(then_branch, else_branch, tuple(sorted(then_reads | else_reads)))
+
+    def __call__(self, node: Node, inputs: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+        taken = _condition(inputs[0])
+        branch = self.branches[taken]
+        env = dict(self._constants(taken, _device_of(inputs)))
+        env.update((name, value) for name, value in zip(self.reads, inputs[1:]) if value is not None)
+        _run(branch.plan, env)
+        return [env[name] for name in branch.outputs]
+
+    def _constants(self, taken: bool, device: torch.device) -> dict[str, torch.Tensor]:
+        """The branch's constants on the device the program runs on (moved once per device)."""
+        key = (taken, device)
+        if key not in self._on_device:
+            self._on_device[key] = {k: v.to(device) for k, v in self.branches[taken].constants.items()}
+        return self._on_device[key]
+
+
+def _device_of(inputs: Sequence[torch.Tensor | None]) -> torch.device:
+    """The accelerator among the inputs' devices, else the CPU (shape values stay on the CPU)."""
+    devices = [value.device for value in inputs if value is not None and value.device.type != "cpu"]
+    return devices[0] if devices else torch.device("cpu")
 
 
 def _plan(steps: Sequence[_Step], output_names: Sequence[str], remember: set[str] = frozenset()) -> _Plan:

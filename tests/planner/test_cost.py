@@ -18,6 +18,7 @@ from planner.export import export_model
 from sensitivity.examples import DigitsCNN, export_onnx, load_digits
 from sensitivity.layers import find_layers
 from tests.planner.test_export import uninferable_model
+from tests.sensitivity.test_onnx_recurrent import recurrent_model
 
 
 def _weight(name, shape):
@@ -163,3 +164,16 @@ def test_an_embedding_is_a_layer_without_macs():
         bits = 8 if candidate == "w8a8" else 4
         assert cost.bops == 18 * 32 * 32  # the lookup adds no bit operations
         assert cost.size_bytes == 72 * bits // 8 + 4 * 12 + 12 * bits // 8 + 4 * 18  # table per row + float head
+
+
+def test_recurrent_layers_count_every_step_and_keep_float_activations():
+    """LSTM W [2, 16, 3] multiplies each step's input, R [2, 16, 4] each step's state; their
+    quantized candidates keep the LSTM input float, so BOPS count 32 activation bits."""
+    model, _ = recurrent_model()
+    batch, steps = 2, 5
+    table = layer_cost_table(model, {"x": (batch, steps, 3)})
+    assert table["lstm.W"].macs == batch * steps * 2 * 16 * 3
+    assert table["lstm.R"].macs == batch * steps * 2 * 16 * 4
+    assert table["lstm.R"].channels == 16  # one scale per gate row
+    cost = configuration_cost(table, {"lstm.W": "w8a8", "lstm.R": "w4", "fc.weight": "w8a8"})
+    assert cost.bops == table["lstm.W"].macs * 8 * 32 + table["lstm.R"].macs * 4 * 32 + table["fc.weight"].macs * 8 * 8

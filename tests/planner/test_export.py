@@ -21,7 +21,9 @@ from planner.export import (
     validate_artifact,
 )
 from sensitivity.examples import export_onnx, trained_digits_cnn
-from sensitivity.layers import find_layers, weight_array, weight_index
+from sensitivity.layers import Layer, find_layers, node_weight_index, weight_array
+from sensitivity.onnx_program import load_onnx
+from tests.sensitivity.test_onnx_recurrent import recurrent_model
 from sensitivity.quantize import quantize_weight
 
 QUANTIZED = ("w8a8", "w4a8", "w8", "w4")
@@ -59,10 +61,10 @@ def _accuracy(model_bytes: bytes, data) -> float:
     return 100.0 * float(np.mean(_run(model_bytes, data.test_x).argmax(1) == data.test_y))
 
 
-def _stored(model: onnx.ModelProto, node_name: str):
-    """Integers, scales, zero points and axis behind a node's weight input, read straight from the graph."""
+def _stored(model: onnx.ModelProto, node_name: str, layer: Layer):
+    """Integers, scales, zero points and axis behind a node's input for the layer, read straight from the graph."""
     node = next(n for n in model.graph.node if n.name == node_name)
-    dequantize = next(n for n in model.graph.node if node.input[weight_index(node.op_type)] in n.output)
+    dequantize = next(n for n in model.graph.node if node.input[node_weight_index(node.op_type, layer)] in n.output)
     assert dequantize.op_type == "DequantizeLinear"
     initializers = {i.name: i for i in model.graph.initializer}
     integers, scales, zero_points = (initializers[name] for name in dequantize.input)
@@ -143,7 +145,7 @@ def _assert_weights_are_q_b(original: onnx.ModelProto, exported, configuration) 
             continue
         expected = quantize_weight(weight_array(original, layer.name), bits, layer.channel_axis)
         for node_name in exported.layers[layer.name].node_names:
-            data_type, integers, scales, zero_points, axis = _stored(model, node_name)
+            data_type, integers, scales, zero_points, axis = _stored(model, node_name, layer)
             assert data_type == (TensorProto.INT4 if bits == 4 else TensorProto.INT8), (layer.name, candidate)
             np.testing.assert_array_equal(integers, expected.integers, err_msg=f"{layer.name} {candidate}")
             np.testing.assert_array_equal(scales, expected.scales, err_msg=f"{layer.name} {candidate}")
@@ -215,6 +217,35 @@ def test_embedding_tables_store_q_b_integers_per_row(candidate):
         session = ort.InferenceSession(exported.model_bytes, options, providers=["CPUExecutionProvider"])
         np.testing.assert_allclose(session.run(None, {"ids": ids})[0], table_q[ids].mean(axis=1) @ head_q,
                                    rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("candidate", QUANTIZED)
+def test_recurrent_weights_store_q_b_integers_weight_only(candidate):
+    """LSTM W and R are layers (channel axis 1, a scale per gate row). onnxruntime's QDQ quantizer has
+    no LSTM, so every quantized candidate stores them behind a DequantizeLinear and the LSTM input
+    stays float; the graph then computes what the interpreter predicts with Q_b's weights."""
+    model, calibration = recurrent_model()
+    layers = find_layers(model)
+    assert [(layer.name, layer.op_type, layer.channel_axis, layer.weight_index) for layer in layers] == [
+        ("lstm.W", "LSTM", 1, 1), ("lstm.R", "LSTM", 1, 2), ("fc.weight", "Gemm", 1, 1)]
+    configuration = Configuration.uniform(layers, candidate)
+    exported = export_model(model, configuration, calibration)
+    _assert_weights_are_q_b(model, exported, configuration)
+    for name in ("lstm.W", "lstm.R"):
+        layer = exported.layers[name]
+        assert (layer.method, layer.activation_bits, layer.node_names) == ("weight_only_dequantize", None, ("lstm",))
+    assert read_plan(exported.model_bytes)["layers"]["lstm.R"]["weight_input"] == 2
+    assert exported.layers["fc.weight"].activation_bits == (8 if "a8" in candidate else None)
+    if "a8" not in candidate:
+        bits = 8 if "8" in candidate else 4
+        program = load_onnx(model)
+        predicted = {layer.name: torch.from_numpy(
+            quantize_weight(weight_array(model, layer.name), bits, layer.channel_axis).dequantize()) for layer in layers}
+        expected = program.forward(predicted, {"x": torch.from_numpy(calibration["x"])})[0].numpy()
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(exported.model_bytes, options, providers=["CPUExecutionProvider"])
+        np.testing.assert_allclose(session.run(None, calibration)[0], expected, rtol=1e-4, atol=1e-5)
 
 
 def test_w8a8_digits_accuracy_within_one_point_of_float(digits):

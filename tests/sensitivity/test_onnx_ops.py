@@ -291,6 +291,11 @@ CASES: list[Case] = [
     case("Resize", R(1, 2, 5, 4), C(F()), C(F(1, 1, 2, 1.5)), mode="cubic", tag="cubic", opsets=(11, 13)),
     case("Resize", R(1, 2, 5, 4), None, C(F(1, 1, 2, 0.75)), mode="cubic", exclude_outside=1, cubic_coeff_a=-0.5,
          coordinate_transformation_mode="asymmetric", tag="cubic-exclude", opsets=(13,)),
+    # recurrent layers: one case each here (with second order); every attribute in test_onnx_recurrent
+    case("LSTM", R(3, 2, 4), R(1, 12, 4) * 0.5, R(1, 12, 3) * 0.5, R(1, 24) * 0.5, hidden_size=3, outputs=3,
+         opsets=(11, 14)),
+    case("GRU", R(3, 2, 4), R(2, 9, 4) * 0.5, R(2, 9, 3) * 0.5, hidden_size=3, direction="bidirectional",
+         outputs=2, opsets=(11, 14)),
 ]
 
 

@@ -244,7 +244,7 @@ def test_unsupported_ops_are_all_named_with_a_node() -> None:
         helper.make_node("NonMaxSuppression", ["a"], ["b"], name="nms_1"),
         helper.make_node("NonMaxSuppression", ["b"], ["c"], name="nms_2"),
         helper.make_node("FusedGemm", ["c"], ["d"], name="fused", domain="com.microsoft"),
-        helper.make_node("If", ["d"], ["e"], name="branchy", then_branch=branch, else_branch=branch),
+        helper.make_node("Loop", ["", "d"], ["e"], name="branchy", body=branch),
         helper.make_node("Resize", ["e", "", "s"], ["y"], name="crop",
                          coordinate_transformation_mode="tf_crop_and_resize"),
     ]
@@ -253,7 +253,7 @@ def test_unsupported_ops_are_all_named_with_a_node() -> None:
         check_supported(model)
     message = str(raised.value)
     for expected in ("NonMaxSuppression (node 'nms_1')", "com.microsoft::FusedGemm (node 'fused')",
-                     "If (node 'branchy'", "subgraph", "node 'crop'", "4 unsupported",
+                     "Loop (node 'branchy'", "subgraph", "node 'crop'", "4 unsupported",
                      "Resize with coordinate_transformation_mode='tf_crop_and_resize'"):
         assert expected in message
     assert "nms_2" not in message and "Relu" not in message
