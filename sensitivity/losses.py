@@ -123,7 +123,7 @@ class CalibrationLoss:
         this also takes outputs whose first axis is not the sample axis."""
         outputs = self.program.forward(weights, batch.inputs)
         if self.kind == "distill_mse":
-            return sum(F.mse_loss(out, target) for out, target in zip(outputs, batch.targets))
+            return sum(_squared_error(out, target).mean() for out, target in zip(outputs, batch.targets))
         return F.cross_entropy(outputs[0], batch.targets[0])
 
     def sample_losses(self, weights: Mapping[str, torch.Tensor], batch: Batch) -> torch.Tensor:
@@ -132,7 +132,7 @@ class CalibrationLoss:
         outputs = self.program.forward(weights, batch.inputs)
         if self.kind == "distill_mse":
             return sum(
-                F.mse_loss(out, target, reduction="none").reshape(out.shape[0], -1).mean(dim=1)  # [batch] outputs too
+                _squared_error(out, target).reshape(out.shape[0], -1).mean(dim=1)  # [batch] outputs too
                 for out, target in zip(outputs, batch.targets)
             )
         return F.cross_entropy(outputs[0], batch.targets[0], reduction="none")
@@ -142,3 +142,9 @@ class CalibrationLoss:
         weights = self.weights0 if weights is None else weights
         with torch.no_grad():
             return float(sum(b.weight * self.batch_loss(weights, b).double() for b in self.batches))
+
+
+def _squared_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(out - target)², written out: F.mse_loss fails under forward-over-reverse HVPs in torch 2.13
+    ("ZeroTensors are immutable" from its jvp through the detached target)."""
+    return (out - target) ** 2

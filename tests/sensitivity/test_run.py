@@ -166,17 +166,18 @@ def test_onnx_program_gives_the_torch_program_results() -> None:
     assert predicted_loss_change(a, everything_at_4) == pytest.approx(predicted_loss_change(b, everything_at_4), rel=1e-4)
 
 
-def test_onnx_program_supports_both_hvp_methods() -> None:
+@pytest.mark.parametrize(("task", "loss_kind"), [("auto", "distill_cross_entropy"), ("regression", "distill_mse")])
+def test_onnx_program_supports_both_hvp_methods(task: str, loss_kind: str) -> None:
     onnx_program = pytest.importorskip("sensitivity.onnx_program")
     torch.manual_seed(1)
     program = onnx_program.load_onnx(export_onnx(DigitsCNN().eval(), torch.zeros(1, 1, 8, 8)))
     digits = load_digits()
-    calibration = {"input": digits.train_x[:32]}  # no labels: self-distillation to the argmax
+    calibration = {"input": digits.train_x[:32]}  # no labels: self-distillation to the argmax or the outputs
     traces = {}
     for method in ("double_backward", "forward_over_reverse"):
-        config = TraceConfig(seed=0, max_probes=8, batch_size=16, device="cpu", hvp_method=method)
+        config = TraceConfig(seed=0, max_probes=8, batch_size=16, device="cpu", hvp_method=method, task=task)
         result = compute_sensitivity(program, calibration, config)
-        assert result.loss_kind == "distill_cross_entropy"
+        assert result.loss_kind == loss_kind
         traces[method] = [t.trace for t in result.traces]
     assert np.allclose(traces["double_backward"], traces["forward_over_reverse"], rtol=1e-4)
 
