@@ -19,6 +19,7 @@ import torch
 from sensitivity.eigen import top_eigenvalues
 from sensitivity.hvp import HessianVectorProducts
 from sensitivity.interlayer import interlayer_terms
+from sensitivity.layers import QUANTIZABLE_OPS
 from sensitivity.losses import LABELS, CalibrationLoss
 from sensitivity.program import Program
 from sensitivity.results import (
@@ -162,11 +163,32 @@ def validate_calibration(program: Program, calibration: Mapping[str, np.ndarray]
     if count == 0:
         raise ValueError("calibration arrays are empty")
     labels = calibration.get(LABELS)
+    for name, array in calibration.items():
+        _check_finite(name, array)
     if labels is not None and (labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer)):
         raise ValueError(f"{LABELS!r} must be a 1-D integer array; got dtype {labels.dtype}, shape {labels.shape}")
     if labels is not None and labels.min() < 0:
         raise ValueError(f"{LABELS!r} must be non-negative class indices; got minimum {labels.min()}")
     return count
+
+
+def _check_finite(name: str, array: np.ndarray) -> None:
+    if not np.issubdtype(array.dtype, np.floating):
+        return
+    finite = np.isfinite(array).reshape(array.shape[0], -1).all(axis=1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise ValueError(f"calibration array {name!r} holds NaN or infinite values in {len(bad)} of {len(finite)} "
+                         f"samples (first: sample {int(bad[0])}); every sensitivity would be NaN")
+
+
+def _check_some_curvature(traces: Any) -> None:
+    """Every trace exactly 0 means the loss does not depend on any layer's weights through
+    differentiable ops (an ArgMax, Round or integer Cast between them and the output): the ranking
+    would be meaningless, so it is an error rather than a result."""
+    if traces and all(t.trace == 0.0 and t.standard_error == 0.0 for t in traces):
+        raise ValueError("every layer's Hessian trace is exactly 0: the loss does not depend differentiably on any "
+                         "layer's weights (is there an ArgMax, Round or integer Cast between them and the output?)")
 
 
 def program_on_device(program: Program, device: torch.device) -> Program:
@@ -191,6 +213,9 @@ def compute_sensitivity(
     if handler is None:
         raise TypeError(f"no handler for {type(config).__name__}; registered: {[t.__name__ for t in _HANDLERS]}")
     progress = progress or _no_progress
+    if not program.layers:
+        raise ValueError(f"the model has no quantizable layers (a {'/'.join(sorted(QUANTIZABLE_OPS))} node with a "
+                         "constant weight of 2 or more dimensions): there is nothing to analyse")
     validate_calibration(program, calibration)
     device = resolve_device(config.device)
     program = program_on_device(program, device)
@@ -200,6 +225,7 @@ def compute_sensitivity(
     hvp = HessianVectorProducts(loss, method=config.hvp_method, probes_per_pass=config.probes_per_pass)
     context = Context(program, hvp, progress, timings={"prepare": time.perf_counter() - start})
     handler(context, config)
+    _check_some_curvature(context.fields.get("traces"))
     context.timings["total"] = time.perf_counter() - start
     progress("done", 1.0, f"{hvp.num_hvps} Hessian-vector products")
     return SensitivityResult(

@@ -240,3 +240,42 @@ def test_results_round_trip_through_json_for_any_values(traces, eigen, entries) 
         device="cpu",
     )
     assert SensitivityResult.from_dict(json.loads(json.dumps(result.to_dict(), allow_nan=False))) == result
+
+
+def _graph_model(nodes: list, weights: dict[str, np.ndarray], out: str = "y"):
+    from onnx import TensorProto, helper, numpy_helper
+
+    onnx_program = pytest.importorskip("sensitivity.onnx_program")
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(value, name) for name, value in weights.items()])
+    return onnx_program.load_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_a_model_without_layers_is_refused_by_name() -> None:
+    from onnx import helper
+
+    program = _graph_model([helper.make_node("Relu", ["x"], ["y"])], {})
+    with pytest.raises(ValueError, match="no quantizable layers"):
+        compute_sensitivity(program, {"x": np.ones((4, 4), np.float32)}, TraceConfig(device="cpu"))
+
+
+def test_non_finite_calibration_data_is_refused_naming_the_sample() -> None:
+    from onnx import helper
+
+    program = _graph_model([helper.make_node("MatMul", ["x", "w"], ["y"])], {"w": np.eye(4, dtype=np.float32)})
+    data = np.ones((6, 4), np.float32)
+    data[3, 1] = np.inf
+    with pytest.raises(ValueError, match=r"'x' holds NaN or infinite values in 1 of 6 samples \(first: sample 3\)"):
+        compute_sensitivity(program, {"x": data}, TraceConfig(device="cpu"))
+
+
+def test_a_loss_that_no_weight_moves_differentiably_is_an_error() -> None:
+    """Round between the layer and the output: every trace is exactly 0, which ranks nothing."""
+    from onnx import helper
+
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Round", ["h"], ["y"])]
+    program = _graph_model(nodes, {"w": np.eye(4, dtype=np.float32)})
+    data = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
+    with pytest.raises(ValueError, match="trace is exactly 0"):
+        compute_sensitivity(program, {"x": data}, TraceConfig(device="cpu", task="regression", max_probes=8))
