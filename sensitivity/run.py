@@ -106,7 +106,8 @@ def _interlayer(context: Context, config: InterLayerConfig) -> None:
     _traces(context, config.trace_config())
     context.fields["interlayer"] = context.timed(
         "interlayer",
-        lambda: interlayer_terms(context.hvp, context.program.layers, config.bits, context.fields["traces"]),
+        lambda: interlayer_terms(context.hvp, context.program.layers, config.bits, context.fields["traces"],
+                                 progress=context.progress),
     )
 
 

@@ -50,6 +50,18 @@ def terms(problem: TinyProblem) -> InterLayerTerms:
     return result
 
 
+def test_progress_is_reported_after_each_column(problem: TinyProblem) -> None:
+    hvp = HessianVectorProducts(problem.loss(batch_size=12), probes_per_pass=4)
+    reports: list[tuple[str, float, str]] = []
+    interlayer_terms(hvp, problem.program.layers, BITS, _exact_traces(problem),
+                     progress=lambda *report: reports.append(report))
+    columns = len(problem.program.layers) * len(BITS)
+    assert len(reports) == columns and {phase for phase, _, _ in reports} == {"interlayer"}
+    fractions = [fraction for _, fraction, _ in reports]
+    assert fractions == sorted(fractions) and 0 < fractions[0] and fractions[-1] == pytest.approx(0.9)
+    assert reports[-1][2].startswith(f"{columns}/{columns} columns of G") and "s left" in reports[-1][2]
+
+
 def _full_deltas(problem: TinyProblem) -> dict[tuple[str, int], np.ndarray]:
     """Each Δᵢᵇ embedded in a zero vector over all layer weights."""
     point = tuple(problem.program.layer_weights.values())
