@@ -313,6 +313,13 @@ def _unsupported(node: onnx.NodeProto, opset: int) -> tuple[str | None, str | No
     return (f"{node.op_type} with {reason}", None) if reason else (None, None)
 
 
+def read_onnx(path: str | os.PathLike) -> onnx.ModelProto:
+    """An ONNX file parsed (external data beside it included); ValueError naming the file if it is not one."""
+    model = _read(path)
+    assert isinstance(model, onnx.ModelProto)
+    return model
+
+
 def _read(model: ModelSource) -> onnx.ModelProto | NormalizedModel:
     """The proto itself, or the file parsed; onnx.load also reads external data files
     (only next to the model: onnx rejects locations outside its directory)."""
