@@ -54,7 +54,7 @@ from planner.objective import Objective
 from planner.quadratic import quadratic_frontier, solve_quadratic
 from sensitivity.checks import check_bool, check_choice, check_float, check_int, set_fields, shown
 from sensitivity.interlayer import perturbations, shrunk, shrunk_gradient_terms
-from sensitivity.normalize import NormalizedModel, normalize_model
+from sensitivity.normalize import NormalizedModel, normalize_model, refuse_quantized
 from sensitivity.onnx_program import check_supported
 from sensitivity.results import MAX_SEED, InterLayerConfig, InterLayerTerms, SensitivityResult, check_device
 
@@ -440,9 +440,11 @@ def normalize_for_plan(
     model: onnx.ModelProto | NormalizedModel, calibration: Mapping[str, np.ndarray], request: PlanRequest
 ) -> NormalizedModel:
     """The model normalised to the opset the request's candidates export to, an upgrade checked on
-    the first calibration samples: the step before any costly work (the calibration set is checked
-    against the model first, so a mismatch is named rather than failing inside onnxruntime)."""
+    the first calibration samples: the step before any costly work. A quantized model is refused
+    before the data is looked at; the calibration set is checked against the model before the
+    upgrade check runs it, so a mismatch is named rather than failing inside onnxruntime."""
     source = model.model if isinstance(model, NormalizedModel) else model
+    refuse_quantized(source)
     check_inputs(source, calibration, what="calibration set")
     return normalize_model(model, opset=required_opset(request.candidates), samples=calibration)
 

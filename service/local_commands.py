@@ -212,10 +212,11 @@ def load_program(path: str, data: str) -> tuple[Any, dict[str, np.ndarray]]:
 
         return load_exported(path), load_npz(data, "--data")
     from planner.export import check_inputs
-    from sensitivity.normalize import normalize_model
+    from sensitivity.normalize import normalize_model, refuse_quantized
     from sensitivity.onnx_program import load_onnx
 
     model = load_onnx_file(path)
+    refuse_quantized(model)  # whatever the data: no data makes a quantized model plannable
     calibration = load_npz(data, "--data")
     check_inputs(model, calibration, what=f"--data {data!r}")
     normalized = normalize_model(model, samples=calibration)
