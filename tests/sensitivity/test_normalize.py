@@ -237,3 +237,26 @@ def test_a_converter_that_changes_the_model_is_caught(monkeypatch):
 def test_samples_lacking_an_input_are_named():
     with pytest.raises(ValueError, match=r"lack the model inputs \['x'\]"):
         normalize_model(tiny_onnx_model(opset=12), opset=13, samples={"image": np.ones((2, 8), np.float32)})
+
+
+_WITHOUT_TORCH = """
+import sys, numpy as np
+from onnx import TensorProto, helper, numpy_helper
+from sensitivity.normalize import normalize_model
+w = helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(np.ones((4, 4), np.float32)))
+graph = helper.make_graph([w, helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+    [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 4])],
+    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 4])])
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 10)])
+assert normalize_model(model).promoted_constants == ("w",)
+assert "torch" not in sys.modules, "torch was imported"
+"""
+
+
+def test_normalising_never_imports_torch():
+    """The upload inspector normalises in a process that must not import torch (sensitivity/__init__)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _WITHOUT_TORCH], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
