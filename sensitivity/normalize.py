@@ -53,7 +53,7 @@ _DEFAULT_DOMAINS = ("", "ai.onnx")
 QUANTIZED_OPS = frozenset({
     "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul", "QGemm",
     "QAttention", "QEmbedLayerNormalization", "DynamicQuantizeLSTM", "DynamicQuantizeMatMul",
-    "MatMulIntegerToFloat", "MatMulNBits", "MatMulBnb4", "GatherBlockQuantized", "QuickGelu_Quant",
+    "MatMulIntegerToFloat", "MatMulNBits", "MatMulBnb4", "GatherBlockQuantized",
 })
 _QUANTIZED_PREFIXES = ("QLinear", "QOrdered")
 _WEIGHT_QUANTIZERS = ("QuantizeLinear", "DequantizeLinear")  # quantized when their input is a constant
