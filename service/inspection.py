@@ -161,14 +161,15 @@ def _check_element_types(model) -> None:
 
 def _describe_onnx(model, model_format: str) -> dict[str, Any]:
     """The model as every other part sees it: normalised (``sensitivity.normalize``), so its layers
-    have the names the sensitivity analysis, the planner and the exporter give them. The opset is
-    the file's; ``details.normalization`` says what normalisation changed."""
+    have the names the sensitivity analysis, the planner and the exporter give them. The opset and
+    IR version are the file's; ``details.normalization`` says what normalisation changed."""
     from sensitivity.layers import find_layers
 
     _check_element_types(model)
     for kind, values in (("inputs", model.graph.input), ("outputs", model.graph.output)):
         if len(values) > MAX_GRAPH_VALUES:
             raise InvalidUpload(f"the graph has {len(values)} {kind}; this service takes at most {MAX_GRAPH_VALUES}")
+    ir_version = model.ir_version
     normalized = _normalized(model)
     model = normalized.model
     layers = _bounded_layers(find_layers(model))
@@ -177,7 +178,7 @@ def _describe_onnx(model, model_format: str) -> dict[str, Any]:
         "format": model_format,
         "opset": normalized.source_opset,
         "details": {
-            "ir_version": model.ir_version,
+            "ir_version": ir_version,
             "producer": f"{model.producer_name} {model.producer_version}".strip(),
             "inputs": [_value_info(v) for v in model.graph.input if v.name not in initializer_names],
             "outputs": [_value_info(v) for v in model.graph.output],

@@ -293,6 +293,24 @@ def _children_running(module: str, exclude_spares: Inspector) -> list[int]:
 # ---------------------------------------------------------------- real exports (normalisation)
 
 
+def test_a_paddle_style_model_is_described_normalised(tmp_path):
+    """Constant weights listed as layers under their output names, a -1 batch shown as dynamic; the
+    opset and IR version are the file's, ``normalization`` says what changed."""
+    from service.inspection import inspect_model
+    from tests.sensitivity.test_normalize import paddle_style_model
+
+    path = tmp_path / "paddle.onnx"
+    path.write_bytes(paddle_style_model().SerializeToString())
+    limits = Limits(max_bytes=MiB, max_decompressed_bytes=MiB, max_archive_members=8, max_dataset_arrays=8,
+                    allow_torch=False)
+    with open(path, "rb") as file:
+        described = inspect_model(file, limits)
+    assert [layer["name"] for layer in described["layers"]] == ["conv.w"]
+    assert described["details"]["inputs"] == [{"name": "x", "dtype": "float32", "shape": [None, 3, 8, 8]}]
+    assert (described["opset"], described["details"]["ir_version"]) == (12, 8)
+    assert described["details"]["normalization"]["promoted_constants"] == 2
+
+
 @pytest.mark.parametrize("name", ["ch_PP-OCRv4_det_infer.onnx", "ch_PP-OCRv4_rec_infer.onnx",
                                   "ch_ppocr_mobile_v2.0_cls_infer.onnx"])
 def test_ppocr_is_described_with_the_layer_names_the_analysis_uses(name):
