@@ -167,3 +167,16 @@ def test_an_already_quantized_model_exits_2_naming_it(command, tmp_path, capsys)
     assert status == 2 and out == ""
     assert "already quantized" in err and "ConvInteger" in err and "Traceback" not in err
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_sensitivity_of_a_paddle_style_model_names_its_constant_layers(tmp_path, capsys):
+    """Weights in Constant nodes and a -1 batch: normalised, said on stderr, analysed under their names."""
+    from tests.sensitivity.test_normalize import paddle_style_model
+
+    onnx.save(paddle_style_model(), tmp_path / "paddle.onnx")
+    np.savez(tmp_path / "data.npz", x=np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32))
+    status, out, err = call_mpq("sensitivity", str(tmp_path / "paddle.onnx"), "--data", str(tmp_path / "data.npz"),
+                                "--max-probes", "2", "--device", "cpu", "--json", capsys=capsys)
+    assert status == 0, err
+    assert [layer["name"] for layer in json.loads(out)["layers"]] == ["conv.w"]
+    assert "normalised the model: 2 Constant nodes became initializers" in err and "x[0]" in err
