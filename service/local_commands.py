@@ -367,6 +367,7 @@ def sensitivity_document(method: str, result) -> dict[str, Any]:
     }
     document["seed"] = result.seed
     document["versions"] = dict(result.versions)
+    document["normalization"] = dict(result.normalization)
     return document
 
 

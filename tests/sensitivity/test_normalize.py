@@ -260,3 +260,15 @@ def test_normalising_never_imports_torch():
 
     result = subprocess.run([sys.executable, "-c", _WITHOUT_TORCH], capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
+
+
+def test_a_sensitivity_result_reports_what_normalisation_changed():
+    from sensitivity.results import SensitivityResult, TraceConfig
+    from sensitivity.run import compute_sensitivity
+
+    program = load_onnx(paddle_style_model())
+    config = TraceConfig(max_probes=2, min_probes=2, device="cpu", seed=0)
+    result = compute_sensitivity(program, {"x": _x(8)}, config)
+    assert [layer.name for layer in result.layers] == ["conv.w"]
+    assert result.normalization["promoted_constants"] == 2 and result.normalization["dynamic_dims"] == ["x[0]", "y[0]"]
+    assert SensitivityResult.from_dict(result.to_dict()).normalization == result.normalization
