@@ -162,8 +162,10 @@ def _upgraded_further(
     normalized: NormalizedModel, opset: int, samples: Mapping[str, np.ndarray] | None
 ) -> NormalizedModel:
     again = normalize_model(normalized.model, opset=opset, samples=samples)
+    # an earlier unchecked upgrade stays unchecked: the original it should be compared with is gone
+    earlier_unchecked = normalized.upgraded and normalized.upgrade_check is None
     return NormalizedModel(again.model, normalized.promoted_constants, normalized.dynamic_dims,
-                           normalized.source_opset, again.opset, again.upgrade_check)
+                           normalized.source_opset, again.opset, None if earlier_unchecked else again.upgrade_check)
 
 
 # --- reading dims and opsets ------------------------------------------------------------------

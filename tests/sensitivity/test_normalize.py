@@ -201,6 +201,13 @@ def test_a_normalised_model_is_upgraded_further_keeping_its_record():
     assert second.promoted_constants == ("conv.w", "conv.b") and second.upgrade_check is not None
 
 
+def test_an_earlier_unchecked_upgrade_stays_reported_unchecked():
+    unchecked = normalize_model(tiny_onnx_model(opset=10))  # 10 -> 11 without samples
+    further = normalize_model(unchecked, opset=13, samples={"x": np.ones((2, 8), np.float32)})
+    assert (further.source_opset, further.opset, further.upgrade_check) == (10, 13, None)
+    assert "not checked" in further.changes()[0]
+
+
 def _scaled(model: onnx.ModelProto, name: str, factor: float, offset: float = 0.0) -> onnx.ModelProto:
     changed = onnx.ModelProto()
     changed.CopyFrom(model)
