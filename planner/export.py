@@ -18,8 +18,11 @@ How each candidate is written:
   row (so ``w8a8`` there is ``w8``; its ``ExportedLayer`` says ``activation_bits=None``).
 - ``fp32``: left untouched.
 
-4-bit types need opset 21: an older model is upgraded with ``onnx.version_converter`` and the
-upgraded float model is checked against the original in onnxruntime before it is used. The plan
+4-bit types need opset 21, per-channel DequantizeLinear opset 13: the model is normalised first
+(``sensitivity.normalize``, the step every part runs), which upgrades an older opset with
+``onnx.version_converter`` and checks the upgraded float model against the original in onnxruntime
+before it is used. ``planner.plan`` normalises to ``required_opset`` of its candidates before the
+sensitivity analysis, so the exporter's own normalisation then changes nothing. The plan
 (configuration, constraints, versions) goes into ``metadata_props`` as JSON under ``mpq.plan``.
 Every artifact passes ``onnx.checker.check_model`` and runs in onnxruntime on the calibration inputs
 before it is returned.
@@ -35,7 +38,7 @@ import math
 import os
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -44,11 +47,23 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
-from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
 
 from planner.candidates import Candidate, Configuration, as_configuration, get_candidate
 from planner.cost import cpu_session, graph_inputs, layer_nodes, runtime_tensors
 from sensitivity.layers import Layer, find_layers, node_weight_index, weight_array, weight_index
+from sensitivity.normalize import (
+    NormalizedModel,
+    OpsetUpgradeError,
+    normalize_model,
+    static_dims,
+)
 from sensitivity.quantize import QuantizedWeight, quantize_weight
 
 logger = logging.getLogger(__name__)
@@ -57,8 +72,6 @@ PLAN_METADATA_KEY = "mpq.plan"
 PLAN_FORMAT = "mpq.plan/1"
 OPSET_FOR_4BIT = 21  # first opset whose DequantizeLinear accepts int4
 OPSET_FOR_PER_CHANNEL = 13  # first opset whose DequantizeLinear has ``axis``
-UPGRADE_TOLERANCE = 1e-5  # max |difference| allowed between the original and the opset-upgraded float model
-UPGRADE_CHECK_SAMPLES = 256  # calibration samples both float models run for that comparison
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "distribution")
 IGNORED_INPUT_KEYS = ("labels",)  # data-set arrays that are not model inputs
 _INT_TYPES = {8: TensorProto.INT8, 4: TensorProto.INT4}
@@ -96,7 +109,7 @@ class ExportedModel:
 
 
 def export_model(
-    model: onnx.ModelProto,
+    model: onnx.ModelProto | NormalizedModel,
     configuration: Configuration | Mapping[str, str],
     calibration: Mapping[str, np.ndarray],
     *,
@@ -107,14 +120,20 @@ def export_model(
 ) -> ExportedModel:
     """Quantize ``model`` as ``configuration`` says and return the checked artifact.
 
-    ``calibration`` maps every model input to an array whose first axis runs over samples (a
-    ``labels`` array is ignored). ``metadata`` adds string key/value pairs to ``metadata_props``;
-    ``constraints`` (the search budget, if any) is stored with the plan.
+    ``model`` is normalised first (``sensitivity.normalize``) to the opset the configuration
+    needs; a ``NormalizedModel`` at that opset is used as it is. ``calibration`` maps every model
+    input to an array whose first axis runs over samples (a ``labels`` array is ignored).
+    ``metadata`` adds string key/value pairs to ``metadata_props``; ``constraints`` (the search
+    budget, if any) is stored with the plan.
     """
-    layers = find_layers(model)
-    configuration = as_configuration(configuration).validate(layers)
-    feeds = check_inputs(model, calibration, what="calibration set")
+    configuration = as_configuration(configuration)
+    source = model.model if isinstance(model, NormalizedModel) else model
+    feeds = check_inputs(source, calibration, what="calibration set")
     _check_options(calibrate_method, calibration_batch_size, metadata)
+    normalized = _normalized(model, required_opset(configuration.values()), feeds)
+    model = normalized.model
+    layers = find_layers(model)
+    configuration = configuration.validate(layers)
 
     working, preprocessing = _prepare(model, layers, configuration, feeds)
     nodes = {name: [node.name for node in found] for name, found in layer_nodes(working, layers).items()}
@@ -132,8 +151,9 @@ def export_model(
     _raise_ir_version(working)
 
     exported_layers = _exported_layers(configuration, nodes, by_name)
-    plan = _plan(configuration, exported_layers, constraints, calibrate_method, feeds, model_opset(model), working)
+    plan = _plan(configuration, exported_layers, constraints, calibrate_method, feeds, normalized.source_opset, working)
     plan["preprocessing"] = preprocessing
+    plan["normalization"] = normalized.to_dict()
     _write_metadata(working, plan, metadata)
     model_bytes = _serialize(working)
     validate_artifact(model_bytes, feeds, batch_size=calibration_batch_size)
@@ -186,12 +206,12 @@ def _input_problems(value: onnx.ValueInfoProto, array: object) -> list[str]:
     problems = []
     if array.dtype != expected_dtype:
         problems.append(f"{name!r} has dtype {array.dtype}, the model expects {expected_dtype}")
-    if tensor_type.HasField("shape"):
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim]
+    dims = static_dims(value)  # -1 (paddle2onnx, tf2onnx), symbolic and missing dims are all dynamic
+    if dims is not None:
         if array.ndim != len(dims):
             problems.append(f"{name!r} has shape {array.shape}, the model expects rank {len(dims)} ({_show(dims)})")
         else:
-            fixed = [(axis, size) for axis, size in enumerate(dims) if size and array.shape[axis] != size]
+            fixed = [(axis, size) for axis, size in enumerate(dims) if size is not None and array.shape[axis] != size]
             if fixed:
                 problems.append(f"{name!r} has shape {array.shape}, the model expects {_show(dims)}")
     if array.ndim == 0 or len(array) == 0:
@@ -226,7 +246,6 @@ def _prepare(
     working = _copy(model)
     _name_unnamed_nodes(working)
     _check_float_model_runs(working, feeds)
-    working = _upgrade_opset_if_needed(working, configuration, feeds)
     working, preprocessing = _preprocess(working, layers)
     _complete_value_types(working, feeds)
     return working, preprocessing
@@ -272,35 +291,22 @@ def model_opset(model: onnx.ModelProto) -> int:
     raise ValueError("the model imports no default-domain (ai.onnx) opset")
 
 
-def _required_opset(configuration: Configuration) -> int:
-    bits = {configuration.candidate(name).weight_bits for name in configuration}
+def required_opset(candidates: Iterable[str]) -> int:
+    """The opset the exported types of these candidates need (0: any)."""
+    bits = {get_candidate(name).weight_bits for name in candidates}
     if 4 in bits:
         return OPSET_FOR_4BIT
     return OPSET_FOR_PER_CHANNEL if bits - {None} else 0
 
 
-def _upgrade_opset_if_needed(
-    model: onnx.ModelProto, configuration: Configuration, feeds: Mapping[str, np.ndarray]
-) -> onnx.ModelProto:
-    """Upgrade to the opset the quantized types need; check the upgraded float model runs the same."""
-    current, required = model_opset(model), _required_opset(configuration)
-    if current >= required:
-        return model
+def _normalized(
+    model: onnx.ModelProto | NormalizedModel, opset: int, feeds: Mapping[str, np.ndarray]
+) -> NormalizedModel:
+    """The normalised model at ``opset``; a failed or mismatching upgrade is an ``ExportError``."""
     try:
-        upgraded = onnx.version_converter.convert_version(model, required)
-    except Exception as error:  # noqa: BLE001 - the converter raises many types
-        raise ExportError(f"could not upgrade the model from opset {current} to {required}: {error}") from error
-    _raise_ir_version(upgraded)
-    sample = {name: array[:UPGRADE_CHECK_SAMPLES] for name, array in feeds.items()}
-    before, after = _run(model, sample), _run(upgraded, sample)
-    for index, (a, b) in enumerate(zip(before, after, strict=True)):
-        difference = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size else 0.0
-        if a.shape != b.shape or not difference <= UPGRADE_TOLERANCE:
-            raise ExportError(
-                f"the model upgraded from opset {current} to {required} computes different outputs "
-                f"(output {index}: max |difference| {difference:.3g} > {UPGRADE_TOLERANCE}); not exporting it"
-            )
-    return upgraded
+        return normalize_model(model, opset=opset, samples=feeds)
+    except OpsetUpgradeError as error:
+        raise ExportError(f"{error}; not exporting it") from None
 
 
 def _raise_ir_version(model: onnx.ModelProto) -> None:

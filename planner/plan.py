@@ -2,6 +2,10 @@
 
 Steps (DESIGN.md's data flow):
 
+0. normalisation (``sensitivity.normalize``, ``normalize_for_plan``): Constant weights become
+   initializers, -1 dims are dynamic, a quantized model is refused, and the opset is upgraded to
+   what the candidates' export needs and checked in onnxruntime on the first calibration samples,
+   before anything costly runs; every later step uses the normalised model, so layer names agree;
 1. sensitivity: ``compute_sensitivity`` with what the method needs, unless a result is given:
    traces (``hawq_v2``), or an ``InterLayerConfig`` for the weight bit widths the candidates need
    (``interlayer``: traces, g·Δ, G and Ω in one analysis);
@@ -43,7 +47,7 @@ from planner.bisection import bisect
 from planner.candidates import CANDIDATES, Configuration, parse_candidates
 from planner.cost import CostTable, layer_bops, layer_cost_table, layer_size_bytes
 from planner.evaluate import evaluate
-from planner.export import ExportedModel, ExportError, check_inputs, export_model
+from planner.export import ExportedModel, ExportError, check_inputs, export_model, required_opset
 from planner.export import versions as export_versions
 from planner.frontier import InfeasibleBudget, diagonal_frontier, solve_budget
 from planner.latency import LatencyMeasurement, measure_latency
@@ -51,6 +55,7 @@ from planner.objective import Objective
 from planner.quadratic import quadratic_frontier, solve_quadratic
 from sensitivity.checks import check_bool, check_choice, check_float, check_int, set_fields, shown
 from sensitivity.interlayer import perturbations, shrunk, shrunk_gradient_terms
+from sensitivity.normalize import NormalizedModel, normalize_model, refuse_quantized
 from sensitivity.onnx_program import check_supported
 from sensitivity.results import (
     MAX_SEED,
@@ -345,6 +350,7 @@ class PlanResult:
     versions: Mapping[str, str]
     timings: Mapping[str, float]
     activation_terms: Mapping[str, ActivationTerm] = field(default_factory=dict)
+    normalization: Mapping[str, Any] = field(default_factory=dict)  # NormalizedModel.to_dict(): what it changed
 
     @property
     def configuration(self) -> Configuration:
@@ -364,6 +370,7 @@ class PlanResult:
             "activation_terms": {layer: term.to_dict() for layer, term in self.activation_terms.items()},
             "versions": dict(self.versions),
             "timings": dict(self.timings),
+            "normalization": dict(self.normalization),
         }
 
 
@@ -372,7 +379,7 @@ class PlanResult:
 
 
 def plan(
-    model: onnx.ModelProto,
+    model: onnx.ModelProto | NormalizedModel,
     calibration: Mapping[str, np.ndarray],
     request: PlanRequest,
     *,
@@ -383,23 +390,26 @@ def plan(
     """Choose, export and measure a mixed-precision configuration of ``model`` (see the module doc).
 
     ``calibration`` (and ``evaluation``, default: the calibration set) map the model inputs,
-    and optionally ``labels``, to arrays with samples on the first axis. Raises ``ValueError``
-    for bad input (``UnsupportedOpsError`` for ops the sensitivity analysis lacks) and
-    ``NoFeasiblePlan`` when no configuration meets the constraints.
+    and optionally ``labels``, to arrays with samples on the first axis. ``model`` may already
+    be normalised (``normalize_for_plan``: the worker does so before its sensitivity analysis).
+    Raises ``ValueError`` for bad input (``UnsupportedOpsError`` for ops the sensitivity analysis
+    lacks, ``AlreadyQuantizedError``, ``OpsetUpgradeError``) and ``NoFeasiblePlan`` when no
+    configuration meets the constraints.
     """
     progress = progress or _no_progress
     timings: dict[str, float] = {}
     start = time.perf_counter()
+    normalized = normalize_for_plan(model, calibration, request)
+    model = normalized.model
     if sensitivity is None:  # the analysis interprets the graph: name unsupported ops before anything runs
         check_supported(model)
-    check_inputs(model, calibration, what="calibration set")
     evaluation = calibration if evaluation is None else evaluation
     check_inputs(model, evaluation, what="evaluation set")
 
     table = layer_cost_table(model, _sample_shape(model, calibration))
     _check_budget_feasible(table, request)  # before the costly analysis
-    sensitivity = _sensitivity(model, calibration, request, sensitivity, progress, timings)
-    measurer = _Measurer(model, calibration, evaluation, request, progress)
+    sensitivity = _sensitivity(normalized, calibration, request, sensitivity, progress, timings)
+    measurer = _Measurer(normalized, calibration, evaluation, request, progress)
     activation = _activation_terms(model, calibration, request, sensitivity, measurer, timings)
     progress("objective", 0.0, "building the objective")
     objective = build_objective(sensitivity, table, request.candidates, model, activation)
@@ -434,7 +444,21 @@ def plan(
         versions={**sensitivity.versions, **export_versions()},
         timings=timings,
         activation_terms=activation,
+        normalization=normalized.to_dict(),
     )
+
+
+def normalize_for_plan(
+    model: onnx.ModelProto | NormalizedModel, calibration: Mapping[str, np.ndarray], request: PlanRequest
+) -> NormalizedModel:
+    """The model normalised to the opset the request's candidates export to, an upgrade checked on
+    the first calibration samples: the step before any costly work. A quantized model is refused
+    before the data is looked at; the calibration set is checked against the model before the
+    upgrade check runs it, so a mismatch is named rather than failing inside onnxruntime."""
+    source = model.model if isinstance(model, NormalizedModel) else model
+    refuse_quantized(source)
+    check_inputs(source, calibration, what="calibration set")
+    return normalize_model(model, opset=required_opset(request.candidates), samples=calibration)
 
 
 def _no_progress(phase: str, fraction: float, message: str) -> None:
@@ -462,7 +486,7 @@ def meets_constraints(point: PlanPoint, request: PlanRequest) -> bool:
 
 
 def _sensitivity(
-    model: onnx.ModelProto,
+    model: NormalizedModel,
     calibration: Mapping[str, np.ndarray],
     request: PlanRequest,
     given: SensitivityResult | None,
@@ -659,14 +683,14 @@ class _Measurer:
 
     def __init__(
         self,
-        model: onnx.ModelProto,
+        model: NormalizedModel,
         calibration: Mapping[str, np.ndarray],
         evaluation: Mapping[str, np.ndarray],
         request: PlanRequest,
         progress: Progress,
     ) -> None:
-        self._model = model
-        self._float_bytes = model.SerializeToString()
+        self._model = model  # normalised at the export's opset: export_model uses it as it is
+        self._float_bytes = model.model.SerializeToString()
         self._calibration = calibration
         self._evaluation = evaluation
         self._request = request

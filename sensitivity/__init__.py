@@ -14,7 +14,17 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from sensitivity.interlayer import diagonal_loss_change, omega, predicted_loss_change
+    from sensitivity.interlayer import (
+        diagonal_loss_change,
+        omega,
+        predicted_loss_change,
+    )
+    from sensitivity.normalize import (
+        AlreadyQuantizedError,
+        NormalizedModel,
+        OpsetUpgradeError,
+        normalize_model,
+    )
     from sensitivity.program import Program
     from sensitivity.results import (
         EigenConfig,
@@ -35,6 +45,10 @@ _EXPORTS = {
     "diagonal_loss_change": "sensitivity.interlayer",
     "omega": "sensitivity.interlayer",
     "predicted_loss_change": "sensitivity.interlayer",
+    "AlreadyQuantizedError": "sensitivity.normalize",
+    "NormalizedModel": "sensitivity.normalize",
+    "OpsetUpgradeError": "sensitivity.normalize",
+    "normalize_model": "sensitivity.normalize",
     "Program": "sensitivity.program",
     "EigenConfig": "sensitivity.results",
     "InterLayerConfig": "sensitivity.results",

@@ -1,6 +1,7 @@
 """An ONNX graph as a differentiable torch ``Program`` (see ``sensitivity.program``).
 
-``load_onnx`` parses the graph once: it inlines local functions, checks every op is
+``load_onnx`` parses the graph once: it normalises it (``sensitivity.normalize``: Constant weights
+become initializers, -1 dims are dynamic, old opsets are upgraded), inlines local functions, checks every op is
 supported (``check_supported``), sorts the nodes topologically, parses attributes, folds
 nodes whose inputs are all constants, and works out when each intermediate tensor can be
 dropped (reference counting). ``forward`` then only walks the prepared steps; values that
@@ -35,15 +36,20 @@ import onnx.inliner
 import torch
 
 from sensitivity.layers import Layer, find_layers
+from sensitivity.normalize import (
+    MIN_OPSET,
+    NormalizedModel,
+    normalize_model,
+    refuse_quantized,
+)
 from sensitivity.onnx_ops import OPS, Handler, Node, parse_attributes, tensor_from_proto
 from sensitivity.program import ProgramAttributes
 
-MIN_OPSET = 11
 MAX_OPSET = 21
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 _CONTROL_FLOW = ("Loop", "Scan", "SequenceMap")  # If is interpreted: see _IfHandler
 
-ModelSource = onnx.ModelProto | str | os.PathLike
+ModelSource = onnx.ModelProto | NormalizedModel | str | os.PathLike
 
 
 class UnsupportedOpsError(ValueError):
@@ -121,6 +127,7 @@ class OnnxProgram(ProgramAttributes):
         opset: int,
         shape_cache_size: int = 8,
         device: torch.device = torch.device("cpu"),
+        normalization: NormalizedModel | None = None,
     ) -> None:
         self._layers = tuple(layers)
         self._layer_weights = MappingProxyType(dict(layer_weights))
@@ -132,6 +139,7 @@ class OnnxProgram(ProgramAttributes):
         self._shape_cache_size = shape_cache_size
         self.opset = opset
         self.device = device
+        self.normalization = normalization  # what normalisation changed in the loaded model, for reports
 
     @property
     def num_steps(self) -> int:
@@ -174,6 +182,7 @@ class OnnxProgram(ProgramAttributes):
             opset=self.opset,
             shape_cache_size=self._shape_cache_size,
             device=device,
+            normalization=self.normalization,
         )
 
     def _remember(self, key: tuple[tuple[int, ...], ...], record: dict[str, torch.Tensor]) -> None:
@@ -229,12 +238,16 @@ def _store(env: dict[str, torch.Tensor], step: _Step, result: torch.Tensor | Seq
 
 
 def load_onnx(model: ModelSource, shape_cache_size: int = 8) -> OnnxProgram:
-    """Parse an ONNX model (proto or file path) into a differentiable ``OnnxProgram``.
+    """Parse an ONNX model (proto, file path, or a ``NormalizedModel``) into a differentiable ``OnnxProgram``.
 
-    The given proto is never modified. Raises ``UnsupportedOpsError`` before doing any work
-    if the graph uses ops the interpreter lacks, ``ValueError`` for a malformed graph.
+    A proto or path is normalised first (``normalize_model``, without samples: an opset upgrade
+    is then unchecked; entry points with data normalise with samples and pass the result). The
+    given proto is never modified. Raises ``AlreadyQuantizedError`` for a quantized model and
+    ``UnsupportedOpsError`` before doing any work if the graph uses ops the interpreter lacks,
+    ``ValueError`` for a malformed graph.
     """
-    original = _read(model)
+    normalized = model if isinstance(model, NormalizedModel) else normalize_model(_read(model))
+    original = normalized.model
     proto = _inline(original)
     check_supported(proto)
     opset = _default_opset(proto)
@@ -263,6 +276,7 @@ def load_onnx(model: ModelSource, shape_cache_size: int = 8) -> OnnxProgram:
         output_names=output_names,
         opset=opset,
         shape_cache_size=shape_cache_size,
+        normalization=normalized,
     )
 
 
@@ -272,8 +286,11 @@ def check_supported(model: ModelSource) -> None:
     Covers unknown op types, other domains, control flow other than If (Loop, Scan, ...),
     attribute values an op handler does not implement, and opsets outside the supported range.
     The nodes of If branches are checked too, named 'if_node/branch_node'.
+    A quantized model is refused as such first (``AlreadyQuantizedError``), not as unsupported ops.
     """
-    proto = _inline(_read(model))
+    read = _read(model)
+    proto = _inline(read.model if isinstance(read, NormalizedModel) else read)
+    refuse_quantized(proto)
     opset = _default_opset(proto)
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise UnsupportedOpsError(
@@ -321,10 +338,17 @@ def _unsupported(node: onnx.NodeProto, opset: int) -> tuple[str | None, str | No
     return (f"{node.op_type} with {reason}", None) if reason else (None, None)
 
 
-def _read(model: ModelSource) -> onnx.ModelProto:
+def read_onnx(path: str | os.PathLike) -> onnx.ModelProto:
+    """An ONNX file parsed (external data beside it included); ValueError naming the file if it is not one."""
+    model = _read(path)
+    assert isinstance(model, onnx.ModelProto)
+    return model
+
+
+def _read(model: ModelSource) -> onnx.ModelProto | NormalizedModel:
     """The proto itself, or the file parsed; onnx.load also reads external data files
     (only next to the model: onnx rejects locations outside its directory)."""
-    if isinstance(model, onnx.ModelProto):
+    if isinstance(model, onnx.ModelProto | NormalizedModel):
         return model
     path = Path(model)
     if not path.is_file():

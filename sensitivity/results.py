@@ -341,7 +341,9 @@ class SensitivityResult:
 
     ``loss`` is L(W₀) and ``loss_kind`` one of ``sensitivity.losses.LOSS_KINDS``;
     ``timings`` are seconds per phase; ``num_hvps`` counts Hessian-vector products;
-    ``versions`` holds mpq, torch, onnx and onnxruntime versions.
+    ``versions`` holds mpq, torch, onnx and onnxruntime versions; ``normalization`` what
+    normalising the ONNX model changed (``sensitivity.normalize.NormalizedModel.to_dict``; empty
+    for torch.export programs).
     """
 
     config: Config
@@ -356,6 +358,7 @@ class SensitivityResult:
     num_hvps: int = 0
     versions: dict[str, str] = field(default_factory=dict)
     device: str = ""
+    normalization: dict[str, Any] = field(default_factory=dict)
 
     @property
     def seed(self) -> int:
@@ -382,6 +385,7 @@ class SensitivityResult:
             "seed": self.seed,
             "versions": dict(self.versions),
             "device": self.device,
+            "normalization": dict(self.normalization),
         }
 
     @classmethod
@@ -400,6 +404,7 @@ class SensitivityResult:
             num_hvps=int(data.get("num_hvps", 0)),
             versions={str(k): str(v) for k, v in data.get("versions", {}).items()},
             device=str(data.get("device", "")),
+            normalization=dict(data.get("normalization", {})),
         )
 
 

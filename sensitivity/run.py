@@ -242,5 +242,13 @@ def compute_sensitivity(
         num_hvps=hvp.num_hvps,
         versions=versions(),
         device=describe_device(device),
+        normalization=_normalization(program),
         **context.fields,
     )
+
+
+def _normalization(program: Program) -> dict[str, Any]:
+    """What normalisation changed in an ONNX program's model (``OnnxProgram.normalization``); other
+    programs (torch.export) have no such step."""
+    normalized = getattr(program, "normalization", None)
+    return normalized.to_dict() if normalized is not None else {}

@@ -23,9 +23,12 @@ def params_hash(config_dict: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
-def compute_or_reuse_sensitivity(context: ChildContext, method: str, options: dict[str, Any]) -> tuple[dict, bool]:
+def compute_or_reuse_sensitivity(context: ChildContext, method: str, options: dict[str, Any],
+                                 model: Any = None) -> tuple[dict, bool]:
     """The stored result of this analysis on the job's model and calibration data, computing (and
-    handing it to the supervisor to store) if there is none. Returns (result dict, reused)."""
+    handing it to the supervisor to store) if there is none. Returns (result dict, reused).
+    ``model``: the job's model already normalised (``sensitivity.normalize.NormalizedModel``), if it is."""
+    from sensitivity.onnx_program import load_onnx
     from sensitivity.run import compute_sensitivity
 
     try:
@@ -42,10 +45,11 @@ def compute_or_reuse_sensitivity(context: ChildContext, method: str, options: di
         context.progress(f"sensitivity:{phase}", fraction, message)
 
     context.progress("loading", 0.0, f"loading {context.model['name']}")
+    calibration = context.arrays("calibration")
     with context.model_path() as path:
         try:
-            program = load_program(path, context.model["format"])
-            result = compute_sensitivity(program, context.arrays("calibration"), config, progress)
+            program = load_program(path, context.model["format"], calibration) if model is None else load_onnx(model)
+            result = compute_sensitivity(program, calibration, config, progress)
         except ValueError as error:  # bad inputs: unsupported ops, arrays not matching the model, a refused .pt2
             raise JobInputError(str(error)) from None
     data = result.to_dict()
@@ -79,24 +83,28 @@ def latency_job(context: ChildContext) -> dict[str, Any]:
 def plan_job(context: ChildContext) -> dict[str, Any]:
     import onnx
 
-    from planner.plan import NoFeasiblePlan, plan
+    from planner.plan import NoFeasiblePlan, normalize_for_plan, plan
     from sensitivity.results import SensitivityResult
 
+    with context.model_path() as path:
+        proto = onnx.load(str(path))
+    calibration = context.arrays("calibration")
     try:
         request = plan_request(context.params)
         config = request.sensitivity_config().to_dict()
+        # normalised (opset upgrade checked on the first calibration samples) before the analysis,
+        # which then runs on the very model the planner exports
+        normalized = normalize_for_plan(proto, calibration, request)
     except ValueError as error:
         raise JobInputError(str(error)) from None
     options = {k: v for k, v in config.items() if k != "type"}
-    sensitivity_data, _ = compute_or_reuse_sensitivity(context, request.method, options)  # a stored one if any
+    sensitivity_data, _ = compute_or_reuse_sensitivity(context, request.method, options, normalized)  # a stored one if any
 
     def progress(phase: str, fraction: float, message: str) -> None:
         context.progress(f"plan:{phase}", fraction, message)
 
-    with context.model_path() as path:
-        proto = onnx.load(str(path))
     try:
-        result = plan(proto, context.arrays("calibration"), request, evaluation=context.arrays_if_given("evaluation"),
+        result = plan(normalized, calibration, request, evaluation=context.arrays_if_given("evaluation"),
                       sensitivity=SensitivityResult.from_dict(sensitivity_data), progress=progress)
     except NoFeasiblePlan as error:
         raise JobInputError(str(error), code="infeasible") from None

@@ -160,24 +160,30 @@ def _check_element_types(model) -> None:
 
 
 def _describe_onnx(model, model_format: str) -> dict[str, Any]:
+    """The model as every other part sees it: normalised (``sensitivity.normalize``), so its layers
+    have the names the sensitivity analysis, the planner and the exporter give them. The opset and
+    IR version are the file's; ``details.normalization`` says what normalisation changed."""
     from sensitivity.layers import find_layers
 
     _check_element_types(model)
     for kind, values in (("inputs", model.graph.input), ("outputs", model.graph.output)):
         if len(values) > MAX_GRAPH_VALUES:
             raise InvalidUpload(f"the graph has {len(values)} {kind}; this service takes at most {MAX_GRAPH_VALUES}")
+    ir_version = model.ir_version
+    normalized = _normalized(model)
+    model = normalized.model
     layers = _bounded_layers(find_layers(model))
     initializer_names = {init.name for init in model.graph.initializer}
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     return {
         "format": model_format,
-        "opset": opset,
+        "opset": normalized.source_opset,
         "details": {
-            "ir_version": model.ir_version,
+            "ir_version": ir_version,
             "producer": f"{model.producer_name} {model.producer_version}".strip(),
             "inputs": [_value_info(v) for v in model.graph.input if v.name not in initializer_names],
             "outputs": [_value_info(v) for v in model.graph.output],
             "node_count": len(model.graph.node),
+            "normalization": normalized.to_dict(),
         },
         "layers": [
             {
@@ -190,6 +196,17 @@ def _describe_onnx(model, model_format: str) -> dict[str, Any]:
             for layer in layers
         ],
     }
+
+
+def _normalized(model):
+    """``normalize_model`` without samples: nothing is run here, an opset upgrade renames no layer,
+    and the job checks the upgrade on its calibration data first. Refusals become InvalidUpload."""
+    from sensitivity.normalize import normalize_model
+
+    try:
+        return normalize_model(model)
+    except ValueError as error:  # AlreadyQuantizedError, OpsetUpgradeError
+        raise InvalidUpload(str(error)) from None
 
 
 def _bounded_layers(layers: list[Any]) -> list[Any]:
@@ -416,7 +433,8 @@ def check_job_request(file: IO[bytes], model_format: str, method: str, options: 
 
     - the options build a valid analysis configuration; for plans, the whole request builds the
       worker's own PlanRequest (``plan_request``: what passes here is what the worker runs);
-    - (ONNX) every op is supported by the interpreter;
+    - (ONNX) the model normalises (``sensitivity.normalize``: a quantized model is refused) and
+      every op of the normalised model is supported by the interpreter;
     - (plans) the model is ONNX, the candidates exist, and a size or BOPS budget is not below
       what the smallest configuration of those candidates achieves (BOPS only where static shape
       inference gives the layers' shapes: the model is never run here).
@@ -436,7 +454,7 @@ def check_job_request(file: IO[bytes], model_format: str, method: str, options: 
                                 "support sensitivity analyses only")
         _check_pt2(file)  # again: an archive stored before today's checks existed must not reach a worker
         return
-    model = _load_model(file, model_format)
+    model = _normalized(_load_model(file, model_format)).model
     _check_supported_ops(model)
     if plan is not None:
         _check_plan(model, plan, batch_shapes)

@@ -109,12 +109,7 @@ def sensitivity_command(args: argparse.Namespace, settings: Any = None) -> int:
     progress = ProgressPrinter(sys.stderr)
     try:
         config = sensitivity_config(args)
-        program = load_program(args.model)
-        calibration = load_npz(args.data, "--data")
-        if not args.model.endswith(".pt2"):  # name shape and dtype mismatches before the analysis starts
-            from planner.export import check_inputs
-
-            check_inputs(load_onnx_file(args.model), calibration, what=f"--data {args.data!r}")
+        program, calibration = load_program(args.model, args.data)
         result = compute_sensitivity(program, calibration, config, progress)
     except (BadInput, ValueError) as error:
         return _bad_input(error, progress)
@@ -203,17 +198,31 @@ def load_onnx_file(path: str):
     return model
 
 
-def load_program(path: str):
-    """An ONNX model or a torch.export archive as a differentiable program."""
+def load_program(path: str, data: str) -> tuple[Any, dict[str, np.ndarray]]:
+    """An ONNX model or a torch.export archive as a differentiable program, and the --data arrays.
+
+    ONNX is normalised (``sensitivity.normalize``) after the arrays are checked against its
+    inputs (mismatches are named before the analysis starts); an opset upgrade is checked on
+    the first samples. A quantized model is refused there (ValueError: exit 2, no traceback).
+    """
     if path.endswith(".pt2"):
         if not os.path.isfile(path):
             raise BadInput(f"MODEL: no such file {path!r}")
         from sensitivity.torch_program import load_exported
 
-        return load_exported(path)
+        return load_exported(path), load_npz(data, "--data")
+    from planner.export import check_inputs
+    from sensitivity.normalize import normalize_model, refuse_quantized
     from sensitivity.onnx_program import load_onnx
 
-    return load_onnx(load_onnx_file(path))
+    model = load_onnx_file(path)
+    refuse_quantized(model)  # whatever the data: no data makes a quantized model plannable
+    calibration = load_npz(data, "--data")
+    check_inputs(model, calibration, what=f"--data {data!r}")
+    normalized = normalize_model(model, samples=calibration)
+    for change in normalized.changes():
+        print(f"mpq: normalised the model: {change}", file=sys.stderr)
+    return load_onnx(normalized), calibration
 
 
 def parse_bits(text: str) -> tuple[int, ...]:
@@ -358,6 +367,7 @@ def sensitivity_document(method: str, result) -> dict[str, Any]:
     }
     document["seed"] = result.seed
     document["versions"] = dict(result.versions)
+    document["normalization"] = dict(result.normalization)
     return document
 
 

@@ -9,14 +9,17 @@ from typing import Any
 SENSITIVITY_METHODS = {"hawq_v2": "TraceConfig", "hawq_v1": "EigenConfig", "interlayer": "InterLayerConfig"}
 
 
-def load_program(path: Path, model_format: str):
+def load_program(path: Path, model_format: str, samples: Mapping[str, Any] | None = None):
+    """The program of a stored model; ONNX is normalised first, an opset upgrade checked on ``samples``
+    (the calibration arrays) before the analysis starts."""
     if model_format == "torch_export":
         from sensitivity.torch_program import load_exported
 
         return load_exported(path)
-    from sensitivity.onnx_program import load_onnx
+    from sensitivity.normalize import normalize_model
+    from sensitivity.onnx_program import load_onnx, read_onnx
 
-    return load_onnx(path)
+    return load_onnx(normalize_model(read_onnx(path), samples=samples))
 
 
 def sensitivity_config(method: str, options: Mapping[str, Any]):

@@ -390,3 +390,41 @@ def test_a_model_whose_uniform_w8a8_does_not_export_plans_without_activation_ter
                   progress=lambda phase, fraction, message: messages.append((phase, message)))
     assert result.activation_terms == {} and result.meets_constraints
     assert any(phase == "activation" and "skipped" in message for phase, message in messages)
+
+
+# --- normalisation (sensitivity.normalize) --------------------------------------------------------
+
+
+def test_a_paddle_style_model_is_planned_under_its_constant_names():
+    """Weights in Constant nodes and a -1 batch (paddle2onnx): normalised once, up front, at the
+    candidates' opset (12 -> 21 for w4), and the plan, the artifact and the report agree on names."""
+    from tests.sensitivity.test_normalize import paddle_style_model
+
+    x = np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32)
+    request = PlanRequest(candidates=("fp32", "w8a8", "w4"), sensitivity_options=PROBES,
+                          **{**FAST, "max_frontier_points": 1})
+    result = plan(paddle_style_model(), {"x": x}, request)
+    assert set(result.plan.configuration) == {"conv.w"}
+    assert result.normalization["source_opset"] == 12 and result.normalization["opset"] == 21
+    assert result.normalization["upgrade_check"]["samples"] == 8
+    assert [layer["name"] for layer in result.sensitivity["layers"]] == ["conv.w"]
+    stored = read_plan(result.artifact_bytes)
+    assert set(stored["layers"]) == {"conv.w"} and stored["opset"] == {"source": 12, "exported": 21}
+
+
+def test_a_mismatching_opset_upgrade_is_refused_before_the_sensitivity_analysis(monkeypatch):
+    import onnx
+
+    from sensitivity.normalize import OpsetUpgradeError
+    from tests.conftest import tiny_onnx_model
+    from tests.sensitivity.test_normalize import _scaled
+
+    convert = onnx.version_converter.convert_version
+    monkeypatch.setattr(onnx.version_converter, "convert_version",
+                        lambda model, target: _scaled(convert(model, target), "fc2.weight", 1.01))
+    analysed = []
+    monkeypatch.setattr("sensitivity.run.compute_sensitivity", lambda *args, **kwargs: analysed.append(args))
+    x = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
+    with pytest.raises(OpsetUpgradeError, match="from opset 12 to 21 computes different outputs"):
+        plan(tiny_onnx_model(opset=12), {"x": x}, PlanRequest(candidates=("fp32", "w4"), **FAST))
+    assert analysed == []

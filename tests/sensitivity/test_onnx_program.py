@@ -261,9 +261,12 @@ def test_unsupported_ops_are_all_named_with_a_node() -> None:
         load_onnx(model)
 
 
-def test_opset_outside_the_supported_range_is_rejected() -> None:
-    with pytest.raises(UnsupportedOpsError, match="opset 10"):
-        load_onnx(_model([helper.make_node("Relu", ["x"], ["y"])], opset=10))
+def test_an_older_opset_is_upgraded_and_a_newer_one_rejected() -> None:
+    """Normalisation upgrades opset 10 to the interpreter's floor (11); nothing downgrades 22."""
+    program = load_onnx(_model([helper.make_node("Relu", ["x"], ["y"])], opset=10))
+    assert (program.normalization.source_opset, program.opset) == (10, 11)
+    with pytest.raises(UnsupportedOpsError, match="opset 22"):
+        load_onnx(_model([helper.make_node("Relu", ["x"], ["y"])], opset=22))
 
 
 def test_dangling_input_is_a_clear_error() -> None:

@@ -71,7 +71,9 @@ def _base_result(config: dict[str, Any]) -> dict[str, Any]:
                         "channel_axis": 0} for name, op, shape, _ in LAYERS],
             "loss_kind": "cross_entropy", "loss": 0.0571, "num_samples": 512, "traces": None, "eigenvalues": None,
             "interlayer": None, "timings": {"load": 0.41, "traces": 12.8}, "num_hvps": 256, "seed": 0,
-            "versions": dict(VERSIONS), "device": "cpu"}
+            "versions": dict(VERSIONS), "device": "cpu",
+            "normalization": {"promoted_constants": 0, "dynamic_dims": [], "source_opset": 17, "opset": 17,
+                              "upgrade_check": None, "changes": []}}
 
 
 def _shared_config(kind: str) -> dict[str, Any]:

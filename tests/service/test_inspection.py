@@ -288,3 +288,53 @@ def _children_running(module: str, exclude_spares: Inspector) -> list[int]:
             if status != "Z":
                 found.append(int(pid))
     return found
+
+
+# ---------------------------------------------------------------- real exports (normalisation)
+
+
+def test_a_paddle_style_model_is_described_normalised(tmp_path):
+    """Constant weights listed as layers under their output names, a -1 batch shown as dynamic; the
+    opset and IR version are the file's, ``normalization`` says what changed."""
+    from service.inspection import inspect_model
+    from tests.sensitivity.test_normalize import paddle_style_model
+
+    path = tmp_path / "paddle.onnx"
+    path.write_bytes(paddle_style_model().SerializeToString())
+    limits = Limits(max_bytes=MiB, max_decompressed_bytes=MiB, max_archive_members=8, max_dataset_arrays=8,
+                    allow_torch=False)
+    with open(path, "rb") as file:
+        described = inspect_model(file, limits)
+    assert [layer["name"] for layer in described["layers"]] == ["conv.w"]
+    assert described["details"]["inputs"] == [{"name": "x", "dtype": "float32", "shape": [None, 3, 8, 8]}]
+    assert (described["opset"], described["details"]["ir_version"]) == (12, 8)
+    assert described["details"]["normalization"]["promoted_constants"] == 2
+
+
+@pytest.mark.parametrize("name", ["ch_PP-OCRv4_det_infer.onnx", "ch_PP-OCRv4_rec_infer.onnx",
+                                  "ch_ppocr_mobile_v2.0_cls_infer.onnx"])
+def test_ppocr_is_described_with_the_layer_names_the_analysis_uses(name):
+    """paddle2onnx keeps weights in Constant nodes: inspection normalises as load_onnx does, so the
+    upload lists the layers (0 before) under the names the sensitivity results will carry."""
+    from sensitivity.onnx_program import load_onnx
+    from service.inspection import inspect_model
+    from tests.sensitivity.test_normalize_zoo import ppocr
+
+    path = ppocr(name)
+    limits = Limits(max_bytes=64 * MiB, max_decompressed_bytes=64 * MiB, max_archive_members=8,
+                    max_dataset_arrays=8, allow_torch=False)
+    with open(path, "rb") as file:
+        described = inspect_model(file, limits)
+    names = [layer["name"] for layer in described["layers"]]
+    assert names and names == [layer.name for layer in load_onnx(onnx.load(str(path))).layers]
+    assert described["details"]["normalization"]["promoted_constants"] > len(names)  # biases too
+
+
+@sqlite_only
+def test_an_already_quantized_upload_is_refused_as_quantized(client, app):
+    from tests.sensitivity.test_normalize_zoo import zoo_file
+
+    body = zoo_file("ddddocr", "common_old.onnx").read_bytes()
+    before = snapshot(app)
+    assert_problem(upload(client, "/v1/models", body), 422, "already quantized", "ConvInteger", "float model")
+    assert snapshot(app) == before

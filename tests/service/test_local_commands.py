@@ -153,3 +153,30 @@ def test_bad_input_exits_2(files, capsys, monkeypatch, arguments, message):
     status, out, err = call_mpq(*arguments, capsys=capsys)
     assert status == 2, err
     assert message in err and out == ""
+
+
+@pytest.mark.parametrize("command", ["sensitivity", "plan"])
+def test_an_already_quantized_model_exits_2_naming_it(command, tmp_path, capsys):
+    """Refused as quantized before the data is checked (its batch of 2 does not fit the model's 1)."""
+    from tests.sensitivity.test_normalize_zoo import zoo_file
+
+    model = zoo_file("ddddocr", "common_old.onnx")
+    np.savez(tmp_path / "data.npz", input1=np.zeros((2, 1, 64, 128), np.float32))
+    out_option = ("--out", str(tmp_path / "q.onnx")) if command == "plan" else ()
+    status, out, err = call_mpq(command, str(model), "--data", str(tmp_path / "data.npz"), *out_option, capsys=capsys)
+    assert status == 2 and out == ""
+    assert "already quantized" in err and "ConvInteger" in err and "Traceback" not in err
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_sensitivity_of_a_paddle_style_model_names_its_constant_layers(tmp_path, capsys):
+    """Weights in Constant nodes and a -1 batch: normalised, said on stderr, analysed under their names."""
+    from tests.sensitivity.test_normalize import paddle_style_model
+
+    onnx.save(paddle_style_model(), tmp_path / "paddle.onnx")
+    np.savez(tmp_path / "data.npz", x=np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32))
+    status, out, err = call_mpq("sensitivity", str(tmp_path / "paddle.onnx"), "--data", str(tmp_path / "data.npz"),
+                                "--max-probes", "2", "--device", "cpu", "--json", capsys=capsys)
+    assert status == 0, err
+    assert [layer["name"] for layer in json.loads(out)["layers"]] == ["conv.w"]
+    assert "normalised the model: 2 Constant nodes became initializers" in err and "x[0]" in err

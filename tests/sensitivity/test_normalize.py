@@ -1,0 +1,281 @@
+"""The normalisation step (``sensitivity.normalize``) on small synthetic models, one quirk each.
+
+The same quirks in real exports (PP-OCR from paddle2onnx, a quantized ddddocr model) are tested in
+``tests/sensitivity/test_normalize_zoo.py``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from planner.export import check_inputs
+from sensitivity.layers import find_layers
+from sensitivity.normalize import (
+    PROMOTE_MIN_ELEMENTS,
+    UPGRADE_CHECK_SAMPLES,
+    AlreadyQuantizedError,
+    OpsetUpgradeError,
+    check_upgrade,
+    normalize_model,
+    static_dims,
+)
+from sensitivity.onnx_program import check_supported, load_onnx
+from tests.conftest import tiny_onnx_model
+
+
+def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def _constant(name: str, array: np.ndarray) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(array, name), name=f"{name}_node")
+
+
+def paddle_style_model(bias_channels: int = 8) -> onnx.ModelProto:
+    """x[-1, 3, 8, 8] -> Conv (weight and bias from Constant nodes) -> Reshape to [-1, C*64] (shape
+    from a 2-element Constant): how paddle2onnx writes every model."""
+    rng = np.random.default_rng(0)
+    channels = bias_channels
+    nodes = [
+        _constant("conv.w", rng.standard_normal((channels, 3, 3, 3)).astype(np.float32)),
+        _constant("conv.b", rng.standard_normal(channels).astype(np.float32)),
+        _constant("shape", np.array([-1, channels * 64], dtype=np.int64)),
+        helper.make_node("Conv", ["x", "conv.w", "conv.b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Reshape", ["c", "shape"], ["y"], name="flatten"),
+    ]
+    graph = helper.make_graph(
+        nodes, "paddle",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, channels * 64])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)])
+    model.ir_version = 8
+    return model
+
+
+def _x(count: int = 4) -> np.ndarray:
+    return np.random.default_rng(1).standard_normal((count, 3, 8, 8)).astype(np.float32)
+
+
+# --- Constant nodes -> initializers ------------------------------------------------------------
+
+
+def test_constant_weights_become_initializers_named_by_their_output():
+    model = paddle_style_model()
+    before = model.SerializeToString()
+    normalized = normalize_model(model)
+    assert find_layers(model) == []
+    assert [layer.name for layer in find_layers(normalized.model)] == ["conv.w"]
+    assert normalized.promoted_constants == ("conv.w", "conv.b")
+    assert [node.op_type for node in normalized.model.graph.node] == ["Constant", "Conv", "Reshape"]
+    assert model.SerializeToString() == before, "the given proto is never modified"
+    np.testing.assert_array_equal(_run(normalized.model, {"x": _x()})[0], _run(model, {"x": _x()})[0])
+
+
+def test_the_promotion_threshold_keeps_short_vectors_as_nodes():
+    """8 channels of bias are data (promoted); a 7-element vector stays a node like a shape would."""
+    assert PROMOTE_MIN_ELEMENTS == 8
+    short = normalize_model(paddle_style_model(bias_channels=7))
+    assert short.promoted_constants == ("conv.w",)
+    assert normalize_model(paddle_style_model(bias_channels=8)).promoted_constants == ("conv.w", "conv.b")
+
+
+def test_a_constant_that_is_a_graph_output_stays_a_node():
+    graph = helper.make_graph([_constant("table", np.ones((4, 4), np.float32))], "g", [],
+                              [helper.make_tensor_value_info("table", TensorProto.FLOAT, [4, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert normalize_model(model).promoted_constants == ()
+
+
+def test_the_interpreter_runs_the_normalised_model_as_onnxruntime_does():
+    model = paddle_style_model()
+    program = load_onnx(model)  # normalises first
+    assert [layer.name for layer in program.layers] == ["conv.w"]
+    assert program.normalization.promoted_constants == ("conv.w", "conv.b")
+    import torch
+
+    with torch.no_grad():
+        ours = program.forward(dict(program.layer_weights), {"x": torch.from_numpy(_x())})[0].numpy()
+    np.testing.assert_allclose(ours, _run(model, {"x": _x()})[0], rtol=1e-5, atol=1e-5)
+
+
+# --- non-positive dims -------------------------------------------------------------------------
+
+
+def test_dims_written_as_minus_one_or_zero_are_dynamic():
+    value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 0, 3, "height", None])
+    assert static_dims(value) == [None, None, 3, None, None]
+    assert static_dims(helper.make_tensor_value_info("s", TensorProto.FLOAT, None)) is None
+
+
+def test_normalisation_clears_minus_one_dims_and_says_so():
+    normalized = normalize_model(paddle_style_model())
+    assert normalized.dynamic_dims == ("x[0]", "y[0]")
+    assert static_dims(normalized.model.graph.input[0]) == [None, 3, 8, 8]
+    assert any("x[0]" in line for line in normalized.changes())
+
+
+def test_input_checks_take_any_batch_for_a_minus_one_dim_and_still_check_fixed_dims():
+    model = paddle_style_model()
+    assert check_inputs(model, {"x": _x(5)})["x"].shape == (5, 3, 8, 8)
+    wrong = np.zeros((5, 3, 8, 9), np.float32)
+    with pytest.raises(ValueError, match=r"the model expects \[\?, 3, 8, 8\]"):
+        check_inputs(model, {"x": wrong})
+
+
+# --- already quantized ---------------------------------------------------------------------------
+
+
+def _quantized_model(node: onnx.NodeProto, initializers: list[onnx.TensorProto]) -> onnx.ModelProto:
+    graph = helper.make_graph([node], "q", [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+
+
+_W8 = numpy_helper.from_array(np.ones((4, 4), np.int8), "w_q")
+_SCALE = numpy_helper.from_array(np.float32(0.1), "w_scale")
+QUANTIZED = {
+    "MatMulInteger": (helper.make_node("MatMulInteger", ["x", "w_q"], ["y"], name="mm"), [_W8], "MatMulInteger"),
+    "DequantizeLinear on a weight": (
+        helper.make_node("DequantizeLinear", ["w_q", "w_scale"], ["y"], name="dq"), [_W8, _SCALE],
+        "DequantizeLinear on a weight"),
+    "com.microsoft MatMulNBits": (
+        helper.make_node("MatMulNBits", ["x", "w_q", "w_scale"], ["y"], name="nbits", domain="com.microsoft",
+                         K=4, N=4, bits=4, block_size=16), [_W8, _SCALE], "com.microsoft::MatMulNBits"),
+    "QLinearConv": (helper.make_node("QLinearConv", ["x"] * 8, ["y"], name="qconv"), [], "QLinearConv"),
+}
+
+
+@pytest.mark.parametrize("case", QUANTIZED)
+def test_a_quantized_model_is_refused_as_quantized(case):
+    node, initializers, label = QUANTIZED[case]
+    model = _quantized_model(node, initializers)
+    with pytest.raises(AlreadyQuantizedError, match=f"already quantized: it uses {label} \\(1 nodes, e.g. '") as error:
+        normalize_model(model)
+    assert "float model" in str(error.value)
+    with pytest.raises(AlreadyQuantizedError):  # the op check names quantization too, not "unsupported ops"
+        check_supported(model)
+
+
+def test_a_dequantize_of_an_activation_is_not_a_quantized_weight():
+    node = helper.make_node("DequantizeLinear", ["x", "w_scale"], ["y"], name="dq")
+    assert normalize_model(_quantized_model(node, [_SCALE])).changed is False
+
+
+# --- opset upgrade --------------------------------------------------------------------------------
+
+
+def test_a_model_needing_no_change_is_returned_without_a_copy():
+    model = tiny_onnx_model()
+    normalized = normalize_model(model)
+    assert normalized.model is model and not normalized.changed and normalized.changes() == []
+    assert normalize_model(normalized) is normalized
+
+
+def test_an_upgrade_is_checked_on_the_first_samples():
+    model = tiny_onnx_model(opset=12)
+    samples = {"x": np.random.default_rng(0).standard_normal((20, 8)).astype(np.float32), "labels": np.zeros(20)}
+    normalized = normalize_model(model, opset=21, samples=samples)
+    assert (normalized.source_opset, normalized.opset) == (12, 21)
+    check = normalized.upgrade_check
+    assert check is not None and check.samples == UPGRADE_CHECK_SAMPLES
+    assert check.max_relative_difference < 1e-6  # measured: 0 (the same kernels)
+    assert normalized.model.ir_version >= 10  # opset 21 needs IR 10
+    assert "checked on 8 samples" in normalized.changes()[0]
+
+
+def test_an_upgrade_without_samples_is_applied_and_reported_unchecked():
+    normalized = normalize_model(tiny_onnx_model(opset=12), opset=13)
+    assert normalized.opset == 13 and normalized.upgrade_check is None
+    assert "not checked" in normalized.changes()[0]
+
+
+def test_a_normalised_model_is_upgraded_further_keeping_its_record():
+    first = normalize_model(paddle_style_model())
+    second = normalize_model(first, opset=13, samples={"x": _x()})
+    assert (second.source_opset, second.opset) == (12, 13)
+    assert second.promoted_constants == ("conv.w", "conv.b") and second.upgrade_check is not None
+
+
+def test_an_earlier_unchecked_upgrade_stays_reported_unchecked():
+    unchecked = normalize_model(tiny_onnx_model(opset=10))  # 10 -> 11 without samples
+    further = normalize_model(unchecked, opset=13, samples={"x": np.ones((2, 8), np.float32)})
+    assert (further.source_opset, further.opset, further.upgrade_check) == (10, 13, None)
+    assert "not checked" in further.changes()[0]
+
+
+def _scaled(model: onnx.ModelProto, name: str, factor: float, offset: float = 0.0) -> onnx.ModelProto:
+    changed = onnx.ModelProto()
+    changed.CopyFrom(model)
+    weight = next(init for init in changed.graph.initializer if init.name == name)
+    array = numpy_helper.to_array(weight) * np.float32(factor) + np.float32(offset)
+    weight.CopyFrom(numpy_helper.from_array(array.astype(np.float32), name))
+    return changed
+
+
+def test_the_upgrade_tolerance_is_relative_to_the_outputs():
+    """Outputs around 1e4 that differ by ~1e-3 (float32 rounding at that scale) pass, where an
+    absolute 1e-5 would have refused; a 1 % change of one weight is refused."""
+    large = _scaled(tiny_onnx_model(), "fc2.weight", 1e4)
+    samples = {"x": np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32)}
+    rounded = _scaled(large, "fc2.weight", 1 + 1e-7)
+    check = check_upgrade(large, rounded, samples, (17, 17))
+    assert check.max_abs_difference > 1e-5 and check.max_relative_difference < 1e-5
+    with pytest.raises(OpsetUpgradeError, match="computes different outputs"):
+        check_upgrade(large, _scaled(large, "fc2.weight", 1.01), samples, (17, 17))
+
+
+def test_a_converter_that_changes_the_model_is_caught(monkeypatch):
+    convert = onnx.version_converter.convert_version
+
+    def perturbing(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+        return _scaled(convert(model, target), "fc2.weight", 1.0, offset=1e-2)
+
+    monkeypatch.setattr(onnx.version_converter, "convert_version", perturbing)
+    samples = {"x": np.ones((4, 8), np.float32)}
+    with pytest.raises(OpsetUpgradeError, match="from opset 12 to 21 computes different outputs"):
+        normalize_model(tiny_onnx_model(opset=12), opset=21, samples=samples)
+
+
+def test_samples_lacking_an_input_are_named():
+    with pytest.raises(ValueError, match=r"lack the model inputs \['x'\]"):
+        normalize_model(tiny_onnx_model(opset=12), opset=13, samples={"image": np.ones((2, 8), np.float32)})
+
+
+_WITHOUT_TORCH = """
+import sys, numpy as np
+from onnx import TensorProto, helper, numpy_helper
+from sensitivity.normalize import normalize_model
+w = helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(np.ones((4, 4), np.float32)))
+graph = helper.make_graph([w, helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+    [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 4])],
+    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 4])])
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 10)])
+assert normalize_model(model).promoted_constants == ("w",)
+assert "torch" not in sys.modules, "torch was imported"
+"""
+
+
+def test_normalising_never_imports_torch():
+    """The upload inspector normalises in a process that must not import torch (sensitivity/__init__)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _WITHOUT_TORCH], capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_sensitivity_result_reports_what_normalisation_changed():
+    from sensitivity.results import SensitivityResult, TraceConfig
+    from sensitivity.run import compute_sensitivity
+
+    program = load_onnx(paddle_style_model())
+    config = TraceConfig(max_probes=2, min_probes=2, device="cpu", seed=0)
+    result = compute_sensitivity(program, {"x": _x(8)}, config)
+    assert [layer.name for layer in result.layers] == ["conv.w"]
+    assert result.normalization["promoted_constants"] == 2 and result.normalization["dynamic_dims"] == ["x[0]", "y[0]"]
+    assert SensitivityResult.from_dict(result.to_dict()).normalization == result.normalization
