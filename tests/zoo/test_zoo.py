@@ -192,30 +192,31 @@ def _weighted_nodes(graph: onnx.GraphProto, outer: frozenset[str] = frozenset())
     return found
 
 
-# Placeholders until model normalisation (Constant-node weights, opset upgrades) and the LSTM/GRU/If
-# ops land in sensitivity/: the PP-OCR graphs keep their weights in Constant nodes, ddddocr has an
-# LSTM, silero's net sits inside an If. The other models pass today and must keep passing.
-_NOT_YET = pytest.mark.xfail(strict=False, reason="needs model normalisation and the LSTM/GRU/If ops")
+# silero's weights sit inside the branches of an If on the sample rate: find_layers reads the top
+# graph only, so they are not layers yet (the interpreter runs the branches: tests/sensitivity).
+_NOT_YET = pytest.mark.xfail(strict=True, reason="weights inside If branches are not layers yet")
 _LAYER_CASES = [
-    pytest.param(m, id=m.name, marks=_NOT_YET if m.name in ("ppocrv4-det", "ppocrv4-rec", "ddddocr-common", "silero-vad") else ())
+    pytest.param(m, id=m.name, marks=_NOT_YET if m.name == "silero-vad" else ())
     for m in zoo.ZOO if not m.quantized
 ]
 
 
 @pytest.mark.parametrize("model", _LAYER_CASES)
 def test_find_layers_finds_every_weighted_node(model: zoo.ZooModel) -> None:
+    """After normalisation (PP-OCR keeps its weights in Constant nodes), with LSTM weights as layers."""
     from sensitivity.layers import find_layers
+    from sensitivity.normalize import normalize_model
 
     proto = onnx.load_from_string(model.model_bytes())
     weighted = _weighted_nodes(proto.graph)
     assert weighted, "the zoo model should have weights"
-    assert len(find_layers(proto)) >= len(weighted)
+    layers = {layer.name for layer in find_layers(normalize_model(proto).model)}
+    assert weighted <= layers, sorted(weighted - layers)[:5]
 
 
-@pytest.mark.xfail(strict=False, reason="until model normalisation refuses already-quantized models")
 def test_an_already_quantized_model_is_refused() -> None:
-    from sensitivity.layers import find_layers
+    from sensitivity.normalize import AlreadyQuantizedError, normalize_model
 
     proto = onnx.load_from_string(zoo.get("ddddocr-common-old").model_bytes())
-    with pytest.raises(ValueError, match="quantized"):
-        find_layers(proto)
+    with pytest.raises(AlreadyQuantizedError, match="already quantized.*ConvInteger"):
+        normalize_model(proto)
