@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from planner.batches import batches, session_fixed_batch
 from planner.cost import cpu_session
 from planner.export import ExportedModel, check_inputs
 
@@ -90,13 +91,11 @@ def run_batched_outputs(
 ) -> list[np.ndarray]:
     """Every output (or the first only) over all samples, each as a float64 array ``[samples, -1]``."""
     session = cpu_session(model_bytes)
-    count = len(next(iter(feeds.values())))
     chunks: list[list[np.ndarray]] = []
-    for start in range(0, count, batch_size):
-        batch = {name: array[start : start + batch_size] for name, array in feeds.items()}
+    for batch, real in batches(feeds, batch_size, session_fixed_batch(session)):
         outputs = session.run(None, batch)[: 1 if first_only else None]
         rows = len(next(iter(batch.values())))
-        chunks.append([_rows(np.asarray(output), rows, index) for index, output in enumerate(outputs)])
+        chunks.append([_rows(np.asarray(output), rows, index)[:real] for index, output in enumerate(outputs)])
     return [np.concatenate(parts) for parts in zip(*chunks)]
 
 

@@ -55,12 +55,15 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
+from planner.batches import batches, session_fixed_batch
 from planner.candidates import Candidate, Configuration, as_configuration, get_candidate
 from planner.cost import cpu_session, graph_inputs, layer_nodes, runtime_tensors
 from sensitivity.layers import Layer, find_layers, node_weight_index, weight_array, weight_index
 from sensitivity.normalize import (
     NormalizedModel,
     OpsetUpgradeError,
+    fixed_batch_size,
+    padded_rows,
     normalize_model,
     static_dims,
 )
@@ -187,8 +190,9 @@ def check_inputs(
     if missing or unknown:
         raise ValueError(f"{what} does not match the model inputs {expected}: missing {missing}, unknown {unknown}")
     problems: list[str] = []
+    fixed_batch = fixed_batch_size(model) is not None  # then any number of samples: run in batches of N
     for value in inputs:
-        problems += _input_problems(value, arrays[value.name])
+        problems += _input_problems(value, arrays[value.name], any_count=fixed_batch)
     if problems:
         raise ValueError(f"{what} does not match the model inputs: " + "; ".join(problems))
     lengths = {name: len(arrays[name]) for name in expected}
@@ -197,7 +201,7 @@ def check_inputs(
     return {name: arrays[name] for name in expected}
 
 
-def _input_problems(value: onnx.ValueInfoProto, array: object) -> list[str]:
+def _input_problems(value: onnx.ValueInfoProto, array: object, any_count: bool = False) -> list[str]:
     name = value.name
     if not isinstance(array, np.ndarray):
         return [f"{name!r} is a {type(array).__name__}, not a numpy array"]
@@ -211,7 +215,8 @@ def _input_problems(value: onnx.ValueInfoProto, array: object) -> list[str]:
         if array.ndim != len(dims):
             problems.append(f"{name!r} has shape {array.shape}, the model expects rank {len(dims)} ({_show(dims)})")
         else:
-            fixed = [(axis, size) for axis, size in enumerate(dims) if size is not None and array.shape[axis] != size]
+            fixed = [(axis, size) for axis, size in enumerate(dims)
+                     if size is not None and array.shape[axis] != size and not (any_count and axis == 0)]
             if fixed:
                 problems.append(f"{name!r} has shape {array.shape}, the model expects {_show(dims)}")
     if array.ndim == 0 or len(array) == 0:
@@ -386,12 +391,15 @@ def _complete_value_types(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray
 
 
 class ArrayCalibrationReader(CalibrationDataReader):
-    """onnxruntime ``CalibrationDataReader`` over in-memory arrays, in batches."""
+    """onnxruntime ``CalibrationDataReader`` over in-memory arrays, in batches (of exactly ``fixed``
+    samples for a model whose batch dim is fixed, the last padded: a repeated sample moves no
+    min/max range)."""
 
-    def __init__(self, feeds: Mapping[str, np.ndarray], batch_size: int) -> None:
+    def __init__(self, feeds: Mapping[str, np.ndarray], batch_size: int, fixed: int | None = None) -> None:
         self._feeds = dict(feeds)
         self._count = len(next(iter(self._feeds.values())))
-        self._batch_size = batch_size
+        self._batch_size = fixed or batch_size
+        self._fixed = fixed
         self.set_range(0, self._count)
 
     def set_range(self, start_index: int, end_index: int) -> None:
@@ -402,8 +410,8 @@ class ArrayCalibrationReader(CalibrationDataReader):
         start = next(self._starts, None)
         if start is None:
             return None
-        stop = min(start + self._batch_size, self._end)
-        return {name: array[start:stop] for name, array in self._feeds.items()}
+        rows = padded_rows(start, min(start + self._batch_size, self._end), self._fixed)
+        return {name: array[rows] for name, array in self._feeds.items()}
 
     def __len__(self) -> int:
         return math.ceil(self._count / self._batch_size)
@@ -429,7 +437,7 @@ def _quantize_static(
             quantize_static(
                 model,
                 output,
-                ArrayCalibrationReader(feeds, batch_size),
+                ArrayCalibrationReader(feeds, batch_size, fixed_batch_size(model)),
                 quant_format=QuantFormat.QDQ,
                 per_channel=True,
                 reduce_range=False,  # Q_b uses the full restricted range [-127, 127]
@@ -714,12 +722,13 @@ def validate_artifact(model_bytes: bytes, feeds: Mapping[str, np.ndarray], *, ba
         raise ExportError(f"the exported model fails onnx.checker: {error}") from error
     try:
         session = _session(model_bytes)
-        count = len(next(iter(feeds.values())))
-        for start in range(0, count, batch_size):
-            outputs = session.run(None, {name: array[start : start + batch_size] for name, array in feeds.items()})
+        start = 0
+        for batch, real in batches(feeds, batch_size, session_fixed_batch(session)):
+            outputs = session.run(None, batch)
             bad = [i for i, out in enumerate(outputs) if _is_float(out) and not np.isfinite(out).all()]
             if bad:
                 raise ExportError(f"output(s) {bad} are not finite on calibration samples {start}..")
+            start += real
     except ExportError:
         raise
     except Exception as error:  # noqa: BLE001

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from planner.export import check_inputs
+from sensitivity.normalize import fixed_batch_size
 
 CPU_PROVIDER = "CPUExecutionProvider"
 CUDA_PROVIDER = "CUDAExecutionProvider"
@@ -50,14 +51,17 @@ def measure_latency(
     """Time ``repeats`` runs of one batch of ``batch_size`` samples after ``warmup`` untimed runs.
 
     ``inputs`` maps every model input to samples (first axis); the batch is its first ``batch_size``
-    rows, repeated cyclically when there are fewer. ``threads`` sets onnxruntime's intra-op threads
+    rows, repeated cyclically when there are fewer (a model whose batch dim is fixed at N runs N, the
+    ``batch_size`` recorded). ``threads`` sets onnxruntime's intra-op threads
     (default: onnxruntime's choice).
     """
     import onnx
     import onnxruntime as ort
 
     _check_counts(warmup, repeats, batch_size, threads)
-    feeds = check_inputs(onnx.load_from_string(model_bytes), inputs, what="latency inputs")
+    model = onnx.load_from_string(model_bytes)
+    feeds = check_inputs(model, inputs, what="latency inputs")
+    batch_size = fixed_batch_size(model) or batch_size  # a model exported with batch N runs N at a time
     batch = {name: _take(array, batch_size) for name, array in feeds.items()}
     provider = select_provider(device)
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sensitivity.normalize import padded_rows
 from sensitivity.program import Program
 
 LABELS = "labels"
@@ -40,6 +41,7 @@ class Batch:
     inputs: dict[str, torch.Tensor]
     targets: tuple[torch.Tensor, ...]  # class indices (one tensor) or float outputs (one per output)
     weight: float  # n_b / N
+    valid: int | None = None  # real samples when the rest pad a fixed-size batch (see CalibrationLoss)
 
 
 def _is_classifier(outputs: Sequence[torch.Tensor], task: str) -> bool:
@@ -87,12 +89,16 @@ class CalibrationLoss:
         self.num_samples = total
         self.batches: list[Batch] = []
         self.kind = ""
+        fixed = program.fixed_batch_size
+        batch_size = fixed or batch_size  # a model exported with batch N runs on exactly N samples
         for start in range(0, total, batch_size):
             stop = min(start + batch_size, total)
-            inputs = {name: self._tensor(calibration[name][start:stop]) for name in program.input_names}
+            rows = padded_rows(start, stop, fixed)
+            inputs = {name: self._tensor(calibration[name][rows]) for name in program.input_names}
             labels = calibration.get(LABELS)
-            targets = self._targets(inputs, None if labels is None else labels[start:stop], task)
-            self.batches.append(Batch(inputs, targets, (stop - start) / total))
+            targets = self._targets(inputs, None if labels is None else labels[rows], task)
+            valid = stop - start if fixed is not None and stop - start < fixed else None
+            self.batches.append(Batch(inputs, targets, (stop - start) / total, valid))
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         """A calibration slice on the device; floating data takes the layer weights' dtype
@@ -121,6 +127,8 @@ class CalibrationLoss:
     def batch_loss(self, weights: Mapping[str, torch.Tensor], batch: Batch) -> torch.Tensor:
         """Mean loss over one batch (differentiable in ``weights``). Not ``sample_losses().mean()``:
         this also takes outputs whose first axis is not the sample axis."""
+        if batch.valid is not None:  # padding must not count: the mean of the real samples' losses
+            return self.sample_losses(weights, batch).mean()
         outputs = self.program.forward(weights, batch.inputs)
         if self.kind == "distill_mse":
             return sum(_squared_error(out, target).mean() for out, target in zip(outputs, batch.targets))
@@ -131,11 +139,13 @@ class CalibrationLoss:
         their mean is ``batch_loss``."""
         outputs = self.program.forward(weights, batch.inputs)
         if self.kind == "distill_mse":
-            return sum(
+            losses = sum(
                 _squared_error(out, target).reshape(out.shape[0], -1).mean(dim=1)  # [batch] outputs too
                 for out, target in zip(outputs, batch.targets)
             )
-        return F.cross_entropy(outputs[0], batch.targets[0], reduction="none")
+        else:
+            losses = F.cross_entropy(outputs[0], batch.targets[0], reduction="none")
+        return losses if batch.valid is None else losses[: batch.valid]
 
     def value(self, weights: Mapping[str, torch.Tensor] | None = None) -> float:
         """L(W) over the whole set (W₀ when ``weights`` is None), without gradients."""
@@ -148,3 +158,4 @@ def _squared_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """(out - target)², written out: F.mse_loss fails under forward-over-reverse HVPs in torch 2.13
     ("ZeroTensors are immutable" from its jvp through the detached target)."""
     return (out - target) ** 2
+

@@ -180,6 +180,30 @@ def static_dims(value: onnx.ValueInfoProto) -> list[int | None] | None:
     return [int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor.shape.dim]
 
 
+def fixed_batch_size(model: onnx.ModelProto) -> int | None:
+    """N when every graph input's first dim is the same fixed N (a model exported with batch 1, or
+    any N), else None. Such a model runs on chunks of exactly N samples; a calibration set of any
+    size is cut into them (the last one padded), never by editing the model's batch dim."""
+    constants = {init.name for init in model.graph.initializer}
+    return common_fixed_dim([(dims or [None])[0] for value in model.graph.input if value.name not in constants
+                             for dims in [static_dims(value)]])
+
+
+def common_fixed_dim(first_dims: Sequence[int | str | None]) -> int | None:
+    """The one fixed size all inputs' first dims share, else None (symbolic, missing, <= 0 or mixed
+    dims: e.g. a state input of fixed size 2 beside a dynamic batch is no fixed batch)."""
+    sizes = {dim if isinstance(dim, int) and dim > 0 else None for dim in first_dims}
+    return sizes.pop() if len(sizes) == 1 and None not in sizes else None
+
+
+def padded_rows(start: int, stop: int, fixed: int | None) -> slice | np.ndarray:
+    """The sample indices of one batch: ``start:stop``, padded to ``fixed`` rows by repeating its
+    first sample when the model only takes batches of exactly that size."""
+    if fixed is None or stop - start == fixed:
+        return slice(start, stop)
+    return np.concatenate([np.arange(start, stop), np.full(fixed - (stop - start), start)])
+
+
 def default_opset(model: onnx.ModelProto) -> int:
     for entry in model.opset_import:
         if entry.domain in _DEFAULT_DOMAINS:

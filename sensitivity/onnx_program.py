@@ -39,6 +39,7 @@ from sensitivity.layers import Layer, find_layers
 from sensitivity.normalize import (
     MIN_OPSET,
     NormalizedModel,
+    fixed_batch_size,
     normalize_model,
     refuse_quantized,
 )
@@ -138,6 +139,7 @@ class OnnxProgram(ProgramAttributes):
         self._shape_cache: dict[tuple[tuple[int, ...], ...], dict[str, _Recorded]] = {}
         self._shape_cache_size = shape_cache_size
         self.opset = opset
+        self._fixed_batch_size = fixed_batch_size(normalization.model) if normalization is not None else None
         self.device = device
         self.normalization = normalization  # what normalisation changed in the loaded model, for reports
 

@@ -32,6 +32,10 @@ class Program(Protocol):
     @property
     def output_names(self) -> Sequence[str]: ...
 
+    @property
+    def fixed_batch_size(self) -> int | None:
+        """N when the model only takes batches of exactly N samples (its batch dim is fixed)."""
+
     def forward(
         self, weights: Mapping[str, torch.Tensor], inputs: Mapping[str, torch.Tensor]
     ) -> list[torch.Tensor]:
@@ -43,12 +47,14 @@ class Program(Protocol):
 
 class ProgramAttributes:
     """The read-only attributes of the ``Program`` protocol, for implementations that set
-    ``_layers``, ``_layer_weights``, ``_input_names`` and ``_output_names``."""
+    ``_layers``, ``_layer_weights``, ``_input_names`` and ``_output_names`` (and
+    ``_fixed_batch_size`` when the model's batch dim is fixed)."""
 
     _layers: Sequence[Layer]
     _layer_weights: Mapping[str, torch.Tensor]
     _input_names: Sequence[str]
     _output_names: Sequence[str]
+    _fixed_batch_size: int | None = None
 
     @property
     def layers(self) -> Sequence[Layer]:
@@ -65,3 +71,7 @@ class ProgramAttributes:
     @property
     def output_names(self) -> Sequence[str]:
         return self._output_names
+
+    @property
+    def fixed_batch_size(self) -> int | None:
+        return self._fixed_batch_size
