@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import zipfile
+from collections.abc import Iterator
 
 import numpy as np
 import onnx
@@ -39,3 +40,17 @@ def npy_with_header(shape: tuple[int, ...], data: bytes = b"") -> bytes:
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": shape})
     return header.getvalue() + data
+
+
+def json_body(size: int) -> tuple[Iterator[bytes], dict[str, str]]:
+    """A ``size``-byte JSON document, streamed from one 64 KiB chunk (the client holds no big buffer)."""
+    head, tail, chunk = b'{"model_id": "', b'", "dataset_id": "x"}', b"a" * 65536
+    filler = size - len(head) - len(tail)
+
+    def chunks() -> Iterator[bytes]:
+        yield head
+        for offset in range(0, filler, len(chunk)):
+            yield chunk[:min(len(chunk), filler - offset)]
+        yield tail
+
+    return chunks(), {"content-type": "application/json", "content-length": str(size)}
