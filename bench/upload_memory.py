@@ -19,22 +19,10 @@ import tempfile
 import time
 
 import httpx
-import numpy as np
 import psutil
-from onnx import TensorProto, helper
 
+from bench.abuse_payloads import MiB, write_big_model
 from bench.server import PeakRss, running_server
-
-
-def write_big_model(path: Path, size_mib: int) -> None:
-    side = int((size_mib * 1024 * 1024 / 4) ** 0.5)
-    weight = helper.make_tensor("big.weight", TensorProto.FLOAT, [side, side],
-                                np.zeros((side, side), np.float32).tobytes(), raw=True)
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "big.weight"], ["y"])], "big",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, side])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, side])], [weight])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    path.write_bytes(model.SerializeToString())
 
 
 def main() -> None:
@@ -43,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as root:
         model_path = Path(root) / "big.onnx"
-        write_big_model(model_path, args.size_mib)
+        write_big_model(model_path, args.size_mib * MiB)
         size = model_path.stat().st_size
         with running_server(Path(root)) as server:
             process = psutil.Process(server.process.pid)
