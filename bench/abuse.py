@@ -6,16 +6,17 @@ honest model and dataset uploaded, one job request checked, so the inspectors an
 are paid) the attack runs, bounded in count and time, while a sampler reads the RSS of the API
 process and of its children (inspectors, job processes) every 20 ms. Once the attack's load is in
 place (its hostile body sent, its connections open), a separate client with its own token times
-one honest `GET /healthz` and one honest upload of a tiny model.
+one honest `GET /healthz` and one honest upload of a tiny model; another pings /healthz every
+0.2 s throughout, to catch the event loop stalling at other moments.
 
 Printed per attack: the status codes the attack's own requests got, the API's RSS growth (peak -
 baseline after the warm-up), the largest single child's peak RSS, and the honest requests' times;
 at the end a markdown table. Targets: API RSS growth < 100 MB under every attack; honest requests
-answered in < 2 s.
+(the two timed ones and every ping) answered in < 2 s.
 
     .venv/bin/python bench/abuse.py [--quick] [--only NAME ...] [--auth token|off] [--list]
 
---quick runs everything smaller (2-4 minutes instead of about 10). With --auth off every client,
+--quick runs everything smaller (about 3 minutes instead of 8-10 on 2 cores). With --auth off every client,
 the honest one included, is the same address, and shares its upload slots (docs/security.md).
 """
 
@@ -78,9 +79,9 @@ class Scale:
 
 FULL = Scale()
 QUICK = Scale(bundle_bomb_bytes=256 * MiB, json_bomb_bytes=256 * MiB, npz_bomb_bytes=256 * MiB, layers=20_000,
-              big_model_bytes=128 * MiB, body_bytes=20 * 1000**2, flood_uploads=100, flood_hold_s=8.0,
-              half_headers=200, half_hold_s=12.0, slow_hold_s=10.0, trickle_interval_s=2.0, option_rounds=1,
-              inlining_depth=20)
+              big_model_bytes=128 * MiB, body_bytes=20 * 1000**2, flood_uploads=100, flood_hold_s=5.0,
+              half_headers=200, half_hold_s=11.0, slow_hold_s=6.0, trickle_interval_s=2.0, option_rounds=1,
+              inlining_depth=19)  # 19: the op check passes after a few seconds; the job is cancelled
 
 
 # ---------------------------------------------------------------- what one attack reports
@@ -127,11 +128,12 @@ class Row:
     children_peak_mb: float
     healthz: Timing
     upload: Timing
+    worst_ping_s: float  # the pinger's slowest /healthz: honest requests at other moments
     seconds: float
 
     @property
     def met(self) -> bool:
-        return self.growth_mb < TARGET_GROWTH_MB and self.healthz.ok and self.upload.ok
+        return self.verdict() == "yes"
 
     def verdict(self) -> str:
         misses = []
@@ -139,6 +141,8 @@ class Row:
             misses.append(f"API +{self.growth_mb:.0f} MB")
         misses += [f"{what} {timing}" for what, timing in (("healthz", self.healthz), ("upload", self.upload))
                    if not timing.ok]
+        if self.worst_ping_s >= TARGET_HONEST_S:
+            misses.append(f"a /healthz ping took {self.worst_ping_s:.1f} s")
         return "yes" if not misses else "**no**: " + ", ".join(misses)
 
 
@@ -248,6 +252,7 @@ class Context:
         return bearer(self.tokens.attackers[0])
 
     def client(self, timeout_s: float = 300.0, token: str | None = None) -> httpx.Client:
+        """A client with the first attacker's token, or ``token``."""
         headers = bearer(token) if token else self.attacker
         return httpx.Client(base_url=self.server.url, headers=headers, timeout=timeout_s)
 
@@ -574,7 +579,7 @@ def slow_model(requests: int) -> Callable[[Context, Path], Outcome]:
         with ThreadPoolExecutor(requests) as pool, context.client(180) as client:
             futures = [pool.submit(timed, lambda: client.post("/v1/sensitivity", json=body), "422")
                        for _ in range(requests)]
-            time.sleep(3.0)  # the inspections are under way
+            time.sleep(1.0)  # the inspections are under way
             context.probe.start()
             for future in futures:
                 timing, response = future.result(timeout=240)
@@ -652,7 +657,8 @@ def measure(attack: Attack, context: Context, payload: Any) -> Row:
         context.probe.wait()
     outcome.notes.append(pinger.summary())
     return Row(attack.name, outcome, (rss.peak_server - baseline) / MB, baseline / MB, rss.peak_child / MB,
-               rss.peak_children / MB, context.probe.healthz, context.probe.upload, time.perf_counter() - started)
+               rss.peak_children / MB, context.probe.healthz, context.probe.upload, max(pinger.times, default=0.0),
+               time.perf_counter() - started)
 
 
 def run_bounded(attack: Attack, context: Context, payload: Any) -> Outcome:
@@ -731,7 +737,11 @@ def main() -> None:
         tokens = make_template(Path(template), args.auth, attackers=4)
         for seed, attack in enumerate(attacks, start=1):
             print(f"\n# {attack.name}: {attack.what}", flush=True)
-            rows.append(run_attack(attack, scale, Path(template), tokens, args.auth, seed))
+            try:
+                rows.append(run_attack(attack, scale, Path(template), tokens, args.auth, seed))
+            except Exception as error:  # noqa: BLE001 - a server that did not start or warm up: say so, go on
+                print(f"  bench error, attack skipped: {error!r}", flush=True)
+                continue
             print_row(rows[-1])
     print("\n" + table(rows))
     missed = [row.attack for row in rows if not row.met]

@@ -42,12 +42,6 @@ class Server:
     def port(self) -> int:
         return int(self.url.rsplit(":", 1)[1])
 
-    def create_token(self, name: str) -> str:
-        """A new API token (``mpq token create``) for servers run with MPQ_AUTH=token."""
-        result = subprocess.run([*MPQ, "token", "create", "--name", name], env=self.env, check=True,
-                                capture_output=True, text=True, cwd=REPO)
-        return json.loads(result.stdout)["token"]
-
 
 def free_port() -> int:
     with socket.socket() as probe:
@@ -68,11 +62,12 @@ def server_env(root: Path, settings: Mapping[str, str] | None = None) -> dict[st
 
 
 def start_server(root: Path, settings: Mapping[str, str] | None = None, args: tuple[str, ...] = (),
-                 ready_timeout_s: float = 60.0) -> Server:
-    """``mpq db upgrade`` then ``mpq serve --port P``; returns once /readyz answers 200. The log goes to
-    ``root/server.log``."""
+                 ready_timeout_s: float = 60.0, upgrade: bool = True) -> Server:
+    """``mpq db upgrade`` (unless ``upgrade`` is false: a copy of an upgraded data directory) then
+    ``mpq serve --port P``; returns once /readyz answers 200. The log goes to ``root/server.log``."""
     env = server_env(root, settings)
-    subprocess.run([*MPQ, "db", "upgrade"], env=env, check=True, capture_output=True, cwd=REPO)
+    if upgrade:
+        upgrade_database(env)
     port = free_port()
     with (root / "server.log").open("w") as log:
         process = subprocess.Popen([*MPQ, "serve", "--host", HOST, "--port", str(port), *args], env=env, cwd=REPO,
@@ -84,6 +79,17 @@ def start_server(root: Path, settings: Mapping[str, str] | None = None, args: tu
         stop_server(server)
         raise
     return server
+
+
+def upgrade_database(env: Mapping[str, str]) -> None:
+    subprocess.run([*MPQ, "db", "upgrade"], env=env, check=True, capture_output=True, cwd=REPO)
+
+
+def create_token(env: Mapping[str, str], name: str) -> str:
+    """A new API token (``mpq token create``), for servers run with MPQ_AUTH=token."""
+    result = subprocess.run([*MPQ, "token", "create", "--name", name], env=env, check=True, capture_output=True,
+                            text=True, cwd=REPO)
+    return json.loads(result.stdout)["token"]
 
 
 def stop_server(server: Server, timeout_s: float = 30.0) -> None:
