@@ -16,8 +16,9 @@ at the end a markdown table. Targets: API RSS growth < 100 MB under every attack
 
     .venv/bin/python bench/abuse.py [--quick] [--only NAME ...] [--auth token|off] [--list]
 
---quick runs everything smaller (about 3 minutes instead of 8-10 on 2 cores). With --auth off every client,
-the honest one included, is the same address, and shares its upload slots (docs/security.md).
+--quick runs everything smaller: about 4 minutes instead of 7-10 on 2 cores, most of it each server's
+start and warm-up (about 10 s: the job-request inspector imports torch). With --auth off every
+client, the honest one included, is the same address, and shares its upload slots (docs/security.md).
 """
 
 from __future__ import annotations
@@ -391,7 +392,8 @@ def run_bodies(context: Context, _payload: None) -> Outcome:
     jobs: list[tuple[str, bytes, Iterable[bytes]]] = []
     for index in range(4):
         chunks, headers = json_body(size)
-        jobs.append((f"unauthenticated #{index + 1}", request_head(context, "POST", "/v1/sensitivity", headers), chunks))
+        head = request_head(context, "POST", "/v1/sensitivity", headers)
+        jobs.append((f"unauthenticated #{index + 1}", head, chunks))
     chunks, headers = json_body(size)
     jobs.append(("/login", request_head(context, "POST", "/login", {**headers, "content-type":
                                                                     "application/x-www-form-urlencoded"}), chunks))
@@ -543,8 +545,8 @@ def run_extreme_options(context: Context, _payload: None) -> Outcome:
     bodies = [("/v1/sensitivity", {**ids, "dataset_id": context.dataset_id, "options": options})
               for options in EXTREME_OPTIONS]
     bodies += [("/v1/plans", {**ids, "calibration_dataset_id": context.dataset_id, "method": "hawq_v2",
-                              "search": "pareto", "candidates": ["fp32", "w8a8"], "constraints": {"max_size_bytes": 10**6},
-                              "options": options})
+                              "search": "pareto", "candidates": ["fp32", "w8a8"],
+                              "constraints": {"max_size_bytes": 10**6}, "options": options})
                for options in EXTREME_PLAN_OPTIONS]
     outcome = Outcome()
     with context.client(60) as client:
@@ -585,7 +587,7 @@ def slow_model(requests: int) -> Callable[[Context, Path], Outcome]:
                 timing, response = future.result(timeout=240)
                 detail = response.json().get("detail", "")[:160] if response is not None else ""
                 outcome.answered(timing.status, f"job request: {timing.status} after {timing.seconds:.1f} s {detail}")
-                if timing.status == "202" and response is not None:  # the check passed: the job would run the bomb; cancel it
+                if timing.status == "202" and response is not None:  # the check passed: cancel the job (the bomb)
                     cancelled = client.post(f"/v1/jobs/{response.json()['id']}/cancel")
                     outcome.notes.append(f"  accepted as a job: cancel answered {cancelled.status_code}")
         return outcome
@@ -625,7 +627,7 @@ ATTACKS = [
            "MPQ_MAX_CONCURRENT_UPLOADS", nothing, slow_uploads(lambda _scale: 16, tokens=4)),
     Attack("extreme-options", "job requests with options at extremes (probes 1e9, batch size 1e12, ...)", nothing,
            run_extreme_options),
-    Attack("slow-model", "a ~2 KB model whose op check inlines 3 * 2**depth nodes, one job request",
+    Attack("slow-model", "a ~2.5 KB model whose op check inlines 2**(depth+1) nodes, one job request",
            prepare_inlining_bomb, slow_model(1)),
     Attack("slow-model-x2", "the same, two job requests at once", prepare_inlining_bomb, slow_model(2)),
 ]

@@ -104,7 +104,8 @@ def stop_server(server: Server, timeout_s: float = 30.0) -> None:
 
 
 @contextmanager
-def running_server(root: Path, settings: Mapping[str, str] | None = None, args: tuple[str, ...] = ()) -> Iterator[Server]:
+def running_server(root: Path, settings: Mapping[str, str] | None = None,
+                   args: tuple[str, ...] = ()) -> Iterator[Server]:
     server = start_server(root, settings, args)
     try:
         yield server
