@@ -15,8 +15,6 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository, not be
 
 import argparse
 import asyncio
-import os
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -25,27 +23,8 @@ import time
 import httpx
 import numpy as np
 
+from bench.server import running_server
 from tests.conftest import npz_bytes, tiny_onnx_model
-
-
-def start_server(root: Path, slots: int, api_workers: int = 1) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "MPQ_DATA_DIR": str(root), "MPQ_WORKER_SLOTS": str(slots)}
-    mpq = [sys.executable, "-m", "service.cli"]
-    subprocess.run([*mpq, "db", "upgrade"], env=env, check=True, capture_output=True)
-    server = subprocess.Popen([*mpq, "serve", "--port", str(port), "--api-workers", str(api_workers)], env=env,
-                              stdout=subprocess.DEVNULL,
-                              stderr=open(root / "server.log", "w"))
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{url}/readyz").status_code == 200:
-                return server, url
-        except httpx.TransportError:
-            time.sleep(0.05)
-    raise RuntimeError("server did not start")
 
 
 def upload(client: httpx.Client, route: str, body: bytes) -> str:
@@ -162,35 +141,33 @@ def main() -> None:
     parser.add_argument("--api-workers", type=int, default=1, help="API processes (mpq serve --api-workers)")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    with tempfile.TemporaryDirectory() as root:
-        server, url = start_server(Path(root), args.slots, args.api_workers)
-        try:
-            with httpx.Client(base_url=url, timeout=120) as client:
-                model_id = upload(client, "/v1/models", tiny_onnx_model().SerializeToString())
-                data_id = upload(client, "/v1/datasets", npz_bytes(x=rng.standard_normal((64, 8)).astype(np.float32),
-                                                             labels=rng.integers(0, 3, 64)))
-                first = client.post("/v1/plans", json=plan_body(model_id, data_id, 0)).json()["id"]
-                assert wait_all(client, [first], 300) == {"succeeded": 1}, "the first plan failed"
-                plan_id = client.get(f"/v1/jobs/{first}").json()["result"]["plan_id"]
+    settings = {"MPQ_WORKER_SLOTS": str(args.slots)}
+    with tempfile.TemporaryDirectory() as root, \
+            running_server(Path(root), settings, ("--api-workers", str(args.api_workers))) as server:
+        url = server.url
+        with httpx.Client(base_url=url, timeout=120) as client:
+            model_id = upload(client, "/v1/models", tiny_onnx_model().SerializeToString())
+            data_id = upload(client, "/v1/datasets", npz_bytes(x=rng.standard_normal((64, 8)).astype(np.float32),
+                                                         labels=rng.integers(0, 3, 64)))
+            first = client.post("/v1/plans", json=plan_body(model_id, data_id, 0)).json()["id"]
+            assert wait_all(client, [first], 300) == {"succeeded": 1}, "the first plan failed"
+            plan_id = client.get(f"/v1/jobs/{first}").json()["result"]["plan_id"]
 
-            summary = wrk_latency(f"{url}/v1/plans/{plan_id}", args.clients, 15)
-            if summary:
-                print(f"wrk, {args.clients} connections, 15 s, {args.api_workers} API process(es), "
-                      f"GET /v1/plans/{{id}}: {summary}")
-            started = time.perf_counter()
-            latencies = asyncio.run(hammer(url, f"/v1/plans/{plan_id}", args.clients, args.requests))
-            elapsed = time.perf_counter() - started
-            print(f"asyncio client, GET /v1/plans/{{id}}: {len(latencies)} requests from {args.clients} concurrent clients "
-                  f"in {elapsed:.1f} s ({len(latencies) / elapsed:.0f} req/s)")
-            print(f"  p50 {percentile(latencies, 50):.1f} ms, p90 {percentile(latencies, 90):.1f} ms, "
-                  f"p99 {percentile(latencies, 99):.1f} ms, mean {statistics.mean(latencies):.1f} ms "
-                  f"(target p99 < 100 ms)")
+        summary = wrk_latency(f"{url}/v1/plans/{plan_id}", args.clients, 15)
+        if summary:
+            print(f"wrk, {args.clients} connections, 15 s, {args.api_workers} API process(es), "
+                  f"GET /v1/plans/{{id}}: {summary}")
+        started = time.perf_counter()
+        latencies = asyncio.run(hammer(url, f"/v1/plans/{plan_id}", args.clients, args.requests))
+        elapsed = time.perf_counter() - started
+        print(f"asyncio client, GET /v1/plans/{{id}}: {len(latencies)} requests from {args.clients} concurrent clients "
+              f"in {elapsed:.1f} s ({len(latencies) / elapsed:.0f} req/s)")
+        print(f"  p50 {percentile(latencies, 50):.1f} ms, p90 {percentile(latencies, 90):.1f} ms, "
+              f"p99 {percentile(latencies, 99):.1f} ms, mean {statistics.mean(latencies):.1f} ms "
+              f"(target p99 < 100 ms)")
 
-            if args.submissions:
-                submit_and_wait(url, model_id, data_id, args.submissions, args.slots)
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+        if args.submissions:
+            submit_and_wait(url, model_id, data_id, args.submissions, args.slots)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import pytest
 from service.auth import create_token
 from service.tables import Job
 from tests.conftest import mlp_onnx_model
+from tests.payloads import json_body
 from tests.service import dashboard_data
 from tests.service.conftest import enable_auth, snapshot
 from tests.service.test_registry import assert_problem, upload
@@ -223,20 +224,6 @@ def peak_rss_growth(action: Callable[[], httpx.Response]) -> tuple[httpx.Respons
         done.set()
         sampler.join()
     return response, peak - baseline
-
-
-def json_body(size: int) -> tuple[Iterator[bytes], dict[str, str]]:
-    """A ``size``-byte JSON document, streamed from one 64 KiB chunk (the client holds no big buffer)."""
-    head, tail, chunk = b'{"model_id": "', b'", "dataset_id": "x"}', b"a" * 65536
-    filler = size - len(head) - len(tail)
-
-    def chunks() -> Iterator[bytes]:
-        yield head
-        for offset in range(0, filler, len(chunk)):
-            yield chunk[:min(len(chunk), filler - offset)]
-        yield tail
-
-    return chunks(), {"content-type": "application/json", "content-length": str(size)}
 
 
 def test_unauthenticated_bodies_are_refused_before_they_are_read(app, live_server):

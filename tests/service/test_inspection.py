@@ -19,6 +19,7 @@ from service.inspection import InvalidUpload, Limits
 from service.inspector import Inspector
 from service.sandbox import SandboxLimits
 from tests.conftest import npz_bytes, tiny_onnx_model
+from tests.payloads import external_model, npy_with_header, zip_bytes
 from tests.service.conftest import snapshot, sqlite_only
 from tests.service.test_registry import assert_problem, upload
 
@@ -26,49 +27,21 @@ REPO = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
 
 
-def _zip(members: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", compression) as archive:
-        for name, data in members.items():
-            archive.writestr(name, data)
-    return buffer.getvalue()
-
-
-def _external_model(location: str, offset: int = 0) -> tuple[onnx.ModelProto, bytes]:
-    """The tiny model with its first weight moved to external data at ``location``; returns it and the data."""
-    model = tiny_onnx_model()
-    weight = model.graph.initializer[0]
-    data = numpy_helper.to_array(weight).tobytes()
-    weight.data_location = TensorProto.EXTERNAL
-    for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(data)))):
-        entry = weight.external_data.add()
-        entry.key, entry.value = key, value
-    weight.ClearField("float_data")
-    weight.ClearField("raw_data")
-    return model, data
-
-
 def _bundle_bomb() -> bytes:
     """A 32 MiB external-data file of zeros, deflated to ~32 KiB beside a real model."""
-    model, _data = _external_model("weights.bin")
-    return _zip({"model.onnx": model.SerializeToString(), "weights.bin": bytes(32 * MiB)})
+    model, _data = external_model("weights.bin")
+    return zip_bytes({"model.onnx": model.SerializeToString(), "weights.bin": bytes(32 * MiB)})
 
 
 def _bundle_reading_past_its_file() -> bytes:
-    model, data = _external_model("weights.bin", offset=64)
-    return _zip({"model.onnx": model.SerializeToString(), "weights.bin": data}, zipfile.ZIP_STORED)
+    model, data = external_model("weights.bin", offset=64)
+    return zip_bytes({"model.onnx": model.SerializeToString(), "weights.bin": data}, zipfile.ZIP_STORED)
 
 
 def _npz_bomb() -> bytes:
     buffer = io.BytesIO()
     np.savez_compressed(buffer, x=np.zeros((8192, 1024), np.float32))  # 32 MiB of zeros in ~32 KiB
     return buffer.getvalue()
-
-
-def _npy_with_header(shape: tuple[int, ...], data: bytes = b"") -> bytes:
-    header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": shape})
-    return header.getvalue() + data
 
 
 def _unchecked_model(node: onnx.NodeProto, inputs=None, initializers=()) -> bytes:
@@ -107,8 +80,8 @@ HOSTILE_MODELS = {
 }
 HOSTILE_DATASETS = {
     "an npz bomb": (_npz_bomb, "times larger than it is packed"),
-    "a shape whose product overflows int64": (lambda: _zip({"x.npy": _npy_with_header((2**62, 4))}), "needs"),
-    "a shape past the unpacked limit": (lambda: _zip({"x.npy": _npy_with_header((2**40,))}), "needs"),
+    "a shape whose product overflows int64": (lambda: zip_bytes({"x.npy": npy_with_header((2**62, 4))}), "needs"),
+    "a shape past the unpacked limit": (lambda: zip_bytes({"x.npy": npy_with_header((2**40,))}), "needs"),
 }
 
 
@@ -132,15 +105,15 @@ def test_hostile_datasets_are_refused_from_their_headers(client, app, case):
 
 @sqlite_only
 def test_a_pt2_with_an_oversized_weight_table_is_refused(client, app):
-    archive = _zip({"m/archive_format": b"pt2", "m/data/weights/model_weights_config.json": b" " * (80 * MiB)})
+    archive = zip_bytes({"m/archive_format": b"pt2", "m/data/weights/model_weights_config.json": b" " * (80 * MiB)})
     assert len(archive) < MiB
     assert_problem(upload(client, "/v1/models", archive), 422, "model_weights_config.json")
 
 
 @sqlite_only
 def test_a_bundle_with_external_data_is_described_without_unpacking(client):
-    model, data = _external_model("data/weights.bin")
-    response = upload(client, "/v1/models", _zip({"model.onnx": model.SerializeToString(), "data/weights.bin": data}))
+    model, data = external_model("data/weights.bin")
+    response = upload(client, "/v1/models", zip_bytes({"model.onnx": model.SerializeToString(), "data/weights.bin": data}))
     assert response.status_code == 201, response.text
     assert [layer["name"] for layer in response.json()["layers"]] == ["fc1.weight", "fc2.weight"]
 
