@@ -102,7 +102,7 @@ class Inspector:
                     self._changed.wait(self.timeout_s)
                     if self._closed:
                         raise InspectorBusy("the server is shutting down")
-                child = self._spares[kind].pop()
+                child = self._spares[kind].pop(0)  # the oldest: the newest may still be importing onnx
                 self._changed.notify_all()  # the keeper starts a replacement
                 if child.process.poll() is None:
                     return child

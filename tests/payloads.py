@@ -54,3 +54,24 @@ def json_body(size: int) -> tuple[Iterator[bytes], dict[str, str]]:
         yield tail
 
     return chunks(), {"content-type": "application/json", "content-length": str(size)}
+
+
+def inlining_bomb_model(depth: int) -> onnx.ModelProto:
+    """One call of local function f{depth}, where f{k} calls f{k-1} twice: inlined, 2**(depth + 1) - 1
+    nodes. Input x[n, 8]."""
+    from onnx import helper
+
+    domain, opset = "mpq.bench", [helper.make_opsetid("", 17)]
+    imports = [*opset, helper.make_opsetid(domain, 1)]
+    functions = [helper.make_function(domain, "f0", ["x"], ["y"], [helper.make_node("Relu", ["x"], ["y"])], opset)]
+    for k in range(1, depth + 1):
+        calls = [helper.make_node(f"f{k - 1}", ["x"], ["a"], domain=domain),
+                 helper.make_node(f"f{k - 1}", ["a"], ["b"], domain=domain),
+                 helper.make_node("Add", ["a", "b"], ["y"])]
+        functions.append(helper.make_function(domain, f"f{k}", ["x"], ["y"], calls, imports))
+    graph = helper.make_graph([helper.make_node(f"f{depth}", ["x"], ["y"], domain=domain)], "inlining_bomb",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])])
+    model = helper.make_model(graph, opset_imports=imports, functions=functions)
+    model.ir_version = 8
+    return model

@@ -441,3 +441,19 @@ def test_cuda_matches_cpu() -> None:
         actual = cuda.forward(cuda.layer_weights, {"input": x.cuda()})[0]
         assert actual.device.type == "cuda"
         assert relative_error(actual.cpu(), expected) <= RTOL
+
+
+def test_inlining_is_counted_before_it_is_done():
+    """Functions calling functions twice per level: 2**(depth+1) - 1 nodes once inlined. Depth 22
+    took the inspector past 3 GiB; it is now refused from the count, in milliseconds."""
+    import time
+
+    from sensitivity.onnx_program import check_supported, inlined_node_count
+    from tests.payloads import inlining_bomb_model
+
+    assert inlined_node_count(inlining_bomb_model(3)) == 15
+    check_supported(inlining_bomb_model(3))  # small enough: inlined and checked
+    started = time.monotonic()
+    with pytest.raises(ValueError, match="functions calling functions too deeply"):
+        check_supported(inlining_bomb_model(40))
+    assert time.monotonic() - started < 5
