@@ -96,8 +96,11 @@ def evaluate(
     check_inputs(onnx.load_from_string(quantized_bytes), feeds, what="evaluation set (quantized model)")
     labels = _labels(dataset, len(next(iter(feeds.values()))))
 
-    reference = run_batched_outputs(float_proto.SerializeToString(), feeds, batch_size, flatten=False)
-    outputs = run_batched_outputs(quantized_bytes, feeds, batch_size, flatten=False)
+    reference = run_batched_outputs(float_proto.SerializeToString(), feeds, batch_size, flatten=False,
+                                    per_sample_only=True)
+    outputs = run_batched_outputs(quantized_bytes, feeds, batch_size, flatten=False, per_sample_only=True)
+    if len(reference) != len(outputs):
+        raise ValueError(f"the models differ in per-sample outputs: float {len(reference)}, quantized {len(outputs)}")
     for index, (ref, out) in enumerate(zip(reference, outputs, strict=True)):
         if ref.shape != out.shape:
             raise ValueError(f"output {index} differs in shape: float {ref.shape}, quantized {out.shape}")
@@ -211,18 +214,30 @@ def run_batched_outputs(
     *,
     first_only: bool = False,
     flatten: bool = True,
+    per_sample_only: bool = False,
 ) -> list[np.ndarray]:
     """Every output (or the first only) over all samples, each as a float64 array ``[samples, -1]``,
-    or with ``flatten=False`` in its own per-sample shape ``[samples, ...]``."""
+    or with ``flatten=False`` in its own per-sample shape ``[samples, ...]``. ``per_sample_only``
+    leaves out outputs after the first that are not one row per sample in every batch (a
+    recurrent model's state, silero-vad's [2, N, 128]); otherwise they are an error."""
     session = cpu_session(model_bytes)
     count = len(next(iter(feeds.values())))
-    chunks: list[list[np.ndarray]] = []
+    chunks: list[list[np.ndarray | None]] = []
     for start in range(0, count, batch_size):
         batch = {name: array[start : start + batch_size] for name, array in feeds.items()}
         outputs = session.run(None, batch)[: 1 if first_only else None]
         rows = len(next(iter(batch.values())))
-        chunks.append([_rows(np.asarray(output), rows, index, flatten) for index, output in enumerate(outputs)])
-    return [np.concatenate(parts) for parts in zip(*chunks)]
+        chunks.append([
+            None if per_sample_only and index > 0 and not _is_per_sample(output, rows)
+            else _rows(np.asarray(output), rows, index, flatten)
+            for index, output in enumerate(outputs)
+        ])
+    columns = list(zip(*chunks))
+    return [np.concatenate(parts) for parts in columns if all(part is not None for part in parts)]
+
+
+def _is_per_sample(output: np.ndarray, rows: int) -> bool:
+    return np.ndim(output) > 0 and len(output) == rows
 
 
 def _rows(output: np.ndarray, rows: int, index: int, flatten: bool = True) -> np.ndarray:

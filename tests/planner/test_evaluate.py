@@ -263,3 +263,18 @@ def test_the_metric_can_be_chosen_and_unknown_names_are_refused():
         assert 90 < result.metric <= 100
     with pytest.raises(ValueError, match="metric must be one of"):
         evaluate(stand_in, float_model, {"x": x}, metric="bleu")
+
+
+def test_outputs_that_are_not_per_sample_are_left_out_beside_the_first():
+    """A state output ([2, 128] whatever the batch, like silero-vad's) does not stop evaluation."""
+    rng = np.random.default_rng(6)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])
+    state = helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, 128])
+    nodes = [helper.make_node("Softmax", ["x"], ["y"]), helper.make_node("Identity", ["s"], ["state"])]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y, state],
+                                                [numpy_helper.from_array(np.ones((2, 128), np.float32), "s")]))
+    data = {"x": rng.standard_normal((10, 4)).astype(np.float32)}
+    result = evaluate(model, model, data, batch_size=3)
+    assert result.metric_name == "top1_agreement" and result.drop == 0.0
+    assert len(result.fidelity.output_cosines) == 1
