@@ -46,7 +46,7 @@ from planner.activation import ActivationTerm, activation_terms
 from planner.bisection import bisect
 from planner.candidates import CANDIDATES, Configuration, parse_candidates
 from planner.cost import CostTable, layer_bops, layer_cost_table, layer_size_bytes
-from planner.evaluate import evaluate
+from planner.evaluate import METRICS, evaluate
 from planner.export import ExportedModel, ExportError, check_inputs, export_model, required_opset
 from planner.export import versions as export_versions
 from planner.frontier import InfeasibleBudget, diagonal_frontier, solve_budget
@@ -142,6 +142,8 @@ class PlanRequest:
     ``device`` is used for the sensitivity analysis and the latency measurement.
     ``measure_activation_terms``: measure what 8-bit activations cost each layer and add it to
     both objectives; without it ``w8a8`` and ``w8`` (``w4a8`` and ``w4``) are predicted alike.
+    ``metric``: what every measurement (and so ``max_drop``) uses, ``auto`` or one of
+    ``planner.evaluate.METRICS``; auto picks it from the first output's kind.
     Every field is checked on construction against the ``MAX_*`` bounds above (a ValueError
     naming the field), whatever JSON value it holds; ints must be ints, numbers finite.
     """
@@ -163,6 +165,8 @@ class PlanRequest:
     device: str = "auto"
     solver_time_limit_s: float = 10.0
     measure_activation_terms: bool = True  # add each layer's measured activation cost (planner.activation)
+    # What max_drop is measured on (planner.evaluate.METRICS); auto picks it from the model's output kind.
+    metric: str = "auto"
 
     def __post_init__(self) -> None:
         set_fields(
@@ -185,6 +189,7 @@ class PlanRequest:
             solver_time_limit_s=check_float("solver_time_limit_s", self.solver_time_limit_s, 0.0,
                                             MAX_SOLVER_TIME_LIMIT_S, low_open=True),
             measure_activation_terms=check_bool("measure_activation_terms", self.measure_activation_terms),
+            metric=check_choice("metric", self.metric, METRICS),
             sensitivity_options=_check_sensitivity_options(self.sensitivity_options),
         )
         budgets = [name for name in BUDGET_FIELDS if getattr(self, name) is not None]
@@ -286,11 +291,15 @@ class Measurement:
     size_bytes: int  # the artifact's bytes
     sha256: str
     latency: LatencyMeasurement | None
+    output_kind: str = ""  # class_scores, embeddings, sequence or dense (planner.evaluate.detect_kind)
+    metric_reason: str = ""  # why metric_name: the request's choice or the rule that picked the kind
 
     def to_dict(self) -> dict[str, Any]:
         latency = self.latency
         return {
             "metric_name": self.metric_name,
+            "metric_reason": self.metric_reason,
+            "output_kind": self.output_kind,
             "metric": self.metric,
             "baseline": self.baseline,
             "drop": self.drop,
@@ -724,7 +733,7 @@ class _Measurer:
         if key not in self._measurements:
             self.progress("measure", 0.0, f"exporting and evaluating configuration {len(self._measurements) + 1}")
             exported = self.export(key)
-            result = evaluate(exported, self._float_bytes, self._evaluation)
+            result = evaluate(exported, self._float_bytes, self._evaluation, metric=self._request.metric)
             latency = measure_latency(
                 exported.model_bytes,
                 self._evaluation,
@@ -742,6 +751,8 @@ class _Measurer:
                 size_bytes=len(exported.model_bytes),
                 sha256=exported.sha256,
                 latency=latency,
+                output_kind=result.output_kind,
+                metric_reason=result.metric_reason,
             )
             self.progress("measure", 1.0, f"{result.metric_name} {result.metric:.2f} % (drop {result.drop:.2f} pp)")
         return self._measurements[key]

@@ -32,6 +32,7 @@ MAX_LATENCY_MS = 3_600_000
 MAX_LATENCY_REPEATS = 10_000
 MAX_LATENCY_WARMUP = 1_000
 MAX_LATENCY_BATCH_SIZE = 4_096
+METRICS = ("auto", "top1", "cosine", "neighbour_agreement", "step_agreement")  # planner.evaluate.METRICS
 
 
 class Constraints(BaseModel):
@@ -57,6 +58,8 @@ class PlanRequestIn(BaseModel):
     search: Literal["pareto", "bisection"] = "pareto"
     candidates: list[str] = Field(default_factory=lambda: list(DEFAULT_CANDIDATES), min_length=1, max_length=16)
     constraints: Constraints = Field(default_factory=Constraints)
+    metric: Literal[METRICS] = Field("auto", description="what max_drop is measured on; auto picks it from the "
+                                     "model's output kind (planner.evaluate)")
     options: dict[str, Any] = Field(default_factory=dict, max_length=32,
                                     description="sensitivity options (seed, tolerance, max_probes, batch_size)")
 

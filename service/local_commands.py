@@ -28,6 +28,7 @@ EXIT_BAD_INPUT = 2
 EXIT_INFEASIBLE = 3
 SENSITIVITY_METHODS = ("hawq_v1", "hawq_v2", "interlayer")
 PLAN_METHODS = ("hawq_v2", "interlayer")
+PLAN_METRICS = ("auto", "top1", "cosine", "neighbour_agreement", "step_agreement")  # planner.evaluate.METRICS
 DEFAULT_CANDIDATES = "fp32,w8a8,w4a8,w8,w4"
 MiB = 1024 * 1024
 DATA_HELP = "calibration arrays (.npz): one per model input, optionally 'labels'"
@@ -85,6 +86,9 @@ def _add_plan(subparsers: argparse._SubParsersAction) -> None:
     budget.add_argument("--max-bops", type=float, help="budget: bit operations per sample")
     budget.add_argument("--max-latency-ms", type=float, help="budget: measured median latency per batch")
     command.add_argument("--max-drop", type=float, help="largest drop in percentage points (bisection needs it)")
+    command.add_argument("--metric", choices=PLAN_METRICS, default="auto",
+                         help="what --max-drop is measured on (default auto: top-1 for class scores, cosine for "
+                              "embeddings and dense maps, per-step agreement for [N, T, C] sequences)")
     command.add_argument("--seed", type=int, default=0)
     command.add_argument("--max-probes", type=int, help="Hutchinson probes at most (sensitivity)")
     command.add_argument("--batch-size", type=int, default=256, help="samples per forward pass (sensitivity)")
@@ -283,6 +287,7 @@ def plan_request(args: argparse.Namespace):
             max_bops=None if args.max_bops is None else int(_positive(args.max_bops, "--max-bops")),
             max_latency_ms=args.max_latency_ms,
             max_drop=args.max_drop,
+            metric=args.metric,
             seed=args.seed,
             sensitivity_options=options,
             max_frontier_points=args.max_frontier_points,
@@ -426,6 +431,8 @@ def plan_summary(document: Mapping[str, Any]) -> str:
         f"drop {measured['drop']:.2f} pp), artifact {measured['size_bytes']} B, latency p50 {latency['p50']:.3f} ms "
         f"(mean {latency['mean']:.3f}, p90 {latency['p90']:.3f}) on {latency['device']}"
     )
+    if measured.get("metric_reason"):
+        lines.append(f"metric: {measured['metric_name']} because {measured['metric_reason']}")
     lines.append(f"{document['evaluations']} evaluations; wrote {document['artifact']}")
     return "\n".join(lines)
 

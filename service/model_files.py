@@ -46,5 +46,6 @@ def plan_request(params: Mapping[str, Any]):
     options = dict(options)
     seed = options.pop("seed", 0)
     constraints = {k: v for k, v in params.get("constraints", {}).items() if v is not None}
+    # plans submitted before the metric field have none: auto, what they were measured with since
     return PlanRequest(method=params["method"], search=params["search"], candidates=params["candidates"],
-                       seed=seed, sensitivity_options=options, **constraints)
+                       metric=params.get("metric", "auto"), seed=seed, sensitivity_options=options, **constraints)

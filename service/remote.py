@@ -96,7 +96,7 @@ def remote_plan(args: argparse.Namespace) -> int:
             body = {"model_id": model["id"], "calibration_dataset_id": calibration["id"],
                     "evaluation_dataset_id": evaluation["id"] if evaluation else None,
                     "method": request.method, "search": request.search, "candidates": list(request.candidates),
-                    "constraints": request.constraints(),
+                    "constraints": request.constraints(), "metric": request.metric,
                     "options": {"seed": request.seed, **dict(request.sensitivity_options)}}
             job = _run_job(client, "/v1/plans", body, args)
             if (code := _job_exit(job)) is not None:

@@ -87,6 +87,7 @@ def test_pareto_plan_meets_a_size_budget_and_its_artifact_measures_what_is_repor
     assert read_plan(result.artifact_bytes)["configuration"] == dict(result.plan.configuration)
     measured = result.plan.measured
     assert measured.size_bytes == len(result.artifact_bytes)
+    assert measured.metric_name == "top1_accuracy" and measured.metric_reason.startswith("labels given")
     assert measured.metric == pytest.approx(onnxruntime_accuracy(result.artifact_bytes, evaluation))
     assert measured.baseline == pytest.approx(onnxruntime_accuracy(proto.SerializeToString(), evaluation))
     assert measured.latency.p50_ms > 0 and measured.latency.repeats == 5
@@ -120,6 +121,32 @@ def test_bisection_respects_max_drop_within_the_evaluation_bound(digits, sensiti
     assert all(p.measured is not None for p in result.frontier)
     good = [p for p in result.frontier if p.measured.drop <= 0.5]
     assert result.plan.size_bytes == min(p.size_bytes for p in good)
+
+
+def test_bisection_applies_max_drop_to_the_chosen_metric(digits, sensitivity):
+    """metric='cosine' on a classifier: every step is measured by output cosine, not accuracy."""
+    proto, calibration, evaluation = digits
+    request = PlanRequest(search="bisection", max_drop=1.0, metric="cosine", **FAST)
+    result = plan(proto, calibration, request, evaluation=evaluation, sensitivity=sensitivity)
+    assert {p.measured.metric_name for p in result.frontier} == {"cosine"}
+    measured = result.plan.measured
+    assert measured.metric_name == "cosine" and "metric='cosine'" in measured.metric_reason
+    assert measured.drop <= 1.0 and measured.baseline == 100.0
+    session = ort.InferenceSession(result.artifact_bytes, providers=["CPUExecutionProvider"])
+    reference = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    quantized = session.run(None, {"input": evaluation["input"]})[0].astype(np.float64)
+    floats = reference.run(None, {"input": evaluation["input"]})[0].astype(np.float64)
+    cosines = np.sum(quantized * floats, 1) / np.linalg.norm(quantized, axis=1) / np.linalg.norm(floats, axis=1)
+    assert measured.metric == pytest.approx(100 * np.mean(cosines), abs=1e-3)
+    document = result.to_dict()
+    assert document["plan"]["measured"]["metric_reason"] == measured.metric_reason
+    assert document["plan"]["measured"]["output_kind"] == "class_scores"
+    assert document["request"]["metric"] == "cosine"
+
+
+def test_a_stored_request_without_metric_loads_as_auto():
+    stored = {k: v for k, v in PlanRequest(max_drop=1.0).to_dict().items() if k != "metric"}
+    assert PlanRequest.from_dict(stored).metric == "auto"
 
 
 def test_interlayer_and_hawq_v2_each_minimise_their_own_prediction(digits, sensitivity):
@@ -210,6 +237,7 @@ BAD_REQUEST_VALUES: dict[str, list[Any]] = {
     "device": ["tpu", "", "cuda:x", 5, None, ["cpu"]],
     "solver_time_limit_s": [0, -1, math.inf, math.nan, True, "10", None, MAX_SOLVER_TIME_LIMIT_S + 1, 10**400],
     "measure_activation_terms": NOT_FLAGS,
+    "metric": ["bleu", "", None, 1, ["cosine"], "top1_accuracy"],
 }
 
 

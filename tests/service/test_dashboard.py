@@ -72,6 +72,21 @@ def test_pages_render_their_tables_without_javascript(client, dashboard):
     assert precisions_in(table) == dashboard_data.FRONTIER[dashboard_data.CHOSEN_POINT]
 
 
+def test_the_plan_page_says_which_metric_and_why(client, app, dashboard):
+    """Stored plans from before metric_reason (the fixture's) show the name alone; newer ones the reason."""
+    from service.tables import Plan
+
+    path = f"/plans/{dashboard.plan_id}"
+    before = client.get(path).text
+    assert "top1_accuracy" in before and 'id="metric-reason"' not in before
+    reason = "auto: the float model&#39;s 384-wide rows of the first output have unit L2 norm"
+    with app.state.sessions() as session, session.begin():
+        plan = session.get(Plan, dashboard.plan_id)
+        plan.measured = {**plan.measured, "metric_name": "cosine", "metric_reason": reason.replace("&#39;", "'")}
+    after = client.get(path).text
+    assert "cosine (%)" in after and f'<td id="metric-reason">{reason}</td>' in after
+
+
 def test_sensitivity_table_sorts_on_the_server(client, dashboard):
     page = client.get(f"/sensitivity/{dashboard.hawq_v2_id}?sort=average_trace&desc=1").text
     names = re.findall(r'<th scope="row"><code>([^<]+)</code>', page)

@@ -105,10 +105,14 @@ def test_sensitivity_table_and_eigenvalues(files, capsys, monkeypatch):
 def test_plan_json_writes_the_artifact(files):
     result = run_mpq("plan", "model.onnx", "--data", "calib.npz", "--candidates", "fp32,w8a8,w4a8",
                      "--max-size-mb", "0.0004", "--max-probes", "4", "--max-frontier-points", "2", "--device", "cpu",
-                     "--out", "q.onnx", "--json", cwd=files)
+                     "--metric", "cosine", "--out", "q.onnx", "--json", cwd=files)
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
     plan = document["plan"]
+    # --metric reaches every measurement: the tiny [N, 3] classifier is measured by output cosine
+    assert document["request"]["metric"] == "cosine" and plan["measured"]["metric_name"] == "cosine"
+    assert "metric='cosine'" in plan["measured"]["metric_reason"] and plan["measured"]["baseline"] == 100.0
+    assert all(point["measured"]["metric_name"] == "cosine" for point in document["frontier"] if point["measured"])
     assert set(plan["layers"]) == {"fc1.weight", "fc2.weight"}
     assert plan["predicted"]["size_bytes"] <= 0.0004 * 1024 * 1024
     assert {"metric", "baseline", "size_bytes", "latency_ms"} <= set(plan["measured"])
@@ -119,6 +123,13 @@ def test_plan_json_writes_the_artifact(files):
     assert document["artifact"] == "q.onnx" and artifact.stat().st_size == plan["measured"]["size_bytes"]
     x = np.load(files / "calib.npz")["x"]
     assert ort.InferenceSession(str(artifact)).run(None, {"x": x})[0].shape == (64, 3)
+
+
+def test_the_cli_offers_the_library_metrics():
+    from planner.evaluate import METRICS
+    from service.local_commands import PLAN_METRICS
+
+    assert PLAN_METRICS == METRICS
 
 
 def test_plan_impossible_budget_exits_3(files):

@@ -132,6 +132,7 @@ def test_the_api_schema_states_the_library_bounds():
     assert schema(Constraints, "max_latency_ms")["maximum"] == library.MAX_LATENCY_MS
     assert schema(Constraints, "max_drop")["maximum"] == library.MAX_DROP
     assert schema(PlanRequestIn, "candidates")["maxItems"] == library.MAX_CANDIDATE_NAMES
+    assert tuple(schema(PlanRequestIn, "metric")["enum"]) == library.METRICS  # planner.evaluate's, imported there
     latency = {name: schema(LatencyRequest, name)["maximum"] for name in ("batch_size", "repeats", "warmup")}
     assert latency == {"batch_size": library.MAX_LATENCY_BATCH_SIZE, "repeats": library.MAX_LATENCY_REPEATS,
                        "warmup": library.MAX_LATENCY_WARMUP}
@@ -142,3 +143,18 @@ def test_the_api_schema_states_the_library_bounds():
 def test_latency_requests_take_json_ints_only(client, fields: str):
     """Checked before the plan is looked up: a bad body is a 422 naming the field, not a 404 or a job."""
     assert_problem(post_json_text(client, "/v1/plans/nope/latency", f"{{{fields}}}"), 422, fields.split('"')[1])
+
+
+def test_the_plan_body_metric_reaches_the_library_request():
+    """The body's metric becomes PlanRequest.metric; jobs stored before the field existed plan with auto."""
+    from pydantic import ValidationError
+
+    from service.api_plans import PlanRequestIn
+    from service.model_files import plan_request
+
+    fields = {"model_id": "m", "calibration_dataset_id": "c", "constraints": {"max_size_bytes": 10_000}}
+    body = PlanRequestIn(**fields, metric="neighbour_agreement").model_dump()
+    assert plan_request(body).metric == "neighbour_agreement"
+    assert plan_request({k: v for k, v in body.items() if k != "metric"}).metric == "auto"
+    with pytest.raises(ValidationError, match="metric"):
+        PlanRequestIn(**fields, metric="bleu")
