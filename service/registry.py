@@ -105,12 +105,12 @@ async def store_upload(request: Request, kind: RegistryKind, name: str | None) -
     if name is not None and any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
         raise Problem(422, "the name must not contain control characters (NUL, newlines, ...)")
     owner = await run_in_threadpool(request_owner, request)
-    async with state.uploads.slot(owner or _client_address(request)):
+    async with state.uploads.slot(owner or _client_address(request)) as slot:
         declared = request.headers.get("content-length", "")
         await run_in_threadpool(check_quota, state, owner, int(declared) if declared.isdigit() else 0)
         writer = await receive_upload(request, state.store, state.settings.max_upload_bytes,
                                       UploadPace(state.settings.upload_idle_timeout_s,
-                                                 state.settings.upload_min_bytes_per_s))
+                                                 state.settings.upload_min_bytes_per_s), slot)
         try:
             await run_in_threadpool(check_quota, state, owner, writer.size)
             fields = await run_in_threadpool(kind.inspect, state.inspector, writer.path)

@@ -8,7 +8,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
@@ -32,11 +32,13 @@ class UploadPace:
     min_bytes_per_s: float = 0.0
 
 
-async def receive_upload(request: Request, store: BlobStore, max_bytes: int, pace: UploadPace) -> BlobWriter:
+async def receive_upload(request: Request, store: BlobStore, max_bytes: int, pace: UploadPace,
+                         slot: UploadSlot | None = None) -> BlobWriter:
     """Stream the request body into a temporary blob, never holding it in memory.
 
     Over the limit the stream is cut at once (413) and the partial file removed; a client that
-    disconnects, or sends too slowly (``pace``: 408), leaves nothing behind either.
+    disconnects, sends too slowly (``pace``: 408), or is shed to make room (``UploadSlots``: 503)
+    leaves nothing behind either.
     """
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
@@ -45,6 +47,8 @@ async def receive_upload(request: Request, store: BlobStore, max_bytes: int, pac
     try:
         async for chunk in _paced(request.stream(), pace):
             writer.write(chunk)
+            if slot is not None:
+                slot.received += len(chunk)
         writer.finish()
     except BlobTooLarge:
         writer.abort()
@@ -55,6 +59,13 @@ async def receive_upload(request: Request, store: BlobStore, max_bytes: int, pac
     except ClientDisconnect:
         writer.abort()
         raise Problem(400, "the upload was interrupted before it finished; nothing was stored") from None
+    except asyncio.CancelledError:
+        writer.abort()
+        if slot is not None and slot.shed and _uncancel() == 0:
+            raise Problem(503, f"every upload slot was taken and this upload was the slowest ({slot.rate():.0f} "
+                               "bytes/s): it was cut to make room; nothing was stored",
+                          headers={"Connection": "close", "Retry-After": "5"}) from None
+        raise
     except BaseException:
         writer.abort()
         raise
@@ -90,31 +101,71 @@ async def _paced(chunks: AsyncIterator[bytes], pace: UploadPace) -> AsyncIterato
             window_start, window_bytes = time.monotonic(), 0
 
 
+@dataclass
+class UploadSlot:
+    """One upload in progress: who sends it, the task receiving it, and how fast it comes."""
+
+    client: str
+    task: asyncio.Task | None
+    started: float = field(default_factory=time.monotonic)
+    received: int = 0
+    shed: bool = False
+
+    def rate(self) -> float:
+        return self.received / max(time.monotonic() - self.started, 1e-3)
+
+
 class UploadSlots:
     """Uploads streaming at once, per client and in total: a client that opens hundreds of
     never-ending uploads gets 429 past its share instead of holding the server's connections,
-    temporary files and inspectors. Counts live in one API process (each process has its own)."""
+    temporary files and inspectors. When every slot is taken, the slowest upload that has run
+    ``shed_after_s`` below ``shed_below_bytes_per_s`` is cut (503) to make room: four tokens
+    trickling a byte every 5 s held all 16 slots for a whole pace window (31 s) before.
+    Counts live in one API process (each process has its own)."""
 
-    def __init__(self, per_client: int, total: int) -> None:
+    def __init__(self, per_client: int, total: int, shed_below_bytes_per_s: float = 100 * 1024,
+                 shed_after_s: float = 0.5) -> None:
         self.per_client = per_client
         self.total = total
-        self._by_client: dict[str, int] = {}
+        self.shed_below_bytes_per_s = shed_below_bytes_per_s
+        self.shed_after_s = shed_after_s
+        self._uploads: list[UploadSlot] = []
 
     @asynccontextmanager
-    async def slot(self, client: str) -> AsyncIterator[None]:
-        if sum(self._by_client.values()) >= self.total:
-            raise Problem(503, f"{self.total} uploads are already in progress (MPQ_MAX_CONCURRENT_UPLOADS); retry "
-                               "shortly", headers={"Retry-After": "5"})
-        if self._by_client.get(client, 0) >= self.per_client:
+    async def slot(self, client: str) -> AsyncIterator[UploadSlot]:
+        if sum(upload.client == client for upload in self._uploads) >= self.per_client:
             raise Problem(429, f"this client already has {self.per_client} uploads in progress "
                                "(MPQ_MAX_UPLOADS_PER_CLIENT); wait for one to finish", headers={"Retry-After": "5"})
-        self._by_client[client] = self._by_client.get(client, 0) + 1
+        if len(self._uploads) >= self.total and not self._shed_slowest():
+            raise Problem(503, f"{self.total} uploads are already in progress (MPQ_MAX_CONCURRENT_UPLOADS); retry "
+                               "shortly", headers={"Retry-After": "5"})
+        upload = UploadSlot(client, asyncio.current_task())
+        self._uploads.append(upload)
         try:
-            yield
+            yield upload
         finally:
-            self._by_client[client] -= 1
-            if not self._by_client[client]:
-                del self._by_client[client]
+            if upload in self._uploads:
+                self._uploads.remove(upload)
+
+    def _shed_slowest(self) -> bool:
+        now = time.monotonic()
+        slow = [upload for upload in self._uploads if now - upload.started >= self.shed_after_s
+                and upload.rate() < self.shed_below_bytes_per_s and upload.task is not None]
+        if not slow:
+            return False
+        slowest = min(slow, key=UploadSlot.rate)
+        slowest.shed = True
+        self._uploads.remove(slowest)  # its slot is free from now on
+        assert slowest.task is not None
+        slowest.task.cancel()
+        return True
+
+
+def _uncancel() -> int:
+    """Take back the cancellation of the current task (shedding one upload must not cancel the rest
+    of its request); the number of cancellations still pending."""
+    task = asyncio.current_task()
+    return task.uncancel() if task is not None else 0
 
 
 def _too_large(max_bytes: int) -> Problem:

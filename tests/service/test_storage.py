@@ -262,6 +262,33 @@ def test_a_trickling_upload_is_cut_and_frees_its_slot(app, live_server, tight_up
     assert app.state.store.temp_count() == 0
 
 
+def test_when_every_slot_is_taken_the_slowest_upload_makes_room(app, live_server):
+    """Three stalled uploads hold every slot: an honest upload takes the slowest one's (503 for it)."""
+    original = app.state.uploads
+    app.state.uploads = UploadSlots(per_client=4, total=3, shed_after_s=0.5)
+    address = urlsplit(live_server)
+    stalled = [_begin_upload(address) for _ in range(3)]
+    try:
+        time.sleep(0.8)
+        with httpx.Client(base_url=live_server, timeout=10) as client:
+            assert upload(client, "/v1/models", tiny_onnx_model().SerializeToString()).status_code == 201
+        replies = []
+        for connection in stalled:
+            connection.settimeout(0.5)
+            try:
+                replies.append(connection.recv(4096))
+            except TimeoutError:
+                replies.append(b"")
+        shed = [reply for reply in replies if reply]
+        assert len(shed) == 1 and shed[0].startswith(b"HTTP/1.1 503") and b"the slowest" in shed[0], replies
+    finally:
+        app.state.uploads = original
+        for connection in stalled:
+            connection.close()
+    time.sleep(0.2)
+    assert app.state.store.temp_count() == 0
+
+
 def _begin_upload(address) -> socket.socket:
     connection = socket.create_connection((address.hostname, address.port), timeout=10)
     connection.sendall(b"POST /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100000\r\n\r\n" + b"\0" * 10)
