@@ -12,7 +12,6 @@ cv2, which the zoo extra does not install (only the .onnx files are read), so
 
 from __future__ import annotations
 
-import importlib.util
 from collections import Counter
 from pathlib import Path
 
@@ -26,21 +25,11 @@ from planner.export import check_inputs
 from sensitivity.layers import find_layers
 from sensitivity.normalize import AlreadyQuantizedError, normalize_model, static_dims
 from sensitivity.onnx_program import load_onnx
-
-
-def zoo_file(package: str, *parts: str) -> Path:
-    """A file shipped inside an installed package, found without importing it; skips when absent."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip(f"{package} is not installed (pip install -e .[zoo])")
-    path = Path(next(iter(spec.submodule_search_locations)), *parts)
-    if not path.is_file():
-        pytest.skip(f"{path} is not in this version of {package}")
-    return path
+from tests.zoo.models import resource_or_skip
 
 
 def ppocr(name: str) -> Path:
-    return zoo_file("rapidocr_onnxruntime", "models", name)
+    return resource_or_skip("rapidocr_onnxruntime", "models", name)
 
 
 # file -> (input shape rapidocr feeds, layers by op type after normalisation)
@@ -101,7 +90,7 @@ def test_ppocr_cls_upgrade_to_opset_21_is_checked_in_onnxruntime():
 
 
 def test_ddddocr_quantized_model_is_refused_as_quantized():
-    model = onnx.load(str(zoo_file("ddddocr", "common_old.onnx")))
+    model = onnx.load(str(resource_or_skip("ddddocr", "common_old.onnx")))
     with pytest.raises(AlreadyQuantizedError) as error:
         normalize_model(model)
     message = str(error.value)

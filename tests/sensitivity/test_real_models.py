@@ -10,29 +10,18 @@ interpreter has no use for).
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
 
 from sensitivity.onnx_program import load_onnx
+from tests.zoo.models import resource_or_skip
 
 RTOL = 1e-4  # norm-relative, per output (as the op parity tests; silero's tiny probabilities measure ~2e-5)
 ATOL = 1e-4
 
 
-def packaged(package: str, *parts: str) -> Path:
-    """A file inside an installed package, or skip the test."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip(f"package {package!r} is not installed (zoo extra)")
-    path = Path(next(iter(spec.submodule_search_locations)), *parts)
-    if not path.is_file():
-        pytest.skip(f"{package!r} has no {'/'.join(parts)}")
-    return path
 
 
 def _assert_close(actual: list[torch.Tensor], expected: list[np.ndarray]) -> None:
@@ -46,7 +35,7 @@ def _assert_close(actual: list[torch.Tensor], expected: list[np.ndarray]) -> Non
 
 
 def test_ddddocr_common_matches_onnxruntime() -> None:
-    path = packaged("ddddocr", "common.onnx")
+    path = resource_or_skip("ddddocr", "common.onnx")
     program = load_onnx(path)
     image = np.random.default_rng(0).random((1, 1, 64, 96), dtype=np.float32)  # width is dynamic
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -60,7 +49,7 @@ def test_ddddocr_common_matches_onnxruntime() -> None:
 @pytest.mark.parametrize("rate, chunk", [(16000, 512), (8000, 256)])
 def test_silero_vad_streams_like_onnxruntime(name: str, rate: int, chunk: int) -> None:
     """Three chunks in a row, each run's state fed to the next (how the model is used)."""
-    path = packaged("silero_vad", "data", name)
+    path = resource_or_skip("silero_vad", "data", name)
     program = load_onnx(path)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(1)
@@ -79,7 +68,7 @@ def test_silero_vad_streams_like_onnxruntime(name: str, rate: int, chunk: int) -
 def test_silero_vad_hvp_methods_agree() -> None:
     """Second order through the run-time If and the LSTM of a real model: double backward and
     forward-over-reverse give the same Hessian-vector product over its layers."""
-    path = packaged("silero_vad", "data", "silero_vad_16k_op15.onnx")
+    path = resource_or_skip("silero_vad", "data", "silero_vad_16k_op15.onnx")
     program = load_onnx(path)
     names = [layer.name for layer in program.layers]
     generator = torch.Generator().manual_seed(2)

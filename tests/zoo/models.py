@@ -51,8 +51,18 @@ def resource(module: str, path: str) -> Traversable:
     return found
 
 
+def resource_or_skip(module: str, *parts: str) -> Path:
+    """A file of an installed zoo package as a path, for tests: they skip, naming what is missing."""
+    import pytest
+
+    try:
+        return resource_dir(module, "/".join(parts))
+    except ZooNotInstalled as error:
+        pytest.skip(str(error))
+
+
 def resource_dir(module: str, path: str) -> Path:
-    """A package folder as a real path (tokenizers and safetensors open files by name)."""
+    """A package file or folder as a real path (tokenizers and safetensors open files by name)."""
     found = resource(module, path)
     if not isinstance(found, Path):
         raise ZooNotInstalled(f"{module}/{path} is not on the file system; install the package unzipped")
