@@ -11,6 +11,7 @@ interpreter has no use for).
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -87,3 +88,24 @@ def test_silero_vad_hvp_methods_agree() -> None:
     backward = torch.autograd.grad(sum((g * v).sum() for g, v in zip(gradient, probe)), leaves)
     for f, b in zip(forward, backward):
         assert float((f - b).norm() / b.norm().clamp_min(1e-12)) < 1e-4
+
+
+def test_ddddocr_fixed_batch_of_1_takes_a_calibration_set_of_3() -> None:
+    """The review's case: a model exported with batch 1 refused any larger calibration set
+    (onnxruntime enforces the 1); every stage now runs it in batches of exactly 1."""
+    from planner.export import check_inputs, validate_artifact
+    from planner.latency import measure_latency
+    from sensitivity.results import TraceConfig
+    from sensitivity.run import compute_sensitivity
+
+    path = resource_or_skip("ddddocr", "common.onnx")
+    model_bytes = path.read_bytes()
+    feeds = {"input1": np.random.default_rng(0).random((3, 1, 64, 64), dtype=np.float32)}
+    assert check_inputs(onnx.load_from_string(model_bytes), feeds).keys() == {"input1"}
+    validate_artifact(model_bytes, feeds, batch_size=64)  # runs onnxruntime on 3 batches of 1
+    assert measure_latency(model_bytes, feeds, device="cpu", warmup=1, repeats=2, batch_size=8).batch_size == 1
+    program = load_onnx(path)
+    assert program.fixed_batch_size == 1
+    config = TraceConfig(seed=0, min_probes=2, max_probes=2, batch_size=256, device="cpu")
+    result = compute_sensitivity(program, feeds, config)
+    assert result.num_samples == 3 and all(np.isfinite(t.trace) for t in result.traces)
