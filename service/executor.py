@@ -29,10 +29,13 @@ logger = logging.getLogger("mpq.executor")
 
 
 def local_worker_is_dead(worker: str | None) -> bool:
-    """A worker id names host:pid; on this host we can tell at once whether it still exists."""
+    """A worker id is host:pid, or host:supervisor pid:job process pid (service.supervisor); the
+    first pid is the process the job's fate depends on. On this host we can tell at once whether
+    it still exists."""
     if not worker or ":" not in worker:
         return False
-    host, _, pid = worker.rpartition(":")
+    host, _, pids = worker.partition(":")
+    pid = pids.split(":")[0]
     return host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid))
 
 

@@ -73,10 +73,12 @@ def supervise(job_id: str, settings: Settings, sessions: sessionmaker[Session], 
     the attempt (the server is going away; the job did nothing wrong).
     """
     # The child starts first (it waits for its job) so that the job's worker id names it from the
-    # claim on: an operator's (or a test's) ``kill`` of that pid lands on the job, never on the server.
+    # claim on: an operator's (or a test's) ``kill`` of the last pid lands on the job, never on the
+    # server. The id names the supervising process too, which is the one reapers watch: it stores
+    # the result after the child has exited, and watching the child requeued finished jobs.
     child = start_child("service.job_process", job_limits(settings), env, hide=hidden_paths(settings))
     try:
-        worker = f"{socket.gethostname()}:{child.pid}"
+        worker = f"{socket.gethostname()}:{os.getpid()}:{child.pid}"
         job = jobs.claim(sessions, job_id, worker)
         if job is None:
             return "skipped"

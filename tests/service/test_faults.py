@@ -139,3 +139,19 @@ def test_several_api_processes_share_one_executor(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_a_job_whose_process_has_exited_is_alive_while_its_supervisor_stores_it():
+    """The reaper watched the job's process, which exits before its supervisor has stored the
+    result: finished jobs were requeued and ran twice (two latency rows for one job)."""
+    import socket
+
+    from service.executor import local_worker_is_dead
+
+    exited = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                            text=True, check=True)
+    gone = int(exited.stdout)
+    host = socket.gethostname()
+    assert not local_worker_is_dead(f"{host}:{os.getpid()}:{gone}")  # the supervisor (this process) lives
+    assert local_worker_is_dead(f"{host}:{gone}:{os.getpid()}")  # its supervisor is gone
+    assert local_worker_is_dead(f"{host}:{gone}") and not local_worker_is_dead(f"elsewhere:{gone}")
