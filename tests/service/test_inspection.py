@@ -305,9 +305,9 @@ def test_ppocr_is_described_with_the_layer_names_the_analysis_uses(name):
 
 @sqlite_only
 def test_an_already_quantized_upload_is_refused_as_quantized(client, app):
-    from tests.sensitivity.test_normalize_zoo import zoo_file
+    from tests.zoo.models import resource_or_skip
 
-    body = zoo_file("ddddocr", "common_old.onnx").read_bytes()
+    body = resource_or_skip("ddddocr", "common_old.onnx").read_bytes()
     before = snapshot(app)
     assert_problem(upload(client, "/v1/models", body), 422, "already quantized", "ConvInteger", "float model")
     assert snapshot(app) == before

@@ -169,9 +169,9 @@ def test_bad_input_exits_2(files, capsys, monkeypatch, arguments, message):
 @pytest.mark.parametrize("command", ["sensitivity", "plan"])
 def test_an_already_quantized_model_exits_2_naming_it(command, tmp_path, capsys):
     """Refused as quantized before the data is checked (its batch of 2 does not fit the model's 1)."""
-    from tests.sensitivity.test_normalize_zoo import zoo_file
+    from tests.zoo.models import resource_or_skip
 
-    model = zoo_file("ddddocr", "common_old.onnx")
+    model = resource_or_skip("ddddocr", "common_old.onnx")
     np.savez(tmp_path / "data.npz", input1=np.zeros((2, 1, 64, 128), np.float32))
     out_option = ("--out", str(tmp_path / "q.onnx")) if command == "plan" else ()
     status, out, err = call_mpq(command, str(model), "--data", str(tmp_path / "data.npz"), *out_option, capsys=capsys)
