@@ -48,7 +48,7 @@ UPGRADE_ATOL = 1e-6  # for outputs that are all (near) zero
 # the check well under the cost of one sensitivity pass.
 UPGRADE_CHECK_SAMPLES = 8
 
-_DEFAULT_DOMAINS = ("", "ai.onnx")
+DEFAULT_DOMAINS = ("", "ai.onnx")
 # Ops that only occur in quantized graphs (onnxruntime's quantizers, TensorRT/QAT exports).
 QUANTIZED_OPS = frozenset({
     "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul", "QGemm",
@@ -206,7 +206,7 @@ def padded_rows(start: int, stop: int, fixed: int | None) -> slice | np.ndarray:
 
 def default_opset(model: onnx.ModelProto) -> int:
     for entry in model.opset_import:
-        if entry.domain in _DEFAULT_DOMAINS:
+        if entry.domain in DEFAULT_DOMAINS:
             return int(entry.version)
     raise ValueError("the model imports no version of the default ONNX domain")
 
@@ -232,7 +232,7 @@ def refuse_quantized(model: onnx.ModelProto) -> None:
 
 
 def _quantized_label(node: onnx.NodeProto, constants: set[str]) -> str | None:
-    label = f"{node.domain}::{node.op_type}" if node.domain not in _DEFAULT_DOMAINS else node.op_type
+    label = f"{node.domain}::{node.op_type}" if node.domain not in DEFAULT_DOMAINS else node.op_type
     if node.op_type in QUANTIZED_OPS or node.op_type.startswith(_QUANTIZED_PREFIXES):
         return label
     if node.op_type in _WEIGHT_QUANTIZERS and node.input and node.input[0] in constants:
@@ -257,7 +257,7 @@ def _constants_to_promote(model: onnx.ModelProto) -> list[str]:
 
 
 def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
-    if node.op_type != "Constant" or node.domain not in _DEFAULT_DOMAINS or len(node.output) != 1:
+    if node.op_type != "Constant" or node.domain not in DEFAULT_DOMAINS or len(node.output) != 1:
         return None
     return next((attr.t for attr in node.attribute if attr.name == "value" and attr.HasField("t")), None)
 

@@ -38,8 +38,10 @@ import torch
 
 from sensitivity.layers import Layer, find_layers
 from sensitivity.normalize import (
+    DEFAULT_DOMAINS,
     MIN_OPSET,
     NormalizedModel,
+    default_opset,
     fixed_batch_size,
     normalize_model,
     refuse_quantized,
@@ -48,7 +50,6 @@ from sensitivity.onnx_ops import OPS, Handler, Node, parse_attributes, tensor_fr
 from sensitivity.program import ProgramAttributes
 
 MAX_OPSET = 21
-_DEFAULT_DOMAINS = ("", "ai.onnx")
 _CONTROL_FLOW = ("Loop", "Scan", "SequenceMap")  # If is interpreted: see _IfHandler
 
 ModelSource = onnx.ModelProto | NormalizedModel | str | os.PathLike
@@ -253,7 +254,7 @@ def load_onnx(model: ModelSource, shape_cache_size: int = 8) -> OnnxProgram:
     original = normalized.model
     proto = _inline(original)
     check_supported(proto)
-    opset = _default_opset(proto)
+    opset = default_opset(proto)
     layers = find_layers(original)
     layer_names = {layer.name for layer in layers}
 
@@ -294,7 +295,7 @@ def check_supported(model: ModelSource) -> None:
     read = _read(model)
     proto = _inline(read.model if isinstance(read, NormalizedModel) else read)
     refuse_quantized(proto)
-    opset = _default_opset(proto)
+    opset = default_opset(proto)
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise UnsupportedOpsError(
             f"the model uses ONNX opset {opset}; the interpreter supports opsets {MIN_OPSET} to {MAX_OPSET}"
@@ -322,7 +323,7 @@ def _all_nodes(graph: onnx.GraphProto, prefix: str = "") -> Iterator[tuple[onnx.
 
 def _unsupported(node: onnx.NodeProto, opset: int) -> tuple[str | None, str | None]:
     """(op label, reason) if the node cannot be interpreted, else (None, None)."""
-    if node.domain not in _DEFAULT_DOMAINS:
+    if node.domain not in DEFAULT_DOMAINS:
         return f"{node.domain}::{node.op_type}", None
     if _is_if(node):
         branches = {a.name for a in node.attribute if a.type == onnx.AttributeProto.GRAPH}
@@ -401,13 +402,6 @@ def inlined_node_count(model: onnx.ModelProto) -> int:
 
     count = size_of(model.graph.node, frozenset())
     return int(min(count, 2**62))
-
-
-def _default_opset(model: onnx.ModelProto) -> int:
-    for entry in model.opset_import:
-        if entry.domain in _DEFAULT_DOMAINS:
-            return int(entry.version)
-    raise ValueError("the model imports no version of the default ONNX domain")
 
 
 def _node_name(node: onnx.NodeProto, index: int) -> str:
@@ -516,7 +510,7 @@ def _step(node: onnx.NodeProto, index: int, opset: int, constants: Mapping[str, 
 
 
 def _is_if(node: onnx.NodeProto) -> bool:
-    return node.op_type == "If" and node.domain in _DEFAULT_DOMAINS
+    return node.op_type == "If" and node.domain in DEFAULT_DOMAINS
 
 
 def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:

@@ -106,7 +106,7 @@ class UploadSlot:
     """One upload in progress: who sends it, the task receiving it, and how fast it comes."""
 
     client: str
-    task: asyncio.Task | None
+    task: asyncio.Task
     started: float = field(default_factory=time.monotonic)
     received: int = 0
     shed: bool = False
@@ -139,7 +139,9 @@ class UploadSlots:
         if len(self._uploads) >= self.total and not self._shed_slowest():
             raise Problem(503, f"{self.total} uploads are already in progress (MPQ_MAX_CONCURRENT_UPLOADS); retry "
                                "shortly", headers={"Retry-After": "5"})
-        upload = UploadSlot(client, asyncio.current_task())
+        task = asyncio.current_task()
+        assert task is not None  # always, inside a coroutine
+        upload = UploadSlot(client, task)
         self._uploads.append(upload)
         try:
             yield upload
@@ -150,13 +152,12 @@ class UploadSlots:
     def _shed_slowest(self) -> bool:
         now = time.monotonic()
         slow = [upload for upload in self._uploads if now - upload.started >= self.shed_after_s
-                and upload.rate() < self.shed_below_bytes_per_s and upload.task is not None]
+                and upload.rate() < self.shed_below_bytes_per_s]
         if not slow:
             return False
         slowest = min(slow, key=UploadSlot.rate)
         slowest.shed = True
         self._uploads.remove(slowest)  # its slot is free from now on
-        assert slowest.task is not None
         slowest.task.cancel()
         return True
 
