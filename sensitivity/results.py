@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from sensitivity.checks import check_choice, check_float, check_int, is_int, set_fields, shown
-from sensitivity.hvp import DEFAULT_METHOD, DEFAULT_PROBES_PER_PASS, HVP_METHODS
+from sensitivity.hvp import DEFAULT_PROBES_PER_PASS, HVP_METHODS
 from sensitivity.losses import TASKS
 from sensitivity.quantize import SUPPORTED_WEIGHT_BITS
 
@@ -48,6 +48,14 @@ MAX_ITERATIONS = 1000
 # Tolerances are relative: SE/|trace| for traces, |λₖ − λₖ₋₁|/|λₖ| for eigenvalues. A relative
 # error of 1 (100 %) already says nothing, so (0, 1] holds every meaningful value.
 MAX_TOLERANCE = 1.0
+# The HVP method: "auto" times one probe of each on the model (sensitivity.budget) and takes the faster.
+HVP_CHOICES = ("auto", *HVP_METHODS)
+# Memory budget of a run in MiB (sensitivity.budget): 64 MiB holds no real model's passes; 1 TiB
+# is beyond any machine the service runs on. None: batch_size and probes_per_pass are used as given.
+MIN_MEMORY_BUDGET_MB, MAX_MEMORY_BUDGET_MB = 64, 1 << 20
+DEFAULT_MEMORY_BUDGET_MB = 4096  # the model-zoo issue's budget for a whole job
+# Time budget of the Hutchinson probes in seconds: a week bounds any value a JSON body can hold.
+MAX_TIME_BUDGET_S = 7 * 24 * 3600.0
 
 
 def _require(condition: bool, message: str) -> None:
@@ -69,16 +77,22 @@ class _AnalysisConfig:
     seed: seeds every random probe (``torch.Generator``), 0..MAX_SEED; batch_size: calibration
     samples per forward pass (bounds memory), 1..MAX_BATCH_SIZE; device: "auto" (CUDA when
     available, else CPU), "cpu", "cuda" or "cuda:N"; task: "auto", "classification" or
-    "regression" (which self-distillation loss to use without labels); hvp_method and
-    probes_per_pass (1..MAX_PROBES_PER_PASS): see ``sensitivity.hvp``.
+    "regression" (which self-distillation loss to use without labels); hvp_method ("auto" times
+    both on the model) and probes_per_pass (1..MAX_PROBES_PER_PASS): see ``sensitivity.hvp``.
+    memory_budget_mb: the run's memory budget; batch_size and probes_per_pass are then upper
+    bounds, lowered to fit it as measured (``sensitivity.budget``); None uses them as given.
+    time_budget_s: Hutchinson probes stop when it is spent (after 2 probes at least), with the
+    standard errors reached; None: no time limit.
     """
 
     seed: int = 0
     batch_size: int = 256
     device: str = "auto"
     task: str = "auto"
-    hvp_method: str = DEFAULT_METHOD
+    hvp_method: str = "auto"
     probes_per_pass: int = DEFAULT_PROBES_PER_PASS
+    memory_budget_mb: int | None = DEFAULT_MEMORY_BUDGET_MB
+    time_budget_s: float | None = None
 
     def __post_init__(self) -> None:
         set_fields(
@@ -87,8 +101,12 @@ class _AnalysisConfig:
             batch_size=check_int("batch_size", self.batch_size, 1, MAX_BATCH_SIZE),
             device=check_device("device", self.device),
             task=check_choice("task", self.task, TASKS),
-            hvp_method=check_choice("hvp_method", self.hvp_method, HVP_METHODS),
+            hvp_method=check_choice("hvp_method", self.hvp_method, HVP_CHOICES),
             probes_per_pass=check_int("probes_per_pass", self.probes_per_pass, 1, MAX_PROBES_PER_PASS),
+            memory_budget_mb=None if self.memory_budget_mb is None else check_int(
+                "memory_budget_mb", self.memory_budget_mb, MIN_MEMORY_BUDGET_MB, MAX_MEMORY_BUDGET_MB),
+            time_budget_s=None if self.time_budget_s is None else check_float(
+                "time_budget_s", self.time_budget_s, 0.0, MAX_TIME_BUDGET_S, low_open=True),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -134,6 +152,8 @@ class EigenConfig(_AnalysisConfig):
             tolerance=check_float("tolerance", self.tolerance, 0.0, MAX_TOLERANCE, low_open=True),
             max_iterations=check_int("max_iterations", self.max_iterations, 2, MAX_ITERATIONS),
         )
+        _require(self.time_budget_s is None, "time_budget_s bounds Hutchinson probes (hawq_v2, interlayer); "
+                                             "hawq_v1 is bounded by max_iterations")
 
 
 def _check_bits(value: Any) -> tuple[int, ...]:
@@ -343,7 +363,9 @@ class SensitivityResult:
     ``timings`` are seconds per phase; ``num_hvps`` counts Hessian-vector products;
     ``versions`` holds mpq, torch, onnx and onnxruntime versions; ``normalization`` what
     normalising the ONNX model changed (``sensitivity.normalize.NormalizedModel.to_dict``; empty
-    for torch.export programs).
+    for torch.export programs); ``execution`` how the run spent memory and time: the batch size,
+    probes per pass and HVP method it used and the measurements that chose them
+    (``sensitivity.budget``), its peak memory, HVP cost in gradients and why the probes stopped.
     """
 
     config: Config
@@ -359,6 +381,7 @@ class SensitivityResult:
     versions: dict[str, str] = field(default_factory=dict)
     device: str = ""
     normalization: dict[str, Any] = field(default_factory=dict)
+    execution: dict[str, Any] = field(default_factory=dict)
 
     @property
     def seed(self) -> int:
@@ -386,6 +409,7 @@ class SensitivityResult:
             "versions": dict(self.versions),
             "device": self.device,
             "normalization": dict(self.normalization),
+            "execution": dict(self.execution),
         }
 
     @classmethod
@@ -405,6 +429,7 @@ class SensitivityResult:
             versions={str(k): str(v) for k, v in data.get("versions", {}).items()},
             device=str(data.get("device", "")),
             normalization=dict(data.get("normalization", {})),
+            execution=dict(data.get("execution", {})),
         )
 
 

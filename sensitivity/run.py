@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sensitivity.budget import PassPlan, plan_passes
 from sensitivity.eigen import top_eigenvalues
 from sensitivity.hvp import HessianVectorProducts
 from sensitivity.interlayer import interlayer_terms
@@ -41,13 +42,15 @@ def _no_progress(phase: str, fraction: float, message: str) -> None:
 
 @dataclass
 class Context:
-    """What a handler works with; it fills ``fields`` (SensitivityResult fields) and ``timings``."""
+    """What a handler works with; it fills ``fields`` (SensitivityResult fields), ``timings`` and
+    ``execution`` (how the run went: see SensitivityResult)."""
 
     program: Program
     hvp: HessianVectorProducts
     progress: Progress
     fields: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    execution: dict[str, Any] = field(default_factory=dict)
 
     def timed(self, phase: str, compute: Callable[[], Any]) -> Any:
         self.progress(phase, 0.0, "started")
@@ -82,7 +85,9 @@ def _traces(context: Context, config: TraceConfig) -> None:
             tolerance=config.tolerance,
             min_probes=config.min_probes,
             max_probes=config.max_probes,
+            time_budget_s=config.time_budget_s,
             progress=context.progress,
+            report=context.execution.setdefault("traces", {}),
         ),
     )
 
@@ -221,14 +226,20 @@ def compute_sensitivity(
     device = resolve_device(config.device)
     program = program_on_device(program, device)
     start = time.perf_counter()
+    passes = plan_passes(program, calibration, batch_size=config.batch_size, probes_per_pass=config.probes_per_pass,
+                         hvp_method=config.hvp_method, memory_budget_mb=config.memory_budget_mb, device=device,
+                         task=config.task, progress=progress)
+    measured = time.perf_counter()
     progress("prepare", 0.0, "computing the full-precision loss")
-    loss = CalibrationLoss(program, calibration, config.batch_size, device, config.task)
-    hvp = HessianVectorProducts(loss, method=config.hvp_method, probes_per_pass=config.probes_per_pass)
-    context = Context(program, hvp, progress, timings={"prepare": time.perf_counter() - start})
+    loss = CalibrationLoss(program, calibration, passes.batch_size, device, config.task)
+    hvp = HessianVectorProducts(loss, method=passes.hvp_method, probes_per_pass=passes.probes_per_pass)
+    context = Context(program, hvp, progress, timings={"budget": measured - start,
+                                                       "prepare": time.perf_counter() - measured})
     handler(context, config)
     _check_some_curvature(context.fields.get("traces"))
     context.timings["total"] = time.perf_counter() - start
     progress("done", 1.0, f"{hvp.num_hvps} Hessian-vector products")
+    execution = _execution(passes, context, hvp)
     return SensitivityResult(
         config=config,
         layers=tuple(
@@ -243,8 +254,42 @@ def compute_sensitivity(
         versions=versions(),
         device=describe_device(device),
         normalization=_normalization(program),
+        execution=execution,
         **context.fields,
     )
+
+
+def _execution(passes: PassPlan, context: Context, hvp: HessianVectorProducts) -> dict[str, Any]:
+    """The run's batch size, probes per pass and HVP method with what chose them, its peak memory,
+    and (for traces) the cost of a probe in gradients of the whole calibration loss."""
+    execution = {"batch_size": passes.batch_size, "probes_per_pass": passes.probes_per_pass,
+                 "hvp_method": passes.hvp_method, "budget": passes.report, **context.execution}
+    peak = _peak_rss_mb()
+    if peak is not None:
+        execution["peak_rss_mb"] = peak
+    traces = context.execution.get("traces")
+    if traces and traces.get("probes") and "traces" in context.timings:
+        gradient = _timed_gradient(hvp)
+        per_probe = context.timings["traces"] / traces["probes"]
+        execution["gradient_s"] = round(gradient, 6)
+        execution["probe_cost_gradients"] = round(per_probe / gradient, 3) if gradient > 0 else None
+    return execution
+
+
+def _timed_gradient(hvp: HessianVectorProducts) -> float:
+    """Seconds of one gradient of the whole calibration loss (the unit HVP costs are given in)."""
+    start = time.perf_counter()
+    hvp.gradient()
+    return time.perf_counter() - start
+
+
+def _peak_rss_mb() -> float | None:
+    """The process's peak resident memory so far (Linux reports kB; other systems are not measured)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def _normalization(program: Program) -> dict[str, Any]:

@@ -16,6 +16,9 @@ from hypothesis import strategies as st
 from sensitivity.checks import shown
 from sensitivity.results import (
     MAX_BATCH_SIZE,
+    MAX_MEMORY_BUDGET_MB,
+    MAX_TIME_BUDGET_S,
+    MIN_MEMORY_BUDGET_MB,
     MAX_ITERATIONS,
     MAX_PROBES,
     MAX_PROBES_PER_PASS,
@@ -39,6 +42,9 @@ BAD_VALUES: dict[str, list[Any]] = {
     "task": ["vision", "", None, 1, ["auto"], math.nan],
     "hvp_method": ["magic", None, 0, ["double_backward"]],
     "probes_per_pass": [*NOT_INTS, 0, MAX_PROBES_PER_PASS + 1],
+    # None is valid for both budgets: no memory adaptation, no time limit.
+    "memory_budget_mb": [v for v in NOT_INTS if v is not None] + [MIN_MEMORY_BUDGET_MB - 1, MAX_MEMORY_BUDGET_MB + 1],
+    "time_budget_s": [0, -1.0, math.inf, math.nan, True, "60", [60], 10**400, MAX_TIME_BUDGET_S * 2],
     "tolerance": NOT_TOLERANCES,
     "min_probes": [*NOT_INTS, 1, MAX_PROBES + 1],
     "max_probes": [*NOT_INTS, 7, MAX_PROBES + 1, 10**9],  # 7: below the default min_probes (8)
@@ -85,6 +91,7 @@ def test_a_bad_value_is_a_value_error_naming_its_field(cls: type, name: str, val
         (lambda: config_from_dict({"type": "TraceConfig", 3: 3}), r"unknown keys for TraceConfig: \['3'\]"),
         (lambda: config_from_dict([("type", "TraceConfig")]), "must be a JSON object; got list"),
         (lambda: config_from_dict(None), "must be a JSON object; got NoneType"),
+        (lambda: EigenConfig(time_budget_s=60), "time_budget_s bounds Hutchinson probes"),
     ],
 )
 def test_bad_configs_are_named(build, message: str) -> None:
@@ -120,10 +127,11 @@ JSON_VALUES = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=4) |
 # Values that pass, mixed in so that valid configurations are drawn too.
 GOOD_VALUES: dict[str, list[Any]] = {
     "seed": [0, 7, MAX_SEED], "batch_size": [1, 64, MAX_BATCH_SIZE], "device": ["auto", "cpu", "cuda:1"],
-    "task": ["auto", "regression"], "hvp_method": ["double_backward", "forward_over_reverse"],
+    "task": ["auto", "regression"], "hvp_method": ["auto", "double_backward", "forward_over_reverse"],
     "probes_per_pass": [1, 4], "tolerance": [1e-9, 0.05, 1], "min_probes": [2, 8], "max_probes": [8, 300],
     "max_iterations": [2, 50], "bits": [[8], (4, 8), [2, 3, 5]], "trace_tolerance": [0.5],
     "trace_min_probes": [3], "trace_max_probes": [MAX_PROBES],
+    "memory_budget_mb": [None, MIN_MEMORY_BUDGET_MB, 4096], "time_budget_s": [None, 0.5, MAX_TIME_BUDGET_S],
 }
 
 
@@ -136,8 +144,9 @@ def _assert_plain(config: Any) -> None:
     """A valid configuration holds canonical, finite, JSON-able values and round-trips."""
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
-        expected = {"int": int, "float": float, "str": str, "tuple[int, ...]": tuple}[field.type]
-        assert type(value) is expected, (field.name, value)
+        expected = {"int": int, "float": float, "str": str, "tuple[int, ...]": tuple,
+                    "int | None": (int, type(None)), "float | None": (float, type(None))}[field.type]
+        assert type(value) in (expected if isinstance(expected, tuple) else (expected,)), (field.name, value)
         assert not isinstance(value, float) or math.isfinite(value)
     assert config_from_dict(json.loads(json.dumps(config.to_dict(), allow_nan=False))) == config
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -35,8 +36,11 @@ def problem() -> TinyProblem:
 
 
 def _without_timings(result: SensitivityResult) -> dict:
+    """The result without what is measured in time or memory (the execution report's batch size and
+    method are compared by the tests that need them)."""
     data = result.to_dict()
     data.pop("timings")
+    data.pop("execution")
     return data
 
 
@@ -81,8 +85,10 @@ def test_progress_reports_phases_in_order(problem: TinyProblem) -> None:
         problem.program, problem.calibration, InterLayerConfig(trace_max_probes=8, **FAST), progress=lambda *a: calls.append(a)
     )
     phases = [phase for phase, _, _ in calls]
-    assert phases[0] == "prepare" and phases[-1] == "done"
-    assert phases.index("traces") < phases.index("interlayer")
+    assert phases[0] == "budget" and phases[-1] == "done"
+    assert phases.index("budget") < phases.index("prepare") < phases.index("traces") < phases.index("interlayer")
+    traces = [message for phase, _, message in calls if phase == "traces" and "probes" in message]
+    assert re.fullmatch(r"\d+ probes, worst SE/\|trace\| [0-9.]+ \(target 0.05\), ETA \d+ s", traces[-1])
     assert all(0.0 <= fraction <= 1.0 for _, fraction, _ in calls)
 
 
