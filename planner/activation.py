@@ -30,8 +30,8 @@ from planner.cost import layer_nodes
 from planner.evaluate import log_softmax, run_batched_outputs
 from planner.export import check_inputs, export_model, model_opset
 from sensitivity.layers import find_layers
+from sensitivity.losses import LOSS_KINDS, PROBABILITY_FLOOR
 
-LOSS_KINDS = ("cross_entropy", "distill_cross_entropy", "distill_mse")
 QDQ_OPSET = 13  # per-tensor QuantizeLinear with a uint8 zero point is older, but the exporter's floor is 13
 RENAMED_OUTPUT_SUFFIX = "_QuantizeLinear_Input"  # onnxruntime renames a quantized graph output's producer
 
@@ -183,21 +183,69 @@ def _insert_after_producer(graph: onnx.GraphProto, tensor: str, nodes: Sequence[
 
 
 def _run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], batch_size: int) -> list[np.ndarray]:
-    return run_batched_outputs(model.SerializeToString(), feeds, batch_size)
+    """Every output over all samples, float64, in its per-sample shape (the sequence losses need [N, T, C])."""
+    return run_batched_outputs(model.SerializeToString(), feeds, batch_size, flatten=False)
 
 
 class _SampleLoss:
-    """Per-sample calibration loss in numpy, as ``sensitivity.losses.CalibrationLoss.sample_losses``."""
+    """Per-sample calibration loss in numpy, as ``sensitivity.losses.CalibrationLoss.sample_losses``
+    for every one of its ``LOSS_KINDS`` (same formulas, same probability floor; the test compares
+    them). ``reference``: the float model's outputs over the calibration set, ``[samples, ...]``;
+    ``distill_normalized_mse`` divides each output's squared error by its mean square there."""
 
     def __init__(self, kind: str, reference: Sequence[np.ndarray], labels: np.ndarray | None) -> None:
         if kind == "cross_entropy" and labels is None:
             raise ValueError("loss kind 'cross_entropy' needs labels in the calibration set")
         self.kind = kind
         self.reference = reference
-        self.targets = np.asarray(labels) if kind == "cross_entropy" else reference[0].argmax(axis=1)
+        self.targets = _targets(kind, reference[0], labels)
+        self.scales = [1.0] * len(reference)
+        if kind == "distill_normalized_mse":
+            squares = [float(np.mean(ref**2)) for ref in reference]
+            self.scales = [1.0 / square if square > 0.0 else 1.0 for square in squares]
 
     def __call__(self, outputs: Sequence[np.ndarray]) -> np.ndarray:
-        if self.kind == "distill_mse":
-            return sum(((out - ref) ** 2).mean(axis=1) for out, ref in zip(outputs, self.reference))
-        return -log_softmax(outputs[0])[np.arange(len(outputs[0])), self.targets]
+        return sum(_per_sample(positions) for positions in self._position_losses(outputs))
+
+    def _position_losses(self, outputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """As ``sensitivity.losses.position_losses``: per output, the loss at every position."""
+        kind, targets = self.kind, self.targets
+        if kind in ("cross_entropy", "distill_cross_entropy"):  # class axis 1
+            return [-np.take_along_axis(log_softmax(outputs[0], axis=1), targets[:, None], axis=1)[:, 0]]
+        if kind == "distill_step_cross_entropy":  # class axis last
+            return [-np.take_along_axis(log_softmax(outputs[0], axis=-1), targets[..., None], axis=-1)[..., 0]]
+        if kind in ("distill_kl", "distill_kl_log_probs"):
+            return [np.sum(np.exp(targets) * (targets - _log_distribution(kind, outputs[0])), axis=-1)]
+        if kind == "distill_binary_kl":
+            p0, p = self.reference[0], outputs[0]
+            kl = p0 * (_floored_log(p0) - _floored_log(p)) + (1 - p0) * (_floored_log(1 - p0) - _floored_log(1 - p))
+            return [np.sum(kl, axis=-1)]
+        return [scale * (out - ref) ** 2 for out, ref, scale in zip(outputs, self.reference, self.scales)]
+
+
+def _targets(kind: str, first: np.ndarray, labels: np.ndarray | None) -> np.ndarray | None:
+    """As ``sensitivity.losses.loss_targets`` (the labels for ``cross_entropy``; None where the
+    reference outputs are the targets)."""
+    if kind == "cross_entropy":
+        return np.asarray(labels)
+    if kind == "distill_cross_entropy":
+        return first.argmax(axis=1)
+    if kind == "distill_step_cross_entropy":
+        return first.argmax(axis=-1)
+    if kind in ("distill_kl", "distill_kl_log_probs"):
+        return _log_distribution(kind, first)
+    return None
+
+
+def _per_sample(positions: np.ndarray) -> np.ndarray:
+    return positions.reshape(len(positions), -1).mean(axis=1)
+
+
+def _floored_log(values: np.ndarray) -> np.ndarray:
+    return np.log(np.maximum(values, PROBABILITY_FLOOR))
+
+
+def _log_distribution(kind: str, out: np.ndarray) -> np.ndarray:
+    """As ``sensitivity.losses._log_distribution``: log p over the last axis, renormalised."""
+    return log_softmax(out if kind == "distill_kl_log_probs" else _floored_log(out), axis=-1)
 

@@ -1,12 +1,13 @@
 """Measure an exported model with onnxruntime, beside the float model (the baseline).
 
-The metric depends on what the model's first output is (``detect_kind``), because one metric
+The metric depends on what the model's first output is (``detect_kind``, from
+``sensitivity.outputs``, which the calibration loss uses too), because one metric
 cannot fit every task: argmax agreement of the flattened output scored onnxruntime's own int8
 MiniLM (sentence-embedding cosine 0.41 to float, 38.7 % nearest-neighbour agreement) at 100 %,
 drop 0.00, and an OCR recogniser ([N, T, C]) at 41 % where per-time-step agreement was 92 %.
 
-- class scores ([N, C], or a Softmax/LogSoftmax/Sigmoid output): ``top1_accuracy`` with labels,
-  else ``top1_agreement`` with the float model;
+- class scores ([N, C], or a Softmax/LogSoftmax/Sigmoid output, or rows that are probabilities):
+  ``top1_accuracy`` with labels, else ``top1_agreement`` with the float model;
 - embeddings (float rows of unit L2 norm, or a final LpNormalization / Div by a norm):
   ``cosine`` = 100 × mean cosine similarity to the float embeddings;
 - sequences ([N, T, C] per-step class scores): ``step_agreement``, the percent of (sample, step)
@@ -33,20 +34,11 @@ import onnx
 from planner.batches import batches, session_fixed_batch
 from planner.cost import cpu_session
 from planner.export import ExportedModel, check_inputs
+from sensitivity.outputs import detect_kind
 
 LABELS_KEY = "labels"
 # What a user may ask for (PlanRequest.metric, mpq plan --metric, the API's plan body).
 METRICS = ("auto", "top1", "cosine", "neighbour_agreement", "step_agreement")
-# Ops that only move or relabel values: the op that computed an output is found through them.
-_PASS_THROUGH = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Cast"}
-_SCORE_OPS = {"Softmax", "LogSoftmax", "Sigmoid"}
-_NORM_OPS = {"ReduceL2", "LpNormalization", "Sqrt"}
-# A sequence's class scores come out of a classifier head (or its softmax); a rank-3 output from
-# anything else (Concat of a detector's boxes and scores, a LayerNormalization of token states)
-# has no per-step class axis to take the argmax of.
-_HEAD_OPS = _SCORE_OPS | {"MatMul", "Gemm", "Add"}
-# Float rows within this of unit L2 norm are embeddings: float32 normalisation is exact to ~1e-7.
-UNIT_NORM_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -119,59 +111,6 @@ def evaluate(
         output_kind=kind,
         metric_reason=reason,
     )
-
-
-def detect_kind(model: onnx.ModelProto, first_output: np.ndarray) -> tuple[str, str]:
-    """What the first output is (class_scores, embeddings, sequence or dense), and the rule that said so.
-
-    ``first_output`` holds the float model's values, ``[samples, ...]`` in the output's shape."""
-    rank, width = first_output.ndim, first_output.shape[-1] if first_output.ndim > 1 else 1
-    name = model.graph.output[0].name
-    op = producing_op(model, name)
-    if op in _SCORE_OPS and width > 1:
-        kind = {2: "class_scores", 3: "sequence"}.get(rank, "dense")
-        return kind, f"the first output is rank {rank} from {op}: {kind.replace('_', ' ')}"
-    if width > 1 and _unit_rows(first_output):
-        return "embeddings", f"the float model's {width}-wide rows of the first output have unit L2 norm"
-    if op == "LpNormalization" or (op == "Div" and _divides_by_norm(model, name)):
-        return "embeddings", f"the first output is L2-normalised ({op})"
-    if width == 1:
-        # One value per sample: its argmax is always 0, so agreement would be 100 % whatever the model does.
-        return "dense", "the first output has one value per sample: compared by cosine over the samples"
-    if rank == 2:
-        return "class_scores", f"the first output is rank 2 [samples, {width}] from {op}: class scores"
-    if rank == 3 and op in _HEAD_OPS:
-        return "sequence", f"the first output is rank 3 [samples, steps, {width}] from {op}: per-step class scores"
-    return "dense", f"the first output is rank {rank} from {op}: a dense map, compared by cosine per output"
-
-
-def producing_op(model: onnx.ModelProto, name: str) -> str:
-    """The op type that computed tensor ``name``, looking through reshapes, transposes and casts."""
-    producers = {output: node for node in model.graph.node for output in node.output}
-    node = producers.get(name)
-    for _ in range(len(producers)):
-        if node is None or node.op_type not in _PASS_THROUGH or not node.input:
-            break
-        node = producers.get(node.input[0])
-    return "input" if node is None else node.op_type
-
-
-def _divides_by_norm(model: onnx.ModelProto, name: str) -> bool:
-    """Whether ``name`` is x / f(‖x‖₂): the divisor's producers (a few steps back) include a norm.
-    torch's F.normalize exports as Div(x, Expand(Clip(ReduceL2(x))))."""
-    producers = {output: node for node in model.graph.node for output in node.output}
-    frontier = [producers[name].input[1]] if name in producers and len(producers[name].input) > 1 else []
-    for _ in range(4):
-        nodes = [producers[t] for t in frontier if t in producers]
-        if any(node.op_type in _NORM_OPS for node in nodes):
-            return True
-        frontier = [t for node in nodes for t in node.input]
-    return False
-
-
-def _unit_rows(values: np.ndarray) -> bool:
-    norms = np.linalg.norm(values.reshape(-1, values.shape[-1]), axis=1)
-    return bool(len(norms)) and bool(np.all(np.abs(norms - 1.0) < UNIT_NORM_TOLERANCE))
 
 
 def choose_metric(metric: str, kind: str, kind_reason: str, has_labels: bool) -> tuple[str, str]:
@@ -342,10 +281,10 @@ def compare_outputs(reference: np.ndarray, outputs: np.ndarray) -> Fidelity:
     )
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise log-softmax of ``[samples, classes]`` logits, shifted by the row maximum."""
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    return shifted - np.log(np.sum(np.exp(shifted), axis=1, keepdims=True))
+def log_softmax(logits: np.ndarray, axis: int = 1) -> np.ndarray:
+    """Log-softmax of logits along ``axis`` (the class axis of ``[samples, classes]``), shifted by the maximum."""
+    shifted = logits - logits.max(axis=axis, keepdims=True)
+    return shifted - np.log(np.sum(np.exp(shifted), axis=axis, keepdims=True))
 
 
 def _labels(dataset: Mapping[str, np.ndarray], count: int) -> np.ndarray | None:

@@ -359,7 +359,8 @@ def _optional_list(items: Sequence[Any] | None) -> list[dict[str, Any]] | None:
 class SensitivityResult:
     """What ``compute_sensitivity`` returns; the fields an analysis does not compute are None.
 
-    ``loss`` is L(W₀) and ``loss_kind`` one of ``sensitivity.losses.LOSS_KINDS``;
+    ``loss`` is L(W₀), ``loss_kind`` one of ``sensitivity.losses.LOSS_KINDS`` and ``loss_reason`` the rule
+    that picked it (empty in results stored before it was recorded);
     ``timings`` are seconds per phase; ``num_hvps`` counts Hessian-vector products;
     ``versions`` holds mpq, torch, onnx and onnxruntime versions; ``normalization`` what
     normalising the ONNX model changed (``sensitivity.normalize.NormalizedModel.to_dict``; empty
@@ -382,6 +383,7 @@ class SensitivityResult:
     device: str = ""
     normalization: dict[str, Any] = field(default_factory=dict)
     execution: dict[str, Any] = field(default_factory=dict)
+    loss_reason: str = ""
 
     @property
     def seed(self) -> int:
@@ -398,6 +400,7 @@ class SensitivityResult:
             "config": self.config.to_dict(),
             "layers": [layer.to_dict() for layer in self.layers],
             "loss_kind": self.loss_kind,
+            "loss_reason": self.loss_reason,
             "loss": self.loss,
             "num_samples": self.num_samples,
             "traces": _optional_list(self.traces),
@@ -430,6 +433,7 @@ class SensitivityResult:
             device=str(data.get("device", "")),
             normalization=dict(data.get("normalization", {})),
             execution=dict(data.get("execution", {})),
+            loss_reason=str(data.get("loss_reason", "")),
         )
 
 

@@ -247,6 +247,7 @@ def compute_sensitivity(
             for layer in program.layers
         ),
         loss_kind=loss.kind,
+        loss_reason=loss.reason,
         loss=loss.value(),
         num_samples=loss.num_samples,
         timings=context.timings,

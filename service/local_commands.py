@@ -353,7 +353,10 @@ def sensitivity_document(method: str, result) -> dict[str, Any]:
             row["eigen_iterations"] = eigen[info.name].iterations
             row["eigen_converged"] = eigen[info.name].converged
         layers.append(row)
-    document: dict[str, Any] = {"method": method, "loss": result.loss, "loss_kind": result.loss_kind, "layers": layers}
+    document: dict[str, Any] = {
+        "method": method, "loss": result.loss, "loss_kind": result.loss_kind, "loss_reason": result.loss_reason,
+        "layers": layers,
+    }
     if result.interlayer is not None:
         terms = result.interlayer
         document["interlayer"] = {
@@ -382,7 +385,8 @@ def sensitivity_table(document: Mapping[str, Any]) -> str:
     with_eigen = any("eigenvalue" in row for row in document["layers"])
     if with_eigen:
         header += f" {'eigenvalue':>12}"
-    lines = [f"method {document['method']}, loss {document['loss']:.6g}", header, "-" * len(header)]
+    loss = f"{document.get('loss_kind', 'loss')} {document['loss']:.6g}"
+    lines = [f"method {document['method']}, loss {loss}", header, "-" * len(header)]
     for row in document["layers"]:
         average = "-" if row["avg_trace"] is None else f"{row['avg_trace']:.4g}"
         error = "-" if row["stderr"] is None else f"{row['stderr'] / row['n_params']:.2g}"

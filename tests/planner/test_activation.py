@@ -4,7 +4,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-import torch.nn.functional as F
 from onnx import numpy_helper
 
 from planner.activation import (
@@ -17,6 +16,7 @@ from planner.activation import (
 from planner.export import export_model
 from sensitivity import zoo
 from sensitivity.layers import find_layers
+from sensitivity.losses import LOSS_KINDS, loss_targets, per_sample, position_losses
 
 SAMPLES = 96
 
@@ -115,22 +115,45 @@ def test_terms_are_per_sample_loss_changes_with_standard_errors(case):
         assert term.standard_error > 0.0
 
 
-@pytest.mark.parametrize("kind", ["cross_entropy", "distill_cross_entropy", "distill_mse"])
+def _outputs_for(kind: str, rng: np.random.Generator) -> list[np.ndarray]:
+    """Float outputs of the form ``kind`` reads: logits [20, 5] (or steps [20, 4, 5]), probabilities,
+    log-probabilities, independent probabilities, or two outputs of different scales."""
+    logits = rng.standard_normal((20, 4, 5) if kind in ("distill_step_cross_entropy", "distill_kl") else (20, 5))
+    if kind in ("distill_kl", "distill_kl_log_probs"):
+        log_p = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+        return [np.exp(log_p) if kind == "distill_kl" else log_p]
+    if kind == "distill_binary_kl":
+        return [1 / (1 + np.exp(-logits))]
+    return [logits, 1000 * rng.standard_normal((20, 3, 2))]
+
+
+@pytest.mark.parametrize("kind", LOSS_KINDS)
 def test_sample_losses_match_the_sensitivity_losses(kind):
+    """The numpy mirror against torch's own loss functions (sensitivity.losses), per sample."""
     rng = np.random.default_rng(1)
-    reference = [rng.standard_normal((20, 5)), rng.standard_normal((20, 3))]
-    outputs = [r + 0.3 * rng.standard_normal(r.shape) for r in reference]
+    reference = _outputs_for(kind, rng)
+    outputs = [r + 0.3 * rng.standard_normal(r.shape) * np.abs(r).mean() for r in reference]
+    if kind in ("distill_kl", "distill_binary_kl"):  # moved probabilities stay probabilities
+        outputs = [np.clip(o, 1e-3, 1 - 1e-3) for o in outputs]
+        if kind == "distill_kl":
+            outputs = [o / o.sum(axis=-1, keepdims=True) for o in outputs]
     labels = rng.integers(0, 5, 20)
     ours = _SampleLoss(kind, reference, labels)(outputs)
-    logits, targets = torch.from_numpy(outputs[0]), torch.from_numpy(labels)
-    if kind == "distill_cross_entropy":
-        targets = torch.from_numpy(reference[0].argmax(axis=1))
-    if kind == "distill_mse":
-        expected = sum(F.mse_loss(torch.from_numpy(o), torch.from_numpy(r), reduction="none").mean(dim=1)
-                       for o, r in zip(outputs, reference))
-    else:
-        expected = F.cross_entropy(logits, targets, reduction="none")
+    reference_t, outputs_t = [torch.from_numpy(r) for r in reference], [torch.from_numpy(o) for o in outputs]
+    targets = (torch.from_numpy(labels),) if kind == "cross_entropy" else loss_targets(kind, reference_t)
+    scales = [1 / float(np.mean(r**2)) if kind == "distill_normalized_mse" else 1.0 for r in reference]
+    expected = per_sample(position_losses(kind, outputs_t, targets, scales))
+    assert ours.shape == (20,) and float(np.std(ours)) > 0
     np.testing.assert_allclose(ours, expected.numpy(), rtol=1e-12)
+
+
+def test_normalized_mse_weighs_outputs_of_different_scales_alike():
+    rng = np.random.default_rng(2)
+    reference = [rng.standard_normal((30, 4)), 1000 * rng.standard_normal((30, 4))]
+    outputs = [r * (1 + 0.1 * rng.standard_normal(r.shape)) for r in reference]  # 10 % relative error each
+    terms = [_SampleLoss("distill_normalized_mse", [r], None)([o]).mean() for r, o in zip(reference, outputs)]
+    assert 0.5 < terms[0] / terms[1] < 2
+    assert _SampleLoss("distill_normalized_mse", reference, None)(outputs).mean() == pytest.approx(sum(terms))
 
 
 def test_bad_loss_kind_and_missing_labels_are_named():

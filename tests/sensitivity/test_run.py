@@ -58,7 +58,7 @@ def test_each_config_runs_its_analysis_and_round_trips_through_json(problem: Tin
     assert (result.eigenvalues is not None) == isinstance(config, EigenConfig)
     assert (result.interlayer is not None) == isinstance(config, InterLayerConfig)
     assert result.num_hvps > 0 and result.seed == 3 and result.num_samples == 24
-    assert result.loss_kind == "cross_entropy" and result.loss > 0
+    assert result.loss_kind == "cross_entropy" and result.loss > 0 and result.loss_reason.startswith("labels given")
     assert {"torch", "onnx", "onnxruntime", "mpq"} <= set(result.versions)
     assert result.device.startswith("cpu") and result.timings["total"] > 0
     assert [layer.name for layer in result.layers] == ["conv.weight", "fc1.weight", "fc2.weight"]
@@ -228,6 +228,7 @@ def test_results_round_trip_through_json_for_any_values(traces, eigen, entries) 
         config=InterLayerConfig(bits=(8,)),
         layers=tuple(LayerInfo(n, "Gemm", (2, 3), 6, 0) for n in names),
         loss_kind="cross_entropy",
+        loss_reason="labels given",
         loss=1.5,
         num_samples=10,
         traces=tuple(LayerTrace(n, 6, t, se, k) for n, (t, se, k) in zip(names, traces)),
@@ -246,6 +247,8 @@ def test_results_round_trip_through_json_for_any_values(traces, eigen, entries) 
         device="cpu",
     )
     assert SensitivityResult.from_dict(json.loads(json.dumps(result.to_dict(), allow_nan=False))) == result
+    stored_before = {key: value for key, value in result.to_dict().items() if key != "loss_reason"}
+    assert SensitivityResult.from_dict(stored_before).loss_reason == ""  # results stored before it was recorded
 
 
 def _graph_model(nodes: list, weights: dict[str, np.ndarray], out: str = "y"):
