@@ -221,7 +221,8 @@ def _choose(fit: _Fit, room: float, *, batch_size: int, probes_per_pass: int, fi
     floor = min(batch_size, 16)  # below 16 samples, drop probes first
     for probes in range(probes_per_pass, 0, -1):
         per_sample = fit.per_sample + probes * fit.per_probe
-        fitting = (room / SAFETY - fit.constant) / per_sample if per_sample > 0 else float(batch_size)
+        spare = room / SAFETY - fit.constant
+        fitting = spare / per_sample if per_sample > 0 else (batch_size if spare > 0 else 0)
         batch = min(batch_size, max(int(fitting), 0))
         if fixed and batch == batch_size:
             return batch, probes
