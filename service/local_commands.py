@@ -30,6 +30,10 @@ SENSITIVITY_METHODS = ("hawq_v1", "hawq_v2", "interlayer")
 PLAN_METHODS = ("hawq_v2", "interlayer")
 PLAN_METRICS = ("auto", "top1", "cosine", "neighbour_agreement", "step_agreement")  # planner.evaluate.METRICS
 DEFAULT_CANDIDATES = "fp32,w8a8,w4a8,w8,w4"
+# sensitivity.results' HVP_CHOICES and DEFAULT_MEMORY_BUDGET_MB, written out: the CLI does not
+# import torch to build its parser (a test pins them equal).
+HVP_CHOICES = ("auto", "double_backward", "forward_over_reverse")
+DEFAULT_MEMORY_BUDGET_MB = 4096
 MiB = 1024 * 1024
 DATA_HELP = "calibration arrays (.npz): one per model input, optionally 'labels'"
 
@@ -58,11 +62,24 @@ def _add_sensitivity(subparsers: argparse._SubParsersAction) -> None:
     command.add_argument("--max-probes", type=int, help="Hutchinson probes (power iterations for hawq_v1) at most")
     command.add_argument("--tol", type=float, help="relative standard error (hawq_v1: relative change) to stop at")
     command.add_argument("--seed", type=int, default=0)
-    command.add_argument("--batch-size", type=int, default=256, help="calibration samples per forward pass")
+    command.add_argument("--batch-size", type=int, default=256,
+                         help="calibration samples per forward pass at most (lowered to fit --memory-budget-mb)")
     command.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    _add_budget_options(command)
+    command.add_argument("--hvp-method", choices=HVP_CHOICES, default="auto",
+                         help="Hessian-vector products by double backward or forward-over-reverse; auto times one "
+                              "probe of each on the model and takes the faster")
     command.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     add_server_options(command)
     command.set_defaults(handler=sensitivity_command)
+
+
+def _add_budget_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--memory-budget-mb", type=int, default=DEFAULT_MEMORY_BUDGET_MB,
+                         help=f"memory of the analysis in MiB (default {DEFAULT_MEMORY_BUDGET_MB}): the batch size "
+                              "and probes per pass are lowered to fit it, as measured; 0 uses --batch-size as given")
+    command.add_argument("--time-budget-s", type=float,
+                         help="stop the Hutchinson probes after this many seconds, with the standard errors reached")
 
 
 def _add_plan(subparsers: argparse._SubParsersAction) -> None:
@@ -93,6 +110,7 @@ def _add_plan(subparsers: argparse._SubParsersAction) -> None:
     command.add_argument("--max-probes", type=int, help="Hutchinson probes at most (sensitivity)")
     command.add_argument("--batch-size", type=int, default=256, help="samples per forward pass (sensitivity)")
     command.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    _add_budget_options(command)
     command.add_argument("--max-frontier-points", type=int, default=8, help="frontier points to measure")
     command.add_argument("--out", default="quantized.onnx", help="where to write the quantized model")
     command.add_argument("--json", action="store_true", help="print one JSON document on stdout")
@@ -243,7 +261,8 @@ def sensitivity_config(args: argparse.Namespace):
     """The analysis configuration the options ask for (BadInput when they are invalid)."""
     from sensitivity.results import EigenConfig, InterLayerConfig, TraceConfig
 
-    shared = {"seed": args.seed, "batch_size": args.batch_size, "device": args.device}
+    shared = {"seed": args.seed, "batch_size": args.batch_size, "device": args.device,
+              "hvp_method": args.hvp_method, **budget_options(args)}
     try:
         if args.method == "hawq_v1":
             return EigenConfig(**shared, **_optional(tolerance=args.tol, max_iterations=args.max_probes))
@@ -260,6 +279,15 @@ def sensitivity_config(args: argparse.Namespace):
         raise BadInput(f"invalid options: {error}") from None
 
 
+def budget_options(args: argparse.Namespace) -> dict[str, Any]:
+    """memory_budget_mb (None for --memory-budget-mb 0) and time_budget_s when given; hawq_v1 has no
+    time budget (its iterations are bounded by --max-probes)."""
+    options: dict[str, Any] = {"memory_budget_mb": args.memory_budget_mb or None}
+    if args.time_budget_s is not None:
+        options["time_budget_s"] = args.time_budget_s
+    return options
+
+
 def _probe_options(max_probes: int | None) -> dict[str, int]:
     """max_probes, lowering min_probes (default 8, at least 2) when the cap is below it."""
     if max_probes is None:
@@ -274,7 +302,7 @@ def _optional(**values: Any) -> dict[str, Any]:
 def plan_request(args: argparse.Namespace):
     from planner.plan import PlanRequest
 
-    options = {"batch_size": args.batch_size}
+    options = {"batch_size": args.batch_size, **budget_options(args)}
     if args.max_probes is not None:
         options.update({f"trace_{k}": v for k, v in _probe_options(args.max_probes).items()})
     size = None if args.max_size_mb is None else _positive(args.max_size_mb, "--max-size-mb") * MiB

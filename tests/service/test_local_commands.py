@@ -132,6 +132,27 @@ def test_the_cli_offers_the_library_metrics():
     assert PLAN_METRICS == METRICS
 
 
+def test_the_cli_offers_the_library_hvp_methods_and_memory_budget():
+    from sensitivity import results
+    from service import local_commands
+
+    assert local_commands.HVP_CHOICES == results.HVP_CHOICES
+    assert local_commands.DEFAULT_MEMORY_BUDGET_MB == results.DEFAULT_MEMORY_BUDGET_MB
+
+
+def test_budget_options_reach_the_configuration():
+    from service.local_commands import plan_request, sensitivity_config
+
+    parser = argparse.ArgumentParser(prog="mpq")
+    register(parser.add_subparsers())
+    args = parser.parse_args(["sensitivity", "m.onnx", "--data", "d.npz", "--memory-budget-mb", "0",
+                              "--time-budget-s", "30", "--hvp-method", "forward_over_reverse"])
+    config = sensitivity_config(args)
+    assert (config.memory_budget_mb, config.time_budget_s, config.hvp_method) == (None, 30.0, "forward_over_reverse")
+    args = parser.parse_args(["plan", "m.onnx", "--data", "d.npz", "--memory-budget-mb", "2048"])
+    assert plan_request(args).sensitivity_config().memory_budget_mb == 2048
+
+
 def test_plan_impossible_budget_exits_3(files):
     result = run_mpq("plan", "model.onnx", "--data", "calib.npz", "--max-size-mb", "0.00001", "--out", "none.onnx",
                      cwd=files)
