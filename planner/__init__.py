@@ -50,6 +50,9 @@ _EXPORTS: dict[str, str] = {
     "BisectionResult": "planner.bisection",
     "bisect": "planner.bisection",
     "demotion_order": "planner.bisection",
+    "Exclusion": "planner.exclude",
+    "LayerCandidates": "planner.exclude",
+    "layer_candidates": "planner.exclude",
     # export and measurement
     "ExportError": "planner.export",
     "ExportedModel": "planner.export",

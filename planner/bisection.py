@@ -1,7 +1,9 @@
 """Accuracy-constrained search: demote the least sensitive layers, bisecting on how many.
 
 Every demotable layer i (it has both the ``high`` and the ``low`` candidate and ``low`` is
-cheaper) is ranked by predicted sensitivity per unit of cost saved:
+cheaper) is ranked by predicted sensitivity per unit of cost saved; a layer without ``high``
+(an excluded one offers fp32 alone) stays where ``Objective.uniform(high)`` puts it, in every
+step. The ranking:
 
 - ``diagonal``:   score_i = (Ωᵢ(low) − Ωᵢ(high)) / (sᵢ(high) − sᵢ(low)), ascending;
 - ``interlayer``: greedy; with D the layers already demoted and x_D that configuration, the
@@ -171,22 +173,22 @@ def _cost(objective: Objective, kind: str, i: int, candidate: str) -> float:
 
 
 def _demotable(objective: Objective, kind: str, low: str, high: str) -> list[int]:
-    """Layers that have ``low`` and save cost by it; every layer must have ``high``."""
-    missing = [name for name, names in zip(objective.layers, objective.candidates) if high not in names]
-    if missing:
-        raise ValueError(f"layers {missing[:5]} have no candidate {high!r} (the undemoted precision)")
-    if not any(low in names for names in objective.candidates):
-        raise ValueError(f"no layer has the candidate {low!r} to demote to")
+    """Layers that have ``high`` and ``low`` and save cost by demoting; some layer must have each."""
+    for candidate, role in ((high, "the undemoted precision"), (low, "to demote to")):
+        if not any(candidate in names for names in objective.candidates):
+            raise ValueError(f"no layer has the candidate {candidate!r} ({role})")
     return [
         i
         for i, names in enumerate(objective.candidates)
-        if low in names and _cost(objective, kind, i, low) < _cost(objective, kind, i, high)
+        if low in names and high in names and _cost(objective, kind, i, low) < _cost(objective, kind, i, high)
     ]
 
 
 def _demoted(objective: Objective, layers: list[int], low: str, high: str) -> dict[str, str]:
-    demoted = set(layers)
-    return {name: low if i in demoted else high for i, name in enumerate(objective.layers)}
+    """The given layers at ``low``, the others at ``high`` where they offer it (``Objective.uniform``)."""
+    configuration = objective.uniform(high)
+    configuration.update({objective.layers[i]: low for i in layers})
+    return configuration
 
 
 def _interlayer_order(

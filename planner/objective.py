@@ -17,6 +17,11 @@ entries. Costs (size bytes, BOPS, a latency proxy, ...) are additive: cost(c) = 
 Configurations are accepted either as a mapping layer name -> candidate name (what the
 exporter and the measurement use) or as a *choice*: a sequence of candidate indices, one per
 layer (what the searches use internally).
+
+Layers may offer different candidates: that is the one mechanism by which a layer is kept out of
+quantization (``planner.exclude``: an excluded layer offers ``fp32`` alone), so every search, which
+only ever picks among a layer's own candidates, respects it. ``uniform_within`` is the one rule for
+"every layer at b" when some layers do not offer b.
 """
 
 from __future__ import annotations
@@ -41,6 +46,15 @@ MAX_FLAT_CANDIDATES = 8192  # bounds the M×M matrix G (8192² float64 = 512 MiB
 Choice = tuple[int, ...]
 Configuration = Mapping[str, str] | Sequence[int]
 Table = tuple[np.ndarray, ...]  # one 1-D float array per layer, one entry per candidate
+
+
+def uniform_within(offered: Mapping[str, Sequence[str]], candidate: str) -> dict[str, str]:
+    """Every layer at ``candidate`` where it offers it; a layer that does not (an excluded layer offers
+    fp32 alone) stays at fp32, or at its first candidate when it has no fp32 either."""
+    return {
+        layer: candidate if candidate in names else FP32 if FP32 in names else names[0]
+        for layer, names in offered.items()
+    }
 
 
 def within_budget(cost: float, budget: float) -> bool:
@@ -193,6 +207,10 @@ class Objective:
         """The mapping layer name -> candidate name."""
         choice = self.choice_of(choice)
         return {name: self.candidates[i][b] for i, (name, b) in enumerate(zip(self.layers, choice))}
+
+    def uniform(self, candidate: str) -> dict[str, str]:
+        """Every layer at ``candidate`` where it offers it, else at fp32 (``uniform_within``)."""
+        return uniform_within(dict(zip(self.layers, self.candidates)), candidate)
 
     def flat_indices(self, configuration: Configuration) -> np.ndarray:
         """The flat index of each layer's chosen candidate (the support of x)."""

@@ -11,13 +11,17 @@ Steps (DESIGN.md's data flow):
    (``interlayer``: traces, g·Δ, G and Ω in one analysis);
 2. objective: per layer × candidate, Ω and g·Δ and the G blocks from the candidate's weight bits
    (fp32 -> zeros; w8a8 and w8 share the 8-bit Δ), size bytes and BOPS from ``layer_cost_table``;
+   each layer has the candidates it is offered (``planner.exclude``: a layer the request's
+   ``exclude`` matches offers fp32 alone, a structural constant only what represents it exactly),
+   so no search ever considers anything else for it;
 3. search: ``pareto`` builds the whole frontier (exact DP on Ω for ``hawq_v2``, the quadratic
    solver on ΔL for ``interlayer``) and picks the best point within the budget; ``bisection``
    demotes the least sensitive layers, measuring each step for real;
 4. measurement: the chosen plan, up to ``max_frontier_points`` frontier points and the uniform
    configurations are exported (``export_model``) and evaluated in onnxruntime, with latency;
 5. the result: chosen configuration, predicted and measured figures, frontier, uniform
-   baselines, the artifact (bytes + sha256, the plan in its metadata) and versions.
+   baselines, the artifact (bytes + sha256, the plan in its metadata), versions, the excluded
+   layers with their reasons, and every layer's node name and scope.
 
 Budgets: ``max_size_bytes`` and ``max_bops`` are computed costs (``planner.cost``: weight
 storage plus the other initializers; BOPS of one sample), so the search enforces them exactly.
@@ -47,6 +51,7 @@ from planner.bisection import bisect
 from planner.candidates import CANDIDATES, Configuration, parse_candidates
 from planner.cost import CostTable, layer_bops, layer_cost_table, layer_size_bytes
 from planner.evaluate import METRICS, evaluate
+from planner.exclude import Exclusion, LayerCandidates, check_exclude, layer_candidates
 from planner.export import ExportedModel, ExportError, check_inputs, export_model, required_opset
 from planner.export import versions as export_versions
 from planner.frontier import InfeasibleBudget, diagonal_frontier, solve_budget
@@ -55,6 +60,7 @@ from planner.objective import Objective
 from planner.quadratic import quadratic_frontier, solve_quadratic
 from sensitivity.checks import check_bool, check_choice, check_float, check_int, set_fields, shown
 from sensitivity.interlayer import perturbations, shrunk, shrunk_gradient_terms
+from sensitivity.layers import find_layers
 from sensitivity.normalize import NormalizedModel, normalize_model, refuse_quantized
 from sensitivity.onnx_program import check_supported
 from sensitivity.results import (
@@ -144,6 +150,12 @@ class PlanRequest:
     both objectives; without it ``w8a8`` and ``w8`` (``w4a8`` and ``w4``) are predicted alike.
     ``metric``: what every measurement (and so ``max_drop``) uses, ``auto`` or one of
     ``planner.evaluate.METRICS``; auto picks it from the first output's kind.
+    ``exclude``: layer names, node names or fnmatch-style patterns (``*``, ``?``) matched against
+    both (a list, or one comma-separated string): those layers stay fp32 in every configuration the
+    search considers, the uniform reference points (``measure_uniform``) included, which are "every
+    other layer at b". Layers whose weight is a structural constant are restricted as well; see
+    ``planner.exclude``. A pattern matching no layer is a ValueError when the plan runs (the model
+    is not known here).
     Every field is checked on construction against the ``MAX_*`` bounds above (a ValueError
     naming the field), whatever JSON value it holds; ints must be ints, numbers finite.
     """
@@ -167,6 +179,7 @@ class PlanRequest:
     measure_activation_terms: bool = True  # add each layer's measured activation cost (planner.activation)
     # What max_drop is measured on (planner.evaluate.METRICS); auto picks it from the model's output kind.
     metric: str = "auto"
+    exclude: tuple[str, ...] = ()  # layers kept fp32, by layer or node name or pattern (planner.exclude)
 
     def __post_init__(self) -> None:
         set_fields(
@@ -190,6 +203,7 @@ class PlanRequest:
                                             MAX_SOLVER_TIME_LIMIT_S, low_open=True),
             measure_activation_terms=check_bool("measure_activation_terms", self.measure_activation_terms),
             metric=check_choice("metric", self.metric, METRICS),
+            exclude=check_exclude(self.exclude),
             sensitivity_options=_check_sensitivity_options(self.sensitivity_options),
         )
         budgets = [name for name in BUDGET_FIELDS if getattr(self, name) is not None]
@@ -235,7 +249,8 @@ class PlanRequest:
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return {**data, "candidates": list(self.candidates), "sensitivity_options": dict(self.sensitivity_options)}
+        return {**data, "candidates": list(self.candidates), "sensitivity_options": dict(self.sensitivity_options),
+                "exclude": list(self.exclude)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PlanRequest:
@@ -360,6 +375,10 @@ class PlanResult:
     timings: Mapping[str, float]
     activation_terms: Mapping[str, ActivationTerm] = field(default_factory=dict)
     normalization: Mapping[str, Any] = field(default_factory=dict)  # NormalizedModel.to_dict(): what it changed
+    # Layers the search could not quantize freely (the request's exclude patterns, structural constants).
+    excluded: tuple[Exclusion, ...] = ()
+    # Layer name -> {"node_name", "scope"}: exporters name weights anonymously (onnx::MatMul_984).
+    layer_nodes: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
     @property
     def configuration(self) -> Configuration:
@@ -380,6 +399,8 @@ class PlanResult:
             "versions": dict(self.versions),
             "timings": dict(self.timings),
             "normalization": dict(self.normalization),
+            "excluded": [exclusion.to_dict() for exclusion in self.excluded],
+            "layer_nodes": {layer: dict(node) for layer, node in self.layer_nodes.items()},
         }
 
 
@@ -416,12 +437,13 @@ def plan(
     check_inputs(model, evaluation, what="evaluation set")
 
     table = layer_cost_table(model, _sample_shape(model, calibration))
-    _check_budget_feasible(table, request)  # before the costly analysis
+    offered = layer_candidates(model, request.candidates, request.exclude)  # an unmatched pattern: named here
+    _check_budget_feasible(table, request, offered)  # before the costly analysis
     sensitivity = _sensitivity(normalized, calibration, request, sensitivity, progress, timings)
     measurer = _Measurer(normalized, calibration, evaluation, request, progress)
-    activation = _activation_terms(model, calibration, request, sensitivity, measurer, timings)
+    activation = _activation_terms(model, calibration, request, sensitivity, offered, measurer, timings)
     progress("objective", 0.0, "building the objective")
-    objective = build_objective(sensitivity, table, request.candidates, model, activation)
+    objective = build_objective(sensitivity, table, request.candidates, model, activation, offered=offered.offered)
 
     search_start = time.perf_counter()
     if request.search == "bisection":
@@ -454,6 +476,8 @@ def plan(
         timings=timings,
         activation_terms=activation,
         normalization=normalized.to_dict(),
+        excluded=offered.exclusions,
+        layer_nodes={layer.name: {"node_name": layer.node_name, "scope": layer.scope} for layer in find_layers(model)},
     )
 
 
@@ -527,6 +551,7 @@ def _activation_terms(
     calibration: Mapping[str, np.ndarray],
     request: PlanRequest,
     sensitivity: SensitivityResult,
+    offered: LayerCandidates,
     measurer: _Measurer,
     timings: dict[str, float],
 ) -> dict[str, ActivationTerm]:
@@ -536,8 +561,9 @@ def _activation_terms(
     progress("activation", 0.0, "measuring each layer's activation quantization")
     start = time.perf_counter()
     try:
-        # Exported through the measurer's cache: the uniform w8a8 baseline reuses this artifact.
-        uniform = measurer.export({layer.name: "w8a8" for layer in sensitivity.layers})
+        # Exported through the measurer's cache: the uniform w8a8 baseline reuses this artifact. Excluded
+        # layers stay fp32 there too: their terms would only ever apply to candidates they are not offered.
+        uniform = measurer.export(offered.uniform("w8a8"))
         terms = activation_terms(model, calibration, sensitivity.loss_kind, w8a8_artifact=uniform.model_bytes)
     except ExportError as error:
         # Not fatal: the search can still avoid a8 where it fails, as before these terms existed.
@@ -560,6 +586,8 @@ def build_objective(
     candidates: Sequence[str],
     model: onnx.ModelProto | None = None,
     activation: Mapping[str, ActivationTerm] | None = None,
+    *,
+    offered: Mapping[str, Sequence[str]] | None = None,
 ) -> Objective:
     """Ω, g·Δ, G and costs (``size``: bytes of the layer's weight; ``bops``) per layer × candidate.
 
@@ -568,45 +596,51 @@ def build_objective(
     of ``model``'s weights, with g·Δ and G zero: enough for ``hawq_v2``, not for ``interlayer``.
     ``activation`` (``planner.activation``): each layer's measured activation term, shrunk by its
     standard error like g·Δ, is added to l and (floored at 0) to Ω of the candidates that
-    quantize activations.
+    quantize activations. ``offered``: the candidates of each layer (``planner.exclude``: an
+    excluded layer offers fp32 alone); default ``candidates`` for every layer.
     """
     layers = [layer.name for layer in sensitivity.layers]
     missing = sorted(set(table) ^ set(layers))
     _require(not missing, f"the sensitivity result does not match the model's layers (differ: {missing})")
+    names_of = {layer: tuple(candidates) for layer in layers} if offered is None else {
+        layer: tuple(offered[layer]) for layer in layers if layer in offered}
+    unoffered = sorted(set(layers) - set(names_of))
+    _require(not unoffered, f"offered names no candidates for layers {unoffered[:5]}")
     terms = sensitivity.interlayer
     if terms is None:
         terms = _trace_terms(sensitivity, candidates, model)
     index = terms.index()
-    bits_of = {name: CANDIDATES[name].weight_bits for name in candidates}
-    needed = sorted({(layer, bits) for layer in layers for bits in bits_of.values() if bits is not None} - set(index))
+    bits_of = {name: candidate.weight_bits for name, candidate in CANDIDATES.items()}
+    needed = sorted({(layer, bits_of[c]) for layer in layers for c in names_of[layer] if bits_of[c] is not None}
+                    - set(index))
     _require(not needed, f"the sensitivity result lacks terms for (layer, bits) {needed[:5]}; analyse those bit widths")
 
     gradient_terms = shrunk_gradient_terms(terms)  # a search would otherwise fit their noise
 
-    def weight_terms(values: Sequence[float], layer: str) -> list[float]:
-        return [0.0 if bits_of[c] is None else float(values[index[(layer, bits_of[c])]]) for c in candidates]
-
     def with_activation(values: Sequence[float], layer: str, floor: float) -> list[float]:
         term = activation.get(layer) if activation else None
         cost = 0.0 if term is None else max(shrunk(term.loss_change, term.standard_error), floor)
-        a8 = [CANDIDATES[c].quantizes_activations for c in candidates]
-        return [w + (cost if quantized else 0.0) for w, quantized in zip(weight_terms(values, layer), a8)]
+        return [
+            (0.0 if bits_of[c] is None else float(values[index[(layer, bits_of[c])]]))
+            + (cost if CANDIDATES[c].quantizes_activations else 0.0)
+            for c in names_of[layer]
+        ]
 
-    flat = [(layer, bits_of[c]) for layer in layers for c in candidates]
+    flat = [(layer, bits_of[c]) for layer in layers for c in names_of[layer]]
     rows = np.array([-1 if bits is None else index[(layer, bits)] for layer, bits in flat])
     matrix = terms.array()
     G = np.where((rows[:, None] >= 0) & (rows[None, :] >= 0), matrix[np.ix_(rows, rows)], 0.0)
     return Objective(
         layers=tuple(layers),
-        candidates=tuple(tuple(candidates) for _ in layers),
+        candidates=tuple(names_of[layer] for layer in layers),
         # Ω is HAWQ-V2's non-negative proxy (a minimum's loss rises under any perturbation): a
         # measured activation term below 0 is noise to it. l takes the term with its sign, like g·Δ.
         omega=[with_activation(terms.omega, layer, floor=0.0) for layer in layers],
         linear=[with_activation(gradient_terms, layer, floor=-math.inf) for layer in layers],
         G=0.5 * (G + G.T),  # HVP estimates are symmetric only up to round-off
         costs={
-            "size": [[layer_size_bytes(table[layer], c) for c in candidates] for layer in layers],
-            "bops": [[layer_bops(table[layer], c) for c in candidates] for layer in layers],
+            "size": [[layer_size_bytes(table[layer], c) for c in names_of[layer]] for layer in layers],
+            "bops": [[layer_bops(table[layer], c) for c in names_of[layer]] for layer in layers],
         },
     )
 
@@ -658,25 +692,30 @@ def _layer_budget(table: CostTable, request: PlanRequest) -> float | None:
     return float(request.budget - other)
 
 
-def minimum_cost(table: CostTable, candidates: Sequence[str], kind: str) -> int:
-    """The computed cost of the cheapest configuration (size includes the bytes outside layers)."""
+def minimum_cost(
+    table: CostTable, candidates: Sequence[str], kind: str, offered: Mapping[str, Sequence[str]] | None = None
+) -> int:
+    """The computed cost of the cheapest configuration (size includes the bytes outside layers);
+    ``offered``: each layer's own candidates (``planner.exclude``), else ``candidates`` for all."""
     cost = layer_size_bytes if kind == "size" else layer_bops
     other = table.other_initializer_bytes if kind == "size" else 0
-    return other + sum(min(cost(layer, c) for c in candidates) for layer in table.values())
+    names = (lambda layer: candidates) if offered is None else (lambda layer: offered[layer])
+    return other + sum(min(cost(entry, c) for c in names(layer)) for layer, entry in table.items())
 
 
-def _check_budget_feasible(table: CostTable, request: PlanRequest) -> None:
+def _check_budget_feasible(table: CostTable, request: PlanRequest, offered: LayerCandidates) -> None:
     """NoFeasiblePlan naming the minimum achievable cost when the size/BOPS budget is below it."""
     if request.budget is None:
         return
     kind = request.cost_kind
-    cheapest = minimum_cost(table, request.candidates, kind)
+    cheapest = minimum_cost(table, request.candidates, kind, offered.offered)
     if cheapest > request.budget:
         name = "max_size_bytes" if kind == "size" else "max_bops"
         unit = "bytes" if kind == "size" else "BOPS"
+        kept = f" ({len(offered.exclusions)} layers excluded)" if offered.exclusions else ""
         raise NoFeasiblePlan(
             f"no configuration meets {name}={request.budget:.6g}: the cheapest with candidates "
-            f"{list(request.candidates)} costs {cheapest:.6g} {unit}",
+            f"{list(request.candidates)}{kept} costs {cheapest:.6g} {unit}",
             kind=name,
             limit=float(request.budget),
             minimum=float(cheapest),
@@ -784,11 +823,8 @@ def _listed(frontier: Sequence[PlanPoint]) -> tuple[PlanPoint, ...]:
 
 
 def _uniform(objective: Objective, table: CostTable, request: PlanRequest, measurer: _Measurer) -> dict[str, PlanPoint]:
-    points = {}
-    for name in request.candidates:
-        configuration = {layer: name for layer in objective.layers}
-        points[name] = measurer.measured(_point(objective, table, configuration))
-    return points
+    """Each candidate b at every layer that offers it (excluded layers stay fp32: ``Objective.uniform``)."""
+    return {name: measurer.measured(_point(objective, table, objective.uniform(name))) for name in request.candidates}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -920,7 +956,7 @@ def bisection_candidates(objective: Objective, request: PlanRequest) -> tuple[st
     kind = request.cost_kind
 
     def total(name: str, cost: str) -> float:
-        return objective.cost({layer: name for layer in objective.layers}, cost)
+        return objective.cost(objective.uniform(name), cost)
 
     low = min(names, key=lambda n: (total(n, kind), total(n, "bops"), names.index(n)))
     high = "fp32" if "fp32" in names else max(names, key=lambda n: (total(n, kind), total(n, "bops")))

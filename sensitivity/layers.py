@@ -7,14 +7,17 @@ gates for LSTM, 3 for GRU). Their channel axis is 1: one scale per gate row, i.e
 unit of each gate, as for a Gemm's output channels; a row's scale is shared by the directions
 of a bidirectional layer (per-channel quantization has one axis).
 
-A layer is named by its weight initializer; that name is its key everywhere (DESIGN.md).
+A layer is named by its weight initializer; that name is its key everywhere (DESIGN.md). Exporters
+often give anonymous initializer names (``onnx::MatMul_984``), so every report shows the layer's
+node name and **scope** beside it: the path of modules the node came from, written as TorchScript's
+``torch.onnx.export`` writes node names (``/encoder/layer.0/attention/self/query``; see ``node_scope``).
 This module only reads the graph protobuf; it never runs anything.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import onnx
@@ -41,6 +44,7 @@ class Layer:
     num_params: int
     channel_axis: int  # the output-channel axis of the weight, for per-channel quantization
     input_index: int | None = None  # which input of its node the weight is (None: weight_index(op_type))
+    scope: str = ""  # the module path of its node, "/encoder/layer.0/attention/self/query" ("" if unknown)
 
     @property
     def weight_index(self) -> int:
@@ -133,9 +137,45 @@ def find_layers(model: onnx.ModelProto) -> list[Layer]:
                     num_params=math.prod(shape),
                     channel_axis=_channel_axis(node, len(shape)),
                     input_index=input_index,
+                    scope=node_scope(node),
                 )
             )
     return layers
+
+
+# Node metadata torch's dynamo exporter (torch.onnx.export(dynamo=True)) writes: "namespace" is
+# ": __main__.M/enc.0: __main__.Block/enc.0.fc: torch.nn.modules.linear.Linear/linear: aten.linear.default",
+# one "qualified module name: class" per module the op ran in, then the op itself.
+NAMESPACE_KEY = "namespace"
+MAX_SCOPE_LENGTH = 1024  # metadata is the uploader's text: bound what is read and shown
+
+
+def node_scope(node: onnx.NodeProto) -> str:
+    """The module path of ``node``: from the dynamo exporter's ``namespace`` metadata when present, else
+    the node name's directories when it is a path (TorchScript exports name nodes
+    ``/encoder/layer.0/attention/self/query/MatMul``; the scope drops the op's own last component).
+    Empty when neither says anything."""
+    for prop in node.metadata_props:
+        if prop.key == NAMESPACE_KEY and len(prop.value) <= MAX_SCOPE_LENGTH:
+            # each entry "qualified.name: type"; the last entry is the op itself, not a module
+            entries = prop.value.split("/")[:-1]
+            return scope_path([entry.split(": ", 1)[0].strip() for entry in entries])
+    name = node.name[:MAX_SCOPE_LENGTH]
+    return name.rsplit("/", 1)[0] if "/" in name.strip("/") else ""
+
+
+def scope_path(qualified_names: Sequence[str]) -> str:
+    """``["", "enc.0", "enc.0.fc"]`` (the qualified names of the nested modules, outermost first, as
+    torch's nn_module_stack and the dynamo exporter list them) -> ``"/enc.0/fc"``: each module by its
+    name within its parent, as TorchScript's node names write them. A name that does not extend its
+    parent's is written whole."""
+    parts, parent = [], ""
+    for name in qualified_names:
+        if not name or name == parent:
+            continue
+        parts.append(name[len(parent) + 1:] if parent and name.startswith(parent + ".") else name)
+        parent = name
+    return "/" + "/".join(parts) if parts else ""
 
 
 def weight_array(model: onnx.ModelProto, name: str):

@@ -331,11 +331,18 @@ class InterLayerTerms:
 
 @dataclass(frozen=True)
 class LayerInfo:
+    """A layer as a result records it: its name (the weight initializer), and, shown beside it
+    because exporters name weights anonymously (``onnx::MatMul_984``), its node's name and the
+    module path it came from (``sensitivity.layers.Layer.scope``; "" when unknown or stored before
+    these fields existed)."""
+
     name: str
     op_type: str
     shape: tuple[int, ...]
     num_params: int
     channel_axis: int
+    node_name: str = ""
+    scope: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "shape": list(self.shape)}
@@ -348,6 +355,8 @@ class LayerInfo:
             shape=tuple(int(d) for d in data["shape"]),
             num_params=int(data["num_params"]),
             channel_axis=int(data["channel_axis"]),
+            node_name=str(data.get("node_name") or ""),
+            scope=str(data.get("scope") or ""),
         )
 
 

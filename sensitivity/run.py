@@ -243,7 +243,8 @@ def compute_sensitivity(
     return SensitivityResult(
         config=config,
         layers=tuple(
-            LayerInfo(layer.name, layer.op_type, tuple(layer.shape), layer.num_params, layer.channel_axis)
+            LayerInfo(layer.name, layer.op_type, tuple(layer.shape), layer.num_params, layer.channel_axis,
+                      node_name=layer.node_name, scope=layer.scope)
             for layer in program.layers
         ),
         loss_kind=loss.kind,

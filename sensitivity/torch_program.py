@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sensitivity.layers import Layer, weight_index
+from sensitivity.layers import Layer, scope_path, weight_index
 from sensitivity.program import ProgramAttributes
 
 # module type -> (ONNX op type, output-channel axis of its weight)
@@ -47,7 +47,7 @@ _LAYER_OPS: dict[str, tuple[str, int]] = {
 }
 
 
-def _layer(name: str, node_name: str, op_type: str, axis: int, weight: torch.Tensor) -> Layer:
+def _layer(name: str, node_name: str, op_type: str, axis: int, weight: torch.Tensor, scope: str = "") -> Layer:
     return Layer(
         name=name,
         node_name=node_name,
@@ -55,19 +55,39 @@ def _layer(name: str, node_name: str, op_type: str, axis: int, weight: torch.Ten
         shape=tuple(int(d) for d in weight.shape),
         num_params=int(weight.numel()),
         channel_axis=axis,
+        scope=scope,
     )
+
+
+def _module_scope(modules: Mapping[str, nn.Module], qualified_name: str) -> str:
+    """The module path of a submodule (``/enc.0/fc``), as ``sensitivity.layers.scope_path`` writes it: its
+    ancestors that run as modules (a ModuleList or ModuleDict only holds modules, so it is no scope)."""
+    parts = qualified_name.split(".") if qualified_name else []
+    names = [".".join(parts[:k]) for k in range(1, len(parts) + 1)]
+    containers = (nn.ModuleList, nn.ModuleDict)
+    return scope_path([name for name in names if not isinstance(modules.get(name), containers)])
+
+
+def _fx_scope(node: torch.fx.Node) -> str:
+    """The module path of an exported graph's node from its ``nn_module_stack`` metadata ({key: (qualified
+    name, type)}, outermost first); "" without it (``load_exported`` drops node metadata unread)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    names = [entry[0] for entry in stack.values() if isinstance(entry, tuple) and entry and isinstance(entry[0], str)]
+    return scope_path(names)
 
 
 def find_module_layers(module: nn.Module) -> list[Layer]:
     """Weights of Conv/ConvTranspose/Linear/Embedding submodules in registration order; a shared weight once."""
     layers: list[Layer] = []
     seen: set[int] = set()
-    for module_name, sub in module.named_modules():
+    modules = dict(module.named_modules())
+    for module_name, sub in modules.items():
         for module_type, op_type, axis in _LAYER_MODULES:
             if isinstance(sub, module_type) and id(sub.weight) not in seen:
                 seen.add(id(sub.weight))
                 name = f"{module_name}.weight" if module_name else "weight"
-                layers.append(_layer(name, module_name or op_type, op_type, axis, sub.weight))
+                scope = _module_scope(modules, module_name)
+                layers.append(_layer(name, module_name or op_type, op_type, axis, sub.weight, scope))
                 break
     return layers
 
@@ -149,7 +169,7 @@ def _exported_layers(exported: torch.export.ExportedProgram) -> list[Layer]:
         if name is None or name in seen or state[name].dim() < 2:
             continue
         seen.add(name)
-        layers.append(_layer(name, node.name, op[0], op[1], state[name]))
+        layers.append(_layer(name, node.name, op[0], op[1], state[name], _fx_scope(node)))
     return layers
 
 

@@ -33,6 +33,9 @@ MAX_LATENCY_REPEATS = 10_000
 MAX_LATENCY_WARMUP = 1_000
 MAX_LATENCY_BATCH_SIZE = 4_096
 METRICS = ("auto", "top1", "cosine", "neighbour_agreement", "step_agreement")  # planner.evaluate.METRICS
+MAX_EXCLUDE_PATTERNS = 256  # planner.exclude's
+MAX_EXCLUDE_PATTERN_LENGTH = 1024
+ExcludePattern = Annotated[str, Field(min_length=1, max_length=MAX_EXCLUDE_PATTERN_LENGTH)]
 
 
 class Constraints(BaseModel):
@@ -60,6 +63,10 @@ class PlanRequestIn(BaseModel):
     constraints: Constraints = Field(default_factory=Constraints)
     metric: Literal[METRICS] = Field("auto", description="what max_drop is measured on; auto picks it from the "
                                      "model's output kind (planner.evaluate)")
+    exclude: list[ExcludePattern] = Field(default_factory=list, max_length=MAX_EXCLUDE_PATTERNS,
+                                          description="layers kept fp32: layer (weight initializer) names, node "
+                                                      "names or glob patterns (*, ?) matched against both; a "
+                                                      "pattern matching no layer is refused (422)")
     options: dict[str, Any] = Field(default_factory=dict, max_length=32,
                                     description="sensitivity options (seed, tolerance, max_probes, batch_size)")
 

@@ -35,6 +35,7 @@ from service import jobs
 from service.api_jobs import JobOut
 from service.auth import token_is_valid
 from service.errors import Problem
+from service.progress import shortened
 from service.registry import store_upload
 from service.settings import AuthMode
 from service.tables import (Artifact, Dataset, FrontierPoint, Job, LatencyMeasurement, Model, Plan,
@@ -94,7 +95,14 @@ def format_constraints(constraints: dict[str, Any] | None) -> str:
     return ", ".join(parts) or "—"
 
 
-templates.env.filters.update(bytes=format_bytes, num=format_number, time=format_time, constraints=format_constraints)
+def tail(value: str | None, width: int = 40) -> str:
+    """A long node name or module path shortened from the left (``service.progress.shortened``);
+    pages put the whole in a title attribute."""
+    return shortened(value or "", width)
+
+
+templates.env.filters.update(bytes=format_bytes, num=format_number, time=format_time, constraints=format_constraints,
+                             tail=tail)
 
 
 # ---------------------------------------------------------------- auth and rendering
@@ -299,6 +307,8 @@ class LayerSensitivity:
     name: str
     op_type: str
     num_params: int
+    node_name: str  # "" for results stored before node names were recorded
+    scope: str
     average_trace: float | None
     average_trace_se: float | None
     relative_se: float | None
@@ -322,6 +332,7 @@ def layer_sensitivities(result: dict[str, Any]) -> list[LayerSensitivity]:
         trace, top = traces.get(name), eigen.get(name)
         rows.append(LayerSensitivity(
             order=order, name=name, op_type=layer.get("op_type", ""), num_params=n,
+            node_name=layer.get("node_name") or "", scope=layer.get("scope") or "",
             average_trace=trace["trace"] / n if trace else None,
             average_trace_se=trace["standard_error"] / n if trace else None,
             relative_se=trace["standard_error"] / abs(trace["trace"]) if trace and trace["trace"] else None,
@@ -371,7 +382,8 @@ def sensitivity_page(request: Request, result_id: str, sort: str = "order", desc
     sort = sort if sort in SENSITIVITY_SORTS else "order"
     layers = layer_sensitivities(row.result)
     heatmap = g_heatmap(row.result.get("interlayer"), bits)
-    chart = {"layers": [r.name for r in layers], "average_trace": [r.average_trace for r in layers],
+    chart = {"layers": [r.name for r in layers], "nodes": [r.node_name or "—" for r in layers],
+             "average_trace": [r.average_trace for r in layers],
              "average_trace_se": [r.average_trace_se for r in layers],
              "eigenvalue": [r.eigenvalue for r in layers], "heatmap": heatmap}
     return render(request, "sensitivity.html", active="Sensitivity", row=row, result=row.result, model=model,
@@ -398,10 +410,16 @@ def figures(predicted: dict[str, Any], measured: dict[str, Any] | None, loss_cha
             "metric": measured.get("metric"), "drop": measured.get("drop")}
 
 
-def uniform_candidate(assignment: dict[str, Any]) -> str | None:
-    """The candidate of a configuration that puts every layer at the same one."""
-    values = set(assignment.values())
+def uniform_candidate(assignment: dict[str, Any], excluded: set[str] | frozenset[str] = frozenset()) -> str | None:
+    """The candidate of a configuration that puts every layer not ``excluded`` at the same one (the
+    planner's uniform points keep excluded layers fp32)."""
+    values = {candidate for layer, candidate in assignment.items() if layer not in excluded}
     return values.pop() if len(values) == 1 else None
+
+
+def exclusions(plan: Plan) -> dict[str, dict[str, Any]]:
+    """plan.measured["excluded"] (planner.exclude.Exclusion.to_dict()) by layer; {} for older plans."""
+    return {entry["layer"]: entry for entry in (plan.measured or {}).get("excluded") or [] if "layer" in entry}
 
 
 def point_view(point: FrontierPoint, plan: Plan) -> dict[str, Any]:
@@ -409,7 +427,8 @@ def point_view(point: FrontierPoint, plan: Plan) -> dict[str, Any]:
     return {"index": point.index,
             **figures({"size_bytes": point.size_bytes, "bops": point.bops}, point.measured,
                       point.predicted_loss_change),
-            "uniform": uniform_candidate(point.assignment), "chosen": point.assignment == plan.assignment,
+            "uniform": uniform_candidate(point.assignment, set(exclusions(plan))),
+            "chosen": point.assignment == plan.assignment,
             "mix": dict(Counter(point.assignment.values()).most_common())}
 
 
@@ -438,14 +457,24 @@ def float_metric(plan: Plan, points: list[FrontierPoint]) -> float | None:
     return next((p.measured["baseline"] for p in points if (p.measured or {}).get("baseline") is not None), None)
 
 
-def layer_precisions(model: Model | None, assignment: dict[str, Any]) -> list[dict[str, Any]]:
-    """Layers in graph order with their candidate; layers the model no longer lists go last."""
+def layer_precisions(model: Model | None, assignment: dict[str, Any], plan: Plan | None = None) -> list[dict[str, Any]]:
+    """Layers in graph order with their candidate, node name and scope (the plan's own record of them,
+    else the model's), and why the plan excluded them, if it did; layers the model no longer lists go last."""
     layers = list(model.layers) if model else []
     known = {layer["name"] for layer in layers}
     layers += [{"name": name, "op_type": None, "shape": [], "num_params": None}
                for name in assignment if name not in known]
-    return [{**layer, "candidate": assignment.get(layer["name"], "unassigned"),
-             "weight": round(math.log10(max(layer.get("num_params") or 1, 1)) + 1, 2)} for layer in layers]
+    nodes = ((plan.measured or {}).get("layer_nodes") or {}) if plan else {}
+    excluded = exclusions(plan) if plan else {}
+    rows = []
+    for layer in layers:
+        node = nodes.get(layer["name"]) or {}
+        rows.append({**layer, "candidate": assignment.get(layer["name"], "unassigned"),
+                     "node_name": node.get("node_name") or layer.get("node_name") or "",
+                     "scope": node.get("scope") or layer.get("scope") or "",
+                     "excluded": (excluded.get(layer["name"]) or {}).get("reason"),
+                     "weight": round(math.log10(max(layer.get("num_params") or 1, 1)) + 1, 2)})
+    return rows
 
 
 @pages.get("/plans")
@@ -475,7 +504,8 @@ def plan_page(request: Request, plan_id: str, point: int | None = None) -> Respo
              "selected": point}
     return render(request, "plan.html", active="Plans", plan=plan, model=model, points=points, chart=chart,
                   artifact=artifact, latency_count=latency_count, charts=True,
-                  plan_layers=layer_precisions(model, plan.assignment),
+                  plan_layers=layer_precisions(model, plan.assignment, plan),
+                  excluded=list(exclusions(plan).values()),
                   detail=_point_detail(plan, model, selected) if selected else None)
 
 
@@ -518,7 +548,7 @@ def plan_artifact(request: Request, plan_id: str) -> Response:
 def _point_detail(plan: Plan, model: Model | None, point: FrontierPoint) -> dict[str, Any]:
     return {"plan_id": plan.id, "point": point_view(point, plan), "measured": point.measured or {},
             "predicted": point.predicted or {}, "artifact_url": _artifact_url(plan, point),
-            "layers": layer_precisions(model, point.assignment)}
+            "layers": layer_precisions(model, point.assignment, plan)}
 
 
 def _artifact_url(plan: Plan, point: FrontierPoint) -> str | None:

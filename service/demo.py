@@ -137,5 +137,7 @@ def print_plan(plan: dict[str, Any], frontier: list[dict[str, Any]], out: TextIO
     print(f"\nchosen plan {plan['id']}: {measured['metric_name']} {measured['metric']:.2f}% "
           f"(float {measured['baseline']:.2f}%, drop {measured['drop']:.2f} pp), "
           f"{plan['artifact']['size_bytes']} bytes", file=out)
+    nodes = measured.get("layer_nodes") or {}
     for layer, candidate in plan["assignment"].items():
-        print(f"  {layer:<24} {candidate}", file=out)
+        node = (nodes.get(layer) or {}).get("node_name") or "-"
+        print(f"  {layer:<24} {node:<32} {candidate}", file=out)

@@ -190,6 +190,7 @@ def _describe_onnx(model, model_format: str) -> dict[str, Any]:
                 "name": layer.name,
                 "op_type": layer.op_type,
                 "node_name": layer.node_name,
+                "scope": layer.scope,
                 "shape": list(layer.shape),
                 "num_params": layer.num_params,
             }
@@ -480,7 +481,13 @@ def _check_supported_ops(model) -> None:
 
 def _check_plan(model, plan: dict[str, Any], batch_shapes: dict[str, list[int]]) -> None:
     from planner.candidates import parse_candidates
+    from planner.exclude import match_patterns
+    from sensitivity.layers import find_layers
 
+    try:  # a pattern matching no layer: refused now rather than by the job
+        match_patterns(find_layers(model), plan.get("exclude") or ())
+    except ValueError as error:
+        raise InvalidUpload(str(error)) from None
     names = tuple(c.name for c in parse_candidates(plan["candidates"]))
     constraints = plan.get("constraints", {})
     if constraints.get("max_size_bytes") is not None:

@@ -148,7 +148,8 @@ def _plan_rows(done: Finished, data: dict[str, Any], latency: Any, sha256: str, 
                     predicted={**chosen["predicted"], "meets_constraints": bool(data["meets_constraints"])},
                     measured={**(chosen["measured"] or {}), "uniform": data["uniform"],
                               "evaluations": data["evaluations"], "search": data["search"],
-                              "timings": data["timings"], "activation_terms": data["activation_terms"]},
+                              "timings": data["timings"], "activation_terms": data["activation_terms"],
+                              "excluded": data.get("excluded", []), "layer_nodes": data.get("layer_nodes", {})},
                     artifact_id=artifact.id, versions=data["versions"])
     rows: list[Any] = [artifact, plan_row]
     rows += [FrontierPoint(plan_id=plan_row.id, index=index, assignment=point["layers"],

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from service.progress import ProgressPrinter
+from service.progress import ProgressPrinter, shortened
 from service.remote import add_server_options, remote_plan, remote_sensitivity
 
 EXIT_OK = 0
@@ -106,6 +106,9 @@ def _add_plan(subparsers: argparse._SubParsersAction) -> None:
     command.add_argument("--metric", choices=PLAN_METRICS, default="auto",
                          help="what --max-drop is measured on (default auto: top-1 for class scores, cosine for "
                               "embeddings and dense maps, per-step agreement for [N, T, C] sequences)")
+    command.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                         help="keep these layers fp32: a layer (weight initializer) name, a node name or a glob "
+                              "pattern (* and ?) matched against both; repeat it or separate patterns by commas")
     command.add_argument("--seed", type=int, default=0)
     command.add_argument("--max-probes", type=int, help="Hutchinson probes at most (sensitivity)")
     command.add_argument("--batch-size", type=int, default=256, help="samples per forward pass (sensitivity)")
@@ -316,6 +319,7 @@ def plan_request(args: argparse.Namespace):
             max_latency_ms=args.max_latency_ms,
             max_drop=args.max_drop,
             metric=args.metric,
+            exclude=exclude_patterns(args.exclude),
             seed=args.seed,
             sensitivity_options=options,
             max_frontier_points=args.max_frontier_points,
@@ -323,6 +327,11 @@ def plan_request(args: argparse.Namespace):
         )
     except ValueError as error:
         raise BadInput(f"invalid options: {error}") from None
+
+
+def exclude_patterns(values: list[str]) -> tuple[str, ...]:
+    """Every --exclude, each split at its commas (PlanRequest checks and bounds them)."""
+    return tuple(part.strip() for value in values for part in value.split(",") if part.strip())
 
 
 def _positive(value: float, option: str) -> float:
@@ -369,6 +378,8 @@ def sensitivity_document(method: str, result) -> dict[str, Any]:
         trace = traces.get(info.name)
         row: dict[str, Any] = {
             "name": info.name,
+            "node_name": info.node_name,
+            "scope": info.scope,
             "op_type": info.op_type,
             "n_params": info.num_params,
             "trace": None if trace is None else trace.trace,
@@ -408,8 +419,10 @@ def sensitivity_document(method: str, result) -> dict[str, Any]:
 
 
 def sensitivity_table(document: Mapping[str, Any]) -> str:
-    """A readable table of the per-layer figures."""
-    header = f"{'layer':<32} {'op':<8} {'params':>9} {'avg trace':>12} {'± stderr':>11} {'probes':>6}"
+    """A readable table of the per-layer figures; the node column helps where exporters named the
+    weights anonymously (onnx::MatMul_984)."""
+    header = (f"{'layer':<32} {'node':<40} {'op':<8} {'params':>9} {'avg trace':>12} {'± stderr':>11} "
+              f"{'probes':>6}")
     with_eigen = any("eigenvalue" in row for row in document["layers"])
     if with_eigen:
         header += f" {'eigenvalue':>12}"
@@ -419,7 +432,9 @@ def sensitivity_table(document: Mapping[str, Any]) -> str:
         average = "-" if row["avg_trace"] is None else f"{row['avg_trace']:.4g}"
         error = "-" if row["stderr"] is None else f"{row['stderr'] / row['n_params']:.2g}"
         probes = "-" if row["probes"] is None else str(row["probes"])
-        line = f"{row['name']:<32} {row['op_type']:<8} {row['n_params']:>9} {average:>12} {error:>11} {probes:>6}"
+        node = shortened(row.get("node_name") or "-", 40)
+        line = (f"{row['name']:<32} {node:<40} {row['op_type']:<8} {row['n_params']:>9} {average:>12} {error:>11} "
+                f"{probes:>6}")
         if with_eigen:
             line += f" {row.get('eigenvalue', float('nan')):>12.4g}"
         lines.append(line)
@@ -445,14 +460,21 @@ def plan_document(result, artifact_path: str) -> dict[str, Any]:
         "versions": data["versions"],
         "timings": data["timings"],
         "activation_terms": data["activation_terms"],
+        "excluded": data["excluded"],
+        "layer_nodes": data["layer_nodes"],
     }
 
 
 def plan_summary(document: Mapping[str, Any]) -> str:
     plan = document["plan"]
     predicted, measured = plan["predicted"], plan["measured"]
-    lines = [f"{'layer':<32} candidate"]
-    lines += [f"{name:<32} {candidate}" for name, candidate in plan["layers"].items()]
+    nodes = document.get("layer_nodes") or {}
+    excluded = {entry["layer"]: entry for entry in document.get("excluded") or ()}
+    lines = [f"{'layer':<32} {'node':<40} candidate"]
+    for name, candidate in plan["layers"].items():
+        node = shortened((nodes.get(name) or {}).get("node_name") or "-", 40)
+        note = f"  (excluded: {excluded[name]['reason']})" if name in excluded else ""
+        lines.append(f"{name:<32} {node:<40} {candidate}{note}")
     lines.append(
         f"predicted: Ω {predicted['omega']:.4g}, ΔL {predicted['loss_change']:.4g}, "
         f"size {predicted['size_bytes']} B, {predicted['bops']:.4g} BOPS"

@@ -46,6 +46,8 @@ def plan_request(params: Mapping[str, Any]):
     options = dict(options)
     seed = options.pop("seed", 0)
     constraints = {k: v for k, v in params.get("constraints", {}).items() if v is not None}
-    # plans submitted before the metric field have none: auto, what they were measured with since
+    # plans submitted before the metric field have none: auto, what they were measured with since;
+    # before the exclude field, none: nothing was excluded
     return PlanRequest(method=params["method"], search=params["search"], candidates=params["candidates"],
-                       metric=params.get("metric", "auto"), seed=seed, sensitivity_options=options, **constraints)
+                       metric=params.get("metric", "auto"), exclude=params.get("exclude", ()), seed=seed,
+                       sensitivity_options=options, **constraints)

@@ -13,6 +13,13 @@ from typing import Any, TextIO
 JOB_FINISHED = ("succeeded", "failed", "cancelled")
 
 
+def shortened(text: str, width: int) -> str:
+    """``text`` in at most ``width`` characters, keeping its end: the last parts of a node name or
+    module path say the most (``…/attention/self/query/MatMul``). The CLI's tables and the
+    dashboard's (which puts the whole in a title attribute) both use it."""
+    return text if len(text) <= width else "…" + text[len(text) - width + 1:]
+
+
 class ProgressPrinter:
     """``progress(phase, fraction, message)`` on stderr: a bar redrawn in place on a terminal,
     plain lines otherwise (at most one per phase change or per second, none repeating the last, so

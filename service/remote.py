@@ -96,7 +96,7 @@ def remote_plan(args: argparse.Namespace) -> int:
             body = {"model_id": model["id"], "calibration_dataset_id": calibration["id"],
                     "evaluation_dataset_id": evaluation["id"] if evaluation else None,
                     "method": request.method, "search": request.search, "candidates": list(request.candidates),
-                    "constraints": request.constraints(), "metric": request.metric,
+                    "constraints": request.constraints(), "metric": request.metric, "exclude": list(request.exclude),
                     "options": {"seed": request.seed, **dict(request.sensitivity_options)}}
             job = _run_job(client, "/v1/plans", body, args)
             if (code := _job_exit(job)) is not None:
@@ -117,7 +117,7 @@ def remote_plan(args: argparse.Namespace) -> int:
 def plan_document(plan: dict[str, Any], frontier: list[dict[str, Any]], request: dict[str, Any], out: str,
                   sha256: str) -> dict[str, Any]:
     """The local ``mpq plan --json`` document, rebuilt from the API's plan and frontier."""
-    extras = ("uniform", "evaluations", "search", "timings", "activation_terms")
+    extras = ("uniform", "evaluations", "search", "timings", "activation_terms", "excluded", "layer_nodes")
     measured = {k: v for k, v in plan["measured"].items() if k not in extras}
     predicted = {k: v for k, v in plan["predicted"].items() if k != "meets_constraints"}
     return {
@@ -134,5 +134,7 @@ def plan_document(plan: dict[str, Any], frontier: list[dict[str, Any]], request:
         "versions": plan["versions"],
         "timings": plan["measured"].get("timings", {}),
         "activation_terms": plan["measured"].get("activation_terms", {}),
+        "excluded": plan["measured"].get("excluded", []),
+        "layer_nodes": plan["measured"].get("layer_nodes", {}),
         "plan_id": plan["id"],
     }

@@ -12,6 +12,7 @@ class LayerOut(BaseModel):
     name: str
     op_type: str | None
     node_name: str | None
+    scope: str | None = None  # the node's module path (sensitivity.layers.Layer.scope); absent for older uploads
     shape: list[int]
     num_params: int
 

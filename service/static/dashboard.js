@@ -69,15 +69,15 @@ function initSensitivity() {
   if (canPlot("trace-chart")) {
     Plotly.newPlot("trace-chart", [{
       type: "bar", x: data.layers, y: data.average_trace, name: "average trace",
-      error_y: { type: "data", array: data.average_trace_se, visible: true },
-      hovertemplate: "%{x}<br>Tr(H)/n = %{y:.4g} ± %{error_y.array:.2g}<extra></extra>",
+      error_y: { type: "data", array: data.average_trace_se, visible: true }, customdata: data.nodes,
+      hovertemplate: "%{x}<br>node %{customdata}<br>Tr(H)/n = %{y:.4g} ± %{error_y.array:.2g}<extra></extra>",
     }], { ...PLOT_LAYOUT, yaxis: { automargin: true, title: { text: "Tr(H\u1d62)/n\u1d62" }, exponentformat: "e" } },
     PLOT_CONFIG);
   }
   if (canPlot("eigen-chart")) {
     Plotly.newPlot("eigen-chart", [{
       type: "bar", x: data.layers, y: data.eigenvalue, name: "top eigenvalue", marker: { color: "#e69f00" },
-      hovertemplate: "%{x}<br>λ = %{y:.4g}<extra></extra>",
+      customdata: data.nodes, hovertemplate: "%{x}<br>node %{customdata}<br>λ = %{y:.4g}<extra></extra>",
     }], { ...PLOT_LAYOUT, yaxis: { automargin: true, title: { text: "top eigenvalue" }, exponentformat: "e" } },
     PLOT_CONFIG);
   }

@@ -118,7 +118,7 @@ def test_steps_carry_predictions_and_costs():
     assert data["best"]["k"] == 3 and [s["k"] for s in data["steps"]] == [s.k for s in result.steps]
 
 
-def test_layers_without_the_low_candidate_stay_high_and_missing_high_is_an_error():
+def test_layers_without_the_low_candidate_stay_high_and_a_high_no_layer_has_is_an_error():
     objective = Objective(
         layers=("a", "b"),
         candidates=(("fp32", "w4"), ("fp32", "w8")),
@@ -127,8 +127,22 @@ def test_layers_without_the_low_candidate_stay_high_and_missing_high_is_an_error
     )
     result = bisect(objective, "size", lambda configuration: 0.0, 1.0, low="w4")
     assert result.configuration == {"a": "w4", "b": "fp32"} and result.order == ("a",)
-    with pytest.raises(ValueError, match="no candidate 'w8a8'"):
+    with pytest.raises(ValueError, match="no layer has the candidate 'w8a8'"):
         bisect(objective, "size", lambda configuration: 0.0, 1.0, low="w4", high="w8a8")
+
+
+def test_a_layer_without_the_high_candidate_stays_fp32_in_every_step():
+    """An excluded layer (planner.exclude) offers fp32 alone; demoting w8 -> w4 leaves it there."""
+    objective = Objective(
+        layers=("a", "x", "b"),
+        candidates=(("fp32", "w8", "w4"), ("fp32",), ("fp32", "w8", "w4")),
+        omega=[[0.0, 0.1, 1.0], [0.0], [0.0, 0.1, 2.0]],
+        costs={"size": [[32, 8, 4], [32], [32, 8, 4]]},
+    )
+    measure = CountingMeasure(objective, "w4", [0.0, 0.5, 2.0])
+    result = bisect(objective, "size", measure, 1.0, low="w4", high="w8")
+    assert result.order == ("a", "b") and result.configuration == {"a": "w4", "x": "fp32", "b": "w8"}
+    assert all(step.configuration["x"] == "fp32" for step in result.steps) and len(result.steps) >= 2
     with pytest.raises(ValueError, match="non-finite drop"):
         bisect(objective, "size", lambda configuration: float("nan"), 1.0, low="w4")
     with pytest.raises(ValueError, match="tolerance must be a finite number"):

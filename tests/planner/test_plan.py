@@ -238,6 +238,7 @@ BAD_REQUEST_VALUES: dict[str, list[Any]] = {
     "solver_time_limit_s": [0, -1, math.inf, math.nan, True, "10", None, MAX_SOLVER_TIME_LIMIT_S + 1, 10**400],
     "measure_activation_terms": NOT_FLAGS,
     "metric": ["bleu", "", None, 1, ["cosine"], "top1_accuracy"],
+    "exclude": [None, 5, {"fc1.weight": 1}, [""], [1], [None], [["fc1.weight"]], ["x" * 1025], ["fc1.weight"] * 257],
 }
 
 
@@ -283,6 +284,7 @@ GOOD_REQUEST_VALUES: dict[str, list[Any]] = {
     "max_frontier_points": [1, 8], "measure_uniform": [True, False], "latency_repeats": [1, 50],
     "latency_warmup": [0, 10], "latency_batch_size": [1, 8], "device": ["auto", "cpu"],
     "solver_time_limit_s": [0.5, 10], "measure_activation_terms": [True, False],
+    "exclude": [[], ["fc1.weight"], "fc1.weight, /fc2/*"],
 }
 
 

@@ -178,3 +178,16 @@ def test_config_from_dict_takes_any_value(data: Any) -> None:
     except ValueError:
         return
     _assert_plain(config)
+
+
+def test_layer_info_keeps_node_name_and_scope_and_older_records_load_without() -> None:
+    from sensitivity.results import LayerInfo
+
+    info = LayerInfo("onnx::MatMul_984", "MatMul", (384, 384), 147456, 1,
+                     node_name="/encoder/layer.0/attention/self/query/MatMul",
+                     scope="/encoder/layer.0/attention/self/query")
+    data = json.loads(json.dumps(info.to_dict()))
+    assert data["node_name"] == info.node_name and data["scope"] == info.scope
+    assert LayerInfo.from_dict(data) == info
+    stored = {k: v for k, v in data.items() if k not in ("node_name", "scope")}  # written before the fields existed
+    assert LayerInfo.from_dict(stored) == dataclasses.replace(info, node_name="", scope="")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -47,6 +48,21 @@ def test_layers_are_named_by_parameter_with_onnx_op_and_channel_axis() -> None:
     ]
     assert list(program.layer_weights) == ["conv1d.weight", "up.weight", "head.weight"]
     assert all(not w.requires_grad for w in program.layer_weights.values())
+
+
+def test_layers_carry_node_names_and_module_scopes() -> None:
+    """A module program's node is its module; an exported graph's its FX node, scoped by nn_module_stack."""
+    from sensitivity.torch_program import _exported_layers
+    from tests.sensitivity.test_layers import Encoder
+
+    program = TorchProgram(Encoder())
+    assert [(l.name, l.node_name, l.scope) for l in program.layers] == [
+        ("blocks.0.fc.weight", "blocks.0.fc", "/blocks.0/fc"), ("blocks.1.fc.weight", "blocks.1.fc", "/blocks.1/fc"),
+        ("head.weight", "head", "/head")]  # the ModuleList is no scope: it never runs, as in torch's own paths
+    exported = _exported_layers(torch.export.export(Encoder().eval(), (torch.zeros(2, 8),)))
+    assert [(l.name, l.node_name, l.scope) for l in exported] == [
+        ("blocks.0.fc.weight", "linear", "/blocks.0/fc"), ("blocks.1.fc.weight", "linear_1", "/blocks.1/fc"),
+        ("head.weight", "linear_2", "/head")]
 
 
 def test_forward_swaps_weights_without_mutating_the_module() -> None:
@@ -111,6 +127,8 @@ def test_exported_archive_loads_with_stable_names_in_this_and_a_fresh_process(ar
     assert names == ["conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"]
     assert names == [l.name for l in second.layers]
     assert [l.op_type for l in first.layers] == ["Conv", "Conv", "Gemm", "Gemm"]
+    # FX node names; no scope: the loader drops node metadata unread (sensitivity.pt2_archive)
+    assert all(l.node_name for l in first.layers) and {l.scope for l in first.layers} == {""}
     x = {first.input_names[0]: torch.ones(5, 1, 8, 8)}
     y1 = first.forward(dict(first.layer_weights), x)[0]
     assert torch.equal(y1, second.forward(dict(second.layer_weights), x)[0])
@@ -154,5 +172,7 @@ def test_embeddings_are_layers_of_modules_and_of_exported_archives(tmp_path) -> 
     exported = torch.export.export(model, (ids,), dynamic_shapes={"ids": {0: batch}})
     torch.export.save(exported, str(tmp_path / "tokens.pt2"))
     archive_layers = {layer.name: layer for layer in load_exported(tmp_path / "tokens.pt2").layers}
-    assert archive_layers["embedding.weight"] == module_layers["embedding.weight"]
+    # the same layer; only the module program knows its scope (the archive's node metadata is dropped unread)
+    assert archive_layers["embedding.weight"] == dataclasses.replace(module_layers["embedding.weight"], scope="")
+    assert module_layers["embedding.weight"].scope == "/embedding"
     assert set(archive_layers) >= {"embedding.weight", "head.weight"}

@@ -56,9 +56,15 @@ def num_params(shape: list[int]) -> int:
     return int(np.prod(shape))
 
 
+def node_of(name: str, op: str) -> tuple[str, str]:
+    """(node name, scope) as a TorchScript export writes them: layer3.conv.weight -> /layer3/conv/Conv."""
+    scope = "/" + name.removesuffix(".weight").replace(".", "/")
+    return f"{scope}/{op}", scope
+
+
 def layer_rows() -> list[dict[str, Any]]:
     """Model.layers as the inspector stores them."""
-    return [{"name": name, "op_type": op, "node_name": name.removesuffix(".weight").replace(".", "_"),
+    return [{"name": name, "op_type": op, "node_name": node_of(name, op)[0], "scope": node_of(name, op)[1],
              "shape": shape, "num_params": num_params(shape)} for name, op, shape, _ in LAYERS]
 
 
@@ -68,7 +74,8 @@ def layer_rows() -> list[dict[str, Any]]:
 def _base_result(config: dict[str, Any]) -> dict[str, Any]:
     return {"config": config,
             "layers": [{"name": name, "op_type": op, "shape": shape, "num_params": num_params(shape),
-                        "channel_axis": 0} for name, op, shape, _ in LAYERS],
+                        "channel_axis": 0, "node_name": node_of(name, op)[0], "scope": node_of(name, op)[1]}
+                       for name, op, shape, _ in LAYERS],
             "loss_kind": "cross_entropy", "loss_reason": "labels given: cross-entropy with them", "loss": 0.0571, "num_samples": 512, "traces": None, "eigenvalues": None,
             "interlayer": None, "timings": {"load": 0.41, "traces": 12.8}, "num_hvps": 256, "seed": 0,
             "versions": dict(VERSIONS), "device": "cpu",

@@ -87,6 +87,59 @@ def test_the_plan_page_says_which_metric_and_why(client, app, dashboard):
     assert "cosine (%)" in after and f'<td id="metric-reason">{reason}</td>' in after
 
 
+def test_layer_tables_show_node_names_beside_layer_names(client, dashboard):
+    """Sensitivity, model and plan tables have a Node column: the node name, its whole path in the title."""
+    node = "/layer3/conv/Conv"
+    for path in (f"/sensitivity/{dashboard.hawq_v2_id}", f"/models/{dashboard.model_id}", f"/plans/{dashboard.plan_id}",
+                 f"/plans/{dashboard.plan_id}?point={dashboard_data.CHOSEN_POINT}"):
+        page = client.get(path).text
+        assert '<th scope="col">Node</th>' in page, path
+        assert f'<code title="{node}&#10;scope /layer3/conv">{node}</code>' in page, path
+    long = "/encoder/layer.11/attention/output/dense/MatMul"  # 47 characters: the table keeps its end
+    assert tail_filter()(long, 40) == "…" + long[-39:] and tail_filter()("short", 40) == "short"
+
+
+def tail_filter():
+    from service.dashboard import templates
+
+    return templates.env.filters["tail"]
+
+
+def test_the_plan_page_lists_excluded_layers_and_uniform_points_ignore_them(client, app, dashboard):
+    """Plans stored before exclusions existed (the fixture's) show none; newer ones list each with its reason."""
+    from service.tables import Plan
+
+    path = f"/plans/{dashboard.plan_id}"
+    assert 'id="excluded-layers"' not in client.get(path).text
+    excluded = {"layer": "fc.weight", "node_name": "/fc/Gemm", "scope": "/fc", "reason": "exclude pattern '/fc/*'",
+                "candidates": ["fp32"]}
+    with app.state.sessions() as session, session.begin():
+        plan = session.get(Plan, dashboard.plan_id)
+        plan.request = {**plan.request, "exclude": ["/fc/*"]}
+        plan.measured = {**plan.measured, "excluded": [excluded],
+                         "layer_nodes": {"fc.weight": {"node_name": "/head/fc/Gemm", "scope": "/head/fc"}}}
+        point = session.scalars(select_point(dashboard.plan_id, 1)).one()  # uniform w8a8, fc.weight kept fp32
+        point.assignment = {**point.assignment, "fc.weight": "fp32"}
+    page = client.get(path).text
+    table = page[page.index('id="excluded-layers"'):page.index("</table>", page.index('id="excluded-layers"'))]
+    assert "<code>fc.weight</code>" in table and "exclude pattern &#39;/fc/*&#39;" in table and "fp32" in table
+    assert "<dt>Excluded</dt><dd><code>/fc/*</code></dd>" in page
+    # the plan's own record of node names wins over the model's; the excluded layer is tagged in the layer table
+    layers = page[page.index('id="plan-layers"'):]
+    assert '<code title="/head/fc/Gemm&#10;scope /head/fc">/head/fc/Gemm</code>' in layers
+    assert '<span class="tag" title="exclude pattern &#39;/fc/*&#39;">excluded</span>' in layers
+    row = re.search(r'<tr data-point-index="1".*?</tr>', page, re.DOTALL).group(0)
+    assert '<span class="tag">uniform</span>' in row  # every layer but the excluded one at w8a8
+
+
+def select_point(plan_id: str, index: int):
+    from sqlalchemy import select
+
+    from service.tables import FrontierPoint
+
+    return select(FrontierPoint).where(FrontierPoint.plan_id == plan_id, FrontierPoint.index == index)
+
+
 def test_sensitivity_table_sorts_on_the_server(client, dashboard):
     page = client.get(f"/sensitivity/{dashboard.hawq_v2_id}?sort=average_trace&desc=1").text
     names = re.findall(r'<th scope="row"><code>([^<]+)</code>', page)

@@ -84,6 +84,7 @@ def test_sensitivity_json(files):
     document = json.loads(result.stdout)
     assert document["method"] == "interlayer" and np.isfinite(document["loss"])
     assert [layer["name"] for layer in document["layers"]] == ["fc1.weight", "fc2.weight"]
+    assert [(layer["node_name"], layer["scope"]) for layer in document["layers"]] == [("fc1", ""), ("fc2", "")]
     for layer in document["layers"]:
         assert {"name", "op_type", "n_params", "trace", "avg_trace", "stderr", "probes"} <= set(layer)
         assert layer["probes"] == 4 and layer["avg_trace"] == pytest.approx(layer["trace"] / layer["n_params"])
@@ -100,12 +101,16 @@ def test_sensitivity_table_and_eigenvalues(files, capsys, monkeypatch):
                                 "--max-probes", "5", "--device", "cpu", capsys=capsys)
     assert status == 0, err
     assert "fc1.weight" in out and "eigenvalue" in out
+    header = next(line for line in out.splitlines() if line.startswith("layer"))
+    assert header.split()[:3] == ["layer", "node", "op"]
+    assert [line.split()[:3] for line in out.splitlines() if line.startswith("fc")] == [
+        ["fc1.weight", "fc1", "Gemm"], ["fc2.weight", "fc2", "MatMul"]]
 
 
 def test_plan_json_writes_the_artifact(files):
     result = run_mpq("plan", "model.onnx", "--data", "calib.npz", "--candidates", "fp32,w8a8,w4a8",
                      "--max-size-mb", "0.0004", "--max-probes", "4", "--max-frontier-points", "2", "--device", "cpu",
-                     "--metric", "cosine", "--out", "q.onnx", "--json", cwd=files)
+                     "--metric", "cosine", "--exclude", "fc2", "--out", "q.onnx", "--json", cwd=files)
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
     plan = document["plan"]
@@ -114,15 +119,45 @@ def test_plan_json_writes_the_artifact(files):
     assert "metric='cosine'" in plan["measured"]["metric_reason"] and plan["measured"]["baseline"] == 100.0
     assert all(point["measured"]["metric_name"] == "cosine" for point in document["frontier"] if point["measured"])
     assert set(plan["layers"]) == {"fc1.weight", "fc2.weight"}
+    # --exclude (here the node name) keeps fc2.weight fp32 at every point; the document says why, and names nodes
+    assert document["request"]["exclude"] == ["fc2"]
+    assert all(point["layers"]["fc2.weight"] == "fp32" for point in [plan, *document["frontier"]])
+    assert document["excluded"] == [{"layer": "fc2.weight", "node_name": "fc2", "scope": "",
+                                     "reason": "exclude pattern 'fc2'", "candidates": ["fp32"]}]
+    assert document["layer_nodes"] == {"fc1.weight": {"node_name": "fc1", "scope": ""},
+                                       "fc2.weight": {"node_name": "fc2", "scope": ""}}
     assert plan["predicted"]["size_bytes"] <= 0.0004 * 1024 * 1024
     assert {"metric", "baseline", "size_bytes", "latency_ms"} <= set(plan["measured"])
     assert document["evaluations"] >= 1 and document["frontier"]
     assert set(document["activation_terms"]) == {"fc1.weight", "fc2.weight"}
-    assert all(term["tensors"] for term in document["activation_terms"].values())
+    # measured on the uniform w8a8 export, where the excluded fc2 stays float: its input is not quantized there
+    assert document["activation_terms"]["fc1.weight"]["tensors"]
     artifact = files / "q.onnx"
     assert document["artifact"] == "q.onnx" and artifact.stat().st_size == plan["measured"]["size_bytes"]
     x = np.load(files / "calib.npz")["x"]
     assert ort.InferenceSession(str(artifact)).run(None, {"x": x})[0].shape == (64, 3)
+
+
+def test_plan_summary_lists_nodes_and_exclusions(files, capsys, monkeypatch):
+    monkeypatch.chdir(files)
+    status, out, err = call_mpq("plan", "model.onnx", "--data", "calib.npz", "--candidates", "fp32,w8a8",
+                                "--max-size-mb", "1", "--max-probes", "2", "--max-frontier-points", "1", "--device",
+                                "cpu", "--exclude", "fc1.weight", "--exclude", "nope,fc2", "--out", "s.onnx",
+                                capsys=capsys)
+    assert status == 2 and "['nope'] match no layer" in err and "'fc1.weight' (node 'fc1')" in err
+    status, out, err = call_mpq("plan", "model.onnx", "--data", "calib.npz", "--candidates", "fp32,w8a8",
+                                "--max-size-mb", "1", "--max-probes", "2", "--max-frontier-points", "1", "--device",
+                                "cpu", "--exclude", "fc1.weight", "--out", "s.onnx", capsys=capsys)
+    assert status == 0, err
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("fc")}
+    assert rows["fc1.weight"].split()[1:] == ["fc1", "fp32", "(excluded:", "exclude", "pattern", "'fc1.weight')"]
+    assert rows["fc2.weight"].split()[1] == "fc2"
+
+
+def test_exclude_patterns_are_repeatable_and_comma_separated():
+    from service.local_commands import exclude_patterns
+
+    assert exclude_patterns(["a,b", " c ", ",", "/x/*"]) == ("a", "b", "c", "/x/*")
 
 
 def test_the_cli_offers_the_library_metrics():

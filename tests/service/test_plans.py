@@ -39,6 +39,8 @@ def test_plan_round_trip(client, digits_files):
     plan_id = job["result"]["plan_id"]
     sensitivity = client.get(f"/v1/sensitivity/{job['result']['sensitivity_result_id']}").json()
     assert sensitivity["method"] == "hawq_v2" and sensitivity["result"].get("interlayer") is None  # only what it needs
+    first = sensitivity["result"]["layers"][0]
+    assert (first["name"], first["node_name"], first["scope"]) == ("conv1.weight", "/conv1/Conv", "/conv1")
 
     plan = client.get(f"/v1/plans/{plan_id}").json()
     assert set(plan["assignment"]) == {"conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"}
@@ -46,6 +48,8 @@ def test_plan_round_trip(client, digits_files):
     assert plan["measured"]["metric_name"] and 80 < plan["measured"]["metric"] <= 100
     assert plan["measured"]["baseline"] - plan["measured"]["metric"] == pytest.approx(plan["measured"]["drop"])
     assert set(plan["measured"]["uniform"]) >= {"w8a8", "w4a8"}
+    assert plan["measured"]["layer_nodes"]["fc2.weight"] == {"node_name": "/fc2/Gemm", "scope": "/fc2"}
+    assert plan["measured"]["excluded"] == [] and plan["request"]["exclude"] == []
 
     frontier = client.get(f"/v1/plans/{plan_id}/frontier").json()
     assert len(frontier) >= 2
@@ -79,6 +83,9 @@ def test_plan_requests_are_validated_up_front(client, digits_files):
         ({**base, "constraints": {"max_size_bytes": 100, "max_bops": 100}}, "at most one budget"),
         ({**base, "constraints": {"max_size_bytes": 100}}, "below the smallest"),
         ({**base, "candidates": ["w3a3"], "constraints": {"max_size_bytes": 10**6}}, "w3a3"),
+        # a pattern matching no layer or node name is named, with some of the model's layers to compare
+        ({**base, "exclude": ["fc1.weight", "/conv9/*"], "constraints": {"max_size_bytes": 10**6}},
+         "['/conv9/*'] match no layer name or node name"),
     ]
     for body, words in cases:
         assert_problem(client.post("/v1/plans", json=body), 422, words)
@@ -101,6 +108,10 @@ HOSTILE_PLAN_FIELDS = [
     (f'{BUDGET}, "options": {{"seed": true}}', "seed"),
     (f'{BUDGET}, "options": {{"batch_size": Infinity}}', "batch_size"),
     (f'{BUDGET}, "options": {{"trace_max_probes": 1e9}}', "trace_max_probes"),
+    (f'{BUDGET}, "exclude": "fc1.weight"', "exclude"),
+    (f'{BUDGET}, "exclude": [1]', "exclude"),
+    (f'{BUDGET}, "exclude": [""]', "exclude"),
+    (f'{BUDGET}, "exclude": ["{"x" * 1025}"]', "exclude"),
 ]
 
 
@@ -133,6 +144,9 @@ def test_the_api_schema_states_the_library_bounds():
     assert schema(Constraints, "max_drop")["maximum"] == library.MAX_DROP
     assert schema(PlanRequestIn, "candidates")["maxItems"] == library.MAX_CANDIDATE_NAMES
     assert tuple(schema(PlanRequestIn, "metric")["enum"]) == library.METRICS  # planner.evaluate's, imported there
+    exclude = importlib.import_module("planner.exclude")
+    assert schema(PlanRequestIn, "exclude")["maxItems"] == exclude.MAX_EXCLUDE_PATTERNS
+    assert schema(PlanRequestIn, "exclude")["items"]["maxLength"] == exclude.MAX_EXCLUDE_PATTERN_LENGTH
     latency = {name: schema(LatencyRequest, name)["maximum"] for name in ("batch_size", "repeats", "warmup")}
     assert latency == {"batch_size": library.MAX_LATENCY_BATCH_SIZE, "repeats": library.MAX_LATENCY_REPEATS,
                        "warmup": library.MAX_LATENCY_WARMUP}
@@ -158,3 +172,14 @@ def test_the_plan_body_metric_reaches_the_library_request():
     assert plan_request({k: v for k, v in body.items() if k != "metric"}).metric == "auto"
     with pytest.raises(ValidationError, match="metric"):
         PlanRequestIn(**fields, metric="bleu")
+
+
+def test_the_plan_body_exclude_reaches_the_library_request():
+    """The body's exclude becomes PlanRequest.exclude; jobs stored before the field existed exclude nothing."""
+    from service.api_plans import PlanRequestIn
+    from service.model_files import plan_request
+
+    fields = {"model_id": "m", "calibration_dataset_id": "c", "constraints": {"max_size_bytes": 10_000}}
+    body = PlanRequestIn(**fields, exclude=["model.22.dfl.conv.weight", "/model.22/dfl/*"]).model_dump()
+    assert plan_request(body).exclude == ("model.22.dfl.conv.weight", "/model.22/dfl/*")
+    assert plan_request({k: v for k, v in body.items() if k != "exclude"}).exclude == ()

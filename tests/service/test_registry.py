@@ -43,6 +43,7 @@ def test_model_round_trip(client, app, tiny_model_bytes):
     assert model["sha256"] == hashlib.sha256(tiny_model_bytes).hexdigest()
     assert [(layer["name"], layer["op_type"], layer["num_params"]) for layer in model["layers"]] == [
         ("fc1.weight", "Gemm", 48), ("fc2.weight", "MatMul", 18)]
+    assert [(layer["node_name"], layer["scope"]) for layer in model["layers"]] == [("fc1", ""), ("fc2", "")]
     assert model["details"]["inputs"] == [{"name": "x", "dtype": "float32", "shape": ["batch", 8]}]
 
     assert client.get(f"/v1/models/{model['id']}").json() == model

@@ -50,11 +50,18 @@ def test_remote_plan_round_trip(app, live_server, files, token, tmp_path, client
     model, data = files
     out = tmp_path / "q.onnx"
     args = ["plan", str(model), "--data", str(data), "--server", live_server, "--candidates", "fp32,w8a8,w4",
-            "--max-size-mb", "0.0003", "--max-probes", "16", "--out", str(out), "--json"]
+            "--max-size-mb", "0.0003", "--max-probes", "16", "--exclude", "fc2", "--out", str(out), "--json"]
     result = mpq(*args, token=token)
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
     assert set(document["plan"]["layers"]) == {"fc1.weight", "fc2.weight"}
+    # --exclude (the node name fc2) reaches the server's request and every point it searched and stored
+    assert document["request"]["exclude"] == ["fc2"]
+    assert all(point["layers"]["fc2.weight"] == "fp32" for point in [document["plan"], *document["frontier"]])
+    assert [(e["layer"], e["reason"]) for e in document["excluded"]] == [("fc2.weight", "exclude pattern 'fc2'")]
+    assert document["layer_nodes"]["fc1.weight"] == {"node_name": "fc1", "scope": ""}
+    stored = client.get(f"/v1/plans/{document['plan_id']}", headers={"authorization": f"Bearer {token}"}).json()
+    assert stored["request"]["exclude"] == ["fc2"] and stored["measured"]["excluded"] == document["excluded"]
     assert document["meets_constraints"] is True and document["frontier"]
     assert set(document["activation_terms"]) == {"fc1.weight", "fc2.weight"}  # stored with the plan
     assert hashlib.sha256(out.read_bytes()).hexdigest() == document["artifact_sha256"]

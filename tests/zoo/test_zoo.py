@@ -220,3 +220,19 @@ def test_an_already_quantized_model_is_refused() -> None:
     proto = onnx.load_from_string(zoo.get("ddddocr-common-old").model_bytes())
     with pytest.raises(AlreadyQuantizedError, match="already quantized.*ConvInteger"):
         normalize_model(proto)
+
+
+@pytest.mark.parametrize(("name", "weight", "node", "scope"), [
+    ("minilm-l6-torchscript", "onnx::MatMul_", "/layer.0/attention/self/query/MatMul", "/layer.0/attention/self/query"),
+    ("minilm-l6-dynamo", "val_", "node_MatMul_", "/encoder.layer.0/attention/self/query"),
+])
+def test_minilm_layers_show_their_module_path_beside_anonymous_weight_names(name, weight, node, scope) -> None:
+    """Both exporters name the query weights anonymously; the node name (TorchScript) or its namespace
+    metadata (dynamo) says which module each is, as the reports show beside the name."""
+    from sensitivity.layers import find_layers
+    from sensitivity.normalize import normalize_model
+
+    layers = find_layers(normalize_model(onnx.load_from_string(zoo.get(name).model_bytes())).model)
+    query = next(layer for layer in layers if layer.scope == scope)
+    assert query.name.startswith(weight) and query.node_name.startswith(node) and query.op_type == "MatMul"
+    assert sum(layer.scope.endswith("/attention/self/query") for layer in layers) == 6  # one per encoder layer
