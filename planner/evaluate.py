@@ -179,10 +179,20 @@ def _is_per_sample(output: np.ndarray, rows: int) -> bool:
 
 
 def _rows(output: np.ndarray, rows: int, index: int, flatten: bool = True) -> np.ndarray:
-    if output.ndim == 0 or len(output) != rows:
+    """The output with its sample axis first: axis 0, or else the first axis as long as the run has
+    samples (time-major outputs: ddddocr's CRNN gives [T, 1, C] for its one sample per run)."""
+    axis = sample_axis(output.shape, rows)
+    if axis is None:
         which = "first output" if index == 0 else f"output {index}"
-        raise ValueError(f"the model's {which} has shape {output.shape}; expected one row per sample")
+        raise ValueError(f"the model's {which} has shape {output.shape}; expected an axis of {rows} "
+                         "(one row per sample of the run)")
+    output = np.moveaxis(output, axis, 0)
     return (output.reshape(rows, -1) if flatten else output).astype(np.float64)
+
+
+def sample_axis(shape: tuple[int, ...], rows: int) -> int | None:
+    """Axis 0 when it holds ``rows``, else the first axis that does (None: no axis does)."""
+    return next((axis for axis, size in enumerate(shape) if size == rows), None) if shape else None
 
 
 def _flat(values: np.ndarray) -> np.ndarray:

@@ -382,7 +382,10 @@ def _first_samples(model: onnx.ModelProto, samples: Mapping[str, np.ndarray]) ->
     missing = [name for name in names if name not in samples]
     if missing:
         raise ValueError(f"the samples to check the opset upgrade lack the model inputs {missing}")
-    return {name: np.asarray(samples[name])[:UPGRADE_CHECK_SAMPLES] for name in names}
+    fixed = fixed_batch_size(model)  # a model exported with batch N runs on exactly N samples
+    count = min(fixed or UPGRADE_CHECK_SAMPLES, len(np.asarray(samples[names[0]]))) if names else 0
+    rows = padded_rows(0, count, fixed)
+    return {name: np.asarray(samples[name])[rows] for name in names}
 
 
 def _run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], what: str) -> list[np.ndarray]:

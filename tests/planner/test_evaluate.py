@@ -278,3 +278,15 @@ def test_outputs_that_are_not_per_sample_are_left_out_beside_the_first():
     result = evaluate(model, model, data, batch_size=3)
     assert result.metric_name == "top1_agreement" and result.drop == 0.0
     assert len(result.fidelity.output_cosines) == 1
+
+
+def test_a_time_major_output_has_its_sample_axis_found():
+    """ddddocr's CRNN answers [T, 1, C] for its one sample per run: the sample axis is the one of size 1."""
+    from planner.evaluate import _rows, sample_axis
+
+    assert sample_axis((40, 1, 8), 1) == 1 and sample_axis((3, 40, 8), 3) == 0 and sample_axis((2, 5), 3) is None
+    output = np.arange(40 * 8, dtype=np.float32).reshape(40, 1, 8)
+    rows = _rows(output, 1, 0, flatten=False)
+    assert rows.shape == (1, 40, 8) and np.array_equal(rows[0], output[:, 0])
+    with pytest.raises(ValueError, match=r"shape \(2, 5\); expected an axis of 3"):
+        _rows(np.zeros((2, 5)), 3, 0)
