@@ -257,7 +257,7 @@ class _Probe:
     def time_hvp(self, method: str, probes: int) -> float | None:
         """Seconds per probe of a pass of ``probes`` probes, None when the method fails here. The
         first pass warms up (and measures the peak memory); the second is timed."""
-        run = lambda: self.hvp_pass(method, self.sample, probes)  # noqa: E731
+        run = lambda: self.hvp_pass(method, self.sample, probes)
         try:
             if self.meter is None:
                 run()

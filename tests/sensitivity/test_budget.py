@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sensitivity import TraceConfig, compute_sensitivity
-from sensitivity.budget import MiB, SAFETY, PeakMemory, _choose, _Fit, plan_passes
+from sensitivity.budget import SAFETY, MiB, PeakMemory, _choose, _Fit, plan_passes
 from sensitivity.examples import DigitsCNN, export_onnx
 from sensitivity.hvp import HVP_METHODS
 from sensitivity.onnx_program import load_onnx

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -92,7 +93,10 @@ def test_sensitivity_json(files):
     assert interlayer["bits"] == [8, 4] and interlayer["layers"] == ["fc1.weight", "fc2.weight"]
     assert len(interlayer["gradient_term"]) == 4 and np.array(interlayer["G"]).shape == (4, 4)
     assert document["timing"]["hvps"] > 0 and "total_s" in document["timing"]
-    assert result.stderr.strip(), "progress goes to stderr"
+    execution = document["execution"]
+    assert execution["traces"]["probes"] == 4 and execution["hvp_method"] in ("double_backward", "forward_over_reverse")
+    assert execution["budget"]["memory_budget_mb"] == 4096
+    assert "ETA" in result.stderr, "progress goes to stderr, with an ETA for the probes"
 
 
 def test_sensitivity_table_and_eigenvalues(files, capsys, monkeypatch):
@@ -105,6 +109,7 @@ def test_sensitivity_table_and_eigenvalues(files, capsys, monkeypatch):
     assert header.split()[:3] == ["layer", "node", "op"]
     assert [line.split()[:3] for line in out.splitlines() if line.startswith("fc")] == [
         ["fc1.weight", "fc1", "Gemm"], ["fc2.weight", "fc2", "MatMul"]]
+    assert re.search(r"^batch \d+ x \d+ probes per pass, (double_backward|forward_over_reverse)", out, re.M)
 
 
 def test_plan_json_writes_the_artifact(files):
