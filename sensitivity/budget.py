@@ -161,13 +161,13 @@ def plan_passes(
     if not usable:
         raise ValueError(f"no HVP method runs on this model: {probe.errors}")
     method = min(usable, key=usable.__getitem__)
-    gradient = _timed(probe.gradient)
+    gradient = probe.time_gradient()
     report: dict[str, Any] = {
         "adapted": measurable,
         "probe_samples": sample,
         "hvp_seconds": {m: round(s, 6) for m, s in usable.items()},
-        "gradient_seconds": round(gradient, 6),
-        "hvp_cost_gradients": {m: round(s / gradient, 3) for m, s in usable.items()} if gradient > 0 else {},
+        "gradient_seconds": None if gradient is None else round(gradient, 6),
+        "hvp_cost_gradients": {m: round(s / gradient, 3) for m, s in usable.items()} if gradient else {},
         "hvp_errors": dict(probe.errors),
         "hvp_method": method,
     }
@@ -268,8 +268,14 @@ class _Probe:
             self.errors[method] = f"{type(error).__name__}: {str(error)[:200]}"
             return None
 
-    def gradient(self) -> None:
-        HessianVectorProducts(self.loss(self.sample)).gradient()
+    def time_gradient(self) -> float | None:
+        """Seconds of one gradient on the probe samples (the unit of the HVP costs); None when the
+        loss does not depend on the weights through autograd (the run then fails on its all-zero
+        traces with the reason)."""
+        try:
+            return _timed(HessianVectorProducts(self.loss(self.sample)).gradient)
+        except RuntimeError:  # "element 0 of tensors does not require grad"
+            return None
 
 
 def _timed(work: Callable[[], Any]) -> float:

@@ -48,6 +48,13 @@ def _missing_batching_rule(error: RuntimeError) -> bool:
     return "inside of vmap" in message or "Batching rule not implemented" in message or "NYI" in message
 
 
+def _second_backward(product: torch.Tensor, params: Vector, retain: bool) -> Vector:
+    """∂(g·v)/∂W; zeros where the gradient does not depend on the weights (a loss linear in them)."""
+    if not product.requires_grad:
+        return tuple(torch.zeros_like(p) for p in params)
+    return torch.autograd.grad(product, params, retain_graph=retain, materialize_grads=True)
+
+
 class HessianVectorProducts:
     """Products with the Hessian of ``loss`` at ``point`` (the full-precision weights by default).
 
@@ -111,14 +118,15 @@ class HessianVectorProducts:
                         raise
                     self.batched_backward = False  # the same kernels would fail on every pass
             params = self._leaves()
-            grads = torch.autograd.grad(f(params), params, create_graph=True)
+            loss = f(params)
+            if not loss.requires_grad:  # nothing differentiable between the weights and the loss: H = 0
+                return tuple(torch.zeros_like(p) for p in probes)
+            grads = torch.autograd.grad(loss, params, create_graph=True, materialize_grads=True)
             # The probes share the forward and first backward; each then costs one more
             # backward. (``is_grads_batched=True`` would batch those with the legacy vmap,
             # which lacks rules for convolution double-backward.)
-            columns = [
-                torch.autograd.grad(dot(grads, tuple(p[i] for p in probes)), params, retain_graph=i < k - 1)
-                for i in range(k)
-            ]
+            columns = [_second_backward(dot(grads, tuple(p[i] for p in probes)), params, retain=i < k - 1)
+                       for i in range(k)]
             return tuple(torch.stack(parts) for parts in zip(*columns))
 
         def single(v: Vector) -> Vector:

@@ -288,3 +288,8 @@ def test_a_loss_that_no_weight_moves_differentiably_is_an_error() -> None:
     data = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
     with pytest.raises(ValueError, match="trace is exactly 0"):
         compute_sensitivity(program, {"x": data}, TraceConfig(device="cpu", task="regression", max_probes=8))
+    # one probe per pass takes the unbatched double backward, which must give H = 0 rather than fail
+    single = TraceConfig(device="cpu", task="regression", max_probes=8, probes_per_pass=1,
+                         hvp_method="double_backward", memory_budget_mb=None)
+    with pytest.raises(ValueError, match="trace is exactly 0"):
+        compute_sensitivity(program, {"x": data}, single)
