@@ -80,6 +80,9 @@ def _add_budget_options(command: argparse.ArgumentParser) -> None:
                               "and probes per pass are lowered to fit it, as measured; 0 uses --batch-size as given")
     command.add_argument("--time-budget-s", type=float,
                          help="stop the Hutchinson probes after this many seconds, with the standard errors reached")
+    command.add_argument("--no-cache", action="store_true",
+                         help="neither reuse nor store a finished sensitivity result (cached by model, data and "
+                              "settings in $MPQ_CACHE_DIR or ~/.cache/mpq/sensitivity)")
 
 
 def _add_plan(subparsers: argparse._SubParsersAction) -> None:
@@ -135,9 +138,11 @@ def sensitivity_command(args: argparse.Namespace, settings: Any = None) -> int:
     try:
         config = sensitivity_config(args)
         program, calibration = load_program(args.model, args.data)
-        result = compute_sensitivity(program, calibration, config, progress)
+        cached = _cached_sensitivity(args, config, progress)
+        result = cached.result or compute_sensitivity(program, calibration, config, progress)
     except (BadInput, ValueError) as error:
         return _bad_input(error, progress)
+    cached.store(result)
     progress.finish()
     document = sensitivity_document(args.method, result)
     if args.json:
@@ -162,7 +167,10 @@ def plan_command(args: argparse.Namespace, settings: Any = None) -> int:
         calibration = load_npz(args.data, "--data")
         evaluation = load_npz(args.eval_data, "--eval-data") if args.eval_data else None
         _check_output(args.out)
-        result = plan(model, calibration, request, evaluation=evaluation, progress=progress)
+        cached = _cached_sensitivity(args, request.sensitivity_config(), progress)
+        result = plan(model, calibration, request, evaluation=evaluation, sensitivity=cached.result,
+                      progress=progress)
+        cached.store_dict(result.sensitivity)
     except NoFeasiblePlan as error:
         progress.finish()
         print(f"mpq: no feasible plan: {error}", file=sys.stderr)
@@ -180,6 +188,37 @@ def plan_command(args: argparse.Namespace, settings: Any = None) -> int:
         print("mpq: the chosen plan does not meet the constraints (see the measured figures)", file=sys.stderr)
         return EXIT_INFEASIBLE
     return EXIT_OK
+
+
+class _CachedSensitivity:
+    """The cached result for a command's model, data and configuration (``result`` None on a miss
+    or with --no-cache), and storing a freshly computed one."""
+
+    def __init__(self, cache: Any, key: str | None, result: Any) -> None:
+        self.cache, self.key, self.result = cache, key, result
+
+    def store(self, result: Any) -> None:
+        if self.key is not None and self.result is None:
+            self.cache.put(self.key, result)
+
+    def store_dict(self, data: Mapping[str, Any]) -> None:
+        if self.key is not None and self.result is None:
+            from sensitivity.results import SensitivityResult
+
+            self.cache.put(self.key, SensitivityResult.from_dict(data))
+
+
+def _cached_sensitivity(args: argparse.Namespace, config: Any, progress: ProgressPrinter) -> _CachedSensitivity:
+    from service.local_cache import SensitivityCache, file_sha256
+
+    if args.no_cache:
+        return _CachedSensitivity(None, None, None)
+    cache = SensitivityCache()
+    key = cache.key(file_sha256(args.model), file_sha256(args.data), config.to_dict())
+    result = cache.get(key)
+    if result is not None:
+        progress("sensitivity", 1.0, f"reusing the result cached in {cache.folder} (--no-cache recomputes it)")
+    return _CachedSensitivity(cache, key, result)
 
 
 def _bad_input(error: Exception, progress: ProgressPrinter) -> int:

@@ -10,6 +10,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 
+@pytest.fixture(autouse=True)
+def _private_sensitivity_cache(tmp_path_factory, monkeypatch) -> None:
+    """Each test gets its own (empty) local sensitivity cache, for the CLI it runs in-process and
+    in subprocesses: a result cached by one test must not stand in for another test's computation,
+    and nothing is written to the home folder."""
+    monkeypatch.setenv("MPQ_CACHE_DIR", str(tmp_path_factory.mktemp("mpq-cache")))
+
+
 def tiny_onnx_model(seed: int = 0, opset: int = 17) -> onnx.ModelProto:
     """x[N,8] -> Gemm(8->6) -> Relu -> MatMul(6->3): two quantizable layers."""
     rng = np.random.default_rng(seed)
