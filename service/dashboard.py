@@ -35,7 +35,7 @@ from service import jobs
 from service.api_jobs import JobOut
 from service.auth import token_is_valid
 from service.errors import Problem
-from service.progress import shortened
+from service.progress import describe_execution, shortened
 from service.registry import store_upload
 from service.settings import AuthMode
 from service.tables import (Artifact, Dataset, FrontierPoint, Job, LatencyMeasurement, Model, Plan,
@@ -390,7 +390,16 @@ def sensitivity_page(request: Request, result_id: str, sort: str = "order", desc
                   layers=sort_rows(layers, sort, desc), sort=sort, desc=desc, sorts=SENSITIVITY_SORTS,
                   has_traces=any(r.average_trace is not None for r in layers),
                   has_eigen=any(r.eigenvalue is not None for r in layers), heatmap=heatmap, chart=chart,
-                  charts=True)
+                  charts=True, execution=_execution(row.result))
+
+
+def _execution(result: dict[str, Any]) -> str:
+    """How the run spent memory and time, in one line ("" for results stored before it was recorded)."""
+    execution = result.get("execution") or {}
+    try:
+        return describe_execution(execution) if execution else ""
+    except (KeyError, TypeError, ValueError):  # a stored report missing a field: show nothing rather than fail
+        return ""
 
 
 # ---------------------------------------------------------------- plans and frontier points

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from service.progress import ProgressPrinter, shortened
+from service.progress import ProgressPrinter, describe_execution, shortened
 from service.remote import add_server_options, remote_plan, remote_sensitivity
 
 EXIT_OK = 0
@@ -483,24 +483,8 @@ def sensitivity_table(document: Mapping[str, Any]) -> str:
     lines.append(f"{timing['hvps']} Hessian-vector products in {seconds:.2f} s on {timing['device']}")
     execution = document.get("execution") or {}
     if execution:
-        lines.append(execution_line(execution))
+        lines.append(describe_execution(execution))
     return "\n".join(lines)
-
-
-def execution_line(execution: Mapping[str, Any]) -> str:
-    """"batch 16 x 3 probes per pass, double_backward (6.4 gradients per probe), peak RSS 2649 MiB;
-    probes stopped: max_probes, worst SE/|trace| 8.17" (sensitivity.budget's report, in one line)."""
-    parts = [f"batch {execution['batch_size']} x {execution['probes_per_pass']} probes per pass, "
-             f"{execution['hvp_method']}"]
-    if execution.get("probe_cost_gradients") is not None:
-        parts[0] += f" ({execution['probe_cost_gradients']:.2g} gradients per probe)"
-    if execution.get("peak_rss_mb") is not None:
-        parts[0] += f", peak RSS {execution['peak_rss_mb']:.0f} MiB"
-    traces = execution.get("traces") or {}
-    if traces:
-        worst = traces.get("worst_relative_se")
-        parts.append(f"probes stopped: {traces['stopped']}" + ("" if worst is None else f", worst SE/|trace| {worst:.3g}"))
-    return "; ".join(parts)
 
 
 def plan_document(result, artifact_path: str) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any, TextIO
 
 JOB_FINISHED = ("succeeded", "failed", "cancelled")
@@ -72,3 +73,19 @@ def follow_job(printer: ProgressPrinter) -> Callable[[dict[str, Any]], None]:
             printer.finish()
 
     return show
+
+
+def describe_execution(execution: Mapping[str, Any]) -> str:
+    """"batch 16 x 3 probes per pass, double_backward (6.4 gradients per probe), peak RSS 2649 MiB;
+    probes stopped: max_probes, worst SE/|trace| 8.17" (sensitivity.budget's report, in one line)."""
+    parts = [f"batch {execution['batch_size']} x {execution['probes_per_pass']} probes per pass, "
+             f"{execution['hvp_method']}"]
+    if execution.get("probe_cost_gradients") is not None:
+        parts[0] += f" ({execution['probe_cost_gradients']:.2g} gradients per probe)"
+    if execution.get("peak_rss_mb") is not None:
+        parts[0] += f", peak RSS {execution['peak_rss_mb']:.0f} MiB"
+    traces = execution.get("traces") or {}
+    if traces:
+        worst = traces.get("worst_relative_se")
+        parts.append(f"probes stopped: {traces['stopped']}" + ("" if worst is None else f", worst SE/|trace| {worst:.3g}"))
+    return "; ".join(parts)

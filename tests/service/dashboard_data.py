@@ -80,12 +80,16 @@ def _base_result(config: dict[str, Any]) -> dict[str, Any]:
             "interlayer": None, "timings": {"load": 0.41, "traces": 12.8}, "num_hvps": 256, "seed": 0,
             "versions": dict(VERSIONS), "device": "cpu",
             "normalization": {"promoted_constants": 0, "dynamic_dims": [], "source_opset": 17, "opset": 17,
-                              "upgrade_check": None, "changes": []}}
+                              "upgrade_check": None, "changes": []},
+            "execution": {"batch_size": 128, "probes_per_pass": 4, "hvp_method": "double_backward",
+                          "budget": {"adapted": True, "memory_budget_mb": 4096, "predicted_peak_mb": 1830.0},
+                          "traces": {"stopped": "converged", "probes": 64, "worst_relative_se": 0.048},
+                          "peak_rss_mb": 1722.5, "gradient_s": 0.8, "probe_cost_gradients": 2.1}}
 
 
 def _shared_config(kind: str) -> dict[str, Any]:
     return {"type": kind, "seed": 0, "batch_size": 256, "device": "auto", "task": "auto",
-            "hvp_method": "double_backward", "probes_per_pass": 4}
+            "hvp_method": "double_backward", "probes_per_pass": 4, "memory_budget_mb": 4096, "time_budget_s": None}
 
 
 def trace_records() -> list[dict[str, Any]]:
