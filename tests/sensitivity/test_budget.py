@@ -63,7 +63,13 @@ def test_both_methods_are_timed_and_the_faster_is_used(digits) -> None:
     assert all(cost > 0 for cost in passes.report["hvp_cost_gradients"].values())
     assert min(passes.report["fit_mb"].values()) >= 0
     assert passes.report["held_mb"] < passes.report["predicted_peak_mb"] <= 4096
-    assert (passes.batch_size, passes.probes_per_pass) == (64, 4)  # an 8x8 CNN fits 4 GiB whole
+    # The choice is the fitted one for the room left (what the process holds varies with the tests
+    # run before; under load it once left room for 36 samples, not 64).
+    fit = _Fit(**{name: mb * MiB for name, mb in passes.report["fit_mb"].items()
+                  if name != "per_probe_sample"}, per_probe=passes.report["fit_mb"]["per_probe_sample"] * MiB)
+    room = (4096 - passes.report["held_mb"]) * MiB
+    chosen = _choose(fit, room, batch_size=64, probes_per_pass=4, fixed=False)
+    assert abs(chosen[0] - passes.batch_size) <= 1 and chosen[1] == passes.probes_per_pass  # report rounding
 
 
 def test_a_named_method_is_not_timed_against_the_other(digits) -> None:
