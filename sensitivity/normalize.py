@@ -7,11 +7,14 @@ inspection, sensitivity, planning and export see one model, so a layer has one n
 1. refuse an already-quantized model (``AlreadyQuantizedError``): mpq plans the quantization of a
    float model, and integer ops (ConvInteger, QLinearConv, MatMulNBits, Q/DQ on weights, ...) would
    otherwise be reported as "unsupported ops";
-2. large ``Constant`` nodes become initializers under their output names (``PROMOTE_MIN_ELEMENTS``):
+2. ``If`` nodes whose condition is the same on every calibration batch are replaced by the branch
+   taken (``sensitivity.branches``: silero-vad keeps its whole network, weights included, inside
+   an ``If`` on the sample rate), checked against the original in onnxruntime;
+3. large ``Constant`` nodes become initializers under their output names (``PROMOTE_MIN_ELEMENTS``):
    paddle2onnx stores every weight that way, so ``find_layers`` found no layer in PP-OCR models;
-3. graph input/output dims written as ``dim_value <= 0`` (paddle2onnx, tf2onnx write -1) become
+4. graph input/output dims written as ``dim_value <= 0`` (paddle2onnx, tf2onnx write -1) become
    dynamic, like ``dim_param`` and missing dims (``static_dims`` is the one reading of a dim);
-4. the default-domain opset is upgraded to what the caller needs (the interpreter's floor,
+5. the default-domain opset is upgraded to what the caller needs (the interpreter's floor,
    ``MIN_OPSET``, or the exporter's opset for the candidates) with ``onnx.version_converter``, and
    the upgraded model is checked against the original in onnxruntime on the first
    ``UPGRADE_CHECK_SAMPLES`` samples the caller gives, with a relative tolerance.
@@ -28,6 +31,13 @@ from typing import Any
 
 import numpy as np
 import onnx
+
+from sensitivity.branches import (
+    CONDITION_BATCH,
+    DEFAULT_DOMAINS,
+    FixedBranch,
+    fix_branches,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +57,11 @@ UPGRADE_ATOL = 1e-6  # for outputs that are all (near) zero
 # Samples both models run for the check: a conversion error shows on any input, and 8 samples keep
 # the check well under the cost of one sensitivity pass.
 UPGRADE_CHECK_SAMPLES = 8
+# Samples whose If conditions are read before a branch is fixed (in batches of CONDITION_BATCH, and
+# the first alone): one forward pass of the float model on a few batches, a condition that depends
+# on the values rather than the shapes shows a second value on some of them.
+BRANCH_CONDITION_SAMPLES = 64
 
-DEFAULT_DOMAINS = ("", "ai.onnx")
 # Ops that only occur in quantized graphs (onnxruntime's quantizers, TensorRT/QAT exports).
 QUANTIZED_OPS = frozenset({
     "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul", "QGemm",
@@ -67,9 +80,14 @@ class OpsetUpgradeError(ValueError):
     """The opset upgrade failed, or the upgraded model computes other outputs than the original."""
 
 
+class BranchFixError(ValueError):
+    """The model with If nodes replaced by their taken branches computes other outputs."""
+
+
 @dataclass(frozen=True)
 class UpgradeCheck:
-    """How the upgraded model compared with the original in onnxruntime (the worst output)."""
+    """How a changed model (upgraded, or with fixed branches) compared with the original in
+    onnxruntime (the worst output)."""
 
     samples: int
     max_abs_difference: float
@@ -86,7 +104,7 @@ class NormalizedModel:
     """The normalised model and what normalisation changed (for reports: ``changes``, ``to_dict``).
 
     ``upgrade_check`` is None when the opset was not upgraded, or when no samples were given to
-    check it (``upgrade_checked`` tells which).
+    check it. ``fixed_branches`` needs samples: without them no If is fixed.
     """
 
     model: onnx.ModelProto = field(repr=False)
@@ -95,6 +113,8 @@ class NormalizedModel:
     source_opset: int = 0
     opset: int = 0
     upgrade_check: UpgradeCheck | None = None
+    fixed_branches: tuple[FixedBranch, ...] = ()
+    branch_check: UpgradeCheck | None = None
 
     @property
     def upgraded(self) -> bool:
@@ -102,11 +122,14 @@ class NormalizedModel:
 
     @property
     def changed(self) -> bool:
-        return bool(self.promoted_constants or self.dynamic_dims or self.upgraded)
+        return bool(self.promoted_constants or self.dynamic_dims or self.upgraded or self.fixed_branches)
 
     def changes(self) -> list[str]:
         """One sentence per change, for logs and reports."""
-        lines = []
+        lines = [fixed.describe() for fixed in self.fixed_branches]
+        if self.fixed_branches and self.branch_check is not None:
+            lines.append(f"the model with fixed branches checked on {self.branch_check.samples} samples: "
+                         f"max relative difference {self.branch_check.max_relative_difference:.3g}")
         if self.promoted_constants:
             lines.append(f"{len(self.promoted_constants)} Constant nodes became initializers")
         if self.dynamic_dims:
@@ -125,6 +148,8 @@ class NormalizedModel:
             "source_opset": self.source_opset,
             "opset": self.opset,
             "upgrade_check": None if self.upgrade_check is None else self.upgrade_check.to_dict(),
+            "fixed_branches": [fixed.describe() for fixed in self.fixed_branches],
+            "branch_check": None if self.branch_check is None else self.branch_check.to_dict(),
             "changes": self.changes(),
         }
 
@@ -147,15 +172,18 @@ def normalize_model(
         return model if model.opset >= opset else _upgraded_further(model, opset, samples)
     refuse_quantized(model)
     source_opset = default_opset(model)
-    promote = _constants_to_promote(model)
-    dynamic = _non_positive_dims(model)
-    if not promote and not dynamic and source_opset >= opset:
+    fixed_model, fixed = fix_branches(model, _condition_batches(model, samples))
+    branch_check = _check_branches(model, fixed_model, samples) if fixed and samples is not None else None
+    promote = _constants_to_promote(fixed_model)
+    dynamic = _non_positive_dims(fixed_model)
+    if not fixed and not promote and not dynamic and source_opset >= opset:
         return NormalizedModel(model, source_opset=source_opset, opset=source_opset)
-    working = _copy(model)
+    working = fixed_model if fixed else _copy(model)
     _promote_constants(working, promote)
     _clear_non_positive_dims(working)
-    working, check = _upgrade(model, working, source_opset, opset, samples)
-    return NormalizedModel(working, tuple(promote), tuple(dynamic), source_opset, default_opset(working), check)
+    working, check = _upgrade(fixed_model, working, source_opset, opset, samples)
+    return NormalizedModel(working, tuple(promote), tuple(dynamic), source_opset, default_opset(working), check,
+                           fixed, branch_check)
 
 
 def _upgraded_further(
@@ -165,7 +193,8 @@ def _upgraded_further(
     # an earlier unchecked upgrade stays unchecked: the original it should be compared with is gone
     earlier_unchecked = normalized.upgraded and normalized.upgrade_check is None
     return NormalizedModel(again.model, normalized.promoted_constants, normalized.dynamic_dims,
-                           normalized.source_opset, again.opset, None if earlier_unchecked else again.upgrade_check)
+                           normalized.source_opset, again.opset, None if earlier_unchecked else again.upgrade_check,
+                           normalized.fixed_branches, normalized.branch_check)
 
 
 # --- reading dims and opsets ------------------------------------------------------------------
@@ -347,21 +376,42 @@ def check_upgrade(
     opsets: tuple[int, int],
 ) -> UpgradeCheck:
     """Run both models in onnxruntime on the first samples; ``OpsetUpgradeError`` when they differ."""
-    feeds = _first_samples(original, samples)
-    before = _run(original, feeds, "the model")
-    after = _run(upgraded, feeds, f"the model upgraded to opset {opsets[1]}")
+    batch = _batch(original, samples, 0, UPGRADE_CHECK_SAMPLES)
+    what = f"the model upgraded from opset {opsets[0]} to {opsets[1]}"
+    return _compare(original, upgraded, [batch], what, OpsetUpgradeError)
+
+
+def _check_branches(original: onnx.ModelProto, fixed: onnx.ModelProto, samples: Mapping[str, np.ndarray]) -> UpgradeCheck:
+    """The model with fixed branches against the original, on the first samples and (dynamic
+    batch) the first sample alone; ``BranchFixError`` when they differ."""
+    batches = [_batch(original, samples, 0, UPGRADE_CHECK_SAMPLES)]
+    if fixed_batch_size(original) is None and _count(original, samples) > 1:
+        batches.append(_batch(original, samples, 0, 1))
+    return _compare(original, fixed, batches, "the model with If nodes replaced by their taken branches",
+                    BranchFixError)
+
+
+def _compare(
+    original: onnx.ModelProto,
+    changed: onnx.ModelProto,
+    batches: Sequence[Mapping[str, np.ndarray]],
+    what: str,
+    error: type[ValueError],
+) -> UpgradeCheck:
     worst_abs, worst_rel = 0.0, 0.0
-    for index, (a, b) in enumerate(zip(before, after, strict=True)):
-        difference, scale = _difference(a, b)
-        if difference > UPGRADE_RTOL * scale + UPGRADE_ATOL:
-            raise OpsetUpgradeError(
-                f"the model upgraded from opset {opsets[0]} to {opsets[1]} computes different outputs "
-                f"(output {index}: max |difference| {difference:.3g} on values up to {scale:.3g}, more than "
-                f"{UPGRADE_RTOL:g} relative); it cannot be used"
-            )
-        worst_abs = max(worst_abs, difference)
-        worst_rel = max(worst_rel, difference / scale if scale else 0.0)
-    return UpgradeCheck(len(next(iter(feeds.values()))), worst_abs, worst_rel)
+    for feeds in batches:
+        before = _run(original, feeds, "the model", error)
+        after = _run(changed, feeds, what, error)
+        for index, (a, b) in enumerate(zip(before, after, strict=True)):
+            difference, scale = _difference(a, b)
+            if difference > UPGRADE_RTOL * scale + UPGRADE_ATOL:
+                raise error(
+                    f"{what} computes different outputs (output {index}: max |difference| {difference:.3g} on "
+                    f"values up to {scale:.3g}, more than {UPGRADE_RTOL:g} relative); it cannot be used"
+                )
+            worst_abs = max(worst_abs, difference)
+            worst_rel = max(worst_rel, difference / scale if scale else 0.0)
+    return UpgradeCheck(_count(original, batches[0]), worst_abs, worst_rel)
 
 
 def _difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
@@ -376,19 +426,44 @@ def _difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     return float(np.max(np.abs(a64 - b64))), float(np.max(np.abs(a64)))
 
 
-def _first_samples(model: onnx.ModelProto, samples: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _condition_batches(model: onnx.ModelProto, samples: Mapping[str, np.ndarray] | None) -> list[dict[str, np.ndarray]]:
+    """The batches whose If conditions decide which branches are fixed (``sensitivity.branches``)."""
+    if samples is None or not any(node.op_type == "If" for node in model.graph.node):
+        return []
+    fixed = fixed_batch_size(model)
+    total = min(_count(model, samples), BRANCH_CONDITION_SAMPLES)
+    size = fixed or CONDITION_BATCH
+    batches = [_batch(model, samples, start, start + size) for start in range(0, total, size)]
+    return batches + ([_batch(model, samples, 0, 1)] if fixed is None and total > 1 else [])
+
+
+def _model_inputs(model: onnx.ModelProto, samples: Mapping[str, np.ndarray]) -> list[str]:
     initializers = {init.name for init in model.graph.initializer}
     names = [value.name for value in model.graph.input if value.name not in initializers]
     missing = [name for name in names if name not in samples]
     if missing:
-        raise ValueError(f"the samples to check the opset upgrade lack the model inputs {missing}")
-    fixed = fixed_batch_size(model)  # a model exported with batch N runs on exactly N samples
-    count = min(fixed or UPGRADE_CHECK_SAMPLES, len(np.asarray(samples[names[0]]))) if names else 0
-    rows = padded_rows(0, count, fixed)
-    return {name: np.asarray(samples[name])[rows] for name in names}
+        raise ValueError(f"the samples to check the normalised model lack the model inputs {missing}")
+    return names
 
 
-def _run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], what: str) -> list[np.ndarray]:
+def _count(model: onnx.ModelProto, samples: Mapping[str, np.ndarray]) -> int:
+    per_sample = [np.asarray(samples[name]) for name in _model_inputs(model, samples)]
+    return next((len(array) for array in per_sample if array.ndim > 0), 0)
+
+
+def _batch(model: onnx.ModelProto, samples: Mapping[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
+    """Samples ``start:stop`` (fewer when there are fewer) as one run's feeds; a model exported
+    with batch N runs on exactly N samples (padded)."""
+    fixed = fixed_batch_size(model)
+    count = _count(model, samples)
+    stop = min(start + fixed, count) if fixed else min(stop, count)
+    rows = padded_rows(start, stop, fixed)
+    arrays = {name: np.asarray(samples[name]) for name in _model_inputs(model, samples)}
+    return {name: array if array.ndim == 0 else array[rows] for name, array in arrays.items()}
+
+
+def _run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], what: str,
+         error: type[ValueError] = OpsetUpgradeError) -> list[np.ndarray]:
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -397,9 +472,10 @@ def _run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], what: str) -> 
     try:
         session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         return session.run(None, dict(feeds))
-    except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise OpsetUpgradeError(f"{what} does not run in onnxruntime on the given samples: {first_line}") from None
+    except Exception as failure:  # noqa: BLE001 - onnxruntime raises its own exception types
+        text = str(failure).strip()
+        first_line = text.splitlines()[0] if text else type(failure).__name__
+        raise error(f"{what} does not run in onnxruntime on the given samples: {first_line}") from None
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -36,6 +36,7 @@ import onnx
 import onnx.inliner
 import torch
 
+from sensitivity.branches import branch, is_if, node_reads, subgraphs
 from sensitivity.layers import Layer, find_layers
 from sensitivity.normalize import (
     DEFAULT_DOMAINS,
@@ -316,8 +317,8 @@ def _all_nodes(graph: onnx.GraphProto, prefix: str = "") -> Iterator[tuple[onnx.
     for index, node in enumerate(graph.node):
         name = prefix + _node_name(node, index)
         yield node, name
-        if _is_if(node):
-            for subgraph in _subgraphs(node):
+        if is_if(node):
+            for subgraph in subgraphs(node):
                 yield from _all_nodes(subgraph, f"{name}/")
 
 
@@ -325,7 +326,7 @@ def _unsupported(node: onnx.NodeProto, opset: int) -> tuple[str | None, str | No
     """(op label, reason) if the node cannot be interpreted, else (None, None)."""
     if node.domain not in DEFAULT_DOMAINS:
         return f"{node.domain}::{node.op_type}", None
-    if _is_if(node):
+    if is_if(node):
         branches = {a.name for a in node.attribute if a.type == onnx.AttributeProto.GRAPH}
         ok = branches == {"then_branch", "else_branch"} and len(node.input) == 1
         return (None, None) if ok else ("If", "an If needs a condition, then_branch and else_branch")
@@ -412,7 +413,7 @@ def _node(node: onnx.NodeProto, index: int, opset: int) -> Node:
     return Node(
         name=_node_name(node, index),
         op_type=node.op_type,
-        attrs=MappingProxyType(parse_attributes(node, skip_subgraphs=_is_if(node))),
+        attrs=MappingProxyType(parse_attributes(node, skip_subgraphs=is_if(node))),
         opset=opset,
         num_outputs=sum(1 for name in node.output if name),
     )
@@ -432,7 +433,7 @@ def _topological_order(graph: onnx.GraphProto, available: set[str]) -> list[tupl
         progress = [item for item in pending if _runnable(item[1], ready)]
         if not progress:
             index, node = pending[0]
-            missing = [name for name in _reads(node) if name and name not in ready]
+            missing = [name for name in node_reads(node) if name and name not in ready]
             raise ValueError(
                 f"node {_node_name(node, index)!r} ({node.op_type}) reads {missing}, which no node, "
                 "initializer or graph input provides (or the graph has a cycle)"
@@ -454,7 +455,7 @@ def _is_sorted(nodes: Sequence[tuple[int, onnx.NodeProto]], available: set[str])
 
 
 def _runnable(node: onnx.NodeProto, ready: set[str]) -> bool:
-    return all(not name or name in ready for name in _reads(node))
+    return all(not name or name in ready for name in node_reads(node))
 
 
 def _check_outputs(
@@ -480,7 +481,7 @@ def _fold_constants(
     pending = deque(nodes)
     while pending:
         index, node = pending.popleft()
-        if _is_if(node) and node.input[0] in constants:
+        if is_if(node) and node.input[0] in constants:
             branch_nodes, branch_constants = _taken_branch(node, index, constants, scope)
             constants.update(branch_constants)
             # the inlined values join the scope the later (nested) Ifs are prepared in
@@ -500,43 +501,13 @@ def _fold_constants(
 
 def _step(node: onnx.NodeProto, index: int, opset: int, constants: Mapping[str, torch.Tensor], scope: set[str]) -> _Step:
     prepared = _node(node, index, opset)
-    if _is_if(node):
+    if is_if(node):
         handler = _IfHandler.build(node, opset, constants, scope)
         return _Step(prepared, handler, (node.input[0], *handler.reads), tuple(node.output))
     return _Step(prepared, OPS[node.op_type].handler, tuple(node.input), tuple(node.output))
 
 
 # --- If -------------------------------------------------------------------------------------
-
-
-def _is_if(node: onnx.NodeProto) -> bool:
-    return node.op_type == "If" and node.domain in DEFAULT_DOMAINS
-
-
-def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    graphs = [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]
-    return graphs + [g for a in node.attribute if a.type == onnx.AttributeProto.GRAPHS for g in a.graphs]
-
-
-def _branch(node: onnx.NodeProto, name: str) -> onnx.GraphProto:
-    return next(a.g for a in node.attribute if a.name == name)
-
-
-def _free_names(graph: onnx.GraphProto) -> set[str]:
-    """Outer-scope names a subgraph reads (through its nested subgraphs too)."""
-    defined = {v.name for v in graph.initializer} | {v.name for v in graph.input}
-    defined |= {name for node in graph.node for name in node.output}
-    read = {name for node in graph.node for name in _reads(node) if name} | {v.name for v in graph.output}
-    return read - defined
-
-
-def _reads(node: onnx.NodeProto) -> list[str]:
-    """The node's inputs, then the outer-scope values its branches read (an If reads them as
-    implicit inputs: they must exist before it runs and live until it has run)."""
-    if not _is_if(node):
-        return list(node.input)
-    implicit = set().union(*(_free_names(graph) for graph in _subgraphs(node))) - set(node.input)
-    return [*node.input, *sorted(implicit)]
 
 
 def _taken_branch(
@@ -546,16 +517,16 @@ def _taken_branch(
     the taken branch's nodes (names prefixed with the If's), then one Identity per output;
     and the branch's initializers."""
     name = _node_name(node, index)
-    branch = _branch(node, "then_branch" if _condition(constants[node.input[0]]) else "else_branch")
-    initializers = {init.name: tensor_from_proto(init) for init in branch.initializer}
-    ordered = _topological_order(branch, scope | set(constants) | set(initializers))
+    chosen = branch(node, "then_branch" if _condition(constants[node.input[0]]) else "else_branch")
+    initializers = {init.name: tensor_from_proto(init) for init in chosen.initializer}
+    ordered = _topological_order(chosen, scope | set(constants) | set(initializers))
     nodes = []
     for inner_index, inner in ordered:
         renamed = onnx.NodeProto()
         renamed.CopyFrom(inner)
         renamed.name = f"{name}/{_node_name(inner, inner_index)}"
         nodes.append((index, renamed))
-    for position, (source, target) in enumerate(zip(branch.output, node.output)):
+    for position, (source, target) in enumerate(zip(chosen.output, node.output)):
         if target:
             nodes.append((index, onnx.helper.make_node("Identity", [source.name], [target], name=f"{name}/out{position}")))
     return nodes, initializers
@@ -607,8 +578,8 @@ class _IfHandler:
 
     @classmethod
     def build(cls, node: onnx.NodeProto, opset: int, constants: Mapping[str, torch.Tensor], scope: set[str]) -> _IfHandler:
-        then_branch, then_reads = _prepare_branch(_branch(node, "then_branch"), opset, constants, scope)
-        else_branch, else_reads = _prepare_branch(_branch(node, "else_branch"), opset, constants, scope)
+        then_branch, then_reads = _prepare_branch(branch(node, "then_branch"), opset, constants, scope)
+        else_branch, else_reads = _prepare_branch(branch(node, "else_branch"), opset, constants, scope)
         return cls(then_branch, else_branch, tuple(sorted(then_reads | else_reads)))
 
     def __call__(self, node: Node, inputs: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
