@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sensitivity.budget import PassPlan, plan_passes
+from sensitivity.budget import TIMED_REPEATS, PassPlan, fastest_of, plan_passes
 from sensitivity.eigen import top_eigenvalues
 from sensitivity.hvp import HessianVectorProducts
 from sensitivity.interlayer import interlayer_terms
@@ -271,18 +271,11 @@ def _execution(passes: PassPlan, context: Context, hvp: HessianVectorProducts) -
         execution["peak_rss_mb"] = peak
     traces = context.execution.get("traces")
     if traces and traces.get("probes") and "traces" in context.timings:
-        gradient = _timed_gradient(hvp)
+        gradient = fastest_of(hvp.gradient, TIMED_REPEATS)
         per_probe = context.timings["traces"] / traces["probes"]
         execution["gradient_s"] = round(gradient, 6)
         execution["probe_cost_gradients"] = round(per_probe / gradient, 3) if gradient > 0 else None
     return execution
-
-
-def _timed_gradient(hvp: HessianVectorProducts) -> float:
-    """Seconds of one gradient of the whole calibration loss (the unit HVP costs are given in)."""
-    start = time.perf_counter()
-    hvp.gradient()
-    return time.perf_counter() - start
 
 
 def _peak_rss_mb() -> float | None:
