@@ -587,46 +587,45 @@ def variant_cell(variant: Variant | None, float_size: int, float_p50: float | No
     return _cell(" · ".join(parts))
 
 
+def _over(what: str, value: float | None, target: float, unit: str, digits: int = 0) -> list[str]:
+    """``[what value > target (+excess, ratio×)]`` when ``value`` exceeds ``target``, else []."""
+    if value is None or value <= target:
+        return []
+    def show(x: float) -> str:
+        return f"{x:.{digits}f}{unit}"
+    return [f"{what} {show(value)} > {show(target)} (+{show(value - target)}, {value / target:.1f}×)"]
+
+
 def misses(row: Row) -> list[str]:
     """Each target the row misses, with its size; and what could not be checked."""
-    found: list[str] = []
     if row.error:
         return [f"not measured: {row.error}"]
     if row.graph and row.graph.refusal:
         return [f"not measurable: {row.graph.refusal}"]
+    found: list[str] = []
     hawq = row.sensitivity.get("hawq_v2")
     if isinstance(hawq, StepRun):
-        if hawq.wall_s > TARGET_HAWQ_S:
-            found.append(f"hawq_v2 {hawq.wall_s:.0f} s > {TARGET_HAWQ_S:.0f} s (+{hawq.wall_s - TARGET_HAWQ_S:.0f} s, "
-                         f"{hawq.wall_s / TARGET_HAWQ_S:.1f}×)")
-        if hawq.peak_rss_mb > TARGET_HAWQ_RSS_MB:
-            found.append(f"hawq_v2 peak RSS {hawq.peak_rss_mb:.0f} MiB > {TARGET_HAWQ_RSS_MB:.0f} MiB "
-                         f"(+{hawq.peak_rss_mb - TARGET_HAWQ_RSS_MB:.0f} MiB)")
+        found += _over("hawq_v2", hawq.wall_s, TARGET_HAWQ_S, " s")
+        found += _over("hawq_v2 peak RSS", hawq.peak_rss_mb, TARGET_HAWQ_RSS_MB, " MiB")
         if hawq.document is None:
             found.append(f"hawq_v2 failed: {hawq.error}")
         else:
             execution = hawq.document.get("execution", {})
             picked = execution.get("hvp_method")
-            probe = execution.get("probe_cost_gradients")
             timed = execution.get("budget", {}).get("hvp_cost_gradients", {}).get(picked)
-            if probe is not None and probe > TARGET_PROBE_GRADIENTS:
-                found.append(f"probe cost {probe:.2f} gradients over the run > {TARGET_PROBE_GRADIENTS:g} "
-                             f"(+{probe - TARGET_PROBE_GRADIENTS:.2f}, {picked})")
-            if timed is not None and timed > TARGET_PROBE_GRADIENTS:
-                found.append(f"budget-step HVP {timed:.2f} gradients > {TARGET_PROBE_GRADIENTS:g} ({picked})")
+            found += _over(f"probe cost over the run ({picked})", execution.get("probe_cost_gradients"),
+                           TARGET_PROBE_GRADIENTS, " gradients", 2)
+            found += _over(f"budget-step HVP ({picked})", timed, TARGET_PROBE_GRADIENTS, " gradients", 2)
     interlayer = row.sensitivity.get("interlayer")
     if isinstance(interlayer, StepRun):
-        if interlayer.wall_s > TARGET_INTERLAYER_S:
-            found.append(f"interlayer {interlayer.wall_s:.0f} s > {TARGET_INTERLAYER_S:.0f} s "
-                         f"(+{interlayer.wall_s - TARGET_INTERLAYER_S:.0f} s)")
+        found += _over("interlayer", interlayer.wall_s, TARGET_INTERLAYER_S, " s")
         if interlayer.document is None:
             found.append(f"interlayer failed: {interlayer.error}")
     else:
         found.append("interlayer not run")
     for label, run in row.plans.items():
         if isinstance(run, StepRun):
-            if run.wall_s > TARGET_PLAN_S:
-                found.append(f"plan {label} {run.wall_s:.0f} s > {TARGET_PLAN_S:.0f} s (+{run.wall_s - TARGET_PLAN_S:.0f} s)")
+            found += _over(f"plan {label}", run.wall_s, TARGET_PLAN_S, " s")
             if run.document is None:
                 found.append(f"plan {label} failed")
     return found or ["none"]
