@@ -134,17 +134,19 @@ def normalize_model(
     *,
     opset: int = MIN_OPSET,
     samples: Mapping[str, np.ndarray] | None = None,
+    sample_axes: Mapping[str, int | None] | None = None,
 ) -> NormalizedModel:
     """Normalise ``model`` (see the module doc) to at least ``opset``.
 
     ``samples`` maps the graph inputs (other keys, e.g. ``labels``, are ignored) to arrays with
-    samples on the first axis; the first ``UPGRADE_CHECK_SAMPLES`` check an opset upgrade. Without
+    samples on their sample axes (``sensitivity.samples``; ``sample_axes`` overrides the declared
+    ones); the first ``UPGRADE_CHECK_SAMPLES`` check an opset upgrade. Without
     them an upgrade is applied unchecked (logged): give them wherever expensive work follows.
     An already normalised model is returned as is when its opset suffices. Raises
     ``AlreadyQuantizedError`` and ``OpsetUpgradeError`` (both ValueErrors) with what is wrong.
     """
     if isinstance(model, NormalizedModel):
-        return model if model.opset >= opset else _upgraded_further(model, opset, samples)
+        return model if model.opset >= opset else _upgraded_further(model, opset, samples, sample_axes)
     refuse_quantized(model)
     source_opset = default_opset(model)
     promote = _constants_to_promote(model)
@@ -154,14 +156,15 @@ def normalize_model(
     working = _copy(model)
     _promote_constants(working, promote)
     _clear_non_positive_dims(working)
-    working, check = _upgrade(model, working, source_opset, opset, samples)
+    working, check = _upgrade(model, working, source_opset, opset, samples, sample_axes)
     return NormalizedModel(working, tuple(promote), tuple(dynamic), source_opset, default_opset(working), check)
 
 
 def _upgraded_further(
-    normalized: NormalizedModel, opset: int, samples: Mapping[str, np.ndarray] | None
+    normalized: NormalizedModel, opset: int, samples: Mapping[str, np.ndarray] | None,
+    sample_axes: Mapping[str, int | None] | None = None,
 ) -> NormalizedModel:
-    again = normalize_model(normalized.model, opset=opset, samples=samples)
+    again = normalize_model(normalized.model, opset=opset, samples=samples, sample_axes=sample_axes)
     # an earlier unchecked upgrade stays unchecked: the original it should be compared with is gone
     earlier_unchecked = normalized.upgraded and normalized.upgrade_check is None
     return NormalizedModel(again.model, normalized.promoted_constants, normalized.dynamic_dims,
@@ -181,12 +184,13 @@ def static_dims(value: onnx.ValueInfoProto) -> list[int | None] | None:
 
 
 def fixed_batch_size(model: onnx.ModelProto) -> int | None:
-    """N when every graph input's first dim is the same fixed N (a model exported with batch 1, or
-    any N), else None. Such a model runs on chunks of exactly N samples; a calibration set of any
-    size is cut into them (the last one padded), never by editing the model's batch dim."""
-    constants = {init.name for init in model.graph.initializer}
-    return common_fixed_dim([(dims or [None])[0] for value in model.graph.input if value.name not in constants
-                             for dims in [static_dims(value)]])
+    """N when every per-sample graph input's dim on its sample axis is the same fixed N (a model
+    exported with batch 1, or any N; ``sensitivity.samples``), else None. Such a model runs on chunks
+    of exactly N samples; a calibration set of any size is cut into them (the last one padded),
+    never by editing the model's batch dim."""
+    from sensitivity.samples import fixed_batch  # samples reads dims through this module: imported here
+
+    return fixed_batch(model)
 
 
 def common_fixed_dim(first_dims: Sequence[int | str | None]) -> int | None:
@@ -324,6 +328,7 @@ def _upgrade(
     current: int,
     target: int,
     samples: Mapping[str, np.ndarray] | None,
+    sample_axes: Mapping[str, int | None] | None = None,
 ) -> tuple[onnx.ModelProto, UpgradeCheck | None]:
     if current >= target:
         return working, None
@@ -337,7 +342,7 @@ def _upgrade(
     if samples is None:
         logger.info("opset upgraded from %d to %d without a check: no samples given", current, target)
         return upgraded, None
-    return upgraded, check_upgrade(original, upgraded, samples, (current, target))
+    return upgraded, check_upgrade(original, upgraded, samples, (current, target), sample_axes)
 
 
 def check_upgrade(
@@ -345,9 +350,10 @@ def check_upgrade(
     upgraded: onnx.ModelProto,
     samples: Mapping[str, np.ndarray],
     opsets: tuple[int, int],
+    sample_axes: Mapping[str, int | None] | None = None,
 ) -> UpgradeCheck:
     """Run both models in onnxruntime on the first samples; ``OpsetUpgradeError`` when they differ."""
-    feeds = _first_samples(original, samples)
+    feeds = _first_samples(original, samples, sample_axes)
     before = _run(original, feeds, "the model")
     after = _run(upgraded, feeds, f"the model upgraded to opset {opsets[1]}")
     worst_abs, worst_rel = 0.0, 0.0
@@ -361,7 +367,10 @@ def check_upgrade(
             )
         worst_abs = max(worst_abs, difference)
         worst_rel = max(worst_rel, difference / scale if scale else 0.0)
-    return UpgradeCheck(len(next(iter(feeds.values()))), worst_abs, worst_rel)
+    from sensitivity.samples import input_sample_axes, sample_count  # samples imports this module
+
+    return UpgradeCheck(sample_count(feeds, input_sample_axes(original, sample_axes)) if feeds else 0, worst_abs,
+                        worst_rel)
 
 
 def _difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
@@ -376,16 +385,21 @@ def _difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     return float(np.max(np.abs(a64 - b64))), float(np.max(np.abs(a64)))
 
 
-def _first_samples(model: onnx.ModelProto, samples: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _first_samples(
+    model: onnx.ModelProto, samples: Mapping[str, np.ndarray], sample_axes: Mapping[str, int | None] | None = None
+) -> dict[str, np.ndarray]:
     initializers = {init.name for init in model.graph.initializer}
     names = [value.name for value in model.graph.input if value.name not in initializers]
     missing = [name for name in names if name not in samples]
     if missing:
         raise ValueError(f"the samples to check the opset upgrade lack the model inputs {missing}")
-    fixed = fixed_batch_size(model)  # a model exported with batch N runs on exactly N samples
-    count = min(fixed or UPGRADE_CHECK_SAMPLES, len(np.asarray(samples[names[0]]))) if names else 0
-    rows = padded_rows(0, count, fixed)
-    return {name: np.asarray(samples[name])[rows] for name in names}
+    from sensitivity.samples import fixed_batch, input_sample_axes, sample_count, take_samples
+
+    axes = input_sample_axes(model, sample_axes)  # samples on each input's own axis; shared inputs whole
+    feeds = {name: np.asarray(samples[name]) for name in names}
+    fixed = fixed_batch(model, sample_axes)  # a model exported with batch N runs on exactly N samples
+    count = min(fixed or UPGRADE_CHECK_SAMPLES, sample_count(feeds, axes)) if names else 0
+    return take_samples(feeds, padded_rows(0, count, fixed), axes)
 
 
 def _run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], what: str) -> list[np.ndarray]:
