@@ -31,6 +31,7 @@ from planner.evaluate import log_softmax, run_batched_outputs
 from planner.export import check_inputs, export_model, model_opset
 from sensitivity.layers import find_layers
 from sensitivity.losses import LOSS_KINDS, PROBABILITY_FLOOR
+from sensitivity.samples import SampleAxes, input_sample_axes
 
 QDQ_OPSET = 13  # per-tensor QuantizeLinear with a uint8 zero point is older, but the exporter's floor is 13
 RENAMED_OUTPUT_SUFFIX = "_QuantizeLinear_Input"  # onnxruntime renames a quantized graph output's producer
@@ -66,20 +67,23 @@ def activation_terms(
     *,
     batch_size: int = 256,
     w8a8_artifact: bytes | None = None,
+    sample_axes: SampleAxes | None = None,
 ) -> dict[str, ActivationTerm]:
     """aᵢ for every layer of ``model`` (see the module doc); ``loss_kind`` as the sensitivity result's;
-    ``w8a8_artifact``: see ``activation_quantization``."""
+    ``w8a8_artifact``: see ``activation_quantization``; ``sample_axes``: see ``sensitivity.samples``."""
     if loss_kind not in LOSS_KINDS:
         raise ValueError(f"loss_kind must be one of {LOSS_KINDS}; got {loss_kind!r}")
-    feeds = check_inputs(model, calibration, what="calibration set")
+    feeds = check_inputs(model, calibration, what="calibration set", sample_axes=sample_axes)
+    axes = input_sample_axes(model, sample_axes)
     float_model = _with_qdq_opset(model)
-    quantized = activation_quantization(model, calibration, w8a8_artifact)
-    reference = _run(float_model, feeds, batch_size)
+    quantized = activation_quantization(model, calibration, w8a8_artifact, sample_axes=axes)
+    reference = _run(float_model, feeds, batch_size, axes)
     loss = _SampleLoss(loss_kind, reference, calibration.get("labels"))
     terms = {}
     for layer, tensors in _layer_tensors(float_model, quantized).items():
         if tensors:
-            outputs = _run(_with_fake_quantization(float_model, [quantized[t] for t in tensors]), feeds, batch_size)
+            outputs = _run(_with_fake_quantization(float_model, [quantized[t] for t in tensors]), feeds, batch_size,
+                           axes)
             change = loss(outputs) - loss(reference)
             error = float(change.std(ddof=1) / np.sqrt(len(change))) if len(change) > 1 else abs(float(change[0]))
             terms[layer] = ActivationTerm(layer, tensors, float(change.mean()), error)
@@ -89,7 +93,11 @@ def activation_terms(
 
 
 def activation_quantization(
-    model: onnx.ModelProto, calibration: Mapping[str, np.ndarray], w8a8_artifact: bytes | None = None
+    model: onnx.ModelProto,
+    calibration: Mapping[str, np.ndarray],
+    w8a8_artifact: bytes | None = None,
+    *,
+    sample_axes: SampleAxes | None = None,
 ) -> dict[str, ActivationQuantization]:
     """The activation tensors of ``model`` that the exporter quantizes when every layer is ``w8a8``.
 
@@ -98,7 +106,7 @@ def activation_quantization(
     """
     if w8a8_artifact is None:
         configuration = {layer.name: "w8a8" for layer in find_layers(model)}
-        w8a8_artifact = export_model(model, configuration, calibration).model_bytes
+        w8a8_artifact = export_model(model, configuration, calibration, sample_axes=sample_axes).model_bytes
     exported = onnx.load_from_string(w8a8_artifact)
     protos = {init.name: init for init in exported.graph.initializer}
     initializers = {name: numpy_helper.to_array(proto) for name, proto in protos.items()}
@@ -182,9 +190,11 @@ def _insert_after_producer(graph: onnx.GraphProto, tensor: str, nodes: Sequence[
     graph.node.extend(existing)
 
 
-def _run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], batch_size: int) -> list[np.ndarray]:
+def _run(
+    model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], batch_size: int, axes: SampleAxes | None = None
+) -> list[np.ndarray]:
     """Every output over all samples, float64, in its per-sample shape (the sequence losses need [N, T, C])."""
-    return run_batched_outputs(model.SerializeToString(), feeds, batch_size, flatten=False)
+    return run_batched_outputs(model.SerializeToString(), feeds, batch_size, flatten=False, sample_axes=axes)
 
 
 class _SampleLoss:

@@ -35,6 +35,7 @@ from planner.batches import batches, session_fixed_batch
 from planner.cost import cpu_session
 from planner.export import ExportedModel, check_inputs
 from sensitivity.outputs import detect_kind
+from sensitivity.samples import SampleAxes, input_sample_axes, sample_count
 
 LABELS_KEY = "labels"
 # What a user may ask for (PlanRequest.metric, mpq plan --metric, the API's plan body).
@@ -76,22 +77,27 @@ def evaluate(
     *,
     batch_size: int = 256,
     metric: str = "auto",
+    sample_axes: SampleAxes | None = None,
 ) -> Evaluation:
     """Run both models over ``dataset`` (model inputs, optionally ``labels``) in batches and compare
-    with ``metric`` (one of ``METRICS``; ``auto`` picks it from the output kind)."""
+    with ``metric`` (one of ``METRICS``; ``auto`` picks it from the output kind). Inputs are cut
+    along their sample axes (``sensitivity.samples``, ``sample_axes`` merged over the declared ones)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {list(METRICS)}; got {metric!r}")
     float_proto = float_model if isinstance(float_model, onnx.ModelProto) else onnx.load_from_string(float_model)
     quantized_bytes = _model_bytes(quantized)
-    feeds = check_inputs(float_proto, dataset, what="evaluation set")
-    check_inputs(onnx.load_from_string(quantized_bytes), feeds, what="evaluation set (quantized model)")
-    labels = _labels(dataset, len(next(iter(feeds.values()))))
+    feeds = check_inputs(float_proto, dataset, what="evaluation set", sample_axes=sample_axes)
+    axes = input_sample_axes(float_proto, sample_axes)
+    check_inputs(onnx.load_from_string(quantized_bytes), feeds, what="evaluation set (quantized model)",
+                 sample_axes=axes)
+    labels = _labels(dataset, sample_count(feeds, axes))
 
     reference = run_batched_outputs(float_proto.SerializeToString(), feeds, batch_size, flatten=False,
-                                    per_sample_only=True)
-    outputs = run_batched_outputs(quantized_bytes, feeds, batch_size, flatten=False, per_sample_only=True)
+                                    per_sample_only=True, sample_axes=axes)
+    outputs = run_batched_outputs(quantized_bytes, feeds, batch_size, flatten=False, per_sample_only=True,
+                                  sample_axes=axes)
     if len(reference) != len(outputs):
         raise ValueError(f"the models differ in per-sample outputs: float {len(reference)}, quantized {len(outputs)}")
     for index, (ref, out) in enumerate(zip(reference, outputs, strict=True)):
@@ -142,9 +148,11 @@ def measure_metric(
     return 100.0 * min(cosine_similarity(r, o) for r, o in zip(reference, outputs, strict=True)), 100.0
 
 
-def run_batched(model_bytes: bytes, feeds: Mapping[str, np.ndarray], batch_size: int) -> np.ndarray:
+def run_batched(
+    model_bytes: bytes, feeds: Mapping[str, np.ndarray], batch_size: int, sample_axes: SampleAxes | None = None
+) -> np.ndarray:
     """The first output over all samples, as a float64 array ``[samples, -1]``."""
-    return run_batched_outputs(model_bytes, feeds, batch_size, first_only=True)[0]
+    return run_batched_outputs(model_bytes, feeds, batch_size, first_only=True, sample_axes=sample_axes)[0]
 
 
 def run_batched_outputs(
@@ -155,16 +163,19 @@ def run_batched_outputs(
     first_only: bool = False,
     flatten: bool = True,
     per_sample_only: bool = False,
+    sample_axes: SampleAxes | None = None,
 ) -> list[np.ndarray]:
     """Every output (or the first only) over all samples, each as a float64 array ``[samples, -1]``,
     or with ``flatten=False`` in its own per-sample shape ``[samples, ...]``. ``per_sample_only``
     leaves out outputs after the first that are not one row per sample in every batch (a
-    recurrent model's state, silero-vad's [2, N, 128]); otherwise they are an error."""
+    recurrent model's state, silero-vad's [2, N, 128]); otherwise they are an error. The inputs are
+    cut along their sample axes: ``sample_axes`` merged over those of the model's declared shapes."""
     session = cpu_session(model_bytes)
+    axes = _session_axes(model_bytes, session, sample_axes)
     chunks: list[list[np.ndarray | None]] = []
-    for batch, real in batches(feeds, batch_size, session_fixed_batch(session)):
+    for batch, real in batches(feeds, batch_size, session_fixed_batch(session, axes), axes):
         outputs = session.run(None, batch)[: 1 if first_only else None]
-        rows = len(next(iter(batch.values())))
+        rows = sample_count(batch, axes)
         chunks.append([
             None if per_sample_only and index > 0 and not _is_per_sample(output, rows)
             else _rows(np.asarray(output), rows, index, flatten)[:real]
@@ -172,6 +183,15 @@ def run_batched_outputs(
         ])
     columns = list(zip(*chunks))
     return [np.concatenate(parts) for parts in columns if all(part is not None for part in parts)]
+
+
+def _session_axes(model_bytes: bytes, session, sample_axes: SampleAxes | None) -> dict[str, int | None]:
+    """The sample axis of each session input: as given when the caller resolved them all (the
+    planner does, once per model), else read off the model (parsed only then)."""
+    names = [value.name for value in session.get_inputs()]
+    if sample_axes is not None and set(names) <= set(sample_axes):
+        return {name: sample_axes[name] for name in names}
+    return input_sample_axes(onnx.load_from_string(model_bytes), sample_axes)
 
 
 def _is_per_sample(output: np.ndarray, rows: int) -> bool:

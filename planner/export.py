@@ -62,12 +62,19 @@ from sensitivity.layers import Layer, find_layers, node_weight_index, weight_arr
 from sensitivity.normalize import (
     NormalizedModel,
     OpsetUpgradeError,
-    fixed_batch_size,
     padded_rows,
     normalize_model,
     static_dims,
 )
 from sensitivity.quantize import QuantizedWeight, quantize_weight
+from sensitivity.samples import (
+    SampleAxes,
+    fixed_batch,
+    input_sample_axes,
+    sample_count,
+    show_dims,
+    take_samples,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -120,32 +127,36 @@ def export_model(
     constraints: Mapping[str, Any] | None = None,
     calibrate_method: str = "minmax",
     calibration_batch_size: int = 64,
+    sample_axes: SampleAxes | None = None,
 ) -> ExportedModel:
     """Quantize ``model`` as ``configuration`` says and return the checked artifact.
 
     ``model`` is normalised first (``sensitivity.normalize``) to the opset the configuration
     needs; a ``NormalizedModel`` at that opset is used as it is. ``calibration`` maps every model
-    input to an array whose first axis runs over samples (a ``labels`` array is ignored).
-    ``metadata`` adds string key/value pairs to ``metadata_props``; ``constraints`` (the search
-    budget, if any) is stored with the plan.
+    input to an array with samples on its sample axis (``sensitivity.samples``: axis 0 unless the
+    declared shape or ``sample_axes`` says otherwise; a shared input is fed whole; a ``labels``
+    array is ignored). ``metadata`` adds string key/value pairs to ``metadata_props``;
+    ``constraints`` (the search budget, if any) is stored with the plan.
     """
     configuration = as_configuration(configuration)
     source = model.model if isinstance(model, NormalizedModel) else model
-    feeds = check_inputs(source, calibration, what="calibration set")
+    feeds = check_inputs(source, calibration, what="calibration set", sample_axes=sample_axes)
+    axes = input_sample_axes(source, sample_axes)
     _check_options(calibrate_method, calibration_batch_size, metadata)
-    normalized = _normalized(model, required_opset(configuration.values()), feeds)
+    normalized = _normalized(model, required_opset(configuration.values()), feeds, axes)
     model = normalized.model
     layers = find_layers(model)
     configuration = configuration.validate(layers)
 
-    working, preprocessing = _prepare(model, layers, configuration, feeds)
+    working, preprocessing = _prepare(model, layers, configuration, feeds, axes)
     nodes = {name: [node.name for node in found] for name, found in layer_nodes(working, layers).items()}
     by_name = {layer.name: layer for layer in layers}
     static = [name for name, c in configuration.items() if _is_static(get_candidate(c), by_name[name])]
     weight_only = [name for name, c in configuration.items() if get_candidate(c).quantizes_weights and name not in static]
     if static:
         working = _quantize_static(
-            working, [by_name[n] for n in static], configuration, nodes, feeds, calibrate_method, calibration_batch_size
+            working, [by_name[n] for n in static], configuration, nodes, feeds, axes, calibrate_method,
+            calibration_batch_size,
         )
     for name in weight_only:
         bits = configuration.candidate(name).weight_bits
@@ -154,12 +165,13 @@ def export_model(
     _raise_ir_version(working)
 
     exported_layers = _exported_layers(configuration, nodes, by_name)
-    plan = _plan(configuration, exported_layers, constraints, calibrate_method, feeds, normalized.source_opset, working)
+    plan = _plan(configuration, exported_layers, constraints, calibrate_method, sample_count(feeds, axes),
+                 normalized.source_opset, working)
     plan["preprocessing"] = preprocessing
     plan["normalization"] = normalized.to_dict()
     _write_metadata(working, plan, metadata)
     model_bytes = _serialize(working)
-    validate_artifact(model_bytes, feeds, batch_size=calibration_batch_size)
+    validate_artifact(model_bytes, feeds, batch_size=calibration_batch_size, sample_axes=axes)
     return ExportedModel(
         model_bytes=model_bytes,
         sha256=hashlib.sha256(model_bytes).hexdigest(),
@@ -174,9 +186,15 @@ def export_model(
 
 
 def check_inputs(
-    model: onnx.ModelProto, arrays: Mapping[str, np.ndarray], *, what: str = "inputs"
+    model: onnx.ModelProto,
+    arrays: Mapping[str, np.ndarray],
+    *,
+    what: str = "inputs",
+    sample_axes: SampleAxes | None = None,
 ) -> dict[str, np.ndarray]:
-    """Check that ``arrays`` feed exactly the model's inputs (name, dtype, rank, fixed dims, same length).
+    """Check that ``arrays`` feed exactly the model's inputs (name, dtype, rank, fixed dims, and the same
+    number of samples on each per-sample input's sample axis; ``sensitivity.samples``, with the user's
+    ``sample_axes`` merged over the declared shapes). A shared input (declared rank 0) takes one value.
 
     Returns the model-input arrays (``labels`` and other ignored keys dropped). Raises ValueError naming
     every mismatch.
@@ -189,19 +207,22 @@ def check_inputs(
     unknown = [name for name in arrays if name not in expected and name not in IGNORED_INPUT_KEYS]
     if missing or unknown:
         raise ValueError(f"{what} does not match the model inputs {expected}: missing {missing}, unknown {unknown}")
+    axes = input_sample_axes(model, sample_axes)
     problems: list[str] = []
-    fixed_batch = fixed_batch_size(model) is not None  # then any number of samples: run in batches of N
+    any_count = fixed_batch(model, sample_axes) is not None  # then any number of samples: run in batches of N
     for value in inputs:
-        problems += _input_problems(value, arrays[value.name], any_count=fixed_batch)
+        problems += _input_problems(value, arrays[value.name], axes[value.name], any_count=any_count)
     if problems:
         raise ValueError(f"{what} does not match the model inputs: " + "; ".join(problems))
-    lengths = {name: len(arrays[name]) for name in expected}
-    if len(set(lengths.values())) > 1:
-        raise ValueError(f"{what}: arrays have different numbers of samples {lengths}")
-    return {name: arrays[name] for name in expected}
+    feeds = {name: arrays[name] for name in expected}
+    sample_count(feeds, axes, what=what)  # the per-sample inputs must agree
+    return feeds
 
 
-def _input_problems(value: onnx.ValueInfoProto, array: object, any_count: bool = False) -> list[str]:
+def _input_problems(
+    value: onnx.ValueInfoProto, array: object, axis: int | None, any_count: bool = False
+) -> list[str]:
+    """What is wrong with ``array`` as input ``value`` whose samples lie on ``axis`` (None: shared)."""
     name = value.name
     if not isinstance(array, np.ndarray):
         return [f"{name!r} is a {type(array).__name__}, not a numpy array"]
@@ -211,21 +232,19 @@ def _input_problems(value: onnx.ValueInfoProto, array: object, any_count: bool =
     if array.dtype != expected_dtype:
         problems.append(f"{name!r} has dtype {array.dtype}, the model expects {expected_dtype}")
     dims = static_dims(value)  # -1 (paddle2onnx, tf2onnx), symbolic and missing dims are all dynamic
+    where = "shared by every sample" if axis is None else f"samples on axis {axis}"
     if dims is not None:
         if array.ndim != len(dims):
-            problems.append(f"{name!r} has shape {array.shape}, the model expects rank {len(dims)} ({_show(dims)})")
+            problems.append(f"{name!r} has shape {array.shape}, the model expects rank {len(dims)} ({show_dims(dims)}, "
+                            f"{where})" + (": give one value for all samples" if axis is None and not dims else ""))
         else:
-            fixed = [(axis, size) for axis, size in enumerate(dims)
-                     if size is not None and array.shape[axis] != size and not (any_count and axis == 0)]
+            fixed = [(k, size) for k, size in enumerate(dims)
+                     if size is not None and array.shape[k] != size and not (any_count and k == axis)]
             if fixed:
-                problems.append(f"{name!r} has shape {array.shape}, the model expects {_show(dims)}")
-    if array.ndim == 0 or len(array) == 0:
-        problems.append(f"{name!r} has no samples (shape {array.shape})")
+                problems.append(f"{name!r} has shape {array.shape}, the model expects {show_dims(dims)} ({where})")
+    if axis is not None and (array.ndim <= axis or array.shape[axis] == 0):
+        problems.append(f"{name!r} has no samples on axis {axis} (shape {array.shape})")
     return problems
-
-
-def _show(dims: Sequence[int | None]) -> str:
-    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 
 
 def _check_options(calibrate_method: str, batch_size: int, metadata: Mapping[str, str] | None) -> None:
@@ -245,14 +264,19 @@ def _check_options(calibrate_method: str, batch_size: int, metadata: Mapping[str
 
 
 def _prepare(
-    model: onnx.ModelProto, layers: Sequence[Layer], configuration: Configuration, feeds: Mapping[str, np.ndarray]
+    model: onnx.ModelProto,
+    layers: Sequence[Layer],
+    configuration: Configuration,
+    feeds: Mapping[str, np.ndarray],
+    axes: SampleAxes,
 ) -> tuple[onnx.ModelProto, str]:
     """A copy of the float model ready for the quantizer: named nodes, the needed opset, typed tensors."""
     working = _copy(model)
     _name_unnamed_nodes(working)
-    _check_float_model_runs(working, feeds)
+    first = take_samples(feeds, slice(0, 1), axes)  # one sample (shared inputs whole) runs the float model
+    _check_float_model_runs(working, first)
     working, preprocessing = _preprocess(working, layers)
-    _complete_value_types(working, feeds)
+    _complete_value_types(working, first)
     return working, preprocessing
 
 
@@ -281,10 +305,10 @@ def _name_unnamed_nodes(model: onnx.ModelProto) -> None:
         seen.add(name)
 
 
-def _check_float_model_runs(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> None:
-    """Fail early, naming the cause, when onnxruntime cannot run the float model on the calibration set."""
+def _check_float_model_runs(model: onnx.ModelProto, sample: Mapping[str, np.ndarray]) -> None:
+    """Fail early, naming the cause, when onnxruntime cannot run the float model on a calibration sample."""
     try:
-        _run(model, {name: array[:1] for name, array in feeds.items()})
+        _run(model, sample)
     except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise ValueError(f"the float model does not run in onnxruntime on the calibration inputs: {error}") from None
 
@@ -305,11 +329,11 @@ def required_opset(candidates: Iterable[str]) -> int:
 
 
 def _normalized(
-    model: onnx.ModelProto | NormalizedModel, opset: int, feeds: Mapping[str, np.ndarray]
+    model: onnx.ModelProto | NormalizedModel, opset: int, feeds: Mapping[str, np.ndarray], axes: SampleAxes
 ) -> NormalizedModel:
     """The normalised model at ``opset``; a failed or mismatching upgrade is an ``ExportError``."""
     try:
-        return normalize_model(model, opset=opset, samples=feeds)
+        return normalize_model(model, opset=opset, samples=feeds, sample_axes=axes)
     except OpsetUpgradeError as error:
         raise ExportError(f"{error}; not exporting it") from None
 
@@ -364,8 +388,9 @@ def _working_directory(directory: str) -> Iterator[None]:
             os.chdir(previous)
 
 
-def _complete_value_types(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> None:
-    """Give every node output a type; where inference left one out, read it off a real onnxruntime run.
+def _complete_value_types(model: onnx.ModelProto, sample: Mapping[str, np.ndarray]) -> None:
+    """Give every node output a type; where inference left one out, read it off a real onnxruntime run
+    on one calibration ``sample``.
 
     ``quantize_static`` silently leaves a tensor float when it cannot find its type.
     """
@@ -379,7 +404,6 @@ def _complete_value_types(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray
     untyped = [out for node in model.graph.node for out in node.output if out and out not in typed]
     if not untyped:
         return
-    sample = {name: array[:1] for name, array in feeds.items()}
     for name, array in runtime_tensors(model, sample, untyped).items():
         elem_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
         # Type only, no shape: a concrete shape would pin the batch size.
@@ -393,11 +417,15 @@ def _complete_value_types(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray
 class ArrayCalibrationReader(CalibrationDataReader):
     """onnxruntime ``CalibrationDataReader`` over in-memory arrays, in batches (of exactly ``fixed``
     samples for a model whose batch dim is fixed, the last padded: a repeated sample moves no
-    min/max range)."""
+    min/max range). Each input is cut along its sample axis (``axes``; default 0), a shared one
+    (axis None) goes whole into every batch."""
 
-    def __init__(self, feeds: Mapping[str, np.ndarray], batch_size: int, fixed: int | None = None) -> None:
+    def __init__(
+        self, feeds: Mapping[str, np.ndarray], batch_size: int, fixed: int | None = None, axes: SampleAxes | None = None
+    ) -> None:
         self._feeds = dict(feeds)
-        self._count = len(next(iter(self._feeds.values())))
+        self._axes = dict(axes or {})
+        self._count = sample_count(self._feeds, self._axes)
         self._batch_size = fixed or batch_size
         self._fixed = fixed
         self.set_range(0, self._count)
@@ -411,7 +439,7 @@ class ArrayCalibrationReader(CalibrationDataReader):
         if start is None:
             return None
         rows = padded_rows(start, min(start + self._batch_size, self._end), self._fixed)
-        return {name: array[rows] for name, array in self._feeds.items()}
+        return take_samples(self._feeds, rows, self._axes)
 
     def __len__(self) -> int:
         return math.ceil(self._count / self._batch_size)
@@ -424,6 +452,7 @@ def _quantize_static(
     configuration: Configuration,
     nodes: Mapping[str, Sequence[str]],
     feeds: Mapping[str, np.ndarray],
+    axes: SampleAxes,
     calibrate_method: str,
     batch_size: int,
 ) -> onnx.ModelProto:
@@ -437,7 +466,7 @@ def _quantize_static(
             quantize_static(
                 model,
                 output,
-                ArrayCalibrationReader(feeds, batch_size, fixed_batch_size(model)),
+                ArrayCalibrationReader(feeds, batch_size, fixed_batch(model, axes), axes),
                 quant_format=QuantFormat.QDQ,
                 per_channel=True,
                 reduce_range=False,  # Q_b uses the full restricted range [-127, 127]
@@ -621,7 +650,7 @@ def _plan(
     layers: Mapping[str, ExportedLayer],
     constraints: Mapping[str, Any] | None,
     calibrate_method: str,
-    feeds: Mapping[str, np.ndarray],
+    samples: int,
     source_opset: int,
     model: onnx.ModelProto,
 ) -> dict[str, Any]:
@@ -642,7 +671,7 @@ def _plan(
         "constraints": dict(constraints) if constraints is not None else None,
         "calibration": {
             "method": calibrate_method.lower(),
-            "samples": len(next(iter(feeds.values()))),
+            "samples": samples,
             "activation_type": "uint8",
             "weight_quantizer": "symmetric per-channel, restricted range (sensitivity.quantize)",
         },
@@ -714,16 +743,22 @@ def _serialize(model: onnx.ModelProto) -> bytes:
         raise ExportError(f"the exported model cannot be serialized: {error}") from error
 
 
-def validate_artifact(model_bytes: bytes, feeds: Mapping[str, np.ndarray], *, batch_size: int = 64) -> None:
-    """``onnx.checker`` and a real onnxruntime run over ``feeds``; ExportError on any failure."""
+def validate_artifact(
+    model_bytes: bytes, feeds: Mapping[str, np.ndarray], *, batch_size: int = 64, sample_axes: SampleAxes | None = None
+) -> None:
+    """``onnx.checker`` and a real onnxruntime run over ``feeds`` (cut along ``sample_axes``, merged
+    over the artifact's declared input shapes); ExportError on any failure."""
     try:
-        onnx.checker.check_model(onnx.load_from_string(model_bytes))
+        model = onnx.load_from_string(model_bytes)
+        onnx.checker.check_model(model)
     except Exception as error:  # noqa: BLE001
         raise ExportError(f"the exported model fails onnx.checker: {error}") from error
+    axes = input_sample_axes(model, sample_axes)
+    del model  # the session reads the bytes; the parsed copy is not needed beside it
     try:
         session = _session(model_bytes)
         start = 0
-        for batch, real in batches(feeds, batch_size, session_fixed_batch(session)):
+        for batch, real in batches(feeds, batch_size, session_fixed_batch(session, axes), axes):
             outputs = session.run(None, batch)
             bad = [i for i, out in enumerate(outputs) if _is_float(out) and not np.isfinite(out).all()]
             if bad:

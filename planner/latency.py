@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from planner.export import check_inputs
-from sensitivity.normalize import fixed_batch_size
+from sensitivity.samples import SampleAxes, fixed_batch, input_sample_axes
 
 CPU_PROVIDER = "CPUExecutionProvider"
 CUDA_PROVIDER = "CUDAExecutionProvider"
@@ -47,22 +47,25 @@ def measure_latency(
     repeats: int = 50,
     batch_size: int = 1,
     threads: int | None = None,
+    sample_axes: SampleAxes | None = None,
 ) -> LatencyMeasurement:
     """Time ``repeats`` runs of one batch of ``batch_size`` samples after ``warmup`` untimed runs.
 
-    ``inputs`` maps every model input to samples (first axis); the batch is its first ``batch_size``
-    rows, repeated cyclically when there are fewer (a model whose batch dim is fixed at N runs N, the
-    ``batch_size`` recorded). ``threads`` sets onnxruntime's intra-op threads
-    (default: onnxruntime's choice).
+    ``inputs`` maps every model input to samples on its sample axis (``sensitivity.samples``, with
+    ``sample_axes`` merged over the declared shapes); the batch is its first ``batch_size`` samples,
+    repeated cyclically when there are fewer (a model whose batch dim is fixed at N runs N, the
+    ``batch_size`` recorded), and a shared input is fed whole. ``threads`` sets onnxruntime's
+    intra-op threads (default: onnxruntime's choice).
     """
     import onnx
     import onnxruntime as ort
 
     _check_counts(warmup, repeats, batch_size, threads)
     model = onnx.load_from_string(model_bytes)
-    feeds = check_inputs(model, inputs, what="latency inputs")
-    batch_size = fixed_batch_size(model) or batch_size  # a model exported with batch N runs N at a time
-    batch = {name: _take(array, batch_size) for name, array in feeds.items()}
+    feeds = check_inputs(model, inputs, what="latency inputs", sample_axes=sample_axes)
+    axes = input_sample_axes(model, sample_axes)
+    batch_size = fixed_batch(model, sample_axes) or batch_size  # a model exported with batch N runs N at a time
+    batch = {name: _take(array, batch_size, axes[name]) for name, array in feeds.items()}
     provider = select_provider(device)
 
     options = ort.SessionOptions()
@@ -141,10 +144,13 @@ def gpu_description() -> str:
     return names[0] if result.returncode == 0 and names else ""
 
 
-def _take(array: np.ndarray, batch_size: int) -> np.ndarray:
-    if len(array) >= batch_size:
-        return np.ascontiguousarray(array[:batch_size])
-    return np.ascontiguousarray(np.resize(array, (batch_size, *array.shape[1:])))
+def _take(array: np.ndarray, batch_size: int, axis: int | None) -> np.ndarray:
+    """The first ``batch_size`` samples along ``axis``, repeated cyclically when there are fewer; a
+    shared input (axis None) whole."""
+    if axis is None:
+        return np.asarray(array, order="C")  # not ascontiguousarray: it makes a rank-0 array 1-d
+    rows = np.arange(batch_size) % array.shape[axis]
+    return np.ascontiguousarray(np.take(array, rows, axis=axis))
 
 
 def _check_counts(warmup: int, repeats: int, batch_size: int, threads: int | None) -> None:

@@ -74,6 +74,7 @@ from sensitivity.results import (
     TraceConfig,
     check_device,
 )
+from sensitivity.samples import check_sample_axes, input_sample_axes, one_sample_shapes
 
 logger = logging.getLogger(__name__)
 Progress = Callable[[str, float, str], None]
@@ -162,6 +163,9 @@ class PlanRequest:
     other layer at b". Layers whose weight is a structural constant are restricted as well; see
     ``planner.exclude``. A pattern matching no layer is a ValueError when the plan runs (the model
     is not known here).
+    ``sample_axes``: input name -> the axis its samples lie on, or None for an input shared by every
+    sample, merged over what the declared input shapes say (``sensitivity.samples``); for models
+    whose declared shapes are missing or misleading. An unknown input is a ValueError when the plan runs.
     Every field is checked on construction against the ``MAX_*`` bounds above (a ValueError
     naming the field), whatever JSON value it holds; ints must be ints, numbers finite.
     """
@@ -186,6 +190,7 @@ class PlanRequest:
     # What max_drop is measured on (planner.evaluate.METRICS); auto picks it from the model's output kind.
     metric: str = "auto"
     exclude: tuple[str, ...] = ()  # layers kept fp32, by layer or node name or pattern (planner.exclude)
+    sample_axes: Mapping[str, int | None] = field(default_factory=dict)  # input -> sample axis (None: shared)
 
     def __post_init__(self) -> None:
         set_fields(
@@ -210,6 +215,7 @@ class PlanRequest:
             measure_activation_terms=check_bool("measure_activation_terms", self.measure_activation_terms),
             metric=check_choice("metric", self.metric, METRICS),
             exclude=check_exclude(self.exclude),
+            sample_axes=check_sample_axes(self.sample_axes),
             sensitivity_options=_check_sensitivity_options(self.sensitivity_options),
         )
         budgets = [name for name in BUDGET_FIELDS if getattr(self, name) is not None]
@@ -256,7 +262,7 @@ class PlanRequest:
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         return {**data, "candidates": list(self.candidates), "sensitivity_options": dict(self.sensitivity_options),
-                "exclude": list(self.exclude)}
+                "exclude": list(self.exclude), "sample_axes": dict(self.sample_axes)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PlanRequest:
@@ -426,7 +432,8 @@ def plan(
     """Choose, export and measure a mixed-precision configuration of ``model`` (see the module doc).
 
     ``calibration`` (and ``evaluation``, default: the calibration set) map the model inputs,
-    and optionally ``labels``, to arrays with samples on the first axis. ``model`` may already
+    and optionally ``labels``, to arrays with samples on each input's sample axis (axis 0 unless the
+    declared shapes or ``request.sample_axes`` say otherwise: ``sensitivity.samples``). ``model`` may already
     be normalised (``normalize_for_plan``: the worker does so before its sensitivity analysis).
     Raises ``ValueError`` for bad input (``UnsupportedOpsError`` for ops the sensitivity analysis
     lacks, ``AlreadyQuantizedError``, ``OpsetUpgradeError``) and ``NoFeasiblePlan`` when no
@@ -440,13 +447,14 @@ def plan(
     if sensitivity is None:  # the analysis interprets the graph: name unsupported ops before anything runs
         check_supported(model)
     evaluation = calibration if evaluation is None else evaluation
-    check_inputs(model, evaluation, what="evaluation set")
+    axes = input_sample_axes(model, request.sample_axes)  # resolved once; every later step takes them
+    check_inputs(model, evaluation, what="evaluation set", sample_axes=axes)
 
-    table = layer_cost_table(model, _sample_shape(model, calibration))
+    table = layer_cost_table(model, _sample_shape(model, calibration, axes))
     offered = layer_candidates(model, request.candidates, request.exclude)  # an unmatched pattern: named here
     _check_budget_feasible(table, request, offered)  # before the costly analysis
-    sensitivity = _sensitivity(normalized, calibration, request, sensitivity, progress, timings)
-    measurer = _Measurer(normalized, calibration, evaluation, request, progress)
+    sensitivity = _sensitivity(normalized, calibration, request, sensitivity, progress, timings, axes)
+    measurer = _Measurer(normalized, calibration, evaluation, request, progress, axes)
     activation = _activation_terms(model, calibration, request, sensitivity, offered, measurer, timings)
     progress("objective", 0.0, "building the objective")
     objective = build_objective(sensitivity, table, request.candidates, model, activation, offered=offered.offered)
@@ -496,8 +504,9 @@ def normalize_for_plan(
     upgrade check runs it, so a mismatch is named rather than failing inside onnxruntime."""
     source = model.model if isinstance(model, NormalizedModel) else model
     refuse_quantized(source)
-    check_inputs(source, calibration, what="calibration set")
-    return normalize_model(model, opset=required_opset(request.candidates), samples=calibration)
+    check_inputs(source, calibration, what="calibration set", sample_axes=request.sample_axes)
+    return normalize_model(model, opset=required_opset(request.candidates), samples=calibration,
+                           sample_axes=request.sample_axes)
 
 
 def _no_progress(phase: str, fraction: float, message: str) -> None:
@@ -537,6 +546,7 @@ def _sensitivity(
     given: SensitivityResult | None,
     progress: Progress,
     timings: dict[str, float],
+    axes: Mapping[str, int | None],
 ) -> SensitivityResult:
     if given is not None:
         _require(
@@ -548,7 +558,7 @@ def _sensitivity(
     from sensitivity.run import compute_sensitivity
 
     start = time.perf_counter()
-    program = load_onnx(model)
+    program = load_onnx(model, sample_axes=axes)
 
     def forward(phase: str, fraction: float, message: str) -> None:
         progress(f"sensitivity:{phase}", fraction, message)
@@ -576,7 +586,8 @@ def _activation_terms(
         # Exported through the measurer's cache: the uniform w8a8 baseline reuses this artifact. Excluded
         # layers stay fp32 there too: their terms would only ever apply to candidates they are not offered.
         uniform = measurer.export(offered.uniform("w8a8"))
-        terms = activation_terms(model, calibration, sensitivity.loss_kind, w8a8_artifact=uniform.model_bytes)
+        terms = activation_terms(model, calibration, sensitivity.loss_kind, w8a8_artifact=uniform.model_bytes,
+                                 sample_axes=measurer.sample_axes)
     except ExportError as error:
         # Not fatal: the search can still avoid a8 where it fails, as before these terms existed.
         logger.warning("activation terms skipped: uniform w8a8 does not export (%s)", error)
@@ -586,10 +597,11 @@ def _activation_terms(
     return terms
 
 
-def _sample_shape(model: onnx.ModelProto, calibration: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
-    """The calibration arrays' shapes with batch 1: BOPS are counted per sample."""
-    feeds = check_inputs(model, calibration, what="calibration set")
-    return {name: (1, *array.shape[1:]) for name, array in feeds.items()}
+def _sample_shape(
+    model: onnx.ModelProto, calibration: Mapping[str, np.ndarray], axes: Mapping[str, int | None]
+) -> dict[str, tuple[int, ...]]:
+    """The calibration arrays' shapes with one sample (shared inputs whole): BOPS are counted per sample."""
+    return one_sample_shapes(check_inputs(model, calibration, what="calibration set", sample_axes=axes), axes)
 
 
 def build_objective(
@@ -748,8 +760,10 @@ class _Measurer:
         evaluation: Mapping[str, np.ndarray],
         request: PlanRequest,
         progress: Progress,
+        sample_axes: Mapping[str, int | None],
     ) -> None:
         self._model = model  # normalised at the export's opset: export_model uses it as it is
+        self.sample_axes = dict(sample_axes)  # every input's, resolved (sensitivity.samples)
         self._float_bytes = model.model.SerializeToString()
         self._calibration = calibration
         self._evaluation = evaluation
@@ -776,6 +790,7 @@ class _Measurer:
                 self._calibration,
                 metadata=self._metadata,
                 constraints=self._request.constraints(),
+                sample_axes=self.sample_axes,
             )
         return self._exports[key]
 
@@ -784,7 +799,8 @@ class _Measurer:
         if key not in self._measurements:
             self.progress("measure", 0.0, f"exporting and evaluating configuration {len(self._measurements) + 1}")
             exported = self.export(key)
-            result = evaluate(exported, self._float_bytes, self._evaluation, metric=self._request.metric)
+            result = evaluate(exported, self._float_bytes, self._evaluation, metric=self._request.metric,
+                              sample_axes=self.sample_axes)
             latency = measure_latency(
                 exported.model_bytes,
                 self._evaluation,
@@ -792,6 +808,7 @@ class _Measurer:
                 warmup=self._request.latency_warmup,
                 repeats=self._request.latency_repeats,
                 batch_size=self._request.latency_batch_size,
+                sample_axes=self.sample_axes,
             )
             self._measurements[key] = Measurement(
                 metric_name=result.metric_name,

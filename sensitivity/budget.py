@@ -39,6 +39,7 @@ import torch
 from sensitivity.hvp import HVP_METHODS, HessianVectorProducts
 from sensitivity.losses import CalibrationLoss
 from sensitivity.program import Program
+from sensitivity.samples import sample_count, take_samples
 
 MiB = 1 << 20
 # Predicted peaks are multiplied by this before comparing with the budget: the fit is linear and
@@ -147,7 +148,8 @@ def plan_passes(
 ) -> PassPlan:
     """Measure and choose; see the module docstring. ``hvp_method`` "auto" times both methods;
     ``memory_budget_mb`` None keeps ``batch_size`` and ``probes_per_pass`` as given."""
-    total = len(next(iter(calibration.values())))
+    total = sample_count({name: calibration[name] for name in program.input_names}, program.sample_axes,
+                         what="calibration set")
     fixed = program.fixed_batch_size
     if memory_budget_mb is None and hvp_method != "auto":
         return PassPlan(batch_size, probes_per_pass, hvp_method, {"adapted": False})
@@ -248,7 +250,7 @@ class _Probe:
 
     def loss(self, samples: int) -> CalibrationLoss:
         if samples not in self._losses:
-            rows = {name: array[:samples] for name, array in self.calibration.items()}
+            rows = take_samples(self.calibration, slice(0, samples), self.program.sample_axes)  # labels: axis 0
             self._losses[samples] = CalibrationLoss(self.program, rows, samples, self.device, self.task)
         return self._losses[samples]
 

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from sensitivity.normalize import padded_rows
 from sensitivity.outputs import KIND_SAMPLES, program_output_kind
 from sensitivity.program import Program
+from sensitivity.samples import sample_count, take_samples
 
 LABELS = "labels"
 TASKS = ("auto", "classification", "regression")
@@ -115,7 +116,8 @@ class CalibrationLoss:
     """Mini-batched calibration loss of a program; see the module docstring for the maths.
 
     ``calibration`` maps each of ``program.input_names`` (and optionally ``labels``) to an
-    array whose first axis is the sample axis. The full-precision targets needed by
+    array with samples on the input's ``program.sample_axes`` axis (labels: axis 0; a shared input,
+    axis None, goes whole to every batch). The full-precision targets needed by
     self-distillation are computed once, here. ``kind`` is one of ``LOSS_KINDS`` and ``reason``
     says why; ``output_scales`` are the factors of ``distill_normalized_mse`` (1 for the others).
     """
@@ -135,7 +137,9 @@ class CalibrationLoss:
         self.program = program
         self.device = torch.device(device)
         self.weights0 = {name: w.to(self.device) for name, w in program.layer_weights.items()}
-        total = len(next(iter(calibration.values())))
+        axes = program.sample_axes
+        inputs_only = {name: calibration[name] for name in program.input_names}
+        total = sample_count(inputs_only, axes, what="calibration set")
         self.num_samples = total
         fixed = program.fixed_batch_size
         batch_size = fixed or batch_size  # a model exported with batch N runs on exactly N samples
@@ -144,7 +148,7 @@ class CalibrationLoss:
         for start in range(0, total, batch_size):
             stop = min(start + batch_size, total)
             rows = padded_rows(start, stop, fixed)
-            inputs = {name: self._tensor(calibration[name][rows]) for name in program.input_names}
+            inputs = {name: self._tensor(array) for name, array in take_samples(inputs_only, rows, axes).items()}
             with torch.no_grad():
                 outputs = tuple(out.detach() for out in program.forward(self.weights0, inputs))
             valid = stop - start if fixed is not None and stop - start < fixed else None
@@ -162,7 +166,8 @@ class CalibrationLoss:
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         """A calibration slice on the device; floating data takes the layer weights' dtype
         (float64 arrays from numpy would not run through a float32 model)."""
-        tensor = torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+        # np.ascontiguousarray would make a shared rank-0 input (a sample rate) 1-d
+        tensor = torch.from_numpy(np.asarray(array, order="C")).to(self.device)
         if tensor.is_floating_point():
             tensor = tensor.to(next(iter(self.weights0.values())).dtype)
         return tensor

@@ -159,21 +159,23 @@ def normalize_model(
     *,
     opset: int = MIN_OPSET,
     samples: Mapping[str, np.ndarray] | None = None,
+    sample_axes: Mapping[str, int | None] | None = None,
 ) -> NormalizedModel:
     """Normalise ``model`` (see the module doc) to at least ``opset``.
 
     ``samples`` maps the graph inputs (other keys, e.g. ``labels``, are ignored) to arrays with
-    samples on the first axis; the first ``UPGRADE_CHECK_SAMPLES`` check an opset upgrade. Without
+    samples on their sample axes (``sensitivity.samples``; ``sample_axes`` overrides the declared
+    ones); the first ``UPGRADE_CHECK_SAMPLES`` check an opset upgrade. Without
     them an upgrade is applied unchecked (logged): give them wherever expensive work follows.
     An already normalised model is returned as is when its opset suffices. Raises
     ``AlreadyQuantizedError`` and ``OpsetUpgradeError`` (both ValueErrors) with what is wrong.
     """
     if isinstance(model, NormalizedModel):
-        return model if model.opset >= opset else _upgraded_further(model, opset, samples)
+        return model if model.opset >= opset else _upgraded_further(model, opset, samples, sample_axes)
     refuse_quantized(model)
     source_opset = default_opset(model)
-    fixed_model, fixed = fix_branches(model, _condition_batches(model, samples))
-    branch_check = _check_branches(model, fixed_model, samples) if fixed and samples is not None else None
+    fixed_model, fixed = fix_branches(model, _condition_batches(model, samples, sample_axes))
+    branch_check = _check_branches(model, fixed_model, samples, sample_axes) if fixed and samples is not None else None
     promote = _constants_to_promote(fixed_model)
     dynamic = _non_positive_dims(fixed_model)
     if not fixed and not promote and not dynamic and source_opset >= opset:
@@ -181,15 +183,16 @@ def normalize_model(
     working = fixed_model if fixed else _copy(model)
     _promote_constants(working, promote)
     _clear_non_positive_dims(working)
-    working, check = _upgrade(fixed_model, working, source_opset, opset, samples)
+    working, check = _upgrade(fixed_model, working, source_opset, opset, samples, sample_axes)
     return NormalizedModel(working, tuple(promote), tuple(dynamic), source_opset, default_opset(working), check,
                            fixed, branch_check)
 
 
 def _upgraded_further(
-    normalized: NormalizedModel, opset: int, samples: Mapping[str, np.ndarray] | None
+    normalized: NormalizedModel, opset: int, samples: Mapping[str, np.ndarray] | None,
+    sample_axes: Mapping[str, int | None] | None = None,
 ) -> NormalizedModel:
-    again = normalize_model(normalized.model, opset=opset, samples=samples)
+    again = normalize_model(normalized.model, opset=opset, samples=samples, sample_axes=sample_axes)
     # an earlier unchecked upgrade stays unchecked: the original it should be compared with is gone
     earlier_unchecked = normalized.upgraded and normalized.upgrade_check is None
     return NormalizedModel(again.model, normalized.promoted_constants, normalized.dynamic_dims,
@@ -210,12 +213,14 @@ def static_dims(value: onnx.ValueInfoProto) -> list[int | None] | None:
 
 
 def fixed_batch_size(model: onnx.ModelProto) -> int | None:
-    """N when every graph input's first dim is the same fixed N (a model exported with batch 1, or
-    any N), else None. Such a model runs on chunks of exactly N samples; a calibration set of any
-    size is cut into them (the last one padded), never by editing the model's batch dim."""
-    constants = {init.name for init in model.graph.initializer}
-    return common_fixed_dim([(dims or [None])[0] for value in model.graph.input if value.name not in constants
-                             for dims in [static_dims(value)]])
+    """N when every per-sample graph input's dim on its sample axis is the same fixed N (a model
+    exported with batch 1, or any N; ``sensitivity.samples``), else None. Such a model runs on chunks
+    of exactly N samples; a calibration set of any size is cut into them (the last one padded),
+    never by editing the model's batch dim."""
+    # sensitivity.samples reads dims through this module, so it is imported here
+    from sensitivity.samples import fixed_batch
+
+    return fixed_batch(model)
 
 
 def common_fixed_dim(first_dims: Sequence[int | str | None]) -> int | None:
@@ -353,6 +358,7 @@ def _upgrade(
     current: int,
     target: int,
     samples: Mapping[str, np.ndarray] | None,
+    sample_axes: Mapping[str, int | None] | None = None,
 ) -> tuple[onnx.ModelProto, UpgradeCheck | None]:
     if current >= target:
         return working, None
@@ -366,7 +372,7 @@ def _upgrade(
     if samples is None:
         logger.info("opset upgraded from %d to %d without a check: no samples given", current, target)
         return upgraded, None
-    return upgraded, check_upgrade(original, upgraded, samples, (current, target))
+    return upgraded, check_upgrade(original, upgraded, samples, (current, target), sample_axes)
 
 
 def check_upgrade(
@@ -374,21 +380,24 @@ def check_upgrade(
     upgraded: onnx.ModelProto,
     samples: Mapping[str, np.ndarray],
     opsets: tuple[int, int],
+    sample_axes: Mapping[str, int | None] | None = None,
 ) -> UpgradeCheck:
     """Run both models in onnxruntime on the first samples; ``OpsetUpgradeError`` when they differ."""
-    batch = _batch(original, samples, 0, UPGRADE_CHECK_SAMPLES)
+    batch = _batch(original, samples, 0, UPGRADE_CHECK_SAMPLES, sample_axes)
     what = f"the model upgraded from opset {opsets[0]} to {opsets[1]}"
-    return _compare(original, upgraded, [batch], what, OpsetUpgradeError)
+    return _compare(original, upgraded, [batch], what, OpsetUpgradeError, sample_axes)
 
 
-def _check_branches(original: onnx.ModelProto, fixed: onnx.ModelProto, samples: Mapping[str, np.ndarray]) -> UpgradeCheck:
+def _check_branches(
+    original: onnx.ModelProto, fixed: onnx.ModelProto, samples: Mapping[str, np.ndarray], sample_axes: Mapping[str, int | None] | None
+) -> UpgradeCheck:
     """The model with fixed branches against the original, on the first samples and (dynamic
     batch) the first sample alone; ``BranchFixError`` when they differ."""
-    batches = [_batch(original, samples, 0, UPGRADE_CHECK_SAMPLES)]
-    if fixed_batch_size(original) is None and _count(original, samples) > 1:
-        batches.append(_batch(original, samples, 0, 1))
+    batches = [_batch(original, samples, 0, UPGRADE_CHECK_SAMPLES, sample_axes)]
+    if fixed_batch_size(original) is None and _count(original, samples, sample_axes) > 1:
+        batches.append(_batch(original, samples, 0, 1, sample_axes))
     return _compare(original, fixed, batches, "the model with If nodes replaced by their taken branches",
-                    BranchFixError)
+                    BranchFixError, sample_axes)
 
 
 def _compare(
@@ -397,6 +406,7 @@ def _compare(
     batches: Sequence[Mapping[str, np.ndarray]],
     what: str,
     error: type[ValueError],
+    sample_axes: Mapping[str, int | None] | None,
 ) -> UpgradeCheck:
     worst_abs, worst_rel = 0.0, 0.0
     for feeds in batches:
@@ -411,7 +421,7 @@ def _compare(
                 )
             worst_abs = max(worst_abs, difference)
             worst_rel = max(worst_rel, difference / scale if scale else 0.0)
-    return UpgradeCheck(_count(original, batches[0]), worst_abs, worst_rel)
+    return UpgradeCheck(_count(original, batches[0], sample_axes) if batches[0] else 0, worst_abs, worst_rel)
 
 
 def _difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
@@ -426,15 +436,17 @@ def _difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     return float(np.max(np.abs(a64 - b64))), float(np.max(np.abs(a64)))
 
 
-def _condition_batches(model: onnx.ModelProto, samples: Mapping[str, np.ndarray] | None) -> list[dict[str, np.ndarray]]:
+def _condition_batches(
+    model: onnx.ModelProto, samples: Mapping[str, np.ndarray] | None, sample_axes: Mapping[str, int | None] | None
+) -> list[dict[str, np.ndarray]]:
     """The batches whose If conditions decide which branches are fixed (``sensitivity.branches``)."""
     if samples is None or not any(node.op_type == "If" for node in model.graph.node):
         return []
     fixed = fixed_batch_size(model)
-    total = min(_count(model, samples), BRANCH_CONDITION_SAMPLES)
+    total = min(_count(model, samples, sample_axes), BRANCH_CONDITION_SAMPLES)
     size = fixed or CONDITION_BATCH
-    batches = [_batch(model, samples, start, start + size) for start in range(0, total, size)]
-    return batches + ([_batch(model, samples, 0, 1)] if fixed is None and total > 1 else [])
+    batches = [_batch(model, samples, start, start + size, sample_axes) for start in range(0, total, size)]
+    return batches + ([_batch(model, samples, 0, 1, sample_axes)] if fixed is None and total > 1 else [])
 
 
 def _model_inputs(model: onnx.ModelProto, samples: Mapping[str, np.ndarray]) -> list[str]:
@@ -446,20 +458,30 @@ def _model_inputs(model: onnx.ModelProto, samples: Mapping[str, np.ndarray]) -> 
     return names
 
 
-def _count(model: onnx.ModelProto, samples: Mapping[str, np.ndarray]) -> int:
-    per_sample = [np.asarray(samples[name]) for name in _model_inputs(model, samples)]
-    return next((len(array) for array in per_sample if array.ndim > 0), 0)
+def _count(model: onnx.ModelProto, samples: Mapping[str, np.ndarray], sample_axes: Mapping[str, int | None] | None) -> int:
+    from sensitivity.samples import (  # samples imports this module
+        input_sample_axes,
+        sample_count,
+    )
+
+    feeds = {name: np.asarray(samples[name]) for name in _model_inputs(model, samples)}
+    return sample_count(feeds, input_sample_axes(model, sample_axes)) if feeds else 0
 
 
-def _batch(model: onnx.ModelProto, samples: Mapping[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:
-    """Samples ``start:stop`` (fewer when there are fewer) as one run's feeds; a model exported
-    with batch N runs on exactly N samples (padded)."""
-    fixed = fixed_batch_size(model)
-    count = _count(model, samples)
+def _batch(
+    model: onnx.ModelProto, samples: Mapping[str, np.ndarray], start: int, stop: int, sample_axes: Mapping[str, int | None] | None
+) -> dict[str, np.ndarray]:
+    """Samples ``start:stop`` (fewer when there are fewer) as one run's feeds, each input cut on its
+    own sample axis (shared inputs whole); a model exported with batch N runs on exactly N samples."""
+    from sensitivity.samples import fixed_batch, input_sample_axes, take_samples
+
+    feeds = {name: np.asarray(samples[name]) for name in _model_inputs(model, samples)}
+    if not feeds:
+        return {}
+    fixed = fixed_batch(model, sample_axes)
+    count = _count(model, samples, sample_axes)
     stop = min(start + fixed, count) if fixed else min(stop, count)
-    rows = padded_rows(start, stop, fixed)
-    arrays = {name: np.asarray(samples[name]) for name in _model_inputs(model, samples)}
-    return {name: array if array.ndim == 0 else array[rows] for name, array in arrays.items()}
+    return take_samples(feeds, padded_rows(start, stop, fixed), input_sample_axes(model, sample_axes))
 
 
 def _run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], what: str,

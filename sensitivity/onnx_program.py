@@ -43,12 +43,12 @@ from sensitivity.normalize import (
     MIN_OPSET,
     NormalizedModel,
     default_opset,
-    fixed_batch_size,
     normalize_model,
     refuse_quantized,
 )
 from sensitivity.onnx_ops import OPS, Handler, Node, parse_attributes, tensor_from_proto
 from sensitivity.program import ProgramAttributes
+from sensitivity.samples import SampleAxes, fixed_batch, input_sample_axes
 
 MAX_OPSET = 21
 _CONTROL_FLOW = ("Loop", "Scan", "SequenceMap")  # If is interpreted: see _IfHandler
@@ -117,6 +117,8 @@ class OnnxProgram(ProgramAttributes):
     """A ``Program`` interpreting an ONNX graph with torch ops (build it with ``load_onnx``).
 
     ``shape_cache_size`` bounds how many input-shape signatures keep their shape values.
+    ``sample_axes``: the user's sample axes merged over those read off the normalised model's
+    declared input shapes (``sensitivity.samples``).
     """
 
     def __init__(
@@ -132,6 +134,7 @@ class OnnxProgram(ProgramAttributes):
         shape_cache_size: int = 8,
         device: torch.device = torch.device("cpu"),
         normalization: NormalizedModel | None = None,
+        sample_axes: SampleAxes | None = None,
     ) -> None:
         self._layers = tuple(layers)
         self._layer_weights = MappingProxyType(dict(layer_weights))
@@ -142,7 +145,8 @@ class OnnxProgram(ProgramAttributes):
         self._shape_cache: dict[tuple[tuple[int, ...], ...], dict[str, _Recorded]] = {}
         self._shape_cache_size = shape_cache_size
         self.opset = opset
-        self._fixed_batch_size = fixed_batch_size(normalization.model) if normalization is not None else None
+        self._sample_axes = None if normalization is None else input_sample_axes(normalization.model, sample_axes)
+        self._fixed_batch_size = None if normalization is None else fixed_batch(normalization.model, sample_axes)
         self.device = device
         self.normalization = normalization  # what normalisation changed in the loaded model, for reports
 
@@ -188,6 +192,7 @@ class OnnxProgram(ProgramAttributes):
             shape_cache_size=self._shape_cache_size,
             device=device,
             normalization=self.normalization,
+            sample_axes=self._sample_axes,
         )
 
     def _remember(self, key: tuple[tuple[int, ...], ...], record: dict[str, torch.Tensor]) -> None:
@@ -242,14 +247,15 @@ def _store(env: dict[str, torch.Tensor], step: _Step, result: torch.Tensor | Seq
 # --- loading ------------------------------------------------------------------------------
 
 
-def load_onnx(model: ModelSource, shape_cache_size: int = 8) -> OnnxProgram:
+def load_onnx(model: ModelSource, shape_cache_size: int = 8, sample_axes: SampleAxes | None = None) -> OnnxProgram:
     """Parse an ONNX model (proto, file path, or a ``NormalizedModel``) into a differentiable ``OnnxProgram``.
 
     A proto or path is normalised first (``normalize_model``, without samples: an opset upgrade
     is then unchecked; entry points with data normalise with samples and pass the result). The
     given proto is never modified. Raises ``AlreadyQuantizedError`` for a quantized model and
     ``UnsupportedOpsError`` before doing any work if the graph uses ops the interpreter lacks,
-    ``ValueError`` for a malformed graph.
+    ``ValueError`` for a malformed graph. ``sample_axes`` overrides where inputs hold their samples
+    (``sensitivity.samples.input_sample_axes``; a ValueError names an unknown input).
     """
     normalized = model if isinstance(model, NormalizedModel) else normalize_model(_read(model))
     original = normalized.model
@@ -282,6 +288,7 @@ def load_onnx(model: ModelSource, shape_cache_size: int = 8) -> OnnxProgram:
         opset=opset,
         shape_cache_size=shape_cache_size,
         normalization=normalized,
+        sample_axes=sample_axes,
     )
 
 

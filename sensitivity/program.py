@@ -36,6 +36,10 @@ class Program(Protocol):
     def fixed_batch_size(self) -> int | None:
         """N when the model only takes batches of exactly N samples (its batch dim is fixed)."""
 
+    @property
+    def sample_axes(self) -> Mapping[str, int | None]:
+        """Each input's sample axis, None for an input shared by every sample (``sensitivity.samples``)."""
+
     def forward(
         self, weights: Mapping[str, torch.Tensor], inputs: Mapping[str, torch.Tensor]
     ) -> list[torch.Tensor]:
@@ -48,13 +52,15 @@ class Program(Protocol):
 class ProgramAttributes:
     """The read-only attributes of the ``Program`` protocol, for implementations that set
     ``_layers``, ``_layer_weights``, ``_input_names`` and ``_output_names`` (and
-    ``_fixed_batch_size`` when the model's batch dim is fixed)."""
+    ``_fixed_batch_size`` when the model's batch dim is fixed, ``_sample_axes`` when some input
+    does not hold its samples on axis 0)."""
 
     _layers: Sequence[Layer]
     _layer_weights: Mapping[str, torch.Tensor]
     _input_names: Sequence[str]
     _output_names: Sequence[str]
     _fixed_batch_size: int | None = None
+    _sample_axes: Mapping[str, int | None] | None = None
 
     @property
     def layers(self) -> Sequence[Layer]:
@@ -75,3 +81,9 @@ class ProgramAttributes:
     @property
     def fixed_batch_size(self) -> int | None:
         return self._fixed_batch_size
+
+    @property
+    def sample_axes(self) -> Mapping[str, int | None]:
+        if self._sample_axes is None:
+            return {name: 0 for name in self._input_names}
+        return self._sample_axes

@@ -23,6 +23,7 @@ from sensitivity.interlayer import interlayer_terms
 from sensitivity.layers import QUANTIZABLE_OPS
 from sensitivity.losses import LABELS, CalibrationLoss
 from sensitivity.program import Program
+from sensitivity.samples import sample_count
 from sensitivity.results import (
     Config,
     EigenConfig,
@@ -145,8 +146,9 @@ def validate_calibration(program: Program, calibration: Mapping[str, np.ndarray]
     """Check the arrays against the program's inputs; returns the number of samples.
 
     Every input needs an array, only inputs and ``labels`` may be present, every array is
-    a numpy array with the same (non-zero) first-axis length, and labels are 1-D integers.
-    The label range is checked against the model's class count when the loss is built.
+    a numpy array, the per-sample ones (``program.sample_axes``; labels on axis 0) hold the same
+    non-zero number of samples, and labels are 1-D integers. The label range is checked
+    against the model's class count when the loss is built.
     """
     if not isinstance(calibration, Mapping):
         raise ValueError(f"calibration must map names to numpy arrays; got {type(calibration).__name__}")
@@ -158,19 +160,16 @@ def validate_calibration(program: Program, calibration: Mapping[str, np.ndarray]
             f"calibration arrays do not match the model inputs {list(program.input_names)}: "
             f"missing {missing}, unexpected {extra} (only inputs and {LABELS!r} are allowed)"
         )
-    lengths = {}
     for name, array in calibration.items():
-        if not isinstance(array, np.ndarray) or array.ndim == 0:
-            raise ValueError(f"calibration array {name!r} must be a numpy array with a sample axis")
-        lengths[name] = int(array.shape[0])
-    if len(set(lengths.values())) != 1:
-        raise ValueError(f"calibration arrays have different numbers of samples: {lengths}")
-    count = next(iter(lengths.values()))
+        if not isinstance(array, np.ndarray):
+            raise ValueError(f"calibration array {name!r} must be a numpy array; got {type(array).__name__}")
+    axes = program.sample_axes
+    count = sample_count(calibration, axes, what="calibration arrays")
     if count == 0:
         raise ValueError("calibration arrays are empty")
     labels = calibration.get(LABELS)
     for name, array in calibration.items():
-        _check_finite(name, array)
+        _check_finite(name, array, axes.get(name, 0))
     if labels is not None and (labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer)):
         raise ValueError(f"{LABELS!r} must be a 1-D integer array; got dtype {labels.dtype}, shape {labels.shape}")
     if labels is not None and labels.min() < 0:
@@ -178,10 +177,14 @@ def validate_calibration(program: Program, calibration: Mapping[str, np.ndarray]
     return count
 
 
-def _check_finite(name: str, array: np.ndarray) -> None:
+def _check_finite(name: str, array: np.ndarray, axis: int | None) -> None:
     if not np.issubdtype(array.dtype, np.floating):
         return
-    finite = np.isfinite(array).reshape(array.shape[0], -1).all(axis=1)
+    if axis is None:  # shared by every sample
+        if not np.isfinite(array).all():
+            raise ValueError(f"calibration array {name!r} (shared by every sample) holds NaN or infinite values")
+        return
+    finite = np.isfinite(np.moveaxis(array, axis, 0)).reshape(array.shape[axis], -1).all(axis=1)
     if not finite.all():
         bad = np.flatnonzero(~finite)
         raise ValueError(f"calibration array {name!r} holds NaN or infinite values in {len(bad)} of {len(finite)} "
@@ -211,7 +214,7 @@ def compute_sensitivity(
     """Run the analysis ``config`` selects on ``program`` over the calibration set.
 
     ``calibration`` maps each of ``program.input_names`` (and optionally ``labels``) to a
-    numpy array, samples on the first axis. ``progress(phase, fraction, message)`` is
+    numpy array, samples on the input's ``program.sample_axes`` axis (first axis by default). ``progress(phase, fraction, message)`` is
     called as phases advance. Raises ``ValueError`` for bad calibration data and
     ``TypeError`` for a configuration type with no handler.
     """

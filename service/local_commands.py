@@ -36,6 +36,9 @@ HVP_CHOICES = ("auto", "double_backward", "forward_over_reverse")
 DEFAULT_MEMORY_BUDGET_MB = 4096
 MiB = 1024 * 1024
 DATA_HELP = "calibration arrays (.npz): one per model input, optionally 'labels'"
+SAMPLE_AXIS_HELP = ("the axis input NAME holds its samples on (AXIS an integer), or 'none' for an input shared by "
+                    "every sample (one value, e.g. a sample rate); repeatable. Default: read off the model's declared "
+                    "input shapes (axis 0, the first dynamic axis beside a fixed dim 0, none for a rank-0 input)")
 
 
 class BadInput(ValueError):
@@ -65,6 +68,7 @@ def _add_sensitivity(subparsers: argparse._SubParsersAction) -> None:
     command.add_argument("--batch-size", type=int, default=256,
                          help="calibration samples per forward pass at most (lowered to fit --memory-budget-mb)")
     command.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    command.add_argument("--sample-axis", action="append", default=[], metavar="NAME=AXIS", help=SAMPLE_AXIS_HELP)
     _add_budget_options(command)
     command.add_argument("--hvp-method", choices=HVP_CHOICES, default="auto",
                          help="Hessian-vector products by double backward or forward-over-reverse; auto times one "
@@ -112,6 +116,7 @@ def _add_plan(subparsers: argparse._SubParsersAction) -> None:
     command.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                          help="keep these layers fp32: a layer (weight initializer) name, a node name or a glob "
                               "pattern (* and ?) matched against both; repeat it or separate patterns by commas")
+    command.add_argument("--sample-axis", action="append", default=[], metavar="NAME=AXIS", help=SAMPLE_AXIS_HELP)
     command.add_argument("--seed", type=int, default=0)
     command.add_argument("--max-probes", type=int, help="Hutchinson probes at most (sensitivity)")
     command.add_argument("--batch-size", type=int, default=256, help="samples per forward pass (sensitivity)")
@@ -137,8 +142,9 @@ def sensitivity_command(args: argparse.Namespace, settings: Any = None) -> int:
     progress = ProgressPrinter(sys.stderr)
     try:
         config = sensitivity_config(args)
-        program, calibration = load_program(args.model, args.data)
-        cached = _cached_sensitivity(args, config, progress)
+        axes = sample_axes_option(args.sample_axis)
+        program, calibration = load_program(args.model, args.data, axes)
+        cached = _cached_sensitivity(args, config, progress, axes)
         result = cached.result or compute_sensitivity(program, calibration, config, progress)
     except (BadInput, ValueError) as error:
         return _bad_input(error, progress)
@@ -167,7 +173,7 @@ def plan_command(args: argparse.Namespace, settings: Any = None) -> int:
         calibration = load_npz(args.data, "--data")
         evaluation = load_npz(args.eval_data, "--eval-data") if args.eval_data else None
         _check_output(args.out)
-        cached = _cached_sensitivity(args, request.sensitivity_config(), progress)
+        cached = _cached_sensitivity(args, request.sensitivity_config(), progress, request.sample_axes)
         result = plan(model, calibration, request, evaluation=evaluation, sensitivity=cached.result,
                       progress=progress)
         cached.store_dict(result.sensitivity)
@@ -208,13 +214,17 @@ class _CachedSensitivity:
             self.cache.put(self.key, SensitivityResult.from_dict(data))
 
 
-def _cached_sensitivity(args: argparse.Namespace, config: Any, progress: ProgressPrinter) -> _CachedSensitivity:
+def _cached_sensitivity(
+    args: argparse.Namespace, config: Any, progress: ProgressPrinter, sample_axes: Mapping[str, int | None]
+) -> _CachedSensitivity:
     from service.local_cache import SensitivityCache, file_sha256
 
     if args.no_cache:
         return _CachedSensitivity(None, None, None)
     cache = SensitivityCache()
-    key = cache.key(file_sha256(args.model), file_sha256(args.data), config.to_dict())
+    # the sample axes change which values form a sample; without any, the key is what it always was
+    identity = {**config.to_dict(), **({"sample_axes": dict(sample_axes)} if sample_axes else {})}
+    key = cache.key(file_sha256(args.model), file_sha256(args.data), identity)
     result = cache.get(key)
     if result is not None:
         progress("sensitivity", 1.0, f"reusing the result cached in {cache.folder} (--no-cache recomputes it)")
@@ -262,16 +272,21 @@ def load_onnx_file(path: str):
     return model
 
 
-def load_program(path: str, data: str) -> tuple[Any, dict[str, np.ndarray]]:
+def load_program(
+    path: str, data: str, sample_axes: Mapping[str, int | None] | None = None
+) -> tuple[Any, dict[str, np.ndarray]]:
     """An ONNX model or a torch.export archive as a differentiable program, and the --data arrays.
 
     ONNX is normalised (``sensitivity.normalize``) after the arrays are checked against its
     inputs (mismatches are named before the analysis starts); an opset upgrade is checked on
     the first samples. A quantized model is refused there (ValueError: exit 2, no traceback).
+    ``sample_axes`` (``--sample-axis``) override the ONNX model's own (``sensitivity.samples``).
     """
     if path.endswith(".pt2"):
         if not os.path.isfile(path):
             raise BadInput(f"MODEL: no such file {path!r}")
+        if sample_axes:
+            raise BadInput("--sample-axis applies to ONNX models; a torch.export archive takes samples on axis 0")
         from sensitivity.torch_program import load_exported
 
         return load_exported(path), load_npz(data, "--data")
@@ -282,11 +297,11 @@ def load_program(path: str, data: str) -> tuple[Any, dict[str, np.ndarray]]:
     model = load_onnx_file(path)
     refuse_quantized(model)  # whatever the data: no data makes a quantized model plannable
     calibration = load_npz(data, "--data")
-    check_inputs(model, calibration, what=f"--data {data!r}")
-    normalized = normalize_model(model, samples=calibration)
+    check_inputs(model, calibration, what=f"--data {data!r}", sample_axes=sample_axes)
+    normalized = normalize_model(model, samples=calibration, sample_axes=sample_axes)
     for change in normalized.changes():
         print(f"mpq: normalised the model: {change}", file=sys.stderr)
-    return load_onnx(normalized), calibration
+    return load_onnx(normalized, sample_axes=sample_axes), calibration
 
 
 def parse_bits(text: str) -> tuple[int, ...]:
@@ -348,6 +363,7 @@ def plan_request(args: argparse.Namespace):
     if args.max_probes is not None:
         options.update({f"trace_{k}": v for k, v in _probe_options(args.max_probes).items()})
     size = None if args.max_size_mb is None else _positive(args.max_size_mb, "--max-size-mb") * MiB
+    sample_axes = sample_axes_option(args.sample_axis)
     try:
         return PlanRequest(
             method=args.method,
@@ -359,6 +375,7 @@ def plan_request(args: argparse.Namespace):
             max_drop=args.max_drop,
             metric=args.metric,
             exclude=exclude_patterns(args.exclude),
+            sample_axes=sample_axes,
             seed=args.seed,
             sensitivity_options=options,
             max_frontier_points=args.max_frontier_points,
@@ -366,6 +383,22 @@ def plan_request(args: argparse.Namespace):
         )
     except ValueError as error:
         raise BadInput(f"invalid options: {error}") from None
+
+
+def sample_axes_option(values: list[str]) -> dict[str, int | None]:
+    """Every --sample-axis NAME=AXIS as {name: axis} (None for 'none'); a name given twice is BadInput."""
+    from sensitivity.samples import parse_sample_axis
+
+    axes: dict[str, int | None] = {}
+    for text in values:
+        try:
+            name, axis = parse_sample_axis(text)
+        except ValueError as error:
+            raise BadInput(str(error)) from None
+        if name in axes and axes[name] != axis:
+            raise BadInput(f"--sample-axis gives input {name!r} two axes: {axes[name]} and {axis}")
+        axes[name] = axis
+    return axes
 
 
 def exclude_patterns(values: list[str]) -> tuple[str, ...]:

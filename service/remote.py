@@ -65,11 +65,19 @@ def _uploads(client: MpqClient, args: argparse.Namespace, *data_options: str) ->
     return model, datasets
 
 
+def _refuse_sample_axes(args: argparse.Namespace) -> None:
+    """The server reads every input's samples off its first axis (datasets are checked that way on
+    upload); a run that needs other sample axes runs locally."""
+    if getattr(args, "sample_axis", None):
+        raise ValueError("--sample-axis is not carried to a server yet: run this command without --server")
+
+
 def remote_sensitivity(args: argparse.Namespace) -> int:
     from service.local_commands import sensitivity_config, sensitivity_document, sensitivity_table
     from sensitivity.results import SensitivityResult
 
     try:
+        _refuse_sample_axes(args)
         config = sensitivity_config(args)
         with _client(args) as client:
             model, (data,) = _uploads(client, args, "data")
@@ -90,6 +98,7 @@ def remote_plan(args: argparse.Namespace) -> int:
     from service.local_commands import plan_request, plan_summary
 
     try:
+        _refuse_sample_axes(args)
         request = plan_request(args)
         with _client(args) as client:
             model, (calibration, evaluation) = _uploads(client, args, "data", "eval_data")

@@ -245,6 +245,8 @@ BAD_REQUEST_VALUES: dict[str, list[Any]] = {
     "measure_activation_terms": NOT_FLAGS,
     "metric": ["bleu", "", None, 1, ["cosine"], "top1_accuracy"],
     "exclude": [None, 5, {"fc1.weight": 1}, [""], [1], [None], [["fc1.weight"]], ["x" * 1025], ["fc1.weight"] * 257],
+    "sample_axes": [None, [], "state=1", {"state": True}, {"state": -1}, {"state": 1.0}, {"state": "none"},
+                    {"": 0}, {1: 0}, {"state": 256}, {f"x{k}": 0 for k in range(257)}],
 }
 
 
@@ -291,6 +293,7 @@ GOOD_REQUEST_VALUES: dict[str, list[Any]] = {
     "latency_warmup": [0, 10], "latency_batch_size": [1, 8], "device": ["auto", "cpu"],
     "solver_time_limit_s": [0.5, 10], "measure_activation_terms": [True, False],
     "exclude": [[], ["fc1.weight"], "fc1.weight, /fc2/*"],
+    "sample_axes": [{}, {"state": 1, "sr": None}],
 }
 
 

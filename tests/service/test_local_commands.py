@@ -289,3 +289,50 @@ def test_a_torn_cache_entry_is_a_miss(tmp_path):
     (tmp_path / f"{key}.json").write_text('{"config": ')
     assert cache.get(key) is None
     assert cache.key("a" * 64, "b" * 64, {"type": "TraceConfig", "seed": 1}) != key
+
+
+def test_sample_axes_are_repeatable_and_none_means_shared():
+    from service.local_commands import BadInput, sample_axes_option
+
+    assert sample_axes_option(["state=1", "sr=none", "state=1"]) == {"state": 1, "sr": None}
+    with pytest.raises(BadInput, match="two axes: 1 and 0"):
+        sample_axes_option(["state=1", "state=0"])
+    with pytest.raises(BadInput, match="NAME=AXIS"):
+        sample_axes_option(["state:1"])
+
+
+def test_sensitivity_and_plan_take_the_sample_axes(tmp_path, capsys, monkeypatch):
+    """A state with samples on axis 1 and a scalar sample rate, declared loosely: --sample-axis says where
+    the samples are, the cache keeps results apart by it, and the artifact runs on the scalar."""
+    from tests.conftest import stateful_data, stateful_onnx_model
+    from tests.sensitivity.test_samples import loose_data, loosely_declared_stateful_model
+
+    monkeypatch.chdir(tmp_path)
+    onnx.save(loosely_declared_stateful_model(), tmp_path / "state.onnx")
+    np.savez(tmp_path / "data.npz", **loose_data(24))
+    common = ("--data", "data.npz", "--max-probes", "4", "--device", "cpu", "--json")
+    status, out, err = call_mpq("sensitivity", "state.onnx", *common, capsys=capsys)
+    assert status == 2 and "different numbers of samples" in err and "'state' 2 (axis 0" in err
+    axes = ("--sample-axis", "state=1", "--sample-axis", "sr=none")
+    status, out, err = call_mpq("sensitivity", "state.onnx", *common, *axes, capsys=capsys)
+    assert status == 0, err
+    assert [layer["name"] for layer in json.loads(out)["layers"]] == ["fc1.weight", "fc2.weight"]
+    status, out, err = call_mpq("sensitivity", "state.onnx", *common, "--sample-axis", "state=1", capsys=capsys)
+    assert status == 2 and "reusing" not in err and "'sr' 1 (axis 0" in err  # another key, and sr per sample again
+    status, out, err = call_mpq("plan", "state.onnx", *common, *axes, "--candidates", "fp32,w8a8,w4",
+                                "--max-size-mb", "0.00024", "--max-frontier-points", "1", "--out", "q.onnx",
+                                capsys=capsys)
+    assert status == 0 and "reusing the result cached" in err, err
+    document = json.loads(out)
+    assert document["request"]["sample_axes"] == {"state": 1, "sr": None}
+    assert document["plan"]["measured"]["num_samples"] == 24
+    y, state = ort.InferenceSession(str(tmp_path / "q.onnx")).run(None, loose_data(5))
+    assert y.shape == (5, 3) and state.shape == (2, 5, 4)
+    status, _, err = call_mpq("plan", "state.onnx", *common, *axes, "--server", "http://127.0.0.1:9",
+                              capsys=capsys)
+    assert status == 2 and "--sample-axis is not carried to a server" in err
+    onnx.save(stateful_onnx_model(), tmp_path / "declared.onnx")
+    np.savez(tmp_path / "declared.npz", **stateful_data(24))
+    status, out, err = call_mpq("sensitivity", "declared.onnx", "--data", "declared.npz", "--max-probes", "4",
+                                "--device", "cpu", "--json", capsys=capsys)
+    assert status == 0, err  # declared shapes need no --sample-axis
