@@ -105,7 +105,7 @@ def fix_branches(
         fixed += _inline(working, taken)
     if working is None:
         return model, ()
-    _drop_unread_nodes(working.graph)
+    drop_unread_nodes(working.graph)
     return working, tuple(fixed)
 
 
@@ -188,7 +188,7 @@ def _all_value_names(graph: onnx.GraphProto) -> set[str]:
     return names | {name for node in graph.node for name in node.output if name}
 
 
-def _drop_unread_nodes(graph: onnx.GraphProto) -> None:
+def drop_unread_nodes(graph: onnx.GraphProto) -> None:
     """Remove nodes none of whose outputs is read or a graph output (the fixed Ifs' conditions)."""
     outputs = {value.name for value in graph.output}
     while True:

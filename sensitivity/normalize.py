@@ -12,6 +12,8 @@ inspection, sensitivity, planning and export see one model, so a layer has one n
    an ``If`` on the sample rate), checked against the original in onnxruntime;
 3. large ``Constant`` nodes become initializers under their output names (``PROMOTE_MIN_ELEMENTS``):
    paddle2onnx stores every weight that way, so ``find_layers`` found no layer in PP-OCR models;
+   then a layer op's weight computed from constants by data-movement ops alone (torch's LSTM gate
+   reordering, left unfolded in silero-vad) becomes one initializer (``sensitivity.fold``);
 4. graph input/output dims written as ``dim_value <= 0`` (paddle2onnx, tf2onnx write -1) become
    dynamic, like ``dim_param`` and missing dims (``static_dims`` is the one reading of a dim);
 5. the default-domain opset is upgraded to what the caller needs (the interpreter's floor,
@@ -38,6 +40,7 @@ from sensitivity.branches import (
     FixedBranch,
     fix_branches,
 )
+from sensitivity.fold import fold_weights, foldable_weights
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +118,7 @@ class NormalizedModel:
     upgrade_check: UpgradeCheck | None = None
     fixed_branches: tuple[FixedBranch, ...] = ()
     branch_check: UpgradeCheck | None = None
+    folded_weights: tuple[str, ...] = ()
 
     @property
     def upgraded(self) -> bool:
@@ -122,7 +126,8 @@ class NormalizedModel:
 
     @property
     def changed(self) -> bool:
-        return bool(self.promoted_constants or self.dynamic_dims or self.upgraded or self.fixed_branches)
+        return bool(self.promoted_constants or self.dynamic_dims or self.upgraded or self.fixed_branches
+                    or self.folded_weights)
 
     def changes(self) -> list[str]:
         """One sentence per change, for logs and reports."""
@@ -132,6 +137,9 @@ class NormalizedModel:
                          f"max relative difference {self.branch_check.max_relative_difference:.3g}")
         if self.promoted_constants:
             lines.append(f"{len(self.promoted_constants)} Constant nodes became initializers")
+        if self.folded_weights:
+            lines.append(f"{len(self.folded_weights)} weights computed from constants by data-movement ops were "
+                         f"folded into initializers: {', '.join(self.folded_weights)}")
         if self.dynamic_dims:
             lines.append(f"dims written as non-positive numbers are dynamic: {', '.join(self.dynamic_dims)}")
         if self.upgraded:
@@ -149,6 +157,7 @@ class NormalizedModel:
             "opset": self.opset,
             "upgrade_check": None if self.upgrade_check is None else self.upgrade_check.to_dict(),
             "fixed_branches": [fixed.describe() for fixed in self.fixed_branches],
+            "folded_weights": list(self.folded_weights),
             "branch_check": None if self.branch_check is None else self.branch_check.to_dict(),
             "changes": self.changes(),
         }
@@ -178,14 +187,16 @@ def normalize_model(
     branch_check = _check_branches(model, fixed_model, samples, sample_axes) if fixed and samples is not None else None
     promote = _constants_to_promote(fixed_model)
     dynamic = _non_positive_dims(fixed_model)
-    if not fixed and not promote and not dynamic and source_opset >= opset:
+    if not fixed and not promote and not dynamic and source_opset >= opset and not foldable_weights(model):
         return NormalizedModel(model, source_opset=source_opset, opset=source_opset)
     working = fixed_model if fixed else _copy(model)
     _promote_constants(working, promote)
+    folded = foldable_weights(working)
+    fold_weights(working, folded)
     _clear_non_positive_dims(working)
     working, check = _upgrade(fixed_model, working, source_opset, opset, samples, sample_axes)
     return NormalizedModel(working, tuple(promote), tuple(dynamic), source_opset, default_opset(working), check,
-                           fixed, branch_check)
+                           fixed, branch_check, tuple(folded))
 
 
 def _upgraded_further(
@@ -197,7 +208,7 @@ def _upgraded_further(
     earlier_unchecked = normalized.upgraded and normalized.upgrade_check is None
     return NormalizedModel(again.model, normalized.promoted_constants, normalized.dynamic_dims,
                            normalized.source_opset, again.opset, None if earlier_unchecked else again.upgrade_check,
-                           normalized.fixed_branches, normalized.branch_check)
+                           normalized.fixed_branches, normalized.branch_check, normalized.folded_weights)
 
 
 # --- reading dims and opsets ------------------------------------------------------------------

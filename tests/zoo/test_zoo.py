@@ -192,26 +192,41 @@ def _weighted_nodes(graph: onnx.GraphProto, outer: frozenset[str] = frozenset())
     return found
 
 
-# silero's weights sit inside the branches of an If on the sample rate: find_layers reads the top
-# graph only, so they are not layers yet (the interpreter runs the branches: tests/sensitivity).
-_NOT_YET = pytest.mark.xfail(strict=True, reason="weights inside If branches are not layers yet")
-_LAYER_CASES = [
-    pytest.param(m, id=m.name, marks=_NOT_YET if m.name == "silero-vad" else ())
-    for m in zoo.ZOO if not m.quantized
-]
-
-
-@pytest.mark.parametrize("model", _LAYER_CASES)
+@pytest.mark.parametrize("model", [m for m in zoo.ZOO if not m.quantized], ids=lambda m: m.name)
 def test_find_layers_finds_every_weighted_node(model: zoo.ZooModel) -> None:
-    """After normalisation (PP-OCR keeps its weights in Constant nodes), with LSTM weights as layers."""
+    """After normalisation with calibration samples (PP-OCR keeps its weights in Constant nodes;
+    silero keeps its whole network in If branches on the sample rate, fixed by the data), with
+    LSTM weights as layers: every weighted node left in the graph, subgraphs included, is a layer."""
     from sensitivity.layers import find_layers
     from sensitivity.normalize import normalize_model
 
     proto = onnx.load_from_string(model.model_bytes())
-    weighted = _weighted_nodes(proto.graph)
+    data = model.calibration(2, seed=0)
+    normalized = normalize_model(proto, samples={i.name: data[i.name] for i in proto.graph.input})
+    weighted = _weighted_nodes(normalized.model.graph)
     assert weighted, "the zoo model should have weights"
-    layers = {layer.name for layer in find_layers(normalize_model(proto).model)}
+    layers = {layer.name for layer in find_layers(normalized.model)}
     assert weighted <= layers, sorted(weighted - layers)[:5]
+
+
+def test_silero_is_its_16khz_branch_with_six_convolutions_and_an_lstm() -> None:
+    """The If on sr == 16000 and the 7 Ifs nested in its branch are fixed by the data; the 8 kHz
+    branch's weights are gone, and the fixed model computes the original's outputs."""
+    from sensitivity.layers import find_layers
+    from sensitivity.normalize import normalize_model
+
+    model = zoo.get("silero-vad")
+    proto = onnx.load_from_string(model.model_bytes())
+    data = model.calibration(16, seed=0)
+    feeds = {i.name: data[i.name] for i in proto.graph.input}
+    normalized = normalize_model(proto, samples=feeds)
+    assert normalized.fixed_branches[0].node == "If_0" and normalized.fixed_branches[0].taken
+    assert len(normalized.fixed_branches) == 7
+    assert not any(node.op_type == "If" for node in normalized.model.graph.node)
+    ops = sorted(layer.op_type for layer in find_layers(normalized.model))
+    assert ops == ["Conv"] * 6 + ["LSTM"] * 2  # an LSTM's W and R are two layers
+    assert normalized.branch_check.max_relative_difference < 1e-5
+    assert [value.name for value in normalized.model.graph.input] == ["input", "state", "sr"]
 
 
 def test_an_already_quantized_model_is_refused() -> None:

@@ -1,0 +1,107 @@
+"""Weights an exporter left as data-movement ops on constants, folded into one initializer each.
+
+torch.onnx's LSTM export reorders the gates of ``weight_ih`` and ``weight_hh`` with Slice, Concat
+and Unsqueeze nodes. With its constant folding off (silero-vad's re-export by spox) the LSTM's W
+and R are those nodes' outputs, not initializers, so they were not layers (``find_layers`` reads
+initializers). A weight input of a layer op (``layers.weight_indices``) computed from constants
+by ``FOLDABLE_OPS`` alone becomes an initializer under the same name. These ops move or select
+values and never round them, so the folded tensor is bit-identical to what the graph computed;
+the nodes and initializers nothing reads any more are dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import onnx
+import onnx.reference
+from onnx import numpy_helper
+
+from sensitivity.branches import DEFAULT_DOMAINS, drop_unread_nodes, node_reads
+from sensitivity.layers import QUANTIZABLE_OPS, weight_indices
+
+FOLDABLE_OPS = frozenset({"Concat", "Expand", "Flatten", "Gather", "Identity", "Reshape", "Slice", "Split",
+                          "Squeeze", "Tile", "Transpose", "Unsqueeze"})
+MAX_CHAIN_NODES = 256  # silero's largest chain has 13 (3 Slices, 1 Concat, 1 Unsqueeze, 8 Constants)
+
+
+def foldable_weights(model: onnx.ModelProto) -> list[str]:
+    """Names of the layer-op weight inputs that ``FOLDABLE_OPS`` compute from constants alone."""
+    graph = model.graph
+    initializers = {init.name for init in graph.initializer}
+    producers = {name: node for node in graph.node for name in node.output if name}
+    names = []
+    for node in graph.node:
+        if node.op_type not in QUANTIZABLE_OPS or node.domain not in DEFAULT_DOMAINS:
+            continue
+        for index in weight_indices(node.op_type):
+            name = node.input[index] if len(node.input) > index else ""
+            if name and name not in initializers and name not in names and _chain(name, producers, initializers):
+                names.append(name)
+    return names
+
+
+def fold_weights(model: onnx.ModelProto, names: Sequence[str]) -> None:
+    """Replace each named value by an initializer holding what its chain computes (in place)."""
+    if not names:
+        return
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    producers = {name: node for node in graph.node for name in node.output if name}
+    for name in names:
+        chain = _chain(name, producers, set(initializers))
+        folded = numpy_helper.from_array(_evaluate(model, chain, initializers, name), name)
+        graph.initializer.append(folded)
+        initializers[name] = folded
+    kept = [node for node in graph.node if not set(node.output) & set(names)]  # the initializers replace them
+    del graph.node[:]
+    graph.node.extend(kept)
+    drop_unread_nodes(graph)
+    _drop_unread_initializers(graph)
+
+
+def _chain(
+    name: str, producers: Mapping[str, onnx.NodeProto], initializers: set[str] | Mapping[str, object]
+) -> list[onnx.NodeProto]:
+    """The nodes computing ``name`` from initializers, in run order; [] when any of them is not a
+    foldable op (or a Constant) or the chain is longer than ``MAX_CHAIN_NODES``."""
+    order: list[onnx.NodeProto] = []
+    seen: set[str] = set()
+
+    def visit(value: str) -> bool:
+        if not value or value in initializers or value in seen:
+            return True
+        node = producers.get(value)
+        if node is None or node.domain not in DEFAULT_DOMAINS or len(order) >= MAX_CHAIN_NODES:
+            return False
+        if node.op_type != "Constant" and (node.op_type not in FOLDABLE_OPS or not all(map(visit, node.input))):
+            return False
+        seen.update(node.output)
+        order.append(node)
+        return True
+
+    return order if visit(name) and order else []
+
+
+def _evaluate(
+    model: onnx.ModelProto, chain: Sequence[onnx.NodeProto], initializers: Mapping[str, onnx.TensorProto], name: str
+):
+    """What ``chain`` computes for ``name``, by onnx's reference evaluator (numpy; nothing of the
+    user's graph but these data-movement ops and constants runs)."""
+    read = {value for node in chain for value in node.input}
+    graph = onnx.helper.make_graph(
+        list(chain), "fold", [], [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.UNDEFINED, None)],
+        initializer=[initializers[value] for value in sorted(read) if value in initializers],
+    )
+    subset = onnx.helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    return onnx.reference.ReferenceEvaluator(subset).run(None, {})[0]
+
+
+def _drop_unread_initializers(graph: onnx.GraphProto) -> None:
+    """Remove initializers no node (subgraphs included) reads and no graph output names."""
+    read = {value.name for value in (*graph.output, *graph.input)}  # (before IR 4 initializers were inputs too)
+    read |= {name for node in graph.node for name in node_reads(node)}
+    kept = [init for init in graph.initializer if init.name in read]
+    if len(kept) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
