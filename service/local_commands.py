@@ -106,7 +106,8 @@ def _add_plan(subparsers: argparse._SubParsersAction) -> None:
     command.add_argument("--search", choices=("pareto", "bisection"), default="pareto")
     command.add_argument("--candidates", default=DEFAULT_CANDIDATES, help=f"comma-separated ({DEFAULT_CANDIDATES})")
     budget = command.add_mutually_exclusive_group()
-    budget.add_argument("--max-size-mb", type=float, help="budget: computed model size in MiB")
+    budget.add_argument("--max-size-mb", type=float,
+                        help="budget: the model file in MiB (computed, then checked on the artifact: docs/search.md)")
     budget.add_argument("--max-bops", type=float, help="budget: bit operations per sample")
     budget.add_argument("--max-latency-ms", type=float, help="budget: measured median latency per batch")
     command.add_argument("--max-drop", type=float, help="largest drop in percentage points (bisection needs it)")

@@ -114,7 +114,7 @@ def test_sensitivity_table_and_eigenvalues(files, capsys, monkeypatch):
 
 def test_plan_json_writes_the_artifact(files):
     result = run_mpq("plan", "model.onnx", "--data", "calib.npz", "--candidates", "fp32,w8a8,w4a8",
-                     "--max-size-mb", "0.0004", "--max-probes", "4", "--max-frontier-points", "2", "--device", "cpu",
+                     "--max-bops", "30000", "--max-probes", "4", "--max-frontier-points", "2", "--device", "cpu",
                      "--metric", "cosine", "--exclude", "fc2", "--out", "q.onnx", "--json", cwd=files)
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
@@ -131,7 +131,7 @@ def test_plan_json_writes_the_artifact(files):
                                      "reason": "exclude pattern 'fc2'", "candidates": ["fp32"]}]
     assert document["layer_nodes"] == {"fc1.weight": {"node_name": "fc1", "scope": ""},
                                        "fc2.weight": {"node_name": "fc2", "scope": ""}}
-    assert plan["predicted"]["size_bytes"] <= 0.0004 * 1024 * 1024
+    assert plan["predicted"]["bops"] <= 30000  # fc1 (48 MACs) cannot stay fp32: 48 x 32 x 32 + 18 x 32 x 32 > 30000
     assert {"metric", "baseline", "size_bytes", "latency_ms"} <= set(plan["measured"])
     assert document["evaluations"] >= 1 and document["frontier"]
     assert set(document["activation_terms"]) == {"fc1.weight", "fc2.weight"}
@@ -320,7 +320,7 @@ def test_sensitivity_and_plan_take_the_sample_axes(tmp_path, capsys, monkeypatch
     status, out, err = call_mpq("sensitivity", "state.onnx", *common, "--sample-axis", "state=1", capsys=capsys)
     assert status == 2 and "reusing" not in err and "'sr' 1 (axis 0" in err  # another key, and sr per sample again
     status, out, err = call_mpq("plan", "state.onnx", *common, *axes, "--candidates", "fp32,w8a8,w4",
-                                "--max-size-mb", "0.00024", "--max-frontier-points", "1", "--out", "q.onnx",
+                                "--max-bops", "40000", "--max-frontier-points", "1", "--out", "q.onnx",
                                 capsys=capsys)
     assert status == 0 and "reusing the result cached" in err, err
     document = json.loads(out)

@@ -50,7 +50,7 @@ def test_remote_plan_round_trip(app, live_server, files, token, tmp_path, client
     model, data = files
     out = tmp_path / "q.onnx"
     args = ["plan", str(model), "--data", str(data), "--server", live_server, "--candidates", "fp32,w8a8,w4",
-            "--max-size-mb", "0.0003", "--max-probes", "16", "--exclude", "fc2", "--out", str(out), "--json"]
+            "--max-bops", "30000", "--max-probes", "16", "--exclude", "fc2", "--out", str(out), "--json"]
     result = mpq(*args, token=token)
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
