@@ -100,6 +100,7 @@ class _FloatBatch:
     labels: np.ndarray | None
     weight: float
     valid: int | None
+    rows: int  # samples the model ran on, padding included
 
 
 def _check_labels(labels: torch.Tensor, logits: torch.Tensor) -> None:
@@ -153,9 +154,10 @@ class CalibrationLoss:
                 outputs = tuple(out.detach() for out in program.forward(self.weights0, inputs))
             valid = stop - start if fixed is not None and stop - start < fixed else None
             pending.append(_FloatBatch(inputs, outputs, None if labels is None else labels[rows],
-                                       (stop - start) / total, valid))
+                                       (stop - start) / total, valid, fixed or stop - start))
         # The kind is read from the float outputs of the whole set, before any target is made.
         self.kind, self.reason = self._choose_kind(pending, labels is not None, task)
+        self.output_axes = _output_axes(pending)
         self.output_scales = self._output_scales(pending)
         self.batches = []
         pending.reverse()
@@ -197,7 +199,8 @@ class CalibrationLoss:
         if self.kind != "distill_normalized_mse":
             return (1.0,) * count
         squares = [
-            sum(item.weight * float(_real_rows(item.outputs[k], item.valid).double().pow(2).mean()) for item in pending)
+            sum(item.weight * float(_real_rows(item.outputs[k], item.valid, self.output_axes[k]).double().pow(2).mean())
+                for item in pending)
             for k in range(count)
         ]
         return tuple(1.0 / square if square > 0.0 else 1.0 for square in squares)
@@ -218,10 +221,10 @@ class CalibrationLoss:
         return sum(losses.mean() for losses in position_losses(self.kind, outputs, batch.targets, self.output_scales))
 
     def sample_losses(self, weights: Mapping[str, torch.Tensor], batch: Batch) -> torch.Tensor:
-        """Each sample's loss in one batch, shape [n_b], for outputs with the sample axis first;
-        their mean is ``batch_loss``."""
+        """Each sample's loss in one batch, shape [n_b], each output's positions grouped along its
+        sample axis (``output_axes``); their mean is ``batch_loss``."""
         outputs = self.program.forward(weights, batch.inputs)
-        losses = per_sample(position_losses(self.kind, outputs, batch.targets, self.output_scales))
+        losses = per_sample(position_losses(self.kind, outputs, batch.targets, self.output_scales), self.output_axes)
         return losses if batch.valid is None else losses[: batch.valid]
 
     def value(self, weights: Mapping[str, torch.Tensor] | None = None) -> float:
@@ -264,9 +267,33 @@ def position_losses(
     ]
 
 
-def per_sample(positions: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Each sample's loss, [n]: the mean of every output's positions of that sample, summed over outputs."""
-    return sum(position.reshape(position.shape[0], -1).mean(dim=1) for position in positions)  # [n] losses too
+def per_sample(positions: Sequence[torch.Tensor], axes: Sequence[int | None] | None = None) -> torch.Tensor:
+    """Each sample's loss, [n]: the mean of every output's positions of that sample, summed over
+    outputs; ``axes`` gives each output's sample axis (default 0; None: no axis follows the samples,
+    and each sample gets the output's mean). An output's positions keep its sample axis (a loss
+    only reduces the last, class axis)."""
+    axes = (0,) * len(positions) if axes is None else axes
+    count = next(position.shape[axis] for position, axis in zip(positions, axes) if axis is not None)
+    return sum(_sample_means(position, axis, count) for position, axis in zip(positions, axes))
+
+
+def _sample_means(position: torch.Tensor, axis: int | None, count: int) -> torch.Tensor:
+    if axis is None:
+        return position.mean().expand(count)
+    return position.movedim(axis, 0).reshape(count, -1).mean(dim=1)
+
+
+def _output_axes(pending: Sequence[_FloatBatch]) -> tuple[int | None, ...]:
+    """Each output's sample axis: the first axis whose size is the batch's sample count in every
+    batch (time-major CTC scores [T, n, C], silero's next state [2, n, 128]); None when none is.
+    With one batch size a tie goes to the first such axis (silero's state at n = 2 reads axis 0:
+    its per-sample split is then wrong, its mean over the batch is not)."""
+    axes = []
+    for k, output in enumerate(pending[0].outputs):
+        fits = [axis for axis in range(output.dim())
+                if all(item.outputs[k].shape[axis] == item.rows for item in pending)]
+        axes.append(fits[0] if fits else None)
+    return tuple(axes)
 
 
 def _first_samples(outputs: Sequence[torch.Tensor]) -> np.ndarray:
@@ -280,8 +307,8 @@ def _first_samples(outputs: Sequence[torch.Tensor]) -> np.ndarray:
     return np.concatenate(parts) if parts[0].ndim else parts[0]
 
 
-def _real_rows(out: torch.Tensor, valid: int | None) -> torch.Tensor:
-    return out if valid is None else out[:valid]
+def _real_rows(out: torch.Tensor, valid: int | None, axis: int | None) -> torch.Tensor:
+    return out if valid is None or axis is None else out.narrow(axis, 0, valid)
 
 
 def _log_distribution(kind: str, out: torch.Tensor) -> torch.Tensor:

@@ -192,3 +192,22 @@ def test_an_opset_upgrade_is_checked_on_the_first_samples_of_each_axis():
     given = normalize_model(loosely_declared_stateful_model(), opset=21, samples=loose_data(SAMPLES),
                             sample_axes={"state": 1, "sr": None})
     assert given.upgrade_check.samples == 8 and given.upgrade_check.max_abs_difference == 0.0
+
+
+def test_per_sample_losses_group_each_output_on_its_own_sample_axis():
+    """stateN [2, n, 4] holds its samples on axis 1: each sample's loss takes its own slice, so the
+    per-sample losses average to the batch loss and the inter-layer analysis (which needs them for
+    the gradient terms' errors) runs; it failed on a shape mismatch (8 samples against 2)."""
+    from sensitivity.results import InterLayerConfig
+
+    program = load_onnx(stateful_onnx_model())
+    loss = CalibrationLoss(program, stateful_data(9), batch_size=4, device=torch.device("cpu"))
+    assert loss.kind == "distill_normalized_mse" and loss.output_axes == (0, 1)
+    shifted = {name: weight + 0.05 for name, weight in loss.weights0.items()}
+    for batch in loss.batches:
+        per_sample = loss.sample_losses(shifted, batch)
+        assert per_sample.shape == (len(batch.inputs["x"]),)
+        assert float(per_sample.mean()) == pytest.approx(float(loss.batch_loss(shifted, batch)), rel=1e-5)
+    result = compute_sensitivity(program, stateful_data(9),
+                                 InterLayerConfig(bits=(8,), trace_max_probes=4, trace_min_probes=4, device="cpu"))
+    assert result.interlayer is not None and len(result.layers) == 2
