@@ -237,6 +237,27 @@ def test_wrong_data_reads_the_same_locally_and_on_the_server(client, capsys, tmp
     assert served.json()["detail"].removeprefix("calibration set") == local.removeprefix("--data 'data.npz'")
 
 
+def test_the_remote_cli_cancels_a_job_whose_server_dropped_the_sample_axes(capsys):
+    """A server from before sample_axes drops the field: the CLI says so instead of planning on the wrong axes."""
+    from service.remote import _check_sample_axes_kept
+
+    class Server:
+        def __init__(self) -> None:
+            self.cancelled: list[str] = []
+
+        def cancel(self, job_id: str) -> dict:
+            self.cancelled.append(job_id)
+            return {}
+
+    server = Server()
+    _check_sample_axes_kept(server, {"id": "j1", "params": {"sample_axes": AXES}}, {"sample_axes": AXES})
+    _check_sample_axes_kept(server, {"id": "j2", "params": {}}, {"sample_axes": {}})
+    assert server.cancelled == []
+    with pytest.raises(ValueError, match="ignores --sample-axis"):
+        _check_sample_axes_kept(server, {"id": "j3", "params": {}}, {"sample_axes": AXES})
+    assert server.cancelled == ["j3"]
+
+
 def test_the_body_sample_axes_reach_the_library_request():
     """PlanRequestIn.sample_axes becomes PlanRequest.sample_axes; plans stored before the field have none."""
     from service.api_plans import PlanRequestIn
