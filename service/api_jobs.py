@@ -63,6 +63,21 @@ class JobPage(BaseModel):
     total: int
 
 
+# sensitivity.samples' bounds (the API process does not import the libraries): tests/service/test_plans.py
+# checks that these agree. strict: an axis is a JSON int (not true, 1.0 or "1").
+MAX_SAMPLE_AXES = 256
+MAX_INPUT_NAME_LENGTH = 1024
+MAX_SAMPLE_AXIS = 255
+InputName = Annotated[str, Field(min_length=1, max_length=MAX_INPUT_NAME_LENGTH)]
+SampleAxis = Annotated[int, Field(ge=0, le=MAX_SAMPLE_AXIS, strict=True)]
+SampleAxes = Annotated[dict[InputName, SampleAxis | None], Field(
+    default_factory=dict, max_length=MAX_SAMPLE_AXES,
+    description="model input name -> the axis its samples lie on, or null for an input shared by every sample "
+                "(one value, e.g. a sample rate); merged over what the ONNX model's declared input shapes say "
+                "(docs/sensitivity.md, \"Sample axes\"). An unknown input or an axis beyond the input's rank is "
+                "refused (422); torch.export archives take samples on axis 0 and take none.")]
+
+
 class SensitivityRequest(BaseModel):
     model_id: str = Field(max_length=64)
     dataset_id: str = Field(max_length=64)
@@ -70,6 +85,7 @@ class SensitivityRequest(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict, max_length=32,
                                     description="Options of the method's configuration (seed, tolerance, "
                                                 "max_probes, batch_size, bits, ...); see docs/sensitivity.md.")
+    sample_axes: SampleAxes
 
 
 class SensitivityOut(BaseModel):
@@ -132,31 +148,17 @@ def load_inputs(request: Request, model_id: str, dataset_ids: list[str | None]) 
     return model, datasets
 
 
-def check_dataset_fits_model(model: Model, dataset: Dataset, role: str) -> None:
-    """Array names and per-sample shapes must match the model's inputs (labels aside)."""
-    inputs = {i["name"]: i for i in model.details.get("inputs", [])}
-    if not inputs:
-        return  # torch archives: the worker checks when it loads the program
-    arrays = {name: info for name, info in dataset.arrays.items() if name != "labels"}
-    missing, extra = sorted(set(inputs) - set(arrays)), sorted(set(arrays) - set(inputs))
-    if missing or extra:
-        raise Problem(422, f"the {role} dataset's arrays do not match the model's inputs {sorted(inputs)}: "
-                           f"missing {missing}, unexpected {extra}")
-    for name, spec in inputs.items():
-        expected, actual = spec.get("shape") or [], arrays[name]["shape"]
-        if expected and (len(expected) != len(actual) or any(
-                isinstance(e, int) and e > 0 and e != a for e, a in zip(expected[1:], actual[1:]))):
-            raise Problem(422, f"{role} array {name!r} has shape {actual}; the model expects {expected} "
-                               "(first axis = samples)")
-
-
 async def check_request(request: Request, model: Model, method: str, options: dict[str, Any],
-                        plan: dict[str, Any] | None = None, batch_shapes: dict[str, list[int]] | None = None) -> None:
-    """The checks that need the libraries, in the inspector process (the API never imports torch)."""
+                        datasets: dict[str, Dataset | None], plan: dict[str, Any] | None = None,
+                        sample_axes: dict[str, int | None] | None = None) -> None:
+    """The checks that need the libraries, in the inspector process (the API never imports torch):
+    the options, and the datasets (role -> row; absent ones None) against the model's inputs, counted
+    on each input's sample axis (``service.inspection.check_job_request``)."""
     state = request.app.state
+    described = {role: dataset.arrays for role, dataset in datasets.items() if dataset is not None}
     try:
         await run_in_threadpool(state.inspector.job_request, state.store.local_path(model.sha256), model.format,
-                                method, options, plan, batch_shapes)
+                                method, options, plan, described, sample_axes)
     except InvalidUpload as error:
         raise Problem(422, str(error), code=error.code) from None
 
@@ -168,8 +170,8 @@ async def check_request(request: Request, model: Model, method: str, options: di
              summary="Start a sensitivity analysis (HAWQ-V2 traces, HAWQ-V1 eigenvalues or inter-layer terms)")
 async def create_sensitivity(request: Request, body: SensitivityRequest, idempotency_key: IdempotencyKey = None):
     model, (dataset,) = load_inputs(request, body.model_id, [body.dataset_id])
-    check_dataset_fits_model(model, dataset, "calibration")
-    await check_request(request, model, body.method, body.options)
+    await check_request(request, model, body.method, body.options, {"calibration": dataset},
+                        sample_axes=body.sample_axes)
     return submit_job(request, "sensitivity", body.model_dump(), idempotency_key)
 
 

@@ -14,8 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import func, select
 
-from service.api_jobs import (IdempotencyKey, JobOut, check_dataset_fits_model, check_request, load_inputs,
-                              submit_job)
+from service.api_jobs import IdempotencyKey, JobOut, SampleAxes, check_request, load_inputs, submit_job
 from service.errors import Problem
 from service.tables import Artifact, FrontierPoint, LatencyMeasurement, Plan, get_row
 from service.transfer import blob_response
@@ -69,6 +68,7 @@ class PlanRequestIn(BaseModel):
                                                       "pattern matching no layer is refused (422)")
     options: dict[str, Any] = Field(default_factory=dict, max_length=32,
                                     description="sensitivity options (seed, tolerance, max_probes, batch_size)")
+    sample_axes: SampleAxes
 
     @model_validator(mode="after")
     def _search_needs(self) -> "PlanRequestIn":
@@ -157,12 +157,9 @@ def _plan_or_404(session, plan_id: str) -> Plan:
 async def create_plan(request: Request, body: PlanRequestIn, idempotency_key: IdempotencyKey = None):
     model, (calibration, evaluation) = load_inputs(request, body.model_id,
                                                     [body.calibration_dataset_id, body.evaluation_dataset_id])
-    check_dataset_fits_model(model, calibration, "calibration")
-    if evaluation is not None:
-        check_dataset_fits_model(model, evaluation, "evaluation")
     # every plan computes the inter-layer analysis (traces, g·Δ, G, Ω), whatever objective it optimises
-    shapes = {name: info["shape"] for name, info in calibration.arrays.items() if name != "labels"}
-    await check_request(request, model, "interlayer", body.options, plan=body.model_dump(), batch_shapes=shapes)
+    await check_request(request, model, "interlayer", body.options,
+                        {"calibration": calibration, "evaluation": evaluation}, plan=body.model_dump())
     return submit_job(request, "plan", body.model_dump(), idempotency_key)
 
 

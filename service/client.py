@@ -94,6 +94,9 @@ class MpqClient:
     def job(self, job_id: str) -> dict[str, Any]:
         return self._request("GET", f"/v1/jobs/{job_id}").json()
 
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self._request("POST", f"/v1/jobs/{job_id}/cancel").json()
+
     def wait(self, job_id: str, on_progress: Callable[[dict[str, Any]], None] | None = None,
              poll_s: float = 1.0, timeout_s: float | None = None) -> dict[str, Any]:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s

@@ -24,18 +24,23 @@ def params_hash(config_dict: dict[str, Any]) -> str:
 
 
 def compute_or_reuse_sensitivity(context: ChildContext, method: str, options: dict[str, Any],
-                                 model: Any = None) -> tuple[dict, bool]:
+                                 model: Any = None, sample_axes: Any = None) -> tuple[dict, bool]:
     """The stored result of this analysis on the job's model and calibration data, computing (and
     handing it to the supervisor to store) if there is none. Returns (result dict, reused).
-    ``model``: the job's model already normalised (``sensitivity.normalize.NormalizedModel``), if it is."""
+    ``model``: the job's model already normalised (``sensitivity.normalize.NormalizedModel``), if it is.
+    ``sample_axes``: the request's (``sensitivity.samples``), part of the reuse key when given."""
     from sensitivity.onnx_program import load_onnx
     from sensitivity.run import compute_sensitivity
+    from sensitivity.samples import check_sample_axes
 
     try:
         config = sensitivity_config(method, options)
+        axes = check_sample_axes(sample_axes or {})
     except ValueError as error:
         raise JobInputError(str(error)) from None
-    key = params_hash(config.to_dict())
+    # the sample axes change which values form a sample; without any, the key is what it always was
+    # (the local cache's rule: service/local_commands._cached_sensitivity)
+    key = params_hash({**config.to_dict(), **({"sample_axes": axes} if axes else {})})
     cached = context.cached_sensitivity(method, key)
     if cached is not None:
         context.log("reusing a stored sensitivity result (same model, data, method and parameters)")
@@ -48,7 +53,8 @@ def compute_or_reuse_sensitivity(context: ChildContext, method: str, options: di
     calibration = context.arrays("calibration")
     with context.model_path() as path:
         try:
-            program = load_program(path, context.model["format"], calibration) if model is None else load_onnx(model)
+            program = (load_program(path, context.model["format"], calibration, axes) if model is None
+                       else load_onnx(model, sample_axes=axes))
             result = compute_sensitivity(program, calibration, config, progress)
         except ValueError as error:  # bad inputs: unsupported ops, arrays not matching the model, a refused .pt2
             raise JobInputError(str(error)) from None
@@ -59,8 +65,10 @@ def compute_or_reuse_sensitivity(context: ChildContext, method: str, options: di
 
 @job_handler("sensitivity")
 def sensitivity_job(context: ChildContext) -> dict[str, Any]:
+    # jobs submitted before the sample_axes field have none: the declared shapes say
     _result, reused = compute_or_reuse_sensitivity(context, context.params["method"],
-                                                   context.params.get("options", {}))
+                                                   context.params.get("options", {}),
+                                                   sample_axes=context.params.get("sample_axes"))
     return {"cached": reused}
 
 
@@ -73,9 +81,10 @@ def latency_job(context: ChildContext) -> dict[str, Any]:
     with context.model_path() as path:
         model_bytes = path.read_bytes()
     inputs = {k: v for k, v in context.arrays("calibration").items() if k != "labels"}
+    # the plan's own sample axes (its stored request: service.job_types.prepare_latency)
     measured = measure_latency(model_bytes, inputs, device=params.get("device", "auto"),
                                warmup=params.get("warmup", 10), repeats=params["repeats"],
-                               batch_size=params["batch_size"])
+                               batch_size=params["batch_size"], sample_axes=context.model.get("sample_axes"))
     return {"latency": asdict(measured)}
 
 
@@ -98,7 +107,8 @@ def plan_job(context: ChildContext) -> dict[str, Any]:
     except ValueError as error:
         raise JobInputError(str(error)) from None
     options = {k: v for k, v in config.items() if k != "type"}
-    sensitivity_data, _ = compute_or_reuse_sensitivity(context, request.method, options, normalized)  # a stored one if any
+    sensitivity_data, _ = compute_or_reuse_sensitivity(context, request.method, options, normalized,
+                                                       request.sample_axes)  # a stored one if any
 
     def progress(phase: str, fraction: float, message: str) -> None:
         context.progress(f"plan:{phase}", fraction, message)

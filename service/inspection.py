@@ -414,51 +414,93 @@ def _array_header(archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> dict[str
 
 
 def _describe_dataset(arrays: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The arrays' names, shapes and dtypes, and ``num_samples``: the first dim that every array of
+    rank >= 1 shares (a rank-0 array is one value shared by every sample), or None when they differ.
+    Which axis holds an input's samples is the model's to say (``sensitivity.samples``: silero-vad's
+    state [2, N, 128] holds them on axis 1), so arrays are counted against the model when a job is
+    submitted (``check_job_request``), not here."""
     if not arrays:
         raise InvalidUpload("the dataset holds no arrays")
-    lengths = {name: info["shape"][0] if info["shape"] else None for name, info in arrays.items()}
-    if any(n is None for n in lengths.values()) or len(set(lengths.values())) != 1:
-        raise InvalidUpload(f"every array needs the same first (sample) dimension; got {lengths}")
     labels = arrays.get("labels")
     if labels is not None and (len(labels["shape"]) != 1 or not labels["dtype"].startswith(("int", "uint"))):
         raise InvalidUpload("'labels' must be a 1-D integer array of class indices")
-    return {"num_samples": next(iter(lengths.values())), "has_labels": labels is not None, "arrays": arrays}
+    first_dims = {info["shape"][0] for info in arrays.values() if info["shape"]}
+    num_samples = next(iter(first_dims)) if len(first_dims) == 1 else None
+    return {"num_samples": num_samples, "has_labels": labels is not None, "arrays": arrays}
 
 
 # ---------------------------------------------------------------- job requests
 
 
 def check_job_request(file: IO[bytes], model_format: str, method: str, options: dict[str, Any],
-                      plan: dict[str, Any] | None, batch_shapes: dict[str, list[int]]) -> None:
+                      plan: dict[str, Any] | None, datasets: dict[str, dict[str, Any]],
+                      sample_axes: dict[str, int | None] | None = None) -> None:
     """Up-front checks of a sensitivity or plan request that need the libraries. Raises InvalidUpload.
 
     - the options build a valid analysis configuration; for plans, the whole request builds the
       worker's own PlanRequest (``plan_request``: what passes here is what the worker runs);
+    - the datasets (role -> their stored array descriptions: "calibration", "evaluation") feed the
+      model: the libraries' own checks (``planner.export.check_inputs``, ``sensitivity.samples``) on
+      arrays of the stored shapes and dtypes, each input's samples on its sample axis (the model's
+      declared shapes, ``sample_axes`` merged over them; a plan's are its own), so a mismatch reads
+      as it does locally; a torch.export archive takes every array's samples on axis 0;
     - (ONNX) the model normalises (``sensitivity.normalize``: a quantized model is refused) and
       every op of the normalised model is supported by the interpreter;
     - (plans) the model is ONNX, the candidates exist, and a size or BOPS budget is not below
       what the smallest configuration of those candidates achieves (BOPS only where static shape
       inference gives the layers' shapes: the model is never run here).
     """
-    from service.model_files import plan_request, sensitivity_config
+    from service.model_files import PT2_SAMPLE_AXES, plan_request, sensitivity_config
 
     try:
         if plan is None:
             sensitivity_config(method, options)
         else:
-            plan_request(plan)
+            sample_axes = dict(plan_request(plan).sample_axes)
     except ValueError as error:
         raise InvalidUpload(str(error)) from None
     if model_format == "torch_export":
         if plan is not None:
             raise InvalidUpload("plans export quantized ONNX and need an ONNX model; torch.export archives "
                                 "support sensitivity analyses only")
+        if sample_axes:
+            raise InvalidUpload(PT2_SAMPLE_AXES)
         _check_pt2(file)  # again: an archive stored before today's checks existed must not reach a worker
+        _check_datasets(None, datasets, None)
         return
-    model = _normalized(_load_model(file, model_format)).model
+    source = _load_model(file, model_format)
+    _check_datasets(source, datasets, sample_axes)
+    model = _normalized(source).model
     _check_supported_ops(model)
     if plan is not None:
-        _check_plan(model, plan, batch_shapes)
+        _check_plan(model, plan, datasets["calibration"])
+
+
+def described_arrays(arrays: dict[str, dict[str, Any]]) -> dict[str, np.ndarray]:
+    """A stored dataset description ({name: {shape, dtype}}) as arrays of those shapes and dtypes that
+    hold no data (one zero, broadcast: no memory whatever the shape). The libraries' input checks and
+    sample counts read shapes and dtypes only, so they judge the upload as they judge the file locally."""
+    return {name: np.broadcast_to(np.zeros((), np.dtype(info["dtype"])), tuple(info["shape"]))
+            for name, info in arrays.items()}
+
+
+def _check_datasets(model, datasets: dict[str, dict[str, Any]], sample_axes: dict[str, int | None] | None) -> None:
+    """Each dataset against the model (``model`` None: a torch.export archive, samples on axis 0), in the
+    words of the local run: ``check_inputs`` as ``planner.plan`` calls it ("calibration set does not
+    match the model inputs: ..."), and labels counted with the inputs' samples."""
+    from planner.export import check_inputs
+    from sensitivity.samples import input_sample_axes, sample_count
+
+    try:
+        for role, arrays in datasets.items():
+            feeds = described_arrays(arrays)
+            if model is not None:
+                check_inputs(model, feeds, what=f"{role} set", sample_axes=sample_axes)
+            if model is None or "labels" in feeds:
+                axes = {} if model is None else input_sample_axes(model, sample_axes)
+                sample_count(feeds, axes, what=f"{role} set")
+    except ValueError as error:
+        raise InvalidUpload(str(error)) from None
 
 
 def _load_model(file: IO[bytes], model_format: str):
@@ -479,7 +521,8 @@ def _check_supported_ops(model) -> None:
         raise InvalidUpload(str(error)) from None
 
 
-def _check_plan(model, plan: dict[str, Any], batch_shapes: dict[str, list[int]]) -> None:
+def _check_plan(model, plan: dict[str, Any], calibration: dict[str, Any]) -> None:
+    """``model``: normalised; ``calibration``: the calibration dataset's stored array descriptions."""
     from planner.candidates import parse_candidates
     from planner.exclude import match_patterns
     from sensitivity.layers import find_layers
@@ -496,10 +539,25 @@ def _check_plan(model, plan: dict[str, Any], batch_shapes: dict[str, list[int]])
             raise InvalidUpload(f"max_size_bytes {constraints['max_size_bytes']} is below the smallest "
                                 f"configuration of these candidates ({smallest} bytes)", code="infeasible")
     if constraints.get("max_bops") is not None:
-        fewest = _fewest_bops(model, {name: [1, *shape[1:]] for name, shape in batch_shapes.items()}, names)
+        fewest = _fewest_bops(model, _one_sample_shapes(model, calibration, plan.get("sample_axes")), names)
         if fewest is not None and constraints["max_bops"] < fewest:
             raise InvalidUpload(f"max_bops {constraints['max_bops']:g} is below the fewest BOPS of any "
                                 f"configuration of these candidates ({fewest:g} at batch size 1)", code="infeasible")
+
+
+def _one_sample_shapes(model, calibration: dict[str, Any], sample_axes: dict[str, int | None] | None,
+                       ) -> dict[str, tuple[int, ...]]:
+    """The calibration arrays' shapes with one sample on each input's sample axis (shared inputs whole),
+    as ``planner.plan`` counts BOPS (per sample)."""
+    from planner.export import check_inputs
+    from sensitivity.samples import input_sample_axes, one_sample_shapes
+
+    try:
+        axes = input_sample_axes(model, sample_axes)
+        feeds = check_inputs(model, described_arrays(calibration), what="calibration set", sample_axes=axes)
+    except ValueError as error:
+        raise InvalidUpload(str(error)) from None
+    return one_sample_shapes(feeds, axes)
 
 
 def _smallest_size(model, names: tuple[str, ...]) -> int:
@@ -514,7 +572,7 @@ def _smallest_size(model, names: tuple[str, ...]) -> int:
     return other + sum(min(layer_size_bytes(cost, name) for name in names) for cost in costs)
 
 
-def _fewest_bops(model, shapes: dict[str, list[int]], names: tuple[str, ...]) -> int | None:
+def _fewest_bops(model, shapes: dict[str, tuple[int, ...]], names: tuple[str, ...]) -> int | None:
     from planner.cost import ShapesUnknown, layer_bops, layer_cost_table
 
     try:

@@ -61,8 +61,10 @@ class Inspector:
         return self._ask("dataset", path)
 
     def job_request(self, path: Path, model_format: str, method: str, options: dict[str, Any],
-                    plan: dict[str, Any] | None = None, batch_shapes: dict[str, list[int]] | None = None) -> None:
-        self._ask("job_request", path, [model_format, method, options, plan, batch_shapes or {}])
+                    plan: dict[str, Any] | None = None, datasets: dict[str, dict[str, Any]] | None = None,
+                    sample_axes: dict[str, int | None] | None = None) -> None:
+        """``datasets``: role ("calibration", "evaluation") -> the stored array descriptions."""
+        self._ask("job_request", path, [model_format, method, options, plan, datasets or {}, sample_axes or {}])
 
     # ------------------------------------------------ mechanics
 

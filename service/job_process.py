@@ -39,7 +39,7 @@ class ChildContext:
         self.channel = channel
         self.job_type: str = job["type"]
         self.params: dict[str, Any] = job["params"]
-        self.model: dict[str, Any] = job["model"]  # name, format
+        self.model: dict[str, Any] = job["model"]  # name, format, sample_axes (a latency job's plan's)
         self.fds = fds
         self.workdir = workdir
         self.cancel_event = threading.Event()

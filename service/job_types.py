@@ -37,6 +37,9 @@ class JobInputs:
     owner: str | None = None
     artifact: bool = False
     rows: dict[str, Any] = field(default_factory=dict)  # what ``store`` needs again (ids, names)
+    # where the model's inputs hold their samples, when the job's params do not say (a latency job
+    # measures a plan's artifact with the plan's own): sent to the process with the model's name
+    sample_axes: dict[str, int | None] = field(default_factory=dict)
 
 
 @dataclass
@@ -177,8 +180,10 @@ def prepare_latency(sessions: sessionmaker[Session], params: dict[str, Any]) -> 
         calibration = session.get(Dataset, plan.calibration_dataset_id) if plan else None
     if plan is None or artifact is None or calibration is None:
         raise JobInputError("the plan, its artifact or its calibration dataset was deleted")
+    # plans stored before the sample_axes field have none: the artifact's declared shapes say
     return JobInputs(artifact.filename, "onnx", {"model": artifact.sha256, "calibration": calibration.sha256},
-                     rows={"plan_id": plan.id, "artifact_id": artifact.id})
+                     rows={"plan_id": plan.id, "artifact_id": artifact.id},
+                     sample_axes=dict(plan.request.get("sample_axes") or {}))
 
 
 LATENCY_FIELDS = {"mean_ms": float, "p50_ms": float, "p90_ms": float, "batch_size": int, "repeats": int,

@@ -47,7 +47,17 @@ def _fail(error: Exception) -> int:
 def _run_job(client: MpqClient, route: str, body: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     job = client.submit(route, body, idempotency_key=uuid.uuid4().hex)
     print(f"mpq: job {job['id']} on {args.server}", file=sys.stderr)
+    _check_sample_axes_kept(client, job, body)
     return client.wait(job["id"], on_progress=follow_job(ProgressPrinter(sys.stderr)), poll_s=1.0, timeout_s=args.timeout)
+
+
+def _check_sample_axes_kept(client: MpqClient, job: dict[str, Any], body: dict[str, Any]) -> None:
+    """A server from before sample_axes ignores the field (unknown JSON fields are dropped) and would
+    read every input's samples off its declared shapes: its job is cancelled rather than waited for."""
+    if body.get("sample_axes") and job.get("params", {}).get("sample_axes") != body["sample_axes"]:
+        client.cancel(job["id"])
+        raise ValueError("the server ignores --sample-axis (its mpq predates sample_axes; job cancelled): upgrade "
+                         "it or run this command without --server")
 
 
 def _job_exit(job: dict[str, Any]) -> int | None:
@@ -65,25 +75,18 @@ def _uploads(client: MpqClient, args: argparse.Namespace, *data_options: str) ->
     return model, datasets
 
 
-def _refuse_sample_axes(args: argparse.Namespace) -> None:
-    """The server reads every input's samples off its first axis (datasets are checked that way on
-    upload); a run that needs other sample axes runs locally."""
-    if getattr(args, "sample_axis", None):
-        raise ValueError("--sample-axis is not carried to a server yet: run this command without --server")
-
-
 def remote_sensitivity(args: argparse.Namespace) -> int:
-    from service.local_commands import sensitivity_config, sensitivity_document, sensitivity_table
+    from service.local_commands import sample_axes_option, sensitivity_config, sensitivity_document, sensitivity_table
     from sensitivity.results import SensitivityResult
 
     try:
-        _refuse_sample_axes(args)
         config = sensitivity_config(args)
+        sample_axes = sample_axes_option(args.sample_axis)
         with _client(args) as client:
             model, (data,) = _uploads(client, args, "data")
             options = {k: v for k, v in config.to_dict().items() if k != "type"}
-            job = _run_job(client, "/v1/sensitivity", {"model_id": model["id"], "dataset_id": data["id"],
-                                                       "method": args.method, "options": options}, args)
+            body = {"model_id": model["id"], "dataset_id": data["id"], "method": args.method, "options": options}
+            job = _run_job(client, "/v1/sensitivity", {**body, "sample_axes": sample_axes}, args)
             if (code := _job_exit(job)) is not None:
                 return code
             stored = client.get(f"/v1/sensitivity/{job['result']['sensitivity_result_id']}")
@@ -98,7 +101,6 @@ def remote_plan(args: argparse.Namespace) -> int:
     from service.local_commands import plan_request, plan_summary
 
     try:
-        _refuse_sample_axes(args)
         request = plan_request(args)
         with _client(args) as client:
             model, (calibration, evaluation) = _uploads(client, args, "data", "eval_data")
@@ -106,7 +108,8 @@ def remote_plan(args: argparse.Namespace) -> int:
                     "evaluation_dataset_id": evaluation["id"] if evaluation else None,
                     "method": request.method, "search": request.search, "candidates": list(request.candidates),
                     "constraints": request.constraints(), "metric": request.metric, "exclude": list(request.exclude),
-                    "options": {"seed": request.seed, **dict(request.sensitivity_options)}}
+                    "options": {"seed": request.seed, **dict(request.sensitivity_options)},
+                    "sample_axes": dict(request.sample_axes)}
             job = _run_job(client, "/v1/plans", body, args)
             if (code := _job_exit(job)) is not None:
                 return code

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class LayerOut(BaseModel):
@@ -43,7 +43,9 @@ class DatasetOut(BaseModel):
     name: str
     sha256: str
     size_bytes: int
-    num_samples: int
+    num_samples: int | None = Field(description="the first dim every array of rank >= 1 shares (the sample count "
+                                                "when samples lie on axis 0); null when they differ: a job counts "
+                                                "the samples on each model input's sample axis when it is submitted")
     has_labels: bool
     arrays: dict[str, Any]
     created_at: datetime

@@ -133,7 +133,8 @@ class JobRun:
                 files["artifact"] = artifact
             started = time.monotonic()
             self.child.channel.send({"type": self.job_type, "params": self.params, "files": list(files),
-                                "model": {"name": self.inputs.model_name, "format": self.inputs.model_format}},
+                                "model": {"name": self.inputs.model_name, "format": self.inputs.model_format,
+                                          "sample_axes": self.inputs.sample_axes}},
                                [f.fileno() for f in files.values()])
             stopped = self._relay(started)
             if stopped is not None:

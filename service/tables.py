@@ -85,7 +85,9 @@ class Dataset(Timestamped, Owned, Base):
     name: Mapped[str] = mapped_column(String(200))
     sha256: Mapped[str] = mapped_column(String(64), index=True)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
-    num_samples: Mapped[int] = mapped_column(Integer)
+    # the first dim every array of rank >= 1 shares, None when they differ (per-input sample axes:
+    # a job counts the samples against its model; service.inspection._describe_dataset)
+    num_samples: Mapped[int | None] = mapped_column(Integer)
     has_labels: Mapped[bool]
     arrays: Mapped[dict[str, Any]] = mapped_column(default=dict)  # name -> {shape, dtype}
 

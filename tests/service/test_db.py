@@ -61,6 +61,37 @@ def test_layer_counts_are_filled_in_for_models_stored_before_the_column(backend,
     engine.dispose()
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_datasets_keep_their_counts_and_take_none_after_0007(backend, tmp_path, request):
+    """0007 makes datasets.num_samples nullable (arrays whose first dims differ: per-input sample
+    axes); rows stored before keep their count. Downgrading below it names uncounted rows instead
+    of inventing a count for them."""
+    from alembic import command
+    from sqlalchemy import text
+
+    from service.db import alembic_config
+
+    url = f"sqlite:///{tmp_path / 'old.db'}" if backend == "sqlite" else request.getfixturevalue("own_postgres_url")
+    engine = make_engine(url)
+    upgrade(engine, "0006")
+    insert = text("INSERT INTO datasets (id, name, sha256, size_bytes, num_samples, has_labels, arrays, created_at)"
+                  " VALUES (:id, 'd', :sha, 1, :count, false, '{}', CURRENT_TIMESTAMP)")
+    with engine.begin() as connection:
+        connection.execute(insert, {"id": "old", "sha": "0" * 64, "count": 16})
+    upgrade(engine)
+    with engine.begin() as connection:
+        connection.execute(insert, {"id": "axes", "sha": "1" * 64, "count": None})
+        rows = dict(connection.execute(text("SELECT id, num_samples FROM datasets")).all())
+    assert rows == {"old": 16, "axes": None}
+    with pytest.raises(RuntimeError, match="1 datasets have no common first dim"):
+        command.downgrade(alembic_config(url), "0006")
+    with engine.begin() as connection:
+        connection.execute(text("DELETE FROM datasets WHERE id = 'axes'"))
+    command.downgrade(alembic_config(url), "0006")
+    assert current_revision(engine) == "0006"
+    engine.dispose()
+
+
 def _dropped_connection() -> Exception:
     from sqlalchemy.exc import OperationalError
 

@@ -130,6 +130,7 @@ def test_the_api_schema_states_the_library_bounds():
     """The API process does not import the libraries, so its schema repeats their bounds: the same ones."""
     import importlib
 
+    from service.api_jobs import SensitivityRequest
     from service.api_plans import Constraints, LatencyRequest, PlanRequestIn
 
     def schema(model, name: str) -> dict:
@@ -147,6 +148,13 @@ def test_the_api_schema_states_the_library_bounds():
     exclude = importlib.import_module("planner.exclude")
     assert schema(PlanRequestIn, "exclude")["maxItems"] == exclude.MAX_EXCLUDE_PATTERNS
     assert schema(PlanRequestIn, "exclude")["items"]["maxLength"] == exclude.MAX_EXCLUDE_PATTERN_LENGTH
+    samples = importlib.import_module("sensitivity.samples")
+    for model in (PlanRequestIn, SensitivityRequest):
+        axes = model.model_json_schema()["properties"]["sample_axes"]
+        assert axes["maxProperties"] == samples.MAX_SAMPLE_AXES
+        assert axes["propertyNames"]["maxLength"] == samples.MAX_INPUT_NAME_LENGTH
+        assert axes["additionalProperties"]["anyOf"] == [
+            {"type": "integer", "minimum": 0, "maximum": samples.MAX_SAMPLE_AXIS}, {"type": "null"}]
     latency = {name: schema(LatencyRequest, name)["maximum"] for name in ("batch_size", "repeats", "warmup")}
     assert latency == {"batch_size": library.MAX_LATENCY_BATCH_SIZE, "repeats": library.MAX_LATENCY_REPEATS,
                        "warmup": library.MAX_LATENCY_WARMUP}

@@ -196,8 +196,7 @@ def test_bad_models_are_rejected_and_leave_nothing(client, app, tmp_path, case):
 BAD_DATASETS = {
     "pickled object array": (_pickled_npz(), "pickle"),
     "not an npz": (b"hello world", ".npz"),
-    "different sample counts": (npz_bytes(x=np.zeros((3, 2), np.float32), y=np.zeros((4, 2), np.float32)),
-                                "same first"),
+    # arrays whose first dims differ are accepted (per-input sample axes): tests/service/test_sample_axes.py
     "float labels": (npz_bytes(x=np.zeros((3, 2), np.float32), labels=np.zeros(3)), "labels"),
     "truncated npz": (npz_bytes(x=np.zeros((64, 64), np.float32))[:5000], "truncated"),
     "string array": (npz_bytes(x=np.array(["a", "b"])), "dtype"),

@@ -97,3 +97,38 @@ def test_remote_sensitivity_matches_local(app, live_server, files, token):
     for ours, theirs in zip(local_layers, remote_layers):
         assert theirs["trace"] == pytest.approx(ours["trace"], rel=1e-6)
         assert theirs["probes"] == ours["probes"]
+
+
+def test_remote_runs_take_sample_axes(app, live_server, token, tmp_path, client):
+    """--sample-axis reaches the server from mpq sensitivity and mpq plan: a model whose declared shapes
+    do not say where the samples lie (tests/service/test_sample_axes.py), the same traces as locally."""
+    import onnx
+
+    from tests.sensitivity.test_samples import (
+        loose_data,
+        loosely_declared_stateful_model,
+    )
+
+    model, data, out = tmp_path / "state.onnx", tmp_path / "state.npz", tmp_path / "q.onnx"
+    onnx.save(loosely_declared_stateful_model(), model)
+    np.savez(data, **loose_data(24))
+    axes = ["--sample-axis", "state=1", "--sample-axis", "sr=none"]
+    args = ["sensitivity", str(model), "--data", str(data), "--max-probes", "4", "--device", "cpu", "--json", *axes]
+    local, remote = mpq(*args, "--no-cache"), mpq(*args, "--server", live_server, token=token)
+    assert local.returncode == remote.returncode == 0, (local.stderr, remote.stderr)
+    local_layers, remote_layers = json.loads(local.stdout)["layers"], json.loads(remote.stdout)["layers"]
+    assert [layer["name"] for layer in remote_layers] == [layer["name"] for layer in local_layers] == [
+        "fc1.weight", "fc2.weight"]
+    for ours, theirs in zip(local_layers, remote_layers):
+        assert theirs["trace"] == pytest.approx(ours["trace"], rel=1e-6)
+
+    plan = mpq("plan", str(model), "--data", str(data), "--candidates", "fp32,w8a8,w4", "--max-bops", "40000",
+               "--max-probes", "4", "--out", str(out), "--json", *axes, "--server", live_server, token=token)
+    assert plan.returncode == 0, plan.stderr
+    document = json.loads(plan.stdout)
+    assert document["request"]["sample_axes"] == {"state": 1, "sr": None}
+    assert document["plan"]["measured"]["num_samples"] == 24 and document["meets_constraints"] is True
+    stored = client.get(f"/v1/plans/{document['plan_id']}", headers={"authorization": f"Bearer {token}"}).json()
+    assert stored["request"]["sample_axes"] == {"state": 1, "sr": None}
+    y, state = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, loose_data(5))
+    assert y.shape == (5, 3) and state.shape == (2, 5, 4)
