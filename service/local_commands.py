@@ -186,15 +186,31 @@ def plan_command(args: argparse.Namespace, settings: Any = None) -> int:
         return _bad_input(error, progress)
     progress.finish()
     _write_atomically(Path(args.out), result.artifact_bytes)
-    document = plan_document(result, args.out)
-    if args.json:
-        print(json.dumps(document, default=_json_default))
-    else:
-        print(plan_summary(document))
-    if not result.meets_constraints:
+    return report_plan(plan_document(result, args.out), as_json=args.json)
+
+
+def report_plan(document: Mapping[str, Any], *, as_json: bool) -> int:
+    """Print a plan (the JSON document or the summary), warn on stderr where it needs it, and
+    return the exit code: the one step the local and the remote ``mpq plan`` share."""
+    print(json.dumps(document, default=_json_default) if as_json else plan_summary(document))
+    for warning in plan_warnings(document):
+        print(f"mpq: warning: {warning}", file=sys.stderr)
+    if not document["meets_constraints"]:
         print("mpq: the chosen plan does not meet the constraints (see the measured figures)", file=sys.stderr)
         return EXIT_INFEASIBLE
     return EXIT_OK
+
+
+def plan_warnings(document: Mapping[str, Any]) -> list[str]:
+    """What the user should know about a plan that met what was asked: a large measured drop
+    under a size, BOPS or latency budget alone (nothing bounded it; the zoo's recogniser lost
+    52.8 pp of step agreement under --max-size-mb without a word)."""
+    measured = document["plan"]["measured"]
+    if document["request"].get("max_drop") is not None or measured["drop"] <= LARGE_DROP_PP:
+        return []
+    warning = (f"the plan's {measured['metric_name']} dropped {measured['drop']:.2f} pp ({measured['metric']:.2f} % "
+               f"against {measured['baseline']:.2f} % for the float model) and nothing bounded it: give --max-drop")
+    return [warning]
 
 
 class _CachedSensitivity:
@@ -540,6 +556,10 @@ def plan_document(result, artifact_path: str) -> dict[str, Any]:
         "excluded": data["excluded"],
         "layer_nodes": data["layer_nodes"],
     }
+
+
+# A measured drop above this, with no --max-drop given, is worth a warning (percentage points).
+LARGE_DROP_PP = 5.0
 
 
 def plan_summary(document: Mapping[str, Any]) -> str:

@@ -98,7 +98,7 @@ def remote_sensitivity(args: argparse.Namespace) -> int:
 
 
 def remote_plan(args: argparse.Namespace) -> int:
-    from service.local_commands import plan_request, plan_summary
+    from service.local_commands import plan_request, report_plan
 
     try:
         request = plan_request(args)
@@ -118,12 +118,7 @@ def remote_plan(args: argparse.Namespace) -> int:
             sha256 = client.download_artifact(plan_id, Path(args.out))
     except (ApiError, OSError, ValueError) as error:
         return _fail(error)
-    document = plan_document(plan, frontier, request.to_dict(), args.out, sha256)
-    print(json.dumps(document) if args.json else plan_summary(document))
-    if not document["meets_constraints"]:
-        print("mpq: the chosen plan does not meet the constraints (see the measured figures)", file=sys.stderr)
-        return EXIT_INFEASIBLE
-    return EXIT_OK
+    return report_plan(plan_document(plan, frontier, request.to_dict(), args.out, sha256), as_json=args.json)
 
 
 def plan_document(plan: dict[str, Any], frontier: list[dict[str, Any]], request: dict[str, Any], out: str,

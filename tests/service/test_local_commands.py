@@ -18,6 +18,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from service import local_commands
 from service.local_commands import register
 from tests.conftest import tiny_onnx_model
 
@@ -336,3 +337,22 @@ def test_sensitivity_and_plan_take_the_sample_axes(tmp_path, capsys, monkeypatch
     status, out, err = call_mpq("sensitivity", "declared.onnx", "--data", "declared.npz", "--max-probes", "4",
                                 "--device", "cpu", "--json", capsys=capsys)
     assert status == 0, err  # declared shapes need no --sample-axis
+
+
+def _plan_document(drop: float, max_drop: float | None) -> dict:
+    measured = {"metric_name": "step_agreement", "metric": 100.0 - drop, "baseline": 100.0, "drop": drop,
+                "size_bytes": 10, "latency_ms": {"p50": 1.0, "mean": 1.0, "p90": 1.0, "device": "cpu"}}
+    plan = {"layers": {"fc1.weight": "w4"}, "measured": measured,
+            "predicted": {"omega": 1.0, "loss_change": 1.0, "size_bytes": 10, "bops": 10}}
+    return {"plan": plan, "request": {"max_drop": max_drop}, "meets_constraints": True, "evaluations": 1,
+            "artifact": "q.onnx"}
+
+
+def test_a_large_unbounded_drop_is_a_warning_and_a_bounded_one_is_not(capsys):
+    """The zoo's recogniser lost 52.8 pp under --max-size-mb alone and mpq said nothing."""
+    assert local_commands.report_plan(_plan_document(52.8, None), as_json=True) == 0
+    err = capsys.readouterr().err
+    assert ("mpq: warning: the plan's step_agreement dropped 52.80 pp (47.20 % against 100.00 % for the float "
+            "model) and nothing bounded it: give --max-drop") in err
+    assert local_commands.plan_warnings(_plan_document(local_commands.LARGE_DROP_PP, None)) == []
+    assert local_commands.plan_warnings(_plan_document(52.8, 60.0)) == []  # the user bounded it
