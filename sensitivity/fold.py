@@ -11,6 +11,7 @@ the nodes and initializers nothing reads any more are dropped.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 
 import onnx
@@ -19,6 +20,8 @@ from onnx import numpy_helper
 
 from sensitivity.branches import DEFAULT_DOMAINS, drop_unread_nodes, node_reads
 from sensitivity.layers import QUANTIZABLE_OPS, weight_indices
+
+logger = logging.getLogger(__name__)
 
 FOLDABLE_OPS = frozenset({"Concat", "Expand", "Flatten", "Gather", "Identity", "Reshape", "Slice", "Split",
                           "Squeeze", "Tile", "Transpose", "Unsqueeze"})
@@ -41,23 +44,32 @@ def foldable_weights(model: onnx.ModelProto) -> list[str]:
     return names
 
 
-def fold_weights(model: onnx.ModelProto, names: Sequence[str]) -> None:
-    """Replace each named value by an initializer holding what its chain computes (in place)."""
-    if not names:
-        return
+def fold_weights(model: onnx.ModelProto, names: Sequence[str]) -> list[str]:
+    """Replace each named value by an initializer holding what its chain computes (in place);
+    the names folded. A chain onnx's reference evaluator cannot run is left as the exporter wrote
+    it (its weight is then no layer, as before)."""
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
     producers = {name: node for node in graph.node for name in node.output if name}
+    folded = []
     for name in names:
         chain = _chain(name, producers, set(initializers))
-        folded = numpy_helper.from_array(_evaluate(model, chain, initializers, name), name)
-        graph.initializer.append(folded)
-        initializers[name] = folded
-    kept = [node for node in graph.node if not set(node.output) & set(names)]  # the initializers replace them
+        try:
+            value = _evaluate(model, chain, initializers, name)
+        except Exception as error:  # noqa: BLE001 - the reference evaluator raises many types; folding is optional
+            logger.info("weight %r not folded: %s", name, error)
+            continue
+        initializers[name] = numpy_helper.from_array(value, name)
+        graph.initializer.append(initializers[name])
+        folded.append(name)
+    if not folded:
+        return folded
+    kept = [node for node in graph.node if not set(node.output) & set(folded)]  # the initializers replace them
     del graph.node[:]
     graph.node.extend(kept)
     drop_unread_nodes(graph)
     _drop_unread_initializers(graph)
+    return folded
 
 
 def _chain(

@@ -177,7 +177,8 @@ def normalize_model(
     ones); the first ``UPGRADE_CHECK_SAMPLES`` check an opset upgrade. Without
     them an upgrade is applied unchecked (logged): give them wherever expensive work follows.
     An already normalised model is returned as is when its opset suffices. Raises
-    ``AlreadyQuantizedError`` and ``OpsetUpgradeError`` (both ValueErrors) with what is wrong.
+    ``AlreadyQuantizedError``, ``BranchFixError`` and ``OpsetUpgradeError`` (all ValueErrors)
+    with what is wrong.
     """
     if isinstance(model, NormalizedModel):
         return model if model.opset >= opset else _upgraded_further(model, opset, samples, sample_axes)
@@ -191,8 +192,7 @@ def normalize_model(
         return NormalizedModel(model, source_opset=source_opset, opset=source_opset)
     working = fixed_model if fixed else _copy(model)
     _promote_constants(working, promote)
-    folded = foldable_weights(working)
-    fold_weights(working, folded)
+    folded = fold_weights(working, foldable_weights(working))
     _clear_non_positive_dims(working)
     working, check = _upgrade(fixed_model, working, source_opset, opset, samples, sample_axes)
     return NormalizedModel(working, tuple(promote), tuple(dynamic), source_opset, default_opset(working), check,

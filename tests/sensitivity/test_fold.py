@@ -77,3 +77,15 @@ def test_a_constant_read_elsewhere_is_kept() -> None:
     normalized = normalize_model(model)
     assert normalized.folded_weights == ("w",)
     assert sorted(init.name for init in normalized.model.graph.initializer) == ["W0", "w"]
+
+
+def test_a_chain_the_reference_evaluator_cannot_run_is_left_as_written(monkeypatch) -> None:
+    import sensitivity.fold
+
+    def refuse(*args, **kwargs):
+        raise NotImplementedError("no reference implementation")
+
+    monkeypatch.setattr(sensitivity.fold, "_evaluate", refuse)
+    normalized = normalize_model(_transposed())
+    assert normalized.folded_weights == () and find_layers(normalized.model) == []
+    assert [node.op_type for node in normalized.model.graph.node] == ["Transpose", "MatMul"]
