@@ -132,3 +132,10 @@ def test_the_fixed_model_runs_in_the_interpreter_like_in_onnxruntime(mode: int) 
     inputs = {name: torch.from_numpy(np.asarray(array)) for name, array in samples.items()}
     (output,) = program(program.layer_weights, inputs)
     np.testing.assert_allclose(output.numpy(), _run(_nested(), samples), rtol=1e-5, atol=1e-6)
+
+
+def test_conditions_onnxruntime_cannot_read_leave_the_ifs_in_place() -> None:
+    """Samples that do not fit the model (here a wrong rank) fix nothing; the checks that follow
+    name the problem, normalisation itself does not fail on it."""
+    fixed, branches = fix_branches(_nested(), [{"x": np.zeros((2, 4, 1), np.float32), "mode": np.array(1)}])
+    assert branches == () and any(node.op_type == "If" for node in fixed.graph.node)
