@@ -92,16 +92,38 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     if not _schema_is_current(settings, upgrade_first=args.upgrade_db):
         return 2
     raise_open_file_limit()
-    print(f"mpq: serving on http://{settings.host}:{settings.port} (auth {settings.auth.value}, "
-          f"database {_redacted(settings.resolved_database_url)})", file=sys.stderr)
+    announcement = (f"mpq: serving on http://{settings.host}:{settings.port} (auth {settings.auth.value}, "
+                    f"database {_redacted(settings.resolved_database_url)})")
     if args.api_workers > 1:
+        from uvicorn.supervisors import Multiprocess
+
         # each worker process builds its own app from the environment (MPQ_* settings)
         os.environ.update({"MPQ_HOST": settings.host, "MPQ_PORT": str(settings.port)})
-        uvicorn.run("service.app:create_app", factory=True, workers=args.api_workers, host=settings.host,
-                    port=settings.port, log_level="info", **SERVER_OPTIONS)
-    else:
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info", **SERVER_OPTIONS)
-    return 0
+        config = uvicorn.Config("service.app:create_app", factory=True, workers=args.api_workers,
+                                host=settings.host, port=settings.port, log_level="info", **SERVER_OPTIONS)
+        socket = config.bind_socket()  # connections wait in its backlog until a worker accepts them
+        print(announcement, file=sys.stderr, flush=True)
+        Multiprocess(config, sockets=[socket]).run()
+        return 0
+    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_level="info",
+                            **SERVER_OPTIONS)
+    server = _announcing_server(config, announcement)
+    server.run()
+    return 0 if server.started else 2
+
+
+def _announcing_server(config, announcement: str):
+    """uvicorn's server, printing ``announcement`` once it listens and not before: a script that
+    waits for the line can connect at once (the line used to come before the port was bound)."""
+    import uvicorn
+
+    class AnnouncingServer(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:
+                print(announcement, file=sys.stderr, flush=True)
+
+    return AnnouncingServer(config)
 
 
 def raise_open_file_limit() -> int:
@@ -129,14 +151,15 @@ def _redacted(url: str) -> str:
 
 
 def _schema_is_current(settings: Settings, upgrade_first: bool = False) -> bool:
-    """Check (optionally after upgrading) that the schema matches this version; say what to run if not."""
-    from service.db import SchemaOutOfDate, check_schema, upgrade
+    """Create the schema on a first start (or upgrade it when asked), then check that it matches
+    this version; say what was done, or what to run."""
+    from service.db import SchemaOutOfDate, prepare_schema
 
     engine = _engine(settings)
     try:
-        if upgrade_first:
-            upgrade(engine)
-        check_schema(engine)
+        done = prepare_schema(engine, upgrade_first=upgrade_first)
+        if done:
+            print(f"mpq: {done} ({_redacted(settings.resolved_database_url)})", file=sys.stderr)
         return True
     except SchemaOutOfDate as error:
         print(f"mpq: {error}", file=sys.stderr)

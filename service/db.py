@@ -10,7 +10,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.orm import Session, sessionmaker
 
 import mpq_migrations
@@ -82,6 +82,30 @@ def check_schema(engine: Engine) -> None:
             f"database schema is at revision {current or '(empty)'} but this version of mpq needs {head}: "
             "run `mpq db upgrade` (or start with `mpq serve --upgrade-db`)"
         )
+
+
+def prepare_schema(engine: Engine, *, upgrade_first: bool = False) -> str | None:
+    """Bring the schema to what this version needs where that is safe, and say what was done.
+
+    A database with no tables at all (a first start on a new data directory or an empty
+    PostgreSQL database) is created at the head revision, as MLflow's server does. An existing
+    schema at another revision is upgraded only with ``upgrade_first`` (``--upgrade-db``, or
+    ``mpq db upgrade``); otherwise ``SchemaOutOfDate`` says what to run. None: nothing to do.
+    """
+    current, head = current_revision(engine), head_revision()
+    if current is None and not inspect(engine).get_table_names():
+        try:
+            upgrade(engine)
+        except Exception:
+            # another process (a worker started beside the server) may have created it meanwhile
+            if current_revision(engine) != head:
+                raise
+        return f"created the database schema at revision {head}"
+    if upgrade_first and current != head:
+        upgrade(engine)
+        return f"upgraded the database schema from revision {current} to {head}"
+    check_schema(engine)
+    return None
 
 
 def retrying(operation, *, deadline_s: float = 30.0, first_delay_s: float = 0.2, max_delay_s: float = 2.0):

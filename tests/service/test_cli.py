@@ -22,10 +22,73 @@ def test_serve_help_documents_settings(tmp_path):
         assert name in result.stdout
 
 
-def test_serve_refuses_an_out_of_date_schema(tmp_path):
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _older_schema(data_dir) -> None:
+    """The database a previous mpq version left: migrated to 0006, one revision short of head."""
+    from service.db import make_engine, upgrade
+
+    engine = make_engine(f"sqlite:///{data_dir / 'mpq.db'}")
+    upgrade(engine, "0006")
+    engine.dispose()
+
+
+def test_serve_refuses_an_out_of_date_schema_and_upgrades_it_when_asked(tmp_path):
+    _older_schema(tmp_path)
     result = run_mpq("serve", env={"MPQ_DATA_DIR": str(tmp_path)})
     assert result.returncode == 2
-    assert "mpq db upgrade" in result.stderr
+    assert "at revision 0006" in result.stderr and "mpq db upgrade" in result.stderr
+    assert run_mpq("token", "create", "--name", "ci", env={"MPQ_DATA_DIR": str(tmp_path)}).returncode == 2
+    assert run_mpq("db", "upgrade", env={"MPQ_DATA_DIR": str(tmp_path)}).returncode == 0
+    assert run_mpq("token", "create", "--name", "ci", env={"MPQ_DATA_DIR": str(tmp_path)}).returncode == 0
+
+
+def _serve_until_announced(data_dir, *args: str) -> list[str]:
+    """Start `mpq serve`, read its stderr up to the "serving on" line, check the port answers at
+    once (no retry), stop it; the lines read."""
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port), *args],
+                              env={**os.environ, "MPQ_DATA_DIR": str(data_dir)}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in server.stderr:
+            lines.append(line)
+            if line.startswith("mpq: serving on"):
+                break
+        assert lines and lines[-1].startswith("mpq: serving on"), lines
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+        return lines
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_first_serve_on_a_new_data_directory_creates_the_database_and_announces_only_once_listening(tmp_path):
+    """As MLflow's server: no `mpq db upgrade` first. The "serving on" line comes once the port
+    accepts connections: a client that connects as soon as it reads the line is served."""
+    lines = _serve_until_announced(tmp_path / "new")
+    assert any("created the database schema at revision" in line for line in lines), lines
+    created = run_mpq("token", "create", "--name", "ci", env={"MPQ_DATA_DIR": str(tmp_path / "new")})
+    assert created.returncode == 0 and "created the database" not in created.stderr  # made once
+
+
+def test_serve_upgrade_db_upgrades_an_older_schema(tmp_path):
+    _older_schema(tmp_path)
+    lines = _serve_until_announced(tmp_path, "--upgrade-db")
+    assert any("upgraded the database schema from revision 0006 to" in line for line in lines), lines
+
+
+def test_token_create_on_a_new_data_directory_creates_the_database(tmp_path):
+    created = run_mpq("token", "create", "--name", "ci", env={"MPQ_DATA_DIR": str(tmp_path / "fresh")})
+    assert created.returncode == 0, created.stderr
+    assert json.loads(created.stdout)["token"] and "created the database schema" in created.stderr
 
 
 def test_serve_refuses_a_public_bind_without_auth(tmp_path):
@@ -38,7 +101,6 @@ def test_token_created_by_the_cli_opens_the_api(tmp_path):
     import socket
 
     env = {"MPQ_DATA_DIR": str(tmp_path), "MPQ_AUTH": "token"}
-    assert run_mpq("db", "upgrade", env=env).returncode == 0
     created = run_mpq("token", "create", "--name", "ci", env=env)
     assert created.returncode == 0, created.stderr
     token = json.loads(created.stdout)["token"]
