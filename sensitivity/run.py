@@ -182,13 +182,21 @@ def _check_finite(name: str, array: np.ndarray, axis: int | None) -> None:
         return
     if axis is None:  # shared by every sample
         if not np.isfinite(array).all():
-            raise ValueError(f"calibration array {name!r} (shared by every sample) holds NaN or infinite values")
+            raise ValueError(non_finite_message(name, None, 0, 0, 0))
         return
     finite = np.isfinite(np.moveaxis(array, axis, 0)).reshape(array.shape[axis], -1).all(axis=1)
     if not finite.all():
         bad = np.flatnonzero(~finite)
-        raise ValueError(f"calibration array {name!r} holds NaN or infinite values in {len(bad)} of {len(finite)} "
-                         f"samples (first: sample {int(bad[0])}); every sensitivity would be NaN")
+        raise ValueError(non_finite_message(name, axis, len(bad), len(finite), int(bad[0])))
+
+
+def non_finite_message(name: str, axis: int | None, bad: int, total: int, first: int) -> str:
+    """The error for a calibration array holding NaN or infinite values: in ``bad`` of ``total``
+    samples on ``axis``, the first being ``first`` (the server words its upload check alike)."""
+    if axis is None:
+        return f"calibration array {name!r} (shared by every sample) holds NaN or infinite values"
+    return (f"calibration array {name!r} holds NaN or infinite values in {bad} of {total} samples "
+            f"(first: sample {first}); every sensitivity would be NaN")
 
 
 def _check_some_curvature(traces: Any) -> None:

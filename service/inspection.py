@@ -367,7 +367,8 @@ def _int_entry(tensor, entries: dict[str, str], key: str) -> int:
 
 
 def inspect_dataset(file: IO[bytes], limits: Limits) -> dict[str, Any]:
-    """Read the npz's array headers (never pickle, never the data) and check they form a dataset."""
+    """Read the npz's array headers (never a pickle) and check they form a dataset; float arrays
+    are also read, in chunks, for NaN and infinite values (``_non_finite``)."""
     if not zipfile.is_zipfile(file):
         raise InvalidUpload("a dataset must be a complete .npz file (numpy.savez) with one array per model input; "
                             "this upload is not one, or it is truncated")
@@ -396,21 +397,72 @@ def _array_header(archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> dict[str
         try:
             version = np.lib.format.read_magic(file)
             read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, _fortran_order, dtype = read_header(file)
+            shape, fortran_order, dtype = read_header(file)
         except (ValueError, OSError, SyntaxError, EOFError, zipfile.BadZipFile) as error:
             raise InvalidUpload(f"array {name!r} has no valid .npy header: {error}") from None
         header_size = file.tell()
+        _check_kind(name, dtype)
+        expected = header_size + math.prod(shape) * dtype.itemsize  # Python ints: a hostile shape cannot overflow
+        if member.file_size != expected:
+            raise InvalidUpload(f"array {name!r} has {member.file_size} bytes, but its header's shape {list(shape)} "
+                                f"needs {expected}")
+        non_finite = _non_finite(file, tuple(shape), dtype, fortran_order)
+    description: dict[str, Any] = {"shape": list(shape), "dtype": dtype.name}
+    return description if non_finite is None else {**description, "non_finite": non_finite}
+
+
+def _check_kind(name: str, dtype: np.dtype) -> None:
     if dtype.hasobject:
         raise InvalidUpload(
             f"array {name!r} holds Python objects (a pickle); only numeric arrays are accepted"
         )
     if dtype.kind not in "biuf":
         raise InvalidUpload(f"array {name!r} has dtype {dtype}; only bool, integer and float arrays are accepted")
-    expected = header_size + math.prod(shape) * dtype.itemsize  # Python ints: a hostile shape cannot overflow
-    if member.file_size != expected:
-        raise InvalidUpload(f"array {name!r} has {member.file_size} bytes, but its header's shape {list(shape)} "
-                            f"needs {expected}")
-    return {"shape": list(shape), "dtype": dtype.name}
+
+
+# Bytes of a float array read at a time for the finiteness check (the inspector's memory stays bounded).
+FINITE_CHUNK_BYTES = 16 << 20
+
+
+def _non_finite(file: IO[bytes], shape: tuple[int, ...], dtype: np.dtype, fortran_order: bool) -> dict | None:
+    """None when a float array holds only finite values (or is not float); else, for each axis,
+    [how many indices along it hold a NaN or infinity somewhere, the first]: a job knows which axis
+    holds an input's samples and words the error as the local run does (``non_finite_message``)."""
+    if dtype.kind != "f" or math.prod(shape) == 0:
+        return None
+    if not shape or fortran_order:  # a scalar, or a rare Fortran-ordered array: read whole (bounded upload)
+        data = np.frombuffer(file.read(), dtype).reshape(shape, order="F" if fortran_order else "C")
+        masks = _bad_indices(~np.isfinite(data), shape, 0)
+    else:
+        row = math.prod(shape[1:]) * dtype.itemsize
+        step = max(1, FINITE_CHUNK_BYTES // max(row, 1))
+        masks = [np.zeros(size, bool) for size in shape]
+        for start in range(0, shape[0], step):
+            count = min(step, shape[0] - start)
+            chunk = np.frombuffer(file.read(count * row), dtype).reshape((count, *shape[1:]))
+            for axis, mask in enumerate(_bad_indices(~np.isfinite(chunk), shape, start)):
+                masks[axis] |= mask
+    if not shape:
+        return {"axes": []} if masks else None
+    if not masks[0].any():
+        return None
+    return {"axes": [[int(mask.sum()), int(np.flatnonzero(mask)[0])] for mask in masks]}
+
+
+def _bad_indices(bad: np.ndarray, shape: tuple[int, ...], start: int) -> list[np.ndarray]:
+    """Per axis of the whole array, which indices hold a True of ``bad`` (rows ``start``... of it)."""
+    if not shape:
+        return [np.array([True])] if bool(bad) else []
+    masks = []
+    for axis, size in enumerate(shape):
+        mask = np.zeros(size, bool)
+        hit = np.moveaxis(bad, axis, 0).reshape(bad.shape[axis], -1).any(axis=1)
+        if axis == 0:
+            mask[start:start + len(hit)] = hit
+        else:
+            mask = hit
+        masks.append(mask)
+    return masks
 
 
 def _describe_dataset(arrays: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -496,11 +548,29 @@ def _check_datasets(model, datasets: dict[str, dict[str, Any]], sample_axes: dic
             feeds = described_arrays(arrays)
             if model is not None:
                 check_inputs(model, feeds, what=f"{role} set", sample_axes=sample_axes)
+            axes = {} if model is None else input_sample_axes(model, sample_axes)
             if model is None or "labels" in feeds:
-                axes = {} if model is None else input_sample_axes(model, sample_axes)
                 sample_count(feeds, axes, what=f"{role} set")
+            if role == "calibration":
+                _refuse_non_finite(arrays, axes)
     except ValueError as error:
         raise InvalidUpload(str(error)) from None
+
+
+def _refuse_non_finite(arrays: dict[str, dict[str, Any]], axes: dict[str, int | None]) -> None:
+    """A calibration array with NaN or infinite values, refused at submission in the local run's
+    words (it would make every sensitivity NaN; the upload recorded where, ``_non_finite``)."""
+    from sensitivity.run import non_finite_message
+
+    for name, info in arrays.items():
+        found = info.get("non_finite")
+        if found is None:
+            continue
+        axis = axes.get(name, 0)
+        if axis is None or not found["axes"]:
+            raise ValueError(non_finite_message(name, None, 0, 0, 0))
+        bad, first = found["axes"][axis]
+        raise ValueError(non_finite_message(name, axis, bad, info["shape"][axis], first))
 
 
 def _load_model(file: IO[bytes], model_format: str):

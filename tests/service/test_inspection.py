@@ -311,3 +311,25 @@ def test_an_already_quantized_upload_is_refused_as_quantized(client, app):
     before = snapshot(app)
     assert_problem(upload(client, "/v1/models", body), 422, "already quantized", "ConvInteger", "float model")
     assert snapshot(app) == before
+
+
+def test_float_arrays_are_read_for_non_finite_values_per_axis(monkeypatch):
+    """Where a NaN or infinity lies along each axis, read in chunks (here 3 rows at a time), also for
+    Fortran-ordered arrays and scalars; integer and finite arrays carry nothing."""
+    import service.inspection as inspection
+
+    monkeypatch.setattr(inspection, "FINITE_CHUNK_BYTES", 3 * 4 * 5 * 4)  # 3 rows of [4, 5] float32
+    limits = Limits(max_bytes=1 << 30, max_decompressed_bytes=1 << 30, max_archive_members=16,
+                    max_dataset_arrays=16, allow_torch=False)
+    state = np.zeros((10, 4, 5), np.float32)
+    state[7, 2, 1] = np.nan
+    state[8, 3, 1] = np.inf
+    fortran = np.asfortranarray(np.ones((6, 3), np.float64))
+    fortran[4, 2] = -np.inf
+    described = inspection.inspect_dataset(io.BytesIO(npz_bytes(
+        state=state, fortran=fortran, scalar=np.array(np.nan, np.float32), fine=np.ones((10, 2), np.float32),
+        ids=np.arange(10))), limits)["arrays"]
+    assert described["state"]["non_finite"] == {"axes": [[2, 7], [2, 2], [1, 1]]}
+    assert described["fortran"]["non_finite"] == {"axes": [[1, 4], [1, 2]]}
+    assert described["scalar"]["non_finite"] == {"axes": []}
+    assert "non_finite" not in described["fine"] and "non_finite" not in described["ids"]

@@ -183,6 +183,12 @@ def test_datasets_are_described_whatever_their_first_dims(client):
     assert page.status_code == 200 and "—" in page.text
 
 
+def _with(array: np.ndarray, index: tuple[int, ...], value: float = np.nan) -> np.ndarray:
+    changed = array.copy()
+    changed[index] = value
+    return changed
+
+
 # Wrong data, as the local run and the server say it: (model, arrays, sample_axes, words of the message)
 WRONG_DATA = {
     "state counted on the declared axis 0": (loosely_declared_stateful_model, loose_data(SAMPLES), {},
@@ -197,6 +203,13 @@ WRONG_DATA = {
                                              "sample_axes names ['nope']"),
     "a state on axis 0 given": (loosely_declared_stateful_model, loose_data(SAMPLES), {"state": 0, "sr": None},
                                 "'state' 2 (axis 0"),
+    # NaN and infinity: found at upload (where along each axis), refused at submission on the sample axis
+    "NaN in x": (stateful_onnx_model, {**stateful_data(SAMPLES), "x": _with(stateful_data(SAMPLES)["x"], (3, 1))},
+                 {}, "calibration array 'x' holds NaN or infinite values in 1 of 24 samples (first: sample 3)"),
+    "infinity in the state's sample 5": (
+        stateful_onnx_model, {**stateful_data(SAMPLES), "state": _with(stateful_data(SAMPLES)["state"], (1, 5, 2),
+                                                                       np.inf)},
+        {}, "calibration array 'state' holds NaN or infinite values in 1 of 24 samples (first: sample 5)"),
 }
 
 
