@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import mpq_migrations
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event, inspect
 from sqlalchemy.orm import Session, sessionmaker
-
-import mpq_migrations
 
 MIGRATIONS_DIR = Path(mpq_migrations.__file__).parent
 
@@ -27,11 +28,19 @@ def make_engine(url: str) -> Engine:
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
+                               json_serializer=strict_json)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     # pool_pre_ping: a connection the server dropped is replaced instead of failing a request.
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10, json_serializer=strict_json)
+
+
+def strict_json(value: Any) -> str:
+    """JSON columns never hold NaN or infinity: json.dumps writes them as bare NaN/Infinity, which no
+    JSON client reads (a NaN result once made `mpq sensitivity --server` fail with a TypeError and the
+    dashboard page with a JSON error). Storing one raises ValueError, so the job fails, naming it."""
+    return json.dumps(value, allow_nan=False)
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

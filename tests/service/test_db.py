@@ -131,3 +131,16 @@ def test_retrying_outlasts_a_dropped_connection_until_its_deadline():
     with pytest.raises(ValueError):
         retrying(broken, first_delay_s=0.01)
     assert calls.count("broken") == 1
+
+
+def test_json_columns_refuse_nan_and_infinity(backend_settings):
+    """A result holding NaN is an error when stored, never a value clients cannot parse."""
+    from service.db import session_factory
+    from service.tables import Job
+
+    engine = make_engine(backend_settings.resolved_database_url)
+    with session_factory(engine)() as session:
+        session.add(Job(type="sensitivity", params={"loss": float("nan")}))
+        with pytest.raises(Exception, match="Out of range float values are not JSON compliant"):
+            session.commit()
+    engine.dispose()

@@ -203,6 +203,9 @@ WRONG_DATA = {
                                              "sample_axes names ['nope']"),
     "a state on axis 0 given": (loosely_declared_stateful_model, loose_data(SAMPLES), {"state": 0, "sr": None},
                                 "'state' 2 (axis 0"),
+    "x as float64 (numpy's default)": (stateful_onnx_model,
+                                       {**stateful_data(SAMPLES), "x": stateful_data(SAMPLES)["x"].astype(np.float64)},
+                                       {}, "'x' has dtype float64, the model expects float32"),
     # NaN and infinity: found at upload (where along each axis), refused at submission on the sample axis
     "NaN in x": (stateful_onnx_model, {**stateful_data(SAMPLES), "x": _with(stateful_data(SAMPLES)["x"], (3, 1))},
                  {}, "calibration array 'x' holds NaN or infinite values in 1 of 24 samples (first: sample 3)"),
