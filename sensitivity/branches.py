@@ -99,7 +99,7 @@ def fix_branches(
     working: onnx.ModelProto | None = None
     fixed: list[FixedBranch] = []
     for _ in range(MAX_ROUNDS):
-        current = working or model
+        current = model if working is None else working
         taken = _constant_conditions(current, batches)
         if not taken:
             break
