@@ -204,11 +204,15 @@ def layer_cost_table(model: onnx.ModelProto, batch_shape: BatchShape, *, run_mod
         )
         for layer in layers
     }
-    layer_names = set(table)
+    other, graph = unchanged_bytes(model, set(table))
+    return CostTable(layers=table, other_initializer_bytes=other, batch_shape=input_shapes, graph_bytes=graph)
+
+
+def unchanged_bytes(model: onnx.ModelProto, layer_names: set[str]) -> tuple[int, int]:
+    """(the initializers that are not layers, the graph's own bytes): what no configuration changes."""
     other = sum(initializer_bytes(init) for init in model.graph.initializer if init.name not in layer_names)
     data = sum(initializer_bytes(init) for init in model.graph.initializer)
-    return CostTable(layers=table, other_initializer_bytes=other, batch_shape=input_shapes,
-                     graph_bytes=max(model.ByteSize() - data, 0))
+    return other, max(model.ByteSize() - data, 0)
 
 
 def _mac_tensors(node: onnx.NodeProto) -> tuple[str, ...]:

@@ -631,15 +631,14 @@ def _one_sample_shapes(model, calibration: dict[str, Any], sample_axes: dict[str
 
 
 def _smallest_size(model, names: tuple[str, ...]) -> int:
-    from planner.cost import LayerCost, initializer_bytes, layer_size_bytes
+    from planner.cost import LayerCost, layer_size_bytes, unchanged_bytes
     from sensitivity.layers import find_layers
 
     layers = find_layers(model)
     costs = [LayerCost(layer.name, layer.op_type, 0, layer.num_params, layer.shape[layer.channel_axis])
              for layer in layers]
-    layer_names = {layer.name for layer in layers}
-    other = sum(initializer_bytes(init) for init in model.graph.initializer if init.name not in layer_names)
-    return other + sum(min(layer_size_bytes(cost, name) for name in names) for cost in costs)
+    other, graph = unchanged_bytes(model, {layer.name for layer in layers})  # as the planner counts them
+    return other + graph + sum(min(layer_size_bytes(cost, name) for name in names) for cost in costs)
 
 
 def _fewest_bops(model, shapes: dict[str, tuple[int, ...]], names: tuple[str, ...]) -> int | None:

@@ -148,7 +148,7 @@ def sensitivity_command(args: argparse.Namespace, settings: Any = None) -> int:
         cached = _cached_sensitivity(args, config, progress, axes)
         result = cached.result or compute_sensitivity(program, calibration, config, progress)
     except (BadInput, ValueError) as error:
-        return _bad_input(error, progress)
+        return _bad_input(error, progress, as_json=args.json)
     cached.store(result)
     progress.finish()
     document = sensitivity_document(args.method, result)
@@ -180,10 +180,9 @@ def plan_command(args: argparse.Namespace, settings: Any = None) -> int:
         cached.store_dict(result.sensitivity)
     except NoFeasiblePlan as error:
         progress.finish()
-        print(f"mpq: no feasible plan: {error}", file=sys.stderr)
-        return EXIT_INFEASIBLE
+        return report_failure(f"no feasible plan: {error}", EXIT_INFEASIBLE, as_json=args.json, problem="infeasible")
     except (BadInput, ValueError, onnx.checker.ValidationError) as error:
-        return _bad_input(error, progress)
+        return _bad_input(error, progress, as_json=args.json)
     progress.finish()
     _write_atomically(Path(args.out), result.artifact_bytes)
     return report_plan(plan_document(result, args.out), as_json=args.json)
@@ -248,10 +247,20 @@ def _cached_sensitivity(
     return _CachedSensitivity(cache, key, result)
 
 
-def _bad_input(error: Exception, progress: ProgressPrinter) -> int:
+def _bad_input(error: Exception, progress: ProgressPrinter, *, as_json: bool) -> int:
     progress.finish()
-    print(f"mpq: {error}", file=sys.stderr)
-    return EXIT_BAD_INPUT
+    return report_failure(str(error), EXIT_BAD_INPUT, as_json=as_json, problem="bad_input")
+
+
+def report_failure(message: str, exit_code: int, *, as_json: bool, problem: str | None = None,
+                   job_id: str | None = None) -> int:
+    """Say why the command failed on stderr and, with ``--json``, as one JSON document on stdout
+    (``jq -e`` in a pipeline reads it whatever the exit code); returns ``exit_code``. Local and
+    remote commands fail through it."""
+    print(f"mpq: {message}", file=sys.stderr)
+    if as_json:
+        print(json.dumps({"error": message, "exit_code": exit_code, "problem": problem, "job_id": job_id}))
+    return exit_code
 
 
 # ---------------------------------------------------------------------------------------------

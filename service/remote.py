@@ -33,8 +33,14 @@ def _client(args: argparse.Namespace) -> MpqClient:
     return MpqClient(args.server, args.token or os.environ.get("MPQ_TOKEN"))
 
 
-def _fail(error: Exception) -> int:
-    print(f"mpq: {error}", file=sys.stderr)
+def _fail(error: Exception, args: argparse.Namespace) -> int:
+    from service.local_commands import report_failure
+
+    code = error.code if isinstance(error, ApiError) else None
+    return report_failure(str(error), _exit_code(error), as_json=args.json, problem=code)
+
+
+def _exit_code(error: Exception) -> int:
     if isinstance(error, ApiError) and error.code == "infeasible":
         return EXIT_INFEASIBLE
     if isinstance(error, ApiError) and error.status in (400, 401, 403, 404, 413, 415, 422):
@@ -60,12 +66,15 @@ def _check_sample_axes_kept(client: MpqClient, job: dict[str, Any], body: dict[s
                          "it or run this command without --server")
 
 
-def _job_exit(job: dict[str, Any]) -> int | None:
+def _job_exit(job: dict[str, Any], args: argparse.Namespace) -> int | None:
+    from service.local_commands import report_failure
+
     if job["status"] == "succeeded":
         return None
-    print(f"mpq: the job {job['status']}: {job.get('error') or ''}", file=sys.stderr)
     code = (job.get("result") or {}).get("error_code")
-    return {"infeasible": EXIT_INFEASIBLE, "bad_input": EXIT_BAD_INPUT}.get(code, EXIT_FAILED)
+    exit_code = {"infeasible": EXIT_INFEASIBLE, "bad_input": EXIT_BAD_INPUT}.get(code, EXIT_FAILED)
+    return report_failure(f"the job {job['status']}: {job.get('error') or ''}", exit_code, as_json=args.json,
+                          problem=code, job_id=job["id"])
 
 
 def _uploads(client: MpqClient, args: argparse.Namespace, *data_options: str) -> tuple[dict, list[dict | None]]:
@@ -87,11 +96,11 @@ def remote_sensitivity(args: argparse.Namespace) -> int:
             options = {k: v for k, v in config.to_dict().items() if k != "type"}
             body = {"model_id": model["id"], "dataset_id": data["id"], "method": args.method, "options": options}
             job = _run_job(client, "/v1/sensitivity", {**body, "sample_axes": sample_axes}, args)
-            if (code := _job_exit(job)) is not None:
+            if (code := _job_exit(job, args)) is not None:
                 return code
             stored = client.get(f"/v1/sensitivity/{job['result']['sensitivity_result_id']}")
     except (ApiError, OSError, ValueError) as error:
-        return _fail(error)
+        return _fail(error, args)
     document = sensitivity_document(args.method, SensitivityResult.from_dict(stored["result"]))
     print(json.dumps(document, allow_nan=False) if args.json else sensitivity_table(document))
     return EXIT_OK
@@ -111,13 +120,13 @@ def remote_plan(args: argparse.Namespace) -> int:
                     "options": {"seed": request.seed, **dict(request.sensitivity_options)},
                     "sample_axes": dict(request.sample_axes)}
             job = _run_job(client, "/v1/plans", body, args)
-            if (code := _job_exit(job)) is not None:
+            if (code := _job_exit(job, args)) is not None:
                 return code
             plan_id = job["result"]["plan_id"]
             plan, frontier = client.get(f"/v1/plans/{plan_id}"), client.get(f"/v1/plans/{plan_id}/frontier")
             sha256 = client.download_artifact(plan_id, Path(args.out))
     except (ApiError, OSError, ValueError) as error:
-        return _fail(error)
+        return _fail(error, args)
     return report_plan(plan_document(plan, frontier, request.to_dict(), args.out, sha256), as_json=args.json)
 
 

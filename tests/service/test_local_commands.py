@@ -200,6 +200,13 @@ def test_plan_impossible_budget_exits_3(files):
     assert result.returncode == 3, result.stderr
     assert "cheapest" in result.stderr
     assert not (files / "none.onnx").exists()
+    as_json = run_mpq("plan", "model.onnx", "--data", "calib.npz", "--max-size-mb", "0.00001", "--out", "none.onnx",
+                      "--json", cwd=files)
+    document = json.loads(as_json.stdout)  # one document on stdout whatever the exit code
+    assert as_json.returncode == document["exit_code"] == 3 and document["problem"] == "infeasible"
+    assert document["error"].startswith("no feasible plan: ") and document["job_id"] is None
+    bad = run_mpq("plan", "model.onnx", "--data", "wrong.npz", "--max-size-mb", "1", "--json", cwd=files)
+    assert bad.returncode == json.loads(bad.stdout)["exit_code"] == 2
 
 
 def test_mismatching_arrays_exit_2_in_a_real_process(files):

@@ -83,6 +83,11 @@ def test_remote_exit_codes(app, live_server, files, token):
     assert bad.returncode == 2 and "w3a3" in bad.stderr
     impossible = mpq(*base, "--max-size-mb", "0.00001", token=token)
     assert impossible.returncode == 3, impossible.stderr
+    # with --json every exit code prints one document: `jq -e` in a pipeline reads why
+    refused = json.loads(mpq(*base, "--max-size-mb", "0.00001", "--json", token=token).stdout)
+    assert refused["exit_code"] == 3 and refused["problem"] == "infeasible" and "max_size_bytes" in refused["error"]
+    unknown = json.loads(mpq(*base, "--candidates", "w3a3", "--max-size-mb", "1", "--json", token=token).stdout)
+    assert unknown["exit_code"] == 2 and "w3a3" in unknown["error"]
 
 
 def test_remote_sensitivity_matches_local(app, live_server, files, token):
