@@ -188,11 +188,12 @@ def normalize_model(
     branch_check = _check_branches(model, fixed_model, samples, sample_axes) if fixed and samples is not None else None
     promote = _constants_to_promote(fixed_model)
     dynamic = _non_positive_dims(fixed_model)
-    if not fixed and not promote and not dynamic and source_opset >= opset and not foldable_weights(model):
+    foldable = foldable_weights(fixed_model)  # chains may end in Constant nodes: promotion keeps them foldable
+    if not fixed and not promote and not dynamic and not foldable and source_opset >= opset:
         return NormalizedModel(model, source_opset=source_opset, opset=source_opset)
     working = fixed_model if fixed else _copy(model)
     _promote_constants(working, promote)
-    folded = fold_weights(working, foldable_weights(working))
+    folded = fold_weights(working, foldable)
     _clear_non_positive_dims(working)
     working, check = _upgrade(fixed_model, working, source_opset, opset, samples, sample_axes)
     return NormalizedModel(working, tuple(promote), tuple(dynamic), source_opset, default_opset(working), check,
@@ -223,7 +224,7 @@ def static_dims(value: onnx.ValueInfoProto) -> list[int | None] | None:
     return [int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor.shape.dim]
 
 
-def fixed_batch_size(model: onnx.ModelProto) -> int | None:
+def fixed_batch_size(model: onnx.ModelProto, sample_axes: Mapping[str, int | None] | None = None) -> int | None:
     """N when every per-sample graph input's dim on its sample axis is the same fixed N (a model
     exported with batch 1, or any N; ``sensitivity.samples``), else None. Such a model runs on chunks
     of exactly N samples; a calibration set of any size is cut into them (the last one padded),
@@ -231,7 +232,7 @@ def fixed_batch_size(model: onnx.ModelProto) -> int | None:
     # sensitivity.samples reads dims through this module, so it is imported here
     from sensitivity.samples import fixed_batch
 
-    return fixed_batch(model)
+    return fixed_batch(model, sample_axes)
 
 
 def common_fixed_dim(first_dims: Sequence[int | str | None]) -> int | None:
@@ -405,7 +406,7 @@ def _check_branches(
     """The model with fixed branches against the original, on the first samples and (dynamic
     batch) the first sample alone; ``BranchFixError`` when they differ."""
     batches = [_batch(original, samples, 0, UPGRADE_CHECK_SAMPLES, sample_axes)]
-    if fixed_batch_size(original) is None and _count(original, samples, sample_axes) > 1:
+    if fixed_batch_size(original, sample_axes) is None and _count(original, samples, sample_axes) > 1:
         batches.append(_batch(original, samples, 0, 1, sample_axes))
     return _compare(original, fixed, batches, "the model with If nodes replaced by their taken branches",
                     BranchFixError, sample_axes)
@@ -453,7 +454,7 @@ def _condition_batches(
     """The batches whose If conditions decide which branches are fixed (``sensitivity.branches``)."""
     if samples is None or not any(node.op_type == "If" for node in model.graph.node):
         return []
-    fixed = fixed_batch_size(model)
+    fixed = fixed_batch_size(model, sample_axes)
     total = min(_count(model, samples, sample_axes), BRANCH_CONDITION_SAMPLES)
     size = fixed or CONDITION_BATCH
     batches = [_batch(model, samples, start, start + size, sample_axes) for start in range(0, total, size)]
@@ -484,12 +485,12 @@ def _batch(
 ) -> dict[str, np.ndarray]:
     """Samples ``start:stop`` (fewer when there are fewer) as one run's feeds, each input cut on its
     own sample axis (shared inputs whole); a model exported with batch N runs on exactly N samples."""
-    from sensitivity.samples import fixed_batch, input_sample_axes, take_samples
+    from sensitivity.samples import input_sample_axes, take_samples
 
     feeds = {name: np.asarray(samples[name]) for name in _model_inputs(model, samples)}
     if not feeds:
         return {}
-    fixed = fixed_batch(model, sample_axes)
+    fixed = fixed_batch_size(model, sample_axes)
     count = _count(model, samples, sample_axes)
     stop = min(start + fixed, count) if fixed else min(stop, count)
     return take_samples(feeds, padded_rows(start, stop, fixed), input_sample_axes(model, sample_axes))
