@@ -79,10 +79,22 @@ class Scale:
 
 
 FULL = Scale()
-QUICK = Scale(bundle_bomb_bytes=256 * MiB, json_bomb_bytes=256 * MiB, npz_bomb_bytes=256 * MiB, layers=20_000,
-              big_model_bytes=128 * MiB, body_bytes=20 * 1000**2, flood_uploads=100, flood_hold_s=5.0,
-              half_headers=200, half_hold_s=11.0, slow_hold_s=6.0, trickle_interval_s=2.0, option_rounds=1,
-              inlining_depth=19)  # 19: the op check passes after a few seconds; the job is cancelled
+QUICK = Scale(
+    bundle_bomb_bytes=256 * MiB,
+    json_bomb_bytes=256 * MiB,
+    npz_bomb_bytes=256 * MiB,
+    layers=20_000,
+    big_model_bytes=128 * MiB,
+    body_bytes=20 * 1000**2,
+    flood_uploads=100,
+    flood_hold_s=5.0,
+    half_headers=200,
+    half_hold_s=11.0,
+    slow_hold_s=6.0,
+    trickle_interval_s=2.0,
+    option_rounds=1,
+    inlining_depth=19,
+)  # 19: the op check passes after a few seconds; the job is cancelled
 
 
 # ---------------------------------------------------------------- what one attack reports
@@ -140,8 +152,9 @@ class Row:
         misses = []
         if self.growth_mb >= TARGET_GROWTH_MB:
             misses.append(f"API +{self.growth_mb:.0f} MB")
-        misses += [f"{what} {timing}" for what, timing in (("healthz", self.healthz), ("upload", self.upload))
-                   if not timing.ok]
+        misses += [
+            f"{what} {timing}" for what, timing in (("healthz", self.healthz), ("upload", self.upload)) if not timing.ok
+        ]
         if self.worst_ping_s >= TARGET_HONEST_S:
             misses.append(f"a /healthz ping took {self.worst_ping_s:.1f} s")
         return "yes" if not misses else "**no**: " + ", ".join(misses)
@@ -178,8 +191,12 @@ class HonestProbe:
         with httpx.Client(base_url=self.url, headers=self.headers, timeout=HONEST_TIMEOUT_S) as client:
             self.healthz, _ = timed(lambda: client.get("/healthz"), "200")
             model = payloads.honest_model(self.seed)
-            self.upload, _ = timed(lambda: client.post("/v1/models?name=honest", content=model,
-                                                       headers={"content-type": "application/octet-stream"}), "201")
+            self.upload, _ = timed(
+                lambda: client.post(
+                    "/v1/models?name=honest", content=model, headers={"content-type": "application/octet-stream"}
+                ),
+                "201",
+            )
 
 
 class Pinger(threading.Thread):
@@ -212,8 +229,10 @@ class Pinger(threading.Thread):
     def summary(self) -> str:
         if not self.times:
             return "no pings"
-        return (f"/healthz every {self.interval_s:g} s: worst {max(self.times):.2f} s, median "
-                f"{statistics.median(self.times) * 1000:.0f} ms over {len(self.times)}, {self.failures} failed")
+        return (
+            f"/healthz every {self.interval_s:g} s: worst {max(self.times):.2f} s, median "
+            f"{statistics.median(self.times) * 1000:.0f} ms over {len(self.times)}, {self.failures} failed"
+        )
 
 
 def timed(request: Callable[[], httpx.Response], expected: str) -> tuple[Timing, httpx.Response | None]:
@@ -279,8 +298,10 @@ def warm_up(context: Context) -> None:
         if model.status_code != 201 or dataset.status_code != 201:
             raise RuntimeError(f"warm-up uploads failed: {model.text[:200]} {dataset.text[:200]}")
         context.model_id, context.dataset_id = model.json()["id"], dataset.json()["id"]
-        check = client.post("/v1/sensitivity", json={"model_id": context.model_id, "dataset_id": context.dataset_id,
-                                                     "options": {"max_probes": 1}})
+        check = client.post(
+            "/v1/sensitivity",
+            json={"model_id": context.model_id, "dataset_id": context.dataset_id, "options": {"max_probes": 1}},
+        )
         if check.status_code != 422:
             raise RuntimeError(f"warm-up job request: expected 422, got {check.status_code} {check.text[:200]}")
         client.get("/healthz")
@@ -299,8 +320,9 @@ class Attack:
     budget_s: float = 180.0  # wall clock, after which the server is stopped under it
 
 
-def upload_file(context: Context, route: str, path: Path, outcome: Outcome,
-                start_probe: bool = True) -> httpx.Response | None:
+def upload_file(
+    context: Context, route: str, path: Path, outcome: Outcome, start_probe: bool = True
+) -> httpx.Response | None:
     """POST the file as a raw body; the honest probe starts once its last byte is sent (the server
     is then inspecting it)."""
 
@@ -318,8 +340,9 @@ def upload_file(context: Context, route: str, path: Path, outcome: Outcome,
         outcome.answered(type(error).__name__)
         return None
     detail = response.json().get("detail", "") if response.status_code >= 400 else ""
-    outcome.answered(response.status_code, f"{path.name} ({path.stat().st_size / MB:.1f} MB): "
-                                           f"{response.status_code} {detail[:160]}")
+    outcome.answered(
+        response.status_code, f"{path.name} ({path.stat().st_size / MB:.1f} MB): {response.status_code} {detail[:160]}"
+    )
     return response
 
 
@@ -350,8 +373,11 @@ def run_pickled(context: Context, payload: tuple[Path, Path]) -> Outcome:
 
 
 def request_head(context: Context, method: str, path: str, headers: dict[str, str]) -> bytes:
-    lines = [f"{method} {path} HTTP/1.1", f"Host: {HOST}:{context.server.port}",
-             *(f"{name}: {value}" for name, value in headers.items())]
+    lines = [
+        f"{method} {path} HTTP/1.1",
+        f"Host: {HOST}:{context.server.port}",
+        *(f"{name}: {value}" for name, value in headers.items()),
+    ]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
@@ -395,12 +421,24 @@ def run_bodies(context: Context, _payload: None) -> Outcome:
         head = request_head(context, "POST", "/v1/sensitivity", headers)
         jobs.append((f"unauthenticated #{index + 1}", head, chunks))
     chunks, headers = json_body(size)
-    jobs.append(("/login", request_head(context, "POST", "/login", {**headers, "content-type":
-                                                                    "application/x-www-form-urlencoded"}), chunks))
+    jobs.append(
+        (
+            "/login",
+            request_head(context, "POST", "/login", {**headers, "content-type": "application/x-www-form-urlencoded"}),
+            chunks,
+        )
+    )
     chunks, headers = json_body(size)
     del headers["content-length"]
-    jobs.append(("authenticated, chunked", request_head(context, "POST", "/v1/sensitivity", {
-        **headers, "transfer-encoding": "chunked", **context.attacker}), chunked(chunks)))
+    jobs.append(
+        (
+            "authenticated, chunked",
+            request_head(
+                context, "POST", "/v1/sensitivity", {**headers, "transfer-encoding": "chunked", **context.attacker}
+            ),
+            chunked(chunks),
+        )
+    )
     outcome = Outcome()
     with ThreadPoolExecutor(len(jobs)) as pool:
         futures = [pool.submit(send_body, context, head, chunks) for _name, head, chunks in jobs]
@@ -409,8 +447,11 @@ def run_bodies(context: Context, _payload: None) -> Outcome:
         for (name, _head, _chunks), future in zip(jobs, futures):
             status, sent, answered_at, seconds = future.result(timeout=300)
             when = "never" if answered_at is None else f"after {answered_at / MB:.1f} MB"
-            outcome.answered(status, f"{name}: {status}, readable {when}; {sent / MB:.0f} of {size / MB:.0f} MB "
-                                     f"sent (the server read them) in {seconds:.1f} s")
+            outcome.answered(
+                status,
+                f"{name}: {status}, readable {when}; {sent / MB:.0f} of {size / MB:.0f} MB "
+                f"sent (the server read them) in {seconds:.1f} s",
+            )
     return outcome
 
 
@@ -477,12 +518,14 @@ def summarize(connections: list[Connection], hold_s: float, outcome: Outcome) ->
             waits.setdefault(status, []).append(connection.answered_after)
         connection.socket.close()
     for status, seconds in sorted(waits.items()):
-        outcome.notes.append(f"{status}: after {min(seconds):.1f}-{max(seconds):.1f} s "
-                             f"(median {statistics.median(seconds):.1f} s)")
+        outcome.notes.append(
+            f"{status}: after {min(seconds):.1f}-{max(seconds):.1f} s (median {statistics.median(seconds):.1f} s)"
+        )
 
 
-def flood(context: Context, count: int, head: bytes, hold_s: float, body_start: bytes = b"",
-          trickle_s: float | None = None) -> Outcome:
+def flood(
+    context: Context, count: int, head: bytes, hold_s: float, body_start: bytes = b"", trickle_s: float | None = None
+) -> Outcome:
     outcome = Outcome()
     started = time.monotonic()
     connections = open_connections(context, count, head, body_start)
@@ -494,8 +537,12 @@ def flood(context: Context, count: int, head: bytes, hold_s: float, body_start: 
 
 
 def upload_head(context: Context, token: str | None, length: int) -> bytes:
-    return request_head(context, "POST", "/v1/models?name=flood", {
-        "content-type": "application/octet-stream", "content-length": str(length), **bearer(token)})
+    return request_head(
+        context,
+        "POST",
+        "/v1/models?name=flood",
+        {"content-type": "application/octet-stream", "content-length": str(length), **bearer(token)},
+    )
 
 
 def run_upload_flood(context: Context, _payload: None) -> Outcome:
@@ -520,8 +567,9 @@ def slow_uploads(count: Callable[[Scale], int], tokens: int) -> Callable[[Contex
         for index in range(count(scale)):
             token = context.tokens.attackers[index % tokens]
             connections += open_connections(context, 1, upload_head(context, token, MiB), b"x")
-        outcome.notes.append(f"{count(scale)} uploads from {tokens} token(s), 1 byte every "
-                             f"{scale.trickle_interval_s:g} s")
+        outcome.notes.append(
+            f"{count(scale)} uploads from {tokens} token(s), 1 byte every {scale.trickle_interval_s:g} s"
+        )
         time.sleep(1.0)
         context.probe.start()
         watch(connections, scale.slow_hold_s, scale.trickle_interval_s)
@@ -534,20 +582,42 @@ def slow_uploads(count: Callable[[Scale], int], tokens: int) -> Callable[[Contex
 # ------------------------------------------------ job requests
 
 
-EXTREME_OPTIONS = [{"max_probes": 10**9}, {"max_probes": 1e9}, {"batch_size": 10**12}, {"batch_size": 1e12},
-                   {"seed": 2**80}, {"tolerance": 0.0}]
-EXTREME_PLAN_OPTIONS = [{"trace_max_probes": 10**9, "batch_size": 10**12}, {"trace_max_probes": 1e9},
-                        {"batch_size": 1e12}]
+EXTREME_OPTIONS = [
+    {"max_probes": 10**9},
+    {"max_probes": 1e9},
+    {"batch_size": 10**12},
+    {"batch_size": 1e12},
+    {"seed": 2**80},
+    {"tolerance": 0.0},
+]
+EXTREME_PLAN_OPTIONS = [
+    {"trace_max_probes": 10**9, "batch_size": 10**12},
+    {"trace_max_probes": 1e9},
+    {"batch_size": 1e12},
+]
 
 
 def run_extreme_options(context: Context, _payload: None) -> Outcome:
     ids = {"model_id": context.model_id}
-    bodies = [("/v1/sensitivity", {**ids, "dataset_id": context.dataset_id, "options": options})
-              for options in EXTREME_OPTIONS]
-    bodies += [("/v1/plans", {**ids, "calibration_dataset_id": context.dataset_id, "method": "hawq_v2",
-                              "search": "pareto", "candidates": ["fp32", "w8a8"],
-                              "constraints": {"max_size_bytes": 10**6}, "options": options})
-               for options in EXTREME_PLAN_OPTIONS]
+    bodies = [
+        ("/v1/sensitivity", {**ids, "dataset_id": context.dataset_id, "options": options})
+        for options in EXTREME_OPTIONS
+    ]
+    bodies += [
+        (
+            "/v1/plans",
+            {
+                **ids,
+                "calibration_dataset_id": context.dataset_id,
+                "method": "hawq_v2",
+                "search": "pareto",
+                "candidates": ["fp32", "w8a8"],
+                "constraints": {"max_size_bytes": 10**6},
+                "options": options,
+            },
+        )
+        for options in EXTREME_PLAN_OPTIONS
+    ]
     outcome = Outcome()
     with context.client(60) as client:
         for round_ in range(context.scale.option_rounds):
@@ -579,8 +649,9 @@ def slow_model(requests: int) -> Callable[[Context, Path], Outcome]:
             return outcome
         body = {"model_id": uploaded.json()["id"], "dataset_id": context.dataset_id}
         with ThreadPoolExecutor(requests) as pool, context.client(180) as client:
-            futures = [pool.submit(timed, lambda: client.post("/v1/sensitivity", json=body), "422")
-                       for _ in range(requests)]
+            futures = [
+                pool.submit(timed, lambda: client.post("/v1/sensitivity", json=body), "422") for _ in range(requests)
+            ]
             time.sleep(1.0)  # the inspections are under way
             context.probe.start()
             for future in futures:
@@ -600,35 +671,78 @@ def nothing(_work: Path, _scale: Scale) -> None:
 
 
 ATTACKS = [
-    Attack("bundle-bomb", "zip bundle: model.onnx + weights.bin of zeros deflated ~1,000x",
-           *upload_attack("/v1/models", lambda work, scale: payloads.bundle_bomb(work, scale.bundle_bomb_bytes))),
-    Attack("pt2-json-bomb", ".pt2 whose model_weights_config.json is spaces deflated ~1,000x",
-           *upload_attack("/v1/models", lambda work, scale: payloads.pt2_json_bomb(work, scale.json_bomb_bytes))),
-    Attack("pt2-pickled-weight", ".pt2 with a pickled weight (use_pickle) that would touch a marker",
-           prepare_pickled, run_pickled),
-    Attack("npz-bomb", "npz whose float32 array of zeros is deflated ~1,000x",
-           *upload_attack("/v1/datasets", lambda work, scale: payloads.npz_bomb(work, scale.npz_bomb_bytes))),
-    Attack("npz-shape-overflow", "npz header with shape (2**62, 4)",
-           *upload_attack("/v1/datasets", lambda work, _scale: payloads.npz_shape_overflow(work))),
-    Attack("many-layers", "legal ONNX: a chain of N MatMul layers with 2x2 weights",
-           *upload_attack("/v1/models", lambda work, scale: payloads.many_layers_model(work, scale.layers)),
-           budget_s=300),
-    Attack("big-onnx", "legal raw ONNX: one MatMul weight of zeros, about 1 GiB",
-           *upload_attack("/v1/models", lambda work, scale: payloads.big_model(work, scale.big_model_bytes)),
-           budget_s=300),
-    Attack("json-bodies", "4 unauthenticated JSON bodies + one to /login + one authenticated chunked, each sent "
-           "whole before reading", nothing, run_bodies),
-    Attack("upload-flood", "never-ending uploads: Content-Length 1 GiB, 16 bytes, then silence", nothing,
-           run_upload_flood),
+    Attack(
+        "bundle-bomb",
+        "zip bundle: model.onnx + weights.bin of zeros deflated ~1,000x",
+        *upload_attack("/v1/models", lambda work, scale: payloads.bundle_bomb(work, scale.bundle_bomb_bytes)),
+    ),
+    Attack(
+        "pt2-json-bomb",
+        ".pt2 whose model_weights_config.json is spaces deflated ~1,000x",
+        *upload_attack("/v1/models", lambda work, scale: payloads.pt2_json_bomb(work, scale.json_bomb_bytes)),
+    ),
+    Attack(
+        "pt2-pickled-weight",
+        ".pt2 with a pickled weight (use_pickle) that would touch a marker",
+        prepare_pickled,
+        run_pickled,
+    ),
+    Attack(
+        "npz-bomb",
+        "npz whose float32 array of zeros is deflated ~1,000x",
+        *upload_attack("/v1/datasets", lambda work, scale: payloads.npz_bomb(work, scale.npz_bomb_bytes)),
+    ),
+    Attack(
+        "npz-shape-overflow",
+        "npz header with shape (2**62, 4)",
+        *upload_attack("/v1/datasets", lambda work, _scale: payloads.npz_shape_overflow(work)),
+    ),
+    Attack(
+        "many-layers",
+        "legal ONNX: a chain of N MatMul layers with 2x2 weights",
+        *upload_attack("/v1/models", lambda work, scale: payloads.many_layers_model(work, scale.layers)),
+        budget_s=300,
+    ),
+    Attack(
+        "big-onnx",
+        "legal raw ONNX: one MatMul weight of zeros, about 1 GiB",
+        *upload_attack("/v1/models", lambda work, scale: payloads.big_model(work, scale.big_model_bytes)),
+        budget_s=300,
+    ),
+    Attack(
+        "json-bodies",
+        "4 unauthenticated JSON bodies + one to /login + one authenticated chunked, each sent whole before reading",
+        nothing,
+        run_bodies,
+    ),
+    Attack(
+        "upload-flood", "never-ending uploads: Content-Length 1 GiB, 16 bytes, then silence", nothing, run_upload_flood
+    ),
     Attack("half-headers", "connections that send half a request header and stall", nothing, run_half_headers),
-    Attack("slow-uploads", "uploads trickling 1 byte every few seconds, one attacker token", nothing,
-           slow_uploads(lambda scale: scale.slow_uploads, tokens=1)),
-    Attack("slow-uploads-4-tokens", "16 such uploads from 4 attacker tokens: each token within its 4, together "
-           "MPQ_MAX_CONCURRENT_UPLOADS", nothing, slow_uploads(lambda _scale: 16, tokens=4)),
-    Attack("extreme-options", "job requests with options at extremes (probes 1e9, batch size 1e12, ...)", nothing,
-           run_extreme_options),
-    Attack("slow-model", "a ~2.5 KB model whose op check inlines 2**(depth+1) nodes, one job request",
-           prepare_inlining_bomb, slow_model(1)),
+    Attack(
+        "slow-uploads",
+        "uploads trickling 1 byte every few seconds, one attacker token",
+        nothing,
+        slow_uploads(lambda scale: scale.slow_uploads, tokens=1),
+    ),
+    Attack(
+        "slow-uploads-4-tokens",
+        "16 such uploads from 4 attacker tokens: each token within its 4, together MPQ_MAX_CONCURRENT_UPLOADS",
+        nothing,
+        slow_uploads(lambda _scale: 16, tokens=4),
+    ),
+    Attack(
+        "extreme-options",
+        "job requests with options at extremes (probes 1e9, batch size 1e12, ...)",
+        nothing,
+        run_extreme_options,
+    ),
+    Attack(
+        "slow-model",
+        "a ~2.5 KB model whose op check inlines 2**(depth+1) nodes, one job request",
+        prepare_inlining_bomb,
+        slow_model(1),
+    ),
     Attack("slow-model-x2", "the same, two job requests at once", prepare_inlining_bomb, slow_model(2)),
 ]
 
@@ -644,8 +758,11 @@ def run_attack(attack: Attack, scale: Scale, template: Path, tokens: Tokens, aut
         shutil.copytree(template, root, symlinks=True)
         server = start_server(root, {"MPQ_AUTH": auth}, upgrade=False)
         try:
-            return measure(attack, Context(server, work, scale, tokens, HonestProbe(
-                server.url, bearer(tokens.honest), seed)), payload)
+            return measure(
+                attack,
+                Context(server, work, scale, tokens, HonestProbe(server.url, bearer(tokens.honest), seed)),
+                payload,
+            )
         finally:
             stop_server(server)
 
@@ -658,9 +775,18 @@ def measure(attack: Attack, context: Context, payload: Any) -> Row:
         outcome = run_bounded(attack, context, payload)
         context.probe.wait()
     outcome.notes.append(pinger.summary())
-    return Row(attack.name, outcome, (rss.peak_server - baseline) / MB, baseline / MB, rss.peak_child / MB,
-               rss.peak_children / MB, context.probe.healthz, context.probe.upload, max(pinger.times, default=0.0),
-               time.perf_counter() - started)
+    return Row(
+        attack.name,
+        outcome,
+        (rss.peak_server - baseline) / MB,
+        baseline / MB,
+        rss.peak_child / MB,
+        rss.peak_children / MB,
+        context.probe.healthz,
+        context.probe.upload,
+        max(pinger.times, default=0.0),
+        time.perf_counter() - started,
+    )
 
 
 def run_bounded(attack: Attack, context: Context, payload: Any) -> Outcome:
@@ -671,7 +797,7 @@ def run_bounded(attack: Attack, context: Context, payload: Any) -> Outcome:
     def target() -> None:
         try:
             result.append(attack.run(context, payload))
-        except Exception as error:  # noqa: BLE001 - reported in the table, the bench goes on
+        except Exception as error:
             failure.append(error)
 
     thread = threading.Thread(target=target, daemon=True, name=attack.name)
@@ -694,16 +820,22 @@ def print_row(row: Row) -> None:
         print(f"    {note}")
     print(f"  API RSS: baseline {row.baseline_mb:.0f} MB, peak growth {row.growth_mb:.1f} MB")
     print(f"  children: largest {row.child_peak_mb:.0f} MB, all together {row.children_peak_mb:.0f} MB (peaks)")
-    print(f"  honest /healthz: {row.healthz} s, honest upload: {row.upload} s -> target met: {row.verdict()}",
-          flush=True)
+    print(
+        f"  honest /healthz: {row.healthz} s, honest upload: {row.upload} s -> target met: {row.verdict()}", flush=True
+    )
 
 
 def table(rows: list[Row]) -> str:
-    lines = ["| attack | attack's requests answered | API RSS growth (MB) | largest child peak RSS (MB) | "
-             "honest /healthz (s) | honest upload (s) | target met (API < 100 MB, honest < 2 s) |",
-             "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
-    lines += [f"| {row.attack} | {answers_text(row.outcome.answers)} | {row.growth_mb:.1f} | {row.child_peak_mb:.0f} "
-              f"| {row.healthz} | {row.upload} | {row.verdict()} |" for row in rows]
+    lines = [
+        "| attack | attack's requests answered | API RSS growth (MB) | largest child peak RSS (MB) | "
+        "honest /healthz (s) | honest upload (s) | target met (API < 100 MB, honest < 2 s) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    lines += [
+        f"| {row.attack} | {answers_text(row.outcome.answers)} | {row.growth_mb:.1f} | {row.child_peak_mb:.0f} "
+        f"| {row.healthz} | {row.upload} | {row.verdict()} |"
+        for row in rows
+    ]
     return "\n".join(lines)
 
 
@@ -717,10 +849,19 @@ def raise_open_file_limit() -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller payloads, fewer connections, shorter holds")
-    parser.add_argument("--only", action="append", metavar="NAME", choices=[a.name for a in ATTACKS],
-                        help="run this attack (repeatable)")
-    parser.add_argument("--auth", choices=["token", "off"], default="token",
-                        help="MPQ_AUTH of the server (default token: attacker and honest client use separate tokens)")
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="NAME",
+        choices=[a.name for a in ATTACKS],
+        help="run this attack (repeatable)",
+    )
+    parser.add_argument(
+        "--auth",
+        choices=["token", "off"],
+        default="token",
+        help="MPQ_AUTH of the server (default token: attacker and honest client use separate tokens)",
+    )
     parser.add_argument("--list", action="store_true", help="list the attacks and exit")
     args = parser.parse_args()
     if args.list:
@@ -732,8 +873,11 @@ def main() -> None:
     files = raise_open_file_limit()
     if files < scale.half_headers + 100:
         scale = replace(scale, half_headers=files - 100, flood_uploads=min(scale.flood_uploads, files - 100))
-    print(f"bench/abuse.py {'--quick ' if args.quick else ''}on {platform.machine()}, {os.cpu_count()} CPUs, "
-          f"{time.strftime('%Y-%m-%d %H:%M')}, MPQ_AUTH={args.auth}, open-file limit {files}; {scale}", flush=True)
+    print(
+        f"bench/abuse.py {'--quick ' if args.quick else ''}on {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{time.strftime('%Y-%m-%d %H:%M')}, MPQ_AUTH={args.auth}, open-file limit {files}; {scale}",
+        flush=True,
+    )
     rows = []
     with tempfile.TemporaryDirectory(prefix="mpq-abuse-template-") as template:
         tokens = make_template(Path(template), args.auth, attackers=4)
@@ -741,14 +885,16 @@ def main() -> None:
             print(f"\n# {attack.name}: {attack.what}", flush=True)
             try:
                 rows.append(run_attack(attack, scale, Path(template), tokens, args.auth, seed))
-            except Exception as error:  # noqa: BLE001 - a server that did not start or warm up: say so, go on
+            except Exception as error:
                 print(f"  bench error, attack skipped: {error!r}", flush=True)
                 continue
             print_row(rows[-1])
     print("\n" + table(rows))
     missed = [row.attack for row in rows if not row.met]
-    print(f"\ntargets met by {len(rows) - len(missed)} of {len(rows)} attacks" +
-          (f"; missed: {', '.join(missed)}" if missed else ""))
+    print(
+        f"\ntargets met by {len(rows) - len(missed)} of {len(rows)} attacks"
+        + (f"; missed: {', '.join(missed)}" if missed else "")
+    )
 
 
 if __name__ == "__main__":

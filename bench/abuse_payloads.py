@@ -63,14 +63,17 @@ def _write_filled(archive: zipfile.ZipFile, name: str, member: Filled) -> None:
 def bundle_bomb(directory: Path, unpacked: int) -> Path:
     """The tiny model with one weight in external data, beside a ``weights.bin`` of ``unpacked`` zeros."""
     model, _data = external_model("weights.bin")
-    return write_zip(directory / "bundle-bomb.zip", {"model.onnx": model.SerializeToString(),
-                                                     "weights.bin": Filled(unpacked)})
+    return write_zip(
+        directory / "bundle-bomb.zip", {"model.onnx": model.SerializeToString(), "weights.bin": Filled(unpacked)}
+    )
 
 
 def pt2_json_bomb(directory: Path, unpacked: int) -> Path:
     """A .pt2 layout whose weight table (JSON) is ``unpacked`` spaces."""
-    return write_zip(directory / "json-bomb.pt2", {"m/archive_format": b"pt2",
-                                                   "m/data/weights/model_weights_config.json": Filled(unpacked, b" ")})
+    return write_zip(
+        directory / "json-bomb.pt2",
+        {"m/archive_format": b"pt2", "m/data/weights/model_weights_config.json": Filled(unpacked, b" ")},
+    )
 
 
 def pt2_pickled_weight(directory: Path) -> tuple[Path, Path]:
@@ -89,8 +92,7 @@ def pt2_pickled_weight(directory: Path) -> tuple[Path, Path]:
 def npz_bomb(directory: Path, unpacked: int) -> Path:
     """A valid npz whose one float32 array of zeros unpacks to ``unpacked`` bytes."""
     header = npy_with_header(((unpacked - 128) // 4,))
-    return write_zip(directory / "bomb.npz", {"x.npy": Filled(len(header) + (unpacked - 128) // 4 * 4,
-                                                              prefix=header)})
+    return write_zip(directory / "bomb.npz", {"x.npy": Filled(len(header) + (unpacked - 128) // 4 * 4, prefix=header)})
 
 
 def npz_shape_overflow(directory: Path) -> Path:
@@ -135,20 +137,26 @@ def write_big_model(path: Path, weight_bytes: int) -> Path:
     side = int((weight_bytes / 4) ** 0.5)
     data_length = 4 * side * side
     tensor = TensorProto(name="big.weight", data_type=TensorProto.FLOAT, dims=[side, side])
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "big.weight"], ["y"])], "big",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, side])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, side])])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "big.weight"], ["y"])],
+        "big",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, side])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, side])],
+    )
     model = helper.make_model(onnx.GraphProto(), opset_imports=OPSET)
     model.ClearField("graph")
     tensor_head = tensor.SerializeToString() + _field_head(TensorProto, "raw_data", data_length)
-    graph_head = graph.SerializeToString() + _field_head(onnx.GraphProto, "initializer",
-                                                         len(tensor_head) + data_length) + tensor_head
+    graph_head = (
+        graph.SerializeToString()
+        + _field_head(onnx.GraphProto, "initializer", len(tensor_head) + data_length)
+        + tensor_head
+    )
     with path.open("wb") as out:
         out.write(model.SerializeToString())
         out.write(_field_head(onnx.ModelProto, "graph", len(graph_head) + data_length) + graph_head)
         zeros = bytes(CHUNK)
         for start in range(0, data_length, CHUNK):
-            out.write(zeros[:min(CHUNK, data_length - start)])
+            out.write(zeros[: min(CHUNK, data_length - start)])
     return path
 
 

@@ -191,8 +191,16 @@ def random_configurations(table: CostTable, size: float, budget: float, count: i
 def plan_row(name: str, result: PlanResult, figures: PerSample) -> Row:
     measured = result.plan.measured
     layers = ", ".join(result.plan.configuration.values())
-    return Row(name, result.plan.size_bytes, measured.size_bytes, measured.metric, 0.0, measured.latency.p50_ms,
-               *_losses(figures), layers)
+    return Row(
+        name,
+        result.plan.size_bytes,
+        measured.size_bytes,
+        measured.metric,
+        0.0,
+        measured.latency.p50_ms,
+        *_losses(figures),
+        layers,
+    )
 
 
 def _losses(figures: PerSample) -> tuple[float, float]:
@@ -205,8 +213,17 @@ def uniform_rows(result: PlanResult, case: Case, reference: np.ndarray) -> list[
         point = result.uniform[name]
         label = "float" if name == "fp32" else f"uniform {name}"
         exported = export_model(case.model, point.configuration, case.calibration)
-        rows.append(Row(label, point.size_bytes, point.measured.size_bytes, point.measured.metric, 0.0,
-                        point.measured.latency.p50_ms, *_losses(per_sample(exported.model_bytes, case, reference))))
+        rows.append(
+            Row(
+                label,
+                point.size_bytes,
+                point.measured.size_bytes,
+                point.measured.metric,
+                0.0,
+                point.measured.latency.p50_ms,
+                *_losses(per_sample(exported.model_bytes, case, reference)),
+            )
+        )
     return rows
 
 
@@ -216,11 +233,20 @@ def plans_at(
     """Both methods' pareto plans under one size budget, from the same sensitivity result."""
     results = {}
     for method in ("hawq_v2", "interlayer"):
-        request = PlanRequest(method=method, max_size_bytes=budget, seed=seed, device="cpu", candidates=CANDIDATES,
-                              max_frontier_points=1, measure_uniform=uniform and method == "hawq_v2",
-                              latency_warmup=LATENCY["warmup"], latency_repeats=LATENCY["repeats"])
-        results[method] = plan(case.model, case.calibration, request, evaluation=case.evaluation,
-                               sensitivity=sensitivity)
+        request = PlanRequest(
+            method=method,
+            max_size_bytes=budget,
+            seed=seed,
+            device="cpu",
+            candidates=CANDIDATES,
+            max_frontier_points=1,
+            measure_uniform=uniform and method == "hawq_v2",
+            latency_warmup=LATENCY["warmup"],
+            latency_repeats=LATENCY["repeats"],
+        )
+        results[method] = plan(
+            case.model, case.calibration, request, evaluation=case.evaluation, sensitivity=sensitivity
+        )
     return results
 
 
@@ -235,8 +261,9 @@ PLAN_NAMES = (("hawq_v2", "HAWQ-V2"), ("interlayer", "inter-layer"))
 Differences = dict[tuple[str, str], tuple[float, float]]  # (figure, "HAWQ-V2 − random", ...) -> (mean, SE)
 
 
-def differences(results: Mapping[str, PlanResult], plans: Mapping[str, PerSample],
-                randoms: Sequence[PerSample]) -> Differences:
+def differences(
+    results: Mapping[str, PlanResult], plans: Mapping[str, PerSample], randoms: Sequence[PerSample]
+) -> Differences:
     """Differences at equal size with standard errors, per figure.
 
     plan − random: per sample, the plan's value minus the random configurations' mean; its standard
@@ -253,7 +280,8 @@ def differences(results: Mapping[str, PlanResult], plans: Mapping[str, PerSample
             mean, samples_se = mean_and_se(plans[method].metric(figure) - random_values.mean(axis=0))
             found[figure, f"{name} − random"] = (mean, float(np.hypot(samples_se, configurations_se)))
         found[figure, "inter-layer − HAWQ-V2"] = mean_and_se(
-            plans["interlayer"].metric(figure) - plans["hawq_v2"].metric(figure))
+            plans["interlayer"].metric(figure) - plans["hawq_v2"].metric(figure)
+        )
     return found
 
 
@@ -261,12 +289,20 @@ def comparison_lines(found: Differences) -> list[str]:
     """One line per figure, ending with which plan is better than random by more than two SE."""
     lines = []
     for figure, label, unit, sign in FIGURES:
-        parts = [f"{name} {mean:+.3g} ± {se:.2g}" + (" (paired)" if "random" not in name else "")
-                 for (f, name), (mean, se) in found.items() if f == figure]
-        better = [name for _, name in PLAN_NAMES if sign * found[figure, f"{name} − random"][0]
-                  > 2 * found[figure, f"{name} − random"][1]]
-        lines.append(f"{label} ({unit}, {'higher' if sign > 0 else 'lower'} is better): {'; '.join(parts)}; "
-                     f"better than random by > 2 SE: {', '.join(better) or 'neither'}")
+        parts = [
+            f"{name} {mean:+.3g} ± {se:.2g}" + (" (paired)" if "random" not in name else "")
+            for (f, name), (mean, se) in found.items()
+            if f == figure
+        ]
+        better = [
+            name
+            for _, name in PLAN_NAMES
+            if sign * found[figure, f"{name} − random"][0] > 2 * found[figure, f"{name} − random"][1]
+        ]
+        lines.append(
+            f"{label} ({unit}, {'higher' if sign > 0 else 'lower'} is better): {'; '.join(parts)}; "
+            f"better than random by > 2 SE: {', '.join(better) or 'neither'}"
+        )
     return lines
 
 
@@ -282,8 +318,10 @@ def pooled(per_fold: Sequence[Mapping[float, Differences]]) -> str:
             mean = float(np.mean([m for m, _ in values]))
             se = float(np.sqrt(sum(e**2 for _, e in values))) / len(values)
             ahead = sum(sign * m > 0 for m, _ in values)
-            lines.append(f"| w4a8 + {fraction:g} × (w8a8 − w4a8) | {label} ({unit}) | {name} | "
-                         f"{mean:+.3g} ± {se:.2g} | {ahead} of {len(values)} |")
+            lines.append(
+                f"| w4a8 + {fraction:g} × (w8a8 − w4a8) | {label} ({unit}) | {name} | "
+                f"{mean:+.3g} ± {se:.2g} | {ahead} of {len(values)} |"
+            )
     return "\n".join(lines)
 
 
@@ -315,28 +353,43 @@ def run_case(
         losses = np.array([_losses(r) for r in random_figures]).mean(axis=0)
         sizes = [configuration_cost(table, c).size_bytes for c in randoms]
         at = f"budget {budget:,} B"
-        rows.append(Row(f"{at}: random, same size (n={len(randoms)})", float(np.mean(sizes)),
-                        float(np.mean(artifact_bytes)), mean, se, float(np.median(latencies)), *losses))
+        rows.append(
+            Row(
+                f"{at}: random, same size (n={len(randoms)})",
+                float(np.mean(sizes)),
+                float(np.mean(artifact_bytes)),
+                mean,
+                se,
+                float(np.median(latencies)),
+                *losses,
+            )
+        )
         plans = {m: per_sample(r.artifact_bytes, case, reference) for m, r in results.items()}
         rows.append(plan_row(f"{at}: HAWQ-V2 plan", results["hawq_v2"], plans["hawq_v2"]))
         rows.append(plan_row(f"{at}: inter-layer plan", results["interlayer"], plans["interlayer"]))
         notes.append(f"- {at} (w4a8 + {fraction:g} × (w8a8 − w4a8)):")
         found[fraction] = differences(results, plans, random_figures)
         notes += [f"  - {line}" for line in comparison_lines(found[fraction])]
-    header = (f"{case.description}; sensitivity {analysis_s:.1f} s, {sensitivity.num_hvps} HVPs; "
-              f"layers {', '.join(layers)}")
+    header = (
+        f"{case.description}; sensitivity {analysis_s:.1f} s, {sensitivity.num_hvps} HVPs; layers {', '.join(layers)}"
+    )
     return rows, notes, header, found
 
 
 def markdown(case: Case, rows: Sequence[Row], notes: Sequence[str], header: str) -> str:
-    lines = [f"**{case.name}** — {header}", "",
-             "| configuration | computed size (B) | artifact (B) | accuracy (%) | ΔCE (mnat) | KL (mnat) "
-             "| latency p50 (ms) | layers |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        f"**{case.name}** — {header}",
+        "",
+        "| configuration | computed size (B) | artifact (B) | accuracy (%) | ΔCE (mnat) | KL (mnat) "
+        "| latency p50 (ms) | layers |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for row in rows:
         metric = f"{row.metric:.2f}" + (f" ± {row.metric_se:.2f}" if row.metric_se else "")
-        lines.append(f"| {row.name} | {row.size_bytes:,.0f} | {row.artifact_bytes:,.0f} | {metric} | "
-                     f"{row.loss_change:.3f} | {row.kl:.3f} | {row.latency_p50_ms:.3f} | {row.note} |")
+        lines.append(
+            f"| {row.name} | {row.size_bytes:,.0f} | {row.artifact_bytes:,.0f} | {metric} | "
+            f"{row.loss_change:.3f} | {row.kl:.3f} | {row.latency_p50_ms:.3f} | {row.note} |"
+        )
     lines += [""] + list(notes)
     return "\n".join(lines)
 
@@ -351,14 +404,16 @@ def solver_timing(seed: int) -> str:
     solve_budget(objective, "size", budget)
     budget_s = time.perf_counter() - start
     quadratic = solve_quadratic(objective, "size", budget, time_limit=5.0)
-    return "\n".join([
-        "| 200 layers × 5 candidates (synthetic, seed %d) | time |" % seed,
-        "|---|---:|",
-        f"| whole diagonal (size, Ω) frontier, exact DP ({len(frontier)} points) | {dp_s:.2f} s |",
-        f"| best Ω within the median budget, exact DP | {budget_s:.2f} s |",
-        f"| least ΔL within the median budget, {quadratic.method} (relative gap {quadratic.relative_gap:.2%}) "
-        f"| {quadratic.seconds:.2f} s |",
-    ])
+    return "\n".join(
+        [
+            "| 200 layers × 5 candidates (synthetic, seed %d) | time |" % seed,
+            "|---|---:|",
+            f"| whole diagonal (size, Ω) frontier, exact DP ({len(frontier)} points) | {dp_s:.2f} s |",
+            f"| best Ω within the median budget, exact DP | {budget_s:.2f} s |",
+            f"| least ΔL within the median budget, {quadratic.method} (relative gap {quadratic.relative_gap:.2%}) "
+            f"| {quadratic.seconds:.2f} s |",
+        ]
+    )
 
 
 def main() -> None:
@@ -370,8 +425,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     start = time.perf_counter()
-    print(f"{cpu_description()}, torch threads {torch.get_num_threads()}, {platform.python_version()}; "
-          f"latency: onnxruntime CPU, batch 1, median of {LATENCY['repeats']} runs\n")
+    print(
+        f"{cpu_description()}, torch threads {torch.get_num_threads()}, {platform.python_version()}; "
+        f"latency: onnxruntime CPU, batch 1, median of {LATENCY['repeats']} runs\n"
+    )
     folds, accuracies = [], []
     for fold in range(DIGITS_FOLDS):  # fold 0's table in full, then all folds pooled
         case = digits_case(args.seed, fold)
@@ -380,9 +437,12 @@ def main() -> None:
         accuracies.append("/".join(f"{row.metric:.2f}" for row in rows[:3]))  # float, uniform w8a8, w4a8
         if fold == 0:
             print(markdown(case, rows, notes, header) + "\n", flush=True)
-    print(f"**digits CNN, {DIGITS_FOLDS}-fold cross-validation** (one CNN per fold, each evaluated on its "
-          f"held-out quarter: {DIGITS_FOLDS} × 450 images; accuracy float / uniform w8a8 / uniform w4a8 by fold: "
-          f"{', '.join(accuracies)} %)\n\n{pooled(folds)}\n", flush=True)
+    print(
+        f"**digits CNN, {DIGITS_FOLDS}-fold cross-validation** (one CNN per fold, each evaluated on its "
+        f"held-out quarter: {DIGITS_FOLDS} × 450 images; accuracy float / uniform w8a8 / uniform w4a8 by fold: "
+        f"{', '.join(accuracies)} %)\n\n{pooled(folds)}\n",
+        flush=True,
+    )
     for calibration in ("held-out", "training"):
         case = transformer_case(args.seed, args.token_samples, calibration)
         rows, notes, header, _ = run_case(case, args.seed, args.random, args.probes)

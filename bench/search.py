@@ -24,9 +24,9 @@ from pathlib import Path
 # named like a package (bench/planner.py) would shadow it: drop the folder.
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
 
-from planner.frontier import Frontier, diagonal_frontier  # noqa: E402
-from planner.objective import Objective, synthetic_objective  # noqa: E402
-from planner.quadratic import QuadraticResult, quadratic_frontier, solve_quadratic  # noqa: E402
+from planner.frontier import Frontier, diagonal_frontier
+from planner.objective import Objective, synthetic_objective
+from planner.quadratic import QuadraticResult, quadratic_frontier, solve_quadratic
 
 CANDIDATE_SETS = {
     3: ("fp32", "w8a8", "w4a8"),

@@ -203,8 +203,10 @@ def main() -> None:
         model = build(args.samples, args.seed)
         loss = CalibrationLoss(model.program, model.calibration, args.samples, torch.device("cpu"))
         weights = sum(layer.num_params for layer in model.program.layers)
-        print(f"\n### {model.label}: {len(model.program.layers)} layers, {weights} layer weights, "
-              f"{model.note}, L(W0) = {loss.value():.4f}\n")
+        print(
+            f"\n### {model.label}: {len(model.program.layers)} layers, {weights} layer weights, "
+            f"{model.note}, L(W0) = {loss.value():.4f}\n"
+        )
         gradient, ratios = probe_cost(loss, args.rounds)
         print(f"(a) one gradient: {gradient * 1000:.1f} ms\n")
         print("| HVP method | probes per pass | time per probe / time per gradient |")
@@ -212,15 +214,19 @@ def main() -> None:
         for setting, value in ratios.items():
             print(f"| {_setting_label(setting)} | {setting[1]} | {_ratio(value)} |")
         speedup, layers = layer_loop_speedup(loss, args.probes, args.rounds)
-        print(f"\n(b) all layers at once vs per-layer loop, {args.probes} probes per layer: "
-              f"speed-up {speedup:.2f} (target >= 0.8 x {layers} layers = {0.8 * layers:.1f})\n")
+        print(
+            f"\n(b) all layers at once vs per-layer loop, {args.probes} probes per layer: "
+            f"speed-up {speedup:.2f} (target >= 0.8 x {layers} layers = {0.8 * layers:.1f})\n"
+        )
         rows = probes_for_target(loss, args.rse_probes)
         print(f"(c) relative SE after {args.rse_probes} probes and probes needed for {TARGET_RSE:.0%}:\n")
         print("| layer | trace ± SE | relative SE | probes for 5% |")
         print("|---|---:|---:|---:|")
         for trace, needed in rows:
-            print(f"| {trace.name} | {trace.trace:.4g} ± {trace.standard_error:.2g} "
-                  f"| {trace.relative_standard_error:.3f} | {needed} |")
+            print(
+                f"| {trace.name} | {trace.trace:.4g} ± {trace.standard_error:.2g} "
+                f"| {trace.relative_standard_error:.3f} | {needed} |"
+            )
         groups = spearman(model, args.seed, args.trace_probes)
         print(f"\n(d) Spearman with measured loss changes (trace cap {args.trace_probes}, 64 random configurations):\n")
         print("| group | configurations | inter-layer | diagonal ½Ω |")
@@ -230,9 +236,11 @@ def main() -> None:
         summary.append((model.label, layers, gradient, ratios, speedup, max(n for _, n in rows), groups["random"]))
         print(flush=True)
     print("\n### Summary\n")
-    print("| model | layers | gradient (ms) | probe / gradient: plain HVP | default (batched, 4 per pass) "
-          "| best batched | all-at-once speed-up (target) | probes for 5% (worst layer) "
-          "| Spearman random, inter-layer | Spearman random, diagonal ½Ω |")
+    print(
+        "| model | layers | gradient (ms) | probe / gradient: plain HVP | default (batched, 4 per pass) "
+        "| best batched | all-at-once speed-up (target) | probes for 5% (worst layer) "
+        "| Spearman random, inter-layer | Spearman random, diagonal ½Ω |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for label, layers, gradient, ratios, speedup, needed, (inter, diag, _) in summary:
         numbers = {s: v for s, v in ratios.items() if isinstance(v, float) and s[1] > 1}

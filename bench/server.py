@@ -61,8 +61,13 @@ def server_env(root: Path, settings: Mapping[str, str] | None = None) -> dict[st
     return {**os.environ, "MPQ_DATA_DIR": str(root / "data"), **(settings or {}), "PYTHONPATH": os.pathsep.join(paths)}
 
 
-def start_server(root: Path, settings: Mapping[str, str] | None = None, args: tuple[str, ...] = (),
-                 ready_timeout_s: float = 60.0, upgrade: bool = True) -> Server:
+def start_server(
+    root: Path,
+    settings: Mapping[str, str] | None = None,
+    args: tuple[str, ...] = (),
+    ready_timeout_s: float = 60.0,
+    upgrade: bool = True,
+) -> Server:
     """``mpq db upgrade`` (unless ``upgrade`` is false: a copy of an upgraded data directory) then
     ``mpq serve --port P``; returns once /readyz answers 200. The log goes to ``root/server.log``."""
     env = server_env(root, settings)
@@ -70,8 +75,13 @@ def start_server(root: Path, settings: Mapping[str, str] | None = None, args: tu
         upgrade_database(env)
     port = free_port()
     with (root / "server.log").open("w") as log:
-        process = subprocess.Popen([*MPQ, "serve", "--host", HOST, "--port", str(port), *args], env=env, cwd=REPO,
-                                   stdout=subprocess.DEVNULL, stderr=log)
+        process = subprocess.Popen(
+            [*MPQ, "serve", "--host", HOST, "--port", str(port), *args],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
     server = Server(process, f"http://{HOST}:{port}", env)
     try:
         _wait_ready(server, ready_timeout_s)
@@ -87,8 +97,9 @@ def upgrade_database(env: Mapping[str, str]) -> None:
 
 def create_token(env: Mapping[str, str], name: str) -> str:
     """A new API token (``mpq token create``), for servers run with MPQ_AUTH=token."""
-    result = subprocess.run([*MPQ, "token", "create", "--name", name], env=env, check=True, capture_output=True,
-                            text=True, cwd=REPO)
+    result = subprocess.run(
+        [*MPQ, "token", "create", "--name", name], env=env, check=True, capture_output=True, text=True, cwd=REPO
+    )
     return json.loads(result.stdout)["token"]
 
 
@@ -104,8 +115,9 @@ def stop_server(server: Server, timeout_s: float = 30.0) -> None:
 
 
 @contextmanager
-def running_server(root: Path, settings: Mapping[str, str] | None = None,
-                   args: tuple[str, ...] = ()) -> Iterator[Server]:
+def running_server(
+    root: Path, settings: Mapping[str, str] | None = None, args: tuple[str, ...] = ()
+) -> Iterator[Server]:
     server = start_server(root, settings, args)
     try:
         yield server

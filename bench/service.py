@@ -34,9 +34,15 @@ def upload(client: httpx.Client, route: str, body: bytes) -> str:
 
 
 def plan_body(model_id: str, data_id: str, seed: int) -> dict:
-    return {"model_id": model_id, "calibration_dataset_id": data_id, "method": "hawq_v2", "search": "pareto",
-            "candidates": ["fp32", "w8a8"], "constraints": {"max_size_bytes": 10**6},
-            "options": {"seed": seed, "trace_max_probes": 16}}
+    return {
+        "model_id": model_id,
+        "calibration_dataset_id": data_id,
+        "method": "hawq_v2",
+        "search": "pareto",
+        "candidates": ["fp32", "w8a8"],
+        "constraints": {"max_size_bytes": 10**6},
+        "options": {"seed": seed, "trace_max_probes": 16},
+    }
 
 
 def wait_all(client: httpx.Client, job_ids: list[str], timeout_s: float) -> dict[str, int]:
@@ -107,8 +113,9 @@ def wrk_latency(url: str, clients: int, seconds: int) -> str | None:
 
     if shutil.which("wrk") is None:
         return None
-    result = subprocess.run(["wrk", "-t2", f"-c{clients}", f"-d{seconds}s", "--latency", url],
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        ["wrk", "-t2", f"-c{clients}", f"-d{seconds}s", "--latency", url], capture_output=True, text=True, check=True
+    )
     lines = result.stdout.splitlines()
     wanted = [l.strip() for l in lines if l.strip().startswith(("50%", "90%", "99%", "Requests/sec", "Non-2xx"))]
     return ", ".join(wanted)
@@ -122,8 +129,10 @@ def submit_and_wait(url: str, model_id: str, data_id: str, submissions: int, slo
     with httpx.Client(base_url=url, timeout=120) as client:
         counts = wait_all(client, job_ids, timeout_s=3600)
     total = time.perf_counter() - started
-    print(f"{submissions} concurrent plan submissions accepted in {submitted:.1f} s; "
-          f"all finished after {total:.0f} s with {slots} worker slots: {counts}")
+    print(
+        f"{submissions} concurrent plan submissions accepted in {submitted:.1f} s; "
+        f"all finished after {total:.0f} s with {slots} worker slots: {counts}"
+    )
     print("no job lost" if counts.get("succeeded") == submissions else "JOBS LOST OR FAILED")
 
 
@@ -142,29 +151,40 @@ def main() -> None:
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     settings = {"MPQ_WORKER_SLOTS": str(args.slots)}
-    with tempfile.TemporaryDirectory() as root, \
-            running_server(Path(root), settings, ("--api-workers", str(args.api_workers))) as server:
+    with (
+        tempfile.TemporaryDirectory() as root,
+        running_server(Path(root), settings, ("--api-workers", str(args.api_workers))) as server,
+    ):
         url = server.url
         with httpx.Client(base_url=url, timeout=120) as client:
             model_id = upload(client, "/v1/models", tiny_onnx_model().SerializeToString())
-            data_id = upload(client, "/v1/datasets", npz_bytes(x=rng.standard_normal((64, 8)).astype(np.float32),
-                                                         labels=rng.integers(0, 3, 64)))
+            data_id = upload(
+                client,
+                "/v1/datasets",
+                npz_bytes(x=rng.standard_normal((64, 8)).astype(np.float32), labels=rng.integers(0, 3, 64)),
+            )
             first = client.post("/v1/plans", json=plan_body(model_id, data_id, 0)).json()["id"]
             assert wait_all(client, [first], 300) == {"succeeded": 1}, "the first plan failed"
             plan_id = client.get(f"/v1/jobs/{first}").json()["result"]["plan_id"]
 
         summary = wrk_latency(f"{url}/v1/plans/{plan_id}", args.clients, 15)
         if summary:
-            print(f"wrk, {args.clients} connections, 15 s, {args.api_workers} API process(es), "
-                  f"GET /v1/plans/{{id}}: {summary}")
+            print(
+                f"wrk, {args.clients} connections, 15 s, {args.api_workers} API process(es), "
+                f"GET /v1/plans/{{id}}: {summary}"
+            )
         started = time.perf_counter()
         latencies = asyncio.run(hammer(url, f"/v1/plans/{plan_id}", args.clients, args.requests))
         elapsed = time.perf_counter() - started
-        print(f"asyncio client, GET /v1/plans/{{id}}: {len(latencies)} requests from {args.clients} concurrent clients "
-              f"in {elapsed:.1f} s ({len(latencies) / elapsed:.0f} req/s)")
-        print(f"  p50 {percentile(latencies, 50):.1f} ms, p90 {percentile(latencies, 90):.1f} ms, "
-              f"p99 {percentile(latencies, 99):.1f} ms, mean {statistics.mean(latencies):.1f} ms "
-              f"(target p99 < 100 ms)")
+        print(
+            f"asyncio client, GET /v1/plans/{{id}}: {len(latencies)} requests from {args.clients} concurrent clients "
+            f"in {elapsed:.1f} s ({len(latencies) / elapsed:.0f} req/s)"
+        )
+        print(
+            f"  p50 {percentile(latencies, 50):.1f} ms, p90 {percentile(latencies, 90):.1f} ms, "
+            f"p99 {percentile(latencies, 99):.1f} ms, mean {statistics.mean(latencies):.1f} ms "
+            f"(target p99 < 100 ms)"
+        )
 
         if args.submissions:
             submit_and_wait(url, model_id, data_id, args.submissions, args.slots)

@@ -39,10 +39,16 @@ def main() -> None:
                 client.post(f"{server.url}/v1/models", content=b"warm-up")
             baseline = process.memory_info().rss
             started = time.perf_counter()
-            with PeakRss(server.process.pid) as sampler, model_path.open("rb") as body, \
-                    httpx.Client(timeout=600) as client:
-                response = client.post(f"{server.url}/v1/models?name=big", content=body,
-                                       headers={"content-type": "application/octet-stream"})
+            with (
+                PeakRss(server.process.pid) as sampler,
+                model_path.open("rb") as body,
+                httpx.Client(timeout=600) as client,
+            ):
+                response = client.post(
+                    f"{server.url}/v1/models?name=big",
+                    content=body,
+                    headers={"content-type": "application/octet-stream"},
+                )
             elapsed = time.perf_counter() - started
     growth_mb = (sampler.peak_server - baseline) / 1e6
     print(f"upload size:                 {size / 2**30:.3f} GiB")

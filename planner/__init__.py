@@ -24,8 +24,16 @@ from planner.plan import (
     plan,
 )
 
-_EAGER = ["Measurement", "NoFeasiblePlan", "PlanPoint", "PlanRequest", "PlanResult", "build_objective",
-          "minimum_cost", "plan"]
+_EAGER = [
+    "Measurement",
+    "NoFeasiblePlan",
+    "PlanPoint",
+    "PlanRequest",
+    "PlanResult",
+    "build_objective",
+    "minimum_cost",
+    "plan",
+]
 _EXPORTS: dict[str, str] = {
     # candidates and configurations
     "CANDIDATES": "planner.candidates",

@@ -82,8 +82,9 @@ def activation_terms(
     terms = {}
     for layer, tensors in _layer_tensors(float_model, quantized).items():
         if tensors:
-            outputs = _run(_with_fake_quantization(float_model, [quantized[t] for t in tensors]), feeds, batch_size,
-                           axes)
+            outputs = _run(
+                _with_fake_quantization(float_model, [quantized[t] for t in tensors]), feeds, batch_size, axes
+            )
             change = loss(outputs) - loss(reference)
             error = float(change.std(ddof=1) / np.sqrt(len(change))) if len(change) > 1 else abs(float(change[0]))
             terms[layer] = ActivationTerm(layer, tensors, float(change.mean()), error)
@@ -168,10 +169,12 @@ def _with_fake_quantization(model: onnx.ModelProto, tensors: Sequence[Activation
         for node in graph.node:
             node.input[:] = [dequantized if value == name else value for value in node.input]
         scale, zero_point = name + "_mpq_scale", name + "_mpq_zero_point"
-        graph.initializer.extend([
-            numpy_helper.from_array(np.array(quantization.scale, dtype=np.float32), scale),
-            helper.make_tensor(zero_point, quantization.zero_point_type, [], [quantization.zero_point]),
-        ])
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(np.array(quantization.scale, dtype=np.float32), scale),
+                helper.make_tensor(zero_point, quantization.zero_point_type, [], [quantization.zero_point]),
+            ]
+        )
         pair = [
             helper.make_node("QuantizeLinear", [source, scale, zero_point], [name + "_mpq_quantized"]),
             helper.make_node("DequantizeLinear", [name + "_mpq_quantized", scale, zero_point], [dequantized]),
@@ -258,4 +261,3 @@ def _floored_log(values: np.ndarray) -> np.ndarray:
 def _log_distribution(kind: str, out: np.ndarray) -> np.ndarray:
     """As ``sensitivity.losses._log_distribution``: log p over the last axis, renormalised."""
     return log_softmax(out if kind == "distill_kl_log_probs" else _floored_log(out), axis=-1)
-

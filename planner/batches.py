@@ -19,8 +19,12 @@ from sensitivity.samples import SampleAxes, sample_count, take_samples
 def session_fixed_batch(session, axes: SampleAxes) -> int | None:
     """The fixed batch size of an onnxruntime session's per-sample inputs (their dim on the sample
     axis), or None when it is dynamic; shared inputs do not count."""
-    dims = [(value.shape or [])[axis] if axis < len(value.shape or []) else None
-            for value in session.get_inputs() for axis in [axes.get(value.name, 0)] if axis is not None]
+    dims = [
+        (value.shape or [])[axis] if axis < len(value.shape or []) else None
+        for value in session.get_inputs()
+        for axis in [axes.get(value.name, 0)]
+        if axis is not None
+    ]
     return common_fixed_dim(dims)
 
 

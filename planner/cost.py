@@ -133,7 +133,7 @@ def inferred_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[
                 dims.add().dim_value = int(size)
     try:
         fixed = onnx.shape_inference.infer_shapes(fixed, strict_mode=False, data_prop=True)
-    except Exception:  # noqa: BLE001 - inference is only a shortcut; the runtime fallback covers failures
+    except Exception:
         return {name: tuple(int(d) for d in shape) for name, shape in input_shapes.items()}
     shapes: dict[str, tuple[int, ...]] = {}
     for value in [*fixed.graph.input, *fixed.graph.value_info, *fixed.graph.output]:
@@ -191,7 +191,9 @@ def layer_cost_table(model: onnx.ModelProto, batch_shape: BatchShape, *, run_mod
     if not needed <= set(shapes):
         unknown = sorted(needed - set(shapes))
         if not run_model:
-            raise ShapesUnknown(f"static shape inference leaves {len(unknown)} layer tensors unknown, e.g. {unknown[0]!r}")
+            raise ShapesUnknown(
+                f"static shape inference leaves {len(unknown)} layer tensors unknown, e.g. {unknown[0]!r}"
+            )
         shapes.update(_runtime_shapes(model, input_shapes, unknown))
     weights = {layer.name: layer.shape for layer in layers}
     table = {

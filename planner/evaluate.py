@@ -90,14 +90,17 @@ def evaluate(
     quantized_bytes = _model_bytes(quantized)
     feeds = check_inputs(float_proto, dataset, what="evaluation set", sample_axes=sample_axes)
     axes = input_sample_axes(float_proto, sample_axes)
-    check_inputs(onnx.load_from_string(quantized_bytes), feeds, what="evaluation set (quantized model)",
-                 sample_axes=axes)
+    check_inputs(
+        onnx.load_from_string(quantized_bytes), feeds, what="evaluation set (quantized model)", sample_axes=axes
+    )
     labels = _labels(dataset, sample_count(feeds, axes))
 
-    reference = run_batched_outputs(float_proto.SerializeToString(), feeds, batch_size, flatten=False,
-                                    per_sample_only=True, sample_axes=axes)
-    outputs = run_batched_outputs(quantized_bytes, feeds, batch_size, flatten=False, per_sample_only=True,
-                                  sample_axes=axes)
+    reference = run_batched_outputs(
+        float_proto.SerializeToString(), feeds, batch_size, flatten=False, per_sample_only=True, sample_axes=axes
+    )
+    outputs = run_batched_outputs(
+        quantized_bytes, feeds, batch_size, flatten=False, per_sample_only=True, sample_axes=axes
+    )
     if len(reference) != len(outputs):
         raise ValueError(f"the models differ in per-sample outputs: float {len(reference)}, quantized {len(outputs)}")
     for index, (ref, out) in enumerate(zip(reference, outputs, strict=True)):
@@ -176,11 +179,14 @@ def run_batched_outputs(
     for batch, real in batches(feeds, batch_size, session_fixed_batch(session, axes), axes):
         outputs = session.run(None, batch)[: 1 if first_only else None]
         rows = sample_count(batch, axes)
-        chunks.append([
-            None if per_sample_only and index > 0 and not _is_per_sample(output, rows)
-            else _rows(np.asarray(output), rows, index, flatten)[:real]
-            for index, output in enumerate(outputs)
-        ])
+        chunks.append(
+            [
+                None
+                if per_sample_only and index > 0 and not _is_per_sample(output, rows)
+                else _rows(np.asarray(output), rows, index, flatten)[:real]
+                for index, output in enumerate(outputs)
+            ]
+        )
     columns = list(zip(*chunks))
     return [np.concatenate(parts) for parts in columns if all(part is not None for part in parts)]
 
@@ -204,8 +210,9 @@ def _rows(output: np.ndarray, rows: int, index: int, flatten: bool = True) -> np
     axis = sample_axis(output.shape, rows)
     if axis is None:
         which = "first output" if index == 0 else f"output {index}"
-        raise ValueError(f"the model's {which} has shape {output.shape}; expected an axis of {rows} "
-                         "(one row per sample of the run)")
+        raise ValueError(
+            f"the model's {which} has shape {output.shape}; expected an axis of {rows} (one row per sample of the run)"
+        )
     output = np.moveaxis(output, axis, 0)
     return (output.reshape(rows, -1) if flatten else output).astype(np.float64)
 

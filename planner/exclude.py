@@ -57,8 +57,13 @@ class Exclusion:
     candidates: tuple[str, ...]  # what it is still offered: ("fp32",) when excluded outright
 
     def to_dict(self) -> dict[str, Any]:
-        return {"layer": self.layer, "node_name": self.node_name, "scope": self.scope, "reason": self.reason,
-                "candidates": list(self.candidates)}
+        return {
+            "layer": self.layer,
+            "node_name": self.node_name,
+            "scope": self.scope,
+            "reason": self.reason,
+            "candidates": list(self.candidates),
+        }
 
 
 @dataclass(frozen=True)
@@ -80,7 +85,8 @@ def check_exclude(value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         patterns = [part for part in patterns if part]
     ok = (
-        isinstance(patterns, list | tuple) and len(patterns) <= MAX_EXCLUDE_PATTERNS
+        isinstance(patterns, list | tuple)
+        and len(patterns) <= MAX_EXCLUDE_PATTERNS
         and all(isinstance(p, str) and 0 < len(p) <= MAX_EXCLUDE_PATTERN_LENGTH for p in patterns)
     )
     if not ok:
@@ -128,15 +134,14 @@ def exact_candidates(weight: np.ndarray, channel_axis: int, candidates: Sequence
     """fp32 and those of ``candidates`` whose weight quantizer reproduces ``weight`` exactly."""
     values = np.asarray(weight, dtype=np.float32)
     exact_bits = {
-        bits for bits in {CANDIDATES[c].weight_bits for c in candidates} - {None}
+        bits
+        for bits in {CANDIDATES[c].weight_bits for c in candidates} - {None}
         if np.array_equal(quantize_weight(values, bits, channel_axis).dequantize(), values)
     }
     return (FP32, *(c for c in candidates if CANDIDATES[c].weight_bits in exact_bits))
 
 
-def layer_candidates(
-    model: onnx.ModelProto, candidates: Sequence[str], exclude: Sequence[str] = ()
-) -> LayerCandidates:
+def layer_candidates(model: onnx.ModelProto, candidates: Sequence[str], exclude: Sequence[str] = ()) -> LayerCandidates:
     """What each layer of ``model`` (normalised: its layer names are the plan's) is offered: the
     request's ``candidates``; ``fp32`` alone for a layer an ``exclude`` pattern matches; fp32 and the
     exactly reproducing candidates for a structural constant. ValueError for a pattern matching nothing."""

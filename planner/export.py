@@ -62,8 +62,8 @@ from sensitivity.layers import Layer, find_layers, node_weight_index, weight_arr
 from sensitivity.normalize import (
     NormalizedModel,
     OpsetUpgradeError,
-    padded_rows,
     normalize_model,
+    padded_rows,
     static_dims,
 )
 from sensitivity.quantize import QuantizedWeight, quantize_weight
@@ -152,10 +152,18 @@ def export_model(
     nodes = {name: [node.name for node in found] for name, found in layer_nodes(working, layers).items()}
     by_name = {layer.name: layer for layer in layers}
     static = [name for name, c in configuration.items() if _is_static(get_candidate(c), by_name[name])]
-    weight_only = [name for name, c in configuration.items() if get_candidate(c).quantizes_weights and name not in static]
+    weight_only = [
+        name for name, c in configuration.items() if get_candidate(c).quantizes_weights and name not in static
+    ]
     if static:
         working = _quantize_static(
-            working, [by_name[n] for n in static], configuration, nodes, feeds, axes, calibrate_method,
+            working,
+            [by_name[n] for n in static],
+            configuration,
+            nodes,
+            feeds,
+            axes,
+            calibrate_method,
             calibration_batch_size,
         )
     for name in weight_only:
@@ -165,8 +173,15 @@ def export_model(
     _raise_ir_version(working)
 
     exported_layers = _exported_layers(configuration, nodes, by_name)
-    plan = _plan(configuration, exported_layers, constraints, calibrate_method, sample_count(feeds, axes),
-                 normalized.source_opset, working)
+    plan = _plan(
+        configuration,
+        exported_layers,
+        constraints,
+        calibrate_method,
+        sample_count(feeds, axes),
+        normalized.source_opset,
+        working,
+    )
     plan["preprocessing"] = preprocessing
     plan["normalization"] = normalized.to_dict()
     _write_metadata(working, plan, metadata)
@@ -219,9 +234,7 @@ def check_inputs(
     return feeds
 
 
-def _input_problems(
-    value: onnx.ValueInfoProto, array: object, axis: int | None, any_count: bool = False
-) -> list[str]:
+def _input_problems(value: onnx.ValueInfoProto, array: object, axis: int | None, any_count: bool = False) -> list[str]:
     """What is wrong with ``array`` as input ``value`` whose samples lie on ``axis`` (None: shared)."""
     name = value.name
     if not isinstance(array, np.ndarray):
@@ -235,11 +248,16 @@ def _input_problems(
     where = "shared by every sample" if axis is None else f"samples on axis {axis}"
     if dims is not None:
         if array.ndim != len(dims):
-            problems.append(f"{name!r} has shape {array.shape}, the model expects rank {len(dims)} ({show_dims(dims)}, "
-                            f"{where})" + (": give one value for all samples" if axis is None and not dims else ""))
+            problems.append(
+                f"{name!r} has shape {array.shape}, the model expects rank {len(dims)} ({show_dims(dims)}, "
+                f"{where})" + (": give one value for all samples" if axis is None and not dims else "")
+            )
         else:
-            fixed = [(k, size) for k, size in enumerate(dims)
-                     if size is not None and array.shape[k] != size and not (any_count and k == axis)]
+            fixed = [
+                (k, size)
+                for k, size in enumerate(dims)
+                if size is not None and array.shape[k] != size and not (any_count and k == axis)
+            ]
             if fixed:
                 problems.append(f"{name!r} has shape {array.shape}, the model expects {show_dims(dims)} ({where})")
     if axis is not None and (array.ndim <= axis or array.shape[axis] == 0):
@@ -309,7 +327,7 @@ def _check_float_model_runs(model: onnx.ModelProto, sample: Mapping[str, np.ndar
     """Fail early, naming the cause, when onnxruntime cannot run the float model on a calibration sample."""
     try:
         _run(model, sample)
-    except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types
+    except Exception as error:
         raise ValueError(f"the float model does not run in onnxruntime on the calibration inputs: {error}") from None
 
 
@@ -362,7 +380,7 @@ def _preprocess(model: onnx.ModelProto, layers: Sequence[Layer]) -> tuple[onnx.M
                 path = Path(directory) / "pre.onnx"
                 quant_pre_process(model, path, skip_optimization=True, skip_symbolic_shape=skip_symbolic)
                 processed = onnx.load(path)
-        except Exception as error:  # noqa: BLE001 - shape inference of real models fails in many ways
+        except Exception as error:
             failures.append(f"{label}: {type(error).__name__}: {error}")
             continue
         if [layer.name for layer in find_layers(processed)] == [layer.name for layer in layers]:
@@ -445,7 +463,6 @@ class ArrayCalibrationReader(CalibrationDataReader):
         return math.ceil(self._count / self._batch_size)
 
 
-
 def _quantize_static(
     model: onnx.ModelProto,
     layers: Sequence[Layer],
@@ -484,7 +501,7 @@ def _quantize_static(
                 },
             )
             return onnx.load(output)
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             raise ExportError(f"onnxruntime quantize_static failed: {type(error).__name__}: {error}") from error
 
 
@@ -581,7 +598,9 @@ def _nodes_named(model: onnx.ModelProto, names: Sequence[str]) -> list[onnx.Node
 
 
 def _check_layers_quantized(
-    model: onnx.ModelProto, configuration: Configuration, nodes: Mapping[str, Sequence[str]],
+    model: onnx.ModelProto,
+    configuration: Configuration,
+    nodes: Mapping[str, Sequence[str]],
     layers: Mapping[str, Layer],
 ) -> None:
     """Every quantized layer must end up with a dequantized weight (and input, for static candidates)."""
@@ -751,7 +770,7 @@ def validate_artifact(
     try:
         model = onnx.load_from_string(model_bytes)
         onnx.checker.check_model(model)
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         raise ExportError(f"the exported model fails onnx.checker: {error}") from error
     axes = input_sample_axes(model, sample_axes)
     del model  # the session reads the bytes; the parsed copy is not needed beside it
@@ -766,7 +785,7 @@ def validate_artifact(
             start += real
     except ExportError:
         raise
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         raise ExportError(f"the exported model does not run in onnxruntime: {error}") from error
 
 

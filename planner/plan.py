@@ -200,8 +200,9 @@ class PlanRequest:
             candidates=_check_candidates(self.candidates),
             max_size_bytes=_optional(check_int, "max_size_bytes", self.max_size_bytes, 1, MAX_COST),
             max_bops=_optional(check_int, "max_bops", self.max_bops, 1, MAX_COST),
-            max_latency_ms=_optional(check_float, "max_latency_ms", self.max_latency_ms, 0.0, MAX_LATENCY_MS,
-                                     low_open=True),
+            max_latency_ms=_optional(
+                check_float, "max_latency_ms", self.max_latency_ms, 0.0, MAX_LATENCY_MS, low_open=True
+            ),
             max_drop=_optional(check_float, "max_drop", self.max_drop, 0.0, MAX_DROP),
             seed=check_int("seed", self.seed, 0, MAX_SEED),
             max_frontier_points=check_int("max_frontier_points", self.max_frontier_points, 1, MAX_FRONTIER_POINTS),
@@ -210,8 +211,9 @@ class PlanRequest:
             latency_warmup=check_int("latency_warmup", self.latency_warmup, 0, MAX_LATENCY_WARMUP),
             latency_batch_size=check_int("latency_batch_size", self.latency_batch_size, 1, MAX_LATENCY_BATCH_SIZE),
             device=check_device("device", self.device),
-            solver_time_limit_s=check_float("solver_time_limit_s", self.solver_time_limit_s, 0.0,
-                                            MAX_SOLVER_TIME_LIMIT_S, low_open=True),
+            solver_time_limit_s=check_float(
+                "solver_time_limit_s", self.solver_time_limit_s, 0.0, MAX_SOLVER_TIME_LIMIT_S, low_open=True
+            ),
             measure_activation_terms=check_bool("measure_activation_terms", self.measure_activation_terms),
             metric=check_choice("metric", self.metric, METRICS),
             exclude=check_exclude(self.exclude),
@@ -261,8 +263,13 @@ class PlanRequest:
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return {**data, "candidates": list(self.candidates), "sensitivity_options": dict(self.sensitivity_options),
-                "exclude": list(self.exclude), "sample_axes": dict(self.sample_axes)}
+        return {
+            **data,
+            "candidates": list(self.candidates),
+            "sensitivity_options": dict(self.sensitivity_options),
+            "exclude": list(self.exclude),
+            "sample_axes": dict(self.sample_axes),
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PlanRequest:
@@ -282,7 +289,8 @@ def _check_candidates(value: Any) -> tuple[str, ...]:
     """Candidate names, as a list or a comma-separated string: known, in order, without repeats."""
     names = value.split(",") if isinstance(value, str) else value
     _require(
-        isinstance(names, list | tuple) and len(names) <= MAX_CANDIDATE_NAMES
+        isinstance(names, list | tuple)
+        and len(names) <= MAX_CANDIDATE_NAMES
         and all(isinstance(name, str) and len(name) <= MAX_CANDIDATE_NAME_LENGTH for name in names),
         f"candidates must be a list of at most {MAX_CANDIDATE_NAMES} candidate names; got {shown(value)}",
     )
@@ -505,8 +513,9 @@ def normalize_for_plan(
     source = model.model if isinstance(model, NormalizedModel) else model
     refuse_quantized(source)
     check_inputs(source, calibration, what="calibration set", sample_axes=request.sample_axes)
-    return normalize_model(model, opset=required_opset(request.candidates), samples=calibration,
-                           sample_axes=request.sample_axes)
+    return normalize_model(
+        model, opset=required_opset(request.candidates), samples=calibration, sample_axes=request.sample_axes
+    )
 
 
 def _no_progress(phase: str, fraction: float, message: str) -> None:
@@ -586,8 +595,13 @@ def _activation_terms(
         # Exported through the measurer's cache: the uniform w8a8 baseline reuses this artifact. Excluded
         # layers stay fp32 there too: their terms would only ever apply to candidates they are not offered.
         uniform = measurer.export(offered.uniform("w8a8"))
-        terms = activation_terms(model, calibration, sensitivity.loss_kind, w8a8_artifact=uniform.model_bytes,
-                                 sample_axes=measurer.sample_axes)
+        terms = activation_terms(
+            model,
+            calibration,
+            sensitivity.loss_kind,
+            w8a8_artifact=uniform.model_bytes,
+            sample_axes=measurer.sample_axes,
+        )
     except ExportError as error:
         # Not fatal: the search can still avoid a8 where it fails, as before these terms existed.
         logger.warning("activation terms skipped: uniform w8a8 does not export (%s)", error)
@@ -626,8 +640,11 @@ def build_objective(
     layers = [layer.name for layer in sensitivity.layers]
     missing = sorted(set(table) ^ set(layers))
     _require(not missing, f"the sensitivity result does not match the model's layers (differ: {missing})")
-    names_of = {layer: tuple(candidates) for layer in layers} if offered is None else {
-        layer: tuple(offered[layer]) for layer in layers if layer in offered}
+    names_of = (
+        {layer: tuple(candidates) for layer in layers}
+        if offered is None
+        else {layer: tuple(offered[layer]) for layer in layers if layer in offered}
+    )
     unoffered = sorted(set(layers) - set(names_of))
     _require(not unoffered, f"offered names no candidates for layers {unoffered[:5]}")
     terms = sensitivity.interlayer
@@ -635,8 +652,9 @@ def build_objective(
         terms = _trace_terms(sensitivity, candidates, model)
     index = terms.index()
     bits_of = {name: candidate.weight_bits for name, candidate in CANDIDATES.items()}
-    needed = sorted({(layer, bits_of[c]) for layer in layers for c in names_of[layer] if bits_of[c] is not None}
-                    - set(index))
+    needed = sorted(
+        {(layer, bits_of[c]) for layer in layers for c in names_of[layer] if bits_of[c] is not None} - set(index)
+    )
     _require(not needed, f"the sensitivity result lacks terms for (layer, bits) {needed[:5]}; analyse those bit widths")
 
     gradient_terms = shrunk_gradient_terms(terms)  # a search would otherwise fit their noise
@@ -799,8 +817,9 @@ class _Measurer:
         if key not in self._measurements:
             self.progress("measure", 0.0, f"exporting and evaluating configuration {len(self._measurements) + 1}")
             exported = self.export(key)
-            result = evaluate(exported, self._float_bytes, self._evaluation, metric=self._request.metric,
-                              sample_axes=self.sample_axes)
+            result = evaluate(
+                exported, self._float_bytes, self._evaluation, metric=self._request.metric, sample_axes=self.sample_axes
+            )
             latency = measure_latency(
                 exported.model_bytes,
                 self._evaluation,
@@ -898,8 +917,12 @@ def _best_within_budget(
         else:
             result = solve_quadratic(objective, kind, budget, time_limit=request.solver_time_limit_s)
             choice = result.choice
-            details = {"budget_solver": result.method, "lower_bound": result.lower_bound, "gap": result.gap,
-                       "proven_optimal": result.proven_optimal}
+            details = {
+                "budget_solver": result.method,
+                "lower_bound": result.lower_bound,
+                "gap": result.gap,
+                "proven_optimal": result.proven_optimal,
+            }
     except InfeasibleBudget as error:  # checked up front already; kept so a rounding difference still reads clearly
         name = "max_size_bytes" if kind == "size" else "max_bops"
         raise NoFeasiblePlan(str(error), kind=name, limit=float(request.budget), minimum=error.min_cost) from None
@@ -941,7 +964,11 @@ def _pareto(
 
 
 def _artifact_within_size(
-    objective: Objective, table: CostTable, request: PlanRequest, measurer: _Measurer, best: PlanPoint,
+    objective: Objective,
+    table: CostTable,
+    request: PlanRequest,
+    measurer: _Measurer,
+    best: PlanPoint,
     details: dict[str, Any],
 ) -> PlanPoint:
     """``best`` when its artifact fits ``max_size_bytes``; else the best point within a budget
@@ -958,8 +985,12 @@ def _artifact_within_size(
         budget = best.size_bytes - (artifact - limit)
         if budget < 1:
             return best
-        measurer.progress("search", 1.0, f"the artifact is {artifact - limit} bytes above max_size_bytes: "
-                                         f"searching again within {budget} computed bytes")
+        measurer.progress(
+            "search",
+            1.0,
+            f"the artifact is {artifact - limit} bytes above max_size_bytes: "
+            f"searching again within {budget} computed bytes",
+        )
         try:
             best, _ = _best_within_budget(objective, table, dataclasses.replace(request, max_size_bytes=budget))
         except NoFeasiblePlan:
@@ -1073,4 +1104,3 @@ def _bisection(
             minimum=float(cheapest),
         )
     return chosen, frontier, details
-

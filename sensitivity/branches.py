@@ -47,8 +47,10 @@ class FixedBranch:
         return "then_branch" if self.taken else "else_branch"
 
     def describe(self) -> str:
-        return (f"If {self.node!r} replaced by its {self.branch}: its condition {self.condition!r} was "
-                f"{str(self.taken).lower()} on every calibration batch")
+        return (
+            f"If {self.node!r} replaced by its {self.branch}: its condition {self.condition!r} was "
+            f"{str(self.taken).lower()} on every calibration batch"
+        )
 
 
 # --- reading subgraphs (also used by the interpreter, sensitivity.onnx_program) -----------------
@@ -122,7 +124,7 @@ def _constant_conditions(model: onnx.ModelProto, batches: Sequence[Mapping[str, 
     try:
         session = _session_with_outputs(model, conditions)
         runs = [session.run(conditions, dict(feeds)) for feeds in batches]
-    except Exception as error:  # noqa: BLE001 - onnxruntime raises its own types; the Ifs then stay
+    except Exception as error:
         logger.info("If conditions not read (%s): no branch fixed", str(error).strip().splitlines()[0])
         return {}
     for run in runs:
@@ -138,8 +140,9 @@ def _session_with_outputs(model: onnx.ModelProto, names: Sequence[str]):
 
     probe = _copy(model)
     outputs = {value.name for value in probe.graph.output}
-    probe.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.BOOL, None)
-                              for name in names if name not in outputs)
+    probe.graph.output.extend(
+        onnx.helper.make_tensor_value_info(name, onnx.TensorProto.BOOL, None) for name in names if name not in outputs
+    )
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
     return onnxruntime.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])

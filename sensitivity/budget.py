@@ -148,8 +148,9 @@ def plan_passes(
 ) -> PassPlan:
     """Measure and choose; see the module docstring. ``hvp_method`` "auto" times both methods;
     ``memory_budget_mb`` None keeps ``batch_size`` and ``probes_per_pass`` as given."""
-    total = sample_count({name: calibration[name] for name in program.input_names}, program.sample_axes,
-                         what="calibration set")
+    total = sample_count(
+        {name: calibration[name] for name in program.input_names}, program.sample_axes, what="calibration set"
+    )
     fixed = program.fixed_batch_size
     if memory_budget_mb is None and hvp_method != "auto":
         return PassPlan(batch_size, probes_per_pass, hvp_method, {"adapted": False})
@@ -186,22 +187,38 @@ def plan_passes(
     _release_free_memory()
     held = meter.held()
     budget = memory_budget_mb * MiB
-    batch, probes = _choose(fit, budget - held, batch_size=fixed or min(batch_size, total),
-                            probes_per_pass=probes_per_pass, fixed=fixed is not None)
-    report.update({
-        "memory_budget_mb": memory_budget_mb,
-        "held_mb": round(held / MiB, 1),
-        "fit_mb": {"constant": round(fit.constant / MiB, 3), "per_sample": round(fit.per_sample / MiB, 4),
-                   "per_probe_sample": round(fit.per_probe / MiB, 4)},
-        "predicted_peak_mb": round((held + SAFETY * fit.peak(batch, probes)) / MiB, 1),
-    })
+    batch, probes = _choose(
+        fit,
+        budget - held,
+        batch_size=fixed or min(batch_size, total),
+        probes_per_pass=probes_per_pass,
+        fixed=fixed is not None,
+    )
+    report.update(
+        {
+            "memory_budget_mb": memory_budget_mb,
+            "held_mb": round(held / MiB, 1),
+            "fit_mb": {
+                "constant": round(fit.constant / MiB, 3),
+                "per_sample": round(fit.per_sample / MiB, 4),
+                "per_probe_sample": round(fit.per_probe / MiB, 4),
+            },
+            "predicted_peak_mb": round((held + SAFETY * fit.peak(batch, probes)) / MiB, 1),
+        }
+    )
     if batch < 1:
         need = held + SAFETY * fit.peak(fixed or 1, 1)
-        raise ValueError(f"the memory budget of {memory_budget_mb} MiB is below what one HVP pass needs here "
-                         f"(about {math.ceil(need / MiB)} MiB with {fixed or 1} sample(s) and 1 probe): "
-                         "raise memory_budget_mb")
-    progress("budget", 1.0, f"batch {batch}, {probes} probe(s) per pass, {method} "
-             f"(predicted peak {report['predicted_peak_mb']:.0f} MiB of {memory_budget_mb})")
+        raise ValueError(
+            f"the memory budget of {memory_budget_mb} MiB is below what one HVP pass needs here "
+            f"(about {math.ceil(need / MiB)} MiB with {fixed or 1} sample(s) and 1 probe): "
+            "raise memory_budget_mb"
+        )
+    progress(
+        "budget",
+        1.0,
+        f"batch {batch}, {probes} probe(s) per pass, {method} "
+        f"(predicted peak {report['predicted_peak_mb']:.0f} MiB of {memory_budget_mb})",
+    )
     return PassPlan(batch, probes, method, report)
 
 
@@ -240,8 +257,15 @@ def _choose(fit: _Fit, room: float, *, batch_size: int, probes_per_pass: int, fi
 class _Probe:
     """Small passes on the first samples of the calibration set, for measuring."""
 
-    def __init__(self, program: Program, calibration: Mapping[str, np.ndarray], sample: int,
-                 device: torch.device, task: str, meter: PeakMemory | None) -> None:
+    def __init__(
+        self,
+        program: Program,
+        calibration: Mapping[str, np.ndarray],
+        sample: int,
+        device: torch.device,
+        task: str,
+        meter: PeakMemory | None,
+    ) -> None:
         self.program, self.calibration, self.device, self.task = program, calibration, device, task
         self.sample, self.meter = sample, meter
         self.errors: dict[str, str] = {}

@@ -23,8 +23,22 @@ from sensitivity.layers import QUANTIZABLE_OPS, weight_indices
 
 logger = logging.getLogger(__name__)
 
-FOLDABLE_OPS = frozenset({"Concat", "Expand", "Flatten", "Gather", "Identity", "Reshape", "Slice", "Split",
-                          "Squeeze", "Tile", "Transpose", "Unsqueeze"})
+FOLDABLE_OPS = frozenset(
+    {
+        "Concat",
+        "Expand",
+        "Flatten",
+        "Gather",
+        "Identity",
+        "Reshape",
+        "Slice",
+        "Split",
+        "Squeeze",
+        "Tile",
+        "Transpose",
+        "Unsqueeze",
+    }
+)
 MAX_CHAIN_NODES = 256  # silero's largest chain has 13 (3 Slices, 1 Concat, 1 Unsqueeze, 8 Constants)
 
 
@@ -56,7 +70,7 @@ def fold_weights(model: onnx.ModelProto, names: Sequence[str]) -> list[str]:
         chain = _chain(name, producers, set(initializers))
         try:
             value = _evaluate(model, chain, initializers, name)
-        except Exception as error:  # noqa: BLE001 - the reference evaluator raises many types; folding is optional
+        except Exception as error:
             logger.info("weight %r not folded: %s", name, error)
             continue
         initializers[name] = numpy_helper.from_array(value, name)
@@ -102,7 +116,10 @@ def _evaluate(
     user's graph but these data-movement ops and constants runs)."""
     read = {value for node in chain for value in node.input}
     graph = onnx.helper.make_graph(
-        list(chain), "fold", [], [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.UNDEFINED, None)],
+        list(chain),
+        "fold",
+        [],
+        [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.UNDEFINED, None)],
         initializer=[initializers[value] for value in sorted(read) if value in initializers],
     )
     subset = onnx.helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)

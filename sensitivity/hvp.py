@@ -125,8 +125,9 @@ class HessianVectorProducts:
             # The probes share the forward and first backward; each then costs one more
             # backward. (``is_grads_batched=True`` would batch those with the legacy vmap,
             # which lacks rules for convolution double-backward.)
-            columns = [_second_backward(dot(grads, tuple(p[i] for p in probes)), params, retain=i < k - 1)
-                       for i in range(k)]
+            columns = [
+                _second_backward(dot(grads, tuple(p[i] for p in probes)), params, retain=i < k - 1) for i in range(k)
+            ]
             return tuple(torch.stack(parts) for parts in zip(*columns))
 
         def single(v: Vector) -> Vector:

@@ -109,6 +109,7 @@ def gradient_term_errors(
     loss, point = hvp.loss, hvp.point
     derivatives: dict[tuple[str, int], list[torch.Tensor]] = {label: [] for label in deltas}
     for batch in loss.batches:
+
         def sample_losses(*params: torch.Tensor, batch=batch) -> torch.Tensor:
             return loss.sample_losses(dict(zip(hvp.names, params)), batch)
 

@@ -173,7 +173,7 @@ def scope_path(qualified_names: Sequence[str]) -> str:
     for name in qualified_names:
         if not name or name == parent:
             continue
-        parts.append(name[len(parent) + 1:] if parent and name.startswith(parent + ".") else name)
+        parts.append(name[len(parent) + 1 :] if parent and name.startswith(parent + ".") else name)
         parent = name
     return "/" + "/".join(parts) if parts else ""
 

@@ -153,8 +153,16 @@ class CalibrationLoss:
             with torch.no_grad():
                 outputs = tuple(out.detach() for out in program.forward(self.weights0, inputs))
             valid = stop - start if fixed is not None and stop - start < fixed else None
-            pending.append(_FloatBatch(inputs, outputs, None if labels is None else labels[rows],
-                                       (stop - start) / total, valid, fixed or stop - start))
+            pending.append(
+                _FloatBatch(
+                    inputs,
+                    outputs,
+                    None if labels is None else labels[rows],
+                    (stop - start) / total,
+                    valid,
+                    fixed or stop - start,
+                )
+            )
         # The kind is read from the float outputs of the whole set, before any target is made.
         self.kind, self.reason = self._choose_kind(pending, labels is not None, task)
         self.output_axes = _output_axes(pending)
@@ -199,8 +207,10 @@ class CalibrationLoss:
         if self.kind != "distill_normalized_mse":
             return (1.0,) * count
         squares = [
-            sum(item.weight * float(_real_rows(item.outputs[k], item.valid, self.output_axes[k]).double().pow(2).mean())
-                for item in pending)
+            sum(
+                item.weight * float(_real_rows(item.outputs[k], item.valid, self.output_axes[k]).double().pow(2).mean())
+                for item in pending
+            )
             for k in range(count)
         ]
         return tuple(1.0 / square if square > 0.0 else 1.0 for square in squares)
@@ -290,8 +300,9 @@ def _output_axes(pending: Sequence[_FloatBatch]) -> tuple[int | None, ...]:
     its per-sample split is then wrong, its mean over the batch is not)."""
     axes = []
     for k, output in enumerate(pending[0].outputs):
-        fits = [axis for axis in range(output.dim())
-                if all(item.outputs[k].shape[axis] == item.rows for item in pending)]
+        fits = [
+            axis for axis in range(output.dim()) if all(item.outputs[k].shape[axis] == item.rows for item in pending)
+        ]
         axes.append(fits[0] if fits else None)
     return tuple(axes)
 
@@ -321,6 +332,7 @@ def _log_distribution(kind: str, out: torch.Tensor) -> torch.Tensor:
 
 def _binary_kl(p0: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """Elementwise Bernoulli KL(p₀ ‖ p) = p₀ log(p₀/p) + (1−p₀) log((1−p₀)/(1−p)), logs floored."""
+
     def log(x: torch.Tensor) -> torch.Tensor:
         return x.clamp(min=PROBABILITY_FLOOR).log()
 

@@ -66,11 +66,24 @@ UPGRADE_CHECK_SAMPLES = 8
 BRANCH_CONDITION_SAMPLES = 64
 
 # Ops that only occur in quantized graphs (onnxruntime's quantizers, TensorRT/QAT exports).
-QUANTIZED_OPS = frozenset({
-    "ConvInteger", "MatMulInteger", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul", "QGemm",
-    "QAttention", "QEmbedLayerNormalization", "DynamicQuantizeLSTM", "DynamicQuantizeMatMul",
-    "MatMulIntegerToFloat", "MatMulNBits", "MatMulBnb4", "GatherBlockQuantized",
-})
+QUANTIZED_OPS = frozenset(
+    {
+        "ConvInteger",
+        "MatMulInteger",
+        "DynamicQuantizeLinear",
+        "QLinearConv",
+        "QLinearMatMul",
+        "QGemm",
+        "QAttention",
+        "QEmbedLayerNormalization",
+        "DynamicQuantizeLSTM",
+        "DynamicQuantizeMatMul",
+        "MatMulIntegerToFloat",
+        "MatMulNBits",
+        "MatMulBnb4",
+        "GatherBlockQuantized",
+    }
+)
 _QUANTIZED_PREFIXES = ("QLinear", "QOrdered")
 _WEIGHT_QUANTIZERS = ("QuantizeLinear", "DequantizeLinear")  # quantized when their input is a constant
 
@@ -98,8 +111,12 @@ class UpgradeCheck:
     rtol: float = UPGRADE_RTOL
 
     def to_dict(self) -> dict[str, Any]:
-        return {"samples": self.samples, "max_abs_difference": self.max_abs_difference,
-                "max_relative_difference": self.max_relative_difference, "rtol": self.rtol}
+        return {
+            "samples": self.samples,
+            "max_abs_difference": self.max_abs_difference,
+            "max_relative_difference": self.max_relative_difference,
+            "rtol": self.rtol,
+        }
 
 
 @dataclass(frozen=True)
@@ -126,26 +143,34 @@ class NormalizedModel:
 
     @property
     def changed(self) -> bool:
-        return bool(self.promoted_constants or self.dynamic_dims or self.upgraded or self.fixed_branches
-                    or self.folded_weights)
+        return bool(
+            self.promoted_constants or self.dynamic_dims or self.upgraded or self.fixed_branches or self.folded_weights
+        )
 
     def changes(self) -> list[str]:
         """One sentence per change, for logs and reports."""
         lines = [fixed.describe() for fixed in self.fixed_branches]
         if self.fixed_branches and self.branch_check is not None:
-            lines.append(f"the model with fixed branches checked on {self.branch_check.samples} samples: "
-                         f"max relative difference {self.branch_check.max_relative_difference:.3g}")
+            lines.append(
+                f"the model with fixed branches checked on {self.branch_check.samples} samples: "
+                f"max relative difference {self.branch_check.max_relative_difference:.3g}"
+            )
         if self.promoted_constants:
             lines.append(f"{len(self.promoted_constants)} Constant nodes became initializers")
         if self.folded_weights:
-            lines.append(f"{len(self.folded_weights)} weights computed from constants by data-movement ops were "
-                         f"folded into initializers: {', '.join(self.folded_weights)}")
+            lines.append(
+                f"{len(self.folded_weights)} weights computed from constants by data-movement ops were "
+                f"folded into initializers: {', '.join(self.folded_weights)}"
+            )
         if self.dynamic_dims:
             lines.append(f"dims written as non-positive numbers are dynamic: {', '.join(self.dynamic_dims)}")
         if self.upgraded:
             check = self.upgrade_check
-            how = ("not checked (no samples given)" if check is None else
-                   f"checked on {check.samples} samples: max relative difference {check.max_relative_difference:.3g}")
+            how = (
+                "not checked (no samples given)"
+                if check is None
+                else f"checked on {check.samples} samples: max relative difference {check.max_relative_difference:.3g}"
+            )
             lines.append(f"opset upgraded from {self.source_opset} to {self.opset}, {how}")
         return lines
 
@@ -196,20 +221,39 @@ def normalize_model(
     folded = fold_weights(working, foldable)
     _clear_non_positive_dims(working)
     working, check = _upgrade(fixed_model, working, source_opset, opset, samples, sample_axes)
-    return NormalizedModel(working, tuple(promote), tuple(dynamic), source_opset, default_opset(working), check,
-                           fixed, branch_check, tuple(folded))
+    return NormalizedModel(
+        working,
+        tuple(promote),
+        tuple(dynamic),
+        source_opset,
+        default_opset(working),
+        check,
+        fixed,
+        branch_check,
+        tuple(folded),
+    )
 
 
 def _upgraded_further(
-    normalized: NormalizedModel, opset: int, samples: Mapping[str, np.ndarray] | None,
+    normalized: NormalizedModel,
+    opset: int,
+    samples: Mapping[str, np.ndarray] | None,
     sample_axes: Mapping[str, int | None] | None = None,
 ) -> NormalizedModel:
     again = normalize_model(normalized.model, opset=opset, samples=samples, sample_axes=sample_axes)
     # an earlier unchecked upgrade stays unchecked: the original it should be compared with is gone
     earlier_unchecked = normalized.upgraded and normalized.upgrade_check is None
-    return NormalizedModel(again.model, normalized.promoted_constants, normalized.dynamic_dims,
-                           normalized.source_opset, again.opset, None if earlier_unchecked else again.upgrade_check,
-                           normalized.fixed_branches, normalized.branch_check, normalized.folded_weights)
+    return NormalizedModel(
+        again.model,
+        normalized.promoted_constants,
+        normalized.dynamic_dims,
+        normalized.source_opset,
+        again.opset,
+        None if earlier_unchecked else again.upgrade_check,
+        normalized.fixed_branches,
+        normalized.branch_check,
+        normalized.folded_weights,
+    )
 
 
 # --- reading dims and opsets ------------------------------------------------------------------
@@ -376,11 +420,12 @@ def _upgrade(
         return working, None
     try:
         upgraded = onnx.version_converter.convert_version(working, target)
-    except Exception as error:  # noqa: BLE001 - the converter raises many types
+    except Exception as error:
         raise OpsetUpgradeError(f"could not upgrade the model from opset {current} to {target}: {error}") from None
     # the converter keeps the source IR version; the new opset may need a newer one (21 needs IR 10)
-    upgraded.ir_version = max(upgraded.ir_version,
-                              onnx.helper.find_min_ir_version_for(list(upgraded.opset_import), ignore_unknown=True))
+    upgraded.ir_version = max(
+        upgraded.ir_version, onnx.helper.find_min_ir_version_for(list(upgraded.opset_import), ignore_unknown=True)
+    )
     if samples is None:
         logger.info("opset upgraded from %d to %d without a check: no samples given", current, target)
         return upgraded, None
@@ -401,15 +446,24 @@ def check_upgrade(
 
 
 def _check_branches(
-    original: onnx.ModelProto, fixed: onnx.ModelProto, samples: Mapping[str, np.ndarray], sample_axes: Mapping[str, int | None] | None
+    original: onnx.ModelProto,
+    fixed: onnx.ModelProto,
+    samples: Mapping[str, np.ndarray],
+    sample_axes: Mapping[str, int | None] | None,
 ) -> UpgradeCheck:
     """The model with fixed branches against the original, on the first samples and (dynamic
     batch) the first sample alone; ``BranchFixError`` when they differ."""
     batches = [_batch(original, samples, 0, UPGRADE_CHECK_SAMPLES, sample_axes)]
     if fixed_batch_size(original, sample_axes) is None and _count(original, samples, sample_axes) > 1:
         batches.append(_batch(original, samples, 0, 1, sample_axes))
-    return _compare(original, fixed, batches, "the model with If nodes replaced by their taken branches",
-                    BranchFixError, sample_axes)
+    return _compare(
+        original,
+        fixed,
+        batches,
+        "the model with If nodes replaced by their taken branches",
+        BranchFixError,
+        sample_axes,
+    )
 
 
 def _compare(
@@ -470,7 +524,9 @@ def _model_inputs(model: onnx.ModelProto, samples: Mapping[str, np.ndarray]) -> 
     return names
 
 
-def _count(model: onnx.ModelProto, samples: Mapping[str, np.ndarray], sample_axes: Mapping[str, int | None] | None) -> int:
+def _count(
+    model: onnx.ModelProto, samples: Mapping[str, np.ndarray], sample_axes: Mapping[str, int | None] | None
+) -> int:
     from sensitivity.samples import (  # samples imports this module
         input_sample_axes,
         sample_count,
@@ -481,7 +537,11 @@ def _count(model: onnx.ModelProto, samples: Mapping[str, np.ndarray], sample_axe
 
 
 def _batch(
-    model: onnx.ModelProto, samples: Mapping[str, np.ndarray], start: int, stop: int, sample_axes: Mapping[str, int | None] | None
+    model: onnx.ModelProto,
+    samples: Mapping[str, np.ndarray],
+    start: int,
+    stop: int,
+    sample_axes: Mapping[str, int | None] | None,
 ) -> dict[str, np.ndarray]:
     """Samples ``start:stop`` (fewer when there are fewer) as one run's feeds, each input cut on its
     own sample axis (shared inputs whole); a model exported with batch N runs on exactly N samples."""
@@ -496,8 +556,9 @@ def _batch(
     return take_samples(feeds, padded_rows(start, stop, fixed), input_sample_axes(model, sample_axes))
 
 
-def _run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], what: str,
-         error: type[ValueError] = OpsetUpgradeError) -> list[np.ndarray]:
+def _run(
+    model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], what: str, error: type[ValueError] = OpsetUpgradeError
+) -> list[np.ndarray]:
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -506,7 +567,7 @@ def _run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], what: str,
     try:
         session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         return session.run(None, dict(feeds))
-    except Exception as failure:  # noqa: BLE001 - onnxruntime raises its own exception types
+    except Exception as failure:
         text = str(failure).strip()
         first_line = text.splitlines()[0] if text else type(failure).__name__
         raise error(f"{what} does not run in onnxruntime on the given samples: {first_line}") from None
@@ -516,4 +577,3 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     return copy
-

@@ -108,9 +108,7 @@ def tensor_from_proto(proto: onnx.TensorProto) -> torch.Tensor:
     file); ``onnx.load`` on the model's path has already inlined it.
     """
     if proto.data_location == onnx.TensorProto.EXTERNAL:
-        raise ValueError(
-            f"tensor {proto.name!r} keeps its data in an external file; load the model from its path"
-        )
+        raise ValueError(f"tensor {proto.name!r} keeps its data in an external file; load the model from its path")
     dtype = torch_dtype(proto.data_type)
     array = numpy_helper.to_array(proto)
     numpy_dtype = {torch.float32: np.float32, torch.int64: np.int64, torch.bool: np.bool_}[dtype]
@@ -378,8 +376,9 @@ def _check_spatial(node: Node) -> str | None:
     return None
 
 
-def _same_pads(mode: str, sizes: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
-               dilations: Sequence[int]) -> list[int]:
+def _same_pads(
+    mode: str, sizes: Sequence[int], kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int]
+) -> list[int]:
     """auto_pad SAME_*: pad so that output = ceil(input / stride); the odd pixel at the end (UPPER)."""
     begins, ends = [], []
     for size, k, s, d in zip(sizes, kernel, strides, dilations):
@@ -390,8 +389,9 @@ def _same_pads(mode: str, sizes: Sequence[int], kernel: Sequence[int], strides: 
     return begins + ends
 
 
-def _window_pads(node: Node, sizes: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
-                 dilations: Sequence[int]) -> list[int]:
+def _window_pads(
+    node: Node, sizes: Sequence[int], kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int]
+) -> list[int]:
     """ONNX pads [b1, b2, ..., e1, e2, ...] for Conv and pooling, resolving auto_pad."""
     mode = node.attr("auto_pad", "NOTSET")
     if mode in ("SAME_UPPER", "SAME_LOWER"):
@@ -409,8 +409,9 @@ def _torch_pad_order(begins: Sequence[int], ends: Sequence[int]) -> list[int]:
     return order
 
 
-def _symmetric_padding(x: torch.Tensor, pads: Sequence[int], value: float = 0.0,
-                       limit: Sequence[int] | None = None) -> tuple[torch.Tensor, list[int]]:
+def _symmetric_padding(
+    x: torch.Tensor, pads: Sequence[int], value: float = 0.0, limit: Sequence[int] | None = None
+) -> tuple[torch.Tensor, list[int]]:
     """Split ONNX pads into the symmetric part torch can do itself and an explicit F.pad.
 
     ``limit`` caps the symmetric part per axis (torch pooling allows at most half a kernel).
@@ -439,8 +440,14 @@ def conv(node: Node, inputs: Inputs) -> torch.Tensor:
     return _CONV[n](x, weight, bias, strides, padding, dilations, node.attr("group", 1))
 
 
-def _transpose_pads(node: Node, sizes: Sequence[int], kernel: Sequence[int], strides: Sequence[int],
-                    dilations: Sequence[int], adjust: Sequence[int]) -> tuple[list[int], list[int]]:
+def _transpose_pads(
+    node: Node,
+    sizes: Sequence[int],
+    kernel: Sequence[int],
+    strides: Sequence[int],
+    dilations: Sequence[int],
+    adjust: Sequence[int],
+) -> tuple[list[int], list[int]]:
     """(begin, end) crops of the ConvTranspose output (a negative end extends it with zeros).
 
     With output_shape or auto_pad SAME_* the total padding makes the output the requested
@@ -714,9 +721,7 @@ def cumsum(node: Node, inputs: Inputs) -> torch.Tensor:
 def top_k(node: Node, inputs: Inputs) -> Result:
     x = inputs[0]
     k = _ints(inputs[1])[0]
-    values, indices = torch.topk(
-        x, k, dim=node.attr("axis", -1), largest=bool(node.attr("largest", 1)), sorted=True
-    )
+    values, indices = torch.topk(x, k, dim=node.attr("axis", -1), largest=bool(node.attr("largest", 1)), sorted=True)
     return values, indices
 
 
@@ -935,8 +940,12 @@ def tile(node: Node, inputs: Inputs) -> torch.Tensor:
 def constant(node: Node, inputs: Inputs) -> torch.Tensor:
     if "value" in node.attrs:
         return node.attrs["value"]
-    for name, dtype in (("value_float", torch.float32), ("value_floats", torch.float32),
-                        ("value_int", torch.int64), ("value_ints", torch.int64)):
+    for name, dtype in (
+        ("value_float", torch.float32),
+        ("value_floats", torch.float32),
+        ("value_int", torch.int64),
+        ("value_ints", torch.int64),
+    ):
         if name in node.attrs:
             return torch.tensor(node.attrs[name], dtype=dtype)
     raise ValueError(f"Constant node {node.name!r} has no supported value attribute")
@@ -1086,8 +1095,9 @@ def _cubic_1d(x: torch.Tensor, axis: int, coordinates: torch.Tensor, a: float, e
     return result
 
 
-def _resize_targets(node: Node, x: torch.Tensor, scales: torch.Tensor | None,
-                    sizes: torch.Tensor | None) -> list[tuple[int, int, float]]:
+def _resize_targets(
+    node: Node, x: torch.Tensor, scales: torch.Tensor | None, sizes: torch.Tensor | None
+) -> list[tuple[int, int, float]]:
     """(axis, output size, scale) for each resized axis."""
     axes = [_axis(a, x.dim()) for a in node.attr("axes", range(x.dim()))]
     in_sizes = [x.shape[a] for a in axes]

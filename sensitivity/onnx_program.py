@@ -273,7 +273,9 @@ def load_onnx(model: ModelSource, shape_cache_size: int = 8, sample_axes: Sample
 
     nodes = _topological_order(proto.graph, set(initializers) | layer_names | set(input_names))
     _check_outputs(nodes, set(initializers) | layer_names | set(input_names), output_names)
-    scope = set(initializers) | layer_names | set(input_names) | {name for node in proto.graph.node for name in node.output}
+    scope = (
+        set(initializers) | layer_names | set(input_names) | {name for node in proto.graph.node for name in node.output}
+    )
     constants, runtime_nodes = _fold_constants(nodes, initializers, opset, scope)
     steps = [_step(node, index, opset, constants, scope) for index, node in runtime_nodes]
     needed = {name for step in steps for name in step.inputs} | set(output_names)
@@ -383,8 +385,10 @@ def _inline(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
     size = inlined_node_count(model)
     if size > MAX_INLINED_NODES:
-        raise ValueError(f"inlining the model's local functions would give {size:.3g} nodes, more than "
-                         f"{MAX_INLINED_NODES:,}: functions calling functions too deeply")
+        raise ValueError(
+            f"inlining the model's local functions would give {size:.3g} nodes, more than "
+            f"{MAX_INLINED_NODES:,}: functions calling functions too deeply"
+        )
     return onnx.inliner.inline_local_functions(model)
 
 
@@ -475,7 +479,9 @@ def _check_outputs(
 
 
 def _fold_constants(
-    nodes: Iterable[tuple[int, onnx.NodeProto]], initializers: Mapping[str, torch.Tensor], opset: int,
+    nodes: Iterable[tuple[int, onnx.NodeProto]],
+    initializers: Mapping[str, torch.Tensor],
+    opset: int,
     scope: set[str],
 ) -> tuple[dict[str, torch.Tensor], list[tuple[int, onnx.NodeProto]]]:
     """Run, once, every node whose inputs are all constants (Constant nodes, shape arithmetic
@@ -506,7 +512,9 @@ def _fold_constants(
     return constants, runtime
 
 
-def _step(node: onnx.NodeProto, index: int, opset: int, constants: Mapping[str, torch.Tensor], scope: set[str]) -> _Step:
+def _step(
+    node: onnx.NodeProto, index: int, opset: int, constants: Mapping[str, torch.Tensor], scope: set[str]
+) -> _Step:
     prepared = _node(node, index, opset)
     if is_if(node):
         handler = _IfHandler.build(node, opset, constants, scope)
@@ -535,7 +543,9 @@ def _taken_branch(
         nodes.append((index, renamed))
     for position, (source, target) in enumerate(zip(chosen.output, node.output)):
         if target:
-            nodes.append((index, onnx.helper.make_node("Identity", [source.name], [target], name=f"{name}/out{position}")))
+            nodes.append(
+                (index, onnx.helper.make_node("Identity", [source.name], [target], name=f"{name}/out{position}"))
+            )
     return nodes, initializers
 
 
@@ -584,7 +594,9 @@ class _IfHandler:
         self._on_device: dict[tuple[bool, torch.device], dict[str, torch.Tensor]] = {}
 
     @classmethod
-    def build(cls, node: onnx.NodeProto, opset: int, constants: Mapping[str, torch.Tensor], scope: set[str]) -> _IfHandler:
+    def build(
+        cls, node: onnx.NodeProto, opset: int, constants: Mapping[str, torch.Tensor], scope: set[str]
+    ) -> _IfHandler:
         then_branch, then_reads = _prepare_branch(branch(node, "then_branch"), opset, constants, scope)
         else_branch, else_reads = _prepare_branch(branch(node, "else_branch"), opset, constants, scope)
         return cls(then_branch, else_branch, tuple(sorted(then_reads | else_reads)))
@@ -631,15 +643,27 @@ def _plan(steps: Sequence[_Step], output_names: Sequence[str], remember: set[str
 # Inputs that set an output's shape from their values; if one of them depends on tensor
 # values (not only on shapes), the shape values cannot be cached per input shapes.
 _SHAPE_ARGUMENTS: dict[str, tuple[int, ...]] = {
-    "Reshape": (1,), "Expand": (1,), "Tile": (1,), "ConstantOfShape": (0,), "Range": (0, 1, 2),
-    "Slice": (1, 2, 3, 4), "Pad": (1, 3), "Resize": (2, 3), "Split": (1,), "Squeeze": (1,),
-    "Unsqueeze": (1,), "TopK": (1,), "CumSum": (1,), "Trilu": (1,),
+    "Reshape": (1,),
+    "Expand": (1,),
+    "Tile": (1,),
+    "ConstantOfShape": (0,),
+    "Range": (0, 1, 2),
+    "Slice": (1, 2, 3, 4),
+    "Pad": (1, 3),
+    "Resize": (2, 3),
+    "Split": (1,),
+    "Squeeze": (1,),
+    "Unsqueeze": (1,),
+    "TopK": (1,),
+    "CumSum": (1,),
+    "Trilu": (1,),
     **{name: (1,) for name in OPS if name.startswith("Reduce")},
 }
 # the shape arguments that handlers only read as Python ints (ConstantOfShape and Range
 # create their output on their argument's device, so those arguments must stay on it)
-_HOST_ARGUMENTS = {op_type: indices for op_type, indices in _SHAPE_ARGUMENTS.items()
-                   if op_type not in ("ConstantOfShape", "Range")}
+_HOST_ARGUMENTS = {
+    op_type: indices for op_type, indices in _SHAPE_ARGUMENTS.items() if op_type not in ("ConstantOfShape", "Range")
+}
 
 
 def _host_only(steps: Sequence[_Step]) -> frozenset[str]:

@@ -30,7 +30,9 @@ Activation = Callable[[torch.Tensor], torch.Tensor]
 # and match onnxruntime (measured). Where onnxruntime's are not sensible (Affine and ScaledTanh
 # compute 0, ThresholdedRelu thresholds at about 0.01) the default is None and the node is
 # refused by ``check`` unless activation_alpha/activation_beta give the values.
-_ACTIVATIONS: dict[str, tuple[Callable[[torch.Tensor, float, float], torch.Tensor], int, float | None, float | None]] = {
+_ACTIVATIONS: dict[
+    str, tuple[Callable[[torch.Tensor, float, float], torch.Tensor], int, float | None, float | None]
+] = {
     "relu": (lambda x, a, b: torch.relu(x), 0, 0.0, 0.0),
     "tanh": (lambda x, a, b: torch.tanh(x), 0, 0.0, 0.0),
     "sigmoid": (lambda x, a, b: torch.sigmoid(x), 0, 0.0, 0.0),
@@ -112,11 +114,17 @@ def _setup(node: Node) -> _Setup:
     alphas = list(node.attr("activation_alpha") or [])
     betas = list(node.attr("activation_beta") or [])
     functions = [_activation(name, alphas, betas) for name in names]
-    activations = tuple(tuple(functions[d * per_direction:(d + 1) * per_direction]) for d in range(directions))
+    activations = tuple(tuple(functions[d * per_direction : (d + 1) * per_direction]) for d in range(directions))
     reverse = (direction == "reverse",) if directions == 1 else (False, True)
     clip = node.attr("clip")
-    return _Setup(int(node.attr("hidden_size")), directions, reverse, activations,
-                  None if clip is None else float(clip), int(node.attr("layout", 0)))
+    return _Setup(
+        int(node.attr("hidden_size")),
+        directions,
+        reverse,
+        activations,
+        None if clip is None else float(clip),
+        int(node.attr("layout", 0)),
+    )
 
 
 def _clipped(x: torch.Tensor, clip: float | None) -> torch.Tensor:
@@ -163,7 +171,7 @@ def _run_direction(
     direction [seq, batch, hidden] (zero past each length) and the final state tuple."""
     steps = projected.shape[0]
     outputs: list[torch.Tensor | None] = [None] * steps
-    for t in (range(steps - 1, -1, -1) if reverse else range(steps)):
+    for t in range(steps - 1, -1, -1) if reverse else range(steps):
         new = cell(projected[t], state)
         if mask is None:
             state = new
@@ -184,8 +192,13 @@ def _projection(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, gat
 
 
 def _lstm_cell(
-    r: torch.Tensor, r_bias: torch.Tensor | None, peephole: torch.Tensor | None,
-    activations: tuple[Activation, ...], clip: float | None, input_forget: bool, hidden: int,
+    r: torch.Tensor,
+    r_bias: torch.Tensor | None,
+    peephole: torch.Tensor | None,
+    activations: tuple[Activation, ...],
+    clip: float | None,
+    input_forget: bool,
+    hidden: int,
 ) -> Callable[[torch.Tensor, tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]]:
     f, g, h = activations
     p_i, p_o, p_f = (None, None, None) if peephole is None else peephole.split(hidden)
@@ -210,16 +223,20 @@ def _lstm_cell(
 
 
 def _gru_cell(
-    r: torch.Tensor, r_bias: torch.Tensor | None, activations: tuple[Activation, ...],
-    clip: float | None, linear_before_reset: bool, hidden: int,
+    r: torch.Tensor,
+    r_bias: torch.Tensor | None,
+    activations: tuple[Activation, ...],
+    clip: float | None,
+    linear_before_reset: bool,
+    hidden: int,
 ) -> Callable[[torch.Tensor, tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]]:
     f, g = activations
-    r_zr, r_h = r[: 2 * hidden], r[2 * hidden:]
-    b_zr, b_h = (None, None) if r_bias is None else (r_bias[: 2 * hidden], r_bias[2 * hidden:])
+    r_zr, r_h = r[: 2 * hidden], r[2 * hidden :]
+    b_zr, b_h = (None, None) if r_bias is None else (r_bias[: 2 * hidden], r_bias[2 * hidden :])
 
     def cell(projected: torch.Tensor, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         (h_prev,) = state
-        x_zr, x_h = projected[..., : 2 * hidden], projected[..., 2 * hidden:]
+        x_zr, x_h = projected[..., : 2 * hidden], projected[..., 2 * hidden :]
         zr = x_zr + torch.matmul(h_prev, r_zr.transpose(0, 1))
         if b_zr is not None:
             zr = zr + b_zr
@@ -237,7 +254,9 @@ def _gru_cell(
     return cell
 
 
-def _recurrent(node: Node, inputs: Inputs, make_cell: Callable[..., Callable], initial_indices: Sequence[int]) -> list[torch.Tensor]:
+def _recurrent(
+    node: Node, inputs: Inputs, make_cell: Callable[..., Callable], initial_indices: Sequence[int]
+) -> list[torch.Tensor]:
     """The direction loop shared by LSTM and GRU; ``make_cell(direction, r, r_bias)``."""
     setup = _setup(node)
     gates = _GATES[node.op_type]
@@ -250,7 +269,7 @@ def _recurrent(node: Node, inputs: Inputs, make_cell: Callable[..., Callable], i
     finals: list[list[torch.Tensor]] = [[] for _ in initial]
     for d in range(setup.directions):
         w_bias = None if b is None else b[d, : gates * setup.hidden]
-        r_bias = None if b is None else b[d, gates * setup.hidden:]
+        r_bias = None if b is None else b[d, gates * setup.hidden :]
         projected = _projection(x, w[d], w_bias, gates, setup.hidden)
         cell = make_cell(d, setup, r[d], r_bias)
         y, state = _run_direction(cell, projected, tuple(s[d] for s in initial), mask, setup.reverse[d])

@@ -58,14 +58,40 @@ KIND_SAMPLES = 256
 
 # aten op (the name between "aten." and the overload) -> the ONNX op type it computes, for the rules.
 _ATEN_OPS = {
-    "softmax": "Softmax", "_softmax": "Softmax", "log_softmax": "LogSoftmax", "_log_softmax": "LogSoftmax",
-    "sigmoid": "Sigmoid", "linear": "Gemm", "addmm": "Gemm", "mm": "MatMul", "matmul": "MatMul", "bmm": "MatMul",
-    "add": "Add", "div": "Div", "linalg_vector_norm": "ReduceL2", "norm": "ReduceL2", "sqrt": "Sqrt",
-    "clamp_min": "Clip", "clamp": "Clip", "expand_as": "Expand", "expand": "Expand",
-    "view": "Reshape", "_unsafe_view": "Reshape", "reshape": "Reshape", "flatten": "Flatten",
-    "squeeze": "Squeeze", "unsqueeze": "Unsqueeze", "permute": "Transpose", "transpose": "Transpose",
-    "t": "Transpose", "_to_copy": "Cast", "to": "Cast", "clone": "Identity", "contiguous": "Identity",
-    "alias": "Identity", "detach": "Identity",
+    "softmax": "Softmax",
+    "_softmax": "Softmax",
+    "log_softmax": "LogSoftmax",
+    "_log_softmax": "LogSoftmax",
+    "sigmoid": "Sigmoid",
+    "linear": "Gemm",
+    "addmm": "Gemm",
+    "mm": "MatMul",
+    "matmul": "MatMul",
+    "bmm": "MatMul",
+    "add": "Add",
+    "div": "Div",
+    "linalg_vector_norm": "ReduceL2",
+    "norm": "ReduceL2",
+    "sqrt": "Sqrt",
+    "clamp_min": "Clip",
+    "clamp": "Clip",
+    "expand_as": "Expand",
+    "expand": "Expand",
+    "view": "Reshape",
+    "_unsafe_view": "Reshape",
+    "reshape": "Reshape",
+    "flatten": "Flatten",
+    "squeeze": "Squeeze",
+    "unsqueeze": "Unsqueeze",
+    "permute": "Transpose",
+    "transpose": "Transpose",
+    "t": "Transpose",
+    "_to_copy": "Cast",
+    "to": "Cast",
+    "clone": "Identity",
+    "contiguous": "Identity",
+    "alias": "Identity",
+    "detach": "Identity",
 }
 
 # tensor name -> (op type that produced it, its input tensor names): the little the rules need of a graph
@@ -91,11 +117,19 @@ def output_kind(values: np.ndarray, producers: Producers | None = None, name: st
     if width > 1 and sequence != "dense":
         values = values[:KIND_SAMPLES]
         if _probability_rows(values):
-            return OutputKind(sequence, "probabilities", f"the float model's {width}-wide rows of the output are "
-                              f"probabilities (in [0, 1], summing to 1): {sequence.replace('_', ' ')}")
+            return OutputKind(
+                sequence,
+                "probabilities",
+                f"the float model's {width}-wide rows of the output are "
+                f"probabilities (in [0, 1], summing to 1): {sequence.replace('_', ' ')}",
+            )
         if _log_probability_rows(values):
-            return OutputKind(sequence, "log_probabilities", f"the float model's {width}-wide rows of the output "
-                              f"are log-probabilities (log-sum-exp 0): {sequence.replace('_', ' ')}")
+            return OutputKind(
+                sequence,
+                "log_probabilities",
+                f"the float model's {width}-wide rows of the output "
+                f"are log-probabilities (log-sum-exp 0): {sequence.replace('_', ' ')}",
+            )
     if width > 1 and _unit_rows(values[:KIND_SAMPLES]):
         return OutputKind("embeddings", "", f"the float model's {width}-wide rows of the output have unit L2 norm")
     if op == "LpNormalization" or (op == "Div" and _divides_by_norm(producers, name)):
@@ -107,8 +141,9 @@ def output_kind(values: np.ndarray, producers: Producers | None = None, name: st
     if rank == 2:
         return OutputKind("class_scores", "logits", f"the output is rank 2 [samples, {width}] {source}: class scores")
     if rank == 3 and op in _HEAD_OPS:
-        return OutputKind("sequence", "logits",
-                          f"the output is rank 3 [samples, steps, {width}] {source}: per-step class scores")
+        return OutputKind(
+            "sequence", "logits", f"the output is rank 3 [samples, steps, {width}] {source}: per-step class scores"
+        )
     return OutputKind("dense", "", f"the output is rank {rank} {source}: a dense map")
 
 

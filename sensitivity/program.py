@@ -40,12 +40,10 @@ class Program(Protocol):
     def sample_axes(self) -> Mapping[str, int | None]:
         """Each input's sample axis, None for an input shared by every sample (``sensitivity.samples``)."""
 
-    def forward(
-        self, weights: Mapping[str, torch.Tensor], inputs: Mapping[str, torch.Tensor]
-    ) -> list[torch.Tensor]:
+    def forward(self, weights: Mapping[str, torch.Tensor], inputs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         """Run the model with the given layer weights; returns the outputs in order."""
 
-    def to(self, device: torch.device) -> "Program":
+    def to(self, device: torch.device) -> Program:
         """A copy of the program whose constants live on ``device``."""
 
 

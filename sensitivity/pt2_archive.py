@@ -53,10 +53,26 @@ _FLOAT_TEXT = re.compile(r"-?[0-9]+(\.[0-9]*)?([eE][-+]?[0-9]{1,3})?")
 
 # torch._export.serde.schema.ScalarType value -> (torch dtype name, bytes per element), torch 2.13.0.
 _DTYPES: dict[int, tuple[str, int]] = {
-    1: ("uint8", 1), 2: ("int8", 1), 3: ("int16", 2), 4: ("int32", 4), 5: ("int64", 8), 6: ("float16", 2),
-    7: ("float32", 4), 8: ("float64", 8), 9: ("complex32", 4), 10: ("complex64", 8), 11: ("complex128", 16),
-    12: ("bool", 1), 13: ("bfloat16", 2), 28: ("uint16", 2), 29: ("float8_e4m3fn", 1), 30: ("float8_e5m2", 1),
-    31: ("float8_e4m3fnuz", 1), 32: ("float8_e5m2fnuz", 1), 33: ("float8_e8m0fnu", 1), 34: ("uint32", 4),
+    1: ("uint8", 1),
+    2: ("int8", 1),
+    3: ("int16", 2),
+    4: ("int32", 4),
+    5: ("int64", 8),
+    6: ("float16", 2),
+    7: ("float32", 4),
+    8: ("float64", 8),
+    9: ("complex32", 4),
+    10: ("complex64", 8),
+    11: ("complex128", 16),
+    12: ("bool", 1),
+    13: ("bfloat16", 2),
+    28: ("uint16", 2),
+    29: ("float8_e4m3fn", 1),
+    30: ("float8_e5m2", 1),
+    31: ("float8_e4m3fnuz", 1),
+    32: ("float8_e5m2fnuz", 1),
+    33: ("float8_e8m0fnu", 1),
+    34: ("uint32", 4),
     35: ("uint64", 8),
 }
 _GRADIENT_DTYPES = frozenset({"float16", "float32", "float64", "bfloat16", "complex32", "complex64", "complex128"})
@@ -66,13 +82,37 @@ _DEVICE_TYPES = frozenset({"cpu", "cuda", "mps", "xpu", "meta"})
 # The non-aten call_function targets torch.export writes: the serialised names of
 # torch._export.serde.serialize._SYM_OPS (torch 2.13.0), i.e. GraphModuleSerializer.serialize_operator(op) for
 # each. operator.getitem is not among them: the serialiser folds it into its producer's outputs.
-_SYMBOLIC_OPS = frozenset({
-    "_operator.add", "_operator.and_", "_operator.eq", "_operator.floordiv", "_operator.ge", "_operator.gt",
-    "_operator.le", "_operator.lshift", "_operator.lt", "_operator.mod", "_operator.mul", "_operator.ne",
-    "_operator.neg", "_operator.or_", "_operator.pos", "_operator.pow", "_operator.rshift", "_operator.sub",
-    "_operator.truediv", "math.trunc", "torch._sym_sqrt", "torch.sym_float", "torch.sym_int", "torch.sym_ite",
-    "torch.sym_max", "torch.sym_min", "torch.sym_not",
-})
+_SYMBOLIC_OPS = frozenset(
+    {
+        "_operator.add",
+        "_operator.and_",
+        "_operator.eq",
+        "_operator.floordiv",
+        "_operator.ge",
+        "_operator.gt",
+        "_operator.le",
+        "_operator.lshift",
+        "_operator.lt",
+        "_operator.mod",
+        "_operator.mul",
+        "_operator.ne",
+        "_operator.neg",
+        "_operator.or_",
+        "_operator.pos",
+        "_operator.pow",
+        "_operator.rshift",
+        "_operator.sub",
+        "_operator.truediv",
+        "math.trunc",
+        "torch._sym_sqrt",
+        "torch.sym_float",
+        "torch.sym_int",
+        "torch.sym_ite",
+        "torch.sym_max",
+        "torch.sym_min",
+        "torch.sym_not",
+    }
+)
 _ATEN_TARGET = re.compile(r"torch\.ops\.aten\.([A-Za-z_][A-Za-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)")
 # aten operators that open files: every aten schema of torch 2.13.0 with a `str filename` argument. torch's
 # verifier accepts them (they are OpOverloads): aten.from_file(path, shared=True) creates and maps any file,
@@ -81,17 +121,57 @@ _FILE_OPS = frozenset({"from_file", "save"})
 
 # Callables a shape expression may name. torch 2.13.0's deserialiser passes these to sympify as locals
 # (GraphModuleDeserializer.deserialize: self.sympy_functions) ...
-_TORCH_SYMPY_FUNCTIONS = frozenset({
-    "FloorDiv", "ModularIndexing", "Where", "PythonMod", "Mod", "CleanDiv", "CeilToInt", "FloorToInt", "CeilDiv",
-    "LShift", "RShift", "PowByNatural", "FloatPow", "FloatTrueDiv", "IntTrueDiv", "IsNonOverlappingAndDenseIndicator",
-    "TruncToFloat", "TruncToInt", "RoundToInt", "RoundDecimal", "ToFloat", "Identity",
-})
+_TORCH_SYMPY_FUNCTIONS = frozenset(
+    {
+        "FloorDiv",
+        "ModularIndexing",
+        "Where",
+        "PythonMod",
+        "Mod",
+        "CleanDiv",
+        "CeilToInt",
+        "FloorToInt",
+        "CeilDiv",
+        "LShift",
+        "RShift",
+        "PowByNatural",
+        "FloatPow",
+        "FloatTrueDiv",
+        "IntTrueDiv",
+        "IsNonOverlappingAndDenseIndicator",
+        "TruncToFloat",
+        "TruncToInt",
+        "RoundToInt",
+        "RoundDecimal",
+        "ToFloat",
+        "Identity",
+    }
+)
 # ... and expressions are written with sympy.srepr (serialize.py: _print_sympy), which spells them with these
 # sympy classes: Add(Symbol('s0', positive=True, integer=True), Integer(-1)).
-_SYMPY_CLASSES = frozenset({
-    "Symbol", "Integer", "Rational", "Float", "Add", "Mul", "Pow", "Max", "Min", "Abs", "Eq", "Ne",
-    "StrictLessThan", "LessThan", "StrictGreaterThan", "GreaterThan", "And", "Or", "Not",
-})
+_SYMPY_CLASSES = frozenset(
+    {
+        "Symbol",
+        "Integer",
+        "Rational",
+        "Float",
+        "Add",
+        "Mul",
+        "Pow",
+        "Max",
+        "Min",
+        "Abs",
+        "Eq",
+        "Ne",
+        "StrictLessThan",
+        "LessThan",
+        "StrictGreaterThan",
+        "GreaterThan",
+        "And",
+        "Or",
+        "Not",
+    }
+)
 _SYMPY_CALLABLES = _TORCH_SYMPY_FUNCTIONS | _SYMPY_CLASSES
 _SYMPY_CONSTANTS = frozenset({"true", "false", "oo", "zoo", "nan", "int_oo"})
 _POWER_CALLS = frozenset({"Pow", "PowByNatural", "FloatPow", "LShift", "RShift"})
@@ -104,8 +184,9 @@ _TREESPEC_TYPES = frozenset({"builtins.tuple", "builtins.list", "builtins.dict",
 _VERIFIERS = frozenset({"ATEN", "TRAINING"})
 
 _WEIGHTS_DIR, _CONSTANTS_DIR = "data/weights/", "data/constants/"
-_FIXED_MEMBERS = frozenset({"archive_format", "archive_version", "byteorder", ".data/version",
-                            ".data/serialization_id"})
+_FIXED_MEMBERS = frozenset(
+    {"archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id"}
+)
 # Members torch loads as code or pickles, with the reason given to the user.
 _REFUSED_PREFIXES: tuple[tuple[str, str], ...] = (
     ("data/aotinductor/", "AOTInductor compiled code (a shared library that runs when loaded)"),
@@ -212,7 +293,7 @@ def _check(archive: zipfile.ZipFile, max_json_bytes: int, max_members: int) -> _
         raise UnsafeArchive("(zip directory)", None, f"{len(infos)} members; at most {max_members} are accepted")
     root, members = _members_by_path(infos)
     _check_format(archive, root, members)
-    models = sorted(p[len("models/"):-len(".json")] for p in members if p.startswith("models/"))
+    models = sorted(p[len("models/") : -len(".json")] for p in members if p.startswith("models/"))
     if not models:
         raise UnsafeArchive(f"{root}/models/", None, "the archive holds no exported program (models/<name>.json)")
     for path, info in members.items():
@@ -243,7 +324,7 @@ def _members_by_path(infos: list[zipfile.ZipInfo]) -> tuple[str, dict[str, zipfi
             raise UnsafeArchive(name, None, f"every member of a .pt2 archive lies under one folder ({root!r})")
         if info.flag_bits & 0x1 or info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
             raise UnsafeArchive(name, None, "encrypted or compressed with a method other than store/deflate")
-        path = name[len(root) + 1:]
+        path = name[len(root) + 1 :]
         if path in members:
             raise UnsafeArchive(name, None, "the member appears twice in the zip directory")
         if not name.endswith("/"):  # folder entries (zip -r) carry nothing
@@ -258,8 +339,12 @@ def _check_member_path(path: str, name: str) -> None:
             raise UnsafeArchive(name, None, f"the member is {what}; such archives are refused")
     legacy = re.fullmatch(r"data/(weights|constants)/([^/]+)\.pt", path)
     if legacy:
-        raise UnsafeArchive(name, None, f"legacy {legacy[1]} file: a pickle, which can run code when loaded; "
-                                        "re-save the program with torch.export.save from torch >= 2.7")
+        raise UnsafeArchive(
+            name,
+            None,
+            f"legacy {legacy[1]} file: a pickle, which can run code when loaded; "
+            "re-save the program with torch.export.save from torch >= 2.7",
+        )
     known = (
         path in _FIXED_MEMBERS
         or re.fullmatch(r"models/[A-Za-z0-9_]+\.json", path)
@@ -273,8 +358,15 @@ def _check_member_path(path: str, name: str) -> None:
 
 
 # What a weights-only pickle of tensors may name (torch.save's protocol 2 writes GLOBAL opcodes).
-_PICKLE_GLOBALS = frozenset({("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
-                             ("collections", "OrderedDict"), ("torch", "device"), ("torch", "Size")})
+_PICKLE_GLOBALS = frozenset(
+    {
+        ("torch._utils", "_rebuild_tensor_v2"),
+        ("torch._utils", "_rebuild_parameter"),
+        ("collections", "OrderedDict"),
+        ("torch", "device"),
+        ("torch", "Size"),
+    }
+)
 _STORAGE_GLOBAL = re.compile(r"[A-Z][A-Za-z0-9]*Storage")  # torch.FloatStorage, torch.LongStorage, ...
 _PICKLE_REFUSED_OPS = frozenset({"STACK_GLOBAL", "OBJ", "EXT1", "EXT2", "EXT4"})
 
@@ -297,14 +389,19 @@ def _check_sample_inputs(archive: zipfile.ZipFile, info: zipfile.ZipInfo, max_by
             data = inner.read(pickles[0])
         for opcode, argument, _position in pickletools.genops(data):
             if opcode.name in _PICKLE_REFUSED_OPS:
-                raise UnsafeArchive(name, None, f"sample inputs whose pickle uses {opcode.name}, which can import "
-                                                "and run anything")
+                raise UnsafeArchive(
+                    name, None, f"sample inputs whose pickle uses {opcode.name}, which can import and run anything"
+                )
             if opcode.name in ("GLOBAL", "INST"):
                 module, _, attribute = str(argument).partition(" ")
                 if (module, attribute) not in _PICKLE_GLOBALS and not (
-                        module == "torch" and _STORAGE_GLOBAL.fullmatch(attribute)):
-                    raise UnsafeArchive(name, None, f"sample inputs whose pickle calls {module}.{attribute}: "
-                                                    "unpickling them would run it")
+                    module == "torch" and _STORAGE_GLOBAL.fullmatch(attribute)
+                ):
+                    raise UnsafeArchive(
+                        name,
+                        None,
+                        f"sample inputs whose pickle calls {module}.{attribute}: unpickling them would run it",
+                    )
     except (zipfile.BadZipFile, ValueError, EOFError) as error:
         if isinstance(error, UnsafeArchive):
             raise
@@ -404,8 +501,10 @@ def _tensor_entry(
     if isinstance(path_name, str) and path_name.startswith(("custom_obj_", "opaque_obj_")):
         raise refuse("a pickled object (custom or opaque): unpickling can run arbitrary code")
     if payload.get("use_pickle") is not False:
-        raise refuse('stored as a pickle ("use_pickle" is not false): unpickling can run arbitrary code; '
-                     "export plain tensors (no tensor subclasses)")
+        raise refuse(
+            'stored as a pickle ("use_pickle" is not false): unpickling can run arbitrary code; '
+            "export plain tensors (no tensor subclasses)"
+        )
     prefix = "weight_" if kind == "weight" else "tensor_"
     if not isinstance(path_name, str) or not re.fullmatch(prefix + "[0-9]+", path_name):
         raise refuse(f'"path_name" must name a {prefix}<n> file')
@@ -490,10 +589,20 @@ def _check_extent(
 
 # Every field that torch 2.13.0's deserialiser (or ExportedProgram.module()) turns into code, a getattr or
 # import lookup, or generated Python source is checked below; the other fields only ever become data.
-_MAP_FIELDS = frozenset({  # objects whose keys are names chosen by the exporter, not schema fields
-    "tensor_values", "sym_int_values", "sym_bool_values", "sym_float_values", "custom_obj_values",
-    "range_constraints", "opset_version", "treespec_namedtuple_fields", "metadata", "as_string_to_argument",
-})
+_MAP_FIELDS = frozenset(
+    {  # objects whose keys are names chosen by the exporter, not schema fields
+        "tensor_values",
+        "sym_int_values",
+        "sym_bool_values",
+        "sym_float_values",
+        "custom_obj_values",
+        "range_constraints",
+        "opset_version",
+        "treespec_namedtuple_fields",
+        "metadata",
+        "as_string_to_argument",
+    }
+)
 _VALUE_MAPS = frozenset({"tensor_values", "sym_int_values", "sym_bool_values", "sym_float_values"})
 _REFUSED_FIELDS = {
     "as_graph": "a subgraph argument: higher-order operators (cond, map, ...) are not supported",
@@ -597,8 +706,10 @@ def _check_target(target: Any, refuse: Callable[[str], UnsafeArchive]) -> None:
     match = _ATEN_TARGET.fullmatch(target) if isinstance(target, str) else None
     if match is None:
         # torch resolves targets with getattr chains from torch, math and _operator (torch.os.system resolves)
-        raise refuse(f"call target {_shown(target)} is not an aten operator (torch.ops.aten.<op>.<overload>) "
-                     "or one of the symbolic-shape builtins torch.export writes")
+        raise refuse(
+            f"call target {_shown(target)} is not an aten operator (torch.ops.aten.<op>.<overload>) "
+            "or one of the symbolic-shape builtins torch.export writes"
+        )
     if match[1] in _FILE_OPS:
         raise refuse(f"call target {_shown(target)} reads or writes files on the machine that runs the model")
 
@@ -732,7 +843,7 @@ def _call_problem(node: ast.Call, inside_power: bool) -> str | None:
     if name == "Float":  # its argument is not walked: it must be a literal here
         first = node.args[0] if len(node.args) == 1 else None
         value = first.value if isinstance(first, ast.Constant) else None
-        if not (isinstance(value, str) and _FLOAT_TEXT.fullmatch(value) or _literal_problem(value) is None):
+        if not ((isinstance(value, str) and _FLOAT_TEXT.fullmatch(value)) or _literal_problem(value) is None):
             return "Float takes one decimal number"
         if any(kw.arg != "precision" or _literal_int(kw.value) not in range(1, 1025) for kw in node.keywords):
             return "Float takes only precision=<1..1024>"
@@ -885,5 +996,7 @@ def _deserialize(
         return ExportedProgramDeserializer().deserialize(serialized, state_dict, constants, None)
     except Exception as error:  # SerializeError, AssertionError, KeyError, SpecViolationError, ...
         message = str(error).splitlines()[0][:500] if str(error) else type(error).__name__
-        raise ArchiveLoadError(f"{where}: torch {torch.__version__} cannot rebuild the exported program "
-                               f"({type(error).__name__}: {message})") from error
+        raise ArchiveLoadError(
+            f"{where}: torch {torch.__version__} cannot rebuild the exported program "
+            f"({type(error).__name__}: {message})"
+        ) from error

@@ -103,10 +103,12 @@ class _AnalysisConfig:
             task=check_choice("task", self.task, TASKS),
             hvp_method=check_choice("hvp_method", self.hvp_method, HVP_CHOICES),
             probes_per_pass=check_int("probes_per_pass", self.probes_per_pass, 1, MAX_PROBES_PER_PASS),
-            memory_budget_mb=None if self.memory_budget_mb is None else check_int(
-                "memory_budget_mb", self.memory_budget_mb, MIN_MEMORY_BUDGET_MB, MAX_MEMORY_BUDGET_MB),
-            time_budget_s=None if self.time_budget_s is None else check_float(
-                "time_budget_s", self.time_budget_s, 0.0, MAX_TIME_BUDGET_S, low_open=True),
+            memory_budget_mb=None
+            if self.memory_budget_mb is None
+            else check_int("memory_budget_mb", self.memory_budget_mb, MIN_MEMORY_BUDGET_MB, MAX_MEMORY_BUDGET_MB),
+            time_budget_s=None
+            if self.time_budget_s is None
+            else check_float("time_budget_s", self.time_budget_s, 0.0, MAX_TIME_BUDGET_S, low_open=True),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -152,8 +154,10 @@ class EigenConfig(_AnalysisConfig):
             tolerance=check_float("tolerance", self.tolerance, 0.0, MAX_TOLERANCE, low_open=True),
             max_iterations=check_int("max_iterations", self.max_iterations, 2, MAX_ITERATIONS),
         )
-        _require(self.time_budget_s is None, "time_budget_s bounds Hutchinson probes (hawq_v2, interlayer); "
-                                             "hawq_v1 is bounded by max_iterations")
+        _require(
+            self.time_budget_s is None,
+            "time_budget_s bounds Hutchinson probes (hawq_v2, interlayer); hawq_v1 is bounded by max_iterations",
+        )
 
 
 def _check_bits(value: Any) -> tuple[int, ...]:
@@ -245,7 +249,7 @@ class LayerTrace:
         return {**dataclasses.asdict(self), "average_trace": self.average_trace}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "LayerTrace":
+    def from_dict(cls, data: Mapping[str, Any]) -> LayerTrace:
         return cls(
             name=str(data["name"]),
             num_params=int(data["num_params"]),
@@ -269,7 +273,7 @@ class LayerEigen:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "LayerEigen":
+    def from_dict(cls, data: Mapping[str, Any]) -> LayerEigen:
         change = data.get("relative_change")
         return cls(
             name=str(data["name"]),
@@ -317,7 +321,7 @@ class InterLayerTerms:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "InterLayerTerms":
+    def from_dict(cls, data: Mapping[str, Any]) -> InterLayerTerms:
         return cls(
             labels=tuple((str(name), int(bits)) for name, bits in data["labels"]),
             matrix=tuple(tuple(float(x) for x in row) for row in data["matrix"]),
@@ -348,7 +352,7 @@ class LayerInfo:
         return {**dataclasses.asdict(self), "shape": list(self.shape)}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "LayerInfo":
+    def from_dict(cls, data: Mapping[str, Any]) -> LayerInfo:
         return cls(
             name=str(data["name"]),
             op_type=str(data["op_type"]),
@@ -425,7 +429,7 @@ class SensitivityResult:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "SensitivityResult":
+    def from_dict(cls, data: Mapping[str, Any]) -> SensitivityResult:
         traces, eigen, interlayer = data.get("traces"), data.get("eigenvalues"), data.get("interlayer")
         return cls(
             config=config_from_dict(data["config"]),

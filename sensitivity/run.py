@@ -23,7 +23,6 @@ from sensitivity.interlayer import interlayer_terms
 from sensitivity.layers import QUANTIZABLE_OPS
 from sensitivity.losses import LABELS, CalibrationLoss
 from sensitivity.program import Program
-from sensitivity.samples import sample_count
 from sensitivity.results import (
     Config,
     EigenConfig,
@@ -32,6 +31,7 @@ from sensitivity.results import (
     SensitivityResult,
     TraceConfig,
 )
+from sensitivity.samples import sample_count
 from sensitivity.traces import hutchinson_traces
 
 Progress = Callable[[str, float, str], None]
@@ -112,13 +112,14 @@ def _interlayer(context: Context, config: InterLayerConfig) -> None:
     _traces(context, config.trace_config())
     context.fields["interlayer"] = context.timed(
         "interlayer",
-        lambda: interlayer_terms(context.hvp, context.program.layers, config.bits, context.fields["traces"],
-                                 progress=context.progress),
+        lambda: interlayer_terms(
+            context.hvp, context.program.layers, config.bits, context.fields["traces"], progress=context.progress
+        ),
     )
 
 
 def resolve_device(device: str) -> torch.device:
-    """"auto" is CUDA when available, else CPU."""
+    """ "auto" is CUDA when available, else CPU."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -195,8 +196,10 @@ def non_finite_message(name: str, axis: int | None, bad: int, total: int, first:
     samples on ``axis``, the first being ``first`` (the server words its upload check alike)."""
     if axis is None:
         return f"calibration array {name!r} (shared by every sample) holds NaN or infinite values"
-    return (f"calibration array {name!r} holds NaN or infinite values in {bad} of {total} samples "
-            f"(first: sample {first}); every sensitivity would be NaN")
+    return (
+        f"calibration array {name!r} holds NaN or infinite values in {bad} of {total} samples "
+        f"(first: sample {first}); every sensitivity would be NaN"
+    )
 
 
 def _check_some_curvature(traces: Any) -> None:
@@ -204,8 +207,10 @@ def _check_some_curvature(traces: Any) -> None:
     differentiable ops (an ArgMax, Round or integer Cast between them and the output): the ranking
     would be meaningless, so it is an error rather than a result."""
     if traces and all(t.trace == 0.0 and t.standard_error == 0.0 for t in traces):
-        raise ValueError("every layer's Hessian trace is exactly 0: the loss does not depend differentiably on any "
-                         "layer's weights (is there an ArgMax, Round or integer Cast between them and the output?)")
+        raise ValueError(
+            "every layer's Hessian trace is exactly 0: the loss does not depend differentiably on any "
+            "layer's weights (is there an ArgMax, Round or integer Cast between them and the output?)"
+        )
 
 
 def program_on_device(program: Program, device: torch.device) -> Program:
@@ -231,21 +236,32 @@ def compute_sensitivity(
         raise TypeError(f"no handler for {type(config).__name__}; registered: {[t.__name__ for t in _HANDLERS]}")
     progress = progress or _no_progress
     if not program.layers:
-        raise ValueError(f"the model has no quantizable layers (a {'/'.join(sorted(QUANTIZABLE_OPS))} node with a "
-                         "constant weight of 2 or more dimensions): there is nothing to analyse")
+        raise ValueError(
+            f"the model has no quantizable layers (a {'/'.join(sorted(QUANTIZABLE_OPS))} node with a "
+            "constant weight of 2 or more dimensions): there is nothing to analyse"
+        )
     validate_calibration(program, calibration)
     device = resolve_device(config.device)
     program = program_on_device(program, device)
     start = time.perf_counter()
-    passes = plan_passes(program, calibration, batch_size=config.batch_size, probes_per_pass=config.probes_per_pass,
-                         hvp_method=config.hvp_method, memory_budget_mb=config.memory_budget_mb, device=device,
-                         task=config.task, progress=progress)
+    passes = plan_passes(
+        program,
+        calibration,
+        batch_size=config.batch_size,
+        probes_per_pass=config.probes_per_pass,
+        hvp_method=config.hvp_method,
+        memory_budget_mb=config.memory_budget_mb,
+        device=device,
+        task=config.task,
+        progress=progress,
+    )
     measured = time.perf_counter()
     progress("prepare", 0.0, "computing the full-precision loss")
     loss = CalibrationLoss(program, calibration, passes.batch_size, device, config.task)
     hvp = HessianVectorProducts(loss, method=passes.hvp_method, probes_per_pass=passes.probes_per_pass)
-    context = Context(program, hvp, progress, timings={"budget": measured - start,
-                                                       "prepare": time.perf_counter() - measured})
+    context = Context(
+        program, hvp, progress, timings={"budget": measured - start, "prepare": time.perf_counter() - measured}
+    )
     handler(context, config)
     _check_some_curvature(context.fields.get("traces"))
     context.timings["total"] = time.perf_counter() - start
@@ -254,8 +270,15 @@ def compute_sensitivity(
     return SensitivityResult(
         config=config,
         layers=tuple(
-            LayerInfo(layer.name, layer.op_type, tuple(layer.shape), layer.num_params, layer.channel_axis,
-                      node_name=layer.node_name, scope=layer.scope)
+            LayerInfo(
+                layer.name,
+                layer.op_type,
+                tuple(layer.shape),
+                layer.num_params,
+                layer.channel_axis,
+                node_name=layer.node_name,
+                scope=layer.scope,
+            )
             for layer in program.layers
         ),
         loss_kind=loss.kind,
@@ -275,8 +298,13 @@ def compute_sensitivity(
 def _execution(passes: PassPlan, context: Context, hvp: HessianVectorProducts) -> dict[str, Any]:
     """The run's batch size, probes per pass and HVP method with what chose them, its peak memory,
     and (for traces) the cost of a probe in gradients of the whole calibration loss."""
-    execution = {"batch_size": passes.batch_size, "probes_per_pass": passes.probes_per_pass,
-                 "hvp_method": passes.hvp_method, "budget": passes.report, **context.execution}
+    execution = {
+        "batch_size": passes.batch_size,
+        "probes_per_pass": passes.probes_per_pass,
+        "hvp_method": passes.hvp_method,
+        "budget": passes.report,
+        **context.execution,
+    }
     peak = _peak_rss_mb()
     if peak is not None:
         execution["peak_rss_mb"] = peak

@@ -47,26 +47,37 @@ def input_sample_axes(model: onnx.ModelProto, sample_axes: SampleAxes | None = N
     overrides = check_sample_axes(sample_axes or {})
     unknown = sorted(set(overrides) - set(declared))
     if unknown:
-        raise ValueError(f"sample_axes names {shown(unknown)}, which are not inputs of the model; its inputs are "
-                         f"{list(declared)}")
+        raise ValueError(
+            f"sample_axes names {shown(unknown)}, which are not inputs of the model; its inputs are {list(declared)}"
+        )
     for name, axis in overrides.items():
         dims = declared[name]
         if axis is not None and dims is not None and axis >= len(dims):
-            raise ValueError(f"sample axis {axis} of input {name!r} is out of range: its declared shape "
-                             f"{show_dims(dims)} has rank {len(dims)}")
+            raise ValueError(
+                f"sample axis {axis} of input {name!r} is out of range: its declared shape "
+                f"{show_dims(dims)} has rank {len(dims)}"
+            )
     return {**inferred, **overrides}
 
 
 def check_sample_axes(value: Any) -> dict[str, int | None]:
     """A user's ``sample_axes`` as plain data: a mapping of input names to an axis (an int) or None
     (shared), bounded in size; a ValueError says what it accepts."""
-    ok = isinstance(value, Mapping) and len(value) <= MAX_SAMPLE_AXES and all(
-        isinstance(name, str) and 0 < len(name) <= MAX_INPUT_NAME_LENGTH
-        and (axis is None or (is_int(axis) and 0 <= axis <= MAX_SAMPLE_AXIS))
-        for name, axis in value.items())
+    ok = (
+        isinstance(value, Mapping)
+        and len(value) <= MAX_SAMPLE_AXES
+        and all(
+            isinstance(name, str)
+            and 0 < len(name) <= MAX_INPUT_NAME_LENGTH
+            and (axis is None or (is_int(axis) and 0 <= axis <= MAX_SAMPLE_AXIS))
+            for name, axis in value.items()
+        )
+    )
     if not ok:
-        raise ValueError(f"sample_axes must map at most {MAX_SAMPLE_AXES} input names to an axis in "
-                         f"[0, {MAX_SAMPLE_AXIS}] or null (shared by every sample); got {shown(value)}")
+        raise ValueError(
+            f"sample_axes must map at most {MAX_SAMPLE_AXES} input names to an axis in "
+            f"[0, {MAX_SAMPLE_AXIS}] or null (shared by every sample); got {shown(value)}"
+        )
     return {name: None if axis is None else int(axis) for name, axis in value.items()}
 
 
@@ -90,20 +101,24 @@ def fixed_batch(model: onnx.ModelProto, sample_axes: SampleAxes | None = None) -
 def sample_count(feeds: Mapping[str, np.ndarray], axes: SampleAxes, *, what: str = "inputs") -> int:
     """The number of samples the per-sample arrays of ``feeds`` hold (arrays not in ``axes`` on
     axis 0); a ValueError names them when they disagree or none holds samples."""
-    counts = {name: _count(name, np.asarray(array), axis)
-              for name, array in feeds.items() for axis in [axes.get(name, 0)] if axis is not None}
+    counts = {
+        name: _count(name, np.asarray(array), axis)
+        for name, array in feeds.items()
+        for axis in [axes.get(name, 0)]
+        if axis is not None
+    }
     if not counts:
         raise ValueError(f"{what}: no array holds samples (every input is shared by all samples: {list(feeds)})")
     if len(set(counts.values())) > 1:
-        listing = ", ".join(f"{name!r} {count} (axis {axes.get(name, 0)} of shape {np.shape(feeds[name])})"
-                            for name, count in counts.items())
+        listing = ", ".join(
+            f"{name!r} {count} (axis {axes.get(name, 0)} of shape {np.shape(feeds[name])})"
+            for name, count in counts.items()
+        )
         raise ValueError(f"{what}: the per-sample arrays hold different numbers of samples: {listing}")
     return next(iter(counts.values()))
 
 
-def take_samples(
-    feeds: Mapping[str, np.ndarray], rows: slice | np.ndarray, axes: SampleAxes
-) -> dict[str, np.ndarray]:
+def take_samples(feeds: Mapping[str, np.ndarray], rows: slice | np.ndarray, axes: SampleAxes) -> dict[str, np.ndarray]:
     """The samples ``rows`` (a slice, or indices as from ``padded_rows``) of every per-sample array,
     along its own axis (arrays not in ``axes`` along axis 0); shared arrays pass unchanged."""
     return {name: _take(array, rows, axes.get(name, 0)) for name, array in feeds.items()}
@@ -120,8 +135,10 @@ def show_dims(dims: Sequence[int | None]) -> str:
 
 def _count(name: str, array: np.ndarray, axis: int) -> int:
     if array.ndim <= axis:
-        raise ValueError(f"{name!r} has shape {array.shape}, but holds its samples on axis {axis}: give an array "
-                         f"of rank at least {axis + 1}")
+        raise ValueError(
+            f"{name!r} has shape {array.shape}, but holds its samples on axis {axis}: give an array "
+            f"of rank at least {axis + 1}"
+        )
     return int(array.shape[axis])
 
 

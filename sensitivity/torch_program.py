@@ -132,9 +132,7 @@ class TorchProgram(ProgramAttributes):
     def module(self) -> nn.Module:
         return self._module
 
-    def forward(
-        self, weights: Mapping[str, torch.Tensor], inputs: Mapping[str, torch.Tensor]
-    ) -> list[torch.Tensor]:
+    def forward(self, weights: Mapping[str, torch.Tensor], inputs: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         args = tuple(inputs[name] for name in self._input_names)
         state = {**self._constants, **weights}
         outputs = torch.func.functional_call(self._module, state, args, strict=False)
@@ -142,11 +140,9 @@ class TorchProgram(ProgramAttributes):
             return [outputs]
         return list(outputs)
 
-    def to(self, device: torch.device | str) -> "TorchProgram":
+    def to(self, device: torch.device | str) -> TorchProgram:
         module = copy.deepcopy(self._module).to(device)
-        return TorchProgram(
-            module, self._input_names, self._output_names, self._layers, set_eval=self._set_eval
-        )
+        return TorchProgram(module, self._input_names, self._output_names, self._layers, set_eval=self._set_eval)
 
 
 def _exported_layers(exported: torch.export.ExportedProgram) -> list[Layer]:
@@ -154,9 +150,7 @@ def _exported_layers(exported: torch.export.ExportedProgram) -> list[Layer]:
     from torch.export.graph_signature import InputKind
 
     parameter_of = {
-        spec.arg.name: spec.target
-        for spec in exported.graph_signature.input_specs
-        if spec.kind == InputKind.PARAMETER
+        spec.arg.name: spec.target for spec in exported.graph_signature.input_specs if spec.kind == InputKind.PARAMETER
     }
     state = exported.state_dict
     layers: list[Layer] = []

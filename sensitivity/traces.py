@@ -71,8 +71,11 @@ def hutchinson_traces(
         elapsed = time.perf_counter() - start
         worst = _worst_relative_error(np.stack(rows)) if len(rows) >= 2 else math.inf
         if progress is not None:
-            progress("traces", len(rows) / max_probes, _progress_message(len(rows), worst, tolerance, max_probes,
-                                                                         elapsed, time_budget_s))
+            progress(
+                "traces",
+                len(rows) / max_probes,
+                _progress_message(len(rows), worst, tolerance, max_probes, elapsed, time_budget_s),
+            )
         if len(rows) >= min_probes and worst < tolerance:
             stopped = "converged"
             break
@@ -82,7 +85,9 @@ def hutchinson_traces(
     samples = np.stack(rows)
     mean, standard_error = _statistics(samples)
     if report is not None:
-        report.update(stopped=stopped, probes=len(rows), worst_relative_se=_finite_or_none(_worst_relative_error(samples)))
+        report.update(
+            stopped=stopped, probes=len(rows), worst_relative_se=_finite_or_none(_worst_relative_error(samples))
+        )
     sizes = [int(w.numel()) for w in hvp.point]
     return tuple(
         LayerTrace(name=name, num_params=n, trace=float(m), standard_error=float(se), num_probes=len(rows))
@@ -102,9 +107,10 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _progress_message(probes: int, worst: float, tolerance: float, max_probes: int, elapsed: float,
-                      time_budget_s: float | None) -> str:
-    """"12 probes, worst SE/|trace| 0.083 (target 0.05), ETA 40 s". SE falls as 1/√k, so about
+def _progress_message(
+    probes: int, worst: float, tolerance: float, max_probes: int, elapsed: float, time_budget_s: float | None
+) -> str:
+    """ "12 probes, worst SE/|trace| 0.083 (target 0.05), ETA 40 s". SE falls as 1/√k, so about
     k·(worst/tolerance)² probes reach the target; the caps bound the estimate."""
     if not math.isfinite(worst):
         return f"{probes} probes"

@@ -49,13 +49,24 @@ class JobOut(BaseModel):
     heartbeat_at: datetime | None
 
     @classmethod
-    def of(cls, job: Job) -> "JobOut":
-        return cls(id=job.id, type=job.type, status=job.status, params=job.params,
-                   progress=Progress(phase=job.progress_phase, fraction=job.progress_fraction,
-                                     message=job.progress_message),
-                   result=job.result or {}, error=job.error, log_tail=job.log_tail, worker_id=job.worker_id,
-                   attempts=job.attempts, cancel_requested=job.cancel_requested, created_at=job.created_at,
-                   started_at=job.started_at, finished_at=job.finished_at, heartbeat_at=job.heartbeat_at)
+    def of(cls, job: Job) -> JobOut:
+        return cls(
+            id=job.id,
+            type=job.type,
+            status=job.status,
+            params=job.params,
+            progress=Progress(phase=job.progress_phase, fraction=job.progress_fraction, message=job.progress_message),
+            result=job.result or {},
+            error=job.error,
+            log_tail=job.log_tail,
+            worker_id=job.worker_id,
+            attempts=job.attempts,
+            cancel_requested=job.cancel_requested,
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            heartbeat_at=job.heartbeat_at,
+        )
 
 
 class JobPage(BaseModel):
@@ -70,21 +81,29 @@ MAX_INPUT_NAME_LENGTH = 1024
 MAX_SAMPLE_AXIS = 255
 InputName = Annotated[str, Field(min_length=1, max_length=MAX_INPUT_NAME_LENGTH)]
 SampleAxis = Annotated[int, Field(ge=0, le=MAX_SAMPLE_AXIS, strict=True)]
-SampleAxes = Annotated[dict[InputName, SampleAxis | None], Field(
-    default_factory=dict, max_length=MAX_SAMPLE_AXES,
-    description="model input name -> the axis its samples lie on, or null for an input shared by every sample "
-                "(one value, e.g. a sample rate); merged over what the ONNX model's declared input shapes say "
-                "(docs/sensitivity.md, \"Sample axes\"). An unknown input or an axis beyond the input's rank is "
-                "refused (422); torch.export archives take samples on axis 0 and take none.")]
+SampleAxes = Annotated[
+    dict[InputName, SampleAxis | None],
+    Field(
+        default_factory=dict,
+        max_length=MAX_SAMPLE_AXES,
+        description="model input name -> the axis its samples lie on, or null for an input shared by every sample "
+        "(one value, e.g. a sample rate); merged over what the ONNX model's declared input shapes say "
+        '(docs/sensitivity.md, "Sample axes"). An unknown input or an axis beyond the input\'s rank is '
+        "refused (422); torch.export archives take samples on axis 0 and take none.",
+    ),
+]
 
 
 class SensitivityRequest(BaseModel):
     model_id: str = Field(max_length=64)
     dataset_id: str = Field(max_length=64)
     method: Literal["hawq_v2", "hawq_v1", "interlayer"] = "hawq_v2"
-    options: dict[str, Any] = Field(default_factory=dict, max_length=32,
-                                    description="Options of the method's configuration (seed, tolerance, "
-                                                "max_probes, batch_size, bits, ...); see docs/sensitivity.md.")
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        max_length=32,
+        description="Options of the method's configuration (seed, tolerance, "
+        "max_probes, batch_size, bits, ...); see docs/sensitivity.md.",
+    )
     sample_axes: SampleAxes
 
 
@@ -118,8 +137,9 @@ def submit_job(request: Request, job_type: str, params: dict[str, Any], idempote
     except IntegrityError:  # a concurrent retry with the same key won the race
         return _replay(_job_for_key(state, idempotency_key), request_hash)
     state.executor.submit(job.id)
-    return JSONResponse(JobOut.of(job).model_dump(mode="json"), status_code=202,
-                        headers={"Location": f"/v1/jobs/{job.id}"})
+    return JSONResponse(
+        JobOut.of(job).model_dump(mode="json"), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"}
+    )
 
 
 def _job_for_key(state, key: str | None) -> Job | None:
@@ -132,8 +152,11 @@ def _job_for_key(state, key: str | None) -> Job | None:
 def _replay(job: Job, request_hash: str) -> JSONResponse:
     if job.params.get("request_sha256") != request_hash:
         raise Problem(422, "this Idempotency-Key was already used for a different request; use a new key")
-    return JSONResponse(JobOut.of(job).model_dump(mode="json"), status_code=200,
-                        headers={"Location": f"/v1/jobs/{job.id}", "Idempotent-Replayed": "true"})
+    return JSONResponse(
+        JobOut.of(job).model_dump(mode="json"),
+        status_code=200,
+        headers={"Location": f"/v1/jobs/{job.id}", "Idempotent-Replayed": "true"},
+    )
 
 
 def load_inputs(request: Request, model_id: str, dataset_ids: list[str | None]) -> tuple[Model, list[Dataset | None]]:
@@ -148,17 +171,31 @@ def load_inputs(request: Request, model_id: str, dataset_ids: list[str | None]) 
     return model, datasets
 
 
-async def check_request(request: Request, model: Model, method: str, options: dict[str, Any],
-                        datasets: dict[str, Dataset | None], plan: dict[str, Any] | None = None,
-                        sample_axes: dict[str, int | None] | None = None) -> None:
+async def check_request(
+    request: Request,
+    model: Model,
+    method: str,
+    options: dict[str, Any],
+    datasets: dict[str, Dataset | None],
+    plan: dict[str, Any] | None = None,
+    sample_axes: dict[str, int | None] | None = None,
+) -> None:
     """The checks that need the libraries, in the inspector process (the API never imports torch):
     the options, and the datasets (role -> row; absent ones None) against the model's inputs, counted
     on each input's sample axis (``service.inspection.check_job_request``)."""
     state = request.app.state
     described = {role: dataset.arrays for role, dataset in datasets.items() if dataset is not None}
     try:
-        await run_in_threadpool(state.inspector.job_request, state.store.local_path(model.sha256), model.format,
-                                method, options, plan, described, sample_axes)
+        await run_in_threadpool(
+            state.inspector.job_request,
+            state.store.local_path(model.sha256),
+            model.format,
+            method,
+            options,
+            plan,
+            described,
+            sample_axes,
+        )
     except InvalidUpload as error:
         raise Problem(422, str(error), code=error.code) from None
 
@@ -166,12 +203,17 @@ async def check_request(request: Request, model: Model, method: str, options: di
 # ---------------------------------------------------------------- routes
 
 
-@router.post("/sensitivity", status_code=202, response_model=JobOut,
-             summary="Start a sensitivity analysis (HAWQ-V2 traces, HAWQ-V1 eigenvalues or inter-layer terms)")
+@router.post(
+    "/sensitivity",
+    status_code=202,
+    response_model=JobOut,
+    summary="Start a sensitivity analysis (HAWQ-V2 traces, HAWQ-V1 eigenvalues or inter-layer terms)",
+)
 async def create_sensitivity(request: Request, body: SensitivityRequest, idempotency_key: IdempotencyKey = None):
     model, (dataset,) = load_inputs(request, body.model_id, [body.dataset_id])
-    await check_request(request, model, body.method, body.options, {"calibration": dataset},
-                        sample_axes=body.sample_axes)
+    await check_request(
+        request, model, body.method, body.options, {"calibration": dataset}, sample_axes=body.sample_axes
+    )
     return submit_job(request, "sensitivity", body.model_dump(), idempotency_key)
 
 
@@ -185,10 +227,13 @@ def get_sensitivity(request: Request, result_id: str):
 
 
 @router.get("/jobs", response_model=JobPage, summary="List jobs, newest first")
-def list_jobs(request: Request, status: Annotated[Literal["queued", "running", "succeeded", "failed", "cancelled"]
-                                                   | None, Query()] = None,
-              type: Annotated[Literal["sensitivity", "plan", "latency"] | None, Query()] = None,
-              limit: Annotated[int, Query(ge=1, le=500)] = 50, offset: Annotated[int, Query(ge=0, le=10**6)] = 0):
+def list_jobs(
+    request: Request,
+    status: Annotated[Literal["queued", "running", "succeeded", "failed", "cancelled"] | None, Query()] = None,
+    type: Annotated[Literal["sensitivity", "plan", "latency"] | None, Query()] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0, le=10**6)] = 0,
+):
     query = select(Job)
     if status:
         query = query.where(Job.status == status)
@@ -209,8 +254,12 @@ def get_job(request: Request, job_id: str):
     return JobOut.of(job)
 
 
-@router.post("/jobs/{job_id}/cancel", response_model=JobOut, status_code=202,
-             summary="Cancel a job: queued jobs stop at once, running ones at their next step")
+@router.post(
+    "/jobs/{job_id}/cancel",
+    response_model=JobOut,
+    status_code=202,
+    summary="Cancel a job: queued jobs stop at once, running ones at their next step",
+)
 def cancel_job(request: Request, job_id: str):
     job = jobs.request_cancel(request.app.state.sessions, job_id) if is_id(job_id) else None
     if job is None:

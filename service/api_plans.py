@@ -10,9 +10,9 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
-from starlette.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import func, select
+from starlette.concurrency import run_in_threadpool
 
 from service.api_jobs import IdempotencyKey, JobOut, SampleAxes, check_request, load_inputs, submit_job
 from service.errors import Problem
@@ -41,11 +41,12 @@ class Constraints(BaseModel):
     max_size_bytes: int | None = Field(None, gt=0, le=MAX_COST, strict=True)
     max_bops: int | None = Field(None, gt=0, le=MAX_COST, strict=True)
     max_latency_ms: float | None = Field(None, gt=0, le=MAX_LATENCY_MS, strict=True, allow_inf_nan=False)
-    max_drop: float | None = Field(None, ge=0, le=100, strict=True, allow_inf_nan=False,
-                                   description="percentage points of the metric")
+    max_drop: float | None = Field(
+        None, ge=0, le=100, strict=True, allow_inf_nan=False, description="percentage points of the metric"
+    )
 
     @model_validator(mode="after")
-    def _one_budget(self) -> "Constraints":
+    def _one_budget(self) -> Constraints:
         budgets = [n for n in ("max_size_bytes", "max_bops", "max_latency_ms") if getattr(self, n) is not None]
         if len(budgets) > 1:
             raise ValueError(f"give at most one budget; got {budgets}")
@@ -60,18 +61,24 @@ class PlanRequestIn(BaseModel):
     search: Literal["pareto", "bisection"] = "pareto"
     candidates: list[str] = Field(default_factory=lambda: list(DEFAULT_CANDIDATES), min_length=1, max_length=16)
     constraints: Constraints = Field(default_factory=Constraints)
-    metric: Literal[METRICS] = Field("auto", description="what max_drop is measured on; auto picks it from the "
-                                     "model's output kind (planner.evaluate)")
-    exclude: list[ExcludePattern] = Field(default_factory=list, max_length=MAX_EXCLUDE_PATTERNS,
-                                          description="layers kept fp32: layer (weight initializer) names, node "
-                                                      "names or glob patterns (*, ?) matched against both; a "
-                                                      "pattern matching no layer is refused (422)")
-    options: dict[str, Any] = Field(default_factory=dict, max_length=32,
-                                    description="sensitivity options (seed, tolerance, max_probes, batch_size)")
+    metric: Literal[METRICS] = Field(
+        "auto",
+        description="what max_drop is measured on; auto picks it from the model's output kind (planner.evaluate)",
+    )
+    exclude: list[ExcludePattern] = Field(
+        default_factory=list,
+        max_length=MAX_EXCLUDE_PATTERNS,
+        description="layers kept fp32: layer (weight initializer) names, node "
+        "names or glob patterns (*, ?) matched against both; a "
+        "pattern matching no layer is refused (422)",
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, max_length=32, description="sensitivity options (seed, tolerance, max_probes, batch_size)"
+    )
     sample_axes: SampleAxes
 
     @model_validator(mode="after")
-    def _search_needs(self) -> "PlanRequestIn":
+    def _search_needs(self) -> PlanRequestIn:
         c = self.constraints
         if self.search == "bisection" and c.max_drop is None:
             raise ValueError("bisection needs constraints.max_drop (percentage points)")
@@ -135,14 +142,28 @@ class LatencyRequest(BaseModel):
 
 def plan_out(session, plan: Plan) -> PlanOut:
     artifact = session.get(Artifact, plan.artifact_id) if plan.artifact_id else None
-    return PlanOut(id=plan.id, job_id=plan.job_id, model_id=plan.model_id,
-                   calibration_dataset_id=plan.calibration_dataset_id,
-                   evaluation_dataset_id=plan.evaluation_dataset_id, search=plan.search, request=plan.request,
-                   assignment=plan.assignment, predicted=plan.predicted, measured=plan.measured,
-                   artifact=None if artifact is None else {"sha256": artifact.sha256, "size_bytes": artifact.size_bytes,
-                                                           "filename": artifact.filename,
-                                                           "url": f"/v1/plans/{plan.id}/artifact"},
-                   versions=plan.versions, created_at=plan.created_at)
+    return PlanOut(
+        id=plan.id,
+        job_id=plan.job_id,
+        model_id=plan.model_id,
+        calibration_dataset_id=plan.calibration_dataset_id,
+        evaluation_dataset_id=plan.evaluation_dataset_id,
+        search=plan.search,
+        request=plan.request,
+        assignment=plan.assignment,
+        predicted=plan.predicted,
+        measured=plan.measured,
+        artifact=None
+        if artifact is None
+        else {
+            "sha256": artifact.sha256,
+            "size_bytes": artifact.size_bytes,
+            "filename": artifact.filename,
+            "url": f"/v1/plans/{plan.id}/artifact",
+        },
+        versions=plan.versions,
+        created_at=plan.created_at,
+    )
 
 
 def _plan_or_404(session, plan_id: str) -> Plan:
@@ -152,20 +173,35 @@ def _plan_or_404(session, plan_id: str) -> Plan:
     return plan
 
 
-@router.post("/plans", status_code=202, response_model=JobOut,
-             summary="Plan per-layer precisions: sensitivity, search, export, measurement (a job)")
+@router.post(
+    "/plans",
+    status_code=202,
+    response_model=JobOut,
+    summary="Plan per-layer precisions: sensitivity, search, export, measurement (a job)",
+)
 async def create_plan(request: Request, body: PlanRequestIn, idempotency_key: IdempotencyKey = None):
-    model, (calibration, evaluation) = load_inputs(request, body.model_id,
-                                                    [body.calibration_dataset_id, body.evaluation_dataset_id])
+    model, (calibration, evaluation) = load_inputs(
+        request, body.model_id, [body.calibration_dataset_id, body.evaluation_dataset_id]
+    )
     # every plan computes the inter-layer analysis (traces, g·Δ, G, Ω), whatever objective it optimises
-    await check_request(request, model, "interlayer", body.options,
-                        {"calibration": calibration, "evaluation": evaluation}, plan=body.model_dump())
+    await check_request(
+        request,
+        model,
+        "interlayer",
+        body.options,
+        {"calibration": calibration, "evaluation": evaluation},
+        plan=body.model_dump(),
+    )
     return submit_job(request, "plan", body.model_dump(), idempotency_key)
 
 
 @router.get("/plans", response_model=PlanPage, summary="List plans, newest first")
-def list_plans(request: Request, model_id: Annotated[str | None, Query(max_length=64)] = None,
-               limit: Annotated[int, Query(ge=1, le=500)] = 50, offset: Annotated[int, Query(ge=0, le=10**6)] = 0):
+def list_plans(
+    request: Request,
+    model_id: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0, le=10**6)] = 0,
+):
     query = select(Plan)
     if model_id:
         query = query.where(Plan.model_id == model_id)
@@ -231,8 +267,11 @@ def _retrieve_exception(future: asyncio.Future) -> None:
         future.exception()
 
 
-@router.get("/plans/{plan_id}", response_model=PlanOut,
-            summary="Per-layer assignment with predicted and measured quality, size, BOPS and latency")
+@router.get(
+    "/plans/{plan_id}",
+    response_model=PlanOut,
+    summary="Per-layer assignment with predicted and measured quality, size, BOPS and latency",
+)
 async def get_plan(request: Request, plan_id: str):
     cache: ResponseCache = request.app.state.plan_cache
     body = await cache.get_or_compute(plan_id, lambda: run_in_threadpool(_plan_json, request, plan_id))
@@ -244,19 +283,26 @@ def _plan_json(request: Request, plan_id: str) -> bytes:
         return plan_out(session, _plan_or_404(session, plan_id)).model_dump_json().encode()
 
 
-@router.get("/plans/{plan_id}/frontier", response_model=list[FrontierPointOut],
-            summary="The plan's frontier points, predicted and (where measured) measured")
+@router.get(
+    "/plans/{plan_id}/frontier",
+    response_model=list[FrontierPointOut],
+    summary="The plan's frontier points, predicted and (where measured) measured",
+)
 def get_frontier(request: Request, plan_id: str):
     with request.app.state.sessions() as session:
         _plan_or_404(session, plan_id)
-        points = session.scalars(select(FrontierPoint).where(FrontierPoint.plan_id == plan_id)
-                                 .order_by(FrontierPoint.index)).all()
+        points = session.scalars(
+            select(FrontierPoint).where(FrontierPoint.plan_id == plan_id).order_by(FrontierPoint.index)
+        ).all()
         return [FrontierPointOut.model_validate(point) for point in points]
 
 
 @router.head("/plans/{plan_id}/artifact", include_in_schema=False)  # headers only: service/transfer.blob_response
-@router.get("/plans/{plan_id}/artifact", summary="Download the quantized ONNX model",
-            responses={200: {"content": {"application/octet-stream": {}}}})
+@router.get(
+    "/plans/{plan_id}/artifact",
+    summary="Download the quantized ONNX model",
+    responses={200: {"content": {"application/octet-stream": {}}}},
+)
 def get_artifact(request: Request, plan_id: str):
     with request.app.state.sessions() as session:
         plan = _plan_or_404(session, plan_id)
@@ -266,23 +312,35 @@ def get_artifact(request: Request, plan_id: str):
     return blob_response(request, request.app.state.store, artifact.sha256, artifact.filename, artifact.media_type)
 
 
-@router.post("/plans/{plan_id}/latency", status_code=202, response_model=JobOut,
-             summary="Measure the plan's artifact again on a worker (e.g. another device)")
-def remeasure_latency(request: Request, plan_id: str, body: LatencyRequest | None = None,
-                      idempotency_key: IdempotencyKey = None):
+@router.post(
+    "/plans/{plan_id}/latency",
+    status_code=202,
+    response_model=JobOut,
+    summary="Measure the plan's artifact again on a worker (e.g. another device)",
+)
+def remeasure_latency(
+    request: Request, plan_id: str, body: LatencyRequest | None = None, idempotency_key: IdempotencyKey = None
+):
     with request.app.state.sessions() as session:
         plan = _plan_or_404(session, plan_id)
         if plan.artifact_id is None:
             raise Problem(409, f"plan {plan_id!r} has no artifact to measure yet")
-    return submit_job(request, "latency", {"plan_id": plan_id, **(body or LatencyRequest()).model_dump()},
-                      idempotency_key)
+    return submit_job(
+        request, "latency", {"plan_id": plan_id, **(body or LatencyRequest()).model_dump()}, idempotency_key
+    )
 
 
-@router.get("/plans/{plan_id}/latency", response_model=list[LatencyOut],
-            summary="Every latency measurement of the plan's artifact, with its device")
+@router.get(
+    "/plans/{plan_id}/latency",
+    response_model=list[LatencyOut],
+    summary="Every latency measurement of the plan's artifact, with its device",
+)
 def list_latency(request: Request, plan_id: str):
     with request.app.state.sessions() as session:
         _plan_or_404(session, plan_id)
-        rows = session.scalars(select(LatencyMeasurement).where(LatencyMeasurement.plan_id == plan_id)
-                               .order_by(LatencyMeasurement.created_at)).all()
+        rows = session.scalars(
+            select(LatencyMeasurement)
+            .where(LatencyMeasurement.plan_id == plan_id)
+            .order_by(LatencyMeasurement.created_at)
+        ).all()
         return [LatencyOut.model_validate(row) for row in rows]

@@ -20,24 +20,26 @@ from service.guard import Guard, HeaderTimeoutProtocol
 from service.inspection import Limits
 from service.inspector import Inspector, InspectorBusy
 from service.registry import RegistryKind, registry_router
-from service.storage import collect_garbage
 from service.sandbox import SandboxLimits, check_sandbox_user, remove_stale_workdirs
 from service.settings import Settings
+from service.storage import collect_garbage
 from service.store import BlobStore, LocalBlobStore
 from service.supervisor import hidden_paths
 from service.tables import Dataset, Model, Readiness, utcnow
 from service.transfer import UploadSlots
 
-MODELS = RegistryKind("model", "/models", Model, schemas.ModelOut, schemas.ModelPage, Inspector.model, ".onnx",
-                      unlisted=("layers",))
+MODELS = RegistryKind(
+    "model", "/models", Model, schemas.ModelOut, schemas.ModelPage, Inspector.model, ".onnx", unlisted=("layers",)
+)
 # uvicorn's default event loop is uvloop, which starves some keep-alive connections once the process is
 # saturated: at 200 connections a trivial FastAPI endpoint had p99 797 ms (and wrk timeouts) under
 # uvloop and 53 ms under the standard loop at the same throughput. See docs/benchmarks.md, "Service".
 # HeaderTimeoutProtocol is uvicorn's httptools protocol with a header-read timeout (service/guard.py).
 SERVER_OPTIONS: dict[str, Any] = {"loop": "asyncio", "http": HeaderTimeoutProtocol}
 
-DATASETS = RegistryKind("dataset", "/datasets", Dataset, schemas.DatasetOut, schemas.DatasetPage,
-                        Inspector.dataset, ".npz")
+DATASETS = RegistryKind(
+    "dataset", "/datasets", Dataset, schemas.DatasetOut, schemas.DatasetPage, Inspector.dataset, ".npz"
+)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -60,9 +62,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.inspector.close()
         engine.dispose()
 
-    app = FastAPI(title="mpq", version=_version(), lifespan=lifespan,
-                  description="Mixed-precision quantization planner: upload models and calibration data, "
-                              "get Hessian-based sensitivities, Pareto-optimal bit allocations and quantized ONNX.")
+    app = FastAPI(
+        title="mpq",
+        version=_version(),
+        lifespan=lifespan,
+        description="Mixed-precision quantization planner: upload models and calibration data, "
+        "get Hessian-based sensitivities, Pareto-optimal bit allocations and quantized ONNX.",
+    )
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessions = session_factory(engine)
@@ -100,14 +106,27 @@ def _clean_up(sessions, store: LocalBlobStore) -> None:
 
 
 def make_inspector(settings: Settings) -> Inspector:
-    limits = Limits(max_bytes=settings.max_upload_bytes, max_decompressed_bytes=settings.max_decompressed_bytes,
-                    max_archive_members=settings.max_archive_members, max_dataset_arrays=settings.max_dataset_arrays,
-                    allow_torch=settings.allow_torch_uploads)
+    limits = Limits(
+        max_bytes=settings.max_upload_bytes,
+        max_decompressed_bytes=settings.max_decompressed_bytes,
+        max_archive_members=settings.max_archive_members,
+        max_dataset_arrays=settings.max_dataset_arrays,
+        allow_torch=settings.allow_torch_uploads,
+    )
     # CPU time: the inspection's own limit plus the interpreter's start and imports (~2 s with torch)
-    sandbox = SandboxLimits(memory_bytes=settings.inspect_memory_bytes, cpu_time_s=int(settings.inspect_time_limit_s) + 30,
-                            file_size_bytes=settings.max_decompressed_bytes + (64 << 20), user=settings.sandbox_user)
-    return Inspector(limits, sandbox, processes=settings.inspector_processes, timeout_s=settings.inspect_time_limit_s,
-                     hide=hidden_paths(settings))
+    sandbox = SandboxLimits(
+        memory_bytes=settings.inspect_memory_bytes,
+        cpu_time_s=int(settings.inspect_time_limit_s) + 30,
+        file_size_bytes=settings.max_decompressed_bytes + (64 << 20),
+        user=settings.sandbox_user,
+    )
+    return Inspector(
+        limits,
+        sandbox,
+        processes=settings.inspector_processes,
+        timeout_s=settings.inspect_time_limit_s,
+        hide=hidden_paths(settings),
+    )
 
 
 def _add_health_routes(app: FastAPI) -> None:
@@ -115,17 +134,23 @@ def _add_health_routes(app: FastAPI) -> None:
     async def healthz():
         return schemas.Health(status="ok")
 
-    @app.get("/readyz", response_model=schemas.Health, tags=["health"],
-             responses={503: {"description": "the database does not take writes, or the store is unusable or full"}},
-             summary="The database takes writes and the artifact store has room")
+    @app.get(
+        "/readyz",
+        response_model=schemas.Health,
+        tags=["health"],
+        responses={503: {"description": "the database does not take writes, or the store is unusable or full"}},
+        summary="The database takes writes and the artifact store has room",
+    )
     def readyz(request: Request):
         state = request.app.state
-        checks = {"database": database_check(state.sessions),
-                  "store": store_check(state.store, state.settings.resolved_artifact_dir,
-                                       state.settings.min_free_bytes)}
+        checks = {
+            "database": database_check(state.sessions),
+            "store": store_check(state.store, state.settings.resolved_artifact_dir, state.settings.min_free_bytes),
+        }
         if any(value != "ok" for value in checks.values()):
-            return problem_response(503, "not ready: " + ", ".join(f"{k} {v}" for k, v in checks.items()
-                                                                    if v != "ok"), checks=checks)
+            return problem_response(
+                503, "not ready: " + ", ".join(f"{k} {v}" for k, v in checks.items() if v != "ok"), checks=checks
+            )
         return schemas.Health(status="ok", checks=checks)
 
 
@@ -134,14 +159,14 @@ def database_check(sessions: sessionmaker[Session]) -> str:
     with sessions() as session:
         try:
             session.execute(text("SELECT 1"))
-        except Exception as error:  # noqa: BLE001 - any driver error means "not ready"
+        except Exception as error:
             return f"unreachable: {type(error).__name__}"
         try:
             written = session.execute(update(Readiness).where(Readiness.id == 1).values(checked_at=utcnow())).rowcount
             if not written:  # a schema made without the migrations' row
                 session.add(Readiness(id=1, checked_at=utcnow()))
             session.commit()
-        except Exception as error:  # noqa: BLE001 - any driver error means "not ready"
+        except Exception as error:
             return f"not writable: {type(error).__name__}"
     return "ok"
 

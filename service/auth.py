@@ -78,8 +78,11 @@ async def require_bearer(state: State, headers: Headers) -> None:
         return
     token = bearer_token(headers)
     if not token:
-        raise Problem(401, "missing API token: send 'Authorization: Bearer <token>' (create one with "
-                           "`mpq token create --name NAME`)", headers=CHALLENGE)
+        raise Problem(
+            401,
+            "missing API token: send 'Authorization: Bearer <token>' (create one with `mpq token create --name NAME`)",
+            headers=CHALLENGE,
+        )
     if not await token_is_valid(state, token):
         raise Problem(401, "the API token is unknown or revoked", headers=CHALLENGE)
 

@@ -49,5 +49,15 @@ def run_worker(settings: Settings, gpu: str | None, name: str | None) -> None:
 
     app = make_celery(settings, gpu)
     node = name or f"mpq-{socket.gethostname()}-{gpu if gpu is not None else 'cpu'}"
-    app.worker_main(["worker", "--pool=solo", "--concurrency=1", "--loglevel=INFO", f"--queues={QUEUE}",
-                     f"--hostname={node}@%h", "--without-gossip", "--without-mingle"])
+    app.worker_main(
+        [
+            "worker",
+            "--pool=solo",
+            "--concurrency=1",
+            "--loglevel=INFO",
+            f"--queues={QUEUE}",
+            f"--hostname={node}@%h",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )

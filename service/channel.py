@@ -112,7 +112,6 @@ class Channel:
         if remaining <= 0 or not self._readable(remaining):
             raise ChannelClosed(f"a frame took longer than {self.frame_timeout_s:.0f} s to arrive")
 
-
     def _readable(self, timeout_s: float | None) -> bool:
         """poll, not select: select fails on descriptors numbered 1024 and above, which a server holding
         a thousand client connections hands out."""

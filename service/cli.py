@@ -33,22 +33,33 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     serve = commands.add_parser(
-        "serve", help="run the API server", epilog=settings_help(),
+        "serve",
+        help="run the API server",
+        epilog=settings_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run the HTTP API on the embedded defaults (SQLite, local artifact directory) "
-                    "or on the database and store the settings name.")
+        "or on the database and store the settings name.",
+    )
     serve.add_argument("--host", help="override MPQ_HOST")
     serve.add_argument("--port", type=int, help="override MPQ_PORT")
     serve.add_argument("--upgrade-db", action="store_true", help="apply pending database migrations first")
-    serve.add_argument("--api-workers", type=int, default=1, metavar="N",
-                       help="API processes sharing the port (the job executor runs in one of them)")
+    serve.add_argument(
+        "--api-workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="API processes sharing the port (the job executor runs in one of them)",
+    )
     serve.set_defaults(handler=_serve)
 
     worker = commands.add_parser(
-        "worker", help="run a distributed (Celery) worker: one per GPU", epilog=settings_help(),
+        "worker",
+        help="run a distributed (Celery) worker: one per GPU",
+        epilog=settings_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Take jobs from MPQ_BROKER_URL one at a time and run each in a spawned child process. "
-                    "All workers and the API share MPQ_DATABASE_URL and the artifact store.")
+        "All workers and the API share MPQ_DATABASE_URL and the artifact store.",
+    )
     worker.add_argument("--gpu", help="GPU id this worker uses (sets CUDA_VISIBLE_DEVICES for its jobs)")
     worker.add_argument("--name", help="Celery node name (default: mpq-HOST-GPU)")
     worker.set_defaults(handler=_worker)
@@ -92,21 +103,31 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     if not _schema_is_current(settings, upgrade_first=args.upgrade_db):
         return 2
     raise_open_file_limit()
-    announcement = (f"mpq: serving on http://{settings.host}:{settings.port} (auth {settings.auth.value}, "
-                    f"database {_redacted(settings.resolved_database_url)})")
+    announcement = (
+        f"mpq: serving on http://{settings.host}:{settings.port} (auth {settings.auth.value}, "
+        f"database {_redacted(settings.resolved_database_url)})"
+    )
     if args.api_workers > 1:
         from uvicorn.supervisors import Multiprocess
 
         # each worker process builds its own app from the environment (MPQ_* settings)
         os.environ.update({"MPQ_HOST": settings.host, "MPQ_PORT": str(settings.port)})
-        config = uvicorn.Config("service.app:create_app", factory=True, workers=args.api_workers,
-                                host=settings.host, port=settings.port, log_level="info", **SERVER_OPTIONS)
+        config = uvicorn.Config(
+            "service.app:create_app",
+            factory=True,
+            workers=args.api_workers,
+            host=settings.host,
+            port=settings.port,
+            log_level="info",
+            **SERVER_OPTIONS,
+        )
         socket = config.bind_socket()  # connections wait in its backlog until a worker accepts them
         print(announcement, file=sys.stderr, flush=True)
         Multiprocess(config, sockets=[socket]).run()
         return 0
-    config = uvicorn.Config(create_app(settings), host=settings.host, port=settings.port, log_level="info",
-                            **SERVER_OPTIONS)
+    config = uvicorn.Config(
+        create_app(settings), host=settings.host, port=settings.port, log_level="info", **SERVER_OPTIONS
+    )
     server = _announcing_server(config, announcement)
     server.run()
     return 0 if server.started else 2

@@ -37,16 +37,23 @@ def file_sha256(path: Path) -> str:
 
 
 class MpqClient:
-    def __init__(self, base_url: str, token: str | None = None, *, timeout_s: float = 60.0,
-                 transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None = None,
+        *,
+        timeout_s: float = 60.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
         headers = {"authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_s,
-                                  transport=transport)
+        self._http = httpx.Client(
+            base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_s, transport=transport
+        )
 
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "MpqClient":
+    def __enter__(self) -> MpqClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -81,8 +88,13 @@ class MpqClient:
         if existing:
             return {**existing[0], "reused": True}
         with path.open("rb") as body:
-            response = self._request("POST", route, params={"name": name or path.name}, content=body,
-                                     headers={"content-type": "application/octet-stream"})
+            response = self._request(
+                "POST",
+                route,
+                params={"name": name or path.name},
+                content=body,
+                headers={"content-type": "application/octet-stream"},
+            )
         return {**response.json(), "reused": False}
 
     # ------------------------------------------------------------ jobs
@@ -97,8 +109,13 @@ class MpqClient:
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._request("POST", f"/v1/jobs/{job_id}/cancel").json()
 
-    def wait(self, job_id: str, on_progress: Callable[[dict[str, Any]], None] | None = None,
-             poll_s: float = 1.0, timeout_s: float | None = None) -> dict[str, Any]:
+    def wait(
+        self,
+        job_id: str,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        poll_s: float = 1.0,
+        timeout_s: float | None = None,
+    ) -> dict[str, Any]:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             job = self.job(job_id)

@@ -38,8 +38,18 @@ from service.errors import Problem
 from service.progress import describe_execution, shortened
 from service.registry import store_upload
 from service.settings import AuthMode
-from service.tables import (Artifact, Dataset, FrontierPoint, Job, LatencyMeasurement, Model, Plan,
-                            SensitivityResult, get_row, is_id)
+from service.tables import (
+    Artifact,
+    Dataset,
+    FrontierPoint,
+    Job,
+    LatencyMeasurement,
+    Model,
+    Plan,
+    SensitivityResult,
+    get_row,
+    is_id,
+)
 from service.transfer import blob_response
 
 COOKIE = "mpq_token"
@@ -50,11 +60,18 @@ MAX_POINT_INDEX = 2**31 - 1  # frontier_points.index is a 32-bit integer column
 LIST_LIMIT = 200  # rows per list page; the /v1 API pages through the rest
 HERE = Path(__file__).parent
 STATIC_FILES = {"dashboard.css": "text/css", "dashboard.js": "text/javascript"}
-NAV = [("/models", "Models"), ("/sensitivity", "Sensitivity"), ("/plans", "Plans"), ("/jobs", "Jobs"),
-       ("/latency", "Latency")]
+NAV = [
+    ("/models", "Models"),
+    ("/sensitivity", "Sensitivity"),
+    ("/plans", "Plans"),
+    ("/jobs", "Jobs"),
+    ("/latency", "Latency"),
+]
 # Inline <style> is needed by plotly.js; scripts come only from this origin, requests go only here.
-CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
-       "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+)
 
 templates = Jinja2Templates(directory=HERE / "templates")
 router = APIRouter(include_in_schema=False)
@@ -88,10 +105,17 @@ def format_time(value: datetime | None) -> str:
 
 def format_constraints(constraints: dict[str, Any] | None) -> str:
     """plan.request["constraints"] in words, each budget in its unit."""
-    units = {"max_size_bytes": lambda v: f"{int(v):,} bytes", "max_bops": lambda v: f"{format_number(v)} BOPS",
-             "max_latency_ms": lambda v: f"{format_number(v)} ms", "max_drop": lambda v: f"{format_number(v)} pp"}
-    parts = [f"{key} {units[key](value) if key in units else value}"
-             for key, value in (constraints or {}).items() if value is not None]
+    units = {
+        "max_size_bytes": lambda v: f"{int(v):,} bytes",
+        "max_bops": lambda v: f"{format_number(v)} BOPS",
+        "max_latency_ms": lambda v: f"{format_number(v)} ms",
+        "max_drop": lambda v: f"{format_number(v)} pp",
+    }
+    parts = [
+        f"{key} {units[key](value) if key in units else value}"
+        for key, value in (constraints or {}).items()
+        if value is not None
+    ]
     return ", ".join(parts) or "—"
 
 
@@ -101,8 +125,9 @@ def tail(value: str | None, width: int = 40) -> str:
     return shortened(value or "", width)
 
 
-templates.env.filters.update(bytes=format_bytes, num=format_number, time=format_time, constraints=format_constraints,
-                             tail=tail)
+templates.env.filters.update(
+    bytes=format_bytes, num=format_number, time=format_time, constraints=format_constraints, tail=tail
+)
 
 
 # ---------------------------------------------------------------- auth and rendering
@@ -142,8 +167,11 @@ async def require_csrf(request: Request) -> None:
     expected = request.cookies.get(CSRF_COOKIE, "")
     sent = request.headers.get(CSRF_HEADER) or (await _form(request)).get(CSRF_FIELD, "")
     if not expected or not hmac.compare_digest(expected.encode(), sent.encode()):
-        raise Problem(403, "the request's CSRF token is missing or does not match this browser's: reload the "
-                           "page and try again", title="CSRF check failed")
+        raise Problem(
+            403,
+            "the request's CSRF token is missing or does not match this browser's: reload the page and try again",
+            title="CSRF check failed",
+        )
 
 
 async def _form(request: Request) -> dict[str, str]:
@@ -163,8 +191,9 @@ def _csrf_token(request: Request) -> tuple[str, bool]:
 
 
 def _set_csrf_cookie(request: Request, response: Response, token: str) -> None:
-    response.set_cookie(CSRF_COOKIE, token, httponly=True, secure=request.url.scheme == "https",
-                        samesite="strict", path="/")
+    response.set_cookie(
+        CSRF_COOKIE, token, httponly=True, secure=request.url.scheme == "https", samesite="strict", path="/"
+    )
 
 
 def render(request: Request, template: str, status_code: int = 200, **context: Any) -> Response:
@@ -210,11 +239,16 @@ async def login(request: Request) -> Response:
     if not _auth_on(request):
         return RedirectResponse(target, status_code=303)
     if not token or not await token_is_valid(request.app.state, token):
-        return render(request, "login.html", status_code=401, hide_nav=True, next=target,
-                      error="That token is unknown or revoked. Create one with `mpq token create --name NAME`.")
+        return render(
+            request,
+            "login.html",
+            status_code=401,
+            hide_nav=True,
+            next=target,
+            error="That token is unknown or revoked. Create one with `mpq token create --name NAME`.",
+        )
     response = RedirectResponse(target, status_code=303)
-    response.set_cookie(COOKIE, token, httponly=True, secure=request.url.scheme == "https", samesite="strict",
-                        path="/")
+    response.set_cookie(COOKIE, token, httponly=True, secure=request.url.scheme == "https", samesite="strict", path="/")
     _set_csrf_cookie(request, response, secrets.token_urlsafe(32))  # a new session gets a new CSRF token
     return response
 
@@ -222,8 +256,7 @@ async def login(request: Request) -> Response:
 @router.post("/logout", dependencies=[Depends(require_csrf)])
 def logout(request: Request) -> Response:
     response = RedirectResponse("/login" if _auth_on(request) else "/", status_code=303)
-    response.delete_cookie(COOKIE, path="/", httponly=True, secure=request.url.scheme == "https",
-                           samesite="strict")
+    response.delete_cookie(COOKIE, path="/", httponly=True, secure=request.url.scheme == "https", samesite="strict")
     return response
 
 
@@ -237,8 +270,9 @@ def _plotly_path() -> Path:
 @router.get("/static/{name}")
 def static_file(name: str) -> Response:
     if name == "plotly.min.js":
-        return FileResponse(_plotly_path(), media_type="text/javascript",
-                            headers={"Cache-Control": "public, max-age=86400"})
+        return FileResponse(
+            _plotly_path(), media_type="text/javascript", headers={"Cache-Control": "public, max-age=86400"}
+        )
     if name not in STATIC_FILES:
         raise Problem(404, f"no static file {name!r}")
     return FileResponse(HERE / "static" / name, media_type=STATIC_FILES[name], headers={"Cache-Control": "no-cache"})
@@ -255,8 +289,9 @@ def home() -> Response:
 @pages.get("/models")
 def models_page(request: Request) -> Response:
     with request.app.state.sessions() as session:
-        models = session.scalars(select(Model).options(defer(Model.layers))
-                                 .order_by(Model.created_at.desc()).limit(LIST_LIMIT)).all()
+        models = session.scalars(
+            select(Model).options(defer(Model.layers)).order_by(Model.created_at.desc()).limit(LIST_LIMIT)
+        ).all()
         datasets = session.scalars(select(Dataset).order_by(Dataset.created_at.desc()).limit(LIST_LIMIT)).all()
     return render(request, "models.html", active="Models", models=models, datasets=datasets)
 
@@ -267,8 +302,11 @@ def model_page(request: Request, model_id: str) -> Response:
         model = _get(session, Model, model_id)
         if model is None:
             return not_found(request, f"model {model_id!r}")
-        results = session.scalars(select(SensitivityResult).where(SensitivityResult.model_sha256 == model.sha256)
-                                  .order_by(SensitivityResult.created_at.desc())).all()
+        results = session.scalars(
+            select(SensitivityResult)
+            .where(SensitivityResult.model_sha256 == model.sha256)
+            .order_by(SensitivityResult.created_at.desc())
+        ).all()
         plans = session.scalars(select(Plan).where(Plan.model_id == model.id).order_by(Plan.created_at.desc())).all()
     return render(request, "model.html", active="Models", model=model, results=results, plans=plans)
 
@@ -317,9 +355,14 @@ class LayerSensitivity:
     converged: bool | None
 
 
-SENSITIVITY_SORTS = {"order": "graph order", "name": "layer", "num_params": "parameters",
-                     "average_trace": "average trace", "relative_se": "relative standard error",
-                     "eigenvalue": "eigenvalue"}
+SENSITIVITY_SORTS = {
+    "order": "graph order",
+    "name": "layer",
+    "num_params": "parameters",
+    "average_trace": "average trace",
+    "relative_se": "relative standard error",
+    "eigenvalue": "eigenvalue",
+}
 
 
 def layer_sensitivities(result: dict[str, Any]) -> list[LayerSensitivity]:
@@ -330,14 +373,22 @@ def layer_sensitivities(result: dict[str, Any]) -> list[LayerSensitivity]:
     for order, layer in enumerate(result.get("layers") or []):
         name, n = layer["name"], layer["num_params"]
         trace, top = traces.get(name), eigen.get(name)
-        rows.append(LayerSensitivity(
-            order=order, name=name, op_type=layer.get("op_type", ""), num_params=n,
-            node_name=layer.get("node_name") or "", scope=layer.get("scope") or "",
-            average_trace=trace["trace"] / n if trace else None,
-            average_trace_se=trace["standard_error"] / n if trace else None,
-            relative_se=trace["standard_error"] / abs(trace["trace"]) if trace and trace["trace"] else None,
-            num_probes=trace["num_probes"] if trace else None,
-            eigenvalue=top["eigenvalue"] if top else None, converged=top["converged"] if top else None))
+        rows.append(
+            LayerSensitivity(
+                order=order,
+                name=name,
+                op_type=layer.get("op_type", ""),
+                num_params=n,
+                node_name=layer.get("node_name") or "",
+                scope=layer.get("scope") or "",
+                average_trace=trace["trace"] / n if trace else None,
+                average_trace_se=trace["standard_error"] / n if trace else None,
+                relative_se=trace["standard_error"] / abs(trace["trace"]) if trace and trace["trace"] else None,
+                num_probes=trace["num_probes"] if trace else None,
+                eigenvalue=top["eigenvalue"] if top else None,
+                converged=top["converged"] if top else None,
+            )
+        )
     return rows
 
 
@@ -357,23 +408,29 @@ def g_heatmap(interlayer: dict[str, Any] | None, bits: int | None) -> dict[str, 
     chosen = bits if bits in widths else widths[0]
     picked = [index for index, (_, b) in enumerate(labels) if b == chosen]
     matrix = interlayer["matrix"]
-    return {"bits": chosen, "widths": widths, "layers": [labels[i][0] for i in picked],
-            "z": [[matrix[i][j] for j in picked] for i in picked],
-            "symmetry_error": interlayer.get("symmetry_error")}
+    return {
+        "bits": chosen,
+        "widths": widths,
+        "layers": [labels[i][0] for i in picked],
+        "z": [[matrix[i][j] for j in picked] for i in picked],
+        "symmetry_error": interlayer.get("symmetry_error"),
+    }
 
 
 @pages.get("/sensitivity")
 def sensitivity_list(request: Request) -> Response:
     with request.app.state.sessions() as session:
-        results = session.scalars(select(SensitivityResult).order_by(SensitivityResult.created_at.desc())
-                                  .limit(LIST_LIMIT)).all()
+        results = session.scalars(
+            select(SensitivityResult).order_by(SensitivityResult.created_at.desc()).limit(LIST_LIMIT)
+        ).all()
         names = _model_names(session, {r.model_sha256 for r in results})
     return render(request, "sensitivity_list.html", active="Sensitivity", results=results, model_names=names)
 
 
 @pages.get("/sensitivity/{result_id}")
-def sensitivity_page(request: Request, result_id: str, sort: str = "order", desc: bool = False,
-                     bits: int | None = None) -> Response:
+def sensitivity_page(
+    request: Request, result_id: str, sort: str = "order", desc: bool = False, bits: int | None = None
+) -> Response:
     with request.app.state.sessions() as session:
         row = _get(session, SensitivityResult, result_id)
         if row is None:
@@ -382,15 +439,32 @@ def sensitivity_page(request: Request, result_id: str, sort: str = "order", desc
     sort = sort if sort in SENSITIVITY_SORTS else "order"
     layers = layer_sensitivities(row.result)
     heatmap = g_heatmap(row.result.get("interlayer"), bits)
-    chart = {"layers": [r.name for r in layers], "nodes": [r.node_name or "—" for r in layers],
-             "average_trace": [r.average_trace for r in layers],
-             "average_trace_se": [r.average_trace_se for r in layers],
-             "eigenvalue": [r.eigenvalue for r in layers], "heatmap": heatmap}
-    return render(request, "sensitivity.html", active="Sensitivity", row=row, result=row.result, model=model,
-                  layers=sort_rows(layers, sort, desc), sort=sort, desc=desc, sorts=SENSITIVITY_SORTS,
-                  has_traces=any(r.average_trace is not None for r in layers),
-                  has_eigen=any(r.eigenvalue is not None for r in layers), heatmap=heatmap, chart=chart,
-                  charts=True, execution=_execution(row.result))
+    chart = {
+        "layers": [r.name for r in layers],
+        "nodes": [r.node_name or "—" for r in layers],
+        "average_trace": [r.average_trace for r in layers],
+        "average_trace_se": [r.average_trace_se for r in layers],
+        "eigenvalue": [r.eigenvalue for r in layers],
+        "heatmap": heatmap,
+    }
+    return render(
+        request,
+        "sensitivity.html",
+        active="Sensitivity",
+        row=row,
+        result=row.result,
+        model=model,
+        layers=sort_rows(layers, sort, desc),
+        sort=sort,
+        desc=desc,
+        sorts=SENSITIVITY_SORTS,
+        has_traces=any(r.average_trace is not None for r in layers),
+        has_eigen=any(r.eigenvalue is not None for r in layers),
+        heatmap=heatmap,
+        chart=chart,
+        charts=True,
+        execution=_execution(row.result),
+    )
 
 
 def _execution(result: dict[str, Any]) -> str:
@@ -414,9 +488,14 @@ def figures(predicted: dict[str, Any], measured: dict[str, Any] | None, loss_cha
     """Cost, predicted and measured figures of one configuration, in the planner's shapes
     (planner.plan.PlanPoint.predicted() and Measurement.to_dict(); measured may be absent)."""
     measured = measured or {}
-    return {"size_bytes": predicted.get("size_bytes"), "bops": predicted.get("bops"),
-            "latency_ms": (measured.get("latency_ms") or {}).get("mean"), "predicted_loss_change": loss_change,
-            "metric": measured.get("metric"), "drop": measured.get("drop")}
+    return {
+        "size_bytes": predicted.get("size_bytes"),
+        "bops": predicted.get("bops"),
+        "latency_ms": (measured.get("latency_ms") or {}).get("mean"),
+        "predicted_loss_change": loss_change,
+        "metric": measured.get("metric"),
+        "drop": measured.get("drop"),
+    }
 
 
 def uniform_candidate(assignment: dict[str, Any], excluded: set[str] | frozenset[str] = frozenset()) -> str | None:
@@ -433,12 +512,13 @@ def exclusions(plan: Plan) -> dict[str, dict[str, Any]]:
 
 def point_view(point: FrontierPoint, plan: Plan) -> dict[str, Any]:
     """A frontier point as the chart and the table show it."""
-    return {"index": point.index,
-            **figures({"size_bytes": point.size_bytes, "bops": point.bops}, point.measured,
-                      point.predicted_loss_change),
-            "uniform": uniform_candidate(point.assignment, set(exclusions(plan))),
-            "chosen": point.assignment == plan.assignment,
-            "mix": dict(Counter(point.assignment.values()).most_common())}
+    return {
+        "index": point.index,
+        **figures({"size_bytes": point.size_bytes, "bops": point.bops}, point.measured, point.predicted_loss_change),
+        "uniform": uniform_candidate(point.assignment, set(exclusions(plan))),
+        "chosen": point.assignment == plan.assignment,
+        "mix": dict(Counter(point.assignment.values()).most_common()),
+    }
 
 
 def predictor(plan: Plan) -> str:
@@ -454,8 +534,13 @@ def uniform_baselines(plan: Plan, points: list[dict[str, Any]]) -> list[dict[str
     rows = []
     for candidate, point in ((plan.measured or {}).get("uniform") or {}).items():
         predicted = point.get("predicted") or {}
-        rows.append({"candidate": candidate, "index": on_frontier.get(candidate),
-                     **figures(predicted, point.get("measured"), predicted.get(predictor(plan)))})
+        rows.append(
+            {
+                "candidate": candidate,
+                "index": on_frontier.get(candidate),
+                **figures(predicted, point.get("measured"), predicted.get(predictor(plan))),
+            }
+        )
     return rows
 
 
@@ -471,18 +556,24 @@ def layer_precisions(model: Model | None, assignment: dict[str, Any], plan: Plan
     else the model's), and why the plan excluded them, if it did; layers the model no longer lists go last."""
     layers = list(model.layers) if model else []
     known = {layer["name"] for layer in layers}
-    layers += [{"name": name, "op_type": None, "shape": [], "num_params": None}
-               for name in assignment if name not in known]
+    layers += [
+        {"name": name, "op_type": None, "shape": [], "num_params": None} for name in assignment if name not in known
+    ]
     nodes = ((plan.measured or {}).get("layer_nodes") or {}) if plan else {}
     excluded = exclusions(plan) if plan else {}
     rows = []
     for layer in layers:
         node = nodes.get(layer["name"]) or {}
-        rows.append({**layer, "candidate": assignment.get(layer["name"], "unassigned"),
-                     "node_name": node.get("node_name") or layer.get("node_name") or "",
-                     "scope": node.get("scope") or layer.get("scope") or "",
-                     "excluded": (excluded.get(layer["name"]) or {}).get("reason"),
-                     "weight": round(math.log10(max(layer.get("num_params") or 1, 1)) + 1, 2)})
+        rows.append(
+            {
+                **layer,
+                "candidate": assignment.get(layer["name"], "unassigned"),
+                "node_name": node.get("node_name") or layer.get("node_name") or "",
+                "scope": node.get("scope") or layer.get("scope") or "",
+                "excluded": (excluded.get(layer["name"]) or {}).get("reason"),
+                "weight": round(math.log10(max(layer.get("num_params") or 1, 1)) + 1, 2),
+            }
+        )
     return rows
 
 
@@ -503,19 +594,36 @@ def plan_page(request: Request, plan_id: str, point: int | None = None) -> Respo
         model = session.get(Model, plan.model_id)
         rows = _frontier(session, plan.id)
         artifact = session.get(Artifact, plan.artifact_id) if plan.artifact_id else None
-        latency_count = session.scalar(select(func.count()).select_from(LatencyMeasurement)
-                                       .where(LatencyMeasurement.plan_id == plan.id))
+        latency_count = session.scalar(
+            select(func.count()).select_from(LatencyMeasurement).where(LatencyMeasurement.plan_id == plan.id)
+        )
     points = [point_view(p, plan) for p in rows]
     selected = next((p for p in rows if p.index == point), None)
-    chart = {"plan_id": plan.id, "points": points, "baselines": uniform_baselines(plan, points),
-             "constraints": (plan.request or {}).get("constraints", {}), "float_metric": float_metric(plan, rows),
-             "metric_name": _metric_name(plan, rows), "predictor_label": PREDICTOR_LABELS[predictor(plan)],
-             "selected": point}
-    return render(request, "plan.html", active="Plans", plan=plan, model=model, points=points, chart=chart,
-                  artifact=artifact, latency_count=latency_count, charts=True,
-                  plan_layers=layer_precisions(model, plan.assignment, plan),
-                  excluded=list(exclusions(plan).values()),
-                  detail=_point_detail(plan, model, selected) if selected else None)
+    chart = {
+        "plan_id": plan.id,
+        "points": points,
+        "baselines": uniform_baselines(plan, points),
+        "constraints": (plan.request or {}).get("constraints", {}),
+        "float_metric": float_metric(plan, rows),
+        "metric_name": _metric_name(plan, rows),
+        "predictor_label": PREDICTOR_LABELS[predictor(plan)],
+        "selected": point,
+    }
+    return render(
+        request,
+        "plan.html",
+        active="Plans",
+        plan=plan,
+        model=model,
+        points=points,
+        chart=chart,
+        artifact=artifact,
+        latency_count=latency_count,
+        charts=True,
+        plan_layers=layer_precisions(model, plan.assignment, plan),
+        excluded=list(exclusions(plan).values()),
+        detail=_point_detail(plan, model, selected) if selected else None,
+    )
 
 
 PointIndex = Annotated[int, PathParam(ge=0, le=MAX_POINT_INDEX)]
@@ -555,9 +663,14 @@ def plan_artifact(request: Request, plan_id: str) -> Response:
 
 
 def _point_detail(plan: Plan, model: Model | None, point: FrontierPoint) -> dict[str, Any]:
-    return {"plan_id": plan.id, "point": point_view(point, plan), "measured": point.measured or {},
-            "predicted": point.predicted or {}, "artifact_url": _artifact_url(plan, point),
-            "layers": layer_precisions(model, point.assignment, plan)}
+    return {
+        "plan_id": plan.id,
+        "point": point_view(point, plan),
+        "measured": point.measured or {},
+        "predicted": point.predicted or {},
+        "artifact_url": _artifact_url(plan, point),
+        "layers": layer_precisions(model, point.assignment, plan),
+    }
 
 
 def _artifact_url(plan: Plan, point: FrontierPoint) -> str | None:
@@ -570,15 +683,17 @@ def _artifact_url(plan: Plan, point: FrontierPoint) -> str | None:
 
 
 def _frontier(session: Session, plan_id: str) -> list[FrontierPoint]:
-    return list(session.scalars(select(FrontierPoint).where(FrontierPoint.plan_id == plan_id)
-                                .order_by(FrontierPoint.index)))
+    return list(
+        session.scalars(select(FrontierPoint).where(FrontierPoint.plan_id == plan_id).order_by(FrontierPoint.index))
+    )
 
 
 def _point(session: Session, plan_id: str, index: int) -> FrontierPoint | None:
     if len(plan_id) > 64:
         return None
-    return session.scalars(select(FrontierPoint).where(FrontierPoint.plan_id == plan_id,
-                                                       FrontierPoint.index == index)).first()
+    return session.scalars(
+        select(FrontierPoint).where(FrontierPoint.plan_id == plan_id, FrontierPoint.index == index)
+    ).first()
 
 
 def _metric_name(plan: Plan, points: list[FrontierPoint]) -> str:
@@ -592,8 +707,9 @@ def _metric_name(plan: Plan, points: list[FrontierPoint]) -> str:
 @pages.get("/latency")
 def latency_index(request: Request) -> Response:
     with request.app.state.sessions() as session:
-        counts = dict(session.execute(select(LatencyMeasurement.plan_id, func.count())
-                                      .group_by(LatencyMeasurement.plan_id)).all())
+        counts = dict(
+            session.execute(select(LatencyMeasurement.plan_id, func.count()).group_by(LatencyMeasurement.plan_id)).all()
+        )
         plans = session.scalars(select(Plan).where(Plan.id.in_(counts)).order_by(Plan.created_at.desc())).all()
         names = {m.id: m.name for m in session.scalars(select(Model).where(Model.id.in_({p.model_id for p in plans})))}
     return render(request, "latency_index.html", active="Latency", plans=plans, counts=counts, model_names=names)
@@ -606,17 +722,36 @@ def latency_page(request: Request, plan_id: str) -> Response:
         if plan is None:
             return not_found(request, f"plan {plan_id!r}")
         model = session.get(Model, plan.model_id)
-        rows = session.scalars(select(LatencyMeasurement).where(LatencyMeasurement.plan_id == plan_id)
-                               .order_by(LatencyMeasurement.device_description, LatencyMeasurement.created_at)).all()
+        rows = session.scalars(
+            select(LatencyMeasurement)
+            .where(LatencyMeasurement.plan_id == plan_id)
+            .order_by(LatencyMeasurement.device_description, LatencyMeasurement.created_at)
+        ).all()
     devices: dict[str, list[LatencyMeasurement]] = {}
     for row in rows:
         devices.setdefault(row.device_description, []).append(row)
-    chart = {"devices": [{"device": device,
-                          "labels": [f"batch {r.batch_size}, {r.created_at:%m-%d %H:%M}" for r in group],
-                          "mean_ms": [r.mean_ms for r in group], "p50_ms": [r.p50_ms for r in group],
-                          "p90_ms": [r.p90_ms for r in group]} for device, group in devices.items()]}
-    return render(request, "latency.html", active="Latency", plan=plan, model=model, devices=devices, chart=chart,
-                  charts=bool(rows))
+    chart = {
+        "devices": [
+            {
+                "device": device,
+                "labels": [f"batch {r.batch_size}, {r.created_at:%m-%d %H:%M}" for r in group],
+                "mean_ms": [r.mean_ms for r in group],
+                "p50_ms": [r.p50_ms for r in group],
+                "p90_ms": [r.p90_ms for r in group],
+            }
+            for device, group in devices.items()
+        ]
+    }
+    return render(
+        request,
+        "latency.html",
+        active="Latency",
+        plan=plan,
+        model=model,
+        devices=devices,
+        chart=chart,
+        charts=bool(rows),
+    )
 
 
 # ---------------------------------------------------------------- jobs

@@ -22,13 +22,18 @@ from service.settings import Settings
 
 
 def register(commands) -> None:
-    demo = commands.add_parser("demo", help="train a small model, plan it through the API, serve the dashboard",
-                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    demo = commands.add_parser(
+        "demo",
+        help="train a small model, plan it through the API, serve the dashboard",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     demo.add_argument("--out", type=Path, default=Path("mpq-demo"), help="where the model, data and artifact go")
     demo.add_argument("--port", type=int, help="override MPQ_PORT")
     demo.add_argument("--no-serve", action="store_true", help="exit after the plan instead of serving")
-    demo.add_argument("--budget-fraction", type=float, default=0.3,
-                      help="size budget as a fraction of the float model (default 0.3)")
+    demo.add_argument(
+        "--budget-fraction", type=float, default=0.3, help="size budget as a fraction of the float model (default 0.3)"
+    )
     demo.set_defaults(handler=run_demo)
 
 
@@ -64,8 +69,10 @@ def _make_inputs(out: Path) -> tuple[Path, Path, Path]:
 
     started = time.perf_counter()
     model, digits = trained_digits_cnn()
-    print(f"trained the digits CNN in {time.perf_counter() - started:.1f} s: "
-          f"test accuracy {100 * accuracy(model, digits.test_x, digits.test_y):.2f}%")
+    print(
+        f"trained the digits CNN in {time.perf_counter() - started:.1f} s: "
+        f"test accuracy {100 * accuracy(model, digits.test_x, digits.test_y):.2f}%"
+    )
     proto = export_onnx(model, torch.from_numpy(digits.train_x[:1]))
     paths = out / "digits-cnn.onnx", out / "calibration.npz", out / "evaluation.npz"
     paths[0].write_bytes(proto.SerializeToString())
@@ -84,8 +91,11 @@ def _start_server(settings: Settings) -> tuple[threading.Thread, str]:
     engine = make_engine(settings.resolved_database_url)
     upgrade(engine)
     engine.dispose()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host=settings.host, port=settings.port,
-                                           log_level="warning", **SERVER_OPTIONS))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings), host=settings.host, port=settings.port, log_level="warning", **SERVER_OPTIONS
+        )
+    )
     thread = threading.Thread(target=server.run, daemon=True, name="mpq-demo-server")
     thread.server = server  # type: ignore[attr-defined]
     thread.start()
@@ -104,18 +114,30 @@ def _stop_server(thread: threading.Thread) -> None:
     thread.join(timeout=15)
 
 
-def _plan(client: MpqClient, model_path: Path, calib_path: Path, eval_path: Path, budget_fraction: float,
-          out: TextIO) -> str:
+def _plan(
+    client: MpqClient, model_path: Path, calib_path: Path, eval_path: Path, budget_fraction: float, out: TextIO
+) -> str:
     model = client.upload_model(model_path, "digits-cnn")
     calibration = client.upload_dataset(calib_path, "digits-calibration")
     evaluation = client.upload_dataset(eval_path, "digits-evaluation")
     budget = int(model["size_bytes"] * budget_fraction)
-    print(f"uploaded model {model['id']} ({model['layer_count']} layers, {model['size_bytes']} bytes); "
-          f"planning under {budget} bytes", file=out)
-    job = client.submit("/v1/plans", {
-        "model_id": model["id"], "calibration_dataset_id": calibration["id"],
-        "evaluation_dataset_id": evaluation["id"], "method": "interlayer", "search": "pareto",
-        "constraints": {"max_size_bytes": budget}, "options": {"seed": 0, "batch_size": 256}})
+    print(
+        f"uploaded model {model['id']} ({model['layer_count']} layers, {model['size_bytes']} bytes); "
+        f"planning under {budget} bytes",
+        file=out,
+    )
+    job = client.submit(
+        "/v1/plans",
+        {
+            "model_id": model["id"],
+            "calibration_dataset_id": calibration["id"],
+            "evaluation_dataset_id": evaluation["id"],
+            "method": "interlayer",
+            "search": "pareto",
+            "constraints": {"max_size_bytes": budget},
+            "options": {"seed": 0, "batch_size": 256},
+        },
+    )
     job = client.wait(job["id"], on_progress=follow_job(ProgressPrinter(out)), poll_s=0.5)
     if job["status"] != "succeeded":
         raise SystemExit(f"mpq: the plan job {job['status']}: {job['error']}")
@@ -132,11 +154,17 @@ def print_plan(plan: dict[str, Any], frontier: list[dict[str, Any]], out: TextIO
         m = point["measured"] or {}
         metric = f"{m['metric']:9.2f}" if m else f"{'-':>9}"
         drop = f"{m['drop']:8.2f}" if m else f"{'-':>8}"
-        print(f"  {point['index']:>2} {point['size_bytes'] / 1024:9.1f} {point['predicted_loss_change']:13.5f} "
-              f"{metric} {drop}", file=out)
-    print(f"\nchosen plan {plan['id']}: {measured['metric_name']} {measured['metric']:.2f}% "
-          f"(float {measured['baseline']:.2f}%, drop {measured['drop']:.2f} pp), "
-          f"{plan['artifact']['size_bytes']} bytes", file=out)
+        print(
+            f"  {point['index']:>2} {point['size_bytes'] / 1024:9.1f} {point['predicted_loss_change']:13.5f} "
+            f"{metric} {drop}",
+            file=out,
+        )
+    print(
+        f"\nchosen plan {plan['id']}: {measured['metric_name']} {measured['metric']:.2f}% "
+        f"(float {measured['baseline']:.2f}%, drop {measured['drop']:.2f} pp), "
+        f"{plan['artifact']['size_bytes']} bytes",
+        file=out,
+    )
     nodes = measured.get("layer_nodes") or {}
     for layer, candidate in plan["assignment"].items():
         node = (nodes.get(layer) or {}).get("node_name") or "-"

@@ -20,8 +20,9 @@ PROBLEM_MEDIA_TYPE = "application/problem+json"
 class Problem(Exception):
     """Raise to answer with a problem document."""
 
-    def __init__(self, status: int, detail: str, *, title: str | None = None, headers: dict[str, str] | None = None,
-                 **extra: Any) -> None:
+    def __init__(
+        self, status: int, detail: str, *, title: str | None = None, headers: dict[str, str] | None = None, **extra: Any
+    ) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
@@ -30,10 +31,21 @@ class Problem(Exception):
         self.extra = extra
 
 
-def problem_response(status: int, detail: str, *, title: str | None = None, instance: str | None = None,
-                     headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
-    body: dict[str, Any] = {"type": "about:blank", "title": title or HTTPStatus(status).phrase, "status": status,
-                            "detail": detail}
+def problem_response(
+    status: int,
+    detail: str,
+    *,
+    title: str | None = None,
+    instance: str | None = None,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> JSONResponse:
+    body: dict[str, Any] = {
+        "type": "about:blank",
+        "title": title or HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+    }
     if instance:
         body["instance"] = instance
     body.update(extra)
@@ -43,8 +55,9 @@ def problem_response(status: int, detail: str, *, title: str | None = None, inst
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> JSONResponse:
-        return problem_response(exc.status, exc.detail, title=exc.title, instance=request.url.path,
-                                headers=exc.headers, **exc.extra)
+        return problem_response(
+            exc.status, exc.detail, title=exc.title, instance=request.url.path, headers=exc.headers, **exc.extra
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -53,8 +66,9 @@ def install_error_handlers(app: FastAPI) -> None:
             detail = f"no route {request.method} {request.url.path}; see /docs for the API"
         if exc.status_code == 405:
             detail = f"{request.method} is not allowed on {request.url.path}"
-        return problem_response(exc.status_code, detail, instance=request.url.path,
-                                headers=getattr(exc, "headers", None))
+        return problem_response(
+            exc.status_code, detail, instance=request.url.path, headers=getattr(exc, "headers", None)
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -65,5 +79,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(DataError)
     async def _data(request: Request, exc: DataError) -> JSONResponse:
         # e.g. a NUL byte in a text field, which PostgreSQL cannot store
-        return problem_response(422, "the request holds a value the database cannot store (control characters "
-                                     "such as NUL bytes are not allowed in names and ids)", instance=request.url.path)
+        return problem_response(
+            422,
+            "the request holds a value the database cannot store (control characters "
+            "such as NUL bytes are not allowed in names and ids)",
+            instance=request.url.path,
+        )

@@ -117,11 +117,11 @@ class EmbeddedExecutor(_BackgroundLoop):
         if not free:
             return
         with self.sessions() as session:
-            queued = session.scalars(select(Job.id).where(Job.status == jobs.QUEUED)
-                                     .order_by(Job.created_at).limit(len(free))).all()
+            queued = session.scalars(
+                select(Job.id).where(Job.status == jobs.QUEUED).order_by(Job.created_at).limit(len(free))
+            ).all()
         for slot, job_id in zip(free, queued):
-            thread = threading.Thread(target=self._run_slot, args=(job_id, slot), daemon=True,
-                                      name=f"mpq-slot-{slot}")
+            thread = threading.Thread(target=self._run_slot, args=(job_id, slot), daemon=True, name=f"mpq-slot-{slot}")
             self._slots[slot] = thread
             thread.start()
 
@@ -141,8 +141,9 @@ class CeleryExecutor(_BackgroundLoop):
 
     thread_name = "mpq-reaper"
 
-    def __init__(self, settings: Settings, sessions: sessionmaker[Session], poll_s: float = 2.0,
-                 resend_after_s: float = 60.0) -> None:
+    def __init__(
+        self, settings: Settings, sessions: sessionmaker[Session], poll_s: float = 2.0, resend_after_s: float = 60.0
+    ) -> None:
         from service.celery_app import make_celery
 
         super().__init__()

@@ -44,8 +44,9 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 LOGIN_BODY_BYTES = 4096  # the login form holds one token
 # These stream their body into the blob store under MPQ_MAX_UPLOAD_BYTES (service/transfer.receive_upload);
 # the API's routes are service/registry.py's, the dashboard's service/dashboard.upload.
-UPLOAD_ROUTES = frozenset({("POST", "/v1/models"), ("POST", "/v1/datasets"),
-                           ("POST", "/upload/models"), ("POST", "/upload/datasets")})
+UPLOAD_ROUTES = frozenset(
+    {("POST", "/v1/models"), ("POST", "/v1/datasets"), ("POST", "/upload/models"), ("POST", "/upload/datasets")}
+)
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 Origin = tuple[str, str, int]  # scheme, host (IPv6 in brackets), port
@@ -102,8 +103,14 @@ class Guard:
                 _check_declared_length(headers, *bound)
                 receive = _bounded(receive, *bound)
         except Problem as problem:
-            await problem_response(problem.status, problem.detail, title=problem.title, instance=path,
-                                   headers=problem.headers, **problem.extra)(scope, receive, send)
+            await problem_response(
+                problem.status,
+                problem.detail,
+                title=problem.title,
+                instance=path,
+                headers=problem.headers,
+                **problem.extra,
+            )(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
@@ -116,9 +123,12 @@ def check_host(headers: Headers, settings: Settings) -> None:
     host = headers.get("host", "")
     name = split_host(host)[0]
     if name is None or name not in settings.allowed_host_names:
-        raise Problem(400, f"the Host header {host[:100]!r} is not a name of this server: add the name to "
-                           "MPQ_ALLOWED_HOSTS (comma-separated; 127.0.0.1, localhost and [::1] are always allowed)",
-                      title="Unknown host")
+        raise Problem(
+            400,
+            f"the Host header {host[:100]!r} is not a name of this server: add the name to "
+            "MPQ_ALLOWED_HOSTS (comma-separated; 127.0.0.1, localhost and [::1] are always allowed)",
+            title="Unknown host",
+        )
 
 
 def check_origin(headers: Headers, scheme: str) -> None:
@@ -136,9 +146,12 @@ def check_origin(headers: Headers, scheme: str) -> None:
 
 
 def _cross_site(reason: str) -> Problem:
-    return Problem(403, f"cross-site request refused: {reason}. State-changing requests must come from this "
-                        "server's own pages, or from clients that send no Origin (CI, curl)",
-                   title="Cross-site request")
+    return Problem(
+        403,
+        f"cross-site request refused: {reason}. State-changing requests must come from this "
+        "server's own pages, or from clients that send no Origin (CI, curl)",
+        title="Cross-site request",
+    )
 
 
 def split_host(host: str) -> tuple[str | None, int | None]:
@@ -146,7 +159,7 @@ def split_host(host: str) -> tuple[str | None, int | None]:
     host = host.strip().lower()
     if host.startswith("["):
         end = host.find("]")
-        name, rest = (host[:end + 1], host[end + 1:]) if end > 0 else ("", "")
+        name, rest = (host[: end + 1], host[end + 1 :]) if end > 0 else ("", "")
     else:
         name, colon, port = host.partition(":")
         rest = colon + port

@@ -23,8 +23,9 @@ def params_hash(config_dict: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
 
-def compute_or_reuse_sensitivity(context: ChildContext, method: str, options: dict[str, Any],
-                                 model: Any = None, sample_axes: Any = None) -> tuple[dict, bool]:
+def compute_or_reuse_sensitivity(
+    context: ChildContext, method: str, options: dict[str, Any], model: Any = None, sample_axes: Any = None
+) -> tuple[dict, bool]:
     """The stored result of this analysis on the job's model and calibration data, computing (and
     handing it to the supervisor to store) if there is none. Returns (result dict, reused).
     ``model``: the job's model already normalised (``sensitivity.normalize.NormalizedModel``), if it is.
@@ -53,8 +54,11 @@ def compute_or_reuse_sensitivity(context: ChildContext, method: str, options: di
     calibration = context.arrays("calibration")
     with context.model_path() as path:
         try:
-            program = (load_program(path, context.model["format"], calibration, axes) if model is None
-                       else load_onnx(model, sample_axes=axes))
+            program = (
+                load_program(path, context.model["format"], calibration, axes)
+                if model is None
+                else load_onnx(model, sample_axes=axes)
+            )
             result = compute_sensitivity(program, calibration, config, progress)
         except ValueError as error:  # bad inputs: unsupported ops, arrays not matching the model, a refused .pt2
             raise JobInputError(str(error)) from None
@@ -66,9 +70,12 @@ def compute_or_reuse_sensitivity(context: ChildContext, method: str, options: di
 @job_handler("sensitivity")
 def sensitivity_job(context: ChildContext) -> dict[str, Any]:
     # jobs submitted before the sample_axes field have none: the declared shapes say
-    _result, reused = compute_or_reuse_sensitivity(context, context.params["method"],
-                                                   context.params.get("options", {}),
-                                                   sample_axes=context.params.get("sample_axes"))
+    _result, reused = compute_or_reuse_sensitivity(
+        context,
+        context.params["method"],
+        context.params.get("options", {}),
+        sample_axes=context.params.get("sample_axes"),
+    )
     return {"cached": reused}
 
 
@@ -82,9 +89,15 @@ def latency_job(context: ChildContext) -> dict[str, Any]:
         model_bytes = path.read_bytes()
     inputs = {k: v for k, v in context.arrays("calibration").items() if k != "labels"}
     # the plan's own sample axes (its stored request: service.job_types.prepare_latency)
-    measured = measure_latency(model_bytes, inputs, device=params.get("device", "auto"),
-                               warmup=params.get("warmup", 10), repeats=params["repeats"],
-                               batch_size=params["batch_size"], sample_axes=context.model.get("sample_axes"))
+    measured = measure_latency(
+        model_bytes,
+        inputs,
+        device=params.get("device", "auto"),
+        warmup=params.get("warmup", 10),
+        repeats=params["repeats"],
+        batch_size=params["batch_size"],
+        sample_axes=context.model.get("sample_axes"),
+    )
     return {"latency": asdict(measured)}
 
 
@@ -107,15 +120,22 @@ def plan_job(context: ChildContext) -> dict[str, Any]:
     except ValueError as error:
         raise JobInputError(str(error)) from None
     options = {k: v for k, v in config.items() if k != "type"}
-    sensitivity_data, _ = compute_or_reuse_sensitivity(context, request.method, options, normalized,
-                                                       request.sample_axes)  # a stored one if any
+    sensitivity_data, _ = compute_or_reuse_sensitivity(
+        context, request.method, options, normalized, request.sample_axes
+    )  # a stored one if any
 
     def progress(phase: str, fraction: float, message: str) -> None:
         context.progress(f"plan:{phase}", fraction, message)
 
     try:
-        result = plan(normalized, calibration, request, evaluation=context.arrays_if_given("evaluation"),
-                      sensitivity=SensitivityResult.from_dict(sensitivity_data), progress=progress)
+        result = plan(
+            normalized,
+            calibration,
+            request,
+            evaluation=context.arrays_if_given("evaluation"),
+            sensitivity=SensitivityResult.from_dict(sensitivity_data),
+            progress=progress,
+        )
     except NoFeasiblePlan as error:
         raise JobInputError(str(error), code="infeasible") from None
     except ValueError as error:

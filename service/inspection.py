@@ -116,8 +116,10 @@ def _check_without_weights(model) -> None:
             size = len(tensor.raw_data)  # a copy of this one tensor's bytes, freed at once
             tensor.ClearField("raw_data")
             if size != expected:
-                raise InvalidUpload(f"initializer {tensor.name!r} holds {size} bytes of raw data; its shape "
-                                    f"{list(tensor.dims)} and element type need {expected}")
+                raise InvalidUpload(
+                    f"initializer {tensor.name!r} holds {size} bytes of raw data; its shape "
+                    f"{list(tensor.dims)} and element type need {expected}"
+                )
             tensor.data_location = onnx.TensorProto.EXTERNAL
             for key, value in (("location", "weights.bin"), ("offset", str(moved)), ("length", str(size))):
                 tensor.external_data.add(key=key, value=value)
@@ -152,8 +154,11 @@ def _check_element_types(model) -> None:
 
     known = set(onnx.TensorProto.DataType.values())
     typed = [(t.name, t.data_type) for t in model.graph.initializer]
-    typed += [(v.name, v.type.tensor_type.elem_type) for v in [*model.graph.input, *model.graph.output]
-              if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type]
+    typed += [
+        (v.name, v.type.tensor_type.elem_type)
+        for v in [*model.graph.input, *model.graph.output]
+        if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type
+    ]
     for name, element_type in typed:
         if element_type not in known:
             raise InvalidUpload(f"tensor {name!r} has element type {element_type}, which ONNX does not define")
@@ -212,8 +217,9 @@ def _normalized(model):
 
 def _bounded_layers(layers: list[Any]) -> list[Any]:
     if len(layers) > MAX_LAYERS:
-        raise InvalidUpload(f"the model has {len(layers)} weight layers; this service plans at most {MAX_LAYERS} "
-                            "per model")
+        raise InvalidUpload(
+            f"the model has {len(layers)} weight layers; this service plans at most {MAX_LAYERS} per model"
+        )
     return layers
 
 
@@ -256,15 +262,19 @@ def check_members(members: list[zipfile.ZipInfo], limits: Limits) -> None:
         raise InvalidUpload(f"the archive holds {len(members)} files; at most {limits.max_archive_members} allowed")
     total = sum(m.file_size for m in members)
     if total > limits.max_decompressed_bytes:
-        raise InvalidUpload(f"the archive unpacks to {total} bytes, over the limit of {limits.max_decompressed_bytes} "
-                            "(MPQ_MAX_DECOMPRESSED_BYTES)")
+        raise InvalidUpload(
+            f"the archive unpacks to {total} bytes, over the limit of {limits.max_decompressed_bytes} "
+            "(MPQ_MAX_DECOMPRESSED_BYTES)"
+        )
     for member in members:
         if not _safe_relative(member.filename):
             raise InvalidUpload(f"archive member {member.filename!r} points outside the archive")
         if member.file_size > RATIO_FLOOR_BYTES and member.file_size > MAX_COMPRESSION_RATIO * member.compress_size:
-            raise InvalidUpload(f"archive member {member.filename!r} unpacks {member.file_size // member.compress_size}"
-                                f" times larger than it is packed (at most {MAX_COMPRESSION_RATIO}: a decompression "
-                                "bomb?); store it uncompressed (zip -0, numpy.savez)")
+            raise InvalidUpload(
+                f"archive member {member.filename!r} unpacks {member.file_size // member.compress_size}"
+                f" times larger than it is packed (at most {MAX_COMPRESSION_RATIO}: a decompression "
+                "bomb?); store it uncompressed (zip -0, numpy.savez)"
+            )
 
 
 def _safe_relative(name: str) -> bool:
@@ -278,10 +288,22 @@ def _inspect_pt2(file: IO[bytes], limits: Limits) -> dict[str, Any]:
     summary = _check_pt2(file, limits.max_archive_members)
     model = summary.model("model")
     weights = _bounded_layers([entry for entry in model.parameters if len(entry.shape) >= 2])
-    layers = [{"name": entry.name, "op_type": None, "node_name": None, "shape": list(entry.shape),
-               "num_params": math.prod(entry.shape)} for entry in weights]
-    return {"format": "torch_export", "opset": None, "details": {"programs": list(summary.model_names)},
-            "layers": layers}
+    layers = [
+        {
+            "name": entry.name,
+            "op_type": None,
+            "node_name": None,
+            "shape": list(entry.shape),
+            "num_params": math.prod(entry.shape),
+        }
+        for entry in weights
+    ]
+    return {
+        "format": "torch_export",
+        "opset": None,
+        "details": {"programs": list(summary.model_names)},
+        "layers": layers,
+    }
 
 
 def _check_pt2(file: IO[bytes], max_members: int = 4096):
@@ -344,8 +366,9 @@ def _placeholder_for(tensor, model_member: str, sizes: dict[str, int], root: str
     offset, length = _int_entry(tensor, entries, "offset"), _int_entry(tensor, entries, "length")
     end = offset + length
     if end > sizes[member]:
-        raise InvalidUpload(f"tensor {tensor.name!r} reads bytes {offset}..{end} of {location!r}, which holds "
-                            f"{sizes[member]}")
+        raise InvalidUpload(
+            f"tensor {tensor.name!r} reads bytes {offset}..{end} of {location!r}, which holds {sizes[member]}"
+        )
     path = os.path.join(root, member)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "ab") as placeholder:
@@ -370,8 +393,10 @@ def inspect_dataset(file: IO[bytes], limits: Limits) -> dict[str, Any]:
     """Read the npz's array headers (never a pickle) and check they form a dataset; float arrays
     are also read, in chunks, for NaN and infinite values (``_non_finite``)."""
     if not zipfile.is_zipfile(file):
-        raise InvalidUpload("a dataset must be a complete .npz file (numpy.savez) with one array per model input; "
-                            "this upload is not one, or it is truncated")
+        raise InvalidUpload(
+            "a dataset must be a complete .npz file (numpy.savez) with one array per model input; "
+            "this upload is not one, or it is truncated"
+        )
     try:
         archive = zipfile.ZipFile(file)
         members = archive.infolist()
@@ -396,7 +421,9 @@ def _array_header(archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> dict[str
     with archive.open(member) as file:
         try:
             version = np.lib.format.read_magic(file)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
             shape, fortran_order, dtype = read_header(file)
         except (ValueError, OSError, SyntaxError, EOFError, zipfile.BadZipFile) as error:
             raise InvalidUpload(f"array {name!r} has no valid .npy header: {error}") from None
@@ -404,8 +431,9 @@ def _array_header(archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> dict[str
         _check_kind(name, dtype)
         expected = header_size + math.prod(shape) * dtype.itemsize  # Python ints: a hostile shape cannot overflow
         if member.file_size != expected:
-            raise InvalidUpload(f"array {name!r} has {member.file_size} bytes, but its header's shape {list(shape)} "
-                                f"needs {expected}")
+            raise InvalidUpload(
+                f"array {name!r} has {member.file_size} bytes, but its header's shape {list(shape)} needs {expected}"
+            )
         non_finite = _non_finite(file, tuple(shape), dtype, fortran_order)
     description: dict[str, Any] = {"shape": list(shape), "dtype": dtype.name}
     return description if non_finite is None else {**description, "non_finite": non_finite}
@@ -413,9 +441,7 @@ def _array_header(archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> dict[str
 
 def _check_kind(name: str, dtype: np.dtype) -> None:
     if dtype.hasobject:
-        raise InvalidUpload(
-            f"array {name!r} holds Python objects (a pickle); only numeric arrays are accepted"
-        )
+        raise InvalidUpload(f"array {name!r} holds Python objects (a pickle); only numeric arrays are accepted")
     if dtype.kind not in "biuf":
         raise InvalidUpload(f"array {name!r} has dtype {dtype}; only bool, integer and float arrays are accepted")
 
@@ -458,7 +484,7 @@ def _bad_indices(bad: np.ndarray, shape: tuple[int, ...], start: int) -> list[np
         mask = np.zeros(size, bool)
         hit = np.moveaxis(bad, axis, 0).reshape(bad.shape[axis], -1).any(axis=1)
         if axis == 0:
-            mask[start:start + len(hit)] = hit
+            mask[start : start + len(hit)] = hit
         else:
             mask = hit
         masks.append(mask)
@@ -484,9 +510,15 @@ def _describe_dataset(arrays: dict[str, dict[str, Any]]) -> dict[str, Any]:
 # ---------------------------------------------------------------- job requests
 
 
-def check_job_request(file: IO[bytes], model_format: str, method: str, options: dict[str, Any],
-                      plan: dict[str, Any] | None, datasets: dict[str, dict[str, Any]],
-                      sample_axes: dict[str, int | None] | None = None) -> None:
+def check_job_request(
+    file: IO[bytes],
+    model_format: str,
+    method: str,
+    options: dict[str, Any],
+    plan: dict[str, Any] | None,
+    datasets: dict[str, dict[str, Any]],
+    sample_axes: dict[str, int | None] | None = None,
+) -> None:
     """Up-front checks of a sensitivity or plan request that need the libraries. Raises InvalidUpload.
 
     - the options build a valid analysis configuration; for plans, the whole request builds the
@@ -513,8 +545,10 @@ def check_job_request(file: IO[bytes], model_format: str, method: str, options: 
         raise InvalidUpload(str(error)) from None
     if model_format == "torch_export":
         if plan is not None:
-            raise InvalidUpload("plans export quantized ONNX and need an ONNX model; torch.export archives "
-                                "support sensitivity analyses only")
+            raise InvalidUpload(
+                "plans export quantized ONNX and need an ONNX model; torch.export archives "
+                "support sensitivity analyses only"
+            )
         if sample_axes:
             raise InvalidUpload(PT2_SAMPLE_AXES)
         _check_pt2(file)  # again: an archive stored before today's checks existed must not reach a worker
@@ -532,8 +566,10 @@ def described_arrays(arrays: dict[str, dict[str, Any]]) -> dict[str, np.ndarray]
     """A stored dataset description ({name: {shape, dtype}}) as arrays of those shapes and dtypes that
     hold no data (one zero, broadcast: no memory whatever the shape). The libraries' input checks and
     sample counts read shapes and dtypes only, so they judge the upload as they judge the file locally."""
-    return {name: np.broadcast_to(np.zeros((), np.dtype(info["dtype"])), tuple(info["shape"]))
-            for name, info in arrays.items()}
+    return {
+        name: np.broadcast_to(np.zeros((), np.dtype(info["dtype"])), tuple(info["shape"]))
+        for name, info in arrays.items()
+    }
 
 
 def _check_datasets(model, datasets: dict[str, dict[str, Any]], sample_axes: dict[str, int | None] | None) -> None:
@@ -606,17 +642,26 @@ def _check_plan(model, plan: dict[str, Any], calibration: dict[str, Any]) -> Non
     if constraints.get("max_size_bytes") is not None:
         smallest = _smallest_size(model, names)
         if constraints["max_size_bytes"] < smallest:
-            raise InvalidUpload(f"max_size_bytes {constraints['max_size_bytes']} is below the smallest "
-                                f"configuration of these candidates ({smallest} bytes)", code="infeasible")
+            raise InvalidUpload(
+                f"max_size_bytes {constraints['max_size_bytes']} is below the smallest "
+                f"configuration of these candidates ({smallest} bytes)",
+                code="infeasible",
+            )
     if constraints.get("max_bops") is not None:
         fewest = _fewest_bops(model, _one_sample_shapes(model, calibration, plan.get("sample_axes")), names)
         if fewest is not None and constraints["max_bops"] < fewest:
-            raise InvalidUpload(f"max_bops {constraints['max_bops']:g} is below the fewest BOPS of any "
-                                f"configuration of these candidates ({fewest:g} at batch size 1)", code="infeasible")
+            raise InvalidUpload(
+                f"max_bops {constraints['max_bops']:g} is below the fewest BOPS of any "
+                f"configuration of these candidates ({fewest:g} at batch size 1)",
+                code="infeasible",
+            )
 
 
-def _one_sample_shapes(model, calibration: dict[str, Any], sample_axes: dict[str, int | None] | None,
-                       ) -> dict[str, tuple[int, ...]]:
+def _one_sample_shapes(
+    model,
+    calibration: dict[str, Any],
+    sample_axes: dict[str, int | None] | None,
+) -> dict[str, tuple[int, ...]]:
     """The calibration arrays' shapes with one sample on each input's sample axis (shared inputs whole),
     as ``planner.plan`` counts BOPS (per sample)."""
     from planner.export import check_inputs
@@ -635,8 +680,9 @@ def _smallest_size(model, names: tuple[str, ...]) -> int:
     from sensitivity.layers import find_layers
 
     layers = find_layers(model)
-    costs = [LayerCost(layer.name, layer.op_type, 0, layer.num_params, layer.shape[layer.channel_axis])
-             for layer in layers]
+    costs = [
+        LayerCost(layer.name, layer.op_type, 0, layer.num_params, layer.shape[layer.channel_axis]) for layer in layers
+    ]
     other, graph = unchanged_bytes(model, {layer.name for layer in layers})  # as the planner counts them
     return other + graph + sum(min(layer_size_bytes(cost, name) for name in names) for cost in costs)
 
@@ -653,8 +699,11 @@ def _fewest_bops(model, shapes: dict[str, tuple[int, ...]], names: tuple[str, ..
 
 # ---------------------------------------------------------------- the sandboxed process
 
-FUNCTIONS: dict[str, Callable[..., Any]] = {"model": inspect_model, "dataset": inspect_dataset,
-                                            "job_request": check_job_request}
+FUNCTIONS: dict[str, Callable[..., Any]] = {
+    "model": inspect_model,
+    "dataset": inspect_dataset,
+    "job_request": check_job_request,
+}
 
 
 def answer(request: dict[str, Any], file: IO[bytes], limits: Limits) -> dict[str, Any]:
@@ -669,12 +718,16 @@ def answer(request: dict[str, Any], file: IO[bytes], limits: Limits) -> dict[str
     except InvalidUpload as error:
         return {"invalid": str(error), "code": error.code}
     except MemoryError:
-        return {"invalid": "inspecting the upload needs more memory than the inspector's budget "
-                           "(MPQ_INSPECT_MEMORY_BYTES)", "code": "bad_input"}
+        return {
+            "invalid": "inspecting the upload needs more memory than the inspector's budget (MPQ_INSPECT_MEMORY_BYTES)",
+            "code": "bad_input",
+        }
     except Exception as error:  # a parser choking on hostile bytes: refused, and the traceback logged
         traceback.print_exc()
-        return {"invalid": f"the upload could not be read ({type(error).__name__}: {str(error)[:200]})",
-                "code": "bad_input"}
+        return {
+            "invalid": f"the upload could not be read ({type(error).__name__}: {str(error)[:200]})",
+            "code": "bad_input",
+        }
 
 
 def main() -> None:
@@ -697,8 +750,13 @@ def main() -> None:
         try:
             channel.send(reply)
         except ValueError:  # longer than the channel takes (service.inspector.MAX_REPLY_BYTES)
-            channel.send({"invalid": f"the upload's description (names and shapes of its layers, inputs and "
-                                     f"outputs) exceeds {channel.max_frame_bytes} bytes of JSON", "code": "bad_input"})
+            channel.send(
+                {
+                    "invalid": f"the upload's description (names and shapes of its layers, inputs and "
+                    f"outputs) exceeds {channel.max_frame_bytes} bytes of JSON",
+                    "code": "bad_input",
+                }
+            )
 
 
 if __name__ == "__main__":

@@ -34,9 +34,17 @@ REQUESTS_PER_PROCESS = {"upload": 1, "job": JOB_REQUESTS_PER_PROCESS}
 
 
 class Inspector:
-    def __init__(self, limits: Limits, sandbox: SandboxLimits, processes: int = 2, timeout_s: float = 60.0,
-                 hide: list[Path] | None = None, queue_timeout_s: float = 30.0, module: str = "service.inspection",
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        limits: Limits,
+        sandbox: SandboxLimits,
+        processes: int = 2,
+        timeout_s: float = 60.0,
+        hide: list[Path] | None = None,
+        queue_timeout_s: float = 30.0,
+        module: str = "service.inspection",
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.module = module  # what the sandboxed processes run (tests swap in a double)
         self.env = env
         self.limits = limits
@@ -60,9 +68,16 @@ class Inspector:
     def dataset(self, path: Path) -> dict[str, Any]:
         return self._ask("dataset", path)
 
-    def job_request(self, path: Path, model_format: str, method: str, options: dict[str, Any],
-                    plan: dict[str, Any] | None = None, datasets: dict[str, dict[str, Any]] | None = None,
-                    sample_axes: dict[str, int | None] | None = None) -> None:
+    def job_request(
+        self,
+        path: Path,
+        model_format: str,
+        method: str,
+        options: dict[str, Any],
+        plan: dict[str, Any] | None = None,
+        datasets: dict[str, dict[str, Any]] | None = None,
+        sample_axes: dict[str, int | None] | None = None,
+    ) -> None:
         """``datasets``: role ("calibration", "evaluation") -> the stored array descriptions."""
         self._ask("job_request", path, [model_format, method, options, plan, datasets or {}, sample_axes or {}])
 
@@ -77,8 +92,9 @@ class Inspector:
             answered = False
             try:
                 with path.open("rb") as file:
-                    child.channel.send({"function": function, "args": args or [], "limits": asdict(self.limits)},
-                                       [file.fileno()])
+                    child.channel.send(
+                        {"function": function, "args": args or [], "limits": asdict(self.limits)}, [file.fileno()]
+                    )
                 reply = child.channel.receive(self.timeout_s)
                 answered = reply is not None
             except ChannelClosed:
@@ -88,13 +104,17 @@ class Inspector:
         finally:
             self._slots.release()
         if reply is None:
-            raise InvalidUpload(f"inspecting the upload took longer than {self.timeout_s:.0f} s "
-                                "(MPQ_INSPECT_TIME_LIMIT_S); it was stopped")
+            raise InvalidUpload(
+                f"inspecting the upload took longer than {self.timeout_s:.0f} s "
+                "(MPQ_INSPECT_TIME_LIMIT_S); it was stopped"
+            )
         message, _fds = reply
         if "value" in message:
             return message["value"]
-        raise InvalidUpload(str(message.get("invalid", "the upload could not be inspected")),
-                            code="infeasible" if message.get("code") == "infeasible" else "bad_input")
+        raise InvalidUpload(
+            str(message.get("invalid", "the upload could not be inspected")),
+            code="infeasible" if message.get("code") == "infeasible" else "bad_input",
+        )
 
     def _take_spare(self, kind: str) -> Child:
         with self._changed:
@@ -152,8 +172,9 @@ class Inspector:
                     return
             requests = REQUESTS_PER_PROCESS[kind]
             # CPU time adds up over a process's requests; the wall-clock limit bounds each one
-            limits = replace(self.sandbox, cpu_time_s=self.sandbox.cpu_time_s * requests,
-                             max_frame_bytes=MAX_REPLY_BYTES)
+            limits = replace(
+                self.sandbox, cpu_time_s=self.sandbox.cpu_time_s * requests, max_frame_bytes=MAX_REPLY_BYTES
+            )
             env = {**(self.env or {}), "MPQ_INSPECTOR_KIND": kind, "MPQ_INSPECTOR_REQUESTS": str(requests)}
             try:
                 child = start_child(self.module, limits, env=env, hide=self.hide)
@@ -192,6 +213,8 @@ def _crash_message(child: Child) -> dict[str, str]:
     child.kill()
     code = child.process.returncode
     if code is not None and code < 0:
-        return {"invalid": f"inspecting the upload crashed the inspector (signal {-code}); it is not a valid model "
-                           "or dataset, or it needs more than the inspector's memory budget (MPQ_INSPECT_MEMORY_BYTES)"}
+        return {
+            "invalid": f"inspecting the upload crashed the inspector (signal {-code}); it is not a valid model "
+            "or dataset, or it needs more than the inspector's memory budget (MPQ_INSPECT_MEMORY_BYTES)"
+        }
     return {"invalid": "inspecting the upload crashed the inspector; it is not a valid model or dataset"}

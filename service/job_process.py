@@ -73,8 +73,7 @@ class ChildContext:
         return reply.get("result")
 
     def save_sensitivity(self, method: str, params_hash: str, result: dict[str, Any]) -> None:
-        self.channel.send({"kind": "save_sensitivity", "method": method, "params_hash": params_hash,
-                           "result": result})
+        self.channel.send({"kind": "save_sensitivity", "method": method, "params_hash": params_hash, "result": result})
 
     # ------------------------------------------------ inputs and outputs
 
@@ -164,14 +163,20 @@ def run(context: ChildContext) -> dict[str, Any]:
     except JobInputError as error:
         return {"kind": "failed", "code": error.code, "message": str(error)}
     except MemoryError:
-        return {"kind": "failed", "code": "resource_limit",
-                "message": "the job ran out of its memory budget (MPQ_JOB_MEMORY_BYTES); use a smaller batch_size "
-                           "or fewer probes per pass, or raise the budget"}
+        return {
+            "kind": "failed",
+            "code": "resource_limit",
+            "message": "the job ran out of its memory budget (MPQ_JOB_MEMORY_BYTES); use a smaller batch_size "
+            "or fewer probes per pass, or raise the budget",
+        }
     except OSError as error:
         if error.errno != errno.EFBIG:
             raise
-        return {"kind": "failed", "code": "resource_limit",
-                "message": "the job wrote a file larger than its limit (MPQ_MAX_DECOMPRESSED_BYTES)"}
+        return {
+            "kind": "failed",
+            "code": "resource_limit",
+            "message": "the job wrote a file larger than its limit (MPQ_MAX_DECOMPRESSED_BYTES)",
+        }
     except Exception as error:  # the job fails with a reason; the supervisor keeps the traceback in the log
         context.log(traceback.format_exc())
         return {"kind": "failed", "code": "internal", "message": f"internal error: {type(error).__name__}: {error}"}

@@ -81,8 +81,9 @@ def save_rows(sessions: sessionmaker[Session], *rows: Any) -> None:
 # ---------------------------------------------------------------- sensitivity
 
 
-def _model_and_datasets(sessions: sessionmaker[Session], model_id: str,
-                        datasets: dict[str, str | None]) -> tuple[Model, dict[str, Dataset]]:
+def _model_and_datasets(
+    sessions: sessionmaker[Session], model_id: str, datasets: dict[str, str | None]
+) -> tuple[Model, dict[str, Dataset]]:
     """The job's model and datasets (role -> id, None for absent ones); a row deleted since
     submission is the user's doing."""
     with sessions() as session:
@@ -112,8 +113,11 @@ def store_sensitivity(done: Finished, payload: dict[str, Any]) -> dict[str, Any]
 
 
 def prepare_plan(sessions: sessionmaker[Session], params: dict[str, Any]) -> JobInputs:
-    model, datasets = _model_and_datasets(sessions, params["model_id"], {
-        "calibration": params["calibration_dataset_id"], "evaluation": params.get("evaluation_dataset_id")})
+    model, datasets = _model_and_datasets(
+        sessions,
+        params["model_id"],
+        {"calibration": params["calibration_dataset_id"], "evaluation": params.get("evaluation_dataset_id")},
+    )
     return _inputs(model, datasets, artifact=True, rows={"model_id": model.id})
 
 
@@ -133,33 +137,62 @@ def store_plan(done: Finished, payload: dict[str, Any]) -> dict[str, Any]:
             delete_if_unused(done.sessions, done.store, sha256)
         raise
     plan_row = rows[1]
-    return {"plan_id": plan_row.id, "sensitivity_result_id": done.sensitivity_result_id,
-            "meets_constraints": plan_row.predicted["meets_constraints"]}
+    return {
+        "plan_id": plan_row.id,
+        "sensitivity_result_id": done.sensitivity_result_id,
+        "meets_constraints": plan_row.predicted["meets_constraints"],
+    }
 
 
 def _plan_rows(done: Finished, data: dict[str, Any], latency: Any, sha256: str, size: int) -> list[Any]:
     """[artifact, plan, frontier points..., latency measurement] in the order they must be inserted."""
     params = done.params
-    artifact = Artifact(id=new_id(), sha256=sha256, size_bytes=size, kind="quantized_model", owner=done.inputs.owner,
-                        filename=f"{done.inputs.model_name.removesuffix('.onnx')}-mixed.onnx")
+    artifact = Artifact(
+        id=new_id(),
+        sha256=sha256,
+        size_bytes=size,
+        kind="quantized_model",
+        owner=done.inputs.owner,
+        filename=f"{done.inputs.model_name.removesuffix('.onnx')}-mixed.onnx",
+    )
     chosen = data["plan"]
-    plan_row = Plan(id=new_id(), job_id=done.job_id, model_id=done.inputs.rows["model_id"],
-                    calibration_dataset_id=params["calibration_dataset_id"],
-                    evaluation_dataset_id=params.get("evaluation_dataset_id"), search=params["search"],
-                    request={**params, "sensitivity_result_id": done.sensitivity_result_id},
-                    assignment=chosen["layers"],
-                    predicted={**chosen["predicted"], "meets_constraints": bool(data["meets_constraints"])},
-                    measured={**(chosen["measured"] or {}), "uniform": data["uniform"],
-                              "evaluations": data["evaluations"], "search": data["search"],
-                              "timings": data["timings"], "activation_terms": data["activation_terms"],
-                              "excluded": data.get("excluded", []), "layer_nodes": data.get("layer_nodes", {})},
-                    artifact_id=artifact.id, versions=data["versions"])
+    plan_row = Plan(
+        id=new_id(),
+        job_id=done.job_id,
+        model_id=done.inputs.rows["model_id"],
+        calibration_dataset_id=params["calibration_dataset_id"],
+        evaluation_dataset_id=params.get("evaluation_dataset_id"),
+        search=params["search"],
+        request={**params, "sensitivity_result_id": done.sensitivity_result_id},
+        assignment=chosen["layers"],
+        predicted={**chosen["predicted"], "meets_constraints": bool(data["meets_constraints"])},
+        measured={
+            **(chosen["measured"] or {}),
+            "uniform": data["uniform"],
+            "evaluations": data["evaluations"],
+            "search": data["search"],
+            "timings": data["timings"],
+            "activation_terms": data["activation_terms"],
+            "excluded": data.get("excluded", []),
+            "layer_nodes": data.get("layer_nodes", {}),
+        },
+        artifact_id=artifact.id,
+        versions=data["versions"],
+    )
     rows: list[Any] = [artifact, plan_row]
-    rows += [FrontierPoint(plan_id=plan_row.id, index=index, assignment=point["layers"],
-                           size_bytes=point["predicted"]["size_bytes"], bops=point["predicted"]["bops"],
-                           predicted_loss_change=_predicted_by_method(point["predicted"], params["method"]),
-                           predicted=point["predicted"], measured=point["measured"] or {})
-             for index, point in enumerate(data["frontier"])]
+    rows += [
+        FrontierPoint(
+            plan_id=plan_row.id,
+            index=index,
+            assignment=point["layers"],
+            size_bytes=point["predicted"]["size_bytes"],
+            bops=point["predicted"]["bops"],
+            predicted_loss_change=_predicted_by_method(point["predicted"], params["method"]),
+            predicted=point["predicted"],
+            measured=point["measured"] or {},
+        )
+        for index, point in enumerate(data["frontier"])
+    ]
     if latency is not None:
         rows.append(LatencyMeasurement(plan_id=plan_row.id, artifact_id=artifact.id, **latency_fields(latency)))
     return rows
@@ -181,13 +214,25 @@ def prepare_latency(sessions: sessionmaker[Session], params: dict[str, Any]) -> 
     if plan is None or artifact is None or calibration is None:
         raise JobInputError("the plan, its artifact or its calibration dataset was deleted")
     # plans stored before the sample_axes field have none: the artifact's declared shapes say
-    return JobInputs(artifact.filename, "onnx", {"model": artifact.sha256, "calibration": calibration.sha256},
-                     rows={"plan_id": plan.id, "artifact_id": artifact.id},
-                     sample_axes=dict(plan.request.get("sample_axes") or {}))
+    return JobInputs(
+        artifact.filename,
+        "onnx",
+        {"model": artifact.sha256, "calibration": calibration.sha256},
+        rows={"plan_id": plan.id, "artifact_id": artifact.id},
+        sample_axes=dict(plan.request.get("sample_axes") or {}),
+    )
 
 
-LATENCY_FIELDS = {"mean_ms": float, "p50_ms": float, "p90_ms": float, "batch_size": int, "repeats": int,
-                  "device_description": str, "provider": str, "onnxruntime_version": str}
+LATENCY_FIELDS = {
+    "mean_ms": float,
+    "p50_ms": float,
+    "p90_ms": float,
+    "batch_size": int,
+    "repeats": int,
+    "device_description": str,
+    "provider": str,
+    "onnxruntime_version": str,
+}
 
 
 def latency_fields(data: Any) -> dict[str, Any]:
@@ -203,8 +248,11 @@ def latency_fields(data: Any) -> dict[str, Any]:
 
 
 def store_latency(done: Finished, payload: dict[str, Any]) -> dict[str, Any]:
-    row = LatencyMeasurement(plan_id=done.inputs.rows["plan_id"], artifact_id=done.inputs.rows["artifact_id"],
-                             **latency_fields(payload.get("latency")))
+    row = LatencyMeasurement(
+        plan_id=done.inputs.rows["plan_id"],
+        artifact_id=done.inputs.rows["artifact_id"],
+        **latency_fields(payload.get("latency")),
+    )
     save_rows(done.sessions, row)
     return {"latency_measurement_id": row.id}
 

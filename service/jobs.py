@@ -57,9 +57,19 @@ def claim(sessions: sessionmaker[Session], job_id: str, worker: str) -> Job | No
     def attempt() -> Job | None:
         now = utcnow()
         with sessions() as session, session.begin():
-            claimed = session.execute(update(Job).where(Job.id == job_id, Job.status == QUEUED).values(
-                status=RUNNING, worker_id=worker, started_at=now, heartbeat_at=now, attempts=Job.attempts + 1,
-                progress_phase="starting", error=None)).rowcount
+            claimed = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == QUEUED)
+                .values(
+                    status=RUNNING,
+                    worker_id=worker,
+                    started_at=now,
+                    heartbeat_at=now,
+                    attempts=Job.attempts + 1,
+                    progress_phase="starting",
+                    error=None,
+                )
+            ).rowcount
             if claimed:
                 return session.get(Job, job_id)
             # a retry after a dropped connection may find its own earlier claim committed
@@ -69,8 +79,16 @@ def claim(sessions: sessionmaker[Session], job_id: str, worker: str) -> Job | No
     return retrying(attempt)
 
 
-def finish(sessions: sessionmaker[Session], job_id: str, status: str, *, error: str | None = None,
-           result: dict[str, Any] | None = None, log_tail: str | None = None, only_worker: str | None = None) -> bool:
+def finish(
+    sessions: sessionmaker[Session],
+    job_id: str,
+    status: str,
+    *,
+    error: str | None = None,
+    result: dict[str, Any] | None = None,
+    log_tail: str | None = None,
+    only_worker: str | None = None,
+) -> bool:
     """running|queued -> a finished state. Returns whether this call made the transition."""
     values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "error": error}
     if status == SUCCEEDED:
@@ -82,6 +100,7 @@ def finish(sessions: sessionmaker[Session], job_id: str, status: str, *, error: 
     condition = [Job.id == job_id, Job.status.in_((QUEUED, RUNNING))]
     if only_worker is not None:
         condition.append(Job.worker_id == only_worker)
+
     def attempt() -> bool:
         with sessions() as session, session.begin():
             return bool(session.execute(update(Job).where(*condition).values(**values)).rowcount)
@@ -108,14 +127,17 @@ def requeue_or_fail(sessions: sessionmaker[Session], job: Job, reason: str, max_
         if job.cancel_requested:
             new_status, values = CANCELLED, {"finished_at": utcnow(), "error": f"cancelled; {reason}"}
         elif job.attempts < max_attempts:
-            new_status, values = QUEUED, {"worker_id": None, "progress_phase": "requeued",
-                                          "progress_message": reason, "heartbeat_at": None}
+            new_status, values = (
+                QUEUED,
+                {"worker_id": None, "progress_phase": "requeued", "progress_message": reason, "heartbeat_at": None},
+            )
         else:
-            new_status, values = FAILED, {"finished_at": utcnow(),
-                                          "error": f"{reason} (after {job.attempts} attempts)"}
-        moved = session.execute(update(Job).where(Job.id == job.id, Job.status == RUNNING,
-                                                  Job.worker_id == job.worker_id)
-                                .values(status=new_status, **values)).rowcount
+            new_status, values = FAILED, {"finished_at": utcnow(), "error": f"{reason} (after {job.attempts} attempts)"}
+        moved = session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.status == RUNNING, Job.worker_id == job.worker_id)
+            .values(status=new_status, **values)
+        ).rowcount
     if moved:
         logger.warning("job %s: %s -> %s", job.id, reason, new_status)
     return new_status if moved else job.status
@@ -124,9 +146,18 @@ def requeue_or_fail(sessions: sessionmaker[Session], job: Job, reason: str, max_
 def requeue_after_shutdown(sessions: sessionmaker[Session], job: Job) -> None:
     """The server stopped the job on purpose: back to the queue, and the attempt does not count."""
     with sessions() as session, session.begin():
-        session.execute(update(Job).where(Job.id == job.id, Job.status == RUNNING, Job.worker_id == job.worker_id)
-                        .values(status=QUEUED, worker_id=None, heartbeat_at=None, progress_phase="requeued",
-                                progress_message="the server shut down", attempts=Job.attempts - 1))
+        session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.status == RUNNING, Job.worker_id == job.worker_id)
+            .values(
+                status=QUEUED,
+                worker_id=None,
+                heartbeat_at=None,
+                progress_phase="requeued",
+                progress_message="the server shut down",
+                attempts=Job.attempts - 1,
+            )
+        )
 
 
 def reap_stale(sessions: sessionmaker[Session], settings: Settings) -> list[tuple[str, str]]:

@@ -90,5 +90,5 @@ class SensitivityCache:
 
     def _prune(self) -> None:
         entries = sorted(self.folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
-        for stale in entries[self.max_entries:]:
+        for stale in entries[self.max_entries :]:
             stale.unlink(missing_ok=True)

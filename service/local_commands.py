@@ -36,9 +36,11 @@ HVP_CHOICES = ("auto", "double_backward", "forward_over_reverse")
 DEFAULT_MEMORY_BUDGET_MB = 4096
 MiB = 1024 * 1024
 DATA_HELP = "calibration arrays (.npz): one per model input, optionally 'labels'"
-SAMPLE_AXIS_HELP = ("the axis input NAME holds its samples on (AXIS an integer), or 'none' for an input shared by "
-                    "every sample (one value, e.g. a sample rate); repeatable. Default: read off the model's declared "
-                    "input shapes (axis 0, the first dynamic axis beside a fixed dim 0, none for a rank-0 input)")
+SAMPLE_AXIS_HELP = (
+    "the axis input NAME holds its samples on (AXIS an integer), or 'none' for an input shared by "
+    "every sample (one value, e.g. a sample rate); repeatable. Default: read off the model's declared "
+    "input shapes (axis 0, the first dynamic axis beside a fixed dim 0, none for a rank-0 input)"
+)
 
 
 class BadInput(ValueError):
@@ -65,28 +67,46 @@ def _add_sensitivity(subparsers: argparse._SubParsersAction) -> None:
     command.add_argument("--max-probes", type=int, help="Hutchinson probes (power iterations for hawq_v1) at most")
     command.add_argument("--tol", type=float, help="relative standard error (hawq_v1: relative change) to stop at")
     command.add_argument("--seed", type=int, default=0)
-    command.add_argument("--batch-size", type=int, default=256,
-                         help="calibration samples per forward pass at most (lowered to fit --memory-budget-mb)")
+    command.add_argument(
+        "--batch-size",
+        type=int,
+        default=256,
+        help="calibration samples per forward pass at most (lowered to fit --memory-budget-mb)",
+    )
     command.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     command.add_argument("--sample-axis", action="append", default=[], metavar="NAME=AXIS", help=SAMPLE_AXIS_HELP)
     _add_budget_options(command)
-    command.add_argument("--hvp-method", choices=HVP_CHOICES, default="auto",
-                         help="Hessian-vector products by double backward or forward-over-reverse; auto times one "
-                              "probe of each on the model and takes the faster")
+    command.add_argument(
+        "--hvp-method",
+        choices=HVP_CHOICES,
+        default="auto",
+        help="Hessian-vector products by double backward or forward-over-reverse; auto times one "
+        "probe of each on the model and takes the faster",
+    )
     command.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     add_server_options(command)
     command.set_defaults(handler=sensitivity_command)
 
 
 def _add_budget_options(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--memory-budget-mb", type=int, default=DEFAULT_MEMORY_BUDGET_MB,
-                         help=f"memory of the analysis in MiB (default {DEFAULT_MEMORY_BUDGET_MB}): the batch size "
-                              "and probes per pass are lowered to fit it, as measured; 0 uses --batch-size as given")
-    command.add_argument("--time-budget-s", type=float,
-                         help="stop the Hutchinson probes after this many seconds, with the standard errors reached")
-    command.add_argument("--no-cache", action="store_true",
-                         help="neither reuse nor store a finished sensitivity result (cached by model, data and "
-                              "settings in $MPQ_CACHE_DIR or ~/.cache/mpq/sensitivity)")
+    command.add_argument(
+        "--memory-budget-mb",
+        type=int,
+        default=DEFAULT_MEMORY_BUDGET_MB,
+        help=f"memory of the analysis in MiB (default {DEFAULT_MEMORY_BUDGET_MB}): the batch size "
+        "and probes per pass are lowered to fit it, as measured; 0 uses --batch-size as given",
+    )
+    command.add_argument(
+        "--time-budget-s",
+        type=float,
+        help="stop the Hutchinson probes after this many seconds, with the standard errors reached",
+    )
+    command.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="neither reuse nor store a finished sensitivity result (cached by model, data and "
+        "settings in $MPQ_CACHE_DIR or ~/.cache/mpq/sensitivity)",
+    )
 
 
 def _add_plan(subparsers: argparse._SubParsersAction) -> None:
@@ -100,23 +120,39 @@ def _add_plan(subparsers: argparse._SubParsersAction) -> None:
     command.add_argument("model", metavar="MODEL", help="ONNX model (.onnx)")
     command.add_argument("--data", required=True, metavar="CALIB.npz", help=DATA_HELP)
     command.add_argument("--eval-data", metavar="EVAL.npz", help="evaluation arrays (default: the calibration set)")
-    command.add_argument("--method", choices=PLAN_METHODS, default="hawq_v2",
-                         help="hawq_v2: diagonal Ω; interlayer: gradient and cross-layer terms (calibrate it on "
-                              "data the model was not trained on: docs/search.md)")
+    command.add_argument(
+        "--method",
+        choices=PLAN_METHODS,
+        default="hawq_v2",
+        help="hawq_v2: diagonal Ω; interlayer: gradient and cross-layer terms (calibrate it on "
+        "data the model was not trained on: docs/search.md)",
+    )
     command.add_argument("--search", choices=("pareto", "bisection"), default="pareto")
     command.add_argument("--candidates", default=DEFAULT_CANDIDATES, help=f"comma-separated ({DEFAULT_CANDIDATES})")
     budget = command.add_mutually_exclusive_group()
-    budget.add_argument("--max-size-mb", type=float,
-                        help="budget: the model file in MiB (computed, then checked on the artifact: docs/search.md)")
+    budget.add_argument(
+        "--max-size-mb",
+        type=float,
+        help="budget: the model file in MiB (computed, then checked on the artifact: docs/search.md)",
+    )
     budget.add_argument("--max-bops", type=float, help="budget: bit operations per sample")
     budget.add_argument("--max-latency-ms", type=float, help="budget: measured median latency per batch")
     command.add_argument("--max-drop", type=float, help="largest drop in percentage points (bisection needs it)")
-    command.add_argument("--metric", choices=PLAN_METRICS, default="auto",
-                         help="what --max-drop is measured on (default auto: top-1 for class scores, cosine for "
-                              "embeddings and dense maps, per-step agreement for [N, T, C] sequences)")
-    command.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
-                         help="keep these layers fp32: a layer (weight initializer) name, a node name or a glob "
-                              "pattern (* and ?) matched against both; repeat it or separate patterns by commas")
+    command.add_argument(
+        "--metric",
+        choices=PLAN_METRICS,
+        default="auto",
+        help="what --max-drop is measured on (default auto: top-1 for class scores, cosine for "
+        "embeddings and dense maps, per-step agreement for [N, T, C] sequences)",
+    )
+    command.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="keep these layers fp32: a layer (weight initializer) name, a node name or a glob "
+        "pattern (* and ?) matched against both; repeat it or separate patterns by commas",
+    )
     command.add_argument("--sample-axis", action="append", default=[], metavar="NAME=AXIS", help=SAMPLE_AXIS_HELP)
     command.add_argument("--seed", type=int, default=0)
     command.add_argument("--max-probes", type=int, help="Hutchinson probes at most (sensitivity)")
@@ -175,8 +211,7 @@ def plan_command(args: argparse.Namespace, settings: Any = None) -> int:
         evaluation = load_npz(args.eval_data, "--eval-data") if args.eval_data else None
         _check_output(args.out)
         cached = _cached_sensitivity(args, request.sensitivity_config(), progress, request.sample_axes)
-        result = plan(model, calibration, request, evaluation=evaluation, sensitivity=cached.result,
-                      progress=progress)
+        result = plan(model, calibration, request, evaluation=evaluation, sensitivity=cached.result, progress=progress)
         cached.store_dict(result.sensitivity)
     except NoFeasiblePlan as error:
         progress.finish()
@@ -207,8 +242,10 @@ def plan_warnings(document: Mapping[str, Any]) -> list[str]:
     measured = document["plan"]["measured"]
     if document["request"].get("max_drop") is not None or measured["drop"] <= LARGE_DROP_PP:
         return []
-    warning = (f"the plan's {measured['metric_name']} dropped {measured['drop']:.2f} pp ({measured['metric']:.2f} % "
-               f"against {measured['baseline']:.2f} % for the float model) and nothing bounded it: give --max-drop")
+    warning = (
+        f"the plan's {measured['metric_name']} dropped {measured['drop']:.2f} pp ({measured['metric']:.2f} % "
+        f"against {measured['baseline']:.2f} % for the float model) and nothing bounded it: give --max-drop"
+    )
     return [warning]
 
 
@@ -252,8 +289,9 @@ def _bad_input(error: Exception, progress: ProgressPrinter, *, as_json: bool) ->
     return report_failure(str(error), EXIT_BAD_INPUT, as_json=as_json, problem="bad_input")
 
 
-def report_failure(message: str, exit_code: int, *, as_json: bool, problem: str | None = None,
-                   job_id: str | None = None) -> int:
+def report_failure(
+    message: str, exit_code: int, *, as_json: bool, problem: str | None = None, job_id: str | None = None
+) -> int:
     """Say why the command failed on stderr and, with ``--json``, as one JSON document on stdout
     (``jq -e`` in a pipeline reads it whatever the exit code); returns ``exit_code``. Local and
     remote commands fail through it."""
@@ -291,7 +329,7 @@ def load_onnx_file(path: str):
         raise BadInput(f"MODEL: no such file {path!r}")
     try:
         model = onnx.load(path)
-    except Exception as error:  # noqa: BLE001 - protobuf raises several types for a bad file
+    except Exception as error:
         raise BadInput(f"MODEL: {path!r} is not a valid ONNX model ({type(error).__name__}: {error})") from None
     if not model.graph.node:
         raise BadInput(f"MODEL: {path!r} is not a valid ONNX model (its graph has no nodes)")
@@ -344,8 +382,13 @@ def sensitivity_config(args: argparse.Namespace):
     """The analysis configuration the options ask for (BadInput when they are invalid)."""
     from sensitivity.results import EigenConfig, InterLayerConfig, TraceConfig
 
-    shared = {"seed": args.seed, "batch_size": args.batch_size, "device": args.device,
-              "hvp_method": args.hvp_method, **budget_options(args)}
+    shared = {
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "device": args.device,
+        "hvp_method": args.hvp_method,
+        **budget_options(args),
+    }
     try:
         if args.method == "hawq_v1":
             return EigenConfig(**shared, **_optional(tolerance=args.tol, max_iterations=args.max_probes))
@@ -491,7 +534,10 @@ def sensitivity_document(method: str, result) -> dict[str, Any]:
             row["eigen_converged"] = eigen[info.name].converged
         layers.append(row)
     document: dict[str, Any] = {
-        "method": method, "loss": result.loss, "loss_kind": result.loss_kind, "loss_reason": result.loss_reason,
+        "method": method,
+        "loss": result.loss,
+        "loss_kind": result.loss_kind,
+        "loss_reason": result.loss_reason,
         "layers": layers,
     }
     if result.interlayer is not None:
@@ -520,8 +566,7 @@ def sensitivity_document(method: str, result) -> dict[str, Any]:
 def sensitivity_table(document: Mapping[str, Any]) -> str:
     """A readable table of the per-layer figures; the node column helps where exporters named the
     weights anonymously (onnx::MatMul_984)."""
-    header = (f"{'layer':<32} {'node':<40} {'op':<8} {'params':>9} {'avg trace':>12} {'± stderr':>11} "
-              f"{'probes':>6}")
+    header = f"{'layer':<32} {'node':<40} {'op':<8} {'params':>9} {'avg trace':>12} {'± stderr':>11} {'probes':>6}"
     with_eigen = any("eigenvalue" in row for row in document["layers"])
     if with_eigen:
         header += f" {'eigenvalue':>12}"
@@ -532,8 +577,10 @@ def sensitivity_table(document: Mapping[str, Any]) -> str:
         error = "-" if row["stderr"] is None else f"{row['stderr'] / row['n_params']:.2g}"
         probes = "-" if row["probes"] is None else str(row["probes"])
         node = shortened(row.get("node_name") or "-", 40)
-        line = (f"{row['name']:<32} {node:<40} {row['op_type']:<8} {row['n_params']:>9} {average:>12} {error:>11} "
-                f"{probes:>6}")
+        line = (
+            f"{row['name']:<32} {node:<40} {row['op_type']:<8} {row['n_params']:>9} {average:>12} {error:>11} "
+            f"{probes:>6}"
+        )
         if with_eigen:
             line += f" {row.get('eigenvalue', float('nan')):>12.4g}"
         lines.append(line)

@@ -11,8 +11,12 @@ PT2_SAMPLE_AXES = "sample_axes applies to ONNX models; a torch.export archive ta
 SENSITIVITY_METHODS = {"hawq_v2": "TraceConfig", "hawq_v1": "EigenConfig", "interlayer": "InterLayerConfig"}
 
 
-def load_program(path: Path, model_format: str, samples: Mapping[str, Any] | None = None,
-                 sample_axes: Mapping[str, int | None] | None = None):
+def load_program(
+    path: Path,
+    model_format: str,
+    samples: Mapping[str, Any] | None = None,
+    sample_axes: Mapping[str, int | None] | None = None,
+):
     """The program of a stored model; ONNX is normalised first, an opset upgrade checked on ``samples``
     (the calibration arrays) before the analysis starts. ``sample_axes`` (a request's) are merged over
     the ONNX model's declared ones (``sensitivity.samples``); a torch.export archive takes samples on
@@ -56,7 +60,14 @@ def plan_request(params: Mapping[str, Any]):
     constraints = {k: v for k, v in params.get("constraints", {}).items() if v is not None}
     # plans submitted before the metric field have none: auto, what they were measured with since;
     # before the exclude field, none: nothing was excluded; before sample_axes, none: the declared shapes'
-    return PlanRequest(method=params["method"], search=params["search"], candidates=params["candidates"],
-                       metric=params.get("metric", "auto"), exclude=params.get("exclude", ()),
-                       sample_axes=params.get("sample_axes") or {}, seed=seed, sensitivity_options=options,
-                       **constraints)
+    return PlanRequest(
+        method=params["method"],
+        search=params["search"],
+        candidates=params["candidates"],
+        metric=params.get("metric", "auto"),
+        exclude=params.get("exclude", ()),
+        sample_axes=params.get("sample_axes") or {},
+        seed=seed,
+        sensitivity_options=options,
+        **constraints,
+    )

@@ -48,16 +48,24 @@ class RegistryKind:
 def registry_router(kind: RegistryKind) -> APIRouter:
     router = APIRouter(prefix=kind.path, tags=[kind.path.strip("/")])
 
-    @router.post("", status_code=201, response_model=kind.out, openapi_extra=BINARY_BODY,
-                 summary=f"Upload a {kind.noun} as the raw request body")
+    @router.post(
+        "",
+        status_code=201,
+        response_model=kind.out,
+        openapi_extra=BINARY_BODY,
+        summary=f"Upload a {kind.noun} as the raw request body",
+    )
     async def upload(request: Request, name: Annotated[str | None, Query(max_length=200)] = None):
         row = await store_upload(request, kind, name)
         return await run_in_threadpool(kind.out.model_validate, row)  # up to 16,384 layers: off the event loop
 
     @router.get("", response_model=kind.page, summary=f"List {kind.noun}s, newest first")
-    def list_items(request: Request, limit: Annotated[int, Query(ge=1, le=500)] = 50,
-                   offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
-                   sha256: Annotated[str | None, Query(pattern="^[0-9a-f]{64}$")] = None):
+    def list_items(
+        request: Request,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+        sha256: Annotated[str | None, Query(pattern="^[0-9a-f]{64}$")] = None,
+    ):
         with request.app.state.sessions() as session:
             query = select(kind.table).options(*(defer(getattr(kind.table, column)) for column in kind.unlisted))
             if sha256:
@@ -72,24 +80,35 @@ def registry_router(kind: RegistryKind) -> APIRouter:
             return kind.out.model_validate(_get_or_404(session, kind, item_id))
 
     @router.head("/{item_id}/file", include_in_schema=False)  # headers only: service/transfer.blob_response
-    @router.get("/{item_id}/file", summary=f"Download the {kind.noun}'s file",
-                responses={200: {"content": {"application/octet-stream": {}}}})
+    @router.get(
+        "/{item_id}/file",
+        summary=f"Download the {kind.noun}'s file",
+        responses={200: {"content": {"application/octet-stream": {}}}},
+    )
     def download(request: Request, item_id: str) -> Response:
         with request.app.state.sessions() as session:
             row = _get_or_404(session, kind, item_id)
         filename = f"{row.name}{'' if row.name.endswith(kind.download_suffix) else kind.download_suffix}"
         return blob_response(request, request.app.state.store, row.sha256, filename, "application/octet-stream")
 
-    @router.delete("/{item_id}", status_code=204, summary=f"Delete a {kind.noun}, the plans made from it and "
-                   "their artifacts", responses={409: {"description": "queued or running jobs use it"}})
+    @router.delete(
+        "/{item_id}",
+        status_code=204,
+        summary=f"Delete a {kind.noun}, the plans made from it and their artifacts",
+        responses={409: {"description": "queued or running jobs use it"}},
+    )
     def delete(request: Request, item_id: str) -> Response:
         state = request.app.state
         with state.sessions() as session, session.begin():
             row = _get_or_404(session, kind, item_id)
             busy = jobs_using(session, kind.table, row.id)
             if busy:
-                raise Problem(409, f"{len(busy)} queued or running jobs use this {kind.noun} (e.g. {busy[0]}): cancel "
-                                   "them (POST /v1/jobs/{id}/cancel) or wait for them to finish", jobs=busy)
+                raise Problem(
+                    409,
+                    f"{len(busy)} queued or running jobs use this {kind.noun} (e.g. {busy[0]}): cancel "
+                    "them (POST /v1/jobs/{id}/cancel) or wait for them to finish",
+                    jobs=busy,
+                )
             hashes = delete_upload(session, row)
         delete_if_unused(state.sessions, state.store, *hashes)
         state.plan_cache.clear()  # the delete cascaded to the plans made from it
@@ -108,9 +127,13 @@ async def store_upload(request: Request, kind: RegistryKind, name: str | None) -
     async with state.uploads.slot(owner or _client_address(request)) as slot:
         declared = request.headers.get("content-length", "")
         await run_in_threadpool(check_quota, state, owner, int(declared) if declared.isdigit() else 0)
-        writer = await receive_upload(request, state.store, state.settings.max_upload_bytes,
-                                      UploadPace(state.settings.upload_idle_timeout_s,
-                                                 state.settings.upload_min_bytes_per_s), slot)
+        writer = await receive_upload(
+            request,
+            state.store,
+            state.settings.max_upload_bytes,
+            UploadPace(state.settings.upload_idle_timeout_s, state.settings.upload_min_bytes_per_s),
+            slot,
+        )
         try:
             await run_in_threadpool(check_quota, state, owner, writer.size)
             fields = await run_in_threadpool(kind.inspect, state.inspector, writer.path)
@@ -135,8 +158,13 @@ def _store_row(state, kind: RegistryKind, writer, name: str | None, owner: str |
     try:
         with state.store.reference_lock():  # a concurrent delete of the same bytes waits for our row
             sha256 = writer.commit()
-            row = kind.table(name=(name or f"{kind.noun}-{sha256[:12]}"), sha256=sha256, size_bytes=writer.size,
-                             owner=owner, **fields)
+            row = kind.table(
+                name=(name or f"{kind.noun}-{sha256[:12]}"),
+                sha256=sha256,
+                size_bytes=writer.size,
+                owner=owner,
+                **fields,
+            )
             with state.sessions() as session, session.begin():
                 session.add(row)
             return row
@@ -154,15 +182,22 @@ def check_quota(state, owner: str | None, incoming: int) -> None:
         if owner is not None and settings.quota_bytes_per_owner is not None:
             used = stored_bytes(session, owner)
             if used + incoming > settings.quota_bytes_per_owner:
-                raise Problem(413, f"this token stores {used} bytes; {incoming} more would pass its quota of "
-                                   f"{settings.quota_bytes_per_owner} (MPQ_QUOTA_BYTES_PER_OWNER): delete models, "
-                                   "datasets or plans first", headers={"Connection": "close"})
+                raise Problem(
+                    413,
+                    f"this token stores {used} bytes; {incoming} more would pass its quota of "
+                    f"{settings.quota_bytes_per_owner} (MPQ_QUOTA_BYTES_PER_OWNER): delete models, "
+                    "datasets or plans first",
+                    headers={"Connection": "close"},
+                )
         if settings.quota_bytes_total is not None:
             used = stored_bytes(session, everyone=True)
             if used + incoming > settings.quota_bytes_total:
-                raise Problem(507, f"the server stores {used} bytes; {incoming} more would pass its total quota of "
-                                   f"{settings.quota_bytes_total} (MPQ_QUOTA_BYTES_TOTAL)",
-                              headers={"Connection": "close"})
+                raise Problem(
+                    507,
+                    f"the server stores {used} bytes; {incoming} more would pass its total quota of "
+                    f"{settings.quota_bytes_total} (MPQ_QUOTA_BYTES_TOTAL)",
+                    headers={"Connection": "close"},
+                )
 
 
 def _client_address(request: Request) -> str:

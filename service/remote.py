@@ -54,7 +54,9 @@ def _run_job(client: MpqClient, route: str, body: dict[str, Any], args: argparse
     job = client.submit(route, body, idempotency_key=uuid.uuid4().hex)
     print(f"mpq: job {job['id']} on {args.server}", file=sys.stderr)
     _check_sample_axes_kept(client, job, body)
-    return client.wait(job["id"], on_progress=follow_job(ProgressPrinter(sys.stderr)), poll_s=1.0, timeout_s=args.timeout)
+    return client.wait(
+        job["id"], on_progress=follow_job(ProgressPrinter(sys.stderr)), poll_s=1.0, timeout_s=args.timeout
+    )
 
 
 def _check_sample_axes_kept(client: MpqClient, job: dict[str, Any], body: dict[str, Any]) -> None:
@@ -62,8 +64,10 @@ def _check_sample_axes_kept(client: MpqClient, job: dict[str, Any], body: dict[s
     read every input's samples off its declared shapes: its job is cancelled rather than waited for."""
     if body.get("sample_axes") and job.get("params", {}).get("sample_axes") != body["sample_axes"]:
         client.cancel(job["id"])
-        raise ValueError("the server ignores --sample-axis (its mpq predates sample_axes; job cancelled): upgrade "
-                         "it or run this command without --server")
+        raise ValueError(
+            "the server ignores --sample-axis (its mpq predates sample_axes; job cancelled): upgrade "
+            "it or run this command without --server"
+        )
 
 
 def _job_exit(job: dict[str, Any], args: argparse.Namespace) -> int | None:
@@ -73,20 +77,24 @@ def _job_exit(job: dict[str, Any], args: argparse.Namespace) -> int | None:
         return None
     code = (job.get("result") or {}).get("error_code")
     exit_code = {"infeasible": EXIT_INFEASIBLE, "bad_input": EXIT_BAD_INPUT}.get(code, EXIT_FAILED)
-    return report_failure(f"the job {job['status']}: {job.get('error') or ''}", exit_code, as_json=args.json,
-                          problem=code, job_id=job["id"])
+    return report_failure(
+        f"the job {job['status']}: {job.get('error') or ''}",
+        exit_code,
+        as_json=args.json,
+        problem=code,
+        job_id=job["id"],
+    )
 
 
 def _uploads(client: MpqClient, args: argparse.Namespace, *data_options: str) -> tuple[dict, list[dict | None]]:
     model = client.upload_model(Path(args.model))
-    datasets = [client.upload_dataset(Path(getattr(args, o))) if getattr(args, o, None) else None
-                for o in data_options]
+    datasets = [client.upload_dataset(Path(getattr(args, o))) if getattr(args, o, None) else None for o in data_options]
     return model, datasets
 
 
 def remote_sensitivity(args: argparse.Namespace) -> int:
-    from service.local_commands import sample_axes_option, sensitivity_config, sensitivity_document, sensitivity_table
     from sensitivity.results import SensitivityResult
+    from service.local_commands import sample_axes_option, sensitivity_config, sensitivity_document, sensitivity_table
 
     try:
         config = sensitivity_config(args)
@@ -113,12 +121,19 @@ def remote_plan(args: argparse.Namespace) -> int:
         request = plan_request(args)
         with _client(args) as client:
             model, (calibration, evaluation) = _uploads(client, args, "data", "eval_data")
-            body = {"model_id": model["id"], "calibration_dataset_id": calibration["id"],
-                    "evaluation_dataset_id": evaluation["id"] if evaluation else None,
-                    "method": request.method, "search": request.search, "candidates": list(request.candidates),
-                    "constraints": request.constraints(), "metric": request.metric, "exclude": list(request.exclude),
-                    "options": {"seed": request.seed, **dict(request.sensitivity_options)},
-                    "sample_axes": dict(request.sample_axes)}
+            body = {
+                "model_id": model["id"],
+                "calibration_dataset_id": calibration["id"],
+                "evaluation_dataset_id": evaluation["id"] if evaluation else None,
+                "method": request.method,
+                "search": request.search,
+                "candidates": list(request.candidates),
+                "constraints": request.constraints(),
+                "metric": request.metric,
+                "exclude": list(request.exclude),
+                "options": {"seed": request.seed, **dict(request.sensitivity_options)},
+                "sample_axes": dict(request.sample_axes),
+            }
             job = _run_job(client, "/v1/plans", body, args)
             if (code := _job_exit(job, args)) is not None:
                 return code
@@ -130,8 +145,9 @@ def remote_plan(args: argparse.Namespace) -> int:
     return report_plan(plan_document(plan, frontier, request.to_dict(), args.out, sha256), as_json=args.json)
 
 
-def plan_document(plan: dict[str, Any], frontier: list[dict[str, Any]], request: dict[str, Any], out: str,
-                  sha256: str) -> dict[str, Any]:
+def plan_document(
+    plan: dict[str, Any], frontier: list[dict[str, Any]], request: dict[str, Any], out: str, sha256: str
+) -> dict[str, Any]:
     """The local ``mpq plan --json`` document, rebuilt from the API's plan and frontier."""
     extras = ("uniform", "evaluations", "search", "timings", "activation_terms", "excluded", "layer_nodes")
     measured = {k: v for k, v in plan["measured"].items() if k not in extras}
@@ -139,8 +155,10 @@ def plan_document(plan: dict[str, Any], frontier: list[dict[str, Any]], request:
     return {
         "plan": {"layers": plan["assignment"], "predicted": predicted, "measured": measured},
         "meets_constraints": plan["predicted"]["meets_constraints"],
-        "frontier": [{"layers": p["assignment"], "predicted": p["predicted"], "measured": p["measured"] or None}
-                     for p in frontier],
+        "frontier": [
+            {"layers": p["assignment"], "predicted": p["predicted"], "measured": p["measured"] or None}
+            for p in frontier
+        ],
         "uniform": plan["measured"].get("uniform", {}),
         "evaluations": plan["measured"].get("evaluations"),
         "search": plan["measured"].get("search", {}),

@@ -38,9 +38,22 @@ from service.channel import Channel
 
 # Variables a child may see; everything else (MPQ_* settings, database URLs, tokens, cloud
 # credentials) stays with the supervisor.
-ENV_PASSTHROUGH = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "PYTHONPATH", "PYTHONHASHSEED", "LD_LIBRARY_PATH",
-                   "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "OMP_NUM_THREADS",
-                   "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+ENV_PASSTHROUGH = (
+    "PATH",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "PYTHONPATH",
+    "PYTHONHASHSEED",
+    "LD_LIBRARY_PATH",
+    "CUDA_VISIBLE_DEVICES",
+    "NVIDIA_VISIBLE_DEVICES",
+    "CUDA_DEVICE_ORDER",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+)
 _SANDBOX_ENV = "MPQ_SANDBOX"
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NO_NEW_PRIVS = 38
@@ -114,8 +127,9 @@ class Child:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def start_child(module: str, limits: SandboxLimits, env: Mapping[str, str] | None = None,
-                hide: Sequence[Path] = ()) -> Child:
+def start_child(
+    module: str, limits: SandboxLimits, env: Mapping[str, str] | None = None, hide: Sequence[Path] = ()
+) -> Child:
     """Start ``python -m module`` as a sandboxed child; it must call ``enter_sandbox`` first.
 
     ``hide``: directories the child must not see (the blob store, the database's directory).
@@ -124,17 +138,36 @@ def start_child(module: str, limits: SandboxLimits, env: Mapping[str, str] | Non
     workdir = _make_workdir(uid, gid)
     channel, theirs = Channel.pair(limits.max_frame_bytes)
     log_path = workdir / "output.log"
-    config = {**asdict(limits), "parent_pid": os.getpid(), "channel_fd": theirs.fileno(), "uid": uid, "gid": gid,
-              "user_note": user_note, "expose": expose, "hide": _hideable(hide, workdir)}
+    config = {
+        **asdict(limits),
+        "parent_pid": os.getpid(),
+        "channel_fd": theirs.fileno(),
+        "uid": uid,
+        "gid": gid,
+        "user_note": user_note,
+        "expose": expose,
+        "hide": _hideable(hide, workdir),
+    }
     child_env = {name: os.environ[name] for name in ENV_PASSTHROUGH if name in os.environ}
     child_env.update(env or {})
-    child_env.update(HOME=str(workdir), TMPDIR=str(workdir / "tmp"), PYTHONDONTWRITEBYTECODE="1",
-                     **{_SANDBOX_ENV: json.dumps(config)})
+    child_env.update(
+        HOME=str(workdir),
+        TMPDIR=str(workdir / "tmp"),
+        PYTHONDONTWRITEBYTECODE="1",
+        **{_SANDBOX_ENV: json.dumps(config)},
+    )
     try:
         with log_path.open("wb") as log:  # created by the supervisor: the child writes through its descriptor
-            process = subprocess.Popen([sys.executable, "-m", module], stdin=subprocess.DEVNULL, stdout=log,
-                                       stderr=subprocess.STDOUT, pass_fds=(theirs.fileno(),), env=child_env,
-                                       cwd=workdir, start_new_session=True)
+            process = subprocess.Popen(
+                [sys.executable, "-m", module],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                pass_fds=(theirs.fileno(),),
+                env=child_env,
+                cwd=workdir,
+                start_new_session=True,
+            )
     except BaseException:
         channel.close()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -161,8 +194,10 @@ def _user_plan(user: str) -> tuple[int | None, int | None, str, list[str]]:
     try:
         entry = pwd.getpwnam(user)
     except KeyError:
-        raise ValueError(f"the sandbox user {user!r} does not exist (MPQ_SANDBOX_USER); create it or set "
-                         "MPQ_SANDBOX_USER to an existing unprivileged user") from None
+        raise ValueError(
+            f"the sandbox user {user!r} does not exist (MPQ_SANDBOX_USER); create it or set "
+            "MPQ_SANDBOX_USER to an existing unprivileged user"
+        ) from None
     if entry.pw_uid == 0:
         raise ValueError(f"the sandbox user {user!r} is root; name an unprivileged user (MPQ_SANDBOX_USER)")
     expose = []
@@ -278,8 +313,13 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def _apply_limits(config: Mapping[str, Any]) -> dict[str, int]:
-    limits = {"RLIMIT_DATA": config["memory_bytes"], "RLIMIT_CPU": config["cpu_time_s"],
-              "RLIMIT_FSIZE": config["file_size_bytes"], "RLIMIT_NOFILE": config["open_files"], "RLIMIT_CORE": 0}
+    limits = {
+        "RLIMIT_DATA": config["memory_bytes"],
+        "RLIMIT_CPU": config["cpu_time_s"],
+        "RLIMIT_FSIZE": config["file_size_bytes"],
+        "RLIMIT_NOFILE": config["open_files"],
+        "RLIMIT_CORE": 0,
+    }
     applied = {}
     for name, value in limits.items():
         kind = getattr(resource, name)
@@ -317,7 +357,9 @@ def _private_filesystem(hide: list[str], expose: list[str]) -> bool:
     if libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:  # nothing propagates back
         return False
     for path in hide:
-        libc.mount(b"tmpfs", path.encode(), b"tmpfs", _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, b"size=4k,mode=0")
+        libc.mount(
+            b"tmpfs", path.encode(), b"tmpfs", _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, b"size=4k,mode=0"
+        )
     return all(_expose(Path(blocked), [Path(p) for p in paths]) for blocked, paths in _by_blocker(expose).items())
 
 

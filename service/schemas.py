@@ -43,9 +43,11 @@ class DatasetOut(BaseModel):
     name: str
     sha256: str
     size_bytes: int
-    num_samples: int | None = Field(description="the first dim every array of rank >= 1 shares (the sample count "
-                                                "when samples lie on axis 0); null when they differ: a job counts "
-                                                "the samples on each model input's sample axis when it is submitted")
+    num_samples: int | None = Field(
+        description="the first dim every array of rank >= 1 shares (the sample count "
+        "when samples lie on axis 0); null when they differ: a job counts "
+        "the samples on each model input's sample axis when it is submitted"
+    )
     has_labels: bool
     arrays: dict[str, Any]
     created_at: datetime

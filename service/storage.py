@@ -23,8 +23,10 @@ REFERENCING_TABLES = (Model, Dataset, Artifact)
 
 def blob_in_use(session: Session, sha256: str) -> bool:
     """Whether any row still references the blob (uploads are deduplicated by content)."""
-    return any(session.scalar(select(func.count()).select_from(table).where(table.sha256 == sha256))
-               for table in REFERENCING_TABLES)
+    return any(
+        session.scalar(select(func.count()).select_from(table).where(table.sha256 == sha256))
+        for table in REFERENCING_TABLES
+    )
 
 
 def delete_if_unused(sessions: sessionmaker[Session], store: BlobStore, *hashes: str) -> list[str]:
@@ -87,8 +89,11 @@ def jobs_using(session: Session, table: type[Model] | type[Dataset], row_id: str
     plan_column = Plan.model_id if table is Model else Plan.calibration_dataset_id
     plans = set(session.scalars(select(Plan.id).where(plan_column == row_id)))
     active = session.scalars(select(Job).where(Job.status.in_((jobs.QUEUED, jobs.RUNNING)))).all()
-    return [job.id for job in active
-            if any(job.params.get(key) == row_id for key in keys) or job.params.get("plan_id") in plans]
+    return [
+        job.id
+        for job in active
+        if any(job.params.get(key) == row_id for key in keys) or job.params.get("plan_id") in plans
+    ]
 
 
 def delete_upload(session: Session, row: Model | Dataset) -> list[str]:

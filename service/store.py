@@ -14,9 +14,8 @@ import os
 import re
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from contextlib import AbstractContextManager
 from typing import BinaryIO, Protocol
 
 from service.sandbox import process_alive
@@ -235,4 +234,3 @@ class LocalBlobStore:
 
     def temp_count(self) -> int:
         return sum(1 for p in self._temp.iterdir() if p.name != ".ready")
-

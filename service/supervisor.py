@@ -52,8 +52,12 @@ def job_limits(settings: Settings) -> SandboxLimits:
     """A job's sandbox: its memory budget, CPU time for every core over the wall-clock limit, and
     files no larger than the largest unpacked upload (a bundle's external data, an fp32 artifact)."""
     cores = os.cpu_count() or 1
-    return SandboxLimits(memory_bytes=settings.job_memory_bytes, cpu_time_s=int(settings.job_time_limit_s * cores) + 60,
-                         file_size_bytes=settings.max_decompressed_bytes + (64 << 20), user=settings.sandbox_user)
+    return SandboxLimits(
+        memory_bytes=settings.job_memory_bytes,
+        cpu_time_s=int(settings.job_time_limit_s * cores) + 60,
+        file_size_bytes=settings.max_decompressed_bytes + (64 << 20),
+        user=settings.sandbox_user,
+    )
 
 
 def hidden_paths(settings: Settings) -> list[Path]:
@@ -65,8 +69,14 @@ def hidden_paths(settings: Settings) -> list[Path]:
     return paths
 
 
-def supervise(job_id: str, settings: Settings, sessions: sessionmaker[Session], env: dict[str, str] | None = None,
-              poll_s: float = 0.2, shutdown: threading.Event | None = None) -> str:
+def supervise(
+    job_id: str,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    env: dict[str, str] | None = None,
+    poll_s: float = 0.2,
+    shutdown: threading.Event | None = None,
+) -> str:
     """Run one job to a finished (or requeued) state; returns that state ('skipped' if not claimable).
 
     When ``shutdown`` is set the child is stopped at once and its job requeued without counting
@@ -95,8 +105,16 @@ def supervise(job_id: str, settings: Settings, sessions: sessionmaker[Session], 
 class JobRun:
     """The supervisor's state for one claimed job."""
 
-    def __init__(self, job: Job, settings: Settings, sessions: sessionmaker[Session], worker: str, child: Child,
-                 shutdown: threading.Event, poll_s: float) -> None:
+    def __init__(
+        self,
+        job: Job,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        worker: str,
+        child: Child,
+        shutdown: threading.Event,
+        poll_s: float,
+    ) -> None:
         self.child = child
         self.job_id, self.job_type, self.params, self.owner = job.id, job.type, dict(job.params), job.owner
         self.settings, self.sessions, self.worker = settings, sessions, worker
@@ -121,21 +139,36 @@ class JobRun:
         self.inputs.owner = self.owner
         with ExitStack() as stack:
             try:
-                files: dict[str, IO[bytes]] = {role: stack.enter_context(self.store.local_path(sha256).open("rb"))
-                                               for role, sha256 in self.inputs.blobs.items()}
+                files: dict[str, IO[bytes]] = {
+                    role: stack.enter_context(self.store.local_path(sha256).open("rb"))
+                    for role, sha256 in self.inputs.blobs.items()
+                }
             except FileNotFoundError:  # a server fault; the path stays in the server's log
                 logger.exception("job %s: a stored file is missing", self.job_id)
-                return self.end(jobs.FAILED, "internal error: a stored input file of this job is missing from the "
-                                             "artifact store", code="internal")
-            artifact = stack.enter_context(tempfile.TemporaryFile(dir=self.store.temp_dir)) \
-                if self.inputs.artifact else None
+                return self.end(
+                    jobs.FAILED,
+                    "internal error: a stored input file of this job is missing from the artifact store",
+                    code="internal",
+                )
+            artifact = (
+                stack.enter_context(tempfile.TemporaryFile(dir=self.store.temp_dir)) if self.inputs.artifact else None
+            )
             if artifact is not None:
                 files["artifact"] = artifact
             started = time.monotonic()
-            self.child.channel.send({"type": self.job_type, "params": self.params, "files": list(files),
-                                "model": {"name": self.inputs.model_name, "format": self.inputs.model_format,
-                                          "sample_axes": self.inputs.sample_axes}},
-                               [f.fileno() for f in files.values()])
+            self.child.channel.send(
+                {
+                    "type": self.job_type,
+                    "params": self.params,
+                    "files": list(files),
+                    "model": {
+                        "name": self.inputs.model_name,
+                        "format": self.inputs.model_format,
+                        "sample_axes": self.inputs.sample_axes,
+                    },
+                },
+                [f.fileno() for f in files.values()],
+            )
             stopped = self._relay(started)
             if stopped is not None:
                 return stopped
@@ -162,8 +195,11 @@ class JobRun:
             now = time.monotonic()
             if now - started > self.settings.job_time_limit_s:
                 child.kill()
-                return self.end(jobs.FAILED, f"time limit: the job ran longer than {self.settings.job_time_limit_s:g} s "
-                                              "(MPQ_JOB_TIME_LIMIT_S)", code="time_limit")
+                return self.end(
+                    jobs.FAILED,
+                    f"time limit: the job ran longer than {self.settings.job_time_limit_s:g} s (MPQ_JOB_TIME_LIMIT_S)",
+                    code="time_limit",
+                )
             if now < next_beat:
                 continue
             next_beat = now + min(1.0, self.settings.heartbeat_interval_s)
@@ -194,11 +230,13 @@ class JobRun:
             code = final.get("code")
             if code == "cancelled":
                 return self.end(jobs.CANCELLED, "cancelled by request")
-            return self.end(jobs.FAILED, str(final.get("message", ""))[:2000],
-                            code=code if code in _FAILURE_CODES else "internal")
+            return self.end(
+                jobs.FAILED, str(final.get("message", ""))[:2000], code=code if code in _FAILURE_CODES else "internal"
+            )
         assert self.inputs is not None
-        done = Finished(self.job_id, self.params, self.inputs, self.sessions, self.store,
-                        self.sensitivity_result_id, artifact)
+        done = Finished(
+            self.job_id, self.params, self.inputs, self.sessions, self.store, self.sensitivity_result_id, artifact
+        )
         try:
             result = job_type.store(done, final.get("result") or {})
         except JobInputError as error:
@@ -257,8 +295,11 @@ class JobRun:
 
         def write() -> None:
             with self.sessions() as session, session.begin():
-                session.execute(update(Job).where(Job.id == self.job_id, Job.status == jobs.RUNNING).values(
-                    progress_phase=phase, progress_fraction=fraction, progress_message=message[:2000]))
+                session.execute(
+                    update(Job)
+                    .where(Job.id == self.job_id, Job.status == jobs.RUNNING)
+                    .values(progress_phase=phase, progress_fraction=fraction, progress_message=message[:2000])
+                )
 
         retrying(write)
 
@@ -275,11 +316,16 @@ class JobRun:
             return None
         method, key = cache_key
         with self.sessions() as session:
-            row = session.scalars(select(SensitivityResult).where(
-                SensitivityResult.model_sha256 == self.inputs.blobs["model"],
-                SensitivityResult.dataset_sha256 == self.inputs.blobs["calibration"],
-                SensitivityResult.method == method, SensitivityResult.params_hash == key)
-                .order_by(SensitivityResult.created_at.desc())).first()
+            row = session.scalars(
+                select(SensitivityResult)
+                .where(
+                    SensitivityResult.model_sha256 == self.inputs.blobs["model"],
+                    SensitivityResult.dataset_sha256 == self.inputs.blobs["calibration"],
+                    SensitivityResult.method == method,
+                    SensitivityResult.params_hash == key,
+                )
+                .order_by(SensitivityResult.created_at.desc())
+            ).first()
         if row is None:
             return None
         self.sensitivity_result_id = row.id
@@ -292,10 +338,15 @@ class JobRun:
             self.log("ignored a malformed sensitivity result from the job process")
             return
         versions = result.get("versions")
-        row = SensitivityResult(job_id=self.job_id, model_sha256=self.inputs.blobs["model"],
-                                dataset_sha256=self.inputs.blobs["calibration"], method=cache_key[0],
-                                params_hash=cache_key[1], result=result,
-                                versions=versions if isinstance(versions, dict) else {})
+        row = SensitivityResult(
+            job_id=self.job_id,
+            model_sha256=self.inputs.blobs["model"],
+            dataset_sha256=self.inputs.blobs["calibration"],
+            method=cache_key[0],
+            params_hash=cache_key[1],
+            result=result,
+            versions=versions if isinstance(versions, dict) else {},
+        )
         save_rows(self.sessions, row)
         self.sensitivity_result_id = row.id
 
@@ -335,12 +386,20 @@ class JobRun:
     def _log_tail(self) -> str:
         return "\n".join(self.log_lines)[-20000:]
 
-    def end(self, status: str, error: str | None, *, code: str | None = None,
-            result: dict[str, Any] | None = None) -> str:
+    def end(
+        self, status: str, error: str | None, *, code: str | None = None, result: dict[str, Any] | None = None
+    ) -> str:
         if code is not None:
             result = {**(result or {}), "error_code": code}
-        jobs.finish(self.sessions, self.job_id, status, error=error, result=result, log_tail=self._log_tail(),
-                    only_worker=self.worker)
+        jobs.finish(
+            self.sessions,
+            self.job_id,
+            status,
+            error=error,
+            result=result,
+            log_tail=self._log_tail(),
+            only_worker=self.worker,
+        )
         return status
 
     def _requeue_after_shutdown(self) -> str:

@@ -32,8 +32,9 @@ class UploadPace:
     min_bytes_per_s: float = 0.0
 
 
-async def receive_upload(request: Request, store: BlobStore, max_bytes: int, pace: UploadPace,
-                         slot: UploadSlot | None = None) -> BlobWriter:
+async def receive_upload(
+    request: Request, store: BlobStore, max_bytes: int, pace: UploadPace, slot: UploadSlot | None = None
+) -> BlobWriter:
     """Stream the request body into a temporary blob, never holding it in memory.
 
     Over the limit the stream is cut at once (413) and the partial file removed; a client that
@@ -62,17 +63,21 @@ async def receive_upload(request: Request, store: BlobStore, max_bytes: int, pac
     except asyncio.CancelledError:
         writer.abort()
         if slot is not None and slot.shed and _uncancel() == 0:
-            raise Problem(503, f"every upload slot was taken and this upload was the slowest ({slot.rate():.0f} "
-                               "bytes/s): it was cut to make room; nothing was stored",
-                          headers={"Connection": "close", "Retry-After": "5"}) from None
+            raise Problem(
+                503,
+                f"every upload slot was taken and this upload was the slowest ({slot.rate():.0f} "
+                "bytes/s): it was cut to make room; nothing was stored",
+                headers={"Connection": "close", "Retry-After": "5"},
+            ) from None
         raise
     except BaseException:
         writer.abort()
         raise
     if writer.size == 0:
         writer.abort()
-        raise Problem(422, "the request body is empty: send the file's bytes as the body "
-                           "(Content-Type: application/octet-stream)")
+        raise Problem(
+            422, "the request body is empty: send the file's bytes as the body (Content-Type: application/octet-stream)"
+        )
     return writer
 
 
@@ -90,14 +95,18 @@ async def _paced(chunks: AsyncIterator[bytes], pace: UploadPace) -> AsyncIterato
         except StopAsyncIteration:
             return
         except TimeoutError:
-            raise _TooSlow(f"the upload sent nothing for {pace.idle_timeout_s:g} s (MPQ_UPLOAD_IDLE_TIMEOUT_S)") from None
+            raise _TooSlow(
+                f"the upload sent nothing for {pace.idle_timeout_s:g} s (MPQ_UPLOAD_IDLE_TIMEOUT_S)"
+            ) from None
         yield chunk
         window_bytes += len(chunk)
         elapsed = time.monotonic() - window_start
         if elapsed >= pace.idle_timeout_s:
             if window_bytes < pace.min_bytes_per_s * elapsed:
-                raise _TooSlow(f"the upload sent {window_bytes} bytes in {elapsed:.0f} s, less than "
-                               f"{pace.min_bytes_per_s:g} bytes/s (MPQ_UPLOAD_MIN_BYTES_PER_S)")
+                raise _TooSlow(
+                    f"the upload sent {window_bytes} bytes in {elapsed:.0f} s, less than "
+                    f"{pace.min_bytes_per_s:g} bytes/s (MPQ_UPLOAD_MIN_BYTES_PER_S)"
+                )
             window_start, window_bytes = time.monotonic(), 0
 
 
@@ -123,8 +132,9 @@ class UploadSlots:
     trickling a byte every 5 s held all 16 slots for a whole pace window (31 s) before.
     Counts live in one API process (each process has its own)."""
 
-    def __init__(self, per_client: int, total: int, shed_below_bytes_per_s: float = 100 * 1024,
-                 shed_after_s: float = 0.5) -> None:
+    def __init__(
+        self, per_client: int, total: int, shed_below_bytes_per_s: float = 100 * 1024, shed_after_s: float = 0.5
+    ) -> None:
         self.per_client = per_client
         self.total = total
         self.shed_below_bytes_per_s = shed_below_bytes_per_s
@@ -134,11 +144,18 @@ class UploadSlots:
     @asynccontextmanager
     async def slot(self, client: str) -> AsyncIterator[UploadSlot]:
         if sum(upload.client == client for upload in self._uploads) >= self.per_client:
-            raise Problem(429, f"this client already has {self.per_client} uploads in progress "
-                               "(MPQ_MAX_UPLOADS_PER_CLIENT); wait for one to finish", headers={"Retry-After": "5"})
+            raise Problem(
+                429,
+                f"this client already has {self.per_client} uploads in progress "
+                "(MPQ_MAX_UPLOADS_PER_CLIENT); wait for one to finish",
+                headers={"Retry-After": "5"},
+            )
         if len(self._uploads) >= self.total and not self._shed_slowest():
-            raise Problem(503, f"{self.total} uploads are already in progress (MPQ_MAX_CONCURRENT_UPLOADS); retry "
-                               "shortly", headers={"Retry-After": "5"})
+            raise Problem(
+                503,
+                f"{self.total} uploads are already in progress (MPQ_MAX_CONCURRENT_UPLOADS); retry shortly",
+                headers={"Retry-After": "5"},
+            )
         task = asyncio.current_task()
         assert task is not None  # always, inside a coroutine
         upload = UploadSlot(client, task)
@@ -151,8 +168,11 @@ class UploadSlots:
 
     def _shed_slowest(self) -> bool:
         now = time.monotonic()
-        slow = [upload for upload in self._uploads if now - upload.started >= self.shed_after_s
-                and upload.rate() < self.shed_below_bytes_per_s]
+        slow = [
+            upload
+            for upload in self._uploads
+            if now - upload.started >= self.shed_after_s and upload.rate() < self.shed_below_bytes_per_s
+        ]
         if not slow:
             return False
         slowest = min(slow, key=UploadSlot.rate)
@@ -170,8 +190,11 @@ def _uncancel() -> int:
 
 
 def _too_large(max_bytes: int) -> Problem:
-    return Problem(413, f"the upload exceeds the limit of {max_bytes} bytes (MPQ_MAX_UPLOAD_BYTES)",
-                   headers={"Connection": "close"})
+    return Problem(
+        413,
+        f"the upload exceeds the limit of {max_bytes} bytes (MPQ_MAX_UPLOAD_BYTES)",
+        headers={"Connection": "close"},
+    )
 
 
 def blob_response(request: Request, store: BlobStore, sha256: str, filename: str, media_type: str) -> Response:
@@ -215,8 +238,9 @@ def _parse_range(header: str, size: int) -> list[tuple[int, int]]:
     Ranges that start past the end are dropped (RFC 9110 §14.1.1); none left, or a malformed header, is 416.
     """
     unit, _, specs = header.partition("=")
-    unsatisfiable = Problem(416, f"cannot serve range {header[:200]!r} of a {size}-byte file",
-                            headers={"Content-Range": f"bytes */{size}"})
+    unsatisfiable = Problem(
+        416, f"cannot serve range {header[:200]!r} of a {size}-byte file", headers={"Content-Range": f"bytes */{size}"}
+    )
     if unit.strip().lower() != "bytes" or not specs.strip():
         raise unsatisfiable
     ranges = []
@@ -247,11 +271,16 @@ def _satisfiable(first: str, last: str, size: int) -> tuple[int, int] | None:
     return (start, end) if start < size else None
 
 
-def _multipart(store: BlobStore, sha256: str, ranges: list[tuple[int, int]], size: int, boundary: str,
-               media_type: str) -> tuple[Iterator[bytes], int]:
+def _multipart(
+    store: BlobStore, sha256: str, ranges: list[tuple[int, int]], size: int, boundary: str, media_type: str
+) -> tuple[Iterator[bytes], int]:
     """The body of a ``multipart/byteranges`` answer (RFC 9110 §14.6), streamed, and its length."""
-    heads = [(f"--{boundary}\r\nContent-Type: {media_type}\r\nContent-Range: bytes {start}-{end - 1}/{size}\r\n\r\n"
-              ).encode() for start, end in ranges]
+    heads = [
+        (
+            f"--{boundary}\r\nContent-Type: {media_type}\r\nContent-Range: bytes {start}-{end - 1}/{size}\r\n\r\n"
+        ).encode()
+        for start, end in ranges
+    ]
     tail = f"--{boundary}--\r\n".encode()
     length = sum(len(head) + (end - start) + 2 for head, (start, end) in zip(heads, ranges)) + len(tail)
 

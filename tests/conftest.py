@@ -47,11 +47,15 @@ def stateful_onnx_model(seed: int = 0, opset: int = 17) -> onnx.ModelProto:
     y = tanh((x · sr/16000) @ fc1 + state as [batch, 8]) @ fc2 [batch, 3]; stateN [2, batch, 4] is the
     tanh as the next state. Two quantizable layers: fc1.weight [6, 8] and fc2.weight [8, 3]."""
     rng = np.random.default_rng(seed)
-    inits = [numpy_helper.from_array(0.5 * rng.standard_normal(shape).astype(np.float32), name)
-             for name, shape in (("fc1.weight", (6, 8)), ("fc2.weight", (8, 3)))]
-    inits += [numpy_helper.from_array(np.array(16000.0, np.float32), "rate"),
-              numpy_helper.from_array(np.array([-1, 8], np.int64), "flat"),
-              numpy_helper.from_array(np.array([-1, 2, 4], np.int64), "halves")]
+    inits = [
+        numpy_helper.from_array(0.5 * rng.standard_normal(shape).astype(np.float32), name)
+        for name, shape in (("fc1.weight", (6, 8)), ("fc2.weight", (8, 3)))
+    ]
+    inits += [
+        numpy_helper.from_array(np.array(16000.0, np.float32), "rate"),
+        numpy_helper.from_array(np.array([-1, 8], np.int64), "flat"),
+        numpy_helper.from_array(np.array([-1, 2, 4], np.int64), "halves"),
+    ]
     nodes = [
         helper.make_node("Cast", ["sr"], ["sr_float"], to=TensorProto.FLOAT),
         helper.make_node("Div", ["sr_float", "rate"], ["scale"]),
@@ -66,12 +70,17 @@ def stateful_onnx_model(seed: int = 0, opset: int = 17) -> onnx.ModelProto:
         helper.make_node("Transpose", ["a_halves"], ["stateN"], perm=[1, 0, 2]),
     ]
     graph = helper.make_graph(
-        nodes, "stateful",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 6]),
-         helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "batch", 4]),
-         helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3]),
-         helper.make_tensor_value_info("stateN", TensorProto.FLOAT, [2, "batch", 4])],
+        nodes,
+        "stateful",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 6]),
+            helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "batch", 4]),
+            helper.make_tensor_value_info("sr", TensorProto.INT64, []),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3]),
+            helper.make_tensor_value_info("stateN", TensorProto.FLOAT, [2, "batch", 4]),
+        ],
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
@@ -83,9 +92,11 @@ def stateful_onnx_model(seed: int = 0, opset: int = 17) -> onnx.ModelProto:
 def stateful_data(count: int, seed: int = 1, rate: int = 16000) -> dict[str, np.ndarray]:
     """Inputs of ``stateful_onnx_model`` for ``count`` samples: state [2, count, 4], sr one scalar."""
     rng = np.random.default_rng(seed)
-    return {"x": rng.standard_normal((count, 6)).astype(np.float32),
-            "state": 0.3 * rng.standard_normal((2, count, 4)).astype(np.float32),
-            "sr": np.array(rate, np.int64)}
+    return {
+        "x": rng.standard_normal((count, 6)).astype(np.float32),
+        "state": 0.3 * rng.standard_normal((2, count, 4)).astype(np.float32),
+        "sr": np.array(rate, np.int64),
+    }
 
 
 def mlp_onnx_model(inputs: int = 256, width: int = 1024, classes: int = 10, seed: int = 0) -> onnx.ModelProto:
@@ -95,15 +106,21 @@ def mlp_onnx_model(inputs: int = 256, width: int = 1024, classes: int = 10, seed
     nodes, inits, current = [], [], "x"
     for index, (rows, cols) in enumerate(sizes):
         weight = f"fc{index}.weight"
-        inits.append(numpy_helper.from_array((rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32),
-                                             weight))
+        inits.append(
+            numpy_helper.from_array((rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32), weight)
+        )
         nodes.append(helper.make_node("Gemm", [current, weight], [f"h{index}"], transB=1))
         current = f"h{index}"
         if index < len(sizes) - 1:
             nodes.append(helper.make_node("Relu", [current], [f"r{index}"]))
             current = f"r{index}"
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", inputs])],
-                              [helper.make_tensor_value_info(current, TensorProto.FLOAT, ["batch", classes])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", inputs])],
+        [helper.make_tensor_value_info(current, TensorProto.FLOAT, ["batch", classes])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model

@@ -50,7 +50,7 @@ def json_body(size: int) -> tuple[Iterator[bytes], dict[str, str]]:
     def chunks() -> Iterator[bytes]:
         yield head
         for offset in range(0, filler, len(chunk)):
-            yield chunk[:min(len(chunk), filler - offset)]
+            yield chunk[: min(len(chunk), filler - offset)]
         yield tail
 
     return chunks(), {"content-type": "application/json", "content-length": str(size)}
@@ -65,13 +65,18 @@ def inlining_bomb_model(depth: int) -> onnx.ModelProto:
     imports = [*opset, helper.make_opsetid(domain, 1)]
     functions = [helper.make_function(domain, "f0", ["x"], ["y"], [helper.make_node("Relu", ["x"], ["y"])], opset)]
     for k in range(1, depth + 1):
-        calls = [helper.make_node(f"f{k - 1}", ["x"], ["a"], domain=domain),
-                 helper.make_node(f"f{k - 1}", ["a"], ["b"], domain=domain),
-                 helper.make_node("Add", ["a", "b"], ["y"])]
+        calls = [
+            helper.make_node(f"f{k - 1}", ["x"], ["a"], domain=domain),
+            helper.make_node(f"f{k - 1}", ["a"], ["b"], domain=domain),
+            helper.make_node("Add", ["a", "b"], ["y"]),
+        ]
         functions.append(helper.make_function(domain, f"f{k}", ["x"], ["y"], calls, imports))
-    graph = helper.make_graph([helper.make_node(f"f{depth}", ["x"], ["y"], domain=domain)], "inlining_bomb",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])])
+    graph = helper.make_graph(
+        [helper.make_node(f"f{depth}", ["x"], ["y"], domain=domain)],
+        "inlining_bomb",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])],
+    )
     model = helper.make_model(graph, opset_imports=imports, functions=functions)
     model.ir_version = 8
     return model

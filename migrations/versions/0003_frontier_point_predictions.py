@@ -5,23 +5,20 @@ Revises: 0002
 Create Date: 2026-11-22 17:36:24.291305
 """
 
-from alembic import op
 import sqlalchemy as sa
+from alembic import op
 
-
-revision = '0003'
-down_revision = '0002'
+revision = "0003"
+down_revision = "0002"
 branch_labels = None
 depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table('frontier_points', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('predicted', sa.JSON(), server_default='{}', nullable=False))
-
+    with op.batch_alter_table("frontier_points", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("predicted", sa.JSON(), server_default="{}", nullable=False))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table('frontier_points', schema=None) as batch_op:
-        batch_op.drop_column('predicted')
-
+    with op.batch_alter_table("frontier_points", schema=None) as batch_op:
+        batch_op.drop_column("predicted")

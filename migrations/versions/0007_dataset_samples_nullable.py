@@ -13,15 +13,15 @@ shared its first dim: uploads were refused otherwise).
 import sqlalchemy as sa
 from alembic import op
 
-revision = '0007'
-down_revision = '0006'
+revision = "0007"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table('datasets', schema=None) as batch_op:
-        batch_op.alter_column('num_samples', existing_type=sa.Integer(), nullable=True)
+    with op.batch_alter_table("datasets", schema=None) as batch_op:
+        batch_op.alter_column("num_samples", existing_type=sa.Integer(), nullable=True)
 
 
 def downgrade() -> None:
@@ -29,7 +29,9 @@ def downgrade() -> None:
     # such rows have none, so they are named rather than given a made-up one or deleted
     uncounted = op.get_bind().scalar(sa.text("SELECT count(*) FROM datasets WHERE num_samples IS NULL"))
     if uncounted:
-        raise RuntimeError(f"{uncounted} datasets have no common first dim (num_samples NULL: per-input sample "
-                           "axes), which the schema before 0007 cannot hold; delete them before downgrading")
-    with op.batch_alter_table('datasets', schema=None) as batch_op:
-        batch_op.alter_column('num_samples', existing_type=sa.Integer(), nullable=False)
+        raise RuntimeError(
+            f"{uncounted} datasets have no common first dim (num_samples NULL: per-input sample "
+            "axes), which the schema before 0007 cannot hold; delete them before downgrading"
+        )
+    with op.batch_alter_table("datasets", schema=None) as batch_op:
+        batch_op.alter_column("num_samples", existing_type=sa.Integer(), nullable=False)

@@ -19,10 +19,13 @@ def compose() -> dict:
 
 
 def _mpq_commands(compose: dict) -> list[list[str]]:
-    commands = [service["command"] for service in compose["services"].values()
-                if isinstance(service.get("command"), list) and service["command"][0] == "mpq"]
+    commands = [
+        service["command"]
+        for service in compose["services"].values()
+        if isinstance(service.get("command"), list) and service["command"][0] == "mpq"
+    ]
     for dockerfile in DOCKER.glob("Dockerfile*"):
-        for match in re.finditer(r'^CMD (\[.*\])$', dockerfile.read_text(), re.MULTILINE):
+        for match in re.finditer(r"^CMD (\[.*\])$", dockerfile.read_text(), re.MULTILINE):
             command = yaml.safe_load(match.group(1))
             if command[0] == "mpq":
                 commands.append(command)

@@ -93,9 +93,10 @@ def test_bops_and_shared_weights():
         cost = configuration_cost(table, Configuration.uniform(list(table), candidate))
         assert cost.bops == sum(macs.values()) * w * a, candidate
     mixed = dict.fromkeys(table, "fp32") | {"conv.weight": "w4a8"}
-    assert configuration_cost(table, mixed).bops == (sum(macs.values()) - macs["conv.weight"]) * 1024 + macs[
-        "conv.weight"
-    ] * 32
+    assert (
+        configuration_cost(table, mixed).bops
+        == (sum(macs.values()) - macs["conv.weight"]) * 1024 + macs["conv.weight"] * 32
+    )
 
 
 def test_size_counts_packed_bits_scales_and_zero_points():
@@ -141,8 +142,10 @@ def test_size_against_exported_file(wide_cnn, candidate):
     data_bytes = sum(initializer_bytes(init) for init in exported.graph.initializer)
     file_bytes = len(exported.SerializeToString())
     predicted_data = predicted.size_bytes - table.graph_bytes
-    print(f"{candidate}: predicted {predicted.size_bytes} B, initializer data {data_bytes} B, file {file_bytes} B "
-          f"({100 * (file_bytes - predicted.size_bytes) / predicted.size_bytes:+.1f} %)")
+    print(
+        f"{candidate}: predicted {predicted.size_bytes} B, initializer data {data_bytes} B, file {file_bytes} B "
+        f"({100 * (file_bytes - predicted.size_bytes) / predicted.size_bytes:+.1f} %)"
+    )
     if CANDIDATES[candidate].quantizes_activations:
         # Static quantization adds activation scales/zero points and int32-bias scales/zero points.
         assert 0 < data_bytes - predicted_data <= 0.03 * predicted_data

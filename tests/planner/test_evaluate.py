@@ -94,22 +94,30 @@ def test_mismatched_arrays_are_named(exported):
 # one that outputs x·0 + C for a chosen C, so the known answer is computed from C.
 
 
-def _float_and_replaced(shape: tuple[int, ...], nodes: list, output_shape: tuple[int, ...], replaced: np.ndarray,
-                        initializers: tuple = ()) -> tuple:
+def _float_and_replaced(
+    shape: tuple[int, ...], nodes: list, output_shape: tuple[int, ...], replaced: np.ndarray, initializers: tuple = ()
+) -> tuple:
     """(float model: ``nodes`` from x to y; quantized stand-in: y = x·0 + ``replaced``)."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, list(output_shape))
-    float_model = helper.make_model(helper.make_graph(nodes, "float", [x], [y], list(initializers)),
-                                    opset_imports=[helper.make_opsetid("", 17)])
-    constants = [numpy_helper.from_array(np.zeros((), np.float32), "zero"),
-                 numpy_helper.from_array(replaced.astype(np.float32), "c")]
+    float_model = helper.make_model(
+        helper.make_graph(nodes, "float", [x], [y], list(initializers)), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    constants = [
+        numpy_helper.from_array(np.zeros((), np.float32), "zero"),
+        numpy_helper.from_array(replaced.astype(np.float32), "c"),
+    ]
     if shape == output_shape:
         stand_in_nodes = [helper.make_node("Mul", ["x", "zero"], ["x0"]), helper.make_node("Add", ["x0", "c"], ["y"])]
     else:  # outputs of another shape: a zero scalar from x, broadcast onto C
-        stand_in_nodes = [helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
-                          helper.make_node("Mul", ["s", "zero"], ["x0"]), helper.make_node("Add", ["x0", "c"], ["y"])]
-    stand_in = helper.make_model(helper.make_graph(stand_in_nodes, "replaced", [x], [y], constants),
-                                 opset_imports=[helper.make_opsetid("", 17)])
+        stand_in_nodes = [
+            helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+            helper.make_node("Mul", ["s", "zero"], ["x0"]),
+            helper.make_node("Add", ["x0", "c"], ["y"]),
+        ]
+    stand_in = helper.make_model(
+        helper.make_graph(stand_in_nodes, "replaced", [x], [y], constants), opset_imports=[helper.make_opsetid("", 17)]
+    )
     onnx.checker.check_model(float_model)
     onnx.checker.check_model(stand_in)
     return float_model, stand_in
@@ -142,8 +150,9 @@ def test_embeddings_at_cosine_041_drop_60_points_where_argmax_agreement_saw_noth
     reference = _unit(x.astype(np.float64))
     destroyed = _with_cosine(reference, 0.41, rng)  # onnxruntime's own int8 MiniLM measured 0.41
     destroyed[np.arange(64), reference.argmax(axis=1)] = 1.0  # same argmax: the old metric said 100 %
-    float_model, stand_in = _float_and_replaced(x.shape, [helper.make_node("LpNormalization", ["x"], ["y"], axis=-1)],
-                                                x.shape, destroyed)
+    float_model, stand_in = _float_and_replaced(
+        x.shape, [helper.make_node("LpNormalization", ["x"], ["y"], axis=-1)], x.shape, destroyed
+    )
     result = evaluate(stand_in, float_model, {"x": x})
     expected = 100 * np.mean(np.sum(reference * destroyed, axis=1) / np.linalg.norm(destroyed, axis=1))
     assert result.output_kind == "embeddings" and result.metric_name == "cosine"
@@ -164,8 +173,12 @@ def test_destroyed_sequence_gets_per_step_agreement_near_chance():
     reference = x.astype(np.float64) @ weight
     destroyed = _noise_with_argmax_of(reference, rng)
     float_model, stand_in = _float_and_replaced(
-        x.shape, [helper.make_node("MatMul", ["x", "w"], ["y"])], x.shape, destroyed,
-        initializers=(numpy_helper.from_array(weight, "w"),))
+        x.shape,
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        x.shape,
+        destroyed,
+        initializers=(numpy_helper.from_array(weight, "w"),),
+    )
     result = evaluate(stand_in, float_model, {"x": x})
     expected = 100 * np.mean(reference.argmax(axis=2) == destroyed.argmax(axis=2))
     assert result.output_kind == "sequence" and result.metric_name == "step_agreement"
@@ -190,13 +203,19 @@ def test_destroyed_dense_map_gets_cosine_near_zero():
     x = rng.standard_normal((4, 3, 8, 8)).astype(np.float32)
     weight = rng.standard_normal((5, 3, 3, 3)).astype(np.float32)
     conv = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])
-    float_model, _ = _float_and_replaced(x.shape, [conv], (4, 5, 8, 8), np.zeros((4, 5, 8, 8)),
-                                         initializers=(numpy_helper.from_array(weight, "w"),))
-    reference = np.asarray(ort.InferenceSession(float_model.SerializeToString(), providers=["CPUExecutionProvider"])
-                           .run(None, {"x": x})[0], dtype=np.float64)
+    float_model, _ = _float_and_replaced(
+        x.shape, [conv], (4, 5, 8, 8), np.zeros((4, 5, 8, 8)), initializers=(numpy_helper.from_array(weight, "w"),)
+    )
+    reference = np.asarray(
+        ort.InferenceSession(float_model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[
+            0
+        ],
+        dtype=np.float64,
+    )
     destroyed = _noise_with_argmax_of(reference, rng)
-    float_model, stand_in = _float_and_replaced(x.shape, [conv], (4, 5, 8, 8), destroyed,
-                                                initializers=(numpy_helper.from_array(weight, "w"),))
+    float_model, stand_in = _float_and_replaced(
+        x.shape, [conv], (4, 5, 8, 8), destroyed, initializers=(numpy_helper.from_array(weight, "w"),)
+    )
     result = evaluate(stand_in, float_model, {"x": x})
     assert result.output_kind == "dense" and result.metric_name == "cosine"
     assert "rank 4" in result.metric_reason
@@ -211,8 +230,9 @@ def test_class_scores_agreement_with_a_known_answer_and_labels():
     x = rng.standard_normal((32, 10)).astype(np.float32)
     replaced = x.copy()
     replaced[:16] = -replaced[:16]  # the first half's argmax moves (to the old argmin)
-    float_model, stand_in = _float_and_replaced(x.shape, [helper.make_node("Softmax", ["x"], ["y"], axis=-1)],
-                                                x.shape, replaced)
+    float_model, stand_in = _float_and_replaced(
+        x.shape, [helper.make_node("Softmax", ["x"], ["y"], axis=-1)], x.shape, replaced
+    )
     result = evaluate(stand_in, float_model, {"x": x})
     assert result.output_kind == "class_scores" and "Softmax" in result.metric_reason
     assert result.metric_name == "top1_agreement" and result.metric == 50.0 and result.drop == 50.0
@@ -237,8 +257,11 @@ def test_kind_rules_on_arrays_and_graphs():
     rng = np.random.default_rng(4)
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 6])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 6])
-    normalise = [helper.make_node("ReduceL2", ["x"], ["n"], keepdims=1), helper.make_node("Clip", ["n", "eps"], ["c"]),
-                 helper.make_node("Div", ["x", "c"], ["y"])]
+    normalise = [
+        helper.make_node("ReduceL2", ["x"], ["n"], keepdims=1),
+        helper.make_node("Clip", ["n", "eps"], ["c"]),
+        helper.make_node("Div", ["x", "c"], ["y"]),
+    ]
     eps = numpy_helper.from_array(np.array(1e-12, np.float32), "eps")
     normalised = helper.make_model(helper.make_graph(normalise, "g", [x], [y], [eps]))
     scores = rng.standard_normal((8, 6))  # not unit rows: the graph alone says embeddings
@@ -254,10 +277,14 @@ def test_kind_rules_on_arrays_and_graphs():
 def test_the_metric_can_be_chosen_and_unknown_names_are_refused():
     rng = np.random.default_rng(5)
     x = rng.standard_normal((12, 16)).astype(np.float32)
-    float_model, stand_in = _float_and_replaced(x.shape, [helper.make_node("LpNormalization", ["x"], ["y"])],
-                                                x.shape, _unit(x.astype(np.float64)) + 0.01)
-    for metric, name in [("neighbour_agreement", "neighbour_agreement"), ("step_agreement", "step_agreement"),
-                         ("cosine", "cosine")]:
+    float_model, stand_in = _float_and_replaced(
+        x.shape, [helper.make_node("LpNormalization", ["x"], ["y"])], x.shape, _unit(x.astype(np.float64)) + 0.01
+    )
+    for metric, name in [
+        ("neighbour_agreement", "neighbour_agreement"),
+        ("step_agreement", "step_agreement"),
+        ("cosine", "cosine"),
+    ]:
         result = evaluate(stand_in, float_model, {"x": x}, metric=metric)
         assert result.metric_name == name and f"metric={metric!r}" in result.metric_reason
         assert 90 < result.metric <= 100
@@ -272,8 +299,9 @@ def test_outputs_that_are_not_per_sample_are_left_out_beside_the_first():
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])
     state = helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, 128])
     nodes = [helper.make_node("Softmax", ["x"], ["y"]), helper.make_node("Identity", ["s"], ["state"])]
-    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y, state],
-                                                [numpy_helper.from_array(np.ones((2, 128), np.float32), "s")]))
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", [x], [y, state], [numpy_helper.from_array(np.ones((2, 128), np.float32), "s")])
+    )
     data = {"x": rng.standard_normal((10, 4)).astype(np.float32)}
     result = evaluate(model, model, data, batch_size=3)
     assert result.metric_name == "top1_agreement" and result.drop == 0.0

@@ -38,8 +38,7 @@ from sensitivity.onnx_program import load_onnx
 from sensitivity.results import InterLayerConfig
 from sensitivity.run import compute_sensitivity
 
-FAST = {"max_frontier_points": 2, "latency_repeats": 3, "latency_warmup": 1, "device": "cpu",
-        "measure_uniform": False}
+FAST = {"max_frontier_points": 2, "latency_repeats": 3, "latency_warmup": 1, "device": "cpu", "measure_uniform": False}
 PROBES = {"trace_max_probes": 8, "trace_min_probes": 4}
 THREE = ("fp32", "w8a8", "w4a8")
 
@@ -73,22 +72,35 @@ def size_budget(proto: onnx.ModelProto, calibration, exclude: tuple[str, ...]) -
 @pytest.mark.parametrize("method", ["hawq_v2", "interlayer"])
 def test_an_excluded_layer_is_fp32_in_every_frontier_point_and_uniform_baseline(mlp, mlp_sensitivity, method):
     proto, calibration, evaluation = mlp
-    request = PlanRequest(method=method, candidates=THREE, exclude=("fc2.weight",),
-                          max_size_bytes=size_budget(proto, calibration, ("fc2.weight",)),
-                          **{**FAST, "measure_uniform": method == "hawq_v2"})
+    request = PlanRequest(
+        method=method,
+        candidates=THREE,
+        exclude=("fc2.weight",),
+        max_size_bytes=size_budget(proto, calibration, ("fc2.weight",)),
+        **{**FAST, "measure_uniform": method == "hawq_v2"},
+    )
     result = plan(proto, calibration, request, evaluation=evaluation, sensitivity=mlp_sensitivity)
 
     points = [result.plan, *result.frontier, *result.uniform.values()]
     assert len(result.frontier) >= 2 and all(point.configuration["fc2.weight"] == "fp32" for point in points)
     assert result.plan.configuration["fc1.weight"] != "fp32"  # the budget needs the others quantized
     if result.uniform:  # "every layer at b" means every other layer: the exclusion holds there too
-        assert result.uniform["w4a8"].configuration == {"fc1.weight": "w4a8", "fc2.weight": "fp32",
-                                                        "fc3.weight": "w4a8"}
-    assert result.excluded == (Exclusion("fc2.weight", "/fc2/Gemm", "/fc2", "exclude pattern 'fc2.weight'",
-                                         ("fp32",)),)
+        assert result.uniform["w4a8"].configuration == {
+            "fc1.weight": "w4a8",
+            "fc2.weight": "fp32",
+            "fc3.weight": "w4a8",
+        }
+    assert result.excluded == (Exclusion("fc2.weight", "/fc2/Gemm", "/fc2", "exclude pattern 'fc2.weight'", ("fp32",)),)
     document = json.loads(json.dumps(result.to_dict(), allow_nan=False))
-    assert document["excluded"] == [{"layer": "fc2.weight", "node_name": "/fc2/Gemm", "scope": "/fc2",
-                                     "reason": "exclude pattern 'fc2.weight'", "candidates": ["fp32"]}]
+    assert document["excluded"] == [
+        {
+            "layer": "fc2.weight",
+            "node_name": "/fc2/Gemm",
+            "scope": "/fc2",
+            "reason": "exclude pattern 'fc2.weight'",
+            "candidates": ["fp32"],
+        }
+    ]
     assert document["layer_nodes"]["fc1.weight"] == {"node_name": "/fc1/Gemm", "scope": "/fc1"}
     assert document["request"]["exclude"] == ["fc2.weight"]
 
@@ -104,8 +116,9 @@ def test_bisection_keeps_node_pattern_matches_fp32_at_every_step(mlp, mlp_sensit
     assert "fc1.weight" not in result.search_details["order"]
     assert [e.reason for e in result.excluded] == ["exclude pattern '/fc1/*'"]
 
-    without_fp32 = PlanRequest(search="bisection", max_drop=100.0, candidates=("w8a8", "w4a8"), exclude="/fc1/*",
-                               **FAST)
+    without_fp32 = PlanRequest(
+        search="bisection", max_drop=100.0, candidates=("w8a8", "w4a8"), exclude="/fc1/*", **FAST
+    )
     result = plan(proto, calibration, without_fp32, evaluation=evaluation, sensitivity=mlp_sensitivity)
     assert result.plan.configuration == {"fc1.weight": "fp32", "fc2.weight": "w4a8", "fc3.weight": "w4a8"}
     assert result.search_details["high"] == "w8a8"
@@ -117,7 +130,10 @@ def test_an_unmatched_pattern_is_a_value_error_naming_it_and_some_layers(mlp):
         plan(proto, calibration, PlanRequest(exclude=("fc1.weight", "fc9*"), **FAST), evaluation=evaluation)
     layers = find_layers(proto)
     assert match_patterns(layers, ["/fc?/Gemm", "fc1.weight"]) == {
-        "fc1.weight": "/fc?/Gemm", "fc2.weight": "/fc?/Gemm", "fc3.weight": "/fc?/Gemm"}
+        "fc1.weight": "/fc?/Gemm",
+        "fc2.weight": "/fc?/Gemm",
+        "fc3.weight": "/fc?/Gemm",
+    }
     assert match_patterns(layers, []) == {}
 
 
@@ -137,26 +153,40 @@ def test_the_quadratic_solver_and_the_dp_pick_only_offered_candidates(mlp, mlp_s
 def test_uniform_within_falls_back_to_fp32_then_the_first_candidate():
     offered = {"a": ("fp32", "w8"), "b": ("fp32",), "c": ("w8a8", "w4a8")}
     assert uniform_within(offered, "w8") == {"a": "w8", "b": "fp32", "c": "w8a8"}
-    objective = Objective(layers=("a", "b"), candidates=(("fp32", "w4"), ("fp32",)), omega=[[0, 1], [0]],
-                          costs={"size": [[4, 1], [4]]})
+    objective = Objective(
+        layers=("a", "b"), candidates=(("fp32", "w4"), ("fp32",)), omega=[[0, 1], [0]], costs={"size": [[4, 1], [4]]}
+    )
     assert objective.uniform("w4") == {"a": "w4", "b": "fp32"}
 
 
-@pytest.mark.parametrize(("value", "expected"), [
-    ("fc1.weight, /fc2/*,,fc1.weight", ("fc1.weight", "/fc2/*")),
-    (["a", "b", "a"], ("a", "b")),
-    ((), ()),
-    ("", ()),
-])
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("fc1.weight, /fc2/*,,fc1.weight", ("fc1.weight", "/fc2/*")),
+        (["a", "b", "a"], ("a", "b")),
+        ((), ()),
+        ("", ()),
+    ],
+)
 def test_exclude_takes_a_list_or_a_comma_separated_string(value, expected):
     request = PlanRequest(exclude=value)
     assert request.exclude == expected
     assert PlanRequest.from_dict(json.loads(json.dumps(request.to_dict()))) == request
 
 
-@pytest.mark.parametrize("value", [
-    None, 5, {"a": 1}, [""], [1], [["a"]], ["x" * (MAX_EXCLUDE_PATTERN_LENGTH + 1)],
-    [f"layer{i}" for i in range(MAX_EXCLUDE_PATTERNS + 1)]])
+@pytest.mark.parametrize(
+    "value",
+    [
+        None,
+        5,
+        {"a": 1},
+        [""],
+        [1],
+        [["a"]],
+        ["x" * (MAX_EXCLUDE_PATTERN_LENGTH + 1)],
+        [f"layer{i}" for i in range(MAX_EXCLUDE_PATTERNS + 1)],
+    ],
+)
 def test_bad_exclude_values_are_value_errors_naming_the_field(value):
     with pytest.raises(ValueError, match="exclude must be a list"):
         PlanRequest(exclude=value)
@@ -205,18 +235,28 @@ def test_a_fixed_arange_projection_is_a_structural_constant_kept_fp32(detector):
     assert exact_candidates(arange, 0, DEFAULT_CANDIDATES) == ("fp32",)
     # max |w| = 127: scale 1 at 8 bits, exact; 4 bits is not
     assert exact_candidates(np.arange(128, dtype=np.float32).reshape(1, 128), 0, DEFAULT_CANDIDATES) == (
-        "fp32", "w8a8", "w8")
+        "fp32",
+        "w8a8",
+        "w8",
+    )
 
     offered = layer_candidates(proto, DEFAULT_CANDIDATES)
-    assert offered.offered == {"stem.weight": DEFAULT_CANDIDATES, "box.weight": DEFAULT_CANDIDATES,
-                               "dfl.weight": ("fp32",)}
+    assert offered.offered == {
+        "stem.weight": DEFAULT_CANDIDATES,
+        "box.weight": DEFAULT_CANDIDATES,
+        "dfl.weight": ("fp32",),
+    }
     assert offered.exclusions == (Exclusion("dfl.weight", "/dfl/Conv", "/dfl", STRUCTURAL_CONSTANT, ("fp32",)),)
 
 
 def test_a_plan_never_offers_the_structural_constant_4_bits(detector):
     proto, calibration = detector
-    request = PlanRequest(candidates=("fp32", "w4a8", "w4"), max_size_bytes=size_budget_detector(proto),
-                          sensitivity_options=PROBES, **{**FAST, "measure_uniform": True})
+    request = PlanRequest(
+        candidates=("fp32", "w4a8", "w4"),
+        max_size_bytes=size_budget_detector(proto),
+        sensitivity_options=PROBES,
+        **{**FAST, "measure_uniform": True},
+    )
     result = plan(proto, calibration, request)
     points = [result.plan, *result.frontier, *result.uniform.values()]
     assert all(point.configuration["dfl.weight"] == "fp32" for point in points)
@@ -226,5 +266,7 @@ def test_a_plan_never_offers_the_structural_constant_4_bits(detector):
 
 
 def size_budget_detector(proto: onnx.ModelProto) -> int:
-    table = layer_cost_table(normalize_model(proto, opset=21).model, (1, 3, 4, 4))  # as the plan sizes it (w4: opset 21)
+    table = layer_cost_table(
+        normalize_model(proto, opset=21).model, (1, 3, 4, 4)
+    )  # as the plan sizes it (w4: opset 21)
     return (minimum_cost(table, ("w4",), "size") + minimum_cost(table, ("fp32",), "size")) // 2

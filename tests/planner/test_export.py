@@ -6,9 +6,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from planner.candidates import Configuration
@@ -23,8 +23,8 @@ from planner.export import (
 from sensitivity.examples import export_onnx, trained_digits_cnn
 from sensitivity.layers import Layer, find_layers, node_weight_index, weight_array
 from sensitivity.onnx_program import load_onnx
-from tests.sensitivity.test_onnx_recurrent import recurrent_model
 from sensitivity.quantize import quantize_weight
+from tests.sensitivity.test_onnx_recurrent import recurrent_model
 
 QUANTIZED = ("w8a8", "w4a8", "w8", "w4")
 OPSETS = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
@@ -186,8 +186,10 @@ def embedding_model() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
         "embedding",
         [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 5])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
-        [numpy_helper.from_array(rng.standard_normal((12, 6)).astype(np.float32), "table"),
-         numpy_helper.from_array(rng.standard_normal((6, 3)).astype(np.float32), "head")],
+        [
+            numpy_helper.from_array(rng.standard_normal((12, 6)).astype(np.float32), "table"),
+            numpy_helper.from_array(rng.standard_normal((6, 3)).astype(np.float32), "head"),
+        ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     return model, {"ids": rng.integers(0, 12, (64, 5))}
@@ -198,7 +200,9 @@ def test_embedding_tables_store_q_b_integers_per_row(candidate):
     """A Gather's table is a layer; its input is indices, so every candidate quantizes the table alone."""
     model, calibration = embedding_model()
     assert [(layer.name, layer.op_type, layer.channel_axis) for layer in find_layers(model)] == [
-        ("table", "Gather", 0), ("head", "MatMul", 1)]
+        ("table", "Gather", 0),
+        ("head", "MatMul", 1),
+    ]
     configuration = Configuration.uniform(find_layers(model), candidate)
     exported = export_model(model, configuration, calibration)
     _assert_weights_are_q_b(model, exported, configuration)
@@ -207,16 +211,19 @@ def test_embedding_tables_store_q_b_integers_per_row(candidate):
     assert exported.layers["head"].activation_bits == (8 if "a8" in candidate else None)
     if "a8" not in candidate:  # weights only: the graph computes with Q_b's tables exactly
         bits = 8 if "8" in candidate else 4
-        table_q, head_q = (quantize_weight(weight_array(model, name), bits, axis).dequantize()
-                           for name, axis in (("table", 0), ("head", 1)))
+        table_q, head_q = (
+            quantize_weight(weight_array(model, name), bits, axis).dequantize()
+            for name, axis in (("table", 0), ("head", 1))
+        )
         ids = calibration["ids"]
         # Unoptimized: onnxruntime's CPU optimizer fuses DequantizeLinear -> MatMul into MatMulNBits,
         # which computes in int8 (accuracy_level 4) and so differs from the graph by ~1 %.
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         session = ort.InferenceSession(exported.model_bytes, options, providers=["CPUExecutionProvider"])
-        np.testing.assert_allclose(session.run(None, {"ids": ids})[0], table_q[ids].mean(axis=1) @ head_q,
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            session.run(None, {"ids": ids})[0], table_q[ids].mean(axis=1) @ head_q, rtol=1e-5, atol=1e-6
+        )
 
 
 @pytest.mark.parametrize("candidate", QUANTIZED)
@@ -227,7 +234,10 @@ def test_recurrent_weights_store_q_b_integers_weight_only(candidate):
     model, calibration = recurrent_model()
     layers = find_layers(model)
     assert [(layer.name, layer.op_type, layer.channel_axis, layer.weight_index) for layer in layers] == [
-        ("lstm.W", "LSTM", 1, 1), ("lstm.R", "LSTM", 1, 2), ("fc.weight", "Gemm", 1, 1)]
+        ("lstm.W", "LSTM", 1, 1),
+        ("lstm.R", "LSTM", 1, 2),
+        ("fc.weight", "Gemm", 1, 1),
+    ]
     configuration = Configuration.uniform(layers, candidate)
     exported = export_model(model, configuration, calibration)
     _assert_weights_are_q_b(model, exported, configuration)
@@ -239,8 +249,12 @@ def test_recurrent_weights_store_q_b_integers_weight_only(candidate):
     if "a8" not in candidate:
         bits = 8 if "8" in candidate else 4
         program = load_onnx(model)
-        predicted = {layer.name: torch.from_numpy(
-            quantize_weight(weight_array(model, layer.name), bits, layer.channel_axis).dequantize()) for layer in layers}
+        predicted = {
+            layer.name: torch.from_numpy(
+                quantize_weight(weight_array(model, layer.name), bits, layer.channel_axis).dequantize()
+            )
+            for layer in layers
+        }
         expected = program.forward(predicted, {"x": torch.from_numpy(calibration["x"])})[0].numpy()
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

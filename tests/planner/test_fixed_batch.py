@@ -25,14 +25,25 @@ def mlp(batch: int | None, seed: int = 0) -> onnx.ModelProto:
     """x [batch, 4] -> MatMul -> Relu -> Reshape to a constant shape -> MatMul -> [batch, 3]. With a
     fixed batch the Reshape's shape holds it, as exporters write it: no other batch size runs."""
     rng = np.random.default_rng(seed)
-    weights = [numpy_helper.from_array(rng.normal(size=shape).astype(np.float32), name)
-               for name, shape in (("fc1.weight", (4, 8)), ("fc2.weight", (8, 3)))]
+    weights = [
+        numpy_helper.from_array(rng.normal(size=shape).astype(np.float32), name)
+        for name, shape in (("fc1.weight", (4, 8)), ("fc2.weight", (8, 3)))
+    ]
     shape = numpy_helper.from_array(np.array([batch or -1, 8], np.int64), "shape")
-    nodes = [helper.make_node("MatMul", ["x", "fc1.weight"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
-             helper.make_node("Reshape", ["r", "shape"], ["f"]), helper.make_node("MatMul", ["f", "fc2.weight"], ["y"])]
+    nodes = [
+        helper.make_node("MatMul", ["x", "fc1.weight"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Reshape", ["r", "shape"], ["f"]),
+        helper.make_node("MatMul", ["f", "fc2.weight"], ["y"]),
+    ]
     dim = batch or "batch"
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [dim, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [dim, 3])], [*weights, shape])
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [dim, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [dim, 3])],
+        [*weights, shape],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -70,9 +81,16 @@ def test_onnxruntime_runs_take_any_number_of_samples():
 def test_a_plan_on_a_batch_1_model_with_16_samples():
     """The review's case: a fixed batch of 1 refused a calibration set of 16 samples."""
     calibration = {"x": samples(16)}
-    request = PlanRequest(candidates=("fp32", "w8a8"), max_size_bytes=10**6, measure_uniform=False,
-                          max_frontier_points=2, latency_repeats=2, latency_warmup=1, device="cpu",
-                          sensitivity_options={"trace_max_probes": 8, "trace_min_probes": 4})
+    request = PlanRequest(
+        candidates=("fp32", "w8a8"),
+        max_size_bytes=10**6,
+        measure_uniform=False,
+        max_frontier_points=2,
+        latency_repeats=2,
+        latency_warmup=1,
+        device="cpu",
+        sensitivity_options={"trace_max_probes": 8, "trace_min_probes": 4},
+    )
     result = plan(mlp(1), calibration, request)
     assert result.plan.measured is not None and result.plan.measured.num_samples == 16
     assert result.plan.measured.latency.batch_size == 1

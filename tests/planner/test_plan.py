@@ -7,7 +7,6 @@ import hashlib
 import json
 import math
 import re
-
 from typing import Any
 
 import numpy as np
@@ -17,10 +16,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from planner.export import read_plan
-from planner.cost import layer_cost_table
-from planner.candidates import CANDIDATES
 from planner.activation import ActivationTerm
+from planner.candidates import CANDIDATES
+from planner.cost import layer_cost_table
+from planner.export import read_plan
 from planner.plan import (
     DEFAULT_CANDIDATES,
     MAX_COST,
@@ -159,8 +158,11 @@ def test_interlayer_and_hawq_v2_each_minimise_their_own_prediction(digits, sensi
     proto, calibration, evaluation = digits
     results = {
         method: plan(
-            proto, calibration, PlanRequest(method=method, max_size_bytes=SIZE_BUDGET, **FAST),
-            evaluation=evaluation, sensitivity=sensitivity,
+            proto,
+            calibration,
+            PlanRequest(method=method, max_size_bytes=SIZE_BUDGET, **FAST),
+            evaluation=evaluation,
+            sensitivity=sensitivity,
         )
         for method in ("hawq_v2", "interlayer")
     }
@@ -177,18 +179,21 @@ def test_interlayer_and_hawq_v2_each_minimise_their_own_prediction(digits, sensi
 def test_latency_budget_picks_a_measured_point(digits, sensitivity):
     proto, calibration, evaluation = digits
     fast = {**FAST, "max_frontier_points": 2}
-    result = plan(proto, calibration, PlanRequest(max_latency_ms=1_000.0, **fast), evaluation=evaluation,
-                  sensitivity=sensitivity)
+    result = plan(
+        proto, calibration, PlanRequest(max_latency_ms=1_000.0, **fast), evaluation=evaluation, sensitivity=sensitivity
+    )
     assert result.plan.measured.latency.p50_ms <= 1_000.0 and result.meets_constraints
     with pytest.raises(NoFeasiblePlan, match="median latency"):
-        plan(proto, calibration, PlanRequest(max_latency_ms=1e-6, **fast), evaluation=evaluation,
-             sensitivity=sensitivity)
+        plan(
+            proto, calibration, PlanRequest(max_latency_ms=1e-6, **fast), evaluation=evaluation, sensitivity=sensitivity
+        )
 
 
 def test_uniform_baselines_are_measured(digits, sensitivity):
     proto, calibration, evaluation = digits
-    request = PlanRequest(candidates=("fp32", "w8a8", "w4a8"), **{**FAST, "measure_uniform": True,
-                                                                   "max_frontier_points": 1})
+    request = PlanRequest(
+        candidates=("fp32", "w8a8", "w4a8"), **{**FAST, "measure_uniform": True, "max_frontier_points": 1}
+    )
     result = plan(proto, calibration, request, evaluation=evaluation, sensitivity=sensitivity)
     assert set(result.uniform) == {"fp32", "w8a8", "w4a8"}
     fp32, w8a8, w4a8 = (result.uniform[name] for name in ("fp32", "w8a8", "w4a8"))
@@ -200,8 +205,14 @@ def test_uniform_baselines_are_measured(digits, sensitivity):
 
 
 def test_request_round_trips_and_rejects_bad_input():
-    request = PlanRequest(method="interlayer", search="bisection", candidates=("fp32", "w4a8"), max_bops=10**9,
-                          max_drop=1.0, sensitivity_options={"batch_size": 64})
+    request = PlanRequest(
+        method="interlayer",
+        search="bisection",
+        candidates=("fp32", "w4a8"),
+        max_bops=10**9,
+        max_drop=1.0,
+        sensitivity_options={"batch_size": 64},
+    )
     assert PlanRequest.from_dict(json.loads(json.dumps(request.to_dict()))) == request
     bad = [
         ({"max_size_bytes": 10, "max_bops": 10}, "at most one budget"),
@@ -225,16 +236,41 @@ NOT_FLAGS = [1, 0, "yes", "true", None, [True]]
 BAD_REQUEST_VALUES: dict[str, list[Any]] = {
     "method": ["hawq_v9", "", None, 1, ["hawq_v2"]],
     "search": ["random", None, True],
-    "candidates": [[], "", ["w3"], ["w3a3"], [1], [None], [["fp32"]], 5, None, {"fp32": 1}, ["fp32"] * 17,
-                   ["x" * 33], "fp32," * 17],
+    "candidates": [
+        [],
+        "",
+        ["w3"],
+        ["w3a3"],
+        [1],
+        [None],
+        [["fp32"]],
+        5,
+        None,
+        {"fp32": 1},
+        ["fp32"] * 17,
+        ["x" * 33],
+        "fp32," * 17,
+    ],
     "max_size_bytes": NOT_COSTS,
     "max_bops": NOT_COSTS,
     "max_latency_ms": [0, -1.0, math.inf, math.nan, True, "1", [1], MAX_LATENCY_MS + 0.5, 10**400],
     "max_drop": [-0.1, 100.5, math.inf, -math.inf, math.nan, True, "1", [1], 10**400],
     "seed": [*NOT_INTS, -1, 2**63],
-    "sensitivity_options": [None, [], "batch_size", {"seed": 1}, {"bits": [8]}, {"device": "cpu"},
-                            {"type": "TraceConfig"}, {1: 2}, {"batch_size": 1.5}, {"batch_size": math.inf},
-                            {"trace_max_probes": 1e9}, {"trace_tolerance": math.nan}, {"no_such_option": 3}],
+    "sensitivity_options": [
+        None,
+        [],
+        "batch_size",
+        {"seed": 1},
+        {"bits": [8]},
+        {"device": "cpu"},
+        {"type": "TraceConfig"},
+        {1: 2},
+        {"batch_size": 1.5},
+        {"batch_size": math.inf},
+        {"trace_max_probes": 1e9},
+        {"trace_tolerance": math.nan},
+        {"no_such_option": 3},
+    ],
     "max_frontier_points": [*NOT_INTS, 0, MAX_FRONTIER_POINTS + 1],
     "measure_uniform": NOT_FLAGS,
     "latency_repeats": [*NOT_INTS, 0, MAX_LATENCY_REPEATS + 1],
@@ -245,8 +281,19 @@ BAD_REQUEST_VALUES: dict[str, list[Any]] = {
     "measure_activation_terms": NOT_FLAGS,
     "metric": ["bleu", "", None, 1, ["cosine"], "top1_accuracy"],
     "exclude": [None, 5, {"fc1.weight": 1}, [""], [1], [None], [["fc1.weight"]], ["x" * 1025], ["fc1.weight"] * 257],
-    "sample_axes": [None, [], "state=1", {"state": True}, {"state": -1}, {"state": 1.0}, {"state": "none"},
-                    {"": 0}, {1: 0}, {"state": 256}, {f"x{k}": 0 for k in range(257)}],
+    "sample_axes": [
+        None,
+        [],
+        "state=1",
+        {"state": True},
+        {"state": -1},
+        {"state": 1.0},
+        {"state": "none"},
+        {"": 0},
+        {1: 0},
+        {"state": 256},
+        {f"x{k}": 0 for k in range(257)},
+    ],
 }
 
 
@@ -254,9 +301,14 @@ def test_every_request_field_has_bad_values():
     assert {f.name for f in dataclasses.fields(PlanRequest)} == set(BAD_REQUEST_VALUES)
 
 
-@pytest.mark.parametrize(("name", "value"), [
-    pytest.param(name, value, id=f"{name}-{shown(value)}") for name, values in BAD_REQUEST_VALUES.items()
-    for value in values])
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        pytest.param(name, value, id=f"{name}-{shown(value)}")
+        for name, values in BAD_REQUEST_VALUES.items()
+        for value in values
+    ],
+)
 def test_a_bad_request_value_is_a_value_error_naming_its_field(name: str, value: Any):
     with pytest.raises(ValueError, match=rf"(?<![a-z_]){name}\b"):
         PlanRequest(**{name: value})
@@ -264,20 +316,34 @@ def test_a_bad_request_value_is_a_value_error_naming_its_field(name: str, value:
         PlanRequest.from_dict({name: value})
 
 
-@pytest.mark.parametrize(("options", "named"), [
-    ({"bits": [8]}, "must not set ['bits']"), ({"type": "TraceConfig"}, "unknown keys ['type']"),
-    ({"batch_size": 1.5}, "batch_size must be an integer"), ({"trace_max_probes": 1e9}, "trace_max_probes must be"),
-    ({"trace_tolerance": math.inf}, "trace_tolerance must be a finite number")])
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"bits": [8]}, "must not set ['bits']"),
+        ({"type": "TraceConfig"}, "unknown keys ['type']"),
+        ({"batch_size": 1.5}, "batch_size must be an integer"),
+        ({"trace_max_probes": 1e9}, "trace_max_probes must be"),
+        ({"trace_tolerance": math.inf}, "trace_tolerance must be a finite number"),
+    ],
+)
 def test_bad_sensitivity_options_name_the_option(options: dict[str, Any], named: str):
     with pytest.raises(ValueError, match=re.escape(named)):
         PlanRequest(sensitivity_options=options)
 
 
 def test_request_bounds_are_inclusive_and_values_canonical():
-    request = PlanRequest(max_bops=np.int64(MAX_COST), max_drop=100, seed=2**63 - 1, candidates="fp32, w8a8,fp32",
-                          max_frontier_points=MAX_FRONTIER_POINTS, latency_repeats=MAX_LATENCY_REPEATS,
-                          latency_warmup=MAX_LATENCY_WARMUP, latency_batch_size=MAX_LATENCY_BATCH_SIZE,
-                          solver_time_limit_s=MAX_SOLVER_TIME_LIMIT_S, device="cuda:1")
+    request = PlanRequest(
+        max_bops=np.int64(MAX_COST),
+        max_drop=100,
+        seed=2**63 - 1,
+        candidates="fp32, w8a8,fp32",
+        max_frontier_points=MAX_FRONTIER_POINTS,
+        latency_repeats=MAX_LATENCY_REPEATS,
+        latency_warmup=MAX_LATENCY_WARMUP,
+        latency_batch_size=MAX_LATENCY_BATCH_SIZE,
+        solver_time_limit_s=MAX_SOLVER_TIME_LIMIT_S,
+        device="cuda:1",
+    )
     assert type(request.max_bops) is int and type(request.max_drop) is float and request.max_drop == 100.0
     assert request.candidates == ("fp32", "w8a8") and type(request.solver_time_limit_s) is float
     assert PlanRequest(max_latency_ms=MAX_LATENCY_MS).max_latency_ms == MAX_LATENCY_MS
@@ -285,21 +351,33 @@ def test_request_bounds_are_inclusive_and_values_canonical():
 
 
 GOOD_REQUEST_VALUES: dict[str, list[Any]] = {
-    "method": ["hawq_v2", "interlayer"], "search": ["pareto", "bisection"],
-    "candidates": [["fp32", "w8a8"], "w4,w8", ("w4a8",)], "max_size_bytes": [None, 1, 10**6],
-    "max_bops": [None, 10**9], "max_latency_ms": [None, 0.5, 20], "max_drop": [None, 0, 1.5, 100], "seed": [0, 3],
+    "method": ["hawq_v2", "interlayer"],
+    "search": ["pareto", "bisection"],
+    "candidates": [["fp32", "w8a8"], "w4,w8", ("w4a8",)],
+    "max_size_bytes": [None, 1, 10**6],
+    "max_bops": [None, 10**9],
+    "max_latency_ms": [None, 0.5, 20],
+    "max_drop": [None, 0, 1.5, 100],
+    "seed": [0, 3],
     "sensitivity_options": [{}, {"batch_size": 32, "trace_max_probes": 64}, {"hvp_method": "forward_over_reverse"}],
-    "max_frontier_points": [1, 8], "measure_uniform": [True, False], "latency_repeats": [1, 50],
-    "latency_warmup": [0, 10], "latency_batch_size": [1, 8], "device": ["auto", "cpu"],
-    "solver_time_limit_s": [0.5, 10], "measure_activation_terms": [True, False],
+    "max_frontier_points": [1, 8],
+    "measure_uniform": [True, False],
+    "latency_repeats": [1, 50],
+    "latency_warmup": [0, 10],
+    "latency_batch_size": [1, 8],
+    "device": ["auto", "cpu"],
+    "solver_time_limit_s": [0.5, 10],
+    "measure_activation_terms": [True, False],
     "exclude": [[], ["fc1.weight"], "fc1.weight, /fc2/*"],
     "sample_axes": [{}, {"state": 1, "sr": None}],
 }
 
 
 @settings(max_examples=200, deadline=None, database=None)
-@given(good=st.fixed_dictionaries({}, optional={name: st.sampled_from(v) for name, v in GOOD_REQUEST_VALUES.items()}),
-       hostile=st.dictionaries(st.sampled_from(sorted(GOOD_REQUEST_VALUES)), JSON_VALUES, max_size=3))
+@given(
+    good=st.fixed_dictionaries({}, optional={name: st.sampled_from(v) for name, v in GOOD_REQUEST_VALUES.items()}),
+    hostile=st.dictionaries(st.sampled_from(sorted(GOOD_REQUEST_VALUES)), JSON_VALUES, max_size=3),
+)
 def test_any_json_values_give_a_valid_request_or_a_value_error(good: dict[str, Any], hostile: dict[str, Any]):
     values = {**good, **hostile}  # mostly good values, so that valid requests are drawn too
     try:
@@ -314,8 +392,12 @@ def test_any_json_values_give_a_valid_request_or_a_value_error(good: dict[str, A
 
 
 @settings(max_examples=100, deadline=None, database=None)
-@given(data=JSON_VALUES | st.dictionaries(st.sampled_from(sorted(GOOD_REQUEST_VALUES)) | st.text(max_size=4)
-                                          | st.integers(), JSON_VALUES, max_size=4))
+@given(
+    data=JSON_VALUES
+    | st.dictionaries(
+        st.sampled_from(sorted(GOOD_REQUEST_VALUES)) | st.text(max_size=4) | st.integers(), JSON_VALUES, max_size=4
+    )
+)
 def test_from_dict_takes_any_value(data: Any):
     try:
         PlanRequest.from_dict(data)
@@ -360,8 +442,11 @@ def test_objective_uses_gradient_terms_shrunk_by_their_errors(digits, sensitivit
     # with errors far below the terms nothing is shrunk
     exact = dataclasses.replace(terms, gradient_term_errors=tuple(abs(g) * 1e-9 for g in terms.gradient_terms))
     unshrunk = build_objective(dataclasses.replace(sensitivity, interlayer=exact), table, DEFAULT_CANDIDATES, proto)
-    flat_raw = [terms.gradient_terms[index[(layer, CANDIDATES[c].weight_bits)]] if CANDIDATES[c].weight_bits else 0.0
-                for layer in unshrunk.layers for c in unshrunk.candidates[0]]
+    flat_raw = [
+        terms.gradient_terms[index[(layer, CANDIDATES[c].weight_bits)]] if CANDIDATES[c].weight_bits else 0.0
+        for layer in unshrunk.layers
+        for c in unshrunk.candidates[0]
+    ]
     np.testing.assert_allclose(unshrunk.flat_linear, flat_raw, rtol=1e-12)
 
 
@@ -369,8 +454,9 @@ def test_result_is_plain_data(digits, sensitivity):
     import pickle
 
     proto, calibration, evaluation = digits
-    request = PlanRequest(max_size_bytes=SIZE_BUDGET, sensitivity_options={"batch_size": 128},
-                          **{**FAST, "max_frontier_points": 1})
+    request = PlanRequest(
+        max_size_bytes=SIZE_BUDGET, sensitivity_options={"batch_size": 128}, **{**FAST, "max_frontier_points": 1}
+    )
     result = plan(proto, calibration, request, evaluation=evaluation, sensitivity=sensitivity)
     copy = pickle.loads(pickle.dumps(result))  # crosses process boundaries (spawned workers)
     assert copy.to_dict() == result.to_dict() and copy.artifact_bytes == result.artifact_bytes
@@ -425,8 +511,14 @@ def test_a_model_whose_uniform_w8a8_does_not_export_plans_without_activation_ter
     proto, calibration, evaluation = digits
     messages = []
     request = PlanRequest(max_size_bytes=SIZE_BUDGET, **{**FAST, "max_frontier_points": 1})
-    result = plan(proto, calibration, request, evaluation=evaluation, sensitivity=sensitivity,
-                  progress=lambda phase, fraction, message: messages.append((phase, message)))
+    result = plan(
+        proto,
+        calibration,
+        request,
+        evaluation=evaluation,
+        sensitivity=sensitivity,
+        progress=lambda phase, fraction, message: messages.append((phase, message)),
+    )
     assert result.activation_terms == {} and result.meets_constraints
     assert any(phase == "activation" and "skipped" in message for phase, message in messages)
 
@@ -440,8 +532,9 @@ def test_a_paddle_style_model_is_planned_under_its_constant_names():
     from tests.sensitivity.test_normalize import paddle_style_model
 
     x = np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32)
-    request = PlanRequest(candidates=("fp32", "w8a8", "w4"), sensitivity_options=PROBES,
-                          **{**FAST, "max_frontier_points": 1})
+    request = PlanRequest(
+        candidates=("fp32", "w8a8", "w4"), sensitivity_options=PROBES, **{**FAST, "max_frontier_points": 1}
+    )
     result = plan(paddle_style_model(), {"x": x}, request)
     assert set(result.plan.configuration) == {"conv.w"}
     assert result.normalization["source_opset"] == 12 and result.normalization["opset"] == 21
@@ -459,8 +552,11 @@ def test_a_mismatching_opset_upgrade_is_refused_before_the_sensitivity_analysis(
     from tests.sensitivity.test_normalize import _scaled
 
     convert = onnx.version_converter.convert_version
-    monkeypatch.setattr(onnx.version_converter, "convert_version",
-                        lambda model, target: _scaled(convert(model, target), "fc2.weight", 1.01))
+    monkeypatch.setattr(
+        onnx.version_converter,
+        "convert_version",
+        lambda model, target: _scaled(convert(model, target), "fc2.weight", 1.01),
+    )
     analysed = []
     monkeypatch.setattr("sensitivity.run.compute_sensitivity", lambda *args, **kwargs: analysed.append(args))
     x = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)

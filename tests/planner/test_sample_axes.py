@@ -19,8 +19,14 @@ from tests.sensitivity.test_samples import loose_data, loosely_declared_stateful
 
 SAMPLES = 20
 AXES = {"x": 0, "state": 1, "sr": None}
-FAST = {"measure_uniform": False, "max_frontier_points": 2, "latency_repeats": 3, "latency_warmup": 1,
-        "device": "cpu", "sensitivity_options": {"trace_max_probes": 6, "trace_min_probes": 4}}
+FAST = {
+    "measure_uniform": False,
+    "max_frontier_points": 2,
+    "latency_repeats": 3,
+    "latency_warmup": 1,
+    "device": "cpu",
+    "sensitivity_options": {"trace_max_probes": 6, "trace_min_probes": 4},
+}
 # Every layer demoted to w4a8 if the drop allows (it does: 100 pp): the plan quantizes. (A size budget
 # would not: on a model this small the Q/DQ nodes weigh more than the weights they shrink.)
 QUANTIZE = {"search": "bisection", "max_drop": 100.0}
@@ -36,18 +42,32 @@ def test_check_inputs_takes_each_axis_and_a_shared_scalar():
     assert check_inputs(stateful_onnx_model(), data).keys() == {"x", "state", "sr"}
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    (lambda d: {**d, "sr": np.full(SAMPLES, 16000, np.int64)},
-     r"'sr' has shape \(20,\), the model expects rank 0 \(\[\], shared by every sample\): give one value"),
-    (lambda d: {**d, "state": np.array(0.5, np.float32)},
-     r"'state' has shape \(\), the model expects rank 3 \(\[2, \?, 4\], samples on axis 1\); "
-     r"'state' has no samples on axis 1"),
-    (lambda d: {**d, "state": np.ascontiguousarray(d["state"].transpose(1, 0, 2))},
-     r"'state' has shape \(20, 2, 4\), the model expects \[2, \?, 4\] \(samples on axis 1\)"),
-    (lambda d: {**d, "state": d["state"][:, :7]},
-     r"different numbers of samples: 'x' 20 \(axis 0 of shape \(20, 6\)\), 'state' 7 \(axis 1 of shape \(2, 7, 4\)\)"),
-    (lambda d: {**d, "x": d["x"][:0], "state": d["state"][:, :0]}, r"'x' has no samples on axis 0 \(shape \(0, 6\)\)"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda d: {**d, "sr": np.full(SAMPLES, 16000, np.int64)},
+            r"'sr' has shape \(20,\), the model expects rank 0 \(\[\], shared by every sample\): give one value",
+        ),
+        (
+            lambda d: {**d, "state": np.array(0.5, np.float32)},
+            r"'state' has shape \(\), the model expects rank 3 \(\[2, \?, 4\], samples on axis 1\); "
+            r"'state' has no samples on axis 1",
+        ),
+        (
+            lambda d: {**d, "state": np.ascontiguousarray(d["state"].transpose(1, 0, 2))},
+            r"'state' has shape \(20, 2, 4\), the model expects \[2, \?, 4\] \(samples on axis 1\)",
+        ),
+        (
+            lambda d: {**d, "state": d["state"][:, :7]},
+            r"different numbers of samples: 'x' 20 \(axis 0 of shape \(20, 6\)\), 'state' 7 \(axis 1 of shape \(2, 7, 4\)\)",
+        ),
+        (
+            lambda d: {**d, "x": d["x"][:0], "state": d["state"][:, :0]},
+            r"'x' has no samples on axis 0 \(shape \(0, 6\)\)",
+        ),
+    ],
+)
 def test_wrong_data_is_named_with_its_shape_and_axis(change, message):
     with pytest.raises(ValueError, match=message):
         check_inputs(stateful_onnx_model(), change(stateful_data(SAMPLES)), what="calibration set")
@@ -62,8 +82,9 @@ def test_the_calibration_reader_cuts_the_state_on_its_axis():
 
 def test_export_evaluation_and_latency_run_on_every_axis():
     data = stateful_data(SAMPLES)
-    exported = export_model(stateful_onnx_model(), {"fc1.weight": "w8a8", "fc2.weight": "w4"}, data,
-                            calibration_batch_size=8)
+    exported = export_model(
+        stateful_onnx_model(), {"fc1.weight": "w8a8", "fc2.weight": "w4"}, data, calibration_batch_size=8
+    )
     assert read_plan(exported.model_bytes)["calibration"]["samples"] == SAMPLES
     session = ort.InferenceSession(exported.model_bytes, providers=["CPUExecutionProvider"])
     y, state = session.run(None, stateful_data(5, seed=9))  # the artifact takes the scalar as it is

@@ -24,8 +24,16 @@ def digits() -> tuple:
 
 
 def _plan(program, calibration, **options):
-    settings = {"batch_size": 64, "probes_per_pass": 4, "hvp_method": "auto", "memory_budget_mb": 4096,
-                "device": torch.device("cpu"), "task": "auto", "progress": lambda *a: None, **options}
+    settings = {
+        "batch_size": 64,
+        "probes_per_pass": 4,
+        "hvp_method": "auto",
+        "memory_budget_mb": 4096,
+        "device": torch.device("cpu"),
+        "task": "auto",
+        "progress": lambda *a: None,
+        **options,
+    }
     return plan_passes(program, calibration, **settings)
 
 
@@ -65,8 +73,10 @@ def test_both_methods_are_timed_and_the_faster_is_used(digits) -> None:
     assert passes.report["held_mb"] < passes.report["predicted_peak_mb"] <= 4096
     # The choice is the fitted one for the room left (what the process holds varies with the tests
     # run before; under load it once left room for 36 samples, not 64).
-    fit = _Fit(**{name: mb * MiB for name, mb in passes.report["fit_mb"].items()
-                  if name != "per_probe_sample"}, per_probe=passes.report["fit_mb"]["per_probe_sample"] * MiB)
+    fit = _Fit(
+        **{name: mb * MiB for name, mb in passes.report["fit_mb"].items() if name != "per_probe_sample"},
+        per_probe=passes.report["fit_mb"]["per_probe_sample"] * MiB,
+    )
     room = (4096 - passes.report["held_mb"]) * MiB
     chosen = _choose(fit, room, batch_size=64, probes_per_pass=4, fixed=False)
     assert abs(chosen[0] - passes.batch_size) <= 1 and chosen[1] == passes.probes_per_pass  # report rounding
@@ -97,8 +107,13 @@ def test_a_budget_below_what_the_process_holds_is_a_clear_error(digits) -> None:
 def test_traces_do_not_depend_on_the_batch_split(digits) -> None:
     """HVPs accumulate over micro-batches weighted by n_b/N: only rounding differs."""
     program, calibration = digits
-    shared = {"max_probes": 8, "min_probes": 8, "device": "cpu", "hvp_method": "double_backward",
-              "memory_budget_mb": None}
+    shared = {
+        "max_probes": 8,
+        "min_probes": 8,
+        "device": "cpu",
+        "hvp_method": "double_backward",
+        "memory_budget_mb": None,
+    }
     whole = compute_sensitivity(program, calibration, TraceConfig(batch_size=64, **shared))
     split = compute_sensitivity(program, calibration, TraceConfig(batch_size=7, **shared))
     assert whole.execution["batch_size"] == 64 and split.execution["batch_size"] == 7
@@ -117,8 +132,9 @@ def test_the_execution_report_says_how_the_run_went(digits) -> None:
 
 def test_a_time_budget_stops_the_probes_with_the_errors_reached(digits) -> None:
     program, calibration = digits
-    config = TraceConfig(max_probes=4096, min_probes=8, tolerance=1e-6, time_budget_s=0.2, device="cpu",
-                         probes_per_pass=1)
+    config = TraceConfig(
+        max_probes=4096, min_probes=8, tolerance=1e-6, time_budget_s=0.2, device="cpu", probes_per_pass=1
+    )
     result = compute_sensitivity(program, calibration, config)
     stopped = result.execution["traces"]
     assert stopped["stopped"] == "time_budget" and 2 <= stopped["probes"] < 4096

@@ -20,7 +20,9 @@ def test_folds_hold_out_almost_disjoint_test_sets_that_cover_the_data():
     np.testing.assert_array_equal(folds[0].test_x, default.test_x)
     np.testing.assert_array_equal(folds[0].train_y, default.train_y)
     assert all((len(f.train_y), len(f.test_y)) == (1347, 450) for f in folds)
-    everything = _rows(np.concatenate([default.train_x, default.test_x]), np.concatenate([default.train_y, default.test_y]))
+    everything = _rows(
+        np.concatenate([default.train_x, default.test_x]), np.concatenate([default.train_y, default.test_y])
+    )
     assert set().union(*map(_test_rows, folds)) == {row.tobytes() for row in everything}
     for k in range(1, 4):
         assert len(_test_rows(folds[k - 1]) & _test_rows(folds[k])) == 0

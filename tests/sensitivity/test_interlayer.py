@@ -53,12 +53,13 @@ def terms(problem: TinyProblem) -> InterLayerTerms:
 def test_progress_is_reported_after_each_column(problem: TinyProblem) -> None:
     hvp = HessianVectorProducts(problem.loss(batch_size=12), probes_per_pass=4)
     reports: list[tuple[str, float, str]] = []
-    interlayer_terms(hvp, problem.program.layers, BITS, _exact_traces(problem),
-                     progress=lambda *report: reports.append(report))
+    interlayer_terms(
+        hvp, problem.program.layers, BITS, _exact_traces(problem), progress=lambda *report: reports.append(report)
+    )
     columns = len(problem.program.layers) * len(BITS)
     assert len(reports) == columns and {phase for phase, _, _ in reports} == {"interlayer"}
     fractions = [fraction for _, fraction, _ in reports]
-    assert fractions == sorted(fractions) and 0 < fractions[0] and fractions[-1] == pytest.approx(0.9)
+    assert fractions == sorted(fractions) and fractions[0] > 0 and fractions[-1] == pytest.approx(0.9)
     assert reports[-1][2].startswith(f"{columns}/{columns} columns of G") and "s left" in reports[-1][2]
 
 
@@ -67,7 +68,10 @@ def _full_deltas(problem: TinyProblem) -> dict[tuple[str, int], np.ndarray]:
     point = tuple(problem.program.layer_weights.values())
     full = {}
     for (name, bits), delta in perturbations(problem.program.layers, point, BITS).items():
-        vector = tuple(delta if layer.name == name else torch.zeros(layer.shape, dtype=torch.float64) for layer in problem.program.layers)
+        vector = tuple(
+            delta if layer.name == name else torch.zeros(layer.shape, dtype=torch.float64)
+            for layer in problem.program.layers
+        )
         full[(name, bits)] = problem.flatten(vector).numpy()
     return full
 
@@ -85,7 +89,11 @@ def test_g_matches_exact_blocks(problem: TinyProblem, terms: InterLayerTerms) ->
     exact = vectors @ hessian @ vectors.T
     assert np.allclose(terms.array(), exact, rtol=1e-5, atol=1e-5 * np.abs(exact).max())
     assert terms.symmetry_error < 1e-8
-    off_diagonal = [exact[a, c] for a, c in itertools.product(range(len(vectors)), repeat=2) if terms.labels[a][0] != terms.labels[c][0]]
+    off_diagonal = [
+        exact[a, c]
+        for a, c in itertools.product(range(len(vectors)), repeat=2)
+        if terms.labels[a][0] != terms.labels[c][0]
+    ]
     assert np.abs(off_diagonal).max() > 1e-3 * np.abs(exact).max()  # the inter-layer terms are not negligible here
 
 
@@ -105,15 +113,21 @@ def _sample_gradients(problem: TinyProblem) -> np.ndarray:
     rows = []
     for s in range(len(problem.calibration["labels"])):
         flat = problem.point().clone().requires_grad_(True)
-        state = {**{k: v.detach() for k, v in problem.module.named_parameters()},
-                 **dict(zip(names, problem.unflatten(flat)))}
-        logits = torch.func.functional_call(problem.module, state, (torch.from_numpy(problem.calibration["input"][s : s + 1]),))
+        state = {
+            **{k: v.detach() for k, v in problem.module.named_parameters()},
+            **dict(zip(names, problem.unflatten(flat))),
+        }
+        logits = torch.func.functional_call(
+            problem.module, state, (torch.from_numpy(problem.calibration["input"][s : s + 1]),)
+        )
         loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(problem.calibration["labels"][s : s + 1]))
         rows.append(torch.autograd.grad(loss, flat)[0].numpy())
     return np.stack(rows)
 
 
-def test_gradient_term_errors_are_the_standard_errors_over_samples(problem: TinyProblem, terms: InterLayerTerms) -> None:
+def test_gradient_term_errors_are_the_standard_errors_over_samples(
+    problem: TinyProblem, terms: InterLayerTerms
+) -> None:
     per_sample = _sample_gradients(problem)  # the fixture's loss has two batches: errors span both
     for a, delta in enumerate(_full_deltas(problem).values()):
         derivatives = per_sample @ delta
@@ -124,18 +138,27 @@ def test_gradient_term_errors_are_the_standard_errors_over_samples(problem: Tiny
 
 
 def test_shrinkage_keeps_clear_terms_and_drops_noise() -> None:
-    base = dict(labels=(("a", 8), ("a", 4), ("b", 8), ("b", 4)), matrix=((0.0,) * 4,) * 4,
-                delta_norms_squared=(1.0,) * 4, omega=(1.0,) * 4, symmetry_error=0.0)
+    base = dict(
+        labels=(("a", 8), ("a", 4), ("b", 8), ("b", 4)),
+        matrix=((0.0,) * 4,) * 4,
+        delta_norms_squared=(1.0,) * 4,
+        omega=(1.0,) * 4,
+        symmetry_error=0.0,
+    )
     terms = InterLayerTerms(gradient_terms=(2.0, -0.5, -3.0, 0.0), gradient_term_errors=(0.2, 1.0, 3.0, 1.0), **base)
     shrunk = shrunk_gradient_terms(terms)
     assert shrunk == pytest.approx((2.0 * 0.99, 0.0, 0.0, 0.0))  # z = 10 kept almost whole; |z| ≤ 1 dropped
     legacy = InterLayerTerms(gradient_terms=(2.0, -0.5, -3.0, 0.0), **base)  # written before errors existed
     assert shrunk_gradient_terms(legacy) == legacy.gradient_terms
     assert InterLayerTerms.from_dict(terms.to_dict()) == terms
-    assert InterLayerTerms.from_dict({k: v for k, v in legacy.to_dict().items() if k != "gradient_term_errors"}) == legacy
+    assert (
+        InterLayerTerms.from_dict({k: v for k, v in legacy.to_dict().items() if k != "gradient_term_errors"}) == legacy
+    )
 
 
-def test_predicted_loss_change_is_the_exact_second_order_expansion(problem: TinyProblem, terms: InterLayerTerms) -> None:
+def test_predicted_loss_change_is_the_exact_second_order_expansion(
+    problem: TinyProblem, terms: InterLayerTerms
+) -> None:
     hessian, gradient, deltas = exact_hessian(problem), exact_gradient(problem), _full_deltas(problem)
     for configuration in _configurations(problem):
         total = sum((deltas[(n, b)] for n, b in configuration.items() if b is not None), np.zeros(len(gradient)))

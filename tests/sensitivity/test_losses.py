@@ -82,9 +82,16 @@ def test_mse_hessian_at_the_float_point_is_gauss_newton(task: str) -> None:
     scale = torch.cat([torch.full((20,), 2.0 / 20 / ms_a), torch.full((10,), 2.0 / 10 / ms_b)]).double()
     gauss_newton = jacobian.T @ (scale[:, None] * jacobian)
     hvp = HessianVectorProducts(loss)
-    columns = hvp.many([tuple(t.reshape(s) for t, s in zip(torch.split(e, sizes), shapes)) for e in torch.eye(len(point), dtype=torch.float64)])
+    columns = hvp.many(
+        [
+            tuple(t.reshape(s) for t, s in zip(torch.split(e, sizes), shapes))
+            for e in torch.eye(len(point), dtype=torch.float64)
+        ]
+    )
     hessian = torch.stack([torch.cat([h.reshape(-1) for h in column]) for column in columns], dim=1)
-    assert float((hessian - gauss_newton).abs().max()) < 1e-6 * float(gauss_newton.abs().max()), float((hessian - gauss_newton).abs().max())
+    assert float((hessian - gauss_newton).abs().max()) < 1e-6 * float(gauss_newton.abs().max()), float(
+        (hessian - gauss_newton).abs().max()
+    )
     assert float(torch.linalg.eigvalsh(hessian).min()) > -1e-12  # positive semi-definite
 
 
@@ -184,8 +191,15 @@ def _onnx_head(end, steps: int = 0, samples: int = 12, fixed: int | None = None,
         import onnx
 
         buffer = io.BytesIO()
-        torch.onnx.export(module, (torch.zeros(fixed, 6),), buffer, dynamo=False, input_names=["input"],
-                          output_names=["logits"], opset_version=17)
+        torch.onnx.export(
+            module,
+            (torch.zeros(fixed, 6),),
+            buffer,
+            dynamo=False,
+            input_names=["input"],
+            output_names=["logits"],
+            opset_version=17,
+        )
         proto = onnx.load_from_string(buffer.getvalue())
     x = np.random.default_rng(4).normal(size=(samples, 6)).astype(np.float32)
     return load_onnx(proto), x
@@ -245,10 +259,14 @@ def test_each_output_kind_gets_its_loss_with_the_written_out_value(case: str) ->
     np.testing.assert_allclose(samples, expected, rtol=1e-4, atol=1e-7)
     assert loss.value(moved) == pytest.approx(float(expected.mean()), rel=1e-5)
     for batch in loss.batches:
-        assert float(loss.sample_losses(moved, batch).mean()) == pytest.approx(float(loss.batch_loss(moved, batch)), rel=1e-6)
+        assert float(loss.sample_losses(moved, batch).mean()) == pytest.approx(
+            float(loss.batch_loss(moved, batch)), rel=1e-6
+        )
 
 
-@pytest.mark.parametrize("case", ["softmax classifier", "log-softmax classifier", "sigmoid multi-label", "softmax sequence"])
+@pytest.mark.parametrize(
+    "case", ["softmax classifier", "log-softmax classifier", "sigmoid multi-label", "softmax sequence"]
+)
 def test_kl_losses_are_zero_with_zero_gradient_at_the_float_weights(case: str) -> None:
     end, steps, kind = KIND_CASES[case]
     program, x = _onnx_head(end, steps)
@@ -320,7 +338,10 @@ def test_kl_hessian_at_the_float_point_is_the_fisher_matrix() -> None:
     p0 = log_p(point).exp().detach()
     fisher = torch.einsum("sc,scw,scv->wv", p0, jacobian, jacobian) / len(x)
     columns = HessianVectorProducts(loss).many(
-        [tuple(t.reshape(s) for t, s in zip(torch.split(e, sizes), shapes)) for e in torch.eye(len(point), dtype=torch.float64)]
+        [
+            tuple(t.reshape(s) for t, s in zip(torch.split(e, sizes), shapes))
+            for e in torch.eye(len(point), dtype=torch.float64)
+        ]
     )
     hessian = torch.stack([torch.cat([h.reshape(-1) for h in column]) for column in columns], dim=1)
     assert float((hessian - fisher).abs().max()) < 1e-8 * float(fisher.abs().max())
@@ -349,9 +370,16 @@ def _two_scales_program():
 
     torch.manual_seed(7)
     buffer = io.BytesIO()
-    torch.onnx.export(TwoScales().eval(), (torch.zeros(2, 6),), buffer, dynamo=False, input_names=["input"],
-                      output_names=["scores", "boxes"], opset_version=17,
-                      dynamic_axes={"input": {0: "batch"}, "scores": {0: "batch"}, "boxes": {0: "batch"}})
+    torch.onnx.export(
+        TwoScales().eval(),
+        (torch.zeros(2, 6),),
+        buffer,
+        dynamo=False,
+        input_names=["input"],
+        output_names=["scores", "boxes"],
+        opset_version=17,
+        dynamic_axes={"input": {0: "batch"}, "scores": {0: "batch"}, "boxes": {0: "batch"}},
+    )
     return load_onnx(onnx.load_from_string(buffer.getvalue()))
 
 

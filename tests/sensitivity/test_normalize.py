@@ -48,7 +48,8 @@ def paddle_style_model(bias_channels: int = 8) -> onnx.ModelProto:
         helper.make_node("Reshape", ["c", "shape"], ["y"], name="flatten"),
     ]
     graph = helper.make_graph(
-        nodes, "paddle",
+        nodes,
+        "paddle",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, 8, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, channels * 64])],
     )
@@ -85,8 +86,12 @@ def test_the_promotion_threshold_keeps_short_vectors_as_nodes():
 
 
 def test_a_constant_that_is_a_graph_output_stays_a_node():
-    graph = helper.make_graph([_constant("table", np.ones((4, 4), np.float32))], "g", [],
-                              [helper.make_tensor_value_info("table", TensorProto.FLOAT, [4, 4])])
+    graph = helper.make_graph(
+        [_constant("table", np.ones((4, 4), np.float32))],
+        "g",
+        [],
+        [helper.make_tensor_value_info("table", TensorProto.FLOAT, [4, 4])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     assert normalize_model(model).promoted_constants == ()
 
@@ -131,9 +136,16 @@ def test_input_checks_take_any_batch_for_a_minus_one_dim_and_still_check_fixed_d
 
 
 def _quantized_model(node: onnx.NodeProto, initializers: list[onnx.TensorProto]) -> onnx.ModelProto:
-    graph = helper.make_graph([node], "q", [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], initializers)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    graph = helper.make_graph(
+        [node],
+        "q",
+        [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        initializers,
+    )
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
 
 
 _W8 = numpy_helper.from_array(np.ones((4, 4), np.int8), "w_q")
@@ -141,11 +153,25 @@ _SCALE = numpy_helper.from_array(np.float32(0.1), "w_scale")
 QUANTIZED = {
     "MatMulInteger": (helper.make_node("MatMulInteger", ["x", "w_q"], ["y"], name="mm"), [_W8], "MatMulInteger"),
     "DequantizeLinear on a weight": (
-        helper.make_node("DequantizeLinear", ["w_q", "w_scale"], ["y"], name="dq"), [_W8, _SCALE],
-        "DequantizeLinear on a weight"),
+        helper.make_node("DequantizeLinear", ["w_q", "w_scale"], ["y"], name="dq"),
+        [_W8, _SCALE],
+        "DequantizeLinear on a weight",
+    ),
     "com.microsoft MatMulNBits": (
-        helper.make_node("MatMulNBits", ["x", "w_q", "w_scale"], ["y"], name="nbits", domain="com.microsoft",
-                         K=4, N=4, bits=4, block_size=16), [_W8, _SCALE], "com.microsoft::MatMulNBits"),
+        helper.make_node(
+            "MatMulNBits",
+            ["x", "w_q", "w_scale"],
+            ["y"],
+            name="nbits",
+            domain="com.microsoft",
+            K=4,
+            N=4,
+            bits=4,
+            block_size=16,
+        ),
+        [_W8, _SCALE],
+        "com.microsoft::MatMulNBits",
+    ),
     "QLinearConv": (helper.make_node("QLinearConv", ["x"] * 8, ["y"], name="qconv"), [], "QLinearConv"),
 }
 
@@ -265,7 +291,9 @@ def test_normalising_never_imports_torch():
     import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, "-c", _WITHOUT_TORCH], capture_output=True, text=True, timeout=60, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TORCH], capture_output=True, text=True, timeout=60, check=False
+    )
     assert result.returncode == 0, result.stderr
 
 

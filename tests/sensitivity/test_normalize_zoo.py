@@ -61,7 +61,9 @@ def test_ppocr_interpreter_matches_onnxruntime(name):
     probabilities up to 0.88, cls 1.5e-7 up to 0.57."""
     model = onnx.load(str(ppocr(name)))
     x = _image(PPOCR[name][0])
-    (expected,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    (expected,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x}
+    )
     program = load_onnx(model)
     with torch.no_grad():
         (ours,) = program.forward(dict(program.layer_weights), {"x": torch.from_numpy(x)})
@@ -94,7 +96,11 @@ def test_ddddocr_quantized_model_is_refused_as_quantized():
     with pytest.raises(AlreadyQuantizedError) as error:
         normalize_model(model)
     message = str(error.value)
-    for op in ("DynamicQuantizeLinear (22 nodes", "ConvInteger (21 nodes", "MatMulInteger",
-               "com.microsoft::DynamicQuantizeLSTM"):
+    for op in (
+        "DynamicQuantizeLinear (22 nodes",
+        "ConvInteger (21 nodes",
+        "MatMulInteger",
+        "com.microsoft::DynamicQuantizeLSTM",
+    ):
         assert op in message, message
     assert "unsupported" not in message

@@ -27,35 +27,56 @@ def _branch(name: str, nodes: list[onnx.NodeProto], outputs: list[str]) -> onnx.
 
 def _then() -> onnx.GraphProto:
     """Reads the outer input x, the outer layer output h and the layer weight W itself."""
-    return _branch("then", [
-        helper.make_node("MatMul", ["h", "W"], ["t1"]),
-        helper.make_node("Tanh", ["t1"], ["t2"]),
-        helper.make_node("Add", ["t2", "x"], ["then_out"]),
-        helper.make_node("Identity", ["h"], ["then_h"]),  # onnxruntime refuses an outer name as output
-    ], ["then_out", "then_h"])
+    return _branch(
+        "then",
+        [
+            helper.make_node("MatMul", ["h", "W"], ["t1"]),
+            helper.make_node("Tanh", ["t1"], ["t2"]),
+            helper.make_node("Add", ["t2", "x"], ["then_out"]),
+            helper.make_node("Identity", ["h"], ["then_h"]),  # onnxruntime refuses an outer name as output
+        ],
+        ["then_out", "then_h"],
+    )
 
 
 def _else() -> onnx.GraphProto:
-    return _branch("else", [
-        helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(np.float32(0.5))),
-        helper.make_node("Mul", ["h", "k"], ["e1"]),
-        helper.make_node("Sigmoid", ["e1"], ["else_out"]),
-        helper.make_node("Neg", ["x"], ["e2"]),
-    ], ["else_out", "e2"])
+    return _branch(
+        "else",
+        [
+            helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(np.float32(0.5))),
+            helper.make_node("Mul", ["h", "k"], ["e1"]),
+            helper.make_node("Sigmoid", ["e1"], ["else_out"]),
+            helper.make_node("Neg", ["x"], ["e2"]),
+        ],
+        ["else_out", "e2"],
+    )
 
 
-def _model(condition_nodes: list[onnx.NodeProto], initializers: list[onnx.TensorProto] = (),
-           then_branch: onnx.GraphProto | None = None, else_branch: onnx.GraphProto | None = None,
-           opset: int = 16) -> onnx.ModelProto:
+def _model(
+    condition_nodes: list[onnx.NodeProto],
+    initializers: list[onnx.TensorProto] = (),
+    then_branch: onnx.GraphProto | None = None,
+    else_branch: onnx.GraphProto | None = None,
+    opset: int = 16,
+) -> onnx.ModelProto:
     """x -> h = x·W (a layer) -> If(cond) -> (y, z); ``condition_nodes`` produce "cond"."""
     nodes = [
         helper.make_node("MatMul", ["x", "W"], ["h"], name="layer"),
         *condition_nodes,
-        helper.make_node("If", ["cond"], ["y", "z"], name="branchy",
-                         then_branch=then_branch or _then(), else_branch=else_branch or _else()),
+        helper.make_node(
+            "If",
+            ["cond"],
+            ["y", "z"],
+            name="branchy",
+            then_branch=then_branch or _then(),
+            else_branch=else_branch or _else(),
+        ),
     ]
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4])], [_value("y"), _value("z")],
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4])],
+        [_value("y"), _value("z")],
         [numpy_helper.from_array(W, "W"), *initializers],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
@@ -107,9 +128,11 @@ def test_condition_computed_from_initializers_is_resolved_at_load() -> None:
         helper.make_node("Gather", ["shape", "zero_index"], ["rows"], axis=0),
         helper.make_node("Equal", ["rows", "four"], ["cond"]),
     ]
-    initializers = [numpy_helper.from_array(np.zeros((4, 2), np.float32), "table"),
-                    numpy_helper.from_array(np.array(0, np.int64), "zero_index"),
-                    numpy_helper.from_array(np.array(4, np.int64), "four")]
+    initializers = [
+        numpy_helper.from_array(np.zeros((4, 2), np.float32), "table"),
+        numpy_helper.from_array(np.array(0, np.int64), "zero_index"),
+        numpy_helper.from_array(np.array(4, np.int64), "four"),
+    ]
     model = _model(shape, initializers)
     program = load_onnx(model)
     assert "If" not in [step.node.op_type for step in program._graph.full.steps]
@@ -118,10 +141,14 @@ def test_condition_computed_from_initializers_is_resolved_at_load() -> None:
 
 def test_untaken_constant_branch_is_never_run() -> None:
     """A branch that would fail (Reshape to an impossible shape) is fine when not taken."""
-    broken = _branch("broken", [
-        helper.make_node("Constant", [], ["bad_shape"], value=numpy_helper.from_array(np.array([7, 5], np.int64))),
-        helper.make_node("Reshape", ["x", "bad_shape"], ["b1"]),
-    ], ["b1", "b1"])
+    broken = _branch(
+        "broken",
+        [
+            helper.make_node("Constant", [], ["bad_shape"], value=numpy_helper.from_array(np.array([7, 5], np.int64))),
+            helper.make_node("Reshape", ["x", "bad_shape"], ["b1"]),
+        ],
+        ["b1", "b1"],
+    )
     model = _model(_constant_condition(False), then_branch=broken)
     _assert_parity(*_run(model, _rng.standard_normal((3, 4)).astype(np.float32)))
 
@@ -141,15 +168,23 @@ def test_run_time_condition_runs_the_taken_branch(sign: float) -> None:
 def test_nested_ifs_with_constant_and_run_time_conditions() -> None:
     """A constant-condition If around a run-time one, which holds a constant-condition If."""
     inner_constant = helper.make_node("If", ["inner_cond"], ["n1", "n2"], then_branch=_then(), else_branch=_else())
-    run_time = _branch("run_time", [
-        helper.make_node("Constant", [], ["inner_cond"], value=numpy_helper.from_array(np.array(False))),
-        inner_constant,
-    ], ["n1", "n2"])
-    middle = _branch("middle", [
-        *_data_condition()[:2],
-        helper.make_node("Less", ["s", "zero"], ["mid_cond"]),
-        helper.make_node("If", ["mid_cond"], ["m1", "m2"], then_branch=run_time, else_branch=_then()),
-    ], ["m1", "m2"])
+    run_time = _branch(
+        "run_time",
+        [
+            helper.make_node("Constant", [], ["inner_cond"], value=numpy_helper.from_array(np.array(False))),
+            inner_constant,
+        ],
+        ["n1", "n2"],
+    )
+    middle = _branch(
+        "middle",
+        [
+            *_data_condition()[:2],
+            helper.make_node("Less", ["s", "zero"], ["mid_cond"]),
+            helper.make_node("If", ["mid_cond"], ["m1", "m2"], then_branch=run_time, else_branch=_then()),
+        ],
+        ["m1", "m2"],
+    )
     model = _model(_constant_condition(True), then_branch=middle)
     for sign in (1.0, -1.0):
         x = (np.abs(_rng.standard_normal((3, 4))) * sign).astype(np.float32)

@@ -70,8 +70,25 @@ def case(op: str, *inputs: Any, opsets: tuple[int, ...] = (13,), outputs: int = 
 
 CASES: list[Case] = [
     # unary elementwise
-    *[case(name, R(2, 3, 4)) for name in ("Abs", "Neg", "Exp", "Relu", "Sigmoid", "Tanh", "Erf", "Floor", "Ceil",
-                                          "Sign", "Sin", "Cos", "Softsign", "Softplus")],
+    *[
+        case(name, R(2, 3, 4))
+        for name in (
+            "Abs",
+            "Neg",
+            "Exp",
+            "Relu",
+            "Sigmoid",
+            "Tanh",
+            "Erf",
+            "Floor",
+            "Ceil",
+            "Sign",
+            "Sin",
+            "Cos",
+            "Softsign",
+            "Softplus",
+        )
+    ],
     case("HardSwish", R(2, 3, 4) * 4, opsets=(14,)),
     case("Round", (R(3, 5) * 4).round(1)),
     case("Tan", R(3, 5) * 0.5),
@@ -137,19 +154,30 @@ CASES: list[Case] = [
     case("Conv", R(1, 4, 6, 6), R(4, 1, 3, 3), group=4, pads=[1, 1, 1, 1], tag="depthwise"),
     case("Conv", R(1, 2, 9, 9), R(3, 2, 3, 3), dilations=[2, 2], tag="dilated"),
     case("Conv", R(1, 2, 8, 9), R(3, 2, 3, 2), strides=[2, 2], pads=[0, 1, 2, 1], tag="strided-asymmetric"),
-    *[case("Conv", R(1, 2, 8, 9), R(3, 2, 3, 3), strides=[2, 2], auto_pad=mode, tag=mode)
-      for mode in ("SAME_UPPER", "SAME_LOWER", "VALID")],
+    *[
+        case("Conv", R(1, 2, 8, 9), R(3, 2, 3, 3), strides=[2, 2], auto_pad=mode, tag=mode)
+        for mode in ("SAME_UPPER", "SAME_LOWER", "VALID")
+    ],
     case("Conv", R(2, 3, 10), R(4, 3, 3), R(4), pads=[2, 1], strides=[2], tag="1d"),
     case("Conv", R(1, 2, 5, 5, 5), R(3, 2, 3, 3, 3), pads=[1, 0, 1, 1, 0, 1], tag="3d"),
     case("ConvTranspose", R(2, 4, 5, 5), R(4, 3, 3, 3), R(3), strides=[2, 2], pads=[1, 1, 1, 1], opsets=(11, 13)),
-    case("ConvTranspose", R(1, 4, 5, 5), R(4, 3, 3, 3), strides=[2, 2], pads=[1, 1, 1, 1], output_padding=[1, 1],
-         tag="output-padding"),
+    case(
+        "ConvTranspose",
+        R(1, 4, 5, 5),
+        R(4, 3, 3, 3),
+        strides=[2, 2],
+        pads=[1, 1, 1, 1],
+        output_padding=[1, 1],
+        tag="output-padding",
+    ),
     case("ConvTranspose", R(1, 4, 5, 5), R(4, 2, 3, 3), R(4), group=2, strides=[2, 2], tag="groups"),
     case("ConvTranspose", R(1, 2, 4, 5), R(2, 3, 3, 3), strides=[2, 2], output_shape=[10, 9], tag="output-shape"),
     case("ConvTranspose", R(1, 2, 4, 5), R(2, 3, 2, 2), strides=[2, 2], dilations=[2, 1], tag="dilated"),
     case("ConvTranspose", R(1, 2, 4, 5), R(2, 3, 3, 3), strides=[2, 2], pads=[0, 1, 2, 1], tag="asymmetric"),
-    *[case("ConvTranspose", R(1, 2, 4, 5), R(2, 3, 3, 3), strides=[2, 2], auto_pad=mode, tag=mode)
-      for mode in ("SAME_UPPER", "SAME_LOWER", "VALID")],
+    *[
+        case("ConvTranspose", R(1, 2, 4, 5), R(2, 3, 3, 3), strides=[2, 2], auto_pad=mode, tag=mode)
+        for mode in ("SAME_UPPER", "SAME_LOWER", "VALID")
+    ],
     case("ConvTranspose", R(2, 3, 6), R(3, 2, 4), R(2), strides=[3], pads=[1, 2], tag="1d"),
     # pooling
     case("MaxPool", R(2, 3, 8, 8), kernel_shape=[2, 2], strides=[2, 2], opsets=(11, 13)),
@@ -161,11 +189,26 @@ CASES: list[Case] = [
     case("MaxPool", R(2, 3, 9), kernel_shape=[3], strides=[2], pads=[1, 1], ceil_mode=1, tag="1d-ceil"),
     case("AveragePool", R(2, 3, 8, 8), kernel_shape=[2, 2], strides=[2, 2], opsets=(11, 19)),
     case("AveragePool", R(1, 2, 7, 7), kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], tag="pads-excluded"),
-    case("AveragePool", R(1, 2, 7, 7), kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], count_include_pad=1,
-         tag="pads-included"),
+    case(
+        "AveragePool",
+        R(1, 2, 7, 7),
+        kernel_shape=[3, 3],
+        strides=[2, 2],
+        pads=[1, 1, 1, 1],
+        count_include_pad=1,
+        tag="pads-included",
+    ),
     case("AveragePool", R(1, 2, 8, 7), kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1, tag="ceil"),
-    case("AveragePool", R(1, 2, 8, 7), kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], ceil_mode=1,
-         count_include_pad=1, tag="ceil-pads-included"),
+    case(
+        "AveragePool",
+        R(1, 2, 8, 7),
+        kernel_shape=[3, 3],
+        strides=[2, 2],
+        pads=[1, 1, 1, 1],
+        ceil_mode=1,
+        count_include_pad=1,
+        tag="ceil-pads-included",
+    ),
     case("AveragePool", R(1, 2, 7, 8), kernel_shape=[3, 2], pads=[0, 1, 2, 0], count_include_pad=1, tag="asymmetric"),
     case("AveragePool", R(1, 2, 7, 8), kernel_shape=[3, 3], strides=[2, 2], auto_pad="SAME_UPPER", tag="same"),
     case("AveragePool", R(2, 3, 9), kernel_shape=[3], strides=[2], pads=[1, 1], tag="1d"),
@@ -186,10 +229,30 @@ CASES: list[Case] = [
     case("LpNormalization", R(2, 3, 4), axis=1),
     case("LpNormalization", R(2, 5), p=1, tag="l1"),
     # reductions: axes attribute before the opset, input from it
-    *[case(name, R(2, 3, 4), axes=[1], opsets=(11, 13)) for name in
-      ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceL2", "ReduceL1", "ReduceSumSquare", "ReduceLogSumExp")],
-    *[case(name, R(2, 3, 4), C(I(1)), opsets=(18,), tag="axes-input") for name in
-      ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceL2", "ReduceL1", "ReduceSumSquare", "ReduceLogSumExp")],
+    *[
+        case(name, R(2, 3, 4), axes=[1], opsets=(11, 13))
+        for name in (
+            "ReduceMean",
+            "ReduceMax",
+            "ReduceMin",
+            "ReduceL2",
+            "ReduceL1",
+            "ReduceSumSquare",
+            "ReduceLogSumExp",
+        )
+    ],
+    *[
+        case(name, R(2, 3, 4), C(I(1)), opsets=(18,), tag="axes-input")
+        for name in (
+            "ReduceMean",
+            "ReduceMax",
+            "ReduceMin",
+            "ReduceL2",
+            "ReduceL1",
+            "ReduceSumSquare",
+            "ReduceLogSumExp",
+        )
+    ],
     case("ReduceProd", P(2, 3, 4), axes=[0, 2], keepdims=0, opsets=(11, 13)),
     case("ReduceLogSum", P(2, 3, 4), axes=[-1], opsets=(11,)),
     case("ReduceMean", R(2, 3, 4), axes=[0, -1], keepdims=0, tag="keepdims0", opsets=(11, 13)),
@@ -248,8 +311,10 @@ CASES: list[Case] = [
     case("Slice", R(5, 6), C(I(4)), C(I(0)), C(I(0)), C(I(-3)), tag="negative-step-stop0"),
     case("Pad", R(1, 2, 4, 5), C(I(0, 0, 1, 2, 0, 0, 2, 1)), C(F(1.5)), opsets=(11, 13, 18)),
     case("Pad", R(1, 2, 4, 5), C(I(0, 0, 1, 2, 0, 0, -1, 1)), tag="negative", opsets=(11,)),
-    *[case("Pad", R(1, 2, 4, 5), C(I(0, 0, 2, 1, 0, 0, 1, 3)), mode=mode, tag=mode, opsets=(11, 18))
-      for mode in ("reflect", "edge")],
+    *[
+        case("Pad", R(1, 2, 4, 5), C(I(0, 0, 2, 1, 0, 0, 1, 3)), mode=mode, tag=mode, opsets=(11, 18))
+        for mode in ("reflect", "edge")
+    ],
     case("Pad", R(1, 2, 4, 5), C(I(2, 1, 1, 3)), None, C(I(2, 3)), mode="reflect", tag="axes", opsets=(18,)),
     case("Pad", R(2, 4, 5), C(I(0, 2, 3, 0, 1, 2)), mode="wrap", tag="wrap", opsets=(19,)),
     case("Expand", R(3, 1), C(I(2, 3, 4))),
@@ -271,31 +336,109 @@ CASES: list[Case] = [
     case("Trilu", R(4, 5), C(I(1)), opsets=(14,)),
     case("Trilu", R(4, 5), upper=0, tag="lower", opsets=(14,)),
     # Resize: opset 11 needs roi and scales inputs; from 13 they may be omitted
-    case("Resize", R(1, 2, 3, 4), C(F()), C(F(1, 1, 2, 2)), mode="nearest", coordinate_transformation_mode="asymmetric",
-         nearest_mode="floor", tag="upsample-nearest", opsets=(11, 13)),
-    *[case("Resize", R(1, 2, 5, 4), C(F()), C(F(1, 1, 2.5, 1.5)), mode="nearest", nearest_mode=nearest,
-           coordinate_transformation_mode=coords, tag=f"nearest-{coords}-{nearest}", opsets=(11, 13))
-      for coords, nearest in (("half_pixel", "round_prefer_floor"), ("half_pixel", "round_prefer_ceil"),
-                              ("asymmetric", "ceil"), ("align_corners", "round_prefer_floor"),
-                              ("pytorch_half_pixel", "floor"))],
-    *[case("Resize", R(1, 2, 5, 4), C(F()), C(F(1, 1, 2.5, 1.5)), mode="linear",
-           coordinate_transformation_mode=coords, tag=f"linear-{coords}", opsets=(11, 13))
-      for coords in ("half_pixel", "align_corners", "asymmetric", "pytorch_half_pixel")],
+    case(
+        "Resize",
+        R(1, 2, 3, 4),
+        C(F()),
+        C(F(1, 1, 2, 2)),
+        mode="nearest",
+        coordinate_transformation_mode="asymmetric",
+        nearest_mode="floor",
+        tag="upsample-nearest",
+        opsets=(11, 13),
+    ),
+    *[
+        case(
+            "Resize",
+            R(1, 2, 5, 4),
+            C(F()),
+            C(F(1, 1, 2.5, 1.5)),
+            mode="nearest",
+            nearest_mode=nearest,
+            coordinate_transformation_mode=coords,
+            tag=f"nearest-{coords}-{nearest}",
+            opsets=(11, 13),
+        )
+        for coords, nearest in (
+            ("half_pixel", "round_prefer_floor"),
+            ("half_pixel", "round_prefer_ceil"),
+            ("asymmetric", "ceil"),
+            ("align_corners", "round_prefer_floor"),
+            ("pytorch_half_pixel", "floor"),
+        )
+    ],
+    *[
+        case(
+            "Resize",
+            R(1, 2, 5, 4),
+            C(F()),
+            C(F(1, 1, 2.5, 1.5)),
+            mode="linear",
+            coordinate_transformation_mode=coords,
+            tag=f"linear-{coords}",
+            opsets=(11, 13),
+        )
+        for coords in ("half_pixel", "align_corners", "asymmetric", "pytorch_half_pixel")
+    ],
     case("Resize", R(1, 2, 6, 8), C(F()), C(F()), C(I(1, 2, 4, 3)), mode="linear", tag="sizes-down", opsets=(11,)),
     case("Resize", R(1, 2, 6, 8), None, None, C(I(1, 2, 9, 5)), mode="nearest", tag="sizes", opsets=(13, 18)),
     case("Resize", R(1, 2, 6, 8), None, C(F(2, 0.5)), mode="linear", axes=[2, 3], tag="axes", opsets=(18,)),
-    case("Resize", R(1, 2, 5, 4), None, C(F(1, 1, 1.5, 2.5)), mode="linear",
-         coordinate_transformation_mode="half_pixel_symmetric", tag="half-pixel-symmetric", opsets=(19, 21)),
-    case("Resize", R(1, 2, 6, 8), None, None, C(I(4, 4)), axes=[2, 3], keep_aspect_ratio_policy="not_larger",
-         mode="nearest", tag="not-larger", opsets=(18,)),
+    case(
+        "Resize",
+        R(1, 2, 5, 4),
+        None,
+        C(F(1, 1, 1.5, 2.5)),
+        mode="linear",
+        coordinate_transformation_mode="half_pixel_symmetric",
+        tag="half-pixel-symmetric",
+        opsets=(19, 21),
+    ),
+    case(
+        "Resize",
+        R(1, 2, 6, 8),
+        None,
+        None,
+        C(I(4, 4)),
+        axes=[2, 3],
+        keep_aspect_ratio_policy="not_larger",
+        mode="nearest",
+        tag="not-larger",
+        opsets=(18,),
+    ),
     case("Resize", R(1, 2, 5, 4), C(F()), C(F(1, 1, 2, 1.5)), mode="cubic", tag="cubic", opsets=(11, 13)),
-    case("Resize", R(1, 2, 5, 4), None, C(F(1, 1, 2, 0.75)), mode="cubic", exclude_outside=1, cubic_coeff_a=-0.5,
-         coordinate_transformation_mode="asymmetric", tag="cubic-exclude", opsets=(13,)),
+    case(
+        "Resize",
+        R(1, 2, 5, 4),
+        None,
+        C(F(1, 1, 2, 0.75)),
+        mode="cubic",
+        exclude_outside=1,
+        cubic_coeff_a=-0.5,
+        coordinate_transformation_mode="asymmetric",
+        tag="cubic-exclude",
+        opsets=(13,),
+    ),
     # recurrent layers: one case each here (with second order); every attribute in test_onnx_recurrent
-    case("LSTM", R(3, 2, 4), R(1, 12, 4) * 0.5, R(1, 12, 3) * 0.5, R(1, 24) * 0.5, hidden_size=3, outputs=3,
-         opsets=(11, 14)),
-    case("GRU", R(3, 2, 4), R(2, 9, 4) * 0.5, R(2, 9, 3) * 0.5, hidden_size=3, direction="bidirectional",
-         outputs=2, opsets=(11, 14)),
+    case(
+        "LSTM",
+        R(3, 2, 4),
+        R(1, 12, 4) * 0.5,
+        R(1, 12, 3) * 0.5,
+        R(1, 24) * 0.5,
+        hidden_size=3,
+        outputs=3,
+        opsets=(11, 14),
+    ),
+    case(
+        "GRU",
+        R(3, 2, 4),
+        R(2, 9, 4) * 0.5,
+        R(2, 9, 3) * 0.5,
+        hidden_size=3,
+        direction="bidirectional",
+        outputs=2,
+        opsets=(11, 14),
+    ),
 ]
 
 
@@ -369,8 +512,25 @@ def _float_inputs(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _differentiable_params() -> list[Any]:
     """Every variant of the ops with float graph inputs and a differentiable output, at its first opset."""
-    no_gradient = {"Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Cast", "CastLike", "ArgMax",
-                   "ArgMin", "Shape", "Size", "IsNaN", "Not", "And", "Or", "Xor", "Hardmax"}
+    no_gradient = {
+        "Equal",
+        "Less",
+        "Greater",
+        "LessOrEqual",
+        "GreaterOrEqual",
+        "Cast",
+        "CastLike",
+        "ArgMax",
+        "ArgMin",
+        "Shape",
+        "Size",
+        "IsNaN",
+        "Not",
+        "And",
+        "Or",
+        "Xor",
+        "Hardmax",
+    }
     params = []
     for c in CASES:
         floats = any(isinstance(v, np.ndarray) and v.dtype == np.float32 for v in c.inputs)
@@ -440,8 +600,13 @@ def _window(draw: st.DrawFn, max_dilation: int) -> dict[str, Any]:
     pads = [draw(st.integers(0, k - 1)) for k in kernel * 2]
     for i in range(2):
         assume(sizes[i] + pads[i] + pads[i + 2] >= (kernel[i] - 1) * dilations[i] + 1)
-    return {"sizes": sizes, "kernel_shape": kernel, "dilations": dilations, "pads": pads,
-            "strides": [draw(st.integers(1, 3)) for _ in range(2)]}
+    return {
+        "sizes": sizes,
+        "kernel_shape": kernel,
+        "dilations": dilations,
+        "pads": pads,
+        "strides": [draw(st.integers(1, 3)) for _ in range(2)],
+    }
 
 
 @_GEOMETRY
@@ -461,16 +626,26 @@ def test_average_pool_geometry(window: dict[str, Any], ceil_mode: int, include_p
 
 
 @_GEOMETRY
-@given(window=_window(max_dilation=3), groups=st.sampled_from([1, 2]),
-       auto_pad=st.sampled_from(["NOTSET", "NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID"]))
+@given(
+    window=_window(max_dilation=3),
+    groups=st.sampled_from([1, 2]),
+    auto_pad=st.sampled_from(["NOTSET", "NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID"]),
+)
 def test_conv_geometry(window: dict[str, Any], groups: int, auto_pad: str) -> None:
     sizes, kernel = window.pop("sizes"), window.pop("kernel_shape")
     if auto_pad != "NOTSET":
         window.pop("pads")
         assume(auto_pad == "VALID" or window["dilations"] == [1, 1])  # onnxruntime: no dilated SAME
         assume(auto_pad != "VALID" or all(s >= (k - 1) * d + 1 for s, k, d in zip(sizes, kernel, window["dilations"])))
-    c = case("Conv", R(1, 2 * groups, *sizes), R(3 * groups, 2, *kernel), R(3 * groups), group=groups,
-             auto_pad=auto_pad, **window)
+    c = case(
+        "Conv",
+        R(1, 2 * groups, *sizes),
+        R(3 * groups, 2, *kernel),
+        R(3 * groups),
+        group=groups,
+        auto_pad=auto_pad,
+        **window,
+    )
     _check_against_onnxruntime(c, 13)
 
 
@@ -482,31 +657,51 @@ def test_conv_transpose_geometry(window: dict[str, Any], groups: int, data: st.D
     # onnxruntime needs output_padding below the stride
     window["output_padding"] = [data.draw(st.integers(0, s - 1)) for s in strides]
     full = [(n - 1) * s + (k - 1) * d + 1 for n, s, k, d in zip(sizes, strides, kernel, dilations)]
-    assume(all(f + a - window["pads"][i] - window["pads"][i + 2] >= 1
-               for i, (f, a) in enumerate(zip(full, window["output_padding"]))))
-    c = case("ConvTranspose", R(1, 2 * groups, *sizes), R(2 * groups, 3, *kernel), R(3 * groups), group=groups,
-             **window)
+    assume(
+        all(
+            f + a - window["pads"][i] - window["pads"][i + 2] >= 1
+            for i, (f, a) in enumerate(zip(full, window["output_padding"]))
+        )
+    )
+    c = case(
+        "ConvTranspose", R(1, 2 * groups, *sizes), R(2 * groups, 3, *kernel), R(3 * groups), group=groups, **window
+    )
     _check_against_onnxruntime(c, 13)
 
 
 @_GEOMETRY
-@given(size=st.integers(1, 7), start=st.integers(-9, 9), end=st.integers(-9, 9),
-       step=st.sampled_from([-3, -2, -1, 1, 2, 3]))
+@given(
+    size=st.integers(1, 7),
+    start=st.integers(-9, 9),
+    end=st.integers(-9, 9),
+    step=st.sampled_from([-3, -2, -1, 1, 2, 3]),
+)
 def test_slice_bounds(size: int, start: int, end: int, step: int) -> None:
     c = case("Slice", R(size, 3), C(I(start)), C(I(end)), C(I(0)), C(I(step)))
     _check_against_onnxruntime(c, 13)
 
 
 @_GEOMETRY
-@given(sizes=st.tuples(st.integers(1, 6), st.integers(1, 6)),
-       scales=st.tuples(st.sampled_from([0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0]),
-                        st.sampled_from([0.6, 1.0, 1.25, 2.0, 3.0])),
-       mode=st.sampled_from(["nearest", "linear", "cubic"]),
-       coordinates=st.sampled_from(["half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric"]),
-       nearest=st.sampled_from(["round_prefer_floor", "round_prefer_ceil", "floor", "ceil"]))
-def test_resize_geometry(sizes: tuple[int, int], scales: tuple[float, float], mode: str, coordinates: str,
-                         nearest: str) -> None:
+@given(
+    sizes=st.tuples(st.integers(1, 6), st.integers(1, 6)),
+    scales=st.tuples(
+        st.sampled_from([0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0]), st.sampled_from([0.6, 1.0, 1.25, 2.0, 3.0])
+    ),
+    mode=st.sampled_from(["nearest", "linear", "cubic"]),
+    coordinates=st.sampled_from(["half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric"]),
+    nearest=st.sampled_from(["round_prefer_floor", "round_prefer_ceil", "floor", "ceil"]),
+)
+def test_resize_geometry(
+    sizes: tuple[int, int], scales: tuple[float, float], mode: str, coordinates: str, nearest: str
+) -> None:
     assume(all(int(n * s) >= 1 for n, s in zip(sizes, scales)))
-    c = case("Resize", R(1, 2, *sizes), None, C(F(1, 1, *scales)), mode=mode,
-             coordinate_transformation_mode=coordinates, nearest_mode=nearest)
+    c = case(
+        "Resize",
+        R(1, 2, *sizes),
+        None,
+        C(F(1, 1, *scales)),
+        mode=mode,
+        coordinate_transformation_mode=coordinates,
+        nearest_mode=nearest,
+    )
     _check_against_onnxruntime(c, 13)

@@ -157,8 +157,10 @@ def gradient_matches_module(module: nn.Module, program: OnnxProgram, x: torch.Te
     weights = {name: w.clone().requires_grad_() for name, w in program.layer_weights.items()}
     # layers without a module counterpart (folded BatchNorm) stay still, so both sides move
     # in the same direction
-    tangents = {name: torch.randn(w.shape, generator=torch.Generator().manual_seed(i)) * (name in matches)
-                for i, (name, w) in enumerate(weights.items())}
+    tangents = {
+        name: torch.randn(w.shape, generator=torch.Generator().manual_seed(i)) * (name in matches)
+        for i, (name, w) in enumerate(weights.items())
+    }
 
     loss = _loss(program.forward(weights, {"input": x})[0])
     gradients = torch.autograd.grad(loss, list(weights.values()), create_graph=True)
@@ -237,24 +239,35 @@ def _model(nodes: list[onnx.NodeProto], opset: int = 13, functions: list[onnx.Fu
 
 
 def test_unsupported_ops_are_all_named_with_a_node() -> None:
-    branch = helper.make_graph([helper.make_node("Identity", ["x"], ["b"])], "branch", [],
-                               [helper.make_tensor_value_info("b", TensorProto.FLOAT, None)])
+    branch = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["b"])],
+        "branch",
+        [],
+        [helper.make_tensor_value_info("b", TensorProto.FLOAT, None)],
+    )
     nodes = [
         helper.make_node("Relu", ["x"], ["a"], name="fine"),
         helper.make_node("NonMaxSuppression", ["a"], ["b"], name="nms_1"),
         helper.make_node("NonMaxSuppression", ["b"], ["c"], name="nms_2"),
         helper.make_node("FusedGemm", ["c"], ["d"], name="fused", domain="com.microsoft"),
         helper.make_node("Loop", ["", "d"], ["e"], name="branchy", body=branch),
-        helper.make_node("Resize", ["e", "", "s"], ["y"], name="crop",
-                         coordinate_transformation_mode="tf_crop_and_resize"),
+        helper.make_node(
+            "Resize", ["e", "", "s"], ["y"], name="crop", coordinate_transformation_mode="tf_crop_and_resize"
+        ),
     ]
     model = _model(nodes)
     with pytest.raises(UnsupportedOpsError) as raised:
         check_supported(model)
     message = str(raised.value)
-    for expected in ("NonMaxSuppression (node 'nms_1')", "com.microsoft::FusedGemm (node 'fused')",
-                     "Loop (node 'branchy'", "subgraph", "node 'crop'", "4 unsupported",
-                     "Resize with coordinate_transformation_mode='tf_crop_and_resize'"):
+    for expected in (
+        "NonMaxSuppression (node 'nms_1')",
+        "com.microsoft::FusedGemm (node 'fused')",
+        "Loop (node 'branchy'",
+        "subgraph",
+        "node 'crop'",
+        "4 unsupported",
+        "Resize with coordinate_transformation_mode='tf_crop_and_resize'",
+    ):
         assert expected in message
     assert "nms_2" not in message and "Relu" not in message
     with pytest.raises(UnsupportedOpsError):
@@ -279,7 +292,10 @@ def test_dangling_input_is_a_clear_error() -> None:
 
 def test_local_functions_are_inlined() -> None:
     function = helper.make_function(
-        "local", "Swish", ["t"], ["u"],
+        "local",
+        "Swish",
+        ["t"],
+        ["u"],
         [helper.make_node("Sigmoid", ["t"], ["s"]), helper.make_node("Mul", ["t", "s"], ["u"])],
         opset_imports=[helper.make_opsetid("", 13)],
     )
@@ -395,8 +411,12 @@ def test_shape_arguments_stay_on_the_host() -> None:
     host = program._graph.host
     reshape_targets = {step.inputs[1] for step in program._graph.full.steps if step.node.op_type == "Reshape"}
     assert reshape_targets and reshape_targets <= host
-    read_as_data = {name for step in program._graph.data.steps for name in step.inputs
-                    if step.node.op_type not in ("Reshape", "Unsqueeze", "ReduceMean")}
+    read_as_data = {
+        name
+        for step in program._graph.data.steps
+        for name in step.inputs
+        if step.node.op_type not in ("Reshape", "Unsqueeze", "ReduceMean")
+    }
     assert host.isdisjoint(read_as_data)
 
 
@@ -409,7 +429,10 @@ def test_data_dependent_shapes_disable_the_shape_cache() -> None:
         helper.make_node("Shape", ["r"], ["y"]),
     ]
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])], [onnx.ValueInfoProto(name="y")],
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+        [onnx.ValueInfoProto(name="y")],
         [numpy_helper.from_array(np.array(0, np.int64), "zero"), numpy_helper.from_array(np.array(1, np.int64), "one")],
     )
     program = load_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
@@ -425,8 +448,9 @@ def test_to_returns_a_copy_on_the_device() -> None:
     moved = program.to(torch.device("cpu"))
     assert moved is not program and list(moved.layers) == list(program.layers)
     x = random_input("digits_cnn", 2)
-    torch.testing.assert_close(moved.forward(moved.layer_weights, {"input": x})[0],
-                               program.forward(program.layer_weights, {"input": x})[0])
+    torch.testing.assert_close(
+        moved.forward(moved.layer_weights, {"input": x})[0], program.forward(program.layer_weights, {"input": x})[0]
+    )
 
 
 @pytest.mark.gpu

@@ -41,8 +41,16 @@ def _r(*shape: int, scale: float = 0.5) -> np.ndarray:
     return (_rng.standard_normal(shape) * scale).astype(np.float32)
 
 
-def _inputs(op: str, directions: int, layout: int, *, bias: bool = True, lengths: bool | str = False,
-            initial: bool = False, peephole: bool = False) -> list[Any]:
+def _inputs(
+    op: str,
+    directions: int,
+    layout: int,
+    *,
+    bias: bool = True,
+    lengths: bool | str = False,
+    initial: bool = False,
+    peephole: bool = False,
+) -> list[Any]:
     """X, W, R[, B, sequence_lens, initial_h(, initial_c, P)] with omitted ones as None."""
     gates = 4 if op == "LSTM" else 3
     x = _r(BATCH, SEQ, INPUT) if layout else _r(SEQ, BATCH, INPUT)
@@ -61,8 +69,15 @@ def _inputs(op: str, directions: int, layout: int, *, bias: bool = True, lengths
     return values
 
 
-def _case(op: str, direction: str = "forward", layout: int = 0, tag: str = "", opset: int = 14,
-          inputs: dict[str, Any] | None = None, **attrs: Any) -> Case:
+def _case(
+    op: str,
+    direction: str = "forward",
+    layout: int = 0,
+    tag: str = "",
+    opset: int = 14,
+    inputs: dict[str, Any] | None = None,
+    **attrs: Any,
+) -> Case:
     directions = 2 if direction == "bidirectional" else 1
     outputs = 3 if op == "LSTM" else 2
     values = _inputs(op, directions, layout, **(inputs or {}))
@@ -78,8 +93,11 @@ def _matrix(op: str) -> list[Case]:
     leaky = ["LeakyRelu", "Tanh", "ScaledTanh"] if op == "LSTM" else ["HardSigmoid", "Affine"]
     thresholded = ["HardSigmoid", "ThresholdedRelu", "Affine"] if op == "LSTM" else ["ThresholdedRelu", "ScaledTanh"]
     # both directions, with functions that take an alpha left to its default
-    defaults = (["Sigmoid", "Softsign", "Tanh", "Sigmoid", "Elu", "Softplus"] if op == "LSTM"
-                else ["Sigmoid", "Tanh", "LeakyRelu", "Softsign"])
+    defaults = (
+        ["Sigmoid", "Softsign", "Tanh", "Sigmoid", "Elu", "Softplus"]
+        if op == "LSTM"
+        else ["Sigmoid", "Tanh", "LeakyRelu", "Softsign"]
+    )
     everything = {"lengths": True, "initial": True, "peephole": op == "LSTM"}
     return [
         *[_case(op, direction) for direction in ("forward", "reverse", "bidirectional")],
@@ -87,13 +105,20 @@ def _matrix(op: str) -> list[Case]:
         _case(op, tag="clip", clip=0.3),
         _case(op, tag=next(iter(extra)), **extra),
         _case(op, tag="initial-state", inputs={"initial": True}),
-        *[_case(op, direction, tag=f"lengths-{direction}", inputs={"lengths": True})
-          for direction in ("forward", "reverse", "bidirectional")],
+        *[
+            _case(op, direction, tag=f"lengths-{direction}", inputs={"lengths": True})
+            for direction in ("forward", "reverse", "bidirectional")
+        ],
         _case(op, "bidirectional", tag="empty-sequence", inputs={"lengths": "with-empty", "initial": True}),
         *([_case(op, tag="peephole", inputs={"peephole": True})] if op == "LSTM" else []),
         _case(op, tag="activations", activations=leaky, activation_alpha=[0.2, 0.7], activation_beta=[0.6, 0.1]),
-        _case(op, tag="activations-thresholded", activations=thresholded, activation_alpha=[0.1, 0.5, 1.5],
-              activation_beta=[0.4, 0.8]),
+        _case(
+            op,
+            tag="activations-thresholded",
+            activations=thresholded,
+            activation_alpha=[0.1, 0.5, 1.5],
+            activation_beta=[0.4, 0.8],
+        ),
         _case(op, "bidirectional", tag="activations-default-alpha", activations=defaults),
         _case(op, layout=1, tag="layout1", opset=14, inputs={"initial": True}),
         _case(op, "bidirectional", layout=1, tag="layout1-everything", inputs=everything, clip=2.0, **extra),
@@ -114,8 +139,10 @@ def _reference(c: Case) -> list[np.ndarray]:
         model, feeds = build(c, c.opsets[0])
         return run_onnxruntime(model, feeds)
     batch_major = {0, 5, 6}  # X, initial_h, initial_c: batch first in layout 1
-    values = [np.ascontiguousarray(v.swapaxes(0, 1)) if i in batch_major and isinstance(v, np.ndarray) else v
-              for i, v in enumerate(c.inputs)]
+    values = [
+        np.ascontiguousarray(v.swapaxes(0, 1)) if i in batch_major and isinstance(v, np.ndarray) else v
+        for i, v in enumerate(c.inputs)
+    ]
     attrs = {k: v for k, v in c.attrs.items() if k != "layout"}
     model, feeds = build(Case(c.op, values, attrs, c.opsets, c.outputs, c.tag), c.opsets[0])
     y, *states = run_onnxruntime(model, feeds)
@@ -178,8 +205,14 @@ def recurrent_model() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     graph = helper.make_graph(
         [
             helper.make_node("Transpose", ["x"], ["steps"], name="time_major", perm=[1, 0, 2]),
-            helper.make_node("LSTM", ["steps", "lstm.W", "lstm.R", "lstm.B"], ["", "h_n"], name="lstm",
-                             hidden_size=4, direction="bidirectional"),
+            helper.make_node(
+                "LSTM",
+                ["steps", "lstm.W", "lstm.R", "lstm.B"],
+                ["", "h_n"],
+                name="lstm",
+                hidden_size=4,
+                direction="bidirectional",
+            ),
             helper.make_node("Transpose", ["h_n"], ["h_batch"], name="batch_major", perm=[1, 0, 2]),
             helper.make_node("Flatten", ["h_batch"], ["features"], name="flatten", axis=1),
             helper.make_node("Gemm", ["features", "fc.weight"], ["logits"], name="fc"),
@@ -187,8 +220,12 @@ def recurrent_model() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
         "recurrent",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5, 3])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
-        [weight("lstm.W", (2, 16, 3)), weight("lstm.R", (2, 16, 4)), weight("lstm.B", (2, 32)),
-         weight("fc.weight", (8, 3))],
+        [
+            weight("lstm.W", (2, 16, 3)),
+            weight("lstm.R", (2, 16, 4)),
+            weight("lstm.B", (2, 32)),
+            weight("fc.weight", (8, 3)),
+        ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     return model, {"x": rng.standard_normal((64, 5, 3)).astype(np.float32)}
@@ -200,8 +237,9 @@ def test_sensitivity_of_recurrent_layers_predicts_measured_loss_changes() -> Non
     model, calibration = recurrent_model()
     calibration = {"x": calibration["x"][:32]}
     program = load_onnx(model)
-    config = InterLayerConfig(bits=(8, 4), device="cpu", task="regression", seed=0, trace_min_probes=4,
-                              trace_max_probes=4)
+    config = InterLayerConfig(
+        bits=(8, 4), device="cpu", task="regression", seed=0, trace_min_probes=4, trace_max_probes=4
+    )
     result = compute_sensitivity(program, calibration, config)
     assert [(layer.name, layer.channel_axis) for layer in result.layers[:2]] == [("lstm.W", 1), ("lstm.R", 1)]
     loss = CalibrationLoss(program, calibration, 256, torch.device("cpu"), "regression")
@@ -215,12 +253,15 @@ def _node(op: str, **attrs: Any) -> Node:
     return Node(name="rnn", op_type=op, attrs={"hidden_size": 2, **attrs}, opset=14, num_outputs=3)
 
 
-@pytest.mark.parametrize("op, attrs", [
-    ("LSTM", {"direction": "bidirectional"}),
-    ("LSTM", {"direction": "reverse", "input_forget": 1, "clip": 5.0}),
-    ("GRU", {"direction": "bidirectional"}),
-    ("GRU", {"linear_before_reset": 1}),
-])
+@pytest.mark.parametrize(
+    "op, attrs",
+    [
+        ("LSTM", {"direction": "bidirectional"}),
+        ("LSTM", {"direction": "reverse", "input_forget": 1, "clip": 5.0}),
+        ("GRU", {"direction": "bidirectional"}),
+        ("GRU", {"linear_before_reset": 1}),
+    ],
+)
 def test_gradcheck_float64(op: str, attrs: dict[str, Any]) -> None:
     """First and second derivatives through the time loop, with lengths and peepholes, in float64."""
     torch.manual_seed(0)
@@ -242,6 +283,7 @@ def test_gradcheck_float64(op: str, attrs: dict[str, Any]) -> None:
 
         args: tuple[torch.Tensor, ...] = (x, w, r, b, h0, p)
     else:
+
         def fn(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
             return tuple(gru(node, [args[0], args[1], args[2], args[3], lengths, args[4]]))
 

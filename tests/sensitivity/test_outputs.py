@@ -57,9 +57,19 @@ def _graph(nodes, output_shape, initializers=()):
 def test_onnx_rules_read_the_producing_op_through_reshapes() -> None:
     rng = np.random.default_rng(1)
     scores = rng.standard_normal((8, 6))  # the values say logits; the graph says otherwise
-    for op, form in [("Softmax", "probabilities"), ("LogSoftmax", "log_probabilities"), ("Sigmoid", "binary_probabilities")]:
-        model = _graph([helper.make_node(op, ["x"], ["s"]), helper.make_node("Identity", ["s"], ["c"]),
-                        helper.make_node("Cast", ["c"], ["y"], to=TensorProto.FLOAT)], [8, 6])
+    for op, form in [
+        ("Softmax", "probabilities"),
+        ("LogSoftmax", "log_probabilities"),
+        ("Sigmoid", "binary_probabilities"),
+    ]:
+        model = _graph(
+            [
+                helper.make_node(op, ["x"], ["s"]),
+                helper.make_node("Identity", ["s"], ["c"]),
+                helper.make_node("Cast", ["c"], ["y"], to=TensorProto.FLOAT),
+            ],
+            [8, 6],
+        )
         assert producing_op(model, "y") == op
         kind, reason = detect_kind(model, scores)
         assert kind == "class_scores" and reason.startswith(f"the first output is rank 2 from {op}")
@@ -68,11 +78,21 @@ def test_onnx_rules_read_the_producing_op_through_reshapes() -> None:
         steps = output_kind(rng.standard_normal((8, 4, 6)), *_producers_and_name(model))
         assert (steps.kind, steps.form) == ("sequence", form)
     eps = numpy_helper.from_array(np.array(1e-12, np.float32), "eps")
-    normalised = _graph([helper.make_node("ReduceL2", ["x"], ["n"], keepdims=1), helper.make_node("Clip", ["n", "eps"], ["c"]),
-                         helper.make_node("Div", ["x", "c"], ["y"])], [8, 6], [eps])
+    normalised = _graph(
+        [
+            helper.make_node("ReduceL2", ["x"], ["n"], keepdims=1),
+            helper.make_node("Clip", ["n", "eps"], ["c"]),
+            helper.make_node("Div", ["x", "c"], ["y"]),
+        ],
+        [8, 6],
+        [eps],
+    )
     assert detect_kind(normalised, scores)[0] == "embeddings"
-    head = _graph([helper.make_node("MatMul", ["x", "w"], ["y"])], [8, 4, 6],
-                  [numpy_helper.from_array(np.ones((6, 6), np.float32), "w")])
+    head = _graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        [8, 4, 6],
+        [numpy_helper.from_array(np.ones((6, 6), np.float32), "w")],
+    )
     assert output_kind(rng.standard_normal((8, 4, 6)), *_producers_and_name(head)).kind == "sequence"
 
 

@@ -55,8 +55,9 @@ def save_small_model(path: Path) -> Path:
     """``SmallModel`` (seed 0) exported with a dynamic batch and saved with ``torch.export.save``."""
     torch.manual_seed(0)
     batch = torch.export.Dim("batch", min=1, max=64)
-    exported = torch.export.export(SmallModel().eval(), (torch.randint(0, 12, (3, 5)),),
-                                   dynamic_shapes={"ids": {0: batch}})
+    exported = torch.export.export(
+        SmallModel().eval(), (torch.randint(0, 12, (3, 5)),), dynamic_shapes={"ids": {0: batch}}
+    )
     torch.export.save(exported, str(path))
     return path
 
@@ -75,7 +76,7 @@ def rewrite(source: Path, target: Path, changes: Mapping[str, bytes | None]) -> 
     with zipfile.ZipFile(source) as original, zipfile.ZipFile(target, "w") as edited:
         root = original.namelist()[0].split("/")[0]
         for info in original.infolist():
-            relative = info.filename[len(root) + 1:]
+            relative = info.filename[len(root) + 1 :]
             data = pending.pop(relative) if relative in pending else original.read(info)
             if data is not None:
                 edited.writestr(info, data)
@@ -112,8 +113,15 @@ def torch_pickle(marker: Path) -> bytes:
 
 
 def float_meta(count: int) -> dict[str, Any]:
-    return {"dtype": 7, "sizes": [{"as_int": count}], "requires_grad": False, "device": {"type": "cpu", "index": None},
-            "strides": [{"as_int": 1}], "storage_offset": {"as_int": 0}, "layout": 7}
+    return {
+        "dtype": 7,
+        "sizes": [{"as_int": count}],
+        "requires_grad": False,
+        "device": {"type": "cpu", "index": None},
+        "strides": [{"as_int": 1}],
+        "storage_offset": {"as_int": 0},
+        "layout": 7,
+    }
 
 
 def program_nodes(program: dict[str, Any]) -> list[dict[str, Any]]:
@@ -137,16 +145,24 @@ def pickled_sample_inputs(source: Path, target: Path, marker: Path) -> None:
 
 def pickled_constant(source: Path, target: Path, marker: Path) -> None:
     def edit(table: dict[str, Any]) -> None:
-        table["config"]["hostile"] = {"path_name": "tensor_7", "is_param": False, "use_pickle": True,
-                                      "tensor_meta": float_meta(1)}
+        table["config"]["hostile"] = {
+            "path_name": "tensor_7",
+            "is_param": False,
+            "use_pickle": True,
+            "tensor_meta": float_meta(1),
+        }
 
     edit_json(source, target, CONSTANTS, edit, **{"data/constants/tensor_7": torch_pickle(marker)})
 
 
 def opaque_constant(source: Path, target: Path, marker: Path) -> None:
     def edit(table: dict[str, Any]) -> None:
-        table["config"]["hostile"] = {"path_name": "opaque_obj_0", "is_param": False, "use_pickle": True,
-                                      "tensor_meta": None}
+        table["config"]["hostile"] = {
+            "path_name": "opaque_obj_0",
+            "is_param": False,
+            "use_pickle": True,
+            "tensor_meta": None,
+        }
 
     payload = pickle.dumps(Touch(marker))
     edit_json(source, target, CONSTANTS, edit, **{"data/constants/opaque_obj_0": payload})
@@ -154,8 +170,12 @@ def opaque_constant(source: Path, target: Path, marker: Path) -> None:
 
 def custom_object_constant(source: Path, target: Path, marker: Path) -> None:
     def edit(table: dict[str, Any]) -> None:
-        table["config"]["hostile"] = {"path_name": "custom_obj_0", "is_param": False, "use_pickle": True,
-                                      "tensor_meta": None}
+        table["config"]["hostile"] = {
+            "path_name": "custom_obj_0",
+            "is_param": False,
+            "use_pickle": True,
+            "tensor_meta": None,
+        }
 
     edit_json(source, target, CONSTANTS, edit, **{"data/constants/custom_obj_0": pickle.dumps(Touch(marker))})
 
@@ -177,9 +197,17 @@ def guards_code(source: Path, target: Path, marker: Path) -> None:
 
 def os_system_target(source: Path, target: Path, marker: Path) -> None:
     def edit(program: dict[str, Any]) -> None:
-        program_nodes(program).insert(0, {
-            "target": "torch.os.system", "inputs": [{"name": "", "arg": {"as_string": f"touch {marker}"}, "kind": 1}],
-            "outputs": [{"as_none": True}], "metadata": {}, "is_hop_single_tensor_return": None, "name": "hostile"})
+        program_nodes(program).insert(
+            0,
+            {
+                "target": "torch.os.system",
+                "inputs": [{"name": "", "arg": {"as_string": f"touch {marker}"}, "kind": 1}],
+                "outputs": [{"as_none": True}],
+                "metadata": {},
+                "is_hop_single_tensor_return": None,
+                "name": "hostile",
+            },
+        )
 
     edit_json(source, target, PROGRAM, edit)
 
@@ -189,14 +217,22 @@ def from_file_target(source: Path, target: Path, marker: Path) -> None:
 
     def edit(program: dict[str, Any]) -> None:
         program["graph_module"]["graph"]["tensor_values"]["mapped"] = {**float_meta(8), "dtype": 1}
-        program_nodes(program).insert(0, {
-            "target": "torch.ops.aten.from_file.default",
-            "inputs": [{"name": "filename", "arg": {"as_string": str(marker)}, "kind": 1},
-                       {"name": "shared", "arg": {"as_bool": True}, "kind": 1},
-                       {"name": "size", "arg": {"as_int": 8}, "kind": 1},
-                       {"name": "dtype", "arg": {"as_scalar_type": 1}, "kind": 2}],
-            "outputs": [{"as_tensor": {"name": "mapped"}}], "metadata": {}, "is_hop_single_tensor_return": None,
-            "name": "mapped"})
+        program_nodes(program).insert(
+            0,
+            {
+                "target": "torch.ops.aten.from_file.default",
+                "inputs": [
+                    {"name": "filename", "arg": {"as_string": str(marker)}, "kind": 1},
+                    {"name": "shared", "arg": {"as_bool": True}, "kind": 1},
+                    {"name": "size", "arg": {"as_int": 8}, "kind": 1},
+                    {"name": "dtype", "arg": {"as_scalar_type": 1}, "kind": 2},
+                ],
+                "outputs": [{"as_tensor": {"name": "mapped"}}],
+                "metadata": {},
+                "is_hop_single_tensor_return": None,
+                "name": "mapped",
+            },
+        )
 
     edit_json(source, target, PROGRAM, edit)
 
@@ -293,8 +329,14 @@ def test_payloads_run_under_torch_export_load(benign: Path, tmp_path: Path) -> N
     live = [name for name, case in {**REFUSED, **IGNORED}.items() if case.runs_under_torch]
     built = {name: build(name, benign, tmp_path) for name in live}
     enum_directory = built["pytree_enum_import"][0].parent  # torch imports the module from the working folder
-    run = subprocess.run([sys.executable, "-c", _RUN_UNDER_TORCH, *(str(a) for a, _ in built.values())],
-                         cwd=enum_directory, env=ENV, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", _RUN_UNDER_TORCH, *(str(a) for a, _ in built.values())],
+        cwd=enum_directory,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert {name for name, (_, marker) in built.items() if not marker.exists()} == set()
 
@@ -332,8 +374,11 @@ def test_sample_inputs_and_guards_are_never_run(name: str, benign: Path, tmp_pat
 def test_benign_archive_loads_like_torch_export_load(benign: Path) -> None:
     ours, theirs = load_exported_program(benign), torch.export.load(str(benign))
     assert ours.example_inputs is None and ours._guards_code == []
-    assert set(ours.state_dict) == set(theirs.state_dict) == {"embedding.weight", "conv.weight", "conv.bias",
-                                                              "fc.weight", "fc.bias", "scale"}
+    assert (
+        set(ours.state_dict)
+        == set(theirs.state_dict)
+        == {"embedding.weight", "conv.weight", "conv.bias", "fc.weight", "fc.bias", "scale"}
+    )
     assert all(torch.equal(ours.state_dict[k], theirs.state_dict[k]) for k in ours.state_dict)
     assert isinstance(ours.state_dict["fc.weight"], nn.Parameter) and ours.state_dict["fc.weight"].requires_grad
     generator = torch.Generator().manual_seed(0)
@@ -369,8 +414,14 @@ print(json.dumps({"torch": "torch" in sys.modules, "numpy": "numpy" in sys.modul
 
 
 def test_check_archive_runs_without_importing_torch(benign: Path) -> None:
-    run = subprocess.run([sys.executable, "-c", _TORCH_FREE, str(benign)], env=ENV, capture_output=True, text=True,
-                         timeout=60, cwd=Path(__file__).parents[2])
+    run = subprocess.run(
+        [sys.executable, "-c", _TORCH_FREE, str(benign)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).parents[2],
+    )
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
     assert (report["torch"], report["numpy"], report["sympy"]) == (False, False, False)
@@ -412,10 +463,14 @@ MALFORMED_TABLES: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "sizes not a list": (_weight_edit("sizes", {"as_int": 3}), '"sizes" must be a list'),
     "meta not an object": (lambda t: t["config"].__setitem__("fc.weight", "weight_3"), "expected an object"),
     "config a list": (lambda t: t.__setitem__("config", []), '"config" object'),
-    "path outside the folder": (lambda t: t["config"]["fc.weight"].__setitem__("path_name", "../models/model.json"),
-                                '"path_name"'),
-    "grad on an int tensor": (lambda t: t["config"]["fc.weight"]["tensor_meta"].update(dtype=5, requires_grad=True),
-                              "requires_grad"),
+    "path outside the folder": (
+        lambda t: t["config"]["fc.weight"].__setitem__("path_name", "../models/model.json"),
+        '"path_name"',
+    ),
+    "grad on an int tensor": (
+        lambda t: t["config"]["fc.weight"]["tensor_meta"].update(dtype=5, requires_grad=True),
+        "requires_grad",
+    ),
 }
 
 
@@ -568,9 +623,9 @@ def test_allowlists_are_derived_from_torch() -> None:
     from torch._export.serde.serialize import _SERIALIZE_TO_TORCH_DTYPE, _SYM_OPS, GraphModuleSerializer
 
     serializer = GraphModuleSerializer.__new__(GraphModuleSerializer)
-    assert pt2_archive._SYMBOLIC_OPS == {serializer.serialize_operator(op) for op in _SYM_OPS}
+    assert {serializer.serialize_operator(op) for op in _SYM_OPS} == pt2_archive._SYMBOLIC_OPS
     dtypes = {int(k): (str(d).removeprefix("torch."), d.itemsize) for k, d in _SERIALIZE_TO_TORCH_DTYPE.items()}
-    assert pt2_archive._DTYPES == dtypes
+    assert dtypes == pt2_archive._DTYPES
     file_ops = {
         schema.name.removeprefix("aten::")
         for schema in torch._C._jit_get_all_schemas()

@@ -23,8 +23,6 @@ RTOL = 1e-4  # norm-relative, per output (as the op parity tests; silero's tiny 
 ATOL = 1e-4
 
 
-
-
 def _assert_close(actual: list[torch.Tensor], expected: list[np.ndarray]) -> None:
     assert len(actual) == len(expected)
     for a, e in zip(actual, expected):
@@ -59,8 +57,9 @@ def test_silero_vad_streams_like_onnxruntime(name: str, rate: int, chunk: int) -
     for _ in range(3):
         audio = (rng.standard_normal((2, chunk)) * 0.1).astype(np.float32)
         expected = session.run(None, {"input": audio, "state": state, "sr": np.array(rate, np.int64)})
-        actual = program.forward(program.layer_weights,
-                                 {"input": torch.from_numpy(audio), "state": ours, "sr": torch.tensor(rate)})
+        actual = program.forward(
+            program.layer_weights, {"input": torch.from_numpy(audio), "state": ours, "sr": torch.tensor(rate)}
+        )
         _assert_close(actual, expected)
         state, ours = expected[1], actual[1]
 
@@ -73,8 +72,11 @@ def test_silero_vad_hvp_methods_agree() -> None:
     program = load_onnx(path)
     names = [layer.name for layer in program.layers]
     generator = torch.Generator().manual_seed(2)
-    inputs = {"input": torch.randn(1, 512, generator=generator) * 0.1, "state": torch.zeros(2, 1, 128),
-              "sr": torch.tensor(16000)}
+    inputs = {
+        "input": torch.randn(1, 512, generator=generator) * 0.1,
+        "state": torch.zeros(2, 1, 128),
+        "sr": torch.tensor(16000),
+    }
 
     def loss(weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
         probability, state = program.forward(dict(zip(names, weights)), inputs)

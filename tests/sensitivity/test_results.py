@@ -16,13 +16,13 @@ from hypothesis import strategies as st
 from sensitivity.checks import shown
 from sensitivity.results import (
     MAX_BATCH_SIZE,
-    MAX_MEMORY_BUDGET_MB,
-    MAX_TIME_BUDGET_S,
-    MIN_MEMORY_BUDGET_MB,
     MAX_ITERATIONS,
+    MAX_MEMORY_BUDGET_MB,
     MAX_PROBES,
     MAX_PROBES_PER_PASS,
     MAX_SEED,
+    MAX_TIME_BUDGET_S,
+    MIN_MEMORY_BUDGET_MB,
     EigenConfig,
     InterLayerConfig,
     TraceConfig,
@@ -81,7 +81,10 @@ def test_a_bad_value_is_a_value_error_naming_its_field(cls: type, name: str, val
         (lambda: TraceConfig(min_probes=10, max_probes=9), r"max_probes must be an integer in \[10, 8192\]; got 9"),
         (lambda: InterLayerConfig(bits=(8, 9)), r"bits: unsupported weight bit widths \[9\]"),
         (lambda: InterLayerConfig(bits=()), "bits must be a non-empty list"),
-        (lambda: TraceConfig(seed=2**70), r"seed must be an integer in \[0, 9223372036854775807\]; got 1180591620717411303424"),
+        (
+            lambda: TraceConfig(seed=2**70),
+            r"seed must be an integer in \[0, 9223372036854775807\]; got 1180591620717411303424",
+        ),
         (lambda: TraceConfig(tolerance=math.inf), r"tolerance must be a finite number in \(0, 1\]; got inf"),
         (lambda: TraceConfig(batch_size=10**5000), "batch_size must be an integer .*; got an int too large to print"),
         (lambda: TraceConfig(device="x" * 10**6), r"device must be one of .*; got 'x{10,20}\.\.\.x+'$"),
@@ -100,8 +103,15 @@ def test_bad_configs_are_named(build, message: str) -> None:
 
 
 def test_bounds_are_inclusive_and_values_become_their_canonical_types() -> None:
-    config = TraceConfig(seed=np.int64(MAX_SEED), batch_size=MAX_BATCH_SIZE, probes_per_pass=MAX_PROBES_PER_PASS,
-                         tolerance=1, min_probes=MAX_PROBES, max_probes=MAX_PROBES, device="cuda:7")
+    config = TraceConfig(
+        seed=np.int64(MAX_SEED),
+        batch_size=MAX_BATCH_SIZE,
+        probes_per_pass=MAX_PROBES_PER_PASS,
+        tolerance=1,
+        min_probes=MAX_PROBES,
+        max_probes=MAX_PROBES,
+        device="cuda:7",
+    )
     assert type(config.seed) is int and config.seed == MAX_SEED
     assert type(config.tolerance) is float and config.tolerance == 1.0
     assert EigenConfig(max_iterations=MAX_ITERATIONS, tolerance=np.float32(0.5)).tolerance == 0.5
@@ -119,19 +129,36 @@ def test_configs_round_trip_through_json() -> None:
 # ------------------------------------------------------------------ any JSON value, in any field
 
 _SCALARS = (
-    st.none() | st.booleans() | st.integers() | st.sampled_from([2**63, 2**64, -(2**63), 10**400])
-    | st.floats() | st.text(max_size=12)
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.sampled_from([2**63, 2**64, -(2**63), 10**400])
+    | st.floats()
+    | st.text(max_size=12)
 )
-JSON_VALUES = st.recursive(_SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
-    st.text(max_size=6), inner, max_size=4), max_leaves=8)
+JSON_VALUES = st.recursive(
+    _SCALARS,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=8,
+)
 # Values that pass, mixed in so that valid configurations are drawn too.
 GOOD_VALUES: dict[str, list[Any]] = {
-    "seed": [0, 7, MAX_SEED], "batch_size": [1, 64, MAX_BATCH_SIZE], "device": ["auto", "cpu", "cuda:1"],
-    "task": ["auto", "regression"], "hvp_method": ["auto", "double_backward", "forward_over_reverse"],
-    "probes_per_pass": [1, 4], "tolerance": [1e-9, 0.05, 1], "min_probes": [2, 8], "max_probes": [8, 300],
-    "max_iterations": [2, 50], "bits": [[8], (4, 8), [2, 3, 5]], "trace_tolerance": [0.5],
-    "trace_min_probes": [3], "trace_max_probes": [MAX_PROBES],
-    "memory_budget_mb": [None, MIN_MEMORY_BUDGET_MB, 4096], "time_budget_s": [None, 0.5, MAX_TIME_BUDGET_S],
+    "seed": [0, 7, MAX_SEED],
+    "batch_size": [1, 64, MAX_BATCH_SIZE],
+    "device": ["auto", "cpu", "cuda:1"],
+    "task": ["auto", "regression"],
+    "hvp_method": ["auto", "double_backward", "forward_over_reverse"],
+    "probes_per_pass": [1, 4],
+    "tolerance": [1e-9, 0.05, 1],
+    "min_probes": [2, 8],
+    "max_probes": [8, 300],
+    "max_iterations": [2, 50],
+    "bits": [[8], (4, 8), [2, 3, 5]],
+    "trace_tolerance": [0.5],
+    "trace_min_probes": [3],
+    "trace_max_probes": [MAX_PROBES],
+    "memory_budget_mb": [None, MIN_MEMORY_BUDGET_MB, 4096],
+    "time_budget_s": [None, 0.5, MAX_TIME_BUDGET_S],
 }
 
 
@@ -144,8 +171,14 @@ def _assert_plain(config: Any) -> None:
     """A valid configuration holds canonical, finite, JSON-able values and round-trips."""
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
-        expected = {"int": int, "float": float, "str": str, "tuple[int, ...]": tuple,
-                    "int | None": (int, type(None)), "float | None": (float, type(None))}[field.type]
+        expected = {
+            "int": int,
+            "float": float,
+            "str": str,
+            "tuple[int, ...]": tuple,
+            "int | None": (int, type(None)),
+            "float | None": (float, type(None)),
+        }[field.type]
         assert type(value) in (expected if isinstance(expected, tuple) else (expected,)), (field.name, value)
         assert not isinstance(value, float) or math.isfinite(value)
     assert config_from_dict(json.loads(json.dumps(config.to_dict(), allow_nan=False))) == config
@@ -170,8 +203,14 @@ def test_any_json_values_give_a_valid_config_or_a_value_error(cls: type, data) -
 
 
 @settings(max_examples=150, deadline=None, database=None)
-@given(data=JSON_VALUES | st.dictionaries(st.sampled_from(["type", "seed", "bits", "tolerance", "x"]) | st.text(
-    max_size=4) | st.integers(), JSON_VALUES | st.sampled_from(["TraceConfig", "InterLayerConfig", 8, [8]]), max_size=5))
+@given(
+    data=JSON_VALUES
+    | st.dictionaries(
+        st.sampled_from(["type", "seed", "bits", "tolerance", "x"]) | st.text(max_size=4) | st.integers(),
+        JSON_VALUES | st.sampled_from(["TraceConfig", "InterLayerConfig", 8, [8]]),
+        max_size=5,
+    )
+)
 def test_config_from_dict_takes_any_value(data: Any) -> None:
     try:
         config = config_from_dict(data)
@@ -183,9 +222,15 @@ def test_config_from_dict_takes_any_value(data: Any) -> None:
 def test_layer_info_keeps_node_name_and_scope_and_older_records_load_without() -> None:
     from sensitivity.results import LayerInfo
 
-    info = LayerInfo("onnx::MatMul_984", "MatMul", (384, 384), 147456, 1,
-                     node_name="/encoder/layer.0/attention/self/query/MatMul",
-                     scope="/encoder/layer.0/attention/self/query")
+    info = LayerInfo(
+        "onnx::MatMul_984",
+        "MatMul",
+        (384, 384),
+        147456,
+        1,
+        node_name="/encoder/layer.0/attention/self/query/MatMul",
+        scope="/encoder/layer.0/attention/self/query",
+    )
     data = json.loads(json.dumps(info.to_dict()))
     assert data["node_name"] == info.node_name and data["scope"] == info.scope
     assert LayerInfo.from_dict(data) == info

@@ -9,9 +9,9 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import torch
 from torch import nn
 
 from sensitivity import (
@@ -82,7 +82,10 @@ def test_seeded_runs_reproduce_exactly(problem: TinyProblem) -> None:
 def test_progress_reports_phases_in_order(problem: TinyProblem) -> None:
     calls: list[tuple[str, float, str]] = []
     compute_sensitivity(
-        problem.program, problem.calibration, InterLayerConfig(trace_max_probes=8, **FAST), progress=lambda *a: calls.append(a)
+        problem.program,
+        problem.calibration,
+        InterLayerConfig(trace_max_probes=8, **FAST),
+        progress=lambda *a: calls.append(a),
     )
     phases = [phase for phase, _, _ in calls]
     assert phases[0] == "budget" and phases[-1] == "done"
@@ -167,9 +170,13 @@ def test_onnx_program_gives_the_torch_program_results() -> None:
     assert a.loss == pytest.approx(b.loss, rel=1e-5)
     for x, y in zip(a.traces, b.traces):
         assert x.trace == pytest.approx(y.trace, rel=1e-4, abs=1e-6)
-    assert np.allclose(a.interlayer.array(), b.interlayer.array(), rtol=1e-4, atol=1e-4 * np.abs(b.interlayer.array()).max())
+    assert np.allclose(
+        a.interlayer.array(), b.interlayer.array(), rtol=1e-4, atol=1e-4 * np.abs(b.interlayer.array()).max()
+    )
     everything_at_4 = {l.name: 4 for l in a.layers}
-    assert predicted_loss_change(a, everything_at_4) == pytest.approx(predicted_loss_change(b, everything_at_4), rel=1e-4)
+    assert predicted_loss_change(a, everything_at_4) == pytest.approx(
+        predicted_loss_change(b, everything_at_4), rel=1e-4
+    )
 
 
 @pytest.mark.parametrize(("task", "loss_kind"), [("auto", "distill_cross_entropy"), ("regression", "distill_mse")])
@@ -255,9 +262,13 @@ def _graph_model(nodes: list, weights: dict[str, np.ndarray], out: str = "y"):
     from onnx import TensorProto, helper, numpy_helper
 
     onnx_program = pytest.importorskip("sensitivity.onnx_program")
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)],
-                              [numpy_helper.from_array(value, name) for name, value in weights.items()])
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(value, name) for name, value in weights.items()],
+    )
     return onnx_program.load_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
 
 
@@ -289,7 +300,13 @@ def test_a_loss_that_no_weight_moves_differentiably_is_an_error() -> None:
     with pytest.raises(ValueError, match="trace is exactly 0"):
         compute_sensitivity(program, {"x": data}, TraceConfig(device="cpu", task="regression", max_probes=8))
     # one probe per pass takes the unbatched double backward, which must give H = 0 rather than fail
-    single = TraceConfig(device="cpu", task="regression", max_probes=8, probes_per_pass=1,
-                         hvp_method="double_backward", memory_budget_mb=None)
+    single = TraceConfig(
+        device="cpu",
+        task="regression",
+        max_probes=8,
+        probes_per_pass=1,
+        hvp_method="double_backward",
+        memory_budget_mb=None,
+    )
     with pytest.raises(ValueError, match="trace is exactly 0"):
         compute_sensitivity(program, {"x": data}, single)

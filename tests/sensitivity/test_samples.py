@@ -28,8 +28,14 @@ from tests.conftest import stateful_data, stateful_onnx_model
 
 SAMPLES = 20
 # Fixed probes and HVP method, no memory adaptation: two runs differ only in how the set is batched.
-TRACES = {"device": "cpu", "memory_budget_mb": None, "hvp_method": "double_backward", "min_probes": 6,
-          "max_probes": 6, "seed": 3}
+TRACES = {
+    "device": "cpu",
+    "memory_budget_mb": None,
+    "hvp_method": "double_backward",
+    "min_probes": 6,
+    "max_probes": 6,
+    "seed": 3,
+}
 
 
 def one_input_model(dims: list[int | str | None] | None, elem_type: int = TensorProto.FLOAT) -> onnx.ModelProto:
@@ -91,8 +97,20 @@ def test_the_user_overrides_the_declared_axes():
         input_sample_axes(stateful_onnx_model(), {"sr": 0})
 
 
-@pytest.mark.parametrize("value", [[("state", 1)], {"state": True}, {"state": -1}, {"state": "1"}, {"state": 1.0},
-                                   {1: 0}, {"": 0}, {"state": 256}, {f"x{k}": 0 for k in range(257)}])
+@pytest.mark.parametrize(
+    "value",
+    [
+        [("state", 1)],
+        {"state": True},
+        {"state": -1},
+        {"state": "1"},
+        {"state": 1.0},
+        {1: 0},
+        {"": 0},
+        {"state": 256},
+        {f"x{k}": 0 for k in range(257)},
+    ],
+)
 def test_bad_sample_axes_are_value_errors(value):
     with pytest.raises(ValueError, match="sample_axes must map"):
         check_sample_axes(value)
@@ -122,8 +140,11 @@ def test_counting_and_slicing_follow_each_axis():
 
 def test_counts_that_disagree_or_missing_sample_axes_are_named():
     data, axes = stateful_data(SAMPLES), {"x": 0, "state": 1, "sr": None}
-    with pytest.raises(ValueError, match=r"different numbers of samples: 'x' 20 \(axis 0 of shape \(20, 6\)\), "
-                                         r"'state' 19 \(axis 1 of shape \(2, 19, 4\)\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"different numbers of samples: 'x' 20 \(axis 0 of shape \(20, 6\)\), "
+        r"'state' 19 \(axis 1 of shape \(2, 19, 4\)\)",
+    ):
         sample_count({**data, "state": data["state"][:, 1:]}, axes)
     with pytest.raises(ValueError, match=r"'state' has shape \(\), but holds its samples on axis 1"):
         sample_count({**data, "state": np.array(0.5, np.float32)}, axes)
@@ -168,8 +189,9 @@ def test_user_axes_reach_the_program_and_the_analysis():
     program = load_onnx(model, sample_axes={"state": 1, "sr": None})
     assert program.sample_axes == {"x": 0, "state": 1, "sr": None}
     assert program.to("cpu").sample_axes == program.sample_axes
-    declared = compute_sensitivity(load_onnx(stateful_onnx_model()), stateful_data(SAMPLES),
-                                   TraceConfig(batch_size=7, **TRACES))
+    declared = compute_sensitivity(
+        load_onnx(stateful_onnx_model()), stateful_data(SAMPLES), TraceConfig(batch_size=7, **TRACES)
+    )
     given = compute_sensitivity(program, data, TraceConfig(batch_size=7, **TRACES))
     np.testing.assert_allclose([t.trace for t in given.traces], [t.trace for t in declared.traces], rtol=1e-6)
 
@@ -181,7 +203,9 @@ def test_bad_calibration_names_the_input_and_its_axis():
         compute_sensitivity(program, {**data, "labels": np.zeros(SAMPLES - 1, np.int64)}, config)
     bad_state = data["state"].copy()
     bad_state[1, 4, 2] = np.nan
-    with pytest.raises(ValueError, match=r"'state' holds NaN or infinite values in 1 of 20 samples \(first: sample 4\)"):
+    with pytest.raises(
+        ValueError, match=r"'state' holds NaN or infinite values in 1 of 20 samples \(first: sample 4\)"
+    ):
         compute_sensitivity(program, {**data, "state": bad_state}, config)
 
 
@@ -189,8 +213,9 @@ def test_an_opset_upgrade_is_checked_on_the_first_samples_of_each_axis():
     data = stateful_data(SAMPLES)
     normalized = normalize_model(stateful_onnx_model(), opset=21, samples=data)
     assert normalized.upgraded and normalized.upgrade_check.samples == 8
-    given = normalize_model(loosely_declared_stateful_model(), opset=21, samples=loose_data(SAMPLES),
-                            sample_axes={"state": 1, "sr": None})
+    given = normalize_model(
+        loosely_declared_stateful_model(), opset=21, samples=loose_data(SAMPLES), sample_axes={"state": 1, "sr": None}
+    )
     assert given.upgrade_check.samples == 8 and given.upgrade_check.max_abs_difference == 0.0
 
 
@@ -208,6 +233,7 @@ def test_per_sample_losses_group_each_output_on_its_own_sample_axis():
         per_sample = loss.sample_losses(shifted, batch)
         assert per_sample.shape == (len(batch.inputs["x"]),)
         assert float(per_sample.mean()) == pytest.approx(float(loss.batch_loss(shifted, batch)), rel=1e-5)
-    result = compute_sensitivity(program, stateful_data(9),
-                                 InterLayerConfig(bits=(8,), trace_max_probes=4, trace_min_probes=4, device="cpu"))
+    result = compute_sensitivity(
+        program, stateful_data(9), InterLayerConfig(bits=(8,), trace_max_probes=4, trace_min_probes=4, device="cpu")
+    )
     assert result.interlayer is not None and len(result.layers) == 2

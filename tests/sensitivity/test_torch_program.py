@@ -57,12 +57,16 @@ def test_layers_carry_node_names_and_module_scopes() -> None:
 
     program = TorchProgram(Encoder())
     assert [(l.name, l.node_name, l.scope) for l in program.layers] == [
-        ("blocks.0.fc.weight", "blocks.0.fc", "/blocks.0/fc"), ("blocks.1.fc.weight", "blocks.1.fc", "/blocks.1/fc"),
-        ("head.weight", "head", "/head")]  # the ModuleList is no scope: it never runs, as in torch's own paths
+        ("blocks.0.fc.weight", "blocks.0.fc", "/blocks.0/fc"),
+        ("blocks.1.fc.weight", "blocks.1.fc", "/blocks.1/fc"),
+        ("head.weight", "head", "/head"),
+    ]  # the ModuleList is no scope: it never runs, as in torch's own paths
     exported = _exported_layers(torch.export.export(Encoder().eval(), (torch.zeros(2, 8),)))
     assert [(l.name, l.node_name, l.scope) for l in exported] == [
-        ("blocks.0.fc.weight", "linear", "/blocks.0/fc"), ("blocks.1.fc.weight", "linear_1", "/blocks.1/fc"),
-        ("head.weight", "linear_2", "/head")]
+        ("blocks.0.fc.weight", "linear", "/blocks.0/fc"),
+        ("blocks.1.fc.weight", "linear_1", "/blocks.1/fc"),
+        ("head.weight", "linear_2", "/head"),
+    ]
 
 
 def test_forward_swaps_weights_without_mutating_the_module() -> None:

@@ -29,7 +29,9 @@ def test_traces_within_four_standard_errors_of_exact(problem: TinyProblem) -> No
         assert record.num_params == layer.num_params
         assert record.standard_error > 0
         assert abs(record.trace - exact) < 4 * record.standard_error, (record.name, record.trace, exact)
-        assert record.average_trace == pytest.approx(exact / layer.num_params, abs=4 * record.average_trace_standard_error)
+        assert record.average_trace == pytest.approx(
+            exact / layer.num_params, abs=4 * record.average_trace_standard_error
+        )
     assert hvp.num_hvps == 128
 
 

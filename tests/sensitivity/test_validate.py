@@ -30,7 +30,11 @@ def test_configuration_groups(checked) -> None:
     assert report.group("pairs").count == 12  # 6 pairs x 2 bit widths (under the cap)
     assert report.group("random").count == 48
     assert report.group("all").count == len(report.measured) == 68
-    single = {next(iter(c.items())): m for c, m, g in zip(report.configurations, report.measured, report.group_of) if g == "single"}
+    single = {
+        next(iter(c.items())): m
+        for c, m, g in zip(report.configurations, report.measured, report.group_of)
+        if g == "single"
+    }
     for name in {name for name, _ in single}:
         assert abs(single[(name, 4)]) > abs(single[(name, 8)])  # 4 bits hurt more than 8
 

@@ -79,9 +79,18 @@ def backend_settings(request, database_urls, tmp_path_factory) -> Settings:
     upgrade(engine)
     engine.dispose()
     # TestClient sends Host: testserver; the live server's clients send 127.0.0.1, allowed by default.
-    return Settings(database_url=url, artifact_dir=tmp_path_factory.mktemp(f"store-{request.param}"),
-                    allowed_hosts="testserver", max_upload_bytes=16 * 1024 * 1024, auth=AuthMode.off, worker_slots=1,
-                    heartbeat_interval_s=0.5, heartbeat_timeout_s=15, cancel_grace_s=1.0, max_attempts=2)
+    return Settings(
+        database_url=url,
+        artifact_dir=tmp_path_factory.mktemp(f"store-{request.param}"),
+        allowed_hosts="testserver",
+        max_upload_bytes=16 * 1024 * 1024,
+        auth=AuthMode.off,
+        worker_slots=1,
+        heartbeat_interval_s=0.5,
+        heartbeat_timeout_s=15,
+        cancel_grace_s=1.0,
+        max_attempts=2,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -19,8 +19,18 @@ from typing import Any
 import numpy as np
 
 from service import jobs
-from service.tables import (Artifact, Dataset, FrontierPoint, Job, LatencyMeasurement, Model, Plan,
-                            SensitivityResult, new_id, utcnow)
+from service.tables import (
+    Artifact,
+    Dataset,
+    FrontierPoint,
+    Job,
+    LatencyMeasurement,
+    Model,
+    Plan,
+    SensitivityResult,
+    new_id,
+    utcnow,
+)
 
 # name, op type, weight shape, output positions per sample (MACs = params × positions)
 LAYERS = [
@@ -64,32 +74,82 @@ def node_of(name: str, op: str) -> tuple[str, str]:
 
 def layer_rows() -> list[dict[str, Any]]:
     """Model.layers as the inspector stores them."""
-    return [{"name": name, "op_type": op, "node_name": node_of(name, op)[0], "scope": node_of(name, op)[1],
-             "shape": shape, "num_params": num_params(shape)} for name, op, shape, _ in LAYERS]
+    return [
+        {
+            "name": name,
+            "op_type": op,
+            "node_name": node_of(name, op)[0],
+            "scope": node_of(name, op)[1],
+            "shape": shape,
+            "num_params": num_params(shape),
+        }
+        for name, op, shape, _ in LAYERS
+    ]
 
 
 # ---------------------------------------------------------------- sensitivity result dicts
 
 
 def _base_result(config: dict[str, Any]) -> dict[str, Any]:
-    return {"config": config,
-            "layers": [{"name": name, "op_type": op, "shape": shape, "num_params": num_params(shape),
-                        "channel_axis": 0, "node_name": node_of(name, op)[0], "scope": node_of(name, op)[1]}
-                       for name, op, shape, _ in LAYERS],
-            "loss_kind": "cross_entropy", "loss_reason": "labels given: cross-entropy with them", "loss": 0.0571, "num_samples": 512, "traces": None, "eigenvalues": None,
-            "interlayer": None, "timings": {"load": 0.41, "traces": 12.8}, "num_hvps": 256, "seed": 0,
-            "versions": dict(VERSIONS), "device": "cpu",
-            "normalization": {"promoted_constants": 0, "dynamic_dims": [], "source_opset": 17, "opset": 17,
-                              "upgrade_check": None, "changes": []},
-            "execution": {"batch_size": 128, "probes_per_pass": 4, "hvp_method": "double_backward",
-                          "budget": {"adapted": True, "memory_budget_mb": 4096, "predicted_peak_mb": 1830.0},
-                          "traces": {"stopped": "converged", "probes": 64, "worst_relative_se": 0.048},
-                          "peak_rss_mb": 1722.5, "gradient_s": 0.8, "probe_cost_gradients": 2.1}}
+    return {
+        "config": config,
+        "layers": [
+            {
+                "name": name,
+                "op_type": op,
+                "shape": shape,
+                "num_params": num_params(shape),
+                "channel_axis": 0,
+                "node_name": node_of(name, op)[0],
+                "scope": node_of(name, op)[1],
+            }
+            for name, op, shape, _ in LAYERS
+        ],
+        "loss_kind": "cross_entropy",
+        "loss_reason": "labels given: cross-entropy with them",
+        "loss": 0.0571,
+        "num_samples": 512,
+        "traces": None,
+        "eigenvalues": None,
+        "interlayer": None,
+        "timings": {"load": 0.41, "traces": 12.8},
+        "num_hvps": 256,
+        "seed": 0,
+        "versions": dict(VERSIONS),
+        "device": "cpu",
+        "normalization": {
+            "promoted_constants": 0,
+            "dynamic_dims": [],
+            "source_opset": 17,
+            "opset": 17,
+            "upgrade_check": None,
+            "changes": [],
+        },
+        "execution": {
+            "batch_size": 128,
+            "probes_per_pass": 4,
+            "hvp_method": "double_backward",
+            "budget": {"adapted": True, "memory_budget_mb": 4096, "predicted_peak_mb": 1830.0},
+            "traces": {"stopped": "converged", "probes": 64, "worst_relative_se": 0.048},
+            "peak_rss_mb": 1722.5,
+            "gradient_s": 0.8,
+            "probe_cost_gradients": 2.1,
+        },
+    }
 
 
 def _shared_config(kind: str) -> dict[str, Any]:
-    return {"type": kind, "seed": 0, "batch_size": 256, "device": "auto", "task": "auto",
-            "hvp_method": "double_backward", "probes_per_pass": 4, "memory_budget_mb": 4096, "time_budget_s": None}
+    return {
+        "type": kind,
+        "seed": 0,
+        "batch_size": 256,
+        "device": "auto",
+        "task": "auto",
+        "hvp_method": "double_backward",
+        "probes_per_pass": 4,
+        "memory_budget_mb": 4096,
+        "time_budget_s": None,
+    }
 
 
 def trace_records() -> list[dict[str, Any]]:
@@ -97,8 +157,16 @@ def trace_records() -> list[dict[str, Any]]:
     for (name, _, shape, _), average, relative_se in zip(LAYERS, AVERAGE_TRACES, [0.031, 0.044, 0.038, 0.071, 0.026]):
         n = num_params(shape)
         trace = average * n
-        records.append({"name": name, "num_params": n, "trace": trace, "standard_error": relative_se * trace,
-                        "num_probes": 64, "average_trace": trace / n})
+        records.append(
+            {
+                "name": name,
+                "num_params": n,
+                "trace": trace,
+                "standard_error": relative_se * trace,
+                "num_probes": 64,
+                "average_trace": trace / n,
+            }
+        )
     return records
 
 
@@ -109,15 +177,22 @@ def hawq_v2_result() -> dict[str, Any]:
 
 def hawq_v1_result() -> dict[str, Any]:
     config = {**_shared_config("EigenConfig"), "tolerance": 1e-4, "max_iterations": 100}
-    eigen = [{"name": name, "eigenvalue": value, "iterations": 17 + i, "converged": True,
-              "relative_change": 6.1e-5} for i, ((name, *_), value) in enumerate(zip(LAYERS, EIGENVALUES))]
+    eigen = [
+        {"name": name, "eigenvalue": value, "iterations": 17 + i, "converged": True, "relative_change": 6.1e-5}
+        for i, ((name, *_), value) in enumerate(zip(LAYERS, EIGENVALUES))
+    ]
     return {**_base_result(config), "eigenvalues": eigen, "num_hvps": 98}
 
 
 def interlayer_result(bits: tuple[int, ...] = (8, 4)) -> dict[str, Any]:
     """G built like the real thing: diagonal blocks from the traces, smaller symmetric cross terms."""
-    config = {**_shared_config("InterLayerConfig"), "bits": list(bits), "trace_tolerance": 0.05,
-              "trace_min_probes": 8, "trace_max_probes": 256}
+    config = {
+        **_shared_config("InterLayerConfig"),
+        "bits": list(bits),
+        "trace_tolerance": 0.05,
+        "trace_min_probes": 8,
+        "trace_max_probes": 256,
+    }
     per_bits = {8: DELTA_SQUARED_PER_PARAM["w8a8"], 4: DELTA_SQUARED_PER_PARAM["w4a8"]}
     labels = [(name, b) for name, *_ in LAYERS for b in bits]  # layers outermost, as sensitivity does
     norms = [num_params(LAYERS[i // len(bits)][2]) * per_bits[b] for i, (_, b) in enumerate(labels)]
@@ -129,9 +204,15 @@ def interlayer_result(bits: tuple[int, ...] = (8, 4)) -> dict[str, Any]:
     np.fill_diagonal(matrix, 2 * np.asarray(omega))
     gradient = (rng.normal(0, 1, len(labels)) * np.sqrt(omega) * 0.05).tolist()
     errors = (np.abs(gradient) * rng.uniform(0.3, 2.0, len(labels))).tolist()  # half the terms within their error
-    interlayer = {"labels": [[name, b] for name, b in labels], "matrix": matrix.tolist(), "gradient_terms": gradient,
-                  "delta_norms_squared": norms, "omega": omega, "symmetry_error": 3.2e-7,
-                  "gradient_term_errors": errors}
+    interlayer = {
+        "labels": [[name, b] for name, b in labels],
+        "matrix": matrix.tolist(),
+        "gradient_terms": gradient,
+        "delta_norms_squared": norms,
+        "omega": omega,
+        "symmetry_error": 3.2e-7,
+        "gradient_term_errors": errors,
+    }
     return {**_base_result(config), "traces": trace_records(), "interlayer": interlayer, "num_hvps": 266}
 
 
@@ -152,26 +233,48 @@ def point_figures(candidates: list[str]) -> dict[str, Any]:
         bops += n * positions * weight_bits * activation_bits
         omega += average * n * DELTA_SQUARED_PER_PARAM[candidate]
     drop = round(omega * 2.0, 3)  # measured drops track the prediction, as on a real model
-    return {"size_bytes": int(size), "bops": int(bops), "omega": omega, "loss_change": omega * 1.07,
-            "latency_ms": round(0.21 + bops * 1.1e-9, 4), "metric": round(FLOAT_METRIC - drop, 3), "drop": drop}
+    return {
+        "size_bytes": int(size),
+        "bops": int(bops),
+        "omega": omega,
+        "loss_change": omega * 1.07,
+        "latency_ms": round(0.21 + bops * 1.1e-9, 4),
+        "metric": round(FLOAT_METRIC - drop, 3),
+        "drop": drop,
+    }
 
 
 def measurement(figures: dict[str, Any]) -> dict[str, Any]:
     """planner.plan.Measurement.to_dict()."""
     mean = figures["latency_ms"]
-    return {"metric_name": "top1_accuracy", "metric": figures["metric"], "baseline": FLOAT_METRIC,
-            "drop": figures["drop"], "num_samples": 512, "size_bytes": figures["size_bytes"] + 2150,
-            "sha256": hashlib.sha256(repr(figures).encode()).hexdigest(),
-            "latency_ms": {"mean": mean, "p50": round(mean * 0.97, 4), "p90": round(mean * 1.12, 4), "batch_size": 1,
-                           "repeats": 50, "device": CPU, "provider": "CPUExecutionProvider"}}
+    return {
+        "metric_name": "top1_accuracy",
+        "metric": figures["metric"],
+        "baseline": FLOAT_METRIC,
+        "drop": figures["drop"],
+        "num_samples": 512,
+        "size_bytes": figures["size_bytes"] + 2150,
+        "sha256": hashlib.sha256(repr(figures).encode()).hexdigest(),
+        "latency_ms": {
+            "mean": mean,
+            "p50": round(mean * 0.97, 4),
+            "p90": round(mean * 1.12, 4),
+            "batch_size": 1,
+            "repeats": 50,
+            "device": CPU,
+            "provider": "CPUExecutionProvider",
+        },
+    }
 
 
 def plan_point(candidates: list[str], measured: bool = True) -> dict[str, Any]:
     """planner.plan.PlanPoint.to_dict()."""
     figures = point_figures(candidates)
-    return {"layers": configuration(candidates),
-            "predicted": {key: figures[key] for key in ("omega", "loss_change", "size_bytes", "bops")},
-            "measured": measurement(figures) if measured else None}
+    return {
+        "layers": configuration(candidates),
+        "predicted": {key: figures[key] for key in ("omega", "loss_change", "size_bytes", "bops")},
+        "measured": measurement(figures) if measured else None,
+    }
 
 
 @dataclass
@@ -208,19 +311,40 @@ def insert(app) -> DashboardData:
     now = utcnow()
     model, dataset = _inputs(app, now)
     done, planned, failed, running = _jobs(model, now)
-    results = {method: SensitivityResult(job_id=done.id, model_sha256=model.sha256, dataset_sha256=dataset.sha256,
-                                         method=method, params_hash=hashlib.sha256(method.encode()).hexdigest(),
-                                         result=result, versions=dict(VERSIONS), created_at=now - timedelta(hours=2))
-               for method, result in (("hawq_v2", hawq_v2_result()), ("hawq_v1", hawq_v1_result()),
-                                      ("interlayer", interlayer_result()))}
+    results = {
+        method: SensitivityResult(
+            job_id=done.id,
+            model_sha256=model.sha256,
+            dataset_sha256=dataset.sha256,
+            method=method,
+            params_hash=hashlib.sha256(method.encode()).hexdigest(),
+            result=result,
+            versions=dict(VERSIONS),
+            created_at=now - timedelta(hours=2),
+        )
+        for method, result in (
+            ("hawq_v2", hawq_v2_result()),
+            ("hawq_v1", hawq_v1_result()),
+            ("interlayer", interlayer_result()),
+        )
+    }
     with app.state.sessions() as session, session.begin():
         session.add_all([model, dataset, done, planned, failed, running, *results.values()])
         session.flush()
         done.result = {"sensitivity_result_id": results["hawq_v2"].id, "cached": False}
-    data = DashboardData(model_id=model.id, dataset_id=dataset.id, hawq_v2_id=results["hawq_v2"].id,
-                         hawq_v1_id=results["hawq_v1"].id, interlayer_id=results["interlayer"].id, plan_id="",
-                         sensitivity_job_id=done.id, plan_job_id=planned.id, failed_job_id=failed.id,
-                         running_job_id=running.id, points=[])
+    data = DashboardData(
+        model_id=model.id,
+        dataset_id=dataset.id,
+        hawq_v2_id=results["hawq_v2"].id,
+        hawq_v1_id=results["hawq_v1"].id,
+        interlayer_id=results["interlayer"].id,
+        plan_id="",
+        sensitivity_job_id=done.id,
+        plan_job_id=planned.id,
+        failed_job_id=failed.id,
+        running_job_id=running.id,
+        points=[],
+    )
     _insert_plan(app, data, model, dataset, planned, now)
     return data
 
@@ -229,39 +353,89 @@ def _inputs(app, now) -> tuple[Model, Dataset]:
     """The model and calibration rows, with blobs in the store so their downloads work."""
     model_bytes = b"resnet-mini onnx bytes (the dashboard never opens them)\n" * 32
     dataset_bytes = b"calibration npz bytes\n" * 32
-    model = Model(id=new_id(), name="resnet-mini", format="onnx", sha256=write_blob(app, model_bytes),
-                  size_bytes=len(model_bytes), opset=17, created_at=now - timedelta(hours=3), layers=layer_rows(),
-                  details={"ir_version": 8, "producer": "pytorch 2.13.0", "node_count": 23,
-                           "inputs": [{"name": "input", "dtype": "float32", "shape": ["batch", 3, 32, 32]}],
-                           "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", 10]}]})
-    dataset = Dataset(id=new_id(), name="calib-512", sha256=write_blob(app, dataset_bytes),
-                      size_bytes=len(dataset_bytes), num_samples=512, has_labels=True,
-                      created_at=now - timedelta(hours=3),
-                      arrays={"input": {"shape": [512, 3, 32, 32], "dtype": "float32"},
-                              "labels": {"shape": [512], "dtype": "int64"}})
+    model = Model(
+        id=new_id(),
+        name="resnet-mini",
+        format="onnx",
+        sha256=write_blob(app, model_bytes),
+        size_bytes=len(model_bytes),
+        opset=17,
+        created_at=now - timedelta(hours=3),
+        layers=layer_rows(),
+        details={
+            "ir_version": 8,
+            "producer": "pytorch 2.13.0",
+            "node_count": 23,
+            "inputs": [{"name": "input", "dtype": "float32", "shape": ["batch", 3, 32, 32]}],
+            "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", 10]}],
+        },
+    )
+    dataset = Dataset(
+        id=new_id(),
+        name="calib-512",
+        sha256=write_blob(app, dataset_bytes),
+        size_bytes=len(dataset_bytes),
+        num_samples=512,
+        has_labels=True,
+        created_at=now - timedelta(hours=3),
+        arrays={"input": {"shape": [512, 3, 32, 32], "dtype": "float32"}, "labels": {"shape": [512], "dtype": "int64"}},
+    )
     return model, dataset
 
 
 def _jobs(model: Model, now) -> tuple[Job, Job, Job, Job]:
     """A succeeded sensitivity job, the succeeded plan job, a failed one and a running one."""
-    done = Job(id=new_id(), type="sensitivity", status="succeeded", attempts=1, worker_id="node-1:4242",
-               params={"model_id": model.id, "method": "hawq_v2"}, progress_phase="done", progress_fraction=1.0,
-               created_at=now - timedelta(hours=2), started_at=now - timedelta(hours=2),
-               finished_at=now - timedelta(hours=2) + timedelta(seconds=14),
-               log_tail="[sensitivity:traces] 100% 64 probes, max relative SE 7.1 %")
-    planned = Job(id=new_id(), type="plan", status="succeeded", params={"search": "pareto"}, progress_phase="done",
-                  progress_fraction=1.0, attempts=1, created_at=now - timedelta(hours=1),
-                  finished_at=now - timedelta(minutes=50))
-    failed = Job(id=new_id(), type="sensitivity", status="failed", attempts=1, progress_phase="loading",
-                 progress_fraction=0.0, created_at=now - timedelta(minutes=30),
-                 finished_at=now - timedelta(minutes=30),
-                 error="the calibration dataset's arrays do not match the model's inputs ['input']: "
-                       "missing ['input'], unexpected ['x']")
-    running = Job(id=new_id(), type="plan", status="running", params={"search": "pareto", "method": "interlayer"},
-                  progress_phase="sensitivity:traces", progress_fraction=0.42,
-                  progress_message="probe 54 of 128, max relative SE 7.9 %", attempts=1,
-                  worker_id=jobs.worker_id(), created_at=now - timedelta(minutes=2),
-                  started_at=now - timedelta(minutes=2), heartbeat_at=now)
+    done = Job(
+        id=new_id(),
+        type="sensitivity",
+        status="succeeded",
+        attempts=1,
+        worker_id="node-1:4242",
+        params={"model_id": model.id, "method": "hawq_v2"},
+        progress_phase="done",
+        progress_fraction=1.0,
+        created_at=now - timedelta(hours=2),
+        started_at=now - timedelta(hours=2),
+        finished_at=now - timedelta(hours=2) + timedelta(seconds=14),
+        log_tail="[sensitivity:traces] 100% 64 probes, max relative SE 7.1 %",
+    )
+    planned = Job(
+        id=new_id(),
+        type="plan",
+        status="succeeded",
+        params={"search": "pareto"},
+        progress_phase="done",
+        progress_fraction=1.0,
+        attempts=1,
+        created_at=now - timedelta(hours=1),
+        finished_at=now - timedelta(minutes=50),
+    )
+    failed = Job(
+        id=new_id(),
+        type="sensitivity",
+        status="failed",
+        attempts=1,
+        progress_phase="loading",
+        progress_fraction=0.0,
+        created_at=now - timedelta(minutes=30),
+        finished_at=now - timedelta(minutes=30),
+        error="the calibration dataset's arrays do not match the model's inputs ['input']: "
+        "missing ['input'], unexpected ['x']",
+    )
+    running = Job(
+        id=new_id(),
+        type="plan",
+        status="running",
+        params={"search": "pareto", "method": "interlayer"},
+        progress_phase="sensitivity:traces",
+        progress_fraction=0.42,
+        progress_message="probe 54 of 128, max relative SE 7.9 %",
+        attempts=1,
+        worker_id=jobs.worker_id(),
+        created_at=now - timedelta(minutes=2),
+        started_at=now - timedelta(minutes=2),
+        heartbeat_at=now,
+    )
     return done, planned, failed, running
 
 
@@ -274,36 +448,87 @@ def _insert_plan(app, data: DashboardData, model: Model, dataset: Dataset, plan_
             continue
         payload = artifact_bytes(index)
         data.artifacts[index] = write_blob(app, payload)
-        artifacts[index] = Artifact(id=new_id(), sha256=data.artifacts[index], size_bytes=len(payload),
-                                    kind="quantized_model", filename=f"resnet-mini-point{index}.onnx")
-    data.points = [{"index": index, "assignment": point["layers"], **point_figures(FRONTIER[index])}
-                   for index, point in enumerate(points)]
+        artifacts[index] = Artifact(
+            id=new_id(),
+            sha256=data.artifacts[index],
+            size_bytes=len(payload),
+            kind="quantized_model",
+            filename=f"resnet-mini-point{index}.onnx",
+        )
+    data.points = [
+        {"index": index, "assignment": point["layers"], **point_figures(FRONTIER[index])}
+        for index, point in enumerate(points)
+    ]
     chosen = points[CHOSEN_POINT]
     data.max_size_bytes = (chosen["predicted"]["size_bytes"] + points[2]["predicted"]["size_bytes"]) // 2
-    plan = Plan(id=new_id(), job_id=plan_job.id, model_id=model.id, calibration_dataset_id=dataset.id,
-                evaluation_dataset_id=dataset.id, search="pareto", created_at=now - timedelta(minutes=50),
-                request={"model_id": model.id, "calibration_dataset_id": dataset.id,
-                         "evaluation_dataset_id": dataset.id, "method": "hawq_v2", "search": "pareto",
-                         "candidates": list(CANDIDATE_BITS), "options": {"seed": 0},
-                         "constraints": {"max_size_bytes": data.max_size_bytes, "max_bops": None,
-                                         "max_latency_ms": None, "max_drop": MAX_DROP}},
-                assignment=chosen["layers"], predicted={**chosen["predicted"], "meets_constraints": True},
-                measured={**chosen["measured"], "evaluations": 6, "search": {"kind": "diagonal_frontier"},
-                          "uniform": {c: plan_point([c] * len(LAYERS)) for c in CANDIDATE_BITS}},
-                artifact_id=artifacts[CHOSEN_POINT].id, versions=dict(VERSIONS))
-    rows: list[Any] = [FrontierPoint(plan_id=plan.id, index=index, assignment=point["layers"],
-                           size_bytes=point["predicted"]["size_bytes"], bops=point["predicted"]["bops"],
-                           predicted_loss_change=point["predicted"]["omega"], predicted=point["predicted"],
-                           measured=point["measured"] or {},
-                           artifact_id=artifacts[index].id if index in artifacts else None)
-             for index, point in enumerate(points)]
-    for minutes, device, provider, batch, mean in ((49, CPU, "CPUExecutionProvider", 1, 0.84),
-                                                   (48, CPU, "CPUExecutionProvider", 8, 3.91),
-                                                   (20, "NVIDIA H100 80GB HBM3", "CUDAExecutionProvider", 1, 0.19)):
-        rows.append(LatencyMeasurement(plan_id=plan.id, artifact_id=plan.artifact_id, mean_ms=mean,
-                                       p50_ms=round(mean * 0.97, 3), p90_ms=round(mean * 1.12, 3), batch_size=batch,
-                                       repeats=50, device_description=device, provider=provider,
-                                       onnxruntime_version="1.23.0", created_at=now - timedelta(minutes=minutes)))
+    plan = Plan(
+        id=new_id(),
+        job_id=plan_job.id,
+        model_id=model.id,
+        calibration_dataset_id=dataset.id,
+        evaluation_dataset_id=dataset.id,
+        search="pareto",
+        created_at=now - timedelta(minutes=50),
+        request={
+            "model_id": model.id,
+            "calibration_dataset_id": dataset.id,
+            "evaluation_dataset_id": dataset.id,
+            "method": "hawq_v2",
+            "search": "pareto",
+            "candidates": list(CANDIDATE_BITS),
+            "options": {"seed": 0},
+            "constraints": {
+                "max_size_bytes": data.max_size_bytes,
+                "max_bops": None,
+                "max_latency_ms": None,
+                "max_drop": MAX_DROP,
+            },
+        },
+        assignment=chosen["layers"],
+        predicted={**chosen["predicted"], "meets_constraints": True},
+        measured={
+            **chosen["measured"],
+            "evaluations": 6,
+            "search": {"kind": "diagonal_frontier"},
+            "uniform": {c: plan_point([c] * len(LAYERS)) for c in CANDIDATE_BITS},
+        },
+        artifact_id=artifacts[CHOSEN_POINT].id,
+        versions=dict(VERSIONS),
+    )
+    rows: list[Any] = [
+        FrontierPoint(
+            plan_id=plan.id,
+            index=index,
+            assignment=point["layers"],
+            size_bytes=point["predicted"]["size_bytes"],
+            bops=point["predicted"]["bops"],
+            predicted_loss_change=point["predicted"]["omega"],
+            predicted=point["predicted"],
+            measured=point["measured"] or {},
+            artifact_id=artifacts[index].id if index in artifacts else None,
+        )
+        for index, point in enumerate(points)
+    ]
+    for minutes, device, provider, batch, mean in (
+        (49, CPU, "CPUExecutionProvider", 1, 0.84),
+        (48, CPU, "CPUExecutionProvider", 8, 3.91),
+        (20, "NVIDIA H100 80GB HBM3", "CUDAExecutionProvider", 1, 0.19),
+    ):
+        rows.append(
+            LatencyMeasurement(
+                plan_id=plan.id,
+                artifact_id=plan.artifact_id,
+                mean_ms=mean,
+                p50_ms=round(mean * 0.97, 3),
+                p90_ms=round(mean * 1.12, 3),
+                batch_size=batch,
+                repeats=50,
+                device_description=device,
+                provider=provider,
+                onnxruntime_version="1.23.0",
+                created_at=now - timedelta(minutes=minutes),
+            )
+        )
     with app.state.sessions() as session, session.begin():
         session.add_all([*artifacts.values(), plan])
         session.flush()  # the rows carry no relationships, so parents go first by hand
@@ -323,7 +548,7 @@ class StandInWorker:
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True, name=f"stand-in-{job_id}")
 
-    def __enter__(self) -> "StandInWorker":
+    def __enter__(self) -> StandInWorker:
         self.thread.start()
         return self
 
@@ -338,6 +563,12 @@ class StandInWorker:
                 job.heartbeat_at, job.log_tail = utcnow(), self.LOG_TAIL
                 cancelled = job.cancel_requested
             if cancelled:
-                jobs.finish(self.sessions, self.job_id, jobs.CANCELLED, error="cancelled by request",
-                            log_tail=self.LOG_TAIL, only_worker=jobs.worker_id())
+                jobs.finish(
+                    self.sessions,
+                    self.job_id,
+                    jobs.CANCELLED,
+                    error="cancelled by request",
+                    log_tail=self.LOG_TAIL,
+                    only_worker=jobs.worker_id(),
+                )
                 return

@@ -17,8 +17,13 @@ def main() -> None:
     own = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmData"))
     budget = own + int(factor * os.path.getsize(path))
     resource.setrlimit(resource.RLIMIT_DATA, (budget, budget))
-    limits = Limits(max_bytes=1 << 31, max_decompressed_bytes=1 << 31, max_archive_members=8, max_dataset_arrays=8,
-                    allow_torch=False)
+    limits = Limits(
+        max_bytes=1 << 31,
+        max_decompressed_bytes=1 << 31,
+        max_archive_members=8,
+        max_dataset_arrays=8,
+        allow_torch=False,
+    )
     try:
         with open(path, "rb") as file:
             print(len(inspect_model(file, limits)["layers"]))

@@ -30,8 +30,14 @@ def _allocate(size: int) -> int:
 
 def main() -> None:
     channel, report = enter_sandbox()
-    channel.send({"report": report.describe(), "uid": os.getuid(), "environ": sorted(os.environ),
-                  "data_limit": resource.getrlimit(resource.RLIMIT_DATA)[0]})
+    channel.send(
+        {
+            "report": report.describe(),
+            "uid": os.getuid(),
+            "environ": sorted(os.environ),
+            "data_limit": resource.getrlimit(resource.RLIMIT_DATA)[0],
+        }
+    )
     while (received := channel.receive()) is not None:
         request, fds = received
         action = request["action"]

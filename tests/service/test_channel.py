@@ -48,9 +48,16 @@ def test_descriptors_travel_with_their_frame(pair, tmp_path):
     os.close(fds[0])
 
 
-@pytest.mark.parametrize("frame", [struct.pack(">IB", 10_000, 0), struct.pack(">IB", 4, 0) + b"nope",
-                                   struct.pack(">IB", 2, 0) + b"[]", struct.pack(">IB", 2, 3) + b"{}"],
-                         ids=["over the size bound", "not JSON", "not an object", "descriptors announced, none sent"])
+@pytest.mark.parametrize(
+    "frame",
+    [
+        struct.pack(">IB", 10_000, 0),
+        struct.pack(">IB", 4, 0) + b"nope",
+        struct.pack(">IB", 2, 0) + b"[]",
+        struct.pack(">IB", 2, 3) + b"{}",
+    ],
+    ids=["over the size bound", "not JSON", "not an object", "descriptors announced, none sent"],
+)
 def test_hostile_frames_close_the_channel(pair, frame):
     mine, other = pair
     other.sock.sendall(frame)

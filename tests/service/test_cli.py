@@ -11,8 +11,13 @@ import httpx
 
 
 def run_mpq(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=timeout,
+    )
 
 
 def test_serve_help_documents_settings(tmp_path):
@@ -53,9 +58,13 @@ def _serve_until_announced(data_dir, *args: str) -> list[str]:
     """Start `mpq serve`, read its stderr up to the "serving on" line, check the port answers at
     once (no retry), stop it; the lines read."""
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port), *args],
-                              env={**os.environ, "MPQ_DATA_DIR": str(data_dir)}, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--port", str(port), *args],
+        env={**os.environ, "MPQ_DATA_DIR": str(data_dir)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         lines = []
         for line in server.stderr:
@@ -107,8 +116,12 @@ def test_token_created_by_the_cli_opens_the_api(tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
-                              env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         for _ in range(200):

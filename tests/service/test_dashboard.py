@@ -23,8 +23,15 @@ from tests.service import dashboard_data
 from tests.service.conftest import enable_auth
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
-                 "--no-first-run", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-component-update",
+    "--disable-sync",
+]
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "test-output" / "screenshots"
 LOCAL_HOSTS = {"127.0.0.1", "localhost"}
 TIMEOUT_MS = 10_000
@@ -47,9 +54,14 @@ def test_pages_render_their_tables_without_javascript(client, dashboard):
         "/models": ["resnet-mini", "calib-512"],
         f"/models/{data.model_id}": ["layer3.conv.weight", "64×32×3×3", "18,432"],
         "/sensitivity": ["hawq_v1", "interlayer"],
-        f"/sensitivity/{data.hawq_v2_id}": ["Average trace", "0.21", "3.1 %", "labels given: cross-entropy with them",
-                                            "batch 128 x 4 probes per pass, double_backward (2.1 gradients per probe), "
-                                            "peak RSS 1722 MiB; probes stopped: converged, worst SE/|trace| 0.048"],
+        f"/sensitivity/{data.hawq_v2_id}": [
+            "Average trace",
+            "0.21",
+            "3.1 %",
+            "labels given: cross-entropy with them",
+            "batch 128 x 4 probes per pass, double_backward (2.1 gradients per probe), "
+            "peak RSS 1722 MiB; probes stopped: converged, worst SE/|trace| 0.048",
+        ],
         f"/sensitivity/{data.hawq_v1_id}": ["Eigenvalue", "3.92"],
         f"/sensitivity/{data.interlayer_id}?bits=4": ["G at 4 bits"],
         "/plans": ["pareto", "hawq_v2"],
@@ -70,7 +82,7 @@ def test_pages_render_their_tables_without_javascript(client, dashboard):
 
     # The chosen point's per-layer table is in the HTML itself, no script needed.
     page = client.get(f"/plans/{data.plan_id}?point={dashboard_data.CHOSEN_POINT}").text
-    table = page[page.index('id="point-layers"'):]
+    table = page[page.index('id="point-layers"') :]
     assert precisions_in(table) == dashboard_data.FRONTIER[dashboard_data.CHOSEN_POINT]
 
 
@@ -92,8 +104,12 @@ def test_the_plan_page_says_which_metric_and_why(client, app, dashboard):
 def test_layer_tables_show_node_names_beside_layer_names(client, dashboard):
     """Sensitivity, model and plan tables have a Node column: the node name, its whole path in the title."""
     node = "/layer3/conv/Conv"
-    for path in (f"/sensitivity/{dashboard.hawq_v2_id}", f"/models/{dashboard.model_id}", f"/plans/{dashboard.plan_id}",
-                 f"/plans/{dashboard.plan_id}?point={dashboard_data.CHOSEN_POINT}"):
+    for path in (
+        f"/sensitivity/{dashboard.hawq_v2_id}",
+        f"/models/{dashboard.model_id}",
+        f"/plans/{dashboard.plan_id}",
+        f"/plans/{dashboard.plan_id}?point={dashboard_data.CHOSEN_POINT}",
+    ):
         page = client.get(path).text
         assert '<th scope="col">Node</th>' in page, path
         assert f'<code title="{node}&#10;scope /layer3/conv">{node}</code>' in page, path
@@ -113,21 +129,29 @@ def test_the_plan_page_lists_excluded_layers_and_uniform_points_ignore_them(clie
 
     path = f"/plans/{dashboard.plan_id}"
     assert 'id="excluded-layers"' not in client.get(path).text
-    excluded = {"layer": "fc.weight", "node_name": "/fc/Gemm", "scope": "/fc", "reason": "exclude pattern '/fc/*'",
-                "candidates": ["fp32"]}
+    excluded = {
+        "layer": "fc.weight",
+        "node_name": "/fc/Gemm",
+        "scope": "/fc",
+        "reason": "exclude pattern '/fc/*'",
+        "candidates": ["fp32"],
+    }
     with app.state.sessions() as session, session.begin():
         plan = session.get(Plan, dashboard.plan_id)
         plan.request = {**plan.request, "exclude": ["/fc/*"]}
-        plan.measured = {**plan.measured, "excluded": [excluded],
-                         "layer_nodes": {"fc.weight": {"node_name": "/head/fc/Gemm", "scope": "/head/fc"}}}
+        plan.measured = {
+            **plan.measured,
+            "excluded": [excluded],
+            "layer_nodes": {"fc.weight": {"node_name": "/head/fc/Gemm", "scope": "/head/fc"}},
+        }
         point = session.scalars(select_point(dashboard.plan_id, 1)).one()  # uniform w8a8, fc.weight kept fp32
         point.assignment = {**point.assignment, "fc.weight": "fp32"}
     page = client.get(path).text
-    table = page[page.index('id="excluded-layers"'):page.index("</table>", page.index('id="excluded-layers"'))]
+    table = page[page.index('id="excluded-layers"') : page.index("</table>", page.index('id="excluded-layers"'))]
     assert "<code>fc.weight</code>" in table and "exclude pattern &#39;/fc/*&#39;" in table and "fp32" in table
     assert "<dt>Excluded</dt><dd><code>/fc/*</code></dd>" in page
     # the plan's own record of node names wins over the model's; the excluded layer is tagged in the layer table
-    layers = page[page.index('id="plan-layers"'):]
+    layers = page[page.index('id="plan-layers"') :]
     assert '<code title="/head/fc/Gemm&#10;scope /head/fc">/head/fc/Gemm</code>' in layers
     assert '<span class="tag" title="exclude pattern &#39;/fc/*&#39;">excluded</span>' in layers
     row = re.search(r'<tr data-point-index="1".*?</tr>', page, re.DOTALL).group(0)
@@ -145,8 +169,10 @@ def select_point(plan_id: str, index: int):
 def test_sensitivity_table_sorts_on_the_server(client, dashboard):
     page = client.get(f"/sensitivity/{dashboard.hawq_v2_id}?sort=average_trace&desc=1").text
     names = re.findall(r'<th scope="row"><code>([^<]+)</code>', page)
-    ranked = [name for _, name in sorted(zip(dashboard_data.AVERAGE_TRACES, (n for n, *_ in dashboard_data.LAYERS)),
-                                         reverse=True)]
+    ranked = [
+        name
+        for _, name in sorted(zip(dashboard_data.AVERAGE_TRACES, (n for n, *_ in dashboard_data.LAYERS)), reverse=True)
+    ]
     assert names == ranked
     assert 'aria-sort="descending"' in page
 
@@ -171,10 +197,14 @@ def test_pages_need_a_login_when_auth_is_on(client, app):
     assert client.get("/static/dashboard.css").status_code == 200  # the login page needs its styles
 
     csrf = csrf_token_of(client.get("/login").text)  # the form's hidden field; the page set the cookie
-    wrong = client.post("/login", data={"token": "mpq_wrong", "next": "/plans", "csrf_token": csrf},
-                        follow_redirects=False)
-    assert wrong.status_code == 401 and "unknown or revoked" in wrong.text and "mpq_token" not in wrong.headers.get(
-        "set-cookie", "")
+    wrong = client.post(
+        "/login", data={"token": "mpq_wrong", "next": "/plans", "csrf_token": csrf}, follow_redirects=False
+    )
+    assert (
+        wrong.status_code == 401
+        and "unknown or revoked" in wrong.text
+        and "mpq_token" not in wrong.headers.get("set-cookie", "")
+    )
 
     assert client.post("/login", data={"token": token, "next": "/plans"}, follow_redirects=False).status_code == 403
     right = client.post("/login", data={"token": token, "next": "/plans", "csrf_token": csrf}, follow_redirects=False)
@@ -185,12 +215,17 @@ def test_pages_need_a_login_when_auth_is_on(client, app):
     assert client.get("/plans").status_code == 200  # the client keeps the cookie, as a browser does
 
     csrf = client.cookies["mpq_csrf"]  # a new one with the session
-    escape = client.post("/login", data={"token": token, "next": "//evil.example/x", "csrf_token": csrf},
-                         follow_redirects=False)
+    escape = client.post(
+        "/login", data={"token": token, "next": "//evil.example/x", "csrf_token": csrf}, follow_redirects=False
+    )
     assert escape.headers["location"] == "/"
     csrf = client.cookies["mpq_csrf"]
-    cross_site = client.post("/login", data={"token": token, "csrf_token": csrf},
-                             headers={"Origin": "http://evil.example"}, follow_redirects=False)
+    cross_site = client.post(
+        "/login",
+        data={"token": token, "csrf_token": csrf},
+        headers={"Origin": "http://evil.example"},
+        follow_redirects=False,
+    )
     assert cross_site.status_code == 403
 
     logout = client.post("/logout", data={"csrf_token": csrf}, follow_redirects=False)
@@ -256,8 +291,11 @@ class Recorder:
             self.errors.append(message.text)
 
     def check(self) -> None:
-        remote = [url for url in self.urls
-                  if not url.startswith(("data:", "blob:")) and urlsplit(url).hostname not in LOCAL_HOSTS]
+        remote = [
+            url
+            for url in self.urls
+            if not url.startswith(("data:", "blob:")) and urlsplit(url).hostname not in LOCAL_HOSTS
+        ]
         assert not remote, f"requests left localhost: {remote}"
         failures = [f for f in self.failures if int(f.split()[0]) not in self.allowed_statuses]
         assert not failures, f"failed requests: {failures}"
@@ -283,9 +321,11 @@ def page(browser, live_server, recorder):
 @pytest.fixture
 def shot(page):
     """Save a full-page screenshot as test-output/screenshots/NAME.png (gitignored)."""
+
     def save(name: str) -> None:
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+
     return save
 
 
@@ -456,8 +496,7 @@ def test_login_logout_in_the_browser(page, shot, recorder, app, dashboard, live_
 
 
 @browser_test
-def test_upload_and_cancel_with_auth_on(page, shot, recorder, app, dashboard, tiny_model_bytes, tmp_path,
-                                        live_server):
+def test_upload_and_cancel_with_auth_on(page, shot, recorder, app, dashboard, tiny_model_bytes, tmp_path, live_server):
     """With auth on, the page's scripts upload, follow a job and cancel it through the dashboard's routes,
     with the login cookie and the page's CSRF token; the cookie alone is not enough."""
     enable_auth(app)
@@ -506,9 +545,16 @@ def test_a_real_plan_from_the_planner(page, shot, client, app):
 
     model_bytes, calib, _, _ = digits_files.__wrapped__()
     model_id, calib_id = uploaded(client, model_bytes, calib)
-    job = client.post("/v1/plans", json={
-        "model_id": model_id, "calibration_dataset_id": calib_id, "candidates": ["fp32", "w8a8", "w4a8"],
-        "constraints": {"max_size_bytes": len(model_bytes) // 3}, "options": {"trace_max_probes": 16}}).json()
+    job = client.post(
+        "/v1/plans",
+        json={
+            "model_id": model_id,
+            "calibration_dataset_id": calib_id,
+            "candidates": ["fp32", "w8a8", "w4a8"],
+            "constraints": {"max_size_bytes": len(model_bytes) // 3},
+            "options": {"trace_max_probes": 16},
+        },
+    ).json()
     job = wait_for(client, job["id"], timeout=300)
     assert job["status"] == "succeeded", job
     plan_id = job["result"]["plan_id"]

@@ -52,9 +52,13 @@ def test_layer_counts_are_filled_in_for_models_stored_before_the_column(backend,
     engine = make_engine(url)
     upgrade(engine, "0005")
     with engine.begin() as connection:
-        connection.execute(text("INSERT INTO models (id, name, format, sha256, size_bytes, details, layers, created_at)"
-                                " VALUES ('m', 'm', 'onnx', :sha, 1, '{}', :layers, CURRENT_TIMESTAMP)"),
-                           {"sha": "0" * 64, "layers": '[{"name": "a"}, {"name": "b"}, {"name": "c"}]'})
+        connection.execute(
+            text(
+                "INSERT INTO models (id, name, format, sha256, size_bytes, details, layers, created_at)"
+                " VALUES ('m', 'm', 'onnx', :sha, 1, '{}', :layers, CURRENT_TIMESTAMP)"
+            ),
+            {"sha": "0" * 64, "layers": '[{"name": "a"}, {"name": "b"}, {"name": "c"}]'},
+        )
     upgrade(engine)
     with engine.connect() as connection:
         assert connection.scalar(text("SELECT layer_count FROM models WHERE id = 'm'")) == 3
@@ -74,8 +78,10 @@ def test_datasets_keep_their_counts_and_take_none_after_0007(backend, tmp_path, 
     url = f"sqlite:///{tmp_path / 'old.db'}" if backend == "sqlite" else request.getfixturevalue("own_postgres_url")
     engine = make_engine(url)
     upgrade(engine, "0006")
-    insert = text("INSERT INTO datasets (id, name, sha256, size_bytes, num_samples, has_labels, arrays, created_at)"
-                  " VALUES (:id, 'd', :sha, 1, :count, false, '{}', CURRENT_TIMESTAMP)")
+    insert = text(
+        "INSERT INTO datasets (id, name, sha256, size_bytes, num_samples, has_labels, arrays, created_at)"
+        " VALUES (:id, 'd', :sha, 1, :count, false, '{}', CURRENT_TIMESTAMP)"
+    )
     with engine.begin() as connection:
         connection.execute(insert, {"id": "old", "sha": "0" * 64, "count": 16})
     upgrade(engine)

@@ -3,6 +3,7 @@ Celery executor and two `mpq worker` processes, all real processes started here.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import socket
@@ -10,8 +11,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-
-import hashlib
 
 import httpx
 import numpy as np
@@ -34,19 +33,40 @@ def free_port() -> int:
 def cluster(own_postgres_url, tmp_path) -> Iterator[tuple[str, list[subprocess.Popen]]]:
     broker = f"redis://127.0.0.1:6379/{BROKER_DB}"
     redis.Redis.from_url(broker).flushdb()
-    env = {**os.environ, "MPQ_DATABASE_URL": own_postgres_url, "MPQ_ARTIFACT_DIR": str(tmp_path / "store"),
-           "MPQ_EXECUTOR": "celery", "MPQ_BROKER_URL": broker, "MPQ_HEARTBEAT_INTERVAL_S": "0.5",
-           "MPQ_HEARTBEAT_TIMEOUT_S": "5", "MPQ_CANCEL_GRACE_S": "1"}
+    env = {
+        **os.environ,
+        "MPQ_DATABASE_URL": own_postgres_url,
+        "MPQ_ARTIFACT_DIR": str(tmp_path / "store"),
+        "MPQ_EXECUTOR": "celery",
+        "MPQ_BROKER_URL": broker,
+        "MPQ_HEARTBEAT_INTERVAL_S": "0.5",
+        "MPQ_HEARTBEAT_TIMEOUT_S": "5",
+        "MPQ_CANCEL_GRACE_S": "1",
+    }
     mpq = [sys.executable, "-m", "service.cli"]
     subprocess.run([*mpq, "db", "upgrade"], env=env, check=True, capture_output=True)
     port = free_port()
     logs = tmp_path / "logs"
     logs.mkdir()
-    processes = [subprocess.Popen([*mpq, "serve", "--port", str(port)], env=env, start_new_session=True,
-                                  stdout=open(logs / "api.log", "w"), stderr=subprocess.STDOUT)]
+    processes = [
+        subprocess.Popen(
+            [*mpq, "serve", "--port", str(port)],
+            env=env,
+            start_new_session=True,
+            stdout=open(logs / "api.log", "w"),
+            stderr=subprocess.STDOUT,
+        )
+    ]
     for index in range(2):
-        processes.append(subprocess.Popen([*mpq, "worker", "--name", f"w{index}"], env=env, start_new_session=True,
-                                          stdout=open(logs / f"worker{index}.log", "w"), stderr=subprocess.STDOUT))
+        processes.append(
+            subprocess.Popen(
+                [*mpq, "worker", "--name", f"w{index}"],
+                env=env,
+                start_new_session=True,
+                stdout=open(logs / f"worker{index}.log", "w"),
+                stderr=subprocess.STDOUT,
+            )
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         _wait(lambda: httpx.get(f"{url}/readyz").status_code == 200, 60, "the API did not start")
@@ -97,31 +117,52 @@ def test_two_workers_share_the_queue_and_survive_a_kill(cluster):
     with httpx.Client(base_url=url, timeout=60) as client:
         tiny = _upload(client, "/v1/models", tiny_onnx_model().SerializeToString())
         tiny_data = _upload(client, "/v1/datasets", npz_bytes(x=rng.standard_normal((16, 8)).astype(np.float32)))
-        jobs = [client.post("/v1/sensitivity", json={"model_id": tiny, "dataset_id": tiny_data,
-                                                     "options": {"seed": seed}}).json()["id"] for seed in range(2)]
+        jobs = [
+            client.post(
+                "/v1/sensitivity", json={"model_id": tiny, "dataset_id": tiny_data, "options": {"seed": seed}}
+            ).json()["id"]
+            for seed in range(2)
+        ]
         finished = [_job(client, job_id) for job_id in jobs]
         assert [job["status"] for job in finished] == ["succeeded"] * 2, finished
 
         # a plan end to end on the Celery executor: plan, wait, download, run the artifact
-        labelled = _upload(client, "/v1/datasets", npz_bytes(x=rng.standard_normal((32, 8)).astype(np.float32),
-                                                             labels=rng.integers(0, 3, 32)))
-        plan_job = client.post("/v1/plans", json={
-            "model_id": tiny, "calibration_dataset_id": labelled, "candidates": ["fp32", "w8a8", "w4"],
-            "constraints": {"max_size_bytes": 10**6}, "options": {"trace_max_probes": 16}}).json()["id"]
+        labelled = _upload(
+            client,
+            "/v1/datasets",
+            npz_bytes(x=rng.standard_normal((32, 8)).astype(np.float32), labels=rng.integers(0, 3, 32)),
+        )
+        plan_job = client.post(
+            "/v1/plans",
+            json={
+                "model_id": tiny,
+                "calibration_dataset_id": labelled,
+                "candidates": ["fp32", "w8a8", "w4"],
+                "constraints": {"max_size_bytes": 10**6},
+                "options": {"trace_max_probes": 16},
+            },
+        ).json()["id"]
         done = _job(client, plan_job)
         assert done["status"] == "succeeded", done
         plan = client.get(f"/v1/plans/{done['result']['plan_id']}").json()
         artifact = client.get(f"/v1/plans/{plan['id']}/artifact").content
         assert hashlib.sha256(artifact).hexdigest() == plan["artifact"]["sha256"]
         outputs = ort.InferenceSession(artifact, providers=["CPUExecutionProvider"]).run(
-            None, {"x": np.zeros((4, 8), np.float32)})[0]
+            None, {"x": np.zeros((4, 8), np.float32)}
+        )[0]
         assert outputs.shape == (4, 3)
 
         # kill -9 the worker (and with it its job process) in the middle of a job
         mlp = _upload(client, "/v1/models", mlp_onnx_model(width=384).SerializeToString())
         mlp_data = _upload(client, "/v1/datasets", npz_bytes(x=rng.standard_normal((256, 256)).astype(np.float32)))
-        long_job = client.post("/v1/sensitivity", json={"model_id": mlp, "dataset_id": mlp_data, "options": {
-            "tolerance": 1e-9, "min_probes": 60, "max_probes": 60}}).json()["id"]
+        long_job = client.post(
+            "/v1/sensitivity",
+            json={
+                "model_id": mlp,
+                "dataset_id": mlp_data,
+                "options": {"tolerance": 1e-9, "min_probes": 60, "max_probes": 60},
+            },
+        ).json()["id"]
         running = _job(client, long_job, statuses=("running",), timeout=60)
         job_pid = int(running["worker_id"].rsplit(":", 1)[1])
         supervisor = next(p for p in processes[1:] if job_pid in _children(p.pid))

@@ -24,10 +24,15 @@ def downloads(data: dashboard_data.DashboardData) -> dict[str, bytes]:
     chosen = dashboard_data.artifact_bytes(dashboard_data.CHOSEN_POINT)
     model = b"resnet-mini onnx bytes (the dashboard never opens them)\n" * 32  # dashboard_data._inputs
     dataset = b"calibration npz bytes\n" * 32
-    return {f"/v1/models/{data.model_id}/file": model, f"/v1/datasets/{data.dataset_id}/file": dataset,
-            f"/v1/plans/{data.plan_id}/artifact": chosen, f"/plans/{data.plan_id}/artifact": chosen,
-            f"/plans/{data.plan_id}/points/2/artifact": dashboard_data.artifact_bytes(2),
-            f"/models/{data.model_id}/file": model, f"/datasets/{data.dataset_id}/file": dataset}
+    return {
+        f"/v1/models/{data.model_id}/file": model,
+        f"/v1/datasets/{data.dataset_id}/file": dataset,
+        f"/v1/plans/{data.plan_id}/artifact": chosen,
+        f"/plans/{data.plan_id}/artifact": chosen,
+        f"/plans/{data.plan_id}/points/2/artifact": dashboard_data.artifact_bytes(2),
+        f"/models/{data.model_id}/file": model,
+        f"/datasets/{data.dataset_id}/file": dataset,
+    }
 
 
 def test_head_has_the_headers_of_get_and_no_body(client, rows):
@@ -50,10 +55,13 @@ def test_head_stays_out_of_the_api_document(app):
 
 def test_a_single_range_is_a_plain_206(client, rows):
     path, content = next(iter(downloads(rows).items()))
-    for header, (start, end) in {"bytes=10-19": (10, 20), "bytes=-5": (len(content) - 5, len(content)),
-                                 f"bytes={len(content) - 3}-": (len(content) - 3, len(content)),
-                                 "bytes=0-9, 5-14, 15-29": (0, 30),  # overlapping and adjacent: coalesced
-                                 f"bytes=0-10, {len(content) + 5}-": (0, 11)}.items():  # past the end: dropped
+    for header, (start, end) in {
+        "bytes=10-19": (10, 20),
+        "bytes=-5": (len(content) - 5, len(content)),
+        f"bytes={len(content) - 3}-": (len(content) - 3, len(content)),
+        "bytes=0-9, 5-14, 15-29": (0, 30),  # overlapping and adjacent: coalesced
+        f"bytes=0-10, {len(content) + 5}-": (0, 11),
+    }.items():  # past the end: dropped
         response = client.get(path, headers={"Range": header})
         assert response.status_code == 206, (header, response.text[:200])
         assert response.headers["content-range"] == f"bytes {start}-{end - 1}/{len(content)}"
@@ -64,8 +72,9 @@ def parts_of(response) -> list[tuple[str, str, bytes]]:
     """(Content-Type, Content-Range, bytes) of each part of a multipart/byteranges body."""
     document = f"Content-Type: {response.headers['content-type']}\r\n\r\n".encode() + response.content
     message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(document)
-    return [(part["Content-Type"], part["Content-Range"], part.get_payload(decode=True))
-            for part in message.iter_parts()]
+    return [
+        (part["Content-Type"], part["Content-Range"], part.get_payload(decode=True)) for part in message.iter_parts()
+    ]
 
 
 def test_several_ranges_are_a_multipart_byteranges_206(client, rows):
@@ -77,8 +86,9 @@ def test_several_ranges_are_a_multipart_byteranges_206(client, rows):
     assert response.headers["content-type"].startswith("multipart/byteranges; boundary=")
     assert int(response.headers["content-length"]) == len(response.content)
     expected = [(0, 20), (100, 200), (size - 10, size)]  # sorted, 0-9 and 5-19 coalesced
-    assert parts_of(response) == [("application/octet-stream", f"bytes {a}-{b - 1}/{size}", content[a:b])
-                                  for a, b in expected]
+    assert parts_of(response) == [
+        ("application/octet-stream", f"bytes {a}-{b - 1}/{size}", content[a:b]) for a, b in expected
+    ]
     head = client.head(path, headers={"Range": "bytes=100-199, -10, 0-9, 5-19"})
     assert head.status_code == 206 and head.headers["content-length"] == response.headers["content-length"]
 
@@ -96,8 +106,16 @@ def test_too_many_ranges_get_the_whole_file(client, rows):
 def test_unsatisfiable_and_malformed_ranges_are_416(client, rows):
     path = f"/v1/models/{rows.model_id}/file"
     size = len(downloads(rows)[path])
-    for header in (f"bytes={size}-", f"bytes={size + 10}-, {size + 20}-{size + 30}", "bytes=-0", "bytes=9-3",
-                   "bytes=a-b", "items=0-3", "bytes=", "bytes=0-1, x"):
+    for header in (
+        f"bytes={size}-",
+        f"bytes={size + 10}-, {size + 20}-{size + 30}",
+        "bytes=-0",
+        "bytes=9-3",
+        "bytes=a-b",
+        "items=0-3",
+        "bytes=",
+        "bytes=0-1, x",
+    ):
         response = client.get(path, headers={"Range": header})
         assert_problem(response, 416, "range")
         assert response.headers["content-range"] == f"bytes */{size}", header

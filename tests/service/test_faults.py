@@ -23,13 +23,22 @@ LONG_JOB = {"tolerance": 1e-9, "min_probes": 60, "max_probes": 60}
 
 
 def _serve(env: dict[str, str], port: int, log) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def test_api_restart_mid_job_requeues_and_finishes(own_postgres_url, tmp_path):
-    env = {**os.environ, "MPQ_DATABASE_URL": own_postgres_url, "MPQ_ARTIFACT_DIR": str(tmp_path / "store"),
-           "MPQ_HEARTBEAT_INTERVAL_S": "0.5", "MPQ_HEARTBEAT_TIMEOUT_S": "10"}
+    env = {
+        **os.environ,
+        "MPQ_DATABASE_URL": own_postgres_url,
+        "MPQ_ARTIFACT_DIR": str(tmp_path / "store"),
+        "MPQ_HEARTBEAT_INTERVAL_S": "0.5",
+        "MPQ_HEARTBEAT_TIMEOUT_S": "10",
+    }
     subprocess.run([sys.executable, "-m", "service.cli", "db", "upgrade"], env=env, check=True, capture_output=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -41,8 +50,9 @@ def test_api_restart_mid_job_requeues_and_finishes(own_postgres_url, tmp_path):
         with httpx.Client(base_url=url, timeout=60) as client:
             model = _upload(client, "/v1/models", mlp_onnx_model(width=384).SerializeToString())
             data = _upload(client, "/v1/datasets", npz_bytes(x=rng.standard_normal((256, 256)).astype(np.float32)))
-            job_id = client.post("/v1/sensitivity", json={"model_id": model, "dataset_id": data,
-                                                          "options": LONG_JOB}).json()["id"]
+            job_id = client.post(
+                "/v1/sensitivity", json={"model_id": model, "dataset_id": data, "options": LONG_JOB}
+            ).json()["id"]
             running = _job(client, job_id, statuses=("running",), timeout=60)
         api.send_signal(signal.SIGKILL)
         api.wait(timeout=10)
@@ -72,8 +82,9 @@ def test_lost_database_connections_are_retried(client, app, backend_settings):
         pytest.skip("dropping server connections is a PostgreSQL scenario")
     database = backend_settings.resolved_database_url.rsplit("/", 1)[1]
     model_id, dataset_id = slow_inputs(client, width=384)
-    job_id = client.post("/v1/sensitivity", json={"model_id": model_id, "dataset_id": dataset_id,
-                                                  "options": LONG_JOB}).json()["id"]
+    job_id = client.post(
+        "/v1/sensitivity", json={"model_id": model_id, "dataset_id": dataset_id, "options": LONG_JOB}
+    ).json()["id"]
     wait_for(client, job_id, statuses=("running",), timeout=60)
 
     admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
@@ -83,9 +94,15 @@ def test_lost_database_connections_are_retried(client, app, backend_settings):
     def drop_connections() -> None:
         while not stop.wait(0.3):
             with admin.connect() as connection:
-                dropped.append(connection.execute(text(
-                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                    "WHERE datname = :db AND pid <> pg_backend_pid()"), {"db": database}).scalar())
+                dropped.append(
+                    connection.execute(
+                        text(
+                            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                            "WHERE datname = :db AND pid <> pg_backend_pid()"
+                        ),
+                        {"db": database},
+                    ).scalar()
+                )
 
     killer = threading.Thread(target=drop_connections)
     killer.start()
@@ -115,8 +132,12 @@ def test_several_api_processes_share_one_executor(tmp_path):
     subprocess.run([sys.executable, "-m", "service.cli", "db", "upgrade"], env=env, check=True, capture_output=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--api-workers", "2"],
-                              env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "api.log", "w"))
+    server = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--api-workers", "2"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "api.log", "w"),
+    )
     try:
         _wait(lambda: httpx.get(f"{url}/readyz").status_code == 200, 60, "API did not start")
         rng = np.random.default_rng(0)
@@ -125,16 +146,21 @@ def test_several_api_processes_share_one_executor(tmp_path):
 
             model = _upload(client, "/v1/models", tiny_onnx_model().SerializeToString())
             data = _upload(client, "/v1/datasets", npz_bytes(x=rng.standard_normal((16, 8)).astype(np.float32)))
-            jobs = [client.post("/v1/sensitivity", json={"model_id": model, "dataset_id": data,
-                                                         "options": {"seed": seed}}).json()["id"] for seed in range(3)]
+            jobs = [
+                client.post(
+                    "/v1/sensitivity", json={"model_id": model, "dataset_id": data, "options": {"seed": seed}}
+                ).json()["id"]
+                for seed in range(3)
+            ]
             finished = [_job(client, job_id, timeout=180) for job_id in jobs]
         assert [job["status"] for job in finished] == ["succeeded"] * 3, finished
         assert all(job["attempts"] == 1 for job in finished)
         # one executor with one slot: the jobs ran one after another, never two at once
         from datetime import datetime
 
-        spans = sorted((datetime.fromisoformat(job["started_at"]), datetime.fromisoformat(job["finished_at"]))
-                       for job in finished)
+        spans = sorted(
+            (datetime.fromisoformat(job["started_at"]), datetime.fromisoformat(job["finished_at"])) for job in finished
+        )
         assert all(earlier[1] <= later[0] for earlier, later in zip(spans, spans[1:])), spans
     finally:
         server.terminate()
@@ -148,8 +174,9 @@ def test_a_job_whose_process_has_exited_is_alive_while_its_supervisor_stores_it(
 
     from service.executor import local_worker_is_dead
 
-    exited = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                            text=True, check=True)
+    exited = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     gone = int(exited.stdout)
     host = socket.gethostname()
     assert not local_worker_is_dead(f"{host}:{os.getpid()}:{gone}")  # the supervisor (this process) lives

@@ -85,22 +85,32 @@ def test_allowed_hosts_setting_refuses_ports_and_schemes():
 # ---------------------------------------------------------------- Origin
 
 
-CROSS_SITE = [{"Origin": "http://evil.example"}, {"Origin": "null"}, {"Origin": "http://testserver:8080"},
-              {"Origin": "https://testserver"}, {"Referer": "http://evil.example/page.html"},
-              {"Sec-Fetch-Site": "cross-site"}]
+CROSS_SITE = [
+    {"Origin": "http://evil.example"},
+    {"Origin": "null"},
+    {"Origin": "http://testserver:8080"},
+    {"Origin": "https://testserver"},
+    {"Referer": "http://evil.example/page.html"},
+    {"Sec-Fetch-Site": "cross-site"},
+]
 
 
 @pytest.mark.parametrize("headers", CROSS_SITE, ids=lambda h: "-".join(h.values()))
 def test_cross_site_writes_are_refused_with_auth_off(client, app, dashboard, tiny_model_bytes, headers):
     csrf = page_csrf(client)
     before = snapshot(app)
-    writes = [upload(client, "/v1/models", tiny_model_bytes, **headers),
-              client.post("/v1/sensitivity", json={"model_id": dashboard.model_id,
-                                                   "dataset_id": dashboard.dataset_id}, headers=headers),
-              client.post(f"/v1/jobs/{dashboard.running_job_id}/cancel", headers=headers),
-              upload(client, "/upload/models", tiny_model_bytes, **headers, **{"X-CSRF-Token": csrf}),
-              client.post(f"/jobs/{dashboard.running_job_id}/cancel", data={"csrf_token": csrf}, headers=headers),
-              client.post("/login", data={"token": "x", "csrf_token": csrf}, headers=headers)]
+    writes = [
+        upload(client, "/v1/models", tiny_model_bytes, **headers),
+        client.post(
+            "/v1/sensitivity",
+            json={"model_id": dashboard.model_id, "dataset_id": dashboard.dataset_id},
+            headers=headers,
+        ),
+        client.post(f"/v1/jobs/{dashboard.running_job_id}/cancel", headers=headers),
+        upload(client, "/upload/models", tiny_model_bytes, **headers, **{"X-CSRF-Token": csrf}),
+        client.post(f"/jobs/{dashboard.running_job_id}/cancel", data={"csrf_token": csrf}, headers=headers),
+        client.post("/login", data={"token": "x", "csrf_token": csrf}, headers=headers),
+    ]
     for response in writes:
         assert_problem(response, 403, "cross-site")
     assert snapshot(app) == before
@@ -111,8 +121,9 @@ def test_cross_site_writes_are_refused_with_auth_off(client, app, dashboard, tin
 
 def test_same_origin_and_originless_writes_pass(client, app, dashboard):
     cancel = f"/v1/jobs/{dashboard.running_job_id}/cancel"
-    assert client.post(cancel, headers={"Origin": "http://testserver", "Sec-Fetch-Site": "same-origin"}
-                       ).status_code == 202
+    assert (
+        client.post(cancel, headers={"Origin": "http://testserver", "Sec-Fetch-Site": "same-origin"}).status_code == 202
+    )
     assert client.post(cancel, headers={"Referer": "http://testserver/jobs"}).status_code == 202
     assert client.post(cancel).status_code == 202  # CI clients, curl and httpx send neither
 
@@ -131,9 +142,14 @@ def test_the_dashboard_cookie_does_not_open_v1(client, app, dashboard, tiny_mode
         status = 401 if not headers else 403
         assert_problem(client.post(f"/v1/jobs/{dashboard.running_job_id}/cancel", headers=headers), status)
         assert_problem(upload(client, "/v1/models", tiny_model_bytes, **headers), status)
-        assert_problem(client.post("/v1/sensitivity", json={"model_id": dashboard.model_id,
-                                                            "dataset_id": dashboard.dataset_id}, headers=headers),
-                       status)
+        assert_problem(
+            client.post(
+                "/v1/sensitivity",
+                json={"model_id": dashboard.model_id, "dataset_id": dashboard.dataset_id},
+                headers=headers,
+            ),
+            status,
+        )
     assert_problem(client.get("/v1/jobs"), 401, "token")
     assert snapshot(app) == before
 
@@ -162,8 +178,13 @@ def test_dashboard_actions_need_the_pages_csrf_token(client, app, dashboard, tin
     assert_problem(client.post("/logout", data={}), 403, "CSRF")
     assert snapshot(app) == before
 
-    uploaded = upload(client, "/upload/models", tiny_model_bytes, name="from-the-page",
-                      **{"X-CSRF-Token": csrf, "Accept": "application/json"})
+    uploaded = upload(
+        client,
+        "/upload/models",
+        tiny_model_bytes,
+        name="from-the-page",
+        **{"X-CSRF-Token": csrf, "Accept": "application/json"},
+    )
     assert uploaded.status_code == 201, uploaded.text
     assert client.get(f"/models/{uploaded.json()['id']}").status_code == 200
     assert uploaded.json()["name"] == "from-the-page" and uploaded.json()["layers"]
@@ -188,10 +209,14 @@ def test_dashboard_scripts_without_a_login_get_401(client, app, dashboard):
 
 def test_oversized_bodies_are_refused(client, app):
     limit = BODY_LIMIT
-    assert_problem(client.post("/v1/sensitivity", content=b" " * (limit + 1),
-                               headers={"content-type": "application/json"}), 413, "MPQ_MAX_REQUEST_BODY_BYTES")
-    streamed = client.post("/v1/sensitivity", content=iter([b" " * limit, b"{}"]),
-                           headers={"content-type": "application/json"})  # chunked: no Content-Length
+    assert_problem(
+        client.post("/v1/sensitivity", content=b" " * (limit + 1), headers={"content-type": "application/json"}),
+        413,
+        "MPQ_MAX_REQUEST_BODY_BYTES",
+    )
+    streamed = client.post(
+        "/v1/sensitivity", content=iter([b" " * limit, b"{}"]), headers={"content-type": "application/json"}
+    )  # chunked: no Content-Length
     assert_problem(streamed, 413, "MPQ_MAX_REQUEST_BODY_BYTES")
     assert_problem(client.post("/login", data={"token": "x" * 5000}), 413, "login")
 
@@ -279,8 +304,9 @@ def test_a_500_is_problem_json_and_keeps_the_connection(client, app, live_server
     app.state.store.local_path(model["sha256"]).unlink()  # the row outlives its blob: the download fails
     address = urlsplit(live_server)
     with socket.create_connection((address.hostname, address.port), timeout=10) as connection:
-        status, headers, body = exchange(connection, f"GET /v1/models/{model['id']}/file HTTP/1.1\r\n"
-                                                     f"Host: {address.netloc}\r\n\r\n".encode())
+        status, headers, body = exchange(
+            connection, f"GET /v1/models/{model['id']}/file HTTP/1.1\r\nHost: {address.netloc}\r\n\r\n".encode()
+        )
         assert status == 500 and headers["content-type"] == "application/problem+json", body
         assert b"server log" in body and b"Traceback" not in body
         status, _, body = exchange(connection, f"GET /healthz HTTP/1.1\r\nHost: {address.netloc}\r\n\r\n".encode())
@@ -291,7 +317,11 @@ def test_a_500_is_problem_json_and_keeps_the_connection(client, app, live_server
 
 def test_huge_point_indices_are_not_server_errors(client, dashboard):
     plan = dashboard.plan_id
-    for path in (f"/plans/{plan}/points/{2**63}", f"/plans/{plan}/points/{2**63}/artifact",
-                 f"/plans/{plan}/points/{2**31}", f"/plans/{plan}/points/-1/artifact"):
+    for path in (
+        f"/plans/{plan}/points/{2**63}",
+        f"/plans/{plan}/points/{2**63}/artifact",
+        f"/plans/{plan}/points/{2**31}",
+        f"/plans/{plan}/points/-1/artifact",
+    ):
         response = client.get(path)
         assert response.status_code in (404, 422), (path, response.status_code, response.text[:200])

@@ -45,8 +45,13 @@ def _npz_bomb() -> bytes:
 
 
 def _unchecked_model(node: onnx.NodeProto, inputs=None, initializers=()) -> bytes:
-    graph = helper.make_graph([node], "hostile", inputs or [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])], list(initializers))
+    graph = helper.make_graph(
+        [node],
+        "hostile",
+        inputs or [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])],
+        list(initializers),
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model.SerializeToString()  # never checked: these are what onnx.checker must refuse
@@ -113,7 +118,9 @@ def test_a_pt2_with_an_oversized_weight_table_is_refused(client, app):
 @sqlite_only
 def test_a_bundle_with_external_data_is_described_without_unpacking(client):
     model, data = external_model("data/weights.bin")
-    response = upload(client, "/v1/models", zip_bytes({"model.onnx": model.SerializeToString(), "data/weights.bin": data}))
+    response = upload(
+        client, "/v1/models", zip_bytes({"model.onnx": model.SerializeToString(), "data/weights.bin": data})
+    )
     assert response.status_code == 201, response.text
     assert [layer["name"] for layer in response.json()["layers"]] == ["fc1.weight", "fc2.weight"]
 
@@ -136,11 +143,17 @@ def test_bops_budgets_are_checked_without_running_the_model(client):
 def test_a_stuck_inspection_holds_up_no_other_request(tmp_path):
     """One upload whose parser never returns: the other requests are answered meanwhile, and the stuck
     process is killed at the time limit."""
-    limits = Limits(max_bytes=MiB, max_decompressed_bytes=MiB, max_archive_members=8, max_dataset_arrays=8,
-                    allow_torch=False)
-    inspector = Inspector(limits, SandboxLimits(memory_bytes=1 << 30, cpu_time_s=60, file_size_bytes=MiB),
-                          processes=2, timeout_s=5, module="tests.service.stuck_inspection",
-                          env={"PYTHONPATH": str(REPO)})
+    limits = Limits(
+        max_bytes=MiB, max_decompressed_bytes=MiB, max_archive_members=8, max_dataset_arrays=8, allow_torch=False
+    )
+    inspector = Inspector(
+        limits,
+        SandboxLimits(memory_bytes=1 << 30, cpu_time_s=60, file_size_bytes=MiB),
+        processes=2,
+        timeout_s=5,
+        module="tests.service.stuck_inspection",
+        env={"PYTHONPATH": str(REPO)},
+    )
     upload_path = tmp_path / "upload"
     upload_path.write_bytes(b"anything")
     outcome: dict[str, object] = {}
@@ -169,8 +182,13 @@ def _many_layers(count: int, side: int = 1) -> onnx.ModelProto:
     """A legal model of ``count`` side-by-side MatMul layers in a chain."""
     weights = [numpy_helper.from_array(np.ones((side, side), np.float32), f"w{i}") for i in range(count)]
     nodes = [helper.make_node("MatMul", ["x" if i == 0 else f"h{i}", f"w{i}"], [f"h{i + 1}"]) for i in range(count)]
-    graph = helper.make_graph(nodes, "many", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, side])],
-                              [helper.make_tensor_value_info(f"h{count}", TensorProto.FLOAT, [1, side])], weights)
+    graph = helper.make_graph(
+        nodes,
+        "many",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, side])],
+        [helper.make_tensor_value_info(f"h{count}", TensorProto.FLOAT, [1, side])],
+        weights,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -193,8 +211,13 @@ def test_a_raw_model_is_inspected_in_little_more_memory_than_its_size(tmp_path):
 
     path = tmp_path / "model.onnx"
     path.write_bytes(_many_layers(16, 1448).SerializeToString())  # 128 MiB in 16 weights
-    result = subprocess.run([sys.executable, "-m", "tests.service.inspect_within_budget", str(path), "1.5"],
-                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.service.inspect_within_budget", str(path), "1.5"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert result.stdout.strip() == "16", result.stdout + result.stderr
 
 
@@ -206,10 +229,19 @@ def test_a_weight_whose_bytes_do_not_fit_its_shape_is_refused(client):
 
 
 def _small_inspector(processes: int = 1) -> Inspector:
-    limits = Limits(max_bytes=16 * MiB, max_decompressed_bytes=16 * MiB, max_archive_members=8,
-                    max_dataset_arrays=8, allow_torch=False)
-    return Inspector(limits, SandboxLimits(memory_bytes=2 << 30, cpu_time_s=60, file_size_bytes=MiB),
-                     processes=processes, timeout_s=30)
+    limits = Limits(
+        max_bytes=16 * MiB,
+        max_decompressed_bytes=16 * MiB,
+        max_archive_members=8,
+        max_dataset_arrays=8,
+        allow_torch=False,
+    )
+    return Inspector(
+        limits,
+        SandboxLimits(memory_bytes=2 << 30, cpu_time_s=60, file_size_bytes=MiB),
+        processes=processes,
+        timeout_s=30,
+    )
 
 
 def test_a_description_past_the_reply_limit_is_refused_by_the_inspector(tmp_path, monkeypatch):
@@ -274,8 +306,9 @@ def test_a_paddle_style_model_is_described_normalised(tmp_path):
 
     path = tmp_path / "paddle.onnx"
     path.write_bytes(paddle_style_model().SerializeToString())
-    limits = Limits(max_bytes=MiB, max_decompressed_bytes=MiB, max_archive_members=8, max_dataset_arrays=8,
-                    allow_torch=False)
+    limits = Limits(
+        max_bytes=MiB, max_decompressed_bytes=MiB, max_archive_members=8, max_dataset_arrays=8, allow_torch=False
+    )
     with open(path, "rb") as file:
         described = inspect_model(file, limits)
     assert [layer["name"] for layer in described["layers"]] == ["conv.w"]
@@ -284,8 +317,9 @@ def test_a_paddle_style_model_is_described_normalised(tmp_path):
     assert described["details"]["normalization"]["promoted_constants"] == 2
 
 
-@pytest.mark.parametrize("name", ["ch_PP-OCRv4_det_infer.onnx", "ch_PP-OCRv4_rec_infer.onnx",
-                                  "ch_ppocr_mobile_v2.0_cls_infer.onnx"])
+@pytest.mark.parametrize(
+    "name", ["ch_PP-OCRv4_det_infer.onnx", "ch_PP-OCRv4_rec_infer.onnx", "ch_ppocr_mobile_v2.0_cls_infer.onnx"]
+)
 def test_ppocr_is_described_with_the_layer_names_the_analysis_uses(name):
     """paddle2onnx keeps weights in Constant nodes: inspection normalises as load_onnx does, so the
     upload lists the layers (0 before) under the names the sensitivity results will carry."""
@@ -294,8 +328,13 @@ def test_ppocr_is_described_with_the_layer_names_the_analysis_uses(name):
     from tests.sensitivity.test_normalize_zoo import ppocr
 
     path = ppocr(name)
-    limits = Limits(max_bytes=64 * MiB, max_decompressed_bytes=64 * MiB, max_archive_members=8,
-                    max_dataset_arrays=8, allow_torch=False)
+    limits = Limits(
+        max_bytes=64 * MiB,
+        max_decompressed_bytes=64 * MiB,
+        max_archive_members=8,
+        max_dataset_arrays=8,
+        allow_torch=False,
+    )
     with open(path, "rb") as file:
         described = inspect_model(file, limits)
     names = [layer["name"] for layer in described["layers"]]
@@ -319,16 +358,30 @@ def test_float_arrays_are_read_for_non_finite_values_per_axis(monkeypatch):
     import service.inspection as inspection
 
     monkeypatch.setattr(inspection, "FINITE_CHUNK_BYTES", 3 * 4 * 5 * 4)  # 3 rows of [4, 5] float32
-    limits = Limits(max_bytes=1 << 30, max_decompressed_bytes=1 << 30, max_archive_members=16,
-                    max_dataset_arrays=16, allow_torch=False)
+    limits = Limits(
+        max_bytes=1 << 30,
+        max_decompressed_bytes=1 << 30,
+        max_archive_members=16,
+        max_dataset_arrays=16,
+        allow_torch=False,
+    )
     state = np.zeros((10, 4, 5), np.float32)
     state[7, 2, 1] = np.nan
     state[8, 3, 1] = np.inf
     fortran = np.asfortranarray(np.ones((6, 3), np.float64))
     fortran[4, 2] = -np.inf
-    described = inspection.inspect_dataset(io.BytesIO(npz_bytes(
-        state=state, fortran=fortran, scalar=np.array(np.nan, np.float32), fine=np.ones((10, 2), np.float32),
-        ids=np.arange(10))), limits)["arrays"]
+    described = inspection.inspect_dataset(
+        io.BytesIO(
+            npz_bytes(
+                state=state,
+                fortran=fortran,
+                scalar=np.array(np.nan, np.float32),
+                fine=np.ones((10, 2), np.float32),
+                ids=np.arange(10),
+            )
+        ),
+        limits,
+    )["arrays"]
     assert described["state"]["non_finite"] == {"axes": [[2, 7], [2, 2], [1, 1]]}
     assert described["fortran"]["non_finite"] == {"axes": [[1, 4], [1, 2]]}
     assert described["scalar"]["non_finite"] == {"axes": []}

@@ -81,12 +81,20 @@ def test_requests_are_validated_up_front(client, app, tiny_model_bytes, tiny_dat
     model_id, dataset_id = uploaded(client, tiny_model_bytes, tiny_dataset_bytes)
     wrong = upload(client, "/v1/datasets", npz_bytes(y=np.zeros((4, 8), np.float32))).json()["id"]
     narrow = upload(client, "/v1/datasets", npz_bytes(x=np.zeros((4, 5), np.float32))).json()["id"]
-    unusual = helper.make_model(helper.make_graph(
-        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("NonZero", ["r"], ["nz"], name="the_nonzero"),
-         helper.make_node("Shape", ["nz"], ["s"]), helper.make_node("Cast", ["s"], ["y"], to=TensorProto.FLOAT)], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])]),
-        opset_imports=[helper.make_opsetid("", 17)])
+    unusual = helper.make_model(
+        helper.make_graph(
+            [
+                helper.make_node("Relu", ["x"], ["r"]),
+                helper.make_node("NonZero", ["r"], ["nz"], name="the_nonzero"),
+                helper.make_node("Shape", ["nz"], ["s"]),
+                helper.make_node("Cast", ["s"], ["y"], to=TensorProto.FLOAT),
+            ],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
     unusual.ir_version = 8
     unsupported = upload(client, "/v1/models", unusual.SerializeToString()).json()["id"]
 
@@ -132,10 +140,14 @@ HOSTILE_SENSITIVITY_OPTIONS = [
 
 
 @sqlite_only
-@pytest.mark.parametrize(("method", "options", "named"), HOSTILE_SENSITIVITY_OPTIONS,
-                         ids=[f"{m}-{o}" for m, o, _ in HOSTILE_SENSITIVITY_OPTIONS])
-def test_hostile_options_are_refused_at_submission(client, app, tiny_model_bytes, tiny_dataset_bytes, method: str,
-                                                   options: str, named: str):
+@pytest.mark.parametrize(
+    ("method", "options", "named"),
+    HOSTILE_SENSITIVITY_OPTIONS,
+    ids=[f"{m}-{o}" for m, o, _ in HOSTILE_SENSITIVITY_OPTIONS],
+)
+def test_hostile_options_are_refused_at_submission(
+    client, app, tiny_model_bytes, tiny_dataset_bytes, method: str, options: str, named: str
+):
     model_id, dataset_id = uploaded(client, tiny_model_bytes, tiny_dataset_bytes)
     before = snapshot(app)
     body = f'{{"model_id": "{model_id}", "dataset_id": "{dataset_id}", "method": "{method}", "options": {{{options}}}}}'
@@ -145,8 +157,11 @@ def test_hostile_options_are_refused_at_submission(client, app, tiny_model_bytes
 
 def test_cancel_a_running_job(client):
     model_id, dataset_id = slow_inputs(client)
-    body = {"model_id": model_id, "dataset_id": dataset_id,
-            "options": {"tolerance": 1e-9, "max_probes": MAX_PROBES, "min_probes": 2}}
+    body = {
+        "model_id": model_id,
+        "dataset_id": dataset_id,
+        "options": {"tolerance": 1e-9, "max_probes": MAX_PROBES, "min_probes": 2},
+    }
     job_id = client.post("/v1/sensitivity", json=body).json()["id"]
     wait_for(client, job_id, statuses=("running",), timeout=60)
     time.sleep(1.0)
@@ -160,8 +175,11 @@ def test_cancel_a_running_job(client):
 
 def test_cancel_a_queued_job_is_immediate(client, app):
     model_id, dataset_id = slow_inputs(client)
-    long_job = {"model_id": model_id, "dataset_id": dataset_id,
-                "options": {"tolerance": 1e-9, "max_probes": MAX_PROBES, "min_probes": 2}}
+    long_job = {
+        "model_id": model_id,
+        "dataset_id": dataset_id,
+        "options": {"tolerance": 1e-9, "max_probes": MAX_PROBES, "min_probes": 2},
+    }
     running = client.post("/v1/sensitivity", json=long_job).json()["id"]
     wait_for(client, running, statuses=("running",), timeout=60)
     queued = client.post("/v1/sensitivity", json={**long_job, "options": {**long_job["options"], "seed": 1}}).json()
@@ -173,8 +191,11 @@ def test_cancel_a_queued_job_is_immediate(client, app):
 
 def test_kill_9_mid_job_requeues_then_succeeds(client):
     model_id, dataset_id = slow_inputs(client, width=384)
-    body = {"model_id": model_id, "dataset_id": dataset_id,
-            "options": {"tolerance": 1e-9, "min_probes": 60, "max_probes": 60}}
+    body = {
+        "model_id": model_id,
+        "dataset_id": dataset_id,
+        "options": {"tolerance": 1e-9, "min_probes": 60, "max_probes": 60},
+    }
     job_id = client.post("/v1/sensitivity", json=body).json()["id"]
     job = wait_for(client, job_id, statuses=("running",), timeout=60)
     time.sleep(0.5)
@@ -188,8 +209,11 @@ def test_kill_9_on_the_last_attempt_fails_with_a_reason(client, app):
     app.state.executor.settings = app.state.executor.settings.model_copy(update={"max_attempts": 1})
     try:
         model_id, dataset_id = slow_inputs(client)
-        body = {"model_id": model_id, "dataset_id": dataset_id,
-                "options": {"tolerance": 1e-9, "max_probes": MAX_PROBES, "min_probes": 2}}
+        body = {
+            "model_id": model_id,
+            "dataset_id": dataset_id,
+            "options": {"tolerance": 1e-9, "max_probes": MAX_PROBES, "min_probes": 2},
+        }
         job_id = client.post("/v1/sensitivity", json=body).json()["id"]
         job = wait_for(client, job_id, statuses=("running",), timeout=60)
         os.kill(int(job["worker_id"].rsplit(":", 1)[1]), signal.SIGKILL)

@@ -44,8 +44,9 @@ def run_mpq(*args: str, cwd) -> subprocess.CompletedProcess[str]:
     """A real ``mpq`` process (each costs seconds of imports, so only one per exit status)."""
     command = ["-m", "service.cli"] if _registered_in_cli() else ["-c", _RUNNER]
     environment = {**os.environ, "MPQ_DATA_DIR": str(cwd), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, *command, *args], capture_output=True, text=True, cwd=cwd,
-                          env=environment, timeout=120)
+    return subprocess.run(
+        [sys.executable, *command, *args], capture_output=True, text=True, cwd=cwd, env=environment, timeout=120
+    )
 
 
 def call_mpq(*args: str, capsys) -> tuple[int, str, str]:
@@ -80,8 +81,22 @@ def files(tmp_path_factory):
 
 
 def test_sensitivity_json(files):
-    result = run_mpq("sensitivity", "model.onnx", "--data", "calib.npz", "--method", "interlayer", "--bits", "8,4",
-                     "--max-probes", "4", "--device", "cpu", "--json", cwd=files)
+    result = run_mpq(
+        "sensitivity",
+        "model.onnx",
+        "--data",
+        "calib.npz",
+        "--method",
+        "interlayer",
+        "--bits",
+        "8,4",
+        "--max-probes",
+        "4",
+        "--device",
+        "cpu",
+        "--json",
+        cwd=files,
+    )
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
     assert document["method"] == "interlayer" and np.isfinite(document["loss"])
@@ -102,21 +117,55 @@ def test_sensitivity_json(files):
 
 def test_sensitivity_table_and_eigenvalues(files, capsys, monkeypatch):
     monkeypatch.chdir(files)
-    status, out, err = call_mpq("sensitivity", "model.onnx", "--data", "calib.npz", "--method", "hawq_v1",
-                                "--max-probes", "5", "--device", "cpu", capsys=capsys)
+    status, out, err = call_mpq(
+        "sensitivity",
+        "model.onnx",
+        "--data",
+        "calib.npz",
+        "--method",
+        "hawq_v1",
+        "--max-probes",
+        "5",
+        "--device",
+        "cpu",
+        capsys=capsys,
+    )
     assert status == 0, err
     assert "fc1.weight" in out and "eigenvalue" in out
     header = next(line for line in out.splitlines() if line.startswith("layer"))
     assert header.split()[:3] == ["layer", "node", "op"]
     assert [line.split()[:3] for line in out.splitlines() if line.startswith("fc")] == [
-        ["fc1.weight", "fc1", "Gemm"], ["fc2.weight", "fc2", "MatMul"]]
+        ["fc1.weight", "fc1", "Gemm"],
+        ["fc2.weight", "fc2", "MatMul"],
+    ]
     assert re.search(r"^batch \d+ x \d+ probes per pass, (double_backward|forward_over_reverse)", out, re.M)
 
 
 def test_plan_json_writes_the_artifact(files):
-    result = run_mpq("plan", "model.onnx", "--data", "calib.npz", "--candidates", "fp32,w8a8,w4a8",
-                     "--max-bops", "30000", "--max-probes", "4", "--max-frontier-points", "2", "--device", "cpu",
-                     "--metric", "cosine", "--exclude", "fc2", "--out", "q.onnx", "--json", cwd=files)
+    result = run_mpq(
+        "plan",
+        "model.onnx",
+        "--data",
+        "calib.npz",
+        "--candidates",
+        "fp32,w8a8,w4a8",
+        "--max-bops",
+        "30000",
+        "--max-probes",
+        "4",
+        "--max-frontier-points",
+        "2",
+        "--device",
+        "cpu",
+        "--metric",
+        "cosine",
+        "--exclude",
+        "fc2",
+        "--out",
+        "q.onnx",
+        "--json",
+        cwd=files,
+    )
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
     plan = document["plan"]
@@ -128,10 +177,19 @@ def test_plan_json_writes_the_artifact(files):
     # --exclude (here the node name) keeps fc2.weight fp32 at every point; the document says why, and names nodes
     assert document["request"]["exclude"] == ["fc2"]
     assert all(point["layers"]["fc2.weight"] == "fp32" for point in [plan, *document["frontier"]])
-    assert document["excluded"] == [{"layer": "fc2.weight", "node_name": "fc2", "scope": "",
-                                     "reason": "exclude pattern 'fc2'", "candidates": ["fp32"]}]
-    assert document["layer_nodes"] == {"fc1.weight": {"node_name": "fc1", "scope": ""},
-                                       "fc2.weight": {"node_name": "fc2", "scope": ""}}
+    assert document["excluded"] == [
+        {
+            "layer": "fc2.weight",
+            "node_name": "fc2",
+            "scope": "",
+            "reason": "exclude pattern 'fc2'",
+            "candidates": ["fp32"],
+        }
+    ]
+    assert document["layer_nodes"] == {
+        "fc1.weight": {"node_name": "fc1", "scope": ""},
+        "fc2.weight": {"node_name": "fc2", "scope": ""},
+    }
     assert plan["predicted"]["bops"] <= 30000  # fc1 (48 MACs) cannot stay fp32: 48 x 32 x 32 + 18 x 32 x 32 > 30000
     assert {"metric", "baseline", "size_bytes", "latency_ms"} <= set(plan["measured"])
     assert document["evaluations"] >= 1 and document["frontier"]
@@ -146,14 +204,51 @@ def test_plan_json_writes_the_artifact(files):
 
 def test_plan_summary_lists_nodes_and_exclusions(files, capsys, monkeypatch):
     monkeypatch.chdir(files)
-    status, out, err = call_mpq("plan", "model.onnx", "--data", "calib.npz", "--candidates", "fp32,w8a8",
-                                "--max-size-mb", "1", "--max-probes", "2", "--max-frontier-points", "1", "--device",
-                                "cpu", "--exclude", "fc1.weight", "--exclude", "nope,fc2", "--out", "s.onnx",
-                                capsys=capsys)
+    status, out, err = call_mpq(
+        "plan",
+        "model.onnx",
+        "--data",
+        "calib.npz",
+        "--candidates",
+        "fp32,w8a8",
+        "--max-size-mb",
+        "1",
+        "--max-probes",
+        "2",
+        "--max-frontier-points",
+        "1",
+        "--device",
+        "cpu",
+        "--exclude",
+        "fc1.weight",
+        "--exclude",
+        "nope,fc2",
+        "--out",
+        "s.onnx",
+        capsys=capsys,
+    )
     assert status == 2 and "['nope'] match no layer" in err and "'fc1.weight' (node 'fc1')" in err
-    status, out, err = call_mpq("plan", "model.onnx", "--data", "calib.npz", "--candidates", "fp32,w8a8",
-                                "--max-size-mb", "1", "--max-probes", "2", "--max-frontier-points", "1", "--device",
-                                "cpu", "--exclude", "fc1.weight", "--out", "s.onnx", capsys=capsys)
+    status, out, err = call_mpq(
+        "plan",
+        "model.onnx",
+        "--data",
+        "calib.npz",
+        "--candidates",
+        "fp32,w8a8",
+        "--max-size-mb",
+        "1",
+        "--max-probes",
+        "2",
+        "--max-frontier-points",
+        "1",
+        "--device",
+        "cpu",
+        "--exclude",
+        "fc1.weight",
+        "--out",
+        "s.onnx",
+        capsys=capsys,
+    )
     assert status == 0, err
     rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("fc")}
     assert rows["fc1.weight"].split()[1:] == ["fc1", "fp32", "(excluded:", "exclude", "pattern", "'fc1.weight')"]
@@ -186,8 +281,20 @@ def test_budget_options_reach_the_configuration():
 
     parser = argparse.ArgumentParser(prog="mpq")
     register(parser.add_subparsers())
-    args = parser.parse_args(["sensitivity", "m.onnx", "--data", "d.npz", "--memory-budget-mb", "0",
-                              "--time-budget-s", "30", "--hvp-method", "forward_over_reverse"])
+    args = parser.parse_args(
+        [
+            "sensitivity",
+            "m.onnx",
+            "--data",
+            "d.npz",
+            "--memory-budget-mb",
+            "0",
+            "--time-budget-s",
+            "30",
+            "--hvp-method",
+            "forward_over_reverse",
+        ]
+    )
     config = sensitivity_config(args)
     assert (config.memory_budget_mb, config.time_budget_s, config.hvp_method) == (None, 30.0, "forward_over_reverse")
     args = parser.parse_args(["plan", "m.onnx", "--data", "d.npz", "--memory-budget-mb", "2048"])
@@ -195,13 +302,24 @@ def test_budget_options_reach_the_configuration():
 
 
 def test_plan_impossible_budget_exits_3(files):
-    result = run_mpq("plan", "model.onnx", "--data", "calib.npz", "--max-size-mb", "0.00001", "--out", "none.onnx",
-                     cwd=files)
+    result = run_mpq(
+        "plan", "model.onnx", "--data", "calib.npz", "--max-size-mb", "0.00001", "--out", "none.onnx", cwd=files
+    )
     assert result.returncode == 3, result.stderr
     assert "cheapest" in result.stderr
     assert not (files / "none.onnx").exists()
-    as_json = run_mpq("plan", "model.onnx", "--data", "calib.npz", "--max-size-mb", "0.00001", "--out", "none.onnx",
-                      "--json", cwd=files)
+    as_json = run_mpq(
+        "plan",
+        "model.onnx",
+        "--data",
+        "calib.npz",
+        "--max-size-mb",
+        "0.00001",
+        "--out",
+        "none.onnx",
+        "--json",
+        cwd=files,
+    )
     document = json.loads(as_json.stdout)  # one document on stdout whatever the exit code
     assert as_json.returncode == document["exit_code"] == 3 and document["problem"] == "infeasible"
     assert document["error"].startswith("no feasible plan: ") and document["job_id"] is None
@@ -255,8 +373,18 @@ def test_sensitivity_of_a_paddle_style_model_names_its_constant_layers(tmp_path,
 
     onnx.save(paddle_style_model(), tmp_path / "paddle.onnx")
     np.savez(tmp_path / "data.npz", x=np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32))
-    status, out, err = call_mpq("sensitivity", str(tmp_path / "paddle.onnx"), "--data", str(tmp_path / "data.npz"),
-                                "--max-probes", "2", "--device", "cpu", "--json", capsys=capsys)
+    status, out, err = call_mpq(
+        "sensitivity",
+        str(tmp_path / "paddle.onnx"),
+        "--data",
+        str(tmp_path / "data.npz"),
+        "--max-probes",
+        "2",
+        "--device",
+        "cpu",
+        "--json",
+        capsys=capsys,
+    )
     assert status == 0, err
     assert [layer["name"] for layer in json.loads(out)["layers"]] == ["conv.w"]
     assert "normalised the model: 2 Constant nodes became initializers" in err and "x[0]" in err
@@ -273,18 +401,42 @@ def test_a_finished_sensitivity_is_reused_by_the_next_sensitivity_and_plan(files
     status, again, err = call_mpq("sensitivity", "model.onnx", "--data", "calib.npz", *options, capsys=capsys)
     assert status == 0 and "reusing the result cached" in err
     assert json.loads(again)["layers"] == json.loads(first)["layers"]
-    status, _, err = call_mpq("sensitivity", "model.onnx", "--data", "calib.npz", *options, "--no-cache",
-                              capsys=capsys)
+    status, _, err = call_mpq("sensitivity", "model.onnx", "--data", "calib.npz", *options, "--no-cache", capsys=capsys)
     assert status == 0 and "reusing" not in err
-    status, planned, err = call_mpq("plan", "model.onnx", "--data", "calib.npz", "--candidates", "fp32,w8",
-                                    "--max-frontier-points", "1", "--out", str(tmp_path / "q.onnx"), *options,
-                                    capsys=capsys)
+    status, planned, err = call_mpq(
+        "plan",
+        "model.onnx",
+        "--data",
+        "calib.npz",
+        "--candidates",
+        "fp32,w8",
+        "--max-frontier-points",
+        "1",
+        "--out",
+        str(tmp_path / "q.onnx"),
+        *options,
+        capsys=capsys,
+    )
     assert status in (0, 3) and "reusing the result cached" in err, err
     assert json.loads(planned)["plan"]
     assert len(list((tmp_path / "cache").glob("*.json"))) == 1  # a hit stores nothing new
-    status, _, err = call_mpq("plan", "model.onnx", "--data", "calib.npz", "--candidates", "fp32,w8",
-                              "--max-frontier-points", "1", "--out", str(tmp_path / "q.onnx"), "--max-probes", "5",
-                              "--device", "cpu", capsys=capsys)
+    status, _, err = call_mpq(
+        "plan",
+        "model.onnx",
+        "--data",
+        "calib.npz",
+        "--candidates",
+        "fp32,w8",
+        "--max-frontier-points",
+        "1",
+        "--out",
+        str(tmp_path / "q.onnx"),
+        "--max-probes",
+        "5",
+        "--device",
+        "cpu",
+        capsys=capsys,
+    )
     assert status in (0, 3) and "reusing" not in err, err  # other settings: computed, then stored
     assert len(list((tmp_path / "cache").glob("*.json"))) == 2
 
@@ -327,39 +479,78 @@ def test_sensitivity_and_plan_take_the_sample_axes(tmp_path, capsys, monkeypatch
     assert [layer["name"] for layer in json.loads(out)["layers"]] == ["fc1.weight", "fc2.weight"]
     status, out, err = call_mpq("sensitivity", "state.onnx", *common, "--sample-axis", "state=1", capsys=capsys)
     assert status == 2 and "reusing" not in err and "'sr' 1 (axis 0" in err  # another key, and sr per sample again
-    status, out, err = call_mpq("plan", "state.onnx", *common, *axes, "--candidates", "fp32,w8a8,w4",
-                                "--max-bops", "40000", "--max-frontier-points", "1", "--out", "q.onnx",
-                                capsys=capsys)
+    status, out, err = call_mpq(
+        "plan",
+        "state.onnx",
+        *common,
+        *axes,
+        "--candidates",
+        "fp32,w8a8,w4",
+        "--max-bops",
+        "40000",
+        "--max-frontier-points",
+        "1",
+        "--out",
+        "q.onnx",
+        capsys=capsys,
+    )
     assert status == 0 and "reusing the result cached" in err, err
     document = json.loads(out)
     assert document["request"]["sample_axes"] == {"state": 1, "sr": None}
     assert document["plan"]["measured"]["num_samples"] == 24
     y, state = ort.InferenceSession(str(tmp_path / "q.onnx")).run(None, loose_data(5))
     assert y.shape == (5, 3) and state.shape == (2, 5, 4)
-    status, _, err = call_mpq("plan", "state.onnx", *common, *axes, "--server", "http://127.0.0.1:9",
-                              capsys=capsys)  # carried to a server (tests/service/test_remote_cli.py): none here
+    status, _, err = call_mpq(
+        "plan", "state.onnx", *common, *axes, "--server", "http://127.0.0.1:9", capsys=capsys
+    )  # carried to a server (tests/service/test_remote_cli.py): none here
     assert status == 1 and "cannot reach the server" in err
     onnx.save(stateful_onnx_model(), tmp_path / "declared.onnx")
     np.savez(tmp_path / "declared.npz", **stateful_data(24))
-    status, out, err = call_mpq("sensitivity", "declared.onnx", "--data", "declared.npz", "--max-probes", "4",
-                                "--device", "cpu", "--json", capsys=capsys)
+    status, out, err = call_mpq(
+        "sensitivity",
+        "declared.onnx",
+        "--data",
+        "declared.npz",
+        "--max-probes",
+        "4",
+        "--device",
+        "cpu",
+        "--json",
+        capsys=capsys,
+    )
     assert status == 0, err  # declared shapes need no --sample-axis
 
 
 def _plan_document(drop: float, max_drop: float | None) -> dict:
-    measured = {"metric_name": "step_agreement", "metric": 100.0 - drop, "baseline": 100.0, "drop": drop,
-                "size_bytes": 10, "latency_ms": {"p50": 1.0, "mean": 1.0, "p90": 1.0, "device": "cpu"}}
-    plan = {"layers": {"fc1.weight": "w4"}, "measured": measured,
-            "predicted": {"omega": 1.0, "loss_change": 1.0, "size_bytes": 10, "bops": 10}}
-    return {"plan": plan, "request": {"max_drop": max_drop}, "meets_constraints": True, "evaluations": 1,
-            "artifact": "q.onnx"}
+    measured = {
+        "metric_name": "step_agreement",
+        "metric": 100.0 - drop,
+        "baseline": 100.0,
+        "drop": drop,
+        "size_bytes": 10,
+        "latency_ms": {"p50": 1.0, "mean": 1.0, "p90": 1.0, "device": "cpu"},
+    }
+    plan = {
+        "layers": {"fc1.weight": "w4"},
+        "measured": measured,
+        "predicted": {"omega": 1.0, "loss_change": 1.0, "size_bytes": 10, "bops": 10},
+    }
+    return {
+        "plan": plan,
+        "request": {"max_drop": max_drop},
+        "meets_constraints": True,
+        "evaluations": 1,
+        "artifact": "q.onnx",
+    }
 
 
 def test_a_large_unbounded_drop_is_a_warning_and_a_bounded_one_is_not(capsys):
     """The zoo's recogniser lost 52.8 pp under --max-size-mb alone and mpq said nothing."""
     assert local_commands.report_plan(_plan_document(52.8, None), as_json=True) == 0
     err = capsys.readouterr().err
-    assert ("mpq: warning: the plan's step_agreement dropped 52.80 pp (47.20 % against 100.00 % for the float "
-            "model) and nothing bounded it: give --max-drop") in err
+    assert (
+        "mpq: warning: the plan's step_agreement dropped 52.80 pp (47.20 % against 100.00 % for the float "
+        "model) and nothing bounded it: give --max-drop"
+    ) in err
     assert local_commands.plan_warnings(_plan_document(local_commands.LARGE_DROP_PP, None)) == []
     assert local_commands.plan_warnings(_plan_document(52.8, 60.0)) == []  # the user bounded it

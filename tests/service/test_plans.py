@@ -28,10 +28,16 @@ def test_plan_round_trip(client, digits_files):
     model_id, calib_id = uploaded(client, model_bytes, calib)
     eval_id = upload(client, "/v1/datasets", evaluation).json()["id"]
     float_size = len(model_bytes)
-    body = {"model_id": model_id, "calibration_dataset_id": calib_id, "evaluation_dataset_id": eval_id,
-            "method": "hawq_v2", "search": "pareto", "candidates": ["fp32", "w8a8", "w4a8"],
-            "constraints": {"max_size_bytes": float_size // 3},
-            "options": {"trace_max_probes": 32, "batch_size": 128}}
+    body = {
+        "model_id": model_id,
+        "calibration_dataset_id": calib_id,
+        "evaluation_dataset_id": eval_id,
+        "method": "hawq_v2",
+        "search": "pareto",
+        "candidates": ["fp32", "w8a8", "w4a8"],
+        "constraints": {"max_size_bytes": float_size // 3},
+        "options": {"trace_max_probes": 32, "batch_size": 128},
+    }
     submitted = client.post("/v1/plans", json=body)
     assert submitted.status_code == 202, submitted.text
     job = wait_for(client, submitted.json()["id"], timeout=300)
@@ -84,8 +90,10 @@ def test_plan_requests_are_validated_up_front(client, digits_files):
         ({**base, "constraints": {"max_size_bytes": 100}}, "below the smallest"),
         ({**base, "candidates": ["w3a3"], "constraints": {"max_size_bytes": 10**6}}, "w3a3"),
         # a pattern matching no layer or node name is named, with some of the model's layers to compare
-        ({**base, "exclude": ["fc1.weight", "/conv9/*"], "constraints": {"max_size_bytes": 10**6}},
-         "['/conv9/*'] match no layer name or node name"),
+        (
+            {**base, "exclude": ["fc1.weight", "/conv9/*"], "constraints": {"max_size_bytes": 10**6}},
+            "['/conv9/*'] match no layer name or node name",
+        ),
     ]
     for body, words in cases:
         assert_problem(client.post("/v1/plans", json=body), 422, words)
@@ -117,8 +125,9 @@ HOSTILE_PLAN_FIELDS = [
 
 @sqlite_only
 @pytest.mark.parametrize(("fields", "named"), HOSTILE_PLAN_FIELDS, ids=[f for f, _ in HOSTILE_PLAN_FIELDS])
-def test_hostile_plan_requests_are_refused_at_submission(client, app, tiny_model_bytes, tiny_dataset_bytes,
-                                                         fields: str, named: str):
+def test_hostile_plan_requests_are_refused_at_submission(
+    client, app, tiny_model_bytes, tiny_dataset_bytes, fields: str, named: str
+):
     model_id, dataset_id = uploaded(client, tiny_model_bytes, tiny_dataset_bytes)
     before = snapshot(app)
     body = f'{{"model_id": "{model_id}", "calibration_dataset_id": "{dataset_id}", {fields}}}'
@@ -154,10 +163,15 @@ def test_the_api_schema_states_the_library_bounds():
         assert axes["maxProperties"] == samples.MAX_SAMPLE_AXES
         assert axes["propertyNames"]["maxLength"] == samples.MAX_INPUT_NAME_LENGTH
         assert axes["additionalProperties"]["anyOf"] == [
-            {"type": "integer", "minimum": 0, "maximum": samples.MAX_SAMPLE_AXIS}, {"type": "null"}]
+            {"type": "integer", "minimum": 0, "maximum": samples.MAX_SAMPLE_AXIS},
+            {"type": "null"},
+        ]
     latency = {name: schema(LatencyRequest, name)["maximum"] for name in ("batch_size", "repeats", "warmup")}
-    assert latency == {"batch_size": library.MAX_LATENCY_BATCH_SIZE, "repeats": library.MAX_LATENCY_REPEATS,
-                       "warmup": library.MAX_LATENCY_WARMUP}
+    assert latency == {
+        "batch_size": library.MAX_LATENCY_BATCH_SIZE,
+        "repeats": library.MAX_LATENCY_REPEATS,
+        "warmup": library.MAX_LATENCY_WARMUP,
+    }
 
 
 @sqlite_only

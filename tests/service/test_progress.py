@@ -14,8 +14,11 @@ def test_a_poll_that_found_no_news_prints_nothing():
         printer("sensitivity:traces", 0.33, "84 probes")
     printer("sensitivity:traces", 0.34, "88 probes")
     printer("plan:search", 0.0, "started")
-    assert stream.getvalue().splitlines() == ["sensitivity:traces  33% 84 probes", "sensitivity:traces  34% 88 probes",
-                                              "plan:search   0% started"]
+    assert stream.getvalue().splitlines() == [
+        "sensitivity:traces  33% 84 probes",
+        "sensitivity:traces  34% 88 probes",
+        "plan:search   0% started",
+    ]
 
 
 def test_lines_within_a_phase_are_throttled():

@@ -61,8 +61,9 @@ def test_a_read_only_postgresql_database_is_not_ready(own_postgres_url, tmp_path
     assert client.get("/readyz").status_code == 200
     admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:  # what a fail-over to a standby or a full disk's emergency mode does
-        connection.execute(text(f'ALTER DATABASE "{make_url(own_postgres_url).database}" '
-                                "SET default_transaction_read_only = on"))
+        connection.execute(
+            text(f'ALTER DATABASE "{make_url(own_postgres_url).database}" SET default_transaction_read_only = on')
+        )
     admin.dispose()
     client.app.state.engine.dispose()  # new connections pick the setting up
     assert_problem(client.get("/readyz"), 503, "database not writable")

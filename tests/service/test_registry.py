@@ -18,8 +18,9 @@ PROBLEM = "application/problem+json"
 
 def upload(client, path: str, body, name: str | None = None, **headers):
     params = {"name": name} if name else {}
-    return client.post(path, content=body, params=params,
-                       headers={"content-type": "application/octet-stream", **headers})
+    return client.post(
+        path, content=body, params=params, headers={"content-type": "application/octet-stream", **headers}
+    )
 
 
 def assert_problem(response, status: int, *words: str) -> None:
@@ -42,7 +43,9 @@ def test_model_round_trip(client, app, tiny_model_bytes):
     assert model["format"] == "onnx" and model["opset"] == 17 and model["name"] == "tiny"
     assert model["sha256"] == hashlib.sha256(tiny_model_bytes).hexdigest()
     assert [(layer["name"], layer["op_type"], layer["num_params"]) for layer in model["layers"]] == [
-        ("fc1.weight", "Gemm", 48), ("fc2.weight", "MatMul", 18)]
+        ("fc1.weight", "Gemm", 48),
+        ("fc2.weight", "MatMul", 18),
+    ]
     assert [(layer["node_name"], layer["scope"]) for layer in model["layers"]] == [("fc1", ""), ("fc2", "")]
     assert model["details"]["inputs"] == [{"name": "x", "dtype": "float32", "shape": ["batch", 8]}]
 
@@ -88,8 +91,14 @@ def test_dataset_round_trip(client, tiny_dataset_bytes):
 
 def test_onnx_archive_with_external_data_inside_the_upload(client, tmp_path):
     model = tiny_onnx_model()
-    onnx.save_model(model, tmp_path / "model.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="weights.bin", size_threshold=0)
+    onnx.save_model(
+        model,
+        tmp_path / "model.onnx",
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="weights.bin",
+        size_threshold=0,
+    )
     archive = io.BytesIO()
     with zipfile.ZipFile(archive, "w") as zf:
         zf.write(tmp_path / "model.onnx", "model/model.onnx")
@@ -122,14 +131,16 @@ def test_torch_export_archive_is_listed_not_loaded(client, app, tmp_path):
 
     app.state.settings = app.state.settings.model_copy(update={"allow_torch_uploads": False})
     app.state.inspector.limits = app.state.inspector.limits.__class__(
-        **{**app.state.inspector.limits.__dict__, "allow_torch": False})
+        **{**app.state.inspector.limits.__dict__, "allow_torch": False}
+    )
     try:
         before = snapshot(app)
         assert_problem(upload(client, "/v1/models", path.read_bytes()), 422, "disabled")
         assert snapshot(app) == before
     finally:
         app.state.inspector.limits = app.state.inspector.limits.__class__(
-            **{**app.state.inspector.limits.__dict__, "allow_torch": True})
+            **{**app.state.inspector.limits.__dict__, "allow_torch": True}
+        )
 
 
 # ------------------------------------------------------------------ bad input leaves nothing behind
@@ -220,8 +231,11 @@ def test_empty_body(client, app):
 def test_declared_oversize_is_refused_before_reading(client, app):
     limit = app.state.settings.max_upload_bytes
     before = snapshot(app)
-    response = client.post("/v1/models", content=b"x" * 10,
-                           headers={"content-length": str(limit + 1), "content-type": "application/octet-stream"})
+    response = client.post(
+        "/v1/models",
+        content=b"x" * 10,
+        headers={"content-length": str(limit + 1), "content-type": "application/octet-stream"},
+    )
     assert_problem(response, 413, "limit")
     assert snapshot(app) == before
 
@@ -237,8 +251,10 @@ def test_streamed_oversize_is_cut_early(app, live_server):
     before = snapshot(app)
     sent = 0
     with socket.create_connection((address.hostname, address.port), timeout=10) as connection:
-        connection.sendall(b"POST /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
-                           b"Transfer-Encoding: chunked\r\n\r\n")
+        connection.sendall(
+            b"POST /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
         connection.settimeout(0.5)
         try:
             while sent < 16 * limit:
@@ -321,8 +337,10 @@ def test_interrupted_upload_leaves_nothing(app, live_server):
     address = urlsplit(live_server)
     before = snapshot(app)
     with socket.create_connection((address.hostname, address.port), timeout=10) as connection:
-        connection.sendall(b"POST /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
-                           b"Content-Length: 1000000\r\n\r\n" + b"\0" * 300_000)
+        connection.sendall(
+            b"POST /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
+            b"Content-Length: 1000000\r\n\r\n" + b"\0" * 300_000
+        )
         deadline = time.monotonic() + 10
         while app.state.store.temp_count() == 0 and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -338,8 +356,13 @@ def test_nul_bytes_are_a_clear_4xx_on_every_backend(client, app, tiny_model_byte
     before = snapshot(app)
     assert_problem(upload(client, "/v1/models", tiny_model_bytes, name="bad\x00name"), 422, "control characters")
     assert snapshot(app) == before
-    assert_problem(client.post("/v1/plans", json={"model_id": "\x00", "calibration_dataset_id": "x",
-                                                  "constraints": {"max_size_bytes": 1}}), 422, "no model")
+    assert_problem(
+        client.post(
+            "/v1/plans", json={"model_id": "\x00", "calibration_dataset_id": "x", "constraints": {"max_size_bytes": 1}}
+        ),
+        422,
+        "no model",
+    )
     assert_problem(client.get("/v1/jobs", params={"type": "a\x00b"}), 422, "type")
     assert_problem(client.get("/v1/models/%00"), 404, "no model")
 

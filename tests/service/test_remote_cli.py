@@ -17,7 +17,6 @@ from service.auth import create_token
 from tests.conftest import tiny_onnx_model
 from tests.service.conftest import enable_auth
 
-
 # The CLI's logic does not depend on the database; the API routes it calls run on both backends
 # in test_plans.py and test_jobs.py. Each CLI process costs seconds of imports, so SQLite only.
 pytestmark = pytest.mark.parametrize("backend_settings", ["sqlite"], indirect=True)
@@ -42,15 +41,33 @@ def token(app):
 
 def mpq(*args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, **({"MPQ_TOKEN": token} if token else {})}
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args], capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 def test_remote_plan_round_trip(app, live_server, files, token, tmp_path, client):
     model, data = files
     out = tmp_path / "q.onnx"
-    args = ["plan", str(model), "--data", str(data), "--server", live_server, "--candidates", "fp32,w8a8,w4",
-            "--max-bops", "30000", "--max-probes", "16", "--exclude", "fc2", "--out", str(out), "--json"]
+    args = [
+        "plan",
+        str(model),
+        "--data",
+        str(data),
+        "--server",
+        live_server,
+        "--candidates",
+        "fp32,w8a8,w4",
+        "--max-bops",
+        "30000",
+        "--max-probes",
+        "16",
+        "--exclude",
+        "fc2",
+        "--out",
+        str(out),
+        "--json",
+    ]
     result = mpq(*args, token=token)
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
@@ -122,13 +139,33 @@ def test_remote_runs_take_sample_axes(app, live_server, token, tmp_path, client)
     local, remote = mpq(*args, "--no-cache"), mpq(*args, "--server", live_server, token=token)
     assert local.returncode == remote.returncode == 0, (local.stderr, remote.stderr)
     local_layers, remote_layers = json.loads(local.stdout)["layers"], json.loads(remote.stdout)["layers"]
-    assert [layer["name"] for layer in remote_layers] == [layer["name"] for layer in local_layers] == [
-        "fc1.weight", "fc2.weight"]
+    assert (
+        [layer["name"] for layer in remote_layers]
+        == [layer["name"] for layer in local_layers]
+        == ["fc1.weight", "fc2.weight"]
+    )
     for ours, theirs in zip(local_layers, remote_layers):
         assert theirs["trace"] == pytest.approx(ours["trace"], rel=1e-6)
 
-    plan = mpq("plan", str(model), "--data", str(data), "--candidates", "fp32,w8a8,w4", "--max-bops", "40000",
-               "--max-probes", "4", "--out", str(out), "--json", *axes, "--server", live_server, token=token)
+    plan = mpq(
+        "plan",
+        str(model),
+        "--data",
+        str(data),
+        "--candidates",
+        "fp32,w8a8,w4",
+        "--max-bops",
+        "40000",
+        "--max-probes",
+        "4",
+        "--out",
+        str(out),
+        "--json",
+        *axes,
+        "--server",
+        live_server,
+        token=token,
+    )
     assert plan.returncode == 0, plan.stderr
     document = json.loads(plan.stdout)
     assert document["request"]["sample_axes"] == {"state": 1, "sr": None}

@@ -27,8 +27,11 @@ SENSITIVITY_OPTIONS = {"max_probes": 4, "min_probes": 2, "seed": 1}
 # between them quantizes a layer; one below the fewest is refused at submission, counted on one sample
 # (the state's axis 1 cut to 1: [2, 24, 4] taken as one sample would count fc2's MACs 12 times).
 FEWEST_BOPS = 72 * 64
-PLAN = {"candidates": ["fp32", "w8a8", "w4"], "constraints": {"max_bops": 40_000},
-        "options": {"trace_max_probes": 4, "trace_min_probes": 2, "batch_size": 8}}
+PLAN = {
+    "candidates": ["fp32", "w8a8", "w4"],
+    "constraints": {"max_bops": 40_000},
+    "options": {"trace_max_probes": 4, "trace_min_probes": 2, "batch_size": 8},
+}
 
 
 def finished(client, route: str, body: dict, timeout: float = 300) -> dict:
@@ -48,22 +51,27 @@ def runs_in_onnxruntime(client, plan_id: str, data: dict[str, np.ndarray]) -> No
 
 def test_a_stateful_model_runs_on_the_axes_its_shapes_declare(client):
     """No sample_axes given: the state's axis 1 and the shared rank-0 sr are read off the model."""
-    model_id, dataset_id = uploaded(client, stateful_onnx_model().SerializeToString(),
-                                    npz_bytes(**stateful_data(SAMPLES)))
+    model_id, dataset_id = uploaded(
+        client, stateful_onnx_model().SerializeToString(), npz_bytes(**stateful_data(SAMPLES))
+    )
     dataset = client.get(f"/v1/datasets/{dataset_id}").json()
     assert dataset["num_samples"] is None  # first dims 24, 2 and a scalar: counted against the model
     assert dataset["arrays"]["sr"] == {"shape": [], "dtype": "int64"}
 
-    job = finished(client, "/v1/sensitivity", {"model_id": model_id, "dataset_id": dataset_id,
-                                               "options": SENSITIVITY_OPTIONS})
+    job = finished(
+        client, "/v1/sensitivity", {"model_id": model_id, "dataset_id": dataset_id, "options": SENSITIVITY_OPTIONS}
+    )
     assert job["params"]["sample_axes"] == {}
     result = client.get(f"/v1/sensitivity/{job['result']['sensitivity_result_id']}").json()["result"]
     assert result["num_samples"] == SAMPLES
     assert [trace["name"] for trace in result["traces"]] == ["fc1.weight", "fc2.weight"]
 
     below = {**PLAN, "constraints": {"max_bops": FEWEST_BOPS - 1}}
-    assert_problem(client.post("/v1/plans", json={"model_id": model_id, "calibration_dataset_id": dataset_id, **below}),
-                   422, f"fewest BOPS of any configuration of these candidates ({FEWEST_BOPS} at batch size 1)")
+    assert_problem(
+        client.post("/v1/plans", json={"model_id": model_id, "calibration_dataset_id": dataset_id, **below}),
+        422,
+        f"fewest BOPS of any configuration of these candidates ({FEWEST_BOPS} at batch size 1)",
+    )
     job = finished(client, "/v1/plans", {"model_id": model_id, "calibration_dataset_id": dataset_id, **PLAN})
     plan = client.get(f"/v1/plans/{job['result']['plan_id']}").json()
     assert plan["request"]["sample_axes"] == {} and plan["measured"]["num_samples"] == SAMPLES
@@ -80,8 +88,9 @@ def test_a_loosely_declared_model_takes_sample_axes(client, app):
     sensitivity apart, reach the plan and the plan's latency measurements."""
     from planner.latency import measure_latency
 
-    model_id, dataset_id = uploaded(client, loosely_declared_stateful_model().SerializeToString(),
-                                    npz_bytes(**loose_data(SAMPLES)))
+    model_id, dataset_id = uploaded(
+        client, loosely_declared_stateful_model().SerializeToString(), npz_bytes(**loose_data(SAMPLES))
+    )
     before = snapshot(app)
     refused = client.post("/v1/plans", json={"model_id": model_id, "calibration_dataset_id": dataset_id, **PLAN})
     assert_problem(refused, 422, "calibration set", "different numbers of samples", "'state' 2 (axis 0")
@@ -124,7 +133,10 @@ SAMPLE_AXES_REFUSED = [
     (json.dumps({f"input{i}": 0 for i in range(257)}), "sample_axes"),
     ('[["state", 1]]', "sample_axes"),
     # the library's own checks, in its words
-    ('{"nope": 0}', "sample_axes names ['nope'], which are not inputs of the model; its inputs are ['x', 'state', 'sr']"),
+    (
+        '{"nope": 0}',
+        "sample_axes names ['nope'], which are not inputs of the model; its inputs are ['x', 'state', 'sr']",
+    ),
     ('{"state": 3}', "sample axis 3 of input 'state' is out of range: its declared shape [2, ?, 4] has rank 3"),
 ]
 
@@ -132,13 +144,16 @@ SAMPLE_AXES_REFUSED = [
 @sqlite_only
 @pytest.mark.parametrize(("axes", "named"), SAMPLE_AXES_REFUSED, ids=[a[:30] for a, _ in SAMPLE_AXES_REFUSED])
 def test_bad_sample_axes_are_refused_at_submission(client, app, axes: str, named: str):
-    model_id, dataset_id = uploaded(client, stateful_onnx_model().SerializeToString(),
-                                    npz_bytes(**stateful_data(SAMPLES)))
+    model_id, dataset_id = uploaded(
+        client, stateful_onnx_model().SerializeToString(), npz_bytes(**stateful_data(SAMPLES))
+    )
     before = snapshot(app)
     ids = f'"model_id": "{model_id}", "dataset_id": "{dataset_id}"'
     assert_problem(post_json_text(client, "/v1/sensitivity", f'{{{ids}, "sample_axes": {axes}}}'), 422, named)
-    plan = (f'{{"model_id": "{model_id}", "calibration_dataset_id": "{dataset_id}", '
-            f'"constraints": {{"max_size_bytes": 1000000}}, "sample_axes": {axes}}}')
+    plan = (
+        f'{{"model_id": "{model_id}", "calibration_dataset_id": "{dataset_id}", '
+        f'"constraints": {{"max_size_bytes": 1000000}}, "sample_axes": {axes}}}'
+    )
     assert_problem(post_json_text(client, "/v1/plans", plan), 422, named)
     assert snapshot(app) == before  # no job row, nothing stored
 
@@ -156,12 +171,16 @@ def test_a_torch_export_archive_takes_samples_on_axis_0(client, app, small_pt2):
     model_id, dataset_id = uploaded(client, small_pt2, npz_bytes(ids=ids))
     uneven = upload(client, "/v1/datasets", npz_bytes(ids=ids, labels=np.zeros(15, np.int64))).json()["id"]
     before = snapshot(app)
-    given = client.post("/v1/sensitivity", json={"model_id": model_id, "dataset_id": dataset_id,
-                                                 "sample_axes": {"ids": 1}})
+    given = client.post(
+        "/v1/sensitivity", json={"model_id": model_id, "dataset_id": dataset_id, "sample_axes": {"ids": 1}}
+    )
     assert_problem(given, 422, "sample_axes applies to ONNX models; a torch.export archive takes samples on axis 0")
-    assert_problem(client.post("/v1/sensitivity", json={"model_id": model_id, "dataset_id": uneven}), 422,
-                   "calibration set: the per-sample arrays hold different numbers of samples: 'ids' 16 (axis 0 of "
-                   "shape (16, 5)), 'labels' 15 (axis 0 of shape (15,))")
+    assert_problem(
+        client.post("/v1/sensitivity", json={"model_id": model_id, "dataset_id": uneven}),
+        422,
+        "calibration set: the per-sample arrays hold different numbers of samples: 'ids' 16 (axis 0 of "
+        "shape (16, 5)), 'labels' 15 (axis 0 of shape (15,))",
+    )
     assert snapshot(app) == before
 
 
@@ -170,11 +189,13 @@ def test_datasets_are_described_whatever_their_first_dims(client):
     """num_samples is the first dim every array of rank >= 1 shares (a rank-0 array is one shared
     value), None when they differ; nothing about sample axes is refused before a model is known."""
     scalar = np.array(16000, np.int64)
-    cases = [({"x": np.zeros((3, 2), np.float32), "labels": np.zeros(3, np.int64)}, 3),
-             ({"x": np.zeros((3, 2), np.float32), "sr": scalar}, 3),
-             ({"x": np.zeros((3, 2), np.float32), "y": np.zeros((4, 2), np.float32)}, None),
-             ({"sr": scalar}, None),
-             (stateful_data(SAMPLES), None)]
+    cases = [
+        ({"x": np.zeros((3, 2), np.float32), "labels": np.zeros(3, np.int64)}, 3),
+        ({"x": np.zeros((3, 2), np.float32), "sr": scalar}, 3),
+        ({"x": np.zeros((3, 2), np.float32), "y": np.zeros((4, 2), np.float32)}, None),
+        ({"sr": scalar}, None),
+        (stateful_data(SAMPLES), None),
+    ]
     for arrays, count in cases:
         response = upload(client, "/v1/datasets", npz_bytes(**arrays))
         assert response.status_code == 201, response.text
@@ -191,28 +212,61 @@ def _with(array: np.ndarray, index: tuple[int, ...], value: float = np.nan) -> n
 
 # Wrong data, as the local run and the server say it: (model, arrays, sample_axes, words of the message)
 WRONG_DATA = {
-    "state counted on the declared axis 0": (loosely_declared_stateful_model, loose_data(SAMPLES), {},
-                                             "'state' 2 (axis 0 of shape (2, 24, 4))"),
-    "a vector for the shared sr": (stateful_onnx_model, loose_data(SAMPLES), {},
-                                   "'sr' has shape (1,), the model expects rank 0"),
-    "one state fewer": (stateful_onnx_model, {**stateful_data(SAMPLES), "state": np.zeros((2, 23, 4), np.float32)},
-                        {}, "'state' 23 (axis 1 of shape (2, 23, 4))"),
-    "sr as float": (stateful_onnx_model, {**stateful_data(SAMPLES), "sr": np.array(16000.0, np.float32)}, {},
-                    "'sr' has dtype float32, the model expects int64"),
-    "an axis for an input the model lacks": (stateful_onnx_model, stateful_data(SAMPLES), {"nope": 0},
-                                             "sample_axes names ['nope']"),
-    "a state on axis 0 given": (loosely_declared_stateful_model, loose_data(SAMPLES), {"state": 0, "sr": None},
-                                "'state' 2 (axis 0"),
-    "x as float64 (numpy's default)": (stateful_onnx_model,
-                                       {**stateful_data(SAMPLES), "x": stateful_data(SAMPLES)["x"].astype(np.float64)},
-                                       {}, "'x' has dtype float64, the model expects float32"),
+    "state counted on the declared axis 0": (
+        loosely_declared_stateful_model,
+        loose_data(SAMPLES),
+        {},
+        "'state' 2 (axis 0 of shape (2, 24, 4))",
+    ),
+    "a vector for the shared sr": (
+        stateful_onnx_model,
+        loose_data(SAMPLES),
+        {},
+        "'sr' has shape (1,), the model expects rank 0",
+    ),
+    "one state fewer": (
+        stateful_onnx_model,
+        {**stateful_data(SAMPLES), "state": np.zeros((2, 23, 4), np.float32)},
+        {},
+        "'state' 23 (axis 1 of shape (2, 23, 4))",
+    ),
+    "sr as float": (
+        stateful_onnx_model,
+        {**stateful_data(SAMPLES), "sr": np.array(16000.0, np.float32)},
+        {},
+        "'sr' has dtype float32, the model expects int64",
+    ),
+    "an axis for an input the model lacks": (
+        stateful_onnx_model,
+        stateful_data(SAMPLES),
+        {"nope": 0},
+        "sample_axes names ['nope']",
+    ),
+    "a state on axis 0 given": (
+        loosely_declared_stateful_model,
+        loose_data(SAMPLES),
+        {"state": 0, "sr": None},
+        "'state' 2 (axis 0",
+    ),
+    "x as float64 (numpy's default)": (
+        stateful_onnx_model,
+        {**stateful_data(SAMPLES), "x": stateful_data(SAMPLES)["x"].astype(np.float64)},
+        {},
+        "'x' has dtype float64, the model expects float32",
+    ),
     # NaN and infinity: found at upload (where along each axis), refused at submission on the sample axis
-    "NaN in x": (stateful_onnx_model, {**stateful_data(SAMPLES), "x": _with(stateful_data(SAMPLES)["x"], (3, 1))},
-                 {}, "calibration array 'x' holds NaN or infinite values in 1 of 24 samples (first: sample 3)"),
+    "NaN in x": (
+        stateful_onnx_model,
+        {**stateful_data(SAMPLES), "x": _with(stateful_data(SAMPLES)["x"], (3, 1))},
+        {},
+        "calibration array 'x' holds NaN or infinite values in 1 of 24 samples (first: sample 3)",
+    ),
     "infinity in the state's sample 5": (
-        stateful_onnx_model, {**stateful_data(SAMPLES), "state": _with(stateful_data(SAMPLES)["state"], (1, 5, 2),
-                                                                       np.inf)},
-        {}, "calibration array 'state' holds NaN or infinite values in 1 of 24 samples (first: sample 5)"),
+        stateful_onnx_model,
+        {**stateful_data(SAMPLES), "state": _with(stateful_data(SAMPLES)["state"], (1, 5, 2), np.inf)},
+        {},
+        "calibration array 'state' holds NaN or infinite values in 1 of 24 samples (first: sample 5)",
+    ),
 }
 
 
@@ -230,25 +284,52 @@ def test_wrong_data_reads_the_same_locally_and_on_the_server(client, capsys, tmp
     np.savez(tmp_path / "data.npz", **arrays)
     model_id, dataset_id = uploaded(client, model.SerializeToString(), (tmp_path / "data.npz").read_bytes())
 
-    status, _, err = call_mpq("plan", "model.onnx", "--data", "data.npz", "--candidates", "fp32,w8a8,w4",
-                              "--max-size-mb", "1", "--device", "cpu", "--no-cache", *_axis_options(axes),
-                              capsys=capsys)
+    status, _, err = call_mpq(
+        "plan",
+        "model.onnx",
+        "--data",
+        "data.npz",
+        "--candidates",
+        "fp32,w8a8,w4",
+        "--max-size-mb",
+        "1",
+        "--device",
+        "cpu",
+        "--no-cache",
+        *_axis_options(axes),
+        capsys=capsys,
+    )
     assert status == 2 and "Traceback" not in err, err
     local = err.strip().splitlines()[-1].removeprefix("mpq: ")
     assert words in local, local
-    served = client.post("/v1/plans", json={"model_id": model_id, "calibration_dataset_id": dataset_id,
-                                            "candidates": ["fp32", "w8a8", "w4"], "sample_axes": axes,
-                                            "constraints": {"max_size_bytes": 2**20}})
+    served = client.post(
+        "/v1/plans",
+        json={
+            "model_id": model_id,
+            "calibration_dataset_id": dataset_id,
+            "candidates": ["fp32", "w8a8", "w4"],
+            "sample_axes": axes,
+            "constraints": {"max_size_bytes": 2**20},
+        },
+    )
     assert_problem(served, 422)
     assert served.json()["detail"] == local
 
     # mpq sensitivity names the file (--data 'data.npz') where the server names the set; the rest is the same
-    status, _, err = call_mpq("sensitivity", "model.onnx", "--data", "data.npz", "--device", "cpu", "--no-cache",
-                              *_axis_options(axes), capsys=capsys)
+    status, _, err = call_mpq(
+        "sensitivity",
+        "model.onnx",
+        "--data",
+        "data.npz",
+        "--device",
+        "cpu",
+        "--no-cache",
+        *_axis_options(axes),
+        capsys=capsys,
+    )
     assert status == 2, err
     local = err.strip().splitlines()[-1].removeprefix("mpq: ")
-    served = client.post("/v1/sensitivity", json={"model_id": model_id, "dataset_id": dataset_id,
-                                                  "sample_axes": axes})
+    served = client.post("/v1/sensitivity", json={"model_id": model_id, "dataset_id": dataset_id, "sample_axes": axes})
     assert_problem(served, 422, words)
     assert served.json()["detail"].removeprefix("calibration set") == local.removeprefix("--data 'data.npz'")
 

@@ -39,8 +39,9 @@ def free_port() -> int:
 def server(app) -> Iterator[tuple[str, int]]:
     """The app on a real uvicorn server with the protocol (as `mpq serve` runs it, timeout shortened)."""
     port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off", loop="asyncio",
-                            http=ShortHeaderTimeout)
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", lifespan="off", loop="asyncio", http=ShortHeaderTimeout
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -99,8 +100,10 @@ def test_the_timer_runs_again_for_each_request_on_a_connection(server):
 def test_slow_requests_with_complete_headers_are_not_cut(server):
     host, port = server
     with socket.create_connection(server) as connection:
-        connection.sendall(f"POST /v1/sensitivity HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json"
-                           "\r\nContent-Length: 2\r\n\r\n".encode())
+        connection.sendall(
+            f"POST /v1/sensitivity HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json"
+            "\r\nContent-Length: 2\r\n\r\n".encode()
+        )
         time.sleep(2 * TIMEOUT_S)  # the body is another timer's business
         status, _, body = exchange(connection, b"{}")
         assert status == 422 and b"model_id" in body
@@ -113,8 +116,12 @@ def test_mpq_serve_raises_its_open_file_limit_and_times_out_headers(tmp_path):
     assert hard > 256, "the hard limit leaves nothing to raise"
     port = free_port()
     # prlimit starts the server (same pid) with a soft limit of 256 open files
-    server = subprocess.Popen(["prlimit", "--nofile=256:", sys.executable, "-m", "service.cli", "serve",
-                               "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        ["prlimit", "--nofile=256:", sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:

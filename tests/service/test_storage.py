@@ -81,8 +81,14 @@ def test_deleting_while_the_same_bytes_are_uploaded_again_never_loses_the_file(a
 
 def test_a_model_or_dataset_in_use_by_a_job_is_not_deleted(client, app):
     model_id, dataset_id = slow_inputs(client)
-    job = client.post("/v1/sensitivity", json={"model_id": model_id, "dataset_id": dataset_id,
-                                               "options": {"tolerance": 1e-9, "min_probes": 500, "max_probes": 500}})
+    job = client.post(
+        "/v1/sensitivity",
+        json={
+            "model_id": model_id,
+            "dataset_id": dataset_id,
+            "options": {"tolerance": 1e-9, "min_probes": 500, "max_probes": 500},
+        },
+    )
     job_id = job.json()["id"]
     wait_for(client, job_id, statuses=("running",), timeout=60)
     for route in (f"/v1/models/{model_id}", f"/v1/datasets/{dataset_id}"):
@@ -100,9 +106,16 @@ def test_deleting_a_model_takes_its_plans_and_their_artifacts(client, app):
     rng = np.random.default_rng(0)
     data = npz_bytes(x=rng.standard_normal((32, 8)).astype(np.float32), labels=rng.integers(0, 3, 32))
     model_id, dataset_id = uploaded(client, tiny_onnx_model().SerializeToString(), data)
-    job = client.post("/v1/plans", json={"model_id": model_id, "calibration_dataset_id": dataset_id,
-                                         "candidates": ["fp32", "w8a8"], "constraints": {"max_size_bytes": 10**6},
-                                         "options": {"trace_max_probes": 16}}).json()
+    job = client.post(
+        "/v1/plans",
+        json={
+            "model_id": model_id,
+            "calibration_dataset_id": dataset_id,
+            "candidates": ["fp32", "w8a8"],
+            "constraints": {"max_size_bytes": 10**6},
+            "options": {"trace_max_probes": 16},
+        },
+    ).json()
     done = wait_for(client, job["id"], timeout=180)
     assert done["status"] == "succeeded", (done["error"], done["log_tail"])
     with app.state.sessions() as session:
@@ -129,7 +142,9 @@ def test_a_killed_server_leaves_nothing_after_its_restart(own_postgres_url, tmp_
     try:
         _wait_ready(port)
         with socket.create_connection(("127.0.0.1", port)) as stalled:
-            stalled.sendall(b"POST /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000000\r\n\r\n" + b"\0" * 1000)
+            stalled.sendall(
+                b"POST /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000000\r\n\r\n" + b"\0" * 1000
+            )
             _until(lambda: list((store / "tmp").glob("upload-*")), "the upload never began")
             inspectors = _children(server.pid)
             assert inspectors, "the inspector's spare processes should be running"
@@ -150,8 +165,12 @@ def test_a_killed_server_leaves_nothing_after_its_restart(own_postgres_url, tmp_
 
 
 def _serve(env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=env,
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
 
 
 def _wait_ready(port: int) -> None:

@@ -21,8 +21,10 @@ from tests.service.conftest import snapshot, sqlite_only
 from tests.service.test_jobs import slow_inputs, uploaded, wait_for
 from tests.service.test_registry import assert_problem, upload
 
-HOSTILE = {"pickled_weight": (pickled_weight, "model_weights_config.json (weight 'fc.weight')"),
-           "pickled_sample_inputs": (pickled_sample_inputs, "data/sample_inputs/model.pt")}
+HOSTILE = {
+    "pickled_weight": (pickled_weight, "model_weights_config.json (weight 'fc.weight')"),
+    "pickled_sample_inputs": (pickled_sample_inputs, "data/sample_inputs/model.pt"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +77,9 @@ def test_hostile_pt2_stored_earlier_is_refused_at_job_submission(name, client, a
 def test_hostile_pt2_queued_earlier_is_refused_by_its_job(name, client, app, benign_pt2, marker_dir):
     """And a job queued before the checks existed: its sandboxed process refuses the archive by name."""
     model_id, dataset_id, marker = _stored_earlier(name, client, app, benign_pt2, marker_dir)
-    job = Job(type="sensitivity", params={"model_id": model_id, "dataset_id": dataset_id,
-                                          "method": "hawq_v2", "options": {}})
+    job = Job(
+        type="sensitivity", params={"model_id": model_id, "dataset_id": dataset_id, "method": "hawq_v2", "options": {}}
+    )
     with app.state.sessions() as session, session.begin():
         session.add(job)
     app.state.executor.submit(job.id)
@@ -91,8 +94,9 @@ def test_hostile_pt2_queued_earlier_is_refused_by_its_job(name, client, app, ben
 def test_a_benign_pt2_runs_in_the_sandbox(client, benign_pt2):
     ids = np.random.default_rng(0).integers(0, 12, (16, 5))
     model_id, dataset_id = uploaded(client, benign_pt2.read_bytes(), npz_bytes(ids=ids))
-    job = client.post("/v1/sensitivity", json={"model_id": model_id, "dataset_id": dataset_id,
-                                               "options": {"max_probes": 16}}).json()
+    job = client.post(
+        "/v1/sensitivity", json={"model_id": model_id, "dataset_id": dataset_id, "options": {"max_probes": 16}}
+    ).json()
     final = wait_for(client, job["id"])
     assert final["status"] == "succeeded", (final["error"], final["log_tail"])
     result = client.get(f"/v1/sensitivity/{final['result']['sensitivity_result_id']}").json()["result"]
@@ -105,8 +109,14 @@ def test_a_job_past_its_time_limit_fails_and_frees_its_slot(client, app, tiny_mo
     app.state.executor.settings = settings.model_copy(update={"job_time_limit_s": 3.0})
     try:
         model_id, dataset_id = slow_inputs(client)
-        slow = client.post("/v1/sensitivity", json={"model_id": model_id, "dataset_id": dataset_id, "options": {
-            "tolerance": 1e-9, "min_probes": 1000, "max_probes": 1000}}).json()
+        slow = client.post(
+            "/v1/sensitivity",
+            json={
+                "model_id": model_id,
+                "dataset_id": dataset_id,
+                "options": {"tolerance": 1e-9, "min_probes": 1000, "max_probes": 1000},
+            },
+        ).json()
         final = wait_for(client, slow["id"], timeout=60)
     finally:
         app.state.executor.settings = settings
@@ -129,8 +139,9 @@ def _store_without_checks(app, data: bytes) -> str:
     writer = app.state.store.writer(len(data))
     writer.write(data)
     sha256 = writer.commit()
-    row = Model(name="stored-earlier.pt2", format="torch_export", sha256=sha256, size_bytes=len(data),
-                details={}, layers=[])
+    row = Model(
+        name="stored-earlier.pt2", format="torch_export", sha256=sha256, size_bytes=len(data), details={}, layers=[]
+    )
     with app.state.sessions() as session, session.begin():
         session.add(row)
     return row.id

@@ -13,8 +13,16 @@ from scipy import signal
 
 SAMPLE_RATE = 16_000
 # (F1, F2, F3) in Hz of a few vowels (adult averages)
-_VOWELS = ((730, 1090, 2440), (270, 2290, 3010), (300, 870, 2240), (530, 1840, 2480), (570, 840, 2410),
-           (660, 1720, 2410), (490, 1350, 1690), (440, 1020, 2240))
+_VOWELS = (
+    (730, 1090, 2440),
+    (270, 2290, 3010),
+    (300, 870, 2240),
+    (530, 1840, 2480),
+    (570, 840, 2410),
+    (660, 1720, 2410),
+    (490, 1350, 1690),
+    (440, 1020, 2240),
+)
 
 
 def _resonate(x: np.ndarray, frequency: float, bandwidth: float) -> np.ndarray:
@@ -30,15 +38,20 @@ def _resonate(x: np.ndarray, frequency: float, bandwidth: float) -> np.ndarray:
 def _voiced(rng: np.random.Generator, n: int) -> np.ndarray:
     t = np.arange(n) / SAMPLE_RATE
     base = rng.uniform(90, 240)
-    f0 = base * (1 + 0.08 * np.sin(2 * np.pi * rng.uniform(2, 6) * t + rng.uniform(0, 2 * np.pi))
-                 + rng.uniform(-0.15, 0.15) * t / max(t[-1], 1e-3))
+    f0 = base * (
+        1
+        + 0.08 * np.sin(2 * np.pi * rng.uniform(2, 6) * t + rng.uniform(0, 2 * np.pi))
+        + rng.uniform(-0.15, 0.15) * t / max(t[-1], 1e-3)
+    )
     phase = 2 * np.pi * np.cumsum(f0) / SAMPLE_RATE
     harmonics = np.arange(1, int(4000 / base) + 1)
     source = (np.sin(np.outer(phase, harmonics)) / harmonics**1.1).sum(axis=1)
     source *= 1 + 0.05 * rng.standard_normal(n)  # jitter and breathiness
     vowel = _VOWELS[int(rng.integers(len(_VOWELS)))]
-    shaped = sum(_resonate(source, f * rng.uniform(0.9, 1.1), bw) / (i + 1)
-                 for i, (f, bw) in enumerate(zip(vowel, (80, 100, 140))))
+    shaped = sum(
+        _resonate(source, f * rng.uniform(0.9, 1.1), bw) / (i + 1)
+        for i, (f, bw) in enumerate(zip(vowel, (80, 100, 140)))
+    )
     return shaped * np.hanning(n) ** 0.5
 
 

@@ -182,15 +182,27 @@ def _export(encoder: SentenceEncoder, exporter: str) -> bytes:
         buffer = io.BytesIO()
         axes = {name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES} | {OUTPUT_NAME: {0: "batch"}}
         torch.onnx.export(
-            encoder, args, buffer, input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
-            dynamic_axes=axes, opset_version=_EXPORT_OPSET, dynamo=False,
+            encoder,
+            args,
+            buffer,
+            input_names=list(INPUT_NAMES),
+            output_names=[OUTPUT_NAME],
+            dynamic_axes=axes,
+            opset_version=_EXPORT_OPSET,
+            dynamo=False,
         )
         return buffer.getvalue()
     batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim("sequence", min=2, max=512)
     shapes = {name: {0: batch, 1: seq} for name in INPUT_NAMES}
     program = torch.onnx.export(
-        encoder, args, input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
-        dynamic_shapes=shapes, opset_version=_EXPORT_OPSET, dynamo=True, verbose=False,
+        encoder,
+        args,
+        input_names=list(INPUT_NAMES),
+        output_names=[OUTPUT_NAME],
+        dynamic_shapes=shapes,
+        opset_version=_EXPORT_OPSET,
+        dynamo=True,
+        verbose=False,
     )
     return program.model_proto.SerializeToString()
 

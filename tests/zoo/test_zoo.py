@@ -130,7 +130,9 @@ def test_text_detector_marks_text_and_not_blank_paper(sessions: dict) -> None:
 def test_both_minilm_exports_give_the_same_unit_embeddings(sessions: dict) -> None:
     data = zoo.get("minilm-l6-torchscript").evaluation(8, seed=0)
     scripted, dynamo = (
-        _session(sessions, zoo.get(name)).run(None, {k: data[k] for k in ("input_ids", "attention_mask", "token_type_ids")})[0]
+        _session(sessions, zoo.get(name)).run(
+            None, {k: data[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+        )[0]
         for name in ("minilm-l6-torchscript", "minilm-l6-dynamo")
     )
     np.testing.assert_allclose(np.linalg.norm(scripted, axis=1), 1.0, rtol=1e-5)
@@ -237,10 +239,18 @@ def test_an_already_quantized_model_is_refused() -> None:
         normalize_model(proto)
 
 
-@pytest.mark.parametrize(("name", "weight", "node", "scope"), [
-    ("minilm-l6-torchscript", "onnx::MatMul_", "/layer.0/attention/self/query/MatMul", "/layer.0/attention/self/query"),
-    ("minilm-l6-dynamo", "val_", "node_MatMul_", "/encoder.layer.0/attention/self/query"),
-])
+@pytest.mark.parametrize(
+    ("name", "weight", "node", "scope"),
+    [
+        (
+            "minilm-l6-torchscript",
+            "onnx::MatMul_",
+            "/layer.0/attention/self/query/MatMul",
+            "/layer.0/attention/self/query",
+        ),
+        ("minilm-l6-dynamo", "val_", "node_MatMul_", "/encoder.layer.0/attention/self/query"),
+    ],
+)
 def test_minilm_layers_show_their_module_path_beside_anonymous_weight_names(name, weight, node, scope) -> None:
     """Both exporters name the query weights anonymously; the node name (TorchScript) or its namespace
     metadata (dynamo) says which module each is, as the reports show beside the name."""

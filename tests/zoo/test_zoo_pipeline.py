@@ -40,13 +40,20 @@ def test_sensitivity_then_a_plan_whose_artifact_runs(model: zoo.ZooModel, tmp_pa
     proto = onnx.load_from_string(model.model_bytes())
     calibration = _feeds(model, model.calibration(SAMPLES, seed=0), proto)
     evaluation = _feeds(model, model.evaluation(SAMPLES, seed=1), proto)
-    request = PlanRequest(candidates=("fp32", "w8"), max_frontier_points=1, measure_uniform=False,
-                          measure_activation_terms=False, latency_repeats=1, latency_warmup=0,
-                          sensitivity_options={"trace_max_probes": 2, "trace_min_probes": 2, **SENSITIVITY},
-                          device="cpu")
+    request = PlanRequest(
+        candidates=("fp32", "w8"),
+        max_frontier_points=1,
+        measure_uniform=False,
+        measure_activation_terms=False,
+        latency_repeats=1,
+        latency_warmup=0,
+        sensitivity_options={"trace_max_probes": 2, "trace_min_probes": 2, **SENSITIVITY},
+        device="cpu",
+    )
     normalized = normalize_for_plan(proto, calibration, request)
-    result = compute_sensitivity(load_onnx(normalized), calibration,
-                                 TraceConfig(max_probes=2, min_probes=2, device="cpu", **SENSITIVITY))
+    result = compute_sensitivity(
+        load_onnx(normalized), calibration, TraceConfig(max_probes=2, min_probes=2, device="cpu", **SENSITIVITY)
+    )
     assert result.layers and all(math.isfinite(t.trace) and t.standard_error >= 0 for t in result.traces)
     assert result.loss_kind and result.execution["traces"]["probes"] == 2
 
@@ -59,8 +66,10 @@ def test_sensitivity_then_a_plan_whose_artifact_runs(model: zoo.ZooModel, tmp_pa
     float_session = ort.InferenceSession(model.model_bytes(), providers=["CPUExecutionProvider"])
     fixed = session.get_inputs()[0].shape[0]
     rows = slice(fixed if isinstance(fixed, int) and fixed > 0 else None)
-    feeds = {i.name: evaluation[i.name] if evaluation[i.name].ndim == 0 else evaluation[i.name][rows]
-             for i in session.get_inputs()}  # silero's sr is one scalar for every sample
+    feeds = {
+        i.name: evaluation[i.name] if evaluation[i.name].ndim == 0 else evaluation[i.name][rows]
+        for i in session.get_inputs()
+    }  # silero's sr is one scalar for every sample
     quantized, reference = session.run(None, feeds), float_session.run(None, feeds)
     assert [q.shape for q in quantized] == [r.shape for r in reference]
     assert all(np.isfinite(q).all() for q in quantized)
