@@ -19,13 +19,19 @@ if TYPE_CHECKING:
         omega,
         predicted_loss_change,
     )
+    from sensitivity.layers import Layer, find_layers
     from sensitivity.normalize import (
         AlreadyQuantizedError,
         NormalizedModel,
         OpsetUpgradeError,
         normalize_model,
+        refuse_quantized,
     )
+    from sensitivity.onnx_program import UnsupportedOpsError, check_supported, load_onnx, read_onnx
+    from sensitivity.outputs import detect_kind
     from sensitivity.program import Program
+    from sensitivity.pt2_archive import check_archive
+    from sensitivity.quantize import QuantizedWeight, quantize_weight
     from sensitivity.results import (
         EigenConfig,
         InterLayerConfig,
@@ -38,18 +44,31 @@ if TYPE_CHECKING:
         config_from_dict,
     )
     from sensitivity.run import compute_sensitivity, register_handler
+    from sensitivity.samples import SampleAxes, check_sample_axes, input_sample_axes
     from sensitivity.torch_program import TorchProgram, load_exported
     from sensitivity.validate import ValidationReport, validate_predictions
 
+# public name -> the submodule that defines it (imported on first use)
 _EXPORTS = {
     "diagonal_loss_change": "sensitivity.interlayer",
     "omega": "sensitivity.interlayer",
     "predicted_loss_change": "sensitivity.interlayer",
+    "Layer": "sensitivity.layers",
+    "find_layers": "sensitivity.layers",
     "AlreadyQuantizedError": "sensitivity.normalize",
     "NormalizedModel": "sensitivity.normalize",
     "OpsetUpgradeError": "sensitivity.normalize",
     "normalize_model": "sensitivity.normalize",
+    "refuse_quantized": "sensitivity.normalize",
+    "UnsupportedOpsError": "sensitivity.onnx_program",
+    "check_supported": "sensitivity.onnx_program",
+    "load_onnx": "sensitivity.onnx_program",
+    "read_onnx": "sensitivity.onnx_program",
+    "detect_kind": "sensitivity.outputs",
     "Program": "sensitivity.program",
+    "check_archive": "sensitivity.pt2_archive",
+    "QuantizedWeight": "sensitivity.quantize",
+    "quantize_weight": "sensitivity.quantize",
     "EigenConfig": "sensitivity.results",
     "InterLayerConfig": "sensitivity.results",
     "InterLayerTerms": "sensitivity.results",
@@ -61,13 +80,56 @@ _EXPORTS = {
     "config_from_dict": "sensitivity.results",
     "compute_sensitivity": "sensitivity.run",
     "register_handler": "sensitivity.run",
+    "SampleAxes": "sensitivity.samples",
+    "check_sample_axes": "sensitivity.samples",
+    "input_sample_axes": "sensitivity.samples",
     "TorchProgram": "sensitivity.torch_program",
     "load_exported": "sensitivity.torch_program",
     "ValidationReport": "sensitivity.validate",
     "validate_predictions": "sensitivity.validate",
 }
 
-__all__ = sorted(_EXPORTS)
+# A literal list, so that tools read it without running the module; it names the keys of
+# _EXPORTS (tests/sensitivity/test_public_api.py checks both).
+__all__ = [
+    "AlreadyQuantizedError",
+    "EigenConfig",
+    "InterLayerConfig",
+    "InterLayerTerms",
+    "Layer",
+    "LayerEigen",
+    "LayerInfo",
+    "LayerTrace",
+    "NormalizedModel",
+    "OpsetUpgradeError",
+    "Program",
+    "QuantizedWeight",
+    "SampleAxes",
+    "SensitivityResult",
+    "TorchProgram",
+    "TraceConfig",
+    "UnsupportedOpsError",
+    "ValidationReport",
+    "check_archive",
+    "check_sample_axes",
+    "check_supported",
+    "compute_sensitivity",
+    "config_from_dict",
+    "detect_kind",
+    "diagonal_loss_change",
+    "find_layers",
+    "input_sample_axes",
+    "load_exported",
+    "load_onnx",
+    "normalize_model",
+    "omega",
+    "predicted_loss_change",
+    "quantize_weight",
+    "read_onnx",
+    "refuse_quantized",
+    "register_handler",
+    "validate_predictions",
+]
 
 
 def __getattr__(name: str) -> Any:

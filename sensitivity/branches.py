@@ -120,7 +120,7 @@ def _constant_conditions(model: onnx.ModelProto, batches: Sequence[Mapping[str, 
     conditions = sorted({node.input[0] for node in model.graph.node if is_if(node)})
     if not conditions:
         return {}  # (onnxruntime runs every output for an empty list of names)
-    values: dict[str, set[bool]] = {name: set() for name in conditions}
+    values: dict[str, set[bool | None]] = {name: set() for name in conditions}  # None: not one element
     try:
         session = _session_with_outputs(model, conditions)
         runs = [session.run(conditions, dict(feeds)) for feeds in batches]
@@ -130,8 +130,9 @@ def _constant_conditions(model: onnx.ModelProto, batches: Sequence[Mapping[str, 
     for run in runs:
         for name, value in zip(conditions, run, strict=True):
             array = np.asarray(value)
-            values[name].add(bool(array.reshape(-1)[0]) if array.size == 1 else None)  # type: ignore[arg-type]
-    return {name: seen.pop() for name, seen in values.items() if len(seen) == 1 and None not in seen}
+            values[name].add(bool(array.reshape(-1)[0]) if array.size == 1 else None)
+    same = {name: next(iter(seen)) for name, seen in values.items() if len(seen) == 1}
+    return {name: value for name, value in same.items() if value is not None}
 
 
 def _session_with_outputs(model: onnx.ModelProto, names: Sequence[str]):

@@ -24,6 +24,7 @@ measured the configured values are used as they are, and the report says so.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import math
@@ -116,10 +117,8 @@ class PeakMemory:
 def _release_free_memory() -> None:
     """Hand freed heap pages back to the system so the next peak starts from what is really held."""
     gc.collect()
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: the measurement is only more conservative
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: the measurement is only more conservative
-        pass
 
 
 @dataclass(frozen=True)
@@ -178,7 +177,7 @@ def plan_passes(
         "hvp_errors": dict(probe.errors),
         "hvp_method": method,
     }
-    if not measurable:
+    if not measurable or memory_budget_mb is None:  # (measurable implies a budget; this says so to mypy)
         if memory_budget_mb is not None:
             report["memory"] = "not measurable on this system: batch size and probes per pass as configured"
         return PassPlan(batch_size, probes_per_pass, method, report)
@@ -287,7 +286,10 @@ class _Probe:
     def time_hvp(self, method: str, probes: int) -> float | None:
         """Seconds per probe of a pass of ``probes`` probes, None when the method fails here. The
         first pass warms up (and measures the peak memory); the second is timed."""
-        run = lambda: self.hvp_pass(method, self.sample, probes)
+
+        def run() -> None:
+            self.hvp_pass(method, self.sample, probes)
+
         try:
             if self.meter is None:
                 run()

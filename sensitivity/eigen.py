@@ -69,7 +69,12 @@ def top_eigenvalues(
         active = [i for i, s in enumerate(states) if not s.converged]
         if not active:
             break
-        probes = hvp.map(lambda k: _block_probe(hvp.point, active[k], states[active[k]].vector), len(active))
+
+        # map is lazy (consumed below, in this iteration); the default binds this iteration's ``active``
+        def probe(k: int, active: list[int] = active) -> Vector:
+            return _block_probe(hvp.point, active[k], states[active[k]].vector)
+
+        probes = hvp.map(probe, len(active))
         for k, product in probes:
             _step(states[active[k]], product[active[k]], tolerance)
         if progress is not None:

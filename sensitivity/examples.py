@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import onnx
@@ -71,7 +72,20 @@ class DigitsMLP(nn.Module):
         return self.fc3(x)
 
 
-def train(model: nn.Module, digits: Digits, epochs: int = 8, seed: int = 0, lr: float = 3e-3) -> nn.Module:
+class TrainingData(Protocol):
+    """What ``train`` reads: ``Digits``, or any task with the same training arrays."""
+
+    @property
+    def train_x(self) -> np.ndarray: ...
+
+    @property
+    def train_y(self) -> np.ndarray: ...
+
+
+AnyModule = TypeVar("AnyModule", bound=nn.Module)
+
+
+def train(model: AnyModule, digits: TrainingData, epochs: int = 8, seed: int = 0, lr: float = 3e-3) -> AnyModule:
     """Adam on the training split; a few seconds on a CPU."""
     torch.manual_seed(seed)
     x = torch.from_numpy(digits.train_x)
@@ -93,6 +107,15 @@ def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
     return float((predicted == y).mean())
 
 
+def torchscript_export(model: nn.Module, args: tuple[Any, ...], **options: Any) -> bytes:
+    """The serialized ONNX model of torch's TorchScript exporter (``dynamo=False``), written to
+    memory; ``options`` go to ``torch.onnx.export`` (names, dynamic axes, opset, ...)."""
+    buffer = io.BytesIO()
+    # torch annotates ``f`` as a path, but this exporter writes to any file-like object
+    torch.onnx.export(model, args, buffer, dynamo=False, **options)  # type: ignore[arg-type]
+    return buffer.getvalue()
+
+
 def export_onnx(
     model: nn.Module,
     example: torch.Tensor,
@@ -101,19 +124,16 @@ def export_onnx(
     output_name: str = "logits",
 ) -> onnx.ModelProto:
     """TorchScript-based export with a dynamic batch axis; initializers keep parameter names."""
-    buffer = io.BytesIO()
-    torch.onnx.export(
+    exported = torchscript_export(
         model.eval(),
         (example,),
-        buffer,
-        dynamo=False,
         input_names=[input_name],
         output_names=[output_name],
         dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
         opset_version=opset,
         do_constant_folding=True,
     )
-    model_proto = onnx.load_from_string(buffer.getvalue())
+    model_proto = onnx.load_from_string(exported)
     _name_folded_weights(model_proto)
     return model_proto
 

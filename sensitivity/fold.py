@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import onnx
 import onnx.reference
 from onnx import numpy_helper
@@ -111,7 +112,7 @@ def _chain(
 
 def _evaluate(
     model: onnx.ModelProto, chain: Sequence[onnx.NodeProto], initializers: Mapping[str, onnx.TensorProto], name: str
-):
+) -> np.ndarray:
     """What ``chain`` computes for ``name``, by onnx's reference evaluator (numpy; nothing of the
     user's graph but these data-movement ops and constants runs)."""
     read = {value for node in chain for value in node.input}
@@ -123,7 +124,9 @@ def _evaluate(
         initializer=[initializers[value] for value in sorted(read) if value in initializers],
     )
     subset = onnx.helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
-    return onnx.reference.ReferenceEvaluator(subset).run(None, {})[0]
+    outputs = onnx.reference.ReferenceEvaluator(subset).run(None, {})
+    assert isinstance(outputs, list)  # a dict only for intermediate=True
+    return outputs[0]
 
 
 def _drop_unread_initializers(graph: onnx.GraphProto) -> None:

@@ -23,6 +23,8 @@ The vmap-batched second backward also holds its intermediates once per probe of 
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -37,7 +39,7 @@ DEFAULT_PROBES_PER_PASS = 4  # near the fastest in bench/hvp.py at small memory 
 
 def dot(u: Vector, v: Vector) -> torch.Tensor:
     """Σᵢ uᵢ·vᵢ over all layers."""
-    return sum((a * b).sum() for a, b in zip(u, v))
+    return functools.reduce(operator.add, ((a * b).sum() for a, b in zip(u, v)))
 
 
 def _missing_batching_rule(error: RuntimeError) -> bool:
@@ -141,7 +143,8 @@ class HessianVectorProducts:
         """Hv for stacked probes: one forward and first backward (the VJP's primal), then the
         k second backward passes as one batched pass. On few-weight, many-op models (the ONNX
         interpreter's transformers) this saves the per-pass overhead: bench/sensitivity.py."""
-        _, second_backward = torch.func.vjp(torch.func.grad(f), self.point)
+        # (output, vjp function); torch types the result as a pair or, with has_aux, a triple
+        _, second_backward = torch.func.vjp(torch.func.grad(f), self.point)[:2]
         return torch.func.vmap(lambda v: second_backward(v)[0])(probes)
 
     def stacked(self, probes: Vector) -> Vector:

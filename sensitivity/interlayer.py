@@ -114,7 +114,8 @@ def gradient_term_errors(
             return loss.sample_losses(dict(zip(hvp.names, params)), batch)
 
         for label, delta in deltas.items():
-            _, derivative = torch.func.jvp(sample_losses, tuple(point), _in_block(delta, position[label[0]], point))
+            # (output, tangent); torch types the result as a pair or, with has_aux, a triple
+            _, derivative = torch.func.jvp(sample_losses, tuple(point), _in_block(delta, position[label[0]], point))[:2]
             derivatives[label].append(derivative.detach().double().cpu())
     errors = []
     for parts in derivatives.values():

@@ -43,6 +43,8 @@ L = Σ_b (n_b / N)·L_b, and so are its gradient and Hessian-vector products.
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -228,7 +230,8 @@ class CalibrationLoss:
         if batch.valid is not None:  # padding must not count: the mean of the real samples' losses
             return self.sample_losses(weights, batch).mean()
         outputs = self.program.forward(weights, batch.inputs)
-        return sum(losses.mean() for losses in position_losses(self.kind, outputs, batch.targets, self.output_scales))
+        positions = position_losses(self.kind, outputs, batch.targets, self.output_scales)
+        return functools.reduce(operator.add, (losses.mean() for losses in positions))
 
     def sample_losses(self, weights: Mapping[str, torch.Tensor], batch: Batch) -> torch.Tensor:
         """Each sample's loss in one batch, shape [n_b], each output's positions grouped along its
@@ -284,7 +287,8 @@ def per_sample(positions: Sequence[torch.Tensor], axes: Sequence[int | None] | N
     only reduces the last, class axis)."""
     axes = (0,) * len(positions) if axes is None else axes
     count = next(position.shape[axis] for position, axis in zip(positions, axes) if axis is not None)
-    return sum(_sample_means(position, axis, count) for position, axis in zip(positions, axes))
+    means = (_sample_means(position, axis, count) for position, axis in zip(positions, axes))
+    return functools.reduce(operator.add, means)
 
 
 def _sample_means(position: torch.Tensor, axis: int | None, count: int) -> torch.Tensor:

@@ -366,8 +366,8 @@ def _promote_constants(model: onnx.ModelProto, names: Sequence[str]) -> None:
     wanted = set(names)
     kept = []
     for node in model.graph.node:
-        if node.op_type == "Constant" and node.output and node.output[0] in wanted:
-            tensor = _constant_tensor(node)
+        tensor = _constant_tensor(node) if node.output and node.output[0] in wanted else None
+        if tensor is not None:  # the names are those of Constants with a tensor (_constants_to_promote)
             initializer = model.graph.initializer.add()
             initializer.CopyFrom(tensor)
             initializer.name = node.output[0]

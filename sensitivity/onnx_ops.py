@@ -1,10 +1,11 @@
 """ONNX operators as differentiable torch functions: the op registry of the ONNX interpreter.
 
 Each handler is registered with ``@op("Type")`` and called as ``handler(node, inputs)``:
-``node`` carries the attributes (parsed once at load), the model's opset and the number of
-requested outputs; ``inputs`` holds one tensor per ONNX input (``None`` for an omitted
-optional input; trailing omitted inputs are simply absent). A handler returns one tensor or
-a sequence of tensors.
+``node`` carries the attributes (parsed once at load; read with its typed accessors such as
+``node.int_attr("axis", 0)``), the model's opset and the number of requested outputs;
+``inputs`` holds one tensor per ONNX input (``None`` for an omitted optional input; trailing
+omitted inputs are simply absent), read with ``required`` and ``optional``. A handler returns
+one tensor or a sequence of tensors.
 
 Dtypes: every float type computes as float32, every integer type as int64, booleans as bool.
 Handlers never mutate a tensor in place and never call ``.item()``/``.tolist()`` on a value
@@ -20,7 +21,7 @@ import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TypeVar
 
 import numpy as np
 import onnx
@@ -34,20 +35,86 @@ Result = torch.Tensor | Sequence[torch.Tensor]
 
 @dataclass(frozen=True)
 class Node:
-    """What a handler needs to know about one graph node, prepared once at load."""
+    """What a handler needs to know about one graph node, prepared once at load.
+
+    ``attrs`` holds the values ``parse_attributes`` made (ints, floats, strings, their lists,
+    tensors). Handlers read them through the typed accessors: an absent attribute gives the
+    accessor's default (its ONNX default), and without a default, or with a value of another
+    type (a malformed model), a ValueError names the node and the attribute.
+    """
 
     name: str
     op_type: str
-    attrs: Mapping[str, Any] = field(default_factory=dict)
+    attrs: Mapping[str, object] = field(default_factory=dict)
     opset: int = 17
     num_outputs: int = 1
 
-    def attr(self, name: str, default: Any = None) -> Any:
-        return self.attrs.get(name, default)
+    def has(self, name: str) -> bool:
+        return name in self.attrs
+
+    def int_attr(self, name: str, default: int | None = None) -> int:
+        value = self._value(name, default)
+        if isinstance(value, int):
+            return value
+        raise self._wrong_type(name, value, "an int")
+
+    def float_attr(self, name: str, default: float | None = None) -> float:
+        value = self._value(name, default)
+        if isinstance(value, int | float):  # an INT where a FLOAT is due still means the number
+            return float(value)
+        raise self._wrong_type(name, value, "a float")
+
+    def str_attr(self, name: str, default: str | None = None) -> str:
+        value = self._value(name, default)
+        if isinstance(value, str):
+            return value
+        raise self._wrong_type(name, value, "a string")
+
+    def ints_attr(self, name: str, default: Sequence[int] | None = None) -> list[int]:
+        value = self._value(name, default)
+        if isinstance(value, list | tuple) and all(isinstance(v, int) for v in value):
+            return list(value)
+        raise self._wrong_type(name, value, "a list of ints")
+
+    def floats_attr(self, name: str, default: Sequence[float] | None = None) -> list[float]:
+        value = self._value(name, default)
+        if isinstance(value, list | tuple) and all(isinstance(v, int | float) for v in value):
+            return [float(v) for v in value]
+        raise self._wrong_type(name, value, "a list of floats")
+
+    def strs_attr(self, name: str, default: Sequence[str] | None = None) -> list[str]:
+        value = self._value(name, default)
+        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise self._wrong_type(name, value, "a list of strings")
+
+    def tensor_attr(self, name: str) -> torch.Tensor:
+        value = self._value(name, None)
+        if isinstance(value, torch.Tensor):
+            return value
+        raise self._wrong_type(name, value, "a tensor")
+
+    def _value(self, name: str, default: object) -> object:
+        """The attribute's value, else ``default``; None means the attribute is required."""
+        if name in self.attrs:
+            return self.attrs[name]
+        if default is None:
+            raise ValueError(f"node {self.name!r} ({self.op_type}) has no {name!r} attribute")
+        return default
+
+    def _wrong_type(self, name: str, value: object, expected: str) -> ValueError:
+        kind = type(value).__name__
+        return ValueError(
+            f"attribute {name!r} of node {self.name!r} ({self.op_type}) is of type {kind}, not {expected}"
+        )
 
 
+# An op's implementation: the node and its inputs in, one tensor or several out.
 Handler = Callable[[Node, Inputs], Result]
 Check = Callable[[Node], str | None]  # returns a description of what is unsupported, or None
+# ``op`` hands back the decorated function itself, so its own signature (a Tensor or a list
+# of Tensors out) stays visible to direct callers such as the tests.
+AnyHandler = TypeVar("AnyHandler", bound=Handler)
 
 
 @dataclass(frozen=True)
@@ -59,10 +126,10 @@ class OpSpec:
 OPS: dict[str, OpSpec] = {}
 
 
-def op(*op_types: str, check: Check | None = None) -> Callable[[Handler], Handler]:
+def op(*op_types: str, check: Check | None = None) -> Callable[[AnyHandler], AnyHandler]:
     """Register a handler for one or more ONNX op types (default domain)."""
 
-    def register(handler: Handler) -> Handler:
+    def register(handler: AnyHandler) -> AnyHandler:
         for op_type in op_types:
             OPS[op_type] = OpSpec(handler, check)
         return handler
@@ -115,18 +182,18 @@ def tensor_from_proto(proto: onnx.TensorProto) -> torch.Tensor:
     return torch.from_numpy(np.array(array, dtype=numpy_dtype, copy=True))
 
 
-def parse_attributes(node: onnx.NodeProto, skip_subgraphs: bool = False) -> dict[str, Any]:
+def parse_attributes(node: onnx.NodeProto, skip_subgraphs: bool = False) -> dict[str, object]:
     """Attribute values as Python values: strings decoded, tensors as torch tensors.
 
     Subgraph attributes are an error unless ``skip_subgraphs`` (the interpreter prepares the
     branches of ``If`` itself, see ``sensitivity.onnx_program``)."""
-    attrs: dict[str, Any] = {}
+    attrs: dict[str, object] = {}
     for attribute in node.attribute:
         if attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
             if skip_subgraphs:
                 continue
             raise ValueError(f"node {node.name!r} ({node.op_type}) has a subgraph attribute")
-        value = onnx.helper.get_attribute_value(attribute)
+        value: object = onnx.helper.get_attribute_value(attribute)
         if isinstance(value, bytes):
             value = value.decode()
         elif isinstance(value, onnx.TensorProto):
@@ -137,13 +204,33 @@ def parse_attributes(node: onnx.NodeProto, skip_subgraphs: bool = False) -> dict
     return attrs
 
 
-def _opt(inputs: Inputs, index: int) -> torch.Tensor | None:
+def optional(inputs: Inputs, index: int) -> torch.Tensor | None:
+    """An optional input: None when omitted or absent."""
     return inputs[index] if index < len(inputs) else None
+
+
+def required(inputs: Inputs, index: int) -> torch.Tensor:
+    """An input the op cannot do without (the interpreter names the node if it is missing)."""
+    tensor = optional(inputs, index)
+    if tensor is None:
+        raise ValueError(f"input {index} is missing")
+    return tensor
+
+
+def required_inputs(inputs: Inputs, count: int) -> list[torch.Tensor]:
+    """The first ``count`` inputs, all required."""
+    return [required(inputs, index) for index in range(count)]
 
 
 def _ints(tensor: torch.Tensor) -> list[int]:
     """An integer (shape-like) tensor as Python ints; never used on differentiable values."""
     return [int(v) for v in tensor.reshape(-1).tolist()]
+
+
+def _optional_ints(inputs: Inputs, index: int, default: list[int]) -> list[int]:
+    """An optional integer (shape-like) input as Python ints, ``default`` when omitted."""
+    tensor = optional(inputs, index)
+    return default if tensor is None else _ints(tensor)
 
 
 def _axis(axis: int, rank: int) -> int:
@@ -153,10 +240,9 @@ def _axis(axis: int, rank: int) -> int:
 def _attr_or_input(node: Node, inputs: Inputs, name: str, index: int, since: int) -> list[int] | None:
     """Integer lists that moved from an attribute to an input at opset ``since`` (axes, split)."""
     if node.opset >= since:
-        tensor = _opt(inputs, index)
+        tensor = optional(inputs, index)
         return None if tensor is None else _ints(tensor)
-    value = node.attr(name)
-    return None if value is None else list(value)
+    return node.ints_attr(name) if node.has(name) else None
 
 
 # --- elementwise --------------------------------------------------------------------------
@@ -187,11 +273,14 @@ _UNARY: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 def _register_unary(op_type: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-    op(op_type)(lambda node, inputs: fn(inputs[0]))
+    def unary(node: Node, inputs: Inputs) -> torch.Tensor:
+        return fn(required(inputs, 0))
+
+    op(op_type)(unary)
 
 
-for _op_type, _fn in _UNARY.items():
-    _register_unary(_op_type, _fn)
+for _op_type, _unary in _UNARY.items():
+    _register_unary(_op_type, _unary)
 
 
 def _divide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -217,95 +306,108 @@ _BINARY: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 
 
 def _register_binary(op_type: str, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
-    op(op_type)(lambda node, inputs: fn(inputs[0], inputs[1]))
+    def binary(node: Node, inputs: Inputs) -> torch.Tensor:
+        return fn(required(inputs, 0), required(inputs, 1))
+
+    op(op_type)(binary)
 
 
-for _op_type, _fn in _BINARY.items():
-    _register_binary(_op_type, _fn)
+for _op_type, _binary in _BINARY.items():
+    _register_binary(_op_type, _binary)
 
 
 @op("Pow")
 def pow_(node: Node, inputs: Inputs) -> torch.Tensor:
-    base, exponent = inputs[0], inputs[1]
+    base, exponent = required(inputs, 0), required(inputs, 1)
     return torch.pow(base, exponent).to(base.dtype)  # ONNX: the result has the base's type
 
 
 @op("Mod")
 def mod(node: Node, inputs: Inputs) -> torch.Tensor:
-    if node.attr("fmod", 0):
-        return torch.fmod(inputs[0], inputs[1])
-    return torch.remainder(inputs[0], inputs[1])
+    if node.int_attr("fmod", 0):
+        return torch.fmod(required(inputs, 0), required(inputs, 1))
+    return torch.remainder(required(inputs, 0), required(inputs, 1))
 
 
-@op("Sum", "Mean", "Max", "Min")
+_VARIADIC: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "Sum": torch.add,
+    "Mean": torch.add,
+    "Max": torch.maximum,
+    "Min": torch.minimum,
+}
+
+
+@op(*_VARIADIC)
 def variadic(node: Node, inputs: Inputs) -> torch.Tensor:
-    combine = {"Sum": torch.add, "Mean": torch.add, "Max": torch.maximum, "Min": torch.minimum}[node.op_type]
-    result = functools.reduce(combine, inputs)
+    result = functools.reduce(_VARIADIC[node.op_type], required_inputs(inputs, len(inputs)))
     return result / len(inputs) if node.op_type == "Mean" else result
 
 
 @op("LeakyRelu")
 def leaky_relu(node: Node, inputs: Inputs) -> torch.Tensor:
-    return F.leaky_relu(inputs[0], node.attr("alpha", 0.01))
+    return F.leaky_relu(required(inputs, 0), node.float_attr("alpha", 0.01))
 
 
 @op("PRelu")
 def prelu(node: Node, inputs: Inputs) -> torch.Tensor:
-    x, slope = inputs[0], inputs[1]
+    x, slope = required(inputs, 0), required(inputs, 1)
     return torch.where(x < 0, x * slope, x)  # slope broadcasts unidirectionally
 
 
 @op("Elu")
 def elu(node: Node, inputs: Inputs) -> torch.Tensor:
-    return F.elu(inputs[0], node.attr("alpha", 1.0))
+    return F.elu(required(inputs, 0), node.float_attr("alpha", 1.0))
 
 
 @op("Selu")
 def selu(node: Node, inputs: Inputs) -> torch.Tensor:
-    x = inputs[0]
-    alpha, gamma = node.attr("alpha", 1.67326319217681884765625), node.attr("gamma", 1.05070102214813232421875)
+    x = required(inputs, 0)
+    alpha, gamma = (
+        node.float_attr("alpha", 1.67326319217681884765625),
+        node.float_attr("gamma", 1.05070102214813232421875),
+    )
     return gamma * torch.where(x > 0, x, alpha * (torch.exp(x) - 1))
 
 
 @op("Celu")
 def celu(node: Node, inputs: Inputs) -> torch.Tensor:
-    return F.celu(inputs[0], node.attr("alpha", 1.0))
+    return F.celu(required(inputs, 0), node.float_attr("alpha", 1.0))
 
 
 @op("ThresholdedRelu")
 def thresholded_relu(node: Node, inputs: Inputs) -> torch.Tensor:
-    x = inputs[0]
-    return torch.where(x > node.attr("alpha", 1.0), x, torch.zeros_like(x))
+    x = required(inputs, 0)
+    return torch.where(x > node.float_attr("alpha", 1.0), x, torch.zeros_like(x))
 
 
 @op("HardSigmoid")
 def hard_sigmoid(node: Node, inputs: Inputs) -> torch.Tensor:
-    return torch.clamp(node.attr("alpha", 0.2) * inputs[0] + node.attr("beta", 0.5), 0.0, 1.0)
+    return torch.clamp(node.float_attr("alpha", 0.2) * required(inputs, 0) + node.float_attr("beta", 0.5), 0.0, 1.0)
 
 
 @op("Softplus")
 def softplus(node: Node, inputs: Inputs) -> torch.Tensor:
-    return F.softplus(inputs[0])
+    return F.softplus(required(inputs, 0))
 
 
 @op("Mish")
 def mish(node: Node, inputs: Inputs) -> torch.Tensor:
-    return F.mish(inputs[0])
+    return F.mish(required(inputs, 0))
 
 
 def _check_gelu(node: Node) -> str | None:
-    approximate = node.attr("approximate", "none")
+    approximate = node.str_attr("approximate", "none")
     return None if approximate in ("none", "tanh") else f"approximate={approximate!r}"
 
 
 @op("Gelu", check=_check_gelu)
 def gelu(node: Node, inputs: Inputs) -> torch.Tensor:
-    return F.gelu(inputs[0], approximate=node.attr("approximate", "none"))
+    return F.gelu(required(inputs, 0), approximate=node.str_attr("approximate", "none"))
 
 
 @op("Clip")
 def clip(node: Node, inputs: Inputs) -> torch.Tensor:
-    x, low, high = inputs[0], _opt(inputs, 1), _opt(inputs, 2)
+    x, low, high = required(inputs, 0), optional(inputs, 1), optional(inputs, 2)
     if low is None and high is None:
         return x
     # clamp (not maximum/minimum) so a value exactly at a bound gets the full gradient, as in torch
@@ -314,17 +416,17 @@ def clip(node: Node, inputs: Inputs) -> torch.Tensor:
 
 @op("Where")
 def where(node: Node, inputs: Inputs) -> torch.Tensor:
-    return torch.where(inputs[0], inputs[1], inputs[2])
+    return torch.where(required(inputs, 0), required(inputs, 1), required(inputs, 2))
 
 
 @op("Identity")
 def identity(node: Node, inputs: Inputs) -> torch.Tensor:
-    return inputs[0]
+    return required(inputs, 0)
 
 
 @op("Dropout")
 def dropout(node: Node, inputs: Inputs) -> Result:
-    x = inputs[0]  # inference: identity (the training_mode input is ignored on purpose)
+    x = required(inputs, 0)  # inference: identity (the training_mode input is ignored on purpose)
     if node.num_outputs > 1:
         return x, torch.ones(x.shape, dtype=torch.bool, device=x.device)
     return x
@@ -332,12 +434,12 @@ def dropout(node: Node, inputs: Inputs) -> Result:
 
 @op("Cast")
 def cast(node: Node, inputs: Inputs) -> torch.Tensor:
-    return inputs[0].to(torch_dtype(node.attr("to")))
+    return required(inputs, 0).to(torch_dtype(node.int_attr("to")))
 
 
 @op("CastLike")
 def cast_like(node: Node, inputs: Inputs) -> torch.Tensor:
-    return inputs[0].to(inputs[1].dtype)
+    return required(inputs, 0).to(required(inputs, 1).dtype)
 
 
 # --- matrix products, convolutions --------------------------------------------------------
@@ -345,15 +447,15 @@ def cast_like(node: Node, inputs: Inputs) -> torch.Tensor:
 
 @op("MatMul")
 def matmul(node: Node, inputs: Inputs) -> torch.Tensor:
-    return torch.matmul(inputs[0], inputs[1])
+    return torch.matmul(required(inputs, 0), required(inputs, 1))
 
 
 @op("Gemm")
 def gemm(node: Node, inputs: Inputs) -> torch.Tensor:
-    a, b, c = inputs[0], inputs[1], _opt(inputs, 2)
-    a = a.t() if node.attr("transA", 0) else a
-    b = b.t() if node.attr("transB", 0) else b
-    alpha, beta = node.attr("alpha", 1.0), node.attr("beta", 1.0)
+    a, b, c = required(inputs, 0), required(inputs, 1), optional(inputs, 2)
+    a = a.t() if node.int_attr("transA", 0) else a
+    b = b.t() if node.int_attr("transB", 0) else b
+    alpha, beta = node.float_attr("alpha", 1.0), node.float_attr("beta", 1.0)
     if c is None:
         product = a @ b
         return product if alpha == 1.0 else alpha * product
@@ -362,7 +464,7 @@ def gemm(node: Node, inputs: Inputs) -> torch.Tensor:
 
 @op("Einsum")
 def einsum(node: Node, inputs: Inputs) -> torch.Tensor:
-    return torch.einsum(node.attr("equation"), *inputs)
+    return torch.einsum(node.str_attr("equation"), *required_inputs(inputs, len(inputs)))
 
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -371,9 +473,8 @@ _AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
 
 
 def _check_spatial(node: Node) -> str | None:
-    if node.attr("auto_pad", "NOTSET") not in _AUTO_PADS:
-        return f"auto_pad={node.attr('auto_pad')!r}"
-    return None
+    auto_pad = node.str_attr("auto_pad", "NOTSET")
+    return None if auto_pad in _AUTO_PADS else f"auto_pad={auto_pad!r}"
 
 
 def _same_pads(
@@ -393,12 +494,12 @@ def _window_pads(
     node: Node, sizes: Sequence[int], kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int]
 ) -> list[int]:
     """ONNX pads [b1, b2, ..., e1, e2, ...] for Conv and pooling, resolving auto_pad."""
-    mode = node.attr("auto_pad", "NOTSET")
+    mode = node.str_attr("auto_pad", "NOTSET")
     if mode in ("SAME_UPPER", "SAME_LOWER"):
         return _same_pads(mode, sizes, kernel, strides, dilations)
     if mode == "VALID":
         return [0] * (2 * len(sizes))
-    return list(node.attr("pads", [0] * (2 * len(sizes))))
+    return node.ints_attr("pads", [0] * (2 * len(sizes)))
 
 
 def _torch_pad_order(begins: Sequence[int], ends: Sequence[int]) -> list[int]:
@@ -430,14 +531,14 @@ def _symmetric_padding(
 
 @op("Conv", check=_check_spatial)
 def conv(node: Node, inputs: Inputs) -> torch.Tensor:
-    x, weight, bias = inputs[0], inputs[1], _opt(inputs, 2)
+    x, weight, bias = required(inputs, 0), required(inputs, 1), optional(inputs, 2)
     n = weight.dim() - 2
     kernel = list(weight.shape[2:])
-    strides = node.attr("strides", [1] * n)
-    dilations = node.attr("dilations", [1] * n)
+    strides = node.ints_attr("strides", [1] * n)
+    dilations = node.ints_attr("dilations", [1] * n)
     pads = _window_pads(node, x.shape[2:], kernel, strides, dilations)
     x, padding = _symmetric_padding(x, pads)
-    return _CONV[n](x, weight, bias, strides, padding, dilations, node.attr("group", 1))
+    return _CONV[n](x, weight, bias, strides, padding, dilations, node.int_attr("group", 1))
 
 
 def _transpose_pads(
@@ -455,12 +556,12 @@ def _transpose_pads(
     at the beginning otherwise, as in onnxruntime.
     """
     n = len(sizes)
-    mode = node.attr("auto_pad", "NOTSET")
-    output_shape = node.attr("output_shape")
+    mode = node.str_attr("auto_pad", "NOTSET")
+    output_shape = node.ints_attr("output_shape") if node.has("output_shape") else None
     if output_shape is None and mode not in ("SAME_UPPER", "SAME_LOWER"):
         if mode == "VALID":
             return [0] * n, [0] * n
-        pads = list(node.attr("pads", [0] * (2 * n)))
+        pads = node.ints_attr("pads", [0] * (2 * n))
         return pads[:n], pads[n:]
     targets = list(output_shape)[-n:] if output_shape is not None else [s * st for s, st in zip(sizes, strides)]
     begins, ends = [], []
@@ -478,12 +579,12 @@ def _transpose_pads(
 
 @op("ConvTranspose", check=_check_spatial)
 def conv_transpose(node: Node, inputs: Inputs) -> torch.Tensor:
-    x, weight, bias = inputs[0], inputs[1], _opt(inputs, 2)
+    x, weight, bias = required(inputs, 0), required(inputs, 1), optional(inputs, 2)
     n = weight.dim() - 2
     kernel = list(weight.shape[2:])
-    strides = node.attr("strides", [1] * n)
-    dilations = node.attr("dilations", [1] * n)
-    adjust = node.attr("output_padding", [0] * n)
+    strides = node.ints_attr("strides", [1] * n)
+    dilations = node.ints_attr("dilations", [1] * n)
+    adjust = node.ints_attr("output_padding", [0] * n)
     begins, ends = _transpose_pads(node, x.shape[2:], kernel, strides, dilations, adjust)
     # torch crops symmetrically and adds output_padding itself; the asymmetric rest is a crop
     # (or zero extension) with F.pad
@@ -491,8 +592,8 @@ def conv_transpose(node: Node, inputs: Inputs) -> torch.Tensor:
     crop_begin = [c - b for b, c in zip(begins, common)]
     crop_end = [c - e for e, c in zip(ends, common)]
     if not any(crop_begin) and not any(crop_end):
-        return _CONV_TRANSPOSE[n](x, weight, bias, strides, common, adjust, node.attr("group", 1), dilations)
-    y = _CONV_TRANSPOSE[n](x, weight, None, strides, common, adjust, node.attr("group", 1), dilations)
+        return _CONV_TRANSPOSE[n](x, weight, bias, strides, common, adjust, node.int_attr("group", 1), dilations)
+    y = _CONV_TRANSPOSE[n](x, weight, None, strides, common, adjust, node.int_attr("group", 1), dilations)
     y = F.pad(y, _torch_pad_order(crop_begin, crop_end))
     return y if bias is None else y + bias.reshape([-1] + [1] * n)
 
@@ -510,21 +611,22 @@ def _check_max_pool(node: Node) -> str | None:
 
 
 def _check_average_pool(node: Node) -> str | None:
-    if any(d != 1 for d in node.attr("dilations", [])):
-        return f"dilations={node.attr('dilations')}"
+    dilations = node.ints_attr("dilations", [])
+    if any(d != 1 for d in dilations):
+        return f"dilations={dilations}"
     return _check_spatial(node)
 
 
 def _pool_geometry(node: Node, x: torch.Tensor) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
     """kernel, strides, dilations, pads and the extra end padding that ceil_mode needs."""
-    kernel = list(node.attr("kernel_shape"))
+    kernel = node.ints_attr("kernel_shape")
     n = len(kernel)
-    strides = node.attr("strides", [1] * n)
-    dilations = node.attr("dilations", [1] * n)
+    strides = node.ints_attr("strides", [1] * n)
+    dilations = node.ints_attr("dilations", [1] * n)
     sizes = list(x.shape[2:])
     pads = _window_pads(node, sizes, kernel, strides, dilations)
     extra = [0] * n
-    if node.attr("ceil_mode", 0):
+    if node.int_attr("ceil_mode", 0):
         for i in range(n):
             span = (kernel[i] - 1) * dilations[i] + 1
             padded = sizes[i] + pads[i] + pads[n + i]
@@ -537,7 +639,7 @@ def _pool_geometry(node: Node, x: torch.Tensor) -> tuple[list[int], list[int], l
 
 @op("MaxPool", check=_check_max_pool)
 def max_pool(node: Node, inputs: Inputs) -> torch.Tensor:
-    x = inputs[0]
+    x = required(inputs, 0)
     kernel, strides, dilations, pads, extra = _pool_geometry(node, x)
     n = len(kernel)
     pads = pads[:n] + [end + more for end, more in zip(pads[n:], extra)]
@@ -550,10 +652,10 @@ def max_pool(node: Node, inputs: Inputs) -> torch.Tensor:
 
 @op("AveragePool", check=_check_average_pool)
 def average_pool(node: Node, inputs: Inputs) -> torch.Tensor:
-    x = inputs[0]
+    x = required(inputs, 0)
     kernel, strides, _, pads, extra = _pool_geometry(node, x)
     n = len(kernel)
-    include_pad = bool(node.attr("count_include_pad", 0))
+    include_pad = bool(node.int_attr("count_include_pad", 0))
     symmetric = pads[:n] == pads[n:] and all(p <= k // 2 for p, k in zip(pads, kernel))
     if symmetric and not any(extra):
         return _AVG_POOL[n](x, kernel, strides, pads[:n], False, include_pad)
@@ -562,7 +664,7 @@ def average_pool(node: Node, inputs: Inputs) -> torch.Tensor:
     order = _torch_pad_order(pads[:n], pads[n:])
     extra_order = _torch_pad_order([0] * n, extra)
     summed = _AVG_POOL[n](F.pad(F.pad(x, order), extra_order), kernel, strides) * math.prod(kernel)
-    mask = torch.ones([1, 1] + list(x.shape[2:]), dtype=x.dtype, device=x.device)
+    mask = torch.ones([1, 1, *x.shape[2:]], dtype=x.dtype, device=x.device)
     mask = F.pad(F.pad(mask, order, value=1.0 if include_pad else 0.0), extra_order)
     counts = _AVG_POOL[n](mask, kernel, strides) * math.prod(kernel)
     return summed / counts
@@ -570,13 +672,13 @@ def average_pool(node: Node, inputs: Inputs) -> torch.Tensor:
 
 @op("GlobalAveragePool")
 def global_average_pool(node: Node, inputs: Inputs) -> torch.Tensor:
-    x = inputs[0]
+    x = required(inputs, 0)
     return x.mean(dim=tuple(range(2, x.dim())), keepdim=True)
 
 
 @op("GlobalMaxPool")
 def global_max_pool(node: Node, inputs: Inputs) -> torch.Tensor:
-    x = inputs[0]
+    x = required(inputs, 0)
     return x.amax(dim=tuple(range(2, x.dim())), keepdim=True)
 
 
@@ -584,34 +686,34 @@ def global_max_pool(node: Node, inputs: Inputs) -> torch.Tensor:
 
 
 def _check_batch_norm(node: Node) -> str | None:
-    return "training_mode=1" if node.attr("training_mode", 0) else None
+    return "training_mode=1" if node.int_attr("training_mode", 0) else None
 
 
 @op("BatchNormalization", check=_check_batch_norm)
 def batch_normalization(node: Node, inputs: Inputs) -> torch.Tensor:
-    x, scale, bias, mean, var = inputs[:5]
+    x, scale, bias, mean, var = required_inputs(inputs, 5)
     # written out rather than F.batch_norm, which cannot differentiate w.r.t. mean and var
     shape = [-1] + [1] * (x.dim() - 2)
-    factor = (scale * torch.rsqrt(var + node.attr("epsilon", 1e-5))).reshape(shape)
+    factor = (scale * torch.rsqrt(var + node.float_attr("epsilon", 1e-5))).reshape(shape)
     return (x - mean.reshape(shape)) * factor + bias.reshape(shape)
 
 
 @op("InstanceNormalization")
 def instance_normalization(node: Node, inputs: Inputs) -> torch.Tensor:
-    x, scale, bias = inputs[:3]
+    x, scale, bias = required_inputs(inputs, 3)
     dims = tuple(range(2, x.dim()))
     mean = x.mean(dim=dims, keepdim=True)
     var = ((x - mean) ** 2).mean(dim=dims, keepdim=True)
     shape = [-1] + [1] * len(dims)
-    normalized = (x - mean) * torch.rsqrt(var + node.attr("epsilon", 1e-5))
+    normalized = (x - mean) * torch.rsqrt(var + node.float_attr("epsilon", 1e-5))
     return normalized * scale.reshape(shape) + bias.reshape(shape)
 
 
 @op("LayerNormalization")
 def layer_normalization(node: Node, inputs: Inputs) -> Result:
-    x, scale, bias = inputs[0], inputs[1], _opt(inputs, 2)
-    axis = _axis(node.attr("axis", -1), x.dim())
-    epsilon = node.attr("epsilon", 1e-5)
+    x, scale, bias = required(inputs, 0), required(inputs, 1), optional(inputs, 2)
+    axis = _axis(node.int_attr("axis", -1), x.dim())
+    epsilon = node.float_attr("epsilon", 1e-5)
     y = F.layer_norm(x, x.shape[axis:], eps=epsilon) * scale
     if bias is not None:
         y = y + bias
@@ -625,21 +727,21 @@ def layer_normalization(node: Node, inputs: Inputs) -> Result:
 
 def _softmax_like(node: Node, x: torch.Tensor, fn: Callable[..., torch.Tensor]) -> torch.Tensor:
     if node.opset >= 13:
-        return fn(x, dim=node.attr("axis", -1))
+        return fn(x, dim=node.int_attr("axis", -1))
     # before opset 13: coerce to 2-D [prod(shape[:axis]), prod(shape[axis:])], normalize rows
-    axis = _axis(node.attr("axis", 1), x.dim())
+    axis = _axis(node.int_attr("axis", 1), x.dim())
     rows = math.prod(x.shape[:axis])
     return fn(x.reshape(rows, -1), dim=1).reshape(x.shape)
 
 
 @op("Softmax")
 def softmax(node: Node, inputs: Inputs) -> torch.Tensor:
-    return _softmax_like(node, inputs[0], torch.softmax)
+    return _softmax_like(node, required(inputs, 0), torch.softmax)
 
 
 @op("LogSoftmax")
 def log_softmax(node: Node, inputs: Inputs) -> torch.Tensor:
-    return _softmax_like(node, inputs[0], torch.log_softmax)
+    return _softmax_like(node, required(inputs, 0), torch.log_softmax)
 
 
 @op("Hardmax")
@@ -648,13 +750,13 @@ def hardmax(node: Node, inputs: Inputs) -> torch.Tensor:
         winner = torch.argmax(x, dim=dim, keepdim=True)  # the first maximum, as ONNX
         return torch.zeros_like(x).scatter(dim, winner, 1.0)
 
-    return _softmax_like(node, inputs[0], one_hot_max)
+    return _softmax_like(node, required(inputs, 0), one_hot_max)
 
 
 @op("LpNormalization")
 def lp_normalization(node: Node, inputs: Inputs) -> torch.Tensor:
-    x = inputs[0]
-    return x / torch.linalg.vector_norm(x, ord=node.attr("p", 2), dim=node.attr("axis", -1), keepdim=True)
+    x = required(inputs, 0)
+    return x / torch.linalg.vector_norm(x, ord=node.int_attr("p", 2), dim=node.int_attr("axis", -1), keepdim=True)
 
 
 # --- reductions ---------------------------------------------------------------------------
@@ -682,24 +784,24 @@ _REDUCERS: dict[str, Callable[[torch.Tensor, tuple[int, ...], bool], torch.Tenso
 
 @op(*_REDUCERS)
 def reduce(node: Node, inputs: Inputs) -> torch.Tensor:
-    x = inputs[0]
+    x = required(inputs, 0)
     since = 13 if node.op_type == "ReduceSum" else 18  # when axes became an input
     axes = _attr_or_input(node, inputs, "axes", 1, since)
     if not axes:
-        if node.attr("noop_with_empty_axes", 0):
+        if node.int_attr("noop_with_empty_axes", 0):
             return x
         axes = list(range(x.dim()))
     dims = tuple(_axis(a, x.dim()) for a in axes)
-    return _REDUCERS[node.op_type](x, dims, bool(node.attr("keepdims", 1)))
+    return _REDUCERS[node.op_type](x, dims, bool(node.int_attr("keepdims", 1)))
 
 
 @op("ArgMax", "ArgMin")
 def arg_extreme(node: Node, inputs: Inputs) -> torch.Tensor:
-    x = inputs[0]
-    axis = _axis(node.attr("axis", 0), x.dim())
-    keepdim = bool(node.attr("keepdims", 1))
+    x = required(inputs, 0)
+    axis = _axis(node.int_attr("axis", 0), x.dim())
+    keepdim = bool(node.int_attr("keepdims", 1))
     fn = torch.argmax if node.op_type == "ArgMax" else torch.argmin
-    if node.attr("select_last_index", 0):
+    if node.int_attr("select_last_index", 0):
         flipped = fn(torch.flip(x, [axis]), dim=axis, keepdim=keepdim)
         return x.shape[axis] - 1 - flipped
     return fn(x, dim=axis, keepdim=keepdim)
@@ -707,21 +809,23 @@ def arg_extreme(node: Node, inputs: Inputs) -> torch.Tensor:
 
 @op("CumSum")
 def cumsum(node: Node, inputs: Inputs) -> torch.Tensor:
-    x = inputs[0]
-    axis = _axis(_ints(inputs[1])[0], x.dim())
-    if node.attr("reverse", 0):
+    x = required(inputs, 0)
+    axis = _axis(_ints(required(inputs, 1))[0], x.dim())
+    if node.int_attr("reverse", 0):
         x = torch.flip(x, [axis])
     y = torch.cumsum(x, dim=axis)
-    if node.attr("exclusive", 0):
+    if node.int_attr("exclusive", 0):
         y = y - x
-    return torch.flip(y, [axis]) if node.attr("reverse", 0) else y
+    return torch.flip(y, [axis]) if node.int_attr("reverse", 0) else y
 
 
 @op("TopK")
 def top_k(node: Node, inputs: Inputs) -> Result:
-    x = inputs[0]
-    k = _ints(inputs[1])[0]
-    values, indices = torch.topk(x, k, dim=node.attr("axis", -1), largest=bool(node.attr("largest", 1)), sorted=True)
+    x = required(inputs, 0)
+    k = _ints(required(inputs, 1))[0]
+    values, indices = torch.topk(
+        x, k, dim=node.int_attr("axis", -1), largest=bool(node.int_attr("largest", 1)), sorted=True
+    )
     return values, indices
 
 
@@ -730,41 +834,42 @@ def top_k(node: Node, inputs: Inputs) -> Result:
 
 @op("Shape")
 def shape(node: Node, inputs: Inputs) -> torch.Tensor:
-    x = inputs[0]
-    dims = list(x.shape)[node.attr("start", 0) : node.attr("end", None)]  # Python slicing clamps
+    x = required(inputs, 0)
+    dims = list(x.shape)[node.int_attr("start", 0) : node.int_attr("end", x.dim())]  # Python slicing clamps
     return torch.tensor(dims, dtype=torch.int64, device=x.device)
 
 
 @op("Size")
 def size(node: Node, inputs: Inputs) -> torch.Tensor:
-    return torch.tensor(inputs[0].numel(), dtype=torch.int64, device=inputs[0].device)
+    x = required(inputs, 0)
+    return torch.tensor(x.numel(), dtype=torch.int64, device=x.device)
 
 
 @op("Reshape")
 def reshape(node: Node, inputs: Inputs) -> torch.Tensor:
-    x = inputs[0]
-    target = _ints(inputs[1])
-    if not node.attr("allowzero", 0):  # 0 copies the input's dimension
+    x = required(inputs, 0)
+    target = _ints(required(inputs, 1))
+    if not node.int_attr("allowzero", 0):  # 0 copies the input's dimension
         target = [x.shape[i] if d == 0 else d for i, d in enumerate(target)]
     return x.reshape(target)
 
 
 @op("Flatten")
 def flatten(node: Node, inputs: Inputs) -> torch.Tensor:
-    x = inputs[0]
-    axis = _axis(node.attr("axis", 1), x.dim())
+    x = required(inputs, 0)
+    axis = _axis(node.int_attr("axis", 1), x.dim())
     return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
 
 
 @op("Transpose")
 def transpose(node: Node, inputs: Inputs) -> torch.Tensor:
-    x = inputs[0]
-    return x.permute(node.attr("perm", list(reversed(range(x.dim())))))
+    x = required(inputs, 0)
+    return x.permute(node.ints_attr("perm", list(reversed(range(x.dim())))))
 
 
 @op("Squeeze")
 def squeeze(node: Node, inputs: Inputs) -> torch.Tensor:
-    x = inputs[0]
+    x = required(inputs, 0)
     axes = _attr_or_input(node, inputs, "axes", 1, 13)
     if axes is None:
         return x.squeeze()
@@ -773,8 +878,10 @@ def squeeze(node: Node, inputs: Inputs) -> torch.Tensor:
 
 @op("Unsqueeze")
 def unsqueeze(node: Node, inputs: Inputs) -> torch.Tensor:
-    x = inputs[0]
+    x = required(inputs, 0)
     axes = _attr_or_input(node, inputs, "axes", 1, 13)
+    if axes is None:
+        raise ValueError("Unsqueeze needs axes")
     rank = x.dim() + len(axes)
     for axis in sorted(_axis(a, rank) for a in axes):  # axes index the output
         x = x.unsqueeze(axis)
@@ -783,18 +890,19 @@ def unsqueeze(node: Node, inputs: Inputs) -> torch.Tensor:
 
 @op("Concat")
 def concat(node: Node, inputs: Inputs) -> torch.Tensor:
-    return torch.cat(list(inputs), dim=node.attr("axis"))
+    return torch.cat(required_inputs(inputs, len(inputs)), dim=node.int_attr("axis"))
 
 
 @op("Split")
 def split(node: Node, inputs: Inputs) -> Result:
-    x = inputs[0]
-    axis = _axis(node.attr("axis", 0), x.dim())
+    x = required(inputs, 0)
+    axis = _axis(node.int_attr("axis", 0), x.dim())
     sizes = _attr_or_input(node, inputs, "split", 1, 13)
-    if sizes is None:  # equal parts; from opset 18 the last may be smaller
-        parts = node.attr("num_outputs", node.num_outputs)
-        sizes = -(-x.shape[axis] // parts)
-    return torch.split(x, sizes, dim=axis)
+    if sizes is not None:
+        return torch.split(x, sizes, dim=axis)
+    # equal parts; from opset 18 the last may be smaller
+    parts = node.int_attr("num_outputs", node.num_outputs)
+    return torch.split(x, -(-x.shape[axis] // parts), dim=axis)
 
 
 def _normalize_indices(indices: torch.Tensor, size: int) -> torch.Tensor:
@@ -803,8 +911,8 @@ def _normalize_indices(indices: torch.Tensor, size: int) -> torch.Tensor:
 
 @op("Gather")
 def gather(node: Node, inputs: Inputs) -> torch.Tensor:
-    x, indices = inputs[0], inputs[1]
-    axis = _axis(node.attr("axis", 0), x.dim())
+    x, indices = required(inputs, 0), required(inputs, 1)
+    axis = _axis(node.int_attr("axis", 0), x.dim())
     flat = _normalize_indices(indices.reshape(-1), x.shape[axis])
     picked = torch.index_select(x, axis, flat)
     return picked.reshape(list(x.shape[:axis]) + list(indices.shape) + list(x.shape[axis + 1 :]))
@@ -812,15 +920,15 @@ def gather(node: Node, inputs: Inputs) -> torch.Tensor:
 
 @op("GatherElements")
 def gather_elements(node: Node, inputs: Inputs) -> torch.Tensor:
-    x, indices = inputs[0], inputs[1]
-    axis = _axis(node.attr("axis", 0), x.dim())
+    x, indices = required(inputs, 0), required(inputs, 1)
+    axis = _axis(node.int_attr("axis", 0), x.dim())
     return torch.gather(x, axis, _normalize_indices(indices, x.shape[axis]))
 
 
 @op("GatherND")
 def gather_nd(node: Node, inputs: Inputs) -> torch.Tensor:
-    x, indices = inputs[0], inputs[1]
-    b, k = node.attr("batch_dims", 0), indices.shape[-1]
+    x, indices = required(inputs, 0), required(inputs, 1)
+    b, k = node.int_attr("batch_dims", 0), indices.shape[-1]
     batch = math.prod(x.shape[:b])
     data = x.reshape(batch, *x.shape[b:])
     index = indices.reshape(batch, -1, k)  # [batch, picks, k]
@@ -832,16 +940,16 @@ def gather_nd(node: Node, inputs: Inputs) -> torch.Tensor:
 
 
 def _check_scatter_nd(node: Node) -> str | None:
-    reduction = node.attr("reduction", "none")
+    reduction = node.str_attr("reduction", "none")
     return None if reduction in ("none", "add") else f"reduction={reduction!r}"
 
 
 @op("ScatterND", check=_check_scatter_nd)
 def scatter_nd(node: Node, inputs: Inputs) -> torch.Tensor:
-    x, indices, updates = inputs[0], inputs[1], inputs[2]
+    x, indices, updates = required(inputs, 0), required(inputs, 1), required(inputs, 2)
     k = indices.shape[-1]
     coordinates = tuple(torch.remainder(indices[..., i], x.shape[i]) for i in range(k))
-    return torch.index_put(x, coordinates, updates, accumulate=node.attr("reduction", "none") == "add")
+    return torch.index_put(x, coordinates, updates, accumulate=node.str_attr("reduction", "none") == "add")
 
 
 def _slice_bounds(start: int, end: int, step: int, size: int) -> tuple[int, int]:
@@ -855,10 +963,10 @@ def _slice_bounds(start: int, end: int, step: int, size: int) -> tuple[int, int]
 
 @op("Slice")
 def slice_(node: Node, inputs: Inputs) -> torch.Tensor:
-    x = inputs[0]
-    starts, ends = _ints(inputs[1]), _ints(inputs[2])
-    axes = _ints(inputs[3]) if _opt(inputs, 3) is not None else list(range(len(starts)))
-    steps = _ints(inputs[4]) if _opt(inputs, 4) is not None else [1] * len(starts)
+    x = required(inputs, 0)
+    starts, ends = _ints(required(inputs, 1)), _ints(required(inputs, 2))
+    axes = _optional_ints(inputs, 3, list(range(len(starts))))
+    steps = _optional_ints(inputs, 4, [1] * len(starts))
     for start, end, axis, step in zip(starts, ends, axes, steps):
         axis = _axis(axis, x.dim())
         start, end = _slice_bounds(start, end, step, x.shape[axis])
@@ -874,7 +982,7 @@ def slice_(node: Node, inputs: Inputs) -> torch.Tensor:
 
 
 def _check_pad(node: Node) -> str | None:
-    mode = node.attr("mode", "constant")
+    mode = node.str_attr("mode", "constant")
     return None if mode in ("constant", "reflect", "edge", "wrap") else f"mode={mode!r}"
 
 
@@ -893,7 +1001,7 @@ def _pad_positions(size: int, begin: int, end: int, mode: str, device: torch.dev
 _TORCH_PAD_MODES = {"reflect": "reflect", "edge": "replicate", "wrap": "circular"}
 
 
-def _torch_can_pad(x: torch.Tensor, begins: Sequence[int], ends: Sequence[int], mode: str) -> bool:
+def _torch_can_pad(x: torch.Tensor, begins: list[int], ends: list[int], mode: str) -> bool:
     """F.pad's own reflect/replicate/circular kernels: spatial axes of 3-D to 5-D tensors only."""
     if not 3 <= x.dim() <= 5 or any(begins[:2]) or any(ends[:2]) or min(begins + ends) < 0:
         return False
@@ -902,15 +1010,15 @@ def _torch_can_pad(x: torch.Tensor, begins: Sequence[int], ends: Sequence[int], 
 
 @op("Pad", check=_check_pad)
 def pad(node: Node, inputs: Inputs) -> torch.Tensor:
-    x = inputs[0]
-    pads = _ints(inputs[1])
-    value = _opt(inputs, 2)
-    axes = _ints(inputs[3]) if _opt(inputs, 3) is not None else list(range(x.dim()))
+    x = required(inputs, 0)
+    pads = _ints(required(inputs, 1))
+    value = optional(inputs, 2)
+    axes = _optional_ints(inputs, 3, list(range(x.dim())))
     axes = [_axis(a, x.dim()) for a in axes]
     begins, ends = [0] * x.dim(), [0] * x.dim()
     for i, axis in enumerate(axes):
         begins[axis], ends[axis] = pads[i], pads[len(axes) + i]
-    mode = node.attr("mode", "constant")
+    mode = node.str_attr("mode", "constant")
     if mode == "constant":
         # the fill value is a graph constant in every export; F.pad needs it as a number
         fill = 0.0 if value is None or value.numel() == 0 else value.reshape(()).item()
@@ -926,20 +1034,20 @@ def pad(node: Node, inputs: Inputs) -> torch.Tensor:
 
 @op("Expand")
 def expand(node: Node, inputs: Inputs) -> torch.Tensor:
-    x = inputs[0]
+    x = required(inputs, 0)
     # numpy's rule is ONNX's bidirectional broadcast (and much cheaper than torch.broadcast_shapes)
-    return x.expand(np.broadcast_shapes(tuple(x.shape), tuple(_ints(inputs[1]))))
+    return x.expand(np.broadcast_shapes(tuple(x.shape), tuple(_ints(required(inputs, 1)))))
 
 
 @op("Tile")
 def tile(node: Node, inputs: Inputs) -> torch.Tensor:
-    return inputs[0].repeat(_ints(inputs[1]))
+    return required(inputs, 0).repeat(_ints(required(inputs, 1)))
 
 
 @op("Constant")
 def constant(node: Node, inputs: Inputs) -> torch.Tensor:
-    if "value" in node.attrs:
-        return node.attrs["value"]
+    if node.has("value"):
+        return node.tensor_attr("value")
     for name, dtype in (
         ("value_float", torch.float32),
         ("value_floats", torch.float32),
@@ -961,27 +1069,25 @@ OPS["Constant"] = OpSpec(constant, _check_constant)
 
 @op("ConstantOfShape")
 def constant_of_shape(node: Node, inputs: Inputs) -> torch.Tensor:
-    value = node.attr("value")
-    if value is None:
-        value = torch.zeros(1, dtype=torch.float32)
-    shape_tensor = inputs[0]
+    value = node.tensor_attr("value") if node.has("value") else torch.zeros(1, dtype=torch.float32)
+    shape_tensor = required(inputs, 0)
     fill = value.reshape(()).to(shape_tensor.device)
     return fill.expand(_ints(shape_tensor)).clone()
 
 
 @op("Range")
 def range_(node: Node, inputs: Inputs) -> torch.Tensor:
-    start, limit, delta = inputs[0], inputs[1], inputs[2]
+    start, limit, delta = required(inputs, 0), required(inputs, 1), required(inputs, 2)
     numbers = [t.reshape(()).item() for t in (start, limit, delta)]
     return torch.arange(*numbers, dtype=start.dtype, device=start.device)
 
 
 @op("DepthToSpace")
 def depth_to_space(node: Node, inputs: Inputs) -> torch.Tensor:
-    x = inputs[0]
-    b = node.attr("blocksize")
+    x = required(inputs, 0)
+    b = node.int_attr("blocksize")
     n, c, h, w = x.shape
-    if node.attr("mode", "DCR") == "DCR":
+    if node.str_attr("mode", "DCR") == "DCR":
         y = x.reshape(n, b, b, c // (b * b), h, w).permute(0, 3, 4, 1, 5, 2)
     else:
         y = x.reshape(n, c // (b * b), b, b, h, w).permute(0, 1, 4, 2, 5, 3)
@@ -990,8 +1096,8 @@ def depth_to_space(node: Node, inputs: Inputs) -> torch.Tensor:
 
 @op("SpaceToDepth")
 def space_to_depth(node: Node, inputs: Inputs) -> torch.Tensor:
-    x = inputs[0]
-    b = node.attr("blocksize")
+    x = required(inputs, 0)
+    b = node.int_attr("blocksize")
     n, c, h, w = x.shape
     y = x.reshape(n, c, h // b, b, w // b, b).permute(0, 3, 5, 1, 2, 4)
     return y.reshape(n, c * b * b, h // b, w // b)
@@ -999,9 +1105,9 @@ def space_to_depth(node: Node, inputs: Inputs) -> torch.Tensor:
 
 @op("Trilu")
 def trilu(node: Node, inputs: Inputs) -> torch.Tensor:
-    x = inputs[0]
-    k = _ints(inputs[1])[0] if _opt(inputs, 1) is not None else 0
-    return torch.triu(x, k) if node.attr("upper", 1) else torch.tril(x, k)
+    x = required(inputs, 0)
+    k = _optional_ints(inputs, 1, [0])[0]
+    return torch.triu(x, k) if node.int_attr("upper", 1) else torch.tril(x, k)
 
 
 # --- Resize -------------------------------------------------------------------------------
@@ -1012,13 +1118,16 @@ _NEAREST_MODES = ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil")
 
 def _check_resize(node: Node) -> str | None:
     problems = []
-    if node.attr("mode", "nearest") not in ("nearest", "linear", "cubic"):
-        problems.append(f"mode={node.attr('mode')!r}")
-    if node.attr("coordinate_transformation_mode", "half_pixel") not in _COORDINATE_MODES:
-        problems.append(f"coordinate_transformation_mode={node.attr('coordinate_transformation_mode')!r}")
-    if node.attr("nearest_mode", "round_prefer_floor") not in _NEAREST_MODES:
-        problems.append(f"nearest_mode={node.attr('nearest_mode')!r}")
-    if node.attr("antialias", 0):
+    mode = node.str_attr("mode", "nearest")
+    if mode not in ("nearest", "linear", "cubic"):
+        problems.append(f"mode={mode!r}")
+    coordinate_mode = node.str_attr("coordinate_transformation_mode", "half_pixel")
+    if coordinate_mode not in _COORDINATE_MODES:
+        problems.append(f"coordinate_transformation_mode={coordinate_mode!r}")
+    nearest_mode = node.str_attr("nearest_mode", "round_prefer_floor")
+    if nearest_mode not in _NEAREST_MODES:
+        problems.append(f"nearest_mode={nearest_mode!r}")
+    if node.int_attr("antialias", 0):
         problems.append("antialias=1")
     return ", ".join(problems) or None
 
@@ -1088,10 +1197,13 @@ def _cubic_1d(x: torch.Tensor, axis: int, coordinates: torch.Tensor, a: float, e
         weights = [w * ((p >= 0) & (p < in_size)) for w, p in zip(weights, positions)]
         total = sum(weights)
         weights = [w / total for w in weights]
-    result = None
-    for w, p in zip(weights, positions):
-        term = torch.index_select(x, axis, p.clamp(0, in_size - 1)) * _along(w.to(x.dtype), axis, x.dim())
-        result = term if result is None else result + term
+
+    def term(w: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        return torch.index_select(x, axis, p.clamp(0, in_size - 1)) * _along(w.to(x.dtype), axis, x.dim())
+
+    result = term(weights[0], positions[0])
+    for w, p in zip(weights[1:], positions[1:]):
+        result = result + term(w, p)
     return result
 
 
@@ -1099,19 +1211,21 @@ def _resize_targets(
     node: Node, x: torch.Tensor, scales: torch.Tensor | None, sizes: torch.Tensor | None
 ) -> list[tuple[int, int, float]]:
     """(axis, output size, scale) for each resized axis."""
-    axes = [_axis(a, x.dim()) for a in node.attr("axes", range(x.dim()))]
+    axes = [_axis(a, x.dim()) for a in node.ints_attr("axes", list(range(x.dim())))]
     in_sizes = [x.shape[a] for a in axes]
     if sizes is not None and sizes.numel() > 0:
         out_sizes = _ints(sizes)
         factors = [o / i for o, i in zip(out_sizes, in_sizes)]
-        policy = node.attr("keep_aspect_ratio_policy", "stretch")
+        policy = node.str_attr("keep_aspect_ratio_policy", "stretch")
         if policy != "stretch":
             factor = min(factors) if policy == "not_larger" else max(factors)
             factors = [factor] * len(axes)
-            out_sizes = [int(math.floor(factor * i + 0.5)) for i in in_sizes]
-    else:
+            out_sizes = [math.floor(factor * i + 0.5) for i in in_sizes]
+    elif scales is not None:
         factors = [float(s) for s in scales.reshape(-1).tolist()]
-        out_sizes = [int(math.floor(i * s)) for i, s in zip(in_sizes, factors)]
+        out_sizes = [math.floor(i * s) for i, s in zip(in_sizes, factors)]
+    else:
+        raise ValueError("Resize needs scales or sizes")
     return list(zip(axes, out_sizes, factors))
 
 
@@ -1129,25 +1243,28 @@ def _interpolate(node: Node, x: torch.Tensor, targets: list[tuple[int, int, floa
     scales = [scale for _, _, scale in spatial]
     if any(out == x.shape[axis] and scale != 1.0 for axis, out, scale in spatial):
         return None  # torch copies same-size axes; ONNX still shifts them by the scale
-    mode = node.attr("mode", "nearest")
-    coordinates = node.attr("coordinate_transformation_mode", "half_pixel")
-    if mode == "nearest" and coordinates == "asymmetric" and node.attr("nearest_mode") == "floor":
-        if all(s in (1.0, 2.0, 4.0, 8.0) for s in scales):  # 1/s exact in float: same indices
-            return F.interpolate(x, size=sizes, mode="nearest")
+    mode = node.str_attr("mode", "nearest")
+    coordinates = node.str_attr("coordinate_transformation_mode", "half_pixel")
+    nearest_floor = mode == "nearest" and node.str_attr("nearest_mode", "round_prefer_floor") == "floor"
+    # 1/s exact in float for these scales: the same indices as ONNX's
+    if nearest_floor and coordinates == "asymmetric" and all(s in (1.0, 2.0, 4.0, 8.0) for s in scales):
+        return F.interpolate(x, size=sizes, mode="nearest")
     if mode == "linear" and coordinates == "align_corners":
         return F.interpolate(x, size=sizes, mode=_INTERPOLATE_LINEAR[x.dim()], align_corners=True)
-    if mode == "linear" and (coordinates == "half_pixel" or (coordinates == "pytorch_half_pixel" and min(sizes) > 1)):
-        if all(math.floor(x.shape[a] * s) == out for a, out, s in spatial):
-            return F.interpolate(x, scale_factor=scales, mode=_INTERPOLATE_LINEAR[x.dim()], align_corners=False)
+    linear_half_pixel = mode == "linear" and (
+        coordinates == "half_pixel" or (coordinates == "pytorch_half_pixel" and min(sizes) > 1)
+    )
+    if linear_half_pixel and all(math.floor(x.shape[a] * s) == out for a, out, s in spatial):
+        return F.interpolate(x, scale_factor=scales, mode=_INTERPOLATE_LINEAR[x.dim()], align_corners=False)
     return None
 
 
 @op("Resize", check=_check_resize)
 def resize(node: Node, inputs: Inputs) -> torch.Tensor:
-    x = inputs[0]
-    mode = node.attr("mode", "nearest")
-    coordinate_mode = node.attr("coordinate_transformation_mode", "half_pixel")
-    targets = _resize_targets(node, x, _opt(inputs, 2), _opt(inputs, 3))
+    x = required(inputs, 0)
+    mode = node.str_attr("mode", "nearest")
+    coordinate_mode = node.str_attr("coordinate_transformation_mode", "half_pixel")
+    targets = _resize_targets(node, x, optional(inputs, 2), optional(inputs, 3))
     if all(out == x.shape[axis] for axis, out, _ in targets):
         return x  # onnxruntime copies when the shape does not change, whatever the scales
     fast = _interpolate(node, x, targets)
@@ -1159,15 +1276,16 @@ def resize(node: Node, inputs: Inputs) -> torch.Tensor:
             continue
         coordinates = torch.tensor(_source_coordinates(coordinate_mode, in_size, out_size, scale), device=x.device)
         if mode == "nearest":
-            index = _nearest_index(coordinates, node.attr("nearest_mode", "round_prefer_floor"), in_size)
+            index = _nearest_index(coordinates, node.str_attr("nearest_mode", "round_prefer_floor"), in_size)
             x = torch.index_select(x, axis, index)
         elif mode == "linear":
             x = _linear_1d(x, axis, coordinates)
         else:
-            a = node.attr("cubic_coeff_a", -0.75)
-            x = _cubic_1d(x, axis, coordinates, a, bool(node.attr("exclude_outside", 0)))
+            a = node.float_attr("cubic_coeff_a", -0.75)
+            x = _cubic_1d(x, axis, coordinates, a, bool(node.int_attr("exclude_outside", 0)))
     return x
 
 
 # LSTM and GRU live in their own module (loops over time); importing it registers them here.
-from sensitivity import onnx_recurrent  # noqa: F401
+# It imports this module, so the import comes last, once everything it uses is defined.
+from sensitivity import onnx_recurrent  # noqa: E402, F401

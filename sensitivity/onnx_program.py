@@ -28,6 +28,7 @@ import math
 import os
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -46,11 +47,12 @@ from sensitivity.normalize import (
     normalize_model,
     refuse_quantized,
 )
-from sensitivity.onnx_ops import OPS, Handler, Node, parse_attributes, tensor_from_proto
+from sensitivity.onnx_ops import OPS, Handler, Inputs, Node, parse_attributes, required, tensor_from_proto
 from sensitivity.program import ProgramAttributes
 from sensitivity.samples import SampleAxes, fixed_batch, input_sample_axes
 
 MAX_OPSET = 21
+_CPU = torch.device("cpu")
 _CONTROL_FLOW = ("Loop", "Scan", "SequenceMap")  # If is interpreted: see _IfHandler
 
 ModelSource = onnx.ModelProto | NormalizedModel | str | os.PathLike
@@ -132,7 +134,7 @@ class OnnxProgram(ProgramAttributes):
         output_names: Sequence[str],
         opset: int,
         shape_cache_size: int = 8,
-        device: torch.device = torch.device("cpu"),
+        device: torch.device = _CPU,
         normalization: NormalizedModel | None = None,
         sample_axes: SampleAxes | None = None,
     ) -> None:
@@ -601,8 +603,8 @@ class _IfHandler:
         else_branch, else_reads = _prepare_branch(branch(node, "else_branch"), opset, constants, scope)
         return cls(then_branch, else_branch, tuple(sorted(then_reads | else_reads)))
 
-    def __call__(self, node: Node, inputs: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
-        taken = _condition(inputs[0])
+    def __call__(self, node: Node, inputs: Inputs) -> list[torch.Tensor]:
+        taken = _condition(required(inputs, 0))
         branch = self.branches[taken]
         env = dict(self._constants(taken, _device_of(inputs)))
         env.update((name, value) for name, value in zip(self.reads, inputs[1:]) if value is not None)
@@ -617,13 +619,13 @@ class _IfHandler:
         return self._on_device[key]
 
 
-def _device_of(inputs: Sequence[torch.Tensor | None]) -> torch.device:
+def _device_of(inputs: Inputs) -> torch.device:
     """The accelerator among the inputs' devices, else the CPU (shape values stay on the CPU)."""
     devices = [value.device for value in inputs if value is not None and value.device.type != "cpu"]
     return devices[0] if devices else torch.device("cpu")
 
 
-def _plan(steps: Sequence[_Step], output_names: Sequence[str], remember: set[str] = frozenset()) -> _Plan:
+def _plan(steps: Sequence[_Step], output_names: Sequence[str], remember: AbstractSet[str] = frozenset()) -> _Plan:
     """Reference counting, worked out once: each tensor dies after its last reader."""
     last_use: dict[str, int] = {}
     for position, step in enumerate(steps):
@@ -668,7 +670,8 @@ _HOST_ARGUMENTS = {
 
 def _host_only(steps: Sequence[_Step]) -> frozenset[str]:
     """Tensors that every reader reads as a shape argument."""
-    host, elsewhere = set(), set()
+    host: set[str] = set()
+    elsewhere: set[str] = set()
     for step in steps:
         positions = _HOST_ARGUMENTS.get(step.node.op_type, ())
         for index, name in enumerate(step.inputs):

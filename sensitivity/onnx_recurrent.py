@@ -21,9 +21,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from sensitivity.onnx_ops import Inputs, Node, _opt, op
+from sensitivity.onnx_ops import Inputs, Node, op, optional, required
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
+# One time step: (this step's input projection, state) -> the new state, Y's value first.
+Cell = Callable[[torch.Tensor, tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]]
 
 # ONNX RNN activation names -> (function of x, alpha, beta; how many of alpha/beta it reads;
 # default alpha; default beta). The spec gives no defaults; those here are the standalone ops'
@@ -63,6 +65,10 @@ class _Setup:
     layout: int
 
 
+# The cell of direction d: (d, setup, R[d], Rb[d]) -> Cell
+MakeCell = Callable[[int, _Setup, torch.Tensor, torch.Tensor | None], Cell]
+
+
 def _parameters(name: str, alphas: list[float], betas: list[float]) -> tuple[float | None, float | None]:
     """(alpha, beta) of one activation; consumes from the lists, which are shared in activation
     order and read only by the functions that take them (None: no value and no default)."""
@@ -77,20 +83,22 @@ def _parameters(name: str, alphas: list[float], betas: list[float]) -> tuple[flo
 def _activation(name: str, alphas: list[float], betas: list[float]) -> Activation:
     fn = _ACTIVATIONS[name.lower()][0]
     alpha, beta = _parameters(name, alphas, betas)
+    if alpha is None or beta is None:  # ``check`` refuses such a node before it runs
+        raise ValueError(f"activation {name} needs activation_alpha/activation_beta values")
     return lambda x: fn(x, alpha, beta)
 
 
 def _missing_parameters(node: Node, names: Sequence[str]) -> list[str]:
-    alphas = list(node.attr("activation_alpha") or [])
-    betas = list(node.attr("activation_beta") or [])
+    alphas = node.floats_attr("activation_alpha", [])
+    betas = node.floats_attr("activation_beta", [])
     return [name for name in names if None in _parameters(name, alphas, betas)]
 
 
 def _check_recurrent(node: Node) -> str | None:
-    direction = node.attr("direction", "forward")
+    direction = node.str_attr("direction", "forward")
     if direction not in _DIRECTIONS:
         return f"direction={direction!r}"
-    names = node.attr("activations")
+    names = node.strs_attr("activations") if node.has("activations") else None
     if names is not None:
         unknown = [name for name in names if name.lower() not in _ACTIVATIONS]
         if unknown:
@@ -101,30 +109,22 @@ def _check_recurrent(node: Node) -> str | None:
         missing = _missing_parameters(node, names)
         if missing:
             return f"activations {missing} without activation_alpha/activation_beta values (no default)"
-    if node.attr("layout", 0) not in (0, 1):
-        return f"layout={node.attr('layout')}"
-    return None
+    layout = node.int_attr("layout", 0)
+    return None if layout in (0, 1) else f"layout={layout}"
 
 
 def _setup(node: Node) -> _Setup:
-    direction = node.attr("direction", "forward")
+    direction = node.str_attr("direction", "forward")
     directions = 2 if direction == "bidirectional" else 1
     per_direction = len(_DEFAULT_ACTIVATIONS[node.op_type])
-    names = list(node.attr("activations") or _DEFAULT_ACTIVATIONS[node.op_type] * directions)
-    alphas = list(node.attr("activation_alpha") or [])
-    betas = list(node.attr("activation_beta") or [])
+    names = node.strs_attr("activations", []) or list(_DEFAULT_ACTIVATIONS[node.op_type] * directions)
+    alphas = node.floats_attr("activation_alpha", [])
+    betas = node.floats_attr("activation_beta", [])
     functions = [_activation(name, alphas, betas) for name in names]
     activations = tuple(tuple(functions[d * per_direction : (d + 1) * per_direction]) for d in range(directions))
     reverse = (direction == "reverse",) if directions == 1 else (False, True)
-    clip = node.attr("clip")
-    return _Setup(
-        int(node.attr("hidden_size")),
-        directions,
-        reverse,
-        activations,
-        None if clip is None else float(clip),
-        int(node.attr("layout", 0)),
-    )
+    clip = node.float_attr("clip") if node.has("clip") else None
+    return _Setup(node.int_attr("hidden_size"), directions, reverse, activations, clip, node.int_attr("layout", 0))
 
 
 def _clipped(x: torch.Tensor, clip: float | None) -> torch.Tensor:
@@ -161,7 +161,7 @@ def _outputs(ys: list[torch.Tensor], finals: Sequence[list[torch.Tensor]], setup
 
 
 def _run_direction(
-    cell: Callable[[torch.Tensor, tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]],
+    cell: Cell,
     projected: torch.Tensor,
     state: tuple[torch.Tensor, ...],
     mask: torch.Tensor | None,
@@ -170,7 +170,7 @@ def _run_direction(
     """Run ``cell`` over the steps of ``projected`` [seq, batch, G*hidden]; returns Y of this
     direction [seq, batch, hidden] (zero past each length) and the final state tuple."""
     steps = projected.shape[0]
-    outputs: list[torch.Tensor | None] = [None] * steps
+    outputs: dict[int, torch.Tensor] = {}  # by step
     for t in range(steps - 1, -1, -1) if reverse else range(steps):
         new = cell(projected[t], state)
         if mask is None:
@@ -182,7 +182,7 @@ def _run_direction(
     if mask is not None:  # an empty sequence ends with zero states, as in onnxruntime (not its initial ones)
         started = mask.any(dim=0)
         state = tuple(torch.where(started, s, torch.zeros_like(s)) for s in state)
-    return torch.stack(outputs), state
+    return torch.stack([outputs[t] for t in range(steps)]), state
 
 
 def _projection(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, gates: int, hidden: int) -> torch.Tensor:
@@ -199,9 +199,9 @@ def _lstm_cell(
     clip: float | None,
     input_forget: bool,
     hidden: int,
-) -> Callable[[torch.Tensor, tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]]:
+) -> Cell:
     f, g, h = activations
-    p_i, p_o, p_f = (None, None, None) if peephole is None else peephole.split(hidden)
+    peepholes = None if peephole is None else peephole.split(hidden)  # ONNX order: i, o, f
 
     def cell(projected: torch.Tensor, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         h_prev, c_prev = state
@@ -209,13 +209,14 @@ def _lstm_cell(
         if r_bias is not None:
             gates = gates + r_bias
         pre_i, pre_o, pre_f, pre_c = gates.split(hidden, dim=-1)  # ONNX gate order: i, o, f, c
-        if p_i is not None:
+        if peepholes is not None:
+            p_i, _, p_f = peepholes
             pre_i, pre_f = pre_i + p_i * c_prev, pre_f + p_f * c_prev
         i = f(_clipped(pre_i, clip))
         forget = 1 - i if input_forget else f(_clipped(pre_f, clip))  # coupled gates, as onnxruntime
         c = forget * c_prev + i * g(_clipped(pre_c, clip))
-        if p_o is not None:
-            pre_o = pre_o + p_o * c
+        if peepholes is not None:
+            pre_o = pre_o + peepholes[1] * c
         o = f(_clipped(pre_o, clip))
         return o * h(c), c
 
@@ -229,7 +230,7 @@ def _gru_cell(
     clip: float | None,
     linear_before_reset: bool,
     hidden: int,
-) -> Callable[[torch.Tensor, tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]]:
+) -> Cell:
     f, g = activations
     r_zr, r_h = r[: 2 * hidden], r[2 * hidden :]
     b_zr, b_h = (None, None) if r_bias is None else (r_bias[: 2 * hidden], r_bias[2 * hidden :])
@@ -254,17 +255,15 @@ def _gru_cell(
     return cell
 
 
-def _recurrent(
-    node: Node, inputs: Inputs, make_cell: Callable[..., Callable], initial_indices: Sequence[int]
-) -> list[torch.Tensor]:
-    """The direction loop shared by LSTM and GRU; ``make_cell(direction, r, r_bias)``."""
+def _recurrent(node: Node, inputs: Inputs, make_cell: MakeCell, initial_indices: Sequence[int]) -> list[torch.Tensor]:
+    """The direction loop shared by LSTM and GRU; ``make_cell(direction, setup, r, r_bias)``."""
     setup = _setup(node)
     gates = _GATES[node.op_type]
-    x = _time_major(inputs[0], setup.layout)
-    w, r, b = inputs[1], inputs[2], _opt(inputs, 3)
+    x = _time_major(required(inputs, 0), setup.layout)
+    w, r, b = required(inputs, 1), required(inputs, 2), optional(inputs, 3)
     steps, batch = x.shape[0], x.shape[1]
-    mask = _step_mask(_opt(inputs, 4), steps, batch, x.device)
-    initial = [_initial_state(_opt(inputs, i), setup, batch, x) for i in initial_indices]
+    mask = _step_mask(optional(inputs, 4), steps, batch, x.device)
+    initial = [_initial_state(optional(inputs, i), setup, batch, x) for i in initial_indices]
     ys: list[torch.Tensor] = []
     finals: list[list[torch.Tensor]] = [[] for _ in initial]
     for d in range(setup.directions):
@@ -282,10 +281,10 @@ def _recurrent(
 @op("LSTM", check=_check_recurrent)
 def lstm(node: Node, inputs: Inputs) -> list[torch.Tensor]:
     """Inputs X, W, R, B, sequence_lens, initial_h, initial_c, P; outputs Y, Y_h, Y_c."""
-    peephole = _opt(inputs, 7)
-    input_forget = bool(node.attr("input_forget", 0))
+    peephole = optional(inputs, 7)
+    input_forget = bool(node.int_attr("input_forget", 0))
 
-    def make_cell(d: int, setup: _Setup, r: torch.Tensor, r_bias: torch.Tensor | None) -> Callable:
+    def make_cell(d: int, setup: _Setup, r: torch.Tensor, r_bias: torch.Tensor | None) -> Cell:
         p = None if peephole is None else peephole[d]
         return _lstm_cell(r, r_bias, p, setup.activations[d], setup.clip, input_forget, setup.hidden)
 
@@ -295,9 +294,9 @@ def lstm(node: Node, inputs: Inputs) -> list[torch.Tensor]:
 @op("GRU", check=_check_recurrent)
 def gru(node: Node, inputs: Inputs) -> list[torch.Tensor]:
     """Inputs X, W, R, B, sequence_lens, initial_h; outputs Y, Y_h."""
-    linear_before_reset = bool(node.attr("linear_before_reset", 0))
+    linear_before_reset = bool(node.int_attr("linear_before_reset", 0))
 
-    def make_cell(d: int, setup: _Setup, r: torch.Tensor, r_bias: torch.Tensor | None) -> Callable:
+    def make_cell(d: int, setup: _Setup, r: torch.Tensor, r_bias: torch.Tensor | None) -> Cell:
         return _gru_cell(r, r_bias, setup.activations[d], setup.clip, linear_before_reset, setup.hidden)
 
     return _recurrent(node, inputs, make_cell, (5,))

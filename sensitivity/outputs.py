@@ -132,7 +132,8 @@ def output_kind(values: np.ndarray, producers: Producers | None = None, name: st
             )
     if width > 1 and _unit_rows(values[:KIND_SAMPLES]):
         return OutputKind("embeddings", "", f"the float model's {width}-wide rows of the output have unit L2 norm")
-    if op == "LpNormalization" or (op == "Div" and _divides_by_norm(producers, name)):
+    divides_by_norm = op == "Div" and producers is not None and _divides_by_norm(producers, name)
+    if op == "LpNormalization" or divides_by_norm:
         return OutputKind("embeddings", "", f"the output is L2-normalised ({op})")
     if width == 1:
         # One value per sample: its argmax is always 0, so agreement would be 100 % whatever the model does.

@@ -29,7 +29,7 @@ import re
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, TypeGuard
 
 if TYPE_CHECKING:
     import torch
@@ -546,7 +546,7 @@ def _tensor_meta(
     return TensorEntry(name, shape, dtype_name, is_param, info.filename, strides, offset, requires_grad)
 
 
-def _is_count(value: Any) -> bool:
+def _is_count(value: object) -> TypeGuard[int]:
     return type(value) is int and 0 <= value <= _INT64_MAX
 
 
@@ -621,7 +621,8 @@ class _Place:
     parent: _Place | None
 
     def path(self) -> str:
-        parts, place = [], self
+        parts: list[str] = []
+        place: _Place | None = self
         while place is not None and place.key is not None:
             key = place.key if isinstance(place.key, int) or len(place.key) <= 60 else place.key[:57] + "..."
             parts.append(f"[{key}]" if isinstance(key, int) else f".{key}")

@@ -201,10 +201,11 @@ Config = TraceConfig | EigenConfig | InterLayerConfig
 CONFIG_TYPES: dict[str, type] = {cls.__name__: cls for cls in (TraceConfig, EigenConfig, InterLayerConfig)}
 
 
-def config_from_dict(data: Mapping[str, Any]) -> Config:
-    """Rebuild a configuration from ``to_dict()`` output (or any JSON object): ValueError for
+def config_from_dict(data: object) -> Config:
+    """Rebuild a configuration from ``to_dict()`` output (or any JSON value): ValueError for
     anything but a mapping, an unknown ``type``, unknown keys and bad values."""
-    _require(isinstance(data, Mapping), f"a configuration must be a JSON object; got {type(data).__name__}")
+    if not isinstance(data, Mapping):
+        raise ValueError(f"a configuration must be a JSON object; got {type(data).__name__}")
     data = dict(data)
     kind = data.pop("type", None)
     _require(

@@ -134,7 +134,7 @@ def describe_device(device: torch.device) -> str:
 
 
 def versions() -> dict[str, str]:
-    found = {"torch": torch.__version__}
+    found: dict[str, str] = {"torch": torch.__version__}
     for package in ("mpq", "onnx", "onnxruntime"):
         try:
             found[package] = importlib.metadata.version(package)

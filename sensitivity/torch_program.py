@@ -83,11 +83,12 @@ def find_module_layers(module: nn.Module) -> list[Layer]:
     modules = dict(module.named_modules())
     for module_name, sub in modules.items():
         for module_type, op_type, axis in _LAYER_MODULES:
-            if isinstance(sub, module_type) and id(sub.weight) not in seen:
-                seen.add(id(sub.weight))
+            weight = sub.weight if isinstance(sub, module_type) else None
+            if isinstance(weight, torch.Tensor) and id(weight) not in seen:
+                seen.add(id(weight))
                 name = f"{module_name}.weight" if module_name else "weight"
                 scope = _module_scope(modules, module_name)
-                layers.append(_layer(name, module_name or op_type, op_type, axis, sub.weight, scope))
+                layers.append(_layer(name, module_name or op_type, op_type, axis, weight, scope))
                 break
     return layers
 
@@ -118,7 +119,9 @@ class TorchProgram(ProgramAttributes):
         self._layers = tuple(find_module_layers(module) if layers is None else layers)
         if not self._layers:
             raise ValueError("the model has no quantizable layer (Conv, ConvTranspose, Linear or Embedding weight)")
-        state = dict(module.named_parameters())  # a tied weight appears once; functional_call re-ties it
+        state: dict[str, torch.Tensor] = dict(
+            module.named_parameters()
+        )  # a tied weight appears once; functional_call re-ties it
         state.update(module.named_buffers())
         missing = [layer.name for layer in self._layers if layer.name not in state]
         if missing:

@@ -21,7 +21,7 @@ import onnx
 import torch
 from torch import nn
 
-from sensitivity.examples import DigitsCNN, DigitsMLP, export_onnx, train
+from sensitivity.examples import DigitsCNN, DigitsMLP, export_onnx, torchscript_export, train
 
 
 class TinyTransformerBlock(nn.Module):
@@ -135,7 +135,7 @@ def trained_tiny_transformer(
     torch.manual_seed(seed)
     model = TinyTokenTransformer(spec.vocab, spec.tokens, classes=spec.classes)
     # ``train`` only reads the arrays of its data argument, so the token task stands in for digits.
-    return train(model, task, epochs=spec.epochs, seed=seed), task  # type: ignore[arg-type]
+    return train(model, task, epochs=spec.epochs, seed=seed), task
 
 
 def export_tiny_transformer(model: TinyTokenTransformer, opset: int = 17) -> onnx.ModelProto:
@@ -203,8 +203,10 @@ def build(name: str, seed: int = 0) -> nn.Module:
     model = ZOO[name].build().eval()
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 2.0)
+            mean, var = module.running_mean, module.running_var
+            if mean is not None and var is not None:  # None without track_running_stats
+                mean.uniform_(-0.5, 0.5)
+                var.uniform_(0.5, 2.0)
     return model
 
 
@@ -215,20 +217,17 @@ def export(model: nn.Module, example: torch.Tensor, opset: int = 17, dynamo: boo
     uses ``torch.export`` with onnxscript (opset 18 or later). Initializers keep the
     exporter's names (parameter names, or ``onnx::...`` for folded/transposed weights).
     """
-    buffer = io.BytesIO()
     if not dynamo:
-        torch.onnx.export(
+        exported = torchscript_export(
             model.eval(),
             (example,),
-            buffer,
-            dynamo=False,
             input_names=["input"],
             output_names=["output"],
             dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
             opset_version=opset,
             do_constant_folding=True,
         )
-        return onnx.load_from_string(buffer.getvalue())
+        return onnx.load_from_string(exported)
     program = torch.onnx.export(
         model.eval(),
         (example,),
@@ -239,5 +238,7 @@ def export(model: nn.Module, example: torch.Tensor, opset: int = 17, dynamo: boo
         opset_version=opset,
         verbose=False,
     )
+    assert program is not None  # the dynamo exporter always returns its program
+    buffer = io.BytesIO()
     onnx.save(program.model_proto, buffer)
     return onnx.load_from_string(buffer.getvalue())

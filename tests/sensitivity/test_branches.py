@@ -3,6 +3,8 @@ are fixed, which are not, what the fixed model computes, and the layers that app
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import onnx
 import onnxruntime
@@ -21,7 +23,7 @@ def _constant(name: str, array: np.ndarray) -> onnx.NodeProto:
     return helper.make_node("Constant", [], [name], value=onnx.numpy_helper.from_array(array, name))
 
 
-def _matmul_branch(name: str, weight: np.ndarray, source: str, extra: list[onnx.NodeProto] = ()) -> onnx.GraphProto:
+def _matmul_branch(name: str, weight: np.ndarray, source: str, extra: Sequence[onnx.NodeProto] = ()) -> onnx.GraphProto:
     """y = source @ weight (a Constant inside the branch, as silero and paddle2onnx write weights)."""
     nodes = [
         _constant(f"{name}.weight", weight),
@@ -36,7 +38,7 @@ def _model(
     condition_nodes: list[onnx.NodeProto],
     then_branch: onnx.GraphProto,
     else_branch: onnx.GraphProto,
-    extra_inputs: list[onnx.ValueInfoProto] = (),
+    extra_inputs: Sequence[onnx.ValueInfoProto] = (),
 ) -> onnx.ModelProto:
     nodes = [
         *condition_nodes,

@@ -3,6 +3,8 @@ results that do not depend on how the set was split."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -107,16 +109,13 @@ def test_a_budget_below_what_the_process_holds_is_a_clear_error(digits) -> None:
 def test_traces_do_not_depend_on_the_batch_split(digits) -> None:
     """HVPs accumulate over micro-batches weighted by n_b/N: only rounding differs."""
     program, calibration = digits
-    shared = {
-        "max_probes": 8,
-        "min_probes": 8,
-        "device": "cpu",
-        "hvp_method": "double_backward",
-        "memory_budget_mb": None,
-    }
-    whole = compute_sensitivity(program, calibration, TraceConfig(batch_size=64, **shared))
-    split = compute_sensitivity(program, calibration, TraceConfig(batch_size=7, **shared))
+    config = TraceConfig(
+        batch_size=64, max_probes=8, min_probes=8, device="cpu", hvp_method="double_backward", memory_budget_mb=None
+    )
+    whole = compute_sensitivity(program, calibration, config)
+    split = compute_sensitivity(program, calibration, dataclasses.replace(config, batch_size=7))
     assert whole.execution["batch_size"] == 64 and split.execution["batch_size"] == 7
+    assert whole.traces is not None and split.traces is not None
     np.testing.assert_allclose([t.trace for t in split.traces], [t.trace for t in whole.traces], rtol=1e-4)
 
 
@@ -139,4 +138,5 @@ def test_a_time_budget_stops_the_probes_with_the_errors_reached(digits) -> None:
     stopped = result.execution["traces"]
     assert stopped["stopped"] == "time_budget" and 2 <= stopped["probes"] < 4096
     assert stopped["worst_relative_se"] > 1e-6  # the target was not reached, and the report says by how much
+    assert result.traces is not None
     assert all(t.num_probes == stopped["probes"] and t.standard_error > 0 for t in result.traces)

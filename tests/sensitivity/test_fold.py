@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import onnx
 import onnxruntime
@@ -15,7 +17,7 @@ RNG = np.random.default_rng(0)
 W = RNG.normal(size=(3, 4)).astype(np.float32)
 
 
-def _model(weight_nodes: list[onnx.NodeProto], extra_outputs: list[str] = ()) -> onnx.ModelProto:
+def _model(weight_nodes: list[onnx.NodeProto], extra_outputs: Sequence[str] = ()) -> onnx.ModelProto:
     """y = x @ w, with w computed from the initializer W0 by ``weight_nodes``."""
     nodes = [*weight_nodes, helper.make_node("MatMul", ["x", "w"], ["y"], name="fc/MatMul")]
     outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("y", *extra_outputs)]
@@ -78,7 +80,7 @@ def test_a_gate_reordering_chain_with_shape_constants_is_folded() -> None:
 
 def test_arithmetic_on_a_weight_is_not_folded() -> None:
     """A Mul could round: the weight stays a computed value (and no layer), as the exporter wrote it."""
-    scale = helper.make_node("Constant", [], ["two"], value=numpy_helper.from_array(np.float32(2.0), "two"))
+    scale = helper.make_node("Constant", [], ["two"], value=numpy_helper.from_array(np.array(2.0, np.float32), "two"))
     model = _model(
         [
             scale,

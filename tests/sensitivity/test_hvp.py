@@ -7,6 +7,7 @@ directly from an independent loss (whole set in one batch); other test modules i
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,7 +56,7 @@ class TinyProblem:
 
     def blocks(self) -> list[slice]:
         edges = np.cumsum([0, *self.sizes])
-        return [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+        return [slice(int(a), int(b)) for a, b in itertools.pairwise(edges)]
 
     def exact_loss(self, flat: torch.Tensor) -> torch.Tensor:
         """The calibration loss over the whole set in one batch, written independently of losses.py."""
@@ -82,7 +83,7 @@ def tiny_problem(labels: bool = True, samples: int = 24, seed: int = 0) -> TinyP
     torch.manual_seed(seed)
     module = TinyNet().double().eval()
     rng = np.random.default_rng(seed)
-    calibration = {"input": rng.normal(size=(samples, 1, 4, 4))}
+    calibration: dict[str, np.ndarray] = {"input": rng.normal(size=(samples, 1, 4, 4))}
     if labels:
         calibration["labels"] = rng.integers(0, 4, size=samples)
     return TinyProblem(TorchProgram(module), calibration, module)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -138,17 +139,17 @@ def test_gradient_term_errors_are_the_standard_errors_over_samples(
 
 
 def test_shrinkage_keeps_clear_terms_and_drops_noise() -> None:
-    base = dict(
+    legacy = InterLayerTerms(  # written before errors existed
         labels=(("a", 8), ("a", 4), ("b", 8), ("b", 4)),
         matrix=((0.0,) * 4,) * 4,
+        gradient_terms=(2.0, -0.5, -3.0, 0.0),
         delta_norms_squared=(1.0,) * 4,
         omega=(1.0,) * 4,
         symmetry_error=0.0,
     )
-    terms = InterLayerTerms(gradient_terms=(2.0, -0.5, -3.0, 0.0), gradient_term_errors=(0.2, 1.0, 3.0, 1.0), **base)
+    terms = dataclasses.replace(legacy, gradient_term_errors=(0.2, 1.0, 3.0, 1.0))
     shrunk = shrunk_gradient_terms(terms)
     assert shrunk == pytest.approx((2.0 * 0.99, 0.0, 0.0, 0.0))  # z = 10 kept almost whole; |z| ≤ 1 dropped
-    legacy = InterLayerTerms(gradient_terms=(2.0, -0.5, -3.0, 0.0), **base)  # written before errors existed
     assert shrunk_gradient_terms(legacy) == legacy.gradient_terms
     assert InterLayerTerms.from_dict(terms.to_dict()) == terms
     assert (

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sensitivity.examples import export_onnx
+from sensitivity.examples import export_onnx, torchscript_export
 from sensitivity.hvp import HVP_METHODS, HessianVectorProducts
 from sensitivity.losses import LOSS_KINDS, CalibrationLoss
 from sensitivity.onnx_program import load_onnx
@@ -186,21 +186,12 @@ def _onnx_head(end, steps: int = 0, samples: int = 12, fixed: int | None = None,
     if fixed is None:
         proto = export_onnx(module, torch.zeros(2, 6))
     else:
-        import io
-
         import onnx
 
-        buffer = io.BytesIO()
-        torch.onnx.export(
-            module,
-            (torch.zeros(fixed, 6),),
-            buffer,
-            dynamo=False,
-            input_names=["input"],
-            output_names=["logits"],
-            opset_version=17,
+        exported = torchscript_export(
+            module, (torch.zeros(fixed, 6),), input_names=["input"], output_names=["logits"], opset_version=17
         )
-        proto = onnx.load_from_string(buffer.getvalue())
+        proto = onnx.load_from_string(exported)
     x = np.random.default_rng(4).normal(size=(samples, 6)).astype(np.float32)
     return load_onnx(proto), x
 
@@ -364,23 +355,18 @@ class TwoScales(nn.Module):
 
 
 def _two_scales_program():
-    import io
-
     import onnx
 
     torch.manual_seed(7)
-    buffer = io.BytesIO()
-    torch.onnx.export(
+    exported = torchscript_export(
         TwoScales().eval(),
         (torch.zeros(2, 6),),
-        buffer,
-        dynamo=False,
         input_names=["input"],
         output_names=["scores", "boxes"],
         opset_version=17,
         dynamic_axes={"input": {0: "batch"}, "scores": {0: "batch"}, "boxes": {0: "batch"}},
     )
-    return load_onnx(onnx.load_from_string(buffer.getvalue()))
+    return load_onnx(onnx.load_from_string(exported))
 
 
 def test_several_outputs_are_each_divided_by_their_float_mean_square() -> None:

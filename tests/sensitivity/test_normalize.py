@@ -149,7 +149,7 @@ def _quantized_model(node: onnx.NodeProto, initializers: list[onnx.TensorProto])
 
 
 _W8 = numpy_helper.from_array(np.ones((4, 4), np.int8), "w_q")
-_SCALE = numpy_helper.from_array(np.float32(0.1), "w_scale")
+_SCALE = numpy_helper.from_array(np.array(0.1, np.float32), "w_scale")
 QUANTIZED = {
     "MatMulInteger": (helper.make_node("MatMulInteger", ["x", "w_q"], ["y"], name="mm"), [_W8], "MatMulInteger"),
     "DequantizeLinear on a weight": (

@@ -4,6 +4,8 @@ Ifs; parity with onnxruntime and second-order derivatives through a run-time bra
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import onnx
 import pytest
@@ -43,7 +45,7 @@ def _else() -> onnx.GraphProto:
     return _branch(
         "else",
         [
-            helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(np.float32(0.5))),
+            helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(np.array(0.5, np.float32))),
             helper.make_node("Mul", ["h", "k"], ["e1"]),
             helper.make_node("Sigmoid", ["e1"], ["else_out"]),
             helper.make_node("Neg", ["x"], ["e2"]),
@@ -54,7 +56,7 @@ def _else() -> onnx.GraphProto:
 
 def _model(
     condition_nodes: list[onnx.NodeProto],
-    initializers: list[onnx.TensorProto] = (),
+    initializers: Sequence[onnx.TensorProto] = (),
     then_branch: onnx.GraphProto | None = None,
     else_branch: onnx.GraphProto | None = None,
     opset: int = 16,
@@ -105,7 +107,7 @@ def _data_condition() -> list[onnx.NodeProto]:
     """cond = sum(x) > 0: known only at run time."""
     return [
         helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
-        helper.make_node("Constant", [], ["zero"], value=numpy_helper.from_array(np.float32(0.0))),
+        helper.make_node("Constant", [], ["zero"], value=numpy_helper.from_array(np.array(0.0, np.float32))),
         helper.make_node("Greater", ["s", "zero"], ["cond"]),
     ]
 
@@ -209,7 +211,7 @@ def test_second_order_through_a_run_time_branch(sign: float) -> None:
     leaf = point[0].clone().requires_grad_()
     (gradient,) = torch.autograd.grad(loss((leaf,)), leaf, create_graph=True)
     backward = torch.stack([torch.autograd.grad((gradient * v).sum(), leaf, retain_graph=True)[0] for v in probes[0]])
-    _, second_backward = torch.func.vjp(torch.func.grad(loss), point)  # the vmapped double backward
+    _, second_backward = torch.func.vjp(torch.func.grad(loss), point)[:2]  # the vmapped double backward
     batched = torch.func.vmap(lambda v: second_backward((v,))[0][0])(probes[0])
     torch.testing.assert_close(forward, backward, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(batched, backward, rtol=1e-4, atol=1e-5)

@@ -22,8 +22,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from sensitivity.onnx_ops import OPS
-from sensitivity.onnx_program import load_onnx
+from sensitivity.onnx_ops import OPS, Node
+from sensitivity.onnx_program import UnsupportedOpsError, check_supported, load_onnx
 
 RTOL = 1e-4
 _rng = np.random.default_rng(0)
@@ -476,7 +476,7 @@ def build(c: Case, opset: int) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
 
 def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
     difference = np.linalg.norm((actual.astype(np.float64) - expected.astype(np.float64)).ravel())
-    return float(difference / max(np.linalg.norm(expected.astype(np.float64).ravel()), 1e-12))
+    return float(difference / max(float(np.linalg.norm(expected.astype(np.float64).ravel())), 1e-12))
 
 
 def run_onnxruntime(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -557,17 +557,17 @@ def test_second_order_through_op(c: Case, opset: int) -> None:
         return torch.stack(squares).sum() if squares else torch.zeros(())
 
     tangent = {name: torch.randn_like(value) for name, value in floats.items()}
-    gradient, hvp = torch.func.jvp(torch.func.grad(loss), (floats,), (tangent,))
+    gradient, hvp = torch.func.jvp(torch.func.grad(loss), (floats,), (tangent,))[:2]  # a triple only with has_aux
     leaves = {name: value.clone().requires_grad_() for name, value in floats.items()}
     first = torch.autograd.grad(loss(leaves), list(leaves.values()), create_graph=True, allow_unused=True)
-    for (name, g_func), g_auto in zip(gradient.items(), first):
+    for g_func, g_auto in zip(gradient.values(), first):
         if g_auto is not None:
             torch.testing.assert_close(g_func, g_auto, rtol=1e-4, atol=1e-5)
     differentiable = [(g, tangent[name]) for name, g in zip(leaves, first) if g is not None and g.requires_grad]
     if differentiable:
-        dot = sum((g * v).sum() for g, v in differentiable)
+        dot = torch.stack([(g * v).sum() for g, v in differentiable]).sum()
         second = torch.autograd.grad(dot, list(leaves.values()), allow_unused=True)
-        for (name, h_func), h_auto in zip(hvp.items(), second):
+        for h_func, h_auto in zip(hvp.values(), second):
             if h_auto is not None:
                 torch.testing.assert_close(h_func, h_auto, rtol=1e-3, atol=1e-4)
 
@@ -575,6 +575,41 @@ def test_second_order_through_op(c: Case, opset: int) -> None:
 def test_every_registered_op_has_a_parity_case() -> None:
     tested = {c.op for c in CASES}
     assert sorted(set(OPS) - tested) == []
+
+
+def test_node_attributes_are_read_with_their_types() -> None:
+    """The accessors give the default when an attribute is absent, read an INT where a FLOAT is due
+    as the number, and name the node for a missing required attribute or a value of another type."""
+    node = Node("conv", "Conv", {"group": 2, "alpha": 1, "strides": [1, 2], "auto_pad": "VALID"})
+    assert node.int_attr("group", 1) == 2 and node.int_attr("axis", 0) == 0
+    assert node.float_attr("alpha") == 1.0 and isinstance(node.float_attr("alpha"), float)
+    assert node.ints_attr("strides") == [1, 2] and node.str_attr("auto_pad") == "VALID"
+    assert node.has("group") and not node.has("pads")
+    with pytest.raises(ValueError, match=r"node 'conv' \(Conv\) has no 'kernel_shape' attribute"):
+        node.ints_attr("kernel_shape")
+    with pytest.raises(ValueError, match=r"attribute 'auto_pad' of node 'conv' \(Conv\) is of type str, not an int"):
+        node.int_attr("auto_pad")
+    with pytest.raises(ValueError, match="is of type list, not a float"):
+        node.float_attr("strides")
+
+
+def test_an_attribute_of_the_wrong_type_is_named_before_running() -> None:
+    model, _ = build(case("Gelu", R(2, 5), approximate=1), 20)  # approximate is a STRING attribute
+    with pytest.raises(UnsupportedOpsError, match=r"Gelu .*'approximate' .* is of type int, not a string"):
+        check_supported(model)
+
+
+def test_a_missing_required_input_names_the_node() -> None:
+    node = helper.make_node("Add", ["x", ""], ["y"], name="add")
+    graph = helper.make_graph(
+        [node],
+        "missing",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
+    program = load_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    with pytest.raises(RuntimeError, match="Add node 'add' failed: input 1 is missing"):
+        program.forward(program.layer_weights, {"x": torch.ones(2)})
 
 
 # --- window geometry, property-based ----------------------------------------------------------

@@ -89,7 +89,7 @@ def _case(
 
 def _matrix(op: str) -> list[Case]:
     """Each attribute and optional input on its own, then combined."""
-    extra = {"input_forget": 1} if op == "LSTM" else {"linear_before_reset": 1}
+    extra: dict[str, Any] = {"input_forget": 1} if op == "LSTM" else {"linear_before_reset": 1}  # attributes
     leaky = ["LeakyRelu", "Tanh", "ScaledTanh"] if op == "LSTM" else ["HardSigmoid", "Affine"]
     thresholded = ["HardSigmoid", "ThresholdedRelu", "Affine"] if op == "LSTM" else ["ThresholdedRelu", "ScaledTanh"]
     # both directions, with functions that take an alpha left to its default
@@ -319,7 +319,7 @@ def test_hvp_methods_agree_under_vmap(op: str) -> None:
     point = (weights["W"], weights["R"])
     probes = tuple(torch.randn(3, *w.shape) for w in point)
     forward = torch.func.vmap(lambda v: torch.func.jvp(torch.func.grad(loss), (point,), (v,))[1])(probes)
-    _, backward = torch.func.vjp(torch.func.grad(loss), point)
+    _, backward = torch.func.vjp(torch.func.grad(loss), point)[:2]  # a triple only with has_aux
     reverse = torch.func.vmap(lambda v: backward(v)[0])(probes)
     for a, b in zip(forward, reverse):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

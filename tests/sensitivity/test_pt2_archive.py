@@ -7,6 +7,7 @@ marker file; ``test_payloads_run_under_torch_export_load`` shows, in a child pro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -81,7 +82,8 @@ def rewrite(source: Path, target: Path, changes: Mapping[str, bytes | None]) -> 
             if data is not None:
                 edited.writestr(info, data)
         for relative, data in pending.items():
-            edited.writestr(f"{root}/{relative}", data)
+            if data is not None:  # removing a member the archive does not have: nothing to do
+                edited.writestr(f"{root}/{relative}", data)
 
 
 def member(source: Path, relative: str) -> bytes:
@@ -480,7 +482,7 @@ def test_malformed_weight_table_is_refused(name: str, benign: Path, tmp_path: Pa
     archive = tmp_path / "malformed.pt2"
     edit_json(benign, archive, WEIGHTS, edit)
     for load in (check_archive, load_exported_program):
-        with pytest.raises(UnsafeArchive, match="model_weights_config.json") as refused:
+        with pytest.raises(UnsafeArchive, match=r"model_weights_config\.json") as refused:
             load(archive)
         assert message in str(refused.value)
 
@@ -501,14 +503,15 @@ def test_archives_that_are_not_pt2_are_refused(benign: Path, tmp_path: Path) -> 
     not_zip = tmp_path / "model.pt2"
     not_zip.write_bytes(b"not a zip")
     cases: dict[str, tuple[Path, str]] = {"not a zip": (not_zip, "not a readable zip archive")}
-    for name, changes, message in [
+    edits: list[tuple[str, dict[str, bytes | None], str]] = [
         ("no format", {"archive_format": None}, "archive_format: missing"),
         ("other format", {"archive_format": b"onnx"}, "expected 'pt2'"),
         ("big endian", {"byteorder": b"big"}, "little-endian"),
         ("unknown member", {"data/weights/notes.txt": b""}, "torch.export.save does not write"),
         ("no weight table", {WEIGHTS: None}, "model_weights_config.json: missing"),
         ("program not an object", {PROGRAM: b"[1, 2]"}, '"graph_module"'),
-    ]:
+    ]
+    for name, changes, message in edits:
         cases[name] = (tmp_path / f"{name}.pt2", message)
         rewrite(benign, cases[name][0], changes)
     outside = tmp_path / "outside.pt2"
@@ -605,10 +608,8 @@ def test_random_weight_tables_only_raise_unsafe_archive(benign: Path, tmp_path: 
         check_archive(archive)
     except UnsafeArchive:
         return
-    try:
+    with contextlib.suppress(ValueError):  # UnsafeArchive or ArchiveLoadError
         load_exported_program(archive)
-    except ValueError:  # UnsafeArchive or ArchiveLoadError
-        pass
 
 
 # ---------------------------------------------------------------- the allowlists match torch 2.13

@@ -87,7 +87,7 @@ def test_silero_vad_hvp_methods_agree() -> None:
     forward = torch.func.jvp(torch.func.grad(loss), (point,), (probe,))[1]
     leaves = tuple(w.clone().requires_grad_() for w in point)
     gradient = torch.autograd.grad(loss(leaves), leaves, create_graph=True)
-    backward = torch.autograd.grad(sum((g * v).sum() for g, v in zip(gradient, probe)), leaves)
+    backward = torch.autograd.grad(torch.stack([(g * v).sum() for g, v in zip(gradient, probe)]).sum(), leaves)
     for f, b in zip(forward, backward):
         assert float((f - b).norm() / b.norm().clamp_min(1e-12)) < 1e-4
 
@@ -110,4 +110,5 @@ def test_ddddocr_fixed_batch_of_1_takes_a_calibration_set_of_3() -> None:
     assert program.fixed_batch_size == 1
     config = TraceConfig(seed=0, min_probes=2, max_probes=2, batch_size=256, device="cpu")
     result = compute_sensitivity(program, feeds, config)
+    assert result.traces is not None
     assert result.num_samples == 3 and all(np.isfinite(t.trace) for t in result.traces)

@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import json
 import re
+from typing import TypedDict
 
 import numpy as np
 import pytest
@@ -27,7 +28,13 @@ from sensitivity.examples import DigitsCNN, export_onnx, load_digits
 from sensitivity.run import resolve_device
 from tests.sensitivity.test_hvp import TinyProblem, single_thread, tiny_problem  # noqa: F401
 
-FAST = {"batch_size": 12, "device": "cpu"}
+
+class _Fast(TypedDict):
+    batch_size: int
+    device: str
+
+
+FAST = _Fast(batch_size=12, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +81,7 @@ def test_seeded_runs_reproduce_exactly(problem: TinyProblem) -> None:
     other = compute_sensitivity(problem.program, problem.calibration, dataclasses.replace(config, seed=6))
     assert first.traces != other.traces
     # G and g·Δ are deterministic; only Ω uses the traces (and so the probes).
+    assert first.interlayer is not None and other.interlayer is not None
     assert first.interlayer.matrix == other.interlayer.matrix
     assert first.interlayer.gradient_terms == other.interlayer.gradient_terms
     assert first.interlayer.omega != other.interlayer.omega
@@ -119,7 +127,7 @@ def test_unregistered_config_type_is_a_type_error(problem: TinyProblem) -> None:
         device: str = "cpu"
 
     with pytest.raises(TypeError, match="no handler for Unknown"):
-        compute_sensitivity(problem.program, problem.calibration, Unknown())
+        compute_sensitivity(problem.program, problem.calibration, Unknown())  # type: ignore[arg-type]  # not a config: the error under test
 
 
 def test_auto_device_is_cuda_only_when_available() -> None:
@@ -137,6 +145,8 @@ def test_cuda_matches_cpu(problem: TinyProblem) -> None:
     gpu = compute_sensitivity(problem.program, problem.calibration, dataclasses.replace(config, device="cuda"))
     cpu = compute_sensitivity(problem.program, problem.calibration, dataclasses.replace(config, device="cpu"))
     assert gpu.device.startswith("cuda")
+    assert gpu.interlayer is not None and cpu.interlayer is not None
+    assert gpu.traces is not None and cpu.traces is not None
     assert np.allclose(gpu.interlayer.array(), cpu.interlayer.array(), rtol=1e-6, atol=1e-12)
     for a, b in zip(gpu.traces, cpu.traces):  # same probes (drawn on the CPU), float64 model
         assert a.trace == pytest.approx(b.trace, rel=1e-8)
@@ -145,8 +155,11 @@ def test_cuda_matches_cpu(problem: TinyProblem) -> None:
 def _folded(model: DigitsCNN) -> nn.Module:
     """The CNN with BatchNorm folded into the convolutions, as the ONNX export does."""
     fused = copy.deepcopy(model)
-    fused.conv1, fused.bn1 = torch.nn.utils.fusion.fuse_conv_bn_eval(fused.conv1, fused.bn1), nn.Identity()
-    fused.conv2, fused.bn2 = torch.nn.utils.fusion.fuse_conv_bn_eval(fused.conv2, fused.bn2), nn.Identity()
+    fused.conv1 = torch.nn.utils.fusion.fuse_conv_bn_eval(fused.conv1, fused.bn1)
+    fused.conv2 = torch.nn.utils.fusion.fuse_conv_bn_eval(fused.conv2, fused.bn2)
+    # bn1/bn2 are typed BatchNorm2d on DigitsCNN: add_module replaces them with identities
+    fused.add_module("bn1", nn.Identity())
+    fused.add_module("bn2", nn.Identity())
     return fused
 
 
@@ -155,12 +168,13 @@ def test_onnx_program_gives_the_torch_program_results() -> None:
     torch.manual_seed(0)
     model = DigitsCNN().eval()
     for bn in (model.bn1, model.bn2):  # non-trivial statistics, so folding matters
+        assert bn.running_mean is not None and bn.running_var is not None
         bn.running_mean.uniform_(-0.2, 0.2)
         bn.running_var.uniform_(0.5, 2.0)
     from_onnx = onnx_program.load_onnx(export_onnx(model, torch.zeros(1, 1, 8, 8)))
     from_torch = TorchProgram(_folded(model))
-    assert [(l.name, l.op_type, l.shape, l.channel_axis) for l in from_onnx.layers] == [
-        (l.name, l.op_type, l.shape, l.channel_axis) for l in from_torch.layers
+    assert [(layer.name, layer.op_type, layer.shape, layer.channel_axis) for layer in from_onnx.layers] == [
+        (layer.name, layer.op_type, layer.shape, layer.channel_axis) for layer in from_torch.layers
     ]
     digits = load_digits()
     calibration = {"input": digits.train_x[:48], "labels": digits.train_y[:48]}
@@ -168,12 +182,14 @@ def test_onnx_program_gives_the_torch_program_results() -> None:
     a = compute_sensitivity(from_onnx, calibration, config)
     b = compute_sensitivity(from_torch, calibration, config)
     assert a.loss == pytest.approx(b.loss, rel=1e-5)
+    assert a.traces is not None and b.traces is not None
+    assert a.interlayer is not None and b.interlayer is not None
     for x, y in zip(a.traces, b.traces):
         assert x.trace == pytest.approx(y.trace, rel=1e-4, abs=1e-6)
     assert np.allclose(
         a.interlayer.array(), b.interlayer.array(), rtol=1e-4, atol=1e-4 * np.abs(b.interlayer.array()).max()
     )
-    everything_at_4 = {l.name: 4 for l in a.layers}
+    everything_at_4: dict[str, int | None] = {layer.name: 4 for layer in a.layers}
     assert predicted_loss_change(a, everything_at_4) == pytest.approx(
         predicted_loss_change(b, everything_at_4), rel=1e-4
     )
@@ -190,7 +206,7 @@ def test_onnx_program_supports_both_hvp_methods(task: str, loss_kind: str) -> No
     for method in ("double_backward", "forward_over_reverse"):
         config = TraceConfig(seed=0, max_probes=8, batch_size=16, device="cpu", hvp_method=method, task=task)
         result = compute_sensitivity(program, calibration, config)
-        assert result.loss_kind == loss_kind
+        assert result.loss_kind == loss_kind and result.traces is not None
         traces[method] = [t.trace for t in result.traces]
     assert np.allclose(traces["double_backward"], traces["forward_over_reverse"], rtol=1e-4)
 
@@ -212,6 +228,7 @@ def test_regression_without_labels_has_zero_gradient_and_gauss_newton_g() -> Non
     config = InterLayerConfig(bits=(8, 4, 2), trace_max_probes=16, task="regression", **FAST)
     result = compute_sensitivity(program, calibration, config)
     assert result.loss_kind == "distill_mse" and result.loss == 0.0
+    assert result.interlayer is not None and result.traces is not None
     assert all(term == 0.0 for term in result.interlayer.gradient_terms)
     matrix = result.interlayer.array()
     assert np.linalg.eigvalsh((matrix + matrix.T) / 2).min() > -1e-10 * np.abs(matrix).max()  # G is a Gram matrix

@@ -40,7 +40,9 @@ class Mixed(nn.Module):
 def test_layers_are_named_by_parameter_with_onnx_op_and_channel_axis() -> None:
     program = TorchProgram(Mixed())
     assert isinstance(program, Program)
-    summary = [(l.name, l.op_type, l.shape, l.num_params, l.channel_axis) for l in program.layers]
+    summary = [
+        (layer.name, layer.op_type, layer.shape, layer.num_params, layer.channel_axis) for layer in program.layers
+    ]
     assert summary == [
         ("conv1d.weight", "Conv", (3, 2, 3), 18, 0),
         ("up.weight", "ConvTranspose", (3, 4, 2), 24, 1),
@@ -56,13 +58,13 @@ def test_layers_carry_node_names_and_module_scopes() -> None:
     from tests.sensitivity.test_layers import Encoder
 
     program = TorchProgram(Encoder())
-    assert [(l.name, l.node_name, l.scope) for l in program.layers] == [
+    assert [(layer.name, layer.node_name, layer.scope) for layer in program.layers] == [
         ("blocks.0.fc.weight", "blocks.0.fc", "/blocks.0/fc"),
         ("blocks.1.fc.weight", "blocks.1.fc", "/blocks.1/fc"),
         ("head.weight", "head", "/head"),
     ]  # the ModuleList is no scope: it never runs, as in torch's own paths
     exported = _exported_layers(torch.export.export(Encoder().eval(), (torch.zeros(2, 8),)))
-    assert [(l.name, l.node_name, l.scope) for l in exported] == [
+    assert [(layer.name, layer.node_name, layer.scope) for layer in exported] == [
         ("blocks.0.fc.weight", "linear", "/blocks.0/fc"),
         ("blocks.1.fc.weight", "linear_1", "/blocks.1/fc"),
         ("head.weight", "linear_2", "/head"),
@@ -119,7 +121,7 @@ import json, sys, torch
 from sensitivity.torch_program import load_exported
 p = load_exported(sys.argv[1])
 out = p.forward(dict(p.layer_weights), {p.input_names[0]: torch.ones(5, 1, 8, 8)})[0]
-print(json.dumps({"layers": [[l.name, l.op_type, l.channel_axis] for l in p.layers],
+print(json.dumps({"layers": [[layer.name, layer.op_type, layer.channel_axis] for layer in p.layers],
                   "inputs": list(p.input_names), "outputs": list(p.output_names), "y": out.tolist()}))
 """
 
@@ -127,12 +129,12 @@ print(json.dumps({"layers": [[l.name, l.op_type, l.channel_axis] for l in p.laye
 def test_exported_archive_loads_with_stable_names_in_this_and_a_fresh_process(archive) -> None:
     path, expected = archive
     first, second = load_exported(path), load_exported(path)
-    names = [l.name for l in first.layers]
+    names = [layer.name for layer in first.layers]
     assert names == ["conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"]
-    assert names == [l.name for l in second.layers]
-    assert [l.op_type for l in first.layers] == ["Conv", "Conv", "Gemm", "Gemm"]
+    assert names == [layer.name for layer in second.layers]
+    assert [layer.op_type for layer in first.layers] == ["Conv", "Conv", "Gemm", "Gemm"]
     # FX node names; no scope: the loader drops node metadata unread (sensitivity.pt2_archive)
-    assert all(l.node_name for l in first.layers) and {l.scope for l in first.layers} == {""}
+    assert all(layer.node_name for layer in first.layers) and {layer.scope for layer in first.layers} == {""}
     x = {first.input_names[0]: torch.ones(5, 1, 8, 8)}
     y1 = first.forward(dict(first.layer_weights), x)[0]
     assert torch.equal(y1, second.forward(dict(second.layer_weights), x)[0])

@@ -91,6 +91,7 @@ def test_hawq_v2_traces(trained, calibration) -> None:
     config = TraceConfig(seed=0, min_probes=8, max_probes=16, device="cpu")
     result = compute_sensitivity(program, calibration, config)
     assert result.loss_kind == "cross_entropy" and 0 < result.loss < 0.5
+    assert result.traces is not None
     assert len(result.traces) == 8  # the embedding and seven MatMul/Gemm weights
     for trace in result.traces:
         assert 8 <= trace.num_probes <= 16

@@ -10,7 +10,6 @@ exporters (TorchScript and dynamo), which give differently shaped graphs of the 
 from __future__ import annotations
 
 import functools
-import io
 import json
 import math
 import warnings
@@ -20,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from sensitivity.examples import torchscript_export
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 OUTPUT_NAME = "sentence_embedding"
@@ -179,19 +180,15 @@ def export_onnx(model_dir: Path, exporter: str) -> bytes:
 def _export(encoder: SentenceEncoder, exporter: str) -> bytes:
     args = _example_inputs()
     if exporter == "torchscript":
-        buffer = io.BytesIO()
         axes = {name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES} | {OUTPUT_NAME: {0: "batch"}}
-        torch.onnx.export(
+        return torchscript_export(
             encoder,
             args,
-            buffer,
             input_names=list(INPUT_NAMES),
             output_names=[OUTPUT_NAME],
             dynamic_axes=axes,
             opset_version=_EXPORT_OPSET,
-            dynamo=False,
         )
-        return buffer.getvalue()
     batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim("sequence", min=2, max=512)
     shapes = {name: {0: batch, 1: seq} for name in INPUT_NAMES}
     program = torch.onnx.export(
@@ -204,6 +201,7 @@ def _export(encoder: SentenceEncoder, exporter: str) -> bytes:
         dynamo=True,
         verbose=False,
     )
+    assert program is not None  # the dynamo exporter always returns its program
     return program.model_proto.SerializeToString()
 
 

@@ -217,6 +217,8 @@ def ddddocr_charset(model: ZooModel) -> list[str]:
     """
     path = resource(model.module, "charsets.py")
     spec = importlib.util.spec_from_file_location("_zoo_ddddocr_charsets", str(path))
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return list(module.CHARSET_OLD if model.quantized else module.CHARSET_BETA)

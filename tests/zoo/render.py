@@ -89,9 +89,9 @@ def captcha(rng: np.random.Generator, text: str, height: int, width: int) -> np.
     for index, char in enumerate(text):
         size = int(rng.integers(int(height * 0.55), int(height * 0.8)))
         glyph = Image.new("RGBA", (size * 2, size * 2), (0, 0, 0, 0))
-        colour = tuple(int(v) for v in rng.integers(0, 140, size=3)) + (255,)
+        colour = (*(int(v) for v in rng.integers(0, 140, size=3)), 255)
         ImageDraw.Draw(glyph).text((size // 2, size // 3), char, font=font(size), fill=colour)
-        glyph = glyph.rotate(float(rng.uniform(-30, 30)), resample=Image.BICUBIC)
+        glyph = glyph.rotate(float(rng.uniform(-30, 30)), resample=Image.Resampling.BICUBIC)
         x = int(step * (index + 0.5) + rng.uniform(-0.15, 0.15) * step) - size // 2
         y = int((height - size * 2) / 2 + rng.uniform(-0.1, 0.1) * height)
         image.paste(glyph, (x, y), glyph)

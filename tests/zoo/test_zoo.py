@@ -227,7 +227,7 @@ def test_silero_is_its_16khz_branch_with_six_convolutions_and_an_lstm() -> None:
     assert not any(node.op_type == "If" for node in normalized.model.graph.node)
     ops = sorted(layer.op_type for layer in find_layers(normalized.model))
     assert ops == ["Conv"] * 6 + ["LSTM"] * 2  # an LSTM's W and R are two layers
-    assert normalized.branch_check.max_relative_difference < 1e-5
+    assert normalized.branch_check is not None and normalized.branch_check.max_relative_difference < 1e-5
     assert [value.name for value in normalized.model.graph.input] == ["input", "state", "sr"]
 
 
@@ -235,7 +235,7 @@ def test_an_already_quantized_model_is_refused() -> None:
     from sensitivity.normalize import AlreadyQuantizedError, normalize_model
 
     proto = onnx.load_from_string(zoo.get("ddddocr-common-old").model_bytes())
-    with pytest.raises(AlreadyQuantizedError, match="already quantized.*ConvInteger"):
+    with pytest.raises(AlreadyQuantizedError, match=r"already quantized.*ConvInteger"):
         normalize_model(proto)
 
 

@@ -4,6 +4,7 @@ artifact run in onnxruntime on evaluation data it was not calibrated on."""
 from __future__ import annotations
 
 import math
+from typing import TypedDict
 
 import numpy as np
 import onnx
@@ -18,9 +19,16 @@ pytestmark = [
     pytest.mark.skipif(bool(MISSING), reason=f"zoo packages missing ({', '.join(MISSING)}): {zoo.SETUP_HINT}"),
 ]
 
+
+class _SensitivityOptions(TypedDict):
+    batch_size: int
+    memory_budget_mb: int | None
+    hvp_method: str
+
+
 # Small enough for CI (a 224x224 HVP pass takes seconds here): 1 sample, 2 probes, no measuring
 # (memory budget off, HVP method named), one frontier point, one latency run.
-SENSITIVITY = {"batch_size": 2, "memory_budget_mb": None, "hvp_method": "double_backward"}
+SENSITIVITY = _SensitivityOptions(batch_size=2, memory_budget_mb=None, hvp_method="double_backward")
 SAMPLES = 1
 CASES = [pytest.param(m, id=m.name) for m in zoo.ZOO if not m.quantized]
 
@@ -54,6 +62,7 @@ def test_sensitivity_then_a_plan_whose_artifact_runs(model: zoo.ZooModel, tmp_pa
     result = compute_sensitivity(
         load_onnx(normalized), calibration, TraceConfig(max_probes=2, min_probes=2, device="cpu", **SENSITIVITY)
     )
+    assert result.traces is not None
     assert result.layers and all(math.isfinite(t.trace) and t.standard_error >= 0 for t in result.traces)
     assert result.loss_kind and result.execution["traces"]["probes"] == 2
 
