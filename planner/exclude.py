@@ -133,10 +133,11 @@ def is_structural_constant(weight: np.ndarray) -> bool:
 def exact_candidates(weight: np.ndarray, channel_axis: int, candidates: Sequence[str]) -> tuple[str, ...]:
     """fp32 and those of ``candidates`` whose weight quantizer reproduces ``weight`` exactly."""
     values = np.asarray(weight, dtype=np.float32)
+    weight_bits = {CANDIDATES[c].weight_bits for c in candidates}
     exact_bits = {
         bits
-        for bits in {CANDIDATES[c].weight_bits for c in candidates} - {None}
-        if np.array_equal(quantize_weight(values, bits, channel_axis).dequantize(), values)
+        for bits in weight_bits
+        if bits is not None and np.array_equal(quantize_weight(values, bits, channel_axis).dequantize(), values)
     }
     return (FP32, *(c for c in candidates if CANDIDATES[c].weight_bits in exact_bits))
 
