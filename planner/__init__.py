@@ -13,16 +13,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from planner.plan import (
-    Measurement,
-    NoFeasiblePlan,
-    PlanPoint,
-    PlanRequest,
-    PlanResult,
-    build_objective,
-    minimum_cost,
-    plan,
-)
+from planner.choose import NoFeasiblePlan, minimum_cost
+from planner.plan import normalize_for_plan, plan
+from planner.predict import build_objective
+from planner.request import PlanRequest
+from planner.result import Measurement, PlanPoint, PlanResult
 
 _EAGER = [
     "Measurement",
@@ -32,6 +27,7 @@ _EAGER = [
     "PlanResult",
     "build_objective",
     "minimum_cost",
+    "normalize_for_plan",
     "plan",
 ]
 _EXPORTS: dict[str, str] = {

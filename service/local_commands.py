@@ -201,7 +201,7 @@ def plan_command(args: argparse.Namespace, settings: Any = None) -> int:
         return remote_plan(args)
     import onnx
 
-    from planner.plan import NoFeasiblePlan, plan
+    from planner import NoFeasiblePlan, plan
 
     progress = ProgressPrinter(sys.stderr)
     try:
@@ -426,7 +426,7 @@ def _optional(**values: Any) -> dict[str, Any]:
 
 
 def plan_request(args: argparse.Namespace):
-    from planner.plan import PlanRequest
+    from planner import PlanRequest
 
     options = {"batch_size": args.batch_size, **budget_options(args)}
     if args.max_probes is not None:

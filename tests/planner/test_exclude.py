@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from planner.choose import minimum_cost
 from planner.cost import layer_cost_table
 from planner.exclude import (
     MAX_EXCLUDE_PATTERN_LENGTH,
@@ -23,14 +24,10 @@ from planner.exclude import (
     match_patterns,
 )
 from planner.objective import Objective, uniform_within
-from planner.plan import (
-    DEFAULT_CANDIDATES,
-    PlanRequest,
-    build_objective,
-    minimum_cost,
-    plan,
-)
+from planner.plan import plan
+from planner.predict import build_objective
 from planner.quadratic import solve_quadratic
+from planner.request import DEFAULT_CANDIDATES, PlanRequest
 from sensitivity.examples import DigitsMLP, export_onnx, load_digits, train
 from sensitivity.layers import find_layers
 from sensitivity.normalize import normalize_model

@@ -14,7 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 from planner.evaluate import run_batched_outputs
 from planner.export import check_inputs
 from planner.latency import measure_latency
-from planner.plan import PlanRequest, plan
+from planner.plan import plan
+from planner.request import PlanRequest
 from sensitivity.normalize import fixed_batch_size
 from sensitivity.onnx_program import load_onnx
 from sensitivity.results import TraceConfig

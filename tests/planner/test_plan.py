@@ -19,9 +19,12 @@ from hypothesis import strategies as st
 
 from planner.activation import ActivationTerm
 from planner.candidates import CANDIDATES
+from planner.choose import NoFeasiblePlan, minimum_cost
 from planner.cost import layer_cost_table
 from planner.export import read_plan
-from planner.plan import (
+from planner.plan import normalize_for_plan, plan
+from planner.predict import build_objective
+from planner.request import (
     DEFAULT_CANDIDATES,
     MAX_COST,
     MAX_FRONTIER_POINTS,
@@ -30,12 +33,7 @@ from planner.plan import (
     MAX_LATENCY_REPEATS,
     MAX_LATENCY_WARMUP,
     MAX_SOLVER_TIME_LIMIT_S,
-    NoFeasiblePlan,
     PlanRequest,
-    build_objective,
-    minimum_cost,
-    normalize_for_plan,
-    plan,
 )
 from sensitivity.checks import shown
 from sensitivity.examples import export_onnx, trained_digits_cnn

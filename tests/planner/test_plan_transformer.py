@@ -11,9 +11,11 @@ import onnxruntime as ort
 import pytest
 
 from planner.bisection import max_evaluations
+from planner.choose import minimum_cost
 from planner.cost import layer_cost_table
 from planner.export import read_plan
-from planner.plan import PlanRequest, minimum_cost, plan
+from planner.plan import plan
+from planner.request import PlanRequest
 from sensitivity.onnx_program import load_onnx
 from sensitivity.results import InterLayerConfig
 from sensitivity.run import compute_sensitivity
