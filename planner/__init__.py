@@ -17,7 +17,7 @@ from planner.choose import NoFeasiblePlan, minimum_cost
 from planner.plan import normalize_for_plan, plan
 from planner.predict import build_objective
 from planner.request import PlanRequest
-from planner.result import Measurement, PlanPoint, PlanResult
+from planner.result import Measurement, PlanPoint, PlanResult, PlanRun
 
 _EAGER = [
     "Measurement",
@@ -25,6 +25,7 @@ _EAGER = [
     "PlanPoint",
     "PlanRequest",
     "PlanResult",
+    "PlanRun",
     "build_objective",
     "minimum_cost",
     "normalize_for_plan",

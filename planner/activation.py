@@ -21,11 +21,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from planner.checks import json_object, real, texts
 from planner.cost import layer_nodes
 from planner.evaluate import log_softmax, run_batched_outputs
 from planner.export import check_inputs, export_model, model_opset
@@ -57,7 +59,18 @@ class ActivationTerm:
     standard_error: float  # of that mean, over the samples
 
     def to_dict(self) -> dict[str, object]:
+        """The term without its layer: results key their terms by layer (``PlanResult.activation_terms``)."""
         return {"tensors": list(self.tensors), "loss_change": self.loss_change, "standard_error": self.standard_error}
+
+    @classmethod
+    def from_dict(cls, layer: str, data: Any) -> ActivationTerm:
+        fields = json_object(data, f"the activation term of {layer!r}", ("tensors", "loss_change", "standard_error"))
+        return cls(
+            layer=layer,
+            tensors=texts("tensors", fields["tensors"]),
+            loss_change=real("loss_change", fields["loss_change"]),
+            standard_error=real("standard_error", fields["standard_error"]),
+        )
 
 
 def activation_terms(

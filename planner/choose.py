@@ -4,7 +4,7 @@ meets the constraints (step 3 of ``planner.plan``).
 ``pareto`` builds the whole frontier (exact DP on Ω for ``hawq_v2``, the quadratic solver on ΔL for
 ``interlayer``) and picks the best point within the budget; ``bisection`` demotes the least sensitive
 layers, measuring each step for real. Both measure through the ``Measurer`` and return the chosen
-point, the frontier and the search's details (``PlanResult.search_details``).
+point, the frontier and the search's details (``PlanRun.search``).
 
 Budgets: ``max_size_bytes`` and ``max_bops`` are computed costs (``planner.cost``: weight
 storage plus the other initializers and the float graph's own bytes; BOPS of one sample), so the

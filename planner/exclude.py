@@ -31,6 +31,7 @@ import numpy as np
 import onnx
 
 from planner.candidates import CANDIDATES
+from planner.checks import json_object, text, texts
 from planner.objective import FP32, uniform_within
 from sensitivity.checks import shown
 from sensitivity.layers import Layer, find_layers, weight_array
@@ -64,6 +65,17 @@ class Exclusion:
             "reason": self.reason,
             "candidates": list(self.candidates),
         }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Exclusion:
+        fields = json_object(data, "an exclusion", ("layer", "node_name", "scope", "reason", "candidates"))
+        return cls(
+            layer=text("layer", fields["layer"]),
+            node_name=text("node_name", fields["node_name"]),
+            scope=text("scope", fields["scope"]),
+            reason=text("reason", fields["reason"]),
+            candidates=texts("candidates", fields["candidates"]),
+        )
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,9 @@ Steps (DESIGN.md's data flow), each one module:
    points and the uniform configurations are exported (``export_model``) and evaluated in
    onnxruntime, with latency;
 5. the result (``planner.result``): chosen configuration, predicted and measured figures, frontier,
-   uniform baselines, the artifact (bytes + sha256, the plan in its metadata), versions, the
-   excluded layers with their reasons, and every layer's node name and scope.
+   uniform baselines, the artifact (bytes + sha256, the plan in its metadata), the excluded layers
+   with their reasons, every layer's node name and scope, and how the run went (``PlanRun``:
+   versions, timings, evaluations, the search's details, what normalisation changed).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from planner.measure import Measurer, Progress
 from planner.objective import Objective
 from planner.predict import analyse, build_objective, measured_activation_terms
 from planner.request import PlanRequest
-from planner.result import PlanPoint, PlanResult, listed_frontier
+from planner.result import PlanPoint, PlanResult, PlanRun, listed_frontier
 from sensitivity.layers import find_layers
 from sensitivity.normalize import NormalizedModel, normalize_model, refuse_quantized
 from sensitivity.onnx_program import check_supported
@@ -112,15 +113,17 @@ def plan(
         meets_constraints=meets_constraints(chosen, request),
         frontier=listed_frontier(frontier),
         uniform=uniform,
-        evaluations=evaluations,
-        search_details=details,
         artifact_bytes=artifact.model_bytes,
         artifact_sha256=artifact.sha256,
         sensitivity=sensitivity.to_dict(),
-        versions={**sensitivity.versions, **export_versions()},
-        timings=timings,
+        run=PlanRun(
+            versions={**sensitivity.versions, **export_versions()},
+            timings=timings,
+            evaluations=evaluations,
+            search=details,
+            normalization=normalized.to_dict(),
+        ),
         activation_terms=activation,
-        normalization=normalized.to_dict(),
         excluded=offered.exclusions,
         layer_nodes={layer.name: {"node_name": layer.node_name, "scope": layer.scope} for layer in find_layers(model)},
     )

@@ -110,7 +110,7 @@ def test_bisection_keeps_node_pattern_matches_fp32_at_every_step(mlp, mlp_sensit
     result = plan(proto, calibration, request, evaluation=evaluation, sensitivity=mlp_sensitivity)
     assert len(result.frontier) >= 2
     assert all(point.configuration["fc1.weight"] == "fp32" for point in (result.plan, *result.frontier))
-    assert "fc1.weight" not in result.search_details["order"]
+    assert "fc1.weight" not in result.run.search["order"]
     assert [e.reason for e in result.excluded] == ["exclude pattern '/fc1/*'"]
 
     without_fp32 = PlanRequest(
@@ -118,7 +118,7 @@ def test_bisection_keeps_node_pattern_matches_fp32_at_every_step(mlp, mlp_sensit
     )
     result = plan(proto, calibration, without_fp32, evaluation=evaluation, sensitivity=mlp_sensitivity)
     assert result.plan.configuration == {"fc1.weight": "fp32", "fc2.weight": "w4a8", "fc3.weight": "w4a8"}
-    assert result.search_details["high"] == "w8a8"
+    assert result.run.search["high"] == "w8a8"
 
 
 def test_an_unmatched_pattern_is_a_value_error_naming_it_and_some_layers(mlp):

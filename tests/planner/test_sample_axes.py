@@ -130,7 +130,7 @@ def test_a_plan_takes_the_users_axes_where_the_declared_shapes_do_not_say():
         plan(model, data, PlanRequest(**QUANTIZE, **FAST))
     request = PlanRequest(**QUANTIZE, sample_axes={"state": 1, "sr": None}, **FAST)
     result = plan(model, data, request)  # opset 17 -> 21 for w4: the upgrade is checked on the user's axes
-    assert result.normalization["upgrade_check"]["samples"] == 8
+    assert result.run.normalization["upgrade_check"]["samples"] == 8
     assert result.meets_constraints and result.plan.measured.num_samples == SAMPLES
     assert json.loads(json.dumps(result.to_dict()))["request"]["sample_axes"] == {"state": 1, "sr": None}
 
