@@ -29,6 +29,8 @@ EXIT_INFEASIBLE = 3
 SENSITIVITY_METHODS = ("hawq_v1", "hawq_v2", "interlayer")
 PLAN_METHODS = ("hawq_v2", "interlayer")
 PLAN_METRICS = ("auto", "top1", "cosine", "neighbour_agreement", "step_agreement")  # planner.evaluate.METRICS
+# planner.DEFAULT_CANDIDATES, comma-joined and written out: the CLI builds its parser without importing
+# the planner (torch); tests/planner/test_public_api.py pins them equal.
 DEFAULT_CANDIDATES = "fp32,w8a8,w4a8,w8,w4"
 # sensitivity.results' HVP_CHOICES and DEFAULT_MEMORY_BUDGET_MB, written out: the CLI does not
 # import torch to build its parser (a test pins them equal).

@@ -1,4 +1,4 @@
-"""planner's public API: what ``import planner`` offers."""
+"""planner's public API: what ``import planner`` offers, and the one definition of the default candidates."""
 
 from __future__ import annotations
 
@@ -80,3 +80,15 @@ def test_a_star_import_gives_the_public_names_only():
     namespace: dict[str, object] = {}
     exec("from planner import *", namespace)
     assert sorted(set(namespace) - {"__builtins__"}) == sorted(PUBLIC)
+
+
+def test_the_service_copies_of_the_default_candidates_are_the_planners():
+    """The API and the CLI write them out (their processes do not import torch); one definition rules."""
+    from service import api_plans, local_commands
+
+    assert planner.PlanRequest().candidates == planner.DEFAULT_CANDIDATES
+    assert tuple(api_plans.DEFAULT_CANDIDATES) == planner.DEFAULT_CANDIDATES
+    assert tuple(local_commands.DEFAULT_CANDIDATES.split(",")) == planner.DEFAULT_CANDIDATES
+    assert api_plans.PlanRequestIn.model_fields["candidates"].get_default(call_default_factory=True) == list(
+        planner.DEFAULT_CANDIDATES
+    )
