@@ -432,7 +432,7 @@ def _complete_value_types(model: onnx.ModelProto, sample: Mapping[str, np.ndarra
 # Static quantization (w8a8, w4a8) with onnxruntime's tooling
 
 
-class ArrayCalibrationReader(CalibrationDataReader):
+class ArrayCalibrationReader(CalibrationDataReader):  # type: ignore[misc]  # onnxruntime ships no types
     """onnxruntime ``CalibrationDataReader`` over in-memory arrays, in batches (of exactly ``fixed``
     samples for a model whose batch dim is fixed, the last padded: a repeated sample moves no
     min/max range). Each input is cut along its sample axis (``axes``; default 0), a shared one
