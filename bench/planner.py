@@ -49,7 +49,7 @@ from planner.export import export_model
 from planner.frontier import diagonal_frontier, solve_budget
 from planner.latency import cpu_description, measure_latency
 from planner.objective import synthetic_objective
-from planner.plan import PlanRequest, PlanResult, plan
+from planner import PlanRequest, PlanResult, plan
 from planner.quadratic import solve_quadratic
 from sensitivity.onnx_program import load_onnx
 from sensitivity.results import InterLayerConfig, SensitivityResult

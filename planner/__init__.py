@@ -1,88 +1,92 @@
 """Per-layer precision search, quantized ONNX export and measurement.
 
-The one verb is ``plan(model, calibration, request) -> PlanResult`` (``planner.plan``); the
-pieces it glues are public too, imported on first use (PEP 562).
+The one verb is ``plan(model, calibration, request) -> PlanResult`` (``planner.plan``); the pieces it
+glues are public too. ``__all__`` lists them: what the service and the benchmarks use, and the
+pipeline's steps (``planner.plan``'s module doc names them).
 
-``plan`` is imported eagerly: the function shares its name with its module, and the import
-system binds ``planner.plan`` to the module when the submodule is first loaded, so the function
-must be bound after that load, here.
+Imported eagerly, plainly: ``planner.plan`` already imports nearly every module of the package (and
+torch, through ``sensitivity``), so deferring the others saved nothing. ``planner.plan`` is the
+function after this import: the import system binds the attribute to the submodule when it is first
+loaded, and the ``from planner.plan import plan`` below rebinds it; read the module as
+``sys.modules["planner.plan"]``.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
-from planner.plan import (
-    Measurement,
-    NoFeasiblePlan,
-    PlanPoint,
-    PlanRequest,
-    PlanResult,
-    build_objective,
-    minimum_cost,
-    plan,
+from planner.bisection import BisectionResult, bisect, demotion_order
+from planner.candidates import CANDIDATES, Candidate, Configuration, get_candidate, parse_candidates
+from planner.choose import NoFeasiblePlan, minimum_cost
+from planner.cost import (
+    Cost,
+    CostTable,
+    LayerCost,
+    ShapesUnknown,
+    configuration_cost,
+    layer_bops,
+    layer_cost_table,
+    layer_size_bytes,
+    unchanged_bytes,
 )
+from planner.evaluate import Evaluation, evaluate
+from planner.exclude import Exclusion, LayerCandidates, layer_candidates, match_patterns
+from planner.export import ExportedModel, ExportError, check_inputs, export_model, read_plan
+from planner.frontier import Frontier, InfeasibleBudget, diagonal_frontier, solve_budget
+from planner.latency import LatencyMeasurement, measure_latency
+from planner.objective import Objective
+from planner.plan import normalize_for_plan, plan
+from planner.predict import build_objective
+from planner.quadratic import QuadraticResult, quadratic_frontier, solve_quadratic
+from planner.request import DEFAULT_CANDIDATES, PlanRequest
+from planner.result import Measurement, PlanPoint, PlanResult, PlanRun
 
-_EAGER = [
+__all__ = [
+    "CANDIDATES",
+    "DEFAULT_CANDIDATES",
+    "BisectionResult",
+    "Candidate",
+    "Configuration",
+    "Cost",
+    "CostTable",
+    "Evaluation",
+    "Exclusion",
+    "ExportError",
+    "ExportedModel",
+    "Frontier",
+    "InfeasibleBudget",
+    "LatencyMeasurement",
+    "LayerCandidates",
+    "LayerCost",
     "Measurement",
     "NoFeasiblePlan",
+    "Objective",
     "PlanPoint",
     "PlanRequest",
     "PlanResult",
+    "PlanRun",
+    "QuadraticResult",
+    "ShapesUnknown",
+    "bisect",
     "build_objective",
+    "check_inputs",
+    "configuration_cost",
+    "demotion_order",
+    "diagonal_frontier",
+    "evaluate",
+    "export_model",
+    "get_candidate",
+    "layer_bops",
+    "layer_candidates",
+    "layer_cost_table",
+    "layer_size_bytes",
+    "match_patterns",
+    "measure_latency",
     "minimum_cost",
+    "normalize_for_plan",
+    "parse_candidates",
     "plan",
+    "quadratic_frontier",
+    "read_plan",
+    "solve_budget",
+    "solve_quadratic",
+    "unchanged_bytes",
 ]
-_EXPORTS: dict[str, str] = {
-    # candidates and configurations
-    "CANDIDATES": "planner.candidates",
-    "Candidate": "planner.candidates",
-    "Configuration": "planner.candidates",
-    "get_candidate": "planner.candidates",
-    "parse_candidates": "planner.candidates",
-    # costs
-    "Cost": "planner.cost",
-    "CostTable": "planner.cost",
-    "configuration_cost": "planner.cost",
-    "layer_cost_table": "planner.cost",
-    # search
-    "Objective": "planner.objective",
-    "Frontier": "planner.frontier",
-    "InfeasibleBudget": "planner.frontier",
-    "diagonal_frontier": "planner.frontier",
-    "solve_budget": "planner.frontier",
-    "QuadraticResult": "planner.quadratic",
-    "quadratic_frontier": "planner.quadratic",
-    "solve_quadratic": "planner.quadratic",
-    "BisectionResult": "planner.bisection",
-    "bisect": "planner.bisection",
-    "demotion_order": "planner.bisection",
-    "Exclusion": "planner.exclude",
-    "LayerCandidates": "planner.exclude",
-    "layer_candidates": "planner.exclude",
-    # export and measurement
-    "ExportError": "planner.export",
-    "ExportedModel": "planner.export",
-    "export_model": "planner.export",
-    "read_plan": "planner.export",
-    "Evaluation": "planner.evaluate",
-    "evaluate": "planner.evaluate",
-    "LatencyMeasurement": "planner.latency",
-    "measure_latency": "planner.latency",
-}
-
-__all__ = sorted([*_EAGER, *_EXPORTS])
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'planner' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from planner.checks import json_object, real, texts
 from planner.cost import layer_nodes
 from planner.evaluate import log_softmax, run_batched_outputs
 from planner.export import check_inputs, export_model, model_opset
@@ -57,7 +59,18 @@ class ActivationTerm:
     standard_error: float  # of that mean, over the samples
 
     def to_dict(self) -> dict[str, object]:
+        """The term without its layer: results key their terms by layer (``PlanResult.activation_terms``)."""
         return {"tensors": list(self.tensors), "loss_change": self.loss_change, "standard_error": self.standard_error}
+
+    @classmethod
+    def from_dict(cls, layer: str, data: Any) -> ActivationTerm:
+        fields = json_object(data, f"the activation term of {layer!r}", ("tensors", "loss_change", "standard_error"))
+        return cls(
+            layer=layer,
+            tensors=texts("tensors", fields["tensors"]),
+            loss_change=real("loss_change", fields["loss_change"]),
+            standard_error=real("standard_error", fields["standard_error"]),
+        )
 
 
 def activation_terms(
@@ -218,16 +231,20 @@ class _SampleLoss:
             self.scales = [1.0 / square if square > 0.0 else 1.0 for square in squares]
 
     def __call__(self, outputs: Sequence[np.ndarray]) -> np.ndarray:
-        return sum(_per_sample(positions) for positions in self._position_losses(outputs))
+        first, *rest = (_per_sample(positions) for positions in self._position_losses(outputs))
+        return sum(rest, first)
 
     def _position_losses(self, outputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         """As ``sensitivity.losses.position_losses``: per output, the loss at every position."""
-        kind, targets = self.kind, self.targets
+        kind = self.kind
         if kind in ("cross_entropy", "distill_cross_entropy"):  # class axis 1
+            targets = self._targets()
             return [-np.take_along_axis(log_softmax(outputs[0], axis=1), targets[:, None], axis=1)[:, 0]]
         if kind == "distill_step_cross_entropy":  # class axis last
+            targets = self._targets()
             return [-np.take_along_axis(log_softmax(outputs[0], axis=-1), targets[..., None], axis=-1)[..., 0]]
         if kind in ("distill_kl", "distill_kl_log_probs"):
+            targets = self._targets()
             return [np.sum(np.exp(targets) * (targets - _log_distribution(kind, outputs[0])), axis=-1)]
         if kind == "distill_binary_kl":
             p0, p = self.reference[0], outputs[0]
@@ -235,27 +252,34 @@ class _SampleLoss:
             return [np.sum(kl, axis=-1)]
         return [scale * (out - ref) ** 2 for out, ref, scale in zip(outputs, self.reference, self.scales)]
 
+    def _targets(self) -> np.ndarray:
+        """The targets of a loss kind that has them (``_targets`` gives them to every kind that reads them)."""
+        if self.targets is None:
+            raise ValueError(f"loss kind {self.kind!r} has no targets")
+        return self.targets
+
 
 def _targets(kind: str, first: np.ndarray, labels: np.ndarray | None) -> np.ndarray | None:
     """As ``sensitivity.losses.loss_targets`` (the labels for ``cross_entropy``; None where the
     reference outputs are the targets)."""
     if kind == "cross_entropy":
         return np.asarray(labels)
-    if kind == "distill_cross_entropy":
-        return first.argmax(axis=1)
-    if kind == "distill_step_cross_entropy":
-        return first.argmax(axis=-1)
+    if kind in ("distill_cross_entropy", "distill_step_cross_entropy"):  # the class axis: 1, or last
+        classes: np.ndarray = first.argmax(axis=1 if kind == "distill_cross_entropy" else -1)
+        return classes
     if kind in ("distill_kl", "distill_kl_log_probs"):
         return _log_distribution(kind, first)
     return None
 
 
 def _per_sample(positions: np.ndarray) -> np.ndarray:
-    return positions.reshape(len(positions), -1).mean(axis=1)
+    means: np.ndarray = positions.reshape(len(positions), -1).mean(axis=1)
+    return means
 
 
 def _floored_log(values: np.ndarray) -> np.ndarray:
-    return np.log(np.maximum(values, PROBABILITY_FLOOR))
+    logs: np.ndarray = np.log(np.maximum(values, PROBABILITY_FLOOR))
+    return logs
 
 
 def _log_distribution(kind: str, out: np.ndarray) -> np.ndarray:

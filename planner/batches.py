@@ -9,6 +9,7 @@ axis, and an input shared by every sample goes whole to every run (``sensitivity
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -16,8 +17,8 @@ from sensitivity.normalize import common_fixed_dim, padded_rows
 from sensitivity.samples import SampleAxes, sample_count, take_samples
 
 
-def session_fixed_batch(session, axes: SampleAxes) -> int | None:
-    """The fixed batch size of an onnxruntime session's per-sample inputs (their dim on the sample
+def session_fixed_batch(session: Any, axes: SampleAxes) -> int | None:
+    """The fixed batch size of an onnxruntime session's (``InferenceSession``) per-sample inputs (their dim on the sample
     axis), or None when it is dynamic; shared inputs do not count."""
     dims = [
         (value.shape or [])[axis] if axis < len(value.shape or []) else None

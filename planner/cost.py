@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -162,8 +163,9 @@ def runtime_tensors(
     return dict(zip(wanted, outputs, strict=True))
 
 
-def cpu_session(model_bytes: bytes):
-    """An onnxruntime CPU session that logs errors only (not its warnings about every model quirk)."""
+def cpu_session(model_bytes: bytes) -> Any:
+    """An onnxruntime CPU session (``InferenceSession``: onnxruntime ships no types) that logs errors
+    only (not its warnings about every model quirk)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -273,7 +275,7 @@ def configuration_cost(table: CostTable, configuration: Configuration | Mapping[
 
 def initializer_bytes(tensor: onnx.TensorProto) -> int:
     """Bytes of a tensor's data (4-bit types packed two per byte)."""
-    count = math.prod(tensor.dims)
+    count: int = math.prod(tensor.dims)
     if tensor.data_type in (TensorProto.INT4, TensorProto.UINT4):
         return math.ceil(count / 2)
     if tensor.data_type == TensorProto.STRING:

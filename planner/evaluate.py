@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -191,7 +192,7 @@ def run_batched_outputs(
     return [np.concatenate(parts) for parts in columns if all(part is not None for part in parts)]
 
 
-def _session_axes(model_bytes: bytes, session, sample_axes: SampleAxes | None) -> dict[str, int | None]:
+def _session_axes(model_bytes: bytes, session: Any, sample_axes: SampleAxes | None) -> dict[str, int | None]:
     """The sample axis of each session input: as given when the caller resolved them all (the
     planner does, once per model), else read off the model (parsed only then)."""
     names = [value.name for value in session.get_inputs()]
@@ -321,7 +322,8 @@ def compare_outputs(reference: np.ndarray, outputs: np.ndarray) -> Fidelity:
 def log_softmax(logits: np.ndarray, axis: int = 1) -> np.ndarray:
     """Log-softmax of logits along ``axis`` (the class axis of ``[samples, classes]``), shifted by the maximum."""
     shifted = logits - logits.max(axis=axis, keepdims=True)
-    return shifted - np.log(np.sum(np.exp(shifted), axis=axis, keepdims=True))
+    result: np.ndarray = shifted - np.log(np.sum(np.exp(shifted), axis=axis, keepdims=True))
+    return result
 
 
 def _labels(dataset: Mapping[str, np.ndarray], count: int) -> np.ndarray | None:
@@ -338,5 +340,6 @@ def _model_bytes(model: ExportedModel | bytes | onnx.ModelProto) -> bytes:
     if isinstance(model, ExportedModel):
         return model.model_bytes
     if isinstance(model, onnx.ModelProto):
-        return model.SerializeToString()
+        serialized: bytes = model.SerializeToString()
+        return serialized
     return bytes(model)

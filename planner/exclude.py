@@ -31,6 +31,7 @@ import numpy as np
 import onnx
 
 from planner.candidates import CANDIDATES
+from planner.checks import json_object, text, texts
 from planner.objective import FP32, uniform_within
 from sensitivity.checks import shown
 from sensitivity.layers import Layer, find_layers, weight_array
@@ -64,6 +65,17 @@ class Exclusion:
             "reason": self.reason,
             "candidates": list(self.candidates),
         }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Exclusion:
+        fields = json_object(data, "an exclusion", ("layer", "node_name", "scope", "reason", "candidates"))
+        return cls(
+            layer=text("layer", fields["layer"]),
+            node_name=text("node_name", fields["node_name"]),
+            scope=text("scope", fields["scope"]),
+            reason=text("reason", fields["reason"]),
+            candidates=texts("candidates", fields["candidates"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -133,10 +145,11 @@ def is_structural_constant(weight: np.ndarray) -> bool:
 def exact_candidates(weight: np.ndarray, channel_axis: int, candidates: Sequence[str]) -> tuple[str, ...]:
     """fp32 and those of ``candidates`` whose weight quantizer reproduces ``weight`` exactly."""
     values = np.asarray(weight, dtype=np.float32)
+    weight_bits = {CANDIDATES[c].weight_bits for c in candidates}
     exact_bits = {
         bits
-        for bits in {CANDIDATES[c].weight_bits for c in candidates} - {None}
-        if np.array_equal(quantize_weight(values, bits, channel_axis).dequantize(), values)
+        for bits in weight_bits
+        if bits is not None and np.array_equal(quantize_weight(values, bits, channel_axis).dequantize(), values)
     }
     return (FP32, *(c for c in candidates if CANDIDATES[c].weight_bits in exact_bits))
 

@@ -167,7 +167,7 @@ def export_model(
             calibration_batch_size,
         )
     for name in weight_only:
-        bits = configuration.candidate(name).weight_bits
+        bits = _weight_bits(configuration, name)
         _add_weight_only_dequantize(working, by_name[name], bits, _nodes_named(working, nodes[name]))
     _check_layers_quantized(working, configuration, nodes, by_name)
     _raise_ir_version(working)
@@ -432,7 +432,7 @@ def _complete_value_types(model: onnx.ModelProto, sample: Mapping[str, np.ndarra
 # Static quantization (w8a8, w4a8) with onnxruntime's tooling
 
 
-class ArrayCalibrationReader(CalibrationDataReader):
+class ArrayCalibrationReader(CalibrationDataReader):  # type: ignore[misc]  # onnxruntime ships no types
     """onnxruntime ``CalibrationDataReader`` over in-memory arrays, in batches (of exactly ``fixed``
     samples for a model whose batch dim is fixed, the last padded: a repeated sample moves no
     min/max range). Each input is cut along its sample axis (``axes``; default 0), a shared one
@@ -475,7 +475,7 @@ def _quantize_static(
 ) -> onnx.ModelProto:
     methods = {m.name.lower(): m for m in CalibrationMethod}
     overrides = {
-        layer.name: _weight_overrides(model, layer, configuration.candidate(layer.name).weight_bits) for layer in layers
+        layer.name: _weight_overrides(model, layer, _weight_bits(configuration, layer.name)) for layer in layers
     }
     with tempfile.TemporaryDirectory(prefix="mpq-quant.") as directory:
         output = Path(directory) / "quantized.onnx"
@@ -503,6 +503,14 @@ def _quantize_static(
             return onnx.load(output)
         except Exception as error:
             raise ExportError(f"onnxruntime quantize_static failed: {type(error).__name__}: {error}") from error
+
+
+def _weight_bits(configuration: Configuration, layer: str) -> int:
+    """The weight bits of a layer whose candidate quantizes its weight."""
+    bits = configuration.candidate(layer).weight_bits
+    if bits is None:
+        raise ValueError(f"layer {layer!r} keeps its float weight ({configuration.candidate(layer).name})")
+    return bits
 
 
 def _weight_overrides(model: onnx.ModelProto, layer: Layer, bits: int) -> list[dict[str, Any]]:
@@ -726,7 +734,8 @@ def read_plan(model: onnx.ModelProto | bytes) -> dict[str, Any]:
     proto = onnx.load_from_string(model) if isinstance(model, bytes) else model
     for prop in proto.metadata_props:
         if prop.key == PLAN_METADATA_KEY:
-            return json.loads(prop.value)
+            plan: dict[str, Any] = json.loads(prop.value)
+            return plan
     raise ValueError(f"the model has no {PLAN_METADATA_KEY!r} metadata; was it exported by planner.export?")
 
 
@@ -757,9 +766,10 @@ def stored_weight(model: onnx.ModelProto, layer: str) -> QuantizedWeight | None:
 
 def _serialize(model: onnx.ModelProto) -> bytes:
     try:
-        return model.SerializeToString()
+        serialized: bytes = model.SerializeToString()
     except ValueError as error:  # protobuf's 2 GiB limit
         raise ExportError(f"the exported model cannot be serialized: {error}") from error
+    return serialized
 
 
 def validate_artifact(
@@ -793,9 +803,10 @@ def _is_float(array: np.ndarray) -> bool:
     return np.issubdtype(array.dtype, np.floating)
 
 
-def _session(model: onnx.ModelProto | bytes):
+def _session(model: onnx.ModelProto | bytes) -> Any:
     return cpu_session(model if isinstance(model, bytes) else model.SerializeToString())
 
 
 def _run(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-    return _session(model).run(None, dict(feeds))
+    outputs: list[np.ndarray] = _session(model).run(None, dict(feeds))
+    return outputs

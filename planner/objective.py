@@ -29,9 +29,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 FORMAT = "mpq.objective/1"
 FP32 = "fp32"
@@ -46,6 +47,7 @@ MAX_FLAT_CANDIDATES = 8192  # bounds the M×M matrix G (8192² float64 = 512 MiB
 Choice = tuple[int, ...]
 Configuration = Mapping[str, str] | Sequence[int]
 Table = tuple[np.ndarray, ...]  # one 1-D float array per layer, one entry per candidate
+TableLike = Sequence[ArrayLike] | np.ndarray  # what the constructor takes for a table: numbers per layer
 
 
 def uniform_within(offered: Mapping[str, Sequence[str]], candidate: str) -> dict[str, str]:
@@ -98,14 +100,29 @@ class Objective:
 
     ``omega`` and each ``costs[kind]`` are per-layer per-candidate tables; ``linear`` (l) is too
     and defaults to zero; ``G`` is the M×M matrix over the flat index and defaults to zero.
+    The constructor takes any numbers (lists, arrays) and None for zeros; the fields hold them
+    checked, as read-only float arrays.
     """
 
     layers: tuple[str, ...]
     candidates: tuple[tuple[str, ...], ...]
     omega: Table
     costs: Mapping[str, Table]
-    linear: Table | None = None
-    G: np.ndarray | None = field(default=None, repr=False)
+    # None (the constructor's default) stands for zeros: __post_init__ stores them.
+    linear: Table = None  # type: ignore[assignment]
+    G: np.ndarray = field(default=None, repr=False)  # type: ignore[arg-type]
+
+    if TYPE_CHECKING:  # what the constructor accepts; __post_init__ normalises it to the fields' types
+
+        def __init__(
+            self,
+            layers: Sequence[str],
+            candidates: Sequence[Sequence[str]],
+            omega: TableLike,
+            costs: Mapping[str, TableLike],
+            linear: TableLike | None = None,
+            G: ArrayLike | None = None,
+        ) -> None: ...
 
     def __post_init__(self) -> None:
         layers = tuple(str(name) for name in self.layers)
@@ -187,14 +204,14 @@ class Objective:
             extra = [name for name in configuration if name not in self.layers]
             if missing or extra:
                 raise ValueError(f"configuration: missing layers {missing[:5]}, unknown layers {extra[:5]}")
-            choice = []
+            picks = []
             for i, name in enumerate(self.layers):
                 if configuration[name] not in self.candidates[i]:
                     raise ValueError(
                         f"layer {name!r} has no candidate {configuration[name]!r}; it has {self.candidates[i]}"
                     )
-                choice.append(self.candidates[i].index(configuration[name]))
-            return tuple(choice)
+                picks.append(self.candidates[i].index(configuration[name]))
+            return tuple(picks)
         choice = tuple(int(b) for b in configuration)
         if len(choice) != self.n_layers:
             raise ValueError(f"a choice needs {self.n_layers} entries, got {len(choice)}")

@@ -122,10 +122,7 @@ def solve_quadratic(
     start = time.perf_counter()
     problem = _Problem(objective, kind, budget)
     use_milp = method == "milp" or (method == "auto" and problem.n_products <= max_milp_variables)
-    if use_milp:
-        result = _solve_milp(problem, time_limit)
-    else:
-        result = _solve_heuristic(problem, time_limit, max_lp_variables)
+    result = _solve_milp(problem, time_limit) if use_milp else _solve_heuristic(problem, time_limit, max_lp_variables)
     return replace(result, seconds=time.perf_counter() - start)
 
 

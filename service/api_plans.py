@@ -20,6 +20,8 @@ from service.tables import Artifact, FrontierPoint, LatencyMeasurement, Plan, ge
 from service.transfer import blob_response
 
 router = APIRouter(tags=["plans"])
+# planner.DEFAULT_CANDIDATES, written out as the bounds below are (the API process does not import
+# the planner, which pulls in torch); tests/planner/test_public_api.py pins it equal.
 DEFAULT_CANDIDATES = ["fp32", "w8a8", "w4a8", "w8", "w4"]
 
 

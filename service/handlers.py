@@ -105,7 +105,7 @@ def latency_job(context: ChildContext) -> dict[str, Any]:
 def plan_job(context: ChildContext) -> dict[str, Any]:
     import onnx
 
-    from planner.plan import NoFeasiblePlan, normalize_for_plan, plan
+    from planner import NoFeasiblePlan, normalize_for_plan, plan
     from sensitivity.results import SensitivityResult
 
     with context.model_path() as path:

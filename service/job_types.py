@@ -169,15 +169,15 @@ def _plan_rows(done: Finished, data: dict[str, Any], latency: Any, sha256: str, 
         measured={
             **(chosen["measured"] or {}),
             "uniform": data["uniform"],
-            "evaluations": data["evaluations"],
-            "search": data["search"],
-            "timings": data["timings"],
+            "evaluations": data["run"]["evaluations"],
+            "search": data["run"]["search"],
+            "timings": data["run"]["timings"],
             "activation_terms": data["activation_terms"],
             "excluded": data.get("excluded", []),
             "layer_nodes": data.get("layer_nodes", {}),
         },
         artifact_id=artifact.id,
-        versions=data["versions"],
+        versions=data["run"]["versions"],
     )
     rows: list[Any] = [artifact, plan_row]
     rows += [

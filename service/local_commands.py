@@ -29,6 +29,8 @@ EXIT_INFEASIBLE = 3
 SENSITIVITY_METHODS = ("hawq_v1", "hawq_v2", "interlayer")
 PLAN_METHODS = ("hawq_v2", "interlayer")
 PLAN_METRICS = ("auto", "top1", "cosine", "neighbour_agreement", "step_agreement")  # planner.evaluate.METRICS
+# planner.DEFAULT_CANDIDATES, comma-joined and written out: the CLI builds its parser without importing
+# the planner (torch); tests/planner/test_public_api.py pins them equal.
 DEFAULT_CANDIDATES = "fp32,w8a8,w4a8,w8,w4"
 # sensitivity.results' HVP_CHOICES and DEFAULT_MEMORY_BUDGET_MB, written out: the CLI does not
 # import torch to build its parser (a test pins them equal).
@@ -201,7 +203,7 @@ def plan_command(args: argparse.Namespace, settings: Any = None) -> int:
         return remote_plan(args)
     import onnx
 
-    from planner.plan import NoFeasiblePlan, plan
+    from planner import NoFeasiblePlan, plan
 
     progress = ProgressPrinter(sys.stderr)
     try:
@@ -426,7 +428,7 @@ def _optional(**values: Any) -> dict[str, Any]:
 
 
 def plan_request(args: argparse.Namespace):
-    from planner.plan import PlanRequest
+    from planner import PlanRequest
 
     options = {"batch_size": args.batch_size, **budget_options(args)}
     if args.max_probes is not None:
@@ -601,13 +603,13 @@ def plan_document(result, artifact_path: str) -> dict[str, Any]:
         "meets_constraints": data["meets_constraints"],
         "frontier": data["frontier"],
         "uniform": data["uniform"],
-        "evaluations": data["evaluations"],
-        "search": data["search"],
+        "evaluations": data["run"]["evaluations"],
+        "search": data["run"]["search"],
         "artifact": str(artifact_path),
         "artifact_sha256": data["artifact"]["sha256"],
         "request": data["request"],
-        "versions": data["versions"],
-        "timings": data["timings"],
+        "versions": data["run"]["versions"],
+        "timings": data["run"]["timings"],
         "activation_terms": data["activation_terms"],
         "excluded": data["excluded"],
         "layer_nodes": data["layer_nodes"],

@@ -50,7 +50,7 @@ def sensitivity_config(method: str, options: Mapping[str, Any]):
 def plan_request(params: Mapping[str, Any]):
     """The library's PlanRequest from a plan's API body (service/api_plans.PlanRequestIn); ValueError if
     bad. The one translation: the API's up-front check and the worker both use it."""
-    from planner.plan import PlanRequest
+    from planner import PlanRequest
 
     options = params.get("options", {})
     if not isinstance(options, Mapping):

@@ -25,7 +25,7 @@ def _model_and_data(name: str) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     entry = zoo.ZOO[name]
     proto = zoo.export(zoo.build(name), torch.zeros(entry.input_shape))
     rng = np.random.default_rng(0)
-    data = {"input": rng.standard_normal((SAMPLES, *entry.input_shape[1:])).astype(np.float32)}
+    data: dict[str, np.ndarray] = {"input": rng.standard_normal((SAMPLES, *entry.input_shape[1:])).astype(np.float32)}
     if name == "digits_cnn":
         data["labels"] = rng.integers(0, 10, SAMPLES)
     return proto, data
@@ -106,7 +106,7 @@ def test_terms_are_per_sample_loss_changes_with_standard_errors(case):
     ranges = activation_quantization(proto, data)
     reference = _run(proto, feeds, 64)
     loss = _SampleLoss(kind, reference, data.get("labels"))
-    for name, term in terms.items():
+    for term in terms.values():
         changes = loss(_run(_with_fake_quantization(proto, [ranges[t] for t in term.tensors]), feeds, 64)) - loss(
             reference
         )

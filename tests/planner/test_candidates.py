@@ -24,7 +24,7 @@ def test_menu_matches_design():
     assert (CANDIDATES["fp32"].effective_weight_bits, CANDIDATES["fp32"].effective_activation_bits) == (32, 32)
 
 
-def test_candidate_is_frozen():
+def test_candidate_is_frozen() -> None:
     with pytest.raises(AttributeError):
         CANDIDATES["w8a8"].weight_bits = 4  # type: ignore[misc]
 
@@ -58,7 +58,7 @@ def test_configuration_validates_against_layers():
         Configuration({"conv.weight": "w3", "fc.weight": "w4"})
 
 
-def test_configuration_is_an_immutable_mapping():
+def test_configuration_is_an_immutable_mapping() -> None:
     configuration = Configuration.uniform(LAYERS, "w8")
     assert dict(configuration) == {"conv.weight": "w8", "fc.weight": "w8"}
     assert configuration == {"conv.weight": "w8", "fc.weight": "w8"}

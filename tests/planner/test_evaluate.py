@@ -13,13 +13,13 @@ from planner.candidates import Configuration
 from planner.evaluate import (
     compare_outputs,
     cosine_similarity,
-    detect_kind,
     evaluate,
     neighbour_agreement,
     step_agreement,
 )
 from planner.export import export_model
 from sensitivity.layers import find_layers
+from sensitivity.outputs import detect_kind
 from tests.planner.test_export import trained_digits_onnx
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from planner.choose import minimum_cost
 from planner.cost import layer_cost_table
 from planner.exclude import (
     MAX_EXCLUDE_PATTERN_LENGTH,
@@ -23,14 +24,10 @@ from planner.exclude import (
     match_patterns,
 )
 from planner.objective import Objective, uniform_within
-from planner.plan import (
-    DEFAULT_CANDIDATES,
-    PlanRequest,
-    build_objective,
-    minimum_cost,
-    plan,
-)
+from planner.plan import plan
+from planner.predict import build_objective
 from planner.quadratic import solve_quadratic
+from planner.request import DEFAULT_CANDIDATES, PlanRequest
 from sensitivity.examples import DigitsMLP, export_onnx, load_digits, train
 from sensitivity.layers import find_layers
 from sensitivity.normalize import normalize_model
@@ -113,7 +110,7 @@ def test_bisection_keeps_node_pattern_matches_fp32_at_every_step(mlp, mlp_sensit
     result = plan(proto, calibration, request, evaluation=evaluation, sensitivity=mlp_sensitivity)
     assert len(result.frontier) >= 2
     assert all(point.configuration["fc1.weight"] == "fp32" for point in (result.plan, *result.frontier))
-    assert "fc1.weight" not in result.search_details["order"]
+    assert "fc1.weight" not in result.run.search["order"]
     assert [e.reason for e in result.excluded] == ["exclude pattern '/fc1/*'"]
 
     without_fp32 = PlanRequest(
@@ -121,7 +118,7 @@ def test_bisection_keeps_node_pattern_matches_fp32_at_every_step(mlp, mlp_sensit
     )
     result = plan(proto, calibration, without_fp32, evaluation=evaluation, sensitivity=mlp_sensitivity)
     assert result.plan.configuration == {"fc1.weight": "fp32", "fc2.weight": "w4a8", "fc3.weight": "w4a8"}
-    assert result.search_details["high"] == "w8a8"
+    assert result.run.search["high"] == "w8a8"
 
 
 def test_an_unmatched_pattern_is_a_value_error_naming_it_and_some_layers(mlp):

@@ -151,7 +151,11 @@ def _assert_weights_are_q_b(original: onnx.ModelProto, exported, configuration) 
             np.testing.assert_array_equal(scales, expected.scales, err_msg=f"{layer.name} {candidate}")
             assert not zero_points.any() and axis % integers.ndim == layer.channel_axis
         readback = stored_weight(model, layer.name)
-        assert readback.bits == bits and np.array_equal(readback.dequantize(), expected.dequantize())
+        assert (
+            readback is not None
+            and readback.bits == bits
+            and np.array_equal(readback.dequantize(), expected.dequantize())
+        )
 
 
 @pytest.mark.parametrize("candidate", QUANTIZED)
@@ -398,7 +402,7 @@ def test_validate_artifact_rejects_broken_models(digits):
     broken = onnx.ModelProto()
     broken.CopyFrom(proto)
     broken.graph.node[0].input[1] = "no_such_tensor"
-    with pytest.raises(ExportError, match="onnx.checker"):
+    with pytest.raises(ExportError, match=r"onnx\.checker"):
         validate_artifact(broken.SerializeToString(), calibration)
     with pytest.raises(ExportError, match="does not run in onnxruntime"):
         validate_artifact(proto.SerializeToString(), {"input": calibration["input"][:, :, :4, :4].copy()})

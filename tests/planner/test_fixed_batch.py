@@ -14,7 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 from planner.evaluate import run_batched_outputs
 from planner.export import check_inputs
 from planner.latency import measure_latency
-from planner.plan import PlanRequest, plan
+from planner.plan import plan
+from planner.request import PlanRequest
 from sensitivity.normalize import fixed_batch_size
 from sensitivity.onnx_program import load_onnx
 from sensitivity.results import TraceConfig
@@ -64,6 +65,7 @@ def test_sensitivity_of_a_fixed_batch_model_equals_the_dynamic_one(fixed: int):
     dynamic = compute_sensitivity(load_onnx(mlp(None)), calibration, config)
     result = compute_sensitivity(load_onnx(mlp(fixed)), calibration, dataclasses.replace(config, batch_size=256))
     assert result.num_samples == 5 and result.loss == pytest.approx(dynamic.loss, rel=1e-6)
+    assert result.traces is not None and dynamic.traces is not None
     for ours, theirs in zip(result.traces, dynamic.traces, strict=True):
         assert ours.trace == pytest.approx(theirs.trace, rel=1e-5)
 

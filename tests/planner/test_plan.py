@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -18,9 +19,12 @@ from hypothesis import strategies as st
 
 from planner.activation import ActivationTerm
 from planner.candidates import CANDIDATES
+from planner.choose import NoFeasiblePlan, minimum_cost
 from planner.cost import layer_cost_table
 from planner.export import read_plan
-from planner.plan import (
+from planner.plan import normalize_for_plan, plan
+from planner.predict import build_objective
+from planner.request import (
     DEFAULT_CANDIDATES,
     MAX_COST,
     MAX_FRONTIER_POINTS,
@@ -29,12 +33,15 @@ from planner.plan import (
     MAX_LATENCY_REPEATS,
     MAX_LATENCY_WARMUP,
     MAX_SOLVER_TIME_LIMIT_S,
-    NoFeasiblePlan,
     PlanRequest,
-    build_objective,
-    minimum_cost,
-    normalize_for_plan,
-    plan,
+)
+from planner.result import (
+    MEASUREMENT_FORMAT,
+    PLAN_POINT_FORMAT,
+    PLAN_RESULT_FORMAT,
+    Measurement,
+    PlanPoint,
+    PlanResult,
 )
 from sensitivity.checks import shown
 from sensitivity.examples import export_onnx, trained_digits_cnn
@@ -82,7 +89,7 @@ def test_pareto_plan_meets_a_size_budget_and_its_artifact_measures_what_is_repor
     # The artifact fits the budget too: the first choice's did not (graph and Q/DQ bytes), so
     # the search ran again within the budget less that excess.
     assert len(result.artifact_bytes) <= SIZE_BUDGET
-    assert result.search_details["size_retries"] >= 1
+    assert result.run.search["size_retries"] >= 1
     # The chosen point is the least Ω among the frontier points within the budget it searched.
     within = [p for p in result.frontier if p.size_bytes <= result.plan.size_bytes]
     assert result.plan.omega == pytest.approx(min(p.omega for p in within))
@@ -95,7 +102,7 @@ def test_pareto_plan_meets_a_size_budget_and_its_artifact_measures_what_is_repor
     assert measured.metric == pytest.approx(onnxruntime_accuracy(result.artifact_bytes, evaluation))
     assert measured.baseline == pytest.approx(onnxruntime_accuracy(proto.SerializeToString(), evaluation))
     assert measured.latency.p50_ms > 0 and measured.latency.repeats == 5
-    assert 1 <= result.evaluations <= 3 + result.search_details["size_retries"]
+    assert 1 <= result.run.evaluations <= 3 + result.run.search["size_retries"]
     assert {"sensitivity:traces", "search", "measure", "done"} <= set(phases)
     document = json.loads(json.dumps(result.to_dict(), allow_nan=False))
     assert document["plan"]["layers"] == dict(result.plan.configuration)
@@ -118,10 +125,10 @@ def test_bisection_respects_max_drop_within_the_evaluation_bound(digits, sensiti
     request = PlanRequest(search="bisection", max_drop=0.5, **FAST)
     result = plan(proto, calibration, request, evaluation=evaluation, sensitivity=sensitivity)
     layers = len(result.plan.configuration)
-    assert result.evaluations <= math.ceil(math.log2(layers)) + 2
+    assert result.run.evaluations <= math.ceil(math.log2(layers)) + 2
     assert result.plan.measured.drop <= 0.5
     assert result.meets_constraints
-    assert result.search_details["low"] == "w4a8" and result.search_details["high"] == "fp32"
+    assert result.run.search["low"] == "w4a8" and result.run.search["high"] == "fp32"
     # Every step was measured for real, and the chosen one is the cheapest measured within the drop.
     assert all(p.measured is not None for p in result.frontier)
     good = [p for p in result.frontier if p.measured.drop <= 0.5]
@@ -173,7 +180,7 @@ def test_interlayer_and_hawq_v2_each_minimise_their_own_prediction(digits, sensi
     scale = max(abs(hawq.loss_change), abs(inter.loss_change), 1e-12)
     assert inter.loss_change <= hawq.loss_change + 1e-9 * scale  # ΔL is exactly minimised by the MILP
     assert hawq.omega <= inter.omega * (1 + 1e-9)  # Ω is exactly minimised by the DP
-    assert results["interlayer"].search_details["solver"] == "quadratic"
+    assert results["interlayer"].run.search["solver"] == "quadratic"
 
 
 def test_latency_budget_picks_a_measured_point(digits, sensitivity):
@@ -399,10 +406,8 @@ def test_any_json_values_give_a_valid_request_or_a_value_error(good: dict[str, A
     )
 )
 def test_from_dict_takes_any_value(data: Any):
-    try:
+    with contextlib.suppress(ValueError):
         PlanRequest.from_dict(data)
-    except ValueError:
-        pass
 
 
 def test_bops_budget(digits, sensitivity):
@@ -462,6 +467,87 @@ def test_result_is_plain_data(digits, sensitivity):
     assert copy.to_dict() == result.to_dict() and copy.artifact_bytes == result.artifact_bytes
 
 
+@pytest.fixture(scope="module")
+def full_result(digits, sensitivity):
+    """A plan with every part a result can hold: uniform points, an excluded layer, activation terms,
+    size retries in its search details and a normalised model."""
+    proto, calibration, evaluation = digits
+    first = sensitivity.layers[0].name
+    request = PlanRequest(max_size_bytes=SIZE_BUDGET, exclude=(first,), **{**FAST, "measure_uniform": True})
+    return plan(proto, calibration, request, evaluation=evaluation, sensitivity=sensitivity)
+
+
+def test_a_plan_round_trips_through_its_json(full_result):
+    result = full_result
+    assert result.uniform and result.excluded and result.activation_terms and result.run.normalization
+    text = json.dumps(result.to_dict(), allow_nan=False)
+    copy = PlanResult.from_dict(json.loads(text), result.artifact_bytes)
+    assert copy == result
+    assert json.dumps(copy.to_dict(), allow_nan=False) == text
+    document = json.loads(text)
+    assert document["format"] == PLAN_RESULT_FORMAT and document["plan"]["format"] == PLAN_POINT_FORMAT
+    assert document["plan"]["measured"]["format"] == MEASUREMENT_FORMAT
+    # the run's metadata is beside the plan, never among its measurements
+    assert set(document["run"]) == {"versions", "timings", "evaluations", "search", "normalization"}
+    assert not set(document["run"]) & set(document["plan"]["measured"])
+    for point in (result.plan, *result.frontier, *result.uniform.values()):
+        assert PlanPoint.from_dict(json.loads(json.dumps(point.to_dict()))) == point
+    assert Measurement.from_dict(document["plan"]["measured"]) == result.plan.measured
+
+
+def _edited(data: Any, path: tuple[str, ...], value: Any) -> Any:
+    """A deep copy of JSON ``data`` with the key at ``path`` set to ``value`` (deleted for DELETE)."""
+    data = json.loads(json.dumps(data))
+    parent = data
+    for key in path[:-1]:
+        parent = parent[key]
+    if value is DELETE:
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = value
+    return data
+
+
+DELETE = object()
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        (
+            ("format",),
+            "mpq.plan_result/2",
+            "a plan result of format 'mpq.plan_result/2' cannot be read: this version reads 'mpq.plan_result/1'",
+        ),
+        (("format",), DELETE, "a plan result of format None cannot be read"),
+        (("timings",), {}, r"unknown keys \['timings'\] in a plan result"),
+        (("run",), DELETE, r"a plan result lacks the keys \['run'\]"),
+        (("run", "versions", "extra"), 1, r"run.versions\['extra'\] must be a string"),
+        (("run", "evaluations"), 2.0, "run.evaluations must be an integer"),
+        (("plan", "format"), "mpq.plan_point/0", "a plan point of format 'mpq.plan_point/0' cannot be read"),
+        (("plan", "predicted", "bops"), True, "predicted.bops must be an integer"),
+        (("plan", "measured", "format"), DELETE, "a measurement of format None cannot be read"),
+        (("plan", "measured", "drop"), "1.0", "drop must be a number"),
+        (("plan", "measured", "latency_ms", "p99"), 1.0, r"unknown keys \['p99'\] in a latency measurement"),
+        (("frontier",), {}, "frontier must be a list"),
+        (("excluded", 0, "reason"), None, "reason must be a string"),
+        (("request", "colour"), "red", "unknown plan request keys"),
+        (("artifact", "sha256"), "0" * 64, "the artifact given is not the plan's"),
+    ],
+)
+def test_a_plan_document_of_another_version_or_shape_is_refused(full_result, path, value, message):
+    document = _edited(full_result.to_dict(), path, value)
+    with pytest.raises(ValueError, match=message):
+        PlanResult.from_dict(document, full_result.artifact_bytes)
+
+
+def test_a_plan_document_is_read_with_its_own_artifact_only(full_result):
+    with pytest.raises(ValueError, match="the artifact given is not the plan's"):
+        PlanResult.from_dict(full_result.to_dict(), full_result.artifact_bytes + b"\0")
+    with pytest.raises(ValueError, match="a plan result must be a JSON object; got list"):
+        PlanResult.from_dict([], full_result.artifact_bytes)
+
+
 def test_activation_terms_enter_both_objectives_for_the_a8_candidates_only(digits, sensitivity):
     proto, _, _ = digits
     table = layer_cost_table(proto, (1, 1, 8, 8))
@@ -488,7 +574,7 @@ def test_plans_report_their_measured_activation_terms(digits, sensitivity):
     result = plan(proto, calibration, request, evaluation=evaluation, sensitivity=sensitivity)
     assert set(result.activation_terms) == {layer.name for layer in sensitivity.layers}
     assert all(term.tensors and term.standard_error > 0 for term in result.activation_terms.values())
-    assert result.timings["activation_terms"] > 0
+    assert result.run.timings["activation_terms"] > 0
     document = json.loads(json.dumps(result.to_dict(), allow_nan=False))
     assert document["activation_terms"][sensitivity.layers[0].name]["tensors"]
 
@@ -537,8 +623,8 @@ def test_a_paddle_style_model_is_planned_under_its_constant_names():
     )
     result = plan(paddle_style_model(), {"x": x}, request)
     assert set(result.plan.configuration) == {"conv.w"}
-    assert result.normalization["source_opset"] == 12 and result.normalization["opset"] == 21
-    assert result.normalization["upgrade_check"]["samples"] == 8
+    assert result.run.normalization["source_opset"] == 12 and result.run.normalization["opset"] == 21
+    assert result.run.normalization["upgrade_check"]["samples"] == 8
     assert [layer["name"] for layer in result.sensitivity["layers"]] == ["conv.w"]
     stored = read_plan(result.artifact_bytes)
     assert set(stored["layers"]) == {"conv.w"} and stored["opset"] == {"source": 12, "exported": 21}

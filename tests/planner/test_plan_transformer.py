@@ -11,9 +11,11 @@ import onnxruntime as ort
 import pytest
 
 from planner.bisection import max_evaluations
+from planner.choose import minimum_cost
 from planner.cost import layer_cost_table
 from planner.export import read_plan
-from planner.plan import PlanRequest, minimum_cost, plan
+from planner.plan import plan
+from planner.request import PlanRequest
 from sensitivity.onnx_program import load_onnx
 from sensitivity.results import InterLayerConfig
 from sensitivity.run import compute_sensitivity
@@ -83,13 +85,13 @@ def test_bisection_meets_max_drop_within_the_evaluation_bound(transformer, sensi
         request = PlanRequest(method=method, search="bisection", max_drop=max_drop, **FAST)
         result = plan(proto, calibration, request, evaluation=evaluation, sensitivity=sensitivity)
         layers = len(result.plan.configuration)
-        assert result.evaluations <= math.ceil(math.log2(layers)) + 2 == max_evaluations(layers)
-        assert result.evaluations == len(result.search_details["steps"])
+        assert result.run.evaluations <= math.ceil(math.log2(layers)) + 2 == max_evaluations(layers)
+        assert result.run.evaluations == len(result.run.search["steps"])
         # All seven layers at w4a8 drop more than 0.3 pp (3 of 768 sequences), so the search bisects.
-        assert result.evaluations > 1 and result.search_details["steps"][0]["k"] == layers
+        assert result.run.evaluations > 1 and result.run.search["steps"][0]["k"] == layers
         assert result.plan.measured.drop <= max_drop
         assert result.meets_constraints
-        assert result.search_details["low"] == "w4a8" and result.search_details["high"] == "fp32"
+        assert result.run.search["low"] == "w4a8" and result.run.search["high"] == "fp32"
         # The chosen step is the cheapest measured one within the drop.
         good = [p for p in result.frontier if p.measured.drop <= max_drop]
         assert result.plan.size_bytes == min(p.size_bytes for p in good)

@@ -29,7 +29,7 @@ def random_objective(seed: int, n_layers: int, max_candidates: int) -> Objective
     linear = [np.concatenate([[0.0], rng.normal(size=k - 1)]) for k in counts]
     return Objective(
         layers=tuple(f"l{i}" for i in range(n_layers)),
-        candidates=tuple(("fp32",) + tuple(f"c{b}" for b in range(1, k)) for k in counts),
+        candidates=tuple(("fp32", *(f"c{b}" for b in range(1, k))) for k in counts),
         omega=[np.concatenate([[0.0], rng.uniform(0, 1, size=k - 1)]) for k in counts],
         linear=linear,
         G=G,
@@ -135,7 +135,7 @@ def test_frontier_is_non_dominated_and_optimal_per_budget():
     costs = [r.cost for r in results]
     values = [r.value for r in results]
     assert costs == sorted(costs) and len(set(costs)) == len(costs)
-    assert all(b < a for a, b in zip(values, values[1:]))  # more cost buys strictly less ΔL
+    assert all(b < a for a, b in itertools.pairwise(values))  # more cost buys strictly less ΔL
     for result in results:
         assert result.cost <= result.budget + 1e-9
         assert result.value == pytest.approx(brute_optimum(objective, result.budget), abs=1e-6)

@@ -13,7 +13,8 @@ import pytest
 from planner.evaluate import evaluate, run_batched_outputs
 from planner.export import ArrayCalibrationReader, check_inputs, export_model, read_plan
 from planner.latency import _take, measure_latency
-from planner.plan import PlanRequest, plan
+from planner.plan import plan
+from planner.request import PlanRequest
 from tests.conftest import stateful_data, stateful_onnx_model
 from tests.sensitivity.test_samples import loose_data, loosely_declared_stateful_model
 
@@ -129,7 +130,7 @@ def test_a_plan_takes_the_users_axes_where_the_declared_shapes_do_not_say():
         plan(model, data, PlanRequest(**QUANTIZE, **FAST))
     request = PlanRequest(**QUANTIZE, sample_axes={"state": 1, "sr": None}, **FAST)
     result = plan(model, data, request)  # opset 17 -> 21 for w4: the upgrade is checked on the user's axes
-    assert result.normalization["upgrade_check"]["samples"] == 8
+    assert result.run.normalization["upgrade_check"]["samples"] == 8
     assert result.meets_constraints and result.plan.measured.num_samples == SAMPLES
     assert json.loads(json.dumps(result.to_dict()))["request"]["sample_axes"] == {"state": 1, "sr": None}
 

@@ -146,7 +146,7 @@ def test_the_api_schema_states_the_library_bounds():
         field = model.model_json_schema()["properties"][name]
         return next((s for s in field.get("anyOf", [field]) if s.get("type") != "null"), field)
 
-    library = importlib.import_module("planner.plan")  # the module: `planner.plan` is the function
+    library = importlib.import_module("planner.request")
 
     for name in ("max_size_bytes", "max_bops"):
         assert schema(Constraints, name) == {"type": "integer", "exclusiveMinimum": 0, "maximum": library.MAX_COST}

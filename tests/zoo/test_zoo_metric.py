@@ -10,7 +10,8 @@ import numpy as np
 import onnx
 import pytest
 
-from planner.evaluate import detect_kind, evaluate, run_batched_outputs
+from planner.evaluate import evaluate, run_batched_outputs
+from sensitivity.outputs import detect_kind
 from tests.zoo import models as zoo
 
 MISSING = zoo.missing_packages()

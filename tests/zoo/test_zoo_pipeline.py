@@ -41,7 +41,7 @@ def _feeds(model: zoo.ZooModel, data: dict[str, np.ndarray], proto: onnx.ModelPr
 
 @pytest.mark.parametrize("model", CASES)
 def test_sensitivity_then_a_plan_whose_artifact_runs(model: zoo.ZooModel, tmp_path) -> None:
-    from planner.plan import PlanRequest, normalize_for_plan, plan
+    from planner import PlanRequest, normalize_for_plan, plan
     from sensitivity import TraceConfig, compute_sensitivity
     from sensitivity.onnx_program import load_onnx
 

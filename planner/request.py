@@ -1,0 +1,225 @@
+"""What to plan: ``PlanRequest``, its bounds and its checks (the first step of ``planner.plan``).
+
+A request is checked whole on construction, whatever JSON value each field holds, so every later
+step of the pipeline reads valid settings. Which layers its ``exclude`` patterns match and which
+inputs its ``sample_axes`` name are checked when the plan runs (the model is not known here).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from planner.candidates import CANDIDATES, parse_candidates
+from planner.checks import require
+from planner.evaluate import METRICS
+from planner.exclude import check_exclude
+from sensitivity.checks import check_bool, check_choice, check_float, check_int, set_fields, shown
+from sensitivity.results import MAX_SEED, InterLayerConfig, TraceConfig, check_device
+from sensitivity.samples import check_sample_axes
+
+METHODS = ("hawq_v2", "interlayer")
+SEARCHES = ("pareto", "bisection")
+DEFAULT_CANDIDATES = ("fp32", "w8a8", "w4a8", "w8", "w4")
+BUDGET_FIELDS = ("max_size_bytes", "max_bops", "max_latency_ms")
+# Options the request sets itself; the rest of InterLayerConfig's fields may be given.
+_OWNED_SENSITIVITY_OPTIONS = ("bits", "seed", "device")
+
+# Bounds of the request's fields (the API's schema in service/api_plans.py states the same ones).
+# Values arrive from JSON (any type, any size); see sensitivity/checks.py for what ints and numbers
+# must be. The sensitivity options are bounded by InterLayerConfig (sensitivity/results.py).
+
+# Size and BOPS budgets are ints: computed costs are (planner.cost), and a fractional budget means
+# the same as its floor. 2**63 - 1 keeps them int64 (numpy, BigInteger columns) and exact to compare;
+# a budget above any model's cost is the same as no budget.
+MAX_COST = 2**63 - 1
+# A model taking an hour per run could not be measured within a job's time limit (6 h by default;
+# each measured point runs it latency_warmup + latency_repeats times): a larger budget means none.
+MAX_LATENCY_MS = 3_600_000
+# max_drop is in percentage points of a metric in percent.
+MAX_DROP = 100
+# Measured points: each is an export, an evaluation and a latency measurement (seconds to minutes
+# each on a real model); 64 is 8x the default and a dense frontier for the dashboard.
+MAX_FRONTIER_POINTS = 64
+# Latency settings, as for re-measuring a plan over the API (service/api_plans.LatencyRequest):
+# 10 000 runs of a 10 ms model is 100 s per measured point.
+MAX_LATENCY_REPEATS = 10_000
+MAX_LATENCY_WARMUP = 1_000
+MAX_LATENCY_BATCH_SIZE = 4_096
+# Per solve of the quadratic search: plan() solves at up to 16 frontier budgets (quadratic_frontier's
+# max_points) and at the request's budget, so 120 s bounds a plan's solver time at 34 minutes.
+MAX_SOLVER_TIME_LIMIT_S = 120
+# Candidate names given (repeats allowed and dropped; there are fewer distinct candidates), each
+# short (the longest is 5 characters): an unknown name is quoted back in the error.
+MAX_CANDIDATE_NAMES = 16
+MAX_CANDIDATE_NAME_LENGTH = 32
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What to plan: method, search, candidates, constraints and measurement settings.
+
+    method: ``hawq_v2`` (diagonal Ω objective) or ``interlayer`` (ΔL = Σ g·Δ + ½ Σ G).
+    search: ``pareto`` (whole frontier, best point within the budget) or ``bisection``
+    (demotion order, measured; needs ``max_drop``). At most one budget among
+    ``max_size_bytes``, ``max_bops`` and ``max_latency_ms``; ``max_drop`` (percentage points)
+    may accompany it. ``sensitivity_options`` are further ``InterLayerConfig`` fields
+    (``batch_size``, ``trace_max_probes``, ...); bits, seed and device come from the request.
+    ``device`` is used for the sensitivity analysis and the latency measurement.
+    ``measure_activation_terms``: measure what 8-bit activations cost each layer and add it to
+    both objectives; without it ``w8a8`` and ``w8`` (``w4a8`` and ``w4``) are predicted alike.
+    ``metric``: what every measurement (and so ``max_drop``) uses, ``auto`` or one of
+    ``planner.evaluate.METRICS``; auto picks it from the first output's kind.
+    ``exclude``: layer names, node names or fnmatch-style patterns (``*``, ``?``) matched against
+    both (a list, or one comma-separated string): those layers stay fp32 in every configuration the
+    search considers, the uniform reference points (``measure_uniform``) included, which are "every
+    other layer at b". Layers whose weight is a structural constant are restricted as well; see
+    ``planner.exclude``. A pattern matching no layer is a ValueError when the plan runs (the model
+    is not known here).
+    ``sample_axes``: input name -> the axis its samples lie on, or None for an input shared by every
+    sample, merged over what the declared input shapes say (``sensitivity.samples``); for models
+    whose declared shapes are missing or misleading. An unknown input is a ValueError when the plan runs.
+    Every field is checked on construction against the ``MAX_*`` bounds above (a ValueError
+    naming the field), whatever JSON value it holds; ints must be ints, numbers finite.
+    """
+
+    method: str = "hawq_v2"
+    search: str = "pareto"
+    candidates: tuple[str, ...] = DEFAULT_CANDIDATES
+    max_size_bytes: int | None = None
+    max_bops: int | None = None
+    max_latency_ms: float | None = None
+    max_drop: float | None = None
+    seed: int = 0
+    sensitivity_options: Mapping[str, Any] = field(default_factory=dict)
+    max_frontier_points: int = 8
+    measure_uniform: bool = True
+    latency_repeats: int = 50
+    latency_warmup: int = 10
+    latency_batch_size: int = 1
+    device: str = "auto"
+    solver_time_limit_s: float = 10.0
+    measure_activation_terms: bool = True  # add each layer's measured activation cost (planner.activation)
+    # What max_drop is measured on (planner.evaluate.METRICS); auto picks it from the model's output kind.
+    metric: str = "auto"
+    exclude: tuple[str, ...] = ()  # layers kept fp32, by layer or node name or pattern (planner.exclude)
+    sample_axes: Mapping[str, int | None] = field(default_factory=dict)  # input -> sample axis (None: shared)
+
+    def __post_init__(self) -> None:
+        set_fields(
+            self,
+            method=check_choice("method", self.method, METHODS),
+            search=check_choice("search", self.search, SEARCHES),
+            candidates=_check_candidates(self.candidates),
+            max_size_bytes=_optional(check_int, "max_size_bytes", self.max_size_bytes, 1, MAX_COST),
+            max_bops=_optional(check_int, "max_bops", self.max_bops, 1, MAX_COST),
+            max_latency_ms=_optional(
+                check_float, "max_latency_ms", self.max_latency_ms, 0.0, MAX_LATENCY_MS, low_open=True
+            ),
+            max_drop=_optional(check_float, "max_drop", self.max_drop, 0.0, MAX_DROP),
+            seed=check_int("seed", self.seed, 0, MAX_SEED),
+            max_frontier_points=check_int("max_frontier_points", self.max_frontier_points, 1, MAX_FRONTIER_POINTS),
+            measure_uniform=check_bool("measure_uniform", self.measure_uniform),
+            latency_repeats=check_int("latency_repeats", self.latency_repeats, 1, MAX_LATENCY_REPEATS),
+            latency_warmup=check_int("latency_warmup", self.latency_warmup, 0, MAX_LATENCY_WARMUP),
+            latency_batch_size=check_int("latency_batch_size", self.latency_batch_size, 1, MAX_LATENCY_BATCH_SIZE),
+            device=check_device("device", self.device),
+            solver_time_limit_s=check_float(
+                "solver_time_limit_s", self.solver_time_limit_s, 0.0, MAX_SOLVER_TIME_LIMIT_S, low_open=True
+            ),
+            measure_activation_terms=check_bool("measure_activation_terms", self.measure_activation_terms),
+            metric=check_choice("metric", self.metric, METRICS),
+            exclude=check_exclude(self.exclude),
+            sample_axes=check_sample_axes(self.sample_axes),
+            sensitivity_options=_check_sensitivity_options(self.sensitivity_options),
+        )
+        budgets = [name for name in BUDGET_FIELDS if getattr(self, name) is not None]
+        require(len(budgets) <= 1, f"give at most one budget; got {budgets}")
+        bisection = self.search == "bisection"
+        require(not bisection or self.max_drop is not None, "bisection needs max_drop (percentage points)")
+        require(
+            not bisection or self.max_latency_ms is None,
+            "bisection takes a size or BOPS budget, not max_latency_ms; use search='pareto'",
+        )
+        self.sensitivity_config()  # validates the options' values
+
+    @property
+    def weight_bits(self) -> tuple[int, ...]:
+        """The weight bit widths the candidates need Δ for, widest first."""
+        weight_bits = (CANDIDATES[name].weight_bits for name in self.candidates)
+        return tuple(sorted({bits for bits in weight_bits if bits is not None}, reverse=True))
+
+    @property
+    def cost_kind(self) -> str:
+        """The cost the search trades against the predicted loss: BOPS for BOPS and latency budgets
+        (BOPS is the computed proxy of compute time), else size."""
+        return "bops" if self.max_bops is not None or self.max_latency_ms is not None else "size"
+
+    @property
+    def budget(self) -> int | None:
+        """The computed-cost budget on ``cost_kind`` (None for no budget or a latency budget)."""
+        return self.max_size_bytes if self.max_size_bytes is not None else self.max_bops
+
+    def constraints(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in (*BUDGET_FIELDS, "max_drop") if getattr(self, name) is not None}
+
+    def sensitivity_config(self) -> TraceConfig | InterLayerConfig:
+        """What the method needs: traces for ``hawq_v2`` (Ω comes from them), inter-layer terms for
+        ``interlayer``. Computing the inter-layer terms for every plan took 529 of a 637 s hawq_v2 plan
+        on a 224x224 classifier. The options are InterLayerConfig's either way (``trace_*`` names)."""
+        bits = self.weight_bits or (8,)  # only fp32 candidates: nothing is quantized, any width will do
+        try:
+            config = InterLayerConfig(**dict(self.sensitivity_options), bits=bits, seed=self.seed, device=self.device)
+        except ValueError as error:
+            raise ValueError(f"invalid sensitivity_options: {error}") from None
+        return config.trace_config() if self.method == "hawq_v2" else config
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {
+            **data,
+            "candidates": list(self.candidates),
+            "sensitivity_options": dict(self.sensitivity_options),
+            "exclude": list(self.exclude),
+            "sample_axes": dict(self.sample_axes),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PlanRequest:
+        require(isinstance(data, Mapping), f"a plan request must be a JSON object; got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(str(key) for key in data if key not in known)  # non-str keys are unknown too
+        require(not unknown, f"unknown plan request keys {shown(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+
+def _optional(check: Callable[..., Any], name: str, value: Any, *bounds: Any, **options: Any) -> Any:
+    """None (the constraint is not set) or the checked value."""
+    return None if value is None else check(name, value, *bounds, **options)
+
+
+def _check_candidates(value: Any) -> tuple[str, ...]:
+    """Candidate names, as a list or a comma-separated string: known, in order, without repeats."""
+    names = value.split(",") if isinstance(value, str) else value
+    require(
+        isinstance(names, list | tuple)
+        and len(names) <= MAX_CANDIDATE_NAMES
+        and all(isinstance(name, str) and len(name) <= MAX_CANDIDATE_NAME_LENGTH for name in names),
+        f"candidates must be a list of at most {MAX_CANDIDATE_NAMES} candidate names; got {shown(value)}",
+    )
+    return tuple(candidate.name for candidate in parse_candidates(names))
+
+
+def _check_sensitivity_options(value: Any) -> dict[str, Any]:
+    """A copy (plain data, picklable) of InterLayerConfig fields other than the owned ones; their
+    values are checked by building the configuration."""
+    require(isinstance(value, Mapping), f"sensitivity_options must be a mapping; got {type(value).__name__}")
+    options = dict(value)
+    owned = sorted(name for name in _OWNED_SENSITIVITY_OPTIONS if name in options)
+    require(not owned, f"sensitivity_options must not set {owned}: the request sets them")
+    known = {f.name for f in dataclasses.fields(InterLayerConfig)} - set(_OWNED_SENSITIVITY_OPTIONS)
+    unknown = sorted(str(key) for key in options if key not in known)
+    require(not unknown, f"invalid sensitivity_options: unknown keys {shown(unknown)}; known: {sorted(known)}")
+    return options

@@ -1,0 +1,94 @@
+"""planner's public API: what ``import planner`` offers, and the one definition of the default candidates."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import planner
+
+# What the service and the benchmarks import from planner, and the pipeline's steps (planner/__init__.py).
+PUBLIC = [
+    "CANDIDATES",
+    "DEFAULT_CANDIDATES",
+    "BisectionResult",
+    "Candidate",
+    "Configuration",
+    "Cost",
+    "CostTable",
+    "Evaluation",
+    "Exclusion",
+    "ExportError",
+    "ExportedModel",
+    "Frontier",
+    "InfeasibleBudget",
+    "LatencyMeasurement",
+    "LayerCandidates",
+    "LayerCost",
+    "Measurement",
+    "NoFeasiblePlan",
+    "Objective",
+    "PlanPoint",
+    "PlanRequest",
+    "PlanResult",
+    "PlanRun",
+    "QuadraticResult",
+    "ShapesUnknown",
+    "bisect",
+    "build_objective",
+    "check_inputs",
+    "configuration_cost",
+    "demotion_order",
+    "diagonal_frontier",
+    "evaluate",
+    "export_model",
+    "get_candidate",
+    "layer_bops",
+    "layer_candidates",
+    "layer_cost_table",
+    "layer_size_bytes",
+    "match_patterns",
+    "measure_latency",
+    "minimum_cost",
+    "normalize_for_plan",
+    "parse_candidates",
+    "plan",
+    "quadratic_frontier",
+    "read_plan",
+    "solve_budget",
+    "solve_quadratic",
+    "unchanged_bytes",
+]
+
+
+def test_the_public_names_are_pinned():
+    assert sorted(planner.__all__) == sorted(PUBLIC)
+    assert len(set(planner.__all__)) == len(planner.__all__)
+
+
+def test_every_public_name_resolves_to_what_a_planner_module_defines():
+    for name in planner.__all__:
+        value = getattr(planner, name)
+        if callable(value):  # classes and functions: defined in planner, not re-exported from elsewhere
+            assert value.__module__.startswith("planner."), (name, value.__module__)
+    # `plan` is the verb; its module is reached through sys.modules (the attribute is the function)
+    assert sys.modules["planner.plan"].plan is planner.plan
+    assert importlib.import_module("planner.plan") is sys.modules["planner.plan"]
+
+
+def test_a_star_import_gives_the_public_names_only():
+    namespace: dict[str, object] = {}
+    exec("from planner import *", namespace)
+    assert sorted(set(namespace) - {"__builtins__"}) == sorted(PUBLIC)
+
+
+def test_the_service_copies_of_the_default_candidates_are_the_planners():
+    """The API and the CLI write them out (their processes do not import torch); one definition rules."""
+    from service import api_plans, local_commands
+
+    assert planner.PlanRequest().candidates == planner.DEFAULT_CANDIDATES
+    assert tuple(api_plans.DEFAULT_CANDIDATES) == planner.DEFAULT_CANDIDATES
+    assert tuple(local_commands.DEFAULT_CANDIDATES.split(",")) == planner.DEFAULT_CANDIDATES
+    assert api_plans.PlanRequestIn.model_fields["candidates"].get_default(call_default_factory=True) == list(
+        planner.DEFAULT_CANDIDATES
+    )
