@@ -12,21 +12,24 @@ from sqlalchemy import text, update
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from service import api_jobs, api_plans, dashboard, schemas
-from service.db import make_engine, session_factory
-from service.errors import install_error_handlers, problem_response
-from service.executor import ExecutorLock, make_executor
-from service.guard import Guard, HeaderTimeoutProtocol
-from service.inspection import Limits
-from service.inspector import Inspector, InspectorBusy
-from service.registry import RegistryKind, registry_router
-from service.sandbox import SandboxLimits, check_sandbox_user, remove_stale_workdirs
+from service.api import jobs as api_jobs
+from service.api import plans as api_plans
+from service.api import schemas
+from service.api.errors import install_error_handlers, problem_response
+from service.api.guard import Guard, HeaderTimeoutProtocol
+from service.api.registry import RegistryKind, registry_router
+from service.api.transfer import UploadSlots
+from service.dashboard import pages as dashboard
+from service.inspection.checks import Limits
+from service.inspection.inspector import Inspector, InspectorBusy
+from service.jobs.executor import ExecutorLock, make_executor
+from service.jobs.supervisor import hidden_paths
+from service.sandbox.child import SandboxLimits, check_sandbox_user, remove_stale_workdirs
 from service.settings import Settings
-from service.storage import collect_garbage
-from service.store import BlobStore, LocalBlobStore
-from service.supervisor import hidden_paths
-from service.tables import Dataset, Model, Readiness, utcnow
-from service.transfer import UploadSlots
+from service.store.blobs import BlobStore, LocalBlobStore
+from service.store.db import make_engine, session_factory
+from service.store.storage import collect_garbage
+from service.store.tables import Dataset, Model, Readiness, utcnow
 
 MODELS = RegistryKind(
     "model", "/models", Model, schemas.ModelOut, schemas.ModelPage, Inspector.model, ".onnx", unlisted=("layers",)
@@ -34,7 +37,7 @@ MODELS = RegistryKind(
 # uvicorn's default event loop is uvloop, which starves some keep-alive connections once the process is
 # saturated: at 200 connections a trivial FastAPI endpoint had p99 797 ms (and wrk timeouts) under
 # uvloop and 53 ms under the standard loop at the same throughput. See docs/benchmarks.md, "Service".
-# HeaderTimeoutProtocol is uvicorn's httptools protocol with a header-read timeout (service/guard.py).
+# HeaderTimeoutProtocol is uvicorn's httptools protocol with a header-read timeout (service/api/guard.py).
 SERVER_OPTIONS: dict[str, Any] = {"loop": "asyncio", "http": HeaderTimeoutProtocol}
 
 DATASETS = RegistryKind(
@@ -77,12 +80,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.uploads = UploadSlots(settings.max_uploads_per_client, settings.max_concurrent_uploads)
     app.state.executor = make_executor(settings, app.state.sessions)
     app.state.plan_cache = api_plans.ResponseCache()
-    app.state.token_cache = {}  # service.auth.token_is_valid
+    app.state.token_cache = {}  # service.api.auth.token_is_valid
     app.state.registry_kinds = {kind.path.strip("/"): kind for kind in (MODELS, DATASETS)}  # the dashboard's uploads
     install_error_handlers(app)
     app.add_exception_handler(InspectorBusy, _inspector_busy)
     # Outermost but for Starlette's own error middleware: Host, Origin and the /v1 token are checked, and
-    # request bodies bounded, before any route runs (service/guard.py).
+    # request bodies bounded, before any route runs (service/api/guard.py).
     app.add_middleware(Guard, state=app.state)
 
     v1 = APIRouter(prefix="/v1")  # Guard requires the bearer token on every /v1 path when auth is on

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from service import jobs
-from service.tables import (
+from service.jobs import lifecycle as jobs
+from service.store.tables import (
     Artifact,
     Dataset,
     FrontierPoint,
@@ -440,7 +440,7 @@ def _jobs(model: Model, now) -> tuple[Job, Job, Job, Job]:
 
 
 def _insert_plan(app, data: DashboardData, model: Model, dataset: Dataset, plan_job: Job, now) -> None:
-    """The rows the plan job writes (service.job_types.store_plan), in the planner's shapes."""
+    """The rows the plan job writes (service.jobs.job_types.store_plan), in the planner's shapes."""
     points = [plan_point(candidates, measured=index != UNMEASURED_POINT) for index, candidates in enumerate(FRONTIER)]
     artifacts: dict[int, Artifact] = {}
     for index in range(len(points)):
@@ -539,7 +539,7 @@ def _insert_plan(app, data: DashboardData, model: Model, dataset: Dataset, plan_
 
 class StandInWorker:
     """Plays the supervisor of the running job without spawning anything: beats its heartbeat (so the
-    reaper leaves it alone) and honours a cancel request the way ``service.supervisor`` does."""
+    reaper leaves it alone) and honours a cancel request the way ``service.jobs.supervisor`` does."""
 
     LOG_TAIL = "[loading] 0% loading resnet-mini\n[sensitivity:traces] 42% probe 54 of 128, max relative SE 7.9 %"
 

@@ -9,7 +9,7 @@ import sys
 
 import onnx  # noqa: F401  (loaded before the budget is measured)
 
-from service.inspection import Limits, inspect_model
+from service.inspection.checks import Limits, inspect_model
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ import os
 import resource
 import socket
 
-from service.sandbox import enter_sandbox
+from service.sandbox.child import enter_sandbox
 
 
 def _try(action) -> str:

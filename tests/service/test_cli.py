@@ -37,7 +37,7 @@ def _free_port() -> int:
 
 def _older_schema(data_dir) -> None:
     """The database a previous mpq version left: migrated to 0006, one revision short of head."""
-    from service.db import make_engine, upgrade
+    from service.store.db import make_engine, upgrade
 
     engine = make_engine(f"sqlite:///{data_dir / 'mpq.db'}")
     upgrade(engine, "0006")

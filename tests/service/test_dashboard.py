@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from service.auth import create_token
+from service.api.auth import create_token
 from tests.service import dashboard_data
 from tests.service.conftest import enable_auth
 
@@ -88,7 +88,7 @@ def test_pages_render_their_tables_without_javascript(client, dashboard):
 
 def test_the_plan_page_says_which_metric_and_why(client, app, dashboard):
     """Stored plans from before metric_reason (the fixture's) show the name alone; newer ones the reason."""
-    from service.tables import Plan
+    from service.store.tables import Plan
 
     path = f"/plans/{dashboard.plan_id}"
     before = client.get(path).text
@@ -118,14 +118,14 @@ def test_layer_tables_show_node_names_beside_layer_names(client, dashboard):
 
 
 def tail_filter():
-    from service.dashboard import templates
+    from service.dashboard.pages import templates
 
     return templates.env.filters["tail"]
 
 
 def test_the_plan_page_lists_excluded_layers_and_uniform_points_ignore_them(client, app, dashboard):
     """Plans stored before exclusions existed (the fixture's) show none; newer ones list each with its reason."""
-    from service.tables import Plan
+    from service.store.tables import Plan
 
     path = f"/plans/{dashboard.plan_id}"
     assert 'id="excluded-layers"' not in client.get(path).text
@@ -161,7 +161,7 @@ def test_the_plan_page_lists_excluded_layers_and_uniform_points_ignore_them(clie
 def select_point(plan_id: str, index: int):
     from sqlalchemy import select
 
-    from service.tables import FrontierPoint
+    from service.store.tables import FrontierPoint
 
     return select(FrontierPoint).where(FrontierPoint.plan_id == plan_id, FrontierPoint.index == index)
 

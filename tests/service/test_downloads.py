@@ -1,4 +1,4 @@
-"""Blob downloads (service/transfer.blob_response): HEAD, single and multiple byte ranges (RFC 9110 §14),
+"""Blob downloads (service/api/transfer.blob_response): HEAD, single and multiple byte ranges (RFC 9110 §14),
 on the API's and the dashboard's download routes."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import hashlib
 
 import pytest
 
-from service.transfer import MAX_RANGES
+from service.api.transfer import MAX_RANGES
 from tests.service import dashboard_data
 from tests.service.test_registry import assert_problem
 

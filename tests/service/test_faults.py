@@ -117,7 +117,7 @@ def test_lost_database_connections_are_retried(client, app, backend_settings):
 
 
 def test_executor_lock_is_exclusive(tmp_path):
-    from service.executor import ExecutorLock
+    from service.jobs.executor import ExecutorLock
 
     first, second = ExecutorLock(tmp_path / "x.lock"), ExecutorLock(tmp_path / "x.lock")
     assert first.acquire() and not second.acquire()
@@ -172,7 +172,7 @@ def test_a_job_whose_process_has_exited_is_alive_while_its_supervisor_stores_it(
     result: finished jobs were requeued and ran twice (two latency rows for one job)."""
     import socket
 
-    from service.executor import local_worker_is_dead
+    from service.jobs.executor import local_worker_is_dead
 
     exited = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True

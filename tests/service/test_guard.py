@@ -1,4 +1,4 @@
-"""service/guard.py: forged hosts, cross-site requests, the dashboard's CSRF tokens, unauthenticated and
+"""service/api/guard.py: forged hosts, cross-site requests, the dashboard's CSRF tokens, unauthenticated and
 oversized bodies, and 500s that keep the connection, through the real app (and a real server where the
 socket matters)."""
 
@@ -15,8 +15,8 @@ import httpx
 import psutil
 import pytest
 
-from service.auth import create_token
-from service.tables import Job
+from service.api.auth import create_token
+from service.store.tables import Job
 from tests.conftest import mlp_onnx_model
 from tests.payloads import json_body
 from tests.service import dashboard_data

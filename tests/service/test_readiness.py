@@ -8,8 +8,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, make_url, text
 
 from service.app import create_app
-from service.db import make_engine, session_factory, upgrade
 from service.settings import Settings
+from service.store.db import make_engine, session_factory, upgrade
 from tests.service.conftest import ADMIN_URL
 from tests.service.test_registry import assert_problem
 

@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service.auth import create_token
+from service.api.auth import create_token
 from tests.conftest import tiny_onnx_model
 from tests.service.conftest import enable_auth
 

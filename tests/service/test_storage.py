@@ -18,10 +18,10 @@ import httpx
 import numpy as np
 import pytest
 
-from service.auth import create_token
-from service.storage import delete_if_unused, store_file
-from service.tables import Artifact, Model
-from service.transfer import UploadSlots
+from service.api.auth import create_token
+from service.api.transfer import UploadSlots
+from service.store.storage import delete_if_unused, store_file
+from service.store.tables import Artifact, Model
 from tests.conftest import npz_bytes, tiny_onnx_model
 from tests.service.conftest import enable_auth, snapshot
 from tests.service.test_distributed import free_port

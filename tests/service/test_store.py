@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from service.store import BlobCorrupted, BlobTooLarge, LocalBlobStore
+from service.store.blobs import BlobCorrupted, BlobTooLarge, LocalBlobStore
 
 
 def test_write_commit_read(tmp_path):

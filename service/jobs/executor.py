@@ -1,0 +1,217 @@
+"""Where jobs run.
+
+Both executors run each job through ``service.jobs.supervisor.supervise``, which starts a fresh,
+sandboxed child process for it (never forked: CUDA does not survive a fork, and the API process
+never imports torch):
+
+- ``EmbeddedExecutor`` (default): a dispatcher thread inside ``mpq serve`` fills N slots.
+- Celery (``mpq worker``): a solo-pool worker per GPU calls ``supervise`` from its task.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.jobs import lifecycle as jobs
+from service.jobs.supervisor import supervise
+from service.sandbox.child import process_alive
+from service.settings import Settings
+from service.store.tables import Job
+
+logger = logging.getLogger("mpq.executor")
+
+
+def local_worker_is_dead(worker: str | None) -> bool:
+    """A worker id is host:pid, or host:supervisor pid:job process pid (service.jobs.supervisor); the
+    first pid is the process the job's fate depends on. On this host we can tell at once whether
+    it still exists."""
+    if not worker or ":" not in worker:
+        return False
+    host, _, pids = worker.partition(":")
+    pid = pids.split(":")[0]
+    return host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid))
+
+
+def reap(sessions: sessionmaker[Session], settings: Settings) -> list[tuple[str, str]]:
+    """Requeue or fail running jobs whose worker is gone (dead local pid, or silent heartbeat)."""
+    with sessions() as session:
+        running = session.scalars(select(Job).where(Job.status == jobs.RUNNING)).all()
+    moved = []
+    for job in running:
+        if local_worker_is_dead(job.worker_id):
+            status = jobs.requeue_or_fail(sessions, job, "the worker process is gone", settings.max_attempts)
+            moved.append((job.id, status))
+    return moved + jobs.reap_stale(sessions, settings)
+
+
+class _BackgroundLoop:
+    """A daemon thread running ``_loop`` until ``stop``; restartable (tests start and stop
+    an app's lifespan more than once)."""
+
+    thread_name = "mpq-loop"
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name=self.thread_name)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+
+class EmbeddedExecutor(_BackgroundLoop):
+    """Runs queued jobs in up to ``worker_slots`` child processes of this server."""
+
+    thread_name = "mpq-dispatcher"
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], poll_s: float = 0.5) -> None:
+        super().__init__()
+        self.settings = settings
+        self.sessions = sessions
+        self.poll_s = poll_s
+        gpus = [g.strip() for g in (settings.gpus or "").split(",") if g.strip()]
+        self._slots: dict[int, threading.Thread | None] = {i: None for i in range(settings.worker_slots)}
+        self._slot_env = {i: ({"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} if gpus else {}) for i in self._slots}
+        self._wake = threading.Event()
+
+    def submit(self, job_id: str) -> None:
+        self._wake.set()  # the dispatcher reads the queue from the database
+
+    def stop(self) -> None:
+        self._wake.set()
+        super().stop()
+        for thread in self._slots.values():  # their supervisors see _stop, kill the job, requeue it
+            if thread is not None:
+                thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                reap(self.sessions, self.settings)
+                self._dispatch()
+            except Exception:  # keep dispatching through transient database errors
+                logger.exception("dispatcher iteration failed")
+            self._wake.wait(self.poll_s)
+            self._wake.clear()
+
+    def _dispatch(self) -> None:
+        free = [slot for slot, thread in self._slots.items() if thread is None or not thread.is_alive()]
+        if not free:
+            return
+        with self.sessions() as session:
+            queued = session.scalars(
+                select(Job.id).where(Job.status == jobs.QUEUED).order_by(Job.created_at).limit(len(free))
+            ).all()
+        for slot, job_id in zip(free, queued):
+            thread = threading.Thread(target=self._run_slot, args=(job_id, slot), daemon=True, name=f"mpq-slot-{slot}")
+            self._slots[slot] = thread
+            thread.start()
+
+    def _run_slot(self, job_id: str, slot: int) -> None:
+        try:
+            supervise(job_id, self.settings, self.sessions, self._slot_env[slot], shutdown=self._stop)
+        except Exception:
+            logger.exception("supervising job %s failed", job_id)
+        finally:
+            self._wake.set()  # a slot is free: look at the queue now
+
+
+class CeleryExecutor(_BackgroundLoop):
+    """Sends jobs to the broker; ``mpq worker`` processes run them. Also re-sends jobs the
+    reaper requeued, and queued jobs whose message may have been lost (duplicates are
+    harmless: claiming a job is atomic)."""
+
+    thread_name = "mpq-reaper"
+
+    def __init__(
+        self, settings: Settings, sessions: sessionmaker[Session], poll_s: float = 2.0, resend_after_s: float = 60.0
+    ) -> None:
+        from service.jobs.celery_app import make_celery
+
+        super().__init__()
+        self.settings = settings
+        self.sessions = sessions
+        self.celery = make_celery(settings)
+        self.poll_s = poll_s
+        self.resend_after_s = resend_after_s
+        self._sent: dict[str, float] = {}
+
+    def submit(self, job_id: str) -> None:
+        try:
+            self.celery.send_task("mpq.run_job", args=[job_id])
+            self._sent[job_id] = time.monotonic()
+        except Exception:  # broker down: the loop re-sends once it is back
+            logger.exception("could not send job %s to the broker; will retry", job_id)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                for job_id, status in reap(self.sessions, self.settings):
+                    if status == jobs.QUEUED:
+                        self.submit(job_id)
+                self._resend_forgotten()
+            except Exception:
+                logger.exception("reaper iteration failed")
+
+    def _resend_forgotten(self) -> None:
+        now = time.monotonic()
+        with self.sessions() as session:
+            queued = session.scalars(select(Job.id).where(Job.status == jobs.QUEUED)).all()
+        for job_id in queued:
+            if now - self._sent.get(job_id, 0.0) > self.resend_after_s:
+                self.submit(job_id)
+
+
+class ExecutorLock:
+    """One dispatcher per deployment: with several API processes (``mpq serve --api-workers N``)
+    only the process holding this lock runs the executor loop; the others only write job rows,
+    which that loop reads from the database. An exclusive ``flock`` on a file in the artifact
+    store, released by the kernel when its holder dies."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = None
+
+    def acquire(self) -> bool:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = self.path.open("a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            return False
+        self._file = handle
+        return True
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the descriptor drops the flock
+            self._file = None
+
+
+def make_executor(settings: Settings, sessions: sessionmaker[Session]):
+    from service.settings import ExecutorKind
+
+    if settings.executor is ExecutorKind.celery:
+        return CeleryExecutor(settings, sessions)
+    return EmbeddedExecutor(settings, sessions)
