@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from service.api.auth import request_owner
 from service.api.errors import Problem
 from service.inspection.checks import InvalidUpload
+from service.job_status import JobStatus
 from service.jobs import lifecycle as jobs
 from service.store.tables import Dataset, Job, Model, SensitivityResult, get_row, is_id
 
@@ -34,7 +35,7 @@ class Progress(BaseModel):
 class JobOut(BaseModel):
     id: str
     type: str
-    status: str
+    status: JobStatus
     params: dict[str, Any]
     progress: Progress
     result: dict[str, Any]
@@ -229,7 +230,7 @@ def get_sensitivity(request: Request, result_id: str):
 @router.get("/jobs", response_model=JobPage, summary="List jobs, newest first")
 def list_jobs(
     request: Request,
-    status: Annotated[Literal["queued", "running", "succeeded", "failed", "cancelled"] | None, Query()] = None,
+    status: Annotated[JobStatus | None, Query()] = None,
     type: Annotated[Literal["sensitivity", "plan", "latency"] | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0, le=10**6)] = 0,

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-FINISHED = ("succeeded", "failed", "cancelled")
+from service.job_status import FINISHED
 
 
 class ApiError(Exception):

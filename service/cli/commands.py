@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from service.cli import demo, local_commands
+from service.cli.output import ExitCode
 from service.settings import Settings, settings_help
 
 Handler = Callable[[argparse.Namespace, Settings], int]
@@ -19,12 +20,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not hasattr(args, "handler"):
         parser.print_help()
-        return 2
+        return ExitCode.BAD_INPUT
     try:
         settings = Settings()
     except ValueError as error:
         print(f"mpq: invalid settings: {error}", file=sys.stderr)
-        return 2
+        return ExitCode.BAD_INPUT
     return args.handler(args, settings)
 
 
@@ -99,9 +100,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         settings.check_bind()
     except ValueError as error:
         print(f"mpq: {error}", file=sys.stderr)
-        return 2
+        return ExitCode.BAD_INPUT
     if not _schema_is_current(settings, upgrade_first=args.upgrade_db):
-        return 2
+        return ExitCode.BAD_INPUT
     raise_open_file_limit()
     announcement = (
         f"mpq: serving on http://{settings.host}:{settings.port} (auth {settings.auth.value}, "
@@ -124,13 +125,13 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         socket = config.bind_socket()  # connections wait in its backlog until a worker accepts them
         print(announcement, file=sys.stderr, flush=True)
         Multiprocess(config, sockets=[socket]).run()
-        return 0
+        return ExitCode.OK
     config = uvicorn.Config(
         create_app(settings), host=settings.host, port=settings.port, log_level="info", **SERVER_OPTIONS
     )
     server = _announcing_server(config, announcement)
     server.run()
-    return 0 if server.started else 2
+    return ExitCode.OK if server.started else ExitCode.BAD_INPUT
 
 
 def _announcing_server(config, announcement: str):
@@ -193,9 +194,9 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     from service.jobs.celery_app import run_worker
 
     if not _schema_is_current(settings):
-        return 2
+        return ExitCode.BAD_INPUT
     run_worker(settings, args.gpu, args.name)
-    return 0
+    return ExitCode.OK
 
 
 def _db_upgrade(_args: argparse.Namespace, settings: Settings) -> int:
@@ -205,7 +206,7 @@ def _db_upgrade(_args: argparse.Namespace, settings: Settings) -> int:
     upgrade(engine)
     print(f"database at revision {current_revision(engine)}")
     engine.dispose()
-    return 0
+    return ExitCode.OK
 
 
 def _db_current(_args: argparse.Namespace, settings: Settings) -> int:
@@ -214,14 +215,14 @@ def _db_current(_args: argparse.Namespace, settings: Settings) -> int:
     engine = _engine(settings)
     print(f"current {current_revision(engine) or '(empty)'}, head {head_revision()}")
     engine.dispose()
-    return 0
+    return ExitCode.OK
 
 
 def _sessions(settings: Settings):
     from service.store.db import session_factory
 
     if not _schema_is_current(settings):
-        raise SystemExit(2)
+        raise SystemExit(ExitCode.BAD_INPUT)
     return session_factory(_engine(settings))
 
 
@@ -233,10 +234,10 @@ def _token_create(args: argparse.Namespace, settings: Settings) -> int:
             row, secret = create_token(session, args.name)
         except ValueError as error:
             print(f"mpq: {error}", file=sys.stderr)
-            return 2
+            return ExitCode.BAD_INPUT
         print(json.dumps({"id": row.id, "name": row.name, "token": secret}))
     print("store the token now: it is not shown again", file=sys.stderr)
-    return 0
+    return ExitCode.OK
 
 
 def _token_list(_args: argparse.Namespace, settings: Settings) -> int:
@@ -248,7 +249,7 @@ def _token_list(_args: argparse.Namespace, settings: Settings) -> int:
         for row in session.scalars(select(ApiToken).order_by(ApiToken.created_at)):
             state = "revoked" if row.revoked_at else "active"
             print(f"{row.id}  {row.prefix}…  {row.name}  {state}  created {row.created_at:%Y-%m-%d %H:%M}")
-    return 0
+    return ExitCode.OK
 
 
 def _token_revoke(args: argparse.Namespace, settings: Settings) -> int:
@@ -258,7 +259,7 @@ def _token_revoke(args: argparse.Namespace, settings: Settings) -> int:
         row = session.get(ApiToken, args.token_id)
         if row is None:
             print(f"mpq: no token with id {args.token_id!r}", file=sys.stderr)
-            return 1
+            return ExitCode.FAILED
         row.revoked_at = row.revoked_at or utcnow()
     print(f"revoked {args.token_id}")
-    return 0
+    return ExitCode.OK

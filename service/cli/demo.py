@@ -17,6 +17,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from service.cli.client import MpqClient
+from service.cli.output import ExitCode
 from service.cli.progress import ProgressPrinter, follow_job
 from service.settings import Settings
 
@@ -51,13 +52,13 @@ def run_demo(args: argparse.Namespace, settings: Settings) -> int:
             sha256 = client.download_artifact(plan_id, artifact)
             print(f"\nartifact: {artifact} (sha256 {sha256[:16]}…)")
         if args.no_serve:
-            return 0
+            return ExitCode.OK
         print(f"\ndashboard: {url}/plans/{plan_id}   (Ctrl-C to stop)")
         while server.is_alive():
             server.join(1.0)
-        return 0
+        return ExitCode.OK
     except KeyboardInterrupt:
-        return 0
+        return ExitCode.OK
     finally:
         _stop_server(server)
 

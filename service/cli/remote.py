@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from service.cli.client import ApiError, MpqClient
+from service.cli.options import plan_request, sample_axes_option, sensitivity_config
+from service.cli.output import ExitCode, report_failure, report_plan, sensitivity_document, sensitivity_table
 from service.cli.progress import ProgressPrinter, follow_job
-
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INFEASIBLE = 0, 1, 2, 3
 
 
 def add_server_options(command: argparse.ArgumentParser) -> None:
@@ -34,20 +34,18 @@ def _client(args: argparse.Namespace) -> MpqClient:
 
 
 def _fail(error: Exception, args: argparse.Namespace) -> int:
-    from service.cli.local_commands import report_failure
-
     code = error.code if isinstance(error, ApiError) else None
     return report_failure(str(error), _exit_code(error), as_json=args.json, problem=code)
 
 
 def _exit_code(error: Exception) -> int:
     if isinstance(error, ApiError) and error.code == "infeasible":
-        return EXIT_INFEASIBLE
+        return ExitCode.INFEASIBLE
     if isinstance(error, ApiError) and error.status in (400, 401, 403, 404, 413, 415, 422):
-        return EXIT_BAD_INPUT
+        return ExitCode.BAD_INPUT
     if isinstance(error, (FileNotFoundError, ValueError)):
-        return EXIT_BAD_INPUT
-    return EXIT_FAILED
+        return ExitCode.BAD_INPUT
+    return ExitCode.FAILED
 
 
 def _run_job(client: MpqClient, route: str, body: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -71,12 +69,10 @@ def _check_sample_axes_kept(client: MpqClient, job: dict[str, Any], body: dict[s
 
 
 def _job_exit(job: dict[str, Any], args: argparse.Namespace) -> int | None:
-    from service.cli.local_commands import report_failure
-
     if job["status"] == "succeeded":
         return None
     code = (job.get("result") or {}).get("error_code")
-    exit_code = {"infeasible": EXIT_INFEASIBLE, "bad_input": EXIT_BAD_INPUT}.get(code, EXIT_FAILED)
+    exit_code = {"infeasible": ExitCode.INFEASIBLE, "bad_input": ExitCode.BAD_INPUT}.get(code, ExitCode.FAILED)
     return report_failure(
         f"the job {job['status']}: {job.get('error') or ''}",
         exit_code,
@@ -93,13 +89,7 @@ def _uploads(client: MpqClient, args: argparse.Namespace, *data_options: str) ->
 
 
 def remote_sensitivity(args: argparse.Namespace) -> int:
-    from sensitivity.results import SensitivityResult
-    from service.cli.local_commands import (
-        sample_axes_option,
-        sensitivity_config,
-        sensitivity_document,
-        sensitivity_table,
-    )
+    from sensitivity.results import SensitivityResult  # torch: only once the command runs
 
     try:
         config = sensitivity_config(args)
@@ -116,12 +106,10 @@ def remote_sensitivity(args: argparse.Namespace) -> int:
         return _fail(error, args)
     document = sensitivity_document(args.method, SensitivityResult.from_dict(stored["result"]))
     print(json.dumps(document, allow_nan=False) if args.json else sensitivity_table(document))
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def remote_plan(args: argparse.Namespace) -> int:
-    from service.cli.local_commands import plan_request, report_plan
-
     try:
         request = plan_request(args)
         with _client(args) as client:

@@ -36,7 +36,8 @@ from service.api.errors import Problem
 from service.api.jobs import JobOut
 from service.api.registry import store_upload
 from service.api.transfer import blob_response
-from service.cli.progress import describe_execution, shortened
+from service.formatting import describe_execution, shortened
+from service.job_status import FINISHED
 from service.jobs import lifecycle as jobs
 from service.settings import AuthMode
 from service.store.tables import (
@@ -761,7 +762,7 @@ def latency_page(request: Request, plan_id: str) -> Response:
 def jobs_page(request: Request) -> Response:
     with request.app.state.sessions() as session:
         rows = session.scalars(select(Job).order_by(Job.created_at.desc()).limit(LIST_LIMIT)).all()
-    return render(request, "jobs.html", active="Jobs", jobs=rows, finished=jobs.FINISHED)
+    return render(request, "jobs.html", active="Jobs", jobs=rows, finished=FINISHED)
 
 
 @pages.get("/jobs/{job_id}")
@@ -770,7 +771,7 @@ def job_page(request: Request, job_id: str) -> Response:
         job = _get(session, Job, job_id)
     if job is None:
         return not_found(request, f"job {job_id!r}")
-    return render(request, "job.html", active="Jobs", job=job, finished=jobs.FINISHED)
+    return render(request, "job.html", active="Jobs", job=job, finished=FINISHED)
 
 
 @pages.get("/jobs/{job_id}/status")

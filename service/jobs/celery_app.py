@@ -8,9 +8,13 @@ it still runs.
 
 from __future__ import annotations
 
+import socket
+
 from celery import Celery
 
+from service.jobs.supervisor import supervise
 from service.settings import Settings
+from service.store.db import make_engine, session_factory
 
 QUEUE = "mpq-jobs"
 
@@ -31,9 +35,6 @@ def make_celery(settings: Settings, gpu: str | None = None) -> Celery:
 
     @app.task(name="mpq.run_job")
     def run_job_task(job_id: str) -> str:
-        from service.jobs.executor import supervise
-        from service.store.db import make_engine, session_factory
-
         engine = make_engine(settings.resolved_database_url)
         try:
             env = {"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}
@@ -45,8 +46,6 @@ def make_celery(settings: Settings, gpu: str | None = None) -> Celery:
 
 
 def run_worker(settings: Settings, gpu: str | None, name: str | None) -> None:
-    import socket
-
     app = make_celery(settings, gpu)
     node = name or f"mpq-{socket.gethostname()}-{gpu if gpu is not None else 'cpu'}"
     app.worker_main(

@@ -19,10 +19,11 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.job_status import JobStatus
 from service.jobs import lifecycle as jobs
 from service.jobs.supervisor import supervise
 from service.sandbox.child import process_alive
-from service.settings import Settings
+from service.settings import ExecutorKind, Settings
 from service.store.tables import Job
 
 logger = logging.getLogger("mpq.executor")
@@ -42,7 +43,7 @@ def local_worker_is_dead(worker: str | None) -> bool:
 def reap(sessions: sessionmaker[Session], settings: Settings) -> list[tuple[str, str]]:
     """Requeue or fail running jobs whose worker is gone (dead local pid, or silent heartbeat)."""
     with sessions() as session:
-        running = session.scalars(select(Job).where(Job.status == jobs.RUNNING)).all()
+        running = session.scalars(select(Job).where(Job.status == JobStatus.RUNNING)).all()
     moved = []
     for job in running:
         if local_worker_is_dead(job.worker_id):
@@ -118,7 +119,7 @@ class EmbeddedExecutor(_BackgroundLoop):
             return
         with self.sessions() as session:
             queued = session.scalars(
-                select(Job.id).where(Job.status == jobs.QUEUED).order_by(Job.created_at).limit(len(free))
+                select(Job.id).where(Job.status == JobStatus.QUEUED).order_by(Job.created_at).limit(len(free))
             ).all()
         for slot, job_id in zip(free, queued):
             thread = threading.Thread(target=self._run_slot, args=(job_id, slot), daemon=True, name=f"mpq-slot-{slot}")
@@ -144,6 +145,8 @@ class CeleryExecutor(_BackgroundLoop):
     def __init__(
         self, settings: Settings, sessions: sessionmaker[Session], poll_s: float = 2.0, resend_after_s: float = 60.0
     ) -> None:
+        # celery and its broker clients load only where MPQ_EXECUTOR=celery (not an import cycle: celery_app
+        # imports the supervisor, never this module)
         from service.jobs.celery_app import make_celery
 
         super().__init__()
@@ -165,7 +168,7 @@ class CeleryExecutor(_BackgroundLoop):
         while not self._stop.wait(self.poll_s):
             try:
                 for job_id, status in reap(self.sessions, self.settings):
-                    if status == jobs.QUEUED:
+                    if status == JobStatus.QUEUED:
                         self.submit(job_id)
                 self._resend_forgotten()
             except Exception:
@@ -174,7 +177,7 @@ class CeleryExecutor(_BackgroundLoop):
     def _resend_forgotten(self) -> None:
         now = time.monotonic()
         with self.sessions() as session:
-            queued = session.scalars(select(Job.id).where(Job.status == jobs.QUEUED)).all()
+            queued = session.scalars(select(Job.id).where(Job.status == JobStatus.QUEUED)).all()
         for job_id in queued:
             if now - self._sent.get(job_id, 0.0) > self.resend_after_s:
                 self.submit(job_id)
@@ -210,8 +213,6 @@ class ExecutorLock:
 
 
 def make_executor(settings: Settings, sessions: sessionmaker[Session]):
-    from service.settings import ExecutorKind
-
     if settings.executor is ExecutorKind.celery:
         return CeleryExecutor(settings, sessions)
     return EmbeddedExecutor(settings, sessions)

@@ -1,6 +1,6 @@
 """What each job type computes, inside its sandboxed process (``service.jobs.job_process``).
 
-Imported only there: they pull in torch and the libraries. A handler reads its inputs from the
+Imported only there; each imports torch and the libraries when it runs. A handler reads its inputs from the
 context, reports progress, and returns a JSON-able payload that the supervisor stores
 (``service.jobs.job_types``); it never sees the database or the store.
 """
@@ -13,7 +13,7 @@ from dataclasses import asdict
 from typing import Any
 
 from service.inspection.model_files import load_program, plan_request, sensitivity_config
-from service.jobs.job_process import ChildContext, job_handler
+from service.jobs.context import ChildContext, Handler
 from service.jobs.lifecycle import JobInputError
 
 
@@ -67,7 +67,6 @@ def compute_or_reuse_sensitivity(
     return data, False
 
 
-@job_handler("sensitivity")
 def sensitivity_job(context: ChildContext) -> dict[str, Any]:
     # jobs submitted before the sample_axes field have none: the declared shapes say
     _result, reused = compute_or_reuse_sensitivity(
@@ -79,7 +78,6 @@ def sensitivity_job(context: ChildContext) -> dict[str, Any]:
     return {"cached": reused}
 
 
-@job_handler("latency")
 def latency_job(context: ChildContext) -> dict[str, Any]:
     from planner.latency import measure_latency
 
@@ -101,7 +99,6 @@ def latency_job(context: ChildContext) -> dict[str, Any]:
     return {"latency": asdict(measured)}
 
 
-@job_handler("plan")
 def plan_job(context: ChildContext) -> dict[str, Any]:
     import onnx
 
@@ -143,3 +140,6 @@ def plan_job(context: ChildContext) -> dict[str, Any]:
     context.write_artifact(result.artifact_bytes)
     latency = result.plan.measured.latency if result.plan.measured else None
     return {"plan": result.to_dict(), "latency": asdict(latency) if latency is not None else None}
+
+
+HANDLERS: dict[str, Handler] = {"sensitivity": sensitivity_job, "latency": latency_job, "plan": plan_job}

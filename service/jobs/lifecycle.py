@@ -1,6 +1,6 @@
 """Jobs as database rows, the single source of truth.
 
-    queued -> running -> succeeded | failed | cancelled
+    queued -> running -> succeeded | failed | cancelled  (service.job_status)
 
 Every transition is one conditional UPDATE, so two workers can never both claim a job and
 a finished job is never resurrected. ``service.jobs.supervisor`` runs one job (and alone writes its rows); ``service.jobs.executor`` decides
@@ -18,14 +18,12 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.job_status import JobStatus
 from service.settings import Settings
 from service.store.db import retrying
 from service.store.tables import Job, utcnow
 
 logger = logging.getLogger("mpq.jobs")
-
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
-FINISHED = (SUCCEEDED, FAILED, CANCELLED)
 
 
 class Cancelled(Exception):
@@ -59,9 +57,9 @@ def claim(sessions: sessionmaker[Session], job_id: str, worker: str) -> Job | No
         with sessions() as session, session.begin():
             claimed = session.execute(
                 update(Job)
-                .where(Job.id == job_id, Job.status == QUEUED)
+                .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
                 .values(
-                    status=RUNNING,
+                    status=JobStatus.RUNNING,
                     worker_id=worker,
                     started_at=now,
                     heartbeat_at=now,
@@ -74,7 +72,7 @@ def claim(sessions: sessionmaker[Session], job_id: str, worker: str) -> Job | No
                 return session.get(Job, job_id)
             # a retry after a dropped connection may find its own earlier claim committed
             job = session.get(Job, job_id)
-            return job if job is not None and job.status == RUNNING and job.worker_id == worker else None
+            return job if job is not None and job.status == JobStatus.RUNNING and job.worker_id == worker else None
 
     return retrying(attempt)
 
@@ -91,13 +89,13 @@ def finish(
 ) -> bool:
     """running|queued -> a finished state. Returns whether this call made the transition."""
     values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "error": error}
-    if status == SUCCEEDED:
+    if status == JobStatus.SUCCEEDED:
         values.update(progress_fraction=1.0, progress_phase="done")
     if result is not None:
         values["result"] = result
     if log_tail is not None:
         values["log_tail"] = log_tail
-    condition = [Job.id == job_id, Job.status.in_((QUEUED, RUNNING))]
+    condition = [Job.id == job_id, Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING))]
     if only_worker is not None:
         condition.append(Job.worker_id == only_worker)
 
@@ -114,9 +112,9 @@ def request_cancel(sessions: sessionmaker[Session], job_id: str) -> Job | None:
         job = session.get(Job, job_id)
         if job is None:
             return None
-        if job.status == QUEUED:
-            job.status, job.finished_at, job.cancel_requested = CANCELLED, utcnow(), True
-        elif job.status == RUNNING:
+        if job.status == JobStatus.QUEUED:
+            job.status, job.finished_at, job.cancel_requested = JobStatus.CANCELLED, utcnow(), True
+        elif job.status == JobStatus.RUNNING:
             job.cancel_requested = True
         return job
 
@@ -125,17 +123,20 @@ def requeue_or_fail(sessions: sessionmaker[Session], job: Job, reason: str, max_
     """A running job whose worker is gone: back to the queue while attempts remain, else failed."""
     with sessions() as session, session.begin():
         if job.cancel_requested:
-            new_status, values = CANCELLED, {"finished_at": utcnow(), "error": f"cancelled; {reason}"}
+            new_status, values = JobStatus.CANCELLED, {"finished_at": utcnow(), "error": f"cancelled; {reason}"}
         elif job.attempts < max_attempts:
             new_status, values = (
-                QUEUED,
+                JobStatus.QUEUED,
                 {"worker_id": None, "progress_phase": "requeued", "progress_message": reason, "heartbeat_at": None},
             )
         else:
-            new_status, values = FAILED, {"finished_at": utcnow(), "error": f"{reason} (after {job.attempts} attempts)"}
+            new_status, values = (
+                JobStatus.FAILED,
+                {"finished_at": utcnow(), "error": f"{reason} (after {job.attempts} attempts)"},
+            )
         moved = session.execute(
             update(Job)
-            .where(Job.id == job.id, Job.status == RUNNING, Job.worker_id == job.worker_id)
+            .where(Job.id == job.id, Job.status == JobStatus.RUNNING, Job.worker_id == job.worker_id)
             .values(status=new_status, **values)
         ).rowcount
     if moved:
@@ -148,9 +149,9 @@ def requeue_after_shutdown(sessions: sessionmaker[Session], job: Job) -> None:
     with sessions() as session, session.begin():
         session.execute(
             update(Job)
-            .where(Job.id == job.id, Job.status == RUNNING, Job.worker_id == job.worker_id)
+            .where(Job.id == job.id, Job.status == JobStatus.RUNNING, Job.worker_id == job.worker_id)
             .values(
-                status=QUEUED,
+                status=JobStatus.QUEUED,
                 worker_id=None,
                 heartbeat_at=None,
                 progress_phase="requeued",
@@ -164,6 +165,6 @@ def reap_stale(sessions: sessionmaker[Session], settings: Settings) -> list[tupl
     """Running jobs whose heartbeat stopped: requeue or fail them. Returns (job id, new status)."""
     cutoff = utcnow() - timedelta(seconds=settings.heartbeat_timeout_s)
     with sessions() as session:
-        stale = session.scalars(select(Job).where(Job.status == RUNNING, Job.heartbeat_at < cutoff)).all()
+        stale = session.scalars(select(Job).where(Job.status == JobStatus.RUNNING, Job.heartbeat_at < cutoff)).all()
     reason = f"the worker stopped sending heartbeats for over {settings.heartbeat_timeout_s:.0f} s"
     return [(job.id, requeue_or_fail(sessions, job, reason, settings.max_attempts)) for job in stale]

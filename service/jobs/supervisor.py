@@ -30,6 +30,7 @@ from typing import IO, Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.job_status import JobStatus
 from service.jobs import lifecycle as jobs
 from service.jobs.job_types import JOB_TYPES, Finished, JobInputs, JobType, save_rows
 from service.jobs.lifecycle import JobInputError
@@ -97,7 +98,7 @@ def supervise(
             return run.execute()
         except Exception as error:  # a bug here must not leave the job running forever
             logger.exception("supervising job %s failed", job_id)
-            return run.end(jobs.FAILED, f"internal error: {type(error).__name__}: {error}")
+            return run.end(JobStatus.FAILED, f"internal error: {type(error).__name__}: {error}")
     finally:
         child.close()
 
@@ -131,11 +132,11 @@ class JobRun:
     def execute(self) -> str:
         job_type = JOB_TYPES.get(self.job_type)
         if job_type is None:
-            return self.end(jobs.FAILED, f"unknown job type {self.job_type!r}", code="bad_input")
+            return self.end(JobStatus.FAILED, f"unknown job type {self.job_type!r}", code="bad_input")
         try:
             self.inputs = job_type.prepare(self.sessions, self.params)
         except JobInputError as error:
-            return self.end(jobs.FAILED, str(error), code=error.code)
+            return self.end(JobStatus.FAILED, str(error), code=error.code)
         self.inputs.owner = self.owner
         with ExitStack() as stack:
             try:
@@ -146,7 +147,7 @@ class JobRun:
             except FileNotFoundError:  # a server fault; the path stays in the server's log
                 logger.exception("job %s: a stored file is missing", self.job_id)
                 return self.end(
-                    jobs.FAILED,
+                    JobStatus.FAILED,
                     "internal error: a stored input file of this job is missing from the artifact store",
                     code="internal",
                 )
@@ -196,7 +197,7 @@ class JobRun:
             if now - started > self.settings.job_time_limit_s:
                 child.kill()
                 return self.end(
-                    jobs.FAILED,
+                    JobStatus.FAILED,
                     f"time limit: the job ran longer than {self.settings.job_time_limit_s:g} s (MPQ_JOB_TIME_LIMIT_S)",
                     code="time_limit",
                 )
@@ -229,9 +230,11 @@ class JobRun:
         if final["kind"] == "failed":
             code = final.get("code")
             if code == "cancelled":
-                return self.end(jobs.CANCELLED, "cancelled by request")
+                return self.end(JobStatus.CANCELLED, "cancelled by request")
             return self.end(
-                jobs.FAILED, str(final.get("message", ""))[:2000], code=code if code in _FAILURE_CODES else "internal"
+                JobStatus.FAILED,
+                str(final.get("message", ""))[:2000],
+                code=code if code in _FAILURE_CODES else "internal",
             )
         assert self.inputs is not None
         done = Finished(
@@ -240,11 +243,13 @@ class JobRun:
         try:
             result = job_type.store(done, final.get("result") or {})
         except JobInputError as error:
-            return self.end(jobs.FAILED, str(error), code=error.code)
+            return self.end(JobStatus.FAILED, str(error), code=error.code)
         except (KeyError, TypeError, ValueError) as error:
             self.log(f"malformed result: {type(error).__name__}: {error}")
-            return self.end(jobs.FAILED, "internal error: the job process returned a malformed result", code="internal")
-        return self.end(jobs.SUCCEEDED, None, result=result)
+            return self.end(
+                JobStatus.FAILED, "internal error: the job process returned a malformed result", code="internal"
+            )
+        return self.end(JobStatus.SUCCEEDED, None, result=result)
 
     def _died(self, child: Child) -> str:
         """The child ended without a final frame: cancelled, killed by a limit, or crashed."""
@@ -253,9 +258,9 @@ class JobRun:
         if tail:
             self.log(f"job process output:\n{tail}")
         if self._cancel_requested():
-            return self.end(jobs.CANCELLED, "cancelled by request (the job was stopped)")
+            return self.end(JobStatus.CANCELLED, "cancelled by request (the job was stopped)")
         if exitcode == -signal.SIGXCPU:  # the kernel's signal at RLIMIT_CPU
-            return self.end(jobs.FAILED, "time limit: the job used up its CPU time", code="time_limit")
+            return self.end(JobStatus.FAILED, "time limit: the job used up its CPU time", code="time_limit")
         reason = f"the worker process died (exit code {exitcode})"
         with self.sessions() as session:
             job = session.get(Job, self.job_id)
@@ -297,7 +302,7 @@ class JobRun:
             with self.sessions() as session, session.begin():
                 session.execute(
                     update(Job)
-                    .where(Job.id == self.job_id, Job.status == jobs.RUNNING)
+                    .where(Job.id == self.job_id, Job.status == JobStatus.RUNNING)
                     .values(progress_phase=phase, progress_fraction=fraction, progress_message=message[:2000])
                 )
 
@@ -405,7 +410,7 @@ class JobRun:
     def _requeue_after_shutdown(self) -> str:
         with self.sessions() as session:
             job = session.get(Job, self.job_id)
-        if job is not None and job.status == jobs.RUNNING and job.worker_id == self.worker:
+        if job is not None and job.status == JobStatus.RUNNING and job.worker_id == self.worker:
             jobs.requeue_after_shutdown(self.sessions, job)
-            return jobs.QUEUED
+            return JobStatus.QUEUED
         return job.status if job else "missing"

@@ -13,7 +13,7 @@ from typing import IO
 from sqlalchemy import func, select, union
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.jobs import lifecycle as jobs
+from service.job_status import JobStatus
 from service.store.blobs import BlobStore, LocalBlobStore
 from service.store.tables import Artifact, Dataset, FrontierPoint, Job, Model, Plan
 
@@ -88,7 +88,7 @@ def jobs_using(session: Session, table: type[Model] | type[Dataset], row_id: str
     keys = ("model_id",) if table is Model else ("dataset_id", "calibration_dataset_id", "evaluation_dataset_id")
     plan_column = Plan.model_id if table is Model else Plan.calibration_dataset_id
     plans = set(session.scalars(select(Plan.id).where(plan_column == row_id)))
-    active = session.scalars(select(Job).where(Job.status.in_((jobs.QUEUED, jobs.RUNNING)))).all()
+    active = session.scalars(select(Job).where(Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)))).all()
     return [
         job.id
         for job in active

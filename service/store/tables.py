@@ -7,9 +7,11 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, DateTime, Dialect, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, validates
 from sqlalchemy.types import TypeDecorator
+
+from service.job_status import JobStatus
 
 
 def new_id() -> str:
@@ -45,6 +47,19 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is not None and value.tzinfo is None:
             return value.replace(tzinfo=UTC)
         return value
+
+
+class StatusString(TypeDecorator[JobStatus]):
+    """A job's status, stored as its plain string (the column is VARCHAR) and read back as a ``JobStatus``."""
+
+    impl = String
+    cache_ok = True
+
+    def process_bind_param(self, value: JobStatus | str | None, dialect: Dialect) -> str | None:
+        return None if value is None else JobStatus(value).value
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> JobStatus | None:
+        return None if value is None else JobStatus(value)
 
 
 class Base(DeclarativeBase):
@@ -96,7 +111,7 @@ class Job(Timestamped, Owned, Base):
     __tablename__ = "jobs"
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     type: Mapped[str] = mapped_column(String(32))  # "sensitivity" | "plan" | "latency"
-    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    status: Mapped[JobStatus] = mapped_column(StatusString(16), default=JobStatus.QUEUED, index=True)
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)
     progress_phase: Mapped[str | None] = mapped_column(String(64))
     progress_fraction: Mapped[float] = mapped_column(Float, default=0.0)

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from service.job_status import JobStatus
 from service.jobs import lifecycle as jobs
 from service.store.tables import (
     Artifact,
@@ -566,7 +567,7 @@ class StandInWorker:
                 jobs.finish(
                     self.sessions,
                     self.job_id,
-                    jobs.CANCELLED,
+                    JobStatus.CANCELLED,
                     error="cancelled by request",
                     log_tail=self.LOG_TAIL,
                     only_worker=jobs.worker_id(),

@@ -18,7 +18,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from service.cli import local_commands
+from service.cli import local_commands, output
 from service.cli.local_commands import register
 from tests.conftest import tiny_onnx_model
 
@@ -256,7 +256,7 @@ def test_plan_summary_lists_nodes_and_exclusions(files, capsys, monkeypatch):
 
 
 def test_exclude_patterns_are_repeatable_and_comma_separated():
-    from service.cli.local_commands import exclude_patterns
+    from service.cli.options import exclude_patterns
 
     assert exclude_patterns(["a,b", " c ", ",", "/x/*"]) == ("a", "b", "c", "/x/*")
 
@@ -270,14 +270,13 @@ def test_the_cli_offers_the_library_metrics():
 
 def test_the_cli_offers_the_library_hvp_methods_and_memory_budget():
     from sensitivity import results
-    from service.cli import local_commands
 
     assert local_commands.HVP_CHOICES == results.HVP_CHOICES
     assert local_commands.DEFAULT_MEMORY_BUDGET_MB == results.DEFAULT_MEMORY_BUDGET_MB
 
 
 def test_budget_options_reach_the_configuration():
-    from service.cli.local_commands import plan_request, sensitivity_config
+    from service.cli.options import plan_request, sensitivity_config
 
     parser = argparse.ArgumentParser(prog="mpq")
     register(parser.add_subparsers())
@@ -452,7 +451,7 @@ def test_a_torn_cache_entry_is_a_miss(tmp_path):
 
 
 def test_sample_axes_are_repeatable_and_none_means_shared():
-    from service.cli.local_commands import BadInput, sample_axes_option
+    from service.cli.options import BadInput, sample_axes_option
 
     assert sample_axes_option(["state=1", "sr=none", "state=1"]) == {"state": 1, "sr": None}
     with pytest.raises(BadInput, match="two axes: 1 and 0"):
@@ -546,11 +545,11 @@ def _plan_document(drop: float, max_drop: float | None) -> dict:
 
 def test_a_large_unbounded_drop_is_a_warning_and_a_bounded_one_is_not(capsys):
     """The zoo's recogniser lost 52.8 pp under --max-size-mb alone and mpq said nothing."""
-    assert local_commands.report_plan(_plan_document(52.8, None), as_json=True) == 0
+    assert output.report_plan(_plan_document(52.8, None), as_json=True) == 0
     err = capsys.readouterr().err
     assert (
         "mpq: warning: the plan's step_agreement dropped 52.80 pp (47.20 % against 100.00 % for the float "
         "model) and nothing bounded it: give --max-drop"
     ) in err
-    assert local_commands.plan_warnings(_plan_document(local_commands.LARGE_DROP_PP, None)) == []
-    assert local_commands.plan_warnings(_plan_document(52.8, 60.0)) == []  # the user bounded it
+    assert output.plan_warnings(_plan_document(output.LARGE_DROP_PP, None)) == []
+    assert output.plan_warnings(_plan_document(52.8, 60.0)) == []  # the user bounded it
