@@ -8,8 +8,6 @@ from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
-from sqlalchemy import text, update
-from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from service.api import jobs as api_jobs
@@ -28,8 +26,9 @@ from service.sandbox.child import SandboxLimits, check_sandbox_user, remove_stal
 from service.settings import Settings
 from service.store.blobs import BlobStore, LocalBlobStore
 from service.store.db import make_engine, session_factory
+from service.store.sql_store import SqlStore
 from service.store.storage import collect_garbage
-from service.store.tables import Dataset, Model, Readiness, utcnow
+from service.store.tables import Dataset, Model
 
 MODELS = RegistryKind(
     "model", "/models", Model, schemas.ModelOut, schemas.ModelPage, Inspector.model, ".onnx", unlisted=("layers",)
@@ -56,7 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.inspector.start()
         runs_executor = lock.acquire()
         if runs_executor:  # one process per deployment cleans what a killed one left, then runs the jobs
-            await run_in_threadpool(_clean_up, app.state.sessions, app.state.store)
+            await run_in_threadpool(_clean_up, app.state.db, app.state.store)
             app.state.executor.start()
         yield
         if runs_executor:
@@ -75,10 +74,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessions = session_factory(engine)
+    app.state.db = SqlStore(app.state.sessions)  # every query of the routes and the executor
     app.state.store = LocalBlobStore(settings.resolved_artifact_dir)
     app.state.inspector = make_inspector(settings)
     app.state.uploads = UploadSlots(settings.max_uploads_per_client, settings.max_concurrent_uploads)
-    app.state.executor = make_executor(settings, app.state.sessions)
+    app.state.executor = make_executor(settings, app.state.db)
     app.state.plan_cache = api_plans.ResponseCache()
     app.state.token_cache = {}  # service.api.auth.token_is_valid
     app.state.registry_kinds = {kind.path.strip("/"): kind for kind in (MODELS, DATASETS)}  # the dashboard's uploads
@@ -103,8 +103,8 @@ async def _inspector_busy(request: Request, error: Exception) -> Response:
     return problem_response(503, str(error), headers={"Retry-After": "10"})
 
 
-def _clean_up(sessions, store: LocalBlobStore) -> None:
-    collect_garbage(sessions, store)
+def _clean_up(db: SqlStore, store: LocalBlobStore) -> None:
+    collect_garbage(db, store)
     remove_stale_workdirs()
 
 
@@ -147,7 +147,7 @@ def _add_health_routes(app: FastAPI) -> None:
     def readyz(request: Request):
         state = request.app.state
         checks = {
-            "database": database_check(state.sessions),
+            "database": state.db.readiness(),
             "store": store_check(state.store, state.settings.resolved_artifact_dir, state.settings.min_free_bytes),
         }
         if any(value != "ok" for value in checks.values()):
@@ -155,23 +155,6 @@ def _add_health_routes(app: FastAPI) -> None:
                 503, "not ready: " + ", ".join(f"{k} {v}" for k, v in checks.items() if v != "ok"), checks=checks
             )
         return schemas.Health(status="ok", checks=checks)
-
-
-def database_check(sessions: sessionmaker[Session]) -> str:
-    """A read, then a real write in a transaction: a read-only or full database answers reads only."""
-    with sessions() as session:
-        try:
-            session.execute(text("SELECT 1"))
-        except Exception as error:
-            return f"unreachable: {type(error).__name__}"
-        try:
-            written = session.execute(update(Readiness).where(Readiness.id == 1).values(checked_at=utcnow())).rowcount
-            if not written:  # a schema made without the migrations' row
-                session.add(Readiness(id=1, checked_at=utcnow()))
-            session.commit()
-        except Exception as error:
-            return f"not writable: {type(error).__name__}"
-    return "ok"
 
 
 def store_check(store: BlobStore, root: os.PathLike[str], min_free_bytes: int) -> str:

@@ -4,19 +4,17 @@ secrets, so a fast hash is enough (there is nothing to brute-force)."""
 from __future__ import annotations
 
 import hashlib
-import hmac
 import secrets
 import time
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, State
 from starlette.requests import Request
 
 from service.api.errors import Problem
 from service.settings import AuthMode
-from service.store.tables import ApiToken, utcnow
+from service.store.sql_store import SqlStore
+from service.store.tables import ApiToken
 
 TOKEN_PREFIX = "mpq_"
 TOKEN_CACHE_S = 5.0
@@ -27,24 +25,13 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def create_token(session: Session, name: str) -> tuple[ApiToken, str]:
+def create_token(db: SqlStore, name: str) -> tuple[ApiToken, str]:
     """Returns the row and the secret, which is shown once and never stored."""
     if not name.strip():
         raise ValueError("a token needs a non-empty name")
     secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    row = ApiToken(name=name.strip(), token_hash=hash_token(secret), prefix=secret[:10])
-    session.add(row)
-    session.flush()
+    row = db.add_token(ApiToken(name=name.strip(), token_hash=hash_token(secret), prefix=secret[:10]))
     return row, secret
-
-
-def verify_token(session: Session, token: str) -> ApiToken | None:
-    digest = hash_token(token)
-    row = session.scalars(select(ApiToken).where(ApiToken.token_hash == digest)).first()
-    if row is None or row.revoked_at is not None or not hmac.compare_digest(row.token_hash, digest):
-        return None
-    row.last_used_at = utcnow()
-    return row
 
 
 async def token_is_valid(state: State, token: str) -> bool:
@@ -58,7 +45,7 @@ async def token_is_valid(state: State, token: str) -> bool:
     digest = hash_token(token)
     if cache.get(digest, 0.0) > time.monotonic():
         return True
-    if not await run_in_threadpool(_token_is_valid, state.sessions, token):
+    if await run_in_threadpool(state.db.use_token, digest) is None:
         cache.pop(digest, None)
         return False
     if len(cache) > 10_000:
@@ -87,11 +74,6 @@ async def require_bearer(state: State, headers: Headers) -> None:
         raise Problem(401, "the API token is unknown or revoked", headers=CHALLENGE)
 
 
-def _token_is_valid(factory: sessionmaker[Session], token: str) -> bool:
-    with factory() as session, session.begin():
-        return verify_token(session, token) is not None
-
-
 def bearer_token(headers: Headers) -> str | None:
     scheme, _, value = headers.get("authorization", "").partition(" ")
     return value.strip() if scheme.lower() == "bearer" and value.strip() else None
@@ -105,5 +87,5 @@ def request_owner(request: Request) -> str | None:
     token = bearer_token(request.headers) or request.cookies.get("mpq_token")
     if not token:
         return None
-    with request.app.state.sessions() as session:
-        return session.scalar(select(ApiToken.id).where(ApiToken.token_hash == hash_token(token)))
+    db: SqlStore = request.app.state.db
+    return db.token_id(hash_token(token))

@@ -10,16 +10,14 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 
 from service.api.auth import request_owner
 from service.api.errors import Problem
 from service.inspection.checks import InvalidUpload
 from service.job_status import JobStatus
-from service.jobs import lifecycle as jobs
-from service.store.tables import Dataset, Job, Model, SensitivityResult, get_row, is_id
+from service.store.sql_store import SqlStore
+from service.store.tables import Dataset, Job, Model, SensitivityResult
 
 router = APIRouter(tags=["jobs"])
 
@@ -128,30 +126,20 @@ def submit_job(request: Request, job_type: str, params: dict[str, Any], idempote
     state = request.app.state
     request_hash = hashlib.sha256(json.dumps([job_type, params], sort_keys=True).encode()).hexdigest()
     params = {**params, "request_sha256": request_hash}
-    existing = _job_for_key(state, idempotency_key)
+    existing = state.db.job_by_idempotency_key(idempotency_key) if idempotency_key else None
     if existing is not None:
         return _replay(existing, request_hash)
     job = Job(type=job_type, params=params, idempotency_key=idempotency_key, owner=request_owner(request))
-    try:
-        with state.sessions() as session, session.begin():
-            session.add(job)
-    except IntegrityError:  # a concurrent retry with the same key won the race
-        return _replay(_job_for_key(state, idempotency_key), request_hash)
+    if not state.db.add_job(job):  # a concurrent retry with the same key won the race
+        return _replay(state.db.job_by_idempotency_key(idempotency_key), request_hash)
     state.executor.submit(job.id)
     return JSONResponse(
         JobOut.of(job).model_dump(mode="json"), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"}
     )
 
 
-def _job_for_key(state, key: str | None) -> Job | None:
-    if not key:
-        return None
-    with state.sessions() as session:
-        return session.scalars(select(Job).where(Job.idempotency_key == key)).first()
-
-
-def _replay(job: Job, request_hash: str) -> JSONResponse:
-    if job.params.get("request_sha256") != request_hash:
+def _replay(job: Job | None, request_hash: str) -> JSONResponse:
+    if job is None or job.params.get("request_sha256") != request_hash:
         raise Problem(422, "this Idempotency-Key was already used for a different request; use a new key")
     return JSONResponse(
         JobOut.of(job).model_dump(mode="json"),
@@ -161,9 +149,9 @@ def _replay(job: Job, request_hash: str) -> JSONResponse:
 
 
 def load_inputs(request: Request, model_id: str, dataset_ids: list[str | None]) -> tuple[Model, list[Dataset | None]]:
-    with request.app.state.sessions() as session:
-        model = get_row(session, Model, model_id)
-        datasets = [get_row(session, Dataset, d) if d else None for d in dataset_ids]
+    db: SqlStore = request.app.state.db
+    model = db.get(Model, model_id)
+    datasets = [db.get(Dataset, d) if d else None for d in dataset_ids]
     if model is None:
         raise Problem(422, f"model_id {model_id!r} names no model; upload it first (POST /v1/models)")
     for dataset_id, dataset in zip(dataset_ids, datasets):
@@ -220,8 +208,7 @@ async def create_sensitivity(request: Request, body: SensitivityRequest, idempot
 
 @router.get("/sensitivity/{result_id}", response_model=SensitivityOut, summary="A stored sensitivity result")
 def get_sensitivity(request: Request, result_id: str):
-    with request.app.state.sessions() as session:
-        row = get_row(session, SensitivityResult, result_id)
+    row = request.app.state.db.get(SensitivityResult, result_id)
     if row is None:
         raise Problem(404, f"no sensitivity result with id {result_id!r}")
     return SensitivityOut.model_validate(row)
@@ -235,21 +222,13 @@ def list_jobs(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0, le=10**6)] = 0,
 ):
-    query = select(Job)
-    if status:
-        query = query.where(Job.status == status)
-    if type:
-        query = query.where(Job.type == type)
-    with request.app.state.sessions() as session:
-        total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-        rows = session.scalars(query.order_by(Job.created_at.desc()).limit(limit).offset(offset)).all()
+    rows, total = request.app.state.db.list_jobs(status=status, job_type=type, limit=limit, offset=offset)
     return JobPage(items=[JobOut.of(r) for r in rows], total=total)
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, summary="One job with progress, error and log tail")
 def get_job(request: Request, job_id: str):
-    with request.app.state.sessions() as session:
-        job = get_row(session, Job, job_id)
+    job = request.app.state.db.get(Job, job_id)
     if job is None:
         raise Problem(404, f"no job with id {job_id!r}")
     return JobOut.of(job)
@@ -262,7 +241,7 @@ def get_job(request: Request, job_id: str):
     summary="Cancel a job: queued jobs stop at once, running ones at their next step",
 )
 def cancel_job(request: Request, job_id: str):
-    job = jobs.request_cancel(request.app.state.sessions, job_id) if is_id(job_id) else None
+    job = request.app.state.db.request_cancel(job_id)
     if job is None:
         raise Problem(404, f"no job with id {job_id!r}")
     return JobOut.of(job)

@@ -11,13 +11,13 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from sqlalchemy import func, select
 from starlette.concurrency import run_in_threadpool
 
 from service.api.errors import Problem
 from service.api.jobs import IdempotencyKey, JobOut, SampleAxes, check_request, load_inputs, submit_job
 from service.api.transfer import blob_response
-from service.store.tables import Artifact, FrontierPoint, LatencyMeasurement, Plan, get_row
+from service.store.sql_store import SqlStore
+from service.store.tables import Artifact, Plan
 
 router = APIRouter(tags=["plans"])
 DEFAULT_CANDIDATES = ["fp32", "w8a8", "w4a8", "w8", "w4"]
@@ -140,8 +140,7 @@ class LatencyRequest(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
-def plan_out(session, plan: Plan) -> PlanOut:
-    artifact = session.get(Artifact, plan.artifact_id) if plan.artifact_id else None
+def plan_out(plan: Plan, artifact: Artifact | None) -> PlanOut:
     return PlanOut(
         id=plan.id,
         job_id=plan.job_id,
@@ -166,11 +165,11 @@ def plan_out(session, plan: Plan) -> PlanOut:
     )
 
 
-def _plan_or_404(session, plan_id: str) -> Plan:
-    plan = get_row(session, Plan, plan_id)
+def _plan_or_404(db: SqlStore, plan_id: str) -> tuple[Plan, Artifact | None]:
+    plan, artifact = db.plan_with_artifact(plan_id)
     if plan is None:
         raise Problem(404, f"no plan with id {plan_id!r}")
-    return plan
+    return plan, artifact
 
 
 @router.post(
@@ -202,13 +201,8 @@ def list_plans(
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0, le=10**6)] = 0,
 ):
-    query = select(Plan)
-    if model_id:
-        query = query.where(Plan.model_id == model_id)
-    with request.app.state.sessions() as session:
-        total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-        rows = session.scalars(query.order_by(Plan.created_at.desc()).limit(limit).offset(offset)).all()
-        return PlanPage(items=[plan_out(session, r) for r in rows], total=total)
+    rows, total = request.app.state.db.list_plans(model_id=model_id, limit=limit, offset=offset)
+    return PlanPage(items=[plan_out(plan, artifact) for plan, artifact in rows], total=total)
 
 
 class ResponseCache:
@@ -279,8 +273,7 @@ async def get_plan(request: Request, plan_id: str):
 
 
 def _plan_json(request: Request, plan_id: str) -> bytes:
-    with request.app.state.sessions() as session:
-        return plan_out(session, _plan_or_404(session, plan_id)).model_dump_json().encode()
+    return plan_out(*_plan_or_404(request.app.state.db, plan_id)).model_dump_json().encode()
 
 
 @router.get(
@@ -289,12 +282,9 @@ def _plan_json(request: Request, plan_id: str) -> bytes:
     summary="The plan's frontier points, predicted and (where measured) measured",
 )
 def get_frontier(request: Request, plan_id: str):
-    with request.app.state.sessions() as session:
-        _plan_or_404(session, plan_id)
-        points = session.scalars(
-            select(FrontierPoint).where(FrontierPoint.plan_id == plan_id).order_by(FrontierPoint.index)
-        ).all()
-        return [FrontierPointOut.model_validate(point) for point in points]
+    db: SqlStore = request.app.state.db
+    _plan_or_404(db, plan_id)
+    return [FrontierPointOut.model_validate(point) for point in db.frontier(plan_id)]
 
 
 @router.head("/plans/{plan_id}/artifact", include_in_schema=False)  # headers only: service/api/transfer.blob_response
@@ -304,9 +294,7 @@ def get_frontier(request: Request, plan_id: str):
     responses={200: {"content": {"application/octet-stream": {}}}},
 )
 def get_artifact(request: Request, plan_id: str):
-    with request.app.state.sessions() as session:
-        plan = _plan_or_404(session, plan_id)
-        artifact = session.get(Artifact, plan.artifact_id) if plan.artifact_id else None
+    _plan, artifact = _plan_or_404(request.app.state.db, plan_id)
     if artifact is None:
         raise Problem(404, f"plan {plan_id!r} has no artifact")
     return blob_response(request, request.app.state.store, artifact.sha256, artifact.filename, artifact.media_type)
@@ -321,10 +309,9 @@ def get_artifact(request: Request, plan_id: str):
 def remeasure_latency(
     request: Request, plan_id: str, body: LatencyRequest | None = None, idempotency_key: IdempotencyKey = None
 ):
-    with request.app.state.sessions() as session:
-        plan = _plan_or_404(session, plan_id)
-        if plan.artifact_id is None:
-            raise Problem(409, f"plan {plan_id!r} has no artifact to measure yet")
+    plan, _artifact = _plan_or_404(request.app.state.db, plan_id)
+    if plan.artifact_id is None:
+        raise Problem(409, f"plan {plan_id!r} has no artifact to measure yet")
     return submit_job(
         request, "latency", {"plan_id": plan_id, **(body or LatencyRequest()).model_dump()}, idempotency_key
     )
@@ -336,11 +323,6 @@ def remeasure_latency(
     summary="Every latency measurement of the plan's artifact, with its device",
 )
 def list_latency(request: Request, plan_id: str):
-    with request.app.state.sessions() as session:
-        _plan_or_404(session, plan_id)
-        rows = session.scalars(
-            select(LatencyMeasurement)
-            .where(LatencyMeasurement.plan_id == plan_id)
-            .order_by(LatencyMeasurement.created_at)
-        ).all()
-        return [LatencyOut.model_validate(row) for row in rows]
+    db: SqlStore = request.app.state.db
+    _plan_or_404(db, plan_id)
+    return [LatencyOut.model_validate(row) for row in db.latency_measurements(plan_id)]

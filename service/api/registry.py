@@ -14,16 +14,15 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session, defer
 from starlette.concurrency import run_in_threadpool
 
 from service.api.auth import request_owner
 from service.api.errors import Problem
 from service.api.transfer import UploadPace, blob_response, receive_upload
 from service.inspection.checks import InvalidUpload
-from service.store.storage import delete_if_unused, delete_upload, jobs_using, stored_bytes
-from service.store.tables import Base, get_row
+from service.store.sql_store import InUse, SqlStore
+from service.store.storage import delete_if_unused
+from service.store.tables import Dataset, Model
 
 BINARY_BODY = {
     "requestBody": {
@@ -37,7 +36,7 @@ BINARY_BODY = {
 class RegistryKind:
     noun: str  # "model" / "dataset"
     path: str  # "/models"
-    table: type[Base]
+    table: type[Model] | type[Dataset]
     out: type[BaseModel]
     page: type[BaseModel]
     inspect: Callable[[Any, Path], dict[str, Any]]  # (inspector, temp path) -> row fields
@@ -66,18 +65,14 @@ def registry_router(kind: RegistryKind) -> APIRouter:
         offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
         sha256: Annotated[str | None, Query(pattern="^[0-9a-f]{64}$")] = None,
     ):
-        with request.app.state.sessions() as session:
-            query = select(kind.table).options(*(defer(getattr(kind.table, column)) for column in kind.unlisted))
-            if sha256:
-                query = query.where(kind.table.sha256 == sha256)
-            total = session.scalar(select(func.count()).select_from(query.subquery()))
-            rows = session.scalars(query.order_by(kind.table.created_at.desc()).limit(limit).offset(offset)).all()
-            return kind.page.model_validate({"items": rows, "total": total or 0}, from_attributes=True)
+        rows, total = request.app.state.db.list_uploads(
+            kind.table, sha256=sha256, limit=limit, offset=offset, unlisted=kind.unlisted
+        )
+        return kind.page.model_validate({"items": rows, "total": total}, from_attributes=True)
 
     @router.get("/{item_id}", response_model=kind.out, summary=f"One {kind.noun}")
     def get_item(request: Request, item_id: str):
-        with request.app.state.sessions() as session:
-            return kind.out.model_validate(_get_or_404(session, kind, item_id))
+        return kind.out.model_validate(_get_or_404(request.app.state.db, kind, item_id))
 
     @router.head("/{item_id}/file", include_in_schema=False)  # headers only: service/api/transfer.blob_response
     @router.get(
@@ -86,8 +81,7 @@ def registry_router(kind: RegistryKind) -> APIRouter:
         responses={200: {"content": {"application/octet-stream": {}}}},
     )
     def download(request: Request, item_id: str) -> Response:
-        with request.app.state.sessions() as session:
-            row = _get_or_404(session, kind, item_id)
+        row = _get_or_404(request.app.state.db, kind, item_id)
         filename = f"{row.name}{'' if row.name.endswith(kind.download_suffix) else kind.download_suffix}"
         return blob_response(request, request.app.state.store, row.sha256, filename, "application/octet-stream")
 
@@ -99,25 +93,26 @@ def registry_router(kind: RegistryKind) -> APIRouter:
     )
     def delete(request: Request, item_id: str) -> Response:
         state = request.app.state
-        with state.sessions() as session, session.begin():
-            row = _get_or_404(session, kind, item_id)
-            busy = jobs_using(session, kind.table, row.id)
-            if busy:
-                raise Problem(
-                    409,
-                    f"{len(busy)} queued or running jobs use this {kind.noun} (e.g. {busy[0]}): cancel "
-                    "them (POST /v1/jobs/{id}/cancel) or wait for them to finish",
-                    jobs=busy,
-                )
-            hashes = delete_upload(session, row)
-        delete_if_unused(state.sessions, state.store, *hashes)
+        try:
+            hashes = state.db.delete_upload(kind.table, item_id)
+        except InUse as error:
+            busy = error.job_ids
+            raise Problem(
+                409,
+                f"{len(busy)} queued or running jobs use this {kind.noun} (e.g. {busy[0]}): cancel "
+                "them (POST /v1/jobs/{id}/cancel) or wait for them to finish",
+                jobs=busy,
+            ) from None
+        if hashes is None:
+            raise Problem(404, f"no {kind.noun} with id {item_id!r}")
+        delete_if_unused(state.db, state.store, *hashes)
         state.plan_cache.clear()  # the delete cascaded to the plans made from it
         return Response(status_code=204)
 
     return router
 
 
-async def store_upload(request: Request, kind: RegistryKind, name: str | None) -> Base:
+async def store_upload(request: Request, kind: RegistryKind, name: str | None) -> Model | Dataset:
     """Stream the request body into the store, inspect it and insert its row (the API's upload route and
     the dashboard's share this): within the client's upload slots and the owner's quota."""
     state = request.app.state
@@ -146,8 +141,8 @@ async def store_upload(request: Request, kind: RegistryKind, name: str | None) -
         return await run_in_threadpool(_store_row, state, kind, writer, name, owner, fields)
 
 
-def _get_or_404(session: Session, kind: RegistryKind, item_id: str):
-    row = get_row(session, kind.table, item_id)
+def _get_or_404(db: SqlStore, kind: RegistryKind, item_id: str) -> Model | Dataset:
+    row = db.get(kind.table, item_id)
     if row is None:
         raise Problem(404, f"no {kind.noun} with id {item_id!r}")
     return row
@@ -165,39 +160,37 @@ def _store_row(state, kind: RegistryKind, writer, name: str | None, owner: str |
                 owner=owner,
                 **fields,
             )
-            with state.sessions() as session, session.begin():
-                session.add(row)
+            state.db.insert(row)
             return row
     except BaseException:
         writer.abort()  # a write not yet renamed into the store
-        delete_if_unused(state.sessions, state.store, writer.finish())
+        delete_if_unused(state.db, state.store, writer.finish())
         raise
 
 
 def check_quota(state, owner: str | None, incoming: int) -> None:
     """Refuse an upload that would take its owner past their quota (413) or the server past its
     total (507)."""
-    settings = state.settings
-    with state.sessions() as session:
-        if owner is not None and settings.quota_bytes_per_owner is not None:
-            used = stored_bytes(session, owner)
-            if used + incoming > settings.quota_bytes_per_owner:
-                raise Problem(
-                    413,
-                    f"this token stores {used} bytes; {incoming} more would pass its quota of "
-                    f"{settings.quota_bytes_per_owner} (MPQ_QUOTA_BYTES_PER_OWNER): delete models, "
-                    "datasets or plans first",
-                    headers={"Connection": "close"},
-                )
-        if settings.quota_bytes_total is not None:
-            used = stored_bytes(session, everyone=True)
-            if used + incoming > settings.quota_bytes_total:
-                raise Problem(
-                    507,
-                    f"the server stores {used} bytes; {incoming} more would pass its total quota of "
-                    f"{settings.quota_bytes_total} (MPQ_QUOTA_BYTES_TOTAL)",
-                    headers={"Connection": "close"},
-                )
+    settings, db = state.settings, state.db
+    if owner is not None and settings.quota_bytes_per_owner is not None:
+        used = db.stored_bytes(owner)
+        if used + incoming > settings.quota_bytes_per_owner:
+            raise Problem(
+                413,
+                f"this token stores {used} bytes; {incoming} more would pass its quota of "
+                f"{settings.quota_bytes_per_owner} (MPQ_QUOTA_BYTES_PER_OWNER): delete models, "
+                "datasets or plans first",
+                headers={"Connection": "close"},
+            )
+    if settings.quota_bytes_total is not None:
+        used = db.stored_bytes(everyone=True)
+        if used + incoming > settings.quota_bytes_total:
+            raise Problem(
+                507,
+                f"the server stores {used} bytes; {incoming} more would pass its total quota of "
+                f"{settings.quota_bytes_total} (MPQ_QUOTA_BYTES_TOTAL)",
+                headers={"Connection": "close"},
+            )
 
 
 def _client_address(request: Request) -> str:

@@ -7,10 +7,14 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from service.cli import demo, local_commands
 from service.cli.output import ExitCode
 from service.settings import Settings, settings_help
+
+if TYPE_CHECKING:
+    from service.store.sql_store import SqlStore
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
@@ -218,48 +222,39 @@ def _db_current(_args: argparse.Namespace, settings: Settings) -> int:
     return ExitCode.OK
 
 
-def _sessions(settings: Settings):
+def _db(settings: Settings) -> SqlStore:
+    # the database layer loads for the commands that use it, not for `mpq plan` or `mpq sensitivity`
     from service.store.db import session_factory
+    from service.store.sql_store import SqlStore
 
     if not _schema_is_current(settings):
         raise SystemExit(ExitCode.BAD_INPUT)
-    return session_factory(_engine(settings))
+    return SqlStore(session_factory(_engine(settings)))
 
 
 def _token_create(args: argparse.Namespace, settings: Settings) -> int:
-    from service.api.auth import create_token
+    from service.api.auth import create_token  # the API's, loaded only here
 
-    with _sessions(settings)() as session, session.begin():
-        try:
-            row, secret = create_token(session, args.name)
-        except ValueError as error:
-            print(f"mpq: {error}", file=sys.stderr)
-            return ExitCode.BAD_INPUT
-        print(json.dumps({"id": row.id, "name": row.name, "token": secret}))
+    try:
+        row, secret = create_token(_db(settings), args.name)
+    except ValueError as error:
+        print(f"mpq: {error}", file=sys.stderr)
+        return ExitCode.BAD_INPUT
+    print(json.dumps({"id": row.id, "name": row.name, "token": secret}))
     print("store the token now: it is not shown again", file=sys.stderr)
     return ExitCode.OK
 
 
 def _token_list(_args: argparse.Namespace, settings: Settings) -> int:
-    from sqlalchemy import select
-
-    from service.store.tables import ApiToken
-
-    with _sessions(settings)() as session:
-        for row in session.scalars(select(ApiToken).order_by(ApiToken.created_at)):
-            state = "revoked" if row.revoked_at else "active"
-            print(f"{row.id}  {row.prefix}…  {row.name}  {state}  created {row.created_at:%Y-%m-%d %H:%M}")
+    for row in _db(settings).tokens():
+        state = "revoked" if row.revoked_at else "active"
+        print(f"{row.id}  {row.prefix}…  {row.name}  {state}  created {row.created_at:%Y-%m-%d %H:%M}")
     return ExitCode.OK
 
 
 def _token_revoke(args: argparse.Namespace, settings: Settings) -> int:
-    from service.store.tables import ApiToken, utcnow
-
-    with _sessions(settings)() as session, session.begin():
-        row = session.get(ApiToken, args.token_id)
-        if row is None:
-            print(f"mpq: no token with id {args.token_id!r}", file=sys.stderr)
-            return ExitCode.FAILED
-        row.revoked_at = row.revoked_at or utcnow()
+    if not _db(settings).revoke_token(args.token_id):
+        print(f"mpq: no token with id {args.token_id!r}", file=sys.stderr)
+        return ExitCode.FAILED
     print(f"revoked {args.token_id}")
     return ExitCode.OK

@@ -28,8 +28,6 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session, defer
 
 from service.api.auth import token_is_valid
 from service.api.errors import Problem
@@ -38,8 +36,8 @@ from service.api.registry import store_upload
 from service.api.transfer import blob_response
 from service.formatting import describe_execution, shortened
 from service.job_status import FINISHED
-from service.jobs import lifecycle as jobs
 from service.settings import AuthMode
+from service.store.sql_store import SqlStore
 from service.store.tables import (
     Artifact,
     Dataset,
@@ -49,8 +47,6 @@ from service.store.tables import (
     Model,
     Plan,
     SensitivityResult,
-    get_row,
-    is_id,
 )
 
 COOKIE = "mpq_token"
@@ -289,26 +285,20 @@ def home() -> Response:
 
 @pages.get("/models")
 def models_page(request: Request) -> Response:
-    with request.app.state.sessions() as session:
-        models = session.scalars(
-            select(Model).options(defer(Model.layers)).order_by(Model.created_at.desc()).limit(LIST_LIMIT)
-        ).all()
-        datasets = session.scalars(select(Dataset).order_by(Dataset.created_at.desc()).limit(LIST_LIMIT)).all()
+    db = _db(request)
+    models, _ = db.list_uploads(Model, limit=LIST_LIMIT, unlisted=("layers",))
+    datasets, _ = db.list_uploads(Dataset, limit=LIST_LIMIT)
     return render(request, "models.html", active="Models", models=models, datasets=datasets)
 
 
 @pages.get("/models/{model_id}")
 def model_page(request: Request, model_id: str) -> Response:
-    with request.app.state.sessions() as session:
-        model = _get(session, Model, model_id)
-        if model is None:
-            return not_found(request, f"model {model_id!r}")
-        results = session.scalars(
-            select(SensitivityResult)
-            .where(SensitivityResult.model_sha256 == model.sha256)
-            .order_by(SensitivityResult.created_at.desc())
-        ).all()
-        plans = session.scalars(select(Plan).where(Plan.model_id == model.id).order_by(Plan.created_at.desc())).all()
+    db = _db(request)
+    model = db.get(Model, model_id)
+    if model is None:
+        return not_found(request, f"model {model_id!r}")
+    results = db.sensitivity_results(model_sha256=model.sha256)
+    plans = db.plans(model_id=model.id)
     return render(request, "model.html", active="Models", model=model, results=results, plans=plans)
 
 
@@ -326,8 +316,7 @@ async def upload(request: Request, kind: str, name: Annotated[str | None, Query(
 def registry_file(request: Request, kind: str, item_id: str) -> Response:
     """A model's or dataset's file (the API's GET /v1/{kind}/{id}/file, for the logged-in browser)."""
     registry_kind = request.app.state.registry_kinds.get(kind)
-    with request.app.state.sessions() as session:
-        row = _get(session, registry_kind.table, item_id) if registry_kind else None
+    row = _db(request).get(registry_kind.table, item_id) if registry_kind else None
     if row is None:
         return not_found(request, f"{kind} file {item_id!r}")
     suffix = registry_kind.download_suffix
@@ -420,11 +409,9 @@ def g_heatmap(interlayer: dict[str, Any] | None, bits: int | None) -> dict[str, 
 
 @pages.get("/sensitivity")
 def sensitivity_list(request: Request) -> Response:
-    with request.app.state.sessions() as session:
-        results = session.scalars(
-            select(SensitivityResult).order_by(SensitivityResult.created_at.desc()).limit(LIST_LIMIT)
-        ).all()
-        names = _model_names(session, {r.model_sha256 for r in results})
+    db = _db(request)
+    results = db.sensitivity_results(limit=LIST_LIMIT)
+    names = db.model_names_by_sha256(r.model_sha256 for r in results)
     return render(request, "sensitivity_list.html", active="Sensitivity", results=results, model_names=names)
 
 
@@ -432,11 +419,11 @@ def sensitivity_list(request: Request) -> Response:
 def sensitivity_page(
     request: Request, result_id: str, sort: str = "order", desc: bool = False, bits: int | None = None
 ) -> Response:
-    with request.app.state.sessions() as session:
-        row = _get(session, SensitivityResult, result_id)
-        if row is None:
-            return not_found(request, f"sensitivity result {result_id!r}")
-        model = session.scalars(select(Model).where(Model.sha256 == row.model_sha256)).first()
+    db = _db(request)
+    row = db.get(SensitivityResult, result_id)
+    if row is None:
+        return not_found(request, f"sensitivity result {result_id!r}")
+    model = db.model_by_sha256(row.model_sha256)
     sort = sort if sort in SENSITIVITY_SORTS else "order"
     layers = layer_sensitivities(row.result)
     heatmap = g_heatmap(row.result.get("interlayer"), bits)
@@ -580,24 +567,21 @@ def layer_precisions(model: Model | None, assignment: dict[str, Any], plan: Plan
 
 @pages.get("/plans")
 def plans_page(request: Request) -> Response:
-    with request.app.state.sessions() as session:
-        plans = session.scalars(select(Plan).order_by(Plan.created_at.desc()).limit(LIST_LIMIT)).all()
-        names = {m.id: m.name for m in session.scalars(select(Model).where(Model.id.in_({p.model_id for p in plans})))}
+    db = _db(request)
+    plans = db.plans(limit=LIST_LIMIT)
+    names = db.model_names_by_id(p.model_id for p in plans)
     return render(request, "plans.html", active="Plans", plans=plans, model_names=names)
 
 
 @pages.get("/plans/{plan_id}")
 def plan_page(request: Request, plan_id: str, point: int | None = None) -> Response:
-    with request.app.state.sessions() as session:
-        plan = _get(session, Plan, plan_id)
-        if plan is None:
-            return not_found(request, f"plan {plan_id!r}")
-        model = session.get(Model, plan.model_id)
-        rows = _frontier(session, plan.id)
-        artifact = session.get(Artifact, plan.artifact_id) if plan.artifact_id else None
-        latency_count = session.scalar(
-            select(func.count()).select_from(LatencyMeasurement).where(LatencyMeasurement.plan_id == plan.id)
-        )
+    db = _db(request)
+    plan, artifact = db.plan_with_artifact(plan_id)
+    if plan is None:
+        return not_found(request, f"plan {plan_id!r}")
+    model = db.get(Model, plan.model_id)
+    rows = db.frontier(plan.id)
+    latency_count = db.latency_counts([plan.id]).get(plan.id, 0)
     points = [point_view(p, plan) for p in rows]
     selected = next((p for p in rows if p.index == point), None)
     chart = {
@@ -633,20 +617,20 @@ PointIndex = Annotated[int, PathParam(ge=0, le=MAX_POINT_INDEX)]
 @pages.get("/plans/{plan_id}/points/{index}")
 def point_fragment(request: Request, plan_id: str, index: PointIndex) -> Response:
     """The per-layer detail of one frontier point, as an HTML fragment the plan page swaps in."""
-    with request.app.state.sessions() as session:
-        plan = _get(session, Plan, plan_id)
-        point = _point(session, plan_id, index) if plan else None
-        model = session.get(Model, plan.model_id) if plan else None
-    if point is None:
+    db = _db(request)
+    plan = db.get(Plan, plan_id)
+    point = db.frontier_point(plan_id, index) if plan else None
+    model = db.get(Model, plan.model_id) if plan else None
+    if plan is None or point is None:
         return not_found(request, f"frontier point {index} of plan {plan_id!r}")
     return render(request, "_point_detail.html", detail=_point_detail(plan, model, point))
 
 
 @pages.api_route("/plans/{plan_id}/points/{index}/artifact", methods=["GET", "HEAD"])
 def point_artifact(request: Request, plan_id: str, index: PointIndex) -> Response:
-    with request.app.state.sessions() as session:
-        point = _point(session, plan_id, index)
-        artifact = session.get(Artifact, point.artifact_id) if point and point.artifact_id else None
+    db = _db(request)
+    point = db.frontier_point(plan_id, index)
+    artifact = db.get(Artifact, point.artifact_id) if point and point.artifact_id else None
     if artifact is None:
         raise Problem(404, f"frontier point {index} of plan {plan_id!r} has no artifact")
     return blob_response(request, request.app.state.store, artifact.sha256, artifact.filename, artifact.media_type)
@@ -655,9 +639,7 @@ def point_artifact(request: Request, plan_id: str, index: PointIndex) -> Respons
 @pages.api_route("/plans/{plan_id}/artifact", methods=["GET", "HEAD"])
 def plan_artifact(request: Request, plan_id: str) -> Response:
     """The plan's quantized ONNX (the API's GET /v1/plans/{id}/artifact, for the logged-in browser)."""
-    with request.app.state.sessions() as session:
-        plan = _get(session, Plan, plan_id)
-        artifact = session.get(Artifact, plan.artifact_id) if plan and plan.artifact_id else None
+    _plan, artifact = _db(request).plan_with_artifact(plan_id)
     if artifact is None:
         raise Problem(404, f"plan {plan_id!r} has no artifact")
     return blob_response(request, request.app.state.store, artifact.sha256, artifact.filename, artifact.media_type)
@@ -683,20 +665,6 @@ def _artifact_url(plan: Plan, point: FrontierPoint) -> str | None:
     return None
 
 
-def _frontier(session: Session, plan_id: str) -> list[FrontierPoint]:
-    return list(
-        session.scalars(select(FrontierPoint).where(FrontierPoint.plan_id == plan_id).order_by(FrontierPoint.index))
-    )
-
-
-def _point(session: Session, plan_id: str, index: int) -> FrontierPoint | None:
-    if len(plan_id) > 64:
-        return None
-    return session.scalars(
-        select(FrontierPoint).where(FrontierPoint.plan_id == plan_id, FrontierPoint.index == index)
-    ).first()
-
-
 def _metric_name(plan: Plan, points: list[FrontierPoint]) -> str:
     names = [(plan.measured or {}).get("metric_name")] + [(p.measured or {}).get("metric_name") for p in points]
     return next((n for n in names if n), "metric")
@@ -707,27 +675,21 @@ def _metric_name(plan: Plan, points: list[FrontierPoint]) -> str:
 
 @pages.get("/latency")
 def latency_index(request: Request) -> Response:
-    with request.app.state.sessions() as session:
-        counts = dict(
-            session.execute(select(LatencyMeasurement.plan_id, func.count()).group_by(LatencyMeasurement.plan_id)).all()
-        )
-        plans = session.scalars(select(Plan).where(Plan.id.in_(counts)).order_by(Plan.created_at.desc())).all()
-        names = {m.id: m.name for m in session.scalars(select(Model).where(Model.id.in_({p.model_id for p in plans})))}
+    db = _db(request)
+    counts = db.latency_counts()
+    plans = db.plans(ids=counts)
+    names = db.model_names_by_id(p.model_id for p in plans)
     return render(request, "latency_index.html", active="Latency", plans=plans, counts=counts, model_names=names)
 
 
 @pages.get("/plans/{plan_id}/latency")
 def latency_page(request: Request, plan_id: str) -> Response:
-    with request.app.state.sessions() as session:
-        plan = _get(session, Plan, plan_id)
-        if plan is None:
-            return not_found(request, f"plan {plan_id!r}")
-        model = session.get(Model, plan.model_id)
-        rows = session.scalars(
-            select(LatencyMeasurement)
-            .where(LatencyMeasurement.plan_id == plan_id)
-            .order_by(LatencyMeasurement.device_description, LatencyMeasurement.created_at)
-        ).all()
+    db = _db(request)
+    plan = db.get(Plan, plan_id)
+    if plan is None:
+        return not_found(request, f"plan {plan_id!r}")
+    model = db.get(Model, plan.model_id)
+    rows = db.latency_measurements(plan.id, by_device=True)
     devices: dict[str, list[LatencyMeasurement]] = {}
     for row in rows:
         devices.setdefault(row.device_description, []).append(row)
@@ -760,15 +722,13 @@ def latency_page(request: Request, plan_id: str) -> Response:
 
 @pages.get("/jobs")
 def jobs_page(request: Request) -> Response:
-    with request.app.state.sessions() as session:
-        rows = session.scalars(select(Job).order_by(Job.created_at.desc()).limit(LIST_LIMIT)).all()
+    rows, _ = _db(request).list_jobs(limit=LIST_LIMIT)
     return render(request, "jobs.html", active="Jobs", jobs=rows, finished=FINISHED)
 
 
 @pages.get("/jobs/{job_id}")
 def job_page(request: Request, job_id: str) -> Response:
-    with request.app.state.sessions() as session:
-        job = _get(session, Job, job_id)
+    job = _db(request).get(Job, job_id)
     if job is None:
         return not_found(request, f"job {job_id!r}")
     return render(request, "job.html", active="Jobs", job=job, finished=FINISHED)
@@ -777,8 +737,7 @@ def job_page(request: Request, job_id: str) -> Response:
 @pages.get("/jobs/{job_id}/status")
 def job_status(request: Request, job_id: str) -> Response:
     """The job as GET /v1/jobs/{id} shows it, for the job page's live progress."""
-    with request.app.state.sessions() as session:
-        job = _get(session, Job, job_id)
+    job = _db(request).get(Job, job_id)
     if job is None:
         raise Problem(404, f"no job with id {job_id!r}")
     return JSONResponse(JobOut.of(job).model_dump(mode="json"))
@@ -788,7 +747,7 @@ def job_status(request: Request, job_id: str) -> Response:
 def cancel_job(request: Request, job_id: str) -> Response:
     """The cancel button: the form post redirects back to the job page; the script (which asks for JSON)
     gets the job as POST /v1/jobs/{id}/cancel answers it."""
-    job = jobs.request_cancel(request.app.state.sessions, job_id) if is_id(job_id) else None
+    job = _db(request).request_cancel(job_id)
     if job is None:
         return not_found(request, f"job {job_id!r}")
     if wants_json(request):
@@ -799,12 +758,9 @@ def cancel_job(request: Request, job_id: str) -> Response:
 # ---------------------------------------------------------------- helpers
 
 
-def _get(session: Session, table: type, row_id: str) -> Any:
-    return get_row(session, table, row_id)
-
-
-def _model_names(session: Session, hashes: set[str]) -> dict[str, str]:
-    return {m.sha256: m.name for m in session.scalars(select(Model).where(Model.sha256.in_(hashes)))}
+def _db(request: Request) -> SqlStore:
+    db: SqlStore = request.app.state.db
+    return db
 
 
 router.include_router(pages)

@@ -15,6 +15,7 @@ from celery import Celery
 from service.jobs.supervisor import supervise
 from service.settings import Settings
 from service.store.db import make_engine, session_factory
+from service.store.sql_store import SqlStore
 
 QUEUE = "mpq-jobs"
 
@@ -38,7 +39,7 @@ def make_celery(settings: Settings, gpu: str | None = None) -> Celery:
         engine = make_engine(settings.resolved_database_url)
         try:
             env = {"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}
-            return supervise(job_id, settings, session_factory(engine), env)
+            return supervise(job_id, settings, SqlStore(session_factory(engine)), env)
         finally:
             engine.dispose()
 

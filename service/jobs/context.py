@@ -17,7 +17,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from service.jobs.lifecycle import Cancelled
+from service.jobs.errors import Cancelled
 from service.sandbox.channel import Channel, ChannelClosed
 
 PROGRESS_INTERVAL_S = 0.2  # libraries may report every probe; the channel needs far fewer frames

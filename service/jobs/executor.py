@@ -11,20 +11,19 @@ never imports torch):
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
-
 from service.job_status import JobStatus
-from service.jobs import lifecycle as jobs
 from service.jobs.supervisor import supervise
 from service.sandbox.child import process_alive
 from service.settings import ExecutorKind, Settings
-from service.store.tables import Job
+from service.store.sql_store import SqlStore
+from service.store.tables import utcnow
 
 logger = logging.getLogger("mpq.executor")
 
@@ -40,16 +39,23 @@ def local_worker_is_dead(worker: str | None) -> bool:
     return host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid))
 
 
-def reap(sessions: sessionmaker[Session], settings: Settings) -> list[tuple[str, str]]:
-    """Requeue or fail running jobs whose worker is gone (dead local pid, or silent heartbeat)."""
-    with sessions() as session:
-        running = session.scalars(select(Job).where(Job.status == JobStatus.RUNNING)).all()
+def worker_id() -> str:
+    """This process's worker id (host:pid)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def reap(db: SqlStore, settings: Settings) -> list[tuple[str, JobStatus]]:
+    """Requeue or fail running jobs whose worker is gone (a dead local pid, or a silent heartbeat).
+    Returns (job id, new status) for each."""
     moved = []
-    for job in running:
+    for job in db.running_jobs():
         if local_worker_is_dead(job.worker_id):
-            status = jobs.requeue_or_fail(sessions, job, "the worker process is gone", settings.max_attempts)
-            moved.append((job.id, status))
-    return moved + jobs.reap_stale(sessions, settings)
+            moved.append((job.id, db.requeue_or_fail(job, "the worker process is gone", settings.max_attempts)))
+    silent_since = utcnow() - timedelta(seconds=settings.heartbeat_timeout_s)
+    reason = f"the worker stopped sending heartbeats for over {settings.heartbeat_timeout_s:.0f} s"
+    for job in db.running_jobs(silent_since=silent_since):
+        moved.append((job.id, db.requeue_or_fail(job, reason, settings.max_attempts)))
+    return moved
 
 
 class _BackgroundLoop:
@@ -83,10 +89,10 @@ class EmbeddedExecutor(_BackgroundLoop):
 
     thread_name = "mpq-dispatcher"
 
-    def __init__(self, settings: Settings, sessions: sessionmaker[Session], poll_s: float = 0.5) -> None:
+    def __init__(self, settings: Settings, db: SqlStore, poll_s: float = 0.5) -> None:
         super().__init__()
         self.settings = settings
-        self.sessions = sessions
+        self.db = db
         self.poll_s = poll_s
         gpus = [g.strip() for g in (settings.gpus or "").split(",") if g.strip()]
         self._slots: dict[int, threading.Thread | None] = {i: None for i in range(settings.worker_slots)}
@@ -106,7 +112,7 @@ class EmbeddedExecutor(_BackgroundLoop):
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                reap(self.sessions, self.settings)
+                reap(self.db, self.settings)
                 self._dispatch()
             except Exception:  # keep dispatching through transient database errors
                 logger.exception("dispatcher iteration failed")
@@ -117,10 +123,7 @@ class EmbeddedExecutor(_BackgroundLoop):
         free = [slot for slot, thread in self._slots.items() if thread is None or not thread.is_alive()]
         if not free:
             return
-        with self.sessions() as session:
-            queued = session.scalars(
-                select(Job.id).where(Job.status == JobStatus.QUEUED).order_by(Job.created_at).limit(len(free))
-            ).all()
+        queued = self.db.queued_job_ids(limit=len(free))
         for slot, job_id in zip(free, queued):
             thread = threading.Thread(target=self._run_slot, args=(job_id, slot), daemon=True, name=f"mpq-slot-{slot}")
             self._slots[slot] = thread
@@ -128,7 +131,7 @@ class EmbeddedExecutor(_BackgroundLoop):
 
     def _run_slot(self, job_id: str, slot: int) -> None:
         try:
-            supervise(job_id, self.settings, self.sessions, self._slot_env[slot], shutdown=self._stop)
+            supervise(job_id, self.settings, self.db, self._slot_env[slot], shutdown=self._stop)
         except Exception:
             logger.exception("supervising job %s failed", job_id)
         finally:
@@ -142,16 +145,14 @@ class CeleryExecutor(_BackgroundLoop):
 
     thread_name = "mpq-reaper"
 
-    def __init__(
-        self, settings: Settings, sessions: sessionmaker[Session], poll_s: float = 2.0, resend_after_s: float = 60.0
-    ) -> None:
+    def __init__(self, settings: Settings, db: SqlStore, poll_s: float = 2.0, resend_after_s: float = 60.0) -> None:
         # celery and its broker clients load only where MPQ_EXECUTOR=celery (not an import cycle: celery_app
         # imports the supervisor, never this module)
         from service.jobs.celery_app import make_celery
 
         super().__init__()
         self.settings = settings
-        self.sessions = sessions
+        self.db = db
         self.celery = make_celery(settings)
         self.poll_s = poll_s
         self.resend_after_s = resend_after_s
@@ -167,7 +168,7 @@ class CeleryExecutor(_BackgroundLoop):
     def _loop(self) -> None:
         while not self._stop.wait(self.poll_s):
             try:
-                for job_id, status in reap(self.sessions, self.settings):
+                for job_id, status in reap(self.db, self.settings):
                     if status == JobStatus.QUEUED:
                         self.submit(job_id)
                 self._resend_forgotten()
@@ -176,9 +177,7 @@ class CeleryExecutor(_BackgroundLoop):
 
     def _resend_forgotten(self) -> None:
         now = time.monotonic()
-        with self.sessions() as session:
-            queued = session.scalars(select(Job.id).where(Job.status == JobStatus.QUEUED)).all()
-        for job_id in queued:
+        for job_id in self.db.queued_job_ids():
             if now - self._sent.get(job_id, 0.0) > self.resend_after_s:
                 self.submit(job_id)
 
@@ -212,7 +211,7 @@ class ExecutorLock:
             self._file = None
 
 
-def make_executor(settings: Settings, sessions: sessionmaker[Session]):
+def make_executor(settings: Settings, db: SqlStore):
     if settings.executor is ExecutorKind.celery:
-        return CeleryExecutor(settings, sessions)
-    return EmbeddedExecutor(settings, sessions)
+        return CeleryExecutor(settings, db)
+    return EmbeddedExecutor(settings, db)

@@ -14,7 +14,7 @@ from typing import Any
 
 from service.inspection.model_files import load_program, plan_request, sensitivity_config
 from service.jobs.context import ChildContext, Handler
-from service.jobs.lifecycle import JobInputError
+from service.jobs.errors import JobInputError
 
 
 def params_hash(config_dict: dict[str, Any]) -> str:

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from service.jobs.context import ChildContext
+from service.jobs.errors import Cancelled, JobInputError
 from service.jobs.handlers import HANDLERS  # the libraries (torch) load inside each handler, not here
-from service.jobs.lifecycle import Cancelled, JobInputError
 from service.sandbox.child import enter_sandbox
 
 

@@ -9,14 +9,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
-
-from service.jobs.lifecycle import JobInputError
-from service.store.db import retrying
+from service.jobs.errors import JobInputError
+from service.store.blobs import BlobStore
+from service.store.sql_store import Conflict, SqlStore
 from service.store.storage import delete_if_unused, store_file
 from service.store.tables import (
     Artifact,
+    Base,
     Dataset,
     FrontierPoint,
     LatencyMeasurement,
@@ -49,32 +48,24 @@ class Finished:
     job_id: str
     params: dict[str, Any]
     inputs: JobInputs
-    sessions: sessionmaker[Session]
-    store: Any
+    db: SqlStore
+    store: BlobStore
     sensitivity_result_id: str | None
     artifact_file: IO[bytes] | None
 
 
 @dataclass(frozen=True)
 class JobType:
-    prepare: Callable[[sessionmaker[Session], dict[str, Any]], JobInputs]
+    prepare: Callable[[SqlStore, dict[str, Any]], JobInputs]
     store: Callable[[Finished, dict[str, Any]], dict[str, Any]]
 
 
-def save_rows(sessions: sessionmaker[Session], *rows: Any) -> None:
-    """Insert rows in the given order (parents first: without ORM relationships the unit of work does
-    not sort by foreign keys) in one transaction, retried if the connection drops. A row whose parent
-    was deleted while the job ran is the user's doing, said as such."""
-
-    def attempt() -> None:
-        with sessions() as session, session.begin():
-            for row in rows:
-                session.add(row)
-                session.flush()
-
+def save_rows(db: SqlStore, *rows: Base) -> None:
+    """Insert rows, parents first, in one transaction (``SqlStore.insert``). A row whose parent was
+    deleted while the job ran is the user's doing, said as such."""
     try:
-        retrying(attempt)
-    except IntegrityError:
+        db.insert(*rows)
+    except Conflict:
         raise JobInputError("the model or a dataset of this job was deleted while it ran; nothing was stored") from None
 
 
@@ -82,17 +73,21 @@ def save_rows(sessions: sessionmaker[Session], *rows: Any) -> None:
 
 
 def _model_and_datasets(
-    sessions: sessionmaker[Session], model_id: str, datasets: dict[str, str | None]
+    db: SqlStore, model_id: str, datasets: dict[str, str | None]
 ) -> tuple[Model, dict[str, Dataset]]:
     """The job's model and datasets (role -> id, None for absent ones); a row deleted since
     submission is the user's doing."""
-    with sessions() as session:
-        model = session.get(Model, model_id)
-        rows = {role: session.get(Dataset, dataset_id) for role, dataset_id in datasets.items() if dataset_id}
-    missing = "model" if model is None else next((role for role, row in rows.items() if row is None), None)
-    if missing is not None:
-        raise JobInputError(f"the {missing} {'' if missing == 'model' else 'dataset '}was deleted before the job ran")
-    return model, rows  # type: ignore[return-value]
+    model = db.get(Model, model_id)
+    if model is None:
+        raise JobInputError("the model was deleted before the job ran")
+    rows = {}
+    for role, dataset_id in datasets.items():
+        row = db.get(Dataset, dataset_id) if dataset_id else None
+        if dataset_id and row is None:
+            raise JobInputError(f"the {role} dataset was deleted before the job ran")
+        if row is not None:
+            rows[role] = row
+    return model, rows
 
 
 def _inputs(model: Model, datasets: dict[str, Dataset], **extra: Any) -> JobInputs:
@@ -100,8 +95,8 @@ def _inputs(model: Model, datasets: dict[str, Dataset], **extra: Any) -> JobInpu
     return JobInputs(model.name, model.format, blobs, **extra)
 
 
-def prepare_sensitivity(sessions: sessionmaker[Session], params: dict[str, Any]) -> JobInputs:
-    model, datasets = _model_and_datasets(sessions, params["model_id"], {"calibration": params["dataset_id"]})
+def prepare_sensitivity(db: SqlStore, params: dict[str, Any]) -> JobInputs:
+    model, datasets = _model_and_datasets(db, params["model_id"], {"calibration": params["dataset_id"]})
     return _inputs(model, datasets)
 
 
@@ -112,9 +107,9 @@ def store_sensitivity(done: Finished, payload: dict[str, Any]) -> dict[str, Any]
 # ---------------------------------------------------------------- plans
 
 
-def prepare_plan(sessions: sessionmaker[Session], params: dict[str, Any]) -> JobInputs:
+def prepare_plan(db: SqlStore, params: dict[str, Any]) -> JobInputs:
     model, datasets = _model_and_datasets(
-        sessions,
+        db,
         params["model_id"],
         {"calibration": params["calibration_dataset_id"], "evaluation": params.get("evaluation_dataset_id")},
     )
@@ -131,10 +126,10 @@ def store_plan(done: Finished, payload: dict[str, Any]) -> dict[str, Any]:
         with done.store.reference_lock():
             sha256, size = store_file(done.store, done.artifact_file)
             rows = _plan_rows(done, payload["plan"], payload.get("latency"), sha256, size)
-            save_rows(done.sessions, *rows)
+            save_rows(done.db, *rows)
     except BaseException:
         if sha256 is not None:
-            delete_if_unused(done.sessions, done.store, sha256)
+            delete_if_unused(done.db, done.store, sha256)
         raise
     plan_row = rows[1]
     return {
@@ -206,11 +201,9 @@ def _predicted_by_method(predicted: dict[str, Any], method: str) -> float | None
 # ---------------------------------------------------------------- latency
 
 
-def prepare_latency(sessions: sessionmaker[Session], params: dict[str, Any]) -> JobInputs:
-    with sessions() as session:
-        plan = session.get(Plan, params["plan_id"])
-        artifact = session.get(Artifact, plan.artifact_id) if plan and plan.artifact_id else None
-        calibration = session.get(Dataset, plan.calibration_dataset_id) if plan else None
+def prepare_latency(db: SqlStore, params: dict[str, Any]) -> JobInputs:
+    plan, artifact = db.plan_with_artifact(params["plan_id"])
+    calibration = db.get(Dataset, plan.calibration_dataset_id) if plan else None
     if plan is None or artifact is None or calibration is None:
         raise JobInputError("the plan, its artifact or its calibration dataset was deleted")
     # plans stored before the sample_axes field have none: the artifact's declared shapes say
@@ -253,7 +246,7 @@ def store_latency(done: Finished, payload: dict[str, Any]) -> dict[str, Any]:
         artifact_id=done.inputs.rows["artifact_id"],
         **latency_fields(payload.get("latency")),
     )
-    save_rows(done.sessions, row)
+    save_rows(done.db, row)
     return {"latency_measurement_id": row.id}
 
 

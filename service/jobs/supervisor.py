@@ -27,19 +27,15 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import IO, Any
 
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session, sessionmaker
-
 from service.job_status import JobStatus
-from service.jobs import lifecycle as jobs
+from service.jobs.errors import JobInputError
 from service.jobs.job_types import JOB_TYPES, Finished, JobInputs, JobType, save_rows
-from service.jobs.lifecycle import JobInputError
 from service.sandbox.channel import ChannelClosed
 from service.sandbox.child import Child, SandboxLimits, start_child
 from service.settings import Settings
 from service.store.blobs import LocalBlobStore
-from service.store.db import retrying
-from service.store.tables import Job, SensitivityResult, utcnow
+from service.store.sql_store import SqlStore
+from service.store.tables import Job, SensitivityResult
 
 logger = logging.getLogger("mpq.supervisor")
 LOG_TAIL_LINES = 200
@@ -73,7 +69,7 @@ def hidden_paths(settings: Settings) -> list[Path]:
 def supervise(
     job_id: str,
     settings: Settings,
-    sessions: sessionmaker[Session],
+    db: SqlStore,
     env: dict[str, str] | None = None,
     poll_s: float = 0.2,
     shutdown: threading.Event | None = None,
@@ -90,10 +86,10 @@ def supervise(
     child = start_child("service.jobs.job_process", job_limits(settings), env, hide=hidden_paths(settings))
     try:
         worker = f"{socket.gethostname()}:{os.getpid()}:{child.pid}"
-        job = jobs.claim(sessions, job_id, worker)
+        job = db.claim_job(job_id, worker)
         if job is None:
             return "skipped"
-        run = JobRun(job, settings, sessions, worker, child, shutdown or threading.Event(), poll_s)
+        run = JobRun(job, settings, db, worker, child, shutdown or threading.Event(), poll_s)
         try:
             return run.execute()
         except Exception as error:  # a bug here must not leave the job running forever
@@ -110,7 +106,7 @@ class JobRun:
         self,
         job: Job,
         settings: Settings,
-        sessions: sessionmaker[Session],
+        db: SqlStore,
         worker: str,
         child: Child,
         shutdown: threading.Event,
@@ -118,7 +114,7 @@ class JobRun:
     ) -> None:
         self.child = child
         self.job_id, self.job_type, self.params, self.owner = job.id, job.type, dict(job.params), job.owner
-        self.settings, self.sessions, self.worker = settings, sessions, worker
+        self.settings, self.db, self.worker = settings, db, worker
         self.shutdown, self.poll_s = shutdown, poll_s
         self.store = LocalBlobStore(settings.resolved_artifact_dir)
         self.log_lines: deque[str] = deque(maxlen=LOG_TAIL_LINES)
@@ -134,7 +130,7 @@ class JobRun:
         if job_type is None:
             return self.end(JobStatus.FAILED, f"unknown job type {self.job_type!r}", code="bad_input")
         try:
-            self.inputs = job_type.prepare(self.sessions, self.params)
+            self.inputs = job_type.prepare(self.db, self.params)
         except JobInputError as error:
             return self.end(JobStatus.FAILED, str(error), code=error.code)
         self.inputs.owner = self.owner
@@ -238,7 +234,7 @@ class JobRun:
             )
         assert self.inputs is not None
         done = Finished(
-            self.job_id, self.params, self.inputs, self.sessions, self.store, self.sensitivity_result_id, artifact
+            self.job_id, self.params, self.inputs, self.db, self.store, self.sensitivity_result_id, artifact
         )
         try:
             result = job_type.store(done, final.get("result") or {})
@@ -262,11 +258,10 @@ class JobRun:
         if exitcode == -signal.SIGXCPU:  # the kernel's signal at RLIMIT_CPU
             return self.end(JobStatus.FAILED, "time limit: the job used up its CPU time", code="time_limit")
         reason = f"the worker process died (exit code {exitcode})"
-        with self.sessions() as session:
-            job = session.get(Job, self.job_id)
+        job = self.db.get(Job, self.job_id)
         if job is None:
             return "missing"
-        return jobs.requeue_or_fail(self.sessions, job, reason, self.settings.max_attempts)
+        return self.db.requeue_or_fail(job, reason, self.settings.max_attempts)
 
     # ------------------------------------------------ frames from the child
 
@@ -297,16 +292,7 @@ class JobRun:
         if phase == last_phase and now - last_time < PROGRESS_WRITE_INTERVAL_S:
             return
         self._progress_written = (phase, now)
-
-        def write() -> None:
-            with self.sessions() as session, session.begin():
-                session.execute(
-                    update(Job)
-                    .where(Job.id == self.job_id, Job.status == JobStatus.RUNNING)
-                    .values(progress_phase=phase, progress_fraction=fraction, progress_message=message[:2000])
-                )
-
-        retrying(write)
+        self.db.report_progress(self.job_id, phase, fraction, message)
 
     def _cache_key(self, message: dict[str, Any]) -> tuple[str, str] | None:
         """(method, params hash) of a cache frame, if well formed; the model and data are the job's own."""
@@ -320,17 +306,7 @@ class JobRun:
         if cache_key is None or self.inputs is None:
             return None
         method, key = cache_key
-        with self.sessions() as session:
-            row = session.scalars(
-                select(SensitivityResult)
-                .where(
-                    SensitivityResult.model_sha256 == self.inputs.blobs["model"],
-                    SensitivityResult.dataset_sha256 == self.inputs.blobs["calibration"],
-                    SensitivityResult.method == method,
-                    SensitivityResult.params_hash == key,
-                )
-                .order_by(SensitivityResult.created_at.desc())
-            ).first()
+        row = self.db.find_sensitivity(self.inputs.blobs["model"], self.inputs.blobs["calibration"], method, key)
         if row is None:
             return None
         self.sensitivity_result_id = row.id
@@ -352,7 +328,7 @@ class JobRun:
             result=result,
             versions=versions if isinstance(versions, dict) else {},
         )
-        save_rows(self.sessions, row)
+        save_rows(self.db, row)
         self.sensitivity_result_id = row.id
 
     # ------------------------------------------------ the job row
@@ -362,18 +338,8 @@ class JobRun:
 
     def _beat(self) -> bool:
         """Keep heartbeat_at and the log tail fresh; returns whether a cancel was requested."""
-
-        def write() -> bool:
-            with self.sessions() as session, session.begin():
-                job = session.get(Job, self.job_id)
-                if job is None:
-                    return True
-                job.heartbeat_at = utcnow()
-                job.log_tail = self._log_tail()
-                return bool(job.cancel_requested)
-
         try:
-            return retrying(write, deadline_s=5.0)
+            return self.db.heartbeat(self.job_id, self._log_tail(), deadline_s=5.0)
         except Exception:  # the database is away for a moment: beat again next time
             logger.exception("heartbeat failed for job %s", self.job_id)
             return False
@@ -385,19 +351,17 @@ class JobRun:
             pass
 
     def _cancel_requested(self) -> bool:
-        with self.sessions() as session:
-            return bool(session.scalar(select(Job.cancel_requested).where(Job.id == self.job_id)))
+        return self.db.cancel_requested(self.job_id)
 
     def _log_tail(self) -> str:
         return "\n".join(self.log_lines)[-20000:]
 
     def end(
-        self, status: str, error: str | None, *, code: str | None = None, result: dict[str, Any] | None = None
+        self, status: JobStatus, error: str | None, *, code: str | None = None, result: dict[str, Any] | None = None
     ) -> str:
         if code is not None:
             result = {**(result or {}), "error_code": code}
-        jobs.finish(
-            self.sessions,
+        self.db.finish_job(
             self.job_id,
             status,
             error=error,
@@ -408,9 +372,5 @@ class JobRun:
         return status
 
     def _requeue_after_shutdown(self) -> str:
-        with self.sessions() as session:
-            job = session.get(Job, self.job_id)
-        if job is not None and job.status == JobStatus.RUNNING and job.worker_id == self.worker:
-            jobs.requeue_after_shutdown(self.sessions, job)
-            return JobStatus.QUEUED
-        return job.status if job else "missing"
+        status = self.db.requeue_after_shutdown(self.job_id, self.worker)
+        return "missing" if status is None else status

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from service.job_status import JobStatus
-from service.jobs import lifecycle as jobs
+from service.jobs.executor import worker_id
 from service.store.tables import (
     Artifact,
     Dataset,
@@ -432,7 +432,7 @@ def _jobs(model: Model, now) -> tuple[Job, Job, Job, Job]:
         progress_fraction=0.42,
         progress_message="probe 54 of 128, max relative SE 7.9 %",
         attempts=1,
-        worker_id=jobs.worker_id(),
+        worker_id=worker_id(),
         created_at=now - timedelta(minutes=2),
         started_at=now - timedelta(minutes=2),
         heartbeat_at=now,
@@ -545,7 +545,7 @@ class StandInWorker:
     LOG_TAIL = "[loading] 0% loading resnet-mini\n[sensitivity:traces] 42% probe 54 of 128, max relative SE 7.9 %"
 
     def __init__(self, app, job_id: str) -> None:
-        self.sessions, self.job_id = app.state.sessions, job_id
+        self.sessions, self.db, self.job_id = app.state.sessions, app.state.db, job_id
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True, name=f"stand-in-{job_id}")
 
@@ -564,12 +564,11 @@ class StandInWorker:
                 job.heartbeat_at, job.log_tail = utcnow(), self.LOG_TAIL
                 cancelled = job.cancel_requested
             if cancelled:
-                jobs.finish(
-                    self.sessions,
+                self.db.finish_job(
                     self.job_id,
                     JobStatus.CANCELLED,
                     error="cancelled by request",
                     log_tail=self.LOG_TAIL,
-                    only_worker=jobs.worker_id(),
+                    only_worker=worker_id(),
                 )
                 return

@@ -189,8 +189,7 @@ def test_unknown_rows_get_a_404_page(client, dashboard):
 
 def test_pages_need_a_login_when_auth_is_on(client, app):
     enable_auth(app)
-    with app.state.sessions() as session, session.begin():
-        _, token = create_token(session, "dashboard")
+    _, token = create_token(app.state.db, "dashboard")
 
     response = client.get("/plans?x=1", follow_redirects=False)
     assert response.status_code == 303 and response.headers["location"] == "/login?next=/plans%3Fx%3D1"
@@ -468,8 +467,7 @@ def test_latency_page(page, shot, dashboard):
 def test_login_logout_in_the_browser(page, shot, recorder, app, dashboard, live_server):
     enable_auth(app)
     recorder.allowed_statuses.add(401)  # the wrong token, on purpose
-    with app.state.sessions() as session, session.begin():
-        _, token = create_token(session, "browser")
+    _, token = create_token(app.state.db, "browser")
 
     page.goto(f"/plans/{dashboard.plan_id}")
     page.wait_for_url(re.compile(r"/login\?next="))
@@ -501,8 +499,7 @@ def test_upload_and_cancel_with_auth_on(page, shot, recorder, app, dashboard, ti
     with the login cookie and the page's CSRF token; the cookie alone is not enough."""
     enable_auth(app)
     recorder.allowed_statuses.add(403)  # the call without the page's token, on purpose
-    with app.state.sessions() as session, session.begin():
-        _, token = create_token(session, "browser")
+    _, token = create_token(app.state.db, "browser")
     page.goto("/login?next=/models")
     page.get_by_label("API token").fill(token)
     page.get_by_role("button", name="Log in").click()

@@ -37,8 +37,7 @@ def dashboard(app) -> Iterator[dashboard_data.DashboardData]:
 def logged_in(client, app) -> str:
     """Turn auth on and log the client in through the form; returns the page's CSRF token."""
     enable_auth(app)
-    with app.state.sessions() as session, session.begin():
-        _, token = create_token(session, "browser")
+    _, token = create_token(app.state.db, "browser")
     page = client.get("/login").text
     csrf = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
     response = client.post("/login", data={"token": token, "csrf_token": csrf}, follow_redirects=False)
@@ -133,8 +132,7 @@ def test_same_origin_and_originless_writes_pass(client, app, dashboard):
 
 def test_the_dashboard_cookie_does_not_open_v1(client, app, dashboard, tiny_model_bytes):
     enable_auth(app)
-    with app.state.sessions() as session, session.begin():
-        _, token = create_token(session, "browser")
+    _, token = create_token(app.state.db, "browser")
     client.cookies.set("mpq_token", token)  # what a logged-in browser sends with any request to this server
     before = snapshot(app)
     assert client.get("/models").status_code == 200  # the cookie opens the dashboard
@@ -263,8 +261,7 @@ def test_unauthenticated_bodies_are_refused_before_they_are_read(app, live_serve
 
 def test_bodies_over_the_bound_are_cut_without_buffering(app, live_server):
     enable_auth(app)
-    with app.state.sessions() as session, session.begin():
-        _, token = create_token(session, "ci")
+    _, token = create_token(app.state.db, "ci")
     bearer = {"authorization": f"Bearer {token}"}
     with httpx.Client(base_url=live_server, timeout=60, headers=bearer) as http:
         body, headers = json_body(MiB)

@@ -309,8 +309,7 @@ def test_every_v1_route_requires_a_token_when_auth_is_on(client, app, tiny_model
     assert_problem(wrong, 401, "unknown")
     assert snapshot(app) == before
 
-    with app.state.sessions() as session, session.begin():
-        row, secret = create_token(session, "ci")
+    row, secret = create_token(app.state.db, "ci")
     ok = upload(client, "/v1/models", tiny_model_bytes, authorization=f"Bearer {secret}")
     assert ok.status_code == 201
     assert client.get("/healthz").status_code == 200  # health stays public
@@ -373,8 +372,7 @@ def test_a_revoked_token_stops_working_within_the_cache_window(client, app, monk
 
     monkeypatch.setattr(auth, "TOKEN_CACHE_S", 0.5)
     enable_auth(app)
-    with app.state.sessions() as session, session.begin():
-        row, secret = auth.create_token(session, "short-lived")
+    row, secret = auth.create_token(app.state.db, "short-lived")
     headers = {"authorization": f"Bearer {secret}"}
     assert client.get("/v1/models", headers=headers).status_code == 200
     with app.state.sessions() as session, session.begin():

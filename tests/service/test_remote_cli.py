@@ -35,8 +35,7 @@ def files(tmp_path):
 @pytest.fixture
 def token(app):
     enable_auth(app)
-    with app.state.sessions() as session, session.begin():
-        return create_token(session, "ci")[1]
+    return create_token(app.state.db, "ci")[1]
 
 
 def mpq(*args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
