@@ -17,7 +17,7 @@ from service.api.errors import Problem
 from service.inspection.checks import InvalidUpload
 from service.job_status import JobStatus
 from service.store.sql_store import SqlStore
-from service.store.tables import Dataset, Job, Model, SensitivityResult
+from service.store.tables import Dataset, Job, Model, SensitivityResultRow
 
 router = APIRouter(tags=["jobs"])
 
@@ -208,7 +208,7 @@ async def create_sensitivity(request: Request, body: SensitivityRequest, idempot
 
 @router.get("/sensitivity/{result_id}", response_model=SensitivityOut, summary="A stored sensitivity result")
 def get_sensitivity(request: Request, result_id: str):
-    row = request.app.state.db.get(SensitivityResult, result_id)
+    row = request.app.state.db.get(SensitivityResultRow, result_id)
     if row is None:
         raise Problem(404, f"no sensitivity result with id {result_id!r}")
     return SensitivityOut.model_validate(row)

@@ -41,12 +41,12 @@ from service.store.sql_store import SqlStore
 from service.store.tables import (
     Artifact,
     Dataset,
-    FrontierPoint,
+    FrontierPointRow,
     Job,
-    LatencyMeasurement,
+    LatencyMeasurementRow,
     Model,
     Plan,
-    SensitivityResult,
+    SensitivityResultRow,
 )
 
 COOKIE = "mpq_token"
@@ -420,7 +420,7 @@ def sensitivity_page(
     request: Request, result_id: str, sort: str = "order", desc: bool = False, bits: int | None = None
 ) -> Response:
     db = _db(request)
-    row = db.get(SensitivityResult, result_id)
+    row = db.get(SensitivityResultRow, result_id)
     if row is None:
         return not_found(request, f"sensitivity result {result_id!r}")
     model = db.model_by_sha256(row.model_sha256)
@@ -498,7 +498,7 @@ def exclusions(plan: Plan) -> dict[str, dict[str, Any]]:
     return {entry["layer"]: entry for entry in (plan.measured or {}).get("excluded") or [] if "layer" in entry}
 
 
-def point_view(point: FrontierPoint, plan: Plan) -> dict[str, Any]:
+def point_view(point: FrontierPointRow, plan: Plan) -> dict[str, Any]:
     """A frontier point as the chart and the table show it."""
     return {
         "index": point.index,
@@ -532,7 +532,7 @@ def uniform_baselines(plan: Plan, points: list[dict[str, Any]]) -> list[dict[str
     return rows
 
 
-def float_metric(plan: Plan, points: list[FrontierPoint]) -> float | None:
+def float_metric(plan: Plan, points: list[FrontierPointRow]) -> float | None:
     """The float model's metric, against which drops (and the max_drop line) are measured."""
     if (plan.measured or {}).get("baseline") is not None:
         return plan.measured["baseline"]
@@ -645,7 +645,7 @@ def plan_artifact(request: Request, plan_id: str) -> Response:
     return blob_response(request, request.app.state.store, artifact.sha256, artifact.filename, artifact.media_type)
 
 
-def _point_detail(plan: Plan, model: Model | None, point: FrontierPoint) -> dict[str, Any]:
+def _point_detail(plan: Plan, model: Model | None, point: FrontierPointRow) -> dict[str, Any]:
     return {
         "plan_id": plan.id,
         "point": point_view(point, plan),
@@ -656,7 +656,7 @@ def _point_detail(plan: Plan, model: Model | None, point: FrontierPoint) -> dict
     }
 
 
-def _artifact_url(plan: Plan, point: FrontierPoint) -> str | None:
+def _artifact_url(plan: Plan, point: FrontierPointRow) -> str | None:
     """The point's own export, or the plan's when the point is the chosen configuration."""
     if point.artifact_id:
         return f"/plans/{plan.id}/points/{point.index}/artifact"
@@ -665,7 +665,7 @@ def _artifact_url(plan: Plan, point: FrontierPoint) -> str | None:
     return None
 
 
-def _metric_name(plan: Plan, points: list[FrontierPoint]) -> str:
+def _metric_name(plan: Plan, points: list[FrontierPointRow]) -> str:
     names = [(plan.measured or {}).get("metric_name")] + [(p.measured or {}).get("metric_name") for p in points]
     return next((n for n in names if n), "metric")
 
@@ -690,7 +690,7 @@ def latency_page(request: Request, plan_id: str) -> Response:
         return not_found(request, f"plan {plan_id!r}")
     model = db.get(Model, plan.model_id)
     rows = db.latency_measurements(plan.id, by_device=True)
-    devices: dict[str, list[LatencyMeasurement]] = {}
+    devices: dict[str, list[LatencyMeasurementRow]] = {}
     for row in rows:
         devices.setdefault(row.device_description, []).append(row)
     chart = {

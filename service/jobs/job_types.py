@@ -17,8 +17,8 @@ from service.store.tables import (
     Artifact,
     Base,
     Dataset,
-    FrontierPoint,
-    LatencyMeasurement,
+    FrontierPointRow,
+    LatencyMeasurementRow,
     Model,
     Plan,
     new_id,
@@ -176,7 +176,7 @@ def _plan_rows(done: Finished, data: dict[str, Any], latency: Any, sha256: str, 
     )
     rows: list[Any] = [artifact, plan_row]
     rows += [
-        FrontierPoint(
+        FrontierPointRow(
             plan_id=plan_row.id,
             index=index,
             assignment=point["layers"],
@@ -189,7 +189,7 @@ def _plan_rows(done: Finished, data: dict[str, Any], latency: Any, sha256: str, 
         for index, point in enumerate(data["frontier"])
     ]
     if latency is not None:
-        rows.append(LatencyMeasurement(plan_id=plan_row.id, artifact_id=artifact.id, **latency_fields(latency)))
+        rows.append(LatencyMeasurementRow(plan_id=plan_row.id, artifact_id=artifact.id, **latency_fields(latency)))
     return rows
 
 
@@ -241,7 +241,7 @@ def latency_fields(data: Any) -> dict[str, Any]:
 
 
 def store_latency(done: Finished, payload: dict[str, Any]) -> dict[str, Any]:
-    row = LatencyMeasurement(
+    row = LatencyMeasurementRow(
         plan_id=done.inputs.rows["plan_id"],
         artifact_id=done.inputs.rows["artifact_id"],
         **latency_fields(payload.get("latency")),

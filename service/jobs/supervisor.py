@@ -35,7 +35,7 @@ from service.sandbox.child import Child, SandboxLimits, start_child
 from service.settings import Settings
 from service.store.blobs import LocalBlobStore
 from service.store.sql_store import SqlStore
-from service.store.tables import Job, SensitivityResult
+from service.store.tables import Job, SensitivityResultRow
 
 logger = logging.getLogger("mpq.supervisor")
 LOG_TAIL_LINES = 200
@@ -319,7 +319,7 @@ class JobRun:
             self.log("ignored a malformed sensitivity result from the job process")
             return
         versions = result.get("versions")
-        row = SensitivityResult(
+        row = SensitivityResultRow(
             job_id=self.job_id,
             model_sha256=self.inputs.blobs["model"],
             dataset_sha256=self.inputs.blobs["calibration"],

@@ -28,13 +28,13 @@ from service.store.tables import (
     Artifact,
     Base,
     Dataset,
-    FrontierPoint,
+    FrontierPointRow,
     Job,
-    LatencyMeasurement,
+    LatencyMeasurementRow,
     Model,
     Plan,
     Readiness,
-    SensitivityResult,
+    SensitivityResultRow,
     get_row,
     utcnow,
 )
@@ -136,7 +136,7 @@ class SqlStore:
             plan_ids = list(session.scalars(select(Plan.id).where(plan_column == row.id)))
             artifact_ids = set(session.scalars(select(Plan.artifact_id).where(Plan.id.in_(plan_ids))))
             artifact_ids |= set(
-                session.scalars(select(FrontierPoint.artifact_id).where(FrontierPoint.plan_id.in_(plan_ids)))
+                session.scalars(select(FrontierPointRow.artifact_id).where(FrontierPointRow.plan_id.in_(plan_ids)))
             )
             artifacts = session.scalars(select(Artifact).where(Artifact.id.in_(artifact_ids - {None}))).all()
             hashes = [row.sha256, *(artifact.sha256 for artifact in artifacts)]
@@ -367,29 +367,29 @@ class SqlStore:
 
     def find_sensitivity(
         self, model_sha256: str, dataset_sha256: str, method: str, params_hash: str
-    ) -> SensitivityResult | None:
+    ) -> SensitivityResultRow | None:
         """The newest stored result of this analysis on these files, if any."""
         with self.sessions() as session:
             return session.scalars(
-                select(SensitivityResult)
+                select(SensitivityResultRow)
                 .where(
-                    SensitivityResult.model_sha256 == model_sha256,
-                    SensitivityResult.dataset_sha256 == dataset_sha256,
-                    SensitivityResult.method == method,
-                    SensitivityResult.params_hash == params_hash,
+                    SensitivityResultRow.model_sha256 == model_sha256,
+                    SensitivityResultRow.dataset_sha256 == dataset_sha256,
+                    SensitivityResultRow.method == method,
+                    SensitivityResultRow.params_hash == params_hash,
                 )
-                .order_by(SensitivityResult.created_at.desc())
+                .order_by(SensitivityResultRow.created_at.desc())
             ).first()
 
     def sensitivity_results(
         self, *, model_sha256: str | None = None, limit: int | None = None
-    ) -> list[SensitivityResult]:
+    ) -> list[SensitivityResultRow]:
         """Stored results, newest first (of one model's file, with ``model_sha256``)."""
-        query = select(SensitivityResult)
+        query = select(SensitivityResultRow)
         if model_sha256 is not None:
-            query = query.where(SensitivityResult.model_sha256 == model_sha256)
+            query = query.where(SensitivityResultRow.model_sha256 == model_sha256)
         with self.sessions() as session:
-            return list(session.scalars(query.order_by(SensitivityResult.created_at.desc()).limit(limit)))
+            return list(session.scalars(query.order_by(SensitivityResultRow.created_at.desc()).limit(limit)))
 
     # ------------------------------------------------------------ plans
 
@@ -411,39 +411,39 @@ class SqlStore:
             artifact = session.get(Artifact, plan.artifact_id) if plan and plan.artifact_id else None
         return plan, artifact
 
-    def frontier(self, plan_id: str) -> list[FrontierPoint]:
+    def frontier(self, plan_id: str) -> list[FrontierPointRow]:
         with self.sessions() as session:
             return list(
                 session.scalars(
-                    select(FrontierPoint).where(FrontierPoint.plan_id == plan_id).order_by(FrontierPoint.index)
+                    select(FrontierPointRow).where(FrontierPointRow.plan_id == plan_id).order_by(FrontierPointRow.index)
                 )
             )
 
-    def frontier_point(self, plan_id: str, index: int) -> FrontierPoint | None:
+    def frontier_point(self, plan_id: str, index: int) -> FrontierPointRow | None:
         if len(plan_id) > 64:
             return None
         with self.sessions() as session:
             return session.scalars(
-                select(FrontierPoint).where(FrontierPoint.plan_id == plan_id, FrontierPoint.index == index)
+                select(FrontierPointRow).where(FrontierPointRow.plan_id == plan_id, FrontierPointRow.index == index)
             ).first()
 
-    def latency_measurements(self, plan_id: str, *, by_device: bool = False) -> list[LatencyMeasurement]:
+    def latency_measurements(self, plan_id: str, *, by_device: bool = False) -> list[LatencyMeasurementRow]:
         """The plan's measurements, oldest first (grouped by device with ``by_device``)."""
-        order = (LatencyMeasurement.device_description,) if by_device else ()
+        order = (LatencyMeasurementRow.device_description,) if by_device else ()
         with self.sessions() as session:
             return list(
                 session.scalars(
-                    select(LatencyMeasurement)
-                    .where(LatencyMeasurement.plan_id == plan_id)
-                    .order_by(*order, LatencyMeasurement.created_at)
+                    select(LatencyMeasurementRow)
+                    .where(LatencyMeasurementRow.plan_id == plan_id)
+                    .order_by(*order, LatencyMeasurementRow.created_at)
                 )
             )
 
     def latency_counts(self, plan_ids: Iterable[str] | None = None) -> dict[str, int]:
         """Plan id -> its number of latency measurements (every plan that has any, or of ``plan_ids``)."""
-        query = select(LatencyMeasurement.plan_id, func.count()).group_by(LatencyMeasurement.plan_id)
+        query = select(LatencyMeasurementRow.plan_id, func.count()).group_by(LatencyMeasurementRow.plan_id)
         if plan_ids is not None:
-            query = query.where(LatencyMeasurement.plan_id.in_(set(plan_ids)))
+            query = query.where(LatencyMeasurementRow.plan_id.in_(set(plan_ids)))
         with self.sessions() as session:
             return {plan_id: count for plan_id, count in session.execute(query).tuples() if plan_id is not None}
 

@@ -1,4 +1,10 @@
-"""The database schema: SQLAlchemy 2 typed ORM. Migrations in migrations/ must match it."""
+"""The database schema: SQLAlchemy 2 typed ORM. Migrations in migrations/ must match it.
+
+A class named like one of the libraries' dataclasses takes a ``Row`` suffix, so that a module may use
+both: ``SensitivityResultRow`` holds a ``sensitivity.results.SensitivityResult``, ``FrontierPointRow`` a
+point of a plan's frontier (not ``planner.frontier.FrontierPoint``, the search's), ``LatencyMeasurementRow``
+a ``planner.latency.LatencyMeasurement``. The tables keep their names.
+"""
 
 from __future__ import annotations
 
@@ -128,7 +134,7 @@ class Job(Timestamped, Owned, Base):
     finished_at: Mapped[datetime | None] = mapped_column()
 
 
-class SensitivityResult(Timestamped, Base):
+class SensitivityResultRow(Timestamped, Base):
     __tablename__ = "sensitivity_results"
     __table_args__ = (Index("ix_sensitivity_cache", "model_sha256", "dataset_sha256", "method", "params_hash"),)
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
@@ -167,7 +173,7 @@ class Plan(Timestamped, Base):
     versions: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 
-class FrontierPoint(Base):
+class FrontierPointRow(Base):
     __tablename__ = "frontier_points"
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     plan_id: Mapped[str] = mapped_column(ForeignKey("plans.id", ondelete="CASCADE"), index=True)
@@ -181,7 +187,7 @@ class FrontierPoint(Base):
     artifact_id: Mapped[str | None] = mapped_column(ForeignKey("artifacts.id", ondelete="SET NULL"))
 
 
-class LatencyMeasurement(Timestamped, Base):
+class LatencyMeasurementRow(Timestamped, Base):
     __tablename__ = "latency_measurements"
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     plan_id: Mapped[str | None] = mapped_column(ForeignKey("plans.id", ondelete="CASCADE"), index=True)

@@ -23,12 +23,12 @@ from service.jobs.executor import worker_id
 from service.store.tables import (
     Artifact,
     Dataset,
-    FrontierPoint,
+    FrontierPointRow,
     Job,
-    LatencyMeasurement,
+    LatencyMeasurementRow,
     Model,
     Plan,
-    SensitivityResult,
+    SensitivityResultRow,
     new_id,
     utcnow,
 )
@@ -313,7 +313,7 @@ def insert(app) -> DashboardData:
     model, dataset = _inputs(app, now)
     done, planned, failed, running = _jobs(model, now)
     results = {
-        method: SensitivityResult(
+        method: SensitivityResultRow(
             job_id=done.id,
             model_sha256=model.sha256,
             dataset_sha256=dataset.sha256,
@@ -497,7 +497,7 @@ def _insert_plan(app, data: DashboardData, model: Model, dataset: Dataset, plan_
         versions=dict(VERSIONS),
     )
     rows: list[Any] = [
-        FrontierPoint(
+        FrontierPointRow(
             plan_id=plan.id,
             index=index,
             assignment=point["layers"],
@@ -516,7 +516,7 @@ def _insert_plan(app, data: DashboardData, model: Model, dataset: Dataset, plan_
         (20, "NVIDIA H100 80GB HBM3", "CUDAExecutionProvider", 1, 0.19),
     ):
         rows.append(
-            LatencyMeasurement(
+            LatencyMeasurementRow(
                 plan_id=plan.id,
                 artifact_id=plan.artifact_id,
                 mean_ms=mean,

@@ -161,9 +161,9 @@ def test_the_plan_page_lists_excluded_layers_and_uniform_points_ignore_them(clie
 def select_point(plan_id: str, index: int):
     from sqlalchemy import select
 
-    from service.store.tables import FrontierPoint
+    from service.store.tables import FrontierPointRow
 
-    return select(FrontierPoint).where(FrontierPoint.plan_id == plan_id, FrontierPoint.index == index)
+    return select(FrontierPointRow).where(FrontierPointRow.plan_id == plan_id, FrontierPointRow.index == index)
 
 
 def test_sensitivity_table_sorts_on_the_server(client, dashboard):
