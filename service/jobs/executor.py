@@ -5,7 +5,10 @@ sandboxed child process for it (never forked: CUDA does not survive a fork, and 
 never imports torch):
 
 - ``EmbeddedExecutor`` (default): a dispatcher thread inside ``mpq serve`` fills N slots.
-- Celery (``mpq worker``): a solo-pool worker per GPU calls ``supervise`` from its task.
+- ``CeleryExecutor``: jobs go to a broker; a solo-pool ``mpq worker`` per GPU calls ``supervise``
+  from its task (``service.jobs.celery_app``).
+
+Both are an ``Executor``, all the app knows of them.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import threading
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from service.job_status import JobStatus
 from service.jobs.supervisor import supervise
@@ -26,6 +30,19 @@ from service.store.sql_store import SqlStore
 from service.store.tables import utcnow
 
 logger = logging.getLogger("mpq.executor")
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """Where submitted jobs run. The job's row (queued) is the submission; ``submit`` only says there is
+    one. The app starts the executor in the one process holding the ``ExecutorLock`` and stops it at
+    shutdown, which requeues the jobs it was running."""
+
+    def submit(self, job_id: str) -> None: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
 
 
 def local_worker_is_dead(worker: str | None) -> bool:
@@ -84,7 +101,7 @@ class _BackgroundLoop:
         raise NotImplementedError
 
 
-class EmbeddedExecutor(_BackgroundLoop):
+class EmbeddedExecutor(_BackgroundLoop, Executor):
     """Runs queued jobs in up to ``worker_slots`` child processes of this server."""
 
     thread_name = "mpq-dispatcher"
@@ -138,7 +155,7 @@ class EmbeddedExecutor(_BackgroundLoop):
             self._wake.set()  # a slot is free: look at the queue now
 
 
-class CeleryExecutor(_BackgroundLoop):
+class CeleryExecutor(_BackgroundLoop, Executor):
     """Sends jobs to the broker; ``mpq worker`` processes run them. Also re-sends jobs the
     reaper requeued, and queued jobs whose message may have been lost (duplicates are
     harmless: claiming a job is atomic)."""
@@ -211,7 +228,7 @@ class ExecutorLock:
             self._file = None
 
 
-def make_executor(settings: Settings, db: SqlStore):
+def make_executor(settings: Settings, db: SqlStore) -> Executor:
     if settings.executor is ExecutorKind.celery:
         return CeleryExecutor(settings, db)
     return EmbeddedExecutor(settings, db)

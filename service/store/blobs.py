@@ -1,7 +1,8 @@
 """Content-addressed blob store: blobs are named by the sha256 of their bytes.
 
-``BlobStore`` is the interface (so object storage can be added later); ``LocalBlobStore``
-keeps blobs on the local filesystem. Writes stream into a temporary file in the same
+``BlobStore`` and ``BlobWriter`` are the interface (so object storage can be added later);
+``LocalBlobStore`` keeps blobs on the local filesystem, and ``service.store.memory.MemoryBlobStore``
+in a dict, for tests. Writes stream into a temporary file in the same
 directory tree, hashing as they go, and become visible only by an atomic rename, so a
 reader never sees a partial blob and an interrupted write leaves nothing behind.
 """
@@ -21,7 +22,7 @@ from typing import BinaryIO, Protocol
 from service.sandbox.child import process_alive
 
 CHUNK_SIZE = 1 << 20
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class BlobTooLarge(Exception):
@@ -35,13 +36,15 @@ class BlobCorrupted(Exception):
 
 
 class BlobWriter(Protocol):
-    size: int
+    """A blob being written: bytes in, hashed as they come; invisible to readers until ``commit``."""
+
+    size: int  # bytes written so far
 
     def write(self, chunk: bytes) -> None: ...
 
     @property
     def path(self) -> Path:
-        """The temporary file, readable for inspection before ``commit``."""
+        """The temporary file, complete once ``finish`` returned: readable for inspection before ``commit``."""
 
     def finish(self) -> str:
         """Flush to disk and return the sha256, without publishing yet."""
@@ -53,6 +56,8 @@ class BlobWriter(Protocol):
 
 
 class BlobStore(Protocol):
+    """Blobs named by the sha256 of their bytes."""
+
     def writer(self, max_bytes: int) -> BlobWriter: ...
 
     def reference_lock(self) -> AbstractContextManager[None]:
@@ -77,7 +82,7 @@ class BlobStore(Protocol):
         """Raise if the store is not usable (for /readyz)."""
 
 
-class LocalBlobWriter:
+class LocalBlobWriter(BlobWriter):
     def __init__(self, temp_dir: Path, final_path_for, max_bytes: int) -> None:
         # named by the writing process, so that a restart can tell an abandoned write from a live one
         fd, name = tempfile.mkstemp(dir=temp_dir, prefix=f"upload-{os.getpid()}-")
@@ -121,7 +126,7 @@ class LocalBlobWriter:
         self._path.unlink(missing_ok=True)
 
 
-class LocalBlobStore:
+class LocalBlobStore(BlobStore):
     """Blobs under ``root/blobs`` and writes in progress under ``root/tmp``, both private to the
     server's user (sandboxed processes get descriptors, never paths).
 
@@ -159,7 +164,7 @@ class LocalBlobStore:
             yield
 
     def blob_hashes(self) -> list[str]:
-        return [path.name for path in self._blobs.glob("*/*") if _SHA256.match(path.name)]
+        return [path.name for path in self._blobs.glob("*/*") if SHA256.match(path.name)]
 
     def remove_abandoned_writes(self) -> int:
         """Temporary files of writers whose process is gone (an upload cut by ``kill -9``)."""
@@ -172,7 +177,7 @@ class LocalBlobStore:
         return removed
 
     def _path(self, sha256: str) -> Path:
-        if not _SHA256.match(sha256):
+        if not SHA256.match(sha256):
             raise ValueError(f"not a sha256 hex digest: {sha256!r}")
         return self._blobs / sha256[:2] / sha256
 
