@@ -29,6 +29,7 @@ from service.store.db import make_engine, session_factory
 from service.store.sql_store import SqlStore
 from service.store.storage import collect_garbage
 from service.store.tables import Dataset, Model
+from service.versions import mpq_version
 
 MODELS = RegistryKind(
     "model", "/models", Model, schemas.ModelOut, schemas.ModelPage, Inspector.model, ".onnx", unlisted=("layers",)
@@ -66,7 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(
         title="mpq",
-        version=_version(),
+        version=mpq_version(),
         lifespan=lifespan,
         description="Mixed-precision quantization planner: upload models and calibration data, "
         "get Hessian-based sensitivities, Pareto-optimal bit allocations and quantized ONNX.",
@@ -169,12 +170,3 @@ def store_check(store: BlobStore, root: os.PathLike[str], min_free_bytes: int) -
     if free < min_free_bytes:
         return f"full: {free} bytes free, below MPQ_MIN_FREE_BYTES ({min_free_bytes})"
     return "ok"
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("mpq")
-    except PackageNotFoundError:
-        return "0+unknown"

@@ -19,6 +19,7 @@ import numpy as np
 from service.cli.client import MpqClient
 from service.cli.output import ExitCode
 from service.cli.progress import ProgressPrinter, follow_job
+from service.job_status import JobStatus
 from service.settings import Settings
 
 
@@ -140,7 +141,7 @@ def _plan(
         },
     )
     job = client.wait(job["id"], on_progress=follow_job(ProgressPrinter(out)), poll_s=0.5)
-    if job["status"] != "succeeded":
+    if job["status"] != JobStatus.SUCCEEDED:
         raise SystemExit(f"mpq: the plan job {job['status']}: {job['error']}")
     plan_id = job["result"]["plan_id"]
     print_plan(client.get(f"/v1/plans/{plan_id}"), client.get(f"/v1/plans/{plan_id}/frontier"), out)

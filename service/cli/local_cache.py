@@ -15,13 +15,14 @@ go first). ``--no-cache`` on `mpq sensitivity` and `mpq plan` neither reads nor 
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from service.versions import mpq_version
 
 MAX_ENTRIES = 256  # an interlayer result of a 100-layer model is about 1 MB of JSON
 
@@ -51,11 +52,7 @@ class SensitivityCache:
 
     @staticmethod
     def key(model_sha256: str, data_sha256: str, config: Mapping[str, Any]) -> str:
-        try:
-            version = importlib.metadata.version("mpq")
-        except importlib.metadata.PackageNotFoundError:
-            version = "unknown"
-        identity = {"model": model_sha256, "data": data_sha256, "config": dict(config), "mpq": version}
+        identity = {"model": model_sha256, "data": data_sha256, "config": dict(config), "mpq": mpq_version()}
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
     def get(self, key: str):  # -> SensitivityResult | None

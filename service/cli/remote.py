@@ -20,6 +20,7 @@ from service.cli.client import ApiError, MpqClient
 from service.cli.options import plan_request, sample_axes_option, sensitivity_config
 from service.cli.output import ExitCode, report_failure, report_plan, sensitivity_document, sensitivity_table
 from service.cli.progress import ProgressPrinter, follow_job
+from service.job_status import JobStatus
 
 
 def add_server_options(command: argparse.ArgumentParser) -> None:
@@ -69,7 +70,7 @@ def _check_sample_axes_kept(client: MpqClient, job: dict[str, Any], body: dict[s
 
 
 def _job_exit(job: dict[str, Any], args: argparse.Namespace) -> int | None:
-    if job["status"] == "succeeded":
+    if job["status"] == JobStatus.SUCCEEDED:
         return None
     code = (job.get("result") or {}).get("error_code")
     exit_code = {"infeasible": ExitCode.INFEASIBLE, "bad_input": ExitCode.BAD_INPUT}.get(code, ExitCode.FAILED)

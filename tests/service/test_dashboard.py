@@ -18,7 +18,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
+import service.dashboard
 from service.api.auth import create_token
+from service.job_status import FINISHED
 from tests.service import dashboard_data
 from tests.service.conftest import enable_auth
 
@@ -569,3 +571,11 @@ def test_a_real_plan_from_the_planner(page, shot, client, app):
     with page.expect_download() as download:
         page.locator("#plan-artifact").click()
     assert sha256_of(download.value.path()) == plan["artifact"]["sha256"]
+
+
+def test_the_pages_script_knows_the_finished_statuses():
+    """dashboard.js stops polling a job in these statuses: the list it writes out is service.job_status's."""
+    script = (Path(service.dashboard.__file__).parent / "static" / "dashboard.js").read_text()
+    listed = re.search(r"const FINISHED = \[([^\]]*)\]", script)
+    assert listed is not None
+    assert {name.strip().strip('"') for name in listed.group(1).split(",")} == set(FINISHED)

@@ -7,7 +7,7 @@ document.documentElement.classList.add("js");
 const PLOT_CONFIG = { displaylogo: false, responsive: true, modeBarButtonsToRemove: ["lasso2d", "select2d"] };
 const PLOT_LAYOUT = { margin: { t: 20, r: 20, b: 40, l: 70 }, font: { family: "system-ui, sans-serif", size: 12 },
                       hovermode: "closest", xaxis: { automargin: true }, yaxis: { automargin: true } };
-const FINISHED = ["succeeded", "failed", "cancelled"];
+const FINISHED = ["succeeded", "failed", "cancelled"]; // service/job_status.py FINISHED (pinned by a test)
 const POLL_MS = 1000;
 
 function readJSON(id) {
