@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -51,7 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     engine = make_engine(settings.resolved_database_url)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         lock = ExecutorLock(settings.resolved_artifact_dir / ".executor.lock")
         app.state.inspector.start()
         runs_executor = lock.acquire()
@@ -135,7 +136,7 @@ def make_inspector(settings: Settings) -> Inspector:
 
 def _add_health_routes(app: FastAPI) -> None:
     @app.get("/healthz", response_model=schemas.Health, tags=["health"], summary="The process is up")
-    async def healthz():
+    async def healthz() -> schemas.Health:
         return schemas.Health(status="ok")
 
     @app.get(
@@ -145,7 +146,7 @@ def _add_health_routes(app: FastAPI) -> None:
         responses={503: {"description": "the database does not take writes, or the store is unusable or full"}},
         summary="The database takes writes and the artifact store has room",
     )
-    def readyz(request: Request):
+    def readyz(request: Request) -> schemas.Health | Response:
         state = request.app.state
         checks = {
             "database": state.db.readiness(),

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from typing import ClassVar
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 from starlette.datastructures import Headers, State
@@ -244,7 +244,7 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
 
     header_timeout_s: ClassVar[float | None] = None
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._header_timeout = self.header_timeout_s or _configured_header_timeout()
         self._header_timer: asyncio.TimerHandle | None = None

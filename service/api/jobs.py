@@ -198,7 +198,9 @@ async def check_request(
     response_model=JobOut,
     summary="Start a sensitivity analysis (HAWQ-V2 traces, HAWQ-V1 eigenvalues or inter-layer terms)",
 )
-async def create_sensitivity(request: Request, body: SensitivityRequest, idempotency_key: IdempotencyKey = None):
+async def create_sensitivity(
+    request: Request, body: SensitivityRequest, idempotency_key: IdempotencyKey = None
+) -> JSONResponse:
     model, (dataset,) = load_inputs(request, body.model_id, [body.dataset_id])
     await check_request(
         request, model, body.method, body.options, {"calibration": dataset}, sample_axes=body.sample_axes
@@ -207,7 +209,7 @@ async def create_sensitivity(request: Request, body: SensitivityRequest, idempot
 
 
 @router.get("/sensitivity/{result_id}", response_model=SensitivityOut, summary="A stored sensitivity result")
-def get_sensitivity(request: Request, result_id: str):
+def get_sensitivity(request: Request, result_id: str) -> SensitivityOut:
     row = request.app.state.db.get(SensitivityResultRow, result_id)
     if row is None:
         raise Problem(404, f"no sensitivity result with id {result_id!r}")
@@ -221,13 +223,13 @@ def list_jobs(
     type: Annotated[Literal["sensitivity", "plan", "latency"] | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0, le=10**6)] = 0,
-):
+) -> JobPage:
     rows, total = request.app.state.db.list_jobs(status=status, job_type=type, limit=limit, offset=offset)
     return JobPage(items=[JobOut.of(r) for r in rows], total=total)
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, summary="One job with progress, error and log tail")
-def get_job(request: Request, job_id: str):
+def get_job(request: Request, job_id: str) -> JobOut:
     job = request.app.state.db.get(Job, job_id)
     if job is None:
         raise Problem(404, f"no job with id {job_id!r}")
@@ -240,7 +242,7 @@ def get_job(request: Request, job_id: str):
     status_code=202,
     summary="Cancel a job: queued jobs stop at once, running ones at their next step",
 )
-def cancel_job(request: Request, job_id: str):
+def cancel_job(request: Request, job_id: str) -> JobOut:
     job = request.app.state.db.request_cancel(job_id)
     if job is None:
         raise Problem(404, f"no job with id {job_id!r}")

@@ -6,10 +6,10 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 
@@ -31,7 +31,8 @@ MAX_LATENCY_MS = 3_600_000
 MAX_LATENCY_REPEATS = 10_000
 MAX_LATENCY_WARMUP = 1_000
 MAX_LATENCY_BATCH_SIZE = 4_096
-METRICS = ("auto", "top1", "cosine", "neighbour_agreement", "step_agreement")  # planner.evaluate.METRICS
+Metric = Literal["auto", "top1", "cosine", "neighbour_agreement", "step_agreement"]  # planner.evaluate.METRICS
+METRICS: tuple[str, ...] = get_args(Metric)
 MAX_EXCLUDE_PATTERNS = 256  # planner.exclude's
 MAX_EXCLUDE_PATTERN_LENGTH = 1024
 ExcludePattern = Annotated[str, Field(min_length=1, max_length=MAX_EXCLUDE_PATTERN_LENGTH)]
@@ -61,7 +62,7 @@ class PlanRequestIn(BaseModel):
     search: Literal["pareto", "bisection"] = "pareto"
     candidates: list[str] = Field(default_factory=lambda: list(DEFAULT_CANDIDATES), min_length=1, max_length=16)
     constraints: Constraints = Field(default_factory=Constraints)
-    metric: Literal[METRICS] = Field(
+    metric: Metric = Field(
         "auto",
         description="what max_drop is measured on; auto picks it from the model's output kind (planner.evaluate)",
     )
@@ -178,7 +179,7 @@ def _plan_or_404(db: SqlStore, plan_id: str) -> tuple[Plan, Artifact | None]:
     response_model=JobOut,
     summary="Plan per-layer precisions: sensitivity, search, export, measurement (a job)",
 )
-async def create_plan(request: Request, body: PlanRequestIn, idempotency_key: IdempotencyKey = None):
+async def create_plan(request: Request, body: PlanRequestIn, idempotency_key: IdempotencyKey = None) -> JSONResponse:
     model, (calibration, evaluation) = load_inputs(
         request, body.model_id, [body.calibration_dataset_id, body.evaluation_dataset_id]
     )
@@ -200,7 +201,7 @@ def list_plans(
     model_id: Annotated[str | None, Query(max_length=64)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0, le=10**6)] = 0,
-):
+) -> PlanPage:
     rows, total = request.app.state.db.list_plans(model_id=model_id, limit=limit, offset=offset)
     return PlanPage(items=[plan_out(plan, artifact) for plan, artifact in rows], total=total)
 
@@ -255,7 +256,7 @@ class ResponseCache:
             del self._pending[key]
 
 
-def _retrieve_exception(future: asyncio.Future) -> None:
+def _retrieve_exception(future: asyncio.Future[bytes]) -> None:
     """Marks a failure as seen even when every waiter has gone (no 'never retrieved' warning)."""
     if not future.cancelled():
         future.exception()
@@ -266,7 +267,7 @@ def _retrieve_exception(future: asyncio.Future) -> None:
     response_model=PlanOut,
     summary="Per-layer assignment with predicted and measured quality, size, BOPS and latency",
 )
-async def get_plan(request: Request, plan_id: str):
+async def get_plan(request: Request, plan_id: str) -> Response:
     cache: ResponseCache = request.app.state.plan_cache
     body = await cache.get_or_compute(plan_id, lambda: run_in_threadpool(_plan_json, request, plan_id))
     return Response(body, media_type="application/json")
@@ -281,7 +282,7 @@ def _plan_json(request: Request, plan_id: str) -> bytes:
     response_model=list[FrontierPointOut],
     summary="The plan's frontier points, predicted and (where measured) measured",
 )
-def get_frontier(request: Request, plan_id: str):
+def get_frontier(request: Request, plan_id: str) -> list[FrontierPointOut]:
     db: SqlStore = request.app.state.db
     _plan_or_404(db, plan_id)
     return [FrontierPointOut.model_validate(point) for point in db.frontier(plan_id)]
@@ -293,7 +294,7 @@ def get_frontier(request: Request, plan_id: str):
     summary="Download the quantized ONNX model",
     responses={200: {"content": {"application/octet-stream": {}}}},
 )
-def get_artifact(request: Request, plan_id: str):
+def get_artifact(request: Request, plan_id: str) -> Response:
     _plan, artifact = _plan_or_404(request.app.state.db, plan_id)
     if artifact is None:
         raise Problem(404, f"plan {plan_id!r} has no artifact")
@@ -308,7 +309,7 @@ def get_artifact(request: Request, plan_id: str):
 )
 def remeasure_latency(
     request: Request, plan_id: str, body: LatencyRequest | None = None, idempotency_key: IdempotencyKey = None
-):
+) -> JSONResponse:
     plan, _artifact = _plan_or_404(request.app.state.db, plan_id)
     if plan.artifact_id is None:
         raise Problem(409, f"plan {plan_id!r} has no artifact to measure yet")
@@ -322,7 +323,7 @@ def remeasure_latency(
     response_model=list[LatencyOut],
     summary="Every latency measurement of the plan's artifact, with its device",
 )
-def list_latency(request: Request, plan_id: str):
+def list_latency(request: Request, plan_id: str) -> list[LatencyOut]:
     db: SqlStore = request.app.state.db
     _plan_or_404(db, plan_id)
     return [LatencyOut.model_validate(row) for row in db.latency_measurements(plan_id)]

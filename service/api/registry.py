@@ -15,11 +15,13 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import State
 
 from service.api.auth import request_owner
 from service.api.errors import Problem
 from service.api.transfer import UploadPace, blob_response, receive_upload
 from service.inspection.checks import InvalidUpload
+from service.store.blobs import BlobWriter
 from service.store.sql_store import InUse, SqlStore
 from service.store.storage import delete_if_unused
 from service.store.tables import Dataset, Model
@@ -54,7 +56,7 @@ def registry_router(kind: RegistryKind) -> APIRouter:
         openapi_extra=BINARY_BODY,
         summary=f"Upload a {kind.noun} as the raw request body",
     )
-    async def upload(request: Request, name: Annotated[str | None, Query(max_length=200)] = None):
+    async def upload(request: Request, name: Annotated[str | None, Query(max_length=200)] = None) -> BaseModel:
         row = await store_upload(request, kind, name)
         return await run_in_threadpool(kind.out.model_validate, row)  # up to 16,384 layers: off the event loop
 
@@ -64,14 +66,14 @@ def registry_router(kind: RegistryKind) -> APIRouter:
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
         sha256: Annotated[str | None, Query(pattern="^[0-9a-f]{64}$")] = None,
-    ):
+    ) -> BaseModel:
         rows, total = request.app.state.db.list_uploads(
             kind.table, sha256=sha256, limit=limit, offset=offset, unlisted=kind.unlisted
         )
         return kind.page.model_validate({"items": rows, "total": total}, from_attributes=True)
 
     @router.get("/{item_id}", response_model=kind.out, summary=f"One {kind.noun}")
-    def get_item(request: Request, item_id: str):
+    def get_item(request: Request, item_id: str) -> BaseModel:
         return kind.out.model_validate(_get_or_404(request.app.state.db, kind, item_id))
 
     @router.head("/{item_id}/file", include_in_schema=False)  # headers only: service/api/transfer.blob_response
@@ -148,7 +150,9 @@ def _get_or_404(db: SqlStore, kind: RegistryKind, item_id: str) -> Model | Datas
     return row
 
 
-def _store_row(state, kind: RegistryKind, writer, name: str | None, owner: str | None, fields: dict[str, Any]):
+def _store_row(
+    state: State, kind: RegistryKind, writer: BlobWriter, name: str | None, owner: str | None, fields: dict[str, Any]
+) -> Model | Dataset:
     """Publish the blob and insert the row; if the insert fails the blob goes too (unless shared)."""
     try:
         with state.store.reference_lock():  # a concurrent delete of the same bytes waits for our row
@@ -168,7 +172,7 @@ def _store_row(state, kind: RegistryKind, writer, name: str | None, owner: str |
         raise
 
 
-def check_quota(state, owner: str | None, incoming: int) -> None:
+def check_quota(state: State, owner: str | None, incoming: int) -> None:
     """Refuse an upload that would take its owner past their quota (413) or the server past its
     total (507)."""
     settings, db = state.settings, state.db

@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
@@ -115,7 +116,7 @@ class UploadSlot:
     """One upload in progress: who sends it, the task receiving it, and how fast it comes."""
 
     client: str
-    task: asyncio.Task
+    task: asyncio.Task[Any]
     started: float = field(default_factory=time.monotonic)
     received: int = 0
     shed: bool = False

@@ -36,6 +36,14 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _object(response: httpx.Response) -> dict[str, Any]:
+    """The response's JSON object (a job); anything else is the server's mistake, said as such."""
+    body = response.json()
+    if not isinstance(body, dict):
+        raise ApiError(response.status_code, f"the server answered a JSON {type(body).__name__}, not an object")
+    return body
+
+
 class MpqClient:
     def __init__(
         self,
@@ -101,13 +109,13 @@ class MpqClient:
 
     def submit(self, route: str, body: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
         key = idempotency_key or uuid.uuid4().hex  # a retried POST of this call never starts twice
-        return self._request("POST", route, json=body, headers={"Idempotency-Key": key}).json()
+        return _object(self._request("POST", route, json=body, headers={"Idempotency-Key": key}))
 
     def job(self, job_id: str) -> dict[str, Any]:
-        return self._request("GET", f"/v1/jobs/{job_id}").json()
+        return _object(self._request("GET", f"/v1/jobs/{job_id}"))
 
     def cancel(self, job_id: str) -> dict[str, Any]:
-        return self._request("POST", f"/v1/jobs/{job_id}/cancel").json()
+        return _object(self._request("POST", f"/v1/jobs/{job_id}/cancel"))
 
     def wait(
         self,

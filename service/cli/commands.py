@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -13,7 +14,12 @@ from service.cli import demo, local_commands
 from service.cli.output import ExitCode
 from service.settings import Settings, settings_help
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # loaded by the commands that use them, not by `mpq plan` or `mpq sensitivity`
+    import socket
+
+    import uvicorn
+    from sqlalchemy import Engine
+
     from service.store.sql_store import SqlStore
 
 Handler = Callable[[argparse.Namespace, Settings], int]
@@ -30,7 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         print(f"mpq: invalid settings: {error}", file=sys.stderr)
         return ExitCode.BAD_INPUT
-    return args.handler(args, settings)
+    handler: Handler = args.handler
+    return handler(args, settings)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -87,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _engine(settings: Settings):
+def _engine(settings: Settings) -> Engine:
     from service.store.db import make_engine
 
     return make_engine(settings.resolved_database_url)
@@ -126,9 +133,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
             log_level="info",
             **SERVER_OPTIONS,
         )
-        socket = config.bind_socket()  # connections wait in its backlog until a worker accepts them
+        listening = config.bind_socket()  # connections wait in its backlog until a worker accepts them
         print(announcement, file=sys.stderr, flush=True)
-        Multiprocess(config, sockets=[socket]).run()
+        Multiprocess(config, sockets=[listening]).run()
         return ExitCode.OK
     config = uvicorn.Config(
         create_app(settings), host=settings.host, port=settings.port, log_level="info", **SERVER_OPTIONS
@@ -138,13 +145,13 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     return ExitCode.OK if server.started else ExitCode.BAD_INPUT
 
 
-def _announcing_server(config, announcement: str):
+def _announcing_server(config: uvicorn.Config, announcement: str) -> uvicorn.Server:
     """uvicorn's server, printing ``announcement`` once it listens and not before: a script that
     waits for the line can connect at once (the line used to come before the port was bound)."""
     import uvicorn
 
     class AnnouncingServer(uvicorn.Server):
-        async def startup(self, sockets=None) -> None:
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             await super().startup(sockets=sockets)
             if self.started:
                 print(announcement, file=sys.stderr, flush=True)
@@ -163,10 +170,8 @@ def raise_open_file_limit() -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = hard if hard != resource.RLIM_INFINITY else 1 << 20  # Linux refuses "unlimited" here
     if soft != resource.RLIM_INFINITY and soft < target:
-        try:
+        with contextlib.suppress(ValueError, OSError):  # above fs.nr_open: keep what we have
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        except (ValueError, OSError):  # above fs.nr_open: keep what we have
-            pass
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 

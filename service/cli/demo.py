@@ -23,7 +23,7 @@ from service.job_status import JobStatus
 from service.settings import Settings
 
 
-def register(commands) -> None:
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo = commands.add_parser(
         "demo",
         help="train a small model, plan it through the API, serve the dashboard",
@@ -143,7 +143,7 @@ def _plan(
     job = client.wait(job["id"], on_progress=follow_job(ProgressPrinter(out)), poll_s=0.5)
     if job["status"] != JobStatus.SUCCEEDED:
         raise SystemExit(f"mpq: the plan job {job['status']}: {job['error']}")
-    plan_id = job["result"]["plan_id"]
+    plan_id = str(job["result"]["plan_id"])
     print_plan(client.get(f"/v1/plans/{plan_id}"), client.get(f"/v1/plans/{plan_id}/frontier"), out)
     return plan_id
 

@@ -20,9 +20,12 @@ import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.versions import mpq_version
+
+if TYPE_CHECKING:
+    from sensitivity.results import SensitivityResult  # loads torch: for the types only
 
 MAX_ENTRIES = 256  # an interlayer result of a 100-layer model is about 1 MB of JSON
 
@@ -55,7 +58,7 @@ class SensitivityCache:
         identity = {"model": model_sha256, "data": data_sha256, "config": dict(config), "mpq": mpq_version()}
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
-    def get(self, key: str):  # -> SensitivityResult | None
+    def get(self, key: str) -> SensitivityResult | None:
         from sensitivity.results import SensitivityResult
 
         path = self.folder / f"{key}.json"
@@ -66,7 +69,7 @@ class SensitivityCache:
         os.utime(path)  # recently used
         return result
 
-    def put(self, key: str, result) -> Path | None:
+    def put(self, key: str, result: SensitivityResult) -> Path | None:
         """Store ``result`` atomically; None (and nothing left behind) when it cannot be written."""
         temporary: str | None = None
         try:

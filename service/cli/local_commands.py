@@ -15,7 +15,7 @@ import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,6 +30,13 @@ from service.cli.output import (
 )
 from service.cli.progress import ProgressPrinter
 from service.cli.remote import add_server_options, remote_plan, remote_sensitivity
+
+if TYPE_CHECKING:  # onnx and the libraries load when a command runs, not to build the parser
+    import onnx
+
+    from planner.plan import PlanResult
+
+    Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]  # what add_subparsers() returns
 
 SENSITIVITY_METHODS = ("hawq_v1", "hawq_v2", "interlayer")
 PLAN_METHODS = ("hawq_v2", "interlayer")
@@ -47,13 +54,13 @@ SAMPLE_AXIS_HELP = (
 )
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: Subcommands) -> None:
     """Add ``sensitivity`` and ``plan`` to the ``mpq`` command parser."""
     _add_sensitivity(subparsers)
     _add_plan(subparsers)
 
 
-def _add_sensitivity(subparsers: argparse._SubParsersAction) -> None:
+def _add_sensitivity(subparsers: Subcommands) -> None:
     command = subparsers.add_parser(
         "sensitivity",
         help="Hessian sensitivity of each layer (locally, or on a server with --server)",
@@ -109,7 +116,7 @@ def _add_budget_options(command: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_plan(subparsers: argparse._SubParsersAction) -> None:
+def _add_plan(subparsers: Subcommands) -> None:
     command = subparsers.add_parser(
         "plan",
         help="choose, export and measure per-layer precisions (locally, or on a server with --server)",
@@ -285,7 +292,7 @@ def load_npz(path: str, option: str) -> dict[str, np.ndarray]:
         raise BadInput(f"{option}: {path!r} is not a readable .npz archive without pickled objects ({error})") from None
 
 
-def load_onnx_file(path: str):
+def load_onnx_file(path: str) -> onnx.ModelProto:
     """Parse an ONNX file (never executed); BadInput when missing or not ONNX."""
     import onnx
 
@@ -361,7 +368,7 @@ def _umask() -> int:
 # Output
 
 
-def plan_document(result, artifact_path: str) -> dict[str, Any]:
+def plan_document(result: PlanResult, artifact_path: str) -> dict[str, Any]:
     """The ``--json`` document of ``mpq plan``."""
     data = result.to_dict()
     return {

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the libraries load torch: imported where used, and here for the types only
+    from planner.plan import PlanRequest
+    from sensitivity.results import Config
 
 
 class BadInput(ValueError):
@@ -25,7 +29,7 @@ def parse_bits(text: str) -> tuple[int, ...]:
     return bits
 
 
-def sensitivity_config(args: argparse.Namespace):
+def sensitivity_config(args: argparse.Namespace) -> Config:
     """The analysis configuration the options ask for (BadInput when they are invalid)."""
     from sensitivity.results import EigenConfig, InterLayerConfig, TraceConfig
 
@@ -61,7 +65,7 @@ def budget_options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
-def _probe_options(max_probes: int | None) -> dict[str, int]:
+def _probe_options(max_probes: int | None) -> dict[str, Any]:  # keyword arguments of the configurations
     """max_probes, lowering min_probes (default 8, at least 2) when the cap is below it."""
     if max_probes is None:
         return {}
@@ -72,7 +76,7 @@ def _optional(**values: Any) -> dict[str, Any]:
     return {key: value for key, value in values.items() if value is not None}
 
 
-def plan_request(args: argparse.Namespace):
+def plan_request(args: argparse.Namespace) -> PlanRequest:
     from planner.plan import PlanRequest
 
     options = {"batch_size": args.batch_size, **budget_options(args)}
@@ -85,7 +89,7 @@ def plan_request(args: argparse.Namespace):
             method=args.method,
             search=args.search,
             candidates=tuple(args.candidates.split(",")),
-            max_size_bytes=None if size is None else int(math.floor(size)),
+            max_size_bytes=None if size is None else math.floor(size),
             max_bops=None if args.max_bops is None else int(_positive(args.max_bops, "--max-bops")),
             max_latency_ms=args.max_latency_ms,
             max_drop=args.max_drop,

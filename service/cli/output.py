@@ -7,11 +7,14 @@ import json
 import sys
 from collections.abc import Mapping
 from enum import IntEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from service.formatting import describe_execution, shortened
+
+if TYPE_CHECKING:
+    from sensitivity.results import SensitivityResult  # loads torch: for the types only
 
 
 class ExitCode(IntEnum):
@@ -65,7 +68,7 @@ def plan_warnings(document: Mapping[str, Any]) -> list[str]:
 LARGE_DROP_PP = 5.0
 
 
-def sensitivity_document(method: str, result) -> dict[str, Any]:
+def sensitivity_document(method: str, result: SensitivityResult) -> dict[str, Any]:
     """The ``--json`` document of ``mpq sensitivity``."""
     traces = {t.name: t for t in result.traces or ()}
     eigen = {e.name: e for e in result.eigenvalues or ()}

@@ -32,7 +32,7 @@ class ProgressPrinter:
     def __call__(self, phase: str, fraction: float, message: str) -> None:
         fraction = min(max(float(fraction), 0.0), 1.0)
         if self._tty:
-            filled = int(round(fraction * self.WIDTH))
+            filled = round(fraction * self.WIDTH)
             bar = "#" * filled + "." * (self.WIDTH - filled)
             self._stream.write(f"\r\x1b[K[{bar}] {phase}: {message}"[:200])
             self._open_line = True

@@ -72,8 +72,8 @@ def _check_sample_axes_kept(client: MpqClient, job: dict[str, Any], body: dict[s
 def _job_exit(job: dict[str, Any], args: argparse.Namespace) -> int | None:
     if job["status"] == JobStatus.SUCCEEDED:
         return None
-    code = (job.get("result") or {}).get("error_code")
-    exit_code = {"infeasible": ExitCode.INFEASIBLE, "bad_input": ExitCode.BAD_INPUT}.get(code, ExitCode.FAILED)
+    code: str | None = (job.get("result") or {}).get("error_code")
+    exit_code = {"infeasible": ExitCode.INFEASIBLE, "bad_input": ExitCode.BAD_INPUT}.get(code or "", ExitCode.FAILED)
     return report_failure(
         f"the job {job['status']}: {job.get('error') or ''}",
         exit_code,
@@ -83,10 +83,16 @@ def _job_exit(job: dict[str, Any], args: argparse.Namespace) -> int | None:
     )
 
 
-def _uploads(client: MpqClient, args: argparse.Namespace, *data_options: str) -> tuple[dict, list[dict | None]]:
+Row = dict[str, Any]  # a model or dataset as the API describes it
+
+
+def _uploads(client: MpqClient, args: argparse.Namespace) -> tuple[Row, Row, Row | None]:
+    """The model, the --data set and the --eval-data set (None without one), each uploaded unless the
+    server already holds the same file."""
     model = client.upload_model(Path(args.model))
-    datasets = [client.upload_dataset(Path(getattr(args, o))) if getattr(args, o, None) else None for o in data_options]
-    return model, datasets
+    data = client.upload_dataset(Path(args.data))
+    evaluation = getattr(args, "eval_data", None)
+    return model, data, client.upload_dataset(Path(evaluation)) if evaluation else None
 
 
 def remote_sensitivity(args: argparse.Namespace) -> int:
@@ -96,7 +102,7 @@ def remote_sensitivity(args: argparse.Namespace) -> int:
         config = sensitivity_config(args)
         sample_axes = sample_axes_option(args.sample_axis)
         with _client(args) as client:
-            model, (data,) = _uploads(client, args, "data")
+            model, data, _ = _uploads(client, args)
             options = {k: v for k, v in config.to_dict().items() if k != "type"}
             body = {"model_id": model["id"], "dataset_id": data["id"], "method": args.method, "options": options}
             job = _run_job(client, "/v1/sensitivity", {**body, "sample_axes": sample_axes}, args)
@@ -114,7 +120,7 @@ def remote_plan(args: argparse.Namespace) -> int:
     try:
         request = plan_request(args)
         with _client(args) as client:
-            model, (calibration, evaluation) = _uploads(client, args, "data", "eval_data")
+            model, calibration, evaluation = _uploads(client, args)
             body = {
                 "model_id": model["id"],
                 "calibration_dataset_id": calibration["id"],

@@ -510,7 +510,7 @@ def point_view(point: FrontierPointRow, plan: Plan) -> dict[str, Any]:
 
 
 def predictor(plan: Plan) -> str:
-    return PREDICTOR.get((plan.request or {}).get("method"), "loss_change")
+    return PREDICTOR.get(str((plan.request or {}).get("method")), "loss_change")
 
 
 def uniform_baselines(plan: Plan, points: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -534,9 +534,8 @@ def uniform_baselines(plan: Plan, points: list[dict[str, Any]]) -> list[dict[str
 
 def float_metric(plan: Plan, points: list[FrontierPointRow]) -> float | None:
     """The float model's metric, against which drops (and the max_drop line) are measured."""
-    if (plan.measured or {}).get("baseline") is not None:
-        return plan.measured["baseline"]
-    return next((p.measured["baseline"] for p in points if (p.measured or {}).get("baseline") is not None), None)
+    baselines = [(plan.measured or {}).get("baseline"), *((p.measured or {}).get("baseline") for p in points)]
+    return next((float(baseline) for baseline in baselines if baseline is not None), None)
 
 
 def layer_precisions(model: Model | None, assignment: dict[str, Any], plan: Plan | None = None) -> list[dict[str, Any]]:

@@ -17,11 +17,18 @@ import posixpath
 import tempfile
 import traceback
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
+
+if TYPE_CHECKING:  # onnx and the libraries load where they are used (a spare inspector imports onnx first)
+    import onnx
+
+    from sensitivity.normalize import NormalizedModel
+    from sensitivity.pt2_archive import ArchiveSummary
 
 MAX_COMPRESSION_RATIO = 100  # float weights and calibration data compress ~1.1-20x; zeros ~1000x
 RATIO_FLOOR_BYTES = 16 << 20  # small members may compress as well as they like
@@ -78,7 +85,7 @@ def _inspect_onnx_file(file: IO[bytes]) -> dict[str, Any]:
     return _describe_onnx(model, "onnx")
 
 
-def _parse_onnx(source: IO[bytes] | bytes):
+def _parse_onnx(source: IO[bytes] | bytes) -> onnx.ModelProto:
     """Parse a file from a read-only mapping (page cache, outside the inspector's data budget), or bytes."""
     import onnx
     from google.protobuf.message import DecodeError
@@ -100,7 +107,7 @@ def _parse_onnx(source: IO[bytes] | bytes):
     return model
 
 
-def _check_without_weights(model) -> None:
+def _check_without_weights(model: onnx.ModelProto) -> None:
     """onnx.checker on ``model`` with its large weights moved to a sparse placeholder file (the model is
     only described afterwards: its weights are not needed). Reading the bytes, parsing them and the
     checker's own copy took a raw 512 MiB model to 3.0x its size in the inspector; this takes the parse
@@ -131,7 +138,7 @@ def _check_without_weights(model) -> None:
         _check_onnx(os.path.join(root, "model.onnx"))
 
 
-def _expected_bytes(tensor) -> int | None:
+def _expected_bytes(tensor: onnx.TensorProto) -> int | None:
     itemsize = _FIXED_ITEMSIZE.get(tensor.data_type)
     return None if itemsize is None else math.prod(tensor.dims) * itemsize
 
@@ -148,7 +155,7 @@ def _check_onnx(model: bytes | str) -> None:
         raise InvalidUpload(f"the ONNX model fails onnx.checker: {first_line}") from None
 
 
-def _check_element_types(model) -> None:
+def _check_element_types(model: onnx.ModelProto) -> None:
     """onnx.checker accepts element types it does not know; everything downstream would choke on them."""
     import onnx
 
@@ -164,7 +171,7 @@ def _check_element_types(model) -> None:
             raise InvalidUpload(f"tensor {name!r} has element type {element_type}, which ONNX does not define")
 
 
-def _describe_onnx(model, model_format: str) -> dict[str, Any]:
+def _describe_onnx(model: onnx.ModelProto, model_format: str) -> dict[str, Any]:
     """The model as every other part sees it: normalised (``sensitivity.normalize``), so its layers
     have the names the sensitivity analysis, the planner and the exporter give them. The opset and
     IR version are the file's; ``details.normalization`` says what normalisation changed."""
@@ -204,7 +211,7 @@ def _describe_onnx(model, model_format: str) -> dict[str, Any]:
     }
 
 
-def _normalized(model):
+def _normalized(model: onnx.ModelProto) -> NormalizedModel:
     """``normalize_model`` without samples: nothing is run here, an opset upgrade renames no layer,
     and the job checks the upgrade on its calibration data first. Refusals become InvalidUpload."""
     from sensitivity.normalize import normalize_model
@@ -223,7 +230,7 @@ def _bounded_layers(layers: list[Any]) -> list[Any]:
     return layers
 
 
-def _value_info(value) -> dict[str, Any]:
+def _value_info(value: onnx.ValueInfoProto) -> dict[str, Any]:
     tensor = value.type.tensor_type
     shape = None
     if tensor.HasField("shape"):
@@ -234,7 +241,7 @@ def _value_info(value) -> dict[str, Any]:
     return {"name": value.name, "dtype": dtype, "shape": shape}
 
 
-def _all_tensors(model):
+def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     yield from model.graph.initializer
     for node in model.graph.node:
         for attribute in node.attribute:
@@ -306,7 +313,7 @@ def _inspect_pt2(file: IO[bytes], limits: Limits) -> dict[str, Any]:
     }
 
 
-def _check_pt2(file: IO[bytes], max_members: int = 4096):
+def _check_pt2(file: IO[bytes], max_members: int = 4096) -> ArchiveSummary:
     """``sensitivity.pt2_archive.check_archive`` (static: nothing is unpickled or run), refusals as
     InvalidUpload naming the archive entry; the archive must hold the program mpq loads ("model")."""
     from sensitivity.pt2_archive import check_archive
@@ -355,7 +362,7 @@ def _inspect_onnx_bundle(archive: zipfile.ZipFile) -> dict[str, Any]:
     return _describe_onnx(model, "onnx_archive")
 
 
-def _placeholder_for(tensor, model_member: str, sizes: dict[str, int], root: str) -> None:
+def _placeholder_for(tensor: onnx.TensorProto, model_member: str, sizes: dict[str, int], root: str) -> None:
     entries = {entry.key: entry.value for entry in tensor.external_data}
     location = entries.get("location", "")
     member = posixpath.normpath(posixpath.join(posixpath.dirname(model_member), location))
@@ -375,7 +382,7 @@ def _placeholder_for(tensor, model_member: str, sizes: dict[str, int], root: str
         placeholder.truncate(sizes[member])  # sparse: no disk space, whatever the declared size
 
 
-def _int_entry(tensor, entries: dict[str, str], key: str) -> int:
+def _int_entry(tensor: onnx.TensorProto, entries: dict[str, str], key: str) -> int:
     """An external-data offset or length (0 when absent: the length then is the whole file, checked
     by onnx.checker against the placeholder's size)."""
     if key not in entries:
@@ -450,7 +457,9 @@ def _check_kind(name: str, dtype: np.dtype) -> None:
 FINITE_CHUNK_BYTES = 16 << 20
 
 
-def _non_finite(file: IO[bytes], shape: tuple[int, ...], dtype: np.dtype, fortran_order: bool) -> dict | None:
+def _non_finite(
+    file: IO[bytes], shape: tuple[int, ...], dtype: np.dtype[Any], fortran_order: bool
+) -> dict[str, list[list[int]]] | None:
     """None when a float array holds only finite values (or is not float); else, for each axis,
     [how many indices along it hold a NaN or infinity somewhere, the first]: a job knows which axis
     holds an input's samples and words the error as the local run does (``non_finite_message``)."""
@@ -475,14 +484,14 @@ def _non_finite(file: IO[bytes], shape: tuple[int, ...], dtype: np.dtype, fortra
     return {"axes": [[int(mask.sum()), int(np.flatnonzero(mask)[0])] for mask in masks]}
 
 
-def _bad_indices(bad: np.ndarray, shape: tuple[int, ...], start: int) -> list[np.ndarray]:
+def _bad_indices(bad: npt.NDArray[np.bool_], shape: tuple[int, ...], start: int) -> list[npt.NDArray[np.bool_]]:
     """Per axis of the whole array, which indices hold a True of ``bad`` (rows ``start``... of it)."""
     if not shape:
         return [np.array([True])] if bool(bad) else []
     masks = []
     for axis, size in enumerate(shape):
-        mask = np.zeros(size, bool)
-        hit = np.moveaxis(bad, axis, 0).reshape(bad.shape[axis], -1).any(axis=1)
+        mask: npt.NDArray[np.bool_] = np.zeros(size, bool)
+        hit: npt.NDArray[np.bool_] = np.asarray(np.moveaxis(bad, axis, 0).reshape(bad.shape[axis], -1).any(axis=1))
         if axis == 0:
             mask[start : start + len(hit)] = hit
         else:
@@ -572,7 +581,9 @@ def described_arrays(arrays: dict[str, dict[str, Any]]) -> dict[str, np.ndarray]
     }
 
 
-def _check_datasets(model, datasets: dict[str, dict[str, Any]], sample_axes: dict[str, int | None] | None) -> None:
+def _check_datasets(
+    model: onnx.ModelProto | None, datasets: dict[str, dict[str, Any]], sample_axes: dict[str, int | None] | None
+) -> None:
     """Each dataset against the model (``model`` None: a torch.export archive, samples on axis 0), in the
     words of the local run: ``check_inputs`` as ``planner.plan`` calls it ("calibration set does not
     match the model inputs: ..."), and labels counted with the inputs' samples."""
@@ -609,7 +620,7 @@ def _refuse_non_finite(arrays: dict[str, dict[str, Any]], axes: dict[str, int | 
         raise ValueError(non_finite_message(name, axis, bad, info["shape"][axis], first))
 
 
-def _load_model(file: IO[bytes], model_format: str):
+def _load_model(file: IO[bytes], model_format: str) -> onnx.ModelProto:
     import onnx
 
     if model_format == "onnx_archive":
@@ -618,7 +629,7 @@ def _load_model(file: IO[bytes], model_format: str):
     return onnx.load_from_string(file.read())
 
 
-def _check_supported_ops(model) -> None:
+def _check_supported_ops(model: onnx.ModelProto) -> None:
     from sensitivity.onnx_program import UnsupportedOpsError, check_supported
 
     try:
@@ -627,7 +638,7 @@ def _check_supported_ops(model) -> None:
         raise InvalidUpload(str(error)) from None
 
 
-def _check_plan(model, plan: dict[str, Any], calibration: dict[str, Any]) -> None:
+def _check_plan(model: onnx.ModelProto, plan: dict[str, Any], calibration: dict[str, Any]) -> None:
     """``model``: normalised; ``calibration``: the calibration dataset's stored array descriptions."""
     from planner.candidates import parse_candidates
     from planner.exclude import match_patterns
@@ -658,7 +669,7 @@ def _check_plan(model, plan: dict[str, Any], calibration: dict[str, Any]) -> Non
 
 
 def _one_sample_shapes(
-    model,
+    model: onnx.ModelProto,
     calibration: dict[str, Any],
     sample_axes: dict[str, int | None] | None,
 ) -> dict[str, tuple[int, ...]]:
@@ -675,7 +686,7 @@ def _one_sample_shapes(
     return one_sample_shapes(feeds, axes)
 
 
-def _smallest_size(model, names: tuple[str, ...]) -> int:
+def _smallest_size(model: onnx.ModelProto, names: tuple[str, ...]) -> int:
     from planner.cost import LayerCost, layer_size_bytes, unchanged_bytes
     from sensitivity.layers import find_layers
 
@@ -687,7 +698,7 @@ def _smallest_size(model, names: tuple[str, ...]) -> int:
     return other + graph + sum(min(layer_size_bytes(cost, name) for name in names) for cost in costs)
 
 
-def _fewest_bops(model, shapes: dict[str, tuple[int, ...]], names: tuple[str, ...]) -> int | None:
+def _fewest_bops(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], names: tuple[str, ...]) -> int | None:
     from planner.cost import ShapesUnknown, layer_bops, layer_cost_table
 
     try:
@@ -710,10 +721,8 @@ def answer(request: dict[str, Any], file: IO[bytes], limits: Limits) -> dict[str
     """The reply to one request: the function's value, or the reason the upload is refused."""
     function = FUNCTIONS[request["function"]]
     try:
-        if request["function"] == "job_request":
-            value = function(file, *request["args"])
-        else:
-            value = function(file, limits)
+        job_request = request["function"] == "job_request"
+        value = function(file, *request["args"]) if job_request else function(file, limits)
         return {"value": value}
     except InvalidUpload as error:
         return {"invalid": str(error), "code": error.code}

@@ -63,10 +63,10 @@ class Inspector:
     # ------------------------------------------------ the three questions
 
     def model(self, path: Path) -> dict[str, Any]:
-        return self._ask("model", path)
+        return _fields(self._ask("model", path))
 
     def dataset(self, path: Path) -> dict[str, Any]:
-        return self._ask("dataset", path)
+        return _fields(self._ask("dataset", path))
 
     def job_request(
         self,
@@ -203,6 +203,13 @@ class Inspector:
             self._spares = {kind: [] for kind in self._spares}
         for child in spares:
             child.close()
+
+
+def _fields(value: Any) -> dict[str, Any]:
+    """An upload's description as the inspector sent it: a JSON object, or the process broke the protocol."""
+    if not isinstance(value, dict):
+        raise InvalidUpload("the upload could not be inspected (the inspector answered something else)")
+    return value
 
 
 class InspectorBusy(Exception):

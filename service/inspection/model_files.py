@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the libraries load torch: imported where used, and here for the types only
+    from planner.plan import PlanRequest
+    from sensitivity.program import Program
+    from sensitivity.results import Config
 
 # the local CLI's words (service/cli/local_commands.load_program), for the API's field
 PT2_SAMPLE_AXES = "sample_axes applies to ONNX models; a torch.export archive takes samples on axis 0"
@@ -16,7 +21,7 @@ def load_program(
     model_format: str,
     samples: Mapping[str, Any] | None = None,
     sample_axes: Mapping[str, int | None] | None = None,
-):
+) -> Program:
     """The program of a stored model; ONNX is normalised first, an opset upgrade checked on ``samples``
     (the calibration arrays) before the analysis starts. ``sample_axes`` (a request's) are merged over
     the ONNX model's declared ones (``sensitivity.samples``); a torch.export archive takes samples on
@@ -34,7 +39,7 @@ def load_program(
     return load_onnx(normalized, sample_axes=sample_axes)
 
 
-def sensitivity_config(method: str, options: Mapping[str, Any]):
+def sensitivity_config(method: str, options: Mapping[str, Any]) -> Config:
     """The library configuration for an API method name and its options (ValueError if bad)."""
     from sensitivity.results import config_from_dict
 
@@ -47,7 +52,7 @@ def sensitivity_config(method: str, options: Mapping[str, Any]):
     return config_from_dict({**options, "type": SENSITIVITY_METHODS[method]})
 
 
-def plan_request(params: Mapping[str, Any]):
+def plan_request(params: Mapping[str, Any]) -> PlanRequest:
     """The library's PlanRequest from a plan's API body (service/api/plans.PlanRequestIn); ValueError if
     bad. The one translation: the API's up-front check and the worker both use it."""
     from planner.plan import PlanRequest

@@ -34,8 +34,7 @@ def make_celery(settings: Settings, gpu: str | None = None) -> Celery:
         worker_hijack_root_logger=False,
     )
 
-    @app.task(name="mpq.run_job")
-    def run_job_task(job_id: str) -> str:
+    def run_job(job_id: str) -> str:
         engine = make_engine(settings.resolved_database_url)
         try:
             env = {"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}
@@ -43,6 +42,7 @@ def make_celery(settings: Settings, gpu: str | None = None) -> Celery:
         finally:
             engine.dispose()
 
+    app.task(name="mpq.run_job")(run_job)  # registered by a call: celery is untyped, a decorator would untype it
     return app
 
 

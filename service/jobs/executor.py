@@ -13,6 +13,7 @@ Both are an ``Executor``, all the app knows of them.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import socket
@@ -20,7 +21,7 @@ import threading
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TextIO, runtime_checkable
 
 from service.job_status import JobStatus
 from service.jobs.supervisor import supervise
@@ -207,11 +208,9 @@ class ExecutorLock:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._file = None
+        self._file: TextIO | None = None
 
     def acquire(self) -> bool:
-        import fcntl
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
         handle = self.path.open("a")
         try:

@@ -25,7 +25,7 @@ def params_hash(config_dict: dict[str, Any]) -> str:
 
 def compute_or_reuse_sensitivity(
     context: ChildContext, method: str, options: dict[str, Any], model: Any = None, sample_axes: Any = None
-) -> tuple[dict, bool]:
+) -> tuple[dict[str, Any], bool]:
     """The stored result of this analysis on the job's model and calibration data, computing (and
     handing it to the supervisor to store) if there is none. Returns (result dict, reused).
     ``model``: the job's model already normalised (``sensitivity.normalize.NormalizedModel``), if it is.

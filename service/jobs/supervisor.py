@@ -13,6 +13,7 @@ The supervisor also enforces what the child cannot be trusted to: the heartbeat,
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -345,10 +346,8 @@ class JobRun:
             return False
 
     def _send_cancel(self, child: Child) -> None:
-        try:
+        with contextlib.suppress(ChannelClosed):  # the child is ending anyway
             child.channel.send({"kind": "cancel"})
-        except ChannelClosed:
-            pass
 
     def _cancel_requested(self) -> bool:
         return self.db.cancel_requested(self.job_id)

@@ -14,7 +14,7 @@ import hashlib
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -83,7 +83,7 @@ class BlobStore(Protocol):
 
 
 class LocalBlobWriter(BlobWriter):
-    def __init__(self, temp_dir: Path, final_path_for, max_bytes: int) -> None:
+    def __init__(self, temp_dir: Path, final_path_for: Callable[[str], Path], max_bytes: int) -> None:
         # named by the writing process, so that a restart can tell an abandoned write from a live one
         fd, name = tempfile.mkstemp(dir=temp_dir, prefix=f"upload-{os.getpid()}-")
         self._file: BinaryIO = os.fdopen(fd, "wb")

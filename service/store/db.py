@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 import mpq_migrations
 
 MIGRATIONS_DIR = Path(mpq_migrations.__file__).parent
+T = TypeVar("T")
 
 
 class SchemaOutOfDate(RuntimeError):
@@ -45,7 +48,7 @@ def strict_json(value: Any) -> str:
     return json.dumps(value, allow_nan=False)
 
 
-def _sqlite_pragmas(dbapi_connection, _record) -> None:
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:  # a DB-API connection: untyped
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer
@@ -83,7 +86,10 @@ def current_revision(engine: Engine) -> str | None:
 
 
 def head_revision() -> str:
-    return ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head()
+    head = ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head()
+    if head is None:
+        raise RuntimeError(f"the migrations in {MIGRATIONS_DIR} define no head revision")
+    return head
 
 
 def check_schema(engine: Engine) -> None:
@@ -119,7 +125,9 @@ def prepare_schema(engine: Engine, *, upgrade_first: bool = False) -> str | None
     return None
 
 
-def retrying(operation, *, deadline_s: float = 30.0, first_delay_s: float = 0.2, max_delay_s: float = 2.0):
+def retrying(
+    operation: Callable[[], T], *, deadline_s: float = 30.0, first_delay_s: float = 0.2, max_delay_s: float = 2.0
+) -> T:
     """Run ``operation()`` again when the database connection drops (OperationalError /
     DBAPI disconnects), with exponential backoff capped at ``max_delay_s``, until ``deadline_s``
     has passed since the first try; other errors propagate at once.
@@ -127,10 +135,6 @@ def retrying(operation, *, deadline_s: float = 30.0, first_delay_s: float = 0.2,
     A deadline rather than a count of tries: a server restart or fail-over takes seconds, and five
     quick tries gave up after 3 s.
     """
-    import time
-
-    from sqlalchemy.exc import DBAPIError, OperationalError
-
     give_up_at = time.monotonic() + deadline_s
     delay = first_delay_s
     while True:

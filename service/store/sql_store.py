@@ -13,6 +13,7 @@ job is never resurrected::
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
@@ -35,12 +36,12 @@ from service.store.tables import (
     Plan,
     Readiness,
     SensitivityResultRow,
-    get_row,
     utcnow,
 )
 
 logger = logging.getLogger("mpq.store")
 Row = TypeVar("Row", bound=Base)
+_ID = re.compile(r"[0-9a-f]{32}")  # tables.new_id's
 Upload = Model | Dataset
 # the rows that reference blobs: what decides whether a blob is still in use, and what quotas count
 REFERENCING_TABLES: tuple[type[Model] | type[Dataset] | type[Artifact], ...] = (Model, Dataset, Artifact)
@@ -56,6 +57,18 @@ class InUse(Exception):
     def __init__(self, job_ids: list[str]) -> None:
         super().__init__(f"{len(job_ids)} queued or running jobs use it")
         self.job_ids = job_ids
+
+
+def is_id(value: object) -> bool:
+    return isinstance(value, str) and _ID.fullmatch(value) is not None
+
+
+def get_row(session: Session, table: type[Row], row_id: str | None) -> Row | None:
+    """The row with this id, or None; a string that cannot be an id (wrong length, NUL bytes, ...)
+    never reaches the database."""
+    if not is_id(row_id):
+        return None
+    return session.get(table, row_id)
 
 
 class SqlStore:

@@ -8,10 +8,9 @@ a ``planner.latency.LatencyMeasurement``. The tables keep their names.
 
 from __future__ import annotations
 
-import re
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import JSON, BigInteger, DateTime, Dialect, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, validates
@@ -24,21 +23,6 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
-_ID = re.compile(r"[0-9a-f]{32}")
-
-
-def is_id(value: object) -> bool:
-    return isinstance(value, str) and _ID.fullmatch(value) is not None
-
-
-def get_row(session, table, row_id: str | None):
-    """The row with this id, or None; a string that cannot be an id (wrong length, NUL bytes, ...)
-    never reaches the database."""
-    if not is_id(row_id):
-        return None
-    return session.get(table, row_id)
-
-
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -49,7 +33,7 @@ class UTCDateTime(TypeDecorator[datetime]):
     impl = DateTime(timezone=True)
     cache_ok = True
 
-    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is not None and value.tzinfo is None:
             return value.replace(tzinfo=UTC)
         return value
@@ -69,7 +53,7 @@ class StatusString(TypeDecorator[JobStatus]):
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, datetime: UTCDateTime}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON, list[Any]: JSON, datetime: UTCDateTime}
 
 
 class Timestamped:

@@ -65,6 +65,7 @@ def _serve_until_announced(data_dir, *args: str) -> list[str]:
         stderr=subprocess.PIPE,
         text=True,
     )
+    assert server.stderr is not None
     try:
         lines = []
         for line in server.stderr:

@@ -237,7 +237,9 @@ def test_pages_need_a_login_when_auth_is_on(client, app):
 
 
 def csrf_token_of(html: str) -> str:
-    return re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
+    found = re.search(r'name="csrf_token" value="([^"]+)"', html)
+    assert found is not None
+    return found.group(1)
 
 
 def test_fixture_results_have_the_real_shape():

@@ -39,7 +39,9 @@ def logged_in(client, app) -> str:
     enable_auth(app)
     _, token = create_token(app.state.db, "browser")
     page = client.get("/login").text
-    csrf = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+    found = re.search(r'name="csrf_token" value="([^"]+)"', page)
+    assert found is not None
+    csrf = found.group(1)
     response = client.post("/login", data={"token": token, "csrf_token": csrf}, follow_redirects=False)
     assert response.status_code == 303, response.text
     return client.cookies["mpq_csrf"]

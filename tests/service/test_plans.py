@@ -17,7 +17,7 @@ from tests.service.test_registry import assert_problem, upload
 
 @pytest.fixture(scope="module")
 def digits_files():
-    proto, calibration, data = trained_digits_onnx()
+    proto, _calibration, data = trained_digits_onnx()
     calib = npz_bytes(input=data.train_x[:256], labels=data.train_y[:256])
     evaluation = npz_bytes(input=data.test_x, labels=data.test_y)
     return proto.SerializeToString(), calib, evaluation, data
