@@ -1,9 +1,9 @@
-"""Alembic environment. Run through ``mpq db upgrade`` (service/db.py builds the config)."""
+"""Alembic environment. Run through ``mpq db upgrade`` (service/store/db.py builds the config)."""
 
 from alembic import context
 from sqlalchemy import create_engine
 
-from service.tables import Base
+from service.store.tables import Base
 
 config = context.config
 

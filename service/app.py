@@ -3,30 +3,34 @@
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
-from sqlalchemy import text, update
-from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from service import api_jobs, api_plans, dashboard, schemas
-from service.db import make_engine, session_factory
-from service.errors import install_error_handlers, problem_response
-from service.executor import ExecutorLock, make_executor
-from service.guard import Guard, HeaderTimeoutProtocol
-from service.inspection import Limits
-from service.inspector import Inspector, InspectorBusy
-from service.registry import RegistryKind, registry_router
-from service.sandbox import SandboxLimits, check_sandbox_user, remove_stale_workdirs
+from service.api import jobs as api_jobs
+from service.api import plans as api_plans
+from service.api import schemas
+from service.api.errors import install_error_handlers, problem_response
+from service.api.guard import Guard, HeaderTimeoutProtocol
+from service.api.registry import RegistryKind, registry_router
+from service.api.transfer import UploadSlots
+from service.dashboard import pages as dashboard
+from service.inspection.checks import Limits
+from service.inspection.inspector import Inspector, InspectorBusy
+from service.jobs.executor import ExecutorLock, make_executor
+from service.jobs.supervisor import hidden_paths
+from service.sandbox.child import SandboxLimits, check_sandbox_user, remove_stale_workdirs
 from service.settings import Settings
-from service.storage import collect_garbage
-from service.store import BlobStore, LocalBlobStore
-from service.supervisor import hidden_paths
-from service.tables import Dataset, Model, Readiness, utcnow
-from service.transfer import UploadSlots
+from service.store.blobs import BlobStore, LocalBlobStore
+from service.store.db import make_engine, session_factory
+from service.store.sql_store import SqlStore
+from service.store.storage import collect_garbage
+from service.store.tables import Dataset, Model
+from service.versions import mpq_version
 
 MODELS = RegistryKind(
     "model", "/models", Model, schemas.ModelOut, schemas.ModelPage, Inspector.model, ".onnx", unlisted=("layers",)
@@ -34,7 +38,7 @@ MODELS = RegistryKind(
 # uvicorn's default event loop is uvloop, which starves some keep-alive connections once the process is
 # saturated: at 200 connections a trivial FastAPI endpoint had p99 797 ms (and wrk timeouts) under
 # uvloop and 53 ms under the standard loop at the same throughput. See docs/benchmarks.md, "Service".
-# HeaderTimeoutProtocol is uvicorn's httptools protocol with a header-read timeout (service/guard.py).
+# HeaderTimeoutProtocol is uvicorn's httptools protocol with a header-read timeout (service/api/guard.py).
 SERVER_OPTIONS: dict[str, Any] = {"loop": "asyncio", "http": HeaderTimeoutProtocol}
 
 DATASETS = RegistryKind(
@@ -48,12 +52,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     engine = make_engine(settings.resolved_database_url)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         lock = ExecutorLock(settings.resolved_artifact_dir / ".executor.lock")
         app.state.inspector.start()
         runs_executor = lock.acquire()
         if runs_executor:  # one process per deployment cleans what a killed one left, then runs the jobs
-            await run_in_threadpool(_clean_up, app.state.sessions, app.state.store)
+            await run_in_threadpool(_clean_up, app.state.db, app.state.store)
             app.state.executor.start()
         yield
         if runs_executor:
@@ -64,7 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(
         title="mpq",
-        version=_version(),
+        version=mpq_version(),
         lifespan=lifespan,
         description="Mixed-precision quantization planner: upload models and calibration data, "
         "get Hessian-based sensitivities, Pareto-optimal bit allocations and quantized ONNX.",
@@ -72,17 +76,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessions = session_factory(engine)
+    app.state.db = SqlStore(app.state.sessions)  # every query of the routes and the executor
     app.state.store = LocalBlobStore(settings.resolved_artifact_dir)
     app.state.inspector = make_inspector(settings)
     app.state.uploads = UploadSlots(settings.max_uploads_per_client, settings.max_concurrent_uploads)
-    app.state.executor = make_executor(settings, app.state.sessions)
+    app.state.executor = make_executor(settings, app.state.db)
     app.state.plan_cache = api_plans.ResponseCache()
-    app.state.token_cache = {}  # service.auth.token_is_valid
+    app.state.token_cache = {}  # service.api.auth.token_is_valid
     app.state.registry_kinds = {kind.path.strip("/"): kind for kind in (MODELS, DATASETS)}  # the dashboard's uploads
     install_error_handlers(app)
     app.add_exception_handler(InspectorBusy, _inspector_busy)
     # Outermost but for Starlette's own error middleware: Host, Origin and the /v1 token are checked, and
-    # request bodies bounded, before any route runs (service/guard.py).
+    # request bodies bounded, before any route runs (service/api/guard.py).
     app.add_middleware(Guard, state=app.state)
 
     v1 = APIRouter(prefix="/v1")  # Guard requires the bearer token on every /v1 path when auth is on
@@ -100,8 +105,8 @@ async def _inspector_busy(request: Request, error: Exception) -> Response:
     return problem_response(503, str(error), headers={"Retry-After": "10"})
 
 
-def _clean_up(sessions, store: LocalBlobStore) -> None:
-    collect_garbage(sessions, store)
+def _clean_up(db: SqlStore, store: LocalBlobStore) -> None:
+    collect_garbage(db, store)
     remove_stale_workdirs()
 
 
@@ -131,7 +136,7 @@ def make_inspector(settings: Settings) -> Inspector:
 
 def _add_health_routes(app: FastAPI) -> None:
     @app.get("/healthz", response_model=schemas.Health, tags=["health"], summary="The process is up")
-    async def healthz():
+    async def healthz() -> schemas.Health:
         return schemas.Health(status="ok")
 
     @app.get(
@@ -141,10 +146,10 @@ def _add_health_routes(app: FastAPI) -> None:
         responses={503: {"description": "the database does not take writes, or the store is unusable or full"}},
         summary="The database takes writes and the artifact store has room",
     )
-    def readyz(request: Request):
+    def readyz(request: Request) -> schemas.Health | Response:
         state = request.app.state
         checks = {
-            "database": database_check(state.sessions),
+            "database": state.db.readiness(),
             "store": store_check(state.store, state.settings.resolved_artifact_dir, state.settings.min_free_bytes),
         }
         if any(value != "ok" for value in checks.values()):
@@ -152,23 +157,6 @@ def _add_health_routes(app: FastAPI) -> None:
                 503, "not ready: " + ", ".join(f"{k} {v}" for k, v in checks.items() if v != "ok"), checks=checks
             )
         return schemas.Health(status="ok", checks=checks)
-
-
-def database_check(sessions: sessionmaker[Session]) -> str:
-    """A read, then a real write in a transaction: a read-only or full database answers reads only."""
-    with sessions() as session:
-        try:
-            session.execute(text("SELECT 1"))
-        except Exception as error:
-            return f"unreachable: {type(error).__name__}"
-        try:
-            written = session.execute(update(Readiness).where(Readiness.id == 1).values(checked_at=utcnow())).rowcount
-            if not written:  # a schema made without the migrations' row
-                session.add(Readiness(id=1, checked_at=utcnow()))
-            session.commit()
-        except Exception as error:
-            return f"not writable: {type(error).__name__}"
-    return "ok"
 
 
 def store_check(store: BlobStore, root: os.PathLike[str], min_free_bytes: int) -> str:
@@ -183,12 +171,3 @@ def store_check(store: BlobStore, root: os.PathLike[str], min_free_bytes: int) -
     if free < min_free_bytes:
         return f"full: {free} bytes free, below MPQ_MIN_FREE_BYTES ({min_free_bytes})"
     return "ok"
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("mpq")
-    except PackageNotFoundError:
-        return "0+unknown"

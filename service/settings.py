@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from enum import Enum
+from enum import Enum, StrEnum
 from pathlib import Path
 
 from pydantic import Field, field_validator
@@ -16,12 +16,12 @@ LOOPBACK_HOST_NAMES = ("127.0.0.1", "localhost", "[::1]")
 _HOST_NAME = re.compile(r"[a-z0-9.-]+|\[[0-9a-f:.]+\]")  # a DNS name, an IPv4 address or a bracketed IPv6 one
 
 
-class AuthMode(str, Enum):
+class AuthMode(StrEnum):
     off = "off"  # local default: no tokens, and the server only binds to loopback
     token = "token"  # every /v1 route needs a bearer API token
 
 
-class ExecutorKind(str, Enum):
+class ExecutorKind(StrEnum):
     embedded = "embedded"
     celery = "celery"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.cli import _parser
+from service.cli.commands import _parser
 
 DOCKER = Path(__file__).resolve().parents[2] / "docker"
 

@@ -17,9 +17,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 
 from service.app import create_app
-from service.db import make_engine, upgrade
 from service.settings import AuthMode, Settings
-from service.tables import Base
+from service.store.db import make_engine, upgrade
+from service.store.tables import Base
 
 ADMIN_URL = os.environ.get("MPQ_TEST_POSTGRES_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 BACKENDS = ["sqlite", "postgresql"]

@@ -18,16 +18,17 @@ from typing import Any
 
 import numpy as np
 
-from service import jobs
-from service.tables import (
+from service.job_status import JobStatus
+from service.jobs.executor import worker_id
+from service.store.tables import (
     Artifact,
     Dataset,
-    FrontierPoint,
+    FrontierPointRow,
     Job,
-    LatencyMeasurement,
+    LatencyMeasurementRow,
     Model,
     Plan,
-    SensitivityResult,
+    SensitivityResultRow,
     new_id,
     utcnow,
 )
@@ -312,7 +313,7 @@ def insert(app) -> DashboardData:
     model, dataset = _inputs(app, now)
     done, planned, failed, running = _jobs(model, now)
     results = {
-        method: SensitivityResult(
+        method: SensitivityResultRow(
             job_id=done.id,
             model_sha256=model.sha256,
             dataset_sha256=dataset.sha256,
@@ -431,7 +432,7 @@ def _jobs(model: Model, now) -> tuple[Job, Job, Job, Job]:
         progress_fraction=0.42,
         progress_message="probe 54 of 128, max relative SE 7.9 %",
         attempts=1,
-        worker_id=jobs.worker_id(),
+        worker_id=worker_id(),
         created_at=now - timedelta(minutes=2),
         started_at=now - timedelta(minutes=2),
         heartbeat_at=now,
@@ -440,7 +441,7 @@ def _jobs(model: Model, now) -> tuple[Job, Job, Job, Job]:
 
 
 def _insert_plan(app, data: DashboardData, model: Model, dataset: Dataset, plan_job: Job, now) -> None:
-    """The rows the plan job writes (service.job_types.store_plan), in the planner's shapes."""
+    """The rows the plan job writes (service.jobs.job_types.store_plan), in the planner's shapes."""
     points = [plan_point(candidates, measured=index != UNMEASURED_POINT) for index, candidates in enumerate(FRONTIER)]
     artifacts: dict[int, Artifact] = {}
     for index in range(len(points)):
@@ -496,7 +497,7 @@ def _insert_plan(app, data: DashboardData, model: Model, dataset: Dataset, plan_
         versions=dict(VERSIONS),
     )
     rows: list[Any] = [
-        FrontierPoint(
+        FrontierPointRow(
             plan_id=plan.id,
             index=index,
             assignment=point["layers"],
@@ -515,7 +516,7 @@ def _insert_plan(app, data: DashboardData, model: Model, dataset: Dataset, plan_
         (20, "NVIDIA H100 80GB HBM3", "CUDAExecutionProvider", 1, 0.19),
     ):
         rows.append(
-            LatencyMeasurement(
+            LatencyMeasurementRow(
                 plan_id=plan.id,
                 artifact_id=plan.artifact_id,
                 mean_ms=mean,
@@ -539,12 +540,12 @@ def _insert_plan(app, data: DashboardData, model: Model, dataset: Dataset, plan_
 
 class StandInWorker:
     """Plays the supervisor of the running job without spawning anything: beats its heartbeat (so the
-    reaper leaves it alone) and honours a cancel request the way ``service.supervisor`` does."""
+    reaper leaves it alone) and honours a cancel request the way ``service.jobs.supervisor`` does."""
 
     LOG_TAIL = "[loading] 0% loading resnet-mini\n[sensitivity:traces] 42% probe 54 of 128, max relative SE 7.9 %"
 
     def __init__(self, app, job_id: str) -> None:
-        self.sessions, self.job_id = app.state.sessions, job_id
+        self.sessions, self.db, self.job_id = app.state.sessions, app.state.db, job_id
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True, name=f"stand-in-{job_id}")
 
@@ -563,12 +564,11 @@ class StandInWorker:
                 job.heartbeat_at, job.log_tail = utcnow(), self.LOG_TAIL
                 cancelled = job.cancel_requested
             if cancelled:
-                jobs.finish(
-                    self.sessions,
+                self.db.finish_job(
                     self.job_id,
-                    jobs.CANCELLED,
+                    JobStatus.CANCELLED,
                     error="cancelled by request",
                     log_tail=self.LOG_TAIL,
-                    only_worker=jobs.worker_id(),
+                    only_worker=worker_id(),
                 )
                 return

@@ -9,12 +9,13 @@ import sys
 
 import onnx  # noqa: F401  (loaded before the budget is measured)
 
-from service.inspection import Limits, inspect_model
+from service.inspection.checks import Limits, inspect_model
 
 
 def main() -> None:
     path, factor = sys.argv[1], float(sys.argv[2])
-    own = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmData"))
+    with open("/proc/self/status") as status:
+        own = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmData"))
     budget = own + int(factor * os.path.getsize(path))
     resource.setrlimit(resource.RLIMIT_DATA, (budget, budget))
     limits = Limits(

@@ -7,16 +7,37 @@ import encodings.idna  # noqa: F401 - connect() needs it, and a switched user ma
 import os
 import resource
 import socket
+from typing import Any
 
-from service.sandbox import enter_sandbox
+from service.sandbox.child import enter_sandbox
+
+ACTIONS = ("read", "read_fd", "connect", "allocate", "import", "raise_limit")
 
 
-def _try(action) -> str:
+def _try(request: dict[str, Any], fds: list[int]) -> str:
     try:
-        result = action()
+        result = _attempt(request, fds)
     except (OSError, MemoryError, ValueError) as error:
         return f"refused: {type(error).__name__}"
     return f"ok: {result}"
+
+
+def _attempt(request: dict[str, Any], fds: list[int]) -> object:
+    action = request["action"]
+    if action == "read":
+        with open(request["path"], "rb") as file:
+            return file.read(16).decode(errors="replace")
+    if action == "read_fd":
+        return os.pread(fds[0], 16, 0).decode(errors="replace")
+    if action == "connect":
+        return _connect(request["port"])
+    if action == "allocate":
+        return _allocate(request["bytes"])
+    if action == "import":
+        return __import__(request["module"]).__name__
+    assert action == "raise_limit", action
+    resource.setrlimit(resource.RLIMIT_DATA, (resource.RLIM_INFINITY,) * 2)
+    return None
 
 
 def _connect(port: int) -> str:
@@ -40,22 +61,9 @@ def main() -> None:
     )
     while (received := channel.receive()) is not None:
         request, fds = received
-        action = request["action"]
-        if action == "read":
-            answer = _try(lambda: open(request["path"], "rb").read(16).decode(errors="replace"))
-        elif action == "read_fd":
-            answer = _try(lambda: os.pread(fds[0], 16, 0).decode(errors="replace"))
-        elif action == "connect":
-            answer = _try(lambda: _connect(request["port"]))
-        elif action == "allocate":
-            answer = _try(lambda: _allocate(request["bytes"]))
-        elif action == "import":
-            answer = _try(lambda: __import__(request["module"]).__name__)
-        elif action == "raise_limit":
-            answer = _try(lambda: resource.setrlimit(resource.RLIMIT_DATA, (resource.RLIM_INFINITY,) * 2))
-        else:
+        if request["action"] not in ACTIONS:
             return
-        channel.send({"answer": answer})
+        channel.send({"answer": _try(request, fds)})
 
 
 if __name__ == "__main__":

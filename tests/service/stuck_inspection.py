@@ -1,11 +1,11 @@
-"""A test double for the inspection process (service.inspection): it answers "dataset" at once and
+"""A test double for the inspection process (service.inspection.checks): it answers "dataset" at once and
 never answers "model", like a parser stuck on a hostile upload."""
 
 from __future__ import annotations
 
 import time
 
-from service.sandbox import enter_sandbox
+from service.sandbox.child import enter_sandbox
 
 
 def main() -> None:

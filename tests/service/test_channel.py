@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from service.channel import Channel, ChannelClosed
+from service.sandbox.channel import Channel, ChannelClosed
 
 
 @pytest.fixture

@@ -37,7 +37,7 @@ def _free_port() -> int:
 
 def _older_schema(data_dir) -> None:
     """The database a previous mpq version left: migrated to 0006, one revision short of head."""
-    from service.db import make_engine, upgrade
+    from service.store.db import make_engine, upgrade
 
     engine = make_engine(f"sqlite:///{data_dir / 'mpq.db'}")
     upgrade(engine, "0006")
@@ -65,6 +65,7 @@ def _serve_until_announced(data_dir, *args: str) -> list[str]:
         stderr=subprocess.PIPE,
         text=True,
     )
+    assert server.stderr is not None
     try:
         lines = []
         for line in server.stderr:

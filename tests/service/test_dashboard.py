@@ -18,7 +18,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from service.auth import create_token
+import service.dashboard
+from service.api.auth import create_token
+from service.job_status import FINISHED
 from tests.service import dashboard_data
 from tests.service.conftest import enable_auth
 
@@ -88,7 +90,7 @@ def test_pages_render_their_tables_without_javascript(client, dashboard):
 
 def test_the_plan_page_says_which_metric_and_why(client, app, dashboard):
     """Stored plans from before metric_reason (the fixture's) show the name alone; newer ones the reason."""
-    from service.tables import Plan
+    from service.store.tables import Plan
 
     path = f"/plans/{dashboard.plan_id}"
     before = client.get(path).text
@@ -118,14 +120,14 @@ def test_layer_tables_show_node_names_beside_layer_names(client, dashboard):
 
 
 def tail_filter():
-    from service.dashboard import templates
+    from service.dashboard.pages import templates
 
     return templates.env.filters["tail"]
 
 
 def test_the_plan_page_lists_excluded_layers_and_uniform_points_ignore_them(client, app, dashboard):
     """Plans stored before exclusions existed (the fixture's) show none; newer ones list each with its reason."""
-    from service.tables import Plan
+    from service.store.tables import Plan
 
     path = f"/plans/{dashboard.plan_id}"
     assert 'id="excluded-layers"' not in client.get(path).text
@@ -161,9 +163,9 @@ def test_the_plan_page_lists_excluded_layers_and_uniform_points_ignore_them(clie
 def select_point(plan_id: str, index: int):
     from sqlalchemy import select
 
-    from service.tables import FrontierPoint
+    from service.store.tables import FrontierPointRow
 
-    return select(FrontierPoint).where(FrontierPoint.plan_id == plan_id, FrontierPoint.index == index)
+    return select(FrontierPointRow).where(FrontierPointRow.plan_id == plan_id, FrontierPointRow.index == index)
 
 
 def test_sensitivity_table_sorts_on_the_server(client, dashboard):
@@ -189,8 +191,7 @@ def test_unknown_rows_get_a_404_page(client, dashboard):
 
 def test_pages_need_a_login_when_auth_is_on(client, app):
     enable_auth(app)
-    with app.state.sessions() as session, session.begin():
-        _, token = create_token(session, "dashboard")
+    _, token = create_token(app.state.db, "dashboard")
 
     response = client.get("/plans?x=1", follow_redirects=False)
     assert response.status_code == 303 and response.headers["location"] == "/login?next=/plans%3Fx%3D1"
@@ -236,7 +237,9 @@ def test_pages_need_a_login_when_auth_is_on(client, app):
 
 
 def csrf_token_of(html: str) -> str:
-    return re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
+    found = re.search(r'name="csrf_token" value="([^"]+)"', html)
+    assert found is not None
+    return found.group(1)
 
 
 def test_fixture_results_have_the_real_shape():
@@ -468,8 +471,7 @@ def test_latency_page(page, shot, dashboard):
 def test_login_logout_in_the_browser(page, shot, recorder, app, dashboard, live_server):
     enable_auth(app)
     recorder.allowed_statuses.add(401)  # the wrong token, on purpose
-    with app.state.sessions() as session, session.begin():
-        _, token = create_token(session, "browser")
+    _, token = create_token(app.state.db, "browser")
 
     page.goto(f"/plans/{dashboard.plan_id}")
     page.wait_for_url(re.compile(r"/login\?next="))
@@ -501,8 +503,7 @@ def test_upload_and_cancel_with_auth_on(page, shot, recorder, app, dashboard, ti
     with the login cookie and the page's CSRF token; the cookie alone is not enough."""
     enable_auth(app)
     recorder.allowed_statuses.add(403)  # the call without the page's token, on purpose
-    with app.state.sessions() as session, session.begin():
-        _, token = create_token(session, "browser")
+    _, token = create_token(app.state.db, "browser")
     page.goto("/login?next=/models")
     page.get_by_label("API token").fill(token)
     page.get_by_role("button", name="Log in").click()
@@ -572,3 +573,11 @@ def test_a_real_plan_from_the_planner(page, shot, client, app):
     with page.expect_download() as download:
         page.locator("#plan-artifact").click()
     assert sha256_of(download.value.path()) == plan["artifact"]["sha256"]
+
+
+def test_the_pages_script_knows_the_finished_statuses():
+    """dashboard.js stops polling a job in these statuses: the list it writes out is service.job_status's."""
+    script = (Path(service.dashboard.__file__).parent / "static" / "dashboard.js").read_text()
+    listed = re.search(r"const FINISHED = \[([^\]]*)\]", script)
+    assert listed is not None
+    assert {name.strip().strip('"') for name in listed.group(1).split(",")} == set(FINISHED)

@@ -6,8 +6,8 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from service.db import SchemaOutOfDate, check_schema, current_revision, head_revision, make_engine, upgrade
-from service.tables import Base
+from service.store.db import SchemaOutOfDate, check_schema, current_revision, head_revision, make_engine, upgrade
+from service.store.tables import Base
 
 
 def test_migrations_match_the_orm(backend_settings):
@@ -32,7 +32,7 @@ def test_empty_database_is_refused_then_upgraded(tmp_path):
 def test_downgrade_then_upgrade_round_trips(tmp_path):
     from alembic import command
 
-    from service.db import alembic_config
+    from service.store.db import alembic_config
 
     url = f"sqlite:///{tmp_path / 'round.db'}"
     engine = make_engine(url)
@@ -73,7 +73,7 @@ def test_datasets_keep_their_counts_and_take_none_after_0007(backend, tmp_path, 
     from alembic import command
     from sqlalchemy import text
 
-    from service.db import alembic_config
+    from service.store.db import alembic_config
 
     url = f"sqlite:///{tmp_path / 'old.db'}" if backend == "sqlite" else request.getfixturevalue("own_postgres_url")
     engine = make_engine(url)
@@ -107,7 +107,7 @@ def _dropped_connection() -> Exception:
 def test_retrying_outlasts_a_dropped_connection_until_its_deadline():
     import time
 
-    from service.db import retrying
+    from service.store.db import retrying
 
     failures = iter([_dropped_connection()] * 4)
 
@@ -141,8 +141,8 @@ def test_retrying_outlasts_a_dropped_connection_until_its_deadline():
 
 def test_json_columns_refuse_nan_and_infinity(backend_settings):
     """A result holding NaN is an error when stored, never a value clients cannot parse."""
-    from service.db import session_factory
-    from service.tables import Job
+    from service.store.db import session_factory
+    from service.store.tables import Job
 
     engine = make_engine(backend_settings.resolved_database_url)
     with session_factory(engine)() as session:

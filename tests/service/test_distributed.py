@@ -48,25 +48,16 @@ def cluster(own_postgres_url, tmp_path) -> Iterator[tuple[str, list[subprocess.P
     port = free_port()
     logs = tmp_path / "logs"
     logs.mkdir()
-    processes = [
-        subprocess.Popen(
-            [*mpq, "serve", "--port", str(port)],
-            env=env,
-            start_new_session=True,
-            stdout=open(logs / "api.log", "w"),
-            stderr=subprocess.STDOUT,
-        )
-    ]
-    for index in range(2):
-        processes.append(
-            subprocess.Popen(
-                [*mpq, "worker", "--name", f"w{index}"],
-                env=env,
-                start_new_session=True,
-                stdout=open(logs / f"worker{index}.log", "w"),
-                stderr=subprocess.STDOUT,
+    processes = []
+    for name, command in [("api", ["serve", "--port", str(port)])] + [
+        (f"worker{index}", ["worker", "--name", f"w{index}"]) for index in range(2)
+    ]:
+        with (logs / f"{name}.log").open("w") as log:  # each process writes through its own descriptor
+            processes.append(
+                subprocess.Popen(
+                    [*mpq, *command], env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT
+                )
             )
-        )
     url = f"http://127.0.0.1:{port}"
     try:
         _wait(lambda: httpx.get(f"{url}/readyz").status_code == 200, 60, "the API did not start")

@@ -1,4 +1,4 @@
-"""Blob downloads (service/transfer.blob_response): HEAD, single and multiple byte ranges (RFC 9110 §14),
+"""Blob downloads (service/api/transfer.blob_response): HEAD, single and multiple byte ranges (RFC 9110 §14),
 on the API's and the dashboard's download routes."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import hashlib
 
 import pytest
 
-from service.transfer import MAX_RANGES
+from service.api.transfer import MAX_RANGES
 from tests.service import dashboard_data
 from tests.service.test_registry import assert_problem
 
@@ -72,9 +72,12 @@ def parts_of(response) -> list[tuple[str, str, bytes]]:
     """(Content-Type, Content-Range, bytes) of each part of a multipart/byteranges body."""
     document = f"Content-Type: {response.headers['content-type']}\r\n\r\n".encode() + response.content
     message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(document)
-    return [
-        (part["Content-Type"], part["Content-Range"], part.get_payload(decode=True)) for part in message.iter_parts()
-    ]
+    parts = []
+    for part in message.iter_parts():
+        payload = part.get_payload(decode=True)
+        assert isinstance(payload, bytes)
+        parts.append((part["Content-Type"], part["Content-Range"], payload))
+    return parts
 
 
 def test_several_ranges_are_a_multipart_byteranges_206(client, rows):

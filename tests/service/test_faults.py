@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -22,13 +24,14 @@ from tests.service.test_jobs import slow_inputs, wait_for
 LONG_JOB = {"tolerance": 1e-9, "min_probes": 60, "max_probes": 60}
 
 
-def _serve(env: dict[str, str], port: int, log) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+def _serve(env: dict[str, str], port: int, log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("a") as log:  # the server writes through its own copy of the descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def test_api_restart_mid_job_requeues_and_finishes(own_postgres_url, tmp_path):
@@ -42,7 +45,7 @@ def test_api_restart_mid_job_requeues_and_finishes(own_postgres_url, tmp_path):
     subprocess.run([sys.executable, "-m", "service.cli", "db", "upgrade"], env=env, check=True, capture_output=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = open(tmp_path / "api.log", "w")
+    log = tmp_path / "api.log"
     api = _serve(env, port, log)
     try:
         _wait(lambda: httpx.get(f"{url}/readyz").status_code == 200, 60, "API did not start")
@@ -117,7 +120,7 @@ def test_lost_database_connections_are_retried(client, app, backend_settings):
 
 
 def test_executor_lock_is_exclusive(tmp_path):
-    from service.executor import ExecutorLock
+    from service.jobs.executor import ExecutorLock
 
     first, second = ExecutorLock(tmp_path / "x.lock"), ExecutorLock(tmp_path / "x.lock")
     assert first.acquire() and not second.acquire()
@@ -132,12 +135,13 @@ def test_several_api_processes_share_one_executor(tmp_path):
     subprocess.run([sys.executable, "-m", "service.cli", "db", "upgrade"], env=env, check=True, capture_output=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--api-workers", "2"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=open(tmp_path / "api.log", "w"),
-    )
+    with (tmp_path / "api.log").open("w") as log:  # the server writes through its own copy of the descriptor
+        server = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--api-workers", "2"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
     try:
         _wait(lambda: httpx.get(f"{url}/readyz").status_code == 200, 60, "API did not start")
         rng = np.random.default_rng(0)
@@ -161,7 +165,7 @@ def test_several_api_processes_share_one_executor(tmp_path):
         spans = sorted(
             (datetime.fromisoformat(job["started_at"]), datetime.fromisoformat(job["finished_at"])) for job in finished
         )
-        assert all(earlier[1] <= later[0] for earlier, later in zip(spans, spans[1:])), spans
+        assert all(earlier[1] <= later[0] for earlier, later in itertools.pairwise(spans)), spans
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -172,7 +176,7 @@ def test_a_job_whose_process_has_exited_is_alive_while_its_supervisor_stores_it(
     result: finished jobs were requeued and ran twice (two latency rows for one job)."""
     import socket
 
-    from service.executor import local_worker_is_dead
+    from service.jobs.executor import local_worker_is_dead
 
     exited = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True

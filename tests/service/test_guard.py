@@ -1,4 +1,4 @@
-"""service/guard.py: forged hosts, cross-site requests, the dashboard's CSRF tokens, unauthenticated and
+"""service/api/guard.py: forged hosts, cross-site requests, the dashboard's CSRF tokens, unauthenticated and
 oversized bodies, and 500s that keep the connection, through the real app (and a real server where the
 socket matters)."""
 
@@ -15,8 +15,8 @@ import httpx
 import psutil
 import pytest
 
-from service.auth import create_token
-from service.tables import Job
+from service.api.auth import create_token
+from service.store.tables import Job
 from tests.conftest import mlp_onnx_model
 from tests.payloads import json_body
 from tests.service import dashboard_data
@@ -37,10 +37,11 @@ def dashboard(app) -> Iterator[dashboard_data.DashboardData]:
 def logged_in(client, app) -> str:
     """Turn auth on and log the client in through the form; returns the page's CSRF token."""
     enable_auth(app)
-    with app.state.sessions() as session, session.begin():
-        _, token = create_token(session, "browser")
+    _, token = create_token(app.state.db, "browser")
     page = client.get("/login").text
-    csrf = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+    found = re.search(r'name="csrf_token" value="([^"]+)"', page)
+    assert found is not None
+    csrf = found.group(1)
     response = client.post("/login", data={"token": token, "csrf_token": csrf}, follow_redirects=False)
     assert response.status_code == 303, response.text
     return client.cookies["mpq_csrf"]
@@ -133,8 +134,7 @@ def test_same_origin_and_originless_writes_pass(client, app, dashboard):
 
 def test_the_dashboard_cookie_does_not_open_v1(client, app, dashboard, tiny_model_bytes):
     enable_auth(app)
-    with app.state.sessions() as session, session.begin():
-        _, token = create_token(session, "browser")
+    _, token = create_token(app.state.db, "browser")
     client.cookies.set("mpq_token", token)  # what a logged-in browser sends with any request to this server
     before = snapshot(app)
     assert client.get("/models").status_code == 200  # the cookie opens the dashboard
@@ -263,8 +263,7 @@ def test_unauthenticated_bodies_are_refused_before_they_are_read(app, live_serve
 
 def test_bodies_over_the_bound_are_cut_without_buffering(app, live_server):
     enable_auth(app)
-    with app.state.sessions() as session, session.begin():
-        _, token = create_token(session, "ci")
+    _, token = create_token(app.state.db, "ci")
     bearer = {"authorization": f"Bearer {token}"}
     with httpx.Client(base_url=live_server, timeout=60, headers=bearer) as http:
         body, headers = json_body(MiB)

@@ -15,9 +15,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from service.inspection import InvalidUpload, Limits
-from service.inspector import Inspector
-from service.sandbox import SandboxLimits
+from service.inspection.checks import InvalidUpload, Limits
+from service.inspection.inspector import Inspector
+from service.sandbox.child import SandboxLimits
 from tests.conftest import npz_bytes, tiny_onnx_model
 from tests.payloads import external_model, npy_with_header, zip_bytes
 from tests.service.conftest import snapshot, sqlite_only
@@ -129,7 +129,7 @@ def test_a_bundle_with_external_data_is_described_without_unpacking(client):
 def test_bops_budgets_are_checked_without_running_the_model(client):
     """BOPS need the layers' shapes: known statically, the budget is checked up front; unknown, the check
     is left to the job (which runs the model inside its sandbox), never run in the API's inspector."""
-    from service.inspection import _fewest_bops
+    from service.inspection.checks import _fewest_bops
     from tests.planner.test_export import uninferable_model
 
     model, _ = uninferable_model()
@@ -195,7 +195,7 @@ def _many_layers(count: int, side: int = 1) -> onnx.ModelProto:
 @sqlite_only
 def test_a_model_past_the_layer_limit_is_refused(client, app):
     """800,000 legal layers grew the API process by 1.5 GB (their description was parsed there)."""
-    from service.inspection import MAX_LAYERS
+    from service.inspection.checks import MAX_LAYERS
 
     before = snapshot(app)
     too_many = _many_layers(MAX_LAYERS + 1).SerializeToString()
@@ -245,9 +245,9 @@ def _small_inspector(processes: int = 1) -> Inspector:
 
 
 def test_a_description_past_the_reply_limit_is_refused_by_the_inspector(tmp_path, monkeypatch):
-    import service.inspector
+    import service.inspection.inspector
 
-    monkeypatch.setattr(service.inspector, "MAX_REPLY_BYTES", 4096)
+    monkeypatch.setattr(service.inspection.inspector, "MAX_REPLY_BYTES", 4096)
     inspector = _small_inspector()
     path = tmp_path / "model.onnx"
     try:
@@ -301,7 +301,7 @@ def _children_running(module: str, exclude_spares: Inspector) -> list[int]:
 def test_a_paddle_style_model_is_described_normalised(tmp_path):
     """Constant weights listed as layers under their output names, a -1 batch shown as dynamic; the
     opset and IR version are the file's, ``normalization`` says what changed."""
-    from service.inspection import inspect_model
+    from service.inspection.checks import inspect_model
     from tests.sensitivity.test_normalize import paddle_style_model
 
     path = tmp_path / "paddle.onnx"
@@ -324,7 +324,7 @@ def test_ppocr_is_described_with_the_layer_names_the_analysis_uses(name):
     """paddle2onnx keeps weights in Constant nodes: inspection normalises as load_onnx does, so the
     upload lists the layers (0 before) under the names the sensitivity results will carry."""
     from sensitivity.onnx_program import load_onnx
-    from service.inspection import inspect_model
+    from service.inspection.checks import inspect_model
     from tests.sensitivity.test_normalize_zoo import ppocr
 
     path = ppocr(name)
@@ -355,7 +355,7 @@ def test_an_already_quantized_upload_is_refused_as_quantized(client, app):
 def test_float_arrays_are_read_for_non_finite_values_per_axis(monkeypatch):
     """Where a NaN or infinity lies along each axis, read in chunks (here 3 rows at a time), also for
     Fortran-ordered arrays and scalars; integer and finite arrays carry nothing."""
-    import service.inspection as inspection
+    import service.inspection.checks as inspection
 
     monkeypatch.setattr(inspection, "FINITE_CHUNK_BYTES", 3 * 4 * 5 * 4)  # 3 rows of [4, 5] float32
     limits = Limits(

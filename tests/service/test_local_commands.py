@@ -1,7 +1,7 @@
 """``mpq sensitivity`` and ``mpq plan`` run as real processes on files in tmp_path.
 
-Until ``service/cli.py`` registers the commands, the process runs a fresh parser with
-``service.local_commands.register`` (the same handlers, the same exit codes).
+Until ``service/cli/commands.py`` registers the commands, the process runs a fresh parser with
+``service.cli.local_commands.register`` (the same handlers, the same exit codes).
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from service import local_commands
-from service.local_commands import register
+from service.cli import local_commands, output
+from service.cli.local_commands import register
 from tests.conftest import tiny_onnx_model
 
-# Builds the mpq parser with the local commands, as service/cli.py will once it registers them.
+# Builds the mpq parser with the local commands, as service/cli/commands.py will once it registers them.
 _RUNNER = """
 import argparse, sys
-from service.local_commands import register
+from service.cli.local_commands import register
 parser = argparse.ArgumentParser(prog="mpq")
 register(parser.add_subparsers())
 args = parser.parse_args(sys.argv[1:])
@@ -34,7 +34,7 @@ sys.exit(args.handler(args, None))
 
 
 def _registered_in_cli() -> bool:
-    from service import cli
+    from service.cli import commands as cli
 
     commands = next(a for a in cli._parser()._actions if isinstance(a, argparse._SubParsersAction))
     return "plan" in commands.choices and "sensitivity" in commands.choices
@@ -256,28 +256,27 @@ def test_plan_summary_lists_nodes_and_exclusions(files, capsys, monkeypatch):
 
 
 def test_exclude_patterns_are_repeatable_and_comma_separated():
-    from service.local_commands import exclude_patterns
+    from service.cli.options import exclude_patterns
 
     assert exclude_patterns(["a,b", " c ", ",", "/x/*"]) == ("a", "b", "c", "/x/*")
 
 
 def test_the_cli_offers_the_library_metrics():
     from planner.evaluate import METRICS
-    from service.local_commands import PLAN_METRICS
+    from service.cli.local_commands import PLAN_METRICS
 
     assert PLAN_METRICS == METRICS
 
 
 def test_the_cli_offers_the_library_hvp_methods_and_memory_budget():
     from sensitivity import results
-    from service import local_commands
 
     assert local_commands.HVP_CHOICES == results.HVP_CHOICES
     assert local_commands.DEFAULT_MEMORY_BUDGET_MB == results.DEFAULT_MEMORY_BUDGET_MB
 
 
 def test_budget_options_reach_the_configuration():
-    from service.local_commands import plan_request, sensitivity_config
+    from service.cli.options import plan_request, sensitivity_config
 
     parser = argparse.ArgumentParser(prog="mpq")
     register(parser.add_subparsers())
@@ -442,7 +441,7 @@ def test_a_finished_sensitivity_is_reused_by_the_next_sensitivity_and_plan(files
 
 
 def test_a_torn_cache_entry_is_a_miss(tmp_path):
-    from service.local_cache import SensitivityCache
+    from service.cli.local_cache import SensitivityCache
 
     cache = SensitivityCache(tmp_path)
     key = cache.key("a" * 64, "b" * 64, {"type": "TraceConfig"})
@@ -452,7 +451,7 @@ def test_a_torn_cache_entry_is_a_miss(tmp_path):
 
 
 def test_sample_axes_are_repeatable_and_none_means_shared():
-    from service.local_commands import BadInput, sample_axes_option
+    from service.cli.options import BadInput, sample_axes_option
 
     assert sample_axes_option(["state=1", "sr=none", "state=1"]) == {"state": 1, "sr": None}
     with pytest.raises(BadInput, match="two axes: 1 and 0"):
@@ -546,11 +545,11 @@ def _plan_document(drop: float, max_drop: float | None) -> dict:
 
 def test_a_large_unbounded_drop_is_a_warning_and_a_bounded_one_is_not(capsys):
     """The zoo's recogniser lost 52.8 pp under --max-size-mb alone and mpq said nothing."""
-    assert local_commands.report_plan(_plan_document(52.8, None), as_json=True) == 0
+    assert output.report_plan(_plan_document(52.8, None), as_json=True) == 0
     err = capsys.readouterr().err
     assert (
         "mpq: warning: the plan's step_agreement dropped 52.80 pp (47.20 % against 100.00 % for the float "
         "model) and nothing bounded it: give --max-drop"
     ) in err
-    assert local_commands.plan_warnings(_plan_document(local_commands.LARGE_DROP_PP, None)) == []
-    assert local_commands.plan_warnings(_plan_document(52.8, 60.0)) == []  # the user bounded it
+    assert output.plan_warnings(_plan_document(output.LARGE_DROP_PP, None)) == []
+    assert output.plan_warnings(_plan_document(52.8, 60.0)) == []  # the user bounded it

@@ -17,7 +17,7 @@ from tests.service.test_registry import assert_problem, upload
 
 @pytest.fixture(scope="module")
 def digits_files():
-    proto, calibration, data = trained_digits_onnx()
+    proto, _calibration, data = trained_digits_onnx()
     calib = npz_bytes(input=data.train_x[:256], labels=data.train_y[:256])
     evaluation = npz_bytes(input=data.test_x, labels=data.test_y)
     return proto.SerializeToString(), calib, evaluation, data
@@ -139,8 +139,8 @@ def test_the_api_schema_states_the_library_bounds():
     """The API process does not import the libraries, so its schema repeats their bounds: the same ones."""
     import importlib
 
-    from service.api_jobs import SensitivityRequest
-    from service.api_plans import Constraints, LatencyRequest, PlanRequestIn
+    from service.api.jobs import SensitivityRequest
+    from service.api.plans import Constraints, LatencyRequest, PlanRequestIn
 
     def schema(model, name: str) -> dict:
         field = model.model_json_schema()["properties"][name]
@@ -185,8 +185,8 @@ def test_the_plan_body_metric_reaches_the_library_request():
     """The body's metric becomes PlanRequest.metric; jobs stored before the field existed plan with auto."""
     from pydantic import ValidationError
 
-    from service.api_plans import PlanRequestIn
-    from service.model_files import plan_request
+    from service.api.plans import PlanRequestIn
+    from service.inspection.model_files import plan_request
 
     fields = {"model_id": "m", "calibration_dataset_id": "c", "constraints": {"max_size_bytes": 10_000}}
     body = PlanRequestIn(**fields, metric="neighbour_agreement").model_dump()
@@ -198,8 +198,8 @@ def test_the_plan_body_metric_reaches_the_library_request():
 
 def test_the_plan_body_exclude_reaches_the_library_request():
     """The body's exclude becomes PlanRequest.exclude; jobs stored before the field existed exclude nothing."""
-    from service.api_plans import PlanRequestIn
-    from service.model_files import plan_request
+    from service.api.plans import PlanRequestIn
+    from service.inspection.model_files import plan_request
 
     fields = {"model_id": "m", "calibration_dataset_id": "c", "constraints": {"max_size_bytes": 10_000}}
     body = PlanRequestIn(**fields, exclude=["model.22.dfl.conv.weight", "/model.22/dfl/*"]).model_dump()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from service.progress import ProgressPrinter
+from service.cli.progress import ProgressPrinter
 
 
 def test_a_poll_that_found_no_news_prints_nothing():

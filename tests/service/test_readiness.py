@@ -8,8 +8,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, make_url, text
 
 from service.app import create_app
-from service.db import make_engine, session_factory, upgrade
 from service.settings import Settings
+from service.store.db import make_engine, session_factory, upgrade
+from service.store.sql_store import SqlStore
 from tests.service.conftest import ADMIN_URL
 from tests.service.test_registry import assert_problem
 
@@ -46,7 +47,7 @@ def test_a_read_only_sqlite_database_is_not_ready(tmp_path):
     # The same file opened read-only, as on a read-only mount. (chmod 0444 would not stop root, which runs
     # the tests here.) Reads still work: only a write tells.
     read_only = create_engine(f"sqlite:///file:{path}?mode=ro&uri=true")
-    client.app.state.sessions = session_factory(read_only)
+    client.app.state.db = SqlStore(session_factory(read_only))
     with read_only.connect() as connection:
         assert connection.execute(text("SELECT count(*) FROM readiness")).scalar() == 1
     response = client.get("/readyz")

@@ -292,8 +292,8 @@ def test_invalid_query_is_problem_json(client):
 
 
 def test_every_v1_route_requires_a_token_when_auth_is_on(client, app, tiny_model_bytes, monkeypatch):
-    from service import auth
-    from service.auth import create_token
+    from service.api import auth
+    from service.api.auth import create_token
 
     monkeypatch.setattr(auth, "TOKEN_CACHE_S", 0.0)  # see the revocation at once
     enable_auth(app)
@@ -309,14 +309,13 @@ def test_every_v1_route_requires_a_token_when_auth_is_on(client, app, tiny_model
     assert_problem(wrong, 401, "unknown")
     assert snapshot(app) == before
 
-    with app.state.sessions() as session, session.begin():
-        row, secret = create_token(session, "ci")
+    row, secret = create_token(app.state.db, "ci")
     ok = upload(client, "/v1/models", tiny_model_bytes, authorization=f"Bearer {secret}")
     assert ok.status_code == 201
     assert client.get("/healthz").status_code == 200  # health stays public
 
     with app.state.sessions() as session, session.begin():
-        from service.tables import ApiToken, utcnow
+        from service.store.tables import ApiToken, utcnow
 
         session.get(ApiToken, row.id).revoked_at = utcnow()
     assert_problem(client.get("/v1/models", headers={"authorization": f"Bearer {secret}"}), 401, "revoked")
@@ -368,13 +367,12 @@ def test_nul_bytes_are_a_clear_4xx_on_every_backend(client, app, tiny_model_byte
 
 
 def test_a_revoked_token_stops_working_within_the_cache_window(client, app, monkeypatch):
-    from service import auth
-    from service.tables import ApiToken, utcnow
+    from service.api import auth
+    from service.store.tables import ApiToken, utcnow
 
     monkeypatch.setattr(auth, "TOKEN_CACHE_S", 0.5)
     enable_auth(app)
-    with app.state.sessions() as session, session.begin():
-        row, secret = auth.create_token(session, "short-lived")
+    row, secret = auth.create_token(app.state.db, "short-lived")
     headers = {"authorization": f"Bearer {secret}"}
     assert client.get("/v1/models", headers=headers).status_code == 200
     with app.state.sessions() as session, session.begin():

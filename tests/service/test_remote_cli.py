@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service.auth import create_token
+from service.api.auth import create_token
 from tests.conftest import tiny_onnx_model
 from tests.service.conftest import enable_auth
 
@@ -35,8 +35,7 @@ def files(tmp_path):
 @pytest.fixture
 def token(app):
     enable_auth(app)
-    with app.state.sessions() as session, session.begin():
-        return create_token(session, "ci")[1]
+    return create_token(app.state.db, "ci")[1]
 
 
 def mpq(*args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:

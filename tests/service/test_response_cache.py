@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from service.api_plans import ResponseCache
+from service.api.plans import ResponseCache
 
 
 class CountingCompute:

@@ -336,7 +336,7 @@ def test_wrong_data_reads_the_same_locally_and_on_the_server(client, capsys, tmp
 
 def test_the_remote_cli_cancels_a_job_whose_server_dropped_the_sample_axes(capsys):
     """A server from before sample_axes drops the field: the CLI says so instead of planning on the wrong axes."""
-    from service.remote import _check_sample_axes_kept
+    from service.cli.remote import _check_sample_axes_kept
 
     class Server:
         def __init__(self) -> None:
@@ -357,8 +357,8 @@ def test_the_remote_cli_cancels_a_job_whose_server_dropped_the_sample_axes(capsy
 
 def test_the_body_sample_axes_reach_the_library_request():
     """PlanRequestIn.sample_axes becomes PlanRequest.sample_axes; plans stored before the field have none."""
-    from service.api_plans import PlanRequestIn
-    from service.model_files import plan_request
+    from service.api.plans import PlanRequestIn
+    from service.inspection.model_files import plan_request
 
     fields = {"model_id": "m", "calibration_dataset_id": "c", "constraints": {"max_size_bytes": 10_000}}
     body = PlanRequestIn(**fields, sample_axes=AXES).model_dump()

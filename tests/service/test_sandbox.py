@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from service.sandbox import SandboxLimits, start_child
+from service.sandbox.child import SandboxLimits, start_child
 
 REPO = Path(__file__).resolve().parents[2]
 LIMITS = SandboxLimits(memory_bytes=1 << 30, cpu_time_s=60, file_size_bytes=1 << 20)
@@ -81,7 +81,7 @@ def test_the_child_dies_with_its_supervisor(tmp_path):
     script = textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {str(REPO)!r})
-        from service.sandbox import SandboxLimits, start_child
+        from service.sandbox.child import SandboxLimits, start_child
         child = start_child("tests.service.sandbox_probe", SandboxLimits(1 << 30, 60, 1 << 20),
                             env={{"PYTHONPATH": {str(REPO)!r}}})
         child.channel.receive(30)

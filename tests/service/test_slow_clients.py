@@ -1,5 +1,5 @@
 """Slow clients: connections that do not finish their request headers are closed
-(service/guard.HeaderTimeoutProtocol), and `mpq serve` raises its open-file limit."""
+(service/api/guard.HeaderTimeoutProtocol), and `mpq serve` raises its open-file limit."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import httpx
 import pytest
 import uvicorn
 
-from service.guard import HeaderTimeoutProtocol
+from service.api.guard import HeaderTimeoutProtocol
 from tests.service.conftest import sqlite_only
 from tests.service.test_guard import exchange
 

@@ -18,10 +18,10 @@ import httpx
 import numpy as np
 import pytest
 
-from service.auth import create_token
-from service.storage import delete_if_unused, store_file
-from service.tables import Artifact, Model
-from service.transfer import UploadSlots
+from service.api.auth import create_token
+from service.api.transfer import UploadSlots
+from service.store.storage import delete_if_unused, store_file
+from service.store.tables import Artifact, Model
 from tests.conftest import npz_bytes, tiny_onnx_model
 from tests.service.conftest import enable_auth, snapshot
 from tests.service.test_distributed import free_port
@@ -41,7 +41,7 @@ def test_a_delete_waits_for_the_row_of_an_upload_of_the_same_bytes(app, tmp_path
 
     def delete() -> None:
         committed.wait(10)
-        delete_if_unused(sessions, store, sha256_box[0])
+        delete_if_unused(app.state.db, store, sha256_box[0])
         deleted.set()
 
     sha256_box: list[str] = []
@@ -212,9 +212,8 @@ def test_quotas_per_token_and_in_total(client, app):
     model = tiny_onnx_model().SerializeToString()
     size = len(model)
     enable_auth(app)
-    with app.state.sessions() as session, session.begin():
-        _, first = create_token(session, "first")
-        _, second = create_token(session, "second")
+    _, first = create_token(app.state.db, "first")
+    _, second = create_token(app.state.db, "second")
     app.state.settings = app.state.settings.model_copy(update={"quota_bytes_per_owner": 2 * size + 10})
     as_first, as_second = {"Authorization": f"Bearer {first}"}, {"Authorization": f"Bearer {second}"}
     assert upload(client, "/v1/models", model, **as_first).status_code == 201

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.tables import Job, Model
+from service.store.tables import Job, Model
 from tests.conftest import npz_bytes
 from tests.sensitivity.test_pt2_archive import (
     pickled_sample_inputs,

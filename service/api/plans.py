@@ -1,0 +1,331 @@
+"""Plans over HTTP: submit, read, frontier, artifact download, latency measurements."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Annotated, Any, Literal, get_args
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.concurrency import run_in_threadpool
+
+from service.api.errors import Problem
+from service.api.jobs import IdempotencyKey, JobOut, SampleAxes, check_request, load_inputs, submit_job
+from service.api.transfer import blob_response
+from service.store.sql_store import SqlStore
+from service.store.tables import Artifact, Plan
+
+router = APIRouter(tags=["plans"])
+# planner.DEFAULT_CANDIDATES, written out as the bounds below are (the API process does not import
+# the planner, which pulls in torch); tests/planner/test_public_api.py pins it equal.
+DEFAULT_CANDIDATES = ["fp32", "w8a8", "w4a8", "w8", "w4"]
+
+
+# The library's bounds (planner.plan; the API process does not import the libraries, which pull in
+# torch): tests/service/test_plans.py checks that these agree. strict: ints must be JSON ints (not
+# true, 1.5 or "8"), as the library requires; allow_inf_nan=False: Python's json reads Infinity and NaN.
+MAX_COST = 2**63 - 1
+MAX_LATENCY_MS = 3_600_000
+MAX_LATENCY_REPEATS = 10_000
+MAX_LATENCY_WARMUP = 1_000
+MAX_LATENCY_BATCH_SIZE = 4_096
+Metric = Literal["auto", "top1", "cosine", "neighbour_agreement", "step_agreement"]  # planner.evaluate.METRICS
+METRICS: tuple[str, ...] = get_args(Metric)
+MAX_EXCLUDE_PATTERNS = 256  # planner.exclude's
+MAX_EXCLUDE_PATTERN_LENGTH = 1024
+ExcludePattern = Annotated[str, Field(min_length=1, max_length=MAX_EXCLUDE_PATTERN_LENGTH)]
+
+
+class Constraints(BaseModel):
+    max_size_bytes: int | None = Field(None, gt=0, le=MAX_COST, strict=True)
+    max_bops: int | None = Field(None, gt=0, le=MAX_COST, strict=True)
+    max_latency_ms: float | None = Field(None, gt=0, le=MAX_LATENCY_MS, strict=True, allow_inf_nan=False)
+    max_drop: float | None = Field(
+        None, ge=0, le=100, strict=True, allow_inf_nan=False, description="percentage points of the metric"
+    )
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> Constraints:
+        budgets = [n for n in ("max_size_bytes", "max_bops", "max_latency_ms") if getattr(self, n) is not None]
+        if len(budgets) > 1:
+            raise ValueError(f"give at most one budget; got {budgets}")
+        return self
+
+
+class PlanRequestIn(BaseModel):
+    model_id: str = Field(max_length=64)
+    calibration_dataset_id: str = Field(max_length=64)
+    evaluation_dataset_id: str | None = Field(None, max_length=64)
+    method: Literal["hawq_v2", "interlayer"] = "hawq_v2"
+    search: Literal["pareto", "bisection"] = "pareto"
+    candidates: list[str] = Field(default_factory=lambda: list(DEFAULT_CANDIDATES), min_length=1, max_length=16)
+    constraints: Constraints = Field(default_factory=Constraints)
+    metric: Metric = Field(
+        "auto",
+        description="what max_drop is measured on; auto picks it from the model's output kind (planner.evaluate)",
+    )
+    exclude: list[ExcludePattern] = Field(
+        default_factory=list,
+        max_length=MAX_EXCLUDE_PATTERNS,
+        description="layers kept fp32: layer (weight initializer) names, node "
+        "names or glob patterns (*, ?) matched against both; a "
+        "pattern matching no layer is refused (422)",
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, max_length=32, description="sensitivity options (seed, tolerance, max_probes, batch_size)"
+    )
+    sample_axes: SampleAxes
+
+    @model_validator(mode="after")
+    def _search_needs(self) -> PlanRequestIn:
+        c = self.constraints
+        if self.search == "bisection" and c.max_drop is None:
+            raise ValueError("bisection needs constraints.max_drop (percentage points)")
+        if self.search == "pareto" and all(v is None for v in (c.max_size_bytes, c.max_bops, c.max_latency_ms)):
+            raise ValueError("pareto needs a budget: constraints.max_size_bytes, max_bops or max_latency_ms")
+        return self
+
+
+class FrontierPointOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    index: int
+    assignment: dict[str, Any]
+    size_bytes: int | None
+    bops: float | None
+    predicted_loss_change: float | None
+    predicted: dict[str, Any]
+    measured: dict[str, Any]
+
+
+class PlanOut(BaseModel):
+    id: str
+    job_id: str | None
+    model_id: str
+    calibration_dataset_id: str
+    evaluation_dataset_id: str | None
+    search: str
+    request: dict[str, Any]
+    assignment: dict[str, Any]
+    predicted: dict[str, Any]
+    measured: dict[str, Any]
+    artifact: dict[str, Any] | None
+    versions: dict[str, Any]
+    created_at: datetime
+
+
+class PlanPage(BaseModel):
+    items: list[PlanOut]
+    total: int
+
+
+class LatencyOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: str
+    mean_ms: float
+    p50_ms: float
+    p90_ms: float
+    batch_size: int
+    repeats: int
+    device_description: str
+    provider: str
+    onnxruntime_version: str
+    created_at: datetime
+
+
+class LatencyRequest(BaseModel):
+    batch_size: int = Field(1, ge=1, le=MAX_LATENCY_BATCH_SIZE, strict=True)
+    repeats: int = Field(50, ge=1, le=MAX_LATENCY_REPEATS, strict=True)
+    warmup: int = Field(10, ge=0, le=MAX_LATENCY_WARMUP, strict=True)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+def plan_out(plan: Plan, artifact: Artifact | None) -> PlanOut:
+    return PlanOut(
+        id=plan.id,
+        job_id=plan.job_id,
+        model_id=plan.model_id,
+        calibration_dataset_id=plan.calibration_dataset_id,
+        evaluation_dataset_id=plan.evaluation_dataset_id,
+        search=plan.search,
+        request=plan.request,
+        assignment=plan.assignment,
+        predicted=plan.predicted,
+        measured=plan.measured,
+        artifact=None
+        if artifact is None
+        else {
+            "sha256": artifact.sha256,
+            "size_bytes": artifact.size_bytes,
+            "filename": artifact.filename,
+            "url": f"/v1/plans/{plan.id}/artifact",
+        },
+        versions=plan.versions,
+        created_at=plan.created_at,
+    )
+
+
+def _plan_or_404(db: SqlStore, plan_id: str) -> tuple[Plan, Artifact | None]:
+    plan, artifact = db.plan_with_artifact(plan_id)
+    if plan is None:
+        raise Problem(404, f"no plan with id {plan_id!r}")
+    return plan, artifact
+
+
+@router.post(
+    "/plans",
+    status_code=202,
+    response_model=JobOut,
+    summary="Plan per-layer precisions: sensitivity, search, export, measurement (a job)",
+)
+async def create_plan(request: Request, body: PlanRequestIn, idempotency_key: IdempotencyKey = None) -> JSONResponse:
+    model, (calibration, evaluation) = load_inputs(
+        request, body.model_id, [body.calibration_dataset_id, body.evaluation_dataset_id]
+    )
+    # every plan computes the inter-layer analysis (traces, g·Δ, G, Ω), whatever objective it optimises
+    await check_request(
+        request,
+        model,
+        "interlayer",
+        body.options,
+        {"calibration": calibration, "evaluation": evaluation},
+        plan=body.model_dump(),
+    )
+    return submit_job(request, "plan", body.model_dump(), idempotency_key)
+
+
+@router.get("/plans", response_model=PlanPage, summary="List plans, newest first")
+def list_plans(
+    request: Request,
+    model_id: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0, le=10**6)] = 0,
+) -> PlanPage:
+    rows, total = request.app.state.db.list_plans(model_id=model_id, limit=limit, offset=offset)
+    return PlanPage(items=[plan_out(plan, artifact) for plan, artifact in rows], total=total)
+
+
+class ResponseCache:
+    """Serialized bodies of immutable resources (a plan never changes once written), bounded in
+    entries and time: the TTL bounds staleness when another API process deletes a plan.
+
+    Misses are single-flight: when an entry expires under load, every waiting request shares one
+    computation. Without that, all concurrent clients missed together every TTL and queued on the
+    thread pool and the database pool, which made the p99 of GET /v1/plans/{id} ~0.8 s.
+    """
+
+    def __init__(self, max_entries: int = 1024, ttl_s: float = 10.0) -> None:
+        self.max_entries = max_entries
+        self.ttl_s = ttl_s
+        self._entries: dict[str, tuple[float, bytes]] = {}
+        self._pending: dict[str, asyncio.Future[bytes]] = {}
+
+    def get(self, key: str) -> bytes | None:
+        entry = self._entries.get(key)
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return entry[1]
+
+    def put(self, key: str, body: bytes) -> None:
+        if len(self._entries) >= self.max_entries:
+            self._entries.pop(next(iter(self._entries)))
+        self._entries[key] = (time.monotonic() + self.ttl_s, body)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    async def get_or_compute(self, key: str, compute: Callable[[], Awaitable[bytes]]) -> bytes:
+        body = self.get(key)
+        if body is not None:
+            return body
+        pending = self._pending.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(self._compute(key, compute))
+            pending.add_done_callback(_retrieve_exception)
+            self._pending[key] = pending
+        # shield: one client hanging up must not cancel the computation the others wait for
+        return await asyncio.shield(pending)
+
+    async def _compute(self, key: str, compute: Callable[[], Awaitable[bytes]]) -> bytes:
+        try:
+            body = await compute()
+            self.put(key, body)
+            return body
+        finally:
+            del self._pending[key]
+
+
+def _retrieve_exception(future: asyncio.Future[bytes]) -> None:
+    """Marks a failure as seen even when every waiter has gone (no 'never retrieved' warning)."""
+    if not future.cancelled():
+        future.exception()
+
+
+@router.get(
+    "/plans/{plan_id}",
+    response_model=PlanOut,
+    summary="Per-layer assignment with predicted and measured quality, size, BOPS and latency",
+)
+async def get_plan(request: Request, plan_id: str) -> Response:
+    cache: ResponseCache = request.app.state.plan_cache
+    body = await cache.get_or_compute(plan_id, lambda: run_in_threadpool(_plan_json, request, plan_id))
+    return Response(body, media_type="application/json")
+
+
+def _plan_json(request: Request, plan_id: str) -> bytes:
+    return plan_out(*_plan_or_404(request.app.state.db, plan_id)).model_dump_json().encode()
+
+
+@router.get(
+    "/plans/{plan_id}/frontier",
+    response_model=list[FrontierPointOut],
+    summary="The plan's frontier points, predicted and (where measured) measured",
+)
+def get_frontier(request: Request, plan_id: str) -> list[FrontierPointOut]:
+    db: SqlStore = request.app.state.db
+    _plan_or_404(db, plan_id)
+    return [FrontierPointOut.model_validate(point) for point in db.frontier(plan_id)]
+
+
+@router.head("/plans/{plan_id}/artifact", include_in_schema=False)  # headers only: service/api/transfer.blob_response
+@router.get(
+    "/plans/{plan_id}/artifact",
+    summary="Download the quantized ONNX model",
+    responses={200: {"content": {"application/octet-stream": {}}}},
+)
+def get_artifact(request: Request, plan_id: str) -> Response:
+    _plan, artifact = _plan_or_404(request.app.state.db, plan_id)
+    if artifact is None:
+        raise Problem(404, f"plan {plan_id!r} has no artifact")
+    return blob_response(request, request.app.state.store, artifact.sha256, artifact.filename, artifact.media_type)
+
+
+@router.post(
+    "/plans/{plan_id}/latency",
+    status_code=202,
+    response_model=JobOut,
+    summary="Measure the plan's artifact again on a worker (e.g. another device)",
+)
+def remeasure_latency(
+    request: Request, plan_id: str, body: LatencyRequest | None = None, idempotency_key: IdempotencyKey = None
+) -> JSONResponse:
+    plan, _artifact = _plan_or_404(request.app.state.db, plan_id)
+    if plan.artifact_id is None:
+        raise Problem(409, f"plan {plan_id!r} has no artifact to measure yet")
+    return submit_job(
+        request, "latency", {"plan_id": plan_id, **(body or LatencyRequest()).model_dump()}, idempotency_key
+    )
+
+
+@router.get(
+    "/plans/{plan_id}/latency",
+    response_model=list[LatencyOut],
+    summary="Every latency measurement of the plan's artifact, with its device",
+)
+def list_latency(request: Request, plan_id: str) -> list[LatencyOut]:
+    db: SqlStore = request.app.state.db
+    _plan_or_404(db, plan_id)
+    return [LatencyOut.model_validate(row) for row in db.latency_measurements(plan_id)]

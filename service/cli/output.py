@@ -1,0 +1,185 @@
+"""What ``mpq sensitivity`` and ``mpq plan`` print, locally or with ``--server``: the exit codes, the JSON
+documents and tables, and the one way a command fails (``report_failure``)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Mapping
+from enum import IntEnum
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from service.formatting import describe_execution, shortened
+
+if TYPE_CHECKING:
+    from sensitivity.results import SensitivityResult  # loads torch: for the types only
+
+
+class ExitCode(IntEnum):
+    """The exit status of every ``mpq`` command (docs/ci.md): pipelines branch on it."""
+
+    OK = 0
+    FAILED = 1  # anything else: the server unreachable, a job that crashed
+    BAD_INPUT = 2  # the message names what to fix
+    INFEASIBLE = 3  # no configuration meets the constraints
+
+
+def report_failure(
+    message: str, exit_code: int, *, as_json: bool, problem: str | None = None, job_id: str | None = None
+) -> int:
+    """Say why the command failed on stderr and, with ``--json``, as one JSON document on stdout
+    (``jq -e`` in a pipeline reads it whatever the exit code); returns ``exit_code``. Local and
+    remote commands fail through it."""
+    print(f"mpq: {message}", file=sys.stderr)
+    if as_json:
+        print(json.dumps({"error": message, "exit_code": exit_code, "problem": problem, "job_id": job_id}))
+    return exit_code
+
+
+def report_plan(document: Mapping[str, Any], *, as_json: bool) -> int:
+    """Print a plan (the JSON document or the summary), warn on stderr where it needs it, and
+    return the exit code: the one step the local and the remote ``mpq plan`` share."""
+    print(json.dumps(document, default=json_default) if as_json else plan_summary(document))
+    for warning in plan_warnings(document):
+        print(f"mpq: warning: {warning}", file=sys.stderr)
+    if not document["meets_constraints"]:
+        print("mpq: the chosen plan does not meet the constraints (see the measured figures)", file=sys.stderr)
+        return ExitCode.INFEASIBLE
+    return ExitCode.OK
+
+
+def plan_warnings(document: Mapping[str, Any]) -> list[str]:
+    """What the user should know about a plan that met what was asked: a large measured drop
+    under a size, BOPS or latency budget alone (nothing bounded it; the zoo's recogniser lost
+    52.8 pp of step agreement under --max-size-mb without a word)."""
+    measured = document["plan"]["measured"]
+    if document["request"].get("max_drop") is not None or measured["drop"] <= LARGE_DROP_PP:
+        return []
+    warning = (
+        f"the plan's {measured['metric_name']} dropped {measured['drop']:.2f} pp ({measured['metric']:.2f} % "
+        f"against {measured['baseline']:.2f} % for the float model) and nothing bounded it: give --max-drop"
+    )
+    return [warning]
+
+
+# A measured drop above this, with no --max-drop given, is worth a warning (percentage points).
+LARGE_DROP_PP = 5.0
+
+
+def sensitivity_document(method: str, result: SensitivityResult) -> dict[str, Any]:
+    """The ``--json`` document of ``mpq sensitivity``."""
+    traces = {t.name: t for t in result.traces or ()}
+    eigen = {e.name: e for e in result.eigenvalues or ()}
+    layers = []
+    for info in result.layers:
+        trace = traces.get(info.name)
+        row: dict[str, Any] = {
+            "name": info.name,
+            "node_name": info.node_name,
+            "scope": info.scope,
+            "op_type": info.op_type,
+            "n_params": info.num_params,
+            "trace": None if trace is None else trace.trace,
+            "avg_trace": None if trace is None else trace.average_trace,
+            "stderr": None if trace is None else trace.standard_error,
+            "probes": None if trace is None else trace.num_probes,
+        }
+        if info.name in eigen:
+            row["eigenvalue"] = eigen[info.name].eigenvalue
+            row["eigen_iterations"] = eigen[info.name].iterations
+            row["eigen_converged"] = eigen[info.name].converged
+        layers.append(row)
+    document: dict[str, Any] = {
+        "method": method,
+        "loss": result.loss,
+        "loss_kind": result.loss_kind,
+        "loss_reason": result.loss_reason,
+        "layers": layers,
+    }
+    if result.interlayer is not None:
+        terms = result.interlayer
+        document["interlayer"] = {
+            "bits": sorted({bits for _, bits in terms.labels}, reverse=True),
+            "layers": list(dict.fromkeys(name for name, _ in terms.labels)),
+            "labels": [[name, bits] for name, bits in terms.labels],
+            "gradient_term": list(terms.gradient_terms),
+            "omega": list(terms.omega),
+            "G": [list(row) for row in terms.matrix],
+            "symmetry_error": terms.symmetry_error,
+        }
+    document["timing"] = {
+        **{f"{phase}_s": seconds for phase, seconds in result.timings.items()},
+        "hvps": result.num_hvps,
+        "device": result.device,
+    }
+    document["seed"] = result.seed
+    document["versions"] = dict(result.versions)
+    document["normalization"] = dict(result.normalization)
+    document["execution"] = dict(result.execution)
+    return document
+
+
+def sensitivity_table(document: Mapping[str, Any]) -> str:
+    """A readable table of the per-layer figures; the node column helps where exporters named the
+    weights anonymously (onnx::MatMul_984)."""
+    header = f"{'layer':<32} {'node':<40} {'op':<8} {'params':>9} {'avg trace':>12} {'± stderr':>11} {'probes':>6}"
+    with_eigen = any("eigenvalue" in row for row in document["layers"])
+    if with_eigen:
+        header += f" {'eigenvalue':>12}"
+    loss = f"{document.get('loss_kind', 'loss')} {document['loss']:.6g}"
+    lines = [f"method {document['method']}, loss {loss}", header, "-" * len(header)]
+    for row in document["layers"]:
+        average = "-" if row["avg_trace"] is None else f"{row['avg_trace']:.4g}"
+        error = "-" if row["stderr"] is None else f"{row['stderr'] / row['n_params']:.2g}"
+        probes = "-" if row["probes"] is None else str(row["probes"])
+        node = shortened(row.get("node_name") or "-", 40)
+        line = (
+            f"{row['name']:<32} {node:<40} {row['op_type']:<8} {row['n_params']:>9} {average:>12} {error:>11} "
+            f"{probes:>6}"
+        )
+        if with_eigen:
+            line += f" {row.get('eigenvalue', float('nan')):>12.4g}"
+        lines.append(line)
+    timing = document["timing"]
+    seconds = timing.get("total_s", 0.0)
+    lines.append(f"{timing['hvps']} Hessian-vector products in {seconds:.2f} s on {timing['device']}")
+    execution = document.get("execution") or {}
+    if execution:
+        lines.append(describe_execution(execution))
+    return "\n".join(lines)
+
+
+def plan_summary(document: Mapping[str, Any]) -> str:
+    plan = document["plan"]
+    predicted, measured = plan["predicted"], plan["measured"]
+    nodes = document.get("layer_nodes") or {}
+    excluded = {entry["layer"]: entry for entry in document.get("excluded") or ()}
+    lines = [f"{'layer':<32} {'node':<40} candidate"]
+    for name, candidate in plan["layers"].items():
+        node = shortened((nodes.get(name) or {}).get("node_name") or "-", 40)
+        note = f"  (excluded: {excluded[name]['reason']})" if name in excluded else ""
+        lines.append(f"{name:<32} {node:<40} {candidate}{note}")
+    lines.append(
+        f"predicted: Ω {predicted['omega']:.4g}, ΔL {predicted['loss_change']:.4g}, "
+        f"size {predicted['size_bytes']} B, {predicted['bops']:.4g} BOPS"
+    )
+    latency = measured["latency_ms"]
+    lines.append(
+        f"measured: {measured['metric_name']} {measured['metric']:.2f} % (float {measured['baseline']:.2f} %, "
+        f"drop {measured['drop']:.2f} pp), artifact {measured['size_bytes']} B, latency p50 {latency['p50']:.3f} ms "
+        f"(mean {latency['mean']:.3f}, p90 {latency['p90']:.3f}) on {latency['device']}"
+    )
+    if measured.get("metric_reason"):
+        lines.append(f"metric: {measured['metric_name']} because {measured['metric_reason']}")
+    lines.append(f"{document['evaluations']} evaluations; wrote {document['artifact']}")
+    return "\n".join(lines)
+
+
+def json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")

@@ -1,0 +1,174 @@
+"""``mpq sensitivity`` / ``mpq plan`` with ``--server URL``: the same commands, run by a server.
+
+Upload (skipped when the server already has the file), submit with an Idempotency-Key,
+wait with progress on stderr, download the artifact to ``--out``; the same JSON document
+and exit codes as the local run (0 ok, 2 bad input, 3 no configuration meets the
+constraints, 1 anything else).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+from service.cli.client import ApiError, MpqClient
+from service.cli.options import plan_request, sample_axes_option, sensitivity_config
+from service.cli.output import ExitCode, report_failure, report_plan, sensitivity_document, sensitivity_table
+from service.cli.progress import ProgressPrinter, follow_job
+from service.job_status import JobStatus
+
+
+def add_server_options(command: argparse.ArgumentParser) -> None:
+    group = command.add_argument_group("remote run")
+    group.add_argument("--server", metavar="URL", help="run on this mpq server instead of locally")
+    group.add_argument("--token", help="API token for --server (default: $MPQ_TOKEN)")
+    group.add_argument("--timeout", type=float, default=None, help="give up waiting after this many seconds")
+
+
+def _client(args: argparse.Namespace) -> MpqClient:
+    return MpqClient(args.server, args.token or os.environ.get("MPQ_TOKEN"))
+
+
+def _fail(error: Exception, args: argparse.Namespace) -> int:
+    code = error.code if isinstance(error, ApiError) else None
+    return report_failure(str(error), _exit_code(error), as_json=args.json, problem=code)
+
+
+def _exit_code(error: Exception) -> int:
+    if isinstance(error, ApiError) and error.code == "infeasible":
+        return ExitCode.INFEASIBLE
+    if isinstance(error, ApiError) and error.status in (400, 401, 403, 404, 413, 415, 422):
+        return ExitCode.BAD_INPUT
+    if isinstance(error, (FileNotFoundError, ValueError)):
+        return ExitCode.BAD_INPUT
+    return ExitCode.FAILED
+
+
+def _run_job(client: MpqClient, route: str, body: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    job = client.submit(route, body, idempotency_key=uuid.uuid4().hex)
+    print(f"mpq: job {job['id']} on {args.server}", file=sys.stderr)
+    _check_sample_axes_kept(client, job, body)
+    return client.wait(
+        job["id"], on_progress=follow_job(ProgressPrinter(sys.stderr)), poll_s=1.0, timeout_s=args.timeout
+    )
+
+
+def _check_sample_axes_kept(client: MpqClient, job: dict[str, Any], body: dict[str, Any]) -> None:
+    """A server from before sample_axes ignores the field (unknown JSON fields are dropped) and would
+    read every input's samples off its declared shapes: its job is cancelled rather than waited for."""
+    if body.get("sample_axes") and job.get("params", {}).get("sample_axes") != body["sample_axes"]:
+        client.cancel(job["id"])
+        raise ValueError(
+            "the server ignores --sample-axis (its mpq predates sample_axes; job cancelled): upgrade "
+            "it or run this command without --server"
+        )
+
+
+def _job_exit(job: dict[str, Any], args: argparse.Namespace) -> int | None:
+    if job["status"] == JobStatus.SUCCEEDED:
+        return None
+    code: str | None = (job.get("result") or {}).get("error_code")
+    exit_code = {"infeasible": ExitCode.INFEASIBLE, "bad_input": ExitCode.BAD_INPUT}.get(code or "", ExitCode.FAILED)
+    return report_failure(
+        f"the job {job['status']}: {job.get('error') or ''}",
+        exit_code,
+        as_json=args.json,
+        problem=code,
+        job_id=job["id"],
+    )
+
+
+Row = dict[str, Any]  # a model or dataset as the API describes it
+
+
+def _uploads(client: MpqClient, args: argparse.Namespace) -> tuple[Row, Row, Row | None]:
+    """The model, the --data set and the --eval-data set (None without one), each uploaded unless the
+    server already holds the same file."""
+    model = client.upload_model(Path(args.model))
+    data = client.upload_dataset(Path(args.data))
+    evaluation = getattr(args, "eval_data", None)
+    return model, data, client.upload_dataset(Path(evaluation)) if evaluation else None
+
+
+def remote_sensitivity(args: argparse.Namespace) -> int:
+    from sensitivity.results import SensitivityResult  # torch: only once the command runs
+
+    try:
+        config = sensitivity_config(args)
+        sample_axes = sample_axes_option(args.sample_axis)
+        with _client(args) as client:
+            model, data, _ = _uploads(client, args)
+            options = {k: v for k, v in config.to_dict().items() if k != "type"}
+            body = {"model_id": model["id"], "dataset_id": data["id"], "method": args.method, "options": options}
+            job = _run_job(client, "/v1/sensitivity", {**body, "sample_axes": sample_axes}, args)
+            if (code := _job_exit(job, args)) is not None:
+                return code
+            stored = client.get(f"/v1/sensitivity/{job['result']['sensitivity_result_id']}")
+    except (ApiError, OSError, ValueError) as error:
+        return _fail(error, args)
+    document = sensitivity_document(args.method, SensitivityResult.from_dict(stored["result"]))
+    print(json.dumps(document, allow_nan=False) if args.json else sensitivity_table(document))
+    return ExitCode.OK
+
+
+def remote_plan(args: argparse.Namespace) -> int:
+    try:
+        request = plan_request(args)
+        with _client(args) as client:
+            model, calibration, evaluation = _uploads(client, args)
+            body = {
+                "model_id": model["id"],
+                "calibration_dataset_id": calibration["id"],
+                "evaluation_dataset_id": evaluation["id"] if evaluation else None,
+                "method": request.method,
+                "search": request.search,
+                "candidates": list(request.candidates),
+                "constraints": request.constraints(),
+                "metric": request.metric,
+                "exclude": list(request.exclude),
+                "options": {"seed": request.seed, **dict(request.sensitivity_options)},
+                "sample_axes": dict(request.sample_axes),
+            }
+            job = _run_job(client, "/v1/plans", body, args)
+            if (code := _job_exit(job, args)) is not None:
+                return code
+            plan_id = job["result"]["plan_id"]
+            plan, frontier = client.get(f"/v1/plans/{plan_id}"), client.get(f"/v1/plans/{plan_id}/frontier")
+            sha256 = client.download_artifact(plan_id, Path(args.out))
+    except (ApiError, OSError, ValueError) as error:
+        return _fail(error, args)
+    return report_plan(plan_document(plan, frontier, request.to_dict(), args.out, sha256), as_json=args.json)
+
+
+def plan_document(
+    plan: dict[str, Any], frontier: list[dict[str, Any]], request: dict[str, Any], out: str, sha256: str
+) -> dict[str, Any]:
+    """The local ``mpq plan --json`` document, rebuilt from the API's plan and frontier."""
+    extras = ("uniform", "evaluations", "search", "timings", "activation_terms", "excluded", "layer_nodes")
+    measured = {k: v for k, v in plan["measured"].items() if k not in extras}
+    predicted = {k: v for k, v in plan["predicted"].items() if k != "meets_constraints"}
+    return {
+        "plan": {"layers": plan["assignment"], "predicted": predicted, "measured": measured},
+        "meets_constraints": plan["predicted"]["meets_constraints"],
+        "frontier": [
+            {"layers": p["assignment"], "predicted": p["predicted"], "measured": p["measured"] or None}
+            for p in frontier
+        ],
+        "uniform": plan["measured"].get("uniform", {}),
+        "evaluations": plan["measured"].get("evaluations"),
+        "search": plan["measured"].get("search", {}),
+        "artifact": str(out),
+        "artifact_sha256": sha256,
+        "request": request,
+        "versions": plan["versions"],
+        "timings": plan["measured"].get("timings", {}),
+        "activation_terms": plan["measured"].get("activation_terms", {}),
+        "excluded": plan["measured"].get("excluded", []),
+        "layer_nodes": plan["measured"].get("layer_nodes", {}),
+        "plan_id": plan["id"],
+    }

@@ -1,0 +1,1 @@
+"""The web dashboard: server-rendered pages (``pages``) with their templates and static files."""

@@ -1,0 +1,78 @@
+"""From stored uploads and API bodies to what the libraries take: programs, configurations, plan requests."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the libraries load torch: imported where used, and here for the types only
+    from planner import PlanRequest
+    from sensitivity.program import Program
+    from sensitivity.results import Config
+
+# the local CLI's words (service/cli/local_commands.load_program), for the API's field
+PT2_SAMPLE_AXES = "sample_axes applies to ONNX models; a torch.export archive takes samples on axis 0"
+SENSITIVITY_METHODS = {"hawq_v2": "TraceConfig", "hawq_v1": "EigenConfig", "interlayer": "InterLayerConfig"}
+
+
+def load_program(
+    path: Path,
+    model_format: str,
+    samples: Mapping[str, Any] | None = None,
+    sample_axes: Mapping[str, int | None] | None = None,
+) -> Program:
+    """The program of a stored model; ONNX is normalised first, an opset upgrade checked on ``samples``
+    (the calibration arrays) before the analysis starts. ``sample_axes`` (a request's) are merged over
+    the ONNX model's declared ones (``sensitivity.samples``); a torch.export archive takes samples on
+    axis 0 and none (ValueError)."""
+    if model_format == "torch_export":
+        if sample_axes:
+            raise ValueError(PT2_SAMPLE_AXES)
+        from sensitivity.torch_program import load_exported
+
+        return load_exported(path)
+    from sensitivity.normalize import normalize_model
+    from sensitivity.onnx_program import load_onnx, read_onnx
+
+    normalized = normalize_model(read_onnx(path), samples=samples, sample_axes=sample_axes)
+    return load_onnx(normalized, sample_axes=sample_axes)
+
+
+def sensitivity_config(method: str, options: Mapping[str, Any]) -> Config:
+    """The library configuration for an API method name and its options (ValueError if bad)."""
+    from sensitivity.results import config_from_dict
+
+    if method not in SENSITIVITY_METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {sorted(SENSITIVITY_METHODS)}")
+    if not isinstance(options, Mapping):
+        raise ValueError(f"options must be a JSON object; got {type(options).__name__}")
+    if "type" in options:
+        raise ValueError(f"options must not set 'type': the method ({method}) picks the analysis")
+    return config_from_dict({**options, "type": SENSITIVITY_METHODS[method]})
+
+
+def plan_request(params: Mapping[str, Any]) -> PlanRequest:
+    """The library's PlanRequest from a plan's API body (service/api/plans.PlanRequestIn); ValueError if
+    bad. The one translation: the API's up-front check and the worker both use it."""
+    from planner import PlanRequest
+
+    options = params.get("options", {})
+    if not isinstance(options, Mapping):
+        raise ValueError(f"options must be a JSON object; got {type(options).__name__}")
+    options = dict(options)
+    seed = options.pop("seed", 0)
+    constraints = {k: v for k, v in params.get("constraints", {}).items() if v is not None}
+    # plans submitted before the metric field have none: auto, what they were measured with since;
+    # before the exclude field, none: nothing was excluded; before sample_axes, none: the declared shapes'
+    return PlanRequest(
+        method=params["method"],
+        search=params["search"],
+        candidates=params["candidates"],
+        metric=params.get("metric", "auto"),
+        exclude=params.get("exclude", ()),
+        sample_axes=params.get("sample_axes") or {},
+        seed=seed,
+        sensitivity_options=options,
+        **constraints,
+    )
