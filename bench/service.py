@@ -24,7 +24,7 @@ import httpx
 import numpy as np
 
 from bench.server import running_server
-from tests.conftest import npz_bytes, tiny_onnx_model
+from tests.models import npz_bytes, tiny_onnx_model
 
 
 def upload(client: httpx.Client, route: str, body: bytes) -> str:

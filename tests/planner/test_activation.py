@@ -165,7 +165,7 @@ def test_bad_loss_kind_and_missing_labels_are_named():
 
 
 def test_an_embedding_has_no_activation_to_quantize():
-    from tests.planner.test_export import embedding_model
+    from tests.planner.helpers import embedding_model
 
     model, data = embedding_model()
     terms = activation_terms(model, data, "distill_cross_entropy")

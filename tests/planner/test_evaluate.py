@@ -20,7 +20,7 @@ from planner.evaluate import (
 )
 from planner.export import export_model
 from sensitivity.layers import find_layers
-from tests.planner.test_export import trained_digits_onnx
+from tests.models import trained_digits_onnx
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,7 @@ from sensitivity.examples import export_onnx, trained_digits_cnn
 from sensitivity.onnx_program import load_onnx
 from sensitivity.results import InterLayerConfig, TraceConfig
 from sensitivity.run import compute_sensitivity
-from tests.sensitivity.test_results import JSON_VALUES, NOT_INTS
+from tests.values import JSON_VALUES, NOT_INTS
 
 FAST = {"measure_uniform": False, "max_frontier_points": 3, "latency_repeats": 5, "latency_warmup": 1, "device": "cpu"}
 PROBES = {"trace_max_probes": 8, "trace_min_probes": 4}
@@ -529,7 +529,7 @@ def test_a_model_whose_uniform_w8a8_does_not_export_plans_without_activation_ter
 def test_a_paddle_style_model_is_planned_under_its_constant_names():
     """Weights in Constant nodes and a -1 batch (paddle2onnx): normalised once, up front, at the
     candidates' opset (12 -> 21 for w4), and the plan, the artifact and the report agree on names."""
-    from tests.sensitivity.test_normalize import paddle_style_model
+    from tests.models import paddle_style_model
 
     x = np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32)
     request = PlanRequest(
@@ -548,14 +548,13 @@ def test_a_mismatching_opset_upgrade_is_refused_before_the_sensitivity_analysis(
     import onnx
 
     from sensitivity.normalize import OpsetUpgradeError
-    from tests.conftest import tiny_onnx_model
-    from tests.sensitivity.test_normalize import _scaled
+    from tests.models import scaled_weight, tiny_onnx_model
 
     convert = onnx.version_converter.convert_version
     monkeypatch.setattr(
         onnx.version_converter,
         "convert_version",
-        lambda model, target: _scaled(convert(model, target), "fc2.weight", 1.01),
+        lambda model, target: scaled_weight(convert(model, target), "fc2.weight", 1.01),
     )
     analysed = []
     monkeypatch.setattr("sensitivity.run.compute_sensitivity", lambda *args, **kwargs: analysed.append(args))

@@ -14,8 +14,7 @@ from planner.evaluate import evaluate, run_batched_outputs
 from planner.export import ArrayCalibrationReader, check_inputs, export_model, read_plan
 from planner.latency import _take, measure_latency
 from planner.plan import PlanRequest, plan
-from tests.conftest import stateful_data, stateful_onnx_model
-from tests.sensitivity.test_samples import loose_data, loosely_declared_stateful_model
+from tests.models import loose_data, loosely_declared_stateful_model, stateful_data, stateful_onnx_model
 
 SAMPLES = 20
 AXES = {"x": 0, "state": 1, "sr": None}

@@ -25,7 +25,9 @@ from sensitivity import (
 )
 from sensitivity.examples import DigitsCNN, export_onnx, load_digits
 from sensitivity.run import resolve_device
-from tests.sensitivity.test_hvp import TinyProblem, single_thread, tiny_problem  # noqa: F401
+from tests.sensitivity.helpers import TinyProblem, tiny_problem
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/sensitivity/conftest.py
 
 FAST = {"batch_size": 12, "device": "cpu"}
 

@@ -20,7 +20,7 @@ import pytest
 
 from service.auth import create_token
 from tests.service import dashboard_data
-from tests.service.conftest import enable_auth
+from tests.service.helpers import enable_auth
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -537,13 +537,12 @@ def sha256_of(path: str | Path) -> str:
 
 
 @browser_test
-def test_a_real_plan_from_the_planner(page, shot, client, app):
+def test_a_real_plan_from_the_planner(page, shot, client, app, digits_files):
     """The plan page on data the real plan job wrote (not fixture rows): click a frontier point,
     check its per-layer precisions against the API, download the plan's artifact."""
-    from tests.service.test_jobs import uploaded, wait_for
-    from tests.service.test_plans import digits_files
+    from tests.service.helpers import uploaded, wait_for
 
-    model_bytes, calib, _, _ = digits_files.__wrapped__()
+    model_bytes, calib, _, _ = digits_files
     model_id, calib_id = uploaded(client, model_bytes, calib)
     job = client.post(
         "/v1/plans",

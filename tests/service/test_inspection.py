@@ -18,10 +18,9 @@ from onnx import TensorProto, helper, numpy_helper
 from service.inspection import InvalidUpload, Limits
 from service.inspector import Inspector
 from service.sandbox import SandboxLimits
-from tests.conftest import npz_bytes, tiny_onnx_model
+from tests.models import npz_bytes, tiny_onnx_model
 from tests.payloads import external_model, npy_with_header, zip_bytes
-from tests.service.conftest import snapshot, sqlite_only
-from tests.service.test_registry import assert_problem, upload
+from tests.service.helpers import assert_problem, snapshot, sqlite_only, upload
 
 REPO = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
@@ -130,7 +129,7 @@ def test_bops_budgets_are_checked_without_running_the_model(client):
     """BOPS need the layers' shapes: known statically, the budget is checked up front; unknown, the check
     is left to the job (which runs the model inside its sandbox), never run in the API's inspector."""
     from service.inspection import _fewest_bops
-    from tests.planner.test_export import uninferable_model
+    from tests.models import uninferable_model
 
     model, _ = uninferable_model()
     assert _fewest_bops(model, {"x": [1, 4, 4]}, ("fp32", "w8a8")) is None
@@ -302,7 +301,7 @@ def test_a_paddle_style_model_is_described_normalised(tmp_path):
     """Constant weights listed as layers under their output names, a -1 batch shown as dynamic; the
     opset and IR version are the file's, ``normalization`` says what changed."""
     from service.inspection import inspect_model
-    from tests.sensitivity.test_normalize import paddle_style_model
+    from tests.models import paddle_style_model
 
     path = tmp_path / "paddle.onnx"
     path.write_bytes(paddle_style_model().SerializeToString())
@@ -325,9 +324,9 @@ def test_ppocr_is_described_with_the_layer_names_the_analysis_uses(name):
     upload lists the layers (0 before) under the names the sensitivity results will carry."""
     from sensitivity.onnx_program import load_onnx
     from service.inspection import inspect_model
-    from tests.sensitivity.test_normalize_zoo import ppocr
+    from tests.zoo.models import resource_or_skip
 
-    path = ppocr(name)
+    path = resource_or_skip("rapidocr_onnxruntime", "models", name)
     limits = Limits(
         max_bytes=64 * MiB,
         max_decompressed_bytes=64 * MiB,

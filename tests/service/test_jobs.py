@@ -10,33 +10,17 @@ import numpy as np
 import pytest
 
 from sensitivity.results import MAX_PROBES
-from tests.conftest import mlp_onnx_model, npz_bytes
-from tests.service.conftest import snapshot, sqlite_only
-from tests.service.test_registry import assert_problem, upload
-
-
-def wait_for(client, job_id: str, statuses=("succeeded", "failed", "cancelled"), timeout: float = 120.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] in statuses:
-            return job
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} still {job['status']} after {timeout} s: {job}")
-
-
-def uploaded(client, model_bytes: bytes, dataset_bytes: bytes) -> tuple[str, str]:
-    model = upload(client, "/v1/models", model_bytes)
-    dataset = upload(client, "/v1/datasets", dataset_bytes)
-    assert model.status_code == dataset.status_code == 201, (model.text, dataset.text)
-    return model.json()["id"], dataset.json()["id"]
-
-
-def slow_inputs(client, width: int = 1024) -> tuple[str, str]:
-    """A model and data whose Hutchinson probes take ~50 ms each (2-core CPU): MAX_PROBES of them, minutes."""
-    rng = np.random.default_rng(0)
-    data = npz_bytes(x=rng.standard_normal((256, 256)).astype(np.float32), labels=rng.integers(0, 10, 256))
-    return uploaded(client, mlp_onnx_model(width=width).SerializeToString(), data)
+from tests.models import npz_bytes
+from tests.service.helpers import (
+    assert_problem,
+    post_json_text,
+    slow_inputs,
+    snapshot,
+    sqlite_only,
+    upload,
+    uploaded,
+    wait_for,
+)
 
 
 def test_sensitivity_job_runs_and_is_cached(client, tiny_model_bytes, tiny_dataset_bytes):
@@ -111,12 +95,6 @@ def test_requests_are_validated_up_front(client, app, tiny_model_bytes, tiny_dat
     for body, words in cases:
         assert_problem(client.post("/v1/sensitivity", json=body), 422, words)
     assert client.get("/v1/jobs").json()["total"] == 0
-
-
-def post_json_text(client, path: str, text: str):
-    """POST a JSON body written by hand: the API reads bodies with Python's json, which accepts
-    Infinity, NaN, 1e400 (= inf) and ints of any size, none of which json.dumps writes from a dict."""
-    return client.post(path, content=text, headers={"content-type": "application/json"})
 
 
 # The hostile review's cases (method, options as JSON text, the option the answer must name): each

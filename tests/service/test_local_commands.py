@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -20,48 +17,8 @@ import pytest
 
 from service import local_commands
 from service.local_commands import register
-from tests.conftest import tiny_onnx_model
-
-# Builds the mpq parser with the local commands, as service/cli.py will once it registers them.
-_RUNNER = """
-import argparse, sys
-from service.local_commands import register
-parser = argparse.ArgumentParser(prog="mpq")
-register(parser.add_subparsers())
-args = parser.parse_args(sys.argv[1:])
-sys.exit(args.handler(args, None))
-"""
-
-
-def _registered_in_cli() -> bool:
-    from service import cli
-
-    commands = next(a for a in cli._parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return "plan" in commands.choices and "sensitivity" in commands.choices
-
-
-def run_mpq(*args: str, cwd) -> subprocess.CompletedProcess[str]:
-    """A real ``mpq`` process (each costs seconds of imports, so only one per exit status)."""
-    command = ["-m", "service.cli"] if _registered_in_cli() else ["-c", _RUNNER]
-    environment = {**os.environ, "MPQ_DATA_DIR": str(cwd), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, *command, *args], capture_output=True, text=True, cwd=cwd, env=environment, timeout=120
-    )
-
-
-def call_mpq(*args: str, capsys) -> tuple[int, str, str]:
-    """The same command line in this process: (exit status, stdout, stderr)."""
-    if _registered_in_cli():
-        from service.cli import main
-
-        status = main(list(args))
-    else:
-        parser = argparse.ArgumentParser(prog="mpq")
-        register(parser.add_subparsers())
-        parsed = parser.parse_args(list(args))
-        status = parsed.handler(parsed, None)
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
+from tests.models import tiny_onnx_model
+from tests.service.helpers import call_mpq, run_mpq
 
 
 @pytest.fixture(scope="module")
@@ -369,7 +326,7 @@ def test_an_already_quantized_model_exits_2_naming_it(command, tmp_path, capsys)
 
 def test_sensitivity_of_a_paddle_style_model_names_its_constant_layers(tmp_path, capsys):
     """Weights in Constant nodes and a -1 batch: normalised, said on stderr, analysed under their names."""
-    from tests.sensitivity.test_normalize import paddle_style_model
+    from tests.models import paddle_style_model
 
     onnx.save(paddle_style_model(), tmp_path / "paddle.onnx")
     np.savez(tmp_path / "data.npz", x=np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32))
@@ -464,8 +421,7 @@ def test_sample_axes_are_repeatable_and_none_means_shared():
 def test_sensitivity_and_plan_take_the_sample_axes(tmp_path, capsys, monkeypatch):
     """A state with samples on axis 1 and a scalar sample rate, declared loosely: --sample-axis says where
     the samples are, the cache keeps results apart by it, and the artifact runs on the scalar."""
-    from tests.conftest import stateful_data, stateful_onnx_model
-    from tests.sensitivity.test_samples import loose_data, loosely_declared_stateful_model
+    from tests.models import loose_data, loosely_declared_stateful_model, stateful_data, stateful_onnx_model
 
     monkeypatch.chdir(tmp_path)
     onnx.save(loosely_declared_stateful_model(), tmp_path / "state.onnx")

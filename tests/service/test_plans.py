@@ -8,19 +8,7 @@ import hashlib
 import onnxruntime as ort
 import pytest
 
-from tests.conftest import npz_bytes
-from tests.planner.test_export import trained_digits_onnx
-from tests.service.conftest import snapshot, sqlite_only
-from tests.service.test_jobs import post_json_text, uploaded, wait_for
-from tests.service.test_registry import assert_problem, upload
-
-
-@pytest.fixture(scope="module")
-def digits_files():
-    proto, calibration, data = trained_digits_onnx()
-    calib = npz_bytes(input=data.train_x[:256], labels=data.train_y[:256])
-    evaluation = npz_bytes(input=data.test_x, labels=data.test_y)
-    return proto.SerializeToString(), calib, evaluation, data
+from tests.service.helpers import assert_problem, post_json_text, snapshot, sqlite_only, upload, uploaded, wait_for
 
 
 def test_plan_round_trip(client, digits_files):

@@ -10,8 +10,7 @@ from sqlalchemy import create_engine, make_url, text
 from service.app import create_app
 from service.db import make_engine, session_factory, upgrade
 from service.settings import Settings
-from tests.service.conftest import ADMIN_URL
-from tests.service.test_registry import assert_problem
+from tests.service.helpers import ADMIN_URL, assert_problem
 
 
 def own_app(url: str, tmp_path) -> TestClient:

@@ -10,28 +10,8 @@ import numpy as np
 import onnx
 import pytest
 
-from tests.conftest import npz_bytes, tiny_onnx_model
-from tests.service.conftest import enable_auth, snapshot
-
-PROBLEM = "application/problem+json"
-
-
-def upload(client, path: str, body, name: str | None = None, **headers):
-    params = {"name": name} if name else {}
-    return client.post(
-        path, content=body, params=params, headers={"content-type": "application/octet-stream", **headers}
-    )
-
-
-def assert_problem(response, status: int, *words: str) -> None:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith(PROBLEM)
-    body = response.json()
-    assert body["status"] == status and body["title"] and body["detail"]
-    assert "Traceback" not in response.text
-    for word in words:
-        assert word.lower() in body["detail"].lower(), body["detail"]
-
+from tests.models import npz_bytes, tiny_onnx_model
+from tests.service.helpers import assert_problem, enable_auth, snapshot, upload
 
 # ------------------------------------------------------------------ happy paths
 

@@ -18,8 +18,7 @@ import pytest
 import uvicorn
 
 from service.guard import HeaderTimeoutProtocol
-from tests.service.conftest import sqlite_only
-from tests.service.test_guard import exchange
+from tests.service.helpers import exchange, sqlite_only
 
 TIMEOUT_S = 0.5
 # What is tested is the server's sockets, not the database: SQLite only.

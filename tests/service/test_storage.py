@@ -22,11 +22,17 @@ from service.auth import create_token
 from service.storage import delete_if_unused, store_file
 from service.tables import Artifact, Model
 from service.transfer import UploadSlots
-from tests.conftest import npz_bytes, tiny_onnx_model
-from tests.service.conftest import enable_auth, snapshot
-from tests.service.test_distributed import free_port
-from tests.service.test_jobs import slow_inputs, uploaded, wait_for
-from tests.service.test_registry import assert_problem, upload
+from tests.models import npz_bytes, tiny_onnx_model
+from tests.service.helpers import (
+    assert_problem,
+    enable_auth,
+    free_port,
+    slow_inputs,
+    snapshot,
+    upload,
+    uploaded,
+    wait_for,
+)
 
 # ---------------------------------------------------------------- deletes racing uploads
 
