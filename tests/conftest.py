@@ -8,6 +8,15 @@ import pytest
 from tests.models import npz_bytes, tiny_onnx_model
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The real models of the zoo take seconds each: every ``zoo`` test is also ``slow``, so that
+    ``-m "not slow"`` (CONTRIBUTING.md, the fast tier) leaves them out."""
+    for item in items:
+        if item.get_closest_marker("zoo") and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def _private_sensitivity_cache(tmp_path_factory, monkeypatch) -> None:
     """Each test gets its own (empty) local sensitivity cache, for the CLI it runs in-process and

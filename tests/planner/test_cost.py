@@ -131,6 +131,7 @@ def wide_cnn():
     return model, {"input": data.train_x[:64]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("candidate", list(CANDIDATES))
 def test_size_against_exported_file(wide_cnn, candidate):
     model, calibration = wide_cnn

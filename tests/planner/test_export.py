@@ -108,6 +108,7 @@ def _assert_weights_are_q_b(original: onnx.ModelProto, exported, configuration) 
         assert readback.bits == bits and np.array_equal(readback.dequantize(), expected.dequantize())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("candidate", QUANTIZED)
 def test_digits_weights_are_q_b_integers(digits, candidate):
     proto, calibration, _ = digits
@@ -195,6 +196,7 @@ def test_recurrent_weights_store_q_b_integers_weight_only(candidate):
         np.testing.assert_allclose(session.run(None, calibration)[0], expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_w8a8_digits_accuracy_within_one_point_of_float(digits):
     proto, calibration, data = digits
     exported = export_model(proto, Configuration.uniform(find_layers(proto), "w8a8"), calibration)
@@ -217,6 +219,7 @@ MIXED = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("configuration", MIXED)
 def test_mixed_configurations_export_and_run(digits, configuration):
     proto, calibration, data = digits
@@ -263,6 +266,7 @@ def test_uninferable_model_exports_with_quantized_activations(tmp_path, monkeypa
     assert not list(work.iterdir()), "the exporter left files in the working directory"
 
 
+@pytest.mark.slow
 def test_metadata_round_trips(digits):
     proto, calibration, _ = digits
     configuration = MIXED[0]
@@ -283,6 +287,7 @@ def test_metadata_round_trips(digits):
     assert Configuration.from_dict(plan["configuration"]) == Configuration(configuration)
 
 
+@pytest.mark.slow
 def test_export_is_deterministic(digits):
     proto, calibration, _ = digits
     first = export_model(proto, MIXED[1], calibration)
@@ -301,6 +306,7 @@ def test_onnxruntime_int4_would_differ_from_q_b():
     assert float(scale) != float(q_b.scales[0])
 
 
+@pytest.mark.slow
 def test_bad_calibration_is_named(digits):
     proto, calibration, _ = digits
     configuration = Configuration.uniform(find_layers(proto), "w8a8")
@@ -326,6 +332,7 @@ def test_bad_calibration_is_named(digits):
         export_model(dynamic, configuration, {"input": calibration["input"][:, :, :4, :4].copy()})
 
 
+@pytest.mark.slow
 def test_validate_artifact_rejects_broken_models(digits):
     proto, calibration, _ = digits
     broken = onnx.ModelProto()
@@ -340,6 +347,7 @@ def test_validate_artifact_rejects_broken_models(digits):
 EDGE_VALUES = [0.0, 1e-40, float(np.finfo(np.float32).tiny), 1.4928777e-36, 0.5, -0.5, 2.5 / 127, 3.0e38]
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None)
 @given(
     st.lists(
@@ -386,6 +394,7 @@ def test_onnxruntime_matmul_nbits_would_differ_from_q_b():
     assert not np.array_equal(integers, q_b.integers)
 
 
+@pytest.mark.slow
 def test_an_upgrade_that_changes_outputs_is_refused(digits, monkeypatch):
     """Fault injection: a version converter that perturbs one weight by 1e-3 must be caught."""
     proto, calibration, _ = digits

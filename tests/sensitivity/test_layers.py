@@ -25,6 +25,7 @@ def test_torchscript_exports_name_nodes_by_path_and_the_scope_drops_the_op():
     ]
 
 
+@pytest.mark.slow
 def test_dynamo_exports_give_the_same_path_from_their_namespace_metadata():
     buffer = io.BytesIO()
     with warnings.catch_warnings():

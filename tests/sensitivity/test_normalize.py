@@ -250,6 +250,7 @@ assert "torch" not in sys.modules, "torch was imported"
 """
 
 
+@pytest.mark.slow
 def test_normalising_never_imports_torch():
     """The upload inspector normalises in a process that must not import torch (sensitivity/__init__)."""
     import subprocess
@@ -261,6 +262,7 @@ def test_normalising_never_imports_torch():
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow
 def test_a_sensitivity_result_reports_what_normalisation_changed():
     from sensitivity.results import SensitivityResult, TraceConfig
     from sensitivity.run import compute_sensitivity

@@ -469,6 +469,7 @@ def _differentiable_params() -> list[Any]:
 DIFFERENTIABLE = _differentiable_params()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("c, opset", DIFFERENTIABLE)
 def test_second_order_through_op(c: Case, opset: int) -> None:
     """Forward-over-reverse and double backward run through the op (no in-place, no .item())."""
@@ -552,6 +553,7 @@ def test_average_pool_geometry(window: dict[str, Any], ceil_mode: int, include_p
     _check_against_onnxruntime(c, 13)
 
 
+@pytest.mark.slow
 @_GEOMETRY
 @given(
     window=_window(max_dilation=3),

@@ -54,6 +54,7 @@ def run_onnxruntime(proto: onnx.ModelProto, x: torch.Tensor) -> np.ndarray:
 # --- parity ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("opset", OPSETS)
 @pytest.mark.parametrize("name", MODELS)
 def test_zoo_model_matches_onnxruntime_and_torch(name: str, opset: int) -> None:
@@ -122,6 +123,7 @@ def test_forward_rejects_wrong_weights_and_inputs() -> None:
 # --- gradients ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["digits_mlp", "transformer_block", "mobile_unet"])
 @pytest.mark.parametrize("opset", [11, 17])
 def test_gradients_match_the_torch_module(name: str, opset: int) -> None:
@@ -131,6 +133,7 @@ def test_gradients_match_the_torch_module(name: str, opset: int) -> None:
     assert gradient_matches_module(module, program, random_input(name, 3)) <= RTOL
 
 
+@pytest.mark.slow
 def test_gradients_of_unfolded_layers_match_with_batchnorm_folding() -> None:
     module, proto = exported("digits_cnn", 13)
     program = load_onnx(proto)
@@ -138,6 +141,7 @@ def test_gradients_of_unfolded_layers_match_with_batchnorm_folding() -> None:
     assert gradient_matches_module(module, program, random_input("digits_cnn", 3)) <= RTOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["transformer_block", "mobile_unet", "digits_cnn"])
 def test_forward_over_reverse_matches_double_backward(name: str) -> None:
     _, proto = exported(name, 13)
@@ -315,6 +319,7 @@ def test_shape_values_are_cached_per_input_shape() -> None:
     torch.testing.assert_close(uncached.forward(uncached.layer_weights, {"input": x})[0], outputs[1])
 
 
+@pytest.mark.slow
 def test_shape_cache_filled_inside_a_transform_is_reused_outside() -> None:
     """Values recorded during torch.func calls must not carry the transform's wrappers."""
     _, proto = exported("transformer_block", 13)

@@ -194,6 +194,7 @@ def test_past_length_outputs_are_zero_and_states_stop() -> None:
     torch.testing.assert_close(y_h[1, 1], y[0, 1, 1])  # reverse: state after step 0
 
 
+@pytest.mark.slow
 def test_sensitivity_of_recurrent_layers_predicts_measured_loss_changes() -> None:
     """W and R are layers through the whole sensitivity pipeline: G's prediction g·Δ + ½ΔᵀGΔ of
     quantizing them (fake-quantized with Q_b along their channel axis) matches the measured change."""

@@ -108,6 +108,7 @@ for path in sys.argv[1:]:
 """
 
 
+@pytest.mark.slow
 def test_payloads_run_under_torch_export_load(benign: Path, tmp_path: Path) -> None:
     live = [name for name, case in {**REFUSED, **IGNORED}.items() if case.runs_under_torch]
     built = {name: build(name, benign, tmp_path) for name in live}

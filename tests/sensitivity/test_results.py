@@ -171,6 +171,7 @@ def _assert_plain(config: Any) -> None:
     assert config_from_dict(json.loads(json.dumps(config.to_dict(), allow_nan=False))) == config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls", CONFIGS)
 @settings(max_examples=150, deadline=None, database=None)
 @given(data=st.data())

@@ -201,6 +201,7 @@ def test_an_opset_upgrade_is_checked_on_the_first_samples_of_each_axis():
     assert given.upgrade_check.samples == 8 and given.upgrade_check.max_abs_difference == 0.0
 
 
+@pytest.mark.slow
 def test_per_sample_losses_group_each_output_on_its_own_sample_axis():
     """stateN [2, n, 4] holds its samples on axis 1: each sample's loss takes its own slice, so the
     per-sample losses average to the batch loss and the inter-layer analysis (which needs them for

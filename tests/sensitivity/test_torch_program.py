@@ -125,6 +125,7 @@ print(json.dumps({"layers": [[l.name, l.op_type, l.channel_axis] for l in p.laye
 """
 
 
+@pytest.mark.slow
 def test_exported_archive_loads_with_stable_names_in_this_and_a_fresh_process(archive) -> None:
     path, expected = archive
     first, second = load_exported(path), load_exported(path)

@@ -19,7 +19,7 @@ from sensitivity.onnx_program import OnnxProgram, load_onnx
 from sensitivity.traces import rademacher_probe
 from sensitivity.zoo import HARD_TOKEN_TASK, TokenTask, TokenTaskSpec, export_tiny_transformer, trained_tiny_transformer
 
-pytestmark = pytest.mark.usefixtures("single_thread")  # tests/sensitivity/conftest.py
+pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.slow]  # the module trains a transformer first
 
 CALIBRATION_SAMPLES = 256
 

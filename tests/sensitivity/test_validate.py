@@ -10,7 +10,7 @@ from sensitivity import InterLayerConfig, TorchProgram, compute_sensitivity
 from sensitivity.examples import trained_digits_cnn
 from sensitivity.validate import ValidationReport, measured_loss_change, validate_predictions
 
-pytestmark = pytest.mark.usefixtures("single_thread")  # tests/sensitivity/conftest.py
+pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.slow]  # the module trains a CNN first
 
 
 @pytest.fixture(scope="module")

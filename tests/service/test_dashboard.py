@@ -48,6 +48,7 @@ def dashboard(app) -> Iterator[dashboard_data.DashboardData]:
 # ---------------------------------------------------------------- without a browser
 
 
+@pytest.mark.slow
 def test_pages_render_their_tables_without_javascript(client, dashboard):
     data = dashboard
     pages = {
@@ -86,6 +87,7 @@ def test_pages_render_their_tables_without_javascript(client, dashboard):
     assert precisions_in(table) == dashboard_data.FRONTIER[dashboard_data.CHOSEN_POINT]
 
 
+@pytest.mark.slow
 def test_the_plan_page_says_which_metric_and_why(client, app, dashboard):
     """Stored plans from before metric_reason (the fixture's) show the name alone; newer ones the reason."""
     from service.tables import Plan
@@ -101,6 +103,7 @@ def test_the_plan_page_says_which_metric_and_why(client, app, dashboard):
     assert "cosine (%)" in after and f'<td id="metric-reason">{reason}</td>' in after
 
 
+@pytest.mark.slow
 def test_layer_tables_show_node_names_beside_layer_names(client, dashboard):
     """Sensitivity, model and plan tables have a Node column: the node name, its whole path in the title."""
     node = "/layer3/conv/Conv"
@@ -329,8 +332,9 @@ def shot(page):
     return save
 
 
-# The browser tests run on SQLite only (see the module docstring).
-browser_test = pytest.mark.parametrize("backend_settings", ["sqlite"], indirect=True)
+def browser_test(test):
+    """A browser test: SQLite only (see the module docstring), and slow (a real browser drives each)."""
+    return pytest.mark.slow(pytest.mark.parametrize("backend_settings", ["sqlite"], indirect=True)(test))
 
 
 def wait_for_chart(page, selector: str) -> None:

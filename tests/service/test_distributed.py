@@ -19,6 +19,8 @@ import redis
 from tests.models import mlp_onnx_model, npz_bytes, tiny_onnx_model
 from tests.service.helpers import free_port, http_job, http_upload, wait_until
 
+pytestmark = pytest.mark.slow  # a cluster of processes
+
 BROKER_DB = 13
 
 

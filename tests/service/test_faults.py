@@ -29,6 +29,7 @@ def _serve(env: dict[str, str], port: int, log) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow
 def test_api_restart_mid_job_requeues_and_finishes(own_postgres_url, tmp_path):
     env = {
         **os.environ,
@@ -75,6 +76,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
+@pytest.mark.slow
 def test_lost_database_connections_are_retried(client, app, backend_settings):
     if not backend_settings.resolved_database_url.startswith("postgresql"):
         pytest.skip("dropping server connections is a PostgreSQL scenario")
@@ -124,6 +126,7 @@ def test_executor_lock_is_exclusive(tmp_path):
     second.release()
 
 
+@pytest.mark.slow
 def test_several_api_processes_share_one_executor(tmp_path):
     """`mpq serve --api-workers 2`: jobs submitted to either process run (once each)."""
     env = {**os.environ, "MPQ_DATA_DIR": str(tmp_path), "MPQ_HEARTBEAT_INTERVAL_S": "0.5", "MPQ_WORKER_SLOTS": "1"}

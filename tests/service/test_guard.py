@@ -220,6 +220,7 @@ def test_oversized_bodies_are_refused(client, app):
     assert_problem(client.post("/login", data={"token": "x" * 5000}), 413, "login")
 
 
+@pytest.mark.slow
 def test_upload_routes_keep_their_own_limit(client, app):
     model = mlp_onnx_model(inputs=64, width=256).SerializeToString()
     assert len(model) > BODY_LIMIT

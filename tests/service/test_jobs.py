@@ -23,6 +23,7 @@ from tests.service.helpers import (
 )
 
 
+@pytest.mark.slow
 def test_sensitivity_job_runs_and_is_cached(client, tiny_model_bytes, tiny_dataset_bytes):
     model_id, dataset_id = uploaded(client, tiny_model_bytes, tiny_dataset_bytes)
     body = {"model_id": model_id, "dataset_id": dataset_id, "method": "hawq_v2", "options": {"seed": 3}}
@@ -45,6 +46,7 @@ def test_sensitivity_job_runs_and_is_cached(client, tiny_model_bytes, tiny_datas
     assert again["result"]["sensitivity_result_id"] == job["result"]["sensitivity_result_id"]
 
 
+@pytest.mark.slow
 def test_idempotency_key_never_starts_duplicate_work(client, tiny_model_bytes, tiny_dataset_bytes):
     model_id, dataset_id = uploaded(client, tiny_model_bytes, tiny_dataset_bytes)
     body = {"model_id": model_id, "dataset_id": dataset_id, "method": "hawq_v2"}
@@ -59,6 +61,7 @@ def test_idempotency_key_never_starts_duplicate_work(client, tiny_model_bytes, t
     wait_for(client, first.json()["id"])
 
 
+@pytest.mark.slow
 def test_requests_are_validated_up_front(client, app, tiny_model_bytes, tiny_dataset_bytes):
     from onnx import TensorProto, helper
 
@@ -117,6 +120,7 @@ HOSTILE_SENSITIVITY_OPTIONS = [
 ]
 
 
+@pytest.mark.slow
 @sqlite_only
 @pytest.mark.parametrize(
     ("method", "options", "named"),
@@ -133,6 +137,7 @@ def test_hostile_options_are_refused_at_submission(
     assert snapshot(app) == before  # no job row, nothing stored
 
 
+@pytest.mark.slow
 def test_cancel_a_running_job(client):
     model_id, dataset_id = slow_inputs(client)
     body = {
@@ -151,6 +156,7 @@ def test_cancel_a_running_job(client):
     assert client.get("/v1/jobs", params={"status": "running"}).json()["total"] == 0
 
 
+@pytest.mark.slow
 def test_cancel_a_queued_job_is_immediate(client, app):
     model_id, dataset_id = slow_inputs(client)
     long_job = {
@@ -167,6 +173,7 @@ def test_cancel_a_queued_job_is_immediate(client, app):
     assert wait_for(client, running, timeout=30)["status"] == "cancelled"
 
 
+@pytest.mark.slow
 def test_kill_9_mid_job_requeues_then_succeeds(client):
     model_id, dataset_id = slow_inputs(client, width=384)
     body = {
@@ -183,6 +190,7 @@ def test_kill_9_mid_job_requeues_then_succeeds(client):
     assert final["attempts"] == 2
 
 
+@pytest.mark.slow
 def test_kill_9_on_the_last_attempt_fails_with_a_reason(client, app):
     app.state.executor.settings = app.state.executor.settings.model_copy(update={"max_attempts": 1})
     try:

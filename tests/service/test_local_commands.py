@@ -37,6 +37,7 @@ def files(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_sensitivity_json(files):
     result = run_mpq(
         "sensitivity",
@@ -72,6 +73,7 @@ def test_sensitivity_json(files):
     assert "ETA" in result.stderr, "progress goes to stderr, with an ETA for the probes"
 
 
+@pytest.mark.slow
 def test_sensitivity_table_and_eigenvalues(files, capsys, monkeypatch):
     monkeypatch.chdir(files)
     status, out, err = call_mpq(
@@ -98,6 +100,7 @@ def test_sensitivity_table_and_eigenvalues(files, capsys, monkeypatch):
     assert re.search(r"^batch \d+ x \d+ probes per pass, (double_backward|forward_over_reverse)", out, re.M)
 
 
+@pytest.mark.slow
 def test_plan_json_writes_the_artifact(files):
     result = run_mpq(
         "plan",
@@ -159,6 +162,7 @@ def test_plan_json_writes_the_artifact(files):
     assert ort.InferenceSession(str(artifact)).run(None, {"x": x})[0].shape == (64, 3)
 
 
+@pytest.mark.slow
 def test_plan_summary_lists_nodes_and_exclusions(files, capsys, monkeypatch):
     monkeypatch.chdir(files)
     status, out, err = call_mpq(
@@ -258,6 +262,7 @@ def test_budget_options_reach_the_configuration():
     assert plan_request(args).sensitivity_config().memory_budget_mb == 2048
 
 
+@pytest.mark.slow
 def test_plan_impossible_budget_exits_3(files):
     result = run_mpq(
         "plan", "model.onnx", "--data", "calib.npz", "--max-size-mb", "0.00001", "--out", "none.onnx", cwd=files
@@ -284,6 +289,7 @@ def test_plan_impossible_budget_exits_3(files):
     assert bad.returncode == json.loads(bad.stdout)["exit_code"] == 2
 
 
+@pytest.mark.slow
 def test_mismatching_arrays_exit_2_in_a_real_process(files):
     result = run_mpq("plan", "model.onnx", "--data", "wrong.npz", cwd=files)
     assert result.returncode == 2, result.stderr
@@ -310,6 +316,7 @@ def test_bad_input_exits_2(files, capsys, monkeypatch, arguments, message):
     assert message in err and out == ""
 
 
+@pytest.mark.zoo
 @pytest.mark.parametrize("command", ["sensitivity", "plan"])
 def test_an_already_quantized_model_exits_2_naming_it(command, tmp_path, capsys):
     """Refused as quantized before the data is checked (its batch of 2 does not fit the model's 1)."""
@@ -324,6 +331,7 @@ def test_an_already_quantized_model_exits_2_naming_it(command, tmp_path, capsys)
     assert not (tmp_path / "q.onnx").exists()
 
 
+@pytest.mark.slow
 def test_sensitivity_of_a_paddle_style_model_names_its_constant_layers(tmp_path, capsys):
     """Weights in Constant nodes and a -1 batch: normalised, said on stderr, analysed under their names."""
     from tests.models import paddle_style_model
@@ -347,6 +355,7 @@ def test_sensitivity_of_a_paddle_style_model_names_its_constant_layers(tmp_path,
     assert "normalised the model: 2 Constant nodes became initializers" in err and "x[0]" in err
 
 
+@pytest.mark.slow
 def test_a_finished_sensitivity_is_reused_by_the_next_sensitivity_and_plan(files, capsys, monkeypatch, tmp_path):
     """`mpq plan` recomputed what `mpq sensitivity` had just computed (529 of 637 s on a real model)."""
     monkeypatch.chdir(files)
@@ -418,6 +427,7 @@ def test_sample_axes_are_repeatable_and_none_means_shared():
         sample_axes_option(["state:1"])
 
 
+@pytest.mark.slow
 def test_sensitivity_and_plan_take_the_sample_axes(tmp_path, capsys, monkeypatch):
     """A state with samples on axis 1 and a scalar sample rate, declared loosely: --sample-axis says where
     the samples are, the cache keeps results apart by it, and the artifact runs on the scalar."""

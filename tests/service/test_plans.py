@@ -11,6 +11,7 @@ import pytest
 from tests.service.helpers import assert_problem, post_json_text, snapshot, sqlite_only, upload, uploaded, wait_for
 
 
+@pytest.mark.slow
 def test_plan_round_trip(client, digits_files):
     model_bytes, calib, evaluation, data = digits_files
     model_id, calib_id = uploaded(client, model_bytes, calib)
@@ -67,6 +68,7 @@ def test_plan_round_trip(client, digits_files):
     assert len(client.get(f"/v1/plans/{plan_id}/latency").json()) == 2
 
 
+@pytest.mark.slow
 def test_plan_requests_are_validated_up_front(client, digits_files):
     model_bytes, calib, _, _ = digits_files
     model_id, calib_id = uploaded(client, model_bytes, calib)
@@ -111,6 +113,7 @@ HOSTILE_PLAN_FIELDS = [
 ]
 
 
+@pytest.mark.slow
 @sqlite_only
 @pytest.mark.parametrize(("fields", "named"), HOSTILE_PLAN_FIELDS, ids=[f for f, _ in HOSTILE_PLAN_FIELDS])
 def test_hostile_plan_requests_are_refused_at_submission(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, make_url, text
 
@@ -55,6 +56,7 @@ def test_a_read_only_sqlite_database_is_not_ready(tmp_path):
     client.app.state.engine.dispose()
 
 
+@pytest.mark.slow
 def test_a_read_only_postgresql_database_is_not_ready(own_postgres_url, tmp_path):
     client = own_app(own_postgres_url, tmp_path)
     assert client.get("/readyz").status_code == 200

@@ -16,6 +16,7 @@ from tests.service.helpers import assert_problem, enable_auth, snapshot, upload
 # ------------------------------------------------------------------ happy paths
 
 
+@pytest.mark.slow
 def test_model_round_trip(client, app, tiny_model_bytes):
     response = upload(client, "/v1/models", tiny_model_bytes, name="tiny")
     assert response.status_code == 201, response.text
@@ -49,6 +50,7 @@ def test_model_round_trip(client, app, tiny_model_bytes):
     assert snapshot(app)["blobs"] == 0
 
 
+@pytest.mark.slow
 def test_shared_blob_survives_deleting_one_of_two_rows(client, app, tiny_model_bytes):
     first = upload(client, "/v1/models", tiny_model_bytes).json()
     second = upload(client, "/v1/models", tiny_model_bytes).json()
@@ -69,6 +71,7 @@ def test_dataset_round_trip(client, tiny_dataset_bytes):
     assert client.delete(f"/v1/datasets/{dataset['id']}").status_code == 204
 
 
+@pytest.mark.slow
 def test_onnx_archive_with_external_data_inside_the_upload(client, tmp_path):
     model = tiny_onnx_model()
     onnx.save_model(
@@ -97,6 +100,7 @@ def test_lists_of_models_count_their_layers_and_one_model_has_them(client):
     assert listed["layer_count"] == one["layer_count"] == len(one["layers"]) > 0
 
 
+@pytest.mark.slow
 def test_torch_export_archive_is_listed_not_loaded(client, app, tmp_path):
     import torch
 
@@ -176,6 +180,7 @@ BAD_MODELS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", BAD_MODELS)
 def test_bad_models_are_rejected_and_leave_nothing(client, app, tmp_path, case):
     make, words = BAD_MODELS[case]
@@ -194,6 +199,7 @@ BAD_DATASETS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", BAD_DATASETS)
 def test_bad_datasets_are_rejected_and_leave_nothing(client, app, case):
     body, words = BAD_DATASETS[case]
@@ -271,6 +277,7 @@ def test_invalid_query_is_problem_json(client):
 # ------------------------------------------------------------------ auth
 
 
+@pytest.mark.slow
 def test_every_v1_route_requires_a_token_when_auth_is_on(client, app, tiny_model_bytes, monkeypatch):
     from service import auth
     from service.auth import create_token
@@ -347,6 +354,7 @@ def test_nul_bytes_are_a_clear_4xx_on_every_backend(client, app, tiny_model_byte
     assert_problem(client.get("/v1/models/%00"), 404, "no model")
 
 
+@pytest.mark.slow
 def test_a_revoked_token_stops_working_within_the_cache_window(client, app, monkeypatch):
     from service import auth
     from service.tables import ApiToken, utcnow

@@ -19,7 +19,7 @@ from tests.service.helpers import enable_auth
 
 # The CLI's logic does not depend on the database; the API routes it calls run on both backends
 # in test_plans.py and test_jobs.py. Each CLI process costs seconds of imports, so SQLite only.
-pytestmark = pytest.mark.parametrize("backend_settings", ["sqlite"], indirect=True)
+pytestmark = [pytest.mark.parametrize("backend_settings", ["sqlite"], indirect=True), pytest.mark.slow]
 
 
 @pytest.fixture

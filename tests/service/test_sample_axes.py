@@ -25,6 +25,8 @@ from tests.service.helpers import (
     wait_for,
 )
 
+pytestmark = pytest.mark.slow  # jobs, the job-request inspector and mpq processes, seconds each
+
 SAMPLES = 24
 AXES = {"state": 1, "sr": None}  # what the stateful model declares; the loosely declared one needs them given
 SENSITIVITY_OPTIONS = {"max_probes": 4, "min_probes": 2, "seed": 1}

@@ -20,6 +20,8 @@ import uvicorn
 from service.guard import HeaderTimeoutProtocol
 from tests.service.helpers import exchange, sqlite_only
 
+pytestmark = pytest.mark.slow  # each test waits out the server's timeouts
+
 TIMEOUT_S = 0.5
 # What is tested is the server's sockets, not the database: SQLite only.
 

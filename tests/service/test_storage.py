@@ -34,6 +34,8 @@ from tests.service.helpers import (
     wait_for,
 )
 
+pytestmark = pytest.mark.slow  # each test runs jobs, real servers or concurrent uploads
+
 # ---------------------------------------------------------------- deletes racing uploads
 
 

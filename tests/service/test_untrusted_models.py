@@ -19,6 +19,8 @@ from tests.pt2_archives import (
 )
 from tests.service.helpers import assert_problem, slow_inputs, snapshot, sqlite_only, upload, uploaded, wait_for
 
+pytestmark = pytest.mark.slow  # each test runs a sandboxed job
+
 HOSTILE = {
     "pickled_weight": (pickled_weight, "model_weights_config.json (weight 'fc.weight')"),
     "pickled_sample_inputs": (pickled_sample_inputs, "data/sample_inputs/model.pt"),
