@@ -3,8 +3,7 @@
 Each builder writes one file under a directory of the caller's and returns its path. Large
 members never sit in memory: a zip member of zeros is deflated as it is written (about 1,030 to 1),
 and the near-1 GiB ONNX model is written as protobuf field by field, its weight streamed as zeros.
-The tests' own builders are reused where they exist (tests/payloads.py, the .pt2 editors of
-tests/sensitivity/test_pt2_archive.py).
+The tests' own builders are reused where they exist (tests/payloads.py, tests/pt2_archives.py).
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from tests.conftest import npz_bytes, tiny_onnx_model
+from tests.models import npz_bytes, tiny_onnx_model
 from tests.payloads import external_model, inlining_bomb_model, npy_with_header, zip_bytes
 
 MiB = 1 << 20
@@ -79,7 +78,7 @@ def pt2_json_bomb(directory: Path, unpacked: int) -> Path:
 def pt2_pickled_weight(directory: Path) -> tuple[Path, Path]:
     """A real torch.export archive whose ``fc.weight`` is a pickle (``use_pickle: true``) that, once
     unpickled, touches the returned marker path. Imports torch (seconds)."""
-    from tests.sensitivity.test_pt2_archive import pickled_weight, save_small_model
+    from tests.pt2_archives import pickled_weight, save_small_model
 
     markers = directory / "markers"
     markers.mkdir(exist_ok=True)

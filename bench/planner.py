@@ -43,13 +43,13 @@ import numpy as np
 import onnx
 import torch
 
+from planner import PlanRequest, PlanResult, plan
 from planner.cost import CostTable, configuration_cost, layer_cost_table, layer_size_bytes
 from planner.evaluate import log_softmax, run_batched
 from planner.export import export_model
 from planner.frontier import diagonal_frontier, solve_budget
 from planner.latency import cpu_description, measure_latency
 from planner.objective import synthetic_objective
-from planner import PlanRequest, PlanResult, plan
 from planner.quadratic import solve_quadratic
 from sensitivity.onnx_program import load_onnx
 from sensitivity.results import InterLayerConfig, SensitivityResult
@@ -126,7 +126,7 @@ def transformer_case(seed: int, evaluation_samples: int, calibration: str) -> Ca
         {"input": fresh.test_x, "labels": fresh.test_y},
         (0.25, 0.5, 0.75),
         f"trained on {len(task.train_y)} sequences of a {spec.vocab}-token vocabulary; calibration {count} "
-        + ("fresh sequences (seed %d)" % (seed + 2) if calibration == "held-out" else "training sequences")
+        + (f"fresh sequences (seed {seed + 2})" if calibration == "held-out" else "training sequences")
         + f"; evaluation {evaluation_samples} fresh sequences (seed {seed + 1})",
     )
 
@@ -390,7 +390,7 @@ def markdown(case: Case, rows: Sequence[Row], notes: Sequence[str], header: str)
             f"| {row.name} | {row.size_bytes:,.0f} | {row.artifact_bytes:,.0f} | {metric} | "
             f"{row.loss_change:.3f} | {row.kl:.3f} | {row.latency_p50_ms:.3f} | {row.note} |"
         )
-    lines += [""] + list(notes)
+    lines += ["", *notes]
     return "\n".join(lines)
 
 
@@ -406,7 +406,7 @@ def solver_timing(seed: int) -> str:
     quadratic = solve_quadratic(objective, "size", budget, time_limit=5.0)
     return "\n".join(
         [
-            "| 200 layers × 5 candidates (synthetic, seed %d) | time |" % seed,
+            f"| 200 layers × 5 candidates (synthetic, seed {seed}) | time |",
             "|---|---:|",
             f"| whole diagonal (size, Ω) frontier, exact DP ({len(frontier)} points) | {dp_s:.2f} s |",
             f"| best Ω within the median budget, exact DP | {budget_s:.2f} s |",

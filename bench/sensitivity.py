@@ -135,7 +135,7 @@ def per_layer_loop_traces(hvp: HessianVectorProducts, probes: int, seed: int) ->
     for i in range(len(hvp.point)):
         vectors: list[Vector] = []
 
-        def restricted(_: int, i: int = i) -> Vector:
+        def restricted(_: int, i: int = i, vectors: list[Vector] = vectors) -> Vector:
             v = rademacher_probe(hvp.point, generator)
             vectors.append(tuple(t if j == i else torch.zeros_like(t) for j, t in enumerate(v)))
             return vectors[-1]

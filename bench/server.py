@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,10 +165,8 @@ class PeakRss(threading.Thread):
             return
         sizes = []
         for child in children:
-            try:
+            with suppress(psutil.Error):  # it exited between the listing and the reading
                 sizes.append(child.memory_info().rss)
-            except psutil.Error:  # it exited between the listing and the reading
-                pass
         self.peak_child = max(self.peak_child, *sizes, 0)
         self.peak_children = max(self.peak_children, sum(sizes))
 

@@ -24,7 +24,7 @@ import httpx
 import numpy as np
 
 from bench.server import running_server
-from tests.conftest import npz_bytes, tiny_onnx_model
+from tests.models import npz_bytes, tiny_onnx_model
 
 
 def upload(client: httpx.Client, route: str, body: bytes) -> str:
@@ -117,7 +117,9 @@ def wrk_latency(url: str, clients: int, seconds: int) -> str | None:
         ["wrk", "-t2", f"-c{clients}", f"-d{seconds}s", "--latency", url], capture_output=True, text=True, check=True
     )
     lines = result.stdout.splitlines()
-    wanted = [l.strip() for l in lines if l.strip().startswith(("50%", "90%", "99%", "Requests/sec", "Non-2xx"))]
+    wanted = [
+        line.strip() for line in lines if line.strip().startswith(("50%", "90%", "99%", "Requests/sec", "Non-2xx"))
+    ]
     return ", ".join(wanted)
 
 
@@ -138,7 +140,7 @@ def submit_and_wait(url: str, model_id: str, data_id: str, submissions: int, slo
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def main() -> None:

@@ -75,6 +75,7 @@ def _with_float_weights(artifact: onnx.ModelProto, float_model: onnx.ModelProto)
     return copy
 
 
+@pytest.mark.slow
 def test_each_layer_quantizes_what_the_exporter_quantizes_with_its_ranges(case):
     proto, data, _, terms = case
     for layer in find_layers(proto):
@@ -86,6 +87,7 @@ def test_each_layer_quantizes_what_the_exporter_quantizes_with_its_ranges(case):
             assert ranges[tensor].zero_point == zero_point
 
 
+@pytest.mark.slow
 def test_fake_quantized_model_is_the_exporters_artifact_with_float_weights(case):
     """Exact up to float rounding: the same QDQ on the same tensors, the weights left float."""
     proto, data, _, terms = case
@@ -100,6 +102,7 @@ def test_fake_quantized_model_is_the_exporters_artifact_with_float_weights(case)
         assert any(not np.array_equal(a, b) for a, b in zip(_run(ours, feeds, 32), float_outputs)), layer.name
 
 
+@pytest.mark.slow
 def test_terms_are_per_sample_loss_changes_with_standard_errors(case):
     proto, data, kind, terms = case
     feeds = {"input": data["input"]}
@@ -156,6 +159,7 @@ def test_normalized_mse_weighs_outputs_of_different_scales_alike():
     assert _SampleLoss("distill_normalized_mse", reference, None)(outputs).mean() == pytest.approx(sum(terms))
 
 
+@pytest.mark.slow
 def test_bad_loss_kind_and_missing_labels_are_named():
     proto, data = _model_and_data("digits_cnn")
     with pytest.raises(ValueError, match="loss_kind must be one of"):
@@ -165,7 +169,7 @@ def test_bad_loss_kind_and_missing_labels_are_named():
 
 
 def test_an_embedding_has_no_activation_to_quantize():
-    from tests.planner.test_export import embedding_model
+    from tests.planner.helpers import embedding_model
 
     model, data = embedding_model()
     terms = activation_terms(model, data, "distill_cross_entropy")

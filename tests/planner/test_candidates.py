@@ -78,6 +78,7 @@ def test_configuration_json_errors():
         Configuration.from_json(json.dumps({"conv.weight": 8}))
 
 
+@pytest.mark.slow
 @given(st.dictionaries(st.text(min_size=1, max_size=20), st.sampled_from(list(CANDIDATES)), max_size=8))
 def test_configuration_json_round_trip(assignments):
     configuration = Configuration(assignments)

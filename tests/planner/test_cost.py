@@ -17,8 +17,7 @@ from planner.cost import (
 from planner.export import export_model
 from sensitivity.examples import DigitsCNN, export_onnx, load_digits
 from sensitivity.layers import find_layers
-from tests.planner.test_export import uninferable_model
-from tests.sensitivity.test_onnx_recurrent import recurrent_model
+from tests.models import recurrent_model, uninferable_model
 
 
 def _weight(name, shape):
@@ -132,6 +131,7 @@ def wide_cnn():
     return model, {"input": data.train_x[:64]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("candidate", list(CANDIDATES))
 def test_size_against_exported_file(wide_cnn, candidate):
     model, calibration = wide_cnn
@@ -161,7 +161,7 @@ def test_cost_is_plain_data():
 
 
 def test_an_embedding_is_a_layer_without_macs():
-    from tests.planner.test_export import embedding_model
+    from tests.planner.helpers import embedding_model
 
     model, _ = embedding_model()
     table = layer_cost_table(model, {"ids": (1, 5)})

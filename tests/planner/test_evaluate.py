@@ -20,7 +20,7 @@ from planner.evaluate import (
 from planner.export import export_model
 from sensitivity.layers import find_layers
 from sensitivity.outputs import detect_kind
-from tests.planner.test_export import trained_digits_onnx
+from tests.models import trained_digits_onnx
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +34,7 @@ def _predictions(model_bytes, x):
     return ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
 
 
+@pytest.mark.slow
 def test_accuracy_with_labels_beside_the_float_baseline(exported):
     proto, quantized, data = exported
     result = evaluate(quantized, proto, {"input": data.test_x, "labels": data.test_y}, batch_size=100)
@@ -52,6 +53,7 @@ def test_accuracy_with_labels_beside_the_float_baseline(exported):
     assert result.baseline_fidelity.cosine_similarity == pytest.approx(1)
 
 
+@pytest.mark.slow
 def test_label_free_agreement_and_batch_independence(exported):
     proto, quantized, data = exported
     whole = evaluate(quantized.model_bytes, proto, {"input": data.test_x}, batch_size=1000)
@@ -75,6 +77,7 @@ def test_fidelity_against_hand_computed_values():
     assert np.allclose(log_softmax(reference, axis=1).sum(), np.log(softmax(reference, axis=1)).sum())
 
 
+@pytest.mark.slow
 def test_mismatched_arrays_are_named(exported):
     proto, quantized, data = exported
     with pytest.raises(ValueError, match=r"missing \['input'\], unknown \['x'\]"):

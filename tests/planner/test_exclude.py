@@ -66,6 +66,7 @@ def size_budget(proto: onnx.ModelProto, calibration, exclude: tuple[str, ...]) -
     return (minimum_cost(table, THREE, "size", offered) + minimum_cost(table, ("fp32",), "size")) // 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["hawq_v2", "interlayer"])
 def test_an_excluded_layer_is_fp32_in_every_frontier_point_and_uniform_baseline(mlp, mlp_sensitivity, method):
     proto, calibration, evaluation = mlp
@@ -102,6 +103,7 @@ def test_an_excluded_layer_is_fp32_in_every_frontier_point_and_uniform_baseline(
     assert document["request"]["exclude"] == ["fc2.weight"]
 
 
+@pytest.mark.slow
 def test_bisection_keeps_node_pattern_matches_fp32_at_every_step(mlp, mlp_sensitivity):
     """A node-name glob; max_drop 0 on the output cosine makes the search measure several steps. Without
     fp32 among the candidates, the excluded layer still stays fp32 while the others start at w8a8."""
@@ -121,6 +123,7 @@ def test_bisection_keeps_node_pattern_matches_fp32_at_every_step(mlp, mlp_sensit
     assert result.run.search["high"] == "w8a8"
 
 
+@pytest.mark.slow
 def test_an_unmatched_pattern_is_a_value_error_naming_it_and_some_layers(mlp):
     proto, calibration, evaluation = mlp
     with pytest.raises(ValueError, match=r"\['fc9\*'\] match no layer.*'fc1.weight' \(node '/fc1/Gemm'\)"):
@@ -134,6 +137,7 @@ def test_an_unmatched_pattern_is_a_value_error_naming_it_and_some_layers(mlp):
     assert match_patterns(layers, []) == {}
 
 
+@pytest.mark.slow
 def test_the_quadratic_solver_and_the_dp_pick_only_offered_candidates(mlp, mlp_sensitivity):
     """The objective's per-layer candidates are the one mechanism: every solver respects them."""
     proto, _, _ = mlp
@@ -246,6 +250,7 @@ def test_a_fixed_arange_projection_is_a_structural_constant_kept_fp32(detector):
     assert offered.exclusions == (Exclusion("dfl.weight", "/dfl/Conv", "/dfl", STRUCTURAL_CONSTANT, ("fp32",)),)
 
 
+@pytest.mark.slow
 def test_a_plan_never_offers_the_structural_constant_4_bits(detector):
     proto, calibration = detector
     request = PlanRequest(

@@ -1,7 +1,5 @@
 """The exporter against real onnxruntime sessions: Q_b's integers, accuracy, mixed configurations, metadata."""
 
-import functools
-
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -20,31 +18,14 @@ from planner.export import (
     stored_weight,
     validate_artifact,
 )
-from sensitivity.examples import export_onnx, trained_digits_cnn
 from sensitivity.layers import Layer, find_layers, node_weight_index, weight_array
 from sensitivity.onnx_program import load_onnx
 from sensitivity.quantize import quantize_weight
-from tests.sensitivity.test_onnx_recurrent import recurrent_model
+from tests.models import recurrent_model, trained_digits_onnx, uninferable_model
+from tests.planner.helpers import embedding_model
 
 QUANTIZED = ("w8a8", "w4a8", "w8", "w4")
 OPSETS = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
-
-
-@functools.cache
-def trained_digits_onnx():
-    """The trained digits CNN as ONNX (opset 17) with calibration and test data (~5 s to train).
-
-    Cached so the test modules that need it share one training run in a session. One torch thread:
-    on the shared 2-core machine a second thread mostly waits (12 s vs 16 s measured under load).
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        model, data = trained_digits_cnn()
-    finally:
-        torch.set_num_threads(threads)
-    proto = export_onnx(model, torch.from_numpy(data.train_x[:1]))
-    return proto, {"input": data.train_x[:256]}, data
 
 
 @pytest.fixture(scope="module")
@@ -108,33 +89,6 @@ def zoo_model() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     return model, {"x": rng.normal(size=(48, 4, 5, 5)).astype(np.float32)}
 
 
-def uninferable_model() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """com.microsoft Inverse: onnxruntime runs it, but ONNX shape inference gives no type for anything after it
-    and onnxruntime's symbolic shape inference raises."""
-    rng = np.random.default_rng(1)
-    nodes = [
-        helper.make_node("Inverse", ["x"], ["inv"], domain="com.microsoft"),  # unnamed on purpose
-        helper.make_node("Flatten", ["inv"], ["flat"]),
-        helper.make_node("MatMul", ["flat", "fc1.weight"], ["h"]),
-        helper.make_node("Relu", ["h"], ["r"]),
-        helper.make_node("Gemm", ["r", "fc2.weight"], ["y"], transB=1),
-    ]
-    initializers = [
-        numpy_helper.from_array(rng.normal(size=(16, 8)).astype(np.float32), "fc1.weight"),
-        numpy_helper.from_array(rng.normal(size=(3, 8)).astype(np.float32), "fc2.weight"),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "uninferable",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
-        initializers,
-    )
-    model = helper.make_model(graph, opset_imports=OPSETS)
-    x = (np.eye(4) + 0.2 * rng.normal(size=(40, 4, 4))).astype(np.float32)
-    return model, {"x": x}
-
-
 def _assert_weights_are_q_b(original: onnx.ModelProto, exported, configuration) -> None:
     model = exported.load()
     for layer in find_layers(original):
@@ -158,6 +112,7 @@ def _assert_weights_are_q_b(original: onnx.ModelProto, exported, configuration) 
         )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("candidate", QUANTIZED)
 def test_digits_weights_are_q_b_integers(digits, candidate):
     proto, calibration, _ = digits
@@ -176,27 +131,6 @@ def test_zoo_weights_are_q_b_integers(candidate):
     exported = export_model(model, configuration, calibration)
     assert exported.layers["shared.weight"].node_names == ("matmul1", "matmul2")
     _assert_weights_are_q_b(model, exported, configuration)
-
-
-def embedding_model() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """ids [N, 5] -> Gather from a [12, 6] table -> mean over tokens -> MatMul [6, 3]."""
-    rng = np.random.default_rng(0)
-    graph = helper.make_graph(
-        [
-            helper.make_node("Gather", ["table", "ids"], ["embedded"], name="lookup"),
-            helper.make_node("ReduceMean", ["embedded"], ["pooled"], name="pool", axes=[1], keepdims=0),
-            helper.make_node("MatMul", ["pooled", "head"], ["logits"], name="project"),
-        ],
-        "embedding",
-        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 5])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
-        [
-            numpy_helper.from_array(rng.standard_normal((12, 6)).astype(np.float32), "table"),
-            numpy_helper.from_array(rng.standard_normal((6, 3)).astype(np.float32), "head"),
-        ],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    return model, {"ids": rng.integers(0, 12, (64, 5))}
 
 
 @pytest.mark.parametrize("candidate", QUANTIZED)
@@ -266,6 +200,7 @@ def test_recurrent_weights_store_q_b_integers_weight_only(candidate):
         np.testing.assert_allclose(session.run(None, calibration)[0], expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_w8a8_digits_accuracy_within_one_point_of_float(digits):
     proto, calibration, data = digits
     exported = export_model(proto, Configuration.uniform(find_layers(proto), "w8a8"), calibration)
@@ -288,6 +223,7 @@ MIXED = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("configuration", MIXED)
 def test_mixed_configurations_export_and_run(digits, configuration):
     proto, calibration, data = digits
@@ -334,6 +270,7 @@ def test_uninferable_model_exports_with_quantized_activations(tmp_path, monkeypa
     assert not list(work.iterdir()), "the exporter left files in the working directory"
 
 
+@pytest.mark.slow
 def test_metadata_round_trips(digits):
     proto, calibration, _ = digits
     configuration = MIXED[0]
@@ -354,6 +291,7 @@ def test_metadata_round_trips(digits):
     assert Configuration.from_dict(plan["configuration"]) == Configuration(configuration)
 
 
+@pytest.mark.slow
 def test_export_is_deterministic(digits):
     proto, calibration, _ = digits
     first = export_model(proto, MIXED[1], calibration)
@@ -372,6 +310,7 @@ def test_onnxruntime_int4_would_differ_from_q_b():
     assert float(scale) != float(q_b.scales[0])
 
 
+@pytest.mark.slow
 def test_bad_calibration_is_named(digits):
     proto, calibration, _ = digits
     configuration = Configuration.uniform(find_layers(proto), "w8a8")
@@ -397,6 +336,7 @@ def test_bad_calibration_is_named(digits):
         export_model(dynamic, configuration, {"input": calibration["input"][:, :, :4, :4].copy()})
 
 
+@pytest.mark.slow
 def test_validate_artifact_rejects_broken_models(digits):
     proto, calibration, _ = digits
     broken = onnx.ModelProto()
@@ -411,6 +351,7 @@ def test_validate_artifact_rejects_broken_models(digits):
 EDGE_VALUES = [0.0, 1e-40, float(np.finfo(np.float32).tiny), 1.4928777e-36, 0.5, -0.5, 2.5 / 127, 3.0e38]
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None)
 @given(
     st.lists(
@@ -457,6 +398,7 @@ def test_onnxruntime_matmul_nbits_would_differ_from_q_b():
     assert not np.array_equal(integers, q_b.integers)
 
 
+@pytest.mark.slow
 def test_an_upgrade_that_changes_outputs_is_refused(digits, monkeypatch):
     """Fault injection: a version converter that perturbs one weight by 1e-3 must be caught."""
     proto, calibration, _ = digits

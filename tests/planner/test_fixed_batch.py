@@ -56,6 +56,7 @@ def test_the_fixed_batch_is_read_from_every_input():
     assert fixed_batch_size(mlp(1)) == 1 and fixed_batch_size(mlp(2)) == 2 and fixed_batch_size(mlp(None)) is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fixed", [1, 2])
 def test_sensitivity_of_a_fixed_batch_model_equals_the_dynamic_one(fixed: int):
     """5 samples: batches of exactly ``fixed`` (the last padded, its padding not counted) give the
@@ -80,6 +81,7 @@ def test_onnxruntime_runs_take_any_number_of_samples():
     assert measure_latency(fixed_bytes, calibration, device="cpu", warmup=1, repeats=2, batch_size=8).batch_size == 1
 
 
+@pytest.mark.slow
 def test_a_plan_on_a_batch_1_model_with_16_samples():
     """The review's case: a fixed batch of 1 refused a calibration set of 16 samples."""
     calibration = {"x": samples(16)}

@@ -10,6 +10,8 @@ from planner.latency import CPU_PROVIDER, CUDA_PROVIDER, gpu_description, measur
 from sensitivity.examples import DigitsCNN, export_onnx, load_digits
 from sensitivity.layers import find_layers
 
+pytestmark = pytest.mark.slow  # real latency measurements, repeated
+
 HAS_CUDA = CUDA_PROVIDER in ort.get_available_providers() and gpu_description() != ""
 
 

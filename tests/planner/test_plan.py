@@ -48,7 +48,7 @@ from sensitivity.examples import export_onnx, trained_digits_cnn
 from sensitivity.onnx_program import load_onnx
 from sensitivity.results import InterLayerConfig, TraceConfig
 from sensitivity.run import compute_sensitivity
-from tests.sensitivity.test_results import JSON_VALUES, NOT_INTS
+from tests.values import JSON_VALUES, NOT_INTS
 
 FAST = {"measure_uniform": False, "max_frontier_points": 3, "latency_repeats": 5, "latency_warmup": 1, "device": "cpu"}
 PROBES = {"trace_max_probes": 8, "trace_min_probes": 4}
@@ -77,6 +77,7 @@ def onnxruntime_accuracy(model_bytes: bytes, dataset) -> float:
     return 100.0 * float(np.mean(logits.argmax(axis=1) == dataset["labels"]))
 
 
+@pytest.mark.slow
 def test_pareto_plan_meets_a_size_budget_and_its_artifact_measures_what_is_reported(digits):
     proto, calibration, evaluation = digits
     request = PlanRequest(max_size_bytes=SIZE_BUDGET, sensitivity_options=PROBES, **FAST)
@@ -110,6 +111,7 @@ def test_pareto_plan_meets_a_size_budget_and_its_artifact_measures_what_is_repor
     assert document["artifact"]["sha256"] == result.artifact_sha256
 
 
+@pytest.mark.slow
 def test_an_impossible_budget_names_the_minimum_cost(digits):
     proto, calibration, evaluation = digits
     request = PlanRequest(candidates=("fp32", "w8a8", "w4a8"), max_size_bytes=1_000, **FAST)
@@ -120,6 +122,7 @@ def test_an_impossible_budget_names_the_minimum_cost(digits):
     assert raised.value.minimum == cheapest > 1_000
 
 
+@pytest.mark.slow
 def test_bisection_respects_max_drop_within_the_evaluation_bound(digits, sensitivity):
     proto, calibration, evaluation = digits
     request = PlanRequest(search="bisection", max_drop=0.5, **FAST)
@@ -135,6 +138,7 @@ def test_bisection_respects_max_drop_within_the_evaluation_bound(digits, sensiti
     assert result.plan.size_bytes == min(p.size_bytes for p in good)
 
 
+@pytest.mark.slow
 def test_bisection_applies_max_drop_to_the_chosen_metric(digits, sensitivity):
     """metric='cosine' on a classifier: every step is measured by output cosine, not accuracy."""
     proto, calibration, evaluation = digits
@@ -161,6 +165,7 @@ def test_a_stored_request_without_metric_loads_as_auto():
     assert PlanRequest.from_dict(stored).metric == "auto"
 
 
+@pytest.mark.slow
 def test_interlayer_and_hawq_v2_each_minimise_their_own_prediction(digits, sensitivity):
     proto, calibration, evaluation = digits
     results = {
@@ -183,6 +188,7 @@ def test_interlayer_and_hawq_v2_each_minimise_their_own_prediction(digits, sensi
     assert results["interlayer"].run.search["solver"] == "quadratic"
 
 
+@pytest.mark.slow
 def test_latency_budget_picks_a_measured_point(digits, sensitivity):
     proto, calibration, evaluation = digits
     fast = {**FAST, "max_frontier_points": 2}
@@ -196,6 +202,7 @@ def test_latency_budget_picks_a_measured_point(digits, sensitivity):
         )
 
 
+@pytest.mark.slow
 def test_uniform_baselines_are_measured(digits, sensitivity):
     proto, calibration, evaluation = digits
     request = PlanRequest(
@@ -380,6 +387,7 @@ GOOD_REQUEST_VALUES: dict[str, list[Any]] = {
 }
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None, database=None)
 @given(
     good=st.fixed_dictionaries({}, optional={name: st.sampled_from(v) for name, v in GOOD_REQUEST_VALUES.items()}),
@@ -398,6 +406,7 @@ def test_any_json_values_give_a_valid_request_or_a_value_error(good: dict[str, A
     assert type(request.sensitivity_config()) is expected  # hawq_v2 needs traces, not inter-layer terms
 
 
+@pytest.mark.slow
 @settings(max_examples=100, deadline=None, database=None)
 @given(
     data=JSON_VALUES
@@ -410,6 +419,7 @@ def test_from_dict_takes_any_value(data: Any):
         PlanRequest.from_dict(data)
 
 
+@pytest.mark.slow
 def test_bops_budget(digits, sensitivity):
     proto, calibration, evaluation = digits
     table = layer_cost_table(proto, (1, 1, 8, 8))
@@ -420,6 +430,7 @@ def test_bops_budget(digits, sensitivity):
     assert result.to_dict()["plan"]["predicted"]["bops"] == result.plan.bops
 
 
+@pytest.mark.slow
 def test_omega_from_traces_alone_matches_the_interlayer_analysis(digits, sensitivity):
     proto, _, _ = digits
     table = layer_cost_table(proto, (1, 1, 8, 8))
@@ -429,6 +440,7 @@ def test_omega_from_traces_alone_matches_the_interlayer_analysis(digits, sensiti
     assert not traces_only.G.any() and full.G.any()
 
 
+@pytest.mark.slow
 def test_objective_uses_gradient_terms_shrunk_by_their_errors(digits, sensitivity):
     proto, _, _ = digits
     table = layer_cost_table(proto, (1, 1, 8, 8))
@@ -455,6 +467,7 @@ def test_objective_uses_gradient_terms_shrunk_by_their_errors(digits, sensitivit
     np.testing.assert_allclose(unshrunk.flat_linear, flat_raw, rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_result_is_plain_data(digits, sensitivity):
     import pickle
 
@@ -548,6 +561,7 @@ def test_a_plan_document_is_read_with_its_own_artifact_only(full_result):
         PlanResult.from_dict([], full_result.artifact_bytes)
 
 
+@pytest.mark.slow
 def test_activation_terms_enter_both_objectives_for_the_a8_candidates_only(digits, sensitivity):
     proto, _, _ = digits
     table = layer_cost_table(proto, (1, 1, 8, 8))
@@ -568,6 +582,7 @@ def test_activation_terms_enter_both_objectives_for_the_a8_candidates_only(digit
     assert with_terms.omega[0][2] < with_terms.omega[0][1]
 
 
+@pytest.mark.slow
 def test_plans_report_their_measured_activation_terms(digits, sensitivity):
     proto, calibration, evaluation = digits
     request = PlanRequest(max_size_bytes=SIZE_BUDGET, **{**FAST, "max_frontier_points": 1})
@@ -586,6 +601,7 @@ def test_plans_report_their_measured_activation_terms(digits, sensitivity):
         dataclasses.replace(request, measure_activation_terms="yes")
 
 
+@pytest.mark.slow
 def test_a_model_whose_uniform_w8a8_does_not_export_plans_without_activation_terms(digits, sensitivity, monkeypatch):
     import planner.activation
     from planner.export import ExportError
@@ -612,10 +628,11 @@ def test_a_model_whose_uniform_w8a8_does_not_export_plans_without_activation_ter
 # --- normalisation (sensitivity.normalize) --------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_paddle_style_model_is_planned_under_its_constant_names():
     """Weights in Constant nodes and a -1 batch (paddle2onnx): normalised once, up front, at the
     candidates' opset (12 -> 21 for w4), and the plan, the artifact and the report agree on names."""
-    from tests.sensitivity.test_normalize import paddle_style_model
+    from tests.models import paddle_style_model
 
     x = np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32)
     request = PlanRequest(
@@ -634,14 +651,13 @@ def test_a_mismatching_opset_upgrade_is_refused_before_the_sensitivity_analysis(
     import onnx
 
     from sensitivity.normalize import OpsetUpgradeError
-    from tests.conftest import tiny_onnx_model
-    from tests.sensitivity.test_normalize import _scaled
+    from tests.models import scaled_weight, tiny_onnx_model
 
     convert = onnx.version_converter.convert_version
     monkeypatch.setattr(
         onnx.version_converter,
         "convert_version",
-        lambda model, target: _scaled(convert(model, target), "fc2.weight", 1.01),
+        lambda model, target: scaled_weight(convert(model, target), "fc2.weight", 1.01),
     )
     analysed = []
     monkeypatch.setattr("sensitivity.run.compute_sensitivity", lambda *args, **kwargs: analysed.append(args))

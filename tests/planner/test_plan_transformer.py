@@ -21,6 +21,8 @@ from sensitivity.results import InterLayerConfig
 from sensitivity.run import compute_sensitivity
 from sensitivity.zoo import export_tiny_transformer, trained_tiny_transformer
 
+pytestmark = pytest.mark.slow  # whole plans on a trained transformer
+
 FAST = {"measure_uniform": False, "max_frontier_points": 2, "latency_repeats": 5, "latency_warmup": 1, "device": "cpu"}
 PROBES = {"trace_max_probes": 8, "trace_min_probes": 4}
 SAMPLE_SHAPE = {"input": (1, 8)}  # one sequence of 8 token ids

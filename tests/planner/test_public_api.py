@@ -84,7 +84,8 @@ def test_a_star_import_gives_the_public_names_only():
 
 def test_the_service_copies_of_the_default_candidates_are_the_planners():
     """The API and the CLI write them out (their processes do not import torch); one definition rules."""
-    from service import api_plans, local_commands
+    from service.api import plans as api_plans
+    from service.cli import local_commands
 
     assert planner.PlanRequest().candidates == planner.DEFAULT_CANDIDATES
     assert tuple(api_plans.DEFAULT_CANDIDATES) == planner.DEFAULT_CANDIDATES

@@ -68,6 +68,7 @@ def test_milp_equals_brute_force(objective, fraction):
     assert objective.evaluate(result.choice)[1] == pytest.approx(result.value)
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None, derandomize=True)
 @given(instances, st.floats(0.0, 1.0))
 def test_heuristic_bounds_bracket_the_optimum(objective, fraction):
@@ -120,6 +121,7 @@ def test_separable_case_is_proven_by_the_heuristic():
     assert result.value == pytest.approx(solve_budget(separable, "size", budget, values=separable.linear).value)
 
 
+@pytest.mark.slow
 def test_auto_uses_the_milp_on_small_models_and_the_heuristic_beyond_the_limit():
     objective = synthetic_objective(6, seed=4)
     budget = float(np.median(default_budgets(objective, "size", 5)))

@@ -15,8 +15,7 @@ from planner.export import ArrayCalibrationReader, check_inputs, export_model, r
 from planner.latency import _take, measure_latency
 from planner.plan import plan
 from planner.request import PlanRequest
-from tests.conftest import stateful_data, stateful_onnx_model
-from tests.sensitivity.test_samples import loose_data, loosely_declared_stateful_model
+from tests.models import loose_data, loosely_declared_stateful_model, stateful_data, stateful_onnx_model
 
 SAMPLES = 20
 AXES = {"x": 0, "state": 1, "sr": None}
@@ -109,6 +108,7 @@ def test_the_latency_batch_tiles_samples_on_their_axis_and_feeds_shared_inputs_w
     assert _take(np.array(16000, np.int64), 5, None).shape == ()
 
 
+@pytest.mark.slow
 def test_a_quantized_plan_exports_an_artifact_that_runs_with_the_scalar():
     data = stateful_data(SAMPLES)
     request = PlanRequest(**QUANTIZE, **FAST)
@@ -124,6 +124,7 @@ def test_a_quantized_plan_exports_an_artifact_that_runs_with_the_scalar():
         assert cosine > 0.95
 
 
+@pytest.mark.slow
 def test_a_plan_takes_the_users_axes_where_the_declared_shapes_do_not_say():
     model, data = loosely_declared_stateful_model(), loose_data(SAMPLES)
     with pytest.raises(ValueError, match=r"different numbers of samples: 'x' 20 .*'state' 2 .*'sr' 1"):

@@ -39,6 +39,7 @@ def _plan(program, calibration, **options):
     return plan_passes(program, calibration, **settings)
 
 
+@pytest.mark.slow
 def test_peak_memory_sees_an_allocation_it_did_not_hold_before() -> None:
     meter = PeakMemory(torch.device("cpu"))
     if not meter.available:
@@ -64,6 +65,7 @@ def test_a_fixed_batch_keeps_its_size_and_drops_probes() -> None:
     assert _choose(fit, SAFETY * 8 * 1.5 * MiB, batch_size=8, probes_per_pass=4, fixed=True) == (0, 1)
 
 
+@pytest.mark.slow
 def test_both_methods_are_timed_and_the_faster_is_used(digits) -> None:
     program, calibration = digits
     passes = _plan(program, calibration)
@@ -84,6 +86,7 @@ def test_both_methods_are_timed_and_the_faster_is_used(digits) -> None:
     assert abs(chosen[0] - passes.batch_size) <= 1 and chosen[1] == passes.probes_per_pass  # report rounding
 
 
+@pytest.mark.slow
 def test_a_named_method_is_not_timed_against_the_other(digits) -> None:
     program, calibration = digits
     passes = _plan(program, calibration, hvp_method="forward_over_reverse")
@@ -91,6 +94,7 @@ def test_a_named_method_is_not_timed_against_the_other(digits) -> None:
     assert set(passes.report["hvp_seconds"]) == {"forward_over_reverse"}
 
 
+@pytest.mark.slow
 def test_without_budget_or_auto_nothing_is_measured(digits) -> None:
     program, calibration = digits
     passes = _plan(program, calibration, hvp_method="double_backward", memory_budget_mb=None)
@@ -98,6 +102,7 @@ def test_without_budget_or_auto_nothing_is_measured(digits) -> None:
     assert (passes.batch_size, passes.probes_per_pass, passes.hvp_method) == (64, 4, "double_backward")
 
 
+@pytest.mark.slow
 def test_a_budget_below_what_the_process_holds_is_a_clear_error(digits) -> None:
     program, calibration = digits
     if not PeakMemory(torch.device("cpu")).available:
@@ -106,6 +111,7 @@ def test_a_budget_below_what_the_process_holds_is_a_clear_error(digits) -> None:
         _plan(program, calibration, memory_budget_mb=64)
 
 
+@pytest.mark.slow
 def test_traces_do_not_depend_on_the_batch_split(digits) -> None:
     """HVPs accumulate over micro-batches weighted by n_b/N: only rounding differs."""
     program, calibration = digits
@@ -119,6 +125,7 @@ def test_traces_do_not_depend_on_the_batch_split(digits) -> None:
     np.testing.assert_allclose([t.trace for t in split.traces], [t.trace for t in whole.traces], rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_the_execution_report_says_how_the_run_went(digits) -> None:
     program, calibration = digits
     result = compute_sensitivity(program, calibration, TraceConfig(max_probes=8, min_probes=8, device="cpu"))
@@ -129,6 +136,7 @@ def test_the_execution_report_says_how_the_run_went(digits) -> None:
     assert execution["budget"]["memory_budget_mb"] == 4096
 
 
+@pytest.mark.slow
 def test_a_time_budget_stops_the_probes_with_the_errors_reached(digits) -> None:
     program, calibration = digits
     config = TraceConfig(

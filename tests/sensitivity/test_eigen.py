@@ -7,7 +7,9 @@ import pytest
 
 from sensitivity.eigen import top_eigenvalues
 from sensitivity.hvp import HessianVectorProducts
-from tests.sensitivity.test_hvp import TinyProblem, exact_hessian, single_thread, tiny_problem  # noqa: F401
+from tests.sensitivity.helpers import TinyProblem, exact_hessian, tiny_problem
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/sensitivity/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -20,6 +22,7 @@ def _largest_magnitude(block: np.ndarray) -> float:
     return float(values[np.argmax(np.abs(values))])
 
 
+@pytest.mark.slow
 def test_eigenvalues_match_exact_blocks(problem: TinyProblem) -> None:
     hvp = HessianVectorProducts(problem.loss(batch_size=12), probes_per_pass=3)
     eigen = top_eigenvalues(hvp, seed=0, tolerance=1e-8, max_iterations=500)
@@ -32,6 +35,7 @@ def test_eigenvalues_match_exact_blocks(problem: TinyProblem) -> None:
     assert hvp.num_hvps == sum(record.iterations for record in eigen)
 
 
+@pytest.mark.slow
 def test_iteration_cap_reports_not_converged(problem: TinyProblem) -> None:
     hvp = HessianVectorProducts(problem.loss(batch_size=24))
     eigen = top_eigenvalues(hvp, seed=0, tolerance=1e-14, max_iterations=3)
@@ -39,6 +43,7 @@ def test_iteration_cap_reports_not_converged(problem: TinyProblem) -> None:
     assert all(record.relative_change is not None and record.relative_change > 0 for record in eigen)
 
 
+@pytest.mark.slow
 def test_seeded_runs_reproduce_exactly(problem: TinyProblem) -> None:
     def run(seed: int):
         return top_eigenvalues(HessianVectorProducts(problem.loss()), seed=seed, tolerance=1e-4, max_iterations=20)

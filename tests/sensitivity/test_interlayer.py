@@ -19,13 +19,9 @@ from sensitivity.interlayer import (
     shrunk_gradient_terms,
 )
 from sensitivity.results import InterLayerTerms, LayerTrace
-from tests.sensitivity.test_hvp import (  # noqa: F401
-    TinyProblem,
-    exact_gradient,
-    exact_hessian,
-    single_thread,
-    tiny_problem,
-)
+from tests.sensitivity.helpers import TinyProblem, exact_gradient, exact_hessian, tiny_problem
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/sensitivity/conftest.py
 
 BITS = (8, 4, 2)
 

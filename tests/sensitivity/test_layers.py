@@ -10,33 +10,10 @@ import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
-from torch import nn
 
 from sensitivity.examples import DigitsMLP, export_onnx
 from sensitivity.layers import MAX_SCOPE_LENGTH, find_layers, node_scope, scope_path
-
-
-class Block(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(8, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.fc(x))
-
-
-class Encoder(nn.Module):
-    """Modules in a ModuleList, as transformers hold their layers (encoder.layer.0.attention...)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList([Block(), Block()])
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x)
+from tests.sensitivity.helpers import Encoder
 
 
 def test_torchscript_exports_name_nodes_by_path_and_the_scope_drops_the_op():
@@ -48,6 +25,7 @@ def test_torchscript_exports_name_nodes_by_path_and_the_scope_drops_the_op():
     ]
 
 
+@pytest.mark.slow
 def test_dynamo_exports_give_the_same_path_from_their_namespace_metadata():
     buffer = io.BytesIO()
     with warnings.catch_warnings():

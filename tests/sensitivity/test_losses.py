@@ -13,7 +13,9 @@ from sensitivity.hvp import HVP_METHODS, HessianVectorProducts
 from sensitivity.losses import LOSS_KINDS, CalibrationLoss
 from sensitivity.onnx_program import load_onnx
 from sensitivity.torch_program import TorchProgram
-from tests.sensitivity.test_hvp import CPU, TinyNet, single_thread, tiny_problem  # noqa: F401
+from tests.sensitivity.helpers import CPU, TinyNet, tiny_problem
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/sensitivity/conftest.py
 
 
 def test_labels_give_cross_entropy_over_the_whole_set_for_any_batch_size() -> None:

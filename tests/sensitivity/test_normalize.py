@@ -24,38 +24,11 @@ from sensitivity.normalize import (
     static_dims,
 )
 from sensitivity.onnx_program import check_supported, load_onnx
-from tests.conftest import tiny_onnx_model
+from tests.models import constant_node, paddle_style_model, scaled_weight, tiny_onnx_model
 
 
 def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
-
-
-def _constant(name: str, array: np.ndarray) -> onnx.NodeProto:
-    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(array, name), name=f"{name}_node")
-
-
-def paddle_style_model(bias_channels: int = 8) -> onnx.ModelProto:
-    """x[-1, 3, 8, 8] -> Conv (weight and bias from Constant nodes) -> Reshape to [-1, C*64] (shape
-    from a 2-element Constant): how paddle2onnx writes every model."""
-    rng = np.random.default_rng(0)
-    channels = bias_channels
-    nodes = [
-        _constant("conv.w", rng.standard_normal((channels, 3, 3, 3)).astype(np.float32)),
-        _constant("conv.b", rng.standard_normal(channels).astype(np.float32)),
-        _constant("shape", np.array([-1, channels * 64], dtype=np.int64)),
-        helper.make_node("Conv", ["x", "conv.w", "conv.b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
-        helper.make_node("Reshape", ["c", "shape"], ["y"], name="flatten"),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "paddle",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, channels * 64])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)])
-    model.ir_version = 8
-    return model
 
 
 def _x(count: int = 4) -> np.ndarray:
@@ -87,7 +60,7 @@ def test_the_promotion_threshold_keeps_short_vectors_as_nodes():
 
 def test_a_constant_that_is_a_graph_output_stays_a_node():
     graph = helper.make_graph(
-        [_constant("table", np.ones((4, 4), np.float32))],
+        [constant_node("table", np.ones((4, 4), np.float32))],
         "g",
         [],
         [helper.make_tensor_value_info("table", TensorProto.FLOAT, [4, 4])],
@@ -234,32 +207,23 @@ def test_an_earlier_unchecked_upgrade_stays_reported_unchecked():
     assert "not checked" in further.changes()[0]
 
 
-def _scaled(model: onnx.ModelProto, name: str, factor: float, offset: float = 0.0) -> onnx.ModelProto:
-    changed = onnx.ModelProto()
-    changed.CopyFrom(model)
-    weight = next(init for init in changed.graph.initializer if init.name == name)
-    array = numpy_helper.to_array(weight) * np.float32(factor) + np.float32(offset)
-    weight.CopyFrom(numpy_helper.from_array(array.astype(np.float32), name))
-    return changed
-
-
 def test_the_upgrade_tolerance_is_relative_to_the_outputs():
     """Outputs around 1e4 that differ by ~1e-3 (float32 rounding at that scale) pass, where an
     absolute 1e-5 would have refused; a 1 % change of one weight is refused."""
-    large = _scaled(tiny_onnx_model(), "fc2.weight", 1e4)
+    large = scaled_weight(tiny_onnx_model(), "fc2.weight", 1e4)
     samples = {"x": np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32)}
-    rounded = _scaled(large, "fc2.weight", 1 + 1e-7)
+    rounded = scaled_weight(large, "fc2.weight", 1 + 1e-7)
     check = check_upgrade(large, rounded, samples, (17, 17))
     assert check.max_abs_difference > 1e-5 and check.max_relative_difference < 1e-5
     with pytest.raises(OpsetUpgradeError, match="computes different outputs"):
-        check_upgrade(large, _scaled(large, "fc2.weight", 1.01), samples, (17, 17))
+        check_upgrade(large, scaled_weight(large, "fc2.weight", 1.01), samples, (17, 17))
 
 
 def test_a_converter_that_changes_the_model_is_caught(monkeypatch):
     convert = onnx.version_converter.convert_version
 
     def perturbing(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
-        return _scaled(convert(model, target), "fc2.weight", 1.0, offset=1e-2)
+        return scaled_weight(convert(model, target), "fc2.weight", 1.0, offset=1e-2)
 
     monkeypatch.setattr(onnx.version_converter, "convert_version", perturbing)
     samples = {"x": np.ones((4, 8), np.float32)}
@@ -286,6 +250,7 @@ assert "torch" not in sys.modules, "torch was imported"
 """
 
 
+@pytest.mark.slow
 def test_normalising_never_imports_torch():
     """The upload inspector normalises in a process that must not import torch (sensitivity/__init__)."""
     import subprocess
@@ -297,6 +262,7 @@ def test_normalising_never_imports_torch():
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow
 def test_a_sensitivity_result_reports_what_normalisation_changed():
     from sensitivity.results import SensitivityResult, TraceConfig
     from sensitivity.run import compute_sensitivity

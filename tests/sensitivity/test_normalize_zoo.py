@@ -27,6 +27,8 @@ from sensitivity.normalize import AlreadyQuantizedError, normalize_model, static
 from sensitivity.onnx_program import load_onnx
 from tests.zoo.models import resource_or_skip
 
+pytestmark = pytest.mark.zoo
+
 
 def ppocr(name: str) -> Path:
     return resource_or_skip("rapidocr_onnxruntime", "models", name)

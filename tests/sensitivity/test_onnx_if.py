@@ -13,7 +13,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from sensitivity.onnx_program import UnsupportedOpsError, check_supported, load_onnx
-from tests.sensitivity.test_onnx_ops import relative_error, run_onnxruntime
+from tests.sensitivity.one_node import relative_error, run_onnxruntime
 
 _rng = np.random.default_rng(5)
 W = _rng.standard_normal((4, 4)).astype(np.float32)

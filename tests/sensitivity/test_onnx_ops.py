@@ -1,8 +1,8 @@
 """Op-by-op parity of the ONNX interpreter with onnxruntime, across the opsets where ops changed.
 
-Each case is a one-node graph built with ``onnx.helper``: inputs wrapped in ``C(...)`` become
-initializers (shape-like arguments), ``None`` is an omitted optional input, everything else
-is a graph input. Both runtimes get the same random data; float outputs must agree to a
+Each case is a one-node graph built with ``onnx.helper`` (``tests/sensitivity/one_node.py``): inputs
+wrapped in ``C(...)`` become initializers (shape-like arguments), ``None`` is an omitted optional
+input, everything else is a graph input. Both runtimes get the same random data; float outputs must agree to a
 relative error of 1e-4 (norm based), integer and boolean outputs exactly. Every case with
 float graph inputs also runs forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``)
 and autograd double backward through the op.
@@ -10,12 +10,9 @@ and autograd double backward through the op.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
@@ -24,8 +21,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from sensitivity.onnx_ops import OPS, Node
 from sensitivity.onnx_program import UnsupportedOpsError, check_supported, load_onnx
+from tests.sensitivity.one_node import C, Case, assert_parity, build, case, run_onnxruntime
 
-RTOL = 1e-4
 _rng = np.random.default_rng(0)
 
 
@@ -45,27 +42,6 @@ def I(*values: int) -> np.ndarray:  # noqa: E743 - short on purpose, like R and 
 
 def F(*values: float) -> np.ndarray:
     return np.array(values, dtype=np.float32)
-
-
-@dataclass(frozen=True)
-class C:
-    """An input stored as an initializer (a constant of the graph)."""
-
-    value: np.ndarray
-
-
-@dataclass
-class Case:
-    op: str
-    inputs: list[Any]
-    attrs: dict[str, Any] = field(default_factory=dict)
-    opsets: tuple[int, ...] = (13,)
-    outputs: int = 1
-    tag: str = ""
-
-
-def case(op: str, *inputs: Any, opsets: tuple[int, ...] = (13,), outputs: int = 1, tag: str = "", **attrs: Any) -> Case:
-    return Case(op, list(inputs), attrs, opsets, outputs, tag)
 
 
 CASES: list[Case] = [
@@ -449,55 +425,6 @@ def _case_id(c: Case, opset: int) -> str:
 PARAMS = [pytest.param(c, opset, id=_case_id(c, opset)) for c in CASES for opset in c.opsets]
 
 
-def build(c: Case, opset: int) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """A one-node model for the case, and the feeds for its graph inputs."""
-    names, graph_inputs, initializers, feeds = [], [], [], {}
-    for index, value in enumerate(c.inputs):
-        name = f"in{index}"
-        if value is None:
-            names.append("")
-        elif isinstance(value, C):
-            names.append(name)
-            initializers.append(numpy_helper.from_array(value.value, name))
-        else:
-            names.append(name)
-            element = helper.np_dtype_to_tensor_dtype(value.dtype)
-            graph_inputs.append(helper.make_tensor_value_info(name, element, value.shape))
-            feeds[name] = value
-    outputs = [f"out{i}" for i in range(c.outputs)]
-    node = helper.make_node(c.op, names, outputs, name=f"{c.op.lower()}_node", **c.attrs)
-    graph = helper.make_graph(
-        [node], "case", graph_inputs, [onnx.ValueInfoProto(name=n) for n in outputs], initializers
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8 if opset <= 18 else 10
-    return model, feeds
-
-
-def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
-    difference = np.linalg.norm((actual.astype(np.float64) - expected.astype(np.float64)).ravel())
-    return float(difference / max(float(np.linalg.norm(expected.astype(np.float64).ravel())), 1e-12))
-
-
-def run_onnxruntime(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, feeds)
-
-
-def assert_parity(expected: list[np.ndarray], actual: list[torch.Tensor]) -> float:
-    assert len(actual) == len(expected)
-    worst = 0.0
-    for want, got in zip(expected, actual):
-        got_array = got.detach().numpy()
-        assert got_array.shape == want.shape, (got_array.shape, want.shape)
-        if np.issubdtype(want.dtype, np.floating):
-            worst = max(worst, relative_error(got_array, want))
-        else:
-            np.testing.assert_array_equal(got_array, want.astype(got_array.dtype))
-    assert worst <= RTOL, worst
-    return worst
-
-
 @pytest.mark.parametrize("c, opset", PARAMS)
 def test_parity_with_onnxruntime(c: Case, opset: int) -> None:
     model, feeds = build(c, opset)
@@ -542,6 +469,7 @@ def _differentiable_params() -> list[Any]:
 DIFFERENTIABLE = _differentiable_params()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("c, opset", DIFFERENTIABLE)
 def test_second_order_through_op(c: Case, opset: int) -> None:
     """Forward-over-reverse and double backward run through the op (no in-place, no .item())."""
@@ -660,6 +588,7 @@ def test_average_pool_geometry(window: dict[str, Any], ceil_mode: int, include_p
     _check_against_onnxruntime(c, 13)
 
 
+@pytest.mark.slow
 @_GEOMETRY
 @given(
     window=_window(max_dilation=3),

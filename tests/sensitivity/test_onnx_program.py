@@ -20,21 +20,12 @@ from torch import nn
 from sensitivity import zoo
 from sensitivity.examples import export_onnx
 from sensitivity.layers import find_layers
-from sensitivity.onnx_program import OnnxProgram, UnsupportedOpsError, check_supported, load_onnx
+from sensitivity.onnx_program import UnsupportedOpsError, check_supported, load_onnx
 from sensitivity.program import Program
+from tests.sensitivity.helpers import RTOL, gradient_matches_module, module_counterparts, output_loss, relative_error
 
-RTOL = 1e-4
 OPSETS = (11, 13, 17)
 MODELS = tuple(zoo.ZOO)
-
-
-def _float64(value: torch.Tensor | np.ndarray) -> torch.Tensor:
-    return value.detach().to(torch.float64) if isinstance(value, torch.Tensor) else torch.from_numpy(value).double()
-
-
-def relative_error(actual: torch.Tensor | np.ndarray, expected: torch.Tensor | np.ndarray) -> float:
-    a, e = _float64(actual), _float64(expected)
-    return float((a - e).norm() / e.norm().clamp_min(1e-12))
 
 
 @functools.cache
@@ -64,6 +55,7 @@ def run_onnxruntime(proto: onnx.ModelProto, x: torch.Tensor) -> np.ndarray:
 # --- parity ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("opset", OPSETS)
 @pytest.mark.parametrize("name", MODELS)
 def test_zoo_model_matches_onnxruntime_and_torch(name: str, opset: int) -> None:
@@ -134,82 +126,25 @@ def test_forward_rejects_wrong_weights_and_inputs() -> None:
 # --- gradients ------------------------------------------------------------------------------
 
 
-def _module_counterparts(module: nn.Module, program: OnnxProgram) -> dict[str, tuple[nn.Parameter, bool]]:
-    """layer name -> (module parameter, transposed?), matched by value: exporters rename and
-    transpose weights (MatMul stores W^T), and folded BatchNorm weights have no counterpart."""
-    matches = {}
-    for layer_name, weight in program.layer_weights.items():
-        for parameter in module.parameters():
-            if parameter.shape == weight.shape and torch.equal(parameter.detach(), weight):
-                matches[layer_name] = (parameter, False)
-            elif parameter.dim() == 2 and torch.equal(parameter.detach().t(), weight):
-                matches[layer_name] = (parameter, True)
-    return matches
-
-
-def _loss(output: torch.Tensor) -> torch.Tensor:
-    target = torch.linspace(-1.0, 1.0, output.numel()).reshape(output.shape)
-    return ((output - target) ** 2).mean() + (output**3).mean()  # cubic term: a non-trivial Hessian
-
-
-def gradient_matches_module(module: nn.Module, program: OnnxProgram, x: torch.Tensor) -> float:
-    """dL/dW and the Hessian-vector product H v from the interpreter match the module's autograd.
-    Returns the worst relative error."""
-    matches = _module_counterparts(module, program)
-    assert matches, "no layer weight matches a module parameter"
-    weights = {name: w.clone().requires_grad_() for name, w in program.layer_weights.items()}
-    # layers without a module counterpart (folded BatchNorm) stay still, so both sides move
-    # in the same direction
-    tangents = {
-        name: torch.randn(w.shape, generator=torch.Generator().manual_seed(i)) * (name in matches)
-        for i, (name, w) in enumerate(weights.items())
-    }
-
-    loss = _loss(program.forward(weights, {"input": x})[0])
-    gradients = torch.autograd.grad(loss, list(weights.values()), create_graph=True)
-    dot = torch.stack([(g * tangents[name]).sum() for name, g in zip(weights, gradients)]).sum()
-    hvp = dict(zip(weights, torch.autograd.grad(dot, list(weights.values()))))
-
-    parameters = list(module.parameters())
-    module_loss = _loss(module(x))
-    module_gradients = dict(zip(map(id, parameters), torch.autograd.grad(module_loss, parameters, create_graph=True)))
-    # the same direction in parameter space: a layer's tangent, other parameters still
-    module_dot = torch.stack(
-        [
-            (module_gradients[id(p)] * (tangents[name].t() if transposed else tangents[name])).sum()
-            for name, (p, transposed) in matches.items()
-        ]
-    ).sum()
-    module_hvp = dict(zip(map(id, parameters), torch.autograd.grad(module_dot, parameters, allow_unused=True)))
-
-    worst = 0.0
-    gradient_by_name = dict(zip(weights, gradients))
-    for name, (parameter, transposed) in matches.items():
-        pairs = ((gradient_by_name[name], module_gradients[id(parameter)]), (hvp[name], module_hvp[id(parameter)]))
-        for ours, theirs in pairs:
-            theirs = theirs.t() if transposed else theirs
-            worst = max(worst, relative_error(ours, theirs))
-    if len(matches) == len(weights):  # every layer has a counterpart: H v must agree everywhere
-        assert worst <= RTOL, worst
-    return worst
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["digits_mlp", "transformer_block", "mobile_unet"])
 @pytest.mark.parametrize("opset", [11, 17])
 def test_gradients_match_the_torch_module(name: str, opset: int) -> None:
     module, proto = exported(name, opset)
     program = load_onnx(proto)
-    assert len(_module_counterparts(module, program)) == len(program.layers)
+    assert len(module_counterparts(module, program)) == len(program.layers)
     assert gradient_matches_module(module, program, random_input(name, 3)) <= RTOL
 
 
+@pytest.mark.slow
 def test_gradients_of_unfolded_layers_match_with_batchnorm_folding() -> None:
     module, proto = exported("digits_cnn", 13)
     program = load_onnx(proto)
-    assert sorted(_module_counterparts(module, program)) == ["fc1.weight", "fc2.weight"]
+    assert sorted(module_counterparts(module, program)) == ["fc1.weight", "fc2.weight"]
     assert gradient_matches_module(module, program, random_input("digits_cnn", 3)) <= RTOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["transformer_block", "mobile_unet", "digits_cnn"])
 def test_forward_over_reverse_matches_double_backward(name: str) -> None:
     _, proto = exported(name, 13)
@@ -217,7 +152,7 @@ def test_forward_over_reverse_matches_double_backward(name: str) -> None:
     x = random_input(name, 2)
 
     def loss(weights: dict[str, torch.Tensor]) -> torch.Tensor:
-        return _loss(program.forward(weights, {"input": x})[0])
+        return output_loss(program.forward(weights, {"input": x})[0])
 
     weights = dict(program.layer_weights)
     tangents = {name: torch.randn_like(w) for name, w in weights.items()}
@@ -390,6 +325,7 @@ def test_shape_values_are_cached_per_input_shape() -> None:
     torch.testing.assert_close(uncached.forward(uncached.layer_weights, {"input": x})[0], outputs[1])
 
 
+@pytest.mark.slow
 def test_shape_cache_filled_inside_a_transform_is_reused_outside() -> None:
     """Values recorded during torch.func calls must not carry the transform's wrappers."""
     _, proto = exported("transformer_block", 13)
@@ -398,7 +334,7 @@ def test_shape_cache_filled_inside_a_transform_is_reused_outside() -> None:
     weights = dict(program.layer_weights)
 
     def loss(w: dict[str, torch.Tensor]) -> torch.Tensor:
-        return _loss(program.forward(w, {"input": x})[0])
+        return output_loss(program.forward(w, {"input": x})[0])
 
     gradient = torch.func.grad(loss)(weights)  # records the shape values inside the transform
     assert len(program._shape_cache) == 1

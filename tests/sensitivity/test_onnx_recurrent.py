@@ -3,7 +3,7 @@ derivatives (float64 gradcheck; the two HVP methods of ``sensitivity.hvp`` agree
 
 Weights are random (seeded) graph inputs so every combination of direction, activations,
 clip, input_forget / linear_before_reset, optional inputs, sequence_lens and layout runs in
-both runtimes on the same data through the one-node harness of ``test_onnx_ops``.
+both runtimes on the same data through the one-node harness of ``tests/sensitivity/one_node.py``.
 """
 
 from __future__ import annotations
@@ -11,10 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper, numpy_helper
 
 from sensitivity.interlayer import predicted_loss_change
 from sensitivity.losses import CalibrationLoss
@@ -24,7 +22,8 @@ from sensitivity.onnx_recurrent import gru, lstm
 from sensitivity.results import InterLayerConfig
 from sensitivity.run import compute_sensitivity
 from sensitivity.validate import measured_loss_change
-from tests.sensitivity.test_onnx_ops import (
+from tests.models import recurrent_model
+from tests.sensitivity.one_node import (
     C,
     Case,
     assert_parity,
@@ -195,42 +194,7 @@ def test_past_length_outputs_are_zero_and_states_stop() -> None:
     torch.testing.assert_close(y_h[1, 1], y[0, 1, 1])  # reverse: state after step 0
 
 
-def recurrent_model() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """A model with an LSTM layer, shared with the exporter tests: x [N, 5, 3] -> bidirectional LSTM (W, R: two layers; B stays float) -> final states -> Gemm [8, 3]."""
-    rng = np.random.default_rng(0)
-
-    def weight(name, shape):
-        return numpy_helper.from_array((0.5 * rng.standard_normal(shape)).astype(np.float32), name)
-
-    graph = helper.make_graph(
-        [
-            helper.make_node("Transpose", ["x"], ["steps"], name="time_major", perm=[1, 0, 2]),
-            helper.make_node(
-                "LSTM",
-                ["steps", "lstm.W", "lstm.R", "lstm.B"],
-                ["", "h_n"],
-                name="lstm",
-                hidden_size=4,
-                direction="bidirectional",
-            ),
-            helper.make_node("Transpose", ["h_n"], ["h_batch"], name="batch_major", perm=[1, 0, 2]),
-            helper.make_node("Flatten", ["h_batch"], ["features"], name="flatten", axis=1),
-            helper.make_node("Gemm", ["features", "fc.weight"], ["logits"], name="fc"),
-        ],
-        "recurrent",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5, 3])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
-        [
-            weight("lstm.W", (2, 16, 3)),
-            weight("lstm.R", (2, 16, 4)),
-            weight("lstm.B", (2, 32)),
-            weight("fc.weight", (8, 3)),
-        ],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    return model, {"x": rng.standard_normal((64, 5, 3)).astype(np.float32)}
-
-
+@pytest.mark.slow
 def test_sensitivity_of_recurrent_layers_predicts_measured_loss_changes() -> None:
     """W and R are layers through the whole sensitivity pipeline: G's prediction g·Δ + ½ΔᵀGΔ of
     quantizing them (fake-quantized with Q_b along their channel axis) matches the measured change."""

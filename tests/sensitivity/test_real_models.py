@@ -19,6 +19,8 @@ import torch
 from sensitivity.onnx_program import load_onnx
 from tests.zoo.models import resource_or_skip
 
+pytestmark = pytest.mark.zoo
+
 RTOL = 1e-4  # norm-relative, per output (as the op parity tests; silero's tiny probabilities measure ~2e-5)
 ATOL = 1e-4
 

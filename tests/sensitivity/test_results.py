@@ -28,11 +28,11 @@ from sensitivity.results import (
     TraceConfig,
     config_from_dict,
 )
+from tests.values import JSON_VALUES, NOT_INTS
 
 CONFIGS = (TraceConfig, EigenConfig, InterLayerConfig)
 
-# What JSON can hold where an int is expected, none of it an int in range.
-NOT_INTS = [True, False, 1.5, 256.0, 1e9, math.inf, math.nan, "8", None, [8], {"n": 8}, 2**70, -(2**70), 10**400]
+# NOT_INTS (tests/values.py): what JSON can hold where an int is expected, none of it an int in range.
 # Tolerances are relative errors in (0, 1].
 NOT_TOLERANCES = [0, 0.0, -0.1, 1.01, 2, math.inf, -math.inf, math.nan, True, "0.1", None, [0.1], 10**400]
 BAD_VALUES: dict[str, list[Any]] = {
@@ -127,21 +127,8 @@ def test_configs_round_trip_through_json() -> None:
     assert InterLayerConfig(bits=[8, 4]).bits == (8, 4)  # type: ignore[arg-type]  # a JSON list becomes a tuple
 
 
-# ------------------------------------------------------------------ any JSON value, in any field
+# ------------------------------------------------------------------ any JSON value (tests/values.py), in any field
 
-_SCALARS = (
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.sampled_from([2**63, 2**64, -(2**63), 10**400])
-    | st.floats()
-    | st.text(max_size=12)
-)
-JSON_VALUES = st.recursive(
-    _SCALARS,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
-    max_leaves=8,
-)
 # Values that pass, mixed in so that valid configurations are drawn too.
 GOOD_VALUES: dict[str, list[Any]] = {
     "seed": [0, 7, MAX_SEED],
@@ -186,6 +173,7 @@ def _assert_plain(config: Any) -> None:
     assert config_from_dict(json.loads(json.dumps(config.to_dict(), allow_nan=False))) == config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls", CONFIGS)
 @settings(max_examples=150, deadline=None, database=None)
 @given(data=st.data())

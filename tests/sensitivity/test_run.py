@@ -26,7 +26,9 @@ from sensitivity import (
 )
 from sensitivity.examples import DigitsCNN, export_onnx, load_digits
 from sensitivity.run import resolve_device
-from tests.sensitivity.test_hvp import TinyProblem, single_thread, tiny_problem  # noqa: F401
+from tests.sensitivity.helpers import TinyProblem, tiny_problem
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/sensitivity/conftest.py
 
 
 class _Fast(TypedDict):
@@ -51,6 +53,7 @@ def _without_timings(result: SensitivityResult) -> dict:
     return data
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "config",
     [
@@ -73,6 +76,7 @@ def test_each_config_runs_its_analysis_and_round_trips_through_json(problem: Tin
     assert SensitivityResult.from_dict(json.loads(text)) == result
 
 
+@pytest.mark.slow
 def test_seeded_runs_reproduce_exactly(problem: TinyProblem) -> None:
     config = InterLayerConfig(seed=5, trace_max_probes=12, **FAST)
     first = compute_sensitivity(problem.program, problem.calibration, config)
@@ -87,6 +91,7 @@ def test_seeded_runs_reproduce_exactly(problem: TinyProblem) -> None:
     assert first.interlayer.omega != other.interlayer.omega
 
 
+@pytest.mark.slow
 def test_progress_reports_phases_in_order(problem: TinyProblem) -> None:
     calls: list[tuple[str, float, str]] = []
     compute_sensitivity(
@@ -163,6 +168,7 @@ def _folded(model: DigitsCNN) -> nn.Module:
     return fused
 
 
+@pytest.mark.slow
 def test_onnx_program_gives_the_torch_program_results() -> None:
     onnx_program = pytest.importorskip("sensitivity.onnx_program")
     torch.manual_seed(0)
@@ -195,6 +201,7 @@ def test_onnx_program_gives_the_torch_program_results() -> None:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("task", "loss_kind"), [("auto", "distill_cross_entropy"), ("regression", "distill_mse")])
 def test_onnx_program_supports_both_hvp_methods(task: str, loss_kind: str) -> None:
     onnx_program = pytest.importorskip("sensitivity.onnx_program")
@@ -221,6 +228,7 @@ class _Regressor(nn.Module):
         return self.fc2(torch.tanh(self.fc1(x)))
 
 
+@pytest.mark.slow
 def test_regression_without_labels_has_zero_gradient_and_gauss_newton_g() -> None:
     torch.manual_seed(0)
     program = TorchProgram(_Regressor().double())
@@ -307,6 +315,7 @@ def test_non_finite_calibration_data_is_refused_naming_the_sample() -> None:
         compute_sensitivity(program, {"x": data}, TraceConfig(device="cpu"))
 
 
+@pytest.mark.slow
 def test_a_loss_that_no_weight_moves_differentiably_is_an_error() -> None:
     """Round between the layer and the output: every trace is exactly 0, which ranks nothing."""
     from onnx import helper

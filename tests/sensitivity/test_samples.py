@@ -24,7 +24,7 @@ from sensitivity.samples import (
     sample_count,
     take_samples,
 )
-from tests.conftest import stateful_data, stateful_onnx_model
+from tests.models import loose_data, loosely_declared_stateful_model, stateful_data, stateful_onnx_model
 
 SAMPLES = 20
 # Fixed probes and HVP method, no memory adaptation: two runs differ only in how the set is batched.
@@ -44,24 +44,6 @@ def one_input_model(dims: list[int | str | None] | None, elem_type: int = Tensor
     y = helper.make_tensor_value_info("y", elem_type, None)
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "one", [x], [y])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
-def loosely_declared_stateful_model() -> onnx.ModelProto:
-    """The stateful model as a careless exporter declares it: every dim of the state symbolic, the
-    sample rate a vector [1]. Nothing in the shapes says where the state's samples lie."""
-    model = stateful_onnx_model()
-    for value in model.graph.input:
-        dims = value.type.tensor_type.shape.dim
-        if value.name == "state":
-            for index, dim in enumerate(dims):
-                dim.dim_param = f"state_{index}"
-        if value.name == "sr":
-            dims.add().dim_value = 1
-    return model
-
-
-def loose_data(count: int) -> dict[str, np.ndarray]:
-    return {**stateful_data(count), "sr": np.array([16000], np.int64)}
 
 
 def test_axes_are_read_off_the_declared_shapes():
@@ -219,6 +201,7 @@ def test_an_opset_upgrade_is_checked_on_the_first_samples_of_each_axis():
     assert given.upgrade_check.samples == 8 and given.upgrade_check.max_abs_difference == 0.0
 
 
+@pytest.mark.slow
 def test_per_sample_losses_group_each_output_on_its_own_sample_axis():
     """stateN [2, n, 4] holds its samples on axis 1: each sample's loss takes its own slice, so the
     per-sample losses average to the batch loss and the inter-layer analysis (which needs them for

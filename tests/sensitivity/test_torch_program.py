@@ -17,7 +17,8 @@ from torch import nn
 from sensitivity.examples import DigitsCNN
 from sensitivity.program import Program
 from sensitivity.torch_program import TorchProgram, load_exported
-from tests.sensitivity.test_hvp import single_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/sensitivity/conftest.py
 
 
 class Mixed(nn.Module):
@@ -55,7 +56,7 @@ def test_layers_are_named_by_parameter_with_onnx_op_and_channel_axis() -> None:
 def test_layers_carry_node_names_and_module_scopes() -> None:
     """A module program's node is its module; an exported graph's its FX node, scoped by nn_module_stack."""
     from sensitivity.torch_program import _exported_layers
-    from tests.sensitivity.test_layers import Encoder
+    from tests.sensitivity.helpers import Encoder
 
     program = TorchProgram(Encoder())
     assert [(layer.name, layer.node_name, layer.scope) for layer in program.layers] == [
@@ -126,6 +127,7 @@ print(json.dumps({"layers": [[layer.name, layer.op_type, layer.channel_axis] for
 """
 
 
+@pytest.mark.slow
 def test_exported_archive_loads_with_stable_names_in_this_and_a_fresh_process(archive) -> None:
     path, expected = archive
     first, second = load_exported(path), load_exported(path)

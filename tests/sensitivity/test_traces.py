@@ -7,7 +7,9 @@ import pytest
 
 from sensitivity.hvp import HessianVectorProducts
 from sensitivity.traces import hutchinson_traces
-from tests.sensitivity.test_hvp import TinyProblem, exact_hessian, single_thread, tiny_problem  # noqa: F401
+from tests.sensitivity.helpers import TinyProblem, exact_hessian, tiny_problem
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # tests/sensitivity/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,8 @@ from sensitivity.losses import CalibrationLoss
 from sensitivity.onnx_program import OnnxProgram, load_onnx
 from sensitivity.traces import rademacher_probe
 from sensitivity.zoo import HARD_TOKEN_TASK, TokenTask, TokenTaskSpec, export_tiny_transformer, trained_tiny_transformer
-from tests.sensitivity.test_hvp import single_thread  # noqa: F401
+
+pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.slow]  # the module trains a transformer first
 
 CALIBRATION_SAMPLES = 256
 
@@ -149,8 +150,8 @@ def _relative(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> float
 def test_embedding_gradient_and_hvp_match_the_torch_module(trained) -> None:
     """The embedding is a layer: the interpreter's dL/dW and H v for its table (through Gather)
     equal nn.Embedding's under autograd, as for the MatMul and Gemm weights."""
-    from tests.sensitivity.test_onnx_program import RTOL, _module_counterparts, gradient_matches_module
+    from tests.sensitivity.helpers import RTOL, gradient_matches_module, module_counterparts
 
     model, task, _, program = trained
-    assert set(_module_counterparts(model, program)) == {layer.name for layer in program.layers}
+    assert set(module_counterparts(model, program)) == {layer.name for layer in program.layers}
     assert gradient_matches_module(model, program, torch.from_numpy(task.test_x[:16])) <= RTOL

@@ -9,7 +9,8 @@ import pytest
 from sensitivity import InterLayerConfig, TorchProgram, compute_sensitivity
 from sensitivity.examples import trained_digits_cnn
 from sensitivity.validate import ValidationReport, measured_loss_change, validate_predictions
-from tests.sensitivity.test_hvp import single_thread  # noqa: F401
+
+pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.slow]  # the module trains a CNN first
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,7 @@ def test_validation_is_seeded(checked) -> None:
 
 def test_validation_needs_interlayer_terms() -> None:
     from sensitivity import TraceConfig
-    from tests.sensitivity.test_hvp import tiny_problem
+    from tests.sensitivity.helpers import tiny_problem
 
     problem = tiny_problem()
     result = compute_sensitivity(problem.program, problem.calibration, TraceConfig(max_probes=8, device="cpu"))

@@ -6,7 +6,6 @@ each test run creates a fresh database and drops it at the end.
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,8 +19,9 @@ from service.app import create_app
 from service.settings import AuthMode, Settings
 from service.store.db import make_engine, upgrade
 from service.store.tables import Base
+from tests.models import npz_bytes, trained_digits_onnx
+from tests.service.helpers import ADMIN_URL
 
-ADMIN_URL = os.environ.get("MPQ_TEST_POSTGRES_ADMIN_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 BACKENDS = ["sqlite", "postgresql"]
 
 
@@ -65,11 +65,6 @@ def _url(backend: str, database_urls: dict[str, str], request) -> str:
     if backend == "postgresql":
         return request.getfixturevalue("postgres_url")
     return database_urls[backend]
-
-
-# For tests of logic no database takes part in (request validation, upload inspection, the sandbox):
-# one backend suffices, and each of these tests starts processes that take seconds of CPU.
-sqlite_only = pytest.mark.parametrize("backend_settings", ["sqlite"], indirect=True)
 
 
 @pytest.fixture(scope="session", params=BACKENDS)
@@ -120,23 +115,6 @@ def client(app) -> TestClient:
     return TestClient(app, raise_server_exceptions=False)
 
 
-def enable_auth(app) -> None:
-    app.state.settings = app.state.settings.model_copy(update={"auth": AuthMode.token})
-
-
-def snapshot(app) -> dict[str, int]:
-    """Row counts of every table and files in the store: 'nothing new' is an equal snapshot."""
-    from sqlalchemy import func, select
-
-    counts: dict[str, int] = {}
-    with app.state.sessions() as session:
-        for table in Base.metadata.sorted_tables:
-            counts[table.name] = session.scalar(select(func.count()).select_from(table))
-    counts["blobs"] = app.state.store.blob_count()
-    counts["temp_files"] = app.state.store.temp_count()
-    return counts
-
-
 @pytest.fixture
 def live_server(app) -> Iterator[str]:
     """The app served by a real uvicorn server on a free loopback port."""
@@ -160,3 +138,12 @@ def live_server(app) -> Iterator[str]:
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def digits_files():
+    """The trained digits CNN (tests/models.py) as upload bodies: model, calibration and evaluation sets."""
+    proto, _, data = trained_digits_onnx()
+    calib = npz_bytes(input=data.train_x[:256], labels=data.train_y[:256])
+    evaluation = npz_bytes(input=data.test_x, labels=data.test_y)
+    return proto.SerializeToString(), calib, evaluation, data

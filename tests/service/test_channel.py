@@ -22,6 +22,7 @@ def pair():
     other.close()
 
 
+@pytest.mark.slow
 def test_a_frame_may_be_long_in_coming_but_not_long_in_arriving(pair):
     """Waiting for a frame is unbounded without a timeout (a job's result comes after hours); a frame
     that has begun must finish within frame_timeout_s (a child cannot stall its supervisor)."""

@@ -8,6 +8,9 @@ import subprocess
 import sys
 
 import httpx
+import pytest
+
+pytestmark = pytest.mark.slow  # each test starts mpq processes (seconds of imports each)
 
 
 def run_mpq(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:

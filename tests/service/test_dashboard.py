@@ -22,7 +22,7 @@ import service.dashboard
 from service.api.auth import create_token
 from service.job_status import FINISHED
 from tests.service import dashboard_data
-from tests.service.conftest import enable_auth
+from tests.service.helpers import enable_auth
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -50,6 +50,7 @@ def dashboard(app) -> Iterator[dashboard_data.DashboardData]:
 # ---------------------------------------------------------------- without a browser
 
 
+@pytest.mark.slow
 def test_pages_render_their_tables_without_javascript(client, dashboard):
     data = dashboard
     pages = {
@@ -88,6 +89,7 @@ def test_pages_render_their_tables_without_javascript(client, dashboard):
     assert precisions_in(table) == dashboard_data.FRONTIER[dashboard_data.CHOSEN_POINT]
 
 
+@pytest.mark.slow
 def test_the_plan_page_says_which_metric_and_why(client, app, dashboard):
     """Stored plans from before metric_reason (the fixture's) show the name alone; newer ones the reason."""
     from service.store.tables import Plan
@@ -103,6 +105,7 @@ def test_the_plan_page_says_which_metric_and_why(client, app, dashboard):
     assert "cosine (%)" in after and f'<td id="metric-reason">{reason}</td>' in after
 
 
+@pytest.mark.slow
 def test_layer_tables_show_node_names_beside_layer_names(client, dashboard):
     """Sensitivity, model and plan tables have a Node column: the node name, its whole path in the title."""
     node = "/layer3/conv/Conv"
@@ -332,8 +335,9 @@ def shot(page):
     return save
 
 
-# The browser tests run on SQLite only (see the module docstring).
-browser_test = pytest.mark.parametrize("backend_settings", ["sqlite"], indirect=True)
+def browser_test(test):
+    """A browser test: SQLite only (see the module docstring), and slow (a real browser drives each)."""
+    return pytest.mark.slow(pytest.mark.parametrize("backend_settings", ["sqlite"], indirect=True)(test))
 
 
 def wait_for_chart(page, selector: str) -> None:
@@ -538,13 +542,12 @@ def sha256_of(path: str | Path) -> str:
 
 
 @browser_test
-def test_a_real_plan_from_the_planner(page, shot, client, app):
+def test_a_real_plan_from_the_planner(page, shot, client, app, digits_files):
     """The plan page on data the real plan job wrote (not fixture rows): click a frontier point,
     check its per-layer precisions against the API, download the plan's artifact."""
-    from tests.service.test_jobs import uploaded, wait_for
-    from tests.service.test_plans import digits_files
+    from tests.service.helpers import uploaded, wait_for
 
-    model_bytes, calib, _, _ = digits_files.__wrapped__()
+    model_bytes, calib, _, _ = digits_files
     model_id, calib_id = uploaded(client, model_bytes, calib)
     job = client.post(
         "/v1/plans",

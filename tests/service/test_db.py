@@ -44,6 +44,7 @@ def test_downgrade_then_upgrade_round_trips(tmp_path):
     engine.dispose()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_layer_counts_are_filled_in_for_models_stored_before_the_column(backend, tmp_path, request):
     from sqlalchemy import text
@@ -65,6 +66,7 @@ def test_layer_counts_are_filled_in_for_models_stored_before_the_column(backend,
     engine.dispose()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_datasets_keep_their_counts_and_take_none_after_0007(backend, tmp_path, request):
     """0007 makes datasets.num_samples nullable (arrays whose first dims differ: per-input sample
@@ -104,6 +106,7 @@ def _dropped_connection() -> Exception:
     return OperationalError("SELECT 1", {}, Exception("terminating connection due to administrator command"))
 
 
+@pytest.mark.slow
 def test_retrying_outlasts_a_dropped_connection_until_its_deadline():
     import time
 

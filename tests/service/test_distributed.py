@@ -6,10 +6,8 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -18,15 +16,12 @@ import onnxruntime as ort
 import pytest
 import redis
 
-from tests.conftest import mlp_onnx_model, npz_bytes, tiny_onnx_model
+from tests.models import mlp_onnx_model, npz_bytes, tiny_onnx_model
+from tests.service.helpers import free_port, http_job, http_upload, wait_until
+
+pytestmark = pytest.mark.slow  # a cluster of processes
 
 BROKER_DB = 13
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture
@@ -60,7 +55,7 @@ def cluster(own_postgres_url, tmp_path) -> Iterator[tuple[str, list[subprocess.P
             )
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait(lambda: httpx.get(f"{url}/readyz").status_code == 200, 60, "the API did not start")
+        wait_until(lambda: httpx.get(f"{url}/readyz").status_code == 200, 60, "the API did not start")
         yield url, processes
     finally:
         for process in processes:
@@ -73,52 +68,23 @@ def cluster(own_postgres_url, tmp_path) -> Iterator[tuple[str, list[subprocess.P
                 os.killpg(process.pid, signal.SIGKILL)
 
 
-def _wait(condition, timeout: float, message: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if condition():
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(message)
-
-
-def _upload(client: httpx.Client, path: str, body: bytes) -> str:
-    response = client.post(path, content=body, headers={"content-type": "application/octet-stream"})
-    assert response.status_code == 201, response.text
-    return response.json()["id"]
-
-
-def _job(client: httpx.Client, job_id: str, statuses=("succeeded", "failed", "cancelled"), timeout=180.0) -> dict:
-    box: dict = {}
-
-    def done() -> bool:
-        box["job"] = client.get(f"/v1/jobs/{job_id}").json()
-        return box["job"]["status"] in statuses
-
-    _wait(done, timeout, f"job {job_id} did not reach {statuses}: {box.get('job')}")
-    return box["job"]
-
-
 def test_two_workers_share_the_queue_and_survive_a_kill(cluster):
     url, processes = cluster
     rng = np.random.default_rng(0)
     with httpx.Client(base_url=url, timeout=60) as client:
-        tiny = _upload(client, "/v1/models", tiny_onnx_model().SerializeToString())
-        tiny_data = _upload(client, "/v1/datasets", npz_bytes(x=rng.standard_normal((16, 8)).astype(np.float32)))
+        tiny = http_upload(client, "/v1/models", tiny_onnx_model().SerializeToString())
+        tiny_data = http_upload(client, "/v1/datasets", npz_bytes(x=rng.standard_normal((16, 8)).astype(np.float32)))
         jobs = [
             client.post(
                 "/v1/sensitivity", json={"model_id": tiny, "dataset_id": tiny_data, "options": {"seed": seed}}
             ).json()["id"]
             for seed in range(2)
         ]
-        finished = [_job(client, job_id) for job_id in jobs]
+        finished = [http_job(client, job_id) for job_id in jobs]
         assert [job["status"] for job in finished] == ["succeeded"] * 2, finished
 
         # a plan end to end on the Celery executor: plan, wait, download, run the artifact
-        labelled = _upload(
+        labelled = http_upload(
             client,
             "/v1/datasets",
             npz_bytes(x=rng.standard_normal((32, 8)).astype(np.float32), labels=rng.integers(0, 3, 32)),
@@ -133,7 +99,7 @@ def test_two_workers_share_the_queue_and_survive_a_kill(cluster):
                 "options": {"trace_max_probes": 16},
             },
         ).json()["id"]
-        done = _job(client, plan_job)
+        done = http_job(client, plan_job)
         assert done["status"] == "succeeded", done
         plan = client.get(f"/v1/plans/{done['result']['plan_id']}").json()
         artifact = client.get(f"/v1/plans/{plan['id']}/artifact").content
@@ -144,8 +110,8 @@ def test_two_workers_share_the_queue_and_survive_a_kill(cluster):
         assert outputs.shape == (4, 3)
 
         # kill -9 the worker (and with it its job process) in the middle of a job
-        mlp = _upload(client, "/v1/models", mlp_onnx_model(width=384).SerializeToString())
-        mlp_data = _upload(client, "/v1/datasets", npz_bytes(x=rng.standard_normal((256, 256)).astype(np.float32)))
+        mlp = http_upload(client, "/v1/models", mlp_onnx_model(width=384).SerializeToString())
+        mlp_data = http_upload(client, "/v1/datasets", npz_bytes(x=rng.standard_normal((256, 256)).astype(np.float32)))
         long_job = client.post(
             "/v1/sensitivity",
             json={
@@ -154,11 +120,11 @@ def test_two_workers_share_the_queue_and_survive_a_kill(cluster):
                 "options": {"tolerance": 1e-9, "min_probes": 60, "max_probes": 60},
             },
         ).json()["id"]
-        running = _job(client, long_job, statuses=("running",), timeout=60)
+        running = http_job(client, long_job, statuses=("running",), timeout=60)
         job_pid = int(running["worker_id"].rsplit(":", 1)[1])
         supervisor = next(p for p in processes[1:] if job_pid in _children(p.pid))
         os.killpg(supervisor.pid, signal.SIGKILL)
-        final = _job(client, long_job, timeout=240)
+        final = http_job(client, long_job, timeout=240)
         assert final["status"] == "succeeded", final
         assert final["attempts"] == 2 and final["worker_id"] != running["worker_id"]
 

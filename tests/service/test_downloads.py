@@ -11,7 +11,7 @@ import pytest
 
 from service.api.transfer import MAX_RANGES
 from tests.service import dashboard_data
-from tests.service.test_registry import assert_problem
+from tests.service.helpers import assert_problem
 
 
 @pytest.fixture

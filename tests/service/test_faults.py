@@ -16,10 +16,8 @@ import numpy as np
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.conftest import mlp_onnx_model, npz_bytes
-from tests.service.conftest import ADMIN_URL
-from tests.service.test_distributed import _job, _upload, _wait, free_port
-from tests.service.test_jobs import slow_inputs, wait_for
+from tests.models import mlp_onnx_model, npz_bytes, tiny_onnx_model
+from tests.service.helpers import ADMIN_URL, free_port, http_job, http_upload, slow_inputs, wait_for, wait_until
 
 LONG_JOB = {"tolerance": 1e-9, "min_probes": 60, "max_probes": 60}
 
@@ -34,6 +32,7 @@ def _serve(env: dict[str, str], port: int, log_path: Path) -> subprocess.Popen[b
         )
 
 
+@pytest.mark.slow
 def test_api_restart_mid_job_requeues_and_finishes(own_postgres_url, tmp_path):
     env = {
         **os.environ,
@@ -48,23 +47,23 @@ def test_api_restart_mid_job_requeues_and_finishes(own_postgres_url, tmp_path):
     log = tmp_path / "api.log"
     api = _serve(env, port, log)
     try:
-        _wait(lambda: httpx.get(f"{url}/readyz").status_code == 200, 60, "API did not start")
+        wait_until(lambda: httpx.get(f"{url}/readyz").status_code == 200, 60, "API did not start")
         rng = np.random.default_rng(0)
         with httpx.Client(base_url=url, timeout=60) as client:
-            model = _upload(client, "/v1/models", mlp_onnx_model(width=384).SerializeToString())
-            data = _upload(client, "/v1/datasets", npz_bytes(x=rng.standard_normal((256, 256)).astype(np.float32)))
+            model = http_upload(client, "/v1/models", mlp_onnx_model(width=384).SerializeToString())
+            data = http_upload(client, "/v1/datasets", npz_bytes(x=rng.standard_normal((256, 256)).astype(np.float32)))
             job_id = client.post(
                 "/v1/sensitivity", json={"model_id": model, "dataset_id": data, "options": LONG_JOB}
             ).json()["id"]
-            running = _job(client, job_id, statuses=("running",), timeout=60)
+            running = http_job(client, job_id, statuses=("running",), timeout=60)
         api.send_signal(signal.SIGKILL)
         api.wait(timeout=10)
         job_pid = int(running["worker_id"].rsplit(":", 1)[1])
-        _wait(lambda: not _alive(job_pid), 10, "the job process outlived its server")
+        wait_until(lambda: not _alive(job_pid), 10, "the job process outlived its server")
         api = _serve(env, port, log)
-        _wait(lambda: httpx.get(f"{url}/readyz").status_code == 200, 60, "API did not restart")
+        wait_until(lambda: httpx.get(f"{url}/readyz").status_code == 200, 60, "API did not restart")
         with httpx.Client(base_url=url, timeout=60) as client:
-            final = _job(client, job_id, timeout=240)
+            final = http_job(client, job_id, timeout=240)
         assert final["status"] == "succeeded", final
         assert final["attempts"] == 2
     finally:
@@ -80,6 +79,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
+@pytest.mark.slow
 def test_lost_database_connections_are_retried(client, app, backend_settings):
     if not backend_settings.resolved_database_url.startswith("postgresql"):
         pytest.skip("dropping server connections is a PostgreSQL scenario")
@@ -129,6 +129,7 @@ def test_executor_lock_is_exclusive(tmp_path):
     second.release()
 
 
+@pytest.mark.slow
 def test_several_api_processes_share_one_executor(tmp_path):
     """`mpq serve --api-workers 2`: jobs submitted to either process run (once each)."""
     env = {**os.environ, "MPQ_DATA_DIR": str(tmp_path), "MPQ_HEARTBEAT_INTERVAL_S": "0.5", "MPQ_WORKER_SLOTS": "1"}
@@ -143,20 +144,18 @@ def test_several_api_processes_share_one_executor(tmp_path):
             stderr=log,
         )
     try:
-        _wait(lambda: httpx.get(f"{url}/readyz").status_code == 200, 60, "API did not start")
+        wait_until(lambda: httpx.get(f"{url}/readyz").status_code == 200, 60, "API did not start")
         rng = np.random.default_rng(0)
         with httpx.Client(base_url=url, timeout=60) as client:
-            from tests.conftest import tiny_onnx_model
-
-            model = _upload(client, "/v1/models", tiny_onnx_model().SerializeToString())
-            data = _upload(client, "/v1/datasets", npz_bytes(x=rng.standard_normal((16, 8)).astype(np.float32)))
+            model = http_upload(client, "/v1/models", tiny_onnx_model().SerializeToString())
+            data = http_upload(client, "/v1/datasets", npz_bytes(x=rng.standard_normal((16, 8)).astype(np.float32)))
             jobs = [
                 client.post(
                     "/v1/sensitivity", json={"model_id": model, "dataset_id": data, "options": {"seed": seed}}
                 ).json()["id"]
                 for seed in range(3)
             ]
-            finished = [_job(client, job_id, timeout=180) for job_id in jobs]
+            finished = [http_job(client, job_id, timeout=180) for job_id in jobs]
         assert [job["status"] for job in finished] == ["succeeded"] * 3, finished
         assert all(job["attempts"] == 1 for job in finished)
         # one executor with one slot: the jobs ran one after another, never two at once

@@ -17,11 +17,10 @@ import pytest
 
 from service.api.auth import create_token
 from service.store.tables import Job
-from tests.conftest import mlp_onnx_model
+from tests.models import mlp_onnx_model
 from tests.payloads import json_body
 from tests.service import dashboard_data
-from tests.service.conftest import enable_auth, snapshot
-from tests.service.test_registry import assert_problem, upload
+from tests.service.helpers import assert_problem, enable_auth, exchange, snapshot, upload
 
 MiB = 1024 * 1024
 BODY_LIMIT = 256 * 1024  # MPQ_MAX_REQUEST_BODY_BYTES's default, which the fixtures keep
@@ -221,6 +220,7 @@ def test_oversized_bodies_are_refused(client, app):
     assert_problem(client.post("/login", data={"token": "x" * 5000}), 413, "login")
 
 
+@pytest.mark.slow
 def test_upload_routes_keep_their_own_limit(client, app):
     model = mlp_onnx_model(inputs=64, width=256).SerializeToString()
     assert len(model) > BODY_LIMIT
@@ -276,26 +276,6 @@ def test_bodies_over_the_bound_are_cut_without_buffering(app, live_server):
 
 
 # ---------------------------------------------------------------- 500s
-
-
-def exchange(connection: socket.socket, request: bytes) -> tuple[int, dict[str, str], bytes]:
-    """Send one HTTP/1.1 request on a kept-alive connection and read its whole response."""
-    connection.sendall(request)
-    data = b""
-    while b"\r\n\r\n" not in data:
-        received = connection.recv(65536)
-        if not received:
-            raise ConnectionError(f"the server closed the connection; got {data[:200]!r}")
-        data += received
-    head, _, body = data.partition(b"\r\n\r\n")
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
-    while len(body) < int(headers.get("content-length", 0)):
-        received = connection.recv(65536)
-        if not received:
-            raise ConnectionError("the server closed the connection mid-body")
-        body += received
-    return int(status_line.split()[1]), headers, body
 
 
 def test_a_500_is_problem_json_and_keeps_the_connection(client, app, live_server, tiny_model_bytes, caplog):

@@ -18,10 +18,9 @@ from onnx import TensorProto, helper, numpy_helper
 from service.inspection.checks import InvalidUpload, Limits
 from service.inspection.inspector import Inspector
 from service.sandbox.child import SandboxLimits
-from tests.conftest import npz_bytes, tiny_onnx_model
+from tests.models import npz_bytes, tiny_onnx_model
 from tests.payloads import external_model, npy_with_header, zip_bytes
-from tests.service.conftest import snapshot, sqlite_only
-from tests.service.test_registry import assert_problem, upload
+from tests.service.helpers import assert_problem, snapshot, sqlite_only, upload
 
 REPO = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
@@ -90,6 +89,7 @@ HOSTILE_DATASETS = {
 }
 
 
+@pytest.mark.slow
 @sqlite_only
 @pytest.mark.parametrize("case", HOSTILE_MODELS)
 def test_hostile_models_are_refused_before_anything_runs(client, app, case):
@@ -99,6 +99,7 @@ def test_hostile_models_are_refused_before_anything_runs(client, app, case):
     assert snapshot(app) == before
 
 
+@pytest.mark.slow
 @sqlite_only
 @pytest.mark.parametrize("case", HOSTILE_DATASETS)
 def test_hostile_datasets_are_refused_from_their_headers(client, app, case):
@@ -108,6 +109,7 @@ def test_hostile_datasets_are_refused_from_their_headers(client, app, case):
     assert snapshot(app) == before
 
 
+@pytest.mark.slow
 @sqlite_only
 def test_a_pt2_with_an_oversized_weight_table_is_refused(client, app):
     archive = zip_bytes({"m/archive_format": b"pt2", "m/data/weights/model_weights_config.json": b" " * (80 * MiB)})
@@ -115,6 +117,7 @@ def test_a_pt2_with_an_oversized_weight_table_is_refused(client, app):
     assert_problem(upload(client, "/v1/models", archive), 422, "model_weights_config.json")
 
 
+@pytest.mark.slow
 @sqlite_only
 def test_a_bundle_with_external_data_is_described_without_unpacking(client):
     model, data = external_model("data/weights.bin")
@@ -125,12 +128,13 @@ def test_a_bundle_with_external_data_is_described_without_unpacking(client):
     assert [layer["name"] for layer in response.json()["layers"]] == ["fc1.weight", "fc2.weight"]
 
 
+@pytest.mark.slow
 @sqlite_only
 def test_bops_budgets_are_checked_without_running_the_model(client):
     """BOPS need the layers' shapes: known statically, the budget is checked up front; unknown, the check
     is left to the job (which runs the model inside its sandbox), never run in the API's inspector."""
     from service.inspection.checks import _fewest_bops
-    from tests.planner.test_export import uninferable_model
+    from tests.models import uninferable_model
 
     model, _ = uninferable_model()
     assert _fewest_bops(model, {"x": [1, 4, 4]}, ("fp32", "w8a8")) is None
@@ -140,6 +144,7 @@ def test_bops_budgets_are_checked_without_running_the_model(client):
     assert_problem(client.post("/v1/plans", json=body), 422, "max_bops")
 
 
+@pytest.mark.slow
 def test_a_stuck_inspection_holds_up_no_other_request(tmp_path):
     """One upload whose parser never returns: the other requests are answered meanwhile, and the stuck
     process is killed at the time limit."""
@@ -192,6 +197,7 @@ def _many_layers(count: int, side: int = 1) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+@pytest.mark.slow
 @sqlite_only
 def test_a_model_past_the_layer_limit_is_refused(client, app):
     """800,000 legal layers grew the API process by 1.5 GB (their description was parsed there)."""
@@ -203,6 +209,7 @@ def test_a_model_past_the_layer_limit_is_refused(client, app):
     assert snapshot(app) == before
 
 
+@pytest.mark.slow
 def test_a_raw_model_is_inspected_in_little_more_memory_than_its_size(tmp_path):
     """Reading, parsing and checking a raw model took 3.0x its size (a 900 MiB model passed the 3 GiB
     budget); it is parsed from a mapping and checked without its weights: 1.5x is plenty."""
@@ -244,6 +251,7 @@ def _small_inspector(processes: int = 1) -> Inspector:
     )
 
 
+@pytest.mark.slow
 def test_a_description_past_the_reply_limit_is_refused_by_the_inspector(tmp_path, monkeypatch):
     import service.inspection.inspector
 
@@ -260,6 +268,7 @@ def test_a_description_past_the_reply_limit_is_refused_by_the_inspector(tmp_path
         inspector.close()
 
 
+@pytest.mark.slow
 def test_a_spare_that_died_while_waiting_is_never_handed_out(tmp_path):
     import signal
 
@@ -302,7 +311,7 @@ def test_a_paddle_style_model_is_described_normalised(tmp_path):
     """Constant weights listed as layers under their output names, a -1 batch shown as dynamic; the
     opset and IR version are the file's, ``normalization`` says what changed."""
     from service.inspection.checks import inspect_model
-    from tests.sensitivity.test_normalize import paddle_style_model
+    from tests.models import paddle_style_model
 
     path = tmp_path / "paddle.onnx"
     path.write_bytes(paddle_style_model().SerializeToString())
@@ -317,6 +326,7 @@ def test_a_paddle_style_model_is_described_normalised(tmp_path):
     assert described["details"]["normalization"]["promoted_constants"] == 2
 
 
+@pytest.mark.zoo
 @pytest.mark.parametrize(
     "name", ["ch_PP-OCRv4_det_infer.onnx", "ch_PP-OCRv4_rec_infer.onnx", "ch_ppocr_mobile_v2.0_cls_infer.onnx"]
 )
@@ -325,9 +335,9 @@ def test_ppocr_is_described_with_the_layer_names_the_analysis_uses(name):
     upload lists the layers (0 before) under the names the sensitivity results will carry."""
     from sensitivity.onnx_program import load_onnx
     from service.inspection.checks import inspect_model
-    from tests.sensitivity.test_normalize_zoo import ppocr
+    from tests.zoo.models import resource_or_skip
 
-    path = ppocr(name)
+    path = resource_or_skip("rapidocr_onnxruntime", "models", name)
     limits = Limits(
         max_bytes=64 * MiB,
         max_decompressed_bytes=64 * MiB,
@@ -342,6 +352,7 @@ def test_ppocr_is_described_with_the_layer_names_the_analysis_uses(name):
     assert described["details"]["normalization"]["promoted_constants"] > len(names)  # biases too
 
 
+@pytest.mark.zoo
 @sqlite_only
 def test_an_already_quantized_upload_is_refused_as_quantized(client, app):
     from tests.zoo.models import resource_or_skip

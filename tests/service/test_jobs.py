@@ -10,35 +10,20 @@ import numpy as np
 import pytest
 
 from sensitivity.results import MAX_PROBES
-from tests.conftest import mlp_onnx_model, npz_bytes
-from tests.service.conftest import snapshot, sqlite_only
-from tests.service.test_registry import assert_problem, upload
+from tests.models import npz_bytes
+from tests.service.helpers import (
+    assert_problem,
+    post_json_text,
+    slow_inputs,
+    snapshot,
+    sqlite_only,
+    upload,
+    uploaded,
+    wait_for,
+)
 
 
-def wait_for(client, job_id: str, statuses=("succeeded", "failed", "cancelled"), timeout: float = 120.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        if job["status"] in statuses:
-            return job
-        time.sleep(0.1)
-    raise AssertionError(f"job {job_id} still {job['status']} after {timeout} s: {job}")
-
-
-def uploaded(client, model_bytes: bytes, dataset_bytes: bytes) -> tuple[str, str]:
-    model = upload(client, "/v1/models", model_bytes)
-    dataset = upload(client, "/v1/datasets", dataset_bytes)
-    assert model.status_code == dataset.status_code == 201, (model.text, dataset.text)
-    return model.json()["id"], dataset.json()["id"]
-
-
-def slow_inputs(client, width: int = 1024) -> tuple[str, str]:
-    """A model and data whose Hutchinson probes take ~50 ms each (2-core CPU): MAX_PROBES of them, minutes."""
-    rng = np.random.default_rng(0)
-    data = npz_bytes(x=rng.standard_normal((256, 256)).astype(np.float32), labels=rng.integers(0, 10, 256))
-    return uploaded(client, mlp_onnx_model(width=width).SerializeToString(), data)
-
-
+@pytest.mark.slow
 def test_sensitivity_job_runs_and_is_cached(client, tiny_model_bytes, tiny_dataset_bytes):
     model_id, dataset_id = uploaded(client, tiny_model_bytes, tiny_dataset_bytes)
     body = {"model_id": model_id, "dataset_id": dataset_id, "method": "hawq_v2", "options": {"seed": 3}}
@@ -61,6 +46,7 @@ def test_sensitivity_job_runs_and_is_cached(client, tiny_model_bytes, tiny_datas
     assert again["result"]["sensitivity_result_id"] == job["result"]["sensitivity_result_id"]
 
 
+@pytest.mark.slow
 def test_idempotency_key_never_starts_duplicate_work(client, tiny_model_bytes, tiny_dataset_bytes):
     model_id, dataset_id = uploaded(client, tiny_model_bytes, tiny_dataset_bytes)
     body = {"model_id": model_id, "dataset_id": dataset_id, "method": "hawq_v2"}
@@ -75,6 +61,7 @@ def test_idempotency_key_never_starts_duplicate_work(client, tiny_model_bytes, t
     wait_for(client, first.json()["id"])
 
 
+@pytest.mark.slow
 def test_requests_are_validated_up_front(client, app, tiny_model_bytes, tiny_dataset_bytes):
     from onnx import TensorProto, helper
 
@@ -113,12 +100,6 @@ def test_requests_are_validated_up_front(client, app, tiny_model_bytes, tiny_dat
     assert client.get("/v1/jobs").json()["total"] == 0
 
 
-def post_json_text(client, path: str, text: str):
-    """POST a JSON body written by hand: the API reads bodies with Python's json, which accepts
-    Infinity, NaN, 1e400 (= inf) and ints of any size, none of which json.dumps writes from a dict."""
-    return client.post(path, content=text, headers={"content-type": "application/json"})
-
-
 # The hostile review's cases (method, options as JSON text, the option the answer must name): each
 # passed submission, then failed in the worker as an internal error or held its slot for minutes.
 HOSTILE_SENSITIVITY_OPTIONS = [
@@ -139,6 +120,7 @@ HOSTILE_SENSITIVITY_OPTIONS = [
 ]
 
 
+@pytest.mark.slow
 @sqlite_only
 @pytest.mark.parametrize(
     ("method", "options", "named"),
@@ -155,6 +137,7 @@ def test_hostile_options_are_refused_at_submission(
     assert snapshot(app) == before  # no job row, nothing stored
 
 
+@pytest.mark.slow
 def test_cancel_a_running_job(client):
     model_id, dataset_id = slow_inputs(client)
     body = {
@@ -173,6 +156,7 @@ def test_cancel_a_running_job(client):
     assert client.get("/v1/jobs", params={"status": "running"}).json()["total"] == 0
 
 
+@pytest.mark.slow
 def test_cancel_a_queued_job_is_immediate(client, app):
     model_id, dataset_id = slow_inputs(client)
     long_job = {
@@ -189,6 +173,7 @@ def test_cancel_a_queued_job_is_immediate(client, app):
     assert wait_for(client, running, timeout=30)["status"] == "cancelled"
 
 
+@pytest.mark.slow
 def test_kill_9_mid_job_requeues_then_succeeds(client):
     model_id, dataset_id = slow_inputs(client, width=384)
     body = {
@@ -205,6 +190,7 @@ def test_kill_9_mid_job_requeues_then_succeeds(client):
     assert final["attempts"] == 2
 
 
+@pytest.mark.slow
 def test_kill_9_on_the_last_attempt_fails_with_a_reason(client, app):
     app.state.executor.settings = app.state.executor.settings.model_copy(update={"max_attempts": 1})
     try:

@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -20,48 +17,8 @@ import pytest
 
 from service.cli import local_commands, output
 from service.cli.local_commands import register
-from tests.conftest import tiny_onnx_model
-
-# Builds the mpq parser with the local commands, as service/cli/commands.py will once it registers them.
-_RUNNER = """
-import argparse, sys
-from service.cli.local_commands import register
-parser = argparse.ArgumentParser(prog="mpq")
-register(parser.add_subparsers())
-args = parser.parse_args(sys.argv[1:])
-sys.exit(args.handler(args, None))
-"""
-
-
-def _registered_in_cli() -> bool:
-    from service.cli import commands as cli
-
-    commands = next(a for a in cli._parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return "plan" in commands.choices and "sensitivity" in commands.choices
-
-
-def run_mpq(*args: str, cwd) -> subprocess.CompletedProcess[str]:
-    """A real ``mpq`` process (each costs seconds of imports, so only one per exit status)."""
-    command = ["-m", "service.cli"] if _registered_in_cli() else ["-c", _RUNNER]
-    environment = {**os.environ, "MPQ_DATA_DIR": str(cwd), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, *command, *args], capture_output=True, text=True, cwd=cwd, env=environment, timeout=120
-    )
-
-
-def call_mpq(*args: str, capsys) -> tuple[int, str, str]:
-    """The same command line in this process: (exit status, stdout, stderr)."""
-    if _registered_in_cli():
-        from service.cli import main
-
-        status = main(list(args))
-    else:
-        parser = argparse.ArgumentParser(prog="mpq")
-        register(parser.add_subparsers())
-        parsed = parser.parse_args(list(args))
-        status = parsed.handler(parsed, None)
-    captured = capsys.readouterr()
-    return status, captured.out, captured.err
+from tests.models import tiny_onnx_model
+from tests.service.helpers import call_mpq, run_mpq
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +37,7 @@ def files(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_sensitivity_json(files):
     result = run_mpq(
         "sensitivity",
@@ -115,6 +73,7 @@ def test_sensitivity_json(files):
     assert "ETA" in result.stderr, "progress goes to stderr, with an ETA for the probes"
 
 
+@pytest.mark.slow
 def test_sensitivity_table_and_eigenvalues(files, capsys, monkeypatch):
     monkeypatch.chdir(files)
     status, out, err = call_mpq(
@@ -141,6 +100,7 @@ def test_sensitivity_table_and_eigenvalues(files, capsys, monkeypatch):
     assert re.search(r"^batch \d+ x \d+ probes per pass, (double_backward|forward_over_reverse)", out, re.M)
 
 
+@pytest.mark.slow
 def test_plan_json_writes_the_artifact(files):
     result = run_mpq(
         "plan",
@@ -202,6 +162,7 @@ def test_plan_json_writes_the_artifact(files):
     assert ort.InferenceSession(str(artifact)).run(None, {"x": x})[0].shape == (64, 3)
 
 
+@pytest.mark.slow
 def test_plan_summary_lists_nodes_and_exclusions(files, capsys, monkeypatch):
     monkeypatch.chdir(files)
     status, out, err = call_mpq(
@@ -300,6 +261,7 @@ def test_budget_options_reach_the_configuration():
     assert plan_request(args).sensitivity_config().memory_budget_mb == 2048
 
 
+@pytest.mark.slow
 def test_plan_impossible_budget_exits_3(files):
     result = run_mpq(
         "plan", "model.onnx", "--data", "calib.npz", "--max-size-mb", "0.00001", "--out", "none.onnx", cwd=files
@@ -326,6 +288,7 @@ def test_plan_impossible_budget_exits_3(files):
     assert bad.returncode == json.loads(bad.stdout)["exit_code"] == 2
 
 
+@pytest.mark.slow
 def test_mismatching_arrays_exit_2_in_a_real_process(files):
     result = run_mpq("plan", "model.onnx", "--data", "wrong.npz", cwd=files)
     assert result.returncode == 2, result.stderr
@@ -352,6 +315,7 @@ def test_bad_input_exits_2(files, capsys, monkeypatch, arguments, message):
     assert message in err and out == ""
 
 
+@pytest.mark.zoo
 @pytest.mark.parametrize("command", ["sensitivity", "plan"])
 def test_an_already_quantized_model_exits_2_naming_it(command, tmp_path, capsys):
     """Refused as quantized before the data is checked (its batch of 2 does not fit the model's 1)."""
@@ -366,9 +330,10 @@ def test_an_already_quantized_model_exits_2_naming_it(command, tmp_path, capsys)
     assert not (tmp_path / "q.onnx").exists()
 
 
+@pytest.mark.slow
 def test_sensitivity_of_a_paddle_style_model_names_its_constant_layers(tmp_path, capsys):
     """Weights in Constant nodes and a -1 batch: normalised, said on stderr, analysed under their names."""
-    from tests.sensitivity.test_normalize import paddle_style_model
+    from tests.models import paddle_style_model
 
     onnx.save(paddle_style_model(), tmp_path / "paddle.onnx")
     np.savez(tmp_path / "data.npz", x=np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32))
@@ -389,6 +354,7 @@ def test_sensitivity_of_a_paddle_style_model_names_its_constant_layers(tmp_path,
     assert "normalised the model: 2 Constant nodes became initializers" in err and "x[0]" in err
 
 
+@pytest.mark.slow
 def test_a_finished_sensitivity_is_reused_by_the_next_sensitivity_and_plan(files, capsys, monkeypatch, tmp_path):
     """`mpq plan` recomputed what `mpq sensitivity` had just computed (529 of 637 s on a real model)."""
     monkeypatch.chdir(files)
@@ -460,11 +426,11 @@ def test_sample_axes_are_repeatable_and_none_means_shared():
         sample_axes_option(["state:1"])
 
 
+@pytest.mark.slow
 def test_sensitivity_and_plan_take_the_sample_axes(tmp_path, capsys, monkeypatch):
     """A state with samples on axis 1 and a scalar sample rate, declared loosely: --sample-axis says where
     the samples are, the cache keeps results apart by it, and the artifact runs on the scalar."""
-    from tests.conftest import stateful_data, stateful_onnx_model
-    from tests.sensitivity.test_samples import loose_data, loosely_declared_stateful_model
+    from tests.models import loose_data, loosely_declared_stateful_model, stateful_data, stateful_onnx_model
 
     monkeypatch.chdir(tmp_path)
     onnx.save(loosely_declared_stateful_model(), tmp_path / "state.onnx")

@@ -8,21 +8,10 @@ import hashlib
 import onnxruntime as ort
 import pytest
 
-from tests.conftest import npz_bytes
-from tests.planner.test_export import trained_digits_onnx
-from tests.service.conftest import snapshot, sqlite_only
-from tests.service.test_jobs import post_json_text, uploaded, wait_for
-from tests.service.test_registry import assert_problem, upload
+from tests.service.helpers import assert_problem, post_json_text, snapshot, sqlite_only, upload, uploaded, wait_for
 
 
-@pytest.fixture(scope="module")
-def digits_files():
-    proto, _calibration, data = trained_digits_onnx()
-    calib = npz_bytes(input=data.train_x[:256], labels=data.train_y[:256])
-    evaluation = npz_bytes(input=data.test_x, labels=data.test_y)
-    return proto.SerializeToString(), calib, evaluation, data
-
-
+@pytest.mark.slow
 def test_plan_round_trip(client, digits_files):
     model_bytes, calib, evaluation, data = digits_files
     model_id, calib_id = uploaded(client, model_bytes, calib)
@@ -79,6 +68,7 @@ def test_plan_round_trip(client, digits_files):
     assert len(client.get(f"/v1/plans/{plan_id}/latency").json()) == 2
 
 
+@pytest.mark.slow
 def test_plan_requests_are_validated_up_front(client, digits_files):
     model_bytes, calib, _, _ = digits_files
     model_id, calib_id = uploaded(client, model_bytes, calib)
@@ -123,6 +113,7 @@ HOSTILE_PLAN_FIELDS = [
 ]
 
 
+@pytest.mark.slow
 @sqlite_only
 @pytest.mark.parametrize(("fields", "named"), HOSTILE_PLAN_FIELDS, ids=[f for f, _ in HOSTILE_PLAN_FIELDS])
 def test_hostile_plan_requests_are_refused_at_submission(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, make_url, text
 
@@ -11,8 +12,7 @@ from service.app import create_app
 from service.settings import Settings
 from service.store.db import make_engine, session_factory, upgrade
 from service.store.sql_store import SqlStore
-from tests.service.conftest import ADMIN_URL
-from tests.service.test_registry import assert_problem
+from tests.service.helpers import ADMIN_URL, assert_problem
 
 
 def own_app(url: str, tmp_path) -> TestClient:
@@ -57,6 +57,7 @@ def test_a_read_only_sqlite_database_is_not_ready(tmp_path):
     client.app.state.engine.dispose()
 
 
+@pytest.mark.slow
 def test_a_read_only_postgresql_database_is_not_ready(own_postgres_url, tmp_path):
     client = own_app(own_postgres_url, tmp_path)
     assert client.get("/readyz").status_code == 200

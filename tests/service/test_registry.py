@@ -10,32 +10,13 @@ import numpy as np
 import onnx
 import pytest
 
-from tests.conftest import npz_bytes, tiny_onnx_model
-from tests.service.conftest import enable_auth, snapshot
-
-PROBLEM = "application/problem+json"
-
-
-def upload(client, path: str, body, name: str | None = None, **headers):
-    params = {"name": name} if name else {}
-    return client.post(
-        path, content=body, params=params, headers={"content-type": "application/octet-stream", **headers}
-    )
-
-
-def assert_problem(response, status: int, *words: str) -> None:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith(PROBLEM)
-    body = response.json()
-    assert body["status"] == status and body["title"] and body["detail"]
-    assert "Traceback" not in response.text
-    for word in words:
-        assert word.lower() in body["detail"].lower(), body["detail"]
-
+from tests.models import npz_bytes, tiny_onnx_model
+from tests.service.helpers import assert_problem, enable_auth, snapshot, upload
 
 # ------------------------------------------------------------------ happy paths
 
 
+@pytest.mark.slow
 def test_model_round_trip(client, app, tiny_model_bytes):
     response = upload(client, "/v1/models", tiny_model_bytes, name="tiny")
     assert response.status_code == 201, response.text
@@ -69,6 +50,7 @@ def test_model_round_trip(client, app, tiny_model_bytes):
     assert snapshot(app)["blobs"] == 0
 
 
+@pytest.mark.slow
 def test_shared_blob_survives_deleting_one_of_two_rows(client, app, tiny_model_bytes):
     first = upload(client, "/v1/models", tiny_model_bytes).json()
     second = upload(client, "/v1/models", tiny_model_bytes).json()
@@ -89,6 +71,7 @@ def test_dataset_round_trip(client, tiny_dataset_bytes):
     assert client.delete(f"/v1/datasets/{dataset['id']}").status_code == 204
 
 
+@pytest.mark.slow
 def test_onnx_archive_with_external_data_inside_the_upload(client, tmp_path):
     model = tiny_onnx_model()
     onnx.save_model(
@@ -117,6 +100,7 @@ def test_lists_of_models_count_their_layers_and_one_model_has_them(client):
     assert listed["layer_count"] == one["layer_count"] == len(one["layers"]) > 0
 
 
+@pytest.mark.slow
 def test_torch_export_archive_is_listed_not_loaded(client, app, tmp_path):
     import torch
 
@@ -196,6 +180,7 @@ BAD_MODELS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", BAD_MODELS)
 def test_bad_models_are_rejected_and_leave_nothing(client, app, tmp_path, case):
     make, words = BAD_MODELS[case]
@@ -214,6 +199,7 @@ BAD_DATASETS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", BAD_DATASETS)
 def test_bad_datasets_are_rejected_and_leave_nothing(client, app, case):
     body, words = BAD_DATASETS[case]
@@ -291,6 +277,7 @@ def test_invalid_query_is_problem_json(client):
 # ------------------------------------------------------------------ auth
 
 
+@pytest.mark.slow
 def test_every_v1_route_requires_a_token_when_auth_is_on(client, app, tiny_model_bytes, monkeypatch):
     from service.api import auth
     from service.api.auth import create_token
@@ -366,6 +353,7 @@ def test_nul_bytes_are_a_clear_4xx_on_every_backend(client, app, tiny_model_byte
     assert_problem(client.get("/v1/models/%00"), 404, "no model")
 
 
+@pytest.mark.slow
 def test_a_revoked_token_stops_working_within_the_cache_window(client, app, monkeypatch):
     from service.api import auth
     from service.store.tables import ApiToken, utcnow

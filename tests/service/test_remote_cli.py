@@ -14,12 +14,12 @@ import onnxruntime as ort
 import pytest
 
 from service.api.auth import create_token
-from tests.conftest import tiny_onnx_model
-from tests.service.conftest import enable_auth
+from tests.models import tiny_onnx_model
+from tests.service.helpers import enable_auth
 
 # The CLI's logic does not depend on the database; the API routes it calls run on both backends
 # in test_plans.py and test_jobs.py. Each CLI process costs seconds of imports, so SQLite only.
-pytestmark = pytest.mark.parametrize("backend_settings", ["sqlite"], indirect=True)
+pytestmark = [pytest.mark.parametrize("backend_settings", ["sqlite"], indirect=True), pytest.mark.slow]
 
 
 @pytest.fixture
@@ -125,10 +125,7 @@ def test_remote_runs_take_sample_axes(app, live_server, token, tmp_path, client)
     do not say where the samples lie (tests/service/test_sample_axes.py), the same traces as locally."""
     import onnx
 
-    from tests.sensitivity.test_samples import (
-        loose_data,
-        loosely_declared_stateful_model,
-    )
+    from tests.models import loose_data, loosely_declared_stateful_model
 
     model, data, out = tmp_path / "state.onnx", tmp_path / "state.npz", tmp_path / "q.onnx"
     onnx.save(loosely_declared_stateful_model(), model)

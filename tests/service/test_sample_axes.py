@@ -13,12 +13,19 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from tests.conftest import npz_bytes, stateful_data, stateful_onnx_model
-from tests.sensitivity.test_samples import loose_data, loosely_declared_stateful_model
-from tests.service.conftest import snapshot, sqlite_only
-from tests.service.test_jobs import post_json_text, uploaded, wait_for
-from tests.service.test_local_commands import call_mpq
-from tests.service.test_registry import assert_problem, upload
+from tests.models import loose_data, loosely_declared_stateful_model, npz_bytes, stateful_data, stateful_onnx_model
+from tests.service.helpers import (
+    assert_problem,
+    call_mpq,
+    post_json_text,
+    snapshot,
+    sqlite_only,
+    upload,
+    uploaded,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slow  # jobs, the job-request inspector and mpq processes, seconds each
 
 SAMPLES = 24
 AXES = {"state": 1, "sr": None}  # what the stateful model declares; the loosely declared one needs them given
@@ -160,7 +167,7 @@ def test_bad_sample_axes_are_refused_at_submission(client, app, axes: str, named
 
 @pytest.fixture(scope="module")
 def small_pt2(tmp_path_factory):
-    from tests.sensitivity.test_pt2_archive import save_small_model
+    from tests.pt2_archives import save_small_model
 
     return save_small_model(tmp_path_factory.mktemp("pt2") / "small.pt2").read_bytes()
 

@@ -7,9 +7,12 @@ pytest 9), against the app served by a real uvicorn server: one generated test p
 
 from __future__ import annotations
 
+import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
+
+pytestmark = pytest.mark.slow  # 30 generated requests per operation, on both backends
 
 
 def errors_are_problem_json(ctx, response, case) -> bool | None:

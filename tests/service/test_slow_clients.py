@@ -18,8 +18,9 @@ import pytest
 import uvicorn
 
 from service.api.guard import HeaderTimeoutProtocol
-from tests.service.conftest import sqlite_only
-from tests.service.test_guard import exchange
+from tests.service.helpers import exchange, sqlite_only
+
+pytestmark = pytest.mark.slow  # each test waits out the server's timeouts
 
 TIMEOUT_S = 0.5
 # What is tested is the server's sockets, not the database: SQLite only.

@@ -22,11 +22,19 @@ from service.api.auth import create_token
 from service.api.transfer import UploadSlots
 from service.store.storage import delete_if_unused, store_file
 from service.store.tables import Artifact, Model
-from tests.conftest import npz_bytes, tiny_onnx_model
-from tests.service.conftest import enable_auth, snapshot
-from tests.service.test_distributed import free_port
-from tests.service.test_jobs import slow_inputs, uploaded, wait_for
-from tests.service.test_registry import assert_problem, upload
+from tests.models import npz_bytes, tiny_onnx_model
+from tests.service.helpers import (
+    assert_problem,
+    enable_auth,
+    free_port,
+    slow_inputs,
+    snapshot,
+    upload,
+    uploaded,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slow  # each test runs jobs, real servers or concurrent uploads
 
 # ---------------------------------------------------------------- deletes racing uploads
 

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 
 from service.store.tables import Job, Model
-from tests.conftest import npz_bytes
-from tests.sensitivity.test_pt2_archive import (
+from tests.models import npz_bytes
+from tests.pt2_archives import (
     pickled_sample_inputs,
     pickled_weight,
     save_small_model,
 )
-from tests.service.conftest import snapshot, sqlite_only
-from tests.service.test_jobs import slow_inputs, uploaded, wait_for
-from tests.service.test_registry import assert_problem, upload
+from tests.service.helpers import assert_problem, slow_inputs, snapshot, sqlite_only, upload, uploaded, wait_for
+
+pytestmark = pytest.mark.slow  # each test runs a sandboxed job
 
 HOSTILE = {
     "pickled_weight": (pickled_weight, "model_weights_config.json (weight 'fc.weight')"),

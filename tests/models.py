@@ -1,0 +1,284 @@
+"""Small models and data made on the spot (nothing is downloaded), shared by the test areas and bench/.
+
+Plain builders, not fixtures: the fixtures live in the conftest.py files. Importing this module does not
+import torch (``trained_digits_onnx`` imports it when called).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+# ---------------------------------------------------------------- small ONNX models and their data
+
+
+def tiny_onnx_model(seed: int = 0, opset: int = 17) -> onnx.ModelProto:
+    """x[N,8] -> Gemm(8->6) -> Relu -> MatMul(6->3): two quantizable layers."""
+    rng = np.random.default_rng(seed)
+    w1 = numpy_helper.from_array(rng.standard_normal((6, 8)).astype(np.float32), "fc1.weight")
+    b1 = numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "fc1.bias")
+    w2 = numpy_helper.from_array(rng.standard_normal((6, 3)).astype(np.float32), "fc2.weight")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gemm", ["x", "fc1.weight", "fc1.bias"], ["h"], name="fc1", transB=1),
+            helper.make_node("Relu", ["h"], ["r"], name="relu"),
+            helper.make_node("MatMul", ["r", "fc2.weight"], ["y"], name="fc2"),
+        ],
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+        [w1, b1, w2],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def stateful_onnx_model(seed: int = 0, opset: int = 17) -> onnx.ModelProto:
+    """A silero-vad-like model with three kinds of input: x [batch, 6] (samples on axis 0), a recurrent
+    state [2, batch, 4] (samples on axis 1) and sr, a rank-0 int64 sample rate shared by every sample.
+    y = tanh((x · sr/16000) @ fc1 + state as [batch, 8]) @ fc2 [batch, 3]; stateN [2, batch, 4] is the
+    tanh as the next state. Two quantizable layers: fc1.weight [6, 8] and fc2.weight [8, 3]."""
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array(0.5 * rng.standard_normal(shape).astype(np.float32), name)
+        for name, shape in (("fc1.weight", (6, 8)), ("fc2.weight", (8, 3)))
+    ]
+    inits += [
+        numpy_helper.from_array(np.array(16000.0, np.float32), "rate"),
+        numpy_helper.from_array(np.array([-1, 8], np.int64), "flat"),
+        numpy_helper.from_array(np.array([-1, 2, 4], np.int64), "halves"),
+    ]
+    nodes = [
+        helper.make_node("Cast", ["sr"], ["sr_float"], to=TensorProto.FLOAT),
+        helper.make_node("Div", ["sr_float", "rate"], ["scale"]),
+        helper.make_node("Mul", ["x", "scale"], ["scaled"]),
+        helper.make_node("MatMul", ["scaled", "fc1.weight"], ["h"], name="fc1"),
+        helper.make_node("Transpose", ["state"], ["batch_first"], perm=[1, 0, 2]),
+        helper.make_node("Reshape", ["batch_first", "flat"], ["state_rows"]),
+        helper.make_node("Add", ["h", "state_rows"], ["mixed"]),
+        helper.make_node("Tanh", ["mixed"], ["a"]),
+        helper.make_node("MatMul", ["a", "fc2.weight"], ["y"], name="fc2"),
+        helper.make_node("Reshape", ["a", "halves"], ["a_halves"]),
+        helper.make_node("Transpose", ["a_halves"], ["stateN"], perm=[1, 0, 2]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "stateful",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 6]),
+            helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, "batch", 4]),
+            helper.make_tensor_value_info("sr", TensorProto.INT64, []),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3]),
+            helper.make_tensor_value_info("stateN", TensorProto.FLOAT, [2, "batch", 4]),
+        ],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def stateful_data(count: int, seed: int = 1, rate: int = 16000) -> dict[str, np.ndarray]:
+    """Inputs of ``stateful_onnx_model`` for ``count`` samples: state [2, count, 4], sr one scalar."""
+    rng = np.random.default_rng(seed)
+    return {
+        "x": rng.standard_normal((count, 6)).astype(np.float32),
+        "state": 0.3 * rng.standard_normal((2, count, 4)).astype(np.float32),
+        "sr": np.array(rate, np.int64),
+    }
+
+
+def mlp_onnx_model(inputs: int = 256, width: int = 1024, classes: int = 10, seed: int = 0) -> onnx.ModelProto:
+    """A wide Gemm-Relu MLP: heavy enough that a Hessian analysis takes a while."""
+    rng = np.random.default_rng(seed)
+    sizes = [(width, inputs), (width, width), (classes, width)]
+    nodes, inits, current = [], [], "x"
+    for index, (rows, cols) in enumerate(sizes):
+        weight = f"fc{index}.weight"
+        inits.append(
+            numpy_helper.from_array((rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32), weight)
+        )
+        nodes.append(helper.make_node("Gemm", [current, weight], [f"h{index}"], transB=1))
+        current = f"h{index}"
+        if index < len(sizes) - 1:
+            nodes.append(helper.make_node("Relu", [current], [f"r{index}"]))
+            current = f"r{index}"
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", inputs])],
+        [helper.make_tensor_value_info(current, TensorProto.FLOAT, ["batch", classes])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def npz_bytes(**arrays: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]  # numpy's stub reads a ** dict as allow_pickle
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------- per-input sample axes (sensitivity.samples)
+
+
+def loosely_declared_stateful_model() -> onnx.ModelProto:
+    """The stateful model as a careless exporter declares it: every dim of the state symbolic, the
+    sample rate a vector [1]. Nothing in the shapes says where the state's samples lie."""
+    model = stateful_onnx_model()
+    for value in model.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        if value.name == "state":
+            for index, dim in enumerate(dims):
+                dim.dim_param = f"state_{index}"
+        if value.name == "sr":
+            dims.add().dim_value = 1
+    return model
+
+
+def loose_data(count: int) -> dict[str, np.ndarray]:
+    return {**stateful_data(count), "sr": np.array([16000], np.int64)}
+
+
+# ---------------------------------------------------------------- exporter quirks (sensitivity.normalize)
+
+
+def constant_node(name: str, array: np.ndarray) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(array, name), name=f"{name}_node")
+
+
+def paddle_style_model(bias_channels: int = 8) -> onnx.ModelProto:
+    """x[-1, 3, 8, 8] -> Conv (weight and bias from Constant nodes) -> Reshape to [-1, C*64] (shape
+    from a 2-element Constant): how paddle2onnx writes every model."""
+    rng = np.random.default_rng(0)
+    channels = bias_channels
+    nodes = [
+        constant_node("conv.w", rng.standard_normal((channels, 3, 3, 3)).astype(np.float32)),
+        constant_node("conv.b", rng.standard_normal(channels).astype(np.float32)),
+        constant_node("shape", np.array([-1, channels * 64], dtype=np.int64)),
+        helper.make_node("Conv", ["x", "conv.w", "conv.b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Reshape", ["c", "shape"], ["y"], name="flatten"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "paddle",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, channels * 64])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)])
+    model.ir_version = 8
+    return model
+
+
+def scaled_weight(model: onnx.ModelProto, name: str, factor: float, offset: float = 0.0) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializer ``name`` is multiplied by ``factor``, plus ``offset``."""
+    changed = onnx.ModelProto()
+    changed.CopyFrom(model)
+    weight = next(init for init in changed.graph.initializer if init.name == name)
+    array = numpy_helper.to_array(weight) * np.float32(factor) + np.float32(offset)
+    weight.CopyFrom(numpy_helper.from_array(array.astype(np.float32), name))
+    return changed
+
+
+# ---------------------------------------------------------------- an LSTM layer; a graph shape inference cannot type
+
+
+def recurrent_model() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """A model with an LSTM layer: x [N, 5, 3] -> bidirectional LSTM (W, R: two layers; B stays float) ->
+    final states -> Gemm [8, 3]."""
+    rng = np.random.default_rng(0)
+
+    def weight(name, shape):
+        return numpy_helper.from_array((0.5 * rng.standard_normal(shape)).astype(np.float32), name)
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("Transpose", ["x"], ["steps"], name="time_major", perm=[1, 0, 2]),
+            helper.make_node(
+                "LSTM",
+                ["steps", "lstm.W", "lstm.R", "lstm.B"],
+                ["", "h_n"],
+                name="lstm",
+                hidden_size=4,
+                direction="bidirectional",
+            ),
+            helper.make_node("Transpose", ["h_n"], ["h_batch"], name="batch_major", perm=[1, 0, 2]),
+            helper.make_node("Flatten", ["h_batch"], ["features"], name="flatten", axis=1),
+            helper.make_node("Gemm", ["features", "fc.weight"], ["logits"], name="fc"),
+        ],
+        "recurrent",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5, 3])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+        [
+            weight("lstm.W", (2, 16, 3)),
+            weight("lstm.R", (2, 16, 4)),
+            weight("lstm.B", (2, 32)),
+            weight("fc.weight", (8, 3)),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return model, {"x": rng.standard_normal((64, 5, 3)).astype(np.float32)}
+
+
+def uninferable_model() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """com.microsoft Inverse: onnxruntime runs it, but ONNX shape inference gives no type for anything after it
+    and onnxruntime's symbolic shape inference raises."""
+    rng = np.random.default_rng(1)
+    nodes = [
+        helper.make_node("Inverse", ["x"], ["inv"], domain="com.microsoft"),  # unnamed on purpose
+        helper.make_node("Flatten", ["inv"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "fc1.weight"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Gemm", ["r", "fc2.weight"], ["y"], transB=1),
+    ]
+    initializers = [
+        numpy_helper.from_array(rng.normal(size=(16, 8)).astype(np.float32), "fc1.weight"),
+        numpy_helper.from_array(rng.normal(size=(3, 8)).astype(np.float32), "fc2.weight"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "uninferable",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        initializers,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
+    x = (np.eye(4) + 0.2 * rng.normal(size=(40, 4, 4))).astype(np.float32)
+    return model, {"x": x}
+
+
+# ---------------------------------------------------------------- a trained model (planner and service)
+
+
+@functools.cache
+def trained_digits_onnx():
+    """The trained digits CNN as ONNX (opset 17) with calibration and test data (~5 s to train).
+
+    Cached so the test modules that need it share one training run in a session. One torch thread:
+    on the shared 2-core machine a second thread mostly waits (12 s vs 16 s measured under load).
+    """
+    import torch
+
+    from sensitivity.examples import export_onnx, trained_digits_cnn
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, data = trained_digits_cnn()
+    finally:
+        torch.set_num_threads(threads)
+    proto = export_onnx(model, torch.from_numpy(data.train_x[:1]))
+    return proto, {"input": data.train_x[:256]}, data
