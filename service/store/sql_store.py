@@ -415,8 +415,8 @@ class SqlStore:
             query = query.where(Plan.model_id == model_id)
         with self.sessions() as session:
             total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-            rows = session.execute(query.order_by(Plan.created_at.desc()).limit(limit).offset(offset)).tuples().all()
-        return list(rows), total
+            rows = session.execute(query.order_by(Plan.created_at.desc()).limit(limit).offset(offset))
+            return [(plan, artifact) for plan, artifact in rows], total
 
     def plan_with_artifact(self, plan_id: str) -> tuple[Plan | None, Artifact | None]:
         with self.sessions() as session:
@@ -458,7 +458,7 @@ class SqlStore:
         if plan_ids is not None:
             query = query.where(LatencyMeasurementRow.plan_id.in_(set(plan_ids)))
         with self.sessions() as session:
-            return {plan_id: count for plan_id, count in session.execute(query).tuples() if plan_id is not None}
+            return {plan_id: count for plan_id, count in session.execute(query) if plan_id is not None}
 
     def plans(
         self, *, ids: Iterable[str] | None = None, model_id: str | None = None, limit: int | None = None
