@@ -128,3 +128,20 @@ def test_fixtures_are_defined_only_in_conftest_and_test_modules() -> None:
             ):
                 found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.name}")
     assert not found, "\n".join(found)
+
+
+def _readme_layout_paths() -> set[str]:
+    """The paths README's layout table names (its first column, backquoted)."""
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("## Layout") :].split("\n## ", 1)[0]
+    return set(re.findall(r"^\| `([^`]+)` \|", table, flags=re.MULTILINE))
+
+
+def test_the_readme_layout_table_names_every_folder_and_only_those() -> None:
+    root = ROOT
+    named = _readme_layout_paths()
+    tops = {"sensitivity/", "planner/", "service/", "migrations/", "docker/", "bench/", "tests/"}
+    rooms = {f"service/{p.name}/" for p in (root / "service").iterdir() if (p / "__init__.py").exists()}
+    folders = {path for path in named if path.endswith("/")}
+    assert folders == tops | rooms
+    assert all((root / path).exists() for path in named), sorted(p for p in named if not (root / p).exists())
