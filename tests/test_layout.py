@@ -145,3 +145,25 @@ def test_the_readme_layout_table_names_every_folder_and_only_those() -> None:
     folders = {path for path in named if path.endswith("/")}
     assert folders == tops | rooms
     assert all((root / path).exists() for path in named), sorted(p for p in named if not (root / p).exists())
+
+
+def _imported_packages(path: Path) -> set[str]:
+    """The top-level packages a module imports, at any depth of its code."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+@pytest.mark.parametrize(("package", "never"), [("sensitivity", {"planner", "service"}), ("planner", {"service"})])
+def test_the_libraries_import_only_what_is_below_them(package: str, never: set[str]) -> None:
+    """sensitivity <- planner <- service, never back (CONTRIBUTING.md's layout): no cycle between them."""
+    offenders = {
+        str(path.relative_to(ROOT)): sorted(_imported_packages(path) & never)
+        for path in sorted((ROOT / package).rglob("*.py"))
+        if _imported_packages(path) & never
+    }
+    assert offenders == {}
