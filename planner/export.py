@@ -75,6 +75,7 @@ from sensitivity.samples import (
     show_dims,
     take_samples,
 )
+from sensitivity.versions import versions as package_versions
 
 logger = logging.getLogger(__name__)
 
@@ -709,15 +710,9 @@ def _plan(
 
 def versions() -> dict[str, str]:
     """Versions stored with every artifact."""
-    import importlib.metadata
+    import onnxruntime  # noqa: F401  (imported: its __version__ is what ran, whichever distribution)
 
-    import onnxruntime
-
-    try:
-        project = importlib.metadata.version("mpq")
-    except importlib.metadata.PackageNotFoundError:
-        project = "unknown"
-    return {"mpq": project, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
+    return package_versions("mpq", "onnx", "onnxruntime", "numpy")
 
 
 def _write_metadata(model: onnx.ModelProto, plan: Mapping[str, Any], metadata: Mapping[str, str] | None) -> None:

@@ -7,7 +7,6 @@ power-iteration eigenvalues, InterLayerConfig -> traces, g·Δ, G and Ω.
 
 from __future__ import annotations
 
-import importlib.metadata
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from sensitivity.results import (
 )
 from sensitivity.samples import sample_count
 from sensitivity.traces import hutchinson_traces
+from sensitivity.versions import versions as package_versions
 
 Progress = Callable[[str, float, str], None]
 
@@ -134,13 +134,8 @@ def describe_device(device: torch.device) -> str:
 
 
 def versions() -> dict[str, str]:
-    found: dict[str, str] = {"torch": torch.__version__}
-    for package in ("mpq", "onnx", "onnxruntime"):
-        try:
-            found[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            found[package] = "not installed"
-    return found
+    """Versions stored with every sensitivity result."""
+    return package_versions("mpq", "torch", "onnx", "onnxruntime")
 
 
 def validate_calibration(program: Program, calibration: Mapping[str, np.ndarray]) -> int:

@@ -1,9 +1,8 @@
 """The version of the installed mpq, looked up in one place.
 
 Read from the package metadata only (no library imported: the API process never loads torch or
-onnxruntime), with one fallback, the one ``planner.export.versions`` uses, for a tree run without being
-installed. The libraries' ``versions()`` (``planner.export``, ``sensitivity.run``) describe the packages a
-result was computed with; this one is what the service reports as itself (the OpenAPI document, the
+onnxruntime), with the fallback of ``sensitivity.versions``, the one lookup the libraries' results record their
+versions with (which the API process does not import: it loads no library); this one is what the service reports as itself (the OpenAPI document, the
 dashboard's footer) and what keys the local CLI's sensitivity cache.
 """
 

@@ -128,3 +128,42 @@ def test_fixtures_are_defined_only_in_conftest_and_test_modules() -> None:
             ):
                 found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.name}")
     assert not found, "\n".join(found)
+
+
+def _readme_layout_paths() -> set[str]:
+    """The paths README's layout table names (its first column, backquoted)."""
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("## Layout") :].split("\n## ", 1)[0]
+    return set(re.findall(r"^\| `([^`]+)` \|", table, flags=re.MULTILINE))
+
+
+def test_the_readme_layout_table_names_every_folder_and_only_those() -> None:
+    root = ROOT
+    named = _readme_layout_paths()
+    tops = {"sensitivity/", "planner/", "service/", "migrations/", "docker/", "bench/", "tests/"}
+    rooms = {f"service/{p.name}/" for p in (root / "service").iterdir() if (p / "__init__.py").exists()}
+    folders = {path for path in named if path.endswith("/")}
+    assert folders == tops | rooms
+    assert all((root / path).exists() for path in named), sorted(p for p in named if not (root / p).exists())
+
+
+def _imported_packages(path: Path) -> set[str]:
+    """The top-level packages a module imports, at any depth of its code."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+@pytest.mark.parametrize(("package", "never"), [("sensitivity", {"planner", "service"}), ("planner", {"service"})])
+def test_the_libraries_import_only_what_is_below_them(package: str, never: set[str]) -> None:
+    """sensitivity <- planner <- service, never back (CONTRIBUTING.md's layout): no cycle between them."""
+    offenders = {
+        str(path.relative_to(ROOT)): sorted(_imported_packages(path) & never)
+        for path in sorted((ROOT / package).rglob("*.py"))
+        if _imported_packages(path) & never
+    }
+    assert offenders == {}

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal, get_args
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from service.api.errors import Problem
@@ -48,15 +48,14 @@ class Constraints(BaseModel):
         None, ge=0, le=100, strict=True, allow_inf_nan=False, description="percentage points of the metric"
     )
 
-    @model_validator(mode="after")
-    def _one_budget(self) -> Constraints:
-        budgets = [n for n in ("max_size_bytes", "max_bops", "max_latency_ms") if getattr(self, n) is not None]
-        if len(budgets) > 1:
-            raise ValueError(f"give at most one budget; got {budgets}")
-        return self
-
 
 class PlanRequestIn(BaseModel):
+    """The body's shape and the bounds of its fields, for the schema and a 422 before anything is read.
+    The rules between fields (one budget at most, bisection needs max_drop, ...) are the library's own:
+    ``planner.PlanRequest`` checks the body at submission, in the inspector process
+    (``service.inspection.checks.check_job_request``), so the API and the CLI refuse the same requests
+    with the same words."""
+
     model_id: str = Field(max_length=64)
     calibration_dataset_id: str = Field(max_length=64)
     evaluation_dataset_id: str | None = Field(None, max_length=64)
@@ -80,15 +79,6 @@ class PlanRequestIn(BaseModel):
     )
     sample_axes: SampleAxes
 
-    @model_validator(mode="after")
-    def _search_needs(self) -> PlanRequestIn:
-        c = self.constraints
-        if self.search == "bisection" and c.max_drop is None:
-            raise ValueError("bisection needs constraints.max_drop (percentage points)")
-        if self.search == "pareto" and all(v is None for v in (c.max_size_bytes, c.max_bops, c.max_latency_ms)):
-            raise ValueError("pareto needs a budget: constraints.max_size_bytes, max_bops or max_latency_ms")
-        return self
-
 
 class FrontierPointOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
@@ -111,9 +101,14 @@ class PlanOut(BaseModel):
     request: dict[str, Any]
     assignment: dict[str, Any]
     predicted: dict[str, Any]
-    measured: dict[str, Any]
+    measured: dict[str, Any] = Field(description="the chosen configuration's measurements")
     artifact: dict[str, Any] | None
     versions: dict[str, Any]
+    result: dict[str, Any] = Field(
+        description="the planner's result document (planner.PlanResult.to_dict(), less the sensitivity, "
+        "which is its own resource): frontier, uniform points, exclusions, layer nodes and the run's "
+        "metadata under `run`; plans stored before it hold only the parts they had"
+    )
     created_at: datetime
 
 
@@ -155,6 +150,7 @@ def plan_out(plan: Plan, artifact: Artifact | None) -> PlanOut:
         assignment=plan.assignment,
         predicted=plan.predicted,
         measured=plan.measured,
+        result=plan.result,
         artifact=None
         if artifact is None
         else {

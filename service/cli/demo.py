@@ -167,7 +167,7 @@ def print_plan(plan: dict[str, Any], frontier: list[dict[str, Any]], out: TextIO
         f"{plan['artifact']['size_bytes']} bytes",
         file=out,
     )
-    nodes = measured.get("layer_nodes") or {}
+    nodes = plan["result"].get("layer_nodes") or {}
     for layer, candidate in plan["assignment"].items():
         node = (nodes.get(layer) or {}).get("node_name") or "-"
         print(f"  {layer:<24} {node:<32} {candidate}", file=out)

@@ -23,6 +23,7 @@ from service.cli.options import BadInput, plan_request, sample_axes_option, sens
 from service.cli.output import (
     ExitCode,
     json_default,
+    plan_document,
     report_failure,
     report_plan,
     sensitivity_document,
@@ -33,8 +34,6 @@ from service.cli.remote import add_server_options, remote_plan, remote_sensitivi
 
 if TYPE_CHECKING:  # onnx and the libraries load when a command runs, not to build the parser
     import onnx
-
-    from planner import PlanResult
 
     Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]  # what add_subparsers() returns
 
@@ -229,7 +228,9 @@ def plan_command(args: argparse.Namespace, settings: Any = None) -> int:
         return _bad_input(error, progress, as_json=args.json)
     progress.finish()
     _write_atomically(Path(args.out), result.artifact_bytes)
-    return report_plan(plan_document(result, args.out), as_json=args.json)
+    data = result.to_dict()
+    document = plan_document(data, artifact=args.out, artifact_sha256=data["artifact"]["sha256"])
+    return report_plan(document, as_json=args.json)
 
 
 class _CachedSensitivity:
@@ -366,24 +367,3 @@ def _umask() -> int:
 
 # ---------------------------------------------------------------------------------------------
 # Output
-
-
-def plan_document(result: PlanResult, artifact_path: str) -> dict[str, Any]:
-    """The ``--json`` document of ``mpq plan``."""
-    data = result.to_dict()
-    return {
-        "plan": data["plan"],
-        "meets_constraints": data["meets_constraints"],
-        "frontier": data["frontier"],
-        "uniform": data["uniform"],
-        "evaluations": data["run"]["evaluations"],
-        "search": data["run"]["search"],
-        "artifact": str(artifact_path),
-        "artifact_sha256": data["artifact"]["sha256"],
-        "request": data["request"],
-        "versions": data["run"]["versions"],
-        "timings": data["run"]["timings"],
-        "activation_terms": data["activation_terms"],
-        "excluded": data["excluded"],
-        "layer_nodes": data["layer_nodes"],
-    }

@@ -50,6 +50,34 @@ def report_plan(document: Mapping[str, Any], *, as_json: bool) -> int:
     return ExitCode.OK
 
 
+def plan_document(
+    result: Mapping[str, Any], *, artifact: str, artifact_sha256: str, plan_id: str | None = None
+) -> dict[str, Any]:
+    """The ``--json`` document of ``mpq plan``, local or remote alike: built from the planner's result
+    (``planner.PlanResult.to_dict()``, the local run's or the one the server stored with the plan),
+    the path the artifact was written to and its sha256; a remote plan adds its id."""
+    run = result["run"]
+    document = {
+        "plan": result["plan"],
+        "meets_constraints": result["meets_constraints"],
+        "frontier": result["frontier"],
+        "uniform": result["uniform"],
+        "evaluations": run["evaluations"],
+        "search": run["search"],
+        "artifact": str(artifact),
+        "artifact_sha256": artifact_sha256,
+        "request": result["request"],
+        "versions": run["versions"],
+        "timings": run["timings"],
+        "activation_terms": result["activation_terms"],
+        "excluded": result["excluded"],
+        "layer_nodes": result["layer_nodes"],
+    }
+    if plan_id is not None:
+        document["plan_id"] = plan_id
+    return document
+
+
 def plan_warnings(document: Mapping[str, Any]) -> list[str]:
     """What the user should know about a plan that met what was asked: a large measured drop
     under a size, BOPS or latency budget alone (nothing bounded it; the zoo's recogniser lost

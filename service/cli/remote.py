@@ -18,7 +18,14 @@ from typing import Any
 
 from service.cli.client import ApiError, MpqClient
 from service.cli.options import plan_request, sample_axes_option, sensitivity_config
-from service.cli.output import ExitCode, report_failure, report_plan, sensitivity_document, sensitivity_table
+from service.cli.output import (
+    ExitCode,
+    plan_document,
+    report_failure,
+    report_plan,
+    sensitivity_document,
+    sensitivity_table,
+)
 from service.cli.progress import ProgressPrinter, follow_job
 from service.job_status import JobStatus
 
@@ -138,37 +145,9 @@ def remote_plan(args: argparse.Namespace) -> int:
             if (code := _job_exit(job, args)) is not None:
                 return code
             plan_id = job["result"]["plan_id"]
-            plan, frontier = client.get(f"/v1/plans/{plan_id}"), client.get(f"/v1/plans/{plan_id}/frontier")
+            plan = client.get(f"/v1/plans/{plan_id}")
             sha256 = client.download_artifact(plan_id, Path(args.out))
     except (ApiError, OSError, ValueError) as error:
         return _fail(error, args)
-    return report_plan(plan_document(plan, frontier, request.to_dict(), args.out, sha256), as_json=args.json)
-
-
-def plan_document(
-    plan: dict[str, Any], frontier: list[dict[str, Any]], request: dict[str, Any], out: str, sha256: str
-) -> dict[str, Any]:
-    """The local ``mpq plan --json`` document, rebuilt from the API's plan and frontier."""
-    extras = ("uniform", "evaluations", "search", "timings", "activation_terms", "excluded", "layer_nodes")
-    measured = {k: v for k, v in plan["measured"].items() if k not in extras}
-    predicted = {k: v for k, v in plan["predicted"].items() if k != "meets_constraints"}
-    return {
-        "plan": {"layers": plan["assignment"], "predicted": predicted, "measured": measured},
-        "meets_constraints": plan["predicted"]["meets_constraints"],
-        "frontier": [
-            {"layers": p["assignment"], "predicted": p["predicted"], "measured": p["measured"] or None}
-            for p in frontier
-        ],
-        "uniform": plan["measured"].get("uniform", {}),
-        "evaluations": plan["measured"].get("evaluations"),
-        "search": plan["measured"].get("search", {}),
-        "artifact": str(out),
-        "artifact_sha256": sha256,
-        "request": request,
-        "versions": plan["versions"],
-        "timings": plan["measured"].get("timings", {}),
-        "activation_terms": plan["measured"].get("activation_terms", {}),
-        "excluded": plan["measured"].get("excluded", []),
-        "layer_nodes": plan["measured"].get("layer_nodes", {}),
-        "plan_id": plan["id"],
-    }
+    document = plan_document(plan["result"], artifact=args.out, artifact_sha256=sha256, plan_id=plan_id)
+    return report_plan(document, as_json=args.json)

@@ -494,8 +494,8 @@ def uniform_candidate(assignment: dict[str, Any], excluded: set[str] | frozenset
 
 
 def exclusions(plan: Plan) -> dict[str, dict[str, Any]]:
-    """plan.measured["excluded"] (planner.exclude.Exclusion.to_dict()) by layer; {} for older plans."""
-    return {entry["layer"]: entry for entry in (plan.measured or {}).get("excluded") or [] if "layer" in entry}
+    """plan.result["excluded"] (planner.exclude.Exclusion.to_dict()) by layer; {} for older plans."""
+    return {entry["layer"]: entry for entry in (plan.result or {}).get("excluded") or [] if "layer" in entry}
 
 
 def point_view(point: FrontierPointRow, plan: Plan) -> dict[str, Any]:
@@ -514,13 +514,13 @@ def predictor(plan: Plan) -> str:
 
 
 def uniform_baselines(plan: Plan, points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """plan.measured["uniform"]: candidate -> {layers, predicted, measured}, every layer at that candidate.
+    """plan.result["uniform"]: candidate -> {layers, predicted, measured}, every layer at that candidate.
 
     ``index`` names the frontier point with the same configuration, so clicking either shows it.
     """
     on_frontier = {p["uniform"]: p["index"] for p in points if p["uniform"]}
     rows = []
-    for candidate, point in ((plan.measured or {}).get("uniform") or {}).items():
+    for candidate, point in ((plan.result or {}).get("uniform") or {}).items():
         predicted = point.get("predicted") or {}
         rows.append(
             {
@@ -546,7 +546,7 @@ def layer_precisions(model: Model | None, assignment: dict[str, Any], plan: Plan
     layers += [
         {"name": name, "op_type": None, "shape": [], "num_params": None} for name in assignment if name not in known
     ]
-    nodes = ((plan.measured or {}).get("layer_nodes") or {}) if plan else {}
+    nodes = ((plan.result or {}).get("layer_nodes") or {}) if plan else {}
     excluded = exclusions(plan) if plan else {}
     rows = []
     for layer in layers:

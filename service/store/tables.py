@@ -152,9 +152,12 @@ class Plan(Timestamped, Base):
     request: Mapped[dict[str, Any]] = mapped_column(default=dict)  # method, candidates, constraints
     assignment: Mapped[dict[str, Any]] = mapped_column(default=dict)  # layer -> candidate
     predicted: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    measured: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    measured: Mapped[dict[str, Any]] = mapped_column(default=dict)  # the chosen configuration's Measurement
     artifact_id: Mapped[str | None] = mapped_column(ForeignKey("artifacts.id", ondelete="SET NULL"))
     versions: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # planner.PlanResult.to_dict() less its sensitivity (a row of its own): the run's metadata, the
+    # uniform points, exclusions and layer nodes live here, never among the measurements (0008)
+    result: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default="{}")
 
 
 class FrontierPointRow(Base):

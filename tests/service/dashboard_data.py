@@ -487,10 +487,9 @@ def _insert_plan(app, data: DashboardData, model: Model, dataset: Dataset, plan_
         },
         assignment=chosen["layers"],
         predicted={**chosen["predicted"], "meets_constraints": True},
-        measured={
-            **chosen["measured"],
-            "evaluations": 6,
-            "search": {"kind": "diagonal_frontier"},
+        measured=chosen["measured"],
+        result={
+            "run": {"evaluations": 6, "search": {"kind": "diagonal_frontier"}},
             "uniform": {c: plan_point([c] * len(LAYERS)) for c in CANDIDATE_BITS},
         },
         artifact_id=artifacts[CHOSEN_POINT].id,

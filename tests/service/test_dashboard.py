@@ -144,8 +144,8 @@ def test_the_plan_page_lists_excluded_layers_and_uniform_points_ignore_them(clie
     with app.state.sessions() as session, session.begin():
         plan = session.get(Plan, dashboard.plan_id)
         plan.request = {**plan.request, "exclude": ["/fc/*"]}
-        plan.measured = {
-            **plan.measured,
+        plan.result = {
+            **plan.result,
             "excluded": [excluded],
             "layer_nodes": {"fc.weight": {"node_name": "/head/fc/Gemm", "scope": "/head/fc"}},
         }

@@ -100,6 +100,61 @@ def test_datasets_keep_their_counts_and_take_none_after_0007(backend, tmp_path, 
     engine.dispose()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_plans_keep_only_measurements_in_measured_after_0008(backend, tmp_path, request):
+    """0008 moves a stored plan's run metadata and plan-level data out of ``measured`` into ``result``
+    (the run's under ``run``, as PlanResult.to_dict() has it); the downgrade moves them back."""
+    import json
+
+    from alembic import command
+    from sqlalchemy import text
+
+    from service.store.db import alembic_config
+
+    url = f"sqlite:///{tmp_path / 'old.db'}" if backend == "sqlite" else request.getfixturevalue("own_postgres_url")
+    engine = make_engine(url)
+    upgrade(engine, "0007")
+    measurements = {"metric": 97.5, "baseline": 98.0, "drop": 0.5}
+    extras = {"uniform": {"w8a8": {"layers": {"a": "w8a8"}}}, "excluded": [], "layer_nodes": {"a": {"scope": ""}}}
+    run = {"evaluations": 3, "search": {"kind": "pareto"}, "timings": {"total": 1.5}}
+    with engine.begin() as connection:
+        connection.execute(
+            text(
+                "INSERT INTO models (id, name, format, sha256, size_bytes, details, layers, created_at)"
+                " VALUES ('m', 'm', 'onnx', :sha, 1, '{}', '[]', CURRENT_TIMESTAMP)"
+            ),
+            {"sha": "0" * 64},
+        )
+        connection.execute(
+            text(
+                "INSERT INTO datasets (id, name, sha256, size_bytes, num_samples, has_labels, arrays, created_at)"
+                " VALUES ('d', 'd', :sha, 1, 4, false, '{}', CURRENT_TIMESTAMP)"
+            ),
+            {"sha": "1" * 64},
+        )
+        connection.execute(
+            text(
+                "INSERT INTO plans (id, model_id, calibration_dataset_id, search, request, assignment, predicted,"
+                " measured, versions, created_at) VALUES ('p', 'm', 'd', 'pareto', '{}', '{}', '{}', :measured,"
+                " '{}', CURRENT_TIMESTAMP)"
+            ),
+            {"measured": json.dumps({**measurements, **extras, **run})},
+        )
+    upgrade(engine)
+
+    def stored(column: str) -> dict:
+        with engine.connect() as connection:
+            value = connection.scalar(text(f"SELECT {column} FROM plans WHERE id = 'p'"))
+        return value if isinstance(value, dict) else json.loads(value)
+
+    assert stored("measured") == measurements
+    assert stored("result") == {**extras, "run": run}
+    command.downgrade(alembic_config(url), "0007")
+    assert stored("measured") == {**measurements, **extras, **run}
+    engine.dispose()
+
+
 def _dropped_connection() -> Exception:
     from sqlalchemy.exc import OperationalError
 

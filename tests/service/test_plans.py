@@ -42,9 +42,13 @@ def test_plan_round_trip(client, digits_files):
     assert plan["predicted"]["size_bytes"] <= float_size // 3 and plan["predicted"]["meets_constraints"]
     assert plan["measured"]["metric_name"] and 80 < plan["measured"]["metric"] <= 100
     assert plan["measured"]["baseline"] - plan["measured"]["metric"] == pytest.approx(plan["measured"]["drop"])
-    assert set(plan["measured"]["uniform"]) >= {"w8a8", "w4a8"}
-    assert plan["measured"]["layer_nodes"]["fc2.weight"] == {"node_name": "/fc2/Gemm", "scope": "/fc2"}
-    assert plan["measured"]["excluded"] == [] and plan["request"]["exclude"] == []
+    assert set(plan["result"]["uniform"]) >= {"w8a8", "w4a8"}
+    assert plan["result"]["layer_nodes"]["fc2.weight"] == {"node_name": "/fc2/Gemm", "scope": "/fc2"}
+    assert plan["result"]["excluded"] == [] and plan["request"]["exclude"] == []
+    # the planner's result document, less the sensitivity (its own resource); measurements only in measured
+    assert plan["result"]["plan"]["measured"] == plan["measured"] and "sensitivity" not in plan["result"]
+    assert plan["result"]["run"]["versions"] == plan["versions"] and plan["result"]["run"]["evaluations"] >= 1
+    assert not set(plan["measured"]) & {"uniform", "evaluations", "search", "timings", "excluded", "layer_nodes"}
 
     frontier = client.get(f"/v1/plans/{plan_id}/frontier").json()
     assert len(frontier) >= 2
@@ -74,8 +78,12 @@ def test_plan_requests_are_validated_up_front(client, digits_files):
     model_id, calib_id = uploaded(client, model_bytes, calib)
     base = {"model_id": model_id, "calibration_dataset_id": calib_id}
     cases = [
-        ({**base, "constraints": {}}, "needs a budget"),
-        ({**base, "search": "bisection", "constraints": {"max_size_bytes": 10**6}}, "max_drop"),
+        # the library's rules between fields, in its words (planner.request.PlanRequest)
+        ({**base, "search": "bisection", "constraints": {"max_size_bytes": 10**6}}, "bisection needs max_drop"),
+        (
+            {**base, "search": "bisection", "constraints": {"max_latency_ms": 5.0, "max_drop": 1.0}},
+            "not max_latency_ms",
+        ),
         ({**base, "constraints": {"max_size_bytes": 100, "max_bops": 100}}, "at most one budget"),
         ({**base, "constraints": {"max_size_bytes": 100}}, "below the smallest"),
         ({**base, "candidates": ["w3a3"], "constraints": {"max_size_bytes": 10**6}}, "w3a3"),

@@ -77,7 +77,10 @@ def test_remote_plan_round_trip(app, live_server, files, token, tmp_path, client
     assert [(e["layer"], e["reason"]) for e in document["excluded"]] == [("fc2.weight", "exclude pattern 'fc2'")]
     assert document["layer_nodes"]["fc1.weight"] == {"node_name": "fc1", "scope": ""}
     stored = client.get(f"/v1/plans/{document['plan_id']}", headers={"authorization": f"Bearer {token}"}).json()
-    assert stored["request"]["exclude"] == ["fc2"] and stored["measured"]["excluded"] == document["excluded"]
+    assert stored["request"]["exclude"] == ["fc2"] and stored["result"]["excluded"] == document["excluded"]
+    # the document is the stored result's, through the function the local command uses
+    assert document["frontier"] == stored["result"]["frontier"] and document["plan"] == stored["result"]["plan"]
+    assert document["evaluations"] == stored["result"]["run"]["evaluations"]
     assert document["meets_constraints"] is True and document["frontier"]
     assert set(document["activation_terms"]) == {"fc1.weight", "fc2.weight"}  # stored with the plan
     assert hashlib.sha256(out.read_bytes()).hexdigest() == document["artifact_sha256"]
