@@ -9,14 +9,15 @@ constraints, 1 anything else).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
-import uuid
+import time
 from pathlib import Path
 from typing import Any
 
-from service.cli.client import ApiError, MpqClient
+from service.cli.client import DEFAULT_OUTAGE_S, ApiError, GaveUp, MpqClient, idempotency_key
 from service.cli.options import plan_request, sample_axes_option, sensitivity_config
 from service.cli.output import (
     ExitCode,
@@ -34,16 +35,38 @@ def add_server_options(command: argparse.ArgumentParser) -> None:
     group = command.add_argument_group("remote run")
     group.add_argument("--server", metavar="URL", help="run on this mpq server instead of locally")
     group.add_argument("--token", help="API token for --server (default: $MPQ_TOKEN)")
-    group.add_argument("--timeout", type=float, default=None, help="give up waiting after this many seconds")
+    group.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="give up after this many seconds in all (uploads, waits, retries); without it, give up "
+        f"once the server has been unreachable for {DEFAULT_OUTAGE_S:.0f} s",
+    )
 
 
 def _client(args: argparse.Namespace) -> MpqClient:
-    return MpqClient(args.server, args.token or os.environ.get("MPQ_TOKEN"))
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    return MpqClient(args.server, args.token or os.environ.get("MPQ_TOKEN"), deadline=deadline, on_retry=_say_retry)
+
+
+def _say_retry(reason: str, wait_s: float) -> None:
+    print(f"mpq: {reason}; retrying in {wait_s:g} s", file=sys.stderr)
 
 
 def _fail(error: Exception, args: argparse.Namespace) -> int:
     code = error.code if isinstance(error, ApiError) else None
-    return report_failure(str(error), _exit_code(error), as_json=args.json, problem=code)
+    job_id = error.job_id if isinstance(error, GaveUp) else None
+    message = str(error) if job_id is None else f"{error}; {_left_running(job_id, args)}"
+    return report_failure(message, _exit_code(error), as_json=args.json, problem=code, job_id=job_id)
+
+
+def _left_running(job_id: str, args: argparse.Namespace) -> str:
+    """What a user can do about the job the client stopped waiting for."""
+    return (
+        f"the job goes on on the server: run the same command again to wait for it (the request's "
+        f"Idempotency-Key finds it), or cancel it with: curl -X POST -H 'authorization: Bearer $MPQ_TOKEN' "
+        f"{args.server.rstrip('/')}/v1/jobs/{job_id}/cancel"
+    )
 
 
 def _exit_code(error: Exception) -> int:
@@ -57,12 +80,26 @@ def _exit_code(error: Exception) -> int:
 
 
 def _run_job(client: MpqClient, route: str, body: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    job = client.submit(route, body, idempotency_key=uuid.uuid4().hex)
+    job = _submit(client, route, body)
     print(f"mpq: job {job['id']} on {args.server}", file=sys.stderr)
     _check_sample_axes_kept(client, job, body)
     return client.wait(
         job["id"], on_progress=follow_job(ProgressPrinter(sys.stderr)), poll_s=1.0, timeout_s=args.timeout
     )
+
+
+def _submit(client: MpqClient, route: str, body: dict[str, Any]) -> dict[str, Any]:
+    """Submit under the request's own Idempotency-Key: a re-run attaches to the job its first run
+    started, running or succeeded. A failed or cancelled one is not attached to: the re-run starts a
+    new job, under a key derived from the old one (so the run after it attaches to that)."""
+    key = idempotency_key(route, body, client.token)
+    while (job := client.submit(route, body, idempotency_key=key))["status"] in RESTARTED:
+        key = hashlib.sha256(f"{key}:{job['id']}".encode()).hexdigest()
+    return job
+
+
+# Statuses a re-run does not attach to: it would only report the same failure again.
+RESTARTED = {JobStatus.FAILED, JobStatus.CANCELLED}
 
 
 def _check_sample_axes_kept(client: MpqClient, job: dict[str, Any], body: dict[str, Any]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -185,3 +186,50 @@ def test_a_job_whose_process_has_exited_is_alive_while_its_supervisor_stores_it(
     assert not local_worker_is_dead(f"{host}:{os.getpid()}:{gone}")  # the supervisor (this process) lives
     assert local_worker_is_dead(f"{host}:{gone}:{os.getpid()}")  # its supervisor is gone
     assert local_worker_is_dead(f"{host}:{gone}") and not local_worker_is_dead(f"elsewhere:{gone}")
+
+
+@pytest.mark.slow
+def test_the_remote_cli_waits_out_a_server_restart_and_a_rerun_attaches_to_the_job(own_postgres_url, tmp_path):
+    """The server is killed while ``mpq sensitivity --server`` waits on its job and comes back 3 s
+    later: the client retries (it exited 1 within 3 s before), the job is requeued and finishes, and
+    the command succeeds. Run again, the same command attaches to that job instead of starting one."""
+    env = {
+        **os.environ,
+        "MPQ_DATABASE_URL": own_postgres_url,
+        "MPQ_ARTIFACT_DIR": str(tmp_path / "store"),
+        "MPQ_HEARTBEAT_INTERVAL_S": "0.5",
+        "MPQ_HEARTBEAT_TIMEOUT_S": "10",
+    }
+    subprocess.run([sys.executable, "-m", "service.cli", "db", "upgrade"], env=env, check=True, capture_output=True)
+    model, data = tmp_path / "mlp.onnx", tmp_path / "data.npz"
+    model.write_bytes(mlp_onnx_model(width=384).SerializeToString())
+    data.write_bytes(npz_bytes(x=np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32)))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "service.cli", "sensitivity", str(model), "--data", str(data), "--json"]
+    command += ["--server", url, "--max-probes", "60", "--tol", "1e-9"]
+    log = tmp_path / "api.log"
+    api = _serve(env, port, log)
+    try:
+        wait_until(lambda: httpx.get(f"{url}/readyz").status_code == 200, 60, "API did not start")
+        cli = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        with httpx.Client(base_url=url, timeout=60) as client:
+            wait_until(lambda: client.get("/v1/jobs").json()["total"] == 1, 120, "the CLI submitted no job")
+            job_id = client.get("/v1/jobs").json()["items"][0]["id"]
+            http_job(client, job_id, statuses=("running",), timeout=60)
+        api.send_signal(signal.SIGKILL)
+        api.wait(timeout=10)
+        time.sleep(3)
+        api = _serve(env, port, log)
+        out, err = cli.communicate(timeout=300)
+        assert cli.returncode == 0, err[-3000:]
+        assert "retrying in" in err  # it said what it was doing while the server was away
+        assert json.loads(out)["method"] == "hawq_v2"
+        again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert f"job {job_id} on" in again.stderr  # the same job: nothing ran twice
+        with httpx.Client(base_url=url, timeout=60) as client:
+            assert client.get("/v1/jobs").json()["total"] == 1
+    finally:
+        api.terminate()
+        api.wait(timeout=15)

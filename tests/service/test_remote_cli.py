@@ -89,6 +89,8 @@ def test_remote_plan_round_trip(app, live_server, files, token, tmp_path, client
 
     again = mpq(*args, token=token)  # the files are already on the server: uploads are skipped
     assert again.returncode == 0, again.stderr
+    # the request's own Idempotency-Key: the re-run attaches to the first run's job and plan
+    assert json.loads(again.stdout)["plan_id"] == document["plan_id"]
     headers = {"authorization": f"Bearer {token}"}
     assert client.get("/v1/models", headers=headers).json()["total"] == 1
     assert client.get("/v1/datasets", headers=headers).json()["total"] == 1
