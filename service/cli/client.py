@@ -205,13 +205,8 @@ class MpqClient:
         job_id: str,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
         poll_s: float = 1.0,
-        timeout_s: float | None = None,
     ) -> dict[str, Any]:
-        """Poll the job until it finishes; GaveUp (naming the job) when ``timeout_s`` or the client's
-        deadline passes first."""
-        if timeout_s is not None:
-            own = self._clock() + timeout_s
-            self._deadline = own if self._deadline is None else min(self._deadline, own)
+        """Poll the job until it finishes; GaveUp (naming the job) when the client's deadline passes first."""
         while True:
             try:
                 job = self.job(job_id)

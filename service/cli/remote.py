@@ -83,9 +83,8 @@ def _run_job(client: MpqClient, route: str, body: dict[str, Any], args: argparse
     job = _submit(client, route, body)
     print(f"mpq: job {job['id']} on {args.server}", file=sys.stderr)
     _check_sample_axes_kept(client, job, body)
-    return client.wait(
-        job["id"], on_progress=follow_job(ProgressPrinter(sys.stderr)), poll_s=1.0, timeout_s=args.timeout
-    )
+    # the client's deadline (--timeout, set when it was made) bounds the wait as it bounds everything
+    return client.wait(job["id"], on_progress=follow_job(ProgressPrinter(sys.stderr)), poll_s=1.0)
 
 
 def _submit(client: MpqClient, route: str, body: dict[str, Any]) -> dict[str, Any]:
