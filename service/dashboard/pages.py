@@ -28,12 +28,14 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
+from markupsafe import Markup
 
 from service.api.auth import token_is_valid
 from service.api.errors import Problem
 from service.api.jobs import JobOut
 from service.api.registry import store_upload
 from service.api.transfer import blob_response
+from service.dashboard.units import Unit, cost_units
 from service.formatting import describe_execution, shortened
 from service.job_status import FINISHED
 from service.settings import AuthMode
@@ -97,7 +99,13 @@ def format_number(value: float | None, digits: int = 4) -> str:
 
 
 def format_time(value: datetime | None) -> str:
-    return value.strftime("%Y-%m-%d %H:%M:%S UTC") if value else "—"
+    """A <time> element, which the stylesheet keeps on one line (a table cell 390 px wide broke the
+    date at its hyphens)."""
+    if not value:
+        return "—"
+    return Markup('<time datetime="{}">{}</time>').format(
+        value.strftime("%Y-%m-%dT%H:%M:%SZ"), value.strftime("%Y-%m-%d %H:%M:%S UTC")
+    )
 
 
 def format_constraints(constraints: dict[str, Any] | None) -> str:
@@ -116,6 +124,13 @@ def format_constraints(constraints: dict[str, Any] | None) -> str:
     return ", ".join(parts) or "—"
 
 
+def in_unit(value: float | None, unit: Unit, named: bool = True) -> str:
+    """A figure in the column's unit (``service.dashboard.units``), with the unit's name unless the header has it."""
+    if value is None:
+        return "—"
+    return f"{format_number(unit.of(value))} {unit.name}" if named else format_number(unit.of(value))
+
+
 def tail(value: str | None, width: int = 40) -> str:
     """A long node name or module path shortened from the left (``service.cli.progress.shortened``);
     pages put the whole in a title attribute."""
@@ -123,7 +138,12 @@ def tail(value: str | None, width: int = 40) -> str:
 
 
 templates.env.filters.update(
-    bytes=format_bytes, num=format_number, time=format_time, constraints=format_constraints, tail=tail
+    bytes=format_bytes,
+    num=format_number,
+    time=format_time,
+    constraints=format_constraints,
+    tail=tail,
+    in_unit=in_unit,
 )
 
 
@@ -499,14 +519,48 @@ def exclusions(plan: Plan) -> dict[str, dict[str, Any]]:
 
 
 def point_view(point: FrontierPointRow, plan: Plan) -> dict[str, Any]:
-    """A frontier point as the chart and the table show it."""
+    """A frontier point (a bisection's measured step) as the chart and the table show it."""
     return {
         "index": point.index,
         **figures({"size_bytes": point.size_bytes, "bops": point.bops}, point.measured, point.predicted_loss_change),
         "uniform": uniform_candidate(point.assignment, set(exclusions(plan))),
         "chosen": point.assignment == plan.assignment,
         "mix": dict(Counter(point.assignment.values()).most_common()),
+        "demoted": demoted(plan, point.assignment),
     }
+
+
+@dataclass(frozen=True)
+class SearchWords:
+    """What a plan page calls its points: a pareto search lists its frontier, a bisection the steps
+    it measured (configurations demoting the k least sensitive layers, which need not be a frontier)."""
+
+    section: str  # the section heading
+    point: str  # one point: "Frontier point 3"
+    points: str  # the table's caption
+    trace: str  # the chart's legend entry
+
+
+SEARCH_WORDS = {
+    "pareto": SearchWords("Pareto frontier", "Frontier point", "Frontier points", "frontier"),
+    "bisection": SearchWords("Bisection steps", "Bisection step", "Measured bisection steps", "bisection steps"),
+}
+
+
+def search_words(plan: Plan) -> SearchWords:
+    return SEARCH_WORDS.get(plan.search, SEARCH_WORDS["pareto"])
+
+
+def bisection_low(plan: Plan) -> str | None:
+    """The candidate a bisection demotes layers to (planner.choose.bisection's run.search["low"]); None otherwise."""
+    search = ((plan.result or {}).get("run") or {}).get("search") or {}
+    return search.get("low") if plan.search == "bisection" else None
+
+
+def demoted(plan: Plan, assignment: dict[str, Any]) -> int | None:
+    """How many layers a bisection step demoted (None for other searches)."""
+    low = bisection_low(plan)
+    return None if low is None else sum(1 for candidate in assignment.values() if candidate == low)
 
 
 def predictor(plan: Plan) -> str:
@@ -530,6 +584,13 @@ def uniform_baselines(plan: Plan, points: list[dict[str, Any]]) -> list[dict[str
             }
         )
     return rows
+
+
+def plan_units(plan: Plan, rows: list[dict[str, Any]]) -> dict[str, Unit]:
+    """One unit per cost figure for the whole plan page: its points, baselines and the chosen plan."""
+    chosen = figures(plan.predicted or {}, plan.measured, None)
+    exported = {"size_bytes": (plan.measured or {}).get("size_bytes")}
+    return cost_units([*rows, chosen, exported])
 
 
 def float_metric(plan: Plan, points: list[FrontierPointRow]) -> float | None:
@@ -583,15 +644,22 @@ def plan_page(request: Request, plan_id: str, point: int | None = None) -> Respo
     latency_count = db.latency_counts([plan.id]).get(plan.id, 0)
     points = [point_view(p, plan) for p in rows]
     selected = next((p for p in rows if p.index == point), None)
+    baselines = uniform_baselines(plan, points)
+    units = plan_units(plan, points + baselines)
+    words = search_words(plan)
     chart = {
         "plan_id": plan.id,
         "points": points,
-        "baselines": uniform_baselines(plan, points),
+        "baselines": baselines,
         "constraints": (plan.request or {}).get("constraints", {}),
         "float_metric": float_metric(plan, rows),
         "metric_name": _metric_name(plan, rows),
         "predictor_label": PREDICTOR_LABELS[predictor(plan)],
         "selected": point,
+        "units": {key: unit.to_dict() for key, unit in units.items()},
+        "trace_name": words.trace,
+        "point_word": words.point.lower(),
+        "search": plan.search,
     }
     return render(
         request,
@@ -601,6 +669,9 @@ def plan_page(request: Request, plan_id: str, point: int | None = None) -> Respo
         model=model,
         points=points,
         chart=chart,
+        units=units,
+        words=words,
+        bisection_low=bisection_low(plan),
         artifact=artifact,
         latency_count=latency_count,
         charts=True,
@@ -647,6 +718,7 @@ def plan_artifact(request: Request, plan_id: str) -> Response:
 def _point_detail(plan: Plan, model: Model | None, point: FrontierPointRow) -> dict[str, Any]:
     return {
         "plan_id": plan.id,
+        "words": search_words(plan),
         "point": point_view(point, plan),
         "measured": point.measured or {},
         "predicted": point.predicted or {},

@@ -62,6 +62,27 @@ UNMEASURED_POINT = 0
 CHOSEN_POINT = 3
 MAX_DROP = 1.0
 
+# The bisection plan (planner.choose.bisection): demote fp32 -> w4a8 in order of Ω per byte saved,
+# within BISECTION_MAX_DROP. It measures k = 5 (drop 0.978), k = 2 (0.488, within), k = 3 (0.532,
+# out) and chooses k = 2; its points are those steps, most demoted first.
+DEMOTION_ORDER = ["layer3.conv.weight", "layer2.conv.weight", "fc.weight", "layer1.conv.weight", "conv1.weight"]
+BISECTION_STEPS = [5, 3, 2]  # k of frontier point 0, 1, 2
+BISECTION_CHOSEN = 2  # the point index of k = 2
+BISECTION_MAX_DROP = 0.5
+
+
+# The plan's latency measurements: minutes ago, device, provider, batch size, mean in ms.
+LATENCY_RUNS = [
+    (49, CPU, "CPUExecutionProvider", 1, 0.84),
+    (48, CPU, "CPUExecutionProvider", 8, 3.91),
+    (20, "NVIDIA H100 80GB HBM3", "CUDAExecutionProvider", 1, 0.19),
+]
+
+
+def latency_percentiles(mean: float) -> tuple[float, float]:
+    """(p50, p90) of a latency measurement row with this mean: a right-skewed spread, as timings have."""
+    return round(mean * 0.97, 3), round(mean * 1.12, 3)
+
 
 def num_params(shape: list[int]) -> int:
     return int(np.prod(shape))
@@ -293,6 +314,7 @@ class DashboardData:
     points: list[dict[str, Any]]  # index, assignment, figures
     artifacts: dict[int, str] = field(default_factory=dict)  # point index -> sha256 of its artifact
     max_size_bytes: int = 0
+    bisection_plan_id: str = ""
 
 
 def write_blob(app, data: bytes) -> str:
@@ -347,6 +369,7 @@ def insert(app) -> DashboardData:
         points=[],
     )
     _insert_plan(app, data, model, dataset, planned, now)
+    data.bisection_plan_id = _insert_bisection_plan(app, model, dataset, now)
     return data
 
 
@@ -509,18 +532,14 @@ def _insert_plan(app, data: DashboardData, model: Model, dataset: Dataset, plan_
         )
         for index, point in enumerate(points)
     ]
-    for minutes, device, provider, batch, mean in (
-        (49, CPU, "CPUExecutionProvider", 1, 0.84),
-        (48, CPU, "CPUExecutionProvider", 8, 3.91),
-        (20, "NVIDIA H100 80GB HBM3", "CUDAExecutionProvider", 1, 0.19),
-    ):
+    for minutes, device, provider, batch, mean in LATENCY_RUNS:
         rows.append(
             LatencyMeasurementRow(
                 plan_id=plan.id,
                 artifact_id=plan.artifact_id,
                 mean_ms=mean,
-                p50_ms=round(mean * 0.97, 3),
-                p90_ms=round(mean * 1.12, 3),
+                p50_ms=latency_percentiles(mean)[0],
+                p90_ms=latency_percentiles(mean)[1],
                 batch_size=batch,
                 repeats=50,
                 device_description=device,
@@ -535,6 +554,105 @@ def _insert_plan(app, data: DashboardData, model: Model, dataset: Dataset, plan_
         session.add_all(rows)
         session.get(Job, plan_job.id).result = {"plan_id": plan.id}
     data.plan_id = plan.id
+
+
+def bisection_step(k: int) -> list[str]:
+    """The candidates of the configuration that demotes the first k layers of DEMOTION_ORDER."""
+    return ["w4a8" if name in DEMOTION_ORDER[:k] else "fp32" for name, *_ in LAYERS]
+
+
+def _insert_bisection_plan(app, model: Model, dataset: Dataset, now) -> str:
+    """A bisection plan as the plan job stores one: no job, artifact or latency rows of its own."""
+    steps = [plan_point(bisection_step(k)) for k in BISECTION_STEPS]
+    chosen = steps[BISECTION_CHOSEN]
+    plan = Plan(
+        id=new_id(),
+        model_id=model.id,
+        calibration_dataset_id=dataset.id,
+        evaluation_dataset_id=dataset.id,
+        search="bisection",
+        created_at=now - timedelta(minutes=40),
+        request={
+            "model_id": model.id,
+            "method": "hawq_v2",
+            "search": "bisection",
+            "candidates": ["fp32", "w4a8"],
+            "constraints": {
+                "max_size_bytes": None,
+                "max_bops": None,
+                "max_latency_ms": None,
+                "max_drop": BISECTION_MAX_DROP,
+            },
+        },
+        assignment=chosen["layers"],
+        predicted={**chosen["predicted"], "meets_constraints": True},
+        measured=chosen["measured"],
+        result={
+            "run": {
+                "evaluations": len(steps),
+                "search": {
+                    "solver": "bisection",
+                    "low": "w4a8",
+                    "high": "fp32",
+                    "ordering": "diagonal",
+                    "order": DEMOTION_ORDER,
+                    "demoted": BISECTION_STEPS[BISECTION_CHOSEN],
+                    "within_tolerance": True,
+                    "steps": [
+                        {
+                            "k": k,
+                            "drop": point_figures(bisection_step(k))["drop"],
+                            "cost": point_figures(bisection_step(k))["size_bytes"],
+                        }
+                        for k in (5, 2, 3)
+                    ],
+                },
+            },
+            "uniform": {c: plan_point([c] * len(LAYERS)) for c in ("fp32", "w4a8")},
+        },
+        versions=dict(VERSIONS),
+    )
+    with app.state.sessions() as session, session.begin():
+        session.add(plan)
+        session.flush()
+        session.add_all(
+            FrontierPointRow(
+                plan_id=plan.id,
+                index=index,
+                assignment=step["layers"],
+                size_bytes=step["predicted"]["size_bytes"],
+                bops=step["predicted"]["bops"],
+                predicted_loss_change=step["predicted"]["omega"],
+                predicted=step["predicted"],
+                measured=step["measured"],
+            )
+            for index, step in enumerate(steps)
+        )
+    return plan.id
+
+
+def plan_figures(search: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(points, uniform baselines) of the pareto or the bisection plan with the figures its page shows:
+    size_bytes, bops, predicted_loss_change (Ω: both plans are hawq_v2), and latency_ms and metric,
+    None where the point was not measured."""
+
+    def shown(candidates: list[str], measured: bool = True) -> dict[str, Any]:
+        figures = point_figures(candidates)
+        return {
+            "size_bytes": figures["size_bytes"],
+            "bops": figures["bops"],
+            "predicted_loss_change": figures["omega"],
+            "latency_ms": figures["latency_ms"] if measured else None,
+            "metric": figures["metric"] if measured else None,
+        }
+
+    if search == "bisection":
+        points = [shown(bisection_step(k)) for k in BISECTION_STEPS]
+        candidates = ["fp32", "w4a8"]
+    else:
+        points = [shown(c, measured=index != UNMEASURED_POINT) for index, c in enumerate(FRONTIER)]
+        candidates = list(CANDIDATE_BITS)
+    return points, [{"candidate": c, **shown([c] * len(LAYERS))} for c in candidates]
 
 
 class StandInWorker:

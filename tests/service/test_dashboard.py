@@ -10,10 +10,12 @@ the database, and every page's queries run on both backends in the tests without
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -22,6 +24,19 @@ import service.dashboard
 from service.api.auth import create_token
 from service.job_status import FINISHED
 from tests.service import dashboard_data
+from tests.service.dashboard_checks import (
+    Figure,
+    assert_fits_width,
+    assert_nav_usable,
+    inside,
+    on_axis,
+    overlapping_pairs,
+    overlaps,
+    read_figure,
+    tick_values,
+    ticks_cover,
+    unit_of,
+)
 from tests.service.helpers import enable_auth
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -180,6 +195,49 @@ def test_sensitivity_table_sorts_on_the_server(client, dashboard):
     ]
     assert names == ranked
     assert 'aria-sort="descending"' in page
+
+
+def test_bisection_plans_are_titled_as_bisection(client, dashboard):
+    """A bisection's points are the steps it measured, not a frontier: the page, its table and the
+    point detail say so, and count the layers each step demoted; a pareto plan keeps its frontier."""
+    plan = dashboard.bisection_plan_id
+    page = client.get(f"/plans/{plan}").text
+    assert f"<title>Bisection plan {plan[:8]} · mpq</title>" in page
+    assert re.search(r"<h1>Bisection plan for <a ", page)
+    assert '<h2 id="frontier-heading">Bisection steps</h2>' in page
+    assert "<caption>Measured bisection steps (3) and uniform baselines</caption>" in page
+    words = re.sub(r"<[^>]*>", " ", page).lower()  # the text a reader sees (ids and attributes aside)
+    assert "frontier" not in words and "pareto" not in words
+    demoted = re.findall(r'<tr data-point-index="\d+".*?<td class="num">(\d+)</td>', page, re.DOTALL)
+    assert '<th scope="col" class="num">Layers at w4a8</th>' in page and demoted == ["5", "3", "2"]
+    fragment = client.get(f"/plans/{plan}/points/{dashboard_data.BISECTION_CHOSEN}").text
+    assert f'<h2 id="point-heading" tabindex="-1">Bisection step {dashboard_data.BISECTION_CHOSEN}' in fragment
+    assert "Per-layer precision of bisection step 2" in fragment
+
+    pareto = client.get(f"/plans/{dashboard.plan_id}").text
+    assert '<h2 id="frontier-heading">Pareto frontier</h2>' in pareto and "Layers at" not in pareto
+    assert f"<title>Pareto plan {dashboard.plan_id[:8]} · mpq</title>" in pareto
+
+
+def test_plan_tables_give_each_cost_one_unit(client, dashboard):
+    """Sizes of 12.9 to 103.2 KiB and BOPS of 0.17 to 5.3 ×10⁹: every row of a column in the unit its
+    header (and the chart's axis) names, not one unit per row."""
+    page = client.get(f"/plans/{dashboard.plan_id}").text
+    baselines = page[page.index('id="baselines-table"') :]
+    headers = re.findall(r'<th scope="col" class="num">([^<]+)</th>', baselines)
+    assert headers[:3] == ["Size (KiB)", "BOPS (×10⁹)", "Latency, mean (ms)"]
+    assert headers[4:6] == ["top1_accuracy (%)", "Drop (pp)"]
+    fp32 = re.search(
+        r"prec-fp32\">fp32</span></th>\s*<td class=\"num\">([^<]+)</td>\s*<td class=\"num\">([^<]+)</td>", baselines
+    )
+    assert fp32 is not None and fp32.groups() == ("103.2", "5.285")  # 105,664 bytes; 5,285,478,400 BOPS
+    assert "13.42 KiB</td>" in page and "0.1793 ×10⁹ BOPS</td>" in page  # the chosen plan's, in the same units
+
+    from service.dashboard.units import BOPS_UNITS, SIZE_UNITS, unit_for
+
+    assert unit_for([None], SIZE_UNITS).name == "bytes" and unit_for([1023, None], SIZE_UNITS).name == "bytes"
+    assert unit_for([1024, 12], SIZE_UNITS).name == "KiB" and unit_for([3 * 1024**3], SIZE_UNITS).name == "GiB"
+    assert unit_for([5e9, 1.6e8], BOPS_UNITS).label == "BOPS (×10⁹)" and unit_for([999.0], BOPS_UNITS).label == "BOPS"
 
 
 def test_unknown_rows_get_a_404_page(client, dashboard):
@@ -431,7 +489,7 @@ def test_plan_frontier_point_detail_and_downloads(page, shot, dashboard):
 
     page.get_by_label("y axis").select_option("metric")
     page.get_by_label("x axis").select_option("latency_ms")
-    expect_text(page, "#frontier-chart", "max_drop = 1 pp")
+    expect_text(page, "#frontier-chart", "drop limit 1 pp")
     assert page.locator("#frontier-chart .shapelayer path").count() == 2  # float baseline and max_drop
     measured = [p for p in dashboard.points if p["index"] != dashboard_data.UNMEASURED_POINT]
     click_frontier_point(page, 1, measured, x="latency_ms")
@@ -531,6 +589,179 @@ def test_upload_and_cancel_with_auth_on(page, shot, recorder, app, dashboard, ti
     expect_text(page, "h1 [data-field=status]", "cancelled")  # the page's polling saw it
     assert "cancelled by request" in page.locator("[data-field=error]").inner_text()
     shot("job-cancelled-with-auth")
+
+
+# ---------------------------------------------------------------- every page at desktop and phone widths
+
+WIDTHS = [1440, 390]  # a desktop, and a phone (iPhone 12 to 15: 390 CSS px)
+
+
+def pages_to_sweep(data: dashboard_data.DashboardData) -> list[tuple[str, str, Any]]:
+    """(name, path, the checks of that page's own figures or None): every page of the dashboard."""
+    return [
+        ("models", "/models", None),
+        ("model", f"/models/{data.model_id}", None),
+        ("sensitivity-list", "/sensitivity", None),
+        ("sensitivity-hawq-v2", f"/sensitivity/{data.hawq_v2_id}", None),
+        ("sensitivity-hawq-v1", f"/sensitivity/{data.hawq_v1_id}", None),
+        ("sensitivity-interlayer", f"/sensitivity/{data.interlayer_id}", None),
+        ("plans", "/plans", None),
+        ("plan", f"/plans/{data.plan_id}?point={dashboard_data.CHOSEN_POINT}", check_pareto_chart),
+        ("bisection-plan", f"/plans/{data.bisection_plan_id}", check_bisection_page),
+        ("latency-list", "/latency", None),
+        ("latency", f"/plans/{data.plan_id}/latency", check_latency_chart),
+        ("jobs", "/jobs", None),
+        ("job-running", f"/jobs/{data.running_job_id}", None),
+        ("job-failed", f"/jobs/{data.failed_job_id}", None),
+        ("not-found", "/plans/nope", None),
+    ]
+
+
+@browser_test
+@pytest.mark.parametrize("width", WIDTHS)
+def test_every_page_fits_desktop_and_phone_widths(page, shot, recorder, app, dashboard, width):
+    """At 1440 and 390 px no page is wider than the window (tables scroll in their own box), the main
+    navigation's links all show and take clicks, and each chart passes its page's checks at that width."""
+    recorder.allowed_statuses.add(404)  # the not-found page, on purpose
+    page.set_viewport_size({"width": width, "height": 900})
+    for name, path, check in pages_to_sweep(dashboard):
+        where = f"{name} at {width} px"
+        page.goto(path)
+        for chart in page.locator(".chart").evaluate_all("charts => charts.map((c) => c.id)"):
+            wait_for_chart(page, f"#{chart}")
+        assert_fits_width(page, where)
+        assert_nav_usable(page, where)
+        if check is not None:
+            check(page, dashboard, where)
+        shot(f"{name}-{width}")
+
+    enable_auth(app)
+    page.goto("/models")
+    page.wait_for_url(re.compile(r"/login\?next="))
+    assert_fits_width(page, f"login at {width} px")
+    shot(f"login-{width}")
+
+
+X_AXES = ["size_bytes", "bops", "latency_ms"]
+Y_AXES = ["predicted_loss_change", "metric"]
+LOG_SPREAD = 20  # dashboard.js: an axis whose values span more than this factor is logarithmic
+UNITS = {"size_bytes": ("Size (KiB)", 1024.0), "bops": ("BOPS (×10⁹)", 1e9), "latency_ms": ("Latency, mean (ms)", 1.0)}
+
+
+def check_pareto_chart(page, data: dashboard_data.DashboardData, where: str) -> None:
+    axis_types = check_frontier_chart(
+        page, "pareto", budget=data.max_size_bytes, max_drop=dashboard_data.MAX_DROP, where=where
+    )
+    # the fixture's sizes span 8x and its latencies 15x (linear); its BOPS 32x (log): both kinds are checked
+    assert axis_types == {"size_bytes": "linear", "bops": "log", "latency_ms": "linear"}, where
+
+
+def check_bisection_page(page, data: dashboard_data.DashboardData, where: str) -> None:
+    assert page.title().startswith("Bisection plan"), where
+    assert page.get_by_role("heading", level=1).inner_text().startswith("Bisection plan for"), where
+    assert page.locator("#frontier-heading").inner_text() == "Bisection steps", where
+    assert page.locator("#frontier-y").input_value() == "metric", where  # every step was measured: shown first
+    headings = " ".join(page.locator("main h1, main h2, main caption").all_inner_texts()).lower()
+    assert "frontier" not in headings and "pareto" not in headings, (where, headings)
+    check_frontier_chart(page, "bisection", budget=None, max_drop=dashboard_data.BISECTION_MAX_DROP, where=where)
+    assert "bisection steps" in [label.text for label in read_figure(page, "frontier-chart").legend], where
+
+
+def check_frontier_chart(page, search: str, budget: int | None, max_drop: float, where: str) -> dict[str, str]:
+    """Each view of the plan's chart (x: size, BOPS or latency; y: prediction or metric): the axis
+    type its spread asks for, every point inside the axis range and read off labelled ticks, the
+    table's units, the budget and the metric lines labelled in words, and no two labels overlapping.
+    Returns the x axis type of each x."""
+    points, baselines = dashboard_data.plan_figures(search)
+    headers = page.locator("#frontier-table thead th").all_inner_texts()
+    axis_types = {}
+    for x in X_AXES:
+        for y in Y_AXES:
+            view = f"{where}, x {x}, y {y}"
+            page.select_option("#frontier-x", x)
+            page.select_option("#frontier-y", y)
+            page.wait_for_function(
+                "([x, y]) => { const l = document.getElementById('frontier-chart').layout;"
+                " return l.xaxis.title.text === x && l.yaxis.title.text.includes(y); }",
+                arg=[UNITS[x][0], "measured" if y == "metric" else "Predicted"],
+            )
+            figure = read_figure(page, "frontier-chart")
+            shown = [row for row in points + baselines if row[x] is not None and row[y] is not None]
+            budget_here = budget if x == "size_bytes" else None
+            axis_types[x] = check_axes(figure, shown, x, y, budget_here, view)
+            check_units(figure, headers, x, y, view)
+            check_labels(figure, budget_here, max_drop if y == "metric" else None, view)
+    return axis_types
+
+
+def check_axes(figure: Figure, shown: list[dict[str, Any]], x: str, y: str, budget: int | None, view: str) -> str:
+    unit = UNITS[x][1]
+    plotted_x = [value for trace in figure.data for value in trace["x"]]
+    plotted_y = [value for trace in figure.data for value in trace["y"]]
+    expected_x = [row[x] / unit for row in shown]
+    assert sorted({round(v, 9) for v in plotted_x}) == sorted({round(v, 9) for v in expected_x}), view
+    lines_x = [budget / unit] if budget is not None else []
+    spread = max(expected_x + lines_x) / min(expected_x + lines_x)
+    assert figure.xaxis["type"] == ("log" if spread > LOG_SPREAD else "linear"), (view, spread)
+    for axis, values, ticks in (
+        (figure.xaxis, plotted_x + lines_x, figure.xticks),
+        (figure.yaxis, plotted_y, figure.yticks),
+    ):
+        low, high = axis["range"]
+        assert all(low <= on_axis(v, axis) <= high for v in values), (view, axis, values)
+        assert ticks_cover(values, tick_values(ticks), axis), (view, axis["type"], values, ticks)
+    return figure.xaxis["type"]
+
+
+def check_units(figure: Figure, headers: list[str], x: str, y: str, view: str) -> None:
+    """The x axis is titled as its table column; the metric axis is in the metric column's unit (%)."""
+    column = next(h for h in headers if h.split(" ")[0] == UNITS[x][0].split(" ")[0])
+    assert figure.xaxis["title"] == column == UNITS[x][0], (view, column)
+    if y == "metric":
+        metric_column = next(h for h in headers if h.startswith("top1_accuracy"))
+        assert unit_of(figure.yaxis["title"]) == unit_of(metric_column) == "%", view
+
+
+def check_labels(figure: Figure, budget: int | None, max_drop: float | None, view: str) -> None:
+    """The budget line is labelled in words above the plot, clear of every marker; the metric's lines
+    and the baselines are named in the legend; no two labels overlap, and all lie inside the chart."""
+    expected = [f"size budget {budget / 1024:.4g} KiB"] if budget is not None else []
+    assert [label.text for label in figure.annotations] == expected, view
+    assert not [a.text for a in figure.annotations for m in figure.markers if overlaps(a.box, m)], view
+    assert figure.marker_texts == 0, view  # baselines are named in the legend, not beside their markers
+    legend = [label.text for label in figure.legend]
+    assert {"uniform fp32", "uniform w4a8", "chosen"} <= set(legend), (view, legend)
+    if max_drop is not None:
+        floor = dashboard_data.FLOAT_METRIC - max_drop
+        lines = [f"float model {dashboard_data.FLOAT_METRIC:.4g} %", f"drop limit {max_drop:g} pp: {floor:.4g} %"]
+        assert set(lines) <= set(legend), (view, legend)
+    labels = figure.annotations + figure.legend
+    assert not overlapping_pairs(labels), (view, overlapping_pairs(labels))
+    assert all(inside(label.box, figure.chart) for label in labels), (view, labels, figure.chart)
+
+
+def check_latency_chart(page, data: dashboard_data.DashboardData, where: str) -> None:
+    """Bars are the p50 of each measurement with a whisker up to its p90 and none down (no lower
+    percentile is stored); the mean is a marker of its own; the key above the chart says so."""
+    figure = read_figure(page, "latency-chart")
+    bars = [trace for trace in figure.data if trace["type"] == "bar"]
+    assert [bar["name"] for bar in bars] == [dashboard_data.CPU, "NVIDIA H100 80GB HBM3"], where
+    runs = {
+        device: [r for r in dashboard_data.LATENCY_RUNS if r[1] == device] for device in (bar["name"] for bar in bars)
+    }
+    for bar in bars:
+        expected = [dashboard_data.latency_percentiles(run[4]) for run in runs[bar["name"]]]
+        up, down = bar["error_y"]["array"], bar["error_y"]["arrayminus"]
+        for value, plus, minus, (p50, p90) in zip(bar["y"], up, down, expected, strict=True):
+            assert plus >= 0 and minus == 0 and value - minus <= value <= value + plus, (where, bar["name"])
+            assert value == p50 and math.isclose(value + plus, p90), (where, bar["name"], value, plus, p90)
+        assert "p50" in bar["hovertemplate"] and "p90" in bar["hovertemplate"], where
+    means = [value for trace in figure.data if trace["name"] == "mean" for value in trace["y"]]
+    assert sorted(means) == sorted(run[4] for run in dashboard_data.LATENCY_RUNS), where
+    assert "mean" in [label.text for label in figure.legend], where
+    key = page.locator("#latency-chart-key").inner_text()
+    assert "p50" in key and "p90" in key and "mean" in key, where
+    assert not overlapping_pairs(figure.legend), where
 
 
 def expect_text(page, selector: str, text: str) -> None:

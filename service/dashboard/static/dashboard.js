@@ -95,87 +95,149 @@ function initSensitivity() {
 
 // ------------------------------------------------------------------ plan: frontier chart and point detail
 
-const AXIS_TITLES = {
-  size_bytes: "size (bytes)", bops: "BOPS", latency_ms: "latency, mean (ms)",
-};
+// Okabe-Ito, as dashboard.css's precision colours: a uniform baseline takes its candidate's colour.
+const PRECISION_COLOURS = { fp32: "#7a7a7a", w8a8: "#009e73", w8: "#56b4e9", w4a8: "#e69f00", w4: "#d55e00" };
 const BUDGET_FOR_AXIS = { size_bytes: "max_size_bytes", bops: "max_bops", latency_ms: "max_latency_ms" };
-const LOG_AXES = ["size_bytes", "bops"];  // these span an order of magnitude between fp32 and 4-bit
+const BUDGET_WORDS = { size_bytes: "size budget", bops: "BOPS budget", latency_ms: "latency budget" };
+// An axis is logarithmic when its largest value is more than this many times its smallest, chosen
+// by the data shown: the dashboard fixture's sizes span 8x (fp32 to w4a8) and read well on a linear
+// axis; its BOPS span 32x (activation bits count too), where a linear axis piles the cheap points
+// against the left edge.
+const LOG_SPREAD = 20;
+const BUDGET_COLOUR = "#b42318";
 
-function frontierTraces(data, x, y) {
+function short(value) {
+  // Four significant digits, as the tables' num filter shows them.
+  return String(Number(value.toPrecision(4)));
+}
+
+function inUnit(data, key, value) {
+  // The figure in the unit its table column uses (service/dashboard/units.py); others as stored.
+  const unit = data.units[key];
+  return value == null || !unit ? value : value / unit.per;
+}
+
+function isPowerOfTen(value) {
+  const exponent = Math.log10(value);
+  return Math.abs(exponent - Math.round(exponent)) < 1e-9;
+}
+
+function logTicks(low, high) {
+  // 1, 2 and 5 per decade; past eight of them, the powers of ten alone.
+  const ticks = [];
+  for (let exponent = Math.floor(Math.log10(low)); exponent <= Math.ceil(Math.log10(high)); exponent++) {
+    for (const mantissa of [1, 2, 5]) {
+      const tick = Number((mantissa * 10 ** exponent).toPrecision(6));
+      if (tick >= low && tick <= high) ticks.push(tick);
+    }
+  }
+  return ticks.length > 8 ? ticks.filter(isPowerOfTen) : ticks;
+}
+
+function axisLayout(title, values) {
+  // The range is set here rather than by plotly's autorange, so that it covers every value shown
+  // (budget lines included) and the budget's label can go on the side of its line that has room.
+  const base = { title: { text: title }, automargin: true, zeroline: false };
+  const shown = values.filter((v) => v != null && Number.isFinite(v));
+  if (!shown.length) return base;
+  const low = Math.min(...shown);
+  const high = Math.max(...shown);
+  if (shown.length > 1 && low > 0 && high / low > LOG_SPREAD) {
+    const pad = (Math.log10(high) - Math.log10(low)) * 0.06;
+    const range = [Math.log10(low) - pad, Math.log10(high) + pad];
+    const ticks = logTicks(10 ** range[0], 10 ** range[1]);
+    return { ...base, type: "log", range, tickvals: ticks, ticktext: ticks.map(short) };
+  }
+  const span = high - low || Math.abs(high) * 0.1 || 1;
+  return { ...base, type: "linear", range: [low - span * 0.06, high + span * 0.06] };
+}
+
+function frontierTraces(data, x, y, titles) {
   const has = (p) => p[x] != null && p[y] != null;
+  const xs = (rows) => rows.map((p) => inUnit(data, x, p[x]));
+  const ys = (rows) => rows.map((p) => p[y]);
+  const figures = `${titles.x}: %{x:.4g}<br>${titles.y}: %{y:.4g}`;
+  const hover = `${data.point_word} %{customdata}<br>${figures}<extra></extra>`;
   const points = data.points.filter(has).sort((a, b) => a[x] - b[x]);
-  const hover = `point %{customdata}<br>${AXIS_TITLES[x]}: %{x:.4g}<br>%{y:.4g}<extra></extra>`;
-  // The staircase joins the frontier in (cost, prediction); measured metrics are points only.
+  // The staircase joins a frontier in (cost, prediction); measured metrics and bisection steps are points only.
+  const staircase = y !== "metric" && data.search === "pareto";
   const traces = [{
-    type: "scatter", mode: y === "metric" ? "markers" : "lines+markers", name: "frontier", x: points.map((p) => p[x]),
-    y: points.map((p) => p[y]), customdata: points.map((p) => p.index), hovertemplate: hover,
+    type: "scatter", mode: staircase ? "lines+markers" : "markers", name: data.trace_name, x: xs(points),
+    y: ys(points), customdata: points.map((p) => p.index), hovertemplate: hover,
     marker: { size: 11, color: "#0b5cad" }, line: { shape: "hv", color: "#0b5cad", width: 1 },
   }];
-  const baselines = data.baselines.filter(has);
-  if (baselines.length) {
+  // One legend entry per baseline instead of text beside its marker: labels beside markers overlap
+  // each other and the frontier wherever the points crowd (fp32 and w8a8 predict nearly the same).
+  for (const baseline of data.baselines.filter(has)) {
     traces.push({
-      type: "scatter", mode: "markers+text", name: "uniform baselines", x: baselines.map((b) => b[x]),
-      y: baselines.map((b) => b[y]), text: baselines.map((b) => b.candidate), textposition: "top center",
-      customdata: baselines.map((b) => b.index), marker: { symbol: "diamond", size: 12, color: "#d55e00" },
-      hovertemplate: "uniform %{text}<br>%{x:.4g}<br>%{y:.4g}<extra></extra>",
+      type: "scatter", mode: "markers", name: `uniform ${baseline.candidate}`, x: xs([baseline]), y: ys([baseline]),
+      customdata: [baseline.index], hovertemplate: `uniform ${baseline.candidate}<br>${figures}<extra></extra>`,
+      marker: { symbol: "diamond", size: 13, color: PRECISION_COLOURS[baseline.candidate] || "#1b1f24",
+                line: { color: "#1b1f24", width: 1 } },
     });
   }
   const chosen = points.filter((p) => p.chosen);
   if (chosen.length) {
     traces.push({
-      type: "scatter", mode: "markers", name: "chosen", x: chosen.map((p) => p[x]), y: chosen.map((p) => p[y]),
+      type: "scatter", mode: "markers", name: "chosen", x: xs(chosen), y: ys(chosen),
       customdata: chosen.map((p) => p.index), hovertemplate: hover,
-      marker: { symbol: "star", size: 18, color: "#e69f00", line: { color: "#000", width: 1 } },
+      marker: { symbol: "star", size: 18, color: "#f0e442", line: { color: "#1b1f24", width: 1 } },
     });
   }
   const selected = points.filter((p) => p.index === data.selected);
   traces.push({
-    type: "scatter", mode: "markers", name: "selected", x: selected.map((p) => p[x]), y: selected.map((p) => p[y]),
+    type: "scatter", mode: "markers", name: "selected", x: xs(selected), y: ys(selected),
     customdata: selected.map((p) => p.index), hovertemplate: hover, showlegend: selected.length > 0,
     marker: { size: 22, color: "rgba(0,0,0,0)", line: { color: "#000", width: 2.5 } },
   });
   return traces;
 }
 
-function constraintShapes(data, x, y) {
-  // Budget lines (vertical, on the matching x axis) and the drop tolerance (horizontal, on the metric).
-  const shapes = [];
-  const annotations = [];
-  const budget = data.constraints[BUDGET_FOR_AXIS[x]];
-  if (budget != null) {
-    // Shapes take data values on log axes, annotations take log10 of them.
-    const at = LOG_AXES.includes(x) ? Math.log10(budget) : budget;
-    shapes.push({ type: "line", xref: "x", yref: "paper", x0: budget, x1: budget, y0: 0, y1: 1,
-                  line: { color: "#b42318", dash: "dash", width: 2 } });
-    annotations.push({ xref: "x", yref: "paper", x: at, y: 1, text: `${BUDGET_FOR_AXIS[x]} = ${budget}`,
-                       showarrow: false, xanchor: "left", yanchor: "bottom", font: { color: "#b42318" } });
+function budgetLine(data, x, xaxis) {
+  // The x axis's budget: a vertical line, labelled in words above the plot (where no point can be)
+  // on the side of the line with room.
+  const budget = inUnit(data, x, data.constraints[BUDGET_FOR_AXIS[x]]);
+  if (budget == null) return { shapes: [], annotations: [] };
+  const position = xaxis.type === "log" ? Math.log10(budget) : budget;  // annotations take log10 on log axes
+  const right = (position - xaxis.range[0]) / (xaxis.range[1] - xaxis.range[0]) > 0.5;
+  return {
+    shapes: [{ type: "line", xref: "x", yref: "paper", x0: budget, x1: budget, y0: 0, y1: 1,
+               line: { color: BUDGET_COLOUR, dash: "dash", width: 2 } }],
+    annotations: [{ xref: "x", yref: "paper", x: position, y: 1, yanchor: "bottom", showarrow: false,
+                    xanchor: right ? "right" : "left", xshift: right ? -4 : 4, font: { color: BUDGET_COLOUR },
+                    text: `${BUDGET_WORDS[x]} ${short(budget)} ${data.units[x].name}` }],
+  };
+}
+
+function metricLines(data) {
+  // The float model's metric and the drop limit below it, named in the legend: a label on the line
+  // itself would cover the points that sit on or near it, as the chosen one often does.
+  if (data.float_metric == null) return [];
+  const line = (at, name, colour, dash) => ({ type: "line", xref: "paper", yref: "y", x0: 0, x1: 1, y0: at, y1: at,
+                                               name, showlegend: true, line: { color: colour, dash, width: 2 } });
+  const lines = [line(data.float_metric, `float model ${short(data.float_metric)} %`, "#7a7a7a", "dot")];
+  const maxDrop = data.constraints.max_drop;
+  if (maxDrop != null) {
+    const floor = data.float_metric - maxDrop;
+    lines.push(line(floor, `drop limit ${short(maxDrop)} pp: ${short(floor)} %`, BUDGET_COLOUR, "dash"));
   }
-  if (y === "metric" && data.float_metric != null) {
-    shapes.push({ type: "line", xref: "paper", yref: "y", x0: 0, x1: 1, y0: data.float_metric, y1: data.float_metric,
-                  line: { color: "#7a7a7a", dash: "dot", width: 1.5 } });
-    annotations.push({ xref: "paper", yref: "y", x: 0, y: data.float_metric, text: "float baseline",
-                       showarrow: false, xanchor: "left", yanchor: "bottom" });
-    const maxDrop = data.constraints.max_drop;
-    if (maxDrop != null) {
-      const floor = data.float_metric - maxDrop;
-      shapes.push({ type: "line", xref: "paper", yref: "y", x0: 0, x1: 1, y0: floor, y1: floor,
-                    line: { color: "#b42318", dash: "dash", width: 2 } });
-      annotations.push({ xref: "paper", yref: "y", x: 1, y: floor, text: `max_drop = ${maxDrop} pp`,
-                         showarrow: false, xanchor: "right", yanchor: "top", font: { color: "#b42318" } });
-    }
-  }
-  return { shapes, annotations };
+  return lines;
 }
 
 function drawFrontier(data) {
   const x = document.getElementById("frontier-x").value;
   const y = document.getElementById("frontier-y").value;
-  const yTitle = y === "metric" ? `measured ${data.metric_name} (%)` : data.predictor_label;
-  const layout = { ...PLOT_LAYOUT, margin: { t: 30, r: 20, b: 60, l: 80 }, ...constraintShapes(data, x, y),
-                   xaxis: { title: { text: AXIS_TITLES[x] }, exponentformat: "SI",
-                           type: LOG_AXES.includes(x) ? "log" : "linear" }, yaxis: { title: { text: yTitle } },
-                   legend: { orientation: "h", y: -0.2 } };
-  Plotly.react("frontier-chart", frontierTraces(data, x, y), layout, PLOT_CONFIG);
+  const titles = { x: data.units[x].label, y: y === "metric" ? `measured ${data.metric_name} (%)` : data.predictor_label };
+  const traces = frontierTraces(data, x, y, titles);
+  const xaxis = axisLayout(titles.x, [...traces.flatMap((t) => t.x), inUnit(data, x, data.constraints[BUDGET_FOR_AXIS[x]])]);
+  const metric = y === "metric" ? metricLines(data) : [];
+  const yaxis = axisLayout(titles.y, [...traces.flatMap((t) => t.y), ...metric.map((line) => line.y0)]);
+  const budget = budgetLine(data, x, xaxis);
+  const layout = { ...PLOT_LAYOUT, margin: { t: 30, r: 20, b: 10, l: 80 }, xaxis, yaxis,
+                   shapes: [...budget.shapes, ...metric], annotations: budget.annotations,
+                   legend: { orientation: "h", x: 0, xanchor: "left", y: 0, yref: "container", yanchor: "bottom",
+                             itemsizing: "constant" } };  // the 22 px ring and the star would overlap the next row
+  Plotly.react("frontier-chart", traces, layout, PLOT_CONFIG);
 }
 
 async function showPoint(data, index) {
@@ -220,17 +282,30 @@ function initFrontier() {
 // ------------------------------------------------------------------ latency chart
 
 function initLatency() {
+  // Bars are the median (p50); whiskers reach up to p90. Latency measurements store mean, p50 and
+  // p90 only (planner/latency.py), so there is no lower whisker; the mean, which a slow outlier can
+  // push past p90, is a marker of its own rather than the bar that whiskers hang from.
   const data = readJSON("latency-data");
   if (!data || !canPlot("latency-chart")) return;
-  const traces = data.devices.map((d) => ({
-    type: "bar", name: d.device, x: d.labels,
-    y: d.mean_ms, hovertemplate: "mean %{y:.3f} ms<extra>%{fullData.name}</extra>",
-    error_y: { type: "data", symmetric: false, array: d.p90_ms.map((v, i) => Math.max(0, v - d.mean_ms[i])),
-               arrayminus: d.p50_ms.map((v, i) => Math.max(0, d.mean_ms[i] - v)), visible: true },
+  const bars = data.devices.map((d, i) => ({
+    type: "bar", name: d.device, x: d.labels, y: d.p50_ms, offsetgroup: String(i),
+    customdata: d.p90_ms.map((p90, k) => [p90, d.mean_ms[k]]),
+    error_y: { type: "data", symmetric: false, visible: true, color: "#1b1f24",
+               array: d.p90_ms.map((p90, k) => Math.max(0, p90 - d.p50_ms[k])), arrayminus: d.p50_ms.map(() => 0) },
+    hovertemplate: "p50 (median) %{y:.3f} ms<br>p90 %{customdata[0]:.3f} ms<br>mean %{customdata[1]:.3f} ms"
+                   + "<extra>%{fullData.name}</extra>",
   }));
-  Plotly.newPlot("latency-chart", traces, { ...PLOT_LAYOUT,
-                                            yaxis: { automargin: true, title: { text: "latency (ms): mean, p50–p90" } },
-                                            legend: { orientation: "h", y: 1.1 } }, PLOT_CONFIG);
+  const means = data.devices.map((d, i) => ({
+    type: "scatter", mode: "markers", name: "mean", x: d.labels, y: d.mean_ms, offsetgroup: String(i),
+    legendgroup: "mean", showlegend: i === 0, hovertemplate: "mean %{y:.3f} ms<extra></extra>",
+    marker: { symbol: "diamond-open", size: 10, color: "#1b1f24", line: { width: 2 } },
+  }));
+  const traces = [...bars, ...means];
+  Plotly.newPlot("latency-chart", traces, {
+    ...PLOT_LAYOUT, barmode: "group", scattermode: "group",
+    yaxis: { automargin: true, rangemode: "tozero", title: { text: "latency (ms)" } },
+    legend: { orientation: "h", x: 0, y: 0, yref: "container", yanchor: "bottom" }, margin: { t: 20, r: 20, b: 10, l: 70 },
+  }, PLOT_CONFIG);
 }
 
 // ------------------------------------------------------------------ jobs: live progress and cancel
