@@ -11,6 +11,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
+from service.api import docs as api_docs
 from service.api import jobs as api_jobs
 from service.api import plans as api_plans
 from service.api import schemas
@@ -75,6 +76,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "get Hessian-based sensitivities, Pareto-optimal bit allocations and quantized ONNX. "
         "Errors are application/problem+json (RFC 9457).",
         generate_unique_id_function=operation_id,
+        docs_url=None,  # FastAPI's pages load their scripts from a CDN; service/api/docs.py serves them
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.engine = engine
@@ -100,6 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     v1.include_router(api_plans.router)
     app.include_router(v1)
     app.include_router(dashboard.router)
+    app.include_router(api_docs.router)
     _add_health_routes(app)
     return app
 
