@@ -11,11 +11,13 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
+from service.api import docs as api_docs
 from service.api import jobs as api_jobs
 from service.api import plans as api_plans
 from service.api import schemas
 from service.api.errors import install_error_handlers, problem_response
 from service.api.guard import Guard, HeaderTimeoutProtocol
+from service.api.openapi import DocumentedApp, operation_id
 from service.api.registry import RegistryKind, registry_router
 from service.api.transfer import UploadSlots
 from service.dashboard import pages as dashboard
@@ -66,12 +68,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.inspector.close()
         engine.dispose()
 
-    app = FastAPI(
+    app = DocumentedApp(  # its OpenAPI document: service/api/openapi.py
         title="mpq",
         version=mpq_version(),
         lifespan=lifespan,
         description="Mixed-precision quantization planner: upload models and calibration data, "
-        "get Hessian-based sensitivities, Pareto-optimal bit allocations and quantized ONNX.",
+        "get Hessian-based sensitivities, Pareto-optimal bit allocations and quantized ONNX. "
+        "Errors are application/problem+json (RFC 9457).",
+        generate_unique_id_function=operation_id,
+        docs_url=None,  # FastAPI's pages load their scripts from a CDN; service/api/docs.py serves them
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.engine = engine
@@ -97,6 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     v1.include_router(api_plans.router)
     app.include_router(v1)
     app.include_router(dashboard.router)
+    app.include_router(api_docs.router)
     _add_health_routes(app)
     return app
 
@@ -143,7 +150,7 @@ def _add_health_routes(app: FastAPI) -> None:
         "/readyz",
         response_model=schemas.Health,
         tags=["health"],
-        responses={503: {"description": "the database does not take writes, or the store is unusable or full"}},
+        responses={503: {"description": "The database does not take writes, or the store is unusable or full"}},
         summary="The database takes writes and the artifact store has room",
     )
     def readyz(request: Request) -> schemas.Health | Response:

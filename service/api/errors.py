@@ -11,10 +11,58 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
+
+
+class InvalidField(BaseModel):
+    loc: list[str | int] = Field(description="where: body, query, path or header, then the field's path")
+    msg: str
+
+
+class ProblemDocument(BaseModel):
+    """What ``problem_response`` sends, for the API's schema (service/api/openapi.py): RFC 9457's members,
+    and the extension members some answers add."""
+
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "examples": [
+                {
+                    "type": "about:blank",
+                    "title": "Unprocessable Content",
+                    "status": 422,
+                    "detail": "invalid request: body.constraints.max_drop: Input should be less than or equal to 100",
+                    "instance": "/v1/plans",
+                    "errors": [
+                        {
+                            "loc": ["body", "constraints", "max_drop"],
+                            "msg": "Input should be less than or equal to 100",
+                        }
+                    ],
+                },
+                {
+                    "type": "about:blank",
+                    "title": "Not Found",
+                    "status": 404,
+                    "detail": "no job with id 'c0ffee'",
+                    "instance": "/v1/jobs/c0ffee",
+                },
+            ]
+        },
+    )
+    type: str = Field(description="always about:blank: the status and title say what kind of problem it is")
+    title: str
+    status: int
+    detail: str = Field(description="what is wrong, in words that say how to fix it")
+    instance: str | None = Field(None, description="the request's path")
+    errors: list[InvalidField] | None = Field(None, description="a request that is not valid (422): each field")
+    code: str | None = Field(None, description="a job request refused (422): bad_input, or infeasible constraints")
+    jobs: list[str] | None = Field(None, description="a delete refused (409): the jobs that use the upload")
+    checks: dict[str, str] | None = Field(None, description="/readyz (503): each check and its state")
 
 
 class Problem(Exception):

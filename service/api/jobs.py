@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse
@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.auth import request_owner
 from service.api.errors import Problem
+from service.api.results import JobResult, SensitivityResult
 from service.inspection.checks import InvalidUpload
 from service.job_status import JobStatus
 from service.store.sql_store import SqlStore
@@ -22,6 +23,9 @@ from service.store.tables import Dataset, Job, Model, SensitivityResultRow
 router = APIRouter(tags=["jobs"])
 
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)]
+MODEL_ID = "5b0e3c1f9a7d4e2b8c6a1f0e9d8c7b6a"  # ids in the schema's examples
+DATASET_ID = "a1d4c7e0b3f6492d8e5a7c9b1f0e2d3c"
+JOB_ID = "0c9e8d7f6a5b4c3d2e1f0a9b8c7d6e5f"
 
 
 class Progress(BaseModel):
@@ -31,12 +35,36 @@ class Progress(BaseModel):
 
 
 class JobOut(BaseModel):
+    # A failed job: its example shows every field (FastAPI's schema drops example values that are null).
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": JOB_ID,
+                    "type": "plan",
+                    "status": "failed",
+                    "params": {"model_id": MODEL_ID, "calibration_dataset_id": DATASET_ID, "search": "bisection"},
+                    "progress": {"phase": "plan:search", "fraction": 0.6, "message": "bisection step 3 of 5"},
+                    "result": {"error_code": "time_limit"},
+                    "error": "time limit: the job ran longer than 21600 s (MPQ_JOB_TIME_LIMIT_S)",
+                    "log_tail": "[plan:search] 60% bisection step 3 of 5",
+                    "worker_id": "node-1:4242",
+                    "attempts": 1,
+                    "cancel_requested": False,
+                    "created_at": "2026-12-01T03:30:00Z",
+                    "started_at": "2026-12-01T03:30:01Z",
+                    "finished_at": "2026-12-01T09:30:01Z",
+                    "heartbeat_at": "2026-12-01T09:29:59Z",
+                }
+            ]
+        }
+    )
     id: str
     type: str
     status: JobStatus
     params: dict[str, Any]
     progress: Progress
-    result: dict[str, Any]
+    result: JobResult
     error: str | None
     log_tail: str | None
     worker_id: str | None
@@ -55,7 +83,7 @@ class JobOut(BaseModel):
             status=job.status,
             params=job.params,
             progress=Progress(phase=job.progress_phase, fraction=job.progress_fraction, message=job.progress_message),
-            result=job.result or {},
+            result=cast(JobResult, job.result or {}),  # checked by pydantic here
             error=job.error,
             log_tail=job.log_tail,
             worker_id=job.worker_id,
@@ -94,6 +122,18 @@ SampleAxes = Annotated[
 
 
 class SensitivityRequest(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model_id": MODEL_ID,
+                    "dataset_id": DATASET_ID,
+                    "method": "hawq_v2",
+                    "options": {"seed": 0, "max_probes": 128, "tolerance": 0.05},
+                }
+            ]
+        }
+    )
     model_id: str = Field(max_length=64)
     dataset_id: str = Field(max_length=64)
     method: Literal["hawq_v2", "hawq_v1", "interlayer"] = "hawq_v2"
@@ -113,7 +153,7 @@ class SensitivityOut(BaseModel):
     method: str
     model_sha256: str
     dataset_sha256: str
-    result: dict[str, Any]
+    result: SensitivityResult
     versions: dict[str, Any]
     created_at: datetime
 
@@ -191,12 +231,23 @@ async def check_request(
 
 # ---------------------------------------------------------------- routes
 
+NO_JOB = {"description": "No job with this id"}
+# Their content, application/problem+json, is added with the guard's errors (service/api/openapi.py).
+JOB_SUBMISSION_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The job this Idempotency-Key already made (header Idempotent-Replayed: true)",
+        "model": JobOut,
+    },
+    503: {"description": "Every inspector is busy checking uploads and requests; retry after Retry-After"},
+}
+
 
 @router.post(
     "/sensitivity",
     status_code=202,
     response_model=JobOut,
     summary="Start a sensitivity analysis (HAWQ-V2 traces, HAWQ-V1 eigenvalues or inter-layer terms)",
+    responses=JOB_SUBMISSION_RESPONSES,
 )
 async def create_sensitivity(
     request: Request, body: SensitivityRequest, idempotency_key: IdempotencyKey = None
@@ -208,7 +259,12 @@ async def create_sensitivity(
     return submit_job(request, "sensitivity", body.model_dump(), idempotency_key)
 
 
-@router.get("/sensitivity/{result_id}", response_model=SensitivityOut, summary="A stored sensitivity result")
+@router.get(
+    "/sensitivity/{result_id}",
+    response_model=SensitivityOut,
+    summary="A stored sensitivity result",
+    responses={404: {"description": "No sensitivity result with this id"}},
+)
 def get_sensitivity(request: Request, result_id: str) -> SensitivityOut:
     row = request.app.state.db.get(SensitivityResultRow, result_id)
     if row is None:
@@ -228,7 +284,12 @@ def list_jobs(
     return JobPage(items=[JobOut.of(r) for r in rows], total=total)
 
 
-@router.get("/jobs/{job_id}", response_model=JobOut, summary="One job with progress, error and log tail")
+@router.get(
+    "/jobs/{job_id}",
+    response_model=JobOut,
+    summary="One job with progress, error and log tail",
+    responses={404: NO_JOB},
+)
 def get_job(request: Request, job_id: str) -> JobOut:
     job = request.app.state.db.get(Job, job_id)
     if job is None:
@@ -241,6 +302,7 @@ def get_job(request: Request, job_id: str) -> JobOut:
     response_model=JobOut,
     status_code=202,
     summary="Cancel a job: queued jobs stop at once, running ones at their next step",
+    responses={404: NO_JOB},
 )
 def cancel_job(request: Request, job_id: str) -> JobOut:
     job = request.app.state.db.request_cancel(job_id)

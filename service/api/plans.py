@@ -6,20 +6,41 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, cast, get_args
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
+from typing_extensions import TypedDict
 
 from service.api.errors import Problem
-from service.api.jobs import IdempotencyKey, JobOut, SampleAxes, check_request, load_inputs, submit_job
-from service.api.transfer import blob_response
+from service.api.jobs import (
+    DATASET_ID,
+    JOB_SUBMISSION_RESPONSES,
+    MODEL_ID,
+    IdempotencyKey,
+    JobOut,
+    SampleAxes,
+    check_request,
+    load_inputs,
+    submit_job,
+)
+from service.api.results import (
+    Configuration,
+    Measurement,
+    NotMeasured,
+    PlanPredictedFigures,
+    PlanResult,
+    PredictedFigures,
+)
+from service.api.transfer import DOWNLOAD_RESPONSES, blob_response
 from service.store.sql_store import SqlStore
 from service.store.tables import Artifact, Plan
 
 router = APIRouter(tags=["plans"])
+NO_PLAN = {"description": "No plan with this id"}
+EVALUATION_DATASET_ID = "c3b2a1f0e9d84c7b6a5f4e3d2c1b0a9f"  # in the examples
 # planner.DEFAULT_CANDIDATES, written out as the bounds below are (the API process does not import
 # the planner, which pulls in torch); tests/planner/test_public_api.py pins it equal.
 DEFAULT_CANDIDATES = ["fp32", "w8a8", "w4a8", "w8", "w4"]
@@ -56,6 +77,23 @@ class PlanRequestIn(BaseModel):
     (``service.inspection.checks.check_job_request``), so the API and the CLI refuse the same requests
     with the same words."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model_id": MODEL_ID,
+                    "calibration_dataset_id": DATASET_ID,
+                    "evaluation_dataset_id": EVALUATION_DATASET_ID,
+                    "method": "hawq_v2",
+                    "search": "pareto",
+                    "candidates": ["fp32", "w8a8", "w4a8"],
+                    "constraints": {"max_size_bytes": 4_000_000, "max_drop": 1.0},
+                    "exclude": ["classifier.*"],
+                    "options": {"trace_max_probes": 64},
+                }
+            ]
+        }
+    )
     model_id: str = Field(max_length=64)
     calibration_dataset_id: str = Field(max_length=64)
     evaluation_dataset_id: str | None = Field(None, max_length=64)
@@ -83,12 +121,21 @@ class PlanRequestIn(BaseModel):
 class FrontierPointOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
     index: int
-    assignment: dict[str, Any]
+    assignment: Configuration
     size_bytes: int | None
     bops: float | None
-    predicted_loss_change: float | None
-    predicted: dict[str, Any]
-    measured: dict[str, Any]
+    predicted_loss_change: float | None = Field(description="Ω for hawq_v2 plans, ΔL for interlayer ones")
+    predicted: PredictedFigures
+    measured: Measurement | NotMeasured
+
+
+class ArtifactLink(TypedDict):
+    """The plan's quantized ONNX: its sha256 (the download's ETag), size, file name and download URL."""
+
+    sha256: str
+    size_bytes: int
+    filename: str
+    url: str
 
 
 class PlanOut(BaseModel):
@@ -98,13 +145,13 @@ class PlanOut(BaseModel):
     calibration_dataset_id: str
     evaluation_dataset_id: str | None
     search: str
-    request: dict[str, Any]
-    assignment: dict[str, Any]
-    predicted: dict[str, Any]
-    measured: dict[str, Any] = Field(description="the chosen configuration's measurements")
-    artifact: dict[str, Any] | None
+    request: dict[str, Any] = Field(description="the request as submitted, with the sensitivity result it used")
+    assignment: Configuration
+    predicted: PlanPredictedFigures
+    measured: Measurement | NotMeasured = Field(description="the chosen configuration's measurements")
+    artifact: ArtifactLink | None
     versions: dict[str, Any]
-    result: dict[str, Any] = Field(
+    result: PlanResult = Field(
         description="the planner's result document (planner.PlanResult.to_dict(), less the sensitivity, "
         "which is its own resource): frontier, uniform points, exclusions, layer nodes and the run's "
         "metadata under `run`; plans stored before it hold only the parts they had"
@@ -132,6 +179,9 @@ class LatencyOut(BaseModel):
 
 
 class LatencyRequest(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"batch_size": 8, "repeats": 100, "warmup": 10, "device": "cuda"}]}
+    )
     batch_size: int = Field(1, ge=1, le=MAX_LATENCY_BATCH_SIZE, strict=True)
     repeats: int = Field(50, ge=1, le=MAX_LATENCY_REPEATS, strict=True)
     warmup: int = Field(10, ge=0, le=MAX_LATENCY_WARMUP, strict=True)
@@ -147,10 +197,11 @@ def plan_out(plan: Plan, artifact: Artifact | None) -> PlanOut:
         evaluation_dataset_id=plan.evaluation_dataset_id,
         search=plan.search,
         request=plan.request,
+        # the stored documents, checked by pydantic here (service/api/results.py)
         assignment=plan.assignment,
-        predicted=plan.predicted,
-        measured=plan.measured,
-        result=plan.result,
+        predicted=cast(PlanPredictedFigures, plan.predicted),
+        measured=cast(Measurement, plan.measured),
+        result=cast(PlanResult, plan.result),
         artifact=None
         if artifact is None
         else {
@@ -176,6 +227,7 @@ def _plan_or_404(db: SqlStore, plan_id: str) -> tuple[Plan, Artifact | None]:
     status_code=202,
     response_model=JobOut,
     summary="Plan per-layer precisions: sensitivity, search, export, measurement (a job)",
+    responses=JOB_SUBMISSION_RESPONSES,
 )
 async def create_plan(request: Request, body: PlanRequestIn, idempotency_key: IdempotencyKey = None) -> JSONResponse:
     model, (calibration, evaluation) = load_inputs(
@@ -264,6 +316,7 @@ def _retrieve_exception(future: asyncio.Future[bytes]) -> None:
     "/plans/{plan_id}",
     response_model=PlanOut,
     summary="Per-layer assignment with predicted and measured quality, size, BOPS and latency",
+    responses={404: NO_PLAN},
 )
 async def get_plan(request: Request, plan_id: str) -> Response:
     cache: ResponseCache = request.app.state.plan_cache
@@ -279,6 +332,7 @@ def _plan_json(request: Request, plan_id: str) -> bytes:
     "/plans/{plan_id}/frontier",
     response_model=list[FrontierPointOut],
     summary="The plan's frontier points, predicted and (where measured) measured",
+    responses={404: NO_PLAN},
 )
 def get_frontier(request: Request, plan_id: str) -> list[FrontierPointOut]:
     db: SqlStore = request.app.state.db
@@ -290,7 +344,7 @@ def get_frontier(request: Request, plan_id: str) -> list[FrontierPointOut]:
 @router.get(
     "/plans/{plan_id}/artifact",
     summary="Download the quantized ONNX model",
-    responses={200: {"content": {"application/octet-stream": {}}}},
+    responses=DOWNLOAD_RESPONSES,
 )
 def get_artifact(request: Request, plan_id: str) -> Response:
     _plan, artifact = _plan_or_404(request.app.state.db, plan_id)
@@ -304,6 +358,7 @@ def get_artifact(request: Request, plan_id: str) -> Response:
     status_code=202,
     response_model=JobOut,
     summary="Measure the plan's artifact again on a worker (e.g. another device)",
+    responses={**JOB_SUBMISSION_RESPONSES, 404: NO_PLAN, 409: {"description": "The plan has no artifact yet"}},
 )
 def remeasure_latency(
     request: Request, plan_id: str, body: LatencyRequest | None = None, idempotency_key: IdempotencyKey = None
@@ -320,6 +375,7 @@ def remeasure_latency(
     "/plans/{plan_id}/latency",
     response_model=list[LatencyOut],
     summary="Every latency measurement of the plan's artifact, with its device",
+    responses={404: NO_PLAN},
 )
 def list_latency(request: Request, plan_id: str) -> list[LatencyOut]:
     db: SqlStore = request.app.state.db

@@ -19,7 +19,7 @@ from starlette.datastructures import State
 
 from service.api.auth import request_owner
 from service.api.errors import Problem
-from service.api.transfer import UploadPace, blob_response, receive_upload
+from service.api.transfer import DOWNLOAD_RESPONSES, UploadPace, blob_response, receive_upload
 from service.inspection.checks import InvalidUpload
 from service.store.blobs import BlobWriter
 from service.store.sql_store import InUse, SqlStore
@@ -31,6 +31,17 @@ BINARY_BODY = {
         "required": True,
         "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
     }
+}
+
+# Their content, application/problem+json, is added with the guard's errors (service/api/openapi.py).
+UPLOAD_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "The upload was interrupted before it finished"},
+    408: {"description": "The upload stalled or was too slow (MPQ_UPLOAD_IDLE_TIMEOUT_S, MPQ_UPLOAD_MIN_BYTES_PER_S)"},
+    413: {"description": "The file passes MPQ_MAX_UPLOAD_BYTES, or the token's quota (MPQ_QUOTA_BYTES_PER_OWNER)"},
+    422: {"description": "The file is not an acceptable model or dataset (the detail says why), or a parameter is not"},
+    429: {"description": "This client already has MPQ_MAX_UPLOADS_PER_CLIENT uploads in progress"},
+    503: {"description": "Every upload slot or inspector is busy; retry after Retry-After"},
+    507: {"description": "The server's total quota is used up (MPQ_QUOTA_BYTES_TOTAL)"},
 }
 
 
@@ -54,13 +65,15 @@ def registry_router(kind: RegistryKind) -> APIRouter:
         status_code=201,
         response_model=kind.out,
         openapi_extra=BINARY_BODY,
+        name=f"upload_{kind.noun}",
         summary=f"Upload a {kind.noun} as the raw request body",
+        responses=UPLOAD_ERRORS,
     )
     async def upload(request: Request, name: Annotated[str | None, Query(max_length=200)] = None) -> BaseModel:
         row = await store_upload(request, kind, name)
         return await run_in_threadpool(kind.out.model_validate, row)  # up to 16,384 layers: off the event loop
 
-    @router.get("", response_model=kind.page, summary=f"List {kind.noun}s, newest first")
+    @router.get("", response_model=kind.page, name=f"list_{kind.noun}s", summary=f"List {kind.noun}s, newest first")
     def list_items(
         request: Request,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
@@ -72,15 +85,22 @@ def registry_router(kind: RegistryKind) -> APIRouter:
         )
         return kind.page.model_validate({"items": rows, "total": total}, from_attributes=True)
 
-    @router.get("/{item_id}", response_model=kind.out, summary=f"One {kind.noun}")
+    @router.get(
+        "/{item_id}",
+        response_model=kind.out,
+        name=f"get_{kind.noun}",
+        summary=f"One {kind.noun}",
+        responses={404: {"description": f"No {kind.noun} with this id"}},
+    )
     def get_item(request: Request, item_id: str) -> BaseModel:
         return kind.out.model_validate(_get_or_404(request.app.state.db, kind, item_id))
 
     @router.head("/{item_id}/file", include_in_schema=False)  # headers only: service/api/transfer.blob_response
     @router.get(
         "/{item_id}/file",
+        name=f"download_{kind.noun}",
         summary=f"Download the {kind.noun}'s file",
-        responses={200: {"content": {"application/octet-stream": {}}}},
+        responses=DOWNLOAD_RESPONSES,
     )
     def download(request: Request, item_id: str) -> Response:
         row = _get_or_404(request.app.state.db, kind, item_id)
@@ -90,8 +110,12 @@ def registry_router(kind: RegistryKind) -> APIRouter:
     @router.delete(
         "/{item_id}",
         status_code=204,
+        name=f"delete_{kind.noun}",
         summary=f"Delete a {kind.noun}, the plans made from it and their artifacts",
-        responses={409: {"description": "queued or running jobs use it"}},
+        responses={
+            404: {"description": f"No {kind.noun} with this id"},
+            409: {"description": "Queued or running jobs use it"},
+        },
     )
     def delete(request: Request, item_id: str) -> Response:
         state = request.app.state

@@ -198,6 +198,16 @@ def _too_large(max_bytes: int) -> Problem:
     )
 
 
+# blob_response's answers besides the whole file, for the routes' schemas (problem+json added by service/api/openapi.py)
+DOWNLOAD_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/octet-stream": {}}},
+    206: {"description": "The byte ranges asked for (Range)", "content": {"application/octet-stream": {}}},
+    304: {"description": "Not modified: If-None-Match names the file's ETag (its sha256)"},
+    404: {"description": "No such file"},
+    416: {"description": "The Range cannot be served"},
+}
+
+
 def blob_response(request: Request, store: BlobStore, sha256: str, filename: str, media_type: str) -> Response:
     """Serve a blob with its sha256 as ETag, honouring If-None-Match and Range (RFC 9110 §14).
 

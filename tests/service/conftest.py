@@ -6,6 +6,7 @@ each test run creates a fresh database and drops it at the end.
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +24,16 @@ from tests.models import npz_bytes, trained_digits_onnx
 from tests.service.helpers import ADMIN_URL
 
 BACKENDS = ["sqlite", "postgresql"]
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @contextmanager
@@ -147,3 +158,17 @@ def digits_files():
     calib = npz_bytes(input=data.train_x[:256], labels=data.train_y[:256])
     evaluation = npz_bytes(input=data.test_x, labels=data.test_y)
     return proto.SerializeToString(), calib, evaluation, data
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's chromium driven by Playwright (never `playwright install`: no browser downloads). Skipped
+    only where /usr/bin/chromium is missing and CI is not set; in CI the browser tests must run."""
+    if not CHROMIUM.exists() and not os.environ.get("CI"):
+        pytest.skip("browser tests need Debian's chromium at /usr/bin/chromium (bash scripts/setup.sh --dev)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        instance = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        yield instance
+        instance.close()

@@ -2,7 +2,8 @@
 (Playwright driving Debian's /usr/bin/chromium) against the live server.
 
 Select these tests by module: ``pytest tests/service/test_dashboard.py``. The browser tests
-skip only where /usr/bin/chromium is missing and CI is not set; in CI they must run. They run
+skip only where /usr/bin/chromium is missing and CI is not set (the ``browser`` fixture,
+tests/service/conftest.py); in CI they must run. They run
 on SQLite only: what they add (scripts, charts, clicks, downloads, cookies) does not depend on
 the database, and every page's queries run on both backends in the tests without a browser.
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,16 +39,6 @@ from tests.service.dashboard_checks import (
 )
 from tests.service.helpers import enable_auth
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-component-update",
-    "--disable-sync",
-]
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "test-output" / "screenshots"
 LOCAL_HOSTS = {"127.0.0.1", "localhost"}
 TIMEOUT_MS = 10_000
@@ -316,18 +306,6 @@ def precisions_in(html: str) -> list[str]:
 
 
 # ---------------------------------------------------------------- in a browser
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.exists() and not os.environ.get("CI"):
-        pytest.skip("browser tests need Debian's chromium at /usr/bin/chromium (bash scripts/setup.sh --dev)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        instance = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        yield instance
-        instance.close()
 
 
 class Recorder:

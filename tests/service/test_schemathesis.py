@@ -1,5 +1,5 @@
-"""Property-based run of the app against its own OpenAPI schema: no server errors, and
-every error answer is problem+json.
+"""Property-based run of the app against its own OpenAPI schema: no server errors, every error
+answer is problem+json, and every answer is one the schema documents (status, media type, body).
 
 Driven through hypothesis directly (schemathesis's pytest plugin does not load under
 pytest 9), against the app served by a real uvicorn server: one generated test per operation.
@@ -11,6 +11,11 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 pytestmark = pytest.mark.slow  # 30 generated requests per operation, on both backends
 
@@ -23,7 +28,16 @@ def errors_are_problem_json(ctx, response, case) -> bool | None:
     return None
 
 
-def test_api_has_no_server_errors(app, live_server):
+CHECKS = [
+    not_a_server_error,
+    errors_are_problem_json,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+]
+
+
+def test_api_answers_as_its_schema_says(app, live_server):
     schema = schemathesis.openapi.from_dict(app.openapi())
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 12
@@ -33,6 +47,6 @@ def test_api_has_no_server_errors(app, live_server):
         @given(case=operation.as_strategy())
         @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         def exercise(case):
-            case.call_and_validate(base_url=live_server, checks=[not_a_server_error, errors_are_problem_json])
+            case.call_and_validate(base_url=live_server, checks=CHECKS)
 
         exercise()
