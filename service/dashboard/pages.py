@@ -677,7 +677,7 @@ def plan_page(request: Request, plan_id: str, point: int | None = None) -> Respo
         charts=True,
         plan_layers=layer_precisions(model, plan.assignment, plan),
         excluded=list(exclusions(plan).values()),
-        detail=_point_detail(plan, model, selected) if selected else None,
+        detail=_point_detail(plan, model, selected, units) if selected else None,
     )
 
 
@@ -693,7 +693,9 @@ def point_fragment(request: Request, plan_id: str, index: PointIndex) -> Respons
     model = db.get(Model, plan.model_id) if plan else None
     if plan is None or point is None:
         return not_found(request, f"frontier point {index} of plan {plan_id!r}")
-    return render(request, "_point_detail.html", detail=_point_detail(plan, model, point))
+    points = [point_view(p, plan) for p in db.frontier(plan.id)]
+    units = plan_units(plan, points + uniform_baselines(plan, points))
+    return render(request, "_point_detail.html", detail=_point_detail(plan, model, point, units))
 
 
 @pages.api_route("/plans/{plan_id}/points/{index}/artifact", methods=["GET", "HEAD"])
@@ -715,8 +717,10 @@ def plan_artifact(request: Request, plan_id: str) -> Response:
     return blob_response(request, request.app.state.store, artifact.sha256, artifact.filename, artifact.media_type)
 
 
-def _point_detail(plan: Plan, model: Model | None, point: FrontierPointRow) -> dict[str, Any]:
+def _point_detail(plan: Plan, model: Model | None, point: FrontierPointRow, units: dict[str, Unit]) -> dict[str, Any]:
+    """One point's figures in the plan page's units (the fragment replaces part of that page)."""
     return {
+        "units": units,
         "plan_id": plan.id,
         "words": search_words(plan),
         "point": point_view(point, plan),

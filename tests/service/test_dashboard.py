@@ -222,6 +222,8 @@ def test_plan_tables_give_each_cost_one_unit(client, dashboard):
     )
     assert fp32 is not None and fp32.groups() == ("103.2", "5.285")  # 105,664 bytes; 5,285,478,400 BOPS
     assert "13.42 KiB</td>" in page and "0.1793 ×10⁹ BOPS</td>" in page  # the chosen plan's, in the same units
+    detail = client.get(f"/plans/{dashboard.plan_id}/points/{dashboard_data.CHOSEN_POINT}").text
+    assert "<dd>13.42 KiB</dd>" in detail and "<dd>0.1793 ×10⁹ BOPS</dd>" in detail  # the point's fragment too
 
     from service.dashboard.units import BOPS_UNITS, SIZE_UNITS, unit_for
 
