@@ -193,7 +193,7 @@ def sensitivity_command(args: argparse.Namespace, settings: Any = None) -> int:
         return _bad_input(error, progress, as_json=args.json)
     cached.store(result)
     progress.finish()
-    document = sensitivity_document(args.method, result)
+    document = sensitivity_document(args.method, result.to_dict())
     if args.json:
         print(json.dumps(document, allow_nan=False, default=json_default))
     else:
