@@ -81,15 +81,6 @@ def check_sample_axes(value: Any) -> dict[str, int | None]:
     return {name: None if axis is None else int(axis) for name, axis in value.items()}
 
 
-def parse_sample_axis(text: str) -> tuple[str, int | None]:
-    """``NAME=AXIS`` (the CLI's ``--sample-axis``; AXIS an int or ``none``) as (name, axis)."""
-    name, equals, axis = text.rpartition("=")
-    axis = axis.strip().lower()
-    if not equals or not name.strip() or not (axis == "none" or axis.isdigit()):
-        raise ValueError(f"--sample-axis takes NAME=AXIS with AXIS an integer or 'none'; got {text!r}")
-    return name.strip(), None if axis == "none" else int(axis)
-
-
 def fixed_batch(model: onnx.ModelProto, sample_axes: SampleAxes | None = None) -> int | None:
     """N when every per-sample input's declared dim on its sample axis is the same fixed N (the
     model takes batches of exactly N samples), else None; shared inputs do not count."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -11,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from service.cli import demo, local_commands
+from service.cli.installs import SERVER, SERVER_COMMANDS, missing_install
 from service.cli.output import ExitCode
 from service.settings import Settings, settings_help
 
@@ -35,6 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings()
     except ValueError as error:
         print(f"mpq: invalid settings: {error}", file=sys.stderr)
+        return ExitCode.BAD_INPUT
+    if (missing := getattr(args, "missing_install", None)) is not None and (message := missing()) is not None:
+        print(f"mpq: {message}", file=sys.stderr)
         return ExitCode.BAD_INPUT
     handler: Handler = args.handler
     return handler(args, settings)
@@ -91,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     revoke = token.add_parser("revoke", help="revoke a token by id")
     revoke.add_argument("token_id")
     revoke.set_defaults(handler=_token_revoke)
+    for name in SERVER_COMMANDS:  # checked in main() before the handler imports the server stack
+        commands.choices[name].set_defaults(missing_install=functools.partial(missing_install, SERVER, f"mpq {name}"))
     return parser
 
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from service.cli.installs import LOCAL, missing_install
 from service.cli.options import BadInput, plan_request, sample_axes_option, sensitivity_config
 from service.cli.output import (
     ExitCode,
@@ -180,6 +181,8 @@ def sensitivity_command(args: argparse.Namespace, settings: Any = None) -> int:
     """``mpq sensitivity``: per-layer sensitivities as a table or one JSON document."""
     if getattr(args, "server", None):
         return remote_sensitivity(args)
+    if (code := _missing_libraries("mpq sensitivity", args)) is not None:
+        return code
     from sensitivity.run import compute_sensitivity
 
     progress = ProgressPrinter(sys.stderr)
@@ -193,7 +196,7 @@ def sensitivity_command(args: argparse.Namespace, settings: Any = None) -> int:
         return _bad_input(error, progress, as_json=args.json)
     cached.store(result)
     progress.finish()
-    document = sensitivity_document(args.method, result)
+    document = sensitivity_document(args.method, result.to_dict())
     if args.json:
         print(json.dumps(document, allow_nan=False, default=json_default))
     else:
@@ -205,6 +208,8 @@ def plan_command(args: argparse.Namespace, settings: Any = None) -> int:
     """``mpq plan``: search, export to ``--out``, measure; exit 3 when no configuration meets the constraints."""
     if getattr(args, "server", None):
         return remote_plan(args)
+    if (code := _missing_libraries("mpq plan", args)) is not None:
+        return code
     import onnx
 
     from planner import NoFeasiblePlan, plan
@@ -231,6 +236,15 @@ def plan_command(args: argparse.Namespace, settings: Any = None) -> int:
     data = result.to_dict()
     document = plan_document(data, artifact=args.out, artifact_sha256=data["artifact"]["sha256"])
     return report_plan(document, as_json=args.json)
+
+
+def _missing_libraries(command: str, args: argparse.Namespace) -> int | None:
+    """Exit 2 with one line when the libraries' stack is not installed (the light client install:
+    ``pip install mpq``), before anything imports it; None when it is."""
+    message = missing_install(LOCAL, f"{command} without --server", ", or run it on a server with --server URL")
+    if message is None:
+        return None
+    return report_failure(message, ExitCode.BAD_INPUT, as_json=args.json, problem="missing_install")
 
 
 class _CachedSensitivity:

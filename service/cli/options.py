@@ -1,5 +1,11 @@
 """The command line's options as the libraries' configurations: analysis configurations, plan requests,
-sample axes and exclusions, each refused with ``BadInput`` in the words of the option at fault."""
+sample axes and exclusions, each refused with ``BadInput`` in the words of the option at fault.
+
+The options are read in two steps: ``sensitivity_options`` and ``plan_fields`` turn them into the
+configurations' keyword arguments with no library imported (what the remote commands send: the
+server checks them with the libraries, at submission), and ``sensitivity_config`` and
+``plan_request`` build the libraries' configurations from those (what the local commands run).
+The light client install (``pip install mpq``, no torch) runs the first step only."""
 
 from __future__ import annotations
 
@@ -29,10 +35,10 @@ def parse_bits(text: str) -> tuple[int, ...]:
     return bits
 
 
-def sensitivity_config(args: argparse.Namespace) -> Config:
-    """The analysis configuration the options ask for (BadInput when they are invalid)."""
-    from sensitivity.results import EigenConfig, InterLayerConfig, TraceConfig
-
+def sensitivity_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The analysis configuration's keyword arguments the options ask for (``sensitivity.results``'
+    ``EigenConfig`` for hawq_v1, ``TraceConfig`` for hawq_v2, ``InterLayerConfig`` for interlayer),
+    without importing the library: the remote command sends them as the request's options."""
     shared = {
         "seed": args.seed,
         "batch_size": args.batch_size,
@@ -40,18 +46,28 @@ def sensitivity_config(args: argparse.Namespace) -> Config:
         "hvp_method": args.hvp_method,
         **budget_options(args),
     }
+    if args.method == "hawq_v1":
+        return {**shared, **_optional(tolerance=args.tol, max_iterations=args.max_probes)}
+    probes = _probe_options(args.max_probes)
+    if args.method == "hawq_v2":
+        return {**shared, **_optional(tolerance=args.tol), **probes}
+    return {
+        **shared,
+        "bits": parse_bits(args.bits),
+        **_optional(trace_tolerance=args.tol),
+        **{f"trace_{key}": value for key, value in probes.items()},
+    }
+
+
+def sensitivity_config(args: argparse.Namespace) -> Config:
+    """The analysis configuration the options ask for (BadInput when they are invalid)."""
+    from sensitivity.results import EigenConfig, InterLayerConfig, TraceConfig
+
+    options = sensitivity_options(args)
+    kinds: dict[str, type[Config]] = {"hawq_v1": EigenConfig, "hawq_v2": TraceConfig, "interlayer": InterLayerConfig}
+    kind = kinds[args.method]
     try:
-        if args.method == "hawq_v1":
-            return EigenConfig(**shared, **_optional(tolerance=args.tol, max_iterations=args.max_probes))
-        probes = _probe_options(args.max_probes)
-        if args.method == "hawq_v2":
-            return TraceConfig(**shared, **_optional(tolerance=args.tol), **probes)
-        return InterLayerConfig(
-            **shared,
-            bits=parse_bits(args.bits),
-            **_optional(trace_tolerance=args.tol),
-            **{f"trace_{key}": value for key, value in probes.items()},
-        )
+        return kind(**options)
     except ValueError as error:
         raise BadInput(f"invalid options: {error}") from None
 
@@ -76,39 +92,43 @@ def _optional(**values: Any) -> dict[str, Any]:
     return {key: value for key, value in values.items() if value is not None}
 
 
-def plan_request(args: argparse.Namespace) -> PlanRequest:
-    from planner import PlanRequest
-
+def plan_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """``planner.PlanRequest``'s keyword arguments the options ask for, without importing the planner
+    (the remote command builds its request body from them)."""
     options = {"batch_size": args.batch_size, **budget_options(args)}
     if args.max_probes is not None:
         options.update({f"trace_{k}": v for k, v in _probe_options(args.max_probes).items()})
     size = None if args.max_size_mb is None else _positive(args.max_size_mb, "--max-size-mb") * MiB
-    sample_axes = sample_axes_option(args.sample_axis)
+    return {
+        "method": args.method,
+        "search": args.search,
+        "candidates": tuple(args.candidates.split(",")),
+        "max_size_bytes": None if size is None else math.floor(size),
+        "max_bops": None if args.max_bops is None else int(_positive(args.max_bops, "--max-bops")),
+        "max_latency_ms": args.max_latency_ms,
+        "max_drop": args.max_drop,
+        "metric": args.metric,
+        "exclude": exclude_patterns(args.exclude),
+        "sample_axes": sample_axes_option(args.sample_axis),
+        "seed": args.seed,
+        "sensitivity_options": options,
+        "max_frontier_points": args.max_frontier_points,
+        "device": args.device,
+    }
+
+
+def plan_request(args: argparse.Namespace) -> PlanRequest:
+    from planner import PlanRequest
+
+    fields = plan_fields(args)
     try:
-        return PlanRequest(
-            method=args.method,
-            search=args.search,
-            candidates=tuple(args.candidates.split(",")),
-            max_size_bytes=None if size is None else math.floor(size),
-            max_bops=None if args.max_bops is None else int(_positive(args.max_bops, "--max-bops")),
-            max_latency_ms=args.max_latency_ms,
-            max_drop=args.max_drop,
-            metric=args.metric,
-            exclude=exclude_patterns(args.exclude),
-            sample_axes=sample_axes,
-            seed=args.seed,
-            sensitivity_options=options,
-            max_frontier_points=args.max_frontier_points,
-            device=args.device,
-        )
+        return PlanRequest(**fields)
     except ValueError as error:
         raise BadInput(f"invalid options: {error}") from None
 
 
 def sample_axes_option(values: list[str]) -> dict[str, int | None]:
     """Every --sample-axis NAME=AXIS as {name: axis} (None for 'none'); a name given twice is BadInput."""
-    from sensitivity.samples import parse_sample_axis
-
     axes: dict[str, int | None] = {}
     for text in values:
         try:
@@ -119,6 +139,16 @@ def sample_axes_option(values: list[str]) -> dict[str, int | None]:
             raise BadInput(f"--sample-axis gives input {name!r} two axes: {axes[name]} and {axis}")
         axes[name] = axis
     return axes
+
+
+def parse_sample_axis(text: str) -> tuple[str, int | None]:
+    """``NAME=AXIS`` (``--sample-axis``; AXIS an int or ``none``) as (name, axis); ValueError otherwise.
+    The bounds of names and axes are the library's (``sensitivity.samples.check_sample_axes``)."""
+    name, equals, axis = text.rpartition("=")
+    axis = axis.strip().lower()
+    if not equals or not name.strip() or not (axis == "none" or axis.isdigit()):
+        raise ValueError(f"--sample-axis takes NAME=AXIS with AXIS an integer or 'none'; got {text!r}")
+    return name.strip(), None if axis == "none" else int(axis)
 
 
 def exclude_patterns(values: list[str]) -> tuple[str, ...]:

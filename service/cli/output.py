@@ -7,14 +7,11 @@ import json
 import sys
 from collections.abc import Mapping
 from enum import IntEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from service.formatting import describe_execution, shortened
-
-if TYPE_CHECKING:
-    from sensitivity.results import SensitivityResult  # loads torch: for the types only
 
 
 class ExitCode(IntEnum):
@@ -96,56 +93,59 @@ def plan_warnings(document: Mapping[str, Any]) -> list[str]:
 LARGE_DROP_PP = 5.0
 
 
-def sensitivity_document(method: str, result: SensitivityResult) -> dict[str, Any]:
-    """The ``--json`` document of ``mpq sensitivity``."""
-    traces = {t.name: t for t in result.traces or ()}
-    eigen = {e.name: e for e in result.eigenvalues or ()}
+def sensitivity_document(method: str, result: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``--json`` document of ``mpq sensitivity``, from the result as data
+    (``sensitivity.results.SensitivityResult.to_dict()``: the local run's, or the one the server
+    stored, read as ``SensitivityResult.from_dict`` reads it, so results stored before a field
+    existed still print). No library is imported: the light client install prints it too."""
+    traces = {t["name"]: t for t in result.get("traces") or ()}
+    eigen = {e["name"]: e for e in result.get("eigenvalues") or ()}
     layers = []
-    for info in result.layers:
-        trace = traces.get(info.name)
+    for info in result["layers"]:
+        trace = traces.get(info["name"])
         row: dict[str, Any] = {
-            "name": info.name,
-            "node_name": info.node_name,
-            "scope": info.scope,
-            "op_type": info.op_type,
-            "n_params": info.num_params,
-            "trace": None if trace is None else trace.trace,
-            "avg_trace": None if trace is None else trace.average_trace,
-            "stderr": None if trace is None else trace.standard_error,
-            "probes": None if trace is None else trace.num_probes,
+            "name": info["name"],
+            "node_name": info.get("node_name") or "",
+            "scope": info.get("scope") or "",
+            "op_type": info["op_type"],
+            "n_params": info["num_params"],
+            "trace": None if trace is None else trace["trace"],
+            "avg_trace": None if trace is None else trace["trace"] / trace["num_params"],
+            "stderr": None if trace is None else trace["standard_error"],
+            "probes": None if trace is None else trace["num_probes"],
         }
-        if info.name in eigen:
-            row["eigenvalue"] = eigen[info.name].eigenvalue
-            row["eigen_iterations"] = eigen[info.name].iterations
-            row["eigen_converged"] = eigen[info.name].converged
+        if info["name"] in eigen:
+            row["eigenvalue"] = eigen[info["name"]]["eigenvalue"]
+            row["eigen_iterations"] = eigen[info["name"]]["iterations"]
+            row["eigen_converged"] = eigen[info["name"]]["converged"]
         layers.append(row)
     document: dict[str, Any] = {
         "method": method,
-        "loss": result.loss,
-        "loss_kind": result.loss_kind,
-        "loss_reason": result.loss_reason,
+        "loss": result["loss"],
+        "loss_kind": result["loss_kind"],
+        "loss_reason": result.get("loss_reason", ""),
         "layers": layers,
     }
-    if result.interlayer is not None:
-        terms = result.interlayer
+    if (terms := result.get("interlayer")) is not None:
+        labels = [(name, bits) for name, bits in terms["labels"]]
         document["interlayer"] = {
-            "bits": sorted({bits for _, bits in terms.labels}, reverse=True),
-            "layers": list(dict.fromkeys(name for name, _ in terms.labels)),
-            "labels": [[name, bits] for name, bits in terms.labels],
-            "gradient_term": list(terms.gradient_terms),
-            "omega": list(terms.omega),
-            "G": [list(row) for row in terms.matrix],
-            "symmetry_error": terms.symmetry_error,
+            "bits": sorted({bits for _, bits in labels}, reverse=True),
+            "layers": list(dict.fromkeys(name for name, _ in labels)),
+            "labels": [[name, bits] for name, bits in labels],
+            "gradient_term": list(terms["gradient_terms"]),
+            "omega": list(terms["omega"]),
+            "G": [list(row) for row in terms["matrix"]],
+            "symmetry_error": terms["symmetry_error"],
         }
     document["timing"] = {
-        **{f"{phase}_s": seconds for phase, seconds in result.timings.items()},
-        "hvps": result.num_hvps,
-        "device": result.device,
+        **{f"{phase}_s": seconds for phase, seconds in (result.get("timings") or {}).items()},
+        "hvps": result.get("num_hvps", 0),
+        "device": result.get("device", ""),
     }
-    document["seed"] = result.seed
-    document["versions"] = dict(result.versions)
-    document["normalization"] = dict(result.normalization)
-    document["execution"] = dict(result.execution)
+    document["seed"] = result["config"].get("seed", 0)  # 0: the configurations' default
+    document["versions"] = dict(result.get("versions") or {})
+    document["normalization"] = dict(result.get("normalization") or {})
+    document["execution"] = dict(result.get("execution") or {})
     return document
 
 

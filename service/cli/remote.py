@@ -4,6 +4,11 @@ Upload (skipped when the server already has the file), submit with an Idempotenc
 wait with progress on stderr, download the artifact to ``--out``; the same JSON document
 and exit codes as the local run (0 ok, 2 bad input, 3 no configuration meets the
 constraints, 1 anything else).
+
+Nothing here imports a library (torch, onnx, onnxruntime) or the server stack: the light client
+install (``pip install mpq``) runs these commands. The options go to the server as the libraries'
+keyword arguments (``service.cli.options``), and the server checks them with the libraries at
+submission, in the words of the local run (an invalid one: 422, exit 2).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from service.cli.client import DEFAULT_OUTAGE_S, ApiError, GaveUp, MpqClient, idempotency_key
-from service.cli.options import plan_request, sample_axes_option, sensitivity_config
+from service.cli.options import plan_fields, sample_axes_option, sensitivity_options
 from service.cli.output import (
     ExitCode,
     plan_document,
@@ -139,14 +144,11 @@ def _uploads(client: MpqClient, args: argparse.Namespace) -> tuple[Row, Row, Row
 
 
 def remote_sensitivity(args: argparse.Namespace) -> int:
-    from sensitivity.results import SensitivityResult  # torch: only once the command runs
-
     try:
-        config = sensitivity_config(args)
+        options = sensitivity_options(args)
         sample_axes = sample_axes_option(args.sample_axis)
         with _client(args) as client:
             model, data, _ = _uploads(client, args)
-            options = {k: v for k, v in config.to_dict().items() if k != "type"}
             body = {"model_id": model["id"], "dataset_id": data["id"], "method": args.method, "options": options}
             job = _run_job(client, "/v1/sensitivity", {**body, "sample_axes": sample_axes}, args)
             if (code := _job_exit(job, args)) is not None:
@@ -154,28 +156,26 @@ def remote_sensitivity(args: argparse.Namespace) -> int:
             stored = client.get(f"/v1/sensitivity/{job['result']['sensitivity_result_id']}")
     except (ApiError, OSError, ValueError) as error:
         return _fail(error, args)
-    document = sensitivity_document(args.method, SensitivityResult.from_dict(stored["result"]))
+    document = sensitivity_document(args.method, stored["result"])
     print(json.dumps(document, allow_nan=False) if args.json else sensitivity_table(document))
     return ExitCode.OK
 
 
 def remote_plan(args: argparse.Namespace) -> int:
     try:
-        request = plan_request(args)
+        fields = plan_fields(args)
         with _client(args) as client:
             model, calibration, evaluation = _uploads(client, args)
             body = {
                 "model_id": model["id"],
                 "calibration_dataset_id": calibration["id"],
                 "evaluation_dataset_id": evaluation["id"] if evaluation else None,
-                "method": request.method,
-                "search": request.search,
-                "candidates": list(request.candidates),
-                "constraints": request.constraints(),
-                "metric": request.metric,
-                "exclude": list(request.exclude),
-                "options": {"seed": request.seed, **dict(request.sensitivity_options)},
-                "sample_axes": dict(request.sample_axes),
+                **{name: fields[name] for name in ("method", "search", "metric")},
+                "candidates": list(fields["candidates"]),
+                "constraints": {name: fields[name] for name in CONSTRAINTS if fields[name] is not None},
+                "exclude": list(fields["exclude"]),
+                "options": {"seed": fields["seed"], **fields["sensitivity_options"]},
+                "sample_axes": fields["sample_axes"],
             }
             job = _run_job(client, "/v1/plans", body, args)
             if (code := _job_exit(job, args)) is not None:
@@ -187,3 +187,7 @@ def remote_plan(args: argparse.Namespace) -> int:
         return _fail(error, args)
     document = plan_document(plan["result"], artifact=args.out, artifact_sha256=sha256, plan_id=plan_id)
     return report_plan(document, as_json=args.json)
+
+
+# The plan request's constraints (planner.PlanRequest.constraints(): its budgets and max_drop).
+CONSTRAINTS = ("max_size_bytes", "max_bops", "max_latency_ms", "max_drop")

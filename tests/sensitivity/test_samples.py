@@ -20,7 +20,6 @@ from sensitivity.samples import (
     check_sample_axes,
     fixed_batch,
     input_sample_axes,
-    parse_sample_axis,
     sample_count,
     take_samples,
 )
@@ -96,15 +95,6 @@ def test_the_user_overrides_the_declared_axes():
 def test_bad_sample_axes_are_value_errors(value):
     with pytest.raises(ValueError, match="sample_axes must map"):
         check_sample_axes(value)
-
-
-def test_the_cli_spelling_is_parsed():
-    assert parse_sample_axis("state=1") == ("state", 1)
-    assert parse_sample_axis(" sr = None ") == ("sr", None)
-    assert parse_sample_axis("a=b=2") == ("a=b", 2)  # ONNX names may hold '='; the axis follows the last one
-    for bad in ("state", "state=", "=1", "state=-1", "state=x", "state=1.5"):
-        with pytest.raises(ValueError, match="NAME=AXIS"):
-            parse_sample_axis(bad)
 
 
 def test_counting_and_slicing_follow_each_axis():

@@ -73,6 +73,63 @@ def test_sensitivity_json(files):
     assert "ETA" in result.stderr, "progress goes to stderr, with an ETA for the probes"
 
 
+def test_the_sensitivity_document_reads_results_as_from_dict_does():
+    """The document is built from the result as data (the light client install has no torch to
+    rebuild the dataclasses): current results in full, and results stored before loss_reason, node
+    names, timings or execution existed with the defaults SensitivityResult.from_dict gives them."""
+    from sensitivity.results import (
+        InterLayerTerms,
+        LayerEigen,
+        LayerInfo,
+        LayerTrace,
+        SensitivityResult,
+        TraceConfig,
+    )
+
+    result = SensitivityResult(
+        config=TraceConfig(seed=3),
+        layers=(
+            LayerInfo("fc1.weight", "Gemm", (6, 8), 48, 0, "fc1", "net.fc1"),
+            LayerInfo("fc2.weight", "MatMul", (6, 3), 18, 1),
+        ),
+        loss_kind="cross_entropy",
+        loss=1.5,
+        num_samples=32,
+        traces=(LayerTrace("fc1.weight", 48, 3.0, 0.12, 16), LayerTrace("fc2.weight", 18, 0.9, 0.03, 16)),
+        eigenvalues=(LayerEigen("fc1.weight", 0.5, 7, True, 0.01),),
+        interlayer=InterLayerTerms(
+            labels=(("fc1.weight", 8), ("fc2.weight", 4)),
+            matrix=((1.0, 0.1), (0.1, 2.0)),
+            gradient_terms=(0.1, 0.2),
+            delta_norms_squared=(1.0, 1.0),
+            omega=(0.3, 0.4),
+            symmetry_error=0.0,
+        ),
+        timings={"traces": 1.25},
+        num_hvps=32,
+        device="cpu",
+        execution={"batch_size": 32},
+        loss_reason="labels given",
+    )
+    document = output.sensitivity_document("interlayer", result.to_dict())
+    first = document["layers"][0]
+    assert (first["node_name"], first["scope"], first["avg_trace"], first["probes"]) == ("fc1", "net.fc1", 0.0625, 16)
+    assert (first["eigenvalue"], first["eigen_iterations"], first["eigen_converged"]) == (0.5, 7, True)
+    assert "eigenvalue" not in document["layers"][1] and document["layers"][1]["node_name"] == ""
+    assert document["interlayer"]["bits"] == [8, 4] and document["interlayer"]["G"] == [[1.0, 0.1], [0.1, 2.0]]
+    assert document["timing"] == {"traces_s": 1.25, "hvps": 32, "device": "cpu"}
+    assert (document["seed"], document["loss_reason"], document["execution"]) == (3, "labels given", {"batch_size": 32})
+
+    stored = result.to_dict()
+    for key in ("loss_reason", "timings", "num_hvps", "device", "versions", "normalization", "execution", "seed"):
+        del stored[key]
+    for layer in stored["layers"]:
+        del layer["node_name"], layer["scope"]
+    old = output.sensitivity_document("interlayer", stored)
+    assert old == output.sensitivity_document("interlayer", SensitivityResult.from_dict(stored).to_dict())
+    assert old["timing"] == {"hvps": 0, "device": ""} and old["layers"][0]["node_name"] == ""
+
+
 @pytest.mark.slow
 def test_sensitivity_table_and_eigenvalues(files, capsys, monkeypatch):
     monkeypatch.chdir(files)
@@ -414,6 +471,17 @@ def test_a_torn_cache_entry_is_a_miss(tmp_path):
     (tmp_path / f"{key}.json").write_text('{"config": ')
     assert cache.get(key) is None
     assert cache.key("a" * 64, "b" * 64, {"type": "TraceConfig", "seed": 1}) != key
+
+
+def test_the_sample_axis_spelling_is_parsed():
+    from service.cli.options import parse_sample_axis
+
+    assert parse_sample_axis("state=1") == ("state", 1)
+    assert parse_sample_axis(" sr = None ") == ("sr", None)
+    assert parse_sample_axis("a=b=2") == ("a=b", 2)  # ONNX names may hold '='; the axis follows the last one
+    for bad in ("state", "state=", "=1", "state=-1", "state=x", "state=1.5"):
+        with pytest.raises(ValueError, match="NAME=AXIS"):
+            parse_sample_axis(bad)
 
 
 def test_sample_axes_are_repeatable_and_none_means_shared():
