@@ -39,6 +39,7 @@ SERVER = Install(
     (
         *LOCAL.modules,
         "fastapi",
+        "fastapi_offline",
         "uvicorn",
         "sqlalchemy",
         "alembic",
