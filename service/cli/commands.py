@@ -7,6 +7,7 @@ import contextlib
 import functools
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING
 from service.cli import demo, local_commands
 from service.cli.installs import SERVER, SERVER_COMMANDS, missing_install
 from service.cli.output import ExitCode
+from service.cli.signals import reported_stops, stop
 from service.settings import Settings, settings_help
 
 if TYPE_CHECKING:  # loaded by the commands that use them, not by `mpq plan` or `mpq sensitivity`
@@ -27,6 +29,7 @@ if TYPE_CHECKING:  # loaded by the commands that use them, not by `mpq plan` or 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
 
+@reported_stops
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -127,12 +130,10 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         f"database {_redacted(settings.resolved_database_url)})"
     )
     if args.api_workers > 1:
-        from uvicorn.supervisors import Multiprocess
-
         # each worker process builds its own app from the environment (MPQ_* settings)
         os.environ.update({"MPQ_HOST": settings.host, "MPQ_PORT": str(settings.port)})
         config = uvicorn.Config(
-            "service.app:create_app",
+            "service.cli.signals:api_worker_app",
             factory=True,
             workers=args.api_workers,
             host=settings.host,
@@ -142,14 +143,35 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         )
         listening = config.bind_socket()  # connections wait in its backlog until a worker accepts them
         print(announcement, file=sys.stderr, flush=True)
-        Multiprocess(config, sockets=[listening]).run()
-        return ExitCode.OK
+        return _supervise_api_workers(config, listening)
     config = uvicorn.Config(
         create_app(settings), host=settings.host, port=settings.port, log_level="info", **SERVER_OPTIONS
     )
     server = _announcing_server(config, announcement)
     server.run()
     return ExitCode.OK if server.started else ExitCode.BAD_INPUT
+
+
+def _supervise_api_workers(config: uvicorn.Config, listening: socket.socket) -> int:
+    """Run uvicorn's supervisor of API processes; stopped by a signal, end as that signal ends a command
+    (uvicorn's supervisor catches SIGINT and SIGTERM itself, stops its processes and returns)."""
+    from uvicorn.supervisors import Multiprocess
+
+    stopped_by: list[int] = []
+
+    class Supervisor(Multiprocess):
+        def handle_int(self) -> None:
+            stopped_by.append(signal.SIGINT)
+            super().handle_int()
+
+        def handle_term(self) -> None:
+            stopped_by.append(signal.SIGTERM)
+            super().handle_term()
+
+    Supervisor(config, sockets=[listening]).run()
+    if stopped_by:
+        stop(stopped_by[0])
+    return ExitCode.OK
 
 
 def _announcing_server(config: uvicorn.Config, announcement: str) -> uvicorn.Server:
@@ -211,7 +233,9 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 
     if not _schema_is_current(settings):
         return ExitCode.BAD_INPUT
-    run_worker(settings, args.gpu, args.name)
+    stopped_by = run_worker(settings, args.gpu, args.name)
+    if stopped_by is not None:
+        stop(stopped_by)
     return ExitCode.OK
 
 

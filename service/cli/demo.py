@@ -58,9 +58,7 @@ def run_demo(args: argparse.Namespace, settings: Settings) -> int:
         while server.is_alive():
             server.join(1.0)
         return ExitCode.OK
-    except KeyboardInterrupt:
-        return ExitCode.OK
-    finally:
+    finally:  # Ctrl-C or SIGTERM too (service/cli/signals.py): the server requeues the plan if it still runs
         _stop_server(server)
 
 

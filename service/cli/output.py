@@ -21,6 +21,8 @@ class ExitCode(IntEnum):
     FAILED = 1  # anything else: the server unreachable, a job that crashed
     BAD_INPUT = 2  # the message names what to fix
     INFEASIBLE = 3  # no configuration meets the constraints
+    INTERRUPTED = 130  # Ctrl-C (SIGINT), as a shell reports it: 128 + the signal (service/cli/signals.py)
+    TERMINATED = 143  # SIGTERM
 
 
 def report_failure(

@@ -89,7 +89,11 @@ def _run_job(client: MpqClient, route: str, body: dict[str, Any], args: argparse
     print(f"mpq: job {job['id']} on {args.server}", file=sys.stderr)
     _check_sample_axes_kept(client, job, body)
     # the client's deadline (--timeout, set when it was made) bounds the wait as it bounds everything
-    return client.wait(job["id"], on_progress=follow_job(ProgressPrinter(sys.stderr)), poll_s=1.0)
+    try:
+        return client.wait(job["id"], on_progress=follow_job(ProgressPrinter(sys.stderr)), poll_s=1.0)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (service/cli/signals.py): say what became of the job
+        print(f"mpq: stopped waiting; {_left_running(job['id'], args)}", file=sys.stderr)
+        raise
 
 
 def _submit(client: MpqClient, route: str, body: dict[str, Any]) -> dict[str, Any]:

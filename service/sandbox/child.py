@@ -287,7 +287,7 @@ def process_alive(pid: int) -> bool:
 def enter_sandbox() -> tuple[Channel, SandboxReport]:
     """Apply what the supervisor chose; returns the channel to it. Call before reading user data."""
     config: dict[str, Any] = json.loads(os.environ.pop(_SANDBOX_ENV))
-    _die_with_parent(config["parent_pid"])
+    die_with_parent(config["parent_pid"])
     limits = _apply_limits(config)
     isolated = _new_namespaces(as_root=os.geteuid() == 0)
     exposed = isolated and _private_filesystem(config["hide"], config["expose"])
@@ -306,9 +306,12 @@ def enter_sandbox() -> tuple[Channel, SandboxReport]:
     return Channel(sock, config["max_frame_bytes"]), SandboxReport(user, network, files, limits)
 
 
-def _die_with_parent(parent_pid: int) -> None:
+def die_with_parent(parent_pid: int) -> None:
+    """SIGKILL this process when its parent ends (Linux's parent-death signal). The signal follows the
+    parent's *thread* that started this process: start children from a thread that outlives them (the
+    main thread, the inspector's keeper, a job's supervising thread)."""
     _libc().prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent_pid:  # the supervisor died before the signal was armed
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
         os._exit(1)
 
 

@@ -109,6 +109,19 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def stop_process(process: subprocess.Popen, timeout: float = 30.0) -> None:
+    """End a process the test started, failing or not: SIGTERM (its graceful stop), then SIGKILL if it
+    has not ended within ``timeout``; waited for either way, so that none of it runs on after the test
+    (tests/conftest.py fails a module that leaves a process running)."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
 def wait_until(condition, timeout: float, message: str) -> None:
     """Poll ``condition`` until it holds; a transport error (the server not up yet) counts as not yet."""
     deadline = time.monotonic() + timeout

@@ -10,6 +10,8 @@ import sys
 import httpx
 import pytest
 
+from tests.service.helpers import stop_process
+
 pytestmark = pytest.mark.slow  # each test starts mpq processes (seconds of imports each)
 
 
@@ -79,8 +81,7 @@ def _serve_until_announced(data_dir, *args: str) -> list[str]:
         assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
         return lines
     finally:
-        server.terminate()
-        server.wait(timeout=10)
+        stop_process(server)
 
 
 def test_first_serve_on_a_new_data_directory_creates_the_database_and_announces_only_once_listening(tmp_path):
@@ -142,5 +143,4 @@ def test_token_created_by_the_cli_opens_the_api(tmp_path):
         listed = run_mpq("token", "list", env=env)
         assert "ci" in listed.stdout and "active" in listed.stdout
     finally:
-        server.terminate()
-        server.wait(timeout=10)
+        stop_process(server)

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import httpx
 import numpy as np
 import onnxruntime as ort
+import psutil
 import pytest
 import redis
 
@@ -130,9 +131,35 @@ def test_two_workers_share_the_queue_and_survive_a_kill(cluster):
 
 
 def _children(pid: int) -> set[int]:
-    import psutil
-
     try:
         return {child.pid for child in psutil.Process(pid).children(recursive=True)}
     except psutil.NoSuchProcess:
         return set()
+
+
+def test_a_worker_stopped_by_sigterm_requeues_its_job_for_the_other_worker(cluster):
+    """Celery's warm shutdown waited for the running job to finish (hours, for a long one): the worker
+    now stops the job's process, puts the job back in the queue (the attempt does not count) and
+    sends it to the broker again, and ends with 143."""
+    url, processes = cluster
+    rng = np.random.default_rng(0)
+    with httpx.Client(base_url=url, timeout=60) as client:
+        mlp = http_upload(client, "/v1/models", mlp_onnx_model(width=384).SerializeToString())
+        mlp_data = http_upload(client, "/v1/datasets", npz_bytes(x=rng.standard_normal((256, 256)).astype(np.float32)))
+        long_job = client.post(
+            "/v1/sensitivity",
+            json={
+                "model_id": mlp,
+                "dataset_id": mlp_data,
+                "options": {"tolerance": 1e-9, "min_probes": 60, "max_probes": 60},
+            },
+        ).json()["id"]
+        running = http_job(client, long_job, statuses=("running",), timeout=60)
+        job_pid = int(running["worker_id"].rsplit(":", 1)[1])
+        worker = next(p for p in processes[1:] if job_pid in _children(p.pid))
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=60) == 143
+        wait_until(lambda: not psutil.pid_exists(job_pid), 10, "the job process outlived its worker")
+        final = http_job(client, long_job, timeout=240)
+        assert final["status"] == "succeeded", final
+        assert final["attempts"] == 1 and final["worker_id"] != running["worker_id"]

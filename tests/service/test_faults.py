@@ -18,7 +18,16 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from tests.models import mlp_onnx_model, npz_bytes, tiny_onnx_model
-from tests.service.helpers import ADMIN_URL, free_port, http_job, http_upload, slow_inputs, wait_for, wait_until
+from tests.service.helpers import (
+    ADMIN_URL,
+    free_port,
+    http_job,
+    http_upload,
+    slow_inputs,
+    stop_process,
+    wait_for,
+    wait_until,
+)
 
 LONG_JOB = {"tolerance": 1e-9, "min_probes": 60, "max_probes": 60}
 
@@ -68,8 +77,7 @@ def test_api_restart_mid_job_requeues_and_finishes(own_postgres_url, tmp_path):
         assert final["status"] == "succeeded", final
         assert final["attempts"] == 2
     finally:
-        api.terminate()
-        api.wait(timeout=15)
+        stop_process(api)
 
 
 def _alive(pid: int) -> bool:
@@ -167,8 +175,7 @@ def test_several_api_processes_share_one_executor(tmp_path):
         )
         assert all(earlier[1] <= later[0] for earlier, later in itertools.pairwise(spans)), spans
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop_process(server)
 
 
 def test_a_job_whose_process_has_exited_is_alive_while_its_supervisor_stores_it():
@@ -210,6 +217,7 @@ def test_the_remote_cli_waits_out_a_server_restart_and_a_rerun_attaches_to_the_j
     command += ["--server", url, "--max-probes", "60", "--tol", "1e-9"]
     log = tmp_path / "api.log"
     api = _serve(env, port, log)
+    cli = None
     try:
         wait_until(lambda: httpx.get(f"{url}/readyz").status_code == 200, 60, "API did not start")
         cli = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -231,5 +239,6 @@ def test_the_remote_cli_waits_out_a_server_restart_and_a_rerun_attaches_to_the_j
         with httpx.Client(base_url=url, timeout=60) as client:
             assert client.get("/v1/jobs").json()["total"] == 1
     finally:
-        api.terminate()
-        api.wait(timeout=15)
+        if cli is not None:  # on a failure it would go on waiting out the outage for minutes
+            stop_process(cli)
+        stop_process(api)

@@ -89,9 +89,11 @@ def test_the_child_dies_with_its_supervisor(tmp_path):
         time.sleep(600)
     """)
     supervisor = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    child_pid = int(supervisor.stdout.readline())
-    os.kill(supervisor.pid, signal.SIGKILL)
-    supervisor.wait()
+    try:
+        child_pid = int(supervisor.stdout.readline())
+    finally:  # killed in any case: without its child's pid it would sleep on for 10 minutes
+        os.kill(supervisor.pid, signal.SIGKILL)
+        supervisor.wait()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and _alive(child_pid):
         time.sleep(0.1)

@@ -18,7 +18,7 @@ import pytest
 import uvicorn
 
 from service.api.guard import HeaderTimeoutProtocol
-from tests.service.helpers import exchange, sqlite_only
+from tests.service.helpers import exchange, sqlite_only, stop_process
 
 pytestmark = pytest.mark.slow  # each test waits out the server's timeouts
 
@@ -139,5 +139,4 @@ def test_mpq_serve_raises_its_open_file_limit_and_times_out_headers(tmp_path):
             half.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
             assert closed_after(half, 5.0) is not None
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop_process(server)
