@@ -534,7 +534,7 @@ def test_sensitivity_and_plan_take_the_sample_axes(tmp_path, capsys, monkeypatch
     y, state = ort.InferenceSession(str(tmp_path / "q.onnx")).run(None, loose_data(5))
     assert y.shape == (5, 3) and state.shape == (2, 5, 4)
     status, _, err = call_mpq(
-        "plan", "state.onnx", *common, *axes, "--server", "http://127.0.0.1:9", capsys=capsys
+        "plan", "state.onnx", *common, *axes, "--server", "http://127.0.0.1:9", "--timeout", "2", capsys=capsys
     )  # carried to a server (tests/service/test_remote_cli.py): none here
     assert status == 1 and "cannot reach the server" in err
     onnx.save(stateful_onnx_model(), tmp_path / "declared.onnx")
