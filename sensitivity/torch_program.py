@@ -148,7 +148,7 @@ class TorchProgram(ProgramAttributes):
         return TorchProgram(module, self._input_names, self._output_names, self._layers, set_eval=self._set_eval)
 
 
-def _exported_layers(exported: torch.export.ExportedProgram) -> list[Layer]:
+def exported_layers(exported: torch.export.ExportedProgram) -> list[Layer]:
     """Layers of an exported graph: conv/linear calls whose weight argument is a parameter."""
     from torch.export.graph_signature import InputKind
 
@@ -195,5 +195,5 @@ def load_exported(path: str | Path) -> TorchProgram:
     signature = exported.graph_signature
     input_names = [s.arg.name for s in signature.input_specs if s.kind == InputKind.USER_INPUT]
     output_names = [s.arg.name for s in signature.output_specs if s.kind == OutputKind.USER_OUTPUT]
-    layers = _exported_layers(exported)
+    layers = exported_layers(exported)
     return TorchProgram(exported.module(), input_names, output_names, layers, set_eval=False)

@@ -539,9 +539,10 @@ def check_job_request(
       as it does locally; a torch.export archive takes every array's samples on axis 0;
     - (ONNX) the model normalises (``sensitivity.normalize``: a quantized model is refused) and
       every op of the normalised model is supported by the interpreter;
-    - (plans) the model is ONNX, the candidates exist, and a size or BOPS budget is not below
+    - (plans of an ONNX model) the candidates exist, and a size or BOPS budget is not below
       what the smallest configuration of those candidates achieves (BOPS only where static shape
-      inference gives the layers' shapes: the model is never run here).
+      inference gives the layers' shapes: the model is never run here). A torch.export archive is
+      exported to ONNX only in its job (exporting traces the program), which checks those there.
     """
     from service.inspection.model_files import PT2_SAMPLE_AXES, plan_request, sensitivity_config
 
@@ -553,11 +554,7 @@ def check_job_request(
     except ValueError as error:
         raise InvalidUpload(str(error)) from None
     if model_format == "torch_export":
-        if plan is not None:
-            raise InvalidUpload(
-                "plans export quantized ONNX and need an ONNX model; torch.export archives "
-                "support sensitivity analyses only"
-            )
+        # the archive is exported to ONNX in the job (sensitivity.torch_onnx): ops and budgets are checked there
         if sample_axes:
             raise InvalidUpload(PT2_SAMPLE_AXES)
         _check_pt2(file)  # again: an archive stored before today's checks existed must not reach a worker
