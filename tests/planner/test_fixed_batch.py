@@ -99,4 +99,4 @@ def test_a_plan_on_a_fixed_batch_model_with_18_samples(fixed: int):
     )
     result = plan(mlp(fixed), calibration, request)
     assert result.plan.measured is not None and result.plan.measured.num_samples == 18
-    assert result.plan.measured.latency.batch_size == fixed
+    assert result.plan.measured.latency is not None and result.plan.measured.latency.batch_size == fixed
