@@ -17,6 +17,7 @@ from torch import nn
 
 from sensitivity.layers import Layer, scope_path, weight_index
 from sensitivity.program import ProgramAttributes
+from sensitivity.pt2_archive import LAYER_CALLS
 
 # module type -> (ONNX op type, output-channel axis of its weight)
 _LAYER_MODULES: tuple[tuple[type[nn.Module], str, int], ...] = (
@@ -32,19 +33,7 @@ _LAYER_MODULES: tuple[tuple[type[nn.Module], str, int], ...] = (
 
 # aten operator -> (ONNX op type, output-channel axis); the weight is argument
 # ``weight_index(op type)`` of each (0 for embedding, 1 for the others).
-_LAYER_OPS: dict[str, tuple[str, int]] = {
-    "aten.embedding.default": ("Gather", 0),
-    "aten.linear.default": ("Gemm", 0),
-    "aten.conv1d.default": ("Conv", 0),
-    "aten.conv2d.default": ("Conv", 0),
-    "aten.conv3d.default": ("Conv", 0),
-    "aten.conv1d.padding": ("Conv", 0),
-    "aten.conv2d.padding": ("Conv", 0),
-    "aten.conv3d.padding": ("Conv", 0),
-    "aten.conv_transpose1d.default": ("ConvTranspose", 1),
-    "aten.conv_transpose2d.input": ("ConvTranspose", 1),
-    "aten.conv_transpose3d.input": ("ConvTranspose", 1),
-}
+_LAYER_OPS = LAYER_CALLS
 
 
 def _layer(name: str, node_name: str, op_type: str, axis: int, weight: torch.Tensor, scope: str = "") -> Layer:
