@@ -42,6 +42,9 @@ from sensitivity.normalize import UPGRADE_CHECK_SAMPLES, UpgradeCheck, _batch, _
 if TYPE_CHECKING:
     import torch
 
+    from sensitivity.results import Config, SensitivityResult
+    from sensitivity.run import Progress
+
 logger = logging.getLogger(__name__)
 
 # The export must compute the program's outputs: max |a - b| <= EXPORT_RTOL * max |a| + EXPORT_ATOL per
@@ -213,3 +216,44 @@ def _check(
 
 def _numpy(value: Any) -> np.ndarray:
     return value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+
+
+def export_module(
+    module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], *, dynamic_batch: bool = True
+) -> OnnxExport:
+    """An ``nn.Module`` in hand, as a ``.pt2`` upload would be: ``torch.export.export`` of the module in
+    eval mode on ``example_inputs`` (axis 0 of every input a dynamic batch unless ``dynamic_batch`` is
+    False: then fixed at the examples'), then ``export_onnx``. Give at least 2 samples for a dynamic
+    batch (torch.export specialises a dim of size 1). ``TorchExportError`` when torch cannot export it."""
+    import torch
+
+    shapes = tuple({0: torch.export.Dim("batch")} for _ in example_inputs) if dynamic_batch else None
+    try:
+        exported = torch.export.export(module.eval(), tuple(example_inputs), dynamic_shapes=shapes)
+    except Exception as error:
+        raise TorchExportError(f"torch.export.export could not export the module: {_first_line(error)}") from None
+    return export_onnx(exported)
+
+
+def module_sensitivity(
+    module: torch.nn.Module,
+    example_inputs: tuple[torch.Tensor, ...],
+    calibration: Mapping[str, np.ndarray],
+    config: Config | None = None,
+    *,
+    dynamic_batch: bool = True,
+    progress: Progress | None = None,
+) -> SensitivityResult:
+    """The sensitivity of an ``nn.Module`` as ``mpq sensitivity`` computes it for the module saved as
+    ``.pt2``: exported (``export_module``), checked on ``calibration`` (arrays keyed by the forward
+    argument names, optionally ``labels``), normalised and analysed on the ONNX interpreter with
+    ``config`` (default ``TraceConfig()``); a ``SensitivityResult`` whose layers are the parameters."""
+    from sensitivity.normalize import normalize_model
+    from sensitivity.onnx_program import load_onnx
+    from sensitivity.results import TraceConfig
+    from sensitivity.run import compute_sensitivity
+
+    export = export_module(module, example_inputs, dynamic_batch=dynamic_batch).verified(calibration)
+    program = load_onnx(normalize_model(export.model, samples=calibration))
+    arguments = (progress,) if progress is not None else ()
+    return compute_sensitivity(program, calibration, config or TraceConfig(), *arguments)

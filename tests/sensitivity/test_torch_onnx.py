@@ -17,7 +17,7 @@ from sensitivity.normalize import normalize_model
 from sensitivity.onnx_program import load_onnx
 from sensitivity.results import TraceConfig
 from sensitivity.run import compute_sensitivity
-from sensitivity.torch_onnx import EXPORT_RTOL, TorchExportError, load_exported_onnx
+from sensitivity.torch_onnx import EXPORT_RTOL, TorchExportError, load_exported_onnx, module_sensitivity
 from sensitivity.torch_program import load_exported
 from sensitivity.zoo import export_tiny_transformer, trained_tiny_transformer
 from tests.models import trained_digits_module, trained_digits_onnx
@@ -141,3 +141,35 @@ def test_samples_the_program_does_not_take_are_named(case):
     wrong = {key: np.zeros((8, 3), calibration[key].dtype)}
     with pytest.raises(TorchExportError, match="does not run on the given samples"):
         load_exported_onnx(path, wrong)
+
+
+def test_module_sensitivity_is_the_sensitivity_of_the_module_saved_as_pt2(networks, tmp_path):
+    """The Python API for a module in hand computes what ``mpq sensitivity model.pt2`` computes: the same
+    layers and traces (the same ONNX export, analysed alike)."""
+    module, calibration, _, _ = networks["transformer"]
+    example = (torch.from_numpy(calibration["ids"][:4]),)
+    config = TraceConfig(max_probes=16, min_probes=16, seed=0, device="cpu", memory_budget_mb=None)
+    result = module_sensitivity(module, example, calibration, config)
+    assert result.traces is not None
+    path = save_exported(module, example, tmp_path / "transformer.pt2", dynamic=True)
+    program = load_onnx(normalize_model(load_exported_onnx(path, calibration).model, samples=calibration))
+    expected = compute_sensitivity(program, calibration, config)
+    assert expected.traces is not None
+    assert [t.name for t in result.traces] == [t.name for t in expected.traces]
+    for ours, theirs in zip(result.traces, expected.traces, strict=True):
+        assert ours.trace == pytest.approx(theirs.trace, rel=1e-5, abs=1e-9)
+
+
+def test_a_module_torch_cannot_export_is_a_clear_error():
+    from sensitivity.torch_onnx import export_module
+
+    class Branching(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) if float(x.sum()) > 0 else -self.fc(x)  # control flow on values
+
+    with pytest.raises(TorchExportError, match=r"torch\.export\.export could not export the module"):
+        export_module(Branching(), (torch.ones(2, 4),))
