@@ -33,7 +33,7 @@ from planner.export import ExportedModel, ExportError, check_inputs, export_mode
 from planner.frontier import Frontier, InfeasibleBudget, diagonal_frontier, solve_budget
 from planner.latency import LatencyMeasurement, measure_latency
 from planner.objective import Objective
-from planner.plan import normalize_for_plan, plan
+from planner.plan import normalize_for_plan, plan, plan_module
 from planner.predict import build_objective
 from planner.quadratic import QuadraticResult, quadratic_frontier, solve_quadratic
 from planner.request import DEFAULT_CANDIDATES, PlanRequest
@@ -84,6 +84,7 @@ __all__ = [
     "normalize_for_plan",
     "parse_candidates",
     "plan",
+    "plan_module",
     "quadratic_frontier",
     "read_plan",
     "solve_budget",

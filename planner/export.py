@@ -292,7 +292,8 @@ def _prepare(
     """A copy of the float model ready for the quantizer: named nodes, the needed opset, typed tensors."""
     working = _copy(model)
     _name_unnamed_nodes(working)
-    first = take_samples(feeds, slice(0, 1), axes)  # one sample (shared inputs whole) runs the float model
+    # one sample (shared inputs whole) runs the float model; a model that takes exactly N samples, N copies
+    first = take_samples(feeds, padded_rows(0, 1, fixed_batch(working, axes)), axes)
     _check_float_model_runs(working, first)
     working, preprocessing = _preprocess(working, layers)
     _complete_value_types(working, first)

@@ -35,6 +35,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import onnx
+import torch
 
 from planner.choose import bisection, check_budget_feasible, meets_constraints, pareto, predicted_point
 from planner.cost import CostTable, layer_cost_table
@@ -127,6 +128,30 @@ def plan(
         excluded=offered.exclusions,
         layer_nodes={layer.name: {"node_name": layer.node_name, "scope": layer.scope} for layer in find_layers(model)},
     )
+
+
+def plan_module(
+    module: torch.nn.Module,
+    example_inputs: tuple[torch.Tensor, ...],
+    calibration: Mapping[str, np.ndarray],
+    request: PlanRequest,
+    *,
+    dynamic_batch: bool = True,
+    evaluation: Mapping[str, np.ndarray] | None = None,
+    sensitivity: SensitivityResult | None = None,
+    progress: Progress | None = None,
+) -> PlanResult:
+    """``plan`` for an ``nn.Module`` in hand, as ``mpq plan`` plans the module saved as ``.pt2``: exported to
+    ONNX (``sensitivity.torch_onnx.export_module``: ``torch.export`` with a dynamic batch unless
+    ``dynamic_batch`` is False, then torch's ONNX exporter, layers named by their parameters, BatchNorm
+    folded), the arrays checked against its inputs (keyed by the forward argument names), the export
+    checked against the module on the first calibration samples, then planned like any ONNX model."""
+    from sensitivity.torch_onnx import export_module
+
+    export = export_module(module, example_inputs, dynamic_batch=dynamic_batch)
+    check_inputs(export.model, calibration, what="calibration set", sample_axes=request.sample_axes)
+    model = export.verified(calibration).model
+    return plan(model, calibration, request, evaluation=evaluation, sensitivity=sensitivity, progress=progress)
 
 
 def normalize_for_plan(

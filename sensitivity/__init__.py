@@ -45,6 +45,14 @@ if TYPE_CHECKING:
     )
     from sensitivity.run import compute_sensitivity, register_handler
     from sensitivity.samples import SampleAxes, check_sample_axes, input_sample_axes
+    from sensitivity.torch_onnx import (
+        OnnxExport,
+        TorchExportError,
+        export_module,
+        export_onnx,
+        load_exported_onnx,
+        module_sensitivity,
+    )
     from sensitivity.torch_program import TorchProgram, load_exported
     from sensitivity.validate import ValidationReport, validate_predictions
 
@@ -85,6 +93,12 @@ _EXPORTS = {
     "input_sample_axes": "sensitivity.samples",
     "TorchProgram": "sensitivity.torch_program",
     "load_exported": "sensitivity.torch_program",
+    "OnnxExport": "sensitivity.torch_onnx",
+    "TorchExportError": "sensitivity.torch_onnx",
+    "export_module": "sensitivity.torch_onnx",
+    "export_onnx": "sensitivity.torch_onnx",
+    "load_exported_onnx": "sensitivity.torch_onnx",
+    "module_sensitivity": "sensitivity.torch_onnx",
     "ValidationReport": "sensitivity.validate",
     "validate_predictions": "sensitivity.validate",
 }
@@ -101,11 +115,13 @@ __all__ = [
     "LayerInfo",
     "LayerTrace",
     "NormalizedModel",
+    "OnnxExport",
     "OpsetUpgradeError",
     "Program",
     "QuantizedWeight",
     "SampleAxes",
     "SensitivityResult",
+    "TorchExportError",
     "TorchProgram",
     "TraceConfig",
     "UnsupportedOpsError",
@@ -117,10 +133,14 @@ __all__ = [
     "config_from_dict",
     "detect_kind",
     "diagonal_loss_change",
+    "export_module",
+    "export_onnx",
     "find_layers",
     "input_sample_axes",
     "load_exported",
+    "load_exported_onnx",
     "load_onnx",
+    "module_sensitivity",
     "normalize_model",
     "omega",
     "predicted_loss_change",

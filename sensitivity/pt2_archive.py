@@ -13,7 +13,8 @@ shared libraries. This module closes each path in two steps:
   central directory and its JSON members, bounded, and refuses every construct above (the sample inputs'
   pickle is read opcode by opcode with ``pickletools``, never executed, and refused if it names anything
   but tensor rebuilding); it returns an
-  ``ArchiveSummary`` (models, their weights with shape and dtype) to describe the upload.
+  ``ArchiveSummary`` (models, their weights with shape and dtype, and the layers, inputs and outputs read
+  off each checked program's JSON: ``LAYER_CALLS``) to describe the upload.
 - ``load_exported_program`` checks the same open file, builds the weights and constants itself from the raw
   tensor members, drops what it does not need (sample inputs, guards code, node metadata) and only then hands
   the checked program JSON to torch's deserialiser.
@@ -231,11 +232,53 @@ class TensorEntry:
     requires_grad: bool
 
 
+# aten operator -> (ONNX op type, output-channel axis of its weight): the calls whose weight argument,
+# when a parameter, is a layer (sensitivity.torch_program reads the loaded graph with the same table, the
+# summary reads the checked JSON: both name the layers the program's ONNX export has).
+LAYER_CALLS: dict[str, tuple[str, int]] = {
+    "aten.embedding.default": ("Gather", 0),
+    "aten.linear.default": ("Gemm", 0),
+    "aten.conv1d.default": ("Conv", 0),
+    "aten.conv2d.default": ("Conv", 0),
+    "aten.conv3d.default": ("Conv", 0),
+    "aten.conv1d.padding": ("Conv", 0),
+    "aten.conv2d.padding": ("Conv", 0),
+    "aten.conv3d.padding": ("Conv", 0),
+    "aten.conv_transpose1d.default": ("ConvTranspose", 1),
+    "aten.conv_transpose2d.input": ("ConvTranspose", 1),
+    "aten.conv_transpose3d.input": ("ConvTranspose", 1),
+}
+_SYMBOL_IN_EXPRESSION = re.compile(r"Symbol\('([a-z]+[0-9]+)'")  # "Symbol('s77', positive=True, ...)"
+
+
+@dataclass(frozen=True)
+class LayerEntry:
+    """A layer of a program as its checked JSON describes it: the parameter used as the weight of a
+    conv / linear / embedding call, the ONNX op it exports to and the FX node of the call."""
+
+    name: str  # the parameter's fully qualified name: conv1.weight
+    op_type: str  # Conv, ConvTranspose, Gemm or Gather
+    node_name: str  # the FX node: conv2d, linear_1
+
+
+@dataclass(frozen=True)
+class ValueEntry:
+    """A user input or output of a program: name, dtype (torch's name) and dims (a symbol for a dynamic one)."""
+
+    name: str
+    dtype: str | None
+    shape: tuple[int | str, ...] | None
+
+
 @dataclass(frozen=True)
 class ModelSummary:
     name: str  # "model" for torch.export.save
     weights: tuple[TensorEntry, ...]  # parameters and buffers (state dict)
     constants: tuple[TensorEntry, ...]  # lifted tensor constants and non-persistent buffers
+    layers: tuple[LayerEntry, ...] = ()  # in graph order, a shared weight once
+    inputs: tuple[ValueEntry, ...] = ()
+    outputs: tuple[ValueEntry, ...] = ()
+    node_count: int = 0
 
     @property
     def parameters(self) -> tuple[TensorEntry, ...]:
@@ -306,7 +349,7 @@ def _check(archive: zipfile.ZipFile, max_json_bytes: int, max_members: int) -> _
         constants = _tensor_table(read(f"{_CONSTANTS_DIR}{model}_constants_config.json"), root, members, "constant")
         programs[model], program_member = read(f"models/{model}.json")
         _check_program(programs[model], program_member)
-        summaries.append(ModelSummary(model, weights, constants))
+        summaries.append(ModelSummary(model, weights, constants, *_describe_program(programs[model])))
     return _Checked(ArchiveSummary(root, tuple(summaries)), programs)
 
 
@@ -640,6 +683,74 @@ def _check_program(program: Any, where: str) -> None:
         checker = _FIELD_CHECKS.get(key)
         if checker is not None:
             checker(value, refuse)
+
+
+def _describe_program(
+    program: dict[str, Any],
+) -> tuple[tuple[LayerEntry, ...], tuple[ValueEntry, ...], tuple[ValueEntry, ...], int]:
+    """(layers, user inputs, user outputs, node count) read off a checked program's JSON; what does not
+    have the shape torch writes is left out (the program was checked, not its description)."""
+    module = program["graph_module"]
+    graph = _mapping(module.get("graph"))
+    signature = _mapping(module.get("signature"))
+    nodes = [node for node in _listed(graph.get("nodes")) if isinstance(node, dict)]
+    values = _mapping(graph.get("tensor_values"))
+    parameters: dict[str, str] = {}
+    user_inputs: list[str] = []
+    for spec in _listed(signature.get("input_specs")):
+        parameter = spec.get("parameter") if isinstance(spec, dict) else None
+        if isinstance(parameter, dict) and isinstance(parameter.get("parameter_name"), str):
+            parameters[str(_dig(parameter, "arg", "name"))] = parameter["parameter_name"]
+        elif isinstance(spec, dict) and isinstance(_dig(spec, "user_input", "arg", "as_tensor", "name"), str):
+            user_inputs.append(_dig(spec, "user_input", "arg", "as_tensor", "name"))
+    user_outputs = [
+        _dig(spec, "user_output", "arg", "as_tensor", "name") for spec in _listed(signature.get("output_specs"))
+    ]
+    layers: list[LayerEntry] = []
+    for node in nodes:
+        target = node.get("target")
+        call = LAYER_CALLS.get(target[len("torch.ops.") :]) if isinstance(target, str) else None
+        arguments = {a.get("name"): a for a in _listed(node.get("inputs")) if isinstance(a, dict)}
+        weight = parameters.get(str(_dig(arguments.get("weight"), "arg", "as_tensor", "name")))
+        node_name = _dig(_first(node.get("outputs")), "as_tensor", "name")
+        if call is None or weight is None or weight in {layer.name for layer in layers}:
+            continue
+        layers.append(LayerEntry(weight, call[0], node_name if isinstance(node_name, str) else ""))
+    inputs = tuple(_value_entry(name, values.get(name)) for name in user_inputs)
+    outputs = tuple(_value_entry(name, values.get(name)) for name in user_outputs if isinstance(name, str))
+    return tuple(layers), inputs, outputs, len(nodes)
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _listed(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _first(value: Any) -> Any:
+    return value[0] if isinstance(value, list) and value else None
+
+
+def _dig(value: Any, *keys: str) -> Any:
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def _value_entry(name: str, meta: Any) -> ValueEntry:
+    code = meta.get("dtype") if isinstance(meta, dict) else None
+    dtype = _DTYPES[code][0] if isinstance(code, int) and code in _DTYPES else None
+    sizes = _listed(meta.get("sizes")) if isinstance(meta, dict) else None
+    if sizes is None:
+        return ValueEntry(name, dtype, None)
+    dims: list[int | str] = []
+    for size in sizes:
+        fixed, expression = _dig(size, "as_int"), _dig(size, "as_expr", "expr_str")
+        symbol = _SYMBOL_IN_EXPRESSION.match(expression) if isinstance(expression, str) else None
+        dims.append(fixed if isinstance(fixed, int) else symbol.group(1) if symbol else "?")
+    return ValueEntry(name, dtype, tuple(dims))
 
 
 def _refuser(where: str, place: _Place) -> Callable[[str], UnsafeArchive]:

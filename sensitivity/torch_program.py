@@ -17,6 +17,7 @@ from torch import nn
 
 from sensitivity.layers import Layer, scope_path, weight_index
 from sensitivity.program import ProgramAttributes
+from sensitivity.pt2_archive import LAYER_CALLS
 
 # module type -> (ONNX op type, output-channel axis of its weight)
 _LAYER_MODULES: tuple[tuple[type[nn.Module], str, int], ...] = (
@@ -32,19 +33,7 @@ _LAYER_MODULES: tuple[tuple[type[nn.Module], str, int], ...] = (
 
 # aten operator -> (ONNX op type, output-channel axis); the weight is argument
 # ``weight_index(op type)`` of each (0 for embedding, 1 for the others).
-_LAYER_OPS: dict[str, tuple[str, int]] = {
-    "aten.embedding.default": ("Gather", 0),
-    "aten.linear.default": ("Gemm", 0),
-    "aten.conv1d.default": ("Conv", 0),
-    "aten.conv2d.default": ("Conv", 0),
-    "aten.conv3d.default": ("Conv", 0),
-    "aten.conv1d.padding": ("Conv", 0),
-    "aten.conv2d.padding": ("Conv", 0),
-    "aten.conv3d.padding": ("Conv", 0),
-    "aten.conv_transpose1d.default": ("ConvTranspose", 1),
-    "aten.conv_transpose2d.input": ("ConvTranspose", 1),
-    "aten.conv_transpose3d.input": ("ConvTranspose", 1),
-}
+_LAYER_OPS = LAYER_CALLS
 
 
 def _layer(name: str, node_name: str, op_type: str, axis: int, weight: torch.Tensor, scope: str = "") -> Layer:
@@ -148,7 +137,7 @@ class TorchProgram(ProgramAttributes):
         return TorchProgram(module, self._input_names, self._output_names, self._layers, set_eval=self._set_eval)
 
 
-def _exported_layers(exported: torch.export.ExportedProgram) -> list[Layer]:
+def exported_layers(exported: torch.export.ExportedProgram) -> list[Layer]:
     """Layers of an exported graph: conv/linear calls whose weight argument is a parameter."""
     from torch.export.graph_signature import InputKind
 
@@ -195,5 +184,5 @@ def load_exported(path: str | Path) -> TorchProgram:
     signature = exported.graph_signature
     input_names = [s.arg.name for s in signature.input_specs if s.kind == InputKind.USER_INPUT]
     output_names = [s.arg.name for s in signature.output_specs if s.kind == OutputKind.USER_OUTPUT]
-    layers = _exported_layers(exported)
+    layers = exported_layers(exported)
     return TorchProgram(exported.module(), input_names, output_names, layers, set_eval=False)

@@ -264,21 +264,32 @@ def uninferable_model() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
 
 
 @functools.cache
-def trained_digits_onnx():
-    """The trained digits CNN as ONNX (opset 17) with calibration and test data (~5 s to train).
+def trained_digits_module():
+    """The trained digits CNN (conv-BatchNorm-ReLU twice, two Linears) and its data (~5 s to train).
 
     Cached so the test modules that need it share one training run in a session. One torch thread:
     on the shared 2-core machine a second thread mostly waits (12 s vs 16 s measured under load).
     """
     import torch
 
-    from sensitivity.examples import export_onnx, trained_digits_cnn
+    from sensitivity.examples import trained_digits_cnn
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        model, data = trained_digits_cnn()
+        return trained_digits_cnn()
     finally:
         torch.set_num_threads(threads)
+
+
+@functools.cache
+def trained_digits_onnx():
+    """The trained digits CNN as ONNX (opset 17, TorchScript exporter: BatchNorm folded) with calibration
+    and test data."""
+    import torch
+
+    from sensitivity.examples import export_onnx
+
+    model, data = trained_digits_module()
     proto = export_onnx(model, torch.from_numpy(data.train_x[:1]))
     return proto, {"input": data.train_x[:256]}, data

@@ -1,4 +1,5 @@
-"""torch.export archives for the tests and bench/: a small model saved with ``torch.export.save``, and
+"""torch.export archives for the tests and bench/: a small model saved with ``torch.export.save``, any
+module exported with a dynamic or a fixed batch (``save_exported``), and
 editors that change one member of a saved archive. Each hostile edit's payload touches a marker file
 when torch runs it (``tests/sensitivity/test_pt2_archive.py`` shows which ones plain
 ``torch.export.load`` does run, and that ``sensitivity.pt2_archive`` refuses them all).
@@ -47,6 +48,14 @@ def save_small_model(path: Path) -> Path:
         SmallModel().eval(), (torch.randint(0, 12, (3, 5)),), dynamic_shapes={"ids": {0: batch}}
     )
     torch.export.save(exported, str(path))
+    return path
+
+
+def save_exported(module: nn.Module, example: tuple[torch.Tensor, ...], path: Path, *, dynamic: bool) -> Path:
+    """``module`` (in eval mode) exported by ``torch.export.export`` and saved: every input's axis 0 a
+    dynamic batch when ``dynamic``, else fixed at the example's batch size."""
+    shapes = tuple({0: torch.export.Dim("batch", min=1, max=4096)} for _ in example) if dynamic else None
+    torch.export.save(torch.export.export(module.eval(), example, dynamic_shapes=shapes), str(path))
     return path
 
 

@@ -114,7 +114,7 @@ class SensitivityResult(TypedDict):
     versions: dict[str, str]
     device: str
     normalization: NotRequired[
-        Annotated[dict[str, Any], Field(description="what normalising the ONNX model changed; empty for .pt2")]
+        Annotated[dict[str, Any], Field(description="what normalising the ONNX model (for a .pt2: its ONNX export) changed")]
     ]
     execution: NotRequired[
         Annotated[

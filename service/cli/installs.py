@@ -4,7 +4,7 @@ A plain ``pip install mpq`` is the client: the command line, numpy, httpx and py
 venv in 8 s, where the full install is 1.5 GB in 66 s: docs/benchmarks.md, "Client install"), enough
 for every ``--server`` command, which never imports torch (docs/ci.md). Two extras add the rest:
 
-- ``mpq[local]``: the libraries' stack (torch, onnx, onnxruntime, scipy), for ``mpq sensitivity``
+- ``mpq[local]``: the libraries' stack (torch, onnx, onnxruntime, scipy, onnxscript), for ``mpq sensitivity``
   and ``mpq plan`` without ``--server``;
 - ``mpq[server]``: that and the service's (FastAPI, uvicorn, SQLAlchemy, alembic, Celery, ...), for
   ``mpq serve``, ``worker``, ``demo``, ``db`` and ``token``.
@@ -33,7 +33,7 @@ class Install:
         return [name for name in self.modules if not _findable(name)]
 
 
-LOCAL = Install("local", ("torch", "onnx", "onnxruntime", "scipy"))
+LOCAL = Install("local", ("torch", "onnx", "onnxruntime", "scipy", "onnxscript"))
 SERVER = Install(
     "server",
     (

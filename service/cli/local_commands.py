@@ -46,6 +46,7 @@ DEFAULT_CANDIDATES = "fp32,w8a8,w4a8,w8,w4"
 # import torch to build its parser (a test pins them equal).
 HVP_CHOICES = ("auto", "double_backward", "forward_over_reverse")
 DEFAULT_MEMORY_BUDGET_MB = 4096
+PT2_SAMPLE_AXIS = "--sample-axis applies to ONNX models; a torch.export archive takes samples on axis 0"
 DATA_HELP = "calibration arrays (.npz): one per model input, optionally 'labels'"
 SAMPLE_AXIS_HELP = (
     "the axis input NAME holds its samples on (AXIS an integer), or 'none' for an input shared by "
@@ -124,7 +125,9 @@ def _add_plan(subparsers: Subcommands) -> None:
         "model and measure its accuracy, size and latency with onnxruntime. Exit status 0 when the "
         "plan meets the constraints, 3 when no configuration can, 2 on bad input.",
     )
-    command.add_argument("model", metavar="MODEL", help="ONNX model (.onnx)")
+    command.add_argument(
+        "model", metavar="MODEL", help="ONNX model (.onnx) or torch.export archive (.pt2, exported to ONNX first)"
+    )
     command.add_argument("--data", required=True, metavar="CALIB.npz", help=DATA_HELP)
     command.add_argument("--eval-data", metavar="EVAL.npz", help="evaluation arrays (default: the calibration set)")
     command.add_argument(
@@ -217,8 +220,14 @@ def plan_command(args: argparse.Namespace, settings: Any = None) -> int:
     progress = ProgressPrinter(sys.stderr)
     try:
         request = plan_request(args)
-        model = load_onnx_file(args.model)
-        calibration = load_npz(args.data, "--data")
+        if args.model.endswith(".pt2") and request.sample_axes:
+            raise BadInput(PT2_SAMPLE_AXIS)
+        if args.model.endswith(".pt2"):
+            calibration = load_npz(args.data, "--data")
+            model = load_pt2_file(args.model, calibration, "calibration set")
+        else:
+            model = load_onnx_file(args.model)
+            calibration = load_npz(args.data, "--data")
         evaluation = load_npz(args.eval_data, "--eval-data") if args.eval_data else None
         _check_output(args.out)
         cached = _cached_sensitivity(args, request.sensitivity_config(), progress, request.sample_axes)
@@ -275,6 +284,8 @@ def _cached_sensitivity(
     cache = SensitivityCache()
     # the sample axes change which values form a sample; without any, the key is what it always was
     identity = {**config.to_dict(), **({"sample_axes": dict(sample_axes)} if sample_axes else {})}
+    if args.model.endswith(".pt2"):  # analysed on its ONNX export: not a result stored from the torch program
+        identity["pt2_program"] = "onnx_export"
     key = cache.key(file_sha256(args.model), file_sha256(args.data), identity)
     result = cache.get(key)
     if result is not None:
@@ -307,6 +318,24 @@ def load_npz(path: str, option: str) -> dict[str, np.ndarray]:
         raise BadInput(f"{option}: {path!r} is not a readable .npz archive without pickled objects ({error})") from None
 
 
+def load_pt2_file(path: str, calibration: Mapping[str, np.ndarray], what: str) -> onnx.ModelProto:
+    """A torch.export archive (``.pt2``) loaded without unpickling and exported to ONNX by torch's
+    exporter, the arrays checked against its inputs (``what`` names them in the message), then the
+    export checked against the program on the first calibration samples (``sensitivity.torch_onnx``;
+    what changed goes to stderr). From here on it runs the pipeline of an ONNX model."""
+    from planner.export import check_inputs
+    from sensitivity.torch_onnx import load_exported_onnx
+
+    if not os.path.isfile(path):
+        raise BadInput(f"MODEL: no such file {path!r}")
+    export = load_exported_onnx(path)
+    check_inputs(export.model, calibration, what=what)
+    export = export.verified(calibration)
+    for change in export.changes():
+        print(f"mpq: {change}", file=sys.stderr)
+    return export.model
+
+
 def load_onnx_file(path: str) -> onnx.ModelProto:
     """Parse an ONNX file (never executed); BadInput when missing or not ONNX."""
     import onnx
@@ -332,22 +361,20 @@ def load_program(
     the first samples. A quantized model is refused there (ValueError: exit 2, no traceback).
     ``sample_axes`` (``--sample-axis``) override the ONNX model's own (``sensitivity.samples``).
     """
-    if path.endswith(".pt2"):
-        if not os.path.isfile(path):
-            raise BadInput(f"MODEL: no such file {path!r}")
-        if sample_axes:
-            raise BadInput("--sample-axis applies to ONNX models; a torch.export archive takes samples on axis 0")
-        from sensitivity.torch_program import load_exported
-
-        return load_exported(path), load_npz(data, "--data")
     from planner.export import check_inputs
     from sensitivity.normalize import normalize_model, refuse_quantized
     from sensitivity.onnx_program import load_onnx
 
-    model = load_onnx_file(path)
-    refuse_quantized(model)  # whatever the data: no data makes a quantized model plannable
-    calibration = load_npz(data, "--data")
-    check_inputs(model, calibration, what=f"--data {data!r}", sample_axes=sample_axes)
+    if path.endswith(".pt2"):
+        if sample_axes:
+            raise BadInput(PT2_SAMPLE_AXIS)
+        calibration = load_npz(data, "--data")
+        model = load_pt2_file(path, calibration, f"--data {data!r}")
+    else:
+        model = load_onnx_file(path)
+        refuse_quantized(model)  # whatever the data: no data makes a quantized model plannable
+        calibration = load_npz(data, "--data")
+        check_inputs(model, calibration, what=f"--data {data!r}", sample_axes=sample_axes)
     normalized = normalize_model(model, samples=calibration, sample_axes=sample_axes)
     for change in normalized.changes():
         print(f"mpq: normalised the model: {change}", file=sys.stderr)

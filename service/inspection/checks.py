@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # onnx and the libraries load where they are used (a spare in
     import onnx
 
     from sensitivity.normalize import NormalizedModel
-    from sensitivity.pt2_archive import ArchiveSummary
+    from sensitivity.pt2_archive import ArchiveSummary, ValueEntry
 
 MAX_COMPRESSION_RATIO = 100  # float weights and calibration data compress ~1.1-20x; zeros ~1000x
 RATIO_FLOOR_BYTES = 16 << 20  # small members may compress as well as they like
@@ -294,23 +294,35 @@ def _inspect_pt2(file: IO[bytes], limits: Limits) -> dict[str, Any]:
         raise InvalidUpload("torch.export (.pt2) uploads are disabled on this server (MPQ_ALLOW_TORCH_UPLOADS=false)")
     summary = _check_pt2(file, limits.max_archive_members)
     model = summary.model("model")
-    weights = _bounded_layers([entry for entry in model.parameters if len(entry.shape) >= 2])
-    layers = [
-        {
-            "name": entry.name,
-            "op_type": None,
-            "node_name": None,
-            "shape": list(entry.shape),
-            "num_params": math.prod(entry.shape),
-        }
-        for entry in weights
-    ]
+    # the layers its ONNX export will have (sensitivity.torch_onnx), read off the checked program JSON:
+    # the parameters used as weights of conv / linear / embedding calls, with the op and the FX call
+    shapes = {entry.name: entry.shape for entry in model.parameters}
+    layers = _bounded_layers([layer for layer in model.layers if len(shapes.get(layer.name, ())) >= 2])
     return {
         "format": "torch_export",
         "opset": None,
-        "details": {"programs": list(summary.model_names)},
-        "layers": layers,
+        "details": {
+            "programs": list(summary.model_names),
+            "inputs": [_pt2_value(value) for value in model.inputs],
+            "outputs": [_pt2_value(value) for value in model.outputs],
+            "node_count": model.node_count,
+        },
+        "layers": [
+            {
+                "name": layer.name,
+                "op_type": layer.op_type,
+                "node_name": layer.node_name,
+                "scope": "",
+                "shape": list(shapes[layer.name]),
+                "num_params": math.prod(shapes[layer.name]),
+            }
+            for layer in layers
+        ],
     }
+
+
+def _pt2_value(value: ValueEntry) -> dict[str, Any]:
+    return {"name": value.name, "dtype": value.dtype, "shape": None if value.shape is None else list(value.shape)}
 
 
 def _check_pt2(file: IO[bytes], max_members: int = 4096) -> ArchiveSummary:
@@ -539,9 +551,10 @@ def check_job_request(
       as it does locally; a torch.export archive takes every array's samples on axis 0;
     - (ONNX) the model normalises (``sensitivity.normalize``: a quantized model is refused) and
       every op of the normalised model is supported by the interpreter;
-    - (plans) the model is ONNX, the candidates exist, and a size or BOPS budget is not below
+    - (plans of an ONNX model) the candidates exist, and a size or BOPS budget is not below
       what the smallest configuration of those candidates achieves (BOPS only where static shape
-      inference gives the layers' shapes: the model is never run here).
+      inference gives the layers' shapes: the model is never run here). A torch.export archive is
+      exported to ONNX only in its job (exporting traces the program), which checks those there.
     """
     from service.inspection.model_files import PT2_SAMPLE_AXES, plan_request, sensitivity_config
 
@@ -553,11 +566,7 @@ def check_job_request(
     except ValueError as error:
         raise InvalidUpload(str(error)) from None
     if model_format == "torch_export":
-        if plan is not None:
-            raise InvalidUpload(
-                "plans export quantized ONNX and need an ONNX model; torch.export archives "
-                "support sensitivity analyses only"
-            )
+        # the archive is exported to ONNX in the job (sensitivity.torch_onnx): ops and budgets are checked there
         if sample_axes:
             raise InvalidUpload(PT2_SAMPLE_AXES)
         _check_pt2(file)  # again: an archive stored before today's checks existed must not reach a worker

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the libraries load torch: imported where used, and here for the types only
+    import onnx
+
     from planner import PlanRequest
     from sensitivity.program import Program
     from sensitivity.results import Config
 
 # the local CLI's words (service/cli/local_commands.load_program), for the API's field
 PT2_SAMPLE_AXES = "sample_axes applies to ONNX models; a torch.export archive takes samples on axis 0"
+# Part of a .pt2's sensitivity cache key: its results are computed on its ONNX export (``load_model``),
+# so a result stored from the torch program itself (before the export, BatchNorm unfolded) is not reused.
+PT2_PROGRAM = {"torch_export": "onnx_export"}
 SENSITIVITY_METHODS = {"hawq_v2": "TraceConfig", "hawq_v1": "EigenConfig", "interlayer": "InterLayerConfig"}
 
 
@@ -21,22 +26,48 @@ def load_program(
     model_format: str,
     samples: Mapping[str, Any] | None = None,
     sample_axes: Mapping[str, int | None] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> Program:
     """The program of a stored model; ONNX is normalised first, an opset upgrade checked on ``samples``
     (the calibration arrays) before the analysis starts. ``sample_axes`` (a request's) are merged over
-    the ONNX model's declared ones (``sensitivity.samples``); a torch.export archive takes samples on
-    axis 0 and none (ValueError)."""
+    the ONNX model's declared ones (``sensitivity.samples``); a torch.export archive is exported to ONNX
+    first (``load_model``), takes samples on axis 0 and no ``sample_axes`` (ValueError)."""
+    from sensitivity.normalize import normalize_model
+    from sensitivity.onnx_program import load_onnx
+
+    normalized = normalize_model(
+        load_model(path, model_format, samples, sample_axes, log), samples=samples, sample_axes=sample_axes
+    )
+    return load_onnx(normalized, sample_axes=sample_axes)
+
+
+def load_model(
+    path: Path,
+    model_format: str,
+    samples: Mapping[str, Any] | None = None,
+    sample_axes: Mapping[str, int | None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> onnx.ModelProto:
+    """The ONNX model of a stored upload: an ONNX file as it is; a torch.export archive loaded without
+    unpickling and exported to ONNX by torch's exporter, checked against the program on ``samples``
+    (``sensitivity.torch_onnx``: what every job of a ``.pt2`` analyses and plans). ValueError if bad."""
     if model_format == "torch_export":
         if sample_axes:
             raise ValueError(PT2_SAMPLE_AXES)
-        from sensitivity.torch_program import load_exported
+        from planner.export import check_inputs
+        from sensitivity.torch_onnx import load_exported_onnx
 
-        return load_exported(path)
-    from sensitivity.normalize import normalize_model
-    from sensitivity.onnx_program import load_onnx, read_onnx
+        export = load_exported_onnx(path)
+        if samples is not None:  # the arrays named against the inputs before the program runs on them
+            check_inputs(export.model, samples, what="calibration set")
+            export = export.verified(samples)
+        for change in export.changes():
+            if log is not None:
+                log(change)
+        return export.model
+    from sensitivity.onnx_program import read_onnx
 
-    normalized = normalize_model(read_onnx(path), samples=samples, sample_axes=sample_axes)
-    return load_onnx(normalized, sample_axes=sample_axes)
+    return read_onnx(path)
 
 
 def sensitivity_config(method: str, options: Mapping[str, Any]) -> Config:

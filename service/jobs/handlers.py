@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict
 from typing import Any
 
-from service.inspection.model_files import load_program, plan_request, sensitivity_config
+from service.inspection.model_files import PT2_PROGRAM, load_model, load_program, plan_request, sensitivity_config
 from service.jobs.context import ChildContext, Handler
 from service.jobs.errors import JobInputError
 
@@ -41,7 +41,8 @@ def compute_or_reuse_sensitivity(
         raise JobInputError(str(error)) from None
     # the sample axes change which values form a sample; without any, the key is what it always was
     # (the local cache's rule: service/cli/local_commands._cached_sensitivity)
-    key = params_hash({**config.to_dict(), **({"sample_axes": axes} if axes else {})})
+    pt2 = PT2_PROGRAM if context.model["format"] == "torch_export" else {}
+    key = params_hash({**config.to_dict(), **({"sample_axes": axes} if axes else {}), **pt2})
     cached = context.cached_sensitivity(method, key)
     if cached is not None:
         context.log("reusing a stored sensitivity result (same model, data, method and parameters)")
@@ -55,7 +56,7 @@ def compute_or_reuse_sensitivity(
     with context.model_path() as path:
         try:
             program = (
-                load_program(path, context.model["format"], calibration, axes)
+                load_program(path, context.model["format"], calibration, axes, context.log)
                 if model is None
                 else load_onnx(model, sample_axes=axes)
             )
@@ -100,16 +101,15 @@ def latency_job(context: ChildContext) -> dict[str, Any]:
 
 
 def plan_job(context: ChildContext) -> dict[str, Any]:
-    import onnx
-
     from planner import NoFeasiblePlan, normalize_for_plan, plan
     from sensitivity.results import SensitivityResult
 
-    with context.model_path() as path:
-        proto = onnx.load(str(path))
     calibration = context.arrays("calibration")
     try:
         request = plan_request(context.params)
+        # ONNX as uploaded; a .pt2 exported to ONNX and checked against its program (then planned alike)
+        with context.model_path() as path:
+            proto = load_model(path, context.model["format"], calibration, request.sample_axes, context.log)
         config = request.sensitivity_config().to_dict()
         # normalised (opset upgrade checked on the first calibration samples) before the analysis,
         # which then runs on the very model the planner exports

@@ -82,9 +82,11 @@ def test_onnxruntime_runs_take_any_number_of_samples():
 
 
 @pytest.mark.slow
-def test_a_plan_on_a_batch_1_model_with_16_samples():
-    """The review's case: a fixed batch of 1 refused a calibration set of 16 samples."""
-    calibration = {"x": samples(16)}
+@pytest.mark.parametrize("fixed", [1, 4])
+def test_a_plan_on_a_fixed_batch_model_with_18_samples(fixed: int):
+    """The review's case: a fixed batch of 1 refused a calibration set of 16 samples; a fixed batch of 4
+    failed the exporter's check that the float model runs, which fed it one sample."""
+    calibration = {"x": samples(18)}
     request = PlanRequest(
         candidates=("fp32", "w8a8"),
         max_size_bytes=10**6,
@@ -95,6 +97,6 @@ def test_a_plan_on_a_batch_1_model_with_16_samples():
         device="cpu",
         sensitivity_options={"trace_max_probes": 8, "trace_min_probes": 4},
     )
-    result = plan(mlp(1), calibration, request)
-    assert result.plan.measured is not None and result.plan.measured.num_samples == 16
-    assert result.plan.measured.latency.batch_size == 1
+    result = plan(mlp(fixed), calibration, request)
+    assert result.plan.measured is not None and result.plan.measured.num_samples == 18
+    assert result.plan.measured.latency is not None and result.plan.measured.latency.batch_size == fixed

@@ -22,7 +22,7 @@ from planner.candidates import CANDIDATES
 from planner.choose import NoFeasiblePlan, minimum_cost
 from planner.cost import layer_cost_table
 from planner.export import read_plan
-from planner.plan import normalize_for_plan, plan
+from planner.plan import normalize_for_plan, plan, plan_module
 from planner.predict import build_objective
 from planner.request import (
     DEFAULT_CANDIDATES,
@@ -665,3 +665,31 @@ def test_a_mismatching_opset_upgrade_is_refused_before_the_sensitivity_analysis(
     with pytest.raises(OpsetUpgradeError, match="from opset 12 to 21 computes different outputs"):
         plan(tiny_onnx_model(opset=12), {"x": x}, PlanRequest(candidates=("fp32", "w4"), **FAST))
     assert analysed == []
+
+
+@pytest.mark.slow
+def test_plan_module_plans_an_nn_module_as_its_pt2_would_be():
+    """The Python API for a module in hand: exported (dynamic batch), checked, planned like any ONNX model;
+    the layers are the parameters, and the artifact measures in onnxruntime what the plan reports."""
+    from tests.models import trained_digits_module
+
+    module, data = trained_digits_module()
+    calibration = {"x": data.train_x[:128], "labels": data.train_y[:128]}
+    evaluation = {"x": data.test_x, "labels": data.test_y}
+    request = PlanRequest(
+        candidates=("fp32", "w8a8", "w4a8"),
+        max_size_bytes=30_000,
+        measure_uniform=False,
+        max_frontier_points=2,
+        latency_repeats=2,
+        latency_warmup=1,
+        device="cpu",
+        sensitivity_options={"trace_max_probes": 8, "trace_min_probes": 4},
+    )
+    example = (torch.from_numpy(data.train_x[:4]),)
+    result = plan_module(module, example, calibration, request, evaluation=evaluation)
+    assert set(result.plan.configuration) == {"conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"}
+    assert result.meets_constraints and result.plan.measured is not None
+    session = ort.InferenceSession(result.artifact_bytes, providers=["CPUExecutionProvider"])
+    logits = session.run(None, {"x": data.test_x})[0]
+    assert 100.0 * float((logits.argmax(1) == data.test_y).mean()) == pytest.approx(result.plan.measured.metric)

@@ -53,6 +53,7 @@ PUBLIC = [
     "normalize_for_plan",
     "parse_candidates",
     "plan",
+    "plan_module",
     "quadratic_frontier",
     "read_plan",
     "solve_budget",

@@ -189,6 +189,23 @@ def test_check_archive_describes_the_weights(benign: Path) -> None:
         summary.model("other")
 
 
+def test_check_archive_describes_the_program_as_its_loader_does(benign: Path) -> None:
+    """The layers, inputs and outputs read off the JSON (torch-free, for the upload's description) are
+    those of the loaded program: the layers of ``load_exported``, with the same op types and FX nodes."""
+    from sensitivity.torch_program import load_exported
+
+    model = check_archive(benign).model("model")
+    loaded = load_exported(benign)
+    assert [(e.name, e.op_type, e.node_name) for e in model.layers] == [
+        (layer.name, layer.op_type, layer.node_name) for layer in loaded.layers
+    ]
+    assert [e.op_type for e in model.layers] == ["Gather", "Conv", "Gemm"]
+    [ids] = model.inputs
+    assert (ids.name, ids.dtype) == ("ids", "int64") and ids.shape is not None and len(ids.shape) == 2
+    assert isinstance(ids.shape[0], str) and ids.shape[1] == 5  # the dynamic batch by its symbol
+    assert [value.name for value in model.outputs] == list(loaded.output_names) and model.node_count > 5
+
+
 _TORCH_FREE = """
 import json, sys
 from sensitivity.pt2_archive import check_archive

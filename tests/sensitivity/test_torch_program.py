@@ -55,7 +55,7 @@ def test_layers_are_named_by_parameter_with_onnx_op_and_channel_axis() -> None:
 
 def test_layers_carry_node_names_and_module_scopes() -> None:
     """A module program's node is its module; an exported graph's its FX node, scoped by nn_module_stack."""
-    from sensitivity.torch_program import _exported_layers
+    from sensitivity.torch_program import exported_layers
     from tests.sensitivity.helpers import Encoder
 
     program = TorchProgram(Encoder())
@@ -64,7 +64,7 @@ def test_layers_carry_node_names_and_module_scopes() -> None:
         ("blocks.1.fc.weight", "blocks.1.fc", "/blocks.1/fc"),
         ("head.weight", "head", "/head"),
     ]  # the ModuleList is no scope: it never runs, as in torch's own paths
-    exported = _exported_layers(torch.export.export(Encoder().eval(), (torch.zeros(2, 8),)))
+    exported = exported_layers(torch.export.export(Encoder().eval(), (torch.zeros(2, 8),)))
     assert [(layer.name, layer.node_name, layer.scope) for layer in exported] == [
         ("blocks.0.fc.weight", "linear", "/blocks.0/fc"),
         ("blocks.1.fc.weight", "linear_1", "/blocks.1/fc"),

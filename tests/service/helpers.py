@@ -6,11 +6,14 @@ server over HTTP (``http_upload``, ``http_job``...), and the ``mpq`` command lin
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import numpy as np
@@ -219,3 +222,102 @@ def call_mpq(*args: str, capsys) -> tuple[int, str, str]:
         status = parsed.handler(parsed, None)
     captured = capsys.readouterr()
     return status, captured.out, captured.err
+
+
+# ---------------------------------------------------------------- torch.export archives planned end to end
+
+
+@dataclass(frozen=True)
+class Pt2Case:
+    """A trained network as a ``.pt2`` upload, its calibration and evaluation sets, and a plan body's
+    search and constraints for it; ``batch``: the samples per run of its artifact (a fixed batch)."""
+
+    name: str
+    model: bytes
+    calibration: bytes
+    evaluation: bytes
+    input_name: str
+    eval_x: np.ndarray
+    eval_y: np.ndarray
+    batch: int | None
+    search: str
+    constraints: dict[str, Any]
+    layers: frozenset[str]
+
+
+@functools.cache
+def pt2_cases() -> tuple[Pt2Case, Pt2Case]:
+    """The digits CNN (BatchNorm after each conv) with a dynamic batch, planned by pareto under a third
+    of its float size, and the token transformer with a fixed batch of 4, planned by bisection within a
+    1.5 pp drop (cached: one training and export per session)."""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from sensitivity.zoo import trained_tiny_transformer
+    from tests.models import trained_digits_module
+    from tests.pt2_archives import save_exported
+
+    digits_model, digits = trained_digits_module()
+    transformer, task = trained_tiny_transformer()
+    with tempfile.TemporaryDirectory() as folder:
+        cnn = save_exported(digits_model, (torch.from_numpy(digits.train_x[:4]),), Path(folder) / "c.pt2", dynamic=True)
+        tokens = save_exported(
+            transformer, (torch.from_numpy(task.train_x[:4]),), Path(folder) / "t.pt2", dynamic=False
+        )
+        cnn_bytes, tokens_bytes = cnn.read_bytes(), tokens.read_bytes()
+    block = {f"block.{name}.weight" for name in ("query", "key", "value", "proj", "fc1", "fc2")}
+    return (
+        Pt2Case(
+            "cnn",
+            cnn_bytes,
+            npz_bytes(x=digits.train_x[:256], labels=digits.train_y[:256]),
+            npz_bytes(x=digits.test_x, labels=digits.test_y),
+            "x",
+            digits.test_x,
+            digits.test_y,
+            None,
+            "pareto",
+            {"max_size_bytes": 30_000},
+            frozenset({"conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"}),
+        ),
+        Pt2Case(
+            "transformer",
+            tokens_bytes,
+            npz_bytes(ids=task.train_x[:256], labels=task.train_y[:256]),
+            npz_bytes(ids=task.test_x[:512], labels=task.test_y[:512]),
+            "ids",
+            task.test_x[:512],
+            task.test_y[:512],
+            4,
+            "bisection",
+            {"max_drop": 1.5},
+            frozenset({"embedding.weight", "head.weight", *block}),
+        ),
+    )
+
+
+def pt2_plan_body(case: Pt2Case, model_id: str, calibration_id: str, evaluation_id: str) -> dict[str, Any]:
+    return {
+        "model_id": model_id,
+        "calibration_dataset_id": calibration_id,
+        "evaluation_dataset_id": evaluation_id,
+        "method": "hawq_v2",
+        "search": case.search,
+        "candidates": ["fp32", "w8a8", "w4a8", "w8", "w4"],
+        "constraints": case.constraints,
+        "options": {"trace_max_probes": 32, "batch_size": 128},
+    }
+
+
+def artifact_accuracy(case: Pt2Case, artifact: bytes) -> float:
+    """Top-1 accuracy (percent) of a plan's artifact on the case's evaluation set, in onnxruntime."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(artifact, providers=["CPUExecutionProvider"])
+    step = case.batch or len(case.eval_x)
+    logits = np.concatenate(
+        [session.run(None, {case.input_name: case.eval_x[i : i + step]})[0] for i in range(0, len(case.eval_x), step)]
+    )
+    return 100.0 * float((logits.argmax(1) == case.eval_y).mean())

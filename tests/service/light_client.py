@@ -16,7 +16,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 # What a CI job that only talks to a server does not install (pyproject's `local` and `server` extras).
-BLOCKED = ("torch", "onnx", "onnxruntime", "fastapi", "sqlalchemy", "celery", "scipy", "sklearn")
+BLOCKED = ("torch", "onnx", "onnxruntime", "fastapi", "sqlalchemy", "celery", "scipy", "sklearn", "onnxscript")
 # The libraries' packages: installed with the client (their code is small) but never imported by it.
 LIBRARIES = ("sensitivity", "planner")
 

@@ -18,7 +18,15 @@ import pytest
 import redis
 
 from tests.models import mlp_onnx_model, npz_bytes, tiny_onnx_model
-from tests.service.helpers import free_port, http_job, http_upload, wait_until
+from tests.service.helpers import (
+    artifact_accuracy,
+    free_port,
+    http_job,
+    http_upload,
+    pt2_cases,
+    pt2_plan_body,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow  # a cluster of processes
 
@@ -135,6 +143,25 @@ def _children(pid: int) -> set[int]:
         return {child.pid for child in psutil.Process(pid).children(recursive=True)}
     except psutil.NoSuchProcess:
         return set()
+
+
+def test_a_pt2_is_planned_on_a_celery_worker(cluster):
+    """The digits CNN as a torch.export archive, planned by a worker process: exported to ONNX there, its
+    artifact measures in onnxruntime what the plan reports."""
+    url, _processes = cluster
+    case = pt2_cases()[0]
+    with httpx.Client(base_url=url, timeout=60) as client:
+        model_id = http_upload(client, "/v1/models", case.model)
+        calibration_id = http_upload(client, "/v1/datasets", case.calibration)
+        evaluation_id = http_upload(client, "/v1/datasets", case.evaluation)
+        submitted = client.post("/v1/plans", json=pt2_plan_body(case, model_id, calibration_id, evaluation_id))
+        assert submitted.status_code == 202, submitted.text
+        job = http_job(client, submitted.json()["id"], timeout=300)
+        assert job["status"] == "succeeded", (job["error"], job["log_tail"][-3000:])
+        plan = client.get(f"/v1/plans/{job['result']['plan_id']}").json()
+        assert set(plan["assignment"]) == case.layers and plan["predicted"]["meets_constraints"]
+        artifact = client.get(f"/v1/plans/{job['result']['plan_id']}/artifact").content
+    assert artifact_accuracy(case, artifact) == pytest.approx(plan["measured"]["metric"], abs=1e-6)
 
 
 def test_a_worker_stopped_by_sigterm_requeues_its_job_for_the_other_worker(cluster):

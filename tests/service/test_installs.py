@@ -1,8 +1,8 @@
 """The light client install (service/cli/installs.py): `pip install mpq` without torch and the server
 stack runs every --server command, and a command that needs more says which extra, in one line.
 
-The CLI runs in subprocesses in which torch, onnx, onnxruntime, fastapi, sqlalchemy, celery, scipy and
-sklearn cannot be imported (tests/service/light_client.py), against a real server on 127.0.0.1; the
+The CLI runs in subprocesses in which torch, onnx, onnxruntime, fastapi, sqlalchemy, celery, scipy,
+sklearn and onnxscript cannot be imported (tests/service/light_client.py), against a real server on 127.0.0.1; the
 slow tests also build a real light install in a fresh virtual environment (pip, PyPI).
 """
 
@@ -152,7 +152,7 @@ def test_a_local_command_says_which_install_it_needs(files, tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
-        "mpq: mpq plan without --server needs the local install (torch, onnx, onnxruntime, scipy not "
+        "mpq: mpq plan without --server needs the local install (torch, onnx, onnxruntime, scipy and 1 more not "
         "installed): pip install 'mpq[local]', or run it on a server with --server URL"
     ]
     assert json.loads(result.stdout)["problem"] == "missing_install"

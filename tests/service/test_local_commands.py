@@ -587,3 +587,72 @@ def test_a_large_unbounded_drop_is_a_warning_and_a_bounded_one_is_not(capsys):
     ) in err
     assert output.plan_warnings(_plan_document(output.LARGE_DROP_PP, None)) == []
     assert output.plan_warnings(_plan_document(52.8, 60.0)) == []  # the user bounded it
+
+
+@pytest.fixture(scope="module")
+def pt2_files(tmp_path_factory):
+    """The trained digits CNN (BatchNorm after each conv) as torch.export archives with a dynamic batch
+    and with a fixed batch of 4, calibration data and an evaluation set of 448 samples (a multiple of 4)."""
+    import torch
+
+    from tests.models import trained_digits_module
+    from tests.pt2_archives import save_exported
+
+    root = tmp_path_factory.mktemp("pt2")
+    module, data = trained_digits_module()
+    example = (torch.from_numpy(data.train_x[:4]),)
+    save_exported(module, example, root / "dynamic.pt2", dynamic=True)
+    save_exported(module, example, root / "fixed.pt2", dynamic=False)
+    np.savez(root / "calib.npz", x=data.train_x[:256], labels=data.train_y[:256])
+    np.savez(root / "eval.npz", x=data.test_x[:448], labels=data.test_y[:448])
+    return root
+
+
+def _artifact_accuracy(artifact, x: np.ndarray, labels: np.ndarray, batch: int) -> float:
+    session = ort.InferenceSession(str(artifact), providers=["CPUExecutionProvider"])
+    logits = np.concatenate([session.run(None, {"x": x[i : i + batch]})[0] for i in range(0, len(x), batch)])
+    return 100.0 * float((logits.argmax(1) == labels).mean())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("archive", "search", "batch"),
+    [
+        ("dynamic.pt2", ("--search", "pareto", "--max-size-mb", "0.03"), 448),
+        ("fixed.pt2", ("--search", "bisection", "--max-drop", "1.5"), 4),
+    ],
+)
+def test_a_pt2_plans_like_an_onnx_model(pt2_files, archive, search, batch):
+    result = run_mpq(
+        "plan",
+        archive,
+        "--data",
+        "calib.npz",
+        "--eval-data",
+        "eval.npz",
+        *search,
+        "--max-probes",
+        "32",
+        "--max-frontier-points",
+        "3",
+        "--device",
+        "cpu",
+        "--no-cache",
+        "--out",
+        f"{archive}.onnx",
+        "--json",
+        cwd=pt2_files,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (
+        "exported to ONNX by torch.onnx.export" in result.stderr
+        and "checked against the torch program" in result.stderr
+    )
+    document = json.loads(result.stdout)
+    plan = document["plan"]
+    assert set(plan["layers"]) == {"conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"}  # parameter names
+    assert plan["layers"] != dict.fromkeys(plan["layers"], "fp32") and document["meets_constraints"]
+    evaluation = np.load(pt2_files / "eval.npz")
+    accuracy = _artifact_accuracy(pt2_files / f"{archive}.onnx", evaluation["x"], evaluation["labels"], batch)
+    assert plan["measured"]["metric_name"] == "top1_accuracy"
+    assert accuracy == pytest.approx(plan["measured"]["metric"], abs=1e-6)

@@ -8,7 +8,18 @@ import hashlib
 import onnxruntime as ort
 import pytest
 
-from tests.service.helpers import assert_problem, post_json_text, snapshot, sqlite_only, upload, uploaded, wait_for
+from tests.service.helpers import (
+    artifact_accuracy,
+    assert_problem,
+    post_json_text,
+    pt2_cases,
+    pt2_plan_body,
+    snapshot,
+    sqlite_only,
+    upload,
+    uploaded,
+    wait_for,
+)
 
 
 @pytest.mark.slow
@@ -70,6 +81,31 @@ def test_plan_round_trip(client, digits_files):
     again = wait_for(client, client.post(f"/v1/plans/{plan_id}/latency", json={"repeats": 5}).json()["id"])
     assert again["status"] == "succeeded", again
     assert len(client.get(f"/v1/plans/{plan_id}/latency").json()) == 2
+
+
+@pytest.mark.slow
+@sqlite_only
+@pytest.mark.parametrize("index", [0, 1], ids=["cnn-dynamic-pareto", "transformer-fixed-bisection"])
+def test_a_pt2_plan_round_trip(client, index):
+    """A torch.export archive is planned like an ONNX model: exported to ONNX in its job, its layers named
+    by their parameters; the downloaded artifact measures in onnxruntime what the plan reports."""
+    case = pt2_cases()[index]
+    model_id, calib_id = uploaded(client, case.model, case.calibration)
+    eval_id = upload(client, "/v1/datasets", case.evaluation).json()["id"]
+    submitted = client.post("/v1/plans", json=pt2_plan_body(case, model_id, calib_id, eval_id))
+    assert submitted.status_code == 202, submitted.text
+    job = wait_for(client, submitted.json()["id"], timeout=300)
+    assert job["status"] == "succeeded", (job["error"], job["log_tail"][-3000:])
+    assert "exported to ONNX by torch.onnx.export" in job["log_tail"]
+    plan = client.get(f"/v1/plans/{job['result']['plan_id']}").json()
+    assert set(plan["assignment"]) == case.layers and plan["predicted"]["meets_constraints"]
+    assert set(plan["assignment"].values()) != {"fp32"}
+    sensitivity = client.get(f"/v1/sensitivity/{job['result']['sensitivity_result_id']}").json()
+    assert {layer["name"] for layer in sensitivity["result"]["layers"]} == case.layers  # one vocabulary
+    download = client.get(f"/v1/plans/{job['result']['plan_id']}/artifact")
+    assert hashlib.sha256(download.content).hexdigest() == plan["artifact"]["sha256"]
+    assert plan["measured"]["metric_name"] == "top1_accuracy"
+    assert artifact_accuracy(case, download.content) == pytest.approx(plan["measured"]["metric"], abs=1e-6)
 
 
 @pytest.mark.slow

@@ -112,6 +112,15 @@ def test_torch_export_archive_is_listed_not_loaded(client, app, tmp_path):
     body = response.json()
     assert body["format"] == "torch_export"
     assert [layer["name"] for layer in body["layers"]] == ["0.weight", "2.weight"]
+    # described as fully as an ONNX upload, from the checked program JSON: ops, FX nodes, inputs
+    assert [(layer["op_type"], layer["node_name"]) for layer in body["layers"]] == [
+        ("Gemm", "linear"),
+        ("Gemm", "linear_1"),
+    ]
+    assert body["details"]["inputs"] == [{"name": "input", "dtype": "float32", "shape": [1, 4]}]
+    assert body["details"]["outputs"][0]["shape"] == [1, 2] and body["details"]["node_count"] == 3
+    page = client.get(f"/models/{body['id']}").text
+    assert "<code>input</code> [1, 4] float32" in page and "Gemm" in page and "linear_1" in page
 
     app.state.settings = app.state.settings.model_copy(update={"allow_torch_uploads": False})
     app.state.inspector.limits = app.state.inspector.limits.__class__(
