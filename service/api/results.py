@@ -114,7 +114,9 @@ class SensitivityResult(TypedDict):
     versions: dict[str, str]
     device: str
     normalization: NotRequired[
-        Annotated[dict[str, Any], Field(description="what normalising the ONNX model (for a .pt2: its ONNX export) changed")]
+        Annotated[
+            dict[str, Any], Field(description="what normalising the ONNX model (for a .pt2: its ONNX export) changed")
+        ]
     ]
     execution: NotRequired[
         Annotated[
