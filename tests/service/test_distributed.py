@@ -145,23 +145,29 @@ def _children(pid: int) -> set[int]:
         return set()
 
 
-def test_a_pt2_is_planned_on_a_celery_worker(cluster):
-    """The digits CNN as a torch.export archive, planned by a worker process: exported to ONNX there, its
-    artifact measures in onnxruntime what the plan reports."""
+def test_pt2_plans_run_on_celery_workers(cluster):
+    """Both torch.export cases, submitted together to the two workers: the digits CNN (BatchNorm, dynamic
+    batch) by pareto and the token transformer (fixed batch of 4) by bisection, each exported to ONNX in
+    its worker; each artifact measures in onnxruntime what its plan reports."""
     url, _processes = cluster
-    case = pt2_cases()[0]
+    cases = pt2_cases()
     with httpx.Client(base_url=url, timeout=60) as client:
-        model_id = http_upload(client, "/v1/models", case.model)
-        calibration_id = http_upload(client, "/v1/datasets", case.calibration)
-        evaluation_id = http_upload(client, "/v1/datasets", case.evaluation)
-        submitted = client.post("/v1/plans", json=pt2_plan_body(case, model_id, calibration_id, evaluation_id))
-        assert submitted.status_code == 202, submitted.text
-        job = http_job(client, submitted.json()["id"], timeout=300)
-        assert job["status"] == "succeeded", (job["error"], job["log_tail"][-3000:])
-        plan = client.get(f"/v1/plans/{job['result']['plan_id']}").json()
-        assert set(plan["assignment"]) == case.layers and plan["predicted"]["meets_constraints"]
-        artifact = client.get(f"/v1/plans/{job['result']['plan_id']}/artifact").content
-    assert artifact_accuracy(case, artifact) == pytest.approx(plan["measured"]["metric"], abs=1e-6)
+        submitted = {}
+        for case in cases:
+            model_id = http_upload(client, "/v1/models", case.model)
+            calibration_id = http_upload(client, "/v1/datasets", case.calibration)
+            evaluation_id = http_upload(client, "/v1/datasets", case.evaluation)
+            response = client.post("/v1/plans", json=pt2_plan_body(case, model_id, calibration_id, evaluation_id))
+            assert response.status_code == 202, response.text
+            submitted[case.name] = response.json()["id"]
+        for case in cases:
+            job = http_job(client, submitted[case.name], timeout=300)
+            assert job["status"] == "succeeded", (case.name, job["error"], job["log_tail"][-3000:])
+            plan = client.get(f"/v1/plans/{job['result']['plan_id']}").json()
+            assert plan["search"] == case.search
+            assert set(plan["assignment"]) == case.layers and plan["predicted"]["meets_constraints"]
+            artifact = client.get(f"/v1/plans/{job['result']['plan_id']}/artifact").content
+            assert artifact_accuracy(case, artifact) == pytest.approx(plan["measured"]["metric"], abs=1e-6)
 
 
 def test_a_worker_stopped_by_sigterm_requeues_its_job_for_the_other_worker(cluster):
