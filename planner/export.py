@@ -60,6 +60,7 @@ from planner.candidates import Candidate, Configuration, as_configuration, get_c
 from planner.cost import cpu_session, graph_inputs, layer_nodes, runtime_tensors
 from sensitivity.layers import Layer, find_layers, node_weight_index, weight_array, weight_index
 from sensitivity.normalize import (
+    BatchNormFoldError,
     NormalizedModel,
     OpsetUpgradeError,
     normalize_model,
@@ -351,10 +352,11 @@ def required_opset(candidates: Iterable[str]) -> int:
 def _normalized(
     model: onnx.ModelProto | NormalizedModel, opset: int, feeds: Mapping[str, np.ndarray], axes: SampleAxes
 ) -> NormalizedModel:
-    """The normalised model at ``opset``; a failed or mismatching upgrade is an ``ExportError``."""
+    """The normalised model at ``opset``; a failed or mismatching upgrade (or BatchNorm fold) is an
+    ``ExportError``."""
     try:
         return normalize_model(model, opset=opset, samples=feeds, sample_axes=axes)
-    except OpsetUpgradeError as error:
+    except (OpsetUpgradeError, BatchNormFoldError) as error:
         raise ExportError(f"{error}; not exporting it") from None
 
 

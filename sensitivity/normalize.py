@@ -14,6 +14,9 @@ inspection, sensitivity, planning and export see one model, so a layer has one n
    paddle2onnx stores every weight that way, so ``find_layers`` found no layer in PP-OCR models;
    then a layer op's weight computed from constants by data-movement ops alone (torch's LSTM gate
    reordering, left unfolded in silero-vad) becomes one initializer (``sensitivity.fold``);
+   an inference BatchNormalization after a Conv, ConvTranspose or Gemm is folded into that layer's
+   weight and bias, as torch's exporters write it (``sensitivity.batchnorm``: paddle2onnx leaves
+   them), checked against the original in onnxruntime like an upgrade;
 4. graph input/output dims written as ``dim_value <= 0`` (paddle2onnx, tf2onnx write -1) become
    dynamic, like ``dim_param`` and missing dims (``static_dims`` is the one reading of a dim);
 5. the default-domain opset is upgraded to what the caller needs (the interpreter's floor,
@@ -34,6 +37,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from sensitivity.batchnorm import fold_batchnorms, has_foldable_batchnorm
 from sensitivity.branches import (
     CONDITION_BATCH,
     DEFAULT_DOMAINS,
@@ -96,6 +100,10 @@ class OpsetUpgradeError(ValueError):
     """The opset upgrade failed, or the upgraded model computes other outputs than the original."""
 
 
+class BatchNormFoldError(ValueError):
+    """The model with BatchNormalization folded into the layers before it computes other outputs."""
+
+
 class BranchFixError(ValueError):
     """The model with If nodes replaced by their taken branches computes other outputs."""
 
@@ -124,7 +132,8 @@ class NormalizedModel:
     """The normalised model and what normalisation changed (for reports: ``changes``, ``to_dict``).
 
     ``upgrade_check`` is None when the opset was not upgraded, or when no samples were given to
-    check it. ``fixed_branches`` needs samples: without them no If is fixed.
+    check it; ``batchnorm_check`` likewise for folded BatchNorms. ``fixed_branches`` needs samples:
+    without them no If is fixed. ``folded_batchnorms`` names the weight (the layer) each BN went into.
     """
 
     model: onnx.ModelProto = field(repr=False)
@@ -136,6 +145,9 @@ class NormalizedModel:
     fixed_branches: tuple[FixedBranch, ...] = ()
     branch_check: UpgradeCheck | None = None
     folded_weights: tuple[str, ...] = ()
+    folded_batchnorms: tuple[str, ...] = ()
+    batchnorm_check: UpgradeCheck | None = None
+    folded_into: tuple[str, ...] = ()  # the ops the BNs were folded into (Conv, ConvTranspose, Gemm)
 
     @property
     def upgraded(self) -> bool:
@@ -144,7 +156,12 @@ class NormalizedModel:
     @property
     def changed(self) -> bool:
         return bool(
-            self.promoted_constants or self.dynamic_dims or self.upgraded or self.fixed_branches or self.folded_weights
+            self.promoted_constants
+            or self.dynamic_dims
+            or self.upgraded
+            or self.fixed_branches
+            or self.folded_weights
+            or self.folded_batchnorms
         )
 
     def changes(self) -> list[str]:
@@ -162,6 +179,8 @@ class NormalizedModel:
                 f"{len(self.folded_weights)} weights computed from constants by data-movement ops were "
                 f"folded into initializers: {', '.join(self.folded_weights)}"
             )
+        if self.folded_batchnorms:
+            lines.append(self._describe_batchnorms())
         if self.dynamic_dims:
             lines.append(f"dims written as non-positive numbers are dynamic: {', '.join(self.dynamic_dims)}")
         if self.upgraded:
@@ -174,6 +193,18 @@ class NormalizedModel:
             lines.append(f"opset upgraded from {self.source_opset} to {self.opset}, {how}")
         return lines
 
+    def _describe_batchnorms(self) -> str:
+        check = self.batchnorm_check
+        how = (
+            "not checked (no samples given)"
+            if check is None
+            else f"checked on {check.samples} samples: max relative difference {check.max_relative_difference:.3g}"
+        )
+        return (
+            f"folded {len(self.folded_batchnorms)} BatchNormalization nodes into the {'/'.join(self.folded_into)} "
+            f"before them: {', '.join(self.folded_batchnorms)}; {how}"
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "promoted_constants": len(self.promoted_constants),
@@ -183,6 +214,8 @@ class NormalizedModel:
             "upgrade_check": None if self.upgrade_check is None else self.upgrade_check.to_dict(),
             "fixed_branches": [fixed.describe() for fixed in self.fixed_branches],
             "folded_weights": list(self.folded_weights),
+            "folded_batchnorms": list(self.folded_batchnorms),
+            "batchnorm_check": None if self.batchnorm_check is None else self.batchnorm_check.to_dict(),
             "branch_check": None if self.branch_check is None else self.branch_check.to_dict(),
             "changes": self.changes(),
         }
@@ -202,7 +235,7 @@ def normalize_model(
     ones); the first ``UPGRADE_CHECK_SAMPLES`` check an opset upgrade. Without
     them an upgrade is applied unchecked (logged): give them wherever expensive work follows.
     An already normalised model is returned as is when its opset suffices. Raises
-    ``AlreadyQuantizedError``, ``BranchFixError`` and ``OpsetUpgradeError`` (all ValueErrors)
+    ``AlreadyQuantizedError``, ``BranchFixError``, ``BatchNormFoldError`` and ``OpsetUpgradeError`` (all ValueErrors)
     with what is wrong.
     """
     if isinstance(model, NormalizedModel):
@@ -214,11 +247,14 @@ def normalize_model(
     promote = _constants_to_promote(fixed_model)
     dynamic = _non_positive_dims(fixed_model)
     foldable = foldable_weights(fixed_model)  # chains may end in Constant nodes: promotion keeps them foldable
-    if not fixed and not promote and not dynamic and not foldable and source_opset >= opset:
+    batchnorms = has_foldable_batchnorm(fixed_model, set(promote))
+    if not fixed and not promote and not dynamic and not foldable and not batchnorms and source_opset >= opset:
         return NormalizedModel(model, source_opset=source_opset, opset=source_opset)
     working = fixed_model if fixed else _copy(model)
     _promote_constants(working, promote)
     folded = fold_weights(working, foldable)
+    folded_batchnorms = fold_batchnorms(working)
+    batchnorm_check = _check_batchnorms(fixed_model, working, folded_batchnorms, samples, sample_axes)
     _clear_non_positive_dims(working)
     working, check = _upgrade(fixed_model, working, source_opset, opset, samples, sample_axes)
     return NormalizedModel(
@@ -231,6 +267,9 @@ def normalize_model(
         fixed,
         branch_check,
         tuple(folded),
+        tuple(weight for _, weight in folded_batchnorms),
+        batchnorm_check,
+        tuple(dict.fromkeys(op for op, _ in folded_batchnorms)),
     )
 
 
@@ -253,6 +292,9 @@ def _upgraded_further(
         normalized.fixed_branches,
         normalized.branch_check,
         normalized.folded_weights,
+        normalized.folded_batchnorms,
+        normalized.batchnorm_check,
+        normalized.folded_into,
     )
 
 
@@ -443,6 +485,26 @@ def check_upgrade(
     batch = _batch(original, samples, 0, UPGRADE_CHECK_SAMPLES, sample_axes)
     what = f"the model upgraded from opset {opsets[0]} to {opsets[1]}"
     return _compare(original, upgraded, [batch], what, OpsetUpgradeError, sample_axes)
+
+
+def _check_batchnorms(
+    original: onnx.ModelProto,
+    folded: onnx.ModelProto,
+    folds: Sequence[tuple[str, str]],
+    samples: Mapping[str, np.ndarray] | None,
+    sample_axes: Mapping[str, int | None] | None,
+) -> UpgradeCheck | None:
+    """The model with folded BatchNorms against the original on the first samples (the fold is
+    exact up to float rounding: W * s is rounded once instead of each output being scaled);
+    ``BatchNormFoldError`` when they differ. None when nothing was folded or no samples given."""
+    if not folds:
+        return None
+    if samples is None:
+        logger.info("%d BatchNormalization nodes folded without a check: no samples given", len(folds))
+        return None
+    batch = _batch(original, samples, 0, UPGRADE_CHECK_SAMPLES, sample_axes)
+    what = "the model with BatchNormalization folded into the layers before it"
+    return _compare(original, folded, [batch], what, BatchNormFoldError, sample_axes)
 
 
 def _check_branches(

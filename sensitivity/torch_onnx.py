@@ -19,9 +19,11 @@ program's layers the export has under no name of theirs.
 BatchNorm. The exporter's optimizer (onnxscript's ``fuse_batchnorm`` rewrite) folds an inference
 BatchNormalization into the Conv, ConvTranspose or Gemm before it: ``W·γ/√(σ²+ε)``, the bias likewise,
 the initializer keeping the parameter's name. torch's TorchScript exporter folds the same way in eval
-mode, so a network uploaded as ONNX by either exporter and as ``.pt2`` has the same layers, with the
-same folded weights and so the same traces (within their standard errors). The layer that is quantized
-is the folded weight, the one a runtime executes.
+mode, and normalisation folds a BatchNormalization an ONNX upload keeps after its layer (paddle2onnx,
+a TorchScript export in training mode: ``sensitivity.batchnorm``) the same way, so a network uploaded as
+ONNX, with BatchNorm folded or not, and as ``.pt2`` has the same layers, with the same folded weights
+and so the same traces (within their standard errors). The layer that is quantized is the folded
+weight, the one a runtime executes.
 """
 
 from __future__ import annotations

