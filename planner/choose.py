@@ -1,7 +1,7 @@
 """Choosing a configuration: the budgets, the pareto and bisection searches, and whether a point
 meets the constraints (step 3 of ``planner.plan``).
 
-``pareto`` builds the whole frontier (exact DP on Ω for ``hawq_v2``, the quadratic solver on ΔL for
+``pareto`` builds the whole frontier (exact DP on Ω for ``hawq_v2`` and ``fisher``, the quadratic solver on ΔL for
 ``interlayer``) and picks the best point within the budget; ``bisection`` demotes the least sensitive
 layers, measuring each step for real. Both measure through the ``Measurer`` and return the chosen
 point, the frontier and the search's details (``PlanRun.search``).
@@ -34,7 +34,7 @@ from planner.frontier import InfeasibleBudget, diagonal_frontier, solve_budget
 from planner.measure import Measurer
 from planner.objective import Objective
 from planner.quadratic import quadratic_frontier, solve_quadratic
-from planner.request import PlanRequest
+from planner.request import DIAGONAL_METHODS, PlanRequest
 from planner.result import Measurement, PlanPoint
 
 # Searches again when the chosen artifact is above max_size_bytes; the excess is the graph and Q/DQ
@@ -140,7 +140,7 @@ def _frontier_points(
 ) -> tuple[list[PlanPoint], dict[str, Any]]:
     """The (cost, predicted loss) frontier by increasing cost: exact DP on Ω, or the quadratic solver on ΔL."""
     kind = request.cost_kind
-    if request.method == "hawq_v2":
+    if request.diagonal:
         frontier = diagonal_frontier(objective, kind)
         configurations = [objective.configuration(point.choice) for point in frontier]
         details = {"solver": "diagonal-dp", "points": len(frontier)}
@@ -157,7 +157,7 @@ def _frontier_points(
 
 
 def _value(point: PlanPoint, method: str) -> float:
-    return point.omega if method == "hawq_v2" else point.loss_change
+    return point.omega if method in DIAGONAL_METHODS else point.loss_change
 
 
 def _best_within_budget(
@@ -168,7 +168,7 @@ def _best_within_budget(
     if budget is None:
         budget = float(sum(row.max() for row in objective.cost_table(kind)))
     try:
-        if request.method == "hawq_v2":
+        if request.diagonal:
             choice, details = solve_budget(objective, kind, budget).choice, {}
         else:
             result = solve_quadratic(objective, kind, budget, time_limit=request.solver_time_limit_s)
@@ -348,7 +348,7 @@ def bisection(
     if max_drop is None:  # PlanRequest refuses a bisection without it
         raise ValueError("bisection needs max_drop (percentage points)")
     low, high = bisection_candidates(objective, request)
-    ordering = "diagonal" if request.method == "hawq_v2" else "interlayer"
+    ordering = "diagonal" if request.diagonal else "interlayer"
     measurer.progress("search", 0.0, f"bisection: demoting {high} -> {low} ({ordering} order)")
     result = bisect(
         objective,

@@ -2,7 +2,7 @@
 objective built from them (steps 1 and 2 of ``planner.plan``).
 
 ``analyse`` runs the analysis the request's method needs (traces for ``hawq_v2``, inter-layer terms
-for ``interlayer``), or checks a given result; ``measured_activation_terms`` measures what 8-bit
+for ``interlayer``, Fisher terms for ``fisher``), or checks a given result; ``measured_activation_terms`` measures what 8-bit
 activations cost each layer; ``build_objective`` lays out Ω, g·Δ, G and the costs per layer ×
 candidate (``planner.objective``), each layer with the candidates it is offered (``planner.exclude``).
 """
@@ -28,7 +28,7 @@ from planner.objective import Objective
 from planner.request import PlanRequest
 from sensitivity.interlayer import perturbations, shrunk, shrunk_gradient_terms
 from sensitivity.normalize import NormalizedModel
-from sensitivity.results import InterLayerTerms, SensitivityResult
+from sensitivity.results import FisherTerms, InterLayerTerms, SensitivityResult
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,14 @@ def analyse(
         require(
             request.method != "interlayer" or given.interlayer is not None,
             "method 'interlayer' needs a sensitivity result with inter-layer terms (an InterLayerConfig analysis)",
+        )
+        require(
+            request.method != "fisher" or given.fisher is not None,
+            "method 'fisher' needs a sensitivity result with Fisher terms (a FisherConfig analysis)",
+        )
+        require(
+            request.method != "hawq_v2" or given.traces is not None,
+            "method 'hawq_v2' needs a sensitivity result with traces (a TraceConfig or InterLayerConfig analysis)",
         )
         return given
     from sensitivity.onnx_program import load_onnx
@@ -115,6 +123,7 @@ def build_objective(
     The terms come from the inter-layer analysis by the candidate's weight bits (fp32 -> 0).
     A result with traces only (a TraceConfig analysis) gives Ω from the traces and the ‖Δ‖²
     of ``model``'s weights, with g·Δ and G zero: enough for ``hawq_v2``, not for ``interlayer``.
+    A Fisher result (a FisherConfig analysis) gives Ω = Σ Fᵢᵢ Δᵢ² (``fisher_objective_terms``).
     ``activation`` (``planner.activation``): each layer's measured activation term, shrunk by its
     standard error like g·Δ, is added to l and (floored at 0) to Ω of the candidates that
     quantize activations. ``offered``: the candidates of each layer (``planner.exclude``: an
@@ -131,6 +140,8 @@ def build_objective(
     unoffered = sorted(set(layers) - set(names_of))
     require(not unoffered, f"offered names no candidates for layers {unoffered[:5]}")
     terms = sensitivity.interlayer
+    if terms is None and sensitivity.fisher is not None:
+        terms = fisher_objective_terms(sensitivity.fisher)
     if terms is None:
         terms = _trace_terms(sensitivity, candidates, model)
     index = terms.index()
@@ -170,6 +181,22 @@ def build_objective(
             "size": [[layer_size_bytes(table[layer], c) for c in names_of[layer]] for layer in layers],
             "bops": [[layer_bops(table[layer], c) for c in names_of[layer]] for layer in layers],
         },
+    )
+
+
+def fisher_objective_terms(fisher: FisherTerms) -> InterLayerTerms:
+    """Ωᵢ(b) = Σ Fᵢᵢ Δᵢ² = 2·ΔL(i, b), the empirical Fisher's diagonal in HAWQ-V2's convention (no ½,
+    so the search treats it as it treats Ω); g·Δ zero and G diagonal with Ω on it, so a point's
+    predicted ΔL (Σ g·Δ + ½ Σ G) is the Fisher's own Σ ½ Σ Fᵢᵢ Δᵢ²."""
+    labels = fisher.labels
+    omega = tuple(2.0 * change for change in fisher.loss_changes)
+    return InterLayerTerms(
+        labels=labels,
+        matrix=tuple(tuple(omega[a] if a == c else 0.0 for c in range(len(labels))) for a in range(len(labels))),
+        gradient_terms=tuple(0.0 for _ in labels),
+        delta_norms_squared=tuple(0.0 for _ in labels),
+        omega=omega,
+        symmetry_error=0.0,
     )
 
 

@@ -17,10 +17,13 @@ from planner.checks import require
 from planner.evaluate import METRICS
 from planner.exclude import check_exclude
 from sensitivity.checks import check_bool, check_choice, check_float, check_int, set_fields, shown
-from sensitivity.results import MAX_SEED, InterLayerConfig, TraceConfig, check_device
+from sensitivity.results import MAX_SEED, FisherConfig, InterLayerConfig, TraceConfig, check_device
 from sensitivity.samples import check_sample_axes
 
-METHODS = ("hawq_v2", "interlayer")
+METHODS = ("hawq_v2", "interlayer", "fisher")
+# The methods whose objective is diagonal (Ω per layer and candidate, no cross-layer term): searched
+# by the exact DP on Ω. fisher's Ωᵢ(c) is Σ Fᵢᵢ Δᵢ², twice its predicted loss change, as HAWQ-V2's Ω.
+DIAGONAL_METHODS = ("hawq_v2", "fisher")
 SEARCHES = ("pareto", "bisection")
 DEFAULT_CANDIDATES = ("fp32", "w8a8", "w4a8", "w8", "w4")
 BUDGET_FIELDS = ("max_size_bytes", "max_bops", "max_latency_ms")
@@ -61,7 +64,8 @@ MAX_CANDIDATE_NAME_LENGTH = 32
 class PlanRequest:
     """What to plan: method, search, candidates, constraints and measurement settings.
 
-    method: ``hawq_v2`` (diagonal Ω objective) or ``interlayer`` (ΔL = Σ g·Δ + ½ Σ G).
+    method: ``hawq_v2`` (diagonal Ω objective), ``interlayer`` (ΔL = Σ g·Δ + ½ Σ G) or ``fisher``
+    (diagonal Ω = Σ Fᵢᵢ Δᵢ² from the empirical Fisher, ``sensitivity.fisher``).
     search: ``pareto`` (whole frontier, best point within the budget) or ``bisection``
     (demotion order, measured; needs ``max_drop``). At most one budget among
     ``max_size_bytes``, ``max_bops`` and ``max_latency_ms``; ``max_drop`` (percentage points)
@@ -165,7 +169,12 @@ class PlanRequest:
     def constraints(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in (*BUDGET_FIELDS, "max_drop") if getattr(self, name) is not None}
 
-    def sensitivity_config(self) -> TraceConfig | InterLayerConfig:
+    @property
+    def diagonal(self) -> bool:
+        """Whether the method's objective is diagonal (searched on Ω)."""
+        return self.method in DIAGONAL_METHODS
+
+    def sensitivity_config(self) -> TraceConfig | InterLayerConfig | FisherConfig:
         """What the method needs: traces for ``hawq_v2`` (Ω comes from them), inter-layer terms for
         ``interlayer``. Computing the inter-layer terms for every plan took 529 of a 637 s hawq_v2 plan
         on a 224x224 classifier. The options are InterLayerConfig's either way (``trace_*`` names)."""
@@ -174,6 +183,8 @@ class PlanRequest:
             config = InterLayerConfig(**dict(self.sensitivity_options), bits=bits, seed=self.seed, device=self.device)
         except ValueError as error:
             raise ValueError(f"invalid sensitivity_options: {error}") from None
+        if self.method == "fisher":
+            return fisher_config(config)
         return config.trace_config() if self.method == "hawq_v2" else config
 
     def to_dict(self) -> dict[str, Any]:
@@ -193,6 +204,16 @@ class PlanRequest:
         unknown = sorted(str(key) for key in data if key not in known)  # non-str keys are unknown too
         require(not unknown, f"unknown plan request keys {shown(unknown)}; known: {sorted(known)}")
         return cls(**data)
+
+
+def fisher_config(config: InterLayerConfig) -> FisherConfig:
+    """The Fisher analysis with the inter-layer configuration's shared settings and bits (its
+    ``trace_*`` settings have nothing to bound there)."""
+    shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(FisherConfig)}
+    try:
+        return FisherConfig(**shared)
+    except ValueError as error:
+        raise ValueError(f"invalid sensitivity_options: {error}") from None
 
 
 def _optional(check: Callable[..., Any], name: str, value: Any, *bounds: Any, **options: Any) -> Any:

@@ -1,4 +1,5 @@
-"""Hessian sensitivity of quantizable layers: traces (HAWQ-V2), eigenvalues (HAWQ-V1), G.
+"""Hessian sensitivity of quantizable layers: traces (HAWQ-V2), eigenvalues (HAWQ-V1), G,
+the empirical Fisher.
 
 The one verb is ``compute_sensitivity(program, calibration, config)``; the configuration's
 type picks the analysis. See docs/sensitivity.md.
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
     from sensitivity.quantize import QuantizedWeight, quantize_weight
     from sensitivity.results import (
         EigenConfig,
+        FisherConfig,
+        FisherTerms,
         InterLayerConfig,
         InterLayerTerms,
         LayerEigen,
@@ -78,6 +81,8 @@ _EXPORTS = {
     "QuantizedWeight": "sensitivity.quantize",
     "quantize_weight": "sensitivity.quantize",
     "EigenConfig": "sensitivity.results",
+    "FisherConfig": "sensitivity.results",
+    "FisherTerms": "sensitivity.results",
     "InterLayerConfig": "sensitivity.results",
     "InterLayerTerms": "sensitivity.results",
     "LayerEigen": "sensitivity.results",
@@ -108,6 +113,8 @@ _EXPORTS = {
 __all__ = [
     "AlreadyQuantizedError",
     "EigenConfig",
+    "FisherConfig",
+    "FisherTerms",
     "InterLayerConfig",
     "InterLayerTerms",
     "Layer",

@@ -197,8 +197,27 @@ class InterLayerConfig(_AnalysisConfig):
         )
 
 
-Config = TraceConfig | EigenConfig | InterLayerConfig
-CONFIG_TYPES: dict[str, type] = {cls.__name__: cls for cls in (TraceConfig, EigenConfig, InterLayerConfig)}
+@dataclass(frozen=True)
+class FisherConfig(_AnalysisConfig):
+    """Empirical Fisher diagonal from per-sample gradients, and ΔL = ½ Σᵢ Fᵢᵢ Δᵢ² for each weight
+    bit width in ``bits`` (``sensitivity.fisher``). No probes: it runs a fixed number of backward
+    passes (one per calibration sample), so it has no tolerance and no time budget."""
+
+    bits: tuple[int, ...] = (8, 4)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        set_fields(self, bits=_check_bits(self.bits))
+        _require(
+            self.time_budget_s is None,
+            "time_budget_s bounds Hutchinson probes (hawq_v2, interlayer); fisher runs one gradient per sample",
+        )
+
+
+Config = TraceConfig | EigenConfig | InterLayerConfig | FisherConfig
+CONFIG_TYPES: dict[str, type] = {
+    cls.__name__: cls for cls in (TraceConfig, EigenConfig, InterLayerConfig, FisherConfig)
+}
 
 
 def config_from_dict(data: object) -> Config:
@@ -335,6 +354,50 @@ class InterLayerTerms:
 
 
 @dataclass(frozen=True)
+class FisherTerms:
+    """The empirical Fisher's predicted loss change per (layer, bits) (``sensitivity.fisher``).
+
+    ``loss_changes[a]`` = ½ Σᵢ Fᵢᵢ Δᵢ² for ``labels[a]`` = (layer, bits), the mean over the
+    calibration samples of ½ Σᵢ gₙ,ᵢ² Δᵢ²; ``standard_errors[a]`` its standard error (sample SD over
+    √N); ``fisher_traces[k]`` = Σᵢ Fᵢᵢ over layer ``layer_names[k]``; ``num_samples`` = N.
+    """
+
+    labels: tuple[tuple[str, int], ...]
+    loss_changes: tuple[float, ...]
+    standard_errors: tuple[float, ...]
+    layer_names: tuple[str, ...]
+    fisher_traces: tuple[float, ...]
+    num_samples: int
+
+    def index(self) -> dict[tuple[str, int], int]:
+        return {label: position for position, label in enumerate(self.labels)}
+
+    def loss_change(self, name: str, bits: int) -> float:
+        return self.loss_changes[self.index()[(name, bits)]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "labels": [[name, bits] for name, bits in self.labels],
+            "loss_changes": list(self.loss_changes),
+            "standard_errors": list(self.standard_errors),
+            "layer_names": list(self.layer_names),
+            "fisher_traces": list(self.fisher_traces),
+            "num_samples": self.num_samples,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FisherTerms:
+        return cls(
+            labels=tuple((str(name), int(bits)) for name, bits in data["labels"]),
+            loss_changes=tuple(float(x) for x in data["loss_changes"]),
+            standard_errors=tuple(float(x) for x in data["standard_errors"]),
+            layer_names=tuple(str(x) for x in data["layer_names"]),
+            fisher_traces=tuple(float(x) for x in data["fisher_traces"]),
+            num_samples=int(data["num_samples"]),
+        )
+
+
+@dataclass(frozen=True)
 class LayerInfo:
     """A layer as a result records it: its name (the weight initializer), and, shown beside it
     because exporters name weights anonymously (``onnx::MatMul_984``), its node's name and the
@@ -391,6 +454,7 @@ class SensitivityResult:
     traces: tuple[LayerTrace, ...] | None = None
     eigenvalues: tuple[LayerEigen, ...] | None = None
     interlayer: InterLayerTerms | None = None
+    fisher: FisherTerms | None = None
     timings: dict[str, float] = field(default_factory=dict)
     num_hvps: int = 0
     versions: dict[str, str] = field(default_factory=dict)
@@ -420,6 +484,7 @@ class SensitivityResult:
             "traces": _optional_list(self.traces),
             "eigenvalues": _optional_list(self.eigenvalues),
             "interlayer": None if self.interlayer is None else self.interlayer.to_dict(),
+            "fisher": None if self.fisher is None else self.fisher.to_dict(),
             "timings": dict(self.timings),
             "num_hvps": self.num_hvps,
             "seed": self.seed,
@@ -441,6 +506,7 @@ class SensitivityResult:
             traces=None if traces is None else tuple(LayerTrace.from_dict(item) for item in traces),
             eigenvalues=None if eigen is None else tuple(LayerEigen.from_dict(item) for item in eigen),
             interlayer=None if interlayer is None else InterLayerTerms.from_dict(interlayer),
+            fisher=None if data.get("fisher") is None else FisherTerms.from_dict(data["fisher"]),
             timings={str(k): float(v) for k, v in data.get("timings", {}).items()},
             num_hvps=int(data.get("num_hvps", 0)),
             versions={str(k): str(v) for k, v in data.get("versions", {}).items()},

@@ -2,7 +2,8 @@
 
 The configuration's type selects the analysis through a registry of handlers
 (``register_handler``), torchao style: TraceConfig -> Hutchinson traces, EigenConfig ->
-power-iteration eigenvalues, InterLayerConfig -> traces, g·Δ, G and Ω.
+power-iteration eigenvalues, InterLayerConfig -> traces, g·Δ, G and Ω,
+FisherConfig -> empirical Fisher diagonal and ½ Σ FΔ² per (layer, bits).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from sensitivity.budget import TIMED_REPEATS, PassPlan, fastest_of, plan_passes
 from sensitivity.eigen import top_eigenvalues
+from sensitivity.fisher import fisher_terms
 from sensitivity.hvp import HessianVectorProducts
 from sensitivity.interlayer import interlayer_terms
 from sensitivity.layers import QUANTIZABLE_OPS
@@ -25,6 +27,7 @@ from sensitivity.program import Program
 from sensitivity.results import (
     Config,
     EigenConfig,
+    FisherConfig,
     InterLayerConfig,
     LayerInfo,
     SensitivityResult,
@@ -115,6 +118,15 @@ def _interlayer(context: Context, config: InterLayerConfig) -> None:
         lambda: interlayer_terms(
             context.hvp, context.program.layers, config.bits, context.fields["traces"], progress=context.progress
         ),
+    )
+
+
+@register_handler(FisherConfig)
+def _fisher(context: Context, config: FisherConfig) -> None:
+    hvp = context.hvp
+    context.fields["fisher"] = context.timed(
+        "fisher",
+        lambda: fisher_terms(hvp, context.program.layers, config.bits, hvp.probes_per_pass, progress=context.progress),
     )
 
 

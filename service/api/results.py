@@ -24,10 +24,10 @@ STORED = ConfigDict(extra="allow")
 
 @with_config(STORED)
 class AnalysisConfig(TypedDict):
-    """The analysis's settings (``sensitivity.results.TraceConfig``, ``EigenConfig`` or ``InterLayerConfig``,
-    by ``type``); docs/sensitivity.md describes each."""
+    """The analysis's settings (``sensitivity.results.TraceConfig``, ``EigenConfig``, ``InterLayerConfig`` or
+    ``FisherConfig``, by ``type``); docs/sensitivity.md describes each."""
 
-    type: Literal["TraceConfig", "EigenConfig", "InterLayerConfig"]
+    type: Literal["TraceConfig", "EigenConfig", "InterLayerConfig", "FisherConfig"]
     seed: int
     batch_size: int
     device: str
@@ -40,7 +40,7 @@ class AnalysisConfig(TypedDict):
     min_probes: NotRequired[int]  # TraceConfig
     max_probes: NotRequired[int]  # TraceConfig
     max_iterations: NotRequired[int]  # EigenConfig
-    bits: NotRequired[list[int]]  # InterLayerConfig
+    bits: NotRequired[list[int]]  # InterLayerConfig, FisherConfig
     trace_tolerance: NotRequired[float]
     trace_min_probes: NotRequired[int]
     trace_max_probes: NotRequired[int]
@@ -96,6 +96,19 @@ class InterLayerTerms(TypedDict):
 
 
 @with_config(STORED)
+class FisherTerms(TypedDict):
+    """The empirical Fisher's predicted loss change ½ Σ Fᵢᵢ Δᵢ² by (layer, weight bits), with its standard error
+    over the calibration samples, and each layer's Fisher trace Σ Fᵢᵢ (docs/sensitivity.md)."""
+
+    labels: Annotated[list[tuple[str, int]], Field(description="[layer, weight bits] of each entry")]
+    loss_changes: Annotated[list[float], Field(description="½ Σ Fᵢᵢ Δᵢ², the mean over samples of ½ Σ gₙ,ᵢ² Δᵢ²")]
+    standard_errors: Annotated[list[float], Field(description="sample SD of the per-sample terms over √N")]
+    layer_names: list[str]
+    fisher_traces: Annotated[list[float], Field(description="Σ Fᵢᵢ over each layer of layer_names")]
+    num_samples: int
+
+
+@with_config(STORED)
 class SensitivityResult(TypedDict):
     """``sensitivity.results.SensitivityResult.to_dict()``: the fields an analysis does not compute are null."""
 
@@ -108,6 +121,7 @@ class SensitivityResult(TypedDict):
     traces: list[LayerTrace] | None
     eigenvalues: list[LayerEigen] | None
     interlayer: InterLayerTerms | None
+    fisher: NotRequired[FisherTerms | None]
     timings: Annotated[dict[str, float], Field(description="seconds per phase")]
     num_hvps: int
     seed: int

@@ -38,8 +38,8 @@ if TYPE_CHECKING:  # onnx and the libraries load when a command runs, not to bui
 
     Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]  # what add_subparsers() returns
 
-SENSITIVITY_METHODS = ("hawq_v1", "hawq_v2", "interlayer")
-PLAN_METHODS = ("hawq_v2", "interlayer")
+SENSITIVITY_METHODS = ("hawq_v1", "hawq_v2", "interlayer", "fisher")
+PLAN_METHODS = ("hawq_v2", "interlayer", "fisher")
 PLAN_METRICS = ("auto", "top1", "cosine", "neighbour_agreement", "step_agreement")  # planner.evaluate.METRICS
 DEFAULT_CANDIDATES = "fp32,w8a8,w4a8,w8,w4"
 # sensitivity.results' HVP_CHOICES and DEFAULT_MEMORY_BUDGET_MB, written out: the CLI does not
@@ -66,12 +66,13 @@ def _add_sensitivity(subparsers: Subcommands) -> None:
         "sensitivity",
         help="Hessian sensitivity of each layer (locally, or on a server with --server)",
         description="Compute per-layer Hessian traces (hawq_v2), top eigenvalues (hawq_v1) or the "
-        "inter-layer terms g·Δ, G and Ω (interlayer) of a model on a calibration set.",
+        "inter-layer terms g·Δ, G and Ω (interlayer), or the empirical Fisher's ½ Σ F Δ² per layer and "
+        "bit width (fisher) of a model on a calibration set.",
     )
     command.add_argument("model", metavar="MODEL", help="ONNX model (.onnx) or torch.export archive (.pt2)")
     command.add_argument("--data", required=True, metavar="CALIB.npz", help=DATA_HELP)
     command.add_argument("--method", choices=SENSITIVITY_METHODS, default="hawq_v2")
-    command.add_argument("--bits", default="8,4", help="weight bit widths for interlayer (default 8,4)")
+    command.add_argument("--bits", default="8,4", help="weight bit widths for interlayer and fisher (default 8,4)")
     command.add_argument("--max-probes", type=int, help="Hutchinson probes (power iterations for hawq_v1) at most")
     command.add_argument("--tol", type=float, help="relative standard error (hawq_v1: relative change) to stop at")
     command.add_argument("--seed", type=int, default=0)
@@ -135,7 +136,8 @@ def _add_plan(subparsers: Subcommands) -> None:
         choices=PLAN_METHODS,
         default="hawq_v2",
         help="hawq_v2: diagonal Ω; interlayer: gradient and cross-layer terms (calibrate it on "
-        "data the model was not trained on: docs/search.md)",
+        "data the model was not trained on: docs/search.md); fisher: diagonal, Ω = Σ F Δ² from the "
+        "empirical Fisher (needs labels or a classifier's logits)",
     )
     command.add_argument("--search", choices=("pareto", "bisection"), default="pareto")
     command.add_argument("--candidates", default=DEFAULT_CANDIDATES, help=f"comma-separated ({DEFAULT_CANDIDATES})")

@@ -37,7 +37,7 @@ def parse_bits(text: str) -> tuple[int, ...]:
 
 def sensitivity_options(args: argparse.Namespace) -> dict[str, Any]:
     """The analysis configuration's keyword arguments the options ask for (``sensitivity.results``'
-    ``EigenConfig`` for hawq_v1, ``TraceConfig`` for hawq_v2, ``InterLayerConfig`` for interlayer),
+    ``EigenConfig`` for hawq_v1, ``TraceConfig`` for hawq_v2, ``InterLayerConfig`` for interlayer, ``FisherConfig`` for fisher),
     without importing the library: the remote command sends them as the request's options."""
     shared = {
         "seed": args.seed,
@@ -48,6 +48,10 @@ def sensitivity_options(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.method == "hawq_v1":
         return {**shared, **_optional(tolerance=args.tol, max_iterations=args.max_probes)}
+    if args.method == "fisher":  # one gradient per sample: no probes, no tolerance
+        if args.tol is not None or args.max_probes is not None:
+            raise BadInput("--tol and --max-probes bound probes; fisher takes one gradient per sample and has none")
+        return {**shared, "bits": parse_bits(args.bits)}
     probes = _probe_options(args.max_probes)
     if args.method == "hawq_v2":
         return {**shared, **_optional(tolerance=args.tol), **probes}
@@ -61,10 +65,15 @@ def sensitivity_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def sensitivity_config(args: argparse.Namespace) -> Config:
     """The analysis configuration the options ask for (BadInput when they are invalid)."""
-    from sensitivity.results import EigenConfig, InterLayerConfig, TraceConfig
+    from sensitivity.results import EigenConfig, FisherConfig, InterLayerConfig, TraceConfig
 
     options = sensitivity_options(args)
-    kinds: dict[str, type[Config]] = {"hawq_v1": EigenConfig, "hawq_v2": TraceConfig, "interlayer": InterLayerConfig}
+    kinds: dict[str, type[Config]] = {
+        "hawq_v1": EigenConfig,
+        "hawq_v2": TraceConfig,
+        "interlayer": InterLayerConfig,
+        "fisher": FisherConfig,
+    }
     kind = kinds[args.method]
     try:
         return kind(**options)

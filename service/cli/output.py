@@ -139,6 +139,8 @@ def sensitivity_document(method: str, result: Mapping[str, Any]) -> dict[str, An
             "G": [list(row) for row in terms["matrix"]],
             "symmetry_error": terms["symmetry_error"],
         }
+    if (fisher := result.get("fisher")) is not None:
+        document["fisher"] = fisher_document(fisher)
     document["timing"] = {
         **{f"{phase}_s": seconds for phase, seconds in (result.get("timings") or {}).items()},
         "hvps": result.get("num_hvps", 0),
@@ -149,6 +151,35 @@ def sensitivity_document(method: str, result: Mapping[str, Any]) -> dict[str, An
     document["normalization"] = dict(result.get("normalization") or {})
     document["execution"] = dict(result.get("execution") or {})
     return document
+
+
+def fisher_document(terms: Mapping[str, Any]) -> dict[str, Any]:
+    """The empirical Fisher's part of the document: ½ Σ Fᵢᵢ Δᵢ² and its standard error per (layer, bits),
+    and each layer's Fisher trace Σ Fᵢᵢ."""
+    labels = [(name, bits) for name, bits in terms["labels"]]
+    return {
+        "bits": sorted({bits for _, bits in labels}, reverse=True),
+        "labels": [[name, bits] for name, bits in labels],
+        "loss_change": list(terms["loss_changes"]),
+        "stderr": list(terms["standard_errors"]),
+        "fisher_trace": dict(zip(terms["layer_names"], terms["fisher_traces"])),
+        "samples": terms["num_samples"],
+    }
+
+
+def fisher_table(fisher: Mapping[str, Any]) -> list[str]:
+    """One line per layer: the predicted loss change ± its standard error at each bit width."""
+    bits = fisher["bits"]
+    values = {
+        (name, b): (change, error)
+        for (name, b), change, error in zip(fisher["labels"], fisher["loss_change"], fisher["stderr"])
+    }
+    header = f"{'layer':<32} " + " ".join(f"{f'ΔL at {b} bits':>22}" for b in bits)
+    lines = [f"empirical Fisher, {fisher['samples']} samples: ½ Σ F Δ² ± standard error", header, "-" * len(header)]
+    for name in fisher["fisher_trace"]:
+        cells = [f"{values[(name, b)][0]:>11.4g} ± {values[(name, b)][1]:<8.2g}" for b in bits]
+        lines.append(f"{name:<32} " + " ".join(cells))
+    return lines
 
 
 def sensitivity_table(document: Mapping[str, Any]) -> str:
@@ -172,6 +203,8 @@ def sensitivity_table(document: Mapping[str, Any]) -> str:
         if with_eigen:
             line += f" {row.get('eigenvalue', float('nan')):>12.4g}"
         lines.append(line)
+    if (fisher := document.get("fisher")) is not None:
+        lines += fisher_table(fisher)
     timing = document["timing"]
     seconds = timing.get("total_s", 0.0)
     lines.append(f"{timing['hvps']} Hessian-vector products in {seconds:.2f} s on {timing['device']}")

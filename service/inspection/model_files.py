@@ -18,7 +18,12 @@ PT2_SAMPLE_AXES = "sample_axes applies to ONNX models; a torch.export archive ta
 # Part of a .pt2's sensitivity cache key: its results are computed on its ONNX export (``load_model``),
 # so a result stored from the torch program itself (before the export, BatchNorm unfolded) is not reused.
 PT2_PROGRAM = {"torch_export": "onnx_export"}
-SENSITIVITY_METHODS = {"hawq_v2": "TraceConfig", "hawq_v1": "EigenConfig", "interlayer": "InterLayerConfig"}
+SENSITIVITY_METHODS = {
+    "hawq_v2": "TraceConfig",
+    "hawq_v1": "EigenConfig",
+    "interlayer": "InterLayerConfig",
+    "fisher": "FisherConfig",
+}
 
 
 def load_program(

@@ -12,6 +12,8 @@ import sensitivity
 PUBLIC_NAMES = [
     "AlreadyQuantizedError",
     "EigenConfig",
+    "FisherConfig",
+    "FisherTerms",
     "InterLayerConfig",
     "InterLayerTerms",
     "Layer",

@@ -656,3 +656,77 @@ def test_a_pt2_plans_like_an_onnx_model(pt2_files, archive, search, batch):
     accuracy = _artifact_accuracy(pt2_files / f"{archive}.onnx", evaluation["x"], evaluation["labels"], batch)
     assert plan["measured"]["metric_name"] == "top1_accuracy"
     assert accuracy == pytest.approx(plan["measured"]["metric"], abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def digits_cli_files(tmp_path_factory):
+    """The trained digits CNN (tests/models.py) with labelled calibration and evaluation sets."""
+    from tests.models import trained_digits_onnx
+
+    root = tmp_path_factory.mktemp("digits")
+    proto, _, data = trained_digits_onnx()
+    onnx.save(proto, root / "model.onnx")
+    np.savez(root / "calib.npz", input=data.train_x[:256], labels=data.train_y[:256].astype(np.int64))
+    np.savez(root / "eval.npz", input=data.test_x, labels=data.test_y.astype(np.int64))
+    return root
+
+
+def test_fisher_sensitivity_on_the_digits_cnn(digits_cli_files, capsys, monkeypatch):
+    monkeypatch.chdir(digits_cli_files)
+    options = ("--method", "fisher", "--bits", "8,4", "--device", "cpu", "--no-cache")
+    status, out, err = call_mpq("sensitivity", "model.onnx", "--data", "calib.npz", *options, "--json", capsys=capsys)
+    assert status == 0, err
+    document = json.loads(out)
+    fisher = document["fisher"]
+    layers = [layer["name"] for layer in document["layers"]]
+    assert document["method"] == "fisher" and document["loss_kind"] == "cross_entropy"
+    assert fisher["bits"] == [8, 4] and fisher["samples"] == 256 and list(fisher["fisher_trace"]) == layers
+    assert [tuple(label) for label in fisher["labels"]] == [(name, b) for name in layers for b in (8, 4)]
+    changes = dict(zip(map(tuple, fisher["labels"]), fisher["loss_change"]))
+    assert all(0 < error < change for change, error in zip(fisher["loss_change"], fisher["stderr"]))
+    assert all(changes[(name, 4)] > changes[(name, 8)] for name in layers)  # 4 bits perturb more than 8
+    assert document["timing"]["hvps"] == 0
+    status, table, err = call_mpq("sensitivity", "model.onnx", "--data", "calib.npz", *options, capsys=capsys)
+    assert status == 0 and "empirical Fisher, 256 samples" in table and "ΔL at 4 bits" in table
+    status, _, err = call_mpq(
+        "sensitivity", "model.onnx", "--data", "calib.npz", *options, "--tol", "0.1", capsys=capsys
+    )
+    assert status == 2 and "fisher takes one gradient per sample" in err
+
+
+@pytest.mark.slow
+def test_fisher_plan_on_the_digits_cnn_meets_its_budget(digits_cli_files, capsys, monkeypatch):
+    monkeypatch.chdir(digits_cli_files)
+    budget_mb = 0.03  # 31457 bytes: the float CNN's 85 kB weights cannot stay fp32
+    status, out, err = call_mpq(
+        "plan",
+        "model.onnx",
+        "--data",
+        "calib.npz",
+        "--eval-data",
+        "eval.npz",
+        "--method",
+        "fisher",
+        "--candidates",
+        "fp32,w8,w4",
+        "--max-size-mb",
+        str(budget_mb),
+        "--max-frontier-points",
+        "2",
+        "--device",
+        "cpu",
+        "--no-cache",
+        "--out",
+        "fisher.onnx",
+        "--json",
+        capsys=capsys,
+    )
+    assert status == 0, err
+    document = json.loads(out)
+    plan = document["plan"]
+    assert document["request"]["method"] == "fisher"
+    assert plan["measured"]["size_bytes"] <= budget_mb * 2**20 and plan["predicted"]["size_bytes"] <= budget_mb * 2**20
+    assert set(plan["layers"].values()) != {"fp32"}
+    # Ω is Σ Fᵢᵢ Δᵢ² (HAWQ-V2's convention, no ½) and the predicted ΔL the Fisher's ½ Σ Fᵢᵢ Δᵢ²
+    assert plan["predicted"]["omega"] > 0
+    assert plan["predicted"]["loss_change"] == pytest.approx(plan["predicted"]["omega"] / 2, rel=1e-9)

@@ -239,6 +239,50 @@ def test_a_real_plan_and_its_sensitivity_match_the_schema(client, app, digits_fi
 
 
 @pytest.mark.slow
+@sqlite_only
+def test_a_fisher_sensitivity_and_plan_match_the_schema(client, app, digits_files):
+    """--method fisher through the API on the embedded executor: the sensitivity job's result (typed
+    FisherTerms) and a fisher plan within its size budget validate against the documented schemas."""
+    model_bytes, calib, evaluation, _ = digits_files
+    model_id, calib_id = uploaded(client, model_bytes, calib)
+    eval_id = upload(client, "/v1/datasets", evaluation).json()["id"]
+    document = app.openapi()
+    body = {"model_id": model_id, "dataset_id": calib_id, "method": "fisher", "options": {"bits": [8, 4]}}
+    submitted = client.post("/v1/sensitivity", json=body)
+    assert_documented(document, "/v1/sensitivity", "post", submitted)
+    job = wait_for(client, submitted.json()["id"], timeout=300)
+    assert job["status"] == "succeeded", (job["error"], (job["log_tail"] or "")[-2000:])
+    response = client.get(f"/v1/sensitivity/{job['result']['sensitivity_result_id']}")
+    assert_documented(document, "/v1/sensitivity/{result_id}", "get", response)
+    stored = response.json()
+    fisher = stored["result"]["fisher"]
+    assert stored["method"] == "fisher" and stored["result"]["config"]["type"] == "FisherConfig"
+    assert stored["result"]["traces"] is None and fisher["num_samples"] == 256
+    assert len(fisher["labels"]) == 2 * len(fisher["layer_names"]) == len(fisher["standard_errors"])
+    assert all(0 < error < change for change, error in zip(fisher["loss_changes"], fisher["standard_errors"]))
+
+    budget = len(model_bytes) // 3
+    plan_body = {
+        "model_id": model_id,
+        "calibration_dataset_id": calib_id,
+        "evaluation_dataset_id": eval_id,
+        "method": "fisher",
+        "candidates": ["fp32", "w8", "w4"],
+        "constraints": {"max_size_bytes": budget},
+    }
+    submitted = client.post("/v1/plans", json=plan_body)
+    assert submitted.status_code == 202, submitted.text
+    job = wait_for(client, submitted.json()["id"], timeout=300)
+    assert job["status"] == "succeeded", (job["error"], (job["log_tail"] or "")[-2000:])
+    # the plan reused the fisher result the sensitivity job stored (same model, data and settings)
+    assert job["result"]["sensitivity_result_id"] == stored["id"]
+    plan = client.get(f"/v1/plans/{job['result']['plan_id']}")
+    assert_documented(document, "/v1/plans/{plan_id}", "get", plan)
+    assert plan.json()["request"]["method"] == "fisher" and plan.json()["measured"]["size_bytes"] <= budget
+    assert plan.json()["predicted"]["omega"] > 0
+
+
+@pytest.mark.slow
 def test_stored_documents_of_every_shape_match_the_schema(client, app):
     """The dashboard's rows: HAWQ-V1 eigenvalues, an older plan with only some parts of its result,
     and a frontier point never measured ({}); served as stored, absent keys absent."""
