@@ -482,7 +482,7 @@ def check_upgrade(
     sample_axes: Mapping[str, int | None] | None = None,
 ) -> UpgradeCheck:
     """Run both models in onnxruntime on the first samples; ``OpsetUpgradeError`` when they differ."""
-    batch = _batch(original, samples, 0, UPGRADE_CHECK_SAMPLES, sample_axes)
+    batch = sample_batch(original, samples, 0, UPGRADE_CHECK_SAMPLES, sample_axes)
     what = f"the model upgraded from opset {opsets[0]} to {opsets[1]}"
     return _compare(original, upgraded, [batch], what, OpsetUpgradeError, sample_axes)
 
@@ -502,7 +502,7 @@ def _check_batchnorms(
     if samples is None:
         logger.info("%d BatchNormalization nodes folded without a check: no samples given", len(folds))
         return None
-    batch = _batch(original, samples, 0, UPGRADE_CHECK_SAMPLES, sample_axes)
+    batch = sample_batch(original, samples, 0, UPGRADE_CHECK_SAMPLES, sample_axes)
     what = "the model with BatchNormalization folded into the layers before it"
     return _compare(original, folded, [batch], what, BatchNormFoldError, sample_axes)
 
@@ -515,9 +515,9 @@ def _check_branches(
 ) -> UpgradeCheck:
     """The model with fixed branches against the original, on the first samples and (dynamic
     batch) the first sample alone; ``BranchFixError`` when they differ."""
-    batches = [_batch(original, samples, 0, UPGRADE_CHECK_SAMPLES, sample_axes)]
+    batches = [sample_batch(original, samples, 0, UPGRADE_CHECK_SAMPLES, sample_axes)]
     if fixed_batch_size(original, sample_axes) is None and _count(original, samples, sample_axes) > 1:
-        batches.append(_batch(original, samples, 0, 1, sample_axes))
+        batches.append(sample_batch(original, samples, 0, 1, sample_axes))
     return _compare(
         original,
         fixed,
@@ -538,18 +538,35 @@ def _compare(
 ) -> UpgradeCheck:
     worst_abs, worst_rel = 0.0, 0.0
     for feeds in batches:
-        before = _run(original, feeds, "the model", error)
-        after = _run(changed, feeds, what, error)
-        for index, (a, b) in enumerate(zip(before, after, strict=True)):
-            difference, scale = _difference(a, b)
-            if difference > UPGRADE_RTOL * scale + UPGRADE_ATOL:
-                raise error(
-                    f"{what} computes different outputs (output {index}: max |difference| {difference:.3g} on "
-                    f"values up to {scale:.3g}, more than {UPGRADE_RTOL:g} relative); it cannot be used"
-                )
-            worst_abs = max(worst_abs, difference)
-            worst_rel = max(worst_rel, difference / scale if scale else 0.0)
+        before = run_model(original, feeds, "the model", error)
+        after = run_model(changed, feeds, what, error)
+        batch_abs, batch_rel = compare_outputs(before, after, what, error, UPGRADE_RTOL, UPGRADE_ATOL)
+        worst_abs, worst_rel = max(worst_abs, batch_abs), max(worst_rel, batch_rel)
     return UpgradeCheck(_count(original, batches[0], sample_axes) if batches[0] else 0, worst_abs, worst_rel)
+
+
+def compare_outputs(
+    reference: Sequence[np.ndarray],
+    actual: Sequence[np.ndarray],
+    what: str,
+    error: type[ValueError],
+    rtol: float,
+    atol: float,
+) -> tuple[float, float]:
+    """(max |difference|, max relative difference) of ``actual`` against ``reference``, output by output;
+    ``error`` naming ``what`` and the output when one differs by more than ``rtol`` of its values' scale
+    plus ``atol`` (a changed model, or an export, that cannot be used)."""
+    worst_abs, worst_rel = 0.0, 0.0
+    for index, (a, b) in enumerate(zip(reference, actual, strict=True)):
+        difference, scale = _difference(a, b)
+        if difference > rtol * scale + atol:
+            raise error(
+                f"{what} computes different outputs (output {index}: max |difference| {difference:.3g} on "
+                f"values up to {scale:.3g}, more than {rtol:g} relative); it cannot be used"
+            )
+        worst_abs = max(worst_abs, difference)
+        worst_rel = max(worst_rel, difference / scale if scale else 0.0)
+    return worst_abs, worst_rel
 
 
 def _difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
@@ -573,8 +590,8 @@ def _condition_batches(
     fixed = fixed_batch_size(model, sample_axes)
     total = min(_count(model, samples, sample_axes), BRANCH_CONDITION_SAMPLES)
     size = fixed or CONDITION_BATCH
-    batches = [_batch(model, samples, start, start + size, sample_axes) for start in range(0, total, size)]
-    return batches + ([_batch(model, samples, 0, 1, sample_axes)] if fixed is None and total > 1 else [])
+    batches = [sample_batch(model, samples, start, start + size, sample_axes) for start in range(0, total, size)]
+    return batches + ([sample_batch(model, samples, 0, 1, sample_axes)] if fixed is None and total > 1 else [])
 
 
 def _model_inputs(model: onnx.ModelProto, samples: Mapping[str, np.ndarray]) -> list[str]:
@@ -598,7 +615,7 @@ def _count(
     return sample_count(feeds, input_sample_axes(model, sample_axes)) if feeds else 0
 
 
-def _batch(
+def sample_batch(
     model: onnx.ModelProto,
     samples: Mapping[str, np.ndarray],
     start: int,
@@ -618,9 +635,11 @@ def _batch(
     return take_samples(feeds, padded_rows(start, stop, fixed), input_sample_axes(model, sample_axes))
 
 
-def _run(
+def run_model(
     model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], what: str, error: type[ValueError] = OpsetUpgradeError
 ) -> list[np.ndarray]:
+    """``model``'s outputs on ``feeds`` in onnxruntime, graph optimisations off; ``error`` naming ``what``
+    when onnxruntime refuses the model or the feeds."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()

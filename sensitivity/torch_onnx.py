@@ -39,7 +39,7 @@ import numpy as np
 import onnx
 
 from sensitivity.layers import find_layers
-from sensitivity.normalize import UPGRADE_CHECK_SAMPLES, UpgradeCheck, _batch, _difference, _run
+from sensitivity.normalize import UPGRADE_CHECK_SAMPLES, UpgradeCheck, compare_outputs, run_model, sample_batch
 
 if TYPE_CHECKING:
     import torch
@@ -193,7 +193,7 @@ def _check(
     """The export against the torch program on the first samples (a fixed-batch export on exactly its batch)."""
     import torch
 
-    feeds = _batch(model, samples, 0, EXPORT_CHECK_SAMPLES, None)
+    feeds = sample_batch(model, samples, 0, EXPORT_CHECK_SAMPLES, None)
     names = [value.name for value in model.graph.input]
     try:
         with torch.no_grad():
@@ -201,17 +201,9 @@ def _check(
     except Exception as error:  # arrays the program does not take (shape, dtype): named by torch
         raise TorchExportError(f"the torch program does not run on the given samples: {_first_line(error)}") from None
     reference = [_numpy(value) for value in (expected if isinstance(expected, (list, tuple)) else [expected])]
-    actual = _run(model, feeds, "the ONNX export of the torch program", TorchExportError)
-    worst_abs, worst_rel = 0.0, 0.0
-    for index, (a, b) in enumerate(zip(reference, actual, strict=True)):
-        difference, scale = _difference(a, b)
-        if difference > EXPORT_RTOL * scale + EXPORT_ATOL:
-            raise TorchExportError(
-                f"the ONNX export of the torch program computes different outputs (output {index}: max "
-                f"|difference| {difference:.3g} on values up to {scale:.3g}, more than {EXPORT_RTOL:g} relative)"
-            )
-        worst_abs = max(worst_abs, difference)
-        worst_rel = max(worst_rel, difference / scale if scale else 0.0)
+    actual = run_model(model, feeds, "the ONNX export of the torch program", TorchExportError)
+    what = "the ONNX export of the torch program"
+    worst_abs, worst_rel = compare_outputs(reference, actual, what, TorchExportError, EXPORT_RTOL, EXPORT_ATOL)
     count = next(iter(feeds.values())).shape[0] if feeds else 0
     return UpgradeCheck(count, worst_abs, worst_rel, EXPORT_RTOL)
 

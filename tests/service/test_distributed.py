@@ -119,23 +119,31 @@ def test_two_workers_share_the_queue_and_survive_a_kill(cluster):
         assert outputs.shape == (4, 3)
 
         # kill -9 the worker (and with it its job process) in the middle of a job
-        mlp = http_upload(client, "/v1/models", mlp_onnx_model(width=384).SerializeToString())
-        mlp_data = http_upload(client, "/v1/datasets", npz_bytes(x=rng.standard_normal((256, 256)).astype(np.float32)))
-        long_job = client.post(
-            "/v1/sensitivity",
-            json={
-                "model_id": mlp,
-                "dataset_id": mlp_data,
-                "options": {"tolerance": 1e-9, "min_probes": 60, "max_probes": 60},
-            },
-        ).json()["id"]
-        running = http_job(client, long_job, statuses=("running",), timeout=60)
-        job_pid = int(running["worker_id"].rsplit(":", 1)[1])
-        supervisor = next(p for p in processes[1:] if job_pid in _children(p.pid))
+        long_job, running, _job_pid, supervisor = _long_job_running(client, processes, rng)
         os.killpg(supervisor.pid, signal.SIGKILL)
         final = http_job(client, long_job, timeout=240)
         assert final["status"] == "succeeded", final
         assert final["attempts"] == 2 and final["worker_id"] != running["worker_id"]
+
+
+def _long_job_running(
+    client: httpx.Client, processes: list[subprocess.Popen], rng: np.random.Generator
+) -> tuple[str, dict, int, subprocess.Popen]:
+    """A sensitivity job of minutes, once running: its id, its record, its process id and the worker
+    process (of ``processes``) it runs under."""
+    mlp = http_upload(client, "/v1/models", mlp_onnx_model(width=384).SerializeToString())
+    mlp_data = http_upload(client, "/v1/datasets", npz_bytes(x=rng.standard_normal((256, 256)).astype(np.float32)))
+    long_job = client.post(
+        "/v1/sensitivity",
+        json={
+            "model_id": mlp,
+            "dataset_id": mlp_data,
+            "options": {"tolerance": 1e-9, "min_probes": 60, "max_probes": 60},
+        },
+    ).json()["id"]
+    running = http_job(client, long_job, statuses=("running",), timeout=60)
+    job_pid = int(running["worker_id"].rsplit(":", 1)[1])
+    return long_job, running, job_pid, next(p for p in processes[1:] if job_pid in _children(p.pid))
 
 
 def _children(pid: int) -> set[int]:
@@ -177,19 +185,7 @@ def test_a_worker_stopped_by_sigterm_requeues_its_job_for_the_other_worker(clust
     url, processes = cluster
     rng = np.random.default_rng(0)
     with httpx.Client(base_url=url, timeout=60) as client:
-        mlp = http_upload(client, "/v1/models", mlp_onnx_model(width=384).SerializeToString())
-        mlp_data = http_upload(client, "/v1/datasets", npz_bytes(x=rng.standard_normal((256, 256)).astype(np.float32)))
-        long_job = client.post(
-            "/v1/sensitivity",
-            json={
-                "model_id": mlp,
-                "dataset_id": mlp_data,
-                "options": {"tolerance": 1e-9, "min_probes": 60, "max_probes": 60},
-            },
-        ).json()["id"]
-        running = http_job(client, long_job, statuses=("running",), timeout=60)
-        job_pid = int(running["worker_id"].rsplit(":", 1)[1])
-        worker = next(p for p in processes[1:] if job_pid in _children(p.pid))
+        long_job, running, job_pid, worker = _long_job_running(client, processes, rng)
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(timeout=60) == 143
         wait_until(lambda: not psutil.pid_exists(job_pid), 10, "the job process outlived its worker")
