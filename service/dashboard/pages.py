@@ -689,11 +689,12 @@ def point_fragment(request: Request, plan_id: str, index: PointIndex) -> Respons
     """The per-layer detail of one frontier point, as an HTML fragment the plan page swaps in."""
     db = _db(request)
     plan = db.get(Plan, plan_id)
-    point = db.frontier_point(plan_id, index) if plan else None
-    model = db.get(Model, plan.model_id) if plan else None
+    rows = db.frontier(plan_id) if plan else []  # all of them: the page's units are chosen over every point
+    point = next((row for row in rows if row.index == index), None)
     if plan is None or point is None:
         return not_found(request, f"frontier point {index} of plan {plan_id!r}")
-    points = [point_view(p, plan) for p in db.frontier(plan.id)]
+    model = db.get(Model, plan.model_id)
+    points = [point_view(row, plan) for row in rows]
     units = plan_units(plan, points + uniform_baselines(plan, points))
     return render(request, "_point_detail.html", detail=_point_detail(plan, model, point, units))
 
