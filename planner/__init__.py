@@ -31,7 +31,7 @@ from planner.evaluate import Evaluation, evaluate
 from planner.exclude import Exclusion, LayerCandidates, layer_candidates, match_patterns
 from planner.export import ExportedModel, ExportError, check_inputs, export_model, read_plan
 from planner.frontier import Frontier, InfeasibleBudget, diagonal_frontier, solve_budget
-from planner.latency import LatencyMeasurement, measure_latency
+from planner.latency import LatencyMeasurement, RelativeLatency, compare_latency, measure_latency
 from planner.objective import Objective
 from planner.plan import normalize_for_plan, plan, plan_module
 from planner.predict import build_objective
@@ -64,10 +64,12 @@ __all__ = [
     "PlanResult",
     "PlanRun",
     "QuadraticResult",
+    "RelativeLatency",
     "ShapesUnknown",
     "bisect",
     "build_objective",
     "check_inputs",
+    "compare_latency",
     "configuration_cost",
     "demotion_order",
     "diagonal_frontier",

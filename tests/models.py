@@ -125,6 +125,29 @@ def mlp_onnx_model(inputs: int = 256, width: int = 1024, classes: int = 10, seed
     return model
 
 
+def matmul_chain_model(depth: int, width: int = 256, seed: int = 0) -> onnx.ModelProto:
+    """``depth`` MatMul-Relu steps on x [batch, width]: the same graph does ``depth`` times the work
+    of one step (latency comparisons need models whose order of speed is known)."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, current = [], [], "x"
+    for index in range(depth):
+        weight = f"w{index}"
+        inits.append(numpy_helper.from_array((rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32), weight))
+        nodes.append(helper.make_node("MatMul", [current, weight], [f"m{index}"]))
+        nodes.append(helper.make_node("Relu", [f"m{index}"], [f"r{index}"]))
+        current = f"r{index}"
+    graph = helper.make_graph(
+        nodes,
+        "matmul_chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info(current, TensorProto.FLOAT, ["batch", width])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
 def npz_bytes(**arrays: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)  # type: ignore[arg-type]  # numpy's stub reads a ** dict as allow_pickle
