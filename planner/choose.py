@@ -15,7 +15,10 @@ when the chosen one is larger, the budget shrinks by the measured excess and the
 again (``SIZE_RETRIES``), and ``meets_constraints`` reads the measured size where there is one. ``max_latency_ms`` cannot be predicted per layer cheaply (a per-layer
 latency table would need one measured export per layer and candidate, and latency is not
 additive across QDQ boundaries), so frontier points are measured and the measured ones are
-compared with it (see ``_within_latency``).
+compared with it (see ``within_latency``). Each measured latency is timed interleaved with the
+float model in one run (``Measurer``, ``planner.latency.compare_latency``); the budget stays in ms,
+and with it a configuration measured slower than the float model (ratio > 1 + its spread) is never
+chosen.
 """
 
 from __future__ import annotations
@@ -219,7 +222,7 @@ def _chosen_among_measured(
     """``best``, unless max_drop or a latency budget is set: then the best measured point meeting them
     (how it was chosen goes into ``details``)."""
     if request.max_latency_ms is not None:
-        measured = _within_latency(measured, request.max_latency_ms)
+        measured = within_latency(measured, request.max_latency_ms)
     if request.max_drop is not None:
         details["chosen_by"] = "cheapest measured point within max_drop"
         return _choose_by_drop(measured, request, request.max_drop)
@@ -293,20 +296,46 @@ def _median_latency_ms(point: PlanPoint) -> float:
     return latency.p50_ms
 
 
-def _within_latency(measured: Sequence[PlanPoint], max_latency_ms: float) -> list[PlanPoint]:
+def _ratio(point: PlanPoint) -> float:
+    """The point's latency relative to the float model timed in the same run (its p50 over the
+    float p50 for a measurement without one: never from the Measurer, which always times both)."""
+    measured = _measurement(point)
+    if measured.ratio_to_float is not None:
+        return measured.ratio_to_float
+    if measured.float_p50_ms:
+        return _median_latency_ms(point) / measured.float_p50_ms
+    raise RuntimeError("the searches measure latency against the float model with every point; this one has none")
+
+
+def within_latency(measured: Sequence[PlanPoint], max_latency_ms: float) -> list[PlanPoint]:
     """Latency is measured, not predicted: the measured frontier points (BOPS frontier) whose
-    measured median latency (robust to scheduling noise, unlike the mean) is within the budget."""
+    measured median latency (robust to scheduling noise, unlike the mean; timed interleaved with
+    the float model) is within the budget, less those measured slower than the float model
+    (ratio > 1 + its spread): with latency the objective, quantizing must not make it slower (w8
+    measured 1.3-1.5x float on every CNN measured, issue 13)."""
     fast = [p for p in measured if _median_latency_ms(p) <= max_latency_ms]
     if not fast:
-        fastest = min(_median_latency_ms(p) for p in measured)
+        fastest = min(measured, key=_ratio)
         raise NoFeasiblePlan(
             f"no measured configuration meets max_latency_ms={max_latency_ms:g}: the fastest of "
-            f"{len(measured)} measured frontier points has a median latency of {fastest:.4g} ms",
+            f"{len(measured)} measured frontier points (by its ratio to the float model timed in the same run, "
+            f"{_ratio(fastest):.3g}x) has a median latency of {_median_latency_ms(fastest):.4g} ms",
             kind="max_latency_ms",
             limit=float(max_latency_ms),
-            minimum=fastest,
+            minimum=min(_median_latency_ms(p) for p in measured),
         )
-    return fast
+    not_slower = [p for p in fast if not _measurement(p).slower_than_float]
+    if not not_slower:
+        least = min(fast, key=_ratio)
+        raise NoFeasiblePlan(
+            f"every measured configuration within max_latency_ms={max_latency_ms:g} measured slower than the "
+            f"float model timed in the same run (the least ratio of {len(fast)} is {_ratio(least):.3g}x "
+            f"+- {_measurement(least).ratio_spread or 0:.2g}): plan without quantizing, or allow more latency",
+            kind="max_latency_ms",
+            limit=float(max_latency_ms),
+            minimum=min(_median_latency_ms(p) for p in measured),
+        )
+    return not_slower
 
 
 def _choose_by_drop(measured: Sequence[PlanPoint], request: PlanRequest, max_drop: float) -> PlanPoint:

@@ -13,12 +13,12 @@ faster than float? which is fastest?) use the ratios.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import shutil
 import statistics
 import subprocess
-import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -71,42 +71,11 @@ def measure_latency(
     ``batch_size`` recorded), and a shared input is fed whole. ``threads`` sets onnxruntime's
     intra-op threads (default: onnxruntime's choice).
     """
-    import onnx
-    import onnxruntime as ort
-
     _check_counts(warmup, repeats, batch_size, threads)
-    model = onnx.load_from_string(model_bytes)
-    feeds = check_inputs(model, inputs, what="latency inputs", sample_axes=sample_axes)
-    axes = input_sample_axes(model, sample_axes)
-    batch_size = fixed_batch(model, sample_axes) or batch_size  # a model exported with batch N runs N at a time
-    batch = {name: _take(array, batch_size, axes[name]) for name, array in feeds.items()}
     provider = select_provider(device)
-
-    options = ort.SessionOptions()
-    if threads is not None:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(model_bytes, options, providers=[provider])
-    provider_used = session.get_providers()[0]
-    if provider_used != provider:
-        raise RuntimeError(f"onnxruntime did not start {provider} (got {session.get_providers()})")
-
-    for _ in range(warmup):
-        session.run(None, batch)
-    timings = np.empty(repeats)
-    for index in range(repeats):
-        start = time.perf_counter()
-        session.run(None, batch)
-        timings[index] = (time.perf_counter() - start) * 1e3
-    return LatencyMeasurement(
-        mean_ms=float(timings.mean()),
-        p50_ms=float(np.percentile(timings, 50)),
-        p90_ms=float(np.percentile(timings, 90)),
-        batch_size=batch_size,
-        repeats=repeats,
-        device_description=gpu_description() if provider == CUDA_PROVIDER else cpu_description(),
-        provider=provider_used,
-        onnxruntime_version=ort.__version__,
-    )
+    timed = _session(model_bytes, inputs, provider, batch_size, threads, sample_axes)
+    timed.times(warmup)
+    return _figures(timed.times(repeats), timed, provider)
 
 
 @dataclass(frozen=True)
@@ -151,19 +120,21 @@ def compare_latency(
     _check_rounds(min_rounds, max_rounds, runs_per_round, target_spread)
     _check_counts(warmup, runs_per_round, batch_size, threads)
     provider = select_provider(device)
-    reference_session, batch_size, batch = _session(reference, inputs, provider, batch_size, threads, sample_axes)
-    sessions = [_session(model, inputs, provider, batch_size, threads, sample_axes)[0] for model in models]
-    for session in (reference_session, *sessions):
-        _run_times(session, batch, warmup)
+    baseline = _session(reference, inputs, provider, batch_size, threads, sample_axes)
+    timed = [_session(model, inputs, provider, batch_size, threads, sample_axes) for model in models]
+    for session in (baseline, *timed):
+        session.times(warmup)
 
     reference_times: list[np.ndarray] = []
     model_times: list[list[np.ndarray]] = [[] for _ in models]
     ratios: list[list[float]] = [[] for _ in models]
     for round_index in range(max_rounds):
-        for times, round_ratios, session in zip(model_times, ratios, sessions, strict=True):
-            pair = (reference_session, session) if round_index % 2 == 0 else (session, reference_session)
-            first, second = (_run_times(s, batch, runs_per_round) for s in pair)
-            reference_run, model_run = (first, second) if round_index % 2 == 0 else (second, first)
+        reference_first = round_index % 2 == 0
+        for times, round_ratios, session in zip(model_times, ratios, timed, strict=True):
+            if reference_first:
+                reference_run, model_run = baseline.times(runs_per_round), session.times(runs_per_round)
+            else:
+                model_run, reference_run = session.times(runs_per_round), baseline.times(runs_per_round)
             reference_times.append(reference_run)
             times.append(model_run)
             round_ratios.append(float(np.median(model_run) / np.median(reference_run)))
@@ -171,16 +142,15 @@ def compare_latency(
             break
 
     reference_p50 = float(np.median(np.concatenate(reference_times)))
-    details = _description(provider, reference_session)
     return [
         RelativeLatency(
-            measurement=_figures(np.concatenate(times), batch_size, details),
+            measurement=_figures(np.concatenate(times), session, provider),
             reference_p50_ms=reference_p50,
             ratio=float(np.median(round_ratios)),
             ratio_spread=_spread(round_ratios),
             rounds=len(round_ratios),
         )
-        for times, round_ratios in zip(model_times, ratios, strict=True)
+        for times, round_ratios, session in zip(model_times, ratios, timed, strict=True)
     ]
 
 
@@ -214,6 +184,24 @@ def _spread(values: Sequence[float]) -> float:
     return (high - low) / 2.0
 
 
+@dataclass(frozen=True)
+class _Timed:
+    """An onnxruntime session with the batch it runs."""
+
+    session: Any
+    batch: Mapping[str, np.ndarray]
+    batch_size: int
+
+    def times(self, runs: int) -> np.ndarray:
+        """Milliseconds of each of ``runs`` runs of the batch."""
+        timings = np.empty(runs)
+        for index in range(runs):
+            start = time.perf_counter()
+            self.session.run(None, self.batch)
+            timings[index] = (time.perf_counter() - start) * 1e3
+        return timings
+
+
 def _session(
     model_bytes: bytes,
     inputs: Mapping[str, np.ndarray],
@@ -221,8 +209,8 @@ def _session(
     batch_size: int,
     threads: int | None,
     sample_axes: SampleAxes | None,
-) -> tuple[Any, int, dict[str, np.ndarray]]:
-    """An onnxruntime session of ``model_bytes`` on ``provider``, the batch size it runs and its batch."""
+) -> _Timed:
+    """An onnxruntime session of ``model_bytes`` on ``provider`` with its batch (``measure_latency``'s)."""
     import onnx
     import onnxruntime as ort
 
@@ -237,38 +225,21 @@ def _session(
     session = ort.InferenceSession(model_bytes, options, providers=[provider])
     if session.get_providers()[0] != provider:
         raise RuntimeError(f"onnxruntime did not start {provider} (got {session.get_providers()})")
-    return session, batch_size, batch
+    return _Timed(session, batch, batch_size)
 
 
-def _run_times(session: Any, batch: Mapping[str, np.ndarray], runs: int) -> np.ndarray:
-    """Milliseconds of each of ``runs`` runs of ``batch``."""
-    timings = np.empty(runs)
-    for index in range(runs):
-        start = time.perf_counter()
-        session.run(None, batch)
-        timings[index] = (time.perf_counter() - start) * 1e3
-    return timings
-
-
-def _description(provider: str, session: Any) -> tuple[str, str, str]:
-    """(device description, provider used, onnxruntime version)."""
+def _figures(timings: np.ndarray, timed: _Timed, provider: str) -> LatencyMeasurement:
     import onnxruntime as ort
 
-    device = gpu_description() if provider == CUDA_PROVIDER else cpu_description()
-    return device, session.get_providers()[0], ort.__version__
-
-
-def _figures(timings: np.ndarray, batch_size: int, details: tuple[str, str, str]) -> LatencyMeasurement:
-    device, provider, version = details
     return LatencyMeasurement(
         mean_ms=float(timings.mean()),
         p50_ms=float(np.percentile(timings, 50)),
         p90_ms=float(np.percentile(timings, 90)),
-        batch_size=batch_size,
+        batch_size=timed.batch_size,
         repeats=len(timings),
-        device_description=device,
-        provider=provider,
-        onnxruntime_version=version,
+        device_description=gpu_description() if provider == CUDA_PROVIDER else cpu_description(),
+        provider=timed.session.get_providers()[0],
+        onnxruntime_version=ort.__version__,
     )
 
 

@@ -1,14 +1,16 @@
 """Measuring configurations for real: export, evaluate in onnxruntime, time (a step of ``planner.plan``).
 
-``Measurer`` exports and measures each configuration once (cached): the searches measure frontier
-points and bisection steps through it, and the chosen plan's artifact is the very export that was
-measured.
+``Measurer`` exports and measures each configuration once (cached), timing it interleaved with
+the float model so that every ``Measurement`` carries its latency as a ratio to float: the searches
+measure frontier points and bisection steps through it, and the chosen plan's artifact is the very
+export that was measured.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -16,13 +18,19 @@ import numpy as np
 from planner.candidates import Configuration
 from planner.evaluate import evaluate
 from planner.export import ExportedModel, export_model
-from planner.latency import measure_latency
+from planner.latency import RelativeLatency, compare_latency
 from planner.request import PlanRequest
 from planner.result import Measurement, PlanPoint
 from sensitivity.normalize import NormalizedModel
 
 Progress = Callable[[str, float, str], None]  # (phase, fraction done, message)
 REQUEST_METADATA_KEY = "mpq.request"
+# Interleaved timing against the float model (planner.latency.compare_latency): each round times 5
+# runs of each; latency_repeats runs in at least 2 rounds, then rounds go on until the ratio's 90 %
+# interval is within +-3 % or 4x the minimum rounds ran (the float model's runs double the time).
+RUNS_PER_ROUND = 5
+TARGET_SPREAD = 0.03
+MAX_ROUNDS_FACTOR = 4
 
 
 class Measurer:
@@ -77,15 +85,7 @@ class Measurer:
             result = evaluate(
                 exported, self._float_bytes, self._evaluation, metric=self._request.metric, sample_axes=self.sample_axes
             )
-            latency = measure_latency(
-                exported.model_bytes,
-                self._evaluation,
-                device=_latency_device(self._request.device),
-                warmup=self._request.latency_warmup,
-                repeats=self._request.latency_repeats,
-                batch_size=self._request.latency_batch_size,
-                sample_axes=self.sample_axes,
-            )
+            latency = self._relative_latency(exported.model_bytes)
             self._measurements[key] = Measurement(
                 metric_name=result.metric_name,
                 metric=result.metric,
@@ -94,12 +94,37 @@ class Measurer:
                 num_samples=result.num_samples,
                 size_bytes=len(exported.model_bytes),
                 sha256=exported.sha256,
-                latency=latency,
+                latency=latency.measurement,
                 output_kind=result.output_kind,
                 metric_reason=result.metric_reason,
+                ratio_to_float=latency.ratio,
+                ratio_spread=latency.ratio_spread,
+                float_p50_ms=latency.reference_p50_ms,
             )
             self.progress("measure", 1.0, f"{result.metric_name} {result.metric:.2f} % (drop {result.drop:.2f} pp)")
         return self._measurements[key]
+
+    def _relative_latency(self, model_bytes: bytes) -> RelativeLatency:
+        """``model_bytes`` timed interleaved with the float model (``compare_latency``): rounds of
+        ``RUNS_PER_ROUND`` runs each, at least ``latency_repeats`` runs in all, until the ratio's
+        spread is within ``TARGET_SPREAD`` or ``MAX_ROUNDS_FACTOR`` times that many rounds ran."""
+        request = self._request
+        runs_per_round = min(RUNS_PER_ROUND, request.latency_repeats)
+        min_rounds = max(2, math.ceil(request.latency_repeats / runs_per_round))
+        (relative,) = compare_latency(
+            [model_bytes],
+            self._float_bytes,
+            self._evaluation,
+            device=_latency_device(request.device),
+            batch_size=request.latency_batch_size,
+            sample_axes=self.sample_axes,
+            warmup=request.latency_warmup,
+            min_rounds=min_rounds,
+            max_rounds=MAX_ROUNDS_FACTOR * min_rounds,
+            runs_per_round=runs_per_round,
+            target_spread=TARGET_SPREAD,
+        )
+        return relative
 
     def measured(self, point: PlanPoint) -> PlanPoint:
         return dataclasses.replace(point, measured=self.measure(point.configuration))

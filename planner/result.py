@@ -54,6 +54,8 @@ _MEASUREMENT_KEYS = (
     "sha256",
     "latency_ms",
 )
+# Added later: measurements stored before interleaved timing lack them (read as None).
+_MEASUREMENT_OPTIONAL_KEYS = ("latency_ratio_to_float", "latency_ratio_spread", "float_latency_p50_ms")
 _LATENCY_KEYS = ("mean", "p50", "p90", "batch_size", "repeats", "device", "provider", "onnxruntime_version")
 _POINT_KEYS = ("layers", "predicted", "measured")
 _PREDICTED_KEYS = ("omega", "loss_change", "size_bytes", "bops")
@@ -71,6 +73,8 @@ _RESULT_KEYS = (
     "layer_nodes",
     "run",
 )
+# Derived from the plan's measurement, written for readers of the JSON (API, dashboard); older results lack it.
+_RESULT_OPTIONAL_KEYS = ("slower_than_float",)
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,26 @@ class Measurement:
     latency: LatencyMeasurement | None
     output_kind: str = ""  # class_scores, embeddings, sequence or dense (sensitivity.outputs.detect_kind)
     metric_reason: str = ""  # why metric_name: the request's choice or the rule that picked the kind
+    # Latency relative to the float model timed interleaved with it in the same run
+    # (planner.latency.compare_latency): decisions use these, not ms from separate runs. None in
+    # measurements stored before it.
+    ratio_to_float: float | None = None  # median over rounds of this model's time / the float model's; < 1 faster
+    ratio_spread: float | None = None  # half-width of the ratio's 90 % interval
+    float_p50_ms: float | None = None  # the float model's median in the same run
+
+    @property
+    def slower_than_float(self) -> bool:
+        """Measured slower than the float model beyond the ratio's spread (False when not measured so)."""
+        if self.ratio_to_float is None or self.ratio_spread is None:
+            return False
+        return self.ratio_to_float > 1.0 + self.ratio_spread
+
+    @property
+    def faster_than_float(self) -> bool:
+        """Measured faster than the float model beyond the ratio's spread: the only ground for "faster"."""
+        if self.ratio_to_float is None or self.ratio_spread is None:
+            return False
+        return self.ratio_to_float < 1.0 - self.ratio_spread
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -101,11 +125,14 @@ class Measurement:
             "size_bytes": self.size_bytes,
             "sha256": self.sha256,
             "latency_ms": None if self.latency is None else _latency_to_dict(self.latency),
+            "latency_ratio_to_float": self.ratio_to_float,
+            "latency_ratio_spread": self.ratio_spread,
+            "float_latency_p50_ms": self.float_p50_ms,
         }
 
     @classmethod
     def from_dict(cls, data: Any) -> Measurement:
-        fields = json_object(data, "a measurement", _MEASUREMENT_KEYS, MEASUREMENT_FORMAT)
+        fields = json_object(data, "a measurement", _MEASUREMENT_KEYS, MEASUREMENT_FORMAT, _MEASUREMENT_OPTIONAL_KEYS)
         latency = fields["latency_ms"]
         return cls(
             metric_name=text("metric_name", fields["metric_name"]),
@@ -118,7 +145,14 @@ class Measurement:
             latency=None if latency is None else _latency_from_dict(latency),
             output_kind=text("output_kind", fields["output_kind"]),
             metric_reason=text("metric_reason", fields["metric_reason"]),
+            ratio_to_float=_optional_real("latency_ratio_to_float", fields["latency_ratio_to_float"]),
+            ratio_spread=_optional_real("latency_ratio_spread", fields["latency_ratio_spread"]),
+            float_p50_ms=_optional_real("float_latency_p50_ms", fields["float_latency_p50_ms"]),
         )
+
+
+def _optional_real(what: str, value: Any) -> float | None:
+    return None if value is None else real(what, value)
 
 
 def _latency_to_dict(latency: LatencyMeasurement) -> dict[str, Any]:
@@ -241,12 +275,18 @@ class PlanResult:
     def configuration(self) -> Configuration:
         return Configuration(dict(self.plan.configuration))
 
+    @property
+    def slower_than_float(self) -> bool:
+        """The chosen plan measured slower than the float model (ratio > 1 + its spread, same run)."""
+        return self.plan.measured is not None and self.plan.measured.slower_than_float
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": PLAN_RESULT_FORMAT,
             "request": self.request.to_dict(),
             "plan": self.plan.to_dict(),
             "meets_constraints": self.meets_constraints,
+            "slower_than_float": self.slower_than_float,
             "frontier": [point.to_dict() for point in self.frontier],
             "uniform": {name: point.to_dict() for name, point in self.uniform.items()},
             "artifact": {"sha256": self.artifact_sha256, "size_bytes": len(self.artifact_bytes)},
@@ -261,7 +301,8 @@ class PlanResult:
     def from_dict(cls, data: Any, artifact_bytes: bytes) -> PlanResult:
         """The result ``data`` (``to_dict()`` output) describes, with the artifact it names (its file's
         bytes: the JSON holds only their size and sha256, which ``artifact_bytes`` must match)."""
-        fields = json_object(data, "a plan result", _RESULT_KEYS, PLAN_RESULT_FORMAT)
+        # slower_than_float is derived from the plan's measurement: read back from it, not from the key
+        fields = json_object(data, "a plan result", _RESULT_KEYS, PLAN_RESULT_FORMAT, _RESULT_OPTIONAL_KEYS)
         sha256 = _check_artifact(fields["artifact"], artifact_bytes)
         return cls(
             request=PlanRequest.from_dict(mapping("request", fields["request"])),

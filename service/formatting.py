@@ -1,5 +1,5 @@
-"""Text shared by the dashboard's pages and the CLI's tables: long names shortened from the left, and a
-sensitivity run's execution report in one line."""
+"""Text shared by the dashboard's pages and the CLI's tables: long names shortened from the left, a
+sensitivity run's execution report in one line, and a measurement's latency relative to float."""
 
 from __future__ import annotations
 
@@ -31,3 +31,26 @@ def describe_execution(execution: Mapping[str, Any]) -> str:
             f"probes stopped: {traces['stopped']}" + ("" if worst is None else f", worst SE/|trace| {worst:.3g}")
         )
     return "; ".join(parts)
+
+
+def latency_ratio(measured: Mapping[str, Any] | None) -> str:
+    """ "0.81x float (+-0.02)": a measurement's latency relative to the float model timed interleaved
+    with it in the same run (``planner.latency.compare_latency``); "" for one stored before that."""
+    ratio = (measured or {}).get("latency_ratio_to_float")
+    if ratio is None:
+        return ""
+    spread = (measured or {}).get("latency_ratio_spread") or 0.0
+    return f"{ratio:.2f}x float (+-{spread:.2f})"
+
+
+def slower_than_float_warning(measured: Mapping[str, Any] | None) -> str:
+    """A short warning when a measurement is slower than the float model beyond its ratio's spread
+    (``planner.result.Measurement.slower_than_float``, read from the stored JSON); "" otherwise."""
+    ratio = (measured or {}).get("latency_ratio_to_float")
+    spread = (measured or {}).get("latency_ratio_spread")
+    if ratio is None or spread is None or ratio <= 1.0 + spread:
+        return ""
+    return (
+        f"the plan measured slower than the float model: {ratio:.2f}x its latency (+-{spread:.2f}, "
+        "timed interleaved in one run)"
+    )

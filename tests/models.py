@@ -132,7 +132,9 @@ def matmul_chain_model(depth: int, width: int = 256, seed: int = 0) -> onnx.Mode
     nodes, inits, current = [], [], "x"
     for index in range(depth):
         weight = f"w{index}"
-        inits.append(numpy_helper.from_array((rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32), weight))
+        inits.append(
+            numpy_helper.from_array((rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32), weight)
+        )
         nodes.append(helper.make_node("MatMul", [current, weight], [f"m{index}"]))
         nodes.append(helper.make_node("Relu", [f"m{index}"], [f"r{index}"]))
         current = f"r{index}"

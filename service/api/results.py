@@ -183,6 +183,9 @@ class LatencyFigures(TypedDict):
                         "provider": "CPUExecutionProvider",
                         "onnxruntime_version": "1.23.0",
                     },
+                    "latency_ratio_to_float": 0.81,
+                    "latency_ratio_spread": 0.02,
+                    "float_latency_p50_ms": 0.25,
                 }
             ]
         },
@@ -203,6 +206,21 @@ class Measurement(TypedDict):
     size_bytes: Annotated[int, Field(description="the artifact's bytes")]
     sha256: str
     latency_ms: LatencyFigures | None
+    latency_ratio_to_float: NotRequired[
+        Annotated[
+            float | None,
+            Field(
+                description="median over rounds of this model's time / the float model's, timed interleaved in "
+                "one run; < 1 is faster. Decisions use it, not ms from separate runs (absent in older plans)"
+            ),
+        ]
+    ]
+    latency_ratio_spread: NotRequired[
+        Annotated[float | None, Field(description="half-width of the ratio's 90 % interval (order statistics)")]
+    ]
+    float_latency_p50_ms: NotRequired[
+        Annotated[float | None, Field(description="the float model's median latency in the same run")]
+    ]
 
 
 @with_config(ConfigDict(extra="forbid"))
@@ -291,6 +309,9 @@ class PlanResult(TypedDict):
     request: NotRequired[Annotated[dict[str, Any], Field(description="the library's plan request")]]
     plan: NotRequired[PlanPoint]
     meets_constraints: NotRequired[bool]
+    slower_than_float: NotRequired[
+        Annotated[bool, Field(description="the plan measured slower than the float model: ratio > 1 + its spread")]
+    ]
     frontier: NotRequired[
         Annotated[list[PlanPoint], Field(description="thinned to 256 points, every measured one kept")]
     ]

@@ -36,7 +36,7 @@ from service.api.jobs import JobOut
 from service.api.registry import store_upload
 from service.api.transfer import blob_response
 from service.dashboard.units import Unit, cost_units
-from service.formatting import describe_execution, shortened
+from service.formatting import describe_execution, latency_ratio, shortened, slower_than_float_warning
 from service.job_status import FINISHED
 from service.settings import AuthMode
 from service.store.sql_store import SqlStore
@@ -138,6 +138,8 @@ def tail(value: str | None, width: int = 40) -> str:
 
 
 templates.env.filters.update(
+    latency_ratio=latency_ratio,
+    slower_than_float=slower_than_float_warning,
     bytes=format_bytes,
     num=format_number,
     time=format_time,

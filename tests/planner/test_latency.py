@@ -138,9 +138,9 @@ def test_compare_bad_arguments_are_named(chains):
     with pytest.raises(ValueError, match="models is empty"):
         compare_latency([], light, inputs)
     with pytest.raises(ValueError, match="sequence of serialized ONNX models"):
-        compare_latency(heavy, light, inputs)  # type: ignore[arg-type]
+        compare_latency(heavy, light, inputs)
     with pytest.raises(ValueError, match=r"models\[1\] must be"):
-        compare_latency([heavy, "model.onnx"], light, inputs)  # type: ignore[list-item]
+        compare_latency([heavy, "model.onnx"], light, inputs)
     with pytest.raises(ValueError, match="reference must be"):
         compare_latency([heavy], b"", inputs)
     with pytest.raises(ValueError, match="min_rounds must be >= 2"):

@@ -19,9 +19,10 @@ from hypothesis import strategies as st
 
 from planner.activation import ActivationTerm
 from planner.candidates import CANDIDATES
-from planner.choose import NoFeasiblePlan, minimum_cost
+from planner.choose import NoFeasiblePlan, minimum_cost, within_latency
 from planner.cost import layer_cost_table
 from planner.export import read_plan
+from planner.latency import LatencyMeasurement
 from planner.plan import normalize_for_plan, plan, plan_module
 from planner.predict import build_objective
 from planner.request import (
@@ -102,7 +103,12 @@ def test_pareto_plan_meets_a_size_budget_and_its_artifact_measures_what_is_repor
     assert measured.metric_name == "top1_accuracy" and measured.metric_reason.startswith("labels given")
     assert measured.metric == pytest.approx(onnxruntime_accuracy(result.artifact_bytes, evaluation))
     assert measured.baseline == pytest.approx(onnxruntime_accuracy(proto.SerializeToString(), evaluation))
-    assert measured.latency.p50_ms > 0 and measured.latency.repeats == 5
+    # Timed interleaved with the float model: 5 runs a round, at least latency_repeats runs in 2+ rounds
+    # (at most 4x as many rounds), beside the float model's median in the same run and their ratio.
+    assert measured.latency.p50_ms > 0 and measured.latency.repeats in range(10, 41, 5)
+    assert measured.float_p50_ms > 0 and measured.ratio_to_float > 0 and measured.ratio_spread >= 0
+    assert measured.slower_than_float == (measured.ratio_to_float > 1 + measured.ratio_spread)
+    assert not (measured.slower_than_float and measured.faster_than_float)
     assert 1 <= result.run.evaluations <= 3 + result.run.search["size_retries"]
     assert {"sensitivity:traces", "search", "measure", "done"} <= set(phases)
     document = json.loads(json.dumps(result.to_dict(), allow_nan=False))
@@ -196,10 +202,33 @@ def test_latency_budget_picks_a_measured_point(digits, sensitivity):
         proto, calibration, PlanRequest(max_latency_ms=1_000.0, **fast), evaluation=evaluation, sensitivity=sensitivity
     )
     assert result.plan.measured.latency.p50_ms <= 1_000.0 and result.meets_constraints
+    # With latency the objective, a configuration measured slower than float is never chosen.
+    assert not result.plan.measured.slower_than_float and not result.slower_than_float
     with pytest.raises(NoFeasiblePlan, match="median latency"):
         plan(
             proto, calibration, PlanRequest(max_latency_ms=1e-6, **fast), evaluation=evaluation, sensitivity=sensitivity
         )
+
+
+def _timed_point(name: str, p50_ms: float, ratio: float, spread: float) -> PlanPoint:
+    """A measured point whose latency figures are given (what the Measurer would have timed)."""
+    latency = LatencyMeasurement(p50_ms, p50_ms, p50_ms, 1, 10, "cpu", "CPUExecutionProvider", "1")
+    measured = Measurement("top1_accuracy", 99.0, 99.0, 0.0, 10, 100, "0" * 64, latency, "", "", ratio, spread, 1.0)
+    return PlanPoint({"w": name}, 100, 10, 0.0, 0.0, measured)
+
+
+def test_a_latency_budget_never_chooses_a_configuration_measured_slower_than_float():
+    slower = _timed_point("w8", 1.4, 1.4, 0.05)  # w8: 1.3-1.5x float on every CNN measured (issue 13)
+    within_noise = _timed_point("fp32", 1.02, 1.02, 0.05)
+    faster = _timed_point("w8a8", 0.7, 0.7, 0.05)
+    assert within_latency([slower, within_noise, faster], 2.0) == [within_noise, faster]
+    assert slower.measured.slower_than_float and not within_noise.measured.slower_than_float
+    assert faster.measured.faster_than_float and not within_noise.measured.faster_than_float
+    with pytest.raises(NoFeasiblePlan, match=r"measured slower than the float model .* least ratio of 1 is 1.4x"):
+        within_latency([slower, _timed_point("w4", 3.0, 3.0, 0.05)], 2.0)
+    with pytest.raises(NoFeasiblePlan, match=r"the fastest of 2 .* 0.7x\) has a median latency of 0.7 ms") as error:
+        within_latency([slower, faster], 0.5)
+    assert error.value.minimum == 0.7
 
 
 @pytest.mark.slow
@@ -508,6 +537,18 @@ def test_a_plan_round_trips_through_its_json(full_result):
     assert Measurement.from_dict(document["plan"]["measured"]) == result.plan.measured
 
 
+def test_a_measurement_stored_before_interleaved_timing_loads_without_ratios(full_result):
+    document = full_result.to_dict()
+    assert document["slower_than_float"] == full_result.plan.measured.slower_than_float
+    for key in ("latency_ratio_to_float", "latency_ratio_spread", "float_latency_p50_ms"):
+        assert isinstance(document["plan"]["measured"][key], float)
+        del document["plan"]["measured"][key]
+    del document["slower_than_float"]
+    old = PlanResult.from_dict(document, full_result.artifact_bytes)
+    assert old.plan.measured.ratio_to_float is None and old.plan.measured.latency == full_result.plan.measured.latency
+    assert not old.slower_than_float and not old.plan.measured.faster_than_float
+
+
 def _edited(data: Any, path: tuple[str, ...], value: Any) -> Any:
     """A deep copy of JSON ``data`` with the key at ``path`` set to ``value`` (deleted for DELETE)."""
     data = json.loads(json.dumps(data))
@@ -542,6 +583,7 @@ DELETE = object()
         (("plan", "measured", "format"), DELETE, "a measurement of format None cannot be read"),
         (("plan", "measured", "drop"), "1.0", "drop must be a number"),
         (("plan", "measured", "latency_ms", "p99"), 1.0, r"unknown keys \['p99'\] in a latency measurement"),
+        (("plan", "measured", "latency_ratio_to_float"), "0.8", "latency_ratio_to_float must be a number"),
         (("frontier",), {}, "frontier must be a list"),
         (("excluded", 0, "reason"), None, "reason must be a string"),
         (("request", "colour"), "red", "unknown plan request keys"),

@@ -111,6 +111,29 @@ def test_the_plan_page_says_which_metric_and_why(client, app, dashboard):
 
 
 @pytest.mark.slow
+def test_the_plan_page_shows_latency_relative_to_float_and_warns_when_slower(client, app, dashboard):
+    """Stored plans from before interleaved timing (the fixture's) show ms alone; newer ones the ratio
+    to the float model timed in the same run, and a warning when it is slower (issue 13: w8 1.3-1.5x)."""
+    from service.store.tables import Plan
+
+    path = f"/plans/{dashboard.plan_id}"
+    before = client.get(path).text
+    assert 'id="latency-ratio"' not in before and 'id="slower-than-float"' not in before
+    ratios = {"latency_ratio_to_float": 1.4, "latency_ratio_spread": 0.05, "float_latency_p50_ms": 0.2}
+    with app.state.sessions() as session, session.begin():
+        plan = session.get(Plan, dashboard.plan_id)
+        plan.measured = {**plan.measured, **ratios}
+    after = client.get(path).text
+    assert '<td class="num" id="latency-ratio">1.40x float (+-0.05), timed interleaved' in after
+    assert "Warning: the plan measured slower than the float model: 1.40x its latency (+-0.05" in after
+    with app.state.sessions() as session, session.begin():
+        plan = session.get(Plan, dashboard.plan_id)
+        plan.measured = {**plan.measured, "latency_ratio_to_float": 0.81}
+    faster = client.get(path).text
+    assert "0.81x float (+-0.05)" in faster and 'id="slower-than-float"' not in faster
+
+
+@pytest.mark.slow
 def test_layer_tables_show_node_names_beside_layer_names(client, dashboard):
     """Sensitivity, model and plan tables have a Node column: the node name, its whole path in the title."""
     node = "/layer3/conv/Conv"

@@ -589,6 +589,25 @@ def test_a_large_unbounded_drop_is_a_warning_and_a_bounded_one_is_not(capsys):
     assert output.plan_warnings(_plan_document(52.8, 60.0)) == []  # the user bounded it
 
 
+def test_a_plan_measured_slower_than_float_is_a_warning_and_its_ratio_is_shown(capsys):
+    """w8 measured 1.3-1.5x float on every CNN measured (issue 13): a plan never reads as faster without it."""
+    document = _plan_document(0.5, None)
+    measured = document["plan"]["measured"]
+    measured.update(latency_ratio_to_float=1.4, latency_ratio_spread=0.05, float_latency_p50_ms=0.7)
+    assert output.report_plan(document, as_json=False) == 0
+    captured = capsys.readouterr()
+    assert "latency p50 1.000 ms, 1.40x float (+-0.05) (mean" in captured.out
+    assert (
+        "mpq: warning: the plan measured slower than the float model: 1.40x its latency (+-0.05, timed "
+        "interleaved in one run)"
+    ) in captured.err
+    measured["latency_ratio_to_float"] = 1.04  # within its spread: not slower
+    assert output.plan_warnings(document) == []
+    for key in ("latency_ratio_to_float", "latency_ratio_spread", "float_latency_p50_ms"):
+        del measured[key]  # a plan stored before interleaved timing
+    assert output.plan_warnings(document) == [] and "x float" not in output.plan_summary(document)
+
+
 @pytest.fixture(scope="module")
 def pt2_files(tmp_path_factory):
     """The trained digits CNN (BatchNorm after each conv) as torch.export archives with a dynamic batch

@@ -184,9 +184,17 @@ def test_plan_sensitivity_and_job_results_are_typed(app):
         measured = component(document, owner)["properties"]["measured"]["anyOf"]
         assert measured == [{"$ref": "#/components/schemas/Measurement"}, {"$ref": "#/components/schemas/NotMeasured"}]
     declared = {
-        "PlanResult": {"plan", "frontier", "uniform", "excluded", "layer_nodes", "run"},
+        "PlanResult": {"plan", "frontier", "uniform", "excluded", "layer_nodes", "run", "slower_than_float"},
         "PlanPoint": {"layers", "predicted", "measured"},
-        "Measurement": {"metric_name", "metric", "baseline", "drop", "size_bytes", "latency_ms"},
+        "Measurement": {
+            "metric_name",
+            "metric",
+            "baseline",
+            "drop",
+            "size_bytes",
+            "latency_ms",
+            "latency_ratio_to_float",
+        },
         "SensitivityResult": {"config", "layers", "traces", "eigenvalues", "interlayer", "loss", "loss_kind"},
         "LayerTrace": {"name", "trace", "standard_error", "num_probes", "average_trace"},
         "InterLayerTerms": {"labels", "matrix", "gradient_terms", "omega"},
