@@ -225,7 +225,7 @@ class PlanPredictedFigures(PredictedFigures):
     meets_constraints: bool
 
 
-Configuration = Annotated[dict[str, str], Field(description="layer name -> candidate (fp32, w8a8, w4a8, w8, w4)")]
+Configuration = Annotated[dict[str, str], Field(description="layer name -> candidate (fp32, fp16, w8a8, w4a8, w8a16, w8, w4)")]
 
 
 @with_config(STORED)
