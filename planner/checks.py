@@ -23,20 +23,23 @@ def require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def json_object(data: Any, what: str, keys: Collection[str], form: str | None = None) -> dict[str, Any]:
+def json_object(
+    data: Any, what: str, keys: Collection[str], form: str | None = None, optional: Collection[str] = ()
+) -> dict[str, Any]:
     """``data``'s fields, once it is a JSON object with exactly ``keys`` (besides ``"format": form``
     when ``form`` is given): another format, an unknown key (non-str keys too) and a missing one are
-    refused, so a document written by another version is never half read."""
+    refused, so a document written by another version is never half read. ``optional`` keys (added
+    after documents were stored) may be missing: they read as None."""
     require(isinstance(data, Mapping), f"{what} must be a JSON object; got {type(data).__name__}")
     if form is not None:
         found = data.get(FORMAT_KEY)
         require(found == form, f"{what} of format {shown(found)} cannot be read: this version reads {form!r}")
-    allowed = {*keys, FORMAT_KEY} if form is not None else set(keys)
+    allowed = {*keys, *optional, FORMAT_KEY} if form is not None else {*keys, *optional}
     unknown = sorted(str(key) for key in data if key not in allowed)
-    require(not unknown, f"unknown keys {shown(unknown)} in {what}; known: {sorted(keys)}")
+    require(not unknown, f"unknown keys {shown(unknown)} in {what}; known: {sorted({*keys, *optional})}")
     missing = sorted(key for key in keys if key not in data)
     require(not missing, f"{what} lacks the keys {missing}")
-    return {key: data[key] for key in keys}
+    return {key: data.get(key) for key in (*keys, *optional)}
 
 
 def real(what: str, value: Any) -> float:
