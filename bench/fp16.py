@@ -22,15 +22,15 @@ from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository, not bench/, comes first
 
-import numpy as np  # noqa: E402
-import onnx  # noqa: E402
+import numpy as np
+import onnx
 
-from planner.candidates import Configuration  # noqa: E402
-from planner.evaluate import evaluate  # noqa: E402
-from planner.export import export_model  # noqa: E402
-from planner.latency import measure_latency  # noqa: E402
-from sensitivity.layers import find_layers  # noqa: E402
-from sensitivity.normalize import normalize_model  # noqa: E402
+from planner.candidates import Configuration
+from planner.evaluate import evaluate
+from planner.export import export_model
+from planner.latency import measure_latency
+from sensitivity.layers import find_layers
+from sensitivity.normalize import normalize_model
 
 CONFIGURATIONS = ("fp32", "fp16", "w8a16", "w8a8")
 WHOLE_GRAPH = "fp16 (whole graph, converter)"
