@@ -177,7 +177,10 @@ def export_model(
         bits = _weight_bits(configuration, name)
         _add_weight_only_dequantize(working, by_name[name], bits, _nodes_named(working, nodes[name]))
     if fp16:  # last: the Q/DQ nodes above stay float32
-        convert_layers_to_float16(working, layers, nodes, fp16)
+        try:
+            convert_layers_to_float16(working, layers, nodes, fp16)
+        except ValueError as error:
+            raise ExportError(f"the fp16 layers cannot be written: {error}") from error
     _check_layers_quantized(working, configuration, nodes, by_name)
     _raise_ir_version(working)
 
