@@ -60,8 +60,9 @@ def convert_layers_to_float16(
             edited.append(node)
     del model.graph.node[:]
     model.graph.node.extend(edited)
-    for name in initializers:  # the float32 weights and biases now read in float16 by every node
-        _remove_if_unused(model, name)
+    # the float32 weights and biases now read in float16 by every node that read them
+    replaced = set(fp16) | {init.name[: -len(FLOAT16_SUFFIX)] for init in model.graph.initializer if _is_copy(init)}
+    _remove_unused(model, replaced)
 
 
 def float16_weight_name(layer: str) -> str:
@@ -144,12 +145,17 @@ def _unique(base: str, taken: set[str]) -> str:
     return name
 
 
-def _remove_if_unused(model: onnx.ModelProto, name: str) -> None:
-    if any(name in node.input for node in model.graph.node) or any(o.name == name for o in model.graph.output):
-        return
-    kept = [init for init in model.graph.initializer if init.name != name]
+def _is_copy(tensor: onnx.TensorProto) -> bool:
+    return tensor.data_type == TensorProto.FLOAT16 and tensor.name.endswith(FLOAT16_SUFFIX)
+
+
+def _remove_unused(model: onnx.ModelProto, names: set[str]) -> None:
+    """Drop those of ``names`` that no node reads and no graph output is (one pass over the graph)."""
+    used = {tensor for node in model.graph.node for tensor in node.input} | {o.name for o in model.graph.output}
+    unused = names - used
+    kept = [init for init in model.graph.initializer if init.name not in unused]
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)
-    kept_inputs = [value for value in model.graph.input if value.name != name]
+    kept_inputs = [value for value in model.graph.input if value.name not in unused]
     del model.graph.input[:]
     model.graph.input.extend(kept_inputs)
