@@ -12,7 +12,7 @@ noise has no cheap Hessian form that matches what onnxruntime does, so it is mea
 3. the layer's term aᵢ is the mean per-sample change of the calibration loss (the same loss as the
    sensitivity analysis) against the float model, with its standard error over the samples.
 
-The objective adds aᵢ to each of layer i's candidates that quantize activations. Additivity is an
+The objective adds aᵢ to each of layer i's candidates that quantize activations to 8 bits. Additivity is an
 approximation: a tensor between two layers (one's output, the next one's input) is counted in
 both terms, and activation and weight errors are assumed not to interact.
 """
@@ -35,6 +35,7 @@ from sensitivity.layers import find_layers
 from sensitivity.losses import LOSS_KINDS, PROBABILITY_FLOOR
 from sensitivity.samples import SampleAxes, input_sample_axes
 
+ACTIVATION_TERM_BITS = 8  # the activation width the terms measure (uniform w8a8)
 QDQ_OPSET = 13  # per-tensor QuantizeLinear with a uint8 zero point is older, but the exporter's floor is 13
 RENAMED_OUTPUT_SUFFIX = "_QuantizeLinear_Input"  # onnxruntime renames a quantized graph output's producer
 

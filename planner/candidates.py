@@ -1,8 +1,10 @@
 """Candidates (per-layer precision options) and configurations (a candidate for every layer).
 
-The menu is fixed by DESIGN.md: ``fp32`` (unquantized), ``w8a8`` and ``w4a8`` (integer weights,
-8-bit activations), ``w8`` and ``w4`` (weight-only). Weights are always quantized with the one
-quantizer Q_b in ``sensitivity.quantize`` (symmetric, per output channel).
+The menu is fixed by DESIGN.md: ``fp32`` (unquantized), ``fp16`` (float16 weights and compute),
+``w8a8`` and ``w4a8`` (integer weights, 8-bit activations), ``w8a16`` (int8 weights, 16-bit
+activations: onnxruntime's 16-bit QDQ, opset 21), ``w8`` and ``w4`` (weight-only). Weights are
+always quantized with the one quantizer Q_b in ``sensitivity.quantize`` (symmetric, per output
+channel for integers; b = 16 is the float16 rounding).
 
 A configuration maps a layer name (its ONNX weight initializer) to a candidate name. It is a
 plain frozen value with JSON (de)serialization; ``validate`` checks it against a model's layers.
@@ -23,11 +25,16 @@ FLOAT_BITS = 32  # what an unquantized weight or activation counts as in size an
 
 @dataclass(frozen=True)
 class Candidate:
-    """One precision option for a layer; ``None`` bits means that tensor stays float32."""
+    """One precision option for a layer; ``None`` bits means that tensor stays float32.
+
+    ``float16``: the 16 bits are IEEE half precision (weights stored and the layer computed in
+    float16), not an integer grid: no scales, no calibrated activation ranges.
+    """
 
     name: str
     weight_bits: int | None
     activation_bits: int | None
+    float16: bool = False
 
     @property
     def quantizes_weights(self) -> bool:
@@ -36,6 +43,16 @@ class Candidate:
     @property
     def quantizes_activations(self) -> bool:
         return self.activation_bits is not None
+
+    @property
+    def integer_weights(self) -> bool:
+        """Weights on Q_b's integer grid (with per-channel scales)."""
+        return self.quantizes_weights and not self.float16
+
+    @property
+    def integer_activations(self) -> bool:
+        """Activations quantized to integers with calibrated ranges (``quantize_static``)."""
+        return self.quantizes_activations and not self.float16
 
     @property
     def weight_only(self) -> bool:
@@ -55,8 +72,10 @@ class Candidate:
 CANDIDATES: Mapping[str, Candidate] = MappingProxyType(
     {
         "fp32": Candidate("fp32", None, None),
+        "fp16": Candidate("fp16", 16, 16, float16=True),
         "w8a8": Candidate("w8a8", 8, 8),
         "w4a8": Candidate("w4a8", 4, 8),
+        "w8a16": Candidate("w8a16", 8, 16),
         "w8": Candidate("w8", 8, None),
         "w4": Candidate("w4", 4, None),
     }

@@ -126,7 +126,7 @@ def meets_constraints(point: PlanPoint, request: PlanRequest) -> bool:
         latency = None if measured is None else measured.latency
         checks.append(latency is not None and latency.p50_ms <= request.max_latency_ms)
     if request.max_drop is not None:
-        checks.append(measured is not None and measured.drop <= request.max_drop)
+        checks.append(measured is not None and measured.drop_against(request.baseline) <= request.max_drop)
     return all(checks)
 
 
@@ -285,8 +285,9 @@ def _measurement(point: PlanPoint) -> Measurement:
     return point.measured
 
 
-def _drop(point: PlanPoint) -> float:
-    return _measurement(point).drop
+def _drop(point: PlanPoint, baseline: str) -> float:
+    """The measured drop against the request's baseline (``PlanRequest.baseline``)."""
+    return _measurement(point).drop_against(baseline)
 
 
 def _median_latency_ms(point: PlanPoint) -> float:
@@ -340,9 +341,9 @@ def within_latency(measured: Sequence[PlanPoint], max_latency_ms: float) -> list
 
 def _choose_by_drop(measured: Sequence[PlanPoint], request: PlanRequest, max_drop: float) -> PlanPoint:
     """The cheapest measured point whose drop is within max_drop."""
-    good = [p for p in measured if _drop(p) <= max_drop]
+    good = [p for p in measured if _drop(p, request.baseline) <= max_drop]
     if not good:
-        least = min(_drop(p) for p in measured)
+        least = min(_drop(p, request.baseline) for p in measured)
         raise NoFeasiblePlan(
             f"no measured configuration meets max_drop={max_drop:g} pp within the constraints: "
             f"the least drop among {len(measured)} measured points is {least:.4g} pp",
@@ -382,7 +383,7 @@ def bisection(
     result = bisect(
         objective,
         request.cost_kind,
-        lambda configuration: measurer.measure(configuration).drop,
+        lambda configuration: measurer.measure(configuration).drop_against(request.baseline),
         max_drop,
         low=low,
         high=high,
@@ -411,7 +412,7 @@ def bisection(
         )
     budget = request.budget
     if budget is not None and _cost_of(chosen, request.cost_kind) > budget:
-        cheapest = min(_cost_of(p, request.cost_kind) for p in frontier if _drop(p) <= max_drop)
+        cheapest = min(_cost_of(p, request.cost_kind) for p in frontier if _drop(p, request.baseline) <= max_drop)
         raise NoFeasiblePlan(
             f"bisection found no configuration within both max_drop={max_drop:g} pp and the "
             f"{request.cost_kind} budget {budget:.6g}: the cheapest measured one within the drop "

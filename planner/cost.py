@@ -34,6 +34,7 @@ from sensitivity.layers import (
 )
 
 FLOAT_BYTES = 4
+FLOAT16_BYTES = 2
 SCALE_BYTES = 4  # one float32 scale per output channel
 
 BatchShape = Sequence[int] | Mapping[str, Sequence[int]]
@@ -249,9 +250,12 @@ def node_macs(node: onnx.NodeProto, weight_shape: Sequence[int], shapes: Mapping
 
 def layer_size_bytes(cost: LayerCost, candidate: str) -> int:
     """Stored bytes of one layer's weight at a candidate (4-bit weights packed two per byte)."""
-    bits = get_candidate(candidate).weight_bits
+    chosen = get_candidate(candidate)
+    bits = chosen.weight_bits
     if bits is None:
         return FLOAT_BYTES * cost.num_params
+    if chosen.float16:  # float16 values, no scales or zero points
+        return FLOAT16_BYTES * cost.num_params
     weights = math.ceil(cost.num_params * bits / 8)
     zero_points = math.ceil(cost.channels * bits / 8)  # zero points have the weight's type
     return weights + SCALE_BYTES * cost.channels + zero_points

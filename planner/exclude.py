@@ -35,7 +35,7 @@ from planner.checks import json_object, text, texts
 from planner.objective import FP32, uniform_within
 from sensitivity.checks import shown
 from sensitivity.layers import Layer, find_layers, weight_array
-from sensitivity.quantize import quantize_weight
+from sensitivity.quantize import dequantized
 
 # Patterns in one request, and the length of each: node names of deep models are paths of a few
 # hundred characters at most; onnxruntime users list up to a few hundred nodes to exclude.
@@ -149,7 +149,7 @@ def exact_candidates(weight: np.ndarray, channel_axis: int, candidates: Sequence
     exact_bits = {
         bits
         for bits in weight_bits
-        if bits is not None and np.array_equal(quantize_weight(values, bits, channel_axis).dequantize(), values)
+        if bits is not None and np.array_equal(dequantized(values, bits, channel_axis), values)
     }
     return (FP32, *(c for c in candidates if CANDIDATES[c].weight_bits in exact_bits))
 

@@ -2,9 +2,10 @@
 
 How each candidate is written:
 
-- ``w8a8``, ``w4a8``: onnxruntime's own ``quantize_static`` in QDQ format, restricted to the layer's
+- ``w8a8``, ``w4a8``, ``w8a16``: onnxruntime's own ``quantize_static`` in QDQ format, restricted to the layer's
   nodes (``nodes_to_quantize``), per-channel symmetric weights, uint8 activations calibrated on the
-  calibration set (MinMax by default). Per-tensor ``TensorQuantOverrides`` fix each weight's axis;
+  calibration set (MinMax by default; uint16 for ``w8a16``'s inputs and outputs, per-tensor
+  ``TensorQuantOverrides``, opset 21). Per-tensor ``TensorQuantOverrides`` fix each weight's axis;
   for int8 onnxruntime computes the scales itself, and they equal Q_b's (tested). For int4 the
   overrides also carry Q_b's scales, because onnxruntime's own symmetric int4 uses the range [-8, 7]
   with scale 2·absmax/15, which gives other integers than Q_b's restricted range [-7, 7].
@@ -16,6 +17,10 @@ How each candidate is written:
 - An embedding (a Gather from a float table) has integer indices for input, no activation to
   quantize: every quantized candidate stores its table as the weight-only ones do, one scale per
   row (so ``w8a8`` there is ``w8``; its ``ExportedLayer`` says ``activation_bits=None``).
+- ``fp16``: the weight stored in float16 (Q_16, ``sensitivity.quantize.to_float16``) and the layer's
+  nodes computing in float16 between Casts (``planner.float16``, written by hand: onnxruntime's
+  float16 converter cannot convert some nodes and leave the rest float32; reasons there). No opset
+  requirement beyond the model's own.
 - ``fp32``: left untouched.
 
 4-bit types need opset 21, per-channel DequantizeLinear opset 13: the model is normalised first
@@ -58,6 +63,7 @@ from onnxruntime.quantization import (
 from planner.batches import batches, session_fixed_batch
 from planner.candidates import Candidate, Configuration, as_configuration, get_candidate
 from planner.cost import cpu_session, graph_inputs, layer_nodes, runtime_tensors
+from planner.float16 import convert_layers_to_float16, float16_weight_name
 from sensitivity.layers import Layer, find_layers, node_weight_index, weight_array, weight_index
 from sensitivity.normalize import (
     BatchNormFoldError,
@@ -154,9 +160,8 @@ def export_model(
     nodes = {name: [node.name for node in found] for name, found in layer_nodes(working, layers).items()}
     by_name = {layer.name: layer for layer in layers}
     static = [name for name, c in configuration.items() if _is_static(get_candidate(c), by_name[name])]
-    weight_only = [
-        name for name, c in configuration.items() if get_candidate(c).quantizes_weights and name not in static
-    ]
+    weight_only = [name for name, c in configuration.items() if get_candidate(c).integer_weights and name not in static]
+    fp16 = [name for name, c in configuration.items() if get_candidate(c).float16]
     if static:
         working = _quantize_static(
             working,
@@ -171,6 +176,11 @@ def export_model(
     for name in weight_only:
         bits = _weight_bits(configuration, name)
         _add_weight_only_dequantize(working, by_name[name], bits, _nodes_named(working, nodes[name]))
+    if fp16:  # last: the Q/DQ nodes above stay float32
+        try:
+            convert_layers_to_float16(working, layers, nodes, fp16)
+        except ValueError as error:
+            raise ExportError(f"the fp16 layers cannot be written: {error}") from error
     _check_layers_quantized(working, configuration, nodes, by_name)
     _raise_ir_version(working)
 
@@ -342,9 +352,12 @@ def model_opset(model: onnx.ModelProto) -> int:
 
 
 def required_opset(candidates: Iterable[str]) -> int:
-    """The opset the exported types of these candidates need (0: any)."""
-    bits = {get_candidate(name).weight_bits for name in candidates}
-    if 4 in bits:
+    """The opset the exported types of these candidates need (0: any; float16 needs none newer)."""
+    chosen = [get_candidate(name) for name in candidates]
+    bits = {candidate.weight_bits for candidate in chosen if candidate.integer_weights}
+    # 16-bit Q/DQ types need opset 21 as int4 does; normalising to it here checks the upgrade, where
+    # quantize_static would bump the opset itself, unchecked
+    if 4 in bits or any(c.integer_activations and c.activation_bits == 16 for c in chosen):
         return OPSET_FOR_4BIT
     return OPSET_FOR_PER_CHANNEL if bits - {None} else 0
 
@@ -478,9 +491,10 @@ def _quantize_static(
     batch_size: int,
 ) -> onnx.ModelProto:
     methods = {m.name.lower(): m for m in CalibrationMethod}
-    overrides = {
-        layer.name: _weight_overrides(model, layer, _weight_bits(configuration, layer.name)) for layer in layers
-    }
+    overrides = _activation_overrides(layers, configuration, nodes, model)
+    overrides.update(
+        {layer.name: _weight_overrides(model, layer, _weight_bits(configuration, layer.name)) for layer in layers}
+    )
     with tempfile.TemporaryDirectory(prefix="mpq-quant.") as directory:
         output = Path(directory) / "quantized.onnx"
         try:
@@ -507,6 +521,24 @@ def _quantize_static(
             return onnx.load(output)
         except Exception as error:
             raise ExportError(f"onnxruntime quantize_static failed: {type(error).__name__}: {error}") from error
+
+
+def _activation_overrides(
+    layers: Sequence[Layer], configuration: Configuration, nodes: Mapping[str, Sequence[str]], model: onnx.ModelProto
+) -> dict[str, list[dict[str, Any]]]:
+    """uint16 for the inputs and outputs of the layers at 16-bit activations (``w8a16``); the rest
+    keep ``quantize_static``'s uint8. A tensor between a 16-bit and an 8-bit layer gets 16 bits."""
+    sixteen = {
+        n for layer in layers if configuration.candidate(layer.name).activation_bits == 16 for n in nodes[layer.name]
+    }
+    tensors = {
+        tensor
+        for node in model.graph.node
+        if node.name in sixteen
+        for tensor in (node.input[0], *node.output)
+        if tensor
+    }
+    return {tensor: [{"quant_type": QuantType.QUInt16}] for tensor in sorted(tensors)}
 
 
 def _weight_bits(configuration: Configuration, layer: str) -> int:
@@ -626,9 +658,12 @@ def _check_layers_quantized(
             if node is None:
                 problems.append(f"layer {layer!r}: node {node_name!r} disappeared")
                 continue
-            weight_dq = _is_dequantized(node.input[node_weight_index(node.op_type, layers[layer])], producers)
+            weight = node.input[node_weight_index(node.op_type, layers[layer])]
+            weight_dq = _is_dequantized(weight, producers)
             input_dq = _is_dequantized(node.input[0], producers)
-            if candidate.quantizes_weights and not weight_dq:
+            if candidate.float16 and not _reads_float16(weight, layer, producers):
+                problems.append(f"layer {layer!r} (fp16): node {node.name!r} does not read its float16 weight")
+            if candidate.integer_weights and not weight_dq:
                 problems.append(f"layer {layer!r} ({candidate_name}): node {node.name!r} has a float weight")
             if _is_static(candidate, layers[layer]) and not input_dq:
                 problems.append(
@@ -641,6 +676,13 @@ def _check_layers_quantized(
         raise ExportError("the exported graph does not implement the configuration: " + "; ".join(problems))
 
 
+def _reads_float16(tensor: str, layer: str, producers: Mapping[str, onnx.NodeProto]) -> bool:
+    """The node reads the layer's float16 weight itself, or through a Cast to float32."""
+    producer = producers.get(tensor)
+    stored = float16_weight_name(layer)
+    return tensor == stored or (producer is not None and producer.op_type == "Cast" and producer.input[0] == stored)
+
+
 def _is_dequantized(tensor: str, producers: Mapping[str, onnx.NodeProto]) -> bool:
     producer = producers.get(tensor)
     return producer is not None and producer.op_type == "DequantizeLinear"
@@ -648,7 +690,7 @@ def _is_dequantized(tensor: str, producers: Mapping[str, onnx.NodeProto]) -> boo
 
 def _is_static(candidate: Candidate, layer: Layer) -> bool:
     """Whether the layer's activations are quantized too (``quantize_static``); a Gather has none."""
-    return candidate.quantizes_activations and layer.has_float_input
+    return candidate.integer_activations and layer.has_float_input
 
 
 def _exported_layers(
@@ -660,6 +702,8 @@ def _exported_layers(
         static = _is_static(candidate, by_name[name])
         if static:
             method = "onnxruntime.quantize_static"
+        elif candidate.float16:
+            method = "float16"
         elif candidate.quantizes_weights:
             method = "weight_only_dequantize"
         else:
@@ -670,7 +714,7 @@ def _exported_layers(
             node_names=tuple(nodes[name]),
             weight_input=by_name[name].weight_index,
             weight_bits=candidate.weight_bits,
-            activation_bits=candidate.activation_bits if static else None,
+            activation_bits=candidate.activation_bits if static or candidate.float16 else None,
             method=method,
         )
     return layers
@@ -703,7 +747,7 @@ def _plan(
         "calibration": {
             "method": calibrate_method.lower(),
             "samples": samples,
-            "activation_type": "uint8",
+            "activation_type": "uint8 (uint16 for 16-bit activation candidates)",
             "weight_quantizer": "symmetric per-channel, restricted range (sensitivity.quantize)",
         },
         "opset": {"source": source_opset, "exported": model_opset(model)},

@@ -3,13 +3,16 @@
 ``Measurer`` exports and measures each configuration once (cached), timing it interleaved with
 the float model so that every ``Measurement`` carries its latency as a ratio to float: the searches
 measure frontier points and bisection steps through it, and the chosen plan's artifact is the very
-export that was measured.
+export that was measured. Before the first configuration it measures the baseline models
+(``baselines``: every layer fp32, the float model; every layer fp16), and every measurement carries
+its comparison with each (``Measurement.against``), so ``max_drop`` can be held against either.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from collections.abc import Callable, Mapping
 
@@ -17,11 +20,14 @@ import numpy as np
 
 from planner.candidates import Configuration
 from planner.evaluate import evaluate
-from planner.export import ExportedModel, export_model
+from planner.export import ExportedModel, ExportError, export_model
 from planner.latency import RelativeLatency, compare_latency
 from planner.request import PlanRequest
 from planner.result import Measurement, PlanPoint
+from sensitivity.layers import find_layers
 from sensitivity.normalize import NormalizedModel
+
+logger = logging.getLogger(__name__)
 
 Progress = Callable[[str, float, str], None]  # (phase, fraction done, message)
 REQUEST_METADATA_KEY = "mpq.request"
@@ -55,7 +61,9 @@ class Measurer:
         # Every artifact carries the same metadata, so the chosen one is byte-identical to the measured one.
         self._metadata = {REQUEST_METADATA_KEY: json.dumps(request.to_dict(), sort_keys=True)}
         self._exports: dict[Configuration, ExportedModel] = {}
-        self._measurements: dict[Configuration, Measurement] = {}
+        self._measurements: dict[Configuration, Measurement] = {}  # with their comparisons (``against``)
+        self._alone: dict[Configuration, Measurement] = {}  # without: the baselines are measured this way
+        self._baselines: dict[str, Measurement] | None = None
 
     @property
     def count(self) -> int:
@@ -78,15 +86,39 @@ class Measurer:
         return self._exports[key]
 
     def measure(self, configuration: Mapping[str, str]) -> Measurement:
+        """The configuration measured, against each baseline model (``baselines``)."""
         key = Configuration(dict(configuration))
         if key not in self._measurements:
-            self.progress("measure", 0.0, f"exporting and evaluating configuration {len(self._measurements) + 1}")
+            baselines = self.baselines()
+            self._measurements[key] = self._measure_alone(key).compared(baselines)
+        return self._measurements[key]
+
+    def baselines(self) -> dict[str, Measurement]:
+        """The baseline models measured (once), each against all of them: ``fp32`` (every layer fp32) and
+        ``fp16`` (every layer fp16, excluded layers too: the 16-bit model). An fp16 model that does
+        not export is left out with a warning, unless the request's ``baseline`` is fp16."""
+        if self._baselines is None:
+            layers = find_layers(self._model.model)
+            found = {"fp32": self._measure_alone(Configuration.uniform(layers, "fp32"))}
+            try:
+                found["fp16"] = self._measure_alone(Configuration.uniform(layers, "fp16"))
+            except ExportError as error:
+                if self._request.baseline == "fp16":
+                    raise ExportError(f"the fp16 baseline model does not export: {error}") from error
+                logger.warning("fp16 baseline skipped: %s", error)
+                self.progress("measure", 1.0, f"fp16 baseline skipped: it does not export ({error})"[:500])
+            self._baselines = {name: measured.compared(found) for name, measured in found.items()}
+        return self._baselines
+
+    def _measure_alone(self, key: Configuration) -> Measurement:
+        if key not in self._alone:
+            self.progress("measure", 0.0, f"exporting and evaluating configuration {len(self._alone) + 1}")
             exported = self.export(key)
             result = evaluate(
                 exported, self._float_bytes, self._evaluation, metric=self._request.metric, sample_axes=self.sample_axes
             )
             latency = self._relative_latency(exported.model_bytes)
-            self._measurements[key] = Measurement(
+            self._alone[key] = Measurement(
                 metric_name=result.metric_name,
                 metric=result.metric,
                 baseline=result.baseline,
@@ -102,7 +134,7 @@ class Measurer:
                 float_p50_ms=latency.reference_p50_ms,
             )
             self.progress("measure", 1.0, f"{result.metric_name} {result.metric:.2f} % (drop {result.drop:.2f} pp)")
-        return self._measurements[key]
+        return self._alone[key]
 
     def _relative_latency(self, model_bytes: bytes) -> RelativeLatency:
         """``model_bytes`` timed interleaved with the float model (``compare_latency``): rounds of

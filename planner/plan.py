@@ -22,9 +22,10 @@ Steps (DESIGN.md's data flow), each one module:
 4. measurement (``planner.measure``): the chosen plan, up to ``max_frontier_points`` frontier
    points and the uniform configurations are exported (``export_model``) and evaluated in
    onnxruntime, with latency;
-5. the result (``planner.result``): chosen configuration, predicted and measured figures, frontier,
-   uniform baselines, the artifact (bytes + sha256, the plan in its metadata), the excluded layers
-   with their reasons, every layer's node name and scope, and how the run went (``PlanRun``:
+5. the result (``planner.result``): chosen configuration, predicted and measured figures (each
+   measurement against both baseline models, fp32 and fp16: ``Measurement.against``), frontier,
+   uniform configurations, the baseline models measured, the artifact (bytes + sha256, the plan in
+   its metadata), the excluded layers with their reasons, every layer's node name and scope, and how the run went (``PlanRun``:
    versions, timings, evaluations, the search's details, what normalisation changed).
 """
 
@@ -127,6 +128,7 @@ def plan(
         activation_terms=activation,
         excluded=offered.exclusions,
         layer_nodes={layer.name: {"node_name": layer.node_name, "scope": layer.scope} for layer in find_layers(model)},
+        baselines=measurer.baselines(),
     )
 
 

@@ -25,6 +25,9 @@ METHODS = ("hawq_v2", "interlayer", "fisher")
 # by the exact DP on Ω. fisher's Ωᵢ(c) is Σ Fᵢᵢ Δᵢ², twice its predicted loss change, as HAWQ-V2's Ω.
 DIAGONAL_METHODS = ("hawq_v2", "fisher")
 SEARCHES = ("pareto", "bisection")
+# The models every plan is compared with; ``baseline`` picks the one max_drop is measured against
+# (planner.result.BASELINES says the same: request cannot import result, result imports request).
+BASELINES = ("fp32", "fp16")
 DEFAULT_CANDIDATES = ("fp32", "w8a8", "w4a8", "w8", "w4")
 BUDGET_FIELDS = ("max_size_bytes", "max_bops", "max_latency_ms")
 # Options the request sets itself; the rest of InterLayerConfig's fields may be given.
@@ -82,6 +85,9 @@ class PlanRequest:
     other layer at b". Layers whose weight is a structural constant are restricted as well; see
     ``planner.exclude``. A pattern matching no layer is a ValueError when the plan runs (the model
     is not known here).
+    ``baseline``: ``fp32`` (the float model) or ``fp16`` (every layer at fp16): what ``max_drop`` is
+    measured against. Both are measured with every plan and every measured point states its drop and
+    latency ratio against each (``Measurement.against``).
     ``sample_axes``: input name -> the axis its samples lie on, or None for an input shared by every
     sample, merged over what the declared input shapes say (``sensitivity.samples``); for models
     whose declared shapes are missing or misleading. An unknown input is a ValueError when the plan runs.
@@ -110,6 +116,7 @@ class PlanRequest:
     metric: str = "auto"
     exclude: tuple[str, ...] = ()  # layers kept fp32, by layer or node name or pattern (planner.exclude)
     sample_axes: Mapping[str, int | None] = field(default_factory=dict)  # input -> sample axis (None: shared)
+    baseline: str = "fp32"  # what max_drop is measured against: the float model or every layer at fp16
 
     def __post_init__(self) -> None:
         set_fields(
@@ -137,6 +144,7 @@ class PlanRequest:
             metric=check_choice("metric", self.metric, METRICS),
             exclude=check_exclude(self.exclude),
             sample_axes=check_sample_axes(self.sample_axes),
+            baseline=check_choice("baseline", self.baseline, BASELINES),
             sensitivity_options=_check_sensitivity_options(self.sensitivity_options),
         )
         budgets = [name for name in BUDGET_FIELDS if getattr(self, name) is not None]

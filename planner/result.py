@@ -9,6 +9,7 @@ that names it (``planner.checks``), so a document written by another version is 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -54,8 +55,10 @@ _MEASUREMENT_KEYS = (
     "sha256",
     "latency_ms",
 )
-# Added later: measurements stored before interleaved timing lack them (read as None).
-_MEASUREMENT_OPTIONAL_KEYS = ("latency_ratio_to_float", "latency_ratio_spread", "float_latency_p50_ms")
+# Added later: documents stored before interleaved timing or baselines lack them (read as None: no
+# ratios, no comparisons).
+_MEASUREMENT_OPTIONAL_KEYS = ("latency_ratio_to_float", "latency_ratio_spread", "float_latency_p50_ms", "against")
+_COMPARISON_KEYS = ("metric", "drop", "latency_ratio", "size_ratio")
 _LATENCY_KEYS = ("mean", "p50", "p90", "batch_size", "repeats", "device", "provider", "onnxruntime_version")
 _POINT_KEYS = ("layers", "predicted", "measured")
 _PREDICTED_KEYS = ("omega", "loss_change", "size_bytes", "bops")
@@ -73,8 +76,42 @@ _RESULT_KEYS = (
     "layer_nodes",
     "run",
 )
-# Derived from the plan's measurement, written for readers of the JSON (API, dashboard); older results lack it.
-_RESULT_OPTIONAL_KEYS = ("slower_than_float",)
+# slower_than_float is derived from the plan's measurement, written for readers of the JSON (API,
+# dashboard); it and baselines are absent from older results.
+_RESULT_OPTIONAL_KEYS = ("slower_than_float", "baselines")
+# The models every plan is compared with (PlanRequest.baseline picks the one max_drop is measured
+# against): the float model, and every layer at fp16 (planner.float16).
+BASELINES = ("fp32", "fp16")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A measured configuration against a baseline model measured the same way (same samples,
+    metric and latency settings)."""
+
+    metric: float  # the baseline model's metric, percent
+    drop: float  # the baseline's metric − this configuration's, percentage points
+    latency_ratio: float | None  # p50 latency / the baseline's p50 (below 1: faster); None unmeasured
+    size_ratio: float  # artifact bytes / the baseline's artifact bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "metric": self.metric,
+            "drop": self.drop,
+            "latency_ratio": self.latency_ratio,
+            "size_ratio": self.size_ratio,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, what: str) -> Comparison:
+        fields = json_object(data, what, _COMPARISON_KEYS)
+        ratio = fields["latency_ratio"]
+        return cls(
+            metric=real(f"{what}.metric", fields["metric"]),
+            drop=real(f"{what}.drop", fields["drop"]),
+            latency_ratio=None if ratio is None else real(f"{what}.latency_ratio", ratio),
+            size_ratio=real(f"{what}.size_ratio", fields["size_ratio"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -97,6 +134,9 @@ class Measurement:
     ratio_to_float: float | None = None  # median over rounds of this model's time / the float model's; < 1 faster
     ratio_spread: float | None = None  # half-width of the ratio's 90 % interval
     float_p50_ms: float | None = None  # the float model's median in the same run
+    # Baseline name (BASELINES) -> this configuration against that model; ``drop`` and ``baseline``
+    # above are against the float model, as before baselines existed.
+    against: Mapping[str, Comparison] = field(default_factory=dict)
 
     @property
     def slower_than_float(self) -> bool:
@@ -111,6 +151,19 @@ class Measurement:
         if self.ratio_to_float is None or self.ratio_spread is None:
             return False
         return self.ratio_to_float < 1.0 - self.ratio_spread
+
+    def drop_against(self, baseline: str) -> float:
+        """The drop against ``baseline`` (``fp32``: ``drop``); a ValueError when it was not measured."""
+        if baseline == "fp32":
+            return self.drop
+        require(baseline in self.against, f"no {baseline} baseline was measured for this configuration")
+        return self.against[baseline].drop
+
+    def compared(self, baselines: Mapping[str, Measurement]) -> Measurement:
+        """This measurement with its comparisons against each of ``baselines``."""
+        return dataclasses.replace(
+            self, against={name: _comparison(self, baseline) for name, baseline in baselines.items()}
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -128,12 +181,14 @@ class Measurement:
             "latency_ratio_to_float": self.ratio_to_float,
             "latency_ratio_spread": self.ratio_spread,
             "float_latency_p50_ms": self.float_p50_ms,
+            "against": {name: comparison.to_dict() for name, comparison in self.against.items()},
         }
 
     @classmethod
     def from_dict(cls, data: Any) -> Measurement:
         fields = json_object(data, "a measurement", _MEASUREMENT_KEYS, MEASUREMENT_FORMAT, _MEASUREMENT_OPTIONAL_KEYS)
         latency = fields["latency_ms"]
+        against = {} if fields["against"] is None else mapping("against", fields["against"])
         return cls(
             metric_name=text("metric_name", fields["metric_name"]),
             metric=real("metric", fields["metric"]),
@@ -148,11 +203,38 @@ class Measurement:
             ratio_to_float=_optional_real("latency_ratio_to_float", fields["latency_ratio_to_float"]),
             ratio_spread=_optional_real("latency_ratio_spread", fields["latency_ratio_spread"]),
             float_p50_ms=_optional_real("float_latency_p50_ms", fields["float_latency_p50_ms"]),
+            against={name: Comparison.from_dict(value, f"against[{name!r}]") for name, value in _baselines(against)},
         )
 
 
 def _optional_real(what: str, value: Any) -> float | None:
     return None if value is None else real(what, value)
+
+
+def _baselines(data: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """The entries of a mapping keyed by baseline name, once every name is one of BASELINES."""
+    unknown = sorted(str(name) for name in data if name not in BASELINES)
+    require(not unknown, f"unknown baseline(s) {unknown}; known: {list(BASELINES)}")
+    return list(data.items())
+
+
+def _comparison(measured: Measurement, baseline: Measurement) -> Comparison:
+    return Comparison(
+        metric=baseline.metric,
+        drop=baseline.metric - measured.metric,
+        latency_ratio=_latency_ratio(measured, baseline),
+        size_ratio=measured.size_bytes / baseline.size_bytes,
+    )
+
+
+def _latency_ratio(measured: Measurement, baseline: Measurement) -> float | None:
+    """p50 of ``measured`` over ``baseline``'s: the quotient of their ratios to the float model where both
+    were timed interleaved with it (each ratio from one run, so machine load cancels), else of their
+    p50s from separate runs (older measurements)."""
+    if measured.ratio_to_float is not None and baseline.ratio_to_float is not None:
+        return measured.ratio_to_float / baseline.ratio_to_float
+    latency, reference = measured.latency, baseline.latency
+    return None if latency is None or reference is None else latency.p50_ms / reference.p50_ms
 
 
 def _latency_to_dict(latency: LatencyMeasurement) -> dict[str, Any]:
@@ -270,6 +352,9 @@ class PlanResult:
     excluded: tuple[Exclusion, ...] = ()
     # Layer name -> {"node_name", "scope"}: exporters name weights anonymously (onnx::MatMul_984).
     layer_nodes: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    # Baseline name -> the baseline model measured (every layer fp32; every layer fp16); fp16 is absent
+    # where it could not be exported (a warning says why) and in results stored before baselines existed.
+    baselines: Mapping[str, Measurement] = field(default_factory=dict)
 
     @property
     def configuration(self) -> Configuration:
@@ -295,14 +380,15 @@ class PlanResult:
             "excluded": [exclusion.to_dict() for exclusion in self.excluded],
             "layer_nodes": {layer: dict(node) for layer, node in self.layer_nodes.items()},
             "run": self.run.to_dict(),
+            "baselines": {name: measurement.to_dict() for name, measurement in self.baselines.items()},
         }
 
     @classmethod
     def from_dict(cls, data: Any, artifact_bytes: bytes) -> PlanResult:
         """The result ``data`` (``to_dict()`` output) describes, with the artifact it names (its file's
         bytes: the JSON holds only their size and sha256, which ``artifact_bytes`` must match)."""
-        # slower_than_float is derived from the plan's measurement: read back from it, not from the key
         fields = json_object(data, "a plan result", _RESULT_KEYS, PLAN_RESULT_FORMAT, _RESULT_OPTIONAL_KEYS)
+        baselines = {} if fields["baselines"] is None else mapping("baselines", fields["baselines"])
         sha256 = _check_artifact(fields["artifact"], artifact_bytes)
         return cls(
             request=PlanRequest.from_dict(mapping("request", fields["request"])),
@@ -323,6 +409,7 @@ class PlanResult:
                 layer: text_mapping(f"layer_nodes[{layer!r}]", node)
                 for layer, node in mapping("layer_nodes", fields["layer_nodes"]).items()
             },
+            baselines={name: Measurement.from_dict(value) for name, value in _baselines(baselines)},
         )
 
 

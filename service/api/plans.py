@@ -56,6 +56,8 @@ MAX_LATENCY_WARMUP = 1_000
 MAX_LATENCY_BATCH_SIZE = 4_096
 Metric = Literal["auto", "top1", "cosine", "neighbour_agreement", "step_agreement"]  # planner.evaluate.METRICS
 METRICS: tuple[str, ...] = get_args(Metric)
+Baseline = Literal["fp32", "fp16"]  # planner.request.BASELINES
+BASELINES: tuple[str, ...] = get_args(Baseline)
 MAX_EXCLUDE_PATTERNS = 256  # planner.exclude's
 MAX_EXCLUDE_PATTERN_LENGTH = 1024
 ExcludePattern = Annotated[str, Field(min_length=1, max_length=MAX_EXCLUDE_PATTERN_LENGTH)]
@@ -104,6 +106,11 @@ class PlanRequestIn(BaseModel):
     metric: Metric = Field(
         "auto",
         description="what max_drop is measured on; auto picks it from the model's output kind (planner.evaluate)",
+    )
+    baseline: Baseline = Field(
+        "fp32",
+        description="what max_drop is measured against: the float model (fp32) or every layer at fp16; "
+        "every measured point states its drop and latency against both (measured.against)",
     )
     exclude: list[ExcludePattern] = Field(
         default_factory=list,

@@ -157,6 +157,18 @@ class LatencyFigures(TypedDict):
     onnxruntime_version: NotRequired[str]
 
 
+@with_config(STORED)
+class Comparison(TypedDict):
+    """A measured configuration against a baseline model (``planner.result.Comparison``)."""
+
+    metric: Annotated[float, Field(description="the baseline model's metric, percent")]
+    drop: Annotated[float, Field(description="the baseline's metric minus this configuration's, percentage points")]
+    latency_ratio: Annotated[
+        float | None, Field(description="p50 latency / the baseline's p50 (below 1: faster); null if unmeasured")
+    ]
+    size_ratio: Annotated[float, Field(description="artifact bytes / the baseline's artifact bytes")]
+
+
 @with_config(
     ConfigDict(
         extra="allow",
@@ -221,6 +233,12 @@ class Measurement(TypedDict):
     float_latency_p50_ms: NotRequired[
         Annotated[float | None, Field(description="the float model's median latency in the same run")]
     ]
+    against: NotRequired[
+        Annotated[
+            dict[str, Comparison],
+            Field(description="baseline (fp32: the float model; fp16: every layer at fp16) -> this against it"),
+        ]
+    ]
 
 
 @with_config(ConfigDict(extra="forbid"))
@@ -243,7 +261,9 @@ class PlanPredictedFigures(PredictedFigures):
     meets_constraints: bool
 
 
-Configuration = Annotated[dict[str, str], Field(description="layer name -> candidate (fp32, w8a8, w4a8, w8, w4)")]
+Configuration = Annotated[
+    dict[str, str], Field(description="layer name -> candidate (fp32, fp16, w8a8, w4a8, w8a16, w8, w4)")
+]
 
 
 @with_config(STORED)
@@ -321,6 +341,9 @@ class PlanResult(TypedDict):
     excluded: NotRequired[list[Exclusion]]
     layer_nodes: NotRequired[dict[str, LayerNode]]
     run: NotRequired[PlanRun]
+    baselines: NotRequired[
+        Annotated[dict[str, Measurement], Field(description="the baseline models measured: fp32 and fp16")]
+    ]
 
 
 # ---------------------------------------------------------------- jobs

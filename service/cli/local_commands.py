@@ -41,6 +41,7 @@ if TYPE_CHECKING:  # onnx and the libraries load when a command runs, not to bui
 SENSITIVITY_METHODS = ("hawq_v1", "hawq_v2", "interlayer", "fisher")
 PLAN_METHODS = ("hawq_v2", "interlayer", "fisher")
 PLAN_METRICS = ("auto", "top1", "cosine", "neighbour_agreement", "step_agreement")  # planner.evaluate.METRICS
+PLAN_BASELINES = ("fp32", "fp16")  # planner.request.BASELINES
 DEFAULT_CANDIDATES = "fp32,w8a8,w4a8,w8,w4"
 # sensitivity.results' HVP_CHOICES and DEFAULT_MEMORY_BUDGET_MB, written out: the CLI does not
 # import torch to build its parser (a test pins them equal).
@@ -156,6 +157,13 @@ def _add_plan(subparsers: Subcommands) -> None:
         default="auto",
         help="what --max-drop is measured on (default auto: top-1 for class scores, cosine for "
         "embeddings and dense maps, per-step agreement for [N, T, C] sequences)",
+    )
+    command.add_argument(
+        "--baseline",
+        choices=PLAN_BASELINES,
+        default="fp32",
+        help="what --max-drop is measured against: the float model (fp32, default) or every layer at fp16; "
+        "the plan states its drop and latency against both",
     )
     command.add_argument(
         "--exclude",

@@ -71,6 +71,7 @@ def plan_document(
         "activation_terms": result["activation_terms"],
         "excluded": result["excluded"],
         "layer_nodes": result["layer_nodes"],
+        "baselines": result.get("baselines") or {},  # plans stored before baselines existed have none
     }
     if plan_id is not None:
         document["plan_id"] = plan_id
@@ -236,10 +237,26 @@ def plan_summary(document: Mapping[str, Any]) -> str:
         f"drop {measured['drop']:.2f} pp), artifact {measured['size_bytes']} B, latency p50 {latency['p50']:.3f} ms"
         f"{', ' + ratio if ratio else ''} (mean {latency['mean']:.3f}, p90 {latency['p90']:.3f}) on {latency['device']}"
     )
+    lines += against_lines(measured, document["request"].get("baseline", "fp32"))
     if measured.get("metric_reason"):
         lines.append(f"metric: {measured['metric_name']} because {measured['metric_reason']}")
     lines.append(f"{document['evaluations']} evaluations; wrote {document['artifact']}")
     return "\n".join(lines)
+
+
+def against_lines(measured: Mapping[str, Any], baseline: str) -> list[str]:
+    """One line per baseline model the plan was compared with (``Measurement.against``): the drop,
+    the p50 latency ratio and the size ratio; the one ``max_drop`` held against is marked."""
+    lines = []
+    for name, comparison in (measured.get("against") or {}).items():
+        ratio = comparison["latency_ratio"]
+        latency = "latency not measured" if ratio is None else f"latency x{ratio:.2f}"
+        mark = " (--max-drop against this)" if name == baseline else ""
+        lines.append(
+            f"against {name}: {comparison['metric']:.2f} % there, drop {comparison['drop']:.2f} pp, "
+            f"{latency}, size x{comparison['size_ratio']:.2f}{mark}"
+        )
+    return lines
 
 
 def json_default(value: Any) -> Any:

@@ -100,12 +100,14 @@ def plan_request(params: Mapping[str, Any]) -> PlanRequest:
     seed = options.pop("seed", 0)
     constraints = {k: v for k, v in params.get("constraints", {}).items() if v is not None}
     # plans submitted before the metric field have none: auto, what they were measured with since;
-    # before the exclude field, none: nothing was excluded; before sample_axes, none: the declared shapes'
+    # before the exclude field, none: nothing was excluded; before sample_axes, none: the declared shapes';
+    # before baseline, fp32: max_drop was the float model's
     return PlanRequest(
         method=params["method"],
         search=params["search"],
         candidates=params["candidates"],
         metric=params.get("metric", "auto"),
+        baseline=params.get("baseline", "fp32"),
         exclude=params.get("exclude", ()),
         sample_axes=params.get("sample_axes") or {},
         seed=seed,

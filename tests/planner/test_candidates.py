@@ -5,7 +5,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from planner.candidates import CANDIDATES, Candidate, Configuration, get_candidate, parse_candidates
+from planner.cost import layer_bops, layer_cost_table, layer_size_bytes
+from planner.export import required_opset
 from sensitivity.layers import Layer
+from tests.models import tiny_onnx_model
 
 LAYERS = [
     Layer("conv.weight", "/conv/Conv", "Conv", (4, 1, 3, 3), 36, 0),
@@ -84,3 +87,22 @@ def test_configuration_json_round_trip(assignments):
     configuration = Configuration(assignments)
     assert Configuration.from_json(configuration.to_json()) == configuration
     assert Configuration.from_dict(json.loads(configuration.to_json())).to_dict() == assignments
+
+
+def test_fp16_and_w8a16_candidates() -> None:
+    fp16, w8a16 = CANDIDATES["fp16"], CANDIDATES["w8a16"]
+    assert fp16 == Candidate("fp16", 16, 16, float16=True)
+    assert w8a16 == Candidate("w8a16", 8, 16)
+    # fp16 stores and computes in float16: no integer grid, no calibrated activation ranges
+    assert fp16.quantizes_weights and not fp16.integer_weights and not fp16.integer_activations
+    assert w8a16.integer_weights and w8a16.integer_activations and not w8a16.float16
+    assert (fp16.effective_weight_bits, fp16.effective_activation_bits) == (16, 16)
+    table = layer_cost_table(tiny_onnx_model(), {"x": (1, 8)})
+    cost = table["fc1.weight"]
+    assert layer_size_bytes(cost, "fp16") == 2 * cost.num_params  # float16 values, no scales
+    assert layer_size_bytes(cost, "w8a16") == layer_size_bytes(cost, "w8")
+    assert layer_bops(cost, "fp16") == cost.macs * 16 * 16 == layer_bops(cost, "fp32") // 4
+    assert layer_bops(cost, "w8a16") == 2 * layer_bops(cost, "w8a8")
+    # float16 needs no newer opset; 16-bit QuantizeLinear types need 21
+    assert required_opset(["fp32", "fp16"]) == 0
+    assert required_opset(["fp16", "w8a16"]) == 21

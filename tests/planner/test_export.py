@@ -20,7 +20,7 @@ from planner.export import (
 )
 from sensitivity.layers import Layer, find_layers, node_weight_index, weight_array
 from sensitivity.onnx_program import load_onnx
-from sensitivity.quantize import quantize_weight
+from sensitivity.quantize import quantize_weight, to_float16
 from tests.models import conv_batchnorm_model, recurrent_model, trained_digits_onnx, uninferable_model
 from tests.planner.helpers import embedding_model
 
@@ -93,7 +93,7 @@ def _assert_weights_are_q_b(original: onnx.ModelProto, exported, configuration) 
     model = exported.load()
     for layer in find_layers(original):
         candidate = configuration[layer.name]
-        bits = {"w8a8": 8, "w8": 8, "w4a8": 4, "w4": 4}.get(candidate)
+        bits = {"w8a8": 8, "w8a16": 8, "w8": 8, "w4a8": 4, "w4": 4}.get(candidate)  # fp32, fp16: no integers
         if bits is None:
             assert stored_weight(model, layer.name) is None
             continue
@@ -429,3 +429,106 @@ def test_an_unfolded_batchnorm_is_folded_before_quantizing(candidate):
     assert exported.plan["normalization"]["folded_batchnorms"] == ["layer.weight"]
     expected = _run(model.SerializeToString(), x, "x")
     assert np.max(np.abs(_run(exported.model_bytes, x, "x") - expected)) < 0.05 * np.max(np.abs(expected))
+
+
+def _float16_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.data_type == TensorProto.FLOAT16}
+
+
+@pytest.mark.slow
+def test_uniform_fp16_runs_close_to_float_with_q16_weights(digits):
+    proto, calibration, data = digits
+    layers = find_layers(proto)
+    exported = export_model(proto, Configuration.uniform(layers, "fp16"), calibration)
+    model = exported.load()
+    onnx.checker.check_model(model)
+    stored = _float16_weights(model)
+    for layer in layers:  # the weight is Q_16(W), the float32 one is gone
+        np.testing.assert_array_equal(stored[layer.name + "_fp16"], to_float16(weight_array(proto, layer.name)))
+        assert layer.name not in {i.name for i in model.graph.initializer}
+        assert (exported.layers[layer.name].method, exported.layers[layer.name].weight_bits) == ("float16", 16)
+    assert stored_weight(model, layers[0].name) is None  # no integers behind it
+    float_out = _run(proto.SerializeToString(), data.test_x)
+    half_out = _run(exported.model_bytes, data.test_x)
+    # float16 keeps 11 significant bits: measured 5e-4 of the largest logit on these samples
+    assert np.abs(half_out - float_out).max() <= 2e-3 * np.abs(float_out).max()
+    assert np.mean(half_out.argmax(1) == float_out.argmax(1)) >= 0.995
+    assert half_out.dtype == np.float32  # inputs and outputs stay float32 (Casts inside)
+    assert len(exported.model_bytes) < 0.6 * len(proto.SerializeToString())
+
+
+@pytest.mark.slow
+def test_fp16_mixes_with_integer_candidates(digits):
+    proto, calibration, data = digits
+    configuration = {"conv1.weight": "w8a8", "conv2.weight": "fp16", "fc1.weight": "w8", "fc2.weight": "fp16"}
+    exported = export_model(proto, configuration, calibration)
+    model = exported.load()
+    onnx.checker.check_model(model)
+    _assert_weights_are_q_b(proto, exported, configuration)
+    types = {n.name: n for n in model.graph.node}
+    conv2 = types["/conv2/Conv"]
+    producers = {out: node for node in model.graph.node for out in node.output}
+    assert producers[conv2.input[0]].op_type == "Cast"  # its float32 input cast to float16
+    assert [n.op_type for n in model.graph.node].count("Cast") == 4  # in and out of the two fp16 layers
+    assert _accuracy(exported.model_bytes, data) > _accuracy(proto.SerializeToString(), data) - 1.0
+
+
+@pytest.mark.slow
+def test_fp16_on_shared_and_table_layers():
+    """A Gather table at fp16 (integer indices stay integer) and an LSTM whose W is fp16 while R is w8: the
+    LSTM node keeps computing in float32, reading W's float16 values through a Cast."""
+    model, calibration = recurrent_model()
+    configuration = {"lstm.W": "fp16", "lstm.R": "w8", "fc.weight": "fp16"}
+    exported = export_model(model, configuration, calibration)
+    proto = exported.load()
+    lstm = next(n for n in proto.graph.node if n.op_type == "LSTM")
+    producers = {out: node for node in proto.graph.node for out in node.output}
+    cast = producers[lstm.input[1]]
+    assert (cast.op_type, cast.input[0]) == ("Cast", "lstm.W_fp16")
+    assert producers[lstm.input[2]].op_type == "DequantizeLinear"
+    # what the interpreter computes with Q_16's W and Q_8's R
+    program = load_onnx(model)
+    predicted = {
+        "lstm.W": torch.from_numpy(to_float16(weight_array(model, "lstm.W")).astype(np.float32)),
+        "lstm.R": torch.from_numpy(quantize_weight(weight_array(model, "lstm.R"), 8, 1).dequantize()),
+        "fc.weight": torch.from_numpy(to_float16(weight_array(model, "fc.weight")).astype(np.float32)),
+    }
+    expected = program.forward(predicted, {"x": torch.from_numpy(calibration["x"])})[0].numpy()
+    got = ort.InferenceSession(exported.model_bytes, providers=["CPUExecutionProvider"]).run(None, calibration)[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-2, atol=1e-2 * np.abs(expected).max())  # fc computes in float16
+
+    table_model, ids = embedding_model()
+    table = export_model(table_model, Configuration.uniform(find_layers(table_model), "fp16"), ids)
+    stored = _float16_weights(table.load())
+    np.testing.assert_array_equal(stored["table_fp16"], to_float16(weight_array(table_model, "table")))
+    session = ort.InferenceSession(table.model_bytes, providers=["CPUExecutionProvider"])
+    reference = ort.InferenceSession(table_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    out, ref = session.run(None, ids)[0], reference.run(None, ids)[0]
+    assert np.abs(out - ref).max() <= 2e-3 * np.abs(ref).max()
+
+
+@pytest.mark.slow
+def test_w8a16_quantizes_activations_to_uint16_at_opset_21(digits):
+    proto, calibration, data = digits
+    layers = find_layers(proto)
+    exported = export_model(proto, Configuration.uniform(layers, "w8a16"), calibration)
+    model = exported.load()
+    assert exported.opset == 21  # 16-bit QuantizeLinear types
+    _assert_weights_are_q_b(proto, exported, Configuration.uniform(layers, "w8a16"))
+    zero_point_types = {
+        i.data_type
+        for i in model.graph.initializer
+        # activations' zero points: not a weight's (layer name) nor an int32 bias's (_quantized_)
+        if i.name.endswith("zero_point") and "weight" not in i.name and not i.name.endswith("_quantized_zero_point")
+    }
+    assert zero_point_types == {TensorProto.UINT16}
+    assert all(layer.activation_bits == 16 for layer in exported.layers.values())
+    float_out = _run(proto.SerializeToString(), data.test_x)
+    w8a8_out = _run(export_model(proto, Configuration.uniform(layers, "w8a8"), calibration).model_bytes, data.test_x)
+    w8a16_out = _run(exported.model_bytes, data.test_x)
+    # 16-bit activations leave the int8 weights' error alone: closer to float than w8a8
+    assert np.abs(w8a16_out - float_out).mean() < np.abs(w8a8_out - float_out).mean()
+    mixed = export_model(proto, {**Configuration.uniform(layers, "w8a8"), "fc1.weight": "w8a16"}, calibration)
+    types = {i.data_type for i in mixed.load().graph.initializer if i.name.endswith("zero_point")}
+    assert {TensorProto.UINT8, TensorProto.UINT16} <= types
+    assert _accuracy(mixed.model_bytes, data) > _accuracy(proto.SerializeToString(), data) - 1.0

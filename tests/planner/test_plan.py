@@ -323,6 +323,7 @@ BAD_REQUEST_VALUES: dict[str, list[Any]] = {
     "solver_time_limit_s": [0, -1, math.inf, math.nan, True, "10", None, MAX_SOLVER_TIME_LIMIT_S + 1, 10**400],
     "measure_activation_terms": NOT_FLAGS,
     "metric": ["bleu", "", None, 1, ["cosine"], "top1_accuracy"],
+    "baseline": ["bf16", "", None, 16, ["fp16"], "FP16", "w8a8"],
     "exclude": [None, 5, {"fc1.weight": 1}, [""], [1], [None], [["fc1.weight"]], ["x" * 1025], ["fc1.weight"] * 257],
     "sample_axes": [
         None,
@@ -735,3 +736,44 @@ def test_plan_module_plans_an_nn_module_as_its_pt2_would_be():
     session = ort.InferenceSession(result.artifact_bytes, providers=["CPUExecutionProvider"])
     logits = session.run(None, {"x": data.test_x})[0]
     assert 100.0 * float((logits.argmax(1) == data.test_y).mean()) == pytest.approx(result.plan.measured.metric)
+
+
+@pytest.mark.slow
+def test_a_plan_with_an_fp16_baseline_reports_both_and_holds_max_drop_to_fp16(digits):
+    proto, calibration, evaluation = digits
+    # hawq_v2 from traces alone: Ω of the 16-bit Δ comes from the model's own weights (predict._trace_terms)
+    config = InterLayerConfig(bits=(16, 8), trace_max_probes=8, trace_min_probes=4, device="cpu").trace_config()
+    sensitivity = compute_sensitivity(load_onnx(proto), calibration, config)
+    request = PlanRequest(candidates=("fp32", "fp16", "w8a8", "w8"), max_drop=0.5, baseline="fp16", **FAST)
+    result = plan(proto, calibration, request, evaluation=evaluation, sensitivity=sensitivity)
+
+    assert set(result.baselines) == {"fp32", "fp16"}
+    fp32, fp16 = result.baselines["fp32"], result.baselines["fp16"]
+    assert fp32.drop == 0.0 and fp32.metric == fp32.baseline  # the float model itself
+    assert fp16.size_bytes < 0.6 * fp32.size_bytes  # float16 weights: about half the file
+    measured = result.plan.measured
+    assert set(measured.against) == {"fp32", "fp16"}
+    assert measured.against["fp32"].drop == pytest.approx(measured.drop)
+    assert measured.against["fp16"].drop == pytest.approx(fp16.metric - measured.metric)
+    assert measured.against["fp16"].size_ratio == pytest.approx(measured.size_bytes / fp16.size_bytes)
+    assert measured.against["fp32"].latency_ratio == pytest.approx(measured.latency.p50_ms / fp32.latency.p50_ms)
+    assert result.meets_constraints and measured.drop_against("fp16") <= 0.5
+    # every measured frontier point states both comparisons
+    assert all(set(p.measured.against) == {"fp32", "fp16"} for p in result.frontier if p.measured is not None)
+
+    data = result.to_dict()
+    assert PlanResult.from_dict(data, result.artifact_bytes) == result
+    # a result stored before baselines existed loads, with none
+    old = {key: value for key, value in data.items() if key != "baselines"}
+    old["plan"] = {**data["plan"], "measured": {k: v for k, v in data["plan"]["measured"].items() if k != "against"}}
+    loaded = PlanResult.from_dict(old, result.artifact_bytes)
+    assert loaded.baselines == {} and loaded.plan.measured.against == {}
+    assert loaded.request.baseline == "fp16"
+    with pytest.raises(ValueError, match="unknown baseline"):
+        PlanResult.from_dict({**data, "baselines": {"bf16": data["baselines"]["fp16"]}}, result.artifact_bytes)
+
+
+def test_a_stored_request_without_baseline_loads_as_fp32():
+    data = PlanRequest().to_dict()
+    del data["baseline"]
+    assert PlanRequest.from_dict(data).baseline == "fp32"

@@ -189,3 +189,31 @@ def test_bad_configurations_are_named(terms: InterLayerTerms) -> None:
         predicted_loss_change(terms, {"nope": 8})
     with pytest.raises(ValueError, match="at 6 bits; computed bit widths: \\[2, 4, 8\\]"):
         predicted_loss_change(terms, {"fc1.weight": 6})
+
+
+def test_fp16_terms_match_exact_blocks_and_are_far_below_8_bits(problem: TinyProblem) -> None:
+    """b = 16 (float16 rounding, the fp16 candidate) flows through the same G, g·Δ and Ω as the integer widths."""
+    bits = (16, 8)
+    hvp = HessianVectorProducts(problem.loss(batch_size=12), probes_per_pass=4)
+    result = interlayer_terms(hvp, problem.program.layers, bits, _exact_traces(problem))
+    point = tuple(problem.program.layer_weights.values())
+    deltas = perturbations(problem.program.layers, point, bits)
+    for (name, b), delta in deltas.items():
+        if b == 16:  # float16 of the float32 weight, as the exporter stores it
+            weight = dict(zip((layer.name for layer in problem.program.layers), point))[name]
+            expected = weight.float().numpy().astype(np.float16).astype(np.float64) - weight.numpy()
+            np.testing.assert_allclose(delta.numpy(), expected, rtol=0, atol=1e-12)
+    vectors = []
+    for label in result.labels:
+        vector = tuple(
+            deltas[label] if layer.name == label[0] else torch.zeros(layer.shape, dtype=torch.float64)
+            for layer in problem.program.layers
+        )
+        vectors.append(problem.flatten(vector).numpy())
+    exact = np.stack(vectors) @ exact_hessian(problem) @ np.stack(vectors).T
+    assert np.allclose(result.array(), exact, rtol=1e-5, atol=1e-5 * np.abs(exact).max())
+    omega_of = dict(zip(result.labels, result.omega))
+    names = [layer.name for layer in problem.program.layers]
+    total_8 = sum(omega_of[(name, 8)] for name in names)
+    # float16's step is about 2^-11 of each weight, int8's 1/127 of the channel's largest: Ω far below
+    assert total_8 > 0 and 0 <= sum(omega_of[(name, 16)] for name in names) < 1e-2 * total_8

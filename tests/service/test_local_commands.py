@@ -286,6 +286,25 @@ def test_the_cli_offers_the_library_metrics():
     assert PLAN_METRICS == METRICS
 
 
+def test_the_cli_offers_the_library_baselines():
+    from planner.request import BASELINES
+    from planner.result import BASELINES as RESULT_BASELINES
+    from service.cli.local_commands import PLAN_BASELINES
+
+    assert PLAN_BASELINES == BASELINES == RESULT_BASELINES
+
+
+@pytest.mark.parametrize("where", [(), ("--server", "http://127.0.0.1:9")])
+def test_a_bad_baseline_exits_2_naming_the_choices_locally_and_remotely(files, capsys, monkeypatch, where):
+    """Refused by the option parser, before any file is read or any server is called."""
+    monkeypatch.chdir(files)
+    with pytest.raises(SystemExit) as exit_info:
+        call_mpq("plan", "model.onnx", "--data", "calib.npz", "--baseline", "bf16", *where, capsys=capsys)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "--baseline: invalid choice: 'bf16'" in err and "'fp32', 'fp16'" in err and "Traceback" not in err
+
+
 def test_the_cli_offers_the_library_hvp_methods_and_memory_budget():
     from sensitivity import results
 
@@ -749,3 +768,20 @@ def test_fisher_plan_on_the_digits_cnn_meets_its_budget(digits_cli_files, capsys
     # Ω is Σ Fᵢᵢ Δᵢ² (HAWQ-V2's convention, no ½) and the predicted ΔL the Fisher's ½ Σ Fᵢᵢ Δᵢ²
     assert plan["predicted"]["omega"] > 0
     assert plan["predicted"]["loss_change"] == pytest.approx(plan["predicted"]["omega"] / 2, rel=1e-9)
+
+
+def test_the_summary_states_the_plan_against_both_baselines():
+    from service.cli.output import against_lines
+
+    measured = {
+        "against": {
+            "fp32": {"metric": 99.0, "drop": 0.5, "latency_ratio": 0.8, "size_ratio": 0.3},
+            "fp16": {"metric": 98.9, "drop": 0.4, "latency_ratio": None, "size_ratio": 0.6},
+        }
+    }
+    lines = against_lines(measured, "fp16")
+    assert lines == [
+        "against fp32: 99.00 % there, drop 0.50 pp, latency x0.80, size x0.30",
+        "against fp16: 98.90 % there, drop 0.40 pp, latency not measured, size x0.60 (--max-drop against this)",
+    ]
+    assert against_lines({}, "fp32") == []  # plans stored before baselines existed

@@ -154,6 +154,9 @@ HOSTILE_PLAN_FIELDS = [
     (f'{BUDGET}, "exclude": [1]', "exclude"),
     (f'{BUDGET}, "exclude": [""]', "exclude"),
     (f'{BUDGET}, "exclude": ["{"x" * 1025}"]', "exclude"),
+    (f'{BUDGET}, "baseline": "bf16"', "baseline"),
+    (f'{BUDGET}, "baseline": 16', "baseline"),
+    (f'{BUDGET}, "baseline": null', "baseline"),
 ]
 
 
@@ -189,6 +192,7 @@ def test_the_api_schema_states_the_library_bounds():
     assert schema(Constraints, "max_drop")["maximum"] == library.MAX_DROP
     assert schema(PlanRequestIn, "candidates")["maxItems"] == library.MAX_CANDIDATE_NAMES
     assert tuple(schema(PlanRequestIn, "metric")["enum"]) == library.METRICS  # planner.evaluate's, imported there
+    assert tuple(schema(PlanRequestIn, "baseline")["enum"]) == library.BASELINES
     exclude = importlib.import_module("planner.exclude")
     assert schema(PlanRequestIn, "exclude")["maxItems"] == exclude.MAX_EXCLUDE_PATTERNS
     assert schema(PlanRequestIn, "exclude")["items"]["maxLength"] == exclude.MAX_EXCLUDE_PATTERN_LENGTH
@@ -229,6 +233,22 @@ def test_the_plan_body_metric_reaches_the_library_request():
     assert plan_request({k: v for k, v in body.items() if k != "metric"}).metric == "auto"
     with pytest.raises(ValidationError, match="metric"):
         PlanRequestIn(**fields, metric="bleu")
+
+
+def test_the_plan_body_baseline_reaches_the_library_request():
+    """The body's baseline becomes PlanRequest.baseline; jobs stored before the field existed plan against fp32."""
+    from pydantic import ValidationError
+
+    from service.api.plans import PlanRequestIn
+    from service.inspection.model_files import plan_request
+
+    fields = {"model_id": "m", "calibration_dataset_id": "c", "constraints": {"max_drop": 1.0}}
+    body = PlanRequestIn(**fields, baseline="fp16").model_dump()
+    assert plan_request(body).baseline == "fp16"
+    assert PlanRequestIn(**fields).model_dump()["baseline"] == "fp32"
+    assert plan_request({k: v for k, v in body.items() if k != "baseline"}).baseline == "fp32"
+    with pytest.raises(ValidationError, match="baseline"):
+        PlanRequestIn(**fields, baseline="bf16")
 
 
 def test_the_plan_body_exclude_reaches_the_library_request():

@@ -96,7 +96,7 @@ function initSensitivity() {
 // ------------------------------------------------------------------ plan: frontier chart and point detail
 
 // Okabe-Ito, as dashboard.css's precision colours: a uniform baseline takes its candidate's colour.
-const PRECISION_COLOURS = { fp32: "#7a7a7a", w8a8: "#009e73", w8: "#56b4e9", w4a8: "#e69f00", w4: "#d55e00" };
+const PRECISION_COLOURS = { fp32: "#7a7a7a", w8a8: "#009e73", w8: "#56b4e9", w4a8: "#e69f00", w4: "#d55e00", fp16: "#cc79a7", w8a16: "#0072b2" };
 const BUDGET_FOR_AXIS = { size_bytes: "max_size_bytes", bops: "max_bops", latency_ms: "max_latency_ms" };
 const BUDGET_WORDS = { size_bytes: "size budget", bops: "BOPS budget", latency_ms: "latency budget" };
 // An axis is logarithmic when its largest value is more than this many times its smallest, chosen
