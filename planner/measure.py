@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -17,6 +17,7 @@ from planner.candidates import Configuration
 from planner.evaluate import evaluate
 from planner.export import ExportedModel, export_model
 from planner.latency import measure_latency
+from planner.latency_table import RelativeLatency, compare, timing_for
 from planner.request import PlanRequest
 from planner.result import Measurement, PlanPoint
 from sensitivity.normalize import NormalizedModel
@@ -100,6 +101,12 @@ class Measurer:
             )
             self.progress("measure", 1.0, f"{result.metric_name} {result.metric:.2f} % (drop {result.drop:.2f} pp)")
         return self._measurements[key]
+
+    def relative_latency(self, configurations: Sequence[Mapping[str, str]]) -> list[RelativeLatency]:
+        """Each configuration's artifact timed against the float model, all interleaved in one run
+        (``planner.latency_table.compare``): ratios to compare, never ms from separate runs."""
+        models = [self.export(configuration).model_bytes for configuration in configurations]
+        return compare(models, self._float_bytes, self._evaluation, timing_for(self._request), self.sample_axes)
 
     def measured(self, point: PlanPoint) -> PlanPoint:
         return dataclasses.replace(point, measured=self.measure(point.configuration))

@@ -158,9 +158,12 @@ class PlanPoint:
     omega: float  # Ω(c), HAWQ-V2's diagonal proxy
     loss_change: float  # ΔL(c) = Σ g·Δ + ½ Σ G
     measured: Measurement | None = None
+    # Predicted by the latency table (planner.latency_table) where the search had one; never a measurement.
+    latency_ms: float | None = None
 
     def predicted(self) -> dict[str, Any]:
-        return {"omega": self.omega, "loss_change": self.loss_change, "size_bytes": self.size_bytes, "bops": self.bops}
+        figures = {"omega": self.omega, "loss_change": self.loss_change, "size_bytes": self.size_bytes, "bops": self.bops}
+        return figures if self.latency_ms is None else {**figures, "latency_ms": self.latency_ms}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -173,7 +176,10 @@ class PlanPoint:
     @classmethod
     def from_dict(cls, data: Any) -> PlanPoint:
         fields = json_object(data, "a plan point", _POINT_KEYS, PLAN_POINT_FORMAT)
-        predicted = json_object(fields["predicted"], "a plan point's predicted figures", _PREDICTED_KEYS)
+        figures = fields["predicted"]
+        keys = (*_PREDICTED_KEYS, "latency_ms") if isinstance(figures, Mapping) and "latency_ms" in figures else _PREDICTED_KEYS
+        predicted = json_object(figures, "a plan point's predicted figures", keys)
+        latency = predicted.get("latency_ms")
         measured = fields["measured"]
         return cls(
             configuration=text_mapping("layers", fields["layers"]),
@@ -182,6 +188,7 @@ class PlanPoint:
             omega=real("predicted.omega", predicted["omega"]),
             loss_change=real("predicted.loss_change", predicted["loss_change"]),
             measured=None if measured is None else Measurement.from_dict(measured),
+            latency_ms=None if latency is None else real("predicted.latency_ms", latency),
         )
 
 
