@@ -101,6 +101,11 @@ class PlanRequestIn(BaseModel):
     search: Literal["pareto", "bisection"] = "pareto"
     candidates: list[str] = Field(default_factory=lambda: list(DEFAULT_CANDIDATES), min_length=1, max_length=16)
     constraints: Constraints = Field(default_factory=Constraints)
+    objective: Literal["loss", "latency"] = Field(
+        "loss",
+        description="loss: the least predicted loss within the constraints; latency: the fastest configuration "
+        "measured against the float model within them, never one slower than float (planner.latency_table)",
+    )
     metric: Metric = Field(
         "auto",
         description="what max_drop is measured on; auto picks it from the model's output kind (planner.evaluate)",

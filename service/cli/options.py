@@ -117,6 +117,7 @@ def plan_fields(args: argparse.Namespace) -> dict[str, Any]:
         "max_latency_ms": args.max_latency_ms,
         "max_drop": args.max_drop,
         "metric": args.metric,
+        "objective": args.objective,
         "exclude": exclude_patterns(args.exclude),
         "sample_axes": sample_axes_option(args.sample_axis),
         "seed": args.seed,

@@ -106,6 +106,7 @@ def plan_request(params: Mapping[str, Any]) -> PlanRequest:
         search=params["search"],
         candidates=params["candidates"],
         metric=params.get("metric", "auto"),
+        objective=params.get("objective", "loss"),  # plans submitted before the field: loss
         exclude=params.get("exclude", ()),
         sample_axes=params.get("sample_axes") or {},
         seed=seed,

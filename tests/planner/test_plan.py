@@ -294,6 +294,7 @@ BAD_REQUEST_VALUES: dict[str, list[Any]] = {
     "solver_time_limit_s": [0, -1, math.inf, math.nan, True, "10", None, MAX_SOLVER_TIME_LIMIT_S + 1, 10**400],
     "measure_activation_terms": NOT_FLAGS,
     "metric": ["bleu", "", None, 1, ["cosine"], "top1_accuracy"],
+    "objective": ["speed", "", None, 1, ["latency"], "Latency"],
     "exclude": [None, 5, {"fc1.weight": 1}, [""], [1], [None], [["fc1.weight"]], ["x" * 1025], ["fc1.weight"] * 257],
     "sample_axes": [
         None,

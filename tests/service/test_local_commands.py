@@ -286,6 +286,13 @@ def test_the_cli_offers_the_library_metrics():
     assert PLAN_METRICS == METRICS
 
 
+def test_the_cli_offers_the_library_objectives():
+    from planner.request import OBJECTIVES
+    from service.cli.local_commands import PLAN_OBJECTIVES
+
+    assert PLAN_OBJECTIVES == OBJECTIVES
+
+
 def test_the_cli_offers_the_library_hvp_methods_and_memory_budget():
     from sensitivity import results
 
