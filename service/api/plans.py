@@ -36,7 +36,7 @@ from service.api.results import (
 )
 from service.api.transfer import DOWNLOAD_RESPONSES, blob_response
 from service.store.sql_store import SqlStore
-from service.store.tables import Artifact, Plan
+from service.store.tables import Artifact, Model, Plan
 
 router = APIRouter(tags=["plans"])
 NO_PLAN = {"description": "No plan with this id"}
@@ -386,3 +386,35 @@ def list_latency(request: Request, plan_id: str) -> list[LatencyOut]:
     db: SqlStore = request.app.state.db
     _plan_or_404(db, plan_id)
     return [LatencyOut.model_validate(row) for row in db.latency_measurements(plan_id)]
+
+
+class LatencyTableOut(BaseModel):
+    """A measured latency table (``planner.latency_table.LatencyTable.to_dict()`` in ``table``): each
+    layer's contribution per candidate in ms and as a fraction of the float model's time, with its
+    spread; stored by the plan job that measured it and reused by later plans of the model on the same
+    device, provider, onnxruntime version, batch size and candidates."""
+
+    model_config = ConfigDict(from_attributes=True)
+    id: str
+    created_at: datetime
+    job_id: str | None
+    device_description: str
+    provider: str
+    onnxruntime_version: str
+    batch_size: int
+    candidates: str
+    table: dict[str, Any]
+
+
+@router.get(
+    "/models/{model_id}/latency-tables",
+    response_model=list[LatencyTableOut],
+    summary="The model's measured latency tables, newest first",
+    responses={404: {"description": "No model with this id"}},
+)
+def list_latency_tables(request: Request, model_id: str) -> list[LatencyTableOut]:
+    db: SqlStore = request.app.state.db
+    model = db.get(Model, model_id)
+    if model is None:
+        raise Problem(404, f"no model with id {model_id!r}")
+    return [LatencyTableOut.model_validate(row) for row in db.latency_tables(model.sha256)]
