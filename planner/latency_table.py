@@ -46,7 +46,9 @@ from typing import Any
 import numpy as np
 import onnx
 
-from planner._timing_standin import RelativeLatency, compare_latency  # STAND-IN: planner.latency at merge
+# STAND-IN: from planner.latency at merge (the one place that imports it; RelativeLatency re-exported).
+from planner._timing_standin import RelativeLatency as RelativeLatency
+from planner._timing_standin import compare_latency
 from planner.candidates import as_configuration
 from planner.checks import json_object, real, require
 from planner.cost import CostTable
@@ -402,9 +404,7 @@ def _no_progress(phase: str, fraction: float, message: str) -> None:
     pass
 
 
-def with_latency_costs(
-    objective: Objective, costs: CostTable, table: LatencyTable
-) -> tuple[Objective, CostTable]:
+def with_latency_costs(objective: Objective, costs: CostTable, table: LatencyTable) -> tuple[Objective, CostTable]:
     """``objective`` with the cost kind ``latency`` from ``table`` and ``costs`` with its offset.
 
     A contribution can be negative (w8a8 faster than float); the searches' knapsacks take costs as
@@ -417,11 +417,14 @@ def with_latency_costs(
     ]
     offset = table.float_p50_ms + sum(min(row) for row in rows)
     shifted = [[value - min(row) for value in row] for row in rows]
-    objective = dataclasses.replace(objective, costs={**objective.costs, "latency": shifted})
+    latency = tuple(np.array(row, dtype=np.float64) for row in shifted)
+    objective = dataclasses.replace(objective, costs={**objective.costs, "latency": latency})
     return objective, dataclasses.replace(costs, latency_offset_ms=offset)
 
 
-def table_key(model: onnx.ModelProto | NormalizedModel, candidates: Sequence[str], timing: TimingSettings) -> dict[str, Any]:
+def table_key(
+    model: onnx.ModelProto | NormalizedModel, candidates: Sequence[str], timing: TimingSettings
+) -> dict[str, Any]:
     """The key a table measured here and now would have (``LatencyTable.key``), without measuring."""
     import onnxruntime as ort
 
@@ -456,6 +459,12 @@ def latency_table_for(
         return known, True
     offered = layer_candidates(model.model, request.candidates, ()).offered
     table = measure_latency_table(
-        model, calibration, request.candidates, offered=offered, timing=timing, sample_axes=sample_axes, progress=progress
+        model,
+        calibration,
+        request.candidates,
+        offered=offered,
+        timing=timing,
+        sample_axes=sample_axes,
+        progress=progress,
     )
     return table, False

@@ -162,7 +162,12 @@ class PlanPoint:
     latency_ms: float | None = None
 
     def predicted(self) -> dict[str, Any]:
-        figures = {"omega": self.omega, "loss_change": self.loss_change, "size_bytes": self.size_bytes, "bops": self.bops}
+        figures = {
+            "omega": self.omega,
+            "loss_change": self.loss_change,
+            "size_bytes": self.size_bytes,
+            "bops": self.bops,
+        }
         return figures if self.latency_ms is None else {**figures, "latency_ms": self.latency_ms}
 
     def to_dict(self) -> dict[str, Any]:
@@ -177,7 +182,11 @@ class PlanPoint:
     def from_dict(cls, data: Any) -> PlanPoint:
         fields = json_object(data, "a plan point", _POINT_KEYS, PLAN_POINT_FORMAT)
         figures = fields["predicted"]
-        keys = (*_PREDICTED_KEYS, "latency_ms") if isinstance(figures, Mapping) and "latency_ms" in figures else _PREDICTED_KEYS
+        keys = (
+            (*_PREDICTED_KEYS, "latency_ms")
+            if isinstance(figures, Mapping) and "latency_ms" in figures
+            else _PREDICTED_KEYS
+        )
         predicted = json_object(figures, "a plan point's predicted figures", keys)
         latency = predicted.get("latency_ms")
         measured = fields["measured"]

@@ -392,7 +392,9 @@ def latency_mixed_model(tokens: int = 32, width: int = 512, narrow: int = 4, see
     4096 rows, runs slower: its activation's QuantizeLinear costs more than the product (ratio 1.15)."""
     rng = np.random.default_rng(seed)
     inits = [
-        numpy_helper.from_array((rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32), "big.weight"),
+        numpy_helper.from_array(
+            (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32), "big.weight"
+        ),
         numpy_helper.from_array(np.array([0, -1, narrow], np.int64), "narrow_shape"),
     ]
     nodes = [

@@ -346,7 +346,9 @@ class JobRun:
         row = self.db.find_latency_table(self.inputs.blobs["model"], **fields)
         if row is None:
             return None
-        self.log(f"reusing latency table {row.id} ({fields['device_description']}, onnxruntime {fields['onnxruntime_version']})")
+        self.log(
+            f"reusing latency table {row.id} ({fields['device_description']}, onnxruntime {fields['onnxruntime_version']})"
+        )
         return row.table
 
     def _save_latency_table(self, table: Any) -> None:
@@ -354,7 +356,9 @@ class JobRun:
         if fields is None or not isinstance(table, dict) or self.inputs is None:
             self.log("ignored a malformed latency table from the job process")
             return
-        save_rows(self.db, LatencyTableRow(job_id=self.job_id, model_sha256=self.inputs.blobs["model"], table=table, **fields))
+        save_rows(
+            self.db, LatencyTableRow(job_id=self.job_id, model_sha256=self.inputs.blobs["model"], table=table, **fields)
+        )
 
     # ------------------------------------------------ the job row
 

@@ -185,7 +185,9 @@ def test_table_signs_agree_with_an_independent_interleaved_run(mixed, mixed_tabl
         configuration = {layer: "w8a8" if layer in quantized else "fp32" for layer in layers}
         return export_model(normalized, configuration, data).model_bytes
 
-    big, small = compare([exported({"big.weight"}), exported(set(SMALL))], normalized.model.SerializeToString(), data, TIMING)
+    big, small = compare(
+        [exported({"big.weight"}), exported(set(SMALL))], normalized.model.SerializeToString(), data, TIMING
+    )
     assert big.ratio < 1 < small.ratio
     assert mixed_table.layers["big.weight"]["w8a8"].ratio < 0
     assert all(mixed_table.layers[layer]["w8a8"].ratio > 0 for layer in SMALL)
