@@ -12,10 +12,12 @@ search enforces them exactly. The artifact also holds Q/DQ nodes and the plan's 
 (ppocrv4-rec's size plan came out 9.7 % above a size that left the graph out), so
 ``max_size_bytes`` is checked on the artifact too:
 when the chosen one is larger, the budget shrinks by the measured excess and the search runs
-again (``SIZE_RETRIES``), and ``meets_constraints`` reads the measured size where there is one. ``max_latency_ms`` cannot be predicted per layer cheaply (a per-layer
-latency table would need one measured export per layer and candidate, and latency is not
-additive across QDQ boundaries), so frontier points are measured and the measured ones are
-compared with it (see ``_within_latency``).
+again (``SIZE_RETRIES``), and ``meets_constraints`` reads the measured size where there is one.
+``max_latency_ms`` is a budget on the latency table's predicted latency (cost kind ``latency``,
+``planner.latency_table``: one measured export per layer and candidate, additive up to the Q/DQ
+pairs adjacent layers share), so it drives the search; the frontier points are then measured and
+the measured ones compared with it (see ``_within_latency``). ``objective="latency"`` chooses the
+fastest measured configuration against the float model, never a slower one (``fastest_measured``).
 """
 
 from __future__ import annotations
