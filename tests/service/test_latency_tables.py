@@ -103,3 +103,19 @@ def test_a_second_plan_reuses_the_table_and_another_onnxruntime_version_does_not
     assert third["result"]["run"]["search"]["latency_table_reused"] is False
     listed = client.get(f"/v1/models/{model_id}/latency-tables").json()
     assert [table["onnxruntime_version"] != "0.0.0" for table in listed] == [True, False]  # newest first
+
+
+def test_the_model_page_shows_its_latency_tables(client, app):
+    model_id, _ = uploaded(client, latency_mixed_model().SerializeToString(), npz_bytes(**latency_mixed_data(count=2)))
+    sha = client.get(f"/v1/models/{model_id}").json()["sha256"]
+    table = {
+        "float_p50_ms": 0.25,
+        "layers": {"big.weight": {"w8a8": {"ms": -0.1, "ratio": -0.4, "spread": 0.02}}, "small0.weight": {}},
+    }
+    with app.state.db.sessions() as session, session.begin():
+        session.add(LatencyTableRow(model_sha256=sha, table=table, **_latency_table_key(KEY)))
+    page = client.get(f"/models/{model_id}")
+    assert page.status_code == 200
+    assert "onnxruntime 1.0.0" in page.text and "-40.0 % ± 2.0" in page.text and "0.25 ms" in page.text
+    listed = client.get(f"/v1/models/{model_id}/latency-tables").json()
+    assert [row["table"] for row in listed] == [table]
