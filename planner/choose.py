@@ -33,6 +33,7 @@ from planner.checks import require
 from planner.cost import CostTable, layer_bops, layer_size_bytes
 from planner.exclude import LayerCandidates
 from planner.frontier import InfeasibleBudget, diagonal_frontier, solve_budget
+from planner.latency_table import faster_than_float
 from planner.measure import Measurer
 from planner.objective import FP32, Objective
 from planner.quadratic import quadratic_frontier, solve_quadratic
@@ -268,10 +269,11 @@ def fastest_measured(
     fastest = min(range(len(others)), key=lambda k: ratios[k].ratio)
     ratio = ratios[fastest]
     details["latency_ratio"] = ratio.ratio
-    if ratio.ratio >= 1.0:
+    if not faster_than_float(ratio):
         details["chosen_by"] = (
             f"the float model: the fastest of {len(others)} measured configurations meeting the constraints "
-            f"runs {ratio.ratio:.3f}x the float model's time (± {ratio.ratio_spread:.3f}), not faster"
+            f"runs {ratio.ratio:.3f}x the float model's time (± {ratio.ratio_spread:.3f} over "
+            f"{ratio.rounds} rounds), not measurably faster"
         )
         details["latency_ratio"] = 1.0
         return float_point

@@ -20,6 +20,7 @@ from planner.latency_table import (
     TimingSettings,
     additivity_check,
     compare,
+    faster_than_float,
     measure_latency_table,
     predict_latency,
     random_configurations,
@@ -128,6 +129,21 @@ def test_latency_costs_predict_every_configuration_exactly():
         configuration = dict(zip(objective.layers, picks))
         point = predicted_point(objective, costs, configuration)
         assert point.latency_ms == pytest.approx(predict_latency(table, configuration).ms, abs=1e-12)
+
+
+def test_faster_than_float_needs_the_ratio_below_one_beyond_its_noise():
+    from planner.latency_table import RelativeLatency
+    from planner.latency import LatencyMeasurement
+
+    measurement = LatencyMeasurement(1.0, 1.0, 1.0, 1, 5, "cpu", "CPUExecutionProvider", "1.0.0")
+
+    def ratio(value: float, spread: float, rounds: int = 50) -> RelativeLatency:
+        return RelativeLatency(measurement, 1.0, value, spread, rounds)
+
+    assert faster_than_float(ratio(0.45, 0.25))
+    assert not faster_than_float(ratio(0.94, 0.80))  # the tiny transformer's noisy best, 50 rounds
+    assert faster_than_float(ratio(0.94, 0.80, rounds=5000))
+    assert not faster_than_float(ratio(1.0, 0.0)) and not faster_than_float(ratio(1.2, 0.01))
 
 
 def test_the_latency_objective_is_a_checked_request_field():
