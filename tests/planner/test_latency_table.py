@@ -132,8 +132,8 @@ def test_latency_costs_predict_every_configuration_exactly():
 
 
 def test_faster_than_float_needs_the_ratio_below_one_beyond_its_noise():
-    from planner.latency_table import RelativeLatency
     from planner.latency import LatencyMeasurement
+    from planner.latency_table import RelativeLatency
 
     measurement = LatencyMeasurement(1.0, 1.0, 1.0, 1, 5, "cpu", "CPUExecutionProvider", "1.0.0")
 
