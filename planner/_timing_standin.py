@@ -3,8 +3,8 @@ signature (``planner.latency.compare_latency``, owned by the ``timing`` branch),
 can be built before that lands. Only ``planner.latency_table.compare`` imports it; at merge that
 import becomes ``from planner.latency import RelativeLatency, compare_latency`` and this file goes.
 
-Interleaving: each round times ``runs_per_round`` runs of the reference, then of each model, in a
-rotating order (round r starts at model r mod n); a model's ratio for a round is its median run
+Interleaving: each round times ``runs_per_round`` runs of the reference and of each model, in a
+rotating order (round r starts at session r mod (n + 1), the reference included); a model's ratio for a round is its median run
 over the reference's median run of the same round. ``ratio`` is the median over rounds and
 ``ratio_spread`` the half-width of the 5-95 % percentile interval of the per-round ratios.
 """
@@ -65,6 +65,8 @@ def compare_latency(
     provider = select_provider(device)
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # Idle sessions' worker threads spin after each run and take the 2 cores from the next session.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads is not None:
         options.intra_op_num_threads = threads
     sessions = [ort.InferenceSession(m, options, providers=[provider]) for m in (reference, *models)]
@@ -74,7 +76,9 @@ def compare_latency(
     times: list[list[np.ndarray]] = [[] for _ in sessions]
     n = len(models)
     for round_ in range(max_rounds):
-        order = [0, *[1 + (round_ + k) % n for k in range(n)]] if n else [0]
+        # The reference rotates too: timed first in every round, it measured 5-8 % slower than an
+        # identical copy of itself (the tiny token transformer, 2-core machine).
+        order = [(round_ + k) % (n + 1) for k in range(n + 1)]
         for index in order:
             times[index].append(_timed(sessions[index], batch, runs_per_round))
         if round_ + 1 >= min_rounds and all(
