@@ -4,15 +4,19 @@ Design: single-layer variants against the float model. For every layer i and eve
 offers other than fp32, the configuration "layer i at b, every other layer fp32" is exported
 (``export_model``, the same exporter the plans use, so the Q/DQ or weight-dequantize boundaries it
 writes next to float neighbours are in the artifact) and timed interleaved with the float model in
-one process (``compare_latency``). Its contribution is the median per-round ratio r_ib to the float
-model minus 1; fp32 contributes 0. A configuration's predicted latency ratio is
+one process (``compare_latency``) against the float configuration as the exporter writes it
+(``float_configuration``: its preprocessing alone changes the time). Its contribution is the median
+per-round ratio r_ib to that base minus 1; fp32 contributes 0. A configuration's predicted latency
+ratio is
 
     R(c) = 1 + Σᵢ (r_{i,cᵢ} − 1),      predicted ms = float p50 · R(c),
 
-exact on every single-layer variant (it is the measurement) and additive elsewhere. What the
-single-layer design leaves out are the terms between adjacent quantized layers: two neighbours at
-w8a8 share one Q/DQ pair on the activation between them where two single-layer variants each pay
-their own. ``additivity_check`` measures that error on random configurations against an
+exact on every single-layer variant (it is the measurement) and additive elsewhere. Layers that
+read one activation tensor (Q, K and V projections) share its QuantizeLinear at w8a8: each such
+group is also measured quantized together and the shared part spread over its members
+(``_share_input_quantization``), exact for the whole group. What remains left out are the terms
+between adjacent quantized layers: two neighbours at w8a8 share one Q/DQ pair on the activation
+between them where two single-layer variants each pay their own. ``additivity_check`` measures that error on random configurations against an
 interleaved measurement of each; bench/latency.py prints it per model (docs/benchmarks.md).
 
 Why not onnxruntime's profiler on the uniform exports (K exports instead of N·K): with graph
@@ -317,7 +321,10 @@ def measure_latency_table(
     float_bytes = float_configuration(model, calibration, sample_axes)
     timed = compare(exports, float_bytes, calibration, timing, sample_axes) if exports else []
     reference = _reference(float_bytes, calibration, timing, sample_axes, timed)
-    ratios = {(quantized, c): (result.ratio - 1.0, result.ratio_spread) for (quantized, c), result in zip(variants, timed, strict=True)}
+    ratios = {
+        (quantized, c): (result.ratio - 1.0, result.ratio_spread)
+        for (quantized, c), result in zip(variants, timed, strict=True)
+    }
     contributions = {(quantized[0], c): ratios[(quantized, c)] for quantized, c in singles}
     for group, c in groups:
         _share_input_quantization(contributions, group, c, ratios[(group, c)][0])
