@@ -12,13 +12,15 @@ search enforces them exactly. The artifact also holds Q/DQ nodes and the plan's 
 (ppocrv4-rec's size plan came out 9.7 % above a size that left the graph out), so
 ``max_size_bytes`` is checked on the artifact too:
 when the chosen one is larger, the budget shrinks by the measured excess and the search runs
-again (``SIZE_RETRIES``), and ``meets_constraints`` reads the measured size where there is one. ``max_latency_ms`` cannot be predicted per layer cheaply (a per-layer
-latency table would need one measured export per layer and candidate, and latency is not
-additive across QDQ boundaries), so frontier points are measured and the measured ones are
-compared with it (see ``within_latency``). Each measured latency is timed interleaved with the
-float model in one run (``Measurer``, ``planner.latency.compare_latency``); the budget stays in ms,
-and with it a configuration measured slower than the float model (ratio > 1 + its spread) is never
-chosen.
+again (``SIZE_RETRIES``), and ``meets_constraints`` reads the measured size where there is one.
+``max_latency_ms`` is a budget on the latency table's predicted latency (cost kind ``latency``,
+``planner.latency_table``: one measured export per layer and candidate, additive up to the Q/DQ
+pairs adjacent layers share), so it drives the search; the frontier points are then measured and
+the measured ones compared with it (see ``within_latency``). Each measured latency is timed
+interleaved with the float model in one run (``Measurer``, ``planner.latency.compare_latency``);
+the budget stays in ms, and with it a configuration measured slower than the float model (ratio >
+1 + its spread) is never chosen. ``objective="latency"`` chooses the fastest measured configuration
+against the float model, never a slower one (``fastest_measured``).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from planner.cost import CostTable, layer_bops, layer_size_bytes
 from planner.exclude import LayerCandidates
 from planner.frontier import InfeasibleBudget, diagonal_frontier, solve_budget
 from planner.measure import Measurer
-from planner.objective import Objective
+from planner.objective import FP32, Objective
 from planner.quadratic import quadratic_frontier, solve_quadratic
 from planner.request import DIAGONAL_METHODS, PlanRequest
 from planner.result import Measurement, PlanPoint
@@ -56,23 +58,41 @@ class NoFeasiblePlan(ValueError):
 
 
 def predicted_point(objective: Objective, table: CostTable, configuration: Mapping[str, str]) -> PlanPoint:
-    """``configuration`` unmeasured: its computed costs (size with the bytes outside layers) and both predictions."""
+    """``configuration`` unmeasured: its computed costs (size with the bytes outside layers), both
+    predictions and, with a latency table, its predicted latency."""
     omega, loss = objective.evaluate(configuration)
+    offset = table.latency_offset_ms
     return PlanPoint(
         configuration=dict(configuration),
         size_bytes=round(objective.cost(configuration, "size")) + table.fixed_size_bytes,
         bops=round(objective.cost(configuration, "bops")),
         omega=omega,
         loss_change=loss,
+        latency_ms=None if offset is None else offset + objective.cost(configuration, "latency"),
     )
 
 
+BUDGET_NAMES = {"size": "max_size_bytes", "bops": "max_bops", "latency": "max_latency_ms"}
+
+
+def _fixed_cost(table: CostTable, kind: str) -> float:
+    """What every configuration costs besides its layers' costs: the bytes outside layers, or the
+    latency table's offset (``planner.latency_table.with_latency_costs``)."""
+    if kind == "size":
+        return table.fixed_size_bytes
+    if kind == "latency":
+        if table.latency_offset_ms is None:
+            raise RuntimeError("the latency cost needs a latency table (plan() measures one)")
+        return table.latency_offset_ms
+    return 0
+
+
 def _layer_budget(table: CostTable, request: PlanRequest) -> float | None:
-    """The budget on the objective's per-layer costs (size: minus the bytes outside layers)."""
+    """The budget on the objective's per-layer costs (size: minus the bytes outside layers;
+    latency: minus the table's offset)."""
     if request.budget is None:
         return None
-    other = table.fixed_size_bytes if request.cost_kind == "size" else 0
-    return float(request.budget - other)
+    return float(request.budget - _fixed_cost(table, request.cost_kind))
 
 
 def minimum_cost(
@@ -91,12 +111,12 @@ def minimum_cost(
 
 def check_budget_feasible(table: CostTable, request: PlanRequest, offered: LayerCandidates) -> None:
     """NoFeasiblePlan naming the minimum achievable cost when the size/BOPS budget is below it."""
-    if request.budget is None:
+    if request.budget is None or request.cost_kind == "latency":  # latency: once the table is measured
         return
     kind = request.cost_kind
     cheapest = minimum_cost(table, request.candidates, kind, offered.offered)
     if cheapest > request.budget:
-        name = "max_size_bytes" if kind == "size" else "max_bops"
+        name = BUDGET_NAMES[kind]
         unit = "bytes" if kind == "size" else "BOPS"
         kept = f" ({len(offered.exclusions)} layers excluded)" if offered.exclusions else ""
         raise NoFeasiblePlan(
@@ -185,8 +205,14 @@ def _best_within_budget(
     except InfeasibleBudget as error:  # checked up front already; kept so a rounding difference still reads clearly
         if request.budget is None:  # without a budget the search allows the costliest configuration: never here
             raise
-        name = "max_size_bytes" if kind == "size" else "max_bops"
-        raise NoFeasiblePlan(str(error), kind=name, limit=float(request.budget), minimum=error.min_cost) from None
+        name, minimum, message = BUDGET_NAMES[kind], error.min_cost, str(error)
+        if kind == "latency":  # the table's prediction, not a measurement: said so
+            minimum += _fixed_cost(table, kind)
+            message = (
+                f"no configuration meets {name}={request.budget:g}: the fastest has a predicted median "
+                f"latency of {minimum:.4g} ms (from the latency table)"
+            )
+        raise NoFeasiblePlan(message, kind=name, limit=float(request.budget), minimum=minimum) from None
     return predicted_point(objective, table, objective.configuration(choice)), details
 
 
@@ -213,7 +239,56 @@ def pareto(
     if request.max_size_bytes is not None:
         measured = [p for p in measured if _fits_size(p, request.max_size_bytes)] or measured
     details["measured_points"] = len(measured)
+    if request.cost_kind == "latency":  # predicted latency is a table's estimate: show only what was measured
+        frontier = sorted(measured, key=lambda p: _cost_of(p, "latency"))
+    if request.objective == "latency":
+        meeting = [p for p in measured if meets_constraints(p, request)]
+        return fastest_measured(meeting, objective, table, measurer, details, request.baseline), frontier, details
     return _chosen_among_measured(best, measured, request, details), frontier, details
+
+
+def fastest_measured(
+    points: Sequence[PlanPoint],
+    objective: Objective,
+    table: CostTable,
+    measurer: Measurer,
+    details: dict[str, Any],
+    baseline: str,
+) -> PlanPoint:
+    """The latency objective's choice among ``points`` (measured, meeting the constraints): the one
+    with the least latency ratio to the float model, all timed interleaved with it in one run
+    (``Measurer.relative_latency``); the float configuration itself when none is below 1. The
+    ratios and how the point was chosen go into ``details``."""
+    float_point = measurer.measured(predicted_point(objective, table, objective.uniform(FP32)))
+    others = [p for p in points if p.configuration != float_point.configuration]
+    ratios = measurer.relative_latency([p.configuration for p in others]) if others else []
+    details["latency_ratios"] = [
+        {"ratio": r.ratio, "ratio_spread": r.ratio_spread, "rounds": r.rounds, "drop": _drop(p, baseline)}
+        for p, r in zip(others, ratios)
+    ]
+    if not ratios:
+        details["chosen_by"] = (
+            "the float model: no quantized configuration meeting the constraints was measured "
+            "(none predicted to save time, or none within them)"
+        )
+        details["latency_ratio"] = 1.0
+        return float_point
+    fastest = min(range(len(others)), key=lambda k: ratios[k].ratio)
+    ratio = ratios[fastest]
+    details["latency_ratio"] = ratio.ratio
+    if not ratio.faster:
+        details["chosen_by"] = (
+            f"the float model: the fastest of {len(others)} measured configurations meeting the constraints "
+            f"runs {ratio.ratio:.3f}x the float model's time (± {ratio.ratio_spread:.3f} over "
+            f"{ratio.rounds} rounds), not measurably faster"
+        )
+        details["latency_ratio"] = 1.0
+        return float_point
+    details["chosen_by"] = (
+        f"fastest of {len(others)} measured configurations meeting the constraints: "
+        f"{ratio.ratio:.3f}x the float model's time (± {ratio.ratio_spread:.3f}, interleaved)"
+    )
+    return others[fastest]
 
 
 def _chosen_among_measured(
@@ -274,7 +349,11 @@ def _with_point(points: Sequence[PlanPoint], extra: PlanPoint, kind: str) -> lis
     return sorted([*points, extra], key=lambda p: _cost_of(p, kind))
 
 
-def _cost_of(point: PlanPoint, kind: str) -> int:
+def _cost_of(point: PlanPoint, kind: str) -> float:
+    if kind == "latency":
+        if point.latency_ms is None:
+            raise RuntimeError("the latency cost needs predicted latencies (a latency table)")
+        return point.latency_ms
     return point.size_bytes if kind == "size" else point.bops
 
 
@@ -356,15 +435,20 @@ def _choose_by_drop(measured: Sequence[PlanPoint], request: PlanRequest, max_dro
 
 def bisection_candidates(objective: Objective, request: PlanRequest) -> tuple[str, str]:
     """(low, high): demote from the most expensive candidate (fp32 when offered) to the cheapest
-    one in the search's cost (ties: fewer BOPS, then fewer bits of activation)."""
+    one in the search's cost (ties: fewer BOPS, then fewer bits of activation). On predicted
+    latency every quantized candidate may be slower than fp32 (the small layers of
+    tests/models.latency_mixed_model): low is then the least slow one, and no layer is demoted
+    (``planner.bisection``'s demotable layers save cost)."""
     names = request.candidates
     kind = request.cost_kind
 
     def total(name: str, cost: str) -> float:
         return objective.cost(objective.uniform(name), cost)
 
-    low = min(names, key=lambda n: (total(n, kind), total(n, "bops"), names.index(n)))
     high = "fp32" if "fp32" in names else max(names, key=lambda n: (total(n, kind), total(n, "bops")))
+    lower = [n for n in names if n != high] if kind == "latency" else names
+    require(bool(lower), f"bisection needs two candidates; got {list(names)}")
+    low = min(lower, key=lambda n: (total(n, kind), total(n, "bops"), names.index(n)))
     require(low != high, f"bisection needs two candidates of different cost; got {list(names)}")
     return low, high
 
@@ -373,7 +457,9 @@ def bisection(
     objective: Objective, table: CostTable, request: PlanRequest, measurer: Measurer
 ) -> tuple[PlanPoint, list[PlanPoint], dict[str, Any]]:
     """Demotion order by predicted sensitivity per cost saved; binary search measured for real.
-    The measured steps are the frontier."""
+    The measured steps are the frontier. With the latency objective the cost is the latency
+    table's prediction (a layer predicted not to save time is never demoted) and the chosen step is
+    the fastest measured one within max_drop, measured against the float model (``fastest_measured``)."""
     max_drop = request.max_drop
     if max_drop is None:  # PlanRequest refuses a bisection without it
         raise ValueError("bisection needs max_drop (percentage points)")
@@ -410,6 +496,10 @@ def bisection(
             limit=float(max_drop),
             minimum=result.best.drop,
         )
+    if request.objective == "latency":
+        within = [point for point in frontier if _drop(point, request.baseline) <= max_drop]
+        chosen = fastest_measured(within, objective, table, measurer, details, request.baseline)
+        details["demoted"] = sum(chosen.configuration[layer] == low for layer in result.order)
     budget = request.budget
     if budget is not None and _cost_of(chosen, request.cost_kind) > budget:
         cheapest = min(_cost_of(p, request.cost_kind) for p in frontier if _drop(p, request.baseline) <= max_drop)
@@ -417,7 +507,7 @@ def bisection(
             f"bisection found no configuration within both max_drop={max_drop:g} pp and the "
             f"{request.cost_kind} budget {budget:.6g}: the cheapest measured one within the drop "
             f"costs {cheapest:.6g}",
-            kind="max_size_bytes" if request.cost_kind == "size" else "max_bops",
+            kind=BUDGET_NAMES[request.cost_kind],
             limit=float(budget),
             minimum=float(cheapest),
         )

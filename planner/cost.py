@@ -64,6 +64,9 @@ class CostTable(Mapping[str, LayerCost]):
     # The serialized float model less its initializers' data: nodes, names, metadata. Every artifact
     # holds them too (the tiny test transformer: 20 kB of a 23.5 kB file, its weights 3-4 kB at 4-8 bits).
     graph_bytes: int = 0
+    # With a latency table (planner.latency_table.with_latency_costs): the predicted latency no
+    # configuration changes, so that a configuration's predicted ms = this + its "latency" cost.
+    latency_offset_ms: float | None = None
 
     @property
     def fixed_size_bytes(self) -> int:

@@ -14,7 +14,7 @@ import dataclasses
 import json
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -22,6 +22,7 @@ from planner.candidates import Configuration
 from planner.evaluate import evaluate
 from planner.export import ExportedModel, ExportError, export_model
 from planner.latency import RelativeLatency, compare_latency
+from planner.latency_table import compare, timing_for
 from planner.request import PlanRequest
 from planner.result import Measurement, PlanPoint
 from sensitivity.layers import find_layers
@@ -157,6 +158,12 @@ class Measurer:
             target_spread=TARGET_SPREAD,
         )
         return relative
+
+    def relative_latency(self, configurations: Sequence[Mapping[str, str]]) -> list[RelativeLatency]:
+        """Each configuration's artifact timed against the float model, all interleaved in one run
+        (``planner.latency_table.compare``): ratios to compare, never ms from separate runs."""
+        models = [self.export(configuration).model_bytes for configuration in configurations]
+        return compare(models, self._float_bytes, self._evaluation, timing_for(self._request), self.sample_axes)
 
     def measured(self, point: PlanPoint) -> PlanPoint:
         return dataclasses.replace(point, measured=self.measure(point.configuration))

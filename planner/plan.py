@@ -15,7 +15,9 @@ Steps (DESIGN.md's data flow), each one module:
    bytes and BOPS from ``layer_cost_table``; each layer has the candidates it is offered
    (``planner.exclude``: a layer the request's ``exclude`` matches offers fp32 alone, a structural
    constant only what represents it exactly), so no search ever considers anything else for it;
-3. search (``planner.choose``): ``pareto`` builds the whole frontier (exact DP on Ω for
+3. search (``planner.choose``), with the latency table first when its cost axis is latency
+   (``planner.latency_table``: measured, or the one given when it was measured for this model,
+   device, onnxruntime version and batch size): ``pareto`` builds the whole frontier (exact DP on Ω for
    ``hawq_v2``, the quadratic solver on ΔL for ``interlayer``) and picks the best point within the
    budget; ``bisection`` demotes the least sensitive layers, measuring each step for real; how
    the budgets are enforced is told there;
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import onnx
@@ -43,6 +46,7 @@ from planner.cost import CostTable, layer_cost_table
 from planner.exclude import layer_candidates
 from planner.export import check_inputs, required_opset
 from planner.export import versions as export_versions
+from planner.latency_table import LatencyTable, latency_table_for, with_latency_costs
 from planner.measure import Measurer, Progress
 from planner.objective import Objective
 from planner.predict import analyse, build_objective, measured_activation_terms
@@ -63,6 +67,7 @@ def plan(
     evaluation: Mapping[str, np.ndarray] | None = None,
     sensitivity: SensitivityResult | None = None,
     progress: Progress | None = None,
+    latency_table: LatencyTable | None = None,
 ) -> PlanResult:
     """Choose, export and measure a mixed-precision configuration of ``model`` (see the module doc).
 
@@ -72,7 +77,10 @@ def plan(
     be normalised (``normalize_for_plan``: the worker does so before its sensitivity analysis).
     Raises ``ValueError`` for bad input (``UnsupportedOpsError`` for ops the sensitivity analysis
     lacks, ``AlreadyQuantizedError``, ``OpsetUpgradeError``) and ``NoFeasiblePlan`` when no
-    configuration meets the constraints.
+    configuration meets the constraints. ``latency_table``: one measured before (stored by the
+    service); used when its key matches this model, device, onnxruntime version, batch size and
+    candidates, else a new one is measured (``planner.latency_table``; only when the search's cost is
+    latency). The table used is in ``run.search["latency_table"]``.
     """
     progress = progress or _no_progress
     timings: dict[str, float] = {}
@@ -93,10 +101,20 @@ def plan(
     activation = measured_activation_terms(model, calibration, request, sensitivity, offered, measurer, timings)
     progress("objective", 0.0, "building the objective")
     objective = build_objective(sensitivity, table, request.candidates, model, activation, offered=offered.offered)
+    latency_details: dict[str, Any] = {}
+    if request.needs_latency_table:
+        table_start = time.perf_counter()
+        latency_table, reused = latency_table_for(
+            normalized, calibration, request, latency_table, sample_axes=axes, progress=progress
+        )
+        objective, table = with_latency_costs(objective, table, latency_table)
+        latency_details = {"latency_table": latency_table.to_dict(), "latency_table_reused": reused}
+        timings["latency_table"] = time.perf_counter() - table_start
 
     search_start = time.perf_counter()
     search = bisection if request.search == "bisection" else pareto
     chosen, frontier, details = search(objective, table, request, measurer)
+    details = {**details, **latency_details}
     timings["search"] = time.perf_counter() - search_start
     evaluations = measurer.count
 

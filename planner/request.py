@@ -28,6 +28,10 @@ SEARCHES = ("pareto", "bisection")
 # The models every plan is compared with; ``baseline`` picks the one max_drop is measured against
 # (planner.result.BASELINES says the same: request cannot import result, result imports request).
 BASELINES = ("fp32", "fp16")
+# What a search optimises among the configurations within the constraints: the predicted loss, or the
+# latency measured against the float model (``planner.latency_table``; never a configuration slower
+# than float).
+OBJECTIVES = ("loss", "latency")
 DEFAULT_CANDIDATES = ("fp32", "w8a8", "w4a8", "w8", "w4")
 BUDGET_FIELDS = ("max_size_bytes", "max_bops", "max_latency_ms")
 # Options the request sets itself; the rest of InterLayerConfig's fields may be given.
@@ -70,7 +74,10 @@ class PlanRequest:
     method: ``hawq_v2`` (diagonal Ω objective), ``interlayer`` (ΔL = Σ g·Δ + ½ Σ G) or ``fisher``
     (diagonal Ω = Σ Fᵢᵢ Δᵢ² from the empirical Fisher, ``sensitivity.fisher``).
     search: ``pareto`` (whole frontier, best point within the budget) or ``bisection``
-    (demotion order, measured; needs ``max_drop``). At most one budget among
+    (demotion order, measured; needs ``max_drop``). objective: ``loss`` (the least predicted loss
+    within the constraints) or ``latency`` (the fastest configuration measured against the float
+    model, interleaved, within the constraints, never one measured slower than float; the search's
+    cost axis is the latency table's predicted latency, ``planner.latency_table``). At most one budget among
     ``max_size_bytes``, ``max_bops`` and ``max_latency_ms``; ``max_drop`` (percentage points)
     may accompany it. ``sensitivity_options`` are further ``InterLayerConfig`` fields
     (``batch_size``, ``trace_max_probes``, ...); bits, seed and device come from the request.
@@ -117,11 +124,13 @@ class PlanRequest:
     exclude: tuple[str, ...] = ()  # layers kept fp32, by layer or node name or pattern (planner.exclude)
     sample_axes: Mapping[str, int | None] = field(default_factory=dict)  # input -> sample axis (None: shared)
     baseline: str = "fp32"  # what max_drop is measured against: the float model or every layer at fp16
+    objective: str = "loss"  # "latency": the fastest measured configuration within the constraints
 
     def __post_init__(self) -> None:
         set_fields(
             self,
             method=check_choice("method", self.method, METHODS),
+            objective=check_choice("objective", self.objective, OBJECTIVES),
             search=check_choice("search", self.search, SEARCHES),
             candidates=_check_candidates(self.candidates),
             max_size_bytes=_optional(check_int, "max_size_bytes", self.max_size_bytes, 1, MAX_COST),
@@ -165,14 +174,28 @@ class PlanRequest:
 
     @property
     def cost_kind(self) -> str:
-        """The cost the search trades against the predicted loss: BOPS for BOPS and latency budgets
-        (BOPS is the computed proxy of compute time), else size."""
-        return "bops" if self.max_bops is not None or self.max_latency_ms is not None else "size"
+        """The cost the search trades against the predicted loss: the budget's kind (size, BOPS, or
+        latency predicted by the latency table); without a budget, latency for the latency objective,
+        else size."""
+        if self.max_size_bytes is not None:
+            return "size"
+        if self.max_bops is not None:
+            return "bops"
+        return "latency" if self.max_latency_ms is not None or self.objective == "latency" else "size"
 
     @property
-    def budget(self) -> int | None:
-        """The computed-cost budget on ``cost_kind`` (None for no budget or a latency budget)."""
-        return self.max_size_bytes if self.max_size_bytes is not None else self.max_bops
+    def budget(self) -> float | None:
+        """The budget on ``cost_kind``: bytes, BOPS or milliseconds (None without one)."""
+        for name in BUDGET_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                return float(value)
+        return None
+
+    @property
+    def needs_latency_table(self) -> bool:
+        """Whether the search reads predicted latency (``planner.latency_table``)."""
+        return self.cost_kind == "latency"
 
     def constraints(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in (*BUDGET_FIELDS, "max_drop") if getattr(self, name) is not None}

@@ -32,7 +32,7 @@ from planner.checks import (
     text_mapping,
 )
 from planner.exclude import Exclusion
-from planner.latency import LatencyMeasurement
+from planner.latency import LatencyMeasurement, faster_than_reference, slower_than_reference
 from planner.request import PlanRequest
 
 MEASUREMENT_FORMAT = "mpq.measurement/1"
@@ -143,14 +143,14 @@ class Measurement:
         """Measured slower than the float model beyond the ratio's spread (False when not measured so)."""
         if self.ratio_to_float is None or self.ratio_spread is None:
             return False
-        return self.ratio_to_float > 1.0 + self.ratio_spread
+        return slower_than_reference(self.ratio_to_float, self.ratio_spread)
 
     @property
     def faster_than_float(self) -> bool:
         """Measured faster than the float model beyond the ratio's spread: the only ground for "faster"."""
         if self.ratio_to_float is None or self.ratio_spread is None:
             return False
-        return self.ratio_to_float < 1.0 - self.ratio_spread
+        return faster_than_reference(self.ratio_to_float, self.ratio_spread)
 
     def drop_against(self, baseline: str) -> float:
         """The drop against ``baseline`` (``fp32``: ``drop``); a ValueError when it was not measured."""
@@ -274,9 +274,17 @@ class PlanPoint:
     omega: float  # Ω(c), HAWQ-V2's diagonal proxy
     loss_change: float  # ΔL(c) = Σ g·Δ + ½ Σ G
     measured: Measurement | None = None
+    # Predicted by the latency table (planner.latency_table) where the search had one; never a measurement.
+    latency_ms: float | None = None
 
     def predicted(self) -> dict[str, Any]:
-        return {"omega": self.omega, "loss_change": self.loss_change, "size_bytes": self.size_bytes, "bops": self.bops}
+        figures = {
+            "omega": self.omega,
+            "loss_change": self.loss_change,
+            "size_bytes": self.size_bytes,
+            "bops": self.bops,
+        }
+        return figures if self.latency_ms is None else {**figures, "latency_ms": self.latency_ms}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -289,7 +297,14 @@ class PlanPoint:
     @classmethod
     def from_dict(cls, data: Any) -> PlanPoint:
         fields = json_object(data, "a plan point", _POINT_KEYS, PLAN_POINT_FORMAT)
-        predicted = json_object(fields["predicted"], "a plan point's predicted figures", _PREDICTED_KEYS)
+        figures = fields["predicted"]
+        keys = (
+            (*_PREDICTED_KEYS, "latency_ms")
+            if isinstance(figures, Mapping) and "latency_ms" in figures
+            else _PREDICTED_KEYS
+        )
+        predicted = json_object(figures, "a plan point's predicted figures", keys)
+        latency = predicted.get("latency_ms")
         measured = fields["measured"]
         return cls(
             configuration=text_mapping("layers", fields["layers"]),
@@ -298,6 +313,7 @@ class PlanPoint:
             omega=real("predicted.omega", predicted["omega"]),
             loss_change=real("predicted.loss_change", predicted["loss_change"]),
             measured=None if measured is None else Measurement.from_dict(measured),
+            latency_ms=None if latency is None else real("predicted.latency_ms", latency),
         )
 
 

@@ -36,7 +36,7 @@ from service.api.results import (
 )
 from service.api.transfer import DOWNLOAD_RESPONSES, blob_response
 from service.store.sql_store import SqlStore
-from service.store.tables import Artifact, Plan
+from service.store.tables import Artifact, Model, Plan
 
 router = APIRouter(tags=["plans"])
 NO_PLAN = {"description": "No plan with this id"}
@@ -103,6 +103,11 @@ class PlanRequestIn(BaseModel):
     search: Literal["pareto", "bisection"] = "pareto"
     candidates: list[str] = Field(default_factory=lambda: list(DEFAULT_CANDIDATES), min_length=1, max_length=16)
     constraints: Constraints = Field(default_factory=Constraints)
+    objective: Literal["loss", "latency"] = Field(
+        "loss",
+        description="loss: the least predicted loss within the constraints; latency: the fastest configuration "
+        "measured against the float model within them, never one slower than float (planner.latency_table)",
+    )
     metric: Metric = Field(
         "auto",
         description="what max_drop is measured on; auto picks it from the model's output kind (planner.evaluate)",
@@ -388,3 +393,35 @@ def list_latency(request: Request, plan_id: str) -> list[LatencyOut]:
     db: SqlStore = request.app.state.db
     _plan_or_404(db, plan_id)
     return [LatencyOut.model_validate(row) for row in db.latency_measurements(plan_id)]
+
+
+class LatencyTableOut(BaseModel):
+    """A measured latency table (``planner.latency_table.LatencyTable.to_dict()`` in ``table``): each
+    layer's contribution per candidate in ms and as a fraction of the float model's time, with its
+    spread; stored by the plan job that measured it and reused by later plans of the model on the same
+    device, provider, onnxruntime version, batch size and candidates."""
+
+    model_config = ConfigDict(from_attributes=True)
+    id: str
+    created_at: datetime
+    job_id: str | None
+    device_description: str
+    provider: str
+    onnxruntime_version: str
+    batch_size: int
+    candidates: str
+    table: dict[str, Any]
+
+
+@router.get(
+    "/models/{model_id}/latency-tables",
+    response_model=list[LatencyTableOut],
+    summary="The model's measured latency tables, newest first",
+    responses={404: {"description": "No model with this id"}},
+)
+def list_latency_tables(request: Request, model_id: str) -> list[LatencyTableOut]:
+    db: SqlStore = request.app.state.db
+    model = db.get(Model, model_id)
+    if model is None:
+        raise Problem(404, f"no model with id {model_id!r}")
+    return [LatencyTableOut.model_validate(row) for row in db.latency_tables(model.sha256)]

@@ -254,6 +254,9 @@ class PredictedFigures(TypedDict):
     loss_change: Annotated[float, Field(description="ΔL(c) = Σ g·Δ + ½ ΣΣ G")]
     size_bytes: int
     bops: int
+    latency_ms: NotRequired[
+        Annotated[float, Field(description="predicted by the latency table, where the search's cost was latency")]
+    ]
 
 
 @with_config(STORED)

@@ -42,6 +42,7 @@ SENSITIVITY_METHODS = ("hawq_v1", "hawq_v2", "interlayer", "fisher")
 PLAN_METHODS = ("hawq_v2", "interlayer", "fisher")
 PLAN_METRICS = ("auto", "top1", "cosine", "neighbour_agreement", "step_agreement")  # planner.evaluate.METRICS
 PLAN_BASELINES = ("fp32", "fp16")  # planner.request.BASELINES
+PLAN_OBJECTIVES = ("loss", "latency")  # planner.request.OBJECTIVES
 DEFAULT_CANDIDATES = "fp32,w8a8,w4a8,w8,w4"
 # sensitivity.results' HVP_CHOICES and DEFAULT_MEMORY_BUDGET_MB, written out: the CLI does not
 # import torch to build its parser (a test pins them equal).
@@ -151,6 +152,14 @@ def _add_plan(subparsers: Subcommands) -> None:
     budget.add_argument("--max-bops", type=float, help="budget: bit operations per sample")
     budget.add_argument("--max-latency-ms", type=float, help="budget: measured median latency per batch")
     command.add_argument("--max-drop", type=float, help="largest drop in percentage points (bisection needs it)")
+    command.add_argument(
+        "--objective",
+        choices=PLAN_OBJECTIVES,
+        default="loss",
+        help="loss: the least predicted loss within the constraints; latency: the fastest configuration "
+        "measured against the float model (interleaved) within them, never one slower than float; the "
+        "search then predicts latency from a measured per-layer latency table (docs/search.md)",
+    )
     command.add_argument(
         "--metric",
         choices=PLAN_METRICS,

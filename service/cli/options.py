@@ -118,6 +118,7 @@ def plan_fields(args: argparse.Namespace) -> dict[str, Any]:
         "max_drop": args.max_drop,
         "metric": args.metric,
         "baseline": args.baseline,
+        "objective": args.objective,
         "exclude": exclude_patterns(args.exclude),
         "sample_axes": sample_axes_option(args.sample_axis),
         "seed": args.seed,

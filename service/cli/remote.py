@@ -174,7 +174,7 @@ def remote_plan(args: argparse.Namespace) -> int:
                 "model_id": model["id"],
                 "calibration_dataset_id": calibration["id"],
                 "evaluation_dataset_id": evaluation["id"] if evaluation else None,
-                **{name: fields[name] for name in ("method", "search", "metric", "baseline")},
+                **{name: fields[name] for name in ("method", "search", "metric", "baseline", "objective")},
                 "candidates": list(fields["candidates"]),
                 "constraints": {name: fields[name] for name in CONSTRAINTS if fields[name] is not None},
                 "exclude": list(fields["exclude"]),

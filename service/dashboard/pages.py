@@ -321,7 +321,10 @@ def model_page(request: Request, model_id: str) -> Response:
         return not_found(request, f"model {model_id!r}")
     results = db.sensitivity_results(model_sha256=model.sha256)
     plans = db.plans(model_id=model.id)
-    return render(request, "model.html", active="Models", model=model, results=results, plans=plans)
+    tables = db.latency_tables(model.sha256)
+    return render(
+        request, "model.html", active="Models", model=model, results=results, plans=plans, latency_tables=tables
+    )
 
 
 @pages.post("/upload/{kind}", status_code=201, dependencies=[Depends(require_csrf)])

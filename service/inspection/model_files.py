@@ -108,6 +108,7 @@ def plan_request(params: Mapping[str, Any]) -> PlanRequest:
         candidates=params["candidates"],
         metric=params.get("metric", "auto"),
         baseline=params.get("baseline", "fp32"),
+        objective=params.get("objective", "loss"),  # plans submitted before the field: loss
         exclude=params.get("exclude", ()),
         sample_axes=params.get("sample_axes") or {},
         seed=seed,

@@ -25,7 +25,7 @@ PROGRESS_INTERVAL_S = 0.2  # libraries may report every probe; the channel needs
 
 class ChildContext:
     """What a handler gets: its parameters and inputs, progress and cancel plumbing, and the
-    two things it may ask the supervisor for (a cached sensitivity result, storing one)."""
+    things it may ask the supervisor for (a cached sensitivity result or latency table, storing one)."""
 
     def __init__(self, channel: Channel, job: dict[str, Any], fds: dict[str, int], workdir: Path) -> None:
         self.channel = channel
@@ -66,6 +66,16 @@ class ChildContext:
 
     def save_sensitivity(self, method: str, params_hash: str, result: dict[str, Any]) -> None:
         self.channel.send({"kind": "save_sensitivity", "method": method, "params_hash": params_hash, "result": result})
+
+    def cached_latency_table(self, key: dict[str, Any]) -> dict[str, Any] | None:
+        """A stored latency table of this job's model with ``key``'s device, provider, onnxruntime
+        version, batch size and candidates (``planner.latency_table.table_key``), if any."""
+        self.channel.send({"kind": "lookup_latency_table", "key": key})
+        reply = self._replies.get()
+        return reply.get("result")
+
+    def save_latency_table(self, table: dict[str, Any]) -> None:
+        self.channel.send({"kind": "save_latency_table", "table": table})
 
     # ------------------------------------------------ inputs and outputs
 

@@ -132,14 +132,34 @@ def plan_job(context: ChildContext) -> dict[str, Any]:
             evaluation=context.arrays_if_given("evaluation"),
             sensitivity=SensitivityResult.from_dict(sensitivity_data),
             progress=progress,
+            latency_table=_stored_latency_table(context, normalized, request),
         )
     except NoFeasiblePlan as error:
         raise JobInputError(str(error), code="infeasible") from None
     except ValueError as error:
         raise JobInputError(str(error)) from None
+    if "latency_table" in result.run.search and not result.run.search.get("latency_table_reused"):
+        context.save_latency_table(dict(result.run.search["latency_table"]))
     context.write_artifact(result.artifact_bytes)
     latency = result.plan.measured.latency if result.plan.measured else None
     return {"plan": result.to_dict(), "latency": asdict(latency) if latency is not None else None}
+
+
+def _stored_latency_table(context: ChildContext, normalized: Any, request: Any) -> Any:
+    """The stored latency table for this model where this job runs (``planner.LatencyTable``), when
+    the search needs one and the supervisor has one with the same key; else None (plan measures it)."""
+    from planner.latency_table import LatencyTable, table_key, timing_for
+
+    if not request.needs_latency_table:
+        return None
+    stored = context.cached_latency_table(table_key(normalized, request.candidates, timing_for(request)))
+    if stored is None:
+        return None
+    try:
+        return LatencyTable.from_dict(stored)
+    except ValueError as error:  # written by another version: measure again
+        context.log(f"a stored latency table could not be read ({error}); measuring a new one")
+        return None
 
 
 HANDLERS: dict[str, Handler] = {"sensitivity": sensitivity_job, "latency": latency_job, "plan": plan_job}

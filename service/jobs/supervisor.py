@@ -36,13 +36,16 @@ from service.sandbox.child import Child, SandboxLimits, start_child
 from service.settings import Settings
 from service.store.blobs import LocalBlobStore
 from service.store.sql_store import SqlStore
-from service.store.tables import Job, SensitivityResultRow
+from service.store.tables import Job, LatencyTableRow, SensitivityResultRow
 
 logger = logging.getLogger("mpq.supervisor")
 LOG_TAIL_LINES = 200
 MAX_LOG_LINE = 4000
 PROGRESS_WRITE_INTERVAL_S = 0.5
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+# Column widths of latency_tables (service/store/tables.py): a longer value from the child is malformed.
+_LATENCY_KEY_LENGTHS = {"device_description": 300, "provider": 64, "onnxruntime_version": 64}
+_MAX_CANDIDATES_TEXT = 200
 _FAILURE_CODES = {"bad_input", "infeasible", "resource_limit", "internal"}
 
 
@@ -280,6 +283,10 @@ class JobRun:
             child.channel.send({"kind": "sensitivity", "result": self._lookup_sensitivity(message)})
         elif kind == "save_sensitivity":
             self._save_sensitivity(message)
+        elif kind == "lookup_latency_table":
+            child.channel.send({"kind": "latency_table", "result": self._lookup_latency_table(message.get("key"))})
+        elif kind == "save_latency_table":
+            self._save_latency_table(message.get("table"))
         elif kind in ("done", "failed") and self.final is None:
             self.final = message
         else:
@@ -332,6 +339,27 @@ class JobRun:
         save_rows(self.db, row)
         self.sensitivity_result_id = row.id
 
+    def _lookup_latency_table(self, key: Any) -> dict[str, Any] | None:
+        fields = _latency_table_key(key)
+        if fields is None or self.inputs is None:
+            return None
+        row = self.db.find_latency_table(self.inputs.blobs["model"], **fields)
+        if row is None:
+            return None
+        self.log(
+            f"reusing latency table {row.id} ({fields['device_description']}, onnxruntime {fields['onnxruntime_version']})"
+        )
+        return row.table
+
+    def _save_latency_table(self, table: Any) -> None:
+        fields = _latency_table_key(table)
+        if fields is None or not isinstance(table, dict) or self.inputs is None:
+            self.log("ignored a malformed latency table from the job process")
+            return
+        save_rows(
+            self.db, LatencyTableRow(job_id=self.job_id, model_sha256=self.inputs.blobs["model"], table=table, **fields)
+        )
+
     # ------------------------------------------------ the job row
 
     def log(self, line: str) -> None:
@@ -373,3 +401,22 @@ class JobRun:
     def _requeue_after_shutdown(self) -> str:
         status = self.db.requeue_after_shutdown(self.job_id, self.worker)
         return "missing" if status is None else status
+
+
+def _latency_table_key(data: Any) -> dict[str, Any] | None:
+    """The columns a latency table is looked up by, from a key or a table the child sent
+    (``planner.latency_table.LatencyTable.key``'s fields), if well formed; the model is the job's own."""
+    if not isinstance(data, dict):
+        return None
+    texts = {name: data.get(name) for name in _LATENCY_KEY_LENGTHS}
+    if not all(isinstance(v, str) and 0 < len(v) <= _LATENCY_KEY_LENGTHS[k] for k, v in texts.items()):
+        return None
+    batch_size, candidates = data.get("batch_size"), data.get("candidates")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        return None
+    if not isinstance(candidates, list) or not all(isinstance(c, str) for c in candidates):
+        return None
+    joined = ",".join(candidates)
+    if not 0 < len(joined) <= _MAX_CANDIDATES_TEXT:
+        return None
+    return {**texts, "batch_size": batch_size, "candidates": joined}

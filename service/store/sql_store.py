@@ -32,6 +32,7 @@ from service.store.tables import (
     FrontierPointRow,
     Job,
     LatencyMeasurementRow,
+    LatencyTableRow,
     Model,
     Plan,
     Readiness,
@@ -403,6 +404,40 @@ class SqlStore:
             query = query.where(SensitivityResultRow.model_sha256 == model_sha256)
         with self.sessions() as session:
             return list(session.scalars(query.order_by(SensitivityResultRow.created_at.desc()).limit(limit)))
+
+    # ------------------------------------------------------------ latency tables
+
+    def find_latency_table(
+        self,
+        model_sha256: str,
+        *,
+        device_description: str,
+        provider: str,
+        onnxruntime_version: str,
+        batch_size: int,
+        candidates: str,
+    ) -> LatencyTableRow | None:
+        """The newest latency table of this model file measured on this device, provider and
+        onnxruntime version at this batch size for these candidates (comma-separated), if any."""
+        with self.sessions() as session:
+            return session.scalars(
+                select(LatencyTableRow)
+                .where(
+                    LatencyTableRow.model_sha256 == model_sha256,
+                    LatencyTableRow.device_description == device_description,
+                    LatencyTableRow.provider == provider,
+                    LatencyTableRow.onnxruntime_version == onnxruntime_version,
+                    LatencyTableRow.batch_size == batch_size,
+                    LatencyTableRow.candidates == candidates,
+                )
+                .order_by(LatencyTableRow.created_at.desc())
+            ).first()
+
+    def latency_tables(self, model_sha256: str, *, limit: int | None = 50) -> list[LatencyTableRow]:
+        """A model file's stored latency tables, newest first."""
+        query = select(LatencyTableRow).where(LatencyTableRow.model_sha256 == model_sha256)
+        with self.sessions() as session:
+            return list(session.scalars(query.order_by(LatencyTableRow.created_at.desc()).limit(limit)))
 
     # ------------------------------------------------------------ plans
 

@@ -131,6 +131,34 @@ class SensitivityResultRow(Timestamped, Base):
     versions: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 
+class LatencyTableRow(Timestamped, Base):
+    """A ``planner.latency_table.LatencyTable`` measured by a plan job, stored for the plans after it:
+    looked up by the uploaded model's sha256 and where it was measured (device, provider, onnxruntime
+    version), the batch size and the candidates; any of them differing is another row."""
+
+    __tablename__ = "latency_tables"
+    __table_args__ = (
+        Index(
+            "ix_latency_tables_key",
+            "model_sha256",
+            "device_description",
+            "provider",
+            "onnxruntime_version",
+            "batch_size",
+            "candidates",
+        ),
+    )
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
+    model_sha256: Mapped[str] = mapped_column(String(64))
+    device_description: Mapped[str] = mapped_column(String(300))
+    provider: Mapped[str] = mapped_column(String(64))
+    onnxruntime_version: Mapped[str] = mapped_column(String(64))
+    batch_size: Mapped[int] = mapped_column(Integer)
+    candidates: Mapped[str] = mapped_column(String(200))  # comma-separated, in the request's order
+    table: Mapped[dict[str, Any]] = mapped_column(default=dict)  # LatencyTable.to_dict()
+
+
 class Artifact(Timestamped, Owned, Base):
     __tablename__ = "artifacts"
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)

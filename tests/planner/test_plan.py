@@ -324,6 +324,7 @@ BAD_REQUEST_VALUES: dict[str, list[Any]] = {
     "measure_activation_terms": NOT_FLAGS,
     "metric": ["bleu", "", None, 1, ["cosine"], "top1_accuracy"],
     "baseline": ["bf16", "", None, 16, ["fp16"], "FP16", "w8a8"],
+    "objective": ["speed", "", None, 1, ["latency"], "Latency"],
     "exclude": [None, 5, {"fc1.weight": 1}, [""], [1], [None], [["fc1.weight"]], ["x" * 1025], ["fc1.weight"] * 257],
     "sample_axes": [
         None,

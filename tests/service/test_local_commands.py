@@ -305,6 +305,13 @@ def test_a_bad_baseline_exits_2_naming_the_choices_locally_and_remotely(files, c
     assert "--baseline: invalid choice: 'bf16'" in err and "'fp32', 'fp16'" in err and "Traceback" not in err
 
 
+def test_the_cli_offers_the_library_objectives():
+    from planner.request import OBJECTIVES
+    from service.cli.local_commands import PLAN_OBJECTIVES
+
+    assert PLAN_OBJECTIVES == OBJECTIVES
+
+
 def test_the_cli_offers_the_library_hvp_methods_and_memory_budget():
     from sensitivity import results
 

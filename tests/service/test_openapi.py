@@ -42,6 +42,7 @@ OPERATION_IDS = {
     "get_artifact",
     "remeasure_latency",
     "list_latency",
+    "list_latency_tables",
     "healthz",
     "readyz",
 }

@@ -251,6 +251,24 @@ def test_the_plan_body_baseline_reaches_the_library_request():
         PlanRequestIn(**fields, baseline="bf16")
 
 
+def test_the_plan_body_objective_reaches_the_library_request():
+    """The body's objective becomes PlanRequest.objective (the library's choices); jobs stored before the
+    field existed plan on the loss."""
+    from pydantic import ValidationError
+
+    from planner.request import OBJECTIVES
+    from service.api.plans import PlanRequestIn
+    from service.inspection.model_files import plan_request
+
+    assert tuple(PlanRequestIn.model_json_schema()["properties"]["objective"]["enum"]) == OBJECTIVES
+    fields = {"model_id": "m", "calibration_dataset_id": "c", "search": "bisection", "constraints": {"max_drop": 1.0}}
+    body = PlanRequestIn(**fields, objective="latency").model_dump()
+    assert plan_request(body).objective == "latency" and plan_request(body).cost_kind == "latency"
+    assert plan_request({k: v for k, v in body.items() if k != "objective"}).objective == "loss"
+    with pytest.raises(ValidationError, match="objective"):
+        PlanRequestIn(**fields, objective="speed")
+
+
 def test_the_plan_body_exclude_reaches_the_library_request():
     """The body's exclude becomes PlanRequest.exclude; jobs stored before the field existed exclude nothing."""
     from service.api.plans import PlanRequestIn
