@@ -757,7 +757,9 @@ def test_a_plan_with_an_fp16_baseline_reports_both_and_holds_max_drop_to_fp16(di
     assert measured.against["fp32"].drop == pytest.approx(measured.drop)
     assert measured.against["fp16"].drop == pytest.approx(fp16.metric - measured.metric)
     assert measured.against["fp16"].size_ratio == pytest.approx(measured.size_bytes / fp16.size_bytes)
-    assert measured.against["fp32"].latency_ratio == pytest.approx(measured.latency.p50_ms / fp32.latency.p50_ms)
+    # latency against a baseline: the quotient of both ratios to the float model, each from one interleaved run
+    assert measured.against["fp16"].latency_ratio == pytest.approx(measured.ratio_to_float / fp16.ratio_to_float)
+    assert measured.against["fp32"].latency_ratio == pytest.approx(measured.ratio_to_float / fp32.ratio_to_float)
     assert result.meets_constraints and measured.drop_against("fp16") <= 0.5
     # every measured frontier point states both comparisons
     assert all(set(p.measured.against) == {"fp32", "fp16"} for p in result.frontier if p.measured is not None)
