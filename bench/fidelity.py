@@ -4,7 +4,8 @@ Ground truth is measured on held-out data, disjoint from the calibration set eve
 export's activation calibration) sees, with ``planner.measured.LossChangeMeter``: the loss change
 (the sensitivity analysis's loss kind) and KL(p_float ‖ p_quantized) of the exported model.
 
-For each model and signal (hawq_v1, hawq_v2, interlayer, fisher, measured):
+For each model and signal (hawq_v1, hawq_v2, interlayer, fisher, measured, and measured_kl: measured
+with the KL to the float model as its quantity instead of the loss change):
 
 - single layer: each (layer, candidate) quantized alone; Spearman and Kendall of the signal's
   prediction against the measured loss change and KL;
@@ -75,7 +76,7 @@ from sensitivity.samples import input_sample_axes, one_sample_shapes
 
 CANDIDATE_NAMES = ("fp32", "w8a8", "w4a8", "w8", "w4")
 QUANTIZED = CANDIDATE_NAMES[1:]
-SIGNALS = ("hawq_v1", "hawq_v2", "interlayer", "fisher", "measured")
+SIGNALS = ("hawq_v1", "hawq_v2", "interlayer", "fisher", "measured", "measured_kl")
 BUDGET_FRACTIONS = (0.25, 0.5, 0.75)
 Data = dict[str, np.ndarray]
 
@@ -172,7 +173,8 @@ def signal_config(signal: str, probes: int) -> Any:
         return InterLayerConfig(**shared, bits=(8, 4), trace_max_probes=probes)
     if signal == "fisher":
         return FisherConfig(**shared, bits=(8, 4))
-    return MeasuredConfig(**shared, candidates=QUANTIZED)
+    quantity = "kl" if signal == "measured_kl" else "loss"
+    return MeasuredConfig(**shared, candidates=QUANTIZED, quantity=quantity)
 
 
 def as_trace_result(result: SensitivityResult) -> SensitivityResult:
@@ -262,7 +264,7 @@ class Bench:
                 self.table,
                 CANDIDATE_NAMES,
                 self.model,
-                None if signal == "measured" else activation,
+                None if signal.startswith("measured") else activation,
             )
         self.meter = LossChangeMeter(self.model, self.case.held_out, loss_kind)
         return objectives, costs, activation_s

@@ -35,7 +35,7 @@ from planner.export import ExportError, check_inputs, export_model
 from planner.objective import FP32
 from sensitivity.layers import find_layers
 from sensitivity.losses import LOSS_KINDS
-from sensitivity.results import MEASURED_CANDIDATES, MeasuredConfig, MeasuredTerms
+from sensitivity.results import MEASURED_CANDIDATES, MEASURED_QUANTITIES, MeasuredConfig, MeasuredTerms
 from sensitivity.run import Context, register_handler
 from sensitivity.samples import SampleAxes, input_sample_axes
 
@@ -148,21 +148,31 @@ def measured_terms(
     loss_kind: str,
     candidates: Sequence[str] = MEASURED_CANDIDATES,
     *,
+    quantity: str = "loss",
     batch_size: int = 256,
     sample_axes: SampleAxes | None = None,
     progress: Progress | None = None,
 ) -> MeasuredTerms:
     """Each layer of ``model`` quantized alone to each of ``candidates``: the mean per-sample loss
-    change on ``calibration`` and its standard error (see the module doc)."""
+    change (``quantity`` "kl": KL from the float model's distribution) on ``calibration`` and its
+    standard error (see the module doc)."""
     unknown = [c for c in candidates if c not in MEASURED_CANDIDATES]
     if unknown:
         raise ValueError(f"cannot measure candidates {unknown}; measurable: {MEASURED_CANDIDATES}")
+    if quantity not in MEASURED_QUANTITIES:
+        raise ValueError(f"quantity must be one of {MEASURED_QUANTITIES}; got {quantity!r}")
+    if quantity == "kl" and loss_kind not in KL_KINDS:
+        raise ValueError(
+            f"quantity 'kl' needs class scores or probabilities as the first output; the loss here is {loss_kind} "
+            "(use quantity 'loss')"
+        )
     meter = LossChangeMeter(model, calibration, loss_kind, batch_size=batch_size, sample_axes=sample_axes)
     pairs = single_layer_configurations([layer.name for layer in find_layers(model)], candidates)
     labels, means, errors = [], [], []
     for k, (label, configuration) in enumerate(pairs):
         try:
-            change = meter.configuration_changes(configuration, calibration).loss
+            changes = meter.configuration_changes(configuration, calibration)
+            change = changes.kl if quantity == "kl" and changes.kl is not None else changes.loss
         except ExportError as error:
             raise ExportError(f"layer {label[0]!r} at {label[1]} does not export alone: {error}") from error
         mean, standard_error = mean_with_error(change)
@@ -171,7 +181,7 @@ def measured_terms(
         errors.append(standard_error)
         if progress is not None:
             progress("measured", (k + 1) / len(pairs), f"{label[0]} at {label[1]}: {mean:+.3g} ± {standard_error:.2g}")
-    return MeasuredTerms(tuple(labels), tuple(means), tuple(errors), meter.num_samples)
+    return MeasuredTerms(tuple(labels), tuple(means), tuple(errors), meter.num_samples, quantity)
 
 
 @register_handler(MeasuredConfig)
@@ -190,6 +200,7 @@ def _measured(context: Context, config: MeasuredConfig) -> None:
             calibration,
             context.hvp.loss.kind,
             config.candidates,
+            quantity=config.quantity,
             batch_size=config.batch_size,
             sample_axes=program.sample_axes,
             progress=context.progress,

@@ -218,6 +218,10 @@ class FisherConfig(_AnalysisConfig):
 # 0). Named here, not imported: this library never imports ``planner`` (whose CANDIDATES hold them all);
 # planner.measured checks the two agree.
 MEASURED_CANDIDATES = ("w8a8", "w4a8", "w8", "w4")
+# What a measured analysis averages over the samples: the change of the calibration loss, or the KL
+# from the float model's class distribution (never below 0, and free of the labels' noise: a labelled
+# cross-entropy change can be below 0 by chance). kl needs class scores (or probabilities) as output.
+MEASURED_QUANTITIES = ("loss", "kl")
 
 
 def _check_candidates(value: Any) -> tuple[str, ...]:
@@ -239,13 +243,19 @@ class MeasuredConfig(_AnalysisConfig):
     """Each layer quantized alone to each of ``candidates`` in the exported onnxruntime model, and the
     calibration loss change that measures, with its standard error over the samples (``planner.measured``,
     which registers the handler: import it, or ``planner``, before ``compute_sensitivity``). No probes and
-    no Hessian: one export and one onnxruntime pass over the calibration set per (layer, candidate)."""
+    no Hessian: one export and one onnxruntime pass over the calibration set per (layer, candidate).
+    ``quantity``: "loss" (the calibration loss change) or "kl" (KL from the float model's distribution)."""
 
     candidates: tuple[str, ...] = MEASURED_CANDIDATES
+    quantity: str = "loss"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        set_fields(self, candidates=_check_candidates(self.candidates))
+        set_fields(
+            self,
+            candidates=_check_candidates(self.candidates),
+            quantity=check_choice("quantity", self.quantity, MEASURED_QUANTITIES),
+        )
         _require(
             self.time_budget_s is None,
             "time_budget_s bounds Hutchinson probes (hawq_v2, interlayer); measured runs one export per "
@@ -443,13 +453,14 @@ class MeasuredTerms:
     ``loss_changes[a]`` for ``labels[a]`` = (layer, candidate) is the mean over the calibration samples
     of ℓₙ(quantized) − ℓₙ(float), the per-sample calibration loss of the exported model run in
     onnxruntime against the float model's; ``standard_errors[a]`` its standard error (sample SD over
-    √N); ``num_samples`` = N.
+    √N); ``num_samples`` = N. With ``quantity`` "kl" the changes are KL(p_float ‖ p_quantized) instead.
     """
 
     labels: tuple[tuple[str, str], ...]
     loss_changes: tuple[float, ...]
     standard_errors: tuple[float, ...]
     num_samples: int
+    quantity: str = "loss"
 
     def index(self) -> dict[tuple[str, str], int]:
         return {label: position for position, label in enumerate(self.labels)}
@@ -463,6 +474,7 @@ class MeasuredTerms:
             "loss_changes": list(self.loss_changes),
             "standard_errors": list(self.standard_errors),
             "num_samples": self.num_samples,
+            "quantity": self.quantity,
         }
 
     @classmethod
@@ -472,6 +484,7 @@ class MeasuredTerms:
             loss_changes=tuple(float(x) for x in data["loss_changes"]),
             standard_errors=tuple(float(x) for x in data["standard_errors"]),
             num_samples=int(data["num_samples"]),
+            quantity=str(data.get("quantity", "loss")),
         )
 
 

@@ -42,6 +42,7 @@ class AnalysisConfig(TypedDict):
     max_iterations: NotRequired[int]  # EigenConfig
     bits: NotRequired[list[int]]  # InterLayerConfig, FisherConfig
     candidates: NotRequired[list[str]]  # MeasuredConfig
+    quantity: NotRequired[Literal["loss", "kl"]]  # MeasuredConfig
     trace_tolerance: NotRequired[float]
     trace_min_probes: NotRequired[int]
     trace_max_probes: NotRequired[int]
@@ -118,6 +119,7 @@ class MeasuredTerms(TypedDict):
     loss_changes: Annotated[list[float], Field(description="mean over samples of ℓₙ(quantized) − ℓₙ(float)")]
     standard_errors: Annotated[list[float], Field(description="sample SD of the per-sample changes over √N")]
     num_samples: int
+    quantity: NotRequired[Literal["loss", "kl"]]
 
 
 @with_config(STORED)

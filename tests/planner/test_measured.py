@@ -207,3 +207,21 @@ def test_a_torch_program_has_no_onnx_model_to_measure():
     data = {"x": np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)}
     with pytest.raises(ValueError, match="runs the model's ONNX export"):
         compute_sensitivity(program, data, MeasuredConfig(device="cpu"))
+
+
+def test_the_kl_quantity_is_the_brute_force_kl_and_never_negative(model, calibration):
+    terms = measured_terms(model, calibration, "cross_entropy", ("w4a8",), quantity="kl")
+    assert terms.quantity == "kl" and MeasuredTerms.from_dict(terms.to_dict()) == terms
+    original = _logits(model.SerializeToString(), calibration["x"])
+    log_p0 = original - np.log(np.exp(original).sum(axis=1, keepdims=True))
+    for (layer, candidate), mean, error in zip(terms.labels, terms.loss_changes, terms.standard_errors):
+        configuration = {name: candidate if name == layer else "fp32" for name in LAYERS}
+        quantized = _logits(export_model(model, configuration, {"x": calibration["x"]}).model_bytes, calibration["x"])
+        log_p = quantized - np.log(np.exp(quantized).sum(axis=1, keepdims=True))
+        kl = (np.exp(log_p0) * (log_p0 - log_p)).sum(axis=1)
+        assert mean == pytest.approx(kl.mean(), rel=1e-6) and mean > 0.0
+        assert error == pytest.approx(kl.std(ddof=1) / np.sqrt(len(kl)), rel=1e-6)
+    with pytest.raises(ValueError, match="quantity 'kl' needs class scores"):
+        measured_terms(model, calibration, "distill_mse", ("w4",), quantity="kl")
+    with pytest.raises(ValueError, match="quantity"):
+        MeasuredConfig(quantity="accuracy")
