@@ -52,7 +52,7 @@ KL_KINDS = {
     "distill_kl_log_probs": "distill_kl_log_probs",
     "distill_binary_kl": "distill_binary_kl",
 }
-assert set(MEASURED_CANDIDATES) == set(CANDIDATES) - {FP32}, "sensitivity.results.MEASURED_CANDIDATES is stale"
+assert set(MEASURED_CANDIDATES) <= set(CANDIDATES), "sensitivity.results.MEASURED_CANDIDATES names unknown candidates"
 
 
 @dataclass(frozen=True)
