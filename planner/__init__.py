@@ -32,6 +32,7 @@ from planner.exclude import Exclusion, LayerCandidates, layer_candidates, match_
 from planner.export import ExportedModel, ExportError, check_inputs, export_model, read_plan
 from planner.frontier import Frontier, InfeasibleBudget, diagonal_frontier, solve_budget
 from planner.latency import LatencyMeasurement, RelativeLatency, compare_latency, measure_latency
+from planner.measured import LossChangeMeter, configuration_loss_changes, measured_terms
 from planner.objective import Objective
 from planner.plan import normalize_for_plan, plan, plan_module
 from planner.predict import build_objective
@@ -56,6 +57,7 @@ __all__ = [
     "LatencyMeasurement",
     "LayerCandidates",
     "LayerCost",
+    "LossChangeMeter",
     "Measurement",
     "NoFeasiblePlan",
     "Objective",
@@ -71,6 +73,7 @@ __all__ = [
     "check_inputs",
     "compare_latency",
     "configuration_cost",
+    "configuration_loss_changes",
     "demotion_order",
     "diagonal_frontier",
     "evaluate",
@@ -82,6 +85,7 @@ __all__ = [
     "layer_size_bytes",
     "match_patterns",
     "measure_latency",
+    "measured_terms",
     "minimum_cost",
     "normalize_for_plan",
     "parse_candidates",

@@ -91,17 +91,15 @@ def activation_terms(
     axes = input_sample_axes(model, sample_axes)
     float_model = _with_qdq_opset(model)
     quantized = activation_quantization(model, calibration, w8a8_artifact, sample_axes=axes)
-    reference = _run(float_model, feeds, batch_size, axes)
-    loss = _SampleLoss(loss_kind, reference, calibration.get("labels"))
+    reference = run_outputs(float_model, feeds, batch_size, axes)
+    loss = SampleLoss(loss_kind, reference, calibration.get("labels"))
     terms = {}
     for layer, tensors in _layer_tensors(float_model, quantized).items():
         if tensors:
-            outputs = _run(
+            outputs = run_outputs(
                 _with_fake_quantization(float_model, [quantized[t] for t in tensors]), feeds, batch_size, axes
             )
-            change = loss(outputs) - loss(reference)
-            error = float(change.std(ddof=1) / np.sqrt(len(change))) if len(change) > 1 else abs(float(change[0]))
-            terms[layer] = ActivationTerm(layer, tensors, float(change.mean()), error)
+            terms[layer] = ActivationTerm(layer, tensors, *mean_with_error(loss(outputs) - loss(reference)))
         else:
             terms[layer] = ActivationTerm(layer, (), 0.0, 0.0)
     return terms
@@ -207,14 +205,22 @@ def _insert_after_producer(graph: onnx.GraphProto, tensor: str, nodes: Sequence[
     graph.node.extend(existing)
 
 
-def _run(
+def mean_with_error(changes: np.ndarray) -> tuple[float, float]:
+    """The mean of per-sample changes and its standard error (sample SD over √N); with one sample,
+    its own size (nothing smaller is known)."""
+    if len(changes) > 1:
+        return float(changes.mean()), float(changes.std(ddof=1) / np.sqrt(len(changes)))
+    return float(changes[0]), abs(float(changes[0]))
+
+
+def run_outputs(
     model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], batch_size: int, axes: SampleAxes | None = None
 ) -> list[np.ndarray]:
     """Every output over all samples, float64, in its per-sample shape (the sequence losses need [N, T, C])."""
     return run_batched_outputs(model.SerializeToString(), feeds, batch_size, flatten=False, sample_axes=axes)
 
 
-class _SampleLoss:
+class SampleLoss:
     """Per-sample calibration loss in numpy, as ``sensitivity.losses.CalibrationLoss.sample_losses``
     for every one of its ``LOSS_KINDS`` (same formulas, same probability floor; the test compares
     them). ``reference``: the float model's outputs over the calibration set, ``[samples, ...]``;

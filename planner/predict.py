@@ -2,7 +2,7 @@
 objective built from them (steps 1 and 2 of ``planner.plan``).
 
 ``analyse`` runs the analysis the request's method needs (traces for ``hawq_v2``, inter-layer terms
-for ``interlayer``, Fisher terms for ``fisher``), or checks a given result; ``measured_activation_terms`` measures what 8-bit
+for ``interlayer``, Fisher terms for ``fisher``, each layer measured alone for ``measured``), or checks a given result; ``measured_activation_terms`` measures what 8-bit
 activations cost each layer; ``build_objective`` lays out Ω, g·Δ, G and the costs per layer ×
 candidate (``planner.objective``), each layer with the candidates it is offered (``planner.exclude``).
 """
@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx
 
+import planner.measured  # noqa: F401  # registers MeasuredConfig's handler with compute_sensitivity
 from planner.activation import ACTIVATION_TERM_BITS, ActivationTerm, activation_terms
 from planner.candidates import CANDIDATES
 from planner.checks import require
@@ -24,11 +25,11 @@ from planner.cost import CostTable, layer_bops, layer_size_bytes
 from planner.exclude import LayerCandidates
 from planner.export import ExportError
 from planner.measure import Measurer, Progress
-from planner.objective import Objective
+from planner.objective import FP32, Objective
 from planner.request import PlanRequest
 from sensitivity.interlayer import perturbations, shrunk, shrunk_gradient_terms
 from sensitivity.normalize import NormalizedModel
-from sensitivity.results import FisherTerms, InterLayerTerms, SensitivityResult
+from sensitivity.results import FisherTerms, InterLayerTerms, MeasuredTerms, SensitivityResult
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,10 @@ def analyse(
         require(
             request.method != "fisher" or given.fisher is not None,
             "method 'fisher' needs a sensitivity result with Fisher terms (a FisherConfig analysis)",
+        )
+        require(
+            request.method != "measured" or given.measured is not None,
+            "method 'measured' needs a sensitivity result with measured terms (a MeasuredConfig analysis)",
         )
         require(
             request.method != "hawq_v2" or given.traces is not None,
@@ -85,6 +90,8 @@ def measured_activation_terms(
     none when the request does not ask for them, no candidate quantizes activations, or uniform
     w8a8 does not export."""
     if not request.measure_activation_terms or not any(_takes_activation_term(c) for c in request.candidates):
+        return {}
+    if request.method == "measured":  # each candidate was measured whole, its activations with it
         return {}
     progress = measurer.progress
     progress("activation", 0.0, "measuring each layer's activation quantization")
@@ -123,7 +130,8 @@ def build_objective(
     The terms come from the inter-layer analysis by the candidate's weight bits (fp32 -> 0).
     A result with traces only (a TraceConfig analysis) gives Ω from the traces and the ‖Δ‖²
     of ``model``'s weights, with g·Δ and G zero: enough for ``hawq_v2``, not for ``interlayer``.
-    A Fisher result (a FisherConfig analysis) gives Ω = Σ Fᵢᵢ Δᵢ² (``fisher_objective_terms``).
+    A Fisher result (a FisherConfig analysis) gives Ω = Σ Fᵢᵢ Δᵢ² (``fisher_objective_terms``); a
+    measured one (MeasuredConfig) Ω = 2ΔL per (layer, candidate) (``measured_omega``), G its diagonal.
     ``activation`` (``planner.activation``): each layer's measured activation term, shrunk by its
     standard error like g·Δ, is added to l and (floored at 0) to Ω of the candidates that
     quantize activations. ``offered``: the candidates of each layer (``planner.exclude``: an
@@ -139,6 +147,20 @@ def build_objective(
     )
     unoffered = sorted(set(layers) - set(names_of))
     require(not unoffered, f"offered names no candidates for layers {unoffered[:5]}")
+    costs = {
+        "size": [[layer_size_bytes(table[layer], c) for c in names_of[layer]] for layer in layers],
+        "bops": [[layer_bops(table[layer], c) for c in names_of[layer]] for layer in layers],
+    }
+    if sensitivity.measured is not None:
+        omega = measured_omega(sensitivity.measured, layers, names_of)
+        return Objective(
+            layers=tuple(layers),
+            candidates=tuple(names_of[layer] for layer in layers),
+            omega=omega,
+            linear=[[0.0] * len(row) for row in omega],
+            G=np.diag([value for row in omega for value in row]),
+            costs=costs,
+        )
     terms = sensitivity.interlayer
     if terms is None and sensitivity.fisher is not None:
         terms = fisher_objective_terms(sensitivity.fisher)
@@ -174,10 +196,7 @@ def build_objective(
         omega=[with_activation(terms.omega, layer, floor=0.0) for layer in layers],
         linear=[with_activation(gradient_terms, layer, floor=-math.inf) for layer in layers],
         G=0.5 * (G + G.T),  # HVP estimates are symmetric only up to round-off
-        costs={
-            "size": [[layer_size_bytes(table[layer], c) for c in names_of[layer]] for layer in layers],
-            "bops": [[layer_bops(table[layer], c) for c in names_of[layer]] for layer in layers],
-        },
+        costs=costs,
     )
 
 
@@ -195,6 +214,22 @@ def fisher_objective_terms(fisher: FisherTerms) -> InterLayerTerms:
         omega=omega,
         symmetry_error=0.0,
     )
+
+
+def measured_omega(
+    measured: MeasuredTerms, layers: Sequence[str], names_of: Mapping[str, Sequence[str]]
+) -> list[list[float]]:
+    """Ωᵢ(c) = 2·ΔL(i, c), each layer's loss change measured alone at candidate c (``planner.measured``),
+    in HAWQ-V2's convention as ``fisher_objective_terms``'s; fp32 is 0. Measured per candidate, so it
+    holds the activations' part already (no activation term is added). A change below 0 is noise around
+    0 to the diagonal search, whose Ω is a non-negative proxy, and counts as 0, as activation terms do."""
+    index = measured.index()
+    needed = sorted({(layer, c) for layer in layers for c in names_of[layer] if c != FP32} - set(index))
+    require(not needed, f"the measured result lacks (layer, candidate) {needed[:5]}; measure those candidates")
+    return [
+        [0.0 if c == FP32 else 2.0 * max(measured.loss_changes[index[(layer, c)]], 0.0) for c in names_of[layer]]
+        for layer in layers
+    ]
 
 
 def _trace_terms(

@@ -8,7 +8,7 @@ inputs its ``sample_axes`` name are checked when the plan runs (the model is not
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,13 +17,22 @@ from planner.checks import require
 from planner.evaluate import METRICS
 from planner.exclude import check_exclude
 from sensitivity.checks import check_bool, check_choice, check_float, check_int, set_fields, shown
-from sensitivity.results import MAX_SEED, FisherConfig, InterLayerConfig, TraceConfig, check_device
+from sensitivity.results import (
+    MAX_SEED,
+    MEASURED_CANDIDATES,
+    FisherConfig,
+    InterLayerConfig,
+    MeasuredConfig,
+    TraceConfig,
+    check_device,
+)
 from sensitivity.samples import check_sample_axes
 
-METHODS = ("hawq_v2", "interlayer", "fisher")
+METHODS = ("hawq_v2", "interlayer", "fisher", "measured")
 # The methods whose objective is diagonal (Ω per layer and candidate, no cross-layer term): searched
 # by the exact DP on Ω. fisher's Ωᵢ(c) is Σ Fᵢᵢ Δᵢ², twice its predicted loss change, as HAWQ-V2's Ω.
-DIAGONAL_METHODS = ("hawq_v2", "fisher")
+# measured's Ωᵢ(c) is twice layer i's loss change measured alone at candidate c (planner.measured).
+DIAGONAL_METHODS = ("hawq_v2", "fisher", "measured")
 SEARCHES = ("pareto", "bisection")
 # The models every plan is compared with; ``baseline`` picks the one max_drop is measured against
 # (planner.result.BASELINES says the same: request cannot import result, result imports request).
@@ -72,7 +81,8 @@ class PlanRequest:
     """What to plan: method, search, candidates, constraints and measurement settings.
 
     method: ``hawq_v2`` (diagonal Ω objective), ``interlayer`` (ΔL = Σ g·Δ + ½ Σ G) or ``fisher``
-    (diagonal Ω = Σ Fᵢᵢ Δᵢ² from the empirical Fisher, ``sensitivity.fisher``).
+    (diagonal Ω = Σ Fᵢᵢ Δᵢ² from the empirical Fisher, ``sensitivity.fisher``) or ``measured``
+    (diagonal Ω = 2ΔL of each layer quantized alone to each candidate in onnxruntime, ``planner.measured``).
     search: ``pareto`` (whole frontier, best point within the budget) or ``bisection``
     (demotion order, measured; needs ``max_drop``). objective: ``loss`` (the least predicted loss
     within the constraints) or ``latency`` (the fastest configuration measured against the float
@@ -205,7 +215,7 @@ class PlanRequest:
         """Whether the method's objective is diagonal (searched on Ω)."""
         return self.method in DIAGONAL_METHODS
 
-    def sensitivity_config(self) -> TraceConfig | InterLayerConfig | FisherConfig:
+    def sensitivity_config(self) -> TraceConfig | InterLayerConfig | FisherConfig | MeasuredConfig:
         """What the method needs: traces for ``hawq_v2`` (Ω comes from them), inter-layer terms for
         ``interlayer``. Computing the inter-layer terms for every plan took 529 of a 637 s hawq_v2 plan
         on a 224x224 classifier. The options are InterLayerConfig's either way (``trace_*`` names)."""
@@ -216,6 +226,8 @@ class PlanRequest:
             raise ValueError(f"invalid sensitivity_options: {error}") from None
         if self.method == "fisher":
             return fisher_config(config)
+        if self.method == "measured":
+            return measured_config(config, self.candidates)
         return config.trace_config() if self.method == "hawq_v2" else config
 
     def to_dict(self) -> dict[str, Any]:
@@ -243,6 +255,18 @@ def fisher_config(config: InterLayerConfig) -> FisherConfig:
     shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(FisherConfig)}
     try:
         return FisherConfig(**shared)
+    except ValueError as error:
+        raise ValueError(f"invalid sensitivity_options: {error}") from None
+
+
+def measured_config(config: InterLayerConfig, candidates: Sequence[str]) -> MeasuredConfig:
+    """The measured analysis with the inter-layer configuration's shared settings, for the quantized
+    ``candidates`` (w8 when there are none: only fp32 is offered, nothing is searched)."""
+    own = ("candidates", "quantity")  # the loss change: what every other method predicts
+    shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(MeasuredConfig) if f.name not in own}
+    quantized = tuple(c for c in candidates if c in MEASURED_CANDIDATES) or ("w8",)
+    try:
+        return MeasuredConfig(**shared, candidates=quantized)
     except ValueError as error:
         raise ValueError(f"invalid sensitivity_options: {error}") from None
 

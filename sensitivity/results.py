@@ -214,9 +214,58 @@ class FisherConfig(_AnalysisConfig):
         )
 
 
-Config = TraceConfig | EigenConfig | InterLayerConfig | FisherConfig
+# The candidates a measured analysis may quantize layers to; fp32 is the float model itself (a change of
+# 0). Named here, not imported: this library never imports ``planner`` (whose CANDIDATES hold them all);
+# planner.measured checks the two agree.
+MEASURED_CANDIDATES = ("w8a8", "w4a8", "w8", "w4")
+# What a measured analysis averages over the samples: the change of the calibration loss, or the KL
+# from the float model's class distribution (never below 0, and free of the labels' noise: a labelled
+# cross-entropy change can be below 0 by chance). kl needs class scores (or probabilities) as output.
+MEASURED_QUANTITIES = ("loss", "kl")
+
+
+def _check_candidates(value: Any) -> tuple[str, ...]:
+    """A non-empty list (or tuple) of distinct names from MEASURED_CANDIDATES."""
+    _require(
+        isinstance(value, list | tuple) and len(value) > 0,
+        f"candidates must be a non-empty list of candidate names from {MEASURED_CANDIDATES}; got {shown(value)}",
+    )
+    bad = [c for c in value if not (isinstance(c, str) and c in MEASURED_CANDIDATES)]
+    _require(
+        not bad, f"candidates: cannot measure {shown(bad)}; measurable: {MEASURED_CANDIDATES} (fp32 changes nothing)"
+    )
+    _require(len(set(value)) == len(value), f"candidates must not repeat; got {shown(value)}")
+    return tuple(str(c) for c in value)
+
+
+@dataclass(frozen=True)
+class MeasuredConfig(_AnalysisConfig):
+    """Each layer quantized alone to each of ``candidates`` in the exported onnxruntime model, and the
+    calibration loss change that measures, with its standard error over the samples (``planner.measured``,
+    which registers the handler: import it, or ``planner``, before ``compute_sensitivity``). No probes and
+    no Hessian: one export and one onnxruntime pass over the calibration set per (layer, candidate).
+    ``quantity``: "loss" (the calibration loss change) or "kl" (KL from the float model's distribution)."""
+
+    candidates: tuple[str, ...] = MEASURED_CANDIDATES
+    quantity: str = "loss"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        set_fields(
+            self,
+            candidates=_check_candidates(self.candidates),
+            quantity=check_choice("quantity", self.quantity, MEASURED_QUANTITIES),
+        )
+        _require(
+            self.time_budget_s is None,
+            "time_budget_s bounds Hutchinson probes (hawq_v2, interlayer); measured runs one export per "
+            "(layer, candidate)",
+        )
+
+
+Config = TraceConfig | EigenConfig | InterLayerConfig | FisherConfig | MeasuredConfig
 CONFIG_TYPES: dict[str, type] = {
-    cls.__name__: cls for cls in (TraceConfig, EigenConfig, InterLayerConfig, FisherConfig)
+    cls.__name__: cls for cls in (TraceConfig, EigenConfig, InterLayerConfig, FisherConfig, MeasuredConfig)
 }
 
 
@@ -398,6 +447,48 @@ class FisherTerms:
 
 
 @dataclass(frozen=True)
+class MeasuredTerms:
+    """Measured loss change per (layer, candidate) (``planner.measured``): the layer alone quantized.
+
+    ``loss_changes[a]`` for ``labels[a]`` = (layer, candidate) is the mean over the calibration samples
+    of ℓₙ(quantized) − ℓₙ(float), the per-sample calibration loss of the exported model run in
+    onnxruntime against the float model's; ``standard_errors[a]`` its standard error (sample SD over
+    √N); ``num_samples`` = N. With ``quantity`` "kl" the changes are KL(p_float ‖ p_quantized) instead.
+    """
+
+    labels: tuple[tuple[str, str], ...]
+    loss_changes: tuple[float, ...]
+    standard_errors: tuple[float, ...]
+    num_samples: int
+    quantity: str = "loss"
+
+    def index(self) -> dict[tuple[str, str], int]:
+        return {label: position for position, label in enumerate(self.labels)}
+
+    def loss_change(self, name: str, candidate: str) -> float:
+        return self.loss_changes[self.index()[(name, candidate)]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "labels": [[name, candidate] for name, candidate in self.labels],
+            "loss_changes": list(self.loss_changes),
+            "standard_errors": list(self.standard_errors),
+            "num_samples": self.num_samples,
+            "quantity": self.quantity,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MeasuredTerms:
+        return cls(
+            labels=tuple((str(name), str(candidate)) for name, candidate in data["labels"]),
+            loss_changes=tuple(float(x) for x in data["loss_changes"]),
+            standard_errors=tuple(float(x) for x in data["standard_errors"]),
+            num_samples=int(data["num_samples"]),
+            quantity=str(data.get("quantity", "loss")),
+        )
+
+
+@dataclass(frozen=True)
 class LayerInfo:
     """A layer as a result records it: its name (the weight initializer), and, shown beside it
     because exporters name weights anonymously (``onnx::MatMul_984``), its node's name and the
@@ -455,6 +546,7 @@ class SensitivityResult:
     eigenvalues: tuple[LayerEigen, ...] | None = None
     interlayer: InterLayerTerms | None = None
     fisher: FisherTerms | None = None
+    measured: MeasuredTerms | None = None
     timings: dict[str, float] = field(default_factory=dict)
     num_hvps: int = 0
     versions: dict[str, str] = field(default_factory=dict)
@@ -485,6 +577,7 @@ class SensitivityResult:
             "eigenvalues": _optional_list(self.eigenvalues),
             "interlayer": None if self.interlayer is None else self.interlayer.to_dict(),
             "fisher": None if self.fisher is None else self.fisher.to_dict(),
+            "measured": None if self.measured is None else self.measured.to_dict(),
             "timings": dict(self.timings),
             "num_hvps": self.num_hvps,
             "seed": self.seed,
@@ -507,6 +600,7 @@ class SensitivityResult:
             eigenvalues=None if eigen is None else tuple(LayerEigen.from_dict(item) for item in eigen),
             interlayer=None if interlayer is None else InterLayerTerms.from_dict(interlayer),
             fisher=None if data.get("fisher") is None else FisherTerms.from_dict(data["fisher"]),
+            measured=None if data.get("measured") is None else MeasuredTerms.from_dict(data["measured"]),
             timings={str(k): float(v) for k, v in data.get("timings", {}).items()},
             num_hvps=int(data.get("num_hvps", 0)),
             versions={str(k): str(v) for k, v in data.get("versions", {}).items()},

@@ -136,7 +136,7 @@ class SensitivityRequest(BaseModel):
     )
     model_id: str = Field(max_length=64)
     dataset_id: str = Field(max_length=64)
-    method: Literal["hawq_v2", "hawq_v1", "interlayer", "fisher"] = "hawq_v2"
+    method: Literal["hawq_v2", "hawq_v1", "interlayer", "fisher", "measured"] = "hawq_v2"
     options: dict[str, Any] = Field(
         default_factory=dict,
         max_length=32,

@@ -99,7 +99,7 @@ class PlanRequestIn(BaseModel):
     model_id: str = Field(max_length=64)
     calibration_dataset_id: str = Field(max_length=64)
     evaluation_dataset_id: str | None = Field(None, max_length=64)
-    method: Literal["hawq_v2", "interlayer", "fisher"] = "hawq_v2"
+    method: Literal["hawq_v2", "interlayer", "fisher", "measured"] = "hawq_v2"
     search: Literal["pareto", "bisection"] = "pareto"
     candidates: list[str] = Field(default_factory=lambda: list(DEFAULT_CANDIDATES), min_length=1, max_length=16)
     constraints: Constraints = Field(default_factory=Constraints)
@@ -136,7 +136,9 @@ class FrontierPointOut(BaseModel):
     assignment: Configuration
     size_bytes: int | None
     bops: float | None
-    predicted_loss_change: float | None = Field(description="Ω for hawq_v2 and fisher plans, ΔL for interlayer ones")
+    predicted_loss_change: float | None = Field(
+        description="Ω for hawq_v2, fisher and measured plans, ΔL for interlayer ones"
+    )
     predicted: PredictedFigures
     measured: Measurement | NotMeasured
 

@@ -24,10 +24,10 @@ STORED = ConfigDict(extra="allow")
 
 @with_config(STORED)
 class AnalysisConfig(TypedDict):
-    """The analysis's settings (``sensitivity.results.TraceConfig``, ``EigenConfig``, ``InterLayerConfig`` or
-    ``FisherConfig``, by ``type``); docs/sensitivity.md describes each."""
+    """The analysis's settings (``sensitivity.results.TraceConfig``, ``EigenConfig``, ``InterLayerConfig``,
+    ``FisherConfig`` or ``MeasuredConfig``, by ``type``); docs/sensitivity.md describes each."""
 
-    type: Literal["TraceConfig", "EigenConfig", "InterLayerConfig", "FisherConfig"]
+    type: Literal["TraceConfig", "EigenConfig", "InterLayerConfig", "FisherConfig", "MeasuredConfig"]
     seed: int
     batch_size: int
     device: str
@@ -41,6 +41,8 @@ class AnalysisConfig(TypedDict):
     max_probes: NotRequired[int]  # TraceConfig
     max_iterations: NotRequired[int]  # EigenConfig
     bits: NotRequired[list[int]]  # InterLayerConfig, FisherConfig
+    candidates: NotRequired[list[str]]  # MeasuredConfig
+    quantity: NotRequired[Literal["loss", "kl"]]  # MeasuredConfig
     trace_tolerance: NotRequired[float]
     trace_min_probes: NotRequired[int]
     trace_max_probes: NotRequired[int]
@@ -109,6 +111,18 @@ class FisherTerms(TypedDict):
 
 
 @with_config(STORED)
+class MeasuredTerms(TypedDict):
+    """Each layer quantized alone to each candidate in the exported onnxruntime model: the mean per-sample
+    calibration loss change against the float model, with its standard error (docs/sensitivity.md)."""
+
+    labels: Annotated[list[tuple[str, str]], Field(description="[layer, candidate] of each entry")]
+    loss_changes: Annotated[list[float], Field(description="mean over samples of ℓₙ(quantized) − ℓₙ(float)")]
+    standard_errors: Annotated[list[float], Field(description="sample SD of the per-sample changes over √N")]
+    num_samples: int
+    quantity: NotRequired[Literal["loss", "kl"]]
+
+
+@with_config(STORED)
 class SensitivityResult(TypedDict):
     """``sensitivity.results.SensitivityResult.to_dict()``: the fields an analysis does not compute are null."""
 
@@ -122,6 +136,7 @@ class SensitivityResult(TypedDict):
     eigenvalues: list[LayerEigen] | None
     interlayer: InterLayerTerms | None
     fisher: NotRequired[FisherTerms | None]
+    measured: NotRequired[MeasuredTerms | None]
     timings: Annotated[dict[str, float], Field(description="seconds per phase")]
     num_hvps: int
     seed: int

@@ -38,8 +38,8 @@ if TYPE_CHECKING:  # onnx and the libraries load when a command runs, not to bui
 
     Subcommands = argparse._SubParsersAction[argparse.ArgumentParser]  # what add_subparsers() returns
 
-SENSITIVITY_METHODS = ("hawq_v1", "hawq_v2", "interlayer", "fisher")
-PLAN_METHODS = ("hawq_v2", "interlayer", "fisher")
+SENSITIVITY_METHODS = ("hawq_v1", "hawq_v2", "interlayer", "fisher", "measured")
+PLAN_METHODS = ("hawq_v2", "interlayer", "fisher", "measured")
 PLAN_METRICS = ("auto", "top1", "cosine", "neighbour_agreement", "step_agreement")  # planner.evaluate.METRICS
 PLAN_BASELINES = ("fp32", "fp16")  # planner.request.BASELINES
 PLAN_OBJECTIVES = ("loss", "latency")  # planner.request.OBJECTIVES
@@ -69,7 +69,8 @@ def _add_sensitivity(subparsers: Subcommands) -> None:
         help="Hessian sensitivity of each layer (locally, or on a server with --server)",
         description="Compute per-layer Hessian traces (hawq_v2), top eigenvalues (hawq_v1) or the "
         "inter-layer terms g·Δ, G and Ω (interlayer), or the empirical Fisher's ½ Σ F Δ² per layer and "
-        "bit width (fisher) of a model on a calibration set.",
+        "bit width (fisher), or each layer's loss change quantized alone to each candidate in onnxruntime "
+        "(measured) of a model on a calibration set.",
     )
     command.add_argument("model", metavar="MODEL", help="ONNX model (.onnx) or torch.export archive (.pt2)")
     command.add_argument("--data", required=True, metavar="CALIB.npz", help=DATA_HELP)
@@ -139,7 +140,8 @@ def _add_plan(subparsers: Subcommands) -> None:
         default="hawq_v2",
         help="hawq_v2: diagonal Ω; interlayer: gradient and cross-layer terms (calibrate it on "
         "data the model was not trained on: docs/search.md); fisher: diagonal, Ω = Σ F Δ² from the "
-        "empirical Fisher (needs labels or a classifier's logits)",
+        "empirical Fisher (needs labels or a classifier's logits); measured: diagonal, Ω = 2ΔL of each "
+        "layer quantized alone to each candidate, in onnxruntime",
     )
     command.add_argument("--search", choices=("pareto", "bisection"), default="pareto")
     command.add_argument("--candidates", default=DEFAULT_CANDIDATES, help=f"comma-separated ({DEFAULT_CANDIDATES})")
@@ -205,6 +207,7 @@ def sensitivity_command(args: argparse.Namespace, settings: Any = None) -> int:
         return remote_sensitivity(args)
     if (code := _missing_libraries("mpq sensitivity", args)) is not None:
         return code
+    import planner.measured  # noqa: F401  # registers the measured analysis with compute_sensitivity
     from sensitivity.run import compute_sensitivity
 
     progress = ProgressPrinter(sys.stderr)

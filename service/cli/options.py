@@ -37,7 +37,7 @@ def parse_bits(text: str) -> tuple[int, ...]:
 
 def sensitivity_options(args: argparse.Namespace) -> dict[str, Any]:
     """The analysis configuration's keyword arguments the options ask for (``sensitivity.results``'
-    ``EigenConfig`` for hawq_v1, ``TraceConfig`` for hawq_v2, ``InterLayerConfig`` for interlayer, ``FisherConfig`` for fisher),
+    ``EigenConfig`` for hawq_v1, ``TraceConfig`` for hawq_v2, ``InterLayerConfig`` for interlayer, ``FisherConfig`` for fisher, ``MeasuredConfig`` for measured),
     without importing the library: the remote command sends them as the request's options."""
     shared = {
         "seed": args.seed,
@@ -52,6 +52,10 @@ def sensitivity_options(args: argparse.Namespace) -> dict[str, Any]:
         if args.tol is not None or args.max_probes is not None:
             raise BadInput("--tol and --max-probes bound probes; fisher takes one gradient per sample and has none")
         return {**shared, "bits": parse_bits(args.bits)}
+    if args.method == "measured":  # one export per (layer, candidate): no probes, no bit widths
+        if args.tol is not None or args.max_probes is not None:
+            raise BadInput("--tol and --max-probes bound probes; measured runs each layer quantized alone and has none")
+        return shared
     probes = _probe_options(args.max_probes)
     if args.method == "hawq_v2":
         return {**shared, **_optional(tolerance=args.tol), **probes}
@@ -65,7 +69,7 @@ def sensitivity_options(args: argparse.Namespace) -> dict[str, Any]:
 
 def sensitivity_config(args: argparse.Namespace) -> Config:
     """The analysis configuration the options ask for (BadInput when they are invalid)."""
-    from sensitivity.results import EigenConfig, FisherConfig, InterLayerConfig, TraceConfig
+    from sensitivity.results import EigenConfig, FisherConfig, InterLayerConfig, MeasuredConfig, TraceConfig
 
     options = sensitivity_options(args)
     kinds: dict[str, type[Config]] = {
@@ -73,6 +77,7 @@ def sensitivity_config(args: argparse.Namespace) -> Config:
         "hawq_v2": TraceConfig,
         "interlayer": InterLayerConfig,
         "fisher": FisherConfig,
+        "measured": MeasuredConfig,
     }
     kind = kinds[args.method]
     try:

@@ -143,6 +143,8 @@ def sensitivity_document(method: str, result: Mapping[str, Any]) -> dict[str, An
         }
     if (fisher := result.get("fisher")) is not None:
         document["fisher"] = fisher_document(fisher)
+    if (measured := result.get("measured")) is not None:
+        document["measured"] = measured_document(measured)
     document["timing"] = {
         **{f"{phase}_s": seconds for phase, seconds in (result.get("timings") or {}).items()},
         "hvps": result.get("num_hvps", 0),
@@ -167,6 +169,35 @@ def fisher_document(terms: Mapping[str, Any]) -> dict[str, Any]:
         "fisher_trace": dict(zip(terms["layer_names"], terms["fisher_traces"])),
         "samples": terms["num_samples"],
     }
+
+
+def measured_document(terms: Mapping[str, Any]) -> dict[str, Any]:
+    """The measured part of the document: each layer's loss change quantized alone to each candidate, ± SE."""
+    labels = [(name, candidate) for name, candidate in terms["labels"]]
+    return {
+        "candidates": list(dict.fromkeys(candidate for _, candidate in labels)),
+        "layers": list(dict.fromkeys(name for name, _ in labels)),
+        "labels": [[name, candidate] for name, candidate in labels],
+        "loss_change": list(terms["loss_changes"]),
+        "stderr": list(terms["standard_errors"]),
+        "samples": terms["num_samples"],
+    }
+
+
+def measured_table(measured: Mapping[str, Any]) -> list[str]:
+    """One line per layer: its measured loss change ± its standard error at each candidate."""
+    candidates = measured["candidates"]
+    values = {
+        (name, c): (change, error)
+        for (name, c), change, error in zip(measured["labels"], measured["loss_change"], measured["stderr"])
+    }
+    header = f"{'layer':<32} " + " ".join(f"{f'ΔL at {c}':>22}" for c in candidates)
+    title = f"measured in onnxruntime, each layer alone, {measured['samples']} samples: ΔL ± standard error"
+    lines = [title, header, "-" * len(header)]
+    for name in measured["layers"]:
+        cells = [f"{values[(name, c)][0]:>11.4g} ± {values[(name, c)][1]:<8.2g}" for c in candidates]
+        lines.append(f"{name:<32} " + " ".join(cells))
+    return lines
 
 
 def fisher_table(fisher: Mapping[str, Any]) -> list[str]:
@@ -207,6 +238,8 @@ def sensitivity_table(document: Mapping[str, Any]) -> str:
         lines.append(line)
     if (fisher := document.get("fisher")) is not None:
         lines += fisher_table(fisher)
+    if (measured := document.get("measured")) is not None:
+        lines += measured_table(measured)
     timing = document["timing"]
     seconds = timing.get("total_s", 0.0)
     lines.append(f"{timing['hvps']} Hessian-vector products in {seconds:.2f} s on {timing['device']}")

@@ -493,7 +493,7 @@ def _execution(result: dict[str, Any]) -> str:
 
 
 # The predictor each method optimises (what the plan job stores as predicted_loss_change).
-PREDICTOR = {"hawq_v2": "omega", "interlayer": "loss_change", "fisher": "omega"}
+PREDICTOR = {"hawq_v2": "omega", "interlayer": "loss_change", "fisher": "omega", "measured": "omega"}
 PREDICTOR_LABELS = {"omega": "Predicted Ω (HAWQ-V2 proxy)", "loss_change": "Predicted loss change ΔL"}
 
 

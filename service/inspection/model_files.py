@@ -23,6 +23,7 @@ SENSITIVITY_METHODS = {
     "hawq_v1": "EigenConfig",
     "interlayer": "InterLayerConfig",
     "fisher": "FisherConfig",
+    "measured": "MeasuredConfig",
 }
 
 

@@ -30,6 +30,7 @@ def compute_or_reuse_sensitivity(
     handing it to the supervisor to store) if there is none. Returns (result dict, reused).
     ``model``: the job's model already normalised (``sensitivity.normalize.NormalizedModel``), if it is.
     ``sample_axes``: the request's (``sensitivity.samples``), part of the reuse key when given."""
+    import planner.measured  # noqa: F401  # registers the measured analysis with compute_sensitivity
     from sensitivity.onnx_program import load_onnx
     from sensitivity.run import compute_sensitivity
     from sensitivity.samples import check_sample_axes

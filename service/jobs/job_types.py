@@ -188,7 +188,7 @@ def _plan_rows(done: Finished, data: dict[str, Any], latency: Any, sha256: str, 
 
 def _predicted_by_method(predicted: dict[str, Any], method: str) -> float | None:
     """The predictor the plan's method optimised: Ω for HAWQ-V2, ΔL for the inter-layer objective."""
-    return predicted.get("omega") if method in ("hawq_v2", "fisher") else predicted.get("loss_change")
+    return predicted.get("omega") if method in ("hawq_v2", "fisher", "measured") else predicted.get("loss_change")
 
 
 # ---------------------------------------------------------------- latency

@@ -305,7 +305,11 @@ class JobRun:
     def _cache_key(self, message: dict[str, Any]) -> tuple[str, str] | None:
         """(method, params hash) of a cache frame, if well formed; the model and data are the job's own."""
         method, key = message.get("method"), message.get("params_hash")
-        if method in ("hawq_v2", "hawq_v1", "interlayer", "fisher") and isinstance(key, str) and _SHA256.fullmatch(key):
+        if (
+            method in ("hawq_v2", "hawq_v1", "interlayer", "fisher", "measured")
+            and isinstance(key, str)
+            and _SHA256.fullmatch(key)
+        ):
             return method, key
         return None
 

@@ -7,11 +7,11 @@ import torch
 from onnx import numpy_helper
 
 from planner.activation import (
-    _run,
-    _SampleLoss,
+    SampleLoss,
     _with_fake_quantization,
     activation_quantization,
     activation_terms,
+    run_outputs,
 )
 from planner.export import export_model
 from sensitivity import zoo
@@ -96,10 +96,10 @@ def test_fake_quantized_model_is_the_exporters_artifact_with_float_weights(case)
     for layer in find_layers(proto):
         ours = _with_fake_quantization(proto, [ranges[t] for t in terms[layer.name].tensors])
         theirs = _with_float_weights(_single_layer_artifact(proto, layer.name, data), proto)
-        for a, b in zip(_run(ours, feeds, 32), _run(theirs, feeds, 32)):
+        for a, b in zip(run_outputs(ours, feeds, 32), run_outputs(theirs, feeds, 32)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-        float_outputs = _run(proto, feeds, 32)
-        assert any(not np.array_equal(a, b) for a, b in zip(_run(ours, feeds, 32), float_outputs)), layer.name
+        float_outputs = run_outputs(proto, feeds, 32)
+        assert any(not np.array_equal(a, b) for a, b in zip(run_outputs(ours, feeds, 32), float_outputs)), layer.name
 
 
 @pytest.mark.slow
@@ -107,12 +107,12 @@ def test_terms_are_per_sample_loss_changes_with_standard_errors(case):
     proto, data, kind, terms = case
     feeds = {"input": data["input"]}
     ranges = activation_quantization(proto, data)
-    reference = _run(proto, feeds, 64)
-    loss = _SampleLoss(kind, reference, data.get("labels"))
+    reference = run_outputs(proto, feeds, 64)
+    loss = SampleLoss(kind, reference, data.get("labels"))
     for term in terms.values():
-        changes = loss(_run(_with_fake_quantization(proto, [ranges[t] for t in term.tensors]), feeds, 64)) - loss(
-            reference
-        )
+        changes = loss(
+            run_outputs(_with_fake_quantization(proto, [ranges[t] for t in term.tensors]), feeds, 64)
+        ) - loss(reference)
         assert term.loss_change == pytest.approx(changes.mean(), rel=1e-9, abs=1e-15)
         assert term.standard_error == pytest.approx(changes.std(ddof=1) / np.sqrt(SAMPLES), rel=1e-9)
         assert term.standard_error > 0.0
@@ -141,7 +141,7 @@ def test_sample_losses_match_the_sensitivity_losses(kind):
         if kind == "distill_kl":
             outputs = [o / o.sum(axis=-1, keepdims=True) for o in outputs]
     labels = rng.integers(0, 5, 20)
-    ours = _SampleLoss(kind, reference, labels)(outputs)
+    ours = SampleLoss(kind, reference, labels)(outputs)
     reference_t, outputs_t = [torch.from_numpy(r) for r in reference], [torch.from_numpy(o) for o in outputs]
     targets = (torch.from_numpy(labels),) if kind == "cross_entropy" else loss_targets(kind, reference_t)
     scales = [1 / float(np.mean(r**2)) if kind == "distill_normalized_mse" else 1.0 for r in reference]
@@ -154,9 +154,9 @@ def test_normalized_mse_weighs_outputs_of_different_scales_alike():
     rng = np.random.default_rng(2)
     reference = [rng.standard_normal((30, 4)), 1000 * rng.standard_normal((30, 4))]
     outputs = [r * (1 + 0.1 * rng.standard_normal(r.shape)) for r in reference]  # 10 % relative error each
-    terms = [_SampleLoss("distill_normalized_mse", [r], None)([o]).mean() for r, o in zip(reference, outputs)]
+    terms = [SampleLoss("distill_normalized_mse", [r], None)([o]).mean() for r, o in zip(reference, outputs)]
     assert 0.5 < terms[0] / terms[1] < 2
-    assert _SampleLoss("distill_normalized_mse", reference, None)(outputs).mean() == pytest.approx(sum(terms))
+    assert SampleLoss("distill_normalized_mse", reference, None)(outputs).mean() == pytest.approx(sum(terms))
 
 
 @pytest.mark.slow

@@ -20,6 +20,8 @@ PUBLIC_NAMES = [
     "LayerEigen",
     "LayerInfo",
     "LayerTrace",
+    "MeasuredConfig",
+    "MeasuredTerms",
     "NormalizedModel",
     "OnnxExport",
     "OpsetUpgradeError",

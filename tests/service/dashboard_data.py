@@ -135,6 +135,7 @@ def _base_result(config: dict[str, Any]) -> dict[str, Any]:
         "eigenvalues": None,
         "interlayer": None,
         "fisher": None,
+        "measured": None,
         "timings": {"load": 0.41, "traces": 12.8},
         "num_hvps": 256,
         "seed": 0,

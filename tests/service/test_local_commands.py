@@ -792,3 +792,61 @@ def test_the_summary_states_the_plan_against_both_baselines():
         "against fp16: 98.90 % there, drop 0.40 pp, latency not measured, size x0.60 (--max-drop against this)",
     ]
     assert against_lines({}, "fp32") == []  # plans stored before baselines existed
+
+
+@pytest.mark.slow
+def test_measured_sensitivity_on_the_digits_cnn(digits_cli_files, capsys, monkeypatch):
+    monkeypatch.chdir(digits_cli_files)
+    options = ("--method", "measured", "--device", "cpu", "--no-cache")
+    status, out, err = call_mpq("sensitivity", "model.onnx", "--data", "calib.npz", *options, "--json", capsys=capsys)
+    assert status == 0, err
+    document = json.loads(out)
+    measured = document["measured"]
+    layers = [layer["name"] for layer in document["layers"]]
+    candidates = ["w8a8", "w4a8", "w8", "w4"]
+    assert document["method"] == "measured" and document["loss_kind"] == "cross_entropy"
+    assert measured["candidates"] == candidates and measured["layers"] == layers and measured["samples"] == 256
+    assert [tuple(label) for label in measured["labels"]] == [(name, c) for name in layers for c in candidates]
+    assert all(error > 0 for error in measured["stderr"])
+    changes = dict(zip(map(tuple, measured["labels"]), measured["loss_change"]))
+    assert sum(changes[(name, "w4")] for name in layers) > sum(changes[(name, "w8")] for name in layers)
+    assert document["timing"]["hvps"] == 0
+    status, table, err = call_mpq("sensitivity", "model.onnx", "--data", "calib.npz", *options, capsys=capsys)
+    assert status == 0 and "measured in onnxruntime, each layer alone, 256 samples" in table and "ΔL at w4a8" in table
+    status, _, err = call_mpq(
+        "sensitivity", "model.onnx", "--data", "calib.npz", *options, "--max-probes", "8", capsys=capsys
+    )
+    assert status == 2 and "measured runs each layer quantized alone" in err
+
+
+@pytest.mark.slow
+def test_measured_plan_on_the_digits_cnn_meets_its_budget(digits_cli_files, capsys, monkeypatch):
+    monkeypatch.chdir(digits_cli_files)
+    budget_mb = 0.03
+    options = ("--method", "measured", "--candidates", "fp32,w8,w4", "--max-size-mb", str(budget_mb))
+    status, out, err = call_mpq(
+        "plan",
+        "model.onnx",
+        "--data",
+        "calib.npz",
+        "--eval-data",
+        "eval.npz",
+        *options,
+        "--max-frontier-points",
+        "2",
+        "--device",
+        "cpu",
+        "--no-cache",
+        "--out",
+        "measured.onnx",
+        "--json",
+        capsys=capsys,
+    )
+    assert status == 0, err
+    document = json.loads(out)
+    plan = document["plan"]
+    assert document["request"]["method"] == "measured"
+    assert plan["measured"]["size_bytes"] <= budget_mb * 2**20
+    assert set(plan["layers"].values()) != {"fp32"}
+    # Ω = 2ΔL summed over the layers, each measured alone (negative changes count as 0)
+    assert plan["predicted"]["loss_change"] == pytest.approx(plan["predicted"]["omega"] / 2, rel=1e-9)

@@ -292,6 +292,50 @@ def test_a_fisher_sensitivity_and_plan_match_the_schema(client, app, digits_file
 
 
 @pytest.mark.slow
+@sqlite_only
+def test_a_measured_sensitivity_and_plan_match_the_schema(client, app, digits_files):
+    """--method measured through the API on the embedded executor: the sensitivity job's result (typed
+    MeasuredTerms) and a measured plan that reuses it validate against the documented schemas."""
+    model_bytes, calib, evaluation, _ = digits_files
+    model_id, calib_id = uploaded(client, model_bytes, calib)
+    eval_id = upload(client, "/v1/datasets", evaluation).json()["id"]
+    document = app.openapi()
+    options = {"candidates": ["w8", "w4"]}  # what a plan offering fp32, w8 and w4 measures
+    body = {"model_id": model_id, "dataset_id": calib_id, "method": "measured", "options": options}
+    submitted = client.post("/v1/sensitivity", json=body)
+    assert submitted.status_code == 202, submitted.text
+    assert_documented(document, "/v1/sensitivity", "post", submitted)
+    job = wait_for(client, submitted.json()["id"], timeout=300)
+    assert job["status"] == "succeeded", (job["error"], (job["log_tail"] or "")[-2000:])
+    response = client.get(f"/v1/sensitivity/{job['result']['sensitivity_result_id']}")
+    assert_documented(document, "/v1/sensitivity/{result_id}", "get", response)
+    stored = response.json()
+    measured = stored["result"]["measured"]
+    assert stored["method"] == "measured" and stored["result"]["config"]["type"] == "MeasuredConfig"
+    assert stored["result"]["traces"] is None and measured["num_samples"] == 256
+    assert [label[1] for label in measured["labels"]] == ["w8", "w4"] * (len(measured["labels"]) // 2)
+    assert all(error > 0 for error in measured["standard_errors"])
+
+    budget = len(model_bytes) // 3
+    plan_body = {
+        "model_id": model_id,
+        "calibration_dataset_id": calib_id,
+        "evaluation_dataset_id": eval_id,
+        "method": "measured",
+        "candidates": ["fp32", "w8", "w4"],
+        "constraints": {"max_size_bytes": budget},
+    }
+    submitted = client.post("/v1/plans", json=plan_body)
+    assert submitted.status_code == 202, submitted.text
+    job = wait_for(client, submitted.json()["id"], timeout=300)
+    assert job["status"] == "succeeded", (job["error"], (job["log_tail"] or "")[-2000:])
+    assert job["result"]["sensitivity_result_id"] == stored["id"]  # reused: same model, data and settings
+    plan = client.get(f"/v1/plans/{job['result']['plan_id']}")
+    assert_documented(document, "/v1/plans/{plan_id}", "get", plan)
+    assert plan.json()["request"]["method"] == "measured" and plan.json()["measured"]["size_bytes"] <= budget
+
+
+@pytest.mark.slow
 def test_stored_documents_of_every_shape_match_the_schema(client, app):
     """The dashboard's rows: HAWQ-V1 eigenvalues, an older plan with only some parts of its result,
     and a frontier point never measured ({}); served as stored, absent keys absent."""
