@@ -146,7 +146,11 @@ def test_size_against_exported_file(wide_cnn, candidate):
         f"{candidate}: predicted {predicted.size_bytes} B, initializer data {data_bytes} B, file {file_bytes} B "
         f"({100 * (file_bytes - predicted.size_bytes) / predicted.size_bytes:+.1f} %)"
     )
-    if CANDIDATES[candidate].quantizes_activations:
+    if CANDIDATES[candidate].float16:
+        # The fp16 export stores the layers' biases in float16 too; the estimate counts them at float32
+        # (other_initializer_bytes), so it is over by at most half of those bytes: conservative for a budget.
+        assert 0 <= predicted_data - data_bytes <= table.other_initializer_bytes // 2
+    elif CANDIDATES[candidate].quantizes_activations:
         # Static quantization adds activation scales/zero points and int32-bias scales/zero points.
         assert 0 < data_bytes - predicted_data <= 0.03 * predicted_data
     else:
