@@ -860,32 +860,48 @@ def check_labels(figure: Figure, budget: int | None, max_drop: float | None, vie
 
 
 def check_accuracy_latency_chart(page, data: dashboard_data.DashboardData, where: str) -> None:
-    """The accuracy-latency chart: its points are the measured ones (p50 against metric), the slower
-    ones in a trace of their own, float and fp16 drawn as references, axes titled with their units as
-    the table's headers, every point inside the axis ranges, and no two legend labels overlapping."""
-    figure = read_figure(page, "latency-frontier-chart")
-    points = [
-        (round(dashboard_data.LATENCY_FLOAT_P50_MS * ratio, 4), round(dashboard_data.FLOAT_METRIC - drop, 3))
-        for _, ratio, drop in dashboard_data.LATENCY_FRONTIER
-    ]
-    plotted = [(x, y) for name in ("measured frontier points", "slower than float") for x, y in xy(figure, name)]
-    assert sorted(plotted) == sorted(points), where
-    assert xy(figure, "slower than float") == [points[k] for k in dashboard_data.LATENCY_SLOWER], where
-    assert xy(figure, "chosen") == [points[dashboard_data.LATENCY_CHOSEN]], where
-    assert xy(figure, "float model (fp32)") == [(dashboard_data.LATENCY_FLOAT_P50_MS, dashboard_data.FLOAT_METRIC)]
-    assert len(xy(figure, "fp16 baseline")) == 1, where
+    """The accuracy-latency chart, y the metric then the drop: its points are the measured ones (p50
+    against y), the slower ones in a trace of their own, float and fp16 drawn as references, axes titled
+    with their units as the table's headers, every point inside the axis ranges, the ratio to float in
+    every hover, and no two legend labels overlapping."""
     headers = page.locator("#latency-frontier-table thead th").all_inner_texts()
-    assert figure.xaxis["title"] == "Latency, p50 (ms)" and figure.xaxis["title"] in headers, where
-    assert unit_of(figure.yaxis["title"]) == "%" and "measured top1_accuracy" in figure.yaxis["title"], where
-    for axis, values in ((figure.xaxis, [x for x, _ in plotted]), (figure.yaxis, [y for _, y in plotted])):
-        low, high = axis["range"]
-        assert all(low <= on_axis(v, axis) <= high for v in values), (where, axis, values)
-    legend = [label.text for label in figure.legend]
-    expected = {"slower than float", "float model (fp32)", "fp16 baseline", "chosen", "measured frontier points"}
-    assert expected <= set(legend), (where, legend)
-    assert all("%{customdata[0]}" in t["hovertemplate"] for t in figure.data), where  # the ratio to float
-    assert not overlapping_pairs(figure.legend), (where, overlapping_pairs(figure.legend))
-    assert all(inside(label.box, figure.chart) for label in figure.legend), where
+    fp16_ratio, fp16_drop = dashboard_data.LATENCY_FP16
+    for y, column, unit in (("metric", "top1_accuracy (%)", "%"), ("drop", "Drop (pp)", "pp")):
+        view = f"{where}, y {y}"
+        page.select_option("#latency-y", y)
+        page.wait_for_function(
+            "(u) => document.getElementById('latency-frontier-chart').layout.yaxis.title.text.endsWith(`(${u})`)",
+            arg=unit,
+        )
+        figure = read_figure(page, "latency-frontier-chart")
+        points = [
+            (round(dashboard_data.LATENCY_FLOAT_P50_MS * ratio, 4), on_y(y, drop))
+            for _, ratio, drop in dashboard_data.LATENCY_FRONTIER
+        ]
+        plotted = [(x, v) for name in ("measured frontier points", "slower than float") for x, v in xy(figure, name)]
+        assert sorted(plotted) == sorted(points), view
+        assert xy(figure, "slower than float") == [points[k] for k in dashboard_data.LATENCY_SLOWER], view
+        assert xy(figure, "chosen") == [points[dashboard_data.LATENCY_CHOSEN]], view
+        assert xy(figure, "float model (fp32)") == [(dashboard_data.LATENCY_FLOAT_P50_MS, on_y(y, 0.0))], view
+        fp16 = xy(figure, "fp16 baseline")
+        assert len(fp16) == 1 and math.isclose(fp16[0][1], on_y(y, fp16_drop)), view
+        assert math.isclose(fp16[0][0], dashboard_data.LATENCY_FLOAT_P50_MS * fp16_ratio), view
+        assert figure.xaxis["title"] == "Latency, p50 (ms)" and figure.xaxis["title"] in headers, view
+        assert unit_of(figure.yaxis["title"]) == unit_of(column) == unit and column in headers, view
+        for axis, values in ((figure.xaxis, [x for x, _ in plotted]), (figure.yaxis, [v for _, v in plotted])):
+            low, high = axis["range"]
+            assert all(low <= on_axis(v, axis) <= high for v in values), (view, axis, values)
+        legend = [label.text for label in figure.legend]
+        expected = {"slower than float", "float model (fp32)", "fp16 baseline", "chosen", "measured frontier points"}
+        assert expected <= set(legend), (view, legend)
+        assert all("%{customdata[0]}" in t["hovertemplate"] for t in figure.data), view  # the ratio to float
+        assert not overlapping_pairs(figure.legend), (view, overlapping_pairs(figure.legend))
+        assert all(inside(label.box, figure.chart) for label in figure.legend), view
+
+
+def on_y(y: str, drop: float) -> float:
+    """A latency-plan figure on the accuracy-latency chart's y axis: the metric or the drop."""
+    return round(dashboard_data.FLOAT_METRIC - drop, 3) if y == "metric" else drop
 
 
 def xy(figure: Figure, name: str) -> list[tuple[float, float]]:
