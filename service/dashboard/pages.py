@@ -505,6 +505,7 @@ def figures(predicted: dict[str, Any], measured: dict[str, Any] | None, loss_cha
         "size_bytes": predicted.get("size_bytes"),
         "bops": predicted.get("bops"),
         "latency_ms": (measured.get("latency_ms") or {}).get("mean"),
+        "latency_p50_ms": (measured.get("latency_ms") or {}).get("p50"),
         "predicted_loss_change": loss_change,
         "metric": measured.get("metric"),
         "drop": measured.get("drop"),
@@ -598,15 +599,121 @@ def plan_units(plan: Plan, rows: list[dict[str, Any]]) -> dict[str, Unit]:
     return cost_units([*rows, chosen, exported])
 
 
+# The models a plan is compared with (planner.result.PlanResult.baselines), as the latency chart names them.
+REFERENCE_NAMES = {"fp32": "float model (fp32)", "fp16": "fp16 baseline"}
+
+
+def latency_view(measured: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A measurement as the accuracy-latency chart plots it: p50 and metric, both measured (a
+    configuration's predicted latency is never shown here), with its ratio to the float model timed
+    interleaved in the same run; None when it has no latency or no metric."""
+    measured = measured or {}
+    p50 = (measured.get("latency_ms") or {}).get("p50")
+    if p50 is None or measured.get("metric") is None:
+        return None
+    return {
+        "p50_ms": p50,
+        "metric": measured["metric"],
+        "drop": measured.get("drop"),
+        "ratio": measured.get("latency_ratio_to_float"),
+        "spread": measured.get("latency_ratio_spread"),
+        "ratio_text": latency_ratio(measured),
+        # the plan page's warning and this mark follow one rule (the ratio's interval wholly above 1)
+        "slower": bool(slower_than_float_warning(measured)),
+    }
+
+
+def latency_references(plan: Plan) -> list[dict[str, Any]]:
+    """The float and fp16 models as measured beside the plan (plan.result["baselines"]); for plans
+    stored before those, the float model's p50 from the chosen configuration's interleaved run."""
+    stored = (plan.result or {}).get("baselines") or {}
+    references = []
+    for name in REFERENCE_NAMES:
+        view = latency_view(stored.get(name))
+        if view is None and name == "fp32":
+            measured = plan.measured or {}
+            view = latency_view(
+                {
+                    "latency_ms": {"p50": measured.get("float_latency_p50_ms")},
+                    "metric": measured.get("baseline"),
+                    "drop": 0.0,
+                }
+            )
+        if view is not None:
+            references.append({"name": name, "label": REFERENCE_NAMES[name], **view})
+    return references
+
+
+def accuracy_latency(plan: Plan, rows: list[FrontierPointRow]) -> dict[str, Any] | None:
+    """The accuracy-latency chart's data: every frontier point with a measured latency and metric, the
+    chosen configuration's measurement and the reference models; None when no point has a latency
+    measurement (plans stored before latency was measured): the page says so instead."""
+    points = [
+        {"index": row.index, "chosen": row.assignment == plan.assignment, **view}
+        for row in rows
+        if (view := latency_view(row.measured)) is not None
+    ]
+    if not points:
+        return None
+    return {"points": points, "chosen": latency_view(plan.measured), "references": latency_references(plan)}
+
+
 def float_metric(plan: Plan, points: list[FrontierPointRow]) -> float | None:
     """The float model's metric, against which drops (and the max_drop line) are measured."""
     baselines = [(plan.measured or {}).get("baseline"), *((p.measured or {}).get("baseline") for p in points)]
     return next((float(baseline) for baseline in baselines if baseline is not None), None)
 
 
-def layer_precisions(model: Model | None, assignment: dict[str, Any], plan: Plan | None = None) -> list[dict[str, Any]]:
+def plan_latency_table(db: SqlStore, plan: Plan, model: Model | None) -> dict[str, Any] | None:
+    """The latency table the plan's search predicted latency with (``LatencyTable.to_dict()``): the one in
+    run.search["latency_table"], or, where the result names it by key alone, the model's stored table
+    with that key; None when the plan used none (its cost was size or BOPS)."""
+    table = (((plan.result or {}).get("run") or {}).get("search") or {}).get("latency_table")
+    if not isinstance(table, dict):
+        return None
+    if isinstance(table.get("layers"), dict):
+        return table
+    texts = [table.get(name) for name in ("device_description", "provider", "onnxruntime_version")]
+    batch_size, candidates = table.get("batch_size"), table.get("candidates")
+    if model is None or not all(isinstance(t, str) for t in texts) or not isinstance(batch_size, int):
+        return None
+    if not isinstance(candidates, list):
+        return None
+    device, provider, version = (str(t) for t in texts)
+    row = db.find_latency_table(
+        model.sha256,
+        device_description=device,
+        provider=provider,
+        onnxruntime_version=version,
+        batch_size=batch_size,
+        candidates=",".join(map(str, candidates)),
+    )
+    return row.table if row is not None and isinstance(row.table.get("layers"), dict) else None
+
+
+def layer_latency(table: dict[str, Any] | None, layer: str, candidate: str) -> dict[str, Any] | None:
+    """A layer's predicted latency contribution at ``candidate`` (``LayerLatency.to_dict()``: ms, and
+    ratio and spread as fractions of the float model's time); fp32 contributes nothing."""
+    if table is None:
+        return None
+    if candidate == "fp32":
+        return {"ms": 0.0, "ratio": 0.0, "spread": 0.0}
+    entries = table["layers"].get(layer)
+    entry = entries.get(candidate) if isinstance(entries, dict) else None
+    if not isinstance(entry, dict) or not all(isinstance(entry.get(k), int | float) for k in ("ms", "ratio", "spread")):
+        return None  # a layer or candidate the table lacks (or a malformed entry): shown as "—"
+    return entry
+
+
+def layer_precisions(
+    model: Model | None,
+    assignment: dict[str, Any],
+    plan: Plan | None = None,
+    latency_table: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
     """Layers in graph order with their candidate, node name and scope (the plan's own record of them,
-    else the model's), and why the plan excluded them, if it did; layers the model no longer lists go last."""
+    else the model's), why the plan excluded them, if it did, and their predicted latency contribution
+    when the plan used a latency table; layers the model no longer lists go last."""
     layers = list(model.layers) if model else []
     known = {layer["name"] for layer in layers}
     layers += [
@@ -624,6 +731,7 @@ def layer_precisions(model: Model | None, assignment: dict[str, Any], plan: Plan
                 "node_name": node.get("node_name") or layer.get("node_name") or "",
                 "scope": node.get("scope") or layer.get("scope") or "",
                 "excluded": (excluded.get(layer["name"]) or {}).get("reason"),
+                "latency": layer_latency(latency_table, layer["name"], assignment.get(layer["name"], "")),
                 "weight": round(math.log10(max(layer.get("num_params") or 1, 1)) + 1, 2),
             }
         )
@@ -652,6 +760,7 @@ def plan_page(request: Request, plan_id: str, point: int | None = None) -> Respo
     baselines = uniform_baselines(plan, points)
     units = plan_units(plan, points + baselines)
     words = search_words(plan)
+    table = plan_latency_table(db, plan, model)
     chart = {
         "plan_id": plan.id,
         "points": points,
@@ -665,6 +774,7 @@ def plan_page(request: Request, plan_id: str, point: int | None = None) -> Respo
         "trace_name": words.trace,
         "point_word": words.point.lower(),
         "search": plan.search,
+        "accuracy_latency": accuracy_latency(plan, rows),
     }
     return render(
         request,
@@ -680,9 +790,10 @@ def plan_page(request: Request, plan_id: str, point: int | None = None) -> Respo
         artifact=artifact,
         latency_count=latency_count,
         charts=True,
-        plan_layers=layer_precisions(model, plan.assignment, plan),
+        plan_layers=layer_precisions(model, plan.assignment, plan, table),
+        latency_table=table,
         excluded=list(exclusions(plan).values()),
-        detail=_point_detail(plan, model, selected, units) if selected else None,
+        detail=_point_detail(plan, model, selected, units, table) if selected else None,
     )
 
 
@@ -701,7 +812,8 @@ def point_fragment(request: Request, plan_id: str, index: PointIndex) -> Respons
     model = db.get(Model, plan.model_id)
     points = [point_view(row, plan) for row in rows]
     units = plan_units(plan, points + uniform_baselines(plan, points))
-    return render(request, "_point_detail.html", detail=_point_detail(plan, model, point, units))
+    table = plan_latency_table(db, plan, model)
+    return render(request, "_point_detail.html", detail=_point_detail(plan, model, point, units, table))
 
 
 @pages.api_route("/plans/{plan_id}/points/{index}/artifact", methods=["GET", "HEAD"])
@@ -723,7 +835,13 @@ def plan_artifact(request: Request, plan_id: str) -> Response:
     return blob_response(request, request.app.state.store, artifact.sha256, artifact.filename, artifact.media_type)
 
 
-def _point_detail(plan: Plan, model: Model | None, point: FrontierPointRow, units: dict[str, Unit]) -> dict[str, Any]:
+def _point_detail(
+    plan: Plan,
+    model: Model | None,
+    point: FrontierPointRow,
+    units: dict[str, Unit],
+    latency_table: dict[str, Any] | None,
+) -> dict[str, Any]:
     """One point's figures in the plan page's units (the fragment replaces part of that page)."""
     return {
         "units": units,
@@ -733,7 +851,8 @@ def _point_detail(plan: Plan, model: Model | None, point: FrontierPointRow, unit
         "measured": point.measured or {},
         "predicted": point.predicted or {},
         "artifact_url": _artifact_url(plan, point),
-        "layers": layer_precisions(model, point.assignment, plan),
+        "layers": layer_precisions(model, point.assignment, plan, latency_table),
+        "latency_table": latency_table,
     }
 
 

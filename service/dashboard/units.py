@@ -30,6 +30,8 @@ BOPS_UNITS: Units = (
     ("×10¹² BOPS", "BOPS (×10¹²)", 1e12),
 )
 LATENCY_UNITS: Units = (("ms", "Latency, mean (ms)", 1.0),)
+# The accuracy-latency chart's x axis: the median, which the ratio to float is taken on too.
+LATENCY_P50_UNITS: Units = (("ms", "Latency, p50 (ms)", 1.0),)
 
 
 @dataclass(frozen=True)
@@ -54,10 +56,11 @@ def unit_for(values: Iterable[float | None], units: Units) -> Unit:
 
 
 def cost_units(rows: Iterable[dict[str, Any]]) -> dict[str, Unit]:
-    """The unit of each cost figure (size_bytes, bops, latency_ms) over the rows a plan page shows."""
+    """The unit of each cost figure (size_bytes, bops, latency_ms, latency_p50_ms) over the rows a plan page shows."""
     listed = list(rows)
     return {
         "size_bytes": unit_for((r.get("size_bytes") for r in listed), SIZE_UNITS),
         "bops": unit_for((r.get("bops") for r in listed), BOPS_UNITS),
         "latency_ms": unit_for((r.get("latency_ms") for r in listed), LATENCY_UNITS),
+        "latency_p50_ms": unit_for((r.get("latency_p50_ms") for r in listed), LATENCY_P50_UNITS),
     }

@@ -3,7 +3,9 @@
 A small CNN with five layers, its calibration set, three stored sensitivity results in the
 shape of ``sensitivity.results.SensitivityResult.to_dict()`` (HAWQ-V2 traces, HAWQ-V1
 eigenvalues, inter-layer G), a Pareto plan with frontier points whose figures follow from
-the per-layer numbers, an artifact blob per point, latency measurements on two devices, and
+the per-layer numbers, an artifact blob per point, latency measurements on two devices, a plan on
+latency (its latency table stored too, every point timed interleaved with the float model, two
+slower than it, fp32 and fp16 baselines), and
 jobs in every interesting state: succeeded, failed and one running (kept alive by
 ``StandInWorker``).
 """
@@ -26,6 +28,7 @@ from service.store.tables import (
     FrontierPointRow,
     Job,
     LatencyMeasurementRow,
+    LatencyTableRow,
     Model,
     Plan,
     SensitivityResultRow,
@@ -317,6 +320,7 @@ class DashboardData:
     artifacts: dict[int, str] = field(default_factory=dict)  # point index -> sha256 of its artifact
     max_size_bytes: int = 0
     bisection_plan_id: str = ""
+    latency_plan_id: str = ""
 
 
 def write_blob(app, data: bytes) -> str:
@@ -372,6 +376,7 @@ def insert(app) -> DashboardData:
     )
     _insert_plan(app, data, model, dataset, planned, now)
     data.bisection_plan_id = _insert_bisection_plan(app, model, dataset, now)
+    data.latency_plan_id = _insert_latency_plan(app, model, dataset, now)
     return data
 
 
@@ -629,6 +634,160 @@ def _insert_bisection_plan(app, model: Model, dataset: Dataset, now) -> str:
                 measured=step["measured"],
             )
             for index, step in enumerate(steps)
+        )
+    return plan.id
+
+
+# The latency plan (objective=latency, planner.latency_table): w8a8 speeds every layer up, w8 (weight
+# only: its DequantizeLinear runs on every call) slows every layer down, as issue 13 measured (w8
+# 1.3-1.5x float). Contributions are fractions of the float model's p50 (LayerLatency.ratio).
+LATENCY_FLOAT_P50_MS = 0.5
+LATENCY_CANDIDATES = {"fp32": (32, 32), "w8a8": (8, 8), "w8": (8, 32)}
+LATENCY_CONTRIBUTIONS = {"w8a8": [-0.02, -0.05, -0.04, -0.03, 0.01], "w8": [0.08, 0.10, 0.07, 0.06, 0.03]}
+LATENCY_SPREAD = 0.02  # of every measured ratio to float
+# Points: candidates, measured ratio to float (the prediction off by a little, as measurements are), drop.
+LATENCY_FRONTIER = [
+    (["fp32"] * 5, 1.01, 0.0),
+    (["w8a8"] * 5, 0.88, 0.31),
+    (["w8", "w8a8", "w8a8", "w8a8", "w8"], 0.98, 0.19),
+    (["w8"] * 5, 1.36, 0.04),
+    (["w8", "w8", "w8", "w8a8", "w8a8"], 1.22, 0.11),
+]
+LATENCY_CHOSEN = 1
+LATENCY_SLOWER = [3, 4]  # ratio − spread above 1: measured slower than float
+LATENCY_FP16 = (0.93, 0.01)  # the fp16 baseline's ratio to float and drop
+
+
+def latency_table() -> dict[str, Any]:
+    """planner.latency_table.LatencyTable.to_dict() of the latency plan's table."""
+    return {
+        "format": "mpq.latency_table/1",
+        "model_sha256": "ab" * 32,
+        "device_description": CPU,
+        "provider": "CPUExecutionProvider",
+        "onnxruntime_version": "1.23.0",
+        "batch_size": 1,
+        "candidates": list(LATENCY_CANDIDATES),
+        "threads": None,
+        "float_p50_ms": LATENCY_FLOAT_P50_MS,
+        "design": "single-layer-variants",
+        "layers": {
+            name: {
+                candidate: {"ms": ratios[i] * LATENCY_FLOAT_P50_MS, "ratio": ratios[i], "spread": 0.01}
+                for candidate, ratios in LATENCY_CONTRIBUTIONS.items()
+            }
+            for i, (name, *_) in enumerate(LAYERS)
+        },
+    }
+
+
+def predicted_latency_ms(candidates: list[str]) -> float:
+    """float p50 · (1 + Σ contributions): planner.latency_table.predict_latency."""
+    ratio = 1.0 + sum(0.0 if c == "fp32" else LATENCY_CONTRIBUTIONS[c][i] for i, c in enumerate(candidates))
+    return LATENCY_FLOAT_P50_MS * ratio
+
+
+def latency_measurement(ratio: float, drop: float, spread: float = LATENCY_SPREAD) -> dict[str, Any]:
+    """Measurement.to_dict() of a configuration timed interleaved with the float model."""
+    p50 = round(LATENCY_FLOAT_P50_MS * ratio, 4)
+    figures = {"latency_ms": round(p50 / 0.97, 4), "metric": round(FLOAT_METRIC - drop, 3), "drop": drop}
+    measured = measurement({**figures, "size_bytes": 0})
+    measured["latency_ms"]["p50"] = p50
+    return {
+        **measured,
+        "latency_ratio_to_float": ratio,
+        "latency_ratio_spread": spread,
+        "float_latency_p50_ms": LATENCY_FLOAT_P50_MS,
+    }
+
+
+def latency_point(candidates: list[str], ratio: float, drop: float) -> dict[str, Any]:
+    """PlanPoint.to_dict() of a latency plan's point: its predicted latency from the table, measured too."""
+    size = sum(num_params(shape) * LATENCY_CANDIDATES[c][0] // 8 for (_, _, shape, _), c in zip(LAYERS, candidates))
+    bops = sum(
+        num_params(shape) * positions * LATENCY_CANDIDATES[c][0] * LATENCY_CANDIDATES[c][1]
+        for (_, _, shape, positions), c in zip(LAYERS, candidates)
+    )
+    omega = drop / 2.0
+    measured = latency_measurement(ratio, drop)
+    measured["size_bytes"] = size + 2150
+    return {
+        "layers": configuration(candidates),
+        "predicted": {
+            "omega": omega,
+            "loss_change": omega * 1.07,
+            "size_bytes": size,
+            "bops": bops,
+            "latency_ms": predicted_latency_ms(candidates),
+        },
+        "measured": measured,
+    }
+
+
+def _insert_latency_plan(app, model: Model, dataset: Dataset, now) -> str:
+    """A pareto plan on latency (objective=latency) with its latency table, every point timed
+    interleaved with the float model (two of them slower than it) and the fp32 and fp16 baselines."""
+    points = [latency_point(*entry) for entry in LATENCY_FRONTIER]
+    chosen = points[LATENCY_CHOSEN]
+    baselines = {"fp32": latency_measurement(1.0, 0.0, spread=0.0), "fp16": latency_measurement(*LATENCY_FP16)}
+    table = latency_table()
+    plan = Plan(
+        id=new_id(),
+        model_id=model.id,
+        calibration_dataset_id=dataset.id,
+        evaluation_dataset_id=dataset.id,
+        search="pareto",
+        created_at=now - timedelta(minutes=30),
+        request={
+            "model_id": model.id,
+            "method": "hawq_v2",
+            "search": "pareto",
+            "objective": "latency",
+            "candidates": list(LATENCY_CANDIDATES),
+            "constraints": {"max_size_bytes": None, "max_bops": None, "max_latency_ms": None, "max_drop": MAX_DROP},
+        },
+        assignment=chosen["layers"],
+        predicted={**chosen["predicted"], "meets_constraints": True},
+        measured=chosen["measured"],
+        result={
+            "run": {
+                "evaluations": len(points),
+                "search": {"kind": "diagonal_frontier", "latency_table": table, "latency_table_reused": False},
+            },
+            "uniform": {
+                c: latency_point([c] * len(LAYERS), *LATENCY_FRONTIER[k][1:])
+                for k, c in ((0, "fp32"), (1, "w8a8"), (3, "w8"))
+            },
+            "baselines": baselines,
+        },
+        versions=dict(VERSIONS),
+    )
+    with app.state.sessions() as session, session.begin():
+        session.add(plan)
+        session.flush()
+        session.add_all(
+            FrontierPointRow(
+                plan_id=plan.id,
+                index=index,
+                assignment=point["layers"],
+                size_bytes=point["predicted"]["size_bytes"],
+                bops=point["predicted"]["bops"],
+                predicted_loss_change=point["predicted"]["omega"],
+                predicted=point["predicted"],
+                measured=point["measured"],
+            )
+            for index, point in enumerate(points)
+        )
+        session.add(
+            LatencyTableRow(
+                model_sha256=model.sha256,
+                device_description=table["device_description"],
+                provider=table["provider"],
+                onnxruntime_version=table["onnxruntime_version"],
+                batch_size=table["batch_size"],
+                candidates=",".join(table["candidates"]),
+                table=table,
+            )
         )
     return plan.id
 

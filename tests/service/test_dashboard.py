@@ -11,6 +11,7 @@ the database, and every page's queries run on both backends in the tests without
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 from collections.abc import Iterator
@@ -191,12 +192,126 @@ def test_the_plan_page_lists_excluded_layers_and_uniform_points_ignore_them(clie
     assert '<span class="tag">uniform</span>' in row  # every layer but the excluded one at w8a8
 
 
-def select_point(plan_id: str, index: int):
+def chart_data(html: str) -> dict[str, Any]:
+    """The plan page's chart data (the frontier-data script element)."""
+    found = re.search(r'<script type="application/json" id="frontier-data">(.*?)</script>', html, re.DOTALL)
+    assert found is not None
+    return json.loads(found.group(1))
+
+
+def test_the_latency_chart_plots_measured_latency_and_marks_points_slower_than_float(client, dashboard):
+    """The accuracy-latency chart's points are the frontier's measurements (p50, never the latency
+    table's prediction), the float and fp16 models are references, and points whose ratio to float
+    lies wholly above 1 (1.36 and 1.22 ± 0.02; not 1.01 ± 0.02) are marked slower than float."""
+    page = client.get(f"/plans/{dashboard.latency_plan_id}").text
+    chart = chart_data(page)
+    frontier = chart["accuracy_latency"]
+    measured = [
+        (index, round(dashboard_data.LATENCY_FLOAT_P50_MS * ratio, 4), round(dashboard_data.FLOAT_METRIC - drop, 3))
+        for index, (_, ratio, drop) in enumerate(dashboard_data.LATENCY_FRONTIER)
+    ]
+    assert [(p["index"], p["p50_ms"], p["metric"]) for p in frontier["points"]] == measured
+    predicted = [dashboard_data.predicted_latency_ms(c) for c, *_ in dashboard_data.LATENCY_FRONTIER]
+    assert all(not math.isclose(p["p50_ms"], q) for p, q in zip(frontier["points"], predicted))  # 0.44 against 0.435
+    assert [p["index"] for p in frontier["points"] if p["slower"]] == dashboard_data.LATENCY_SLOWER
+    assert [p["index"] for p in frontier["points"] if p["chosen"]] == [dashboard_data.LATENCY_CHOSEN]
+    assert frontier["chosen"]["p50_ms"] == measured[dashboard_data.LATENCY_CHOSEN][1]
+    assert frontier["points"][3]["ratio_text"] == "1.36x float (+-0.02)"
+    references = {r["name"]: (r["label"], r["p50_ms"], r["metric"]) for r in frontier["references"]}
+    fp16_ratio, fp16_drop = dashboard_data.LATENCY_FP16
+    assert references == {
+        "fp32": ("float model (fp32)", dashboard_data.LATENCY_FLOAT_P50_MS, dashboard_data.FLOAT_METRIC),
+        "fp16": (
+            "fp16 baseline",
+            dashboard_data.LATENCY_FLOAT_P50_MS * fp16_ratio,
+            round(dashboard_data.FLOAT_METRIC - fp16_drop, 3),
+        ),
+    }
+    assert chart["units"]["latency_p50_ms"]["label"] == "Latency, p50 (ms)"
+    # the table beside it: the x axis's header, and the mark on exactly the slower points' rows
+    table = page[
+        page.index('id="latency-frontier-table"') : page.index("</table>", page.index('id="latency-frontier-table"'))
+    ]
+    assert '<th scope="col" class="num">Latency, p50 (ms)</th>' in table and "top1_accuracy (%)" in table
+    rows = re.findall(r'<tr data-latency-point="(\d+)">(.*?)</tr>', table, re.DOTALL)
+    assert [int(i) for i, row in rows if "slower than float" in row] == dashboard_data.LATENCY_SLOWER
+    assert 'data-reference="fp16"' in table and "0.93x float (+-0.02)" in table
+
+
+def test_a_plan_without_latency_measurements_says_so_instead_of_an_empty_chart(client, app, dashboard):
+    """Plans whose points carry no latency (older results): no chart element, a sentence instead.
+    Plans with milliseconds but no interleaved ratios (the pareto fixture's) plot them, unmarked."""
+    from service.store.tables import Plan
+
+    path = f"/plans/{dashboard.plan_id}"
+    before = chart_data(client.get(path).text)["accuracy_latency"]
+    assert [p["index"] for p in before["points"]] == [1, 2, 3, 4]  # point 0 was not measured
+    assert not any(p["slower"] or p["ratio_text"] for p in before["points"]) and before["references"] == []
+    with app.state.sessions() as session, session.begin():  # before baselines: float from the chosen one's run
+        plan = session.get(Plan, dashboard.plan_id)
+        plan.measured = {**plan.measured, "float_latency_p50_ms": 0.6}
+    references = chart_data(client.get(path).text)["accuracy_latency"]["references"]
+    assert [(r["name"], r["p50_ms"], r["metric"]) for r in references] == [("fp32", 0.6, dashboard_data.FLOAT_METRIC)]
+    with app.state.sessions() as session, session.begin():
+        for point in session.scalars(select_point(dashboard.plan_id, None)):
+            if point.measured:
+                point.measured = {**point.measured, "latency_ms": None}
+        plan = session.get(Plan, dashboard.plan_id)
+        plan.measured = {**plan.measured, "latency_ms": None}
+    page = client.get(path).text
+    assert chart_data(page)["accuracy_latency"] is None
+    assert 'id="no-latency-frontier"' in page and 'id="latency-frontier-chart"' not in page
+
+
+def test_the_layer_table_shows_each_layers_predicted_latency_when_the_plan_used_a_table(client, app, dashboard):
+    """Each layer's contribution at its chosen candidate (w8a8: -2, -5, -4, -3, +1 % of 0.5 ms), from the
+    plan's own latency table or else the model's stored table with its key; none without a table."""
+    from service.store.tables import LatencyTableRow, Plan
+
+    path = f"/plans/{dashboard.latency_plan_id}"
+
+    def latencies(html: str, table_id: str = "plan-layers") -> list[str]:
+        table = html[html.index(f'id="{table_id}"') :]
+        return re.findall(r'<td class="num" data-field="latency">([^<]+)</td>', table[: table.index("</table>")])
+
+    expected = ["-0.0100 (-2.0 % ± 1.0)", "-0.0250 (-5.0 % ± 1.0)", "-0.0200 (-4.0 % ± 1.0)"]
+    expected += ["-0.0150 (-3.0 % ± 1.0)", "+0.0050 (+1.0 % ± 1.0)"]
+    page = client.get(path).text
+    assert latencies(page) == expected
+    assert "Predicted latency (ms)" in page and "0.435 (latency table)" in page  # 0.5 ms · (1 − 0.13)
+    # a point's fragment too: point 3 is every layer at w8
+    fragment = client.get(f"{path}/points/3").text
+    assert latencies(fragment, "point-layers")[:2] == ["+0.0400 (+8.0 % ± 1.0)", "+0.0500 (+10.0 % ± 1.0)"]
+    assert latencies(client.get(f"/plans/{dashboard.plan_id}").text) == []  # a size plan has no table
+
+    with app.state.sessions() as session, session.begin():  # an entry that is not LayerLatency.to_dict(): "—"
+        plan = session.get(Plan, dashboard.latency_plan_id)
+        run = plan.result["run"]
+        table = run["search"]["latency_table"]
+        layers = {**table["layers"], "conv1.weight": {"w8a8": {"ms": "fast"}}}
+        broken = {**run, "search": {**run["search"], "latency_table": {**table, "layers": layers}}}
+        plan.result = {**plan.result, "run": broken}
+    assert latencies(client.get(path).text) == ["—", *expected[1:]]
+    with app.state.sessions() as session, session.begin():
+        plan = session.get(Plan, dashboard.latency_plan_id)
+        run = plan.result["run"]
+        key_only = {k: v for k, v in run["search"]["latency_table"].items() if k != "layers"}
+        plan.result = {**plan.result, "run": {**run, "search": {**run["search"], "latency_table": key_only}}}
+    assert latencies(client.get(path).text) == expected  # the model's stored table with that key
+    with app.state.sessions() as session, session.begin():
+        for row in session.query(LatencyTableRow).all():
+            session.delete(row)
+    page = client.get(path).text
+    assert latencies(page) == [] and "Predicted latency (ms)" not in page
+
+
+def select_point(plan_id: str, index: int | None):
     from sqlalchemy import select
 
     from service.store.tables import FrontierPointRow
 
-    return select(FrontierPointRow).where(FrontierPointRow.plan_id == plan_id, FrontierPointRow.index == index)
+    query = select(FrontierPointRow).where(FrontierPointRow.plan_id == plan_id)
+    return query if index is None else query.where(FrontierPointRow.index == index)
 
 
 def test_sensitivity_table_sorts_on_the_server(client, dashboard):
@@ -611,6 +726,7 @@ def pages_to_sweep(data: dashboard_data.DashboardData) -> list[tuple[str, str, A
         ("plans", "/plans", None),
         ("plan", f"/plans/{data.plan_id}?point={dashboard_data.CHOSEN_POINT}", check_pareto_chart),
         ("bisection-plan", f"/plans/{data.bisection_plan_id}", check_bisection_page),
+        ("latency-plan", f"/plans/{data.latency_plan_id}", check_accuracy_latency_chart),
         ("latency-list", "/latency", None),
         ("latency", f"/plans/{data.plan_id}/latency", check_latency_chart),
         ("jobs", "/jobs", None),
@@ -741,6 +857,55 @@ def check_labels(figure: Figure, budget: int | None, max_drop: float | None, vie
     labels = figure.annotations + figure.legend
     assert not overlapping_pairs(labels), (view, overlapping_pairs(labels))
     assert all(inside(label.box, figure.chart) for label in labels), (view, labels, figure.chart)
+
+
+def check_accuracy_latency_chart(page, data: dashboard_data.DashboardData, where: str) -> None:
+    """The accuracy-latency chart, y the metric then the drop: its points are the measured ones (p50
+    against y), the slower ones in a trace of their own, float and fp16 drawn as references, axes titled
+    with their units as the table's headers, every point inside the axis ranges, the ratio to float in
+    every hover, and no two legend labels overlapping."""
+    headers = page.locator("#latency-frontier-table thead th").all_inner_texts()
+    fp16_ratio, fp16_drop = dashboard_data.LATENCY_FP16
+    for y, column, unit in (("metric", "top1_accuracy (%)", "%"), ("drop", "Drop (pp)", "pp")):
+        view = f"{where}, y {y}"
+        page.select_option("#latency-y", y)
+        page.wait_for_function(
+            "(u) => document.getElementById('latency-frontier-chart').layout.yaxis.title.text.endsWith(`(${u})`)",
+            arg=unit,
+        )
+        figure = read_figure(page, "latency-frontier-chart")
+        points = [
+            (round(dashboard_data.LATENCY_FLOAT_P50_MS * ratio, 4), on_y(y, drop))
+            for _, ratio, drop in dashboard_data.LATENCY_FRONTIER
+        ]
+        plotted = [(x, v) for name in ("measured frontier points", "slower than float") for x, v in xy(figure, name)]
+        assert sorted(plotted) == sorted(points), view
+        assert xy(figure, "slower than float") == [points[k] for k in dashboard_data.LATENCY_SLOWER], view
+        assert xy(figure, "chosen") == [points[dashboard_data.LATENCY_CHOSEN]], view
+        assert xy(figure, "float model (fp32)") == [(dashboard_data.LATENCY_FLOAT_P50_MS, on_y(y, 0.0))], view
+        fp16 = xy(figure, "fp16 baseline")
+        assert len(fp16) == 1 and math.isclose(fp16[0][1], on_y(y, fp16_drop)), view
+        assert math.isclose(fp16[0][0], dashboard_data.LATENCY_FLOAT_P50_MS * fp16_ratio), view
+        assert figure.xaxis["title"] == "Latency, p50 (ms)" and figure.xaxis["title"] in headers, view
+        assert unit_of(figure.yaxis["title"]) == unit_of(column) == unit and column in headers, view
+        for axis, values in ((figure.xaxis, [x for x, _ in plotted]), (figure.yaxis, [v for _, v in plotted])):
+            low, high = axis["range"]
+            assert all(low <= on_axis(v, axis) <= high for v in values), (view, axis, values)
+        legend = [label.text for label in figure.legend]
+        expected = {"slower than float", "float model (fp32)", "fp16 baseline", "chosen", "measured frontier points"}
+        assert expected <= set(legend), (view, legend)
+        assert all("%{customdata[0]}" in t["hovertemplate"] for t in figure.data), view  # the ratio to float
+        assert not overlapping_pairs(figure.legend), (view, overlapping_pairs(figure.legend))
+        assert all(inside(label.box, figure.chart) for label in figure.legend), view
+
+
+def on_y(y: str, drop: float) -> float:
+    """A latency-plan figure on the accuracy-latency chart's y axis: the metric or the drop."""
+    return round(dashboard_data.FLOAT_METRIC - drop, 3) if y == "metric" else drop
+
+
+def xy(figure: Figure, name: str) -> list[tuple[float, float]]:
+    return list(zip(figure.trace(name)["x"], figure.trace(name)["y"]))
 
 
 def check_latency_chart(page, data: dashboard_data.DashboardData, where: str) -> None:

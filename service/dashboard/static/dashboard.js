@@ -268,6 +268,7 @@ function initFrontier() {
       showPoint(data, Number(link.dataset.pointIndex));
     });
   }
+  initLatencyFrontier(data);
   if (!canPlot("frontier-chart")) return;
   for (const id of ["frontier-x", "frontier-y"]) {
     document.getElementById(id).addEventListener("change", () => drawFrontier(data));
@@ -275,6 +276,76 @@ function initFrontier() {
   drawFrontier(data);
   document.getElementById("frontier-chart").on("plotly_click", (event) => {
     const index = event.points[0]?.customdata;
+    if (index != null) showPoint(data, index);
+  });
+}
+
+// ------------------------------------------------------------------ plan: accuracy against measured latency
+
+// The reference models (planner.result.PlanResult.baselines) in their candidates' colours, and the
+// points measured slower than float in the budget's red with a marker of their own, so that neither
+// colour nor shape alone tells them apart.
+const REFERENCE_MARKERS = { fp32: "square", fp16: "diamond" };
+
+const LATENCY_Y = {  // the y axis's figure, and the other one, which the hover gives beside it
+  metric: { other: "drop", hover: "%{y:.4g} %, drop %{customdata[1]} pp" },
+  drop: { other: "metric", hover: "drop %{y:.4g} pp, %{customdata[1]} %" },
+};
+
+function latencyRows(rows, title, y) {
+  // Hover: the ratio to float (from the interleaved run) and the figure not plotted beside p50 and y.
+  const shown = rows.filter((r) => r[y] != null);
+  const other = LATENCY_Y[y].other;
+  return {
+    x: shown.map((r) => r.p50_ms), y: shown.map((r) => r[y]),
+    customdata: shown.map((r) => [r.ratio_text || "ratio to float not measured",
+                                  r[other] == null ? "—" : short(r[other]), r.index ?? null]),
+    hovertemplate: `${title}<br>p50 %{x:.4g} ms, %{customdata[0]}<br>${LATENCY_Y[y].hover}<extra></extra>`,
+  };
+}
+
+function latencyFrontierTraces(data, y) {
+  const lf = data.accuracy_latency;
+  const point = `${data.point_word} %{customdata[2]}`;
+  const marker = (symbol, size, color) => ({ symbol, size, color, line: { color: "#1b1f24", width: 1 } });
+  const slower = lf.points.filter((p) => p.slower);
+  const traces = [
+    { type: "scatter", mode: "markers", name: `measured ${data.trace_name === "frontier" ? "frontier points" : data.trace_name}`,
+      ...latencyRows(lf.points.filter((p) => !p.slower), point, y), marker: { size: 11, color: "#0b5cad" } },
+    { type: "scatter", mode: "markers", name: "slower than float", showlegend: slower.length > 0,
+      ...latencyRows(slower, `${point}: slower than float`, y), marker: marker("triangle-up", 14, BUDGET_COLOUR) },
+  ];
+  for (const reference of lf.references) {
+    traces.push({ type: "scatter", mode: "markers", name: reference.label, ...latencyRows([reference], reference.label, y),
+                  marker: marker(REFERENCE_MARKERS[reference.name] || "circle", 13, PRECISION_COLOURS[reference.name]) });
+  }
+  if (lf.chosen) {
+    const chosen = { ...lf.chosen, index: lf.points.find((p) => p.chosen)?.index ?? null };
+    traces.push({ type: "scatter", mode: "markers", name: "chosen", ...latencyRows([chosen], "chosen configuration", y),
+                  marker: marker("star", 18, "#f0e442") });
+  }
+  return traces;
+}
+
+function drawLatencyFrontier(data) {
+  const y = document.getElementById("latency-y").value;
+  const traces = latencyFrontierTraces(data, y);
+  const title = y === "metric" ? `measured ${data.metric_name} (%)` : "measured drop (pp)";
+  const xaxis = axisLayout(data.units.latency_p50_ms.label, traces.flatMap((t) => t.x));
+  const yaxis = axisLayout(title, traces.flatMap((t) => t.y));
+  const layout = { ...PLOT_LAYOUT, margin: { t: 20, r: 20, b: 10, l: 80 }, xaxis, yaxis,
+                   legend: { orientation: "h", x: 0, xanchor: "left", y: 0, yref: "container", yanchor: "bottom",
+                             itemsizing: "constant" } };
+  Plotly.react("latency-frontier-chart", traces, layout, PLOT_CONFIG);
+}
+
+function initLatencyFrontier(data) {
+  // The frontier chart's data object: a point clicked on either chart is the selected one on both.
+  if (!data.accuracy_latency || !canPlot("latency-frontier-chart")) return;
+  drawLatencyFrontier(data);
+  document.getElementById("latency-y").addEventListener("change", () => drawLatencyFrontier(data));
+  document.getElementById("latency-frontier-chart").on("plotly_click", (event) => {
+    const index = event.points[0]?.customdata?.[2];
     if (index != null) showPoint(data, index);
   });
 }
