@@ -154,13 +154,15 @@ def measured_terms(
     progress: Progress | None = None,
 ) -> MeasuredTerms:
     """Each layer of ``model`` quantized alone to each of ``candidates``: the mean per-sample loss
-    change (``quantity`` "kl": KL from the float model's distribution) on ``calibration`` and its
-    standard error (see the module doc)."""
+    change (``quantity`` "kl": KL from the float model's distribution; "auto": kl where the loss kind
+    has a KL form, else loss) on ``calibration`` and its standard error (see the module doc)."""
     unknown = [c for c in candidates if c not in MEASURED_CANDIDATES]
     if unknown:
         raise ValueError(f"cannot measure candidates {unknown}; measurable: {MEASURED_CANDIDATES}")
     if quantity not in MEASURED_QUANTITIES:
         raise ValueError(f"quantity must be one of {MEASURED_QUANTITIES}; got {quantity!r}")
+    if quantity == "auto":
+        quantity = "kl" if loss_kind in KL_KINDS else "loss"
     if quantity == "kl" and loss_kind not in KL_KINDS:
         raise ValueError(
             f"quantity 'kl' needs class scores or probabilities as the first output; the loss here is {loss_kind} "

@@ -262,7 +262,7 @@ def fisher_config(config: InterLayerConfig) -> FisherConfig:
 def measured_config(config: InterLayerConfig, candidates: Sequence[str]) -> MeasuredConfig:
     """The measured analysis with the inter-layer configuration's shared settings, for the quantized
     ``candidates`` (w8 when there are none: only fp32 is offered, nothing is searched)."""
-    own = ("candidates", "quantity")  # the loss change: what every other method predicts
+    own = ("candidates", "quantity")  # quantity: MeasuredConfig's default, auto (KL where the output allows)
     shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(MeasuredConfig) if f.name not in own}
     quantized = tuple(c for c in candidates if c in MEASURED_CANDIDATES) or ("w8",)
     try:

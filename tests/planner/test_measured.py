@@ -51,7 +51,8 @@ def calibration() -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def result(model, calibration) -> SensitivityResult:
-    return compute_sensitivity(load_onnx(model), calibration, MeasuredConfig(device="cpu", batch_size=40))
+    config = MeasuredConfig(device="cpu", batch_size=40, quantity="loss")
+    return compute_sensitivity(load_onnx(model), calibration, config)
 
 
 def _logits(model_bytes: bytes, x: np.ndarray) -> np.ndarray:
@@ -223,5 +224,9 @@ def test_the_kl_quantity_is_the_brute_force_kl_and_never_negative(model, calibra
         assert error == pytest.approx(kl.std(ddof=1) / np.sqrt(len(kl)), rel=1e-6)
     with pytest.raises(ValueError, match="quantity 'kl' needs class scores"):
         measured_terms(model, calibration, "distill_mse", ("w4",), quantity="kl")
+    # auto, the analysis's default: kl where the loss has a KL form (class scores), the loss change elsewhere
+    auto = compute_sensitivity(load_onnx(model), calibration, MeasuredConfig(device="cpu", candidates=("w4a8",)))
+    assert auto.measured == terms
+    assert measured_terms(model, calibration, "distill_mse", ("w4",), quantity="auto").quantity == "loss"
     with pytest.raises(ValueError, match="quantity"):
         MeasuredConfig(quantity="accuracy")
