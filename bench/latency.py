@@ -27,6 +27,7 @@ Paste the tables into docs/benchmarks.md, section "Latency table".
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Mapping
@@ -44,10 +45,12 @@ from planner.exclude import layer_candidates
 from planner.export import export_model
 from planner.latency import cpu_description
 from planner.latency_table import (
+    LatencyTable,
     TimingSettings,
     additivity_check,
     compare,
     measure_latency_table,
+    predict_latency,
     random_configurations,
 )
 from planner.plan import normalize_for_plan, plan
@@ -110,6 +113,7 @@ class BenchOptions:
     max_layers: int | None  # None: every layer; else the largest (by weights) non-Gather layers only
     calibration: int  # zoo models: calibration samples
     evaluation: int  # zoo models: samples of each evaluation set (the search's and the held-out one)
+    save_tables: str | None = None  # a folder: each model's latency table as <model>.json
 
 
 def timed_layers(proto: onnx.ModelProto, max_layers: int | None) -> list[str]:
@@ -145,9 +149,13 @@ def run(name: str, options: BenchOptions, timing: TimingSettings) -> None:
     offered = {layer: list(c) for layer, c in layer_candidates(normalized.model, candidates).offered.items()}
     offered = {layer: (c if layer in chosen else ["fp32"]) for layer, c in offered.items()}
     start = time.perf_counter()
-    table = measure_latency_table(normalized, calibration, candidates, offered=offered, timing=timing)
+    table = measure_latency_table(
+        normalized, calibration, candidates, offered=offered, timing=timing, progress=progress
+    )
     table_s = time.perf_counter() - start
     entries = sum(len(row) for row in table.layers.values())
+    if options.save_tables:
+        (Path(options.save_tables) / f"{name}.json").write_text(json.dumps(table.to_dict(), indent=1))
     start = time.perf_counter()
     check = additivity_check(
         normalized, calibration, table, random_configurations(table, options.configurations, seed=0), timing=timing
@@ -162,7 +170,7 @@ def run(name: str, options: BenchOptions, timing: TimingSettings) -> None:
     ]
     ratios = compare(exports, normalized.model.SerializeToString(), calibration, timing)
     start = time.perf_counter()
-    result = plan(normalized, calibration, request, evaluation=evaluation, latency_table=table)
+    result = plan(normalized, calibration, request, evaluation=evaluation, latency_table=table, progress=progress)
     plan_s = time.perf_counter() - start
     measured = result.plan.measured
     fp16 = result.baselines.get("fp16")
@@ -172,7 +180,9 @@ def run(name: str, options: BenchOptions, timing: TimingSettings) -> None:
     print(
         f"| {name} | {len(chosen)}/{len(all_layers)} × {len(candidates) - 1} = {entries} | {table_s:.0f} | "
         f"{table.float_p50_ms:.3f} | {check.median_error:.1%} | {check.p90_error:.1%} | "
-        + ", ".join(f"{c} {r.ratio:.2f}" for c, r in zip(uniform, ratios))
+        + ", ".join(
+            f"{c} {r.ratio:.2f} (table {_predicted_uniform(table, chosen, c):.2f})" for c, r in zip(uniform, ratios)
+        )
         + f"; fp16 {_ratio(fp16.ratio_to_float if fp16 else None)} | "
         f"{_change(measured.ratio_to_float if measured else None)} | {_change(vs_fp16)} | "
         f"{_drop(measured.drop if measured else None)} | {held.drop:.2f} ({held.metric_name}, n={held.num_samples}) | "
@@ -185,6 +195,17 @@ def run(name: str, options: BenchOptions, timing: TimingSettings) -> None:
         f"check {check_s:.0f} s, plan {plan_s:.0f} s -->",
         flush=True,
     )
+
+
+def _predicted_uniform(table: LatencyTable, layers: list[str], candidate: str) -> float:
+    """The table's prediction for ``candidate`` on every timed layer that has it (1 + Σ(r − 1))."""
+    configuration = {layer: candidate for layer in layers if candidate in table.layers.get(layer, {})}
+    return predict_latency(table, configuration).ratio
+
+
+def progress(phase: str, fraction: float, message: str) -> None:
+    """Where a long run is, on stderr (a zoo model's row takes minutes)."""
+    print(f"{time.strftime('%H:%M:%S')} {phase} {fraction:.0%} {message}"[:200], file=sys.stderr, flush=True)
 
 
 def held_out_of(built: tuple[object, Data, Data, tuple[str, ...]]) -> tuple[object, Data, Data, Data, tuple[str, ...]]:
@@ -215,6 +236,7 @@ def main() -> None:
     parser.add_argument("--max-layers", type=int, default=None, help="time only the N largest non-Gather layers")
     parser.add_argument("--calibration", type=int, default=32, help="zoo models: calibration samples")
     parser.add_argument("--evaluation", type=int, default=64, help="zoo models: samples per evaluation set")
+    parser.add_argument("--save-tables", default=None, help="a folder to write each model's latency table to")
     args = parser.parse_args()
     options = BenchOptions(
         configurations=args.configurations,
@@ -223,6 +245,7 @@ def main() -> None:
         max_layers=args.max_layers,
         calibration=args.calibration,
         evaluation=args.evaluation,
+        save_tables=args.save_tables,
     )
     timing = TimingSettings(device="cpu", threads=args.threads)
     import onnxruntime
