@@ -91,11 +91,18 @@ def zoo(name: str, calibration: int, evaluation: int) -> tuple[object, Data, Dat
     from tests.zoo.models import get
 
     model = get(name)
+    proto = onnx.load_from_string(model.model_bytes())
+    # The planner takes model inputs and `labels`; OCR's `texts` and silero's `speech` stay out.
+    keep = {graph_input.name for graph_input in proto.graph.input} | {"labels"}
+
+    def inputs(data: Data) -> Data:
+        return {key: value for key, value in data.items() if key in keep}
+
     return (
-        onnx.load_from_string(model.model_bytes()),
-        model.calibration(calibration),
-        model.evaluation(evaluation, seed=0),
-        model.evaluation(evaluation, seed=1),
+        proto,
+        inputs(model.calibration(calibration)),
+        inputs(model.evaluation(evaluation, seed=0)),
+        inputs(model.evaluation(evaluation, seed=1)),
         ZOO_CANDIDATES,
     )
 
