@@ -42,7 +42,7 @@ class AnalysisConfig(TypedDict):
     max_iterations: NotRequired[int]  # EigenConfig
     bits: NotRequired[list[int]]  # InterLayerConfig, FisherConfig
     candidates: NotRequired[list[str]]  # MeasuredConfig
-    quantity: NotRequired[Literal["loss", "kl"]]  # MeasuredConfig
+    quantity: NotRequired[Literal["auto", "loss", "kl"]]  # MeasuredConfig (sensitivity.results.MEASURED_QUANTITIES)
     trace_tolerance: NotRequired[float]
     trace_min_probes: NotRequired[int]
     trace_max_probes: NotRequired[int]

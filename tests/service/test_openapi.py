@@ -315,6 +315,8 @@ def test_a_measured_sensitivity_and_plan_match_the_schema(client, app, digits_fi
     assert stored["result"]["traces"] is None and measured["num_samples"] == 256
     assert [label[1] for label in measured["labels"]] == ["w8", "w4"] * (len(measured["labels"]) // 2)
     assert all(error > 0 for error in measured["standard_errors"])
+    # quantity auto, the default: the digits CNN outputs class scores, so the KL is measured
+    assert stored["result"]["config"]["quantity"] == "auto" and measured["quantity"] == "kl"
 
     budget = len(model_bytes) // 3
     plan_body = {
