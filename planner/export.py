@@ -63,7 +63,7 @@ from onnxruntime.quantization import (
 from planner.batches import batches, session_fixed_batch
 from planner.candidates import Candidate, Configuration, as_configuration, get_candidate
 from planner.cost import cpu_session, graph_inputs, layer_nodes, runtime_tensors
-from planner.float16 import convert_layers_to_float16, float16_weight_name
+from planner.float16 import convert_layers_to_float16, float16_weight_name, unique_name
 from sensitivity.layers import Layer, find_layers, node_weight_index, weight_array, weight_index
 from sensitivity.normalize import (
     BatchNormFoldError,
@@ -577,8 +577,8 @@ def _add_weight_only_dequantize(
     """
     quantized = quantize_weight(weight_array(model, layer.name), bits, layer.channel_axis)
     taken = {init.name for init in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
-    names = {part: _unique(f"{layer.name}_{part}", taken) for part in ("quantized", "scale", "zero_point")}
-    output = _unique(f"{layer.name}_DequantizeLinear_Output", taken)
+    names = {part: unique_name(f"{layer.name}_{part}", taken) for part in ("quantized", "scale", "zero_point")}
+    output = unique_name(f"{layer.name}_DequantizeLinear_Output", taken)
     channels = quantized.scales.size
     model.graph.initializer.extend(
         [
@@ -591,7 +591,7 @@ def _add_weight_only_dequantize(
         "DequantizeLinear",
         [names["quantized"], names["scale"], names["zero_point"]],
         [output],
-        name=_unique(f"{layer.name}_DequantizeLinear", {n.name for n in model.graph.node}),
+        name=unique_name(f"{layer.name}_DequantizeLinear", {n.name for n in model.graph.node}),
         axis=quantized.axis,
     )
     model.graph.node.insert(0, dequantize)  # its inputs are initializers, so the front keeps topological order
@@ -611,14 +611,6 @@ def _integer_tensor(name: str, integers: np.ndarray, bits: int) -> onnx.TensorPr
     nibbles = flat.view(np.uint8) & 0x0F
     packed = (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8)
     return onnx.helper.make_tensor(name, _INT_TYPES[bits], integers.shape, packed.tobytes(), raw=True)
-
-
-def _unique(base: str, taken: set[str]) -> str:
-    name, suffix = base, 1
-    while name in taken:
-        name, suffix = f"{base}_{suffix}", suffix + 1
-    taken.add(name)
-    return name
 
 
 def _remove_unused_initializer(model: onnx.ModelProto, name: str) -> None:

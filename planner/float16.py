@@ -102,14 +102,14 @@ def _compute_in_float16(
             if initializers[tensor].data_type == TensorProto.FLOAT:
                 node.input[index] = _float16_copy(model, initializers[tensor], taken)
         else:
-            cast = _unique(f"{tensor}_cast{FLOAT16_SUFFIX}", taken)
+            cast = unique_name(f"{tensor}_cast{FLOAT16_SUFFIX}", taken)
             before.append(_cast(tensor, cast, TensorProto.FLOAT16, taken))
             node.input[index] = cast
     after = []
     for index, tensor in enumerate(node.output):
         if not tensor:
             continue
-        half = _unique(tensor + FLOAT16_SUFFIX, taken)
+        half = unique_name(tensor + FLOAT16_SUFFIX, taken)
         node.output[index] = half
         after.append(_cast(half, tensor, TensorProto.FLOAT, taken))
     return [*before, node, *after]
@@ -117,7 +117,7 @@ def _compute_in_float16(
 
 def _float16_copy(model: onnx.ModelProto, tensor: onnx.TensorProto, taken: set[str]) -> str:
     """A float16 copy of a float initializer (a bias) beside it; the original goes if nothing else reads it."""
-    name = _unique(tensor.name + FLOAT16_SUFFIX, taken)
+    name = unique_name(tensor.name + FLOAT16_SUFFIX, taken)
     model.graph.initializer.append(numpy_helper.from_array(to_float16(numpy_helper.to_array(tensor)), name))
     return name
 
@@ -127,17 +127,18 @@ def _cast_weights_up(node: onnx.NodeProto, layers: Sequence[Layer], taken: set[s
     casts = []
     for layer in layers:
         index = node_weight_index(node.op_type, layer)
-        output = _unique(f"{layer.name}_cast_fp32", taken)
+        output = unique_name(f"{layer.name}_cast_fp32", taken)
         casts.append(_cast(float16_weight_name(layer.name), output, TensorProto.FLOAT, taken))
         node.input[index] = output
     return casts
 
 
 def _cast(source: str, output: str, to: int, taken: set[str]) -> onnx.NodeProto:
-    return onnx.helper.make_node("Cast", [source], [output], name=_unique(f"{output}_Cast", taken), to=to)
+    return onnx.helper.make_node("Cast", [source], [output], name=unique_name(f"{output}_Cast", taken), to=to)
 
 
-def _unique(base: str, taken: set[str]) -> str:
+def unique_name(base: str, taken: set[str]) -> str:
+    """``base``, or ``base_1``, ``base_2``, ... : the first not in ``taken``, which then holds it."""
     name, suffix = base, 1
     while name in taken:
         name, suffix = f"{base}_{suffix}", suffix + 1
