@@ -404,7 +404,7 @@ def within_latency(measured: Sequence[PlanPoint], max_latency_ms: float) -> list
             limit=float(max_latency_ms),
             minimum=min(_median_latency_ms(p) for p in measured),
         )
-    not_slower = [p for p in fast if not _measurement(p).slower_than_float]
+    not_slower = [p for p in fast if not p.measured_slower_than_float]
     if not not_slower:
         least = min(fast, key=_ratio)
         raise NoFeasiblePlan(

@@ -226,6 +226,10 @@ def test_a_latency_budget_never_chooses_a_configuration_measured_slower_than_flo
     assert faster.measured.faster_than_float and not within_noise.measured.faster_than_float
     with pytest.raises(NoFeasiblePlan, match=r"measured slower than the float model .* least ratio of 1 is 1.4x"):
         within_latency([slower, _timed_point("w4", 3.0, 3.0, 0.05)], 2.0)
+    # the float configuration is the float model: its ratio only times the exporter's preprocessing and noise
+    float_configuration = _timed_point("fp32", 1.06, 1.06, 0.05)
+    assert float_configuration.measured.slower_than_float and not float_configuration.measured_slower_than_float
+    assert within_latency([slower, float_configuration], 2.0) == [float_configuration]
     with pytest.raises(NoFeasiblePlan, match=r"the fastest of 2 .* 0.7x\) has a median latency of 0.7 ms") as error:
         within_latency([slower, faster], 0.5)
     assert error.value.minimum == 0.7
