@@ -43,7 +43,7 @@ import dataclasses
 import hashlib
 import math
 import statistics
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +66,7 @@ from planner.objective import FP32, Objective
 from planner.request import PlanRequest
 from sensitivity.layers import find_layers
 from sensitivity.normalize import NormalizedModel
+from sensitivity.run import Progress, no_progress
 from sensitivity.samples import SampleAxes
 
 FORMAT = "mpq.latency_table/1"
@@ -75,7 +76,6 @@ DESIGN = "single-layer-variants"
 VARIANTS_PER_RUN = 16
 MAX_TABLE_LAYERS = 2048
 
-Progress = Callable[[str, float, str], None]
 _KEYS = (
     "model_sha256",
     "device_description",
@@ -292,7 +292,7 @@ def measure_latency_table(
     offered = {name: list(candidates) for name in names} if offered is None else offered
     unknown = sorted(set(offered) - set(names))
     require(not unknown, f"offered names layers the model does not have: {unknown[:5]}")
-    report = progress or _no_progress
+    report = progress or no_progress
     singles = [((layer,), c) for layer in names for c in offered.get(layer, ()) if c != FP32 and c in candidates]
     groups = [
         (group, c)
@@ -460,10 +460,6 @@ def additivity_check(
         predicted=tuple(predict_latency(table, c).ratio for c in configurations),
         measured=tuple(result.ratio for result in timed),
     )
-
-
-def _no_progress(phase: str, fraction: float, message: str) -> None:
-    pass
 
 
 def with_latency_costs(objective: Objective, costs: CostTable, table: LatencyTable) -> tuple[Objective, CostTable]:

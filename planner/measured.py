@@ -23,7 +23,7 @@ change (and KL to the float model's class distribution) on any data: the fidelit
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,10 +36,8 @@ from planner.objective import FP32
 from sensitivity.layers import find_layers
 from sensitivity.losses import LOSS_KINDS
 from sensitivity.results import MEASURED_CANDIDATES, MEASURED_QUANTITIES, MeasuredConfig, MeasuredTerms
-from sensitivity.run import Context, register_handler
+from sensitivity.run import Context, Progress, register_handler
 from sensitivity.samples import SampleAxes, input_sample_axes
-
-Progress = Callable[[str, float, str], None]
 
 # The KL to the float model's distribution, per loss kind whose first output is a distribution over
 # classes (as logits, probabilities or log-probabilities): the numpy loss of that kind against the

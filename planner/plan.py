@@ -56,6 +56,7 @@ from sensitivity.layers import find_layers
 from sensitivity.normalize import NormalizedModel, normalize_model, refuse_quantized
 from sensitivity.onnx_program import check_supported
 from sensitivity.results import SensitivityResult
+from sensitivity.run import no_progress
 from sensitivity.samples import input_sample_axes, one_sample_shapes
 
 
@@ -82,7 +83,7 @@ def plan(
     candidates, else a new one is measured (``planner.latency_table``; only when the search's cost is
     latency). The table used is in ``run.search["latency_table"]``.
     """
-    progress = progress or _no_progress
+    progress = progress or no_progress
     timings: dict[str, float] = {}
     start = time.perf_counter()
     normalized = normalize_for_plan(model, calibration, request)
@@ -187,10 +188,6 @@ def normalize_for_plan(
     return normalize_model(
         model, opset=required_opset(request.candidates), samples=calibration, sample_axes=request.sample_axes
     )
-
-
-def _no_progress(phase: str, fraction: float, message: str) -> None:
-    pass
 
 
 def _sample_shape(

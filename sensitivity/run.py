@@ -43,7 +43,7 @@ from sensitivity.versions import versions as package_versions
 Progress = Callable[[str, float, str], None]
 
 
-def _no_progress(phase: str, fraction: float, message: str) -> None:
+def no_progress(phase: str, fraction: float, message: str) -> None:
     pass
 
 
@@ -246,7 +246,7 @@ def compute_sensitivity(
     if handler is None:
         hint = " (import planner.measured, which registers it)" if type(config).__name__ == "MeasuredConfig" else ""
         raise TypeError(f"no handler for {type(config).__name__}{hint}; registered: {[t.__name__ for t in _HANDLERS]}")
-    progress = progress or _no_progress
+    progress = progress or no_progress
     if not program.layers:
         raise ValueError(
             f"the model has no quantizable layers (a {'/'.join(sorted(QUANTIZABLE_OPS))} node with a "
