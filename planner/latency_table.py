@@ -241,9 +241,30 @@ class TimingSettings:
 
 
 def timing_for(request: PlanRequest) -> TimingSettings:
-    """The request's latency settings (device, batch size, warmup) as interleaved-timing settings."""
+    """The request's latency settings (device, batch size, warmup) as interleaved-timing settings:
+    what a latency table is timed with (its key holds the device and batch size)."""
     device = "cuda" if request.device.startswith("cuda") else request.device  # a numbered CUDA device is cuda
     return TimingSettings(device=device, batch_size=request.latency_batch_size, warmup=request.latency_warmup)
+
+
+# A measured configuration's timing (measurement_timing): rounds of 5 runs of each; latency_repeats
+# runs in at least 2 rounds, then rounds go on until the ratio's 90 % interval is within +-3 % or 4x
+# the minimum rounds ran (the float model's runs double the time).
+MEASUREMENT_RUNS_PER_ROUND = 5
+MEASUREMENT_MAX_ROUNDS_FACTOR = 4
+
+
+def measurement_timing(request: PlanRequest) -> TimingSettings:
+    """``timing_for`` with rounds from ``latency_repeats``: how every measured configuration of a
+    plan is timed against the float model (``planner.measure.Measurer``), one way for all of them."""
+    runs_per_round = min(MEASUREMENT_RUNS_PER_ROUND, request.latency_repeats)
+    min_rounds = max(2, math.ceil(request.latency_repeats / runs_per_round))
+    return dataclasses.replace(
+        timing_for(request),
+        runs_per_round=runs_per_round,
+        min_rounds=min_rounds,
+        max_rounds=MEASUREMENT_MAX_ROUNDS_FACTOR * min_rounds,
+    )
 
 
 def compare(

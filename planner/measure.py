@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -21,8 +20,8 @@ import numpy as np
 from planner.candidates import Configuration
 from planner.evaluate import evaluate
 from planner.export import ExportedModel, ExportError, export_model
-from planner.latency import RelativeLatency, compare_latency
-from planner.latency_table import compare, timing_for
+from planner.latency import RelativeLatency
+from planner.latency_table import compare, measurement_timing
 from planner.request import PlanRequest
 from planner.result import Measurement, PlanPoint
 from sensitivity.layers import find_layers
@@ -32,12 +31,6 @@ logger = logging.getLogger(__name__)
 
 Progress = Callable[[str, float, str], None]  # (phase, fraction done, message)
 REQUEST_METADATA_KEY = "mpq.request"
-# Interleaved timing against the float model (planner.latency.compare_latency): each round times 5
-# runs of each; latency_repeats runs in at least 2 rounds, then rounds go on until the ratio's 90 %
-# interval is within +-3 % or 4x the minimum rounds ran (the float model's runs double the time).
-RUNS_PER_ROUND = 5
-TARGET_SPREAD = 0.03
-MAX_ROUNDS_FACTOR = 4
 
 
 class Measurer:
@@ -58,6 +51,7 @@ class Measurer:
         self._calibration = calibration
         self._evaluation = evaluation
         self._request = request
+        self._timing = measurement_timing(request)  # one way to time every configuration against float
         self.progress = progress
         # Every artifact carries the same metadata, so the chosen one is byte-identical to the measured one.
         self._metadata = {REQUEST_METADATA_KEY: json.dumps(request.to_dict(), sort_keys=True)}
@@ -118,7 +112,7 @@ class Measurer:
             result = evaluate(
                 exported, self._float_bytes, self._evaluation, metric=self._request.metric, sample_axes=self.sample_axes
             )
-            latency = self._relative_latency(exported.model_bytes)
+            (latency,) = self._compare_with_float([exported.model_bytes])
             self._alone[key] = Measurement(
                 metric_name=result.metric_name,
                 metric=result.metric,
@@ -137,38 +131,14 @@ class Measurer:
             self.progress("measure", 1.0, f"{result.metric_name} {result.metric:.2f} % (drop {result.drop:.2f} pp)")
         return self._alone[key]
 
-    def _relative_latency(self, model_bytes: bytes) -> RelativeLatency:
-        """``model_bytes`` timed interleaved with the float model (``compare_latency``): rounds of
-        ``RUNS_PER_ROUND`` runs each, at least ``latency_repeats`` runs in all, until the ratio's
-        spread is within ``TARGET_SPREAD`` or ``MAX_ROUNDS_FACTOR`` times that many rounds ran."""
-        request = self._request
-        runs_per_round = min(RUNS_PER_ROUND, request.latency_repeats)
-        min_rounds = max(2, math.ceil(request.latency_repeats / runs_per_round))
-        (relative,) = compare_latency(
-            [model_bytes],
-            self._float_bytes,
-            self._evaluation,
-            device=_latency_device(request.device),
-            batch_size=request.latency_batch_size,
-            sample_axes=self.sample_axes,
-            warmup=request.latency_warmup,
-            min_rounds=min_rounds,
-            max_rounds=MAX_ROUNDS_FACTOR * min_rounds,
-            runs_per_round=runs_per_round,
-            target_spread=TARGET_SPREAD,
-        )
-        return relative
-
     def relative_latency(self, configurations: Sequence[Mapping[str, str]]) -> list[RelativeLatency]:
         """Each configuration's artifact timed against the float model, all interleaved in one run
         (``planner.latency_table.compare``): ratios to compare, never ms from separate runs."""
-        models = [self.export(configuration).model_bytes for configuration in configurations]
-        return compare(models, self._float_bytes, self._evaluation, timing_for(self._request), self.sample_axes)
+        return self._compare_with_float([self.export(configuration).model_bytes for configuration in configurations])
+
+    def _compare_with_float(self, models: Sequence[bytes]) -> list[RelativeLatency]:
+        """``models`` timed interleaved with the float model (``planner.latency_table.compare``)."""
+        return compare(models, self._float_bytes, self._evaluation, self._timing, self.sample_axes)
 
     def measured(self, point: PlanPoint) -> PlanPoint:
         return dataclasses.replace(point, measured=self.measure(point.configuration))
-
-
-def _latency_device(device: str) -> str:
-    """The latency module knows auto, cpu and cuda; a numbered CUDA device counts as cuda."""
-    return "cuda" if device.startswith("cuda") else device

@@ -75,7 +75,17 @@ def _add_sensitivity(subparsers: Subcommands) -> None:
     command.add_argument("model", metavar="MODEL", help="ONNX model (.onnx) or torch.export archive (.pt2)")
     command.add_argument("--data", required=True, metavar="CALIB.npz", help=DATA_HELP)
     command.add_argument("--method", choices=SENSITIVITY_METHODS, default="hawq_v2")
-    command.add_argument("--bits", default="8,4", help="weight bit widths for interlayer and fisher (default 8,4)")
+    command.add_argument("--bits", help="weight bit widths for interlayer and fisher (default 8,4)")
+    command.add_argument(
+        "--candidates",
+        help="measured: the candidates each layer is quantized to alone, comma-separated (default w8a8,w4a8,w8,w4)",
+    )
+    command.add_argument(
+        "--quantity",
+        choices=("auto", "loss", "kl"),
+        help="measured: the change measured, the calibration loss's or the KL from the float model's "
+        "distribution (default auto: kl where the first output is class scores or probabilities, else loss)",
+    )
     command.add_argument("--max-probes", type=int, help="Hutchinson probes (power iterations for hawq_v1) at most")
     command.add_argument("--tol", type=float, help="relative standard error (hawq_v1: relative change) to stop at")
     command.add_argument("--seed", type=int, default=0)

@@ -46,25 +46,44 @@ def sensitivity_options(args: argparse.Namespace) -> dict[str, Any]:
         "hvp_method": args.hvp_method,
         **budget_options(args),
     }
+    _refuse_foreign_options(args)
+    bits = parse_bits(args.bits or DEFAULT_BITS)
     if args.method == "hawq_v1":
         return {**shared, **_optional(tolerance=args.tol, max_iterations=args.max_probes)}
     if args.method == "fisher":  # one gradient per sample: no probes, no tolerance
         if args.tol is not None or args.max_probes is not None:
             raise BadInput("--tol and --max-probes bound probes; fisher takes one gradient per sample and has none")
-        return {**shared, "bits": parse_bits(args.bits)}
+        return {**shared, "bits": bits}
     if args.method == "measured":  # one export per (layer, candidate): no probes, no bit widths
         if args.tol is not None or args.max_probes is not None:
             raise BadInput("--tol and --max-probes bound probes; measured runs each layer quantized alone and has none")
-        return shared
+        candidates = None if args.candidates is None else tuple(part.strip() for part in args.candidates.split(","))
+        return {**shared, **_optional(candidates=candidates, quantity=args.quantity)}
     probes = _probe_options(args.max_probes)
     if args.method == "hawq_v2":
         return {**shared, **_optional(tolerance=args.tol), **probes}
     return {
         **shared,
-        "bits": parse_bits(args.bits),
+        "bits": bits,
         **_optional(trace_tolerance=args.tol),
         **{f"trace_{key}": value for key, value in probes.items()},
     }
+
+
+# Which method reads each method-specific option: given with another method, it would be ignored.
+DEFAULT_BITS = "8,4"
+_METHOD_OPTIONS = {
+    "bits": ("--bits", ("interlayer", "fisher")),
+    "candidates": ("--candidates", ("measured",)),
+    "quantity": ("--quantity", ("measured",)),
+}
+
+
+def _refuse_foreign_options(args: argparse.Namespace) -> None:
+    """An option the method does not read is refused rather than silently ignored."""
+    for attribute, (flag, methods) in _METHOD_OPTIONS.items():
+        if getattr(args, attribute, None) is not None and args.method not in methods:
+            raise BadInput(f"{flag} is read by --method {' or '.join(methods)} only; --method {args.method} ignores it")
 
 
 def sensitivity_config(args: argparse.Namespace) -> Config:

@@ -181,6 +181,7 @@ def measured_document(terms: Mapping[str, Any]) -> dict[str, Any]:
         "loss_change": list(terms["loss_changes"]),
         "stderr": list(terms["standard_errors"]),
         "samples": terms["num_samples"],
+        "quantity": terms.get("quantity", "loss"),  # results stored before quantity existed measured the loss
     }
 
 
@@ -191,8 +192,9 @@ def measured_table(measured: Mapping[str, Any]) -> list[str]:
         (name, c): (change, error)
         for (name, c), change, error in zip(measured["labels"], measured["loss_change"], measured["stderr"])
     }
-    header = f"{'layer':<32} " + " ".join(f"{f'ΔL at {c}':>22}" for c in candidates)
-    title = f"measured in onnxruntime, each layer alone, {measured['samples']} samples: ΔL ± standard error"
+    symbol = "ΔL" if measured.get("quantity", "loss") == "loss" else "KL"  # kl: from the float model's distribution
+    header = f"{'layer':<32} " + " ".join(f"{f'{symbol} at {c}':>22}" for c in candidates)
+    title = f"measured in onnxruntime, each layer alone, {measured['samples']} samples: {symbol} ± standard error"
     lines = [title, header, "-" * len(header)]
     for name in measured["layers"]:
         cells = [f"{values[(name, c)][0]:>11.4g} ± {values[(name, c)][1]:<8.2g}" for c in candidates]

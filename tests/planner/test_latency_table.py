@@ -21,6 +21,7 @@ from planner.latency_table import (
     additivity_check,
     compare,
     measure_latency_table,
+    measurement_timing,
     predict_latency,
     random_configurations,
     table_key,
@@ -266,3 +267,11 @@ def test_a_predicted_infeasible_latency_budget_is_refused_by_name(mixed, mixed_t
     with pytest.raises(NoFeasiblePlan, match="predicted median latency") as raised:
         plan(normalized, data, request, sensitivity=mixed_sensitivity, latency_table=mixed_table)
     assert raised.value.kind == "max_latency_ms"
+
+
+@pytest.mark.parametrize(("repeats", "runs_per_round", "min_rounds"), [(1, 1, 2), (3, 3, 2), (50, 5, 10), (51, 5, 11)])
+def test_measured_configurations_are_timed_in_rounds_that_hold_latency_repeats(repeats, runs_per_round, min_rounds):
+    timing = measurement_timing(PlanRequest(latency_repeats=repeats, latency_batch_size=4, device="cuda:1"))
+    assert (timing.runs_per_round, timing.min_rounds, timing.max_rounds) == (runs_per_round, min_rounds, 4 * min_rounds)
+    assert timing.runs_per_round * timing.min_rounds >= repeats  # at least latency_repeats runs
+    assert (timing.device, timing.batch_size) == ("cuda", 4)  # the table's settings otherwise (timing_for)

@@ -203,7 +203,7 @@ def test_latency_budget_picks_a_measured_point(digits, sensitivity):
     )
     assert result.plan.measured.latency.p50_ms <= 1_000.0 and result.meets_constraints
     # With latency the objective, a configuration measured slower than float is never chosen.
-    assert not result.plan.measured.slower_than_float and not result.slower_than_float
+    assert not result.plan.measured_slower_than_float and not result.slower_than_float
     with pytest.raises(NoFeasiblePlan, match="median latency"):
         plan(
             proto, calibration, PlanRequest(max_latency_ms=1e-6, **fast), evaluation=evaluation, sensitivity=sensitivity

@@ -806,17 +806,50 @@ def test_measured_sensitivity_on_the_digits_cnn(digits_cli_files, capsys, monkey
     candidates = ["w8a8", "w4a8", "w8", "w4"]
     assert document["method"] == "measured" and document["loss_kind"] == "cross_entropy"
     assert measured["candidates"] == candidates and measured["layers"] == layers and measured["samples"] == 256
+    assert measured["quantity"] == "kl"  # auto: the digits CNN's output is class scores
     assert [tuple(label) for label in measured["labels"]] == [(name, c) for name in layers for c in candidates]
     assert all(error > 0 for error in measured["stderr"])
     changes = dict(zip(map(tuple, measured["labels"]), measured["loss_change"]))
     assert sum(changes[(name, "w4")] for name in layers) > sum(changes[(name, "w8")] for name in layers)
     assert document["timing"]["hvps"] == 0
     status, table, err = call_mpq("sensitivity", "model.onnx", "--data", "calib.npz", *options, capsys=capsys)
-    assert status == 0 and "measured in onnxruntime, each layer alone, 256 samples" in table and "ΔL at w4a8" in table
+    assert status == 0 and "measured in onnxruntime, each layer alone, 256 samples: KL" in table and "KL at w4a8" in table
     status, _, err = call_mpq(
         "sensitivity", "model.onnx", "--data", "calib.npz", *options, "--max-probes", "8", capsys=capsys
     )
     assert status == 2 and "measured runs each layer quantized alone" in err
+
+
+@pytest.mark.slow
+def test_measured_sensitivity_takes_its_candidates_and_quantity(digits_cli_files, capsys, monkeypatch):
+    monkeypatch.chdir(digits_cli_files)
+    options = ("--method", "measured", "--device", "cpu", "--no-cache", "--candidates", "w4, w8", "--json")
+    for quantity in ("loss", "kl"):
+        status, out, err = call_mpq(
+            "sensitivity", "model.onnx", "--data", "calib.npz", *options, "--quantity", quantity, capsys=capsys
+        )
+        assert status == 0, err
+        measured = json.loads(out)["measured"]
+        assert measured["candidates"] == ["w4", "w8"] and measured["quantity"] == quantity
+        assert len(measured["labels"]) == 2 * len(measured["layers"])
+
+
+@pytest.mark.parametrize(
+    ("method", "option", "message"),
+    [
+        ("hawq_v2", ("--bits", "8,4"), "--bits is read by --method interlayer or fisher only"),
+        ("measured", ("--bits", "4"), "--method measured ignores it"),
+        ("interlayer", ("--candidates", "w8"), "--candidates is read by --method measured only"),
+        ("fisher", ("--quantity", "kl"), "--quantity is read by --method measured only"),
+        ("measured", ("--candidates", "w8,fp32"), "fp32 changes nothing"),
+    ],
+)
+def test_an_option_the_method_does_not_read_exits_2(files, capsys, monkeypatch, method, option, message):
+    monkeypatch.chdir(files)
+    status, out, err = call_mpq(
+        "sensitivity", "model.onnx", "--data", "calib.npz", "--method", method, *option, capsys=capsys
+    )
+    assert status == 2 and message in err and out == "", err
 
 
 @pytest.mark.slow
