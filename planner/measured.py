@@ -35,7 +35,13 @@ from planner.export import ExportError, check_inputs, export_model
 from planner.objective import FP32
 from sensitivity.layers import find_layers
 from sensitivity.losses import LOSS_KINDS
-from sensitivity.results import MEASURED_CANDIDATES, MEASURED_QUANTITIES, MeasuredConfig, MeasuredTerms
+from sensitivity.results import (
+    MEASURABLE_CANDIDATES,
+    MEASURED_CANDIDATES,
+    MEASURED_QUANTITIES,
+    MeasuredConfig,
+    MeasuredTerms,
+)
 from sensitivity.run import Context, Progress, register_handler
 from sensitivity.samples import SampleAxes, input_sample_axes
 
@@ -50,7 +56,9 @@ KL_KINDS = {
     "distill_kl_log_probs": "distill_kl_log_probs",
     "distill_binary_kl": "distill_binary_kl",
 }
-assert set(MEASURED_CANDIDATES) <= set(CANDIDATES), "sensitivity.results.MEASURED_CANDIDATES names unknown candidates"
+assert set(MEASURABLE_CANDIDATES) == set(CANDIDATES) - {FP32}, (
+    "sensitivity.results.MEASURABLE_CANDIDATES is out of date"
+)
 
 
 @dataclass(frozen=True)
@@ -154,9 +162,9 @@ def measured_terms(
     """Each layer of ``model`` quantized alone to each of ``candidates``: the mean per-sample loss
     change (``quantity`` "kl": KL from the float model's distribution; "auto": kl where the loss kind
     has a KL form, else loss) on ``calibration`` and its standard error (see the module doc)."""
-    unknown = [c for c in candidates if c not in MEASURED_CANDIDATES]
+    unknown = [c for c in candidates if c not in MEASURABLE_CANDIDATES]
     if unknown:
-        raise ValueError(f"cannot measure candidates {unknown}; measurable: {MEASURED_CANDIDATES}")
+        raise ValueError(f"cannot measure candidates {unknown}; measurable: {MEASURABLE_CANDIDATES}")
     if quantity not in MEASURED_QUANTITIES:
         raise ValueError(f"quantity must be one of {MEASURED_QUANTITIES}; got {quantity!r}")
     if quantity == "auto":

@@ -19,7 +19,7 @@ from planner.exclude import check_exclude
 from sensitivity.checks import check_bool, check_choice, check_float, check_int, set_fields, shown
 from sensitivity.results import (
     MAX_SEED,
-    MEASURED_CANDIDATES,
+    MEASURABLE_CANDIDATES,
     FisherConfig,
     InterLayerConfig,
     MeasuredConfig,
@@ -264,7 +264,7 @@ def measured_config(config: InterLayerConfig, candidates: Sequence[str]) -> Meas
     ``candidates`` (w8 when there are none: only fp32 is offered, nothing is searched)."""
     own = ("candidates", "quantity")  # quantity: MeasuredConfig's default, auto (KL where the output allows)
     shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(MeasuredConfig) if f.name not in own}
-    quantized = tuple(c for c in candidates if c in MEASURED_CANDIDATES) or ("w8",)
+    quantized = tuple(c for c in candidates if c in MEASURABLE_CANDIDATES) or ("w8",)
     try:
         return MeasuredConfig(**shared, candidates=quantized)
     except ValueError as error:

@@ -214,9 +214,11 @@ class FisherConfig(_AnalysisConfig):
         )
 
 
-# The candidates a measured analysis may quantize layers to; fp32 is the float model itself (a change of
-# 0). Named here, not imported: this library never imports ``planner`` (whose CANDIDATES hold them all);
-# planner.measured checks the two agree.
+# The candidates a measured analysis may quantize layers to: every planner candidate but fp32, the float
+# model itself (a change of 0). Named here, not imported: this library never imports ``planner`` (whose
+# CANDIDATES hold them all); planner.measured checks the two agree. MEASURED_CANDIDATES is the default
+# set (the 16-bit ones are measured when asked for, e.g. by a plan that offers them).
+MEASURABLE_CANDIDATES = ("fp16", "w8a8", "w4a8", "w8a16", "w8", "w4")
 MEASURED_CANDIDATES = ("w8a8", "w4a8", "w8", "w4")
 # What a measured analysis averages over the samples: the change of the calibration loss, or the KL
 # from the float model's class distribution (never below 0, and free of the labels' noise: a labelled
@@ -229,14 +231,14 @@ MEASURED_QUANTITIES = ("auto", "loss", "kl")
 
 
 def _check_candidates(value: Any) -> tuple[str, ...]:
-    """A non-empty list (or tuple) of distinct names from MEASURED_CANDIDATES."""
+    """A non-empty list (or tuple) of distinct names from MEASURABLE_CANDIDATES."""
     _require(
         isinstance(value, list | tuple) and len(value) > 0,
-        f"candidates must be a non-empty list of candidate names from {MEASURED_CANDIDATES}; got {shown(value)}",
+        f"candidates must be a non-empty list of candidate names from {MEASURABLE_CANDIDATES}; got {shown(value)}",
     )
-    bad = [c for c in value if not (isinstance(c, str) and c in MEASURED_CANDIDATES)]
+    bad = [c for c in value if not (isinstance(c, str) and c in MEASURABLE_CANDIDATES)]
     _require(
-        not bad, f"candidates: cannot measure {shown(bad)}; measurable: {MEASURED_CANDIDATES} (fp32 changes nothing)"
+        not bad, f"candidates: cannot measure {shown(bad)}; measurable: {MEASURABLE_CANDIDATES} (fp32 changes nothing)"
     )
     _require(len(set(value)) == len(value), f"candidates must not repeat; got {shown(value)}")
     return tuple(str(c) for c in value)

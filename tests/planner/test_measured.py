@@ -230,3 +230,24 @@ def test_the_kl_quantity_is_the_brute_force_kl_and_never_negative(model, calibra
     assert measured_terms(model, calibration, "distill_mse", ("w4",), quantity="auto").quantity == "loss"
     with pytest.raises(ValueError, match="quantity"):
         MeasuredConfig(quantity="accuracy")
+
+
+def test_16_bit_candidates_are_measured_like_the_others_and_plan(model, calibration):
+    """fp16 and w8a16 (not in the default set) are measured when asked for: a plan that offers them
+    with --method measured measures them instead of failing on a missing (layer, candidate)."""
+    terms = measured_terms(model, calibration, "cross_entropy", ("fp16", "w8a16"))
+    for (layer, candidate), mean in zip(terms.labels, terms.loss_changes):
+        brute = _brute_changes(model, calibration, calibration, layer, candidate, calibration["labels"])
+        assert mean == pytest.approx(brute.mean(), rel=1e-9, abs=1e-12)
+    request = PlanRequest(
+        method="measured",
+        candidates=("fp32", "fp16", "w8a8"),
+        measure_uniform=False,
+        latency_repeats=3,
+        latency_warmup=1,
+        device="cpu",
+    )
+    planned = plan(model, calibration, request)
+    measured = MeasuredTerms.from_dict(planned.sensitivity["measured"])
+    assert {c for _, c in measured.labels} == {"fp16", "w8a8"}
+    assert planned.plan.measured is not None
