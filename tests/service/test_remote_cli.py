@@ -125,6 +125,18 @@ def test_remote_sensitivity_matches_local(app, live_server, files, token):
         assert theirs["probes"] == ours["probes"]
 
 
+def test_remote_measured_sensitivity_takes_its_candidates_and_quantity(app, live_server, files, token):
+    model, data = files
+    args = ["sensitivity", str(model), "--data", str(data), "--method", "measured", "--json"]
+    args += ["--candidates", "w8,fp16", "--quantity", "loss", "--device", "cpu"]
+    local, remote = mpq(*args, "--no-cache"), mpq(*args, "--server", live_server, token=token)
+    assert local.returncode == remote.returncode == 0, (local.stderr, remote.stderr)
+    ours, theirs = json.loads(local.stdout)["measured"], json.loads(remote.stdout)["measured"]
+    assert theirs["candidates"] == ["w8", "fp16"] and theirs["quantity"] == "loss"
+    assert theirs["labels"] == ours["labels"]
+    assert theirs["loss_change"] == pytest.approx(ours["loss_change"], rel=1e-6, abs=1e-12)
+
+
 def test_remote_runs_take_sample_axes(app, live_server, token, tmp_path, client):
     """--sample-axis reaches the server from mpq sensitivity and mpq plan: a model whose declared shapes
     do not say where the samples lie (tests/service/test_sample_axes.py), the same traces as locally."""
