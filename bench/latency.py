@@ -3,7 +3,7 @@
 Per model, on CPU at batch 1 (``planner.latency_table``; every ratio from an interleaved run against
 the float model in one process):
 
-- the table: layers × candidates measured, the seconds it took (exports and timing);
+- the table: layers × candidates measured and the adjacent pairs' terms, the seconds it took (exports and timing);
 - additivity: median and p90 of |predicted − measured| / measured latency ratio over ``--configurations``
   random configurations (each layer's candidate drawn uniformly);
 - the uniform configurations' measured ratios to float (``w8a8`` etc. on every layer);
@@ -161,7 +161,9 @@ def run(name: str, options: BenchOptions, timing: TimingSettings) -> None:
     )
     table_s = time.perf_counter() - start
     entries = sum(len(row) for row in table.layers.values())
+    pair_entries = sum(len(row) for row in table.pairs.values())
     if options.save_tables:
+        Path(options.save_tables).mkdir(parents=True, exist_ok=True)
         (Path(options.save_tables) / f"{name}.json").write_text(json.dumps(table.to_dict(), indent=1))
     start = time.perf_counter()
     check = additivity_check(
@@ -185,7 +187,8 @@ def run(name: str, options: BenchOptions, timing: TimingSettings) -> None:
     held = evaluate(result.artifact_bytes, normalized.model, held_out, metric=request.metric)
     quantized = {layer: c for layer, c in result.plan.configuration.items() if c != "fp32"}
     print(
-        f"| {name} | {len(chosen)}/{len(all_layers)} × {len(candidates) - 1} = {entries} | {table_s:.0f} | "
+        f"| {name} | {len(chosen)}/{len(all_layers)} × {len(candidates) - 1} = {entries}, {pair_entries} pair terms | "
+        f"{table_s:.0f} | "
         f"{table.float_p50_ms:.3f} | {check.median_error:.1%} | {check.p90_error:.1%} | "
         + ", ".join(
             f"{c} {r.ratio:.2f} (table {_predicted_uniform(table, chosen, c):.2f})" for c, r in zip(uniform, ratios)
