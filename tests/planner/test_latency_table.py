@@ -14,12 +14,12 @@ from planner.choose import predicted_point
 from planner.cost import layer_cost_table
 from planner.export import export_model
 from planner.latency_table import (
-    adjacent_pairs,
     FORMAT,
     LatencyTable,
     LayerLatency,
     TimingSettings,
     additivity_check,
+    adjacent_pairs,
     compare,
     measure_latency_table,
     measurement_timing,

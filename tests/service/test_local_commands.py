@@ -813,7 +813,9 @@ def test_measured_sensitivity_on_the_digits_cnn(digits_cli_files, capsys, monkey
     assert sum(changes[(name, "w4")] for name in layers) > sum(changes[(name, "w8")] for name in layers)
     assert document["timing"]["hvps"] == 0
     status, table, err = call_mpq("sensitivity", "model.onnx", "--data", "calib.npz", *options, capsys=capsys)
-    assert status == 0 and "measured in onnxruntime, each layer alone, 256 samples: KL" in table and "KL at w4a8" in table
+    assert (
+        status == 0 and "measured in onnxruntime, each layer alone, 256 samples: KL" in table and "KL at w4a8" in table
+    )
     status, _, err = call_mpq(
         "sensitivity", "model.onnx", "--data", "calib.npz", *options, "--max-probes", "8", capsys=capsys
     )
