@@ -471,7 +471,7 @@ def adjacent_pairs(model: onnx.ModelProto) -> list[Pair]:
     pairs: dict[Pair, None] = {}
     for layer, owned in nodes.items():
         for node in owned:
-            for upstream in _upstream_layers(node, layer, producer, owner):
+            for upstream in sorted(_upstream_layers(node, layer, producer, owner)):  # sets: hash order
                 if upstream != layer:
                     pairs[(upstream, layer)] = None
     return list(pairs)
