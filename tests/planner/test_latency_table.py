@@ -282,6 +282,29 @@ def test_latency_objective_keeps_slow_layers_float_and_quantizes_the_fast_one(mi
 
 
 @pytest.mark.slow
+def test_a_latency_bisection_also_measures_the_uniform_low_configuration(mixed, mixed_table, mixed_sensitivity):
+    """A table biased against quantizing (every layer predicted 0.5 of the float time slower at w8a8)
+    orders no demotion; uniform w8a8 is measured anyway and competes on its measured ratio."""
+    normalized, data = mixed
+    slower = LayerLatency(0.5 * mixed_table.float_p50_ms, 0.5, 0.01)
+    biased = dataclasses.replace(
+        mixed_table, layers={layer: {"w8a8": slower} for layer in mixed_table.layers}, pairs={}
+    )
+    request = PlanRequest(search="bisection", objective="latency", max_drop=50.0, **FAST)
+    result = plan(normalized, data, request, sensitivity=mixed_sensitivity, latency_table=biased)
+    uniform = {layer: "w8a8" for layer in mixed_table.layers}
+    assert result.run.search["order"] == []  # nothing predicted to save time
+    assert [point.configuration for point in result.frontier if point.configuration == uniform] == [uniform]
+    assert all(point.measured is not None for point in result.frontier)
+    ratios = [entry["ratio"] for entry in result.run.search["latency_ratios"]]
+    assert len(ratios) == 1  # the uniform configuration, timed against the float model
+    if result.run.search["latency_ratio"] < 1.0:  # measured faster (its interval below 1): chosen
+        assert result.plan.configuration == uniform and result.run.search["latency_ratio"] == ratios[0]
+    else:
+        assert set(result.plan.configuration.values()) == {"fp32"}
+
+
+@pytest.mark.slow
 def test_model_whose_int8_is_slower_everywhere_gets_the_float_model(mixed, mixed_table, mixed_sensitivity):
     """With the big MatMul excluded only the slow layers remain: the plan is the float model, said so."""
     normalized, data = mixed
