@@ -423,7 +423,7 @@ def measure_latency_table(
     for pair, c in pairs:
         joint, spread = ratios[(pair, c)]
         term = joint - contributions[(pair[0], c)][0] - contributions[(pair[1], c)][0]
-        interactions.setdefault((pair[0], pair[1]), {})[c] = LayerLatency(term * reference.p50_ms, term, spread)
+        interactions.setdefault(pair, {})[c] = LayerLatency(term * reference.p50_ms, term, spread)
     return LatencyTable(
         model_sha256=model_sha256(model),
         device_description=reference.device_description,
@@ -605,7 +605,8 @@ def additivity_check(
 def with_latency_costs(objective: Objective, costs: CostTable, table: LatencyTable) -> tuple[Objective, CostTable]:
     """``objective`` with the cost kind ``latency`` from ``table`` and ``costs`` with its offset.
 
-    Each layer's cost is its ``folded_contribution`` (its own plus half its adjacent pairs' terms). A contribution can be negative (w8a8 faster than float); the searches' knapsacks take costs as
+    Each layer's cost is its ``folded_contribution`` (its own plus half its adjacent pairs' terms).
+    A contribution can be negative (w8a8 faster than float); the searches' knapsacks take costs as
     they are, but every layer's row is shifted by its minimum so they are ≥ 0, and the shifts with
     the float time go into ``CostTable.latency_offset_ms``: predicted ms = offset + Σ cost.
     """

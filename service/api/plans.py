@@ -400,7 +400,8 @@ def list_latency(request: Request, plan_id: str) -> list[LatencyOut]:
 class LatencyTableOut(BaseModel):
     """A measured latency table (``planner.latency_table.LatencyTable.to_dict()`` in ``table``): each
     layer's contribution per candidate in ms and as a fraction of the float model's time, with its
-    spread, and each adjacent pair's interaction term (``pairs``); stored by the plan job that measured it and reused by later plans of the model on the same
+    spread, and each adjacent pair's interaction term (``pairs``); stored by the plan job that
+    measured it and reused by later plans of the model on the same
     device, provider, onnxruntime version, batch size and candidates."""
 
     model_config = ConfigDict(from_attributes=True)

@@ -78,7 +78,8 @@ def _add_sensitivity(subparsers: Subcommands) -> None:
     command.add_argument("--bits", help="weight bit widths for interlayer and fisher (default 8,4)")
     command.add_argument(
         "--candidates",
-        help="measured: the candidates each layer is quantized to alone, comma-separated (default w8a8,w4a8,w8,w4; fp16 and w8a16 too)",
+        help="measured: the candidates each layer is quantized to alone, comma-separated "
+        "(default w8a8,w4a8,w8,w4; fp16 and w8a16 may be named too)",
     )
     command.add_argument(
         "--quantity",

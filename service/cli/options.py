@@ -23,6 +23,7 @@ class BadInput(ValueError):
 
 
 MiB = 1024 * 1024
+DEFAULT_BITS = "8,4"  # --bits for interlayer and fisher
 
 
 def parse_bits(text: str) -> tuple[int, ...]:
@@ -71,7 +72,6 @@ def sensitivity_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # Which method reads each method-specific option: given with another method, it would be ignored.
-DEFAULT_BITS = "8,4"
 _METHOD_OPTIONS = {
     "bits": ("--bits", ("interlayer", "fisher")),
     "candidates": ("--candidates", ("measured",)),
