@@ -40,9 +40,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-# Run as `python bench/fidelity.py`, this folder comes first on sys.path, and a sibling script
-# named like a package (bench/planner.py) would shadow it: drop the folder.
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository, not bench/, comes first
 
 import numpy as np
 import onnx
@@ -123,14 +121,15 @@ def transformer_case(calibration: int, held_out: int) -> Case:
 
 
 def zoo_case(name: str, calibration: int, held_out: int) -> Case:
-    from tests.zoo.models import BY_NAME
+    from tests.zoo.models import BY_NAME, planner_inputs
 
     zoo = BY_NAME[name]
+    proto = onnx.load_from_string(zoo.model_bytes())
     return Case(
         name,
-        onnx.load_from_string(zoo.model_bytes()),
-        zoo.calibration(calibration, seed=0),
-        zoo.evaluation(held_out, seed=0),
+        proto,
+        planner_inputs(proto, zoo.calibration(calibration, seed=0)),
+        planner_inputs(proto, zoo.evaluation(held_out, seed=0)),
     )
 
 
@@ -383,8 +382,8 @@ def print_report(report: Mapping[str, Any], args: argparse.Namespace) -> None:
         s_loss, k_loss = row["single_loss"]
         s_kl, k_kl = row["single_kl"]
         print(
-            f"| {signal} | {s_loss:+.2f} | {k_loss:+.2f} | {s_kl:+.2f} | {k_kl:+.2f} | {row['joint_loss']:+.2f} | "
-            f"{row['joint_kl']:+.2f} | {row['seconds']:.1f} | {row['rss_mb']:.0f} |"
+            f"| {signal} | {_num(s_loss, '+.2f')} | {_num(k_loss, '+.2f')} | {_num(s_kl, '+.2f')} | {_num(k_kl, '+.2f')} | "
+            f"{_num(row['joint_loss'], '+.2f')} | {_num(row['joint_kl'], '+.2f')} | {row['seconds']:.1f} | {row['rss_mb']:.0f} |"
         )
     print(
         f"\nActivation terms (added to every signal but measured): {report['activation_s']:.1f} s.\n\n"
@@ -396,11 +395,11 @@ def print_report(report: Mapping[str, Any], args: argparse.Namespace) -> None:
     print("| --- | " + " | ".join("---:" for _ in signals) + " | ---: | ---: |")
     for decision in report["decisions"]:
         plans = decision["plans"]
-        cells = [f"{plans[s].metric:.2f} / {plans[s].kl:.2g}" for s in signals]
+        cells = [f"{plans[s].metric:.2f} / {_num(plans[s].kl, '.2g')}" for s in signals]
         metrics = decision["random_metric"]
         low, high = decision["random_cost"]
         randoms = (
-            f"{np.median(metrics):.2f} ({min(metrics):.2f}-{max(metrics):.2f}) / {np.median(decision['random_kl']):.2g}"
+            f"{np.median(metrics):.2f} ({min(metrics):.2f}-{max(metrics):.2f}) / {_num(float(np.median(decision['random_kl'])), '.2g')}"
             f" (n={len(metrics)}, cost {low:.2f}-{high:.2f} of budget)"
             if metrics
             else "none"
@@ -409,7 +408,7 @@ def print_report(report: Mapping[str, Any], args: argparse.Namespace) -> None:
         print(
             f"| {decision['fraction']:.0%} ({decision['budget']:.0f} B) | "
             + " | ".join(cells)
-            + f" | {randoms} | {best.metric:.2f} / {best.kl:.2g} |"
+            + f" | {randoms} | {best.metric:.2f} / {_num(best.kl, '.2g')} |"
         )
     plan_costs = ", ".join(
         f"{s} {min(d['plan_cost'][s] for d in report['decisions']):.2f}-"
@@ -417,6 +416,11 @@ def print_report(report: Mapping[str, Any], args: argparse.Namespace) -> None:
         for s in signals
     )
     print(f"\nPlans' weight bytes as a fraction of the budget: {plan_costs}.")
+
+
+def _num(value: float, spec: str) -> str:
+    """A figure, or "n/a" where it is undefined (KL needs class scores; a constant signal has no rank)."""
+    return "n/a" if np.isnan(value) else format(value, spec)
 
 
 BUILDERS: dict[str, Callable[[int, int], Case]] = {"digits": digits_case, "transformer": transformer_case}

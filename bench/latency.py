@@ -88,15 +88,13 @@ def mixed() -> tuple[object, Data, Data, tuple[str, ...]]:
 def zoo(name: str, calibration: int, evaluation: int) -> tuple[object, Data, Data, Data, tuple[str, ...]]:
     """The zoo model with its calibration set, the search's evaluation set (seed 0) and a held-out
     one (seed 1); each split and seed draws its own samples (``ZooModel._data``)."""
-    from tests.zoo.models import get
+    from tests.zoo.models import get, planner_inputs
 
     model = get(name)
     proto = onnx.load_from_string(model.model_bytes())
-    # The planner takes model inputs and `labels`; OCR's `texts` and silero's `speech` stay out.
-    keep = {graph_input.name for graph_input in proto.graph.input} | {"labels"}
 
     def inputs(data: Data) -> Data:
-        return {key: value for key, value in data.items() if key in keep}
+        return planner_inputs(proto, data)
 
     return (
         proto,

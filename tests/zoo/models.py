@@ -25,6 +25,7 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 SETUP_HINT = "install the `zoo` extra with `bash scripts/setup.sh --zoo`"
 Data = dict[str, np.ndarray]
@@ -99,6 +100,13 @@ class ZooModel:
             raise ValueError(f"{self.name}: need n >= 1 and seed >= 0, got n={n}, seed={seed}")
         # The split is part of the seed: calibration and evaluation never share a draw.
         return self.make_data(self, np.random.default_rng([seed, _SPLITS[split]]), n)
+
+
+def planner_inputs(proto: onnx.ModelProto, data: Data) -> Data:
+    """The arrays the planner takes: the model's inputs and `labels` (OCR's `texts` and silero's
+    `speech` are ground truth for other metrics and stay out)."""
+    keep = {graph_input.name for graph_input in proto.graph.input} | {"labels"}
+    return {key: value for key, value in data.items() if key in keep}
 
 
 def _packaged_onnx(model: ZooModel) -> bytes:
