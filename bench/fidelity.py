@@ -164,8 +164,8 @@ def _rss_mb() -> float:
 
 def signal_config(signal: str, probes: int) -> Any:
     shared = {"device": "cpu", "seed": 0}
-    if signal == "hawq_v1":
-        return EigenConfig(**shared)
+    if signal == "hawq_v1":  # --probes bounds its power iterations too, as mpq's --max-probes does
+        return EigenConfig(**shared, max_iterations=min(probes, EigenConfig.max_iterations))
     if signal == "hawq_v2":
         return TraceConfig(**shared, max_probes=probes)
     if signal == "interlayer":
@@ -435,7 +435,12 @@ def main() -> None:
     parser.add_argument("--max-layers", type=int, default=0, help="study at most this many layers (0: all)")
     parser.add_argument("--calibration", type=int, default=256)
     parser.add_argument("--held-out", type=int, default=1000)
-    parser.add_argument("--probes", type=int, default=256, help="Hutchinson probes at most (hawq_v2, interlayer)")
+    parser.add_argument(
+        "--probes",
+        type=int,
+        default=256,
+        help="Hutchinson probes (hawq_v2, interlayer) and power iterations (hawq_v1, at most 100) at most",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     args.signals = tuple(args.signals.split(","))
