@@ -699,10 +699,33 @@ def layer_latency(table: dict[str, Any] | None, layer: str, candidate: str) -> d
     if candidate == "fp32":
         return {"ms": 0.0, "ratio": 0.0, "spread": 0.0}
     entries = table["layers"].get(layer)
-    entry = entries.get(candidate) if isinstance(entries, dict) else None
+    return _latency_entry(entries.get(candidate) if isinstance(entries, dict) else None)
+
+
+def _latency_entry(entry: Any) -> dict[str, Any] | None:
+    """``LayerLatency.to_dict()``, or None for anything else (a missing or malformed entry: shown as "—")."""
     if not isinstance(entry, dict) or not all(isinstance(entry.get(k), int | float) for k in ("ms", "ratio", "spread")):
-        return None  # a layer or candidate the table lacks (or a malformed entry): shown as "—"
+        return None
     return entry
+
+
+def pair_terms(table: dict[str, Any] | None, assignment: dict[str, Any]) -> list[dict[str, Any]]:
+    """The latency table's adjacent-pair terms (``LatencyTable.pairs``), one row per pair and candidate:
+    the pair's measured time quantized together minus its two single-layer contributions (ms, and
+    ratio and spread as fractions of the float model's time), and whether the configuration puts both
+    layers at that candidate (then the prediction counts the term). Malformed entries are left out."""
+    rows = []
+    for pair in (table or {}).get("pairs") or []:
+        layers = pair.get("layers") if isinstance(pair, dict) else None
+        entries = pair.get("candidates") if isinstance(pair, dict) else None
+        if not (isinstance(layers, list) and len(layers) == 2 and isinstance(entries, dict)):
+            continue
+        first, second = (str(layer) for layer in layers)
+        for candidate, entry in entries.items():
+            if (term := _latency_entry(entry)) is not None:
+                both = assignment.get(first) == candidate == assignment.get(second)
+                rows.append({"first": first, "second": second, "candidate": candidate, **term, "in_plan": both})
+    return rows
 
 
 def layer_precisions(
@@ -792,6 +815,7 @@ def plan_page(request: Request, plan_id: str, point: int | None = None) -> Respo
         charts=True,
         plan_layers=layer_precisions(model, plan.assignment, plan, table),
         latency_table=table,
+        pair_terms=pair_terms(table, plan.assignment),
         excluded=list(exclusions(plan).values()),
         detail=_point_detail(plan, model, selected, units, table) if selected else None,
     )

@@ -645,6 +645,8 @@ LATENCY_FLOAT_P50_MS = 0.5
 LATENCY_CANDIDATES = {"fp32": (32, 32), "w8a8": (8, 8), "w8": (8, 32)}
 LATENCY_CONTRIBUTIONS = {"w8a8": [-0.02, -0.05, -0.04, -0.03, 0.01], "w8": [0.08, 0.10, 0.07, 0.06, 0.03]}
 LATENCY_SPREAD = 0.02  # of every measured ratio to float
+# Adjacent-pair terms at w8a8 (LatencyTable.pairs): layers i and i + 1 quantized together cost less than alone.
+LATENCY_PAIR_TERMS = {(0, 1): -0.01, (1, 2): -0.006}
 # Points: candidates, measured ratio to float (the prediction off by a little, as measurements are), drop.
 LATENCY_FRONTIER = [
     (["fp32"] * 5, 1.01, 0.0),
@@ -670,7 +672,7 @@ def latency_table() -> dict[str, Any]:
         "candidates": list(LATENCY_CANDIDATES),
         "threads": None,
         "float_p50_ms": LATENCY_FLOAT_P50_MS,
-        "design": "single-layer-variants",
+        "design": "single-layer-variants+adjacent-pairs",
         "layers": {
             name: {
                 candidate: {"ms": ratios[i] * LATENCY_FLOAT_P50_MS, "ratio": ratios[i], "spread": 0.01}
@@ -678,12 +680,21 @@ def latency_table() -> dict[str, Any]:
             }
             for i, (name, *_) in enumerate(LAYERS)
         },
+        "pairs": [
+            {
+                "layers": [LAYERS[i][0], LAYERS[j][0]],
+                "candidates": {"w8a8": {"ms": term * LATENCY_FLOAT_P50_MS, "ratio": term, "spread": 0.005}},
+            }
+            for (i, j), term in LATENCY_PAIR_TERMS.items()
+        ],
     }
 
 
 def predicted_latency_ms(candidates: list[str]) -> float:
-    """float p50 · (1 + Σ contributions): planner.latency_table.predict_latency."""
+    """float p50 · (1 + Σ contributions + the pair terms of adjacent layers both at w8a8):
+    planner.latency_table.predict_latency."""
     ratio = 1.0 + sum(0.0 if c == "fp32" else LATENCY_CONTRIBUTIONS[c][i] for i, c in enumerate(candidates))
+    ratio += sum(term for (i, j), term in LATENCY_PAIR_TERMS.items() if candidates[i] == candidates[j] == "w8a8")
     return LATENCY_FLOAT_P50_MS * ratio
 
 

@@ -213,7 +213,7 @@ def test_the_latency_chart_plots_measured_latency_and_marks_points_slower_than_f
     ]
     assert [(p["index"], p["p50_ms"], p["metric"]) for p in frontier["points"]] == measured
     predicted = [dashboard_data.predicted_latency_ms(c) for c, *_ in dashboard_data.LATENCY_FRONTIER]
-    assert all(not math.isclose(p["p50_ms"], q) for p, q in zip(frontier["points"], predicted))  # 0.44 against 0.435
+    assert all(not math.isclose(p["p50_ms"], q) for p, q in zip(frontier["points"], predicted))  # 0.44 against 0.427
     assert [p["index"] for p in frontier["points"] if p["slower"]] == dashboard_data.LATENCY_SLOWER
     assert [p["index"] for p in frontier["points"] if p["chosen"]] == [dashboard_data.LATENCY_CHOSEN]
     assert frontier["chosen"]["p50_ms"] == measured[dashboard_data.LATENCY_CHOSEN][1]
@@ -279,7 +279,15 @@ def test_the_layer_table_shows_each_layers_predicted_latency_when_the_plan_used_
     expected += ["-0.0150 (-3.0 % ± 1.0)", "+0.0050 (+1.0 % ± 1.0)"]
     page = client.get(path).text
     assert latencies(page) == expected
-    assert "Predicted latency (ms)" in page and "0.435 (latency table)" in page  # 0.5 ms · (1 − 0.13)
+    assert "Predicted latency (ms)" in page and "0.427 (latency table)" in page  # 0.5 ms · (1 − 0.13 − 0.016)
+    # the adjacent-pair terms, and whether the chosen configuration (every layer at w8a8) counts them
+    pair_table = page[page.index('id="pair-terms"') :]
+    pair_table = pair_table[: pair_table.index("</table>")]
+    assert re.findall(r'data-field="pair-term">([^<]+)</td>\s*<td>([^<]+)</td>', pair_table) == [
+        ("-0.0050 (-1.0 % ± 0.5)", "both layers"),
+        ("-0.0030 (-0.6 % ± 0.5)", "both layers"),
+    ]
+    assert "conv1.weight → layer1.conv.weight" in pair_table and "w8a8" in pair_table
     # a point's fragment too: point 3 is every layer at w8
     fragment = client.get(f"{path}/points/3").text
     assert latencies(fragment, "point-layers")[:2] == ["+0.0400 (+8.0 % ± 1.0)", "+0.0500 (+10.0 % ± 1.0)"]
