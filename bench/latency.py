@@ -142,6 +142,7 @@ def run(name: str, options: BenchOptions, timing: TimingSettings) -> None:
     chosen = timed_layers(normalized.model, options.max_layers)
     all_layers = [layer.name for layer in find_layers(normalized.model)]
     request = PlanRequest(
+        method="hawq_v2",  # the demotion order of the rows in docs/benchmarks.md (16 probes, below)
         search="bisection",
         objective="latency",
         max_drop=options.max_drop,

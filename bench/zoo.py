@@ -12,15 +12,15 @@ Per model:
   inside ``If``/``Loop`` subgraphs in brackets), the Conv/ConvTranspose/Gemm/MatMul/LSTM/GRU node
   counts over all graphs (and how many of them have a constant weight, Constant nodes included),
   and the layers mpq finds (``find_layers`` on the normalised model) or why it finds none;
-- ``mpq sensitivity --json --no-cache`` for hawq_v2 and interlayer, each a child process: wall
+- ``mpq sensitivity --json --no-cache`` for measured (mpq's default), hawq_v2 and interlayer, each a child process: wall
   time and peak RSS (``os.wait4``'s ``ru_maxrss`` of the child), and from the document's
   ``execution`` report the batch size and probes per pass the memory budget chose, probes
   reached and why they stopped, the worst relative SE, the HVP cost in gradients of each method
   as timed by the budget step (two batched probes on up to 4 samples), the method picked, and
-  the cost of a probe over the whole run in gradients;
+  the cost of a probe over the whole run in gradients (measured has no probes: wall and RSS only);
 - ``mpq plan --search bisection --max-drop 1`` and ``mpq plan --max-size-mb`` at
   ``--size-fraction`` (default 40 %) of the float file (pareto search), each a child process
-  running the ``mpq`` script with ``--no-cache`` (each plan computes its own sensitivity; with the
+  running the ``mpq`` script with ``--method`` ``--plan-method`` (default: mpq's default) and ``--no-cache`` (each plan computes its own sensitivity; with the
   cache a plan after ``mpq sensitivity`` reuses it, so its sensitivity seconds are shown apart):
   wall time, peak RSS, the metric mpq chose (``metric_name``), the artifact's size;
 - onnxruntime's ``quantize_static`` (QDQ, per-channel, int8 weights and activations, MinMax) on
@@ -76,6 +76,13 @@ FLOAT, PLANS = "float", ("mpq ≤1 pp", "mpq size")
 ORT, ORT_NORMALIZED = "onnxruntime int8", "onnxruntime int8, normalised graph"
 ORT_OPSET = 13  # per-channel DequantizeLinear (its axis attribute) needs opset 13
 GROUND_TRUTH = ("labels",)  # the only non-input key mpq reads; texts and speech are dropped
+# mpq's methods, written out as its CLI does (service/cli/local_commands.py): the default, which the
+# plans use unless --plan-method says otherwise, and hawq_v2 beside it; --max-probes and
+# --time-budget-s reach the methods that run Hutchinson probes only (mpq refuses them elsewhere).
+DEFAULT_METHOD = "measured"
+SENSITIVITY_METHODS = (DEFAULT_METHOD, "hawq_v2")
+PROBING_METHODS = ("hawq_v2", "interlayer")
+PLAN_METHODS = ("measured", "hawq_v2", "interlayer", "fisher")
 
 # issue 12's targets on the 2-core machine
 TARGET_HAWQ_S, TARGET_HAWQ_RSS_MB = 180.0, 4096.0
@@ -95,6 +102,7 @@ class Settings:
     interlayer: bool
     frontier_points: int
     seed: int
+    plan_method: str = DEFAULT_METHOD
 
     def describe(self) -> str:
         probes = "default" if self.max_probes is None else str(self.max_probes)
@@ -351,8 +359,14 @@ def sensitivity_argv(model: Path, data: Path, method: str, settings: Settings) -
         "--no-cache",
         "--json",
     ]
-    if settings.max_probes is not None:
-        argv += ["--max-probes", str(settings.max_probes)]
+    return argv + probe_options(method, settings)
+
+
+def probe_options(method: str, settings: Settings) -> list[str]:
+    """--max-probes and --time-budget-s where the method runs Hutchinson probes (mpq refuses them elsewhere)."""
+    if method not in PROBING_METHODS:
+        return []
+    argv = [] if settings.max_probes is None else ["--max-probes", str(settings.max_probes)]
     if settings.time_budget_s is not None:
         argv += ["--time-budget-s", f"{settings.time_budget_s:g}"]
     return argv
@@ -374,16 +388,14 @@ def plan_argv(
         str(settings.seed),
         "--max-frontier-points",
         str(settings.frontier_points),
+        "--method",
+        settings.plan_method,
         "--no-cache",
         "--out",
         str(out),
         "--json",
     ]
-    if settings.max_probes is not None:
-        argv += ["--max-probes", str(settings.max_probes)]
-    if settings.time_budget_s is not None:
-        argv += ["--time-budget-s", f"{settings.time_budget_s:g}"]
-    return argv
+    return argv + probe_options(settings.plan_method, settings)
 
 
 class _Reader:
@@ -456,7 +468,7 @@ def bench_model(name: str, settings: Settings, folder: Path, step_timeout_s: flo
         row.error = f"reading the graph: {_short(error)}"
     _progress(f"{name}: {row.graph.layers if row.graph else row.error}")
 
-    methods = ("hawq_v2", "interlayer") if settings.interlayer else ("hawq_v2",)
+    methods = (*SENSITIVITY_METHODS, "interlayer") if settings.interlayer else SENSITIVITY_METHODS
     for method in methods:
         _progress(f"{name}: mpq sensitivity --method {method}")
         # interlayer's target is 15 min: a step timeout below it would hide whether it is met
@@ -754,7 +766,7 @@ def print_tables(rows: Sequence[Row]) -> None:
             reason = row.error or (row.graph.refusal if row.graph else "-")
             print(f"| {row.name} | - | {_cell(reason)} |" + " |" * 7)
             continue
-        for method in ("hawq_v2", "interlayer"):
+        for method in (*SENSITIVITY_METHODS, "interlayer"):
             cells = sensitivity_cell(row.sensitivity.get(method))
             print(f"| {row.name} | {method} | " + " | ".join(cells) + " |")
 
@@ -811,6 +823,7 @@ def main() -> int:
         help="run mpq sensitivity --method interlayer only for models given interlayer=1 with --set",
     )
     parser.add_argument("--max-frontier-points", type=int, default=8, help="mpq plan --max-frontier-points")
+    parser.add_argument("--plan-method", choices=PLAN_METHODS, default=DEFAULT_METHOD, help="mpq plan --method")
     parser.add_argument("--size-fraction", type=float, default=0.4, help="size budget as a fraction of the float file")
     parser.add_argument("--step-timeout-s", type=float, help="kill a CLI step after this many seconds")
     parser.add_argument(
@@ -848,6 +861,7 @@ def main() -> int:
         not args.skip_interlayer,
         args.max_frontier_points,
         args.seed,
+        args.plan_method,
     )
 
     import onnxruntime

@@ -37,12 +37,13 @@ from planner.objective import Objective
 from planner.plan import normalize_for_plan, plan, plan_module
 from planner.predict import build_objective
 from planner.quadratic import QuadraticResult, quadratic_frontier, solve_quadratic
-from planner.request import DEFAULT_CANDIDATES, PlanRequest
+from planner.request import DEFAULT_CANDIDATES, DEFAULT_METHOD, PlanRequest
 from planner.result import Measurement, PlanPoint, PlanResult, PlanRun
 
 __all__ = [
     "CANDIDATES",
     "DEFAULT_CANDIDATES",
+    "DEFAULT_METHOD",
     "BisectionResult",
     "Candidate",
     "Configuration",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import datetime
-from typing import Annotated, Any, Literal, cast
+from typing import Annotated, Any, Final, Literal, cast
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse
@@ -26,6 +26,9 @@ IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_lengt
 MODEL_ID = "5b0e3c1f9a7d4e2b8c6a1f0e9d8c7b6a"  # ids in the schema's examples
 DATASET_ID = "a1d4c7e0b3f6492d8e5a7c9b1f0e2d3c"
 JOB_ID = "0c9e8d7f6a5b4c3d2e1f0a9b8c7d6e5f"
+# planner.DEFAULT_METHOD, written out (the API process does not import the planner);
+# tests/planner/test_public_api.py pins it equal.
+DEFAULT_METHOD: Final = "measured"
 
 
 class Progress(BaseModel):
@@ -136,7 +139,7 @@ class SensitivityRequest(BaseModel):
     )
     model_id: str = Field(max_length=64)
     dataset_id: str = Field(max_length=64)
-    method: Literal["hawq_v2", "hawq_v1", "interlayer", "fisher", "measured"] = "hawq_v2"
+    method: Literal["hawq_v2", "hawq_v1", "interlayer", "fisher", "measured"] = DEFAULT_METHOD
     options: dict[str, Any] = Field(
         default_factory=dict,
         max_length=32,

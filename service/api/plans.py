@@ -17,6 +17,7 @@ from typing_extensions import TypedDict
 from service.api.errors import Problem
 from service.api.jobs import (
     DATASET_ID,
+    DEFAULT_METHOD,
     JOB_SUBMISSION_RESPONSES,
     MODEL_ID,
     IdempotencyKey,
@@ -99,7 +100,7 @@ class PlanRequestIn(BaseModel):
     model_id: str = Field(max_length=64)
     calibration_dataset_id: str = Field(max_length=64)
     evaluation_dataset_id: str | None = Field(None, max_length=64)
-    method: Literal["hawq_v2", "interlayer", "fisher", "measured"] = "hawq_v2"
+    method: Literal["hawq_v2", "interlayer", "fisher", "measured"] = DEFAULT_METHOD
     search: Literal["pareto", "bisection"] = "pareto"
     candidates: list[str] = Field(default_factory=lambda: list(DEFAULT_CANDIDATES), min_length=1, max_length=16)
     constraints: Constraints = Field(default_factory=Constraints)

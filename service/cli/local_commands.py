@@ -40,6 +40,7 @@ if TYPE_CHECKING:  # onnx and the libraries load when a command runs, not to bui
 
 SENSITIVITY_METHODS = ("hawq_v1", "hawq_v2", "interlayer", "fisher", "measured")
 PLAN_METHODS = ("hawq_v2", "interlayer", "fisher", "measured")
+DEFAULT_METHOD = "measured"  # planner.request.DEFAULT_METHOD (a test pins them equal)
 PLAN_METRICS = ("auto", "top1", "cosine", "neighbour_agreement", "step_agreement")  # planner.evaluate.METRICS
 PLAN_BASELINES = ("fp32", "fp16")  # planner.request.BASELINES
 PLAN_OBJECTIVES = ("loss", "latency")  # planner.request.OBJECTIVES
@@ -66,15 +67,15 @@ def register(subparsers: Subcommands) -> None:
 def _add_sensitivity(subparsers: Subcommands) -> None:
     command = subparsers.add_parser(
         "sensitivity",
-        help="Hessian sensitivity of each layer (locally, or on a server with --server)",
-        description="Compute per-layer Hessian traces (hawq_v2), top eigenvalues (hawq_v1) or the "
-        "inter-layer terms g·Δ, G and Ω (interlayer), or the empirical Fisher's ½ Σ F Δ² per layer and "
-        "bit width (fisher), or each layer's loss change quantized alone to each candidate in onnxruntime "
-        "(measured) of a model on a calibration set.",
+        help="sensitivity of each layer (locally, or on a server with --server)",
+        description="Compute each layer's loss change or KL quantized alone to each candidate in onnxruntime "
+        "(measured, the default: it ranked layers best, docs/search.md), or per-layer Hessian traces "
+        "(hawq_v2), top eigenvalues (hawq_v1), the inter-layer terms g·Δ, G and Ω (interlayer), or the "
+        "empirical Fisher's ½ Σ F Δ² per layer and bit width (fisher) of a model on a calibration set.",
     )
     command.add_argument("model", metavar="MODEL", help="ONNX model (.onnx) or torch.export archive (.pt2)")
     command.add_argument("--data", required=True, metavar="CALIB.npz", help=DATA_HELP)
-    command.add_argument("--method", choices=SENSITIVITY_METHODS, default="hawq_v2")
+    command.add_argument("--method", choices=SENSITIVITY_METHODS, default=DEFAULT_METHOD)
     command.add_argument("--bits", help="weight bit widths for interlayer and fisher (default 8,4)")
     command.add_argument(
         "--candidates",
@@ -148,11 +149,12 @@ def _add_plan(subparsers: Subcommands) -> None:
     command.add_argument(
         "--method",
         choices=PLAN_METHODS,
-        default="hawq_v2",
-        help="hawq_v2: diagonal Ω; interlayer: gradient and cross-layer terms (calibrate it on "
-        "data the model was not trained on: docs/search.md); fisher: diagonal, Ω = Σ F Δ² from the "
-        "empirical Fisher (needs labels or a classifier's logits); measured: diagonal, Ω = 2ΔL of each "
-        "layer quantized alone to each candidate, in onnxruntime",
+        default=DEFAULT_METHOD,
+        help="measured (default): diagonal, Ω = 2ΔL of each layer quantized alone to each candidate, "
+        "in onnxruntime (docs/search.md, 'Defaults by evidence'); hawq_v2: diagonal Ω from Hessian "
+        "traces; interlayer: gradient and cross-layer terms (calibrate it on data the model was not "
+        "trained on: docs/search.md); fisher: diagonal, Ω = Σ F Δ² from the "
+        "empirical Fisher (needs labels or a classifier's logits)",
     )
     command.add_argument("--search", choices=("pareto", "bisection"), default="pareto")
     command.add_argument("--candidates", default=DEFAULT_CANDIDATES, help=f"comma-separated ({DEFAULT_CANDIDATES})")
@@ -197,7 +199,7 @@ def _add_plan(subparsers: Subcommands) -> None:
     )
     command.add_argument("--sample-axis", action="append", default=[], metavar="NAME=AXIS", help=SAMPLE_AXIS_HELP)
     command.add_argument("--seed", type=int, default=0)
-    command.add_argument("--max-probes", type=int, help="Hutchinson probes at most (sensitivity)")
+    command.add_argument("--max-probes", type=int, help="Hutchinson probes at most (hawq_v2, interlayer)")
     command.add_argument("--batch-size", type=int, default=256, help="samples per forward pass (sensitivity)")
     command.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     _add_budget_options(command)

@@ -58,7 +58,7 @@ def sensitivity_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.method == "measured":  # one export per (layer, candidate): no probes, no bit widths
         if args.tol is not None or args.max_probes is not None:
             raise BadInput("--tol and --max-probes bound probes; measured runs each layer quantized alone and has none")
-        candidates = None if args.candidates is None else tuple(part.strip() for part in args.candidates.split(","))
+        candidates = None if args.candidates is None else candidate_names(args.candidates)
         return {**shared, **_optional(candidates=candidates, quantity=args.quantity)}
     probes = _probe_options(args.max_probes)
     if args.method == "hawq_v2":
@@ -71,6 +71,8 @@ def sensitivity_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# The plan methods whose analysis runs Hutchinson probes (``--max-probes`` bounds them).
+PROBING_METHODS = ("hawq_v2", "interlayer")
 # Which method reads each method-specific option: given with another method, it would be ignored.
 _METHOD_OPTIONS = {
     "bits": ("--bits", ("interlayer", "fisher")),
@@ -84,6 +86,11 @@ def _refuse_foreign_options(args: argparse.Namespace) -> None:
     for attribute, (flag, methods) in _METHOD_OPTIONS.items():
         if getattr(args, attribute, None) is not None and args.method not in methods:
             raise BadInput(f"{flag} is read by --method {' or '.join(methods)} only; --method {args.method} ignores it")
+
+
+def candidate_names(text: str) -> tuple[str, ...]:
+    """``--candidates``: comma-separated names, spaces around them ignored."""
+    return tuple(part.strip() for part in text.split(","))
 
 
 def sensitivity_config(args: argparse.Namespace) -> Config:
@@ -129,13 +136,15 @@ def plan_fields(args: argparse.Namespace) -> dict[str, Any]:
     """``planner.PlanRequest``'s keyword arguments the options ask for, without importing the planner
     (the remote command builds its request body from them)."""
     options = {"batch_size": args.batch_size, **budget_options(args)}
+    if args.max_probes is not None and args.method not in PROBING_METHODS:
+        raise BadInput(f"--max-probes bounds Hutchinson probes, which --method {args.method} does not run")
     if args.max_probes is not None:
         options.update({f"trace_{k}": v for k, v in _probe_options(args.max_probes).items()})
     size = None if args.max_size_mb is None else _positive(args.max_size_mb, "--max-size-mb") * MiB
     return {
         "method": args.method,
         "search": args.search,
-        "candidates": tuple(args.candidates.split(",")),
+        "candidates": candidate_names(args.candidates),
         "max_size_bytes": None if size is None else math.floor(size),
         "max_bops": None if args.max_bops is None else int(_positive(args.max_bops, "--max-bops")),
         "max_latency_ms": args.max_latency_ms,

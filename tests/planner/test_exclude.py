@@ -109,7 +109,7 @@ def test_bisection_keeps_node_pattern_matches_fp32_at_every_step(mlp, mlp_sensit
     """A node-name glob; max_drop 0 on the output cosine makes the search measure several steps. Without
     fp32 among the candidates, the excluded layer still stays fp32 while the others start at w8a8."""
     proto, calibration, evaluation = mlp
-    request = PlanRequest(search="bisection", max_drop=0.0, metric="cosine", exclude="/fc1/*", **FAST)
+    request = PlanRequest(method="hawq_v2", search="bisection", max_drop=0.0, metric="cosine", exclude="/fc1/*", **FAST)
     result = plan(proto, calibration, request, evaluation=evaluation, sensitivity=mlp_sensitivity)
     assert len(result.frontier) >= 2
     assert all(point.configuration["fc1.weight"] == "fp32" for point in (result.plan, *result.frontier))
@@ -117,7 +117,7 @@ def test_bisection_keeps_node_pattern_matches_fp32_at_every_step(mlp, mlp_sensit
     assert [e.reason for e in result.excluded] == ["exclude pattern '/fc1/*'"]
 
     without_fp32 = PlanRequest(
-        search="bisection", max_drop=100.0, candidates=("w8a8", "w4a8"), exclude="/fc1/*", **FAST
+        method="hawq_v2", search="bisection", max_drop=100.0, candidates=("w8a8", "w4a8"), exclude="/fc1/*", **FAST
     )
     result = plan(proto, calibration, without_fp32, evaluation=evaluation, sensitivity=mlp_sensitivity)
     assert result.plan.configuration == {"fc1.weight": "fp32", "fc2.weight": "w4a8", "fc3.weight": "w4a8"}
@@ -128,7 +128,12 @@ def test_bisection_keeps_node_pattern_matches_fp32_at_every_step(mlp, mlp_sensit
 def test_an_unmatched_pattern_is_a_value_error_naming_it_and_some_layers(mlp):
     proto, calibration, evaluation = mlp
     with pytest.raises(ValueError, match=r"\['fc9\*'\] match no layer.*'fc1.weight' \(node '/fc1/Gemm'\)"):
-        plan(proto, calibration, PlanRequest(exclude=("fc1.weight", "fc9*"), **FAST), evaluation=evaluation)
+        plan(
+            proto,
+            calibration,
+            PlanRequest(method="hawq_v2", exclude=("fc1.weight", "fc9*"), **FAST),
+            evaluation=evaluation,
+        )
     layers = find_layers(proto)
     assert match_patterns(layers, ["/fc?/Gemm", "fc1.weight"]) == {
         "fc1.weight": "/fc?/Gemm",
@@ -171,7 +176,7 @@ def test_uniform_within_falls_back_to_fp32_then_the_first_candidate():
     ],
 )
 def test_exclude_takes_a_list_or_a_comma_separated_string(value, expected):
-    request = PlanRequest(exclude=value)
+    request = PlanRequest(method="hawq_v2", exclude=value)
     assert request.exclude == expected
     assert PlanRequest.from_dict(json.loads(json.dumps(request.to_dict()))) == request
 
@@ -191,11 +196,11 @@ def test_exclude_takes_a_list_or_a_comma_separated_string(value, expected):
 )
 def test_bad_exclude_values_are_value_errors_naming_the_field(value):
     with pytest.raises(ValueError, match="exclude must be a list"):
-        PlanRequest(exclude=value)
+        PlanRequest(method="hawq_v2", exclude=value)
 
 
 def test_a_stored_request_without_exclude_loads_with_none():
-    stored = {k: v for k, v in PlanRequest().to_dict().items() if k != "exclude"}
+    stored = {k: v for k, v in PlanRequest(method="hawq_v2").to_dict().items() if k != "exclude"}
     assert PlanRequest.from_dict(stored).exclude == ()
 
 
@@ -255,6 +260,7 @@ def test_a_fixed_arange_projection_is_a_structural_constant_kept_fp32(detector):
 def test_a_plan_never_offers_the_structural_constant_4_bits(detector):
     proto, calibration = detector
     request = PlanRequest(
+        method="hawq_v2",
         candidates=("fp32", "w4a8", "w4"),
         max_size_bytes=size_budget_detector(proto),
         sensitivity_options=PROBES,

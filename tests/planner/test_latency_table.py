@@ -146,13 +146,16 @@ def test_faster_than_float_needs_the_ratio_interval_wholly_below_one():
 
 
 def test_the_latency_objective_is_a_checked_request_field():
-    assert PlanRequest().objective == "loss" and PlanRequest().cost_kind == "size"
-    assert PlanRequest(objective="latency").cost_kind == "latency"
-    assert PlanRequest(max_latency_ms=5.0).cost_kind == "latency" and PlanRequest(max_latency_ms=5.0).budget == 5.0
-    assert PlanRequest(objective="latency", max_bops=10).cost_kind == "bops"
-    assert PlanRequest.from_dict(PlanRequest(objective="latency").to_dict()).objective == "latency"
+    assert PlanRequest(method="hawq_v2").objective == "loss" and PlanRequest(method="hawq_v2").cost_kind == "size"
+    assert PlanRequest(method="hawq_v2", objective="latency").cost_kind == "latency"
+    assert (
+        PlanRequest(method="hawq_v2", max_latency_ms=5.0).cost_kind == "latency"
+        and PlanRequest(method="hawq_v2", max_latency_ms=5.0).budget == 5.0
+    )
+    assert PlanRequest(method="hawq_v2", objective="latency", max_bops=10).cost_kind == "bops"
+    assert PlanRequest.from_dict(PlanRequest(method="hawq_v2", objective="latency").to_dict()).objective == "latency"
     with pytest.raises(ValueError, match="objective"):
-        PlanRequest(objective="speed")
+        PlanRequest(method="hawq_v2", objective="speed")
 
 
 # ----- measured: the mixed model (big MatMul faster at w8a8, small ones slower) -----------------
@@ -161,7 +164,7 @@ def test_the_latency_objective_is_a_checked_request_field():
 @pytest.fixture(scope="module")
 def mixed():
     model, data = latency_mixed_model(), latency_mixed_data(count=8)
-    request = PlanRequest(**FAST)
+    request = PlanRequest(method="hawq_v2", **FAST)
     return normalize_for_plan(model, data, request), data
 
 
@@ -270,7 +273,7 @@ def test_additivity_check_compares_predicted_with_measured(mixed, mixed_table):
 @pytest.mark.slow
 def test_latency_objective_keeps_slow_layers_float_and_quantizes_the_fast_one(mixed, mixed_table, mixed_sensitivity):
     normalized, data = mixed
-    request = PlanRequest(search="bisection", objective="latency", max_drop=50.0, **FAST)
+    request = PlanRequest(method="hawq_v2", search="bisection", objective="latency", max_drop=50.0, **FAST)
     result = plan(normalized, data, request, sensitivity=mixed_sensitivity, latency_table=mixed_table)
     search = result.run.search
     assert search["latency_table_reused"] is True
@@ -290,7 +293,7 @@ def test_a_latency_bisection_also_measures_the_uniform_low_configuration(mixed, 
     biased = dataclasses.replace(
         mixed_table, layers={layer: {"w8a8": slower} for layer in mixed_table.layers}, pairs={}
     )
-    request = PlanRequest(search="bisection", objective="latency", max_drop=50.0, **FAST)
+    request = PlanRequest(method="hawq_v2", search="bisection", objective="latency", max_drop=50.0, **FAST)
     result = plan(normalized, data, request, sensitivity=mixed_sensitivity, latency_table=biased)
     uniform = {layer: "w8a8" for layer in mixed_table.layers}
     assert result.run.search["order"] == []  # nothing predicted to save time
@@ -308,7 +311,9 @@ def test_a_latency_bisection_also_measures_the_uniform_low_configuration(mixed, 
 def test_model_whose_int8_is_slower_everywhere_gets_the_float_model(mixed, mixed_table, mixed_sensitivity):
     """With the big MatMul excluded only the slow layers remain: the plan is the float model, said so."""
     normalized, data = mixed
-    request = PlanRequest(search="bisection", objective="latency", max_drop=50.0, exclude=("big.weight",), **FAST)
+    request = PlanRequest(
+        method="hawq_v2", search="bisection", objective="latency", max_drop=50.0, exclude=("big.weight",), **FAST
+    )
     result = plan(normalized, data, request, sensitivity=mixed_sensitivity, latency_table=mixed_table)
     assert set(result.plan.configuration.values()) == {"fp32"}
     assert result.run.search["chosen_by"].startswith("the float model")
@@ -319,7 +324,7 @@ def test_model_whose_int8_is_slower_everywhere_gets_the_float_model(mixed, mixed
 def test_latency_budget_drives_the_search_and_the_frontier_is_measured(mixed, mixed_table, mixed_sensitivity):
     normalized, data = mixed
     stale = dataclasses.replace(mixed_table, onnxruntime_version="0.0.0")
-    request = PlanRequest(max_latency_ms=1_000.0, max_frontier_points=3, **FAST)
+    request = PlanRequest(method="hawq_v2", max_latency_ms=1_000.0, max_frontier_points=3, **FAST)
     result = plan(normalized, data, request, sensitivity=mixed_sensitivity, latency_table=stale)
     search = result.run.search
     assert search["latency_table_reused"] is False  # another onnxruntime version: measured again
@@ -335,7 +340,7 @@ def test_a_predicted_infeasible_latency_budget_is_refused_by_name(mixed, mixed_t
     from planner.choose import NoFeasiblePlan
 
     normalized, data = mixed
-    request = PlanRequest(max_latency_ms=1e-6, **FAST)
+    request = PlanRequest(method="hawq_v2", max_latency_ms=1e-6, **FAST)
     with pytest.raises(NoFeasiblePlan, match="predicted median latency") as raised:
         plan(normalized, data, request, sensitivity=mixed_sensitivity, latency_table=mixed_table)
     assert raised.value.kind == "max_latency_ms"
@@ -343,7 +348,9 @@ def test_a_predicted_infeasible_latency_budget_is_refused_by_name(mixed, mixed_t
 
 @pytest.mark.parametrize(("repeats", "runs_per_round", "min_rounds"), [(1, 1, 2), (3, 3, 2), (50, 5, 10), (51, 5, 11)])
 def test_measured_configurations_are_timed_in_rounds_that_hold_latency_repeats(repeats, runs_per_round, min_rounds):
-    timing = measurement_timing(PlanRequest(latency_repeats=repeats, latency_batch_size=4, device="cuda:1"))
+    timing = measurement_timing(
+        PlanRequest(method="hawq_v2", latency_repeats=repeats, latency_batch_size=4, device="cuda:1")
+    )
     assert (timing.runs_per_round, timing.min_rounds, timing.max_rounds) == (runs_per_round, min_rounds, 4 * min_rounds)
     assert timing.runs_per_round * timing.min_rounds >= repeats  # at least latency_repeats runs
     assert (timing.device, timing.batch_size) == ("cuda", 4)  # the table's settings otherwise (timing_for)

@@ -47,7 +47,7 @@ from planner.result import (
 from sensitivity.checks import shown
 from sensitivity.examples import export_onnx, trained_digits_cnn
 from sensitivity.onnx_program import load_onnx
-from sensitivity.results import InterLayerConfig, TraceConfig
+from sensitivity.results import FisherConfig, InterLayerConfig, MeasuredConfig, TraceConfig
 from sensitivity.run import compute_sensitivity
 from tests.values import JSON_VALUES, NOT_INTS
 
@@ -81,7 +81,7 @@ def onnxruntime_accuracy(model_bytes: bytes, dataset) -> float:
 @pytest.mark.slow
 def test_pareto_plan_meets_a_size_budget_and_its_artifact_measures_what_is_reported(digits):
     proto, calibration, evaluation = digits
-    request = PlanRequest(max_size_bytes=SIZE_BUDGET, sensitivity_options=PROBES, **FAST)
+    request = PlanRequest(method="hawq_v2", max_size_bytes=SIZE_BUDGET, sensitivity_options=PROBES, **FAST)
     phases = []
     result = plan(proto, calibration, request, evaluation=evaluation, progress=lambda p, f, m: phases.append(p))
 
@@ -129,7 +129,7 @@ def test_pareto_plan_meets_a_size_budget_and_its_artifact_measures_what_is_repor
 @pytest.mark.slow
 def test_an_impossible_budget_names_the_minimum_cost(digits):
     proto, calibration, evaluation = digits
-    request = PlanRequest(candidates=("fp32", "w8a8", "w4a8"), max_size_bytes=1_000, **FAST)
+    request = PlanRequest(method="hawq_v2", candidates=("fp32", "w8a8", "w4a8"), max_size_bytes=1_000, **FAST)
     sized = normalize_for_plan(proto, calibration, request).model  # the model the plan sizes (opset 21)
     cheapest = minimum_cost(layer_cost_table(sized, (1, 1, 8, 8)), request.candidates, "size")
     with pytest.raises(NoFeasiblePlan, match=f"costs {cheapest} bytes") as raised:
@@ -140,7 +140,7 @@ def test_an_impossible_budget_names_the_minimum_cost(digits):
 @pytest.mark.slow
 def test_bisection_respects_max_drop_within_the_evaluation_bound(digits, sensitivity):
     proto, calibration, evaluation = digits
-    request = PlanRequest(search="bisection", max_drop=0.5, **FAST)
+    request = PlanRequest(method="hawq_v2", search="bisection", max_drop=0.5, **FAST)
     result = plan(proto, calibration, request, evaluation=evaluation, sensitivity=sensitivity)
     layers = len(result.plan.configuration)
     assert result.run.evaluations <= math.ceil(math.log2(layers)) + 2
@@ -157,7 +157,7 @@ def test_bisection_respects_max_drop_within_the_evaluation_bound(digits, sensiti
 def test_bisection_applies_max_drop_to_the_chosen_metric(digits, sensitivity):
     """metric='cosine' on a classifier: every step is measured by output cosine, not accuracy."""
     proto, calibration, evaluation = digits
-    request = PlanRequest(search="bisection", max_drop=1.0, metric="cosine", **FAST)
+    request = PlanRequest(method="hawq_v2", search="bisection", max_drop=1.0, metric="cosine", **FAST)
     result = plan(proto, calibration, request, evaluation=evaluation, sensitivity=sensitivity)
     assert {p.measured.metric_name for p in result.frontier} == {"cosine"}
     measured = result.plan.measured
@@ -176,7 +176,7 @@ def test_bisection_applies_max_drop_to_the_chosen_metric(digits, sensitivity):
 
 
 def test_a_stored_request_without_metric_loads_as_auto():
-    stored = {k: v for k, v in PlanRequest(max_drop=1.0).to_dict().items() if k != "metric"}
+    stored = {k: v for k, v in PlanRequest(method="hawq_v2", max_drop=1.0).to_dict().items() if k != "metric"}
     assert PlanRequest.from_dict(stored).metric == "auto"
 
 
@@ -208,14 +208,22 @@ def test_latency_budget_picks_a_measured_point(digits, sensitivity):
     proto, calibration, evaluation = digits
     fast = {**FAST, "max_frontier_points": 2}
     result = plan(
-        proto, calibration, PlanRequest(max_latency_ms=1_000.0, **fast), evaluation=evaluation, sensitivity=sensitivity
+        proto,
+        calibration,
+        PlanRequest(method="hawq_v2", max_latency_ms=1_000.0, **fast),
+        evaluation=evaluation,
+        sensitivity=sensitivity,
     )
     assert result.plan.measured.latency.p50_ms <= 1_000.0 and result.meets_constraints
     # With latency the objective, a configuration measured slower than float is never chosen.
     assert not result.plan.measured_slower_than_float and not result.slower_than_float
     with pytest.raises(NoFeasiblePlan, match="median latency"):
         plan(
-            proto, calibration, PlanRequest(max_latency_ms=1e-6, **fast), evaluation=evaluation, sensitivity=sensitivity
+            proto,
+            calibration,
+            PlanRequest(method="hawq_v2", max_latency_ms=1e-6, **fast),
+            evaluation=evaluation,
+            sensitivity=sensitivity,
         )
 
 
@@ -248,7 +256,9 @@ def test_a_latency_budget_never_chooses_a_configuration_measured_slower_than_flo
 def test_uniform_baselines_are_measured(digits, sensitivity):
     proto, calibration, evaluation = digits
     request = PlanRequest(
-        candidates=("fp32", "w8a8", "w4a8"), **{**FAST, "measure_uniform": True, "max_frontier_points": 1}
+        method="hawq_v2",
+        candidates=("fp32", "w8a8", "w4a8"),
+        **{**FAST, "measure_uniform": True, "max_frontier_points": 1},
     )
     result = plan(proto, calibration, request, evaluation=evaluation, sensitivity=sensitivity)
     assert set(result.uniform) == {"fp32", "w8a8", "w4a8"}
@@ -277,6 +287,8 @@ def test_request_round_trips_and_rejects_bad_input():
         ({"method": "hawq_v9"}, "method must be"),
         ({"sensitivity_options": {"seed": 3}}, "must not set"),
         ({"sensitivity_options": {"no_such_option": 3}}, "invalid sensitivity_options"),
+        ({"sensitivity_options": {"trace_max_probes": 8}}, "method 'measured' does not run"),  # the default
+        ({"method": "fisher", "sensitivity_options": {"trace_tolerance": 0.1}}, r"\['trace_tolerance'\] bound"),
         ({"max_size_bytes": -5}, r"max_size_bytes must be an integer in \[1, "),
     ]
     for fields, message in bad:
@@ -386,11 +398,12 @@ def test_a_bad_request_value_is_a_value_error_naming_its_field(name: str, value:
 )
 def test_bad_sensitivity_options_name_the_option(options: dict[str, Any], named: str):
     with pytest.raises(ValueError, match=re.escape(named)):
-        PlanRequest(sensitivity_options=options)
+        PlanRequest(method="hawq_v2", sensitivity_options=options)
 
 
 def test_request_bounds_are_inclusive_and_values_canonical():
     request = PlanRequest(
+        method="hawq_v2",
         max_bops=np.int64(MAX_COST),
         max_drop=100,
         seed=2**63 - 1,
@@ -404,12 +417,12 @@ def test_request_bounds_are_inclusive_and_values_canonical():
     )
     assert type(request.max_bops) is int and type(request.max_drop) is float and request.max_drop == 100.0
     assert request.candidates == ("fp32", "w8a8") and type(request.solver_time_limit_s) is float
-    assert PlanRequest(max_latency_ms=MAX_LATENCY_MS).max_latency_ms == MAX_LATENCY_MS
+    assert PlanRequest(method="hawq_v2", max_latency_ms=MAX_LATENCY_MS).max_latency_ms == MAX_LATENCY_MS
     assert PlanRequest.from_dict(json.loads(json.dumps(request.to_dict(), allow_nan=False))) == request
 
 
 GOOD_REQUEST_VALUES: dict[str, list[Any]] = {
-    "method": ["hawq_v2", "interlayer"],
+    "method": ["hawq_v2", "interlayer", "fisher", "measured"],
     "search": ["pareto", "bisection"],
     "candidates": [["fp32", "w8a8"], "w4,w8", ("w4a8",)],
     "max_size_bytes": [None, 1, 10**6],
@@ -446,8 +459,8 @@ def test_any_json_values_give_a_valid_request_or_a_value_error(good: dict[str, A
     document = json.loads(json.dumps(request.to_dict(), allow_nan=False))  # plain, finite JSON
     assert PlanRequest.from_dict(document) == request
     assert request.sensitivity_config().seed == request.seed
-    expected = TraceConfig if request.method == "hawq_v2" else InterLayerConfig
-    assert type(request.sensitivity_config()) is expected  # hawq_v2 needs traces, not inter-layer terms
+    kinds = {"hawq_v2": TraceConfig, "interlayer": InterLayerConfig, "fisher": FisherConfig, "measured": MeasuredConfig}
+    assert type(request.sensitivity_config()) is kinds[request.method]  # hawq_v2 needs traces, not inter-layer terms
 
 
 @pytest.mark.slow
@@ -468,7 +481,7 @@ def test_bops_budget(digits, sensitivity):
     proto, calibration, evaluation = digits
     table = layer_cost_table(proto, (1, 1, 8, 8))
     budget = (minimum_cost(table, ("w4a8",), "bops") + minimum_cost(table, ("w8a8",), "bops")) // 2
-    request = PlanRequest(max_bops=budget, **{**FAST, "max_frontier_points": 1})
+    request = PlanRequest(method="hawq_v2", max_bops=budget, **{**FAST, "max_frontier_points": 1})
     result = plan(proto, calibration, request, evaluation=evaluation, sensitivity=sensitivity)
     assert result.plan.bops <= budget and result.meets_constraints
     assert result.to_dict()["plan"]["predicted"]["bops"] == result.plan.bops
@@ -517,7 +530,10 @@ def test_result_is_plain_data(digits, sensitivity):
 
     proto, calibration, evaluation = digits
     request = PlanRequest(
-        max_size_bytes=SIZE_BUDGET, sensitivity_options={"batch_size": 128}, **{**FAST, "max_frontier_points": 1}
+        method="hawq_v2",
+        max_size_bytes=SIZE_BUDGET,
+        sensitivity_options={"batch_size": 128},
+        **{**FAST, "max_frontier_points": 1},
     )
     result = plan(proto, calibration, request, evaluation=evaluation, sensitivity=sensitivity)
     copy = pickle.loads(pickle.dumps(result))  # crosses process boundaries (spawned workers)
@@ -530,7 +546,9 @@ def full_result(digits, sensitivity):
     size retries in its search details and a normalised model."""
     proto, calibration, evaluation = digits
     first = sensitivity.layers[0].name
-    request = PlanRequest(max_size_bytes=SIZE_BUDGET, exclude=(first,), **{**FAST, "measure_uniform": True})
+    request = PlanRequest(
+        method="hawq_v2", max_size_bytes=SIZE_BUDGET, exclude=(first,), **{**FAST, "measure_uniform": True}
+    )
     return plan(proto, calibration, request, evaluation=evaluation, sensitivity=sensitivity)
 
 
@@ -642,7 +660,7 @@ def test_activation_terms_enter_both_objectives_for_the_a8_candidates_only(digit
 @pytest.mark.slow
 def test_plans_report_their_measured_activation_terms(digits, sensitivity):
     proto, calibration, evaluation = digits
-    request = PlanRequest(max_size_bytes=SIZE_BUDGET, **{**FAST, "max_frontier_points": 1})
+    request = PlanRequest(method="hawq_v2", max_size_bytes=SIZE_BUDGET, **{**FAST, "max_frontier_points": 1})
     result = plan(proto, calibration, request, evaluation=evaluation, sensitivity=sensitivity)
     assert set(result.activation_terms) == {layer.name for layer in sensitivity.layers}
     assert all(term.tensors and term.standard_error > 0 for term in result.activation_terms.values())
@@ -669,7 +687,7 @@ def test_a_model_whose_uniform_w8a8_does_not_export_plans_without_activation_ter
     monkeypatch.setattr(planner.activation, "activation_quantization", refuse)
     proto, calibration, evaluation = digits
     messages = []
-    request = PlanRequest(max_size_bytes=SIZE_BUDGET, **{**FAST, "max_frontier_points": 1})
+    request = PlanRequest(method="hawq_v2", max_size_bytes=SIZE_BUDGET, **{**FAST, "max_frontier_points": 1})
     result = plan(
         proto,
         calibration,
@@ -693,7 +711,10 @@ def test_a_paddle_style_model_is_planned_under_its_constant_names():
 
     x = np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32)
     request = PlanRequest(
-        candidates=("fp32", "w8a8", "w4"), sensitivity_options=PROBES, **{**FAST, "max_frontier_points": 1}
+        method="hawq_v2",
+        candidates=("fp32", "w8a8", "w4"),
+        sensitivity_options=PROBES,
+        **{**FAST, "max_frontier_points": 1},
     )
     result = plan(paddle_style_model(), {"x": x}, request)
     assert set(result.plan.configuration) == {"conv.w"}
@@ -720,7 +741,7 @@ def test_a_mismatching_opset_upgrade_is_refused_before_the_sensitivity_analysis(
     monkeypatch.setattr("sensitivity.run.compute_sensitivity", lambda *args, **kwargs: analysed.append(args))
     x = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
     with pytest.raises(OpsetUpgradeError, match="from opset 12 to 21 computes different outputs"):
-        plan(tiny_onnx_model(opset=12), {"x": x}, PlanRequest(candidates=("fp32", "w4"), **FAST))
+        plan(tiny_onnx_model(opset=12), {"x": x}, PlanRequest(method="hawq_v2", candidates=("fp32", "w4"), **FAST))
     assert analysed == []
 
 
@@ -734,6 +755,7 @@ def test_plan_module_plans_an_nn_module_as_its_pt2_would_be():
     calibration = {"x": data.train_x[:128], "labels": data.train_y[:128]}
     evaluation = {"x": data.test_x, "labels": data.test_y}
     request = PlanRequest(
+        method="hawq_v2",
         candidates=("fp32", "w8a8", "w4a8"),
         max_size_bytes=30_000,
         measure_uniform=False,
@@ -758,7 +780,9 @@ def test_a_plan_with_an_fp16_baseline_reports_both_and_holds_max_drop_to_fp16(di
     # hawq_v2 from traces alone: Ω of the 16-bit Δ comes from the model's own weights (predict._trace_terms)
     config = InterLayerConfig(bits=(16, 8), trace_max_probes=8, trace_min_probes=4, device="cpu").trace_config()
     sensitivity = compute_sensitivity(load_onnx(proto), calibration, config)
-    request = PlanRequest(candidates=("fp32", "fp16", "w8a8", "w8"), max_drop=0.5, baseline="fp16", **FAST)
+    request = PlanRequest(
+        method="hawq_v2", candidates=("fp32", "fp16", "w8a8", "w8"), max_drop=0.5, baseline="fp16", **FAST
+    )
     result = plan(proto, calibration, request, evaluation=evaluation, sensitivity=sensitivity)
 
     assert set(result.baselines) == {"fp32", "fp16"}

@@ -11,6 +11,7 @@ import planner
 PUBLIC = [
     "CANDIDATES",
     "DEFAULT_CANDIDATES",
+    "DEFAULT_METHOD",
     "BisectionResult",
     "Candidate",
     "Configuration",
@@ -88,10 +89,16 @@ def test_a_star_import_gives_the_public_names_only():
     assert sorted(set(namespace) - {"__builtins__"}) == sorted(PUBLIC)
 
 
-def test_the_service_copies_of_the_default_candidates_are_the_planners():
+def test_the_service_copies_of_the_default_candidates_and_method_are_the_planners():
     """The API and the CLI write them out (their processes do not import torch); one definition rules."""
+    from service.api import jobs as api_jobs
     from service.api import plans as api_plans
     from service.cli import local_commands
+
+    assert planner.PlanRequest().method == planner.DEFAULT_METHOD
+    assert api_plans.PlanRequestIn.model_fields["method"].default == planner.DEFAULT_METHOD
+    assert api_jobs.SensitivityRequest.model_fields["method"].default == planner.DEFAULT_METHOD
+    assert local_commands.DEFAULT_METHOD == planner.DEFAULT_METHOD
 
     assert planner.PlanRequest().candidates == planner.DEFAULT_CANDIDATES
     assert tuple(api_plans.DEFAULT_CANDIDATES) == planner.DEFAULT_CANDIDATES

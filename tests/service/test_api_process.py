@@ -50,7 +50,7 @@ with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
     if (inputs / "model.onnx").exists():
         model = client.post("/v1/models", content=(inputs / "model.onnx").read_bytes(), headers=octets).json()
         data = client.post("/v1/datasets", content=(inputs / "data.npz").read_bytes(), headers=octets).json()
-        body = {"model_id": model["id"], "dataset_id": data["id"], "options": {"max_probes": 8}}
+        body = {"model_id": model["id"], "dataset_id": data["id"], "method": "hawq_v2", "options": {"max_probes": 8}}
         job = client.post("/v1/sensitivity", json=body).json()
         deadline = time.monotonic() + 240
         while job["status"] not in ("succeeded", "failed", "cancelled") and time.monotonic() < deadline:

@@ -974,6 +974,7 @@ def test_a_real_plan_from_the_planner(page, shot, client, app, digits_files):
             "calibration_dataset_id": calib_id,
             "candidates": ["fp32", "w8a8", "w4a8"],
             "constraints": {"max_size_bytes": len(model_bytes) // 3},
+            "method": "hawq_v2",
             "options": {"trace_max_probes": 16},
         },
     ).json()

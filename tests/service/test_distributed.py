@@ -85,7 +85,8 @@ def test_two_workers_share_the_queue_and_survive_a_kill(cluster):
         tiny_data = http_upload(client, "/v1/datasets", npz_bytes(x=rng.standard_normal((16, 8)).astype(np.float32)))
         jobs = [
             client.post(
-                "/v1/sensitivity", json={"model_id": tiny, "dataset_id": tiny_data, "options": {"seed": seed}}
+                "/v1/sensitivity",
+                json={"model_id": tiny, "dataset_id": tiny_data, "method": "hawq_v2", "options": {"seed": seed}},
             ).json()["id"]
             for seed in range(2)
         ]
@@ -105,6 +106,7 @@ def test_two_workers_share_the_queue_and_survive_a_kill(cluster):
                 "calibration_dataset_id": labelled,
                 "candidates": ["fp32", "w8a8", "w4"],
                 "constraints": {"max_size_bytes": 10**6},
+                "method": "hawq_v2",
                 "options": {"trace_max_probes": 16},
             },
         ).json()["id"]
@@ -138,6 +140,7 @@ def _long_job_running(
         json={
             "model_id": mlp,
             "dataset_id": mlp_data,
+            "method": "hawq_v2",
             "options": {"tolerance": 1e-9, "min_probes": 60, "max_probes": 60},
         },
     ).json()["id"]

@@ -63,7 +63,8 @@ def test_api_restart_mid_job_requeues_and_finishes(own_postgres_url, tmp_path):
             model = http_upload(client, "/v1/models", mlp_onnx_model(width=384).SerializeToString())
             data = http_upload(client, "/v1/datasets", npz_bytes(x=rng.standard_normal((256, 256)).astype(np.float32)))
             job_id = client.post(
-                "/v1/sensitivity", json={"model_id": model, "dataset_id": data, "options": LONG_JOB}
+                "/v1/sensitivity",
+                json={"model_id": model, "dataset_id": data, "method": "hawq_v2", "options": LONG_JOB},
             ).json()["id"]
             running = http_job(client, job_id, statuses=("running",), timeout=60)
         api.send_signal(signal.SIGKILL)
@@ -95,7 +96,8 @@ def test_lost_database_connections_are_retried(client, app, backend_settings):
     database = backend_settings.resolved_database_url.rsplit("/", 1)[1]
     model_id, dataset_id = slow_inputs(client, width=384)
     job_id = client.post(
-        "/v1/sensitivity", json={"model_id": model_id, "dataset_id": dataset_id, "options": LONG_JOB}
+        "/v1/sensitivity",
+        json={"model_id": model_id, "dataset_id": dataset_id, "method": "hawq_v2", "options": LONG_JOB},
     ).json()["id"]
     wait_for(client, job_id, statuses=("running",), timeout=60)
 
@@ -160,7 +162,8 @@ def test_several_api_processes_share_one_executor(tmp_path):
             data = http_upload(client, "/v1/datasets", npz_bytes(x=rng.standard_normal((16, 8)).astype(np.float32)))
             jobs = [
                 client.post(
-                    "/v1/sensitivity", json={"model_id": model, "dataset_id": data, "options": {"seed": seed}}
+                    "/v1/sensitivity",
+                    json={"model_id": model, "dataset_id": data, "method": "hawq_v2", "options": {"seed": seed}},
                 ).json()["id"]
                 for seed in range(3)
             ]
@@ -214,7 +217,7 @@ def test_the_remote_cli_waits_out_a_server_restart_and_a_rerun_attaches_to_the_j
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "service.cli", "sensitivity", str(model), "--data", str(data), "--json"]
-    command += ["--server", url, "--max-probes", "60", "--tol", "1e-9"]
+    command += ["--server", url, "--method", "hawq_v2", "--max-probes", "60", "--tol", "1e-9"]
     log = tmp_path / "api.log"
     api = _serve(env, port, log)
     cli = None

@@ -179,7 +179,7 @@ def test_the_remote_commands_run_jobs_without_the_heavy_packages(app, live_serve
     env = {"MPQ_TOKEN": token}
     plan, imports = run_blocked_mpq(
         *("plan", str(model), "--data", str(data), "--server", live_server, "--candidates", "fp32,w8a8,w4"),
-        *("--max-bops", "30000", "--max-probes", "16", "--out", str(out), "--json"),
+        *("--max-bops", "30000", "--method", "hawq_v2", "--max-probes", "16", "--out", str(out), "--json"),
         report=tmp_path / "plan-imports.json",
         env=env,
         timeout=300,
@@ -191,7 +191,18 @@ def test_the_remote_commands_run_jobs_without_the_heavy_packages(app, live_serve
     assert imports == NOTHING_HEAVY
 
     sensitivity, imports = run_blocked_mpq(
-        *("sensitivity", str(model), "--data", str(data), "--server", live_server, "--max-probes", "16"),
+        *(
+            "sensitivity",
+            str(model),
+            "--data",
+            str(data),
+            "--server",
+            live_server,
+            "--method",
+            "hawq_v2",
+            "--max-probes",
+            "16",
+        ),
         *("--method", "interlayer", "--json"),
         report=tmp_path / "sensitivity-imports.json",
         env=env,
@@ -225,7 +236,19 @@ def test_a_real_light_install_runs_the_remote_commands(app, live_server, files, 
 
     assert run("--help").returncode == 0
     model, data = files
-    remote = run("sensitivity", str(model), "--data", str(data), "--server", live_server, "--max-probes", "8", "--json")
+    remote = run(
+        "sensitivity",
+        str(model),
+        "--data",
+        str(data),
+        "--server",
+        live_server,
+        "--method",
+        "hawq_v2",
+        "--max-probes",
+        "8",
+        "--json",
+    )
     assert remote.returncode == 0, remote.stderr
     assert [row["name"] for row in json.loads(remote.stdout)["layers"]] == ["fc1.weight", "fc2.weight"]
     local = run("plan", str(model), "--data", str(data), "--max-size-mb", "1")

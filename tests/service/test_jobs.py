@@ -91,8 +91,11 @@ def test_requests_are_validated_up_front(client, app, tiny_model_bytes, tiny_dat
         ({"model_id": model_id, "dataset_id": wrong}, "missing ['x']"),
         ({"model_id": model_id, "dataset_id": narrow}, "shape"),
         ({"model_id": unsupported, "dataset_id": dataset_id}, "NonZero (node 'the_nonzero')"),
-        ({"model_id": model_id, "dataset_id": dataset_id, "options": {"tolerance": -1}}, "tolerance"),
-        ({"model_id": model_id, "dataset_id": dataset_id, "options": {"probes": 3}}, "probes"),
+        (
+            {"model_id": model_id, "dataset_id": dataset_id, "method": "hawq_v2", "options": {"tolerance": -1}},
+            "tolerance",
+        ),
+        ({"model_id": model_id, "dataset_id": dataset_id, "method": "hawq_v2", "options": {"probes": 3}}, "probes"),
         ({"model_id": model_id, "dataset_id": dataset_id, "method": "hawq_v9"}, "method"),
     ]
     for body, words in cases:
@@ -143,6 +146,7 @@ def test_cancel_a_running_job(client):
     body = {
         "model_id": model_id,
         "dataset_id": dataset_id,
+        "method": "hawq_v2",
         "options": {"tolerance": 1e-9, "max_probes": MAX_PROBES, "min_probes": 2},
     }
     job_id = client.post("/v1/sensitivity", json=body).json()["id"]
@@ -162,6 +166,7 @@ def test_cancel_a_queued_job_is_immediate(client, app):
     long_job = {
         "model_id": model_id,
         "dataset_id": dataset_id,
+        "method": "hawq_v2",
         "options": {"tolerance": 1e-9, "max_probes": MAX_PROBES, "min_probes": 2},
     }
     running = client.post("/v1/sensitivity", json=long_job).json()["id"]
@@ -179,6 +184,7 @@ def test_kill_9_mid_job_requeues_then_succeeds(client):
     body = {
         "model_id": model_id,
         "dataset_id": dataset_id,
+        "method": "hawq_v2",
         "options": {"tolerance": 1e-9, "min_probes": 60, "max_probes": 60},
     }
     job_id = client.post("/v1/sensitivity", json=body).json()["id"]
@@ -198,6 +204,7 @@ def test_kill_9_on_the_last_attempt_fails_with_a_reason(client, app):
         body = {
             "model_id": model_id,
             "dataset_id": dataset_id,
+            "method": "hawq_v2",
             "options": {"tolerance": 1e-9, "max_probes": MAX_PROBES, "min_probes": 2},
         }
         job_id = client.post("/v1/sensitivity", json=body).json()["id"]

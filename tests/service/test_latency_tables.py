@@ -74,6 +74,7 @@ def test_a_second_plan_reuses_the_table_and_another_onnxruntime_version_does_not
         "objective": "latency",
         "candidates": ["fp32", "w8a8"],
         "constraints": {"max_drop": 50.0},
+        "method": "hawq_v2",
         "options": {"trace_max_probes": 4, "trace_min_probes": 2},
     }
 

@@ -168,6 +168,8 @@ def test_plan_json_writes_the_artifact(files):
         "fp32,w8a8,w4a8",
         "--max-bops",
         "30000",
+        "--method",
+        "hawq_v2",
         "--max-probes",
         "4",
         "--max-frontier-points",
@@ -231,6 +233,8 @@ def test_plan_summary_lists_nodes_and_exclusions(files, capsys, monkeypatch):
         "fp32,w8a8",
         "--max-size-mb",
         "1",
+        "--method",
+        "hawq_v2",
         "--max-probes",
         "2",
         "--max-frontier-points",
@@ -255,6 +259,8 @@ def test_plan_summary_lists_nodes_and_exclusions(files, capsys, monkeypatch):
         "fp32,w8a8",
         "--max-size-mb",
         "1",
+        "--method",
+        "hawq_v2",
         "--max-probes",
         "2",
         "--max-frontier-points",
@@ -330,6 +336,8 @@ def test_budget_options_reach_the_configuration():
             "m.onnx",
             "--data",
             "d.npz",
+            "--method",
+            "hawq_v2",
             "--memory-budget-mb",
             "0",
             "--time-budget-s",
@@ -342,6 +350,18 @@ def test_budget_options_reach_the_configuration():
     assert (config.memory_budget_mb, config.time_budget_s, config.hvp_method) == (None, 30.0, "forward_over_reverse")
     args = parser.parse_args(["plan", "m.onnx", "--data", "d.npz", "--memory-budget-mb", "2048"])
     assert plan_request(args).sensitivity_config().memory_budget_mb == 2048
+
+
+def test_plan_and_sensitivity_read_candidates_alike():
+    """Spaces after the commas are ignored by both commands."""
+    from service.cli.options import plan_request, sensitivity_config
+
+    parser = argparse.ArgumentParser(prog="mpq")
+    register(parser.add_subparsers())
+    plan_args = parser.parse_args(["plan", "m.onnx", "--data", "d.npz", "--candidates", "fp32, w8a8 ,w4"])
+    assert plan_request(plan_args).candidates == ("fp32", "w8a8", "w4")
+    sensitivity_args = parser.parse_args(["sensitivity", "m.onnx", "--data", "d.npz", "--candidates", "w8a8, w4"])
+    assert sensitivity_config(sensitivity_args).candidates == ("w8a8", "w4")
 
 
 @pytest.mark.slow
@@ -389,6 +409,8 @@ def test_mismatching_arrays_exit_2_in_a_real_process(files):
         (("sensitivity", "model.onnx", "--data", "wrong.npz"), "does not match the model inputs"),
         (("sensitivity", "calib.npz", "--data", "calib.npz"), "not a valid ONNX model"),
         (("sensitivity", "model.onnx", "--data", "calib.npz", "--method", "interlayer", "--bits", "8,x"), "--bits"),
+        (("plan", "model.onnx", "--data", "calib.npz", "--max-probes", "8"), "--method measured does not run"),
+        (("plan", "model.onnx", "--data", "calib.npz", "--method", "fisher", "--max-probes", "8"), "Hutchinson"),
     ],
 )
 def test_bad_input_exits_2(files, capsys, monkeypatch, arguments, message):
@@ -425,6 +447,8 @@ def test_sensitivity_of_a_paddle_style_model_names_its_constant_layers(tmp_path,
         str(tmp_path / "paddle.onnx"),
         "--data",
         str(tmp_path / "data.npz"),
+        "--method",
+        "hawq_v2",
         "--max-probes",
         "2",
         "--device",
@@ -442,7 +466,7 @@ def test_a_finished_sensitivity_is_reused_by_the_next_sensitivity_and_plan(files
     """`mpq plan` recomputed what `mpq sensitivity` had just computed (529 of 637 s on a real model)."""
     monkeypatch.chdir(files)
     monkeypatch.setenv("MPQ_CACHE_DIR", str(tmp_path / "cache"))
-    options = ("--max-probes", "4", "--device", "cpu", "--json")
+    options = ("--method", "hawq_v2", "--max-probes", "4", "--device", "cpu", "--json")
     status, first, err = call_mpq("sensitivity", "model.onnx", "--data", "calib.npz", *options, capsys=capsys)
     assert status == 0 and "reusing" not in err, err
     assert len(list((tmp_path / "cache").glob("*.json"))) == 1
@@ -479,6 +503,8 @@ def test_a_finished_sensitivity_is_reused_by_the_next_sensitivity_and_plan(files
         "1",
         "--out",
         str(tmp_path / "q.onnx"),
+        "--method",
+        "hawq_v2",
         "--max-probes",
         "5",
         "--device",
@@ -529,7 +555,7 @@ def test_sensitivity_and_plan_take_the_sample_axes(tmp_path, capsys, monkeypatch
     monkeypatch.chdir(tmp_path)
     onnx.save(loosely_declared_stateful_model(), tmp_path / "state.onnx")
     np.savez(tmp_path / "data.npz", **loose_data(24))
-    common = ("--data", "data.npz", "--max-probes", "4", "--device", "cpu", "--json")
+    common = ("--data", "data.npz", "--method", "hawq_v2", "--max-probes", "4", "--device", "cpu", "--json")
     status, out, err = call_mpq("sensitivity", "state.onnx", *common, capsys=capsys)
     assert status == 2 and "different numbers of samples" in err and "'state' 2 (axis 0" in err
     axes = ("--sample-axis", "state=1", "--sample-axis", "sr=none")
@@ -570,6 +596,8 @@ def test_sensitivity_and_plan_take_the_sample_axes(tmp_path, capsys, monkeypatch
         "declared.onnx",
         "--data",
         "declared.npz",
+        "--method",
+        "hawq_v2",
         "--max-probes",
         "4",
         "--device",
@@ -676,6 +704,8 @@ def test_a_pt2_plans_like_an_onnx_model(pt2_files, archive, search, batch):
         "--eval-data",
         "eval.npz",
         *search,
+        "--method",
+        "hawq_v2",
         "--max-probes",
         "32",
         "--max-frontier-points",

@@ -59,6 +59,8 @@ def test_remote_plan_round_trip(app, live_server, files, token, tmp_path, client
         "fp32,w8a8,w4",
         "--max-bops",
         "30000",
+        "--method",
+        "hawq_v2",
         "--max-probes",
         "16",
         "--exclude",
@@ -148,7 +150,20 @@ def test_remote_runs_take_sample_axes(app, live_server, token, tmp_path, client)
     onnx.save(loosely_declared_stateful_model(), model)
     np.savez(data, **loose_data(24))
     axes = ["--sample-axis", "state=1", "--sample-axis", "sr=none"]
-    args = ["sensitivity", str(model), "--data", str(data), "--max-probes", "4", "--device", "cpu", "--json", *axes]
+    args = [
+        "sensitivity",
+        str(model),
+        "--data",
+        str(data),
+        "--method",
+        "hawq_v2",
+        "--max-probes",
+        "4",
+        "--device",
+        "cpu",
+        "--json",
+        *axes,
+    ]
     local, remote = mpq(*args, "--no-cache"), mpq(*args, "--server", live_server, token=token)
     assert local.returncode == remote.returncode == 0, (local.stderr, remote.stderr)
     local_layers, remote_layers = json.loads(local.stdout)["layers"], json.loads(remote.stdout)["layers"]
@@ -169,6 +184,8 @@ def test_remote_runs_take_sample_axes(app, live_server, token, tmp_path, client)
         "fp32,w8a8,w4",
         "--max-bops",
         "40000",
+        "--method",
+        "hawq_v2",
         "--max-probes",
         "4",
         "--out",

@@ -37,6 +37,7 @@ FEWEST_BOPS = 72 * 64
 PLAN = {
     "candidates": ["fp32", "w8a8", "w4"],
     "constraints": {"max_bops": 40_000},
+    "method": "hawq_v2",
     "options": {"trace_max_probes": 4, "trace_min_probes": 2, "batch_size": 8},
 }
 
@@ -66,7 +67,9 @@ def test_a_stateful_model_runs_on_the_axes_its_shapes_declare(client):
     assert dataset["arrays"]["sr"] == {"shape": [], "dtype": "int64"}
 
     job = finished(
-        client, "/v1/sensitivity", {"model_id": model_id, "dataset_id": dataset_id, "options": SENSITIVITY_OPTIONS}
+        client,
+        "/v1/sensitivity",
+        {"model_id": model_id, "dataset_id": dataset_id, "method": "hawq_v2", "options": SENSITIVITY_OPTIONS},
     )
     assert job["params"]["sample_axes"] == {}
     result = client.get(f"/v1/sensitivity/{job['result']['sensitivity_result_id']}").json()["result"]
@@ -103,7 +106,13 @@ def test_a_loosely_declared_model_takes_sample_axes(client, app):
     assert_problem(refused, 422, "calibration set", "different numbers of samples", "'state' 2 (axis 0")
     assert snapshot(app) == before
 
-    body = {"model_id": model_id, "dataset_id": dataset_id, "options": SENSITIVITY_OPTIONS, "sample_axes": AXES}
+    body = {
+        "model_id": model_id,
+        "dataset_id": dataset_id,
+        "method": "hawq_v2",
+        "options": SENSITIVITY_OPTIONS,
+        "sample_axes": AXES,
+    }
     first = finished(client, "/v1/sensitivity", body)
     assert first["params"]["sample_axes"] == AXES and first["result"]["cached"] is False
     result = client.get(f"/v1/sensitivity/{first['result']['sensitivity_result_id']}").json()["result"]

@@ -123,6 +123,7 @@ def _start_long_job(url: str, model: Path, data: Path) -> str:
         body = {
             "model_id": http_upload(client, "/v1/models", model.read_bytes()),
             "dataset_id": http_upload(client, "/v1/datasets", data.read_bytes()),
+            "method": "hawq_v2",
             "options": LONG_JOB,
         }
         job_id = client.post("/v1/sensitivity", json=body).json()["id"]
@@ -195,7 +196,10 @@ def test_ctrl_c_stops_the_remote_cli_and_then_serve_each_in_one_line(tmp_path):
         command = [*MPQ, "sensitivity", str(model), "--data", str(data), "--server", url, "--json"]
         with (tmp_path / "cli.out").open("w") as out, (tmp_path / "cli.err").open("w") as err:
             cli = subprocess.Popen(
-                [*command, "--max-probes", "60", "--tol", "1e-9"], stdout=out, stderr=err, start_new_session=True
+                [*command, "--method", "hawq_v2", "--max-probes", "60", "--tol", "1e-9"],
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
             )
         try:
             with httpx.Client(base_url=url, timeout=60) as client:
@@ -239,7 +243,20 @@ def test_a_local_command_stopped_mid_run_says_so_in_one_line(tmp_path, signum, s
     out, err = tmp_path / "out", tmp_path / "err"
     with out.open("w") as stdout, err.open("w") as stderr:
         command = subprocess.Popen(
-            [*MPQ, "sensitivity", str(model), "--data", str(data), "--max-probes", "200", "--tol", "1e-9", "--json"],
+            [
+                *MPQ,
+                "sensitivity",
+                str(model),
+                "--data",
+                str(data),
+                "--method",
+                "hawq_v2",
+                "--max-probes",
+                "200",
+                "--tol",
+                "1e-9",
+                "--json",
+            ],
             stdout=stdout,
             stderr=stderr,
             start_new_session=True,

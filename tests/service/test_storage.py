@@ -94,6 +94,7 @@ def test_a_model_or_dataset_in_use_by_a_job_is_not_deleted(client, app):
         json={
             "model_id": model_id,
             "dataset_id": dataset_id,
+            "method": "hawq_v2",
             "options": {"tolerance": 1e-9, "min_probes": 500, "max_probes": 500},
         },
     )
@@ -121,6 +122,7 @@ def test_deleting_a_model_takes_its_plans_and_their_artifacts(client, app):
             "calibration_dataset_id": dataset_id,
             "candidates": ["fp32", "w8a8"],
             "constraints": {"max_size_bytes": 10**6},
+            "method": "hawq_v2",
             "options": {"trace_max_probes": 16},
         },
     ).json()

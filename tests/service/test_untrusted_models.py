@@ -95,7 +95,8 @@ def test_a_benign_pt2_runs_in_the_sandbox(client, benign_pt2):
     ids = np.random.default_rng(0).integers(0, 12, (16, 5))
     model_id, dataset_id = uploaded(client, benign_pt2.read_bytes(), npz_bytes(ids=ids))
     job = client.post(
-        "/v1/sensitivity", json={"model_id": model_id, "dataset_id": dataset_id, "options": {"max_probes": 16}}
+        "/v1/sensitivity",
+        json={"model_id": model_id, "dataset_id": dataset_id, "method": "hawq_v2", "options": {"max_probes": 16}},
     ).json()
     final = wait_for(client, job["id"])
     assert final["status"] == "succeeded", (final["error"], final["log_tail"])
@@ -114,6 +115,7 @@ def test_a_job_past_its_time_limit_fails_and_frees_its_slot(client, app, tiny_mo
             json={
                 "model_id": model_id,
                 "dataset_id": dataset_id,
+                "method": "hawq_v2",
                 "options": {"tolerance": 1e-9, "min_probes": 1000, "max_probes": 1000},
             },
         ).json()

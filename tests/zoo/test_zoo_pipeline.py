@@ -33,12 +33,6 @@ SAMPLES = 1
 CASES = [pytest.param(m, id=m.name) for m in zoo.ZOO if not m.quantized]
 
 
-def _feeds(model: zoo.ZooModel, data: dict[str, np.ndarray], proto: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """The model's inputs and labels (the data also holds ground truth the models do not take)."""
-    inputs = {i.name for i in proto.graph.input}
-    return {k: v for k, v in data.items() if k in inputs or k == "labels"}
-
-
 @pytest.mark.parametrize("model", CASES)
 def test_sensitivity_then_a_plan_whose_artifact_runs(model: zoo.ZooModel, tmp_path) -> None:
     from planner import PlanRequest, normalize_for_plan, plan
@@ -46,9 +40,10 @@ def test_sensitivity_then_a_plan_whose_artifact_runs(model: zoo.ZooModel, tmp_pa
     from sensitivity.onnx_program import load_onnx
 
     proto = onnx.load_from_string(model.model_bytes())
-    calibration = _feeds(model, model.calibration(SAMPLES, seed=0), proto)
-    evaluation = _feeds(model, model.evaluation(SAMPLES, seed=1), proto)
+    calibration = zoo.planner_inputs(proto, model.calibration(SAMPLES, seed=0))
+    evaluation = zoo.planner_inputs(proto, model.evaluation(SAMPLES, seed=1))
     request = PlanRequest(
+        method="hawq_v2",  # the traces computed below; measured (the default) is covered by bench/fidelity.py
         candidates=("fp32", "w8"),
         max_frontier_points=1,
         measure_uniform=False,
