@@ -95,8 +95,7 @@ def test_a_plan_on_a_fixed_batch_model_with_18_samples(fixed: int):
         latency_repeats=2,
         latency_warmup=1,
         device="cpu",
-        sensitivity_options={"trace_max_probes": 8, "trace_min_probes": 4},
-    )
+    )  # the default method, measured: every export and onnxruntime pass runs in chunks of the fixed batch
     result = plan(mlp(fixed), calibration, request)
     assert result.plan.measured is not None and result.plan.measured.num_samples == 18
     assert result.plan.measured.latency is not None and result.plan.measured.latency.batch_size == fixed

@@ -60,7 +60,7 @@ def test_pareto_plan_between_uniform_w4a8_and_w8a8_meets_the_budget_and_measures
     table = layer_cost_table(proto, SAMPLE_SHAPE)
     w4a8, w8a8 = (minimum_cost(table, (name,), "bops") for name in ("w4a8", "w8a8"))
     budget = (w4a8 + w8a8) // 2
-    request = PlanRequest(max_bops=budget, sensitivity_options=PROBES, **FAST)
+    request = PlanRequest(method="hawq_v2", max_bops=budget, sensitivity_options=PROBES, **FAST)
     result = plan(proto, calibration, request, evaluation=evaluation)  # the whole path, sensitivity included
 
     assert w4a8 < result.plan.bops <= budget < w8a8
