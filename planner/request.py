@@ -34,7 +34,7 @@ METHODS = ("hawq_v2", "interlayer", "fisher", "measured")
 # measured's Ωᵢ(c) is twice layer i's loss change measured alone at candidate c (planner.measured).
 DIAGONAL_METHODS = ("hawq_v2", "fisher", "measured")
 # Chosen by rank fidelity on held-out data (docs/search.md, "Defaults by evidence"): each layer measured
-# alone ranked single layers at Spearman +0.96 to +1.00 on every model run, HAWQ-V2 traces at +0.50 to +0.95.
+# alone ranked single layers best on all six models run (Spearman +0.84 to +1.00; HAWQ-V2 traces +0.50 to +0.98).
 DEFAULT_METHOD = "measured"
 # The methods whose analysis runs Hutchinson probes: the only ones the trace_* options reach.
 PROBING_METHODS = ("hawq_v2", "interlayer")
