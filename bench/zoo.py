@@ -12,16 +12,17 @@ Per model:
   inside ``If``/``Loop`` subgraphs in brackets), the Conv/ConvTranspose/Gemm/MatMul/LSTM/GRU node
   counts over all graphs (and how many of them have a constant weight, Constant nodes included),
   and the layers mpq finds (``find_layers`` on the normalised model) or why it finds none;
-- ``mpq sensitivity --json --no-cache`` for measured (mpq's default), hawq_v2 and interlayer, each a child process: wall
-  time and peak RSS (``os.wait4``'s ``ru_maxrss`` of the child), and from the document's
+- ``mpq sensitivity --json --no-cache`` for measured (mpq's default), hawq_v2 and interlayer, each
+  a child process: wall time and peak RSS (``os.wait4``'s ``ru_maxrss`` of the child), and from the document's
   ``execution`` report the batch size and probes per pass the memory budget chose, probes
   reached and why they stopped, the worst relative SE, the HVP cost in gradients of each method
   as timed by the budget step (two batched probes on up to 4 samples), the method picked, and
   the cost of a probe over the whole run in gradients (measured has no probes: wall and RSS only);
 - ``mpq plan --search bisection --max-drop 1`` and ``mpq plan --max-size-mb`` at
   ``--size-fraction`` (default 40 %) of the float file (pareto search), each a child process
-  running the ``mpq`` script with ``--method`` ``--plan-method`` (default: mpq's default) and ``--no-cache`` (each plan computes its own sensitivity; with the
-  cache a plan after ``mpq sensitivity`` reuses it, so its sensitivity seconds are shown apart):
+  running the ``mpq`` script with ``--method`` from ``--plan-method`` (default: mpq's default) and
+  ``--no-cache`` (each plan computes its own sensitivity; with the cache a plan after ``mpq
+  sensitivity`` reuses it, so its sensitivity seconds are shown apart):
   wall time, peak RSS, the metric mpq chose (``metric_name``), the artifact's size;
 - onnxruntime's ``quantize_static`` (QDQ, per-channel, int8 weights and activations, MinMax) on
   the same calibration inputs, scored with ``planner.evaluate.evaluate`` (the metric ``auto``
@@ -68,6 +69,9 @@ from typing import Any
 
 import numpy as np
 
+from planner.request import DEFAULT_METHOD, PROBING_METHODS
+from planner.request import METHODS as PLAN_METHODS
+
 MiB = 1 << 20
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU")
 LATENCY = {"device": "cpu", "warmup": 10, "repeats": 50, "batch_size": 1}  # PlanRequest's defaults
@@ -76,13 +80,10 @@ FLOAT, PLANS = "float", ("mpq ≤1 pp", "mpq size")
 ORT, ORT_NORMALIZED = "onnxruntime int8", "onnxruntime int8, normalised graph"
 ORT_OPSET = 13  # per-channel DequantizeLinear (its axis attribute) needs opset 13
 GROUND_TRUTH = ("labels",)  # the only non-input key mpq reads; texts and speech are dropped
-# mpq's methods, written out as its CLI does (service/cli/local_commands.py): the default, which the
-# plans use unless --plan-method says otherwise, and hawq_v2 beside it; --max-probes and
-# --time-budget-s reach the methods that run Hutchinson probes only (mpq refuses them elsewhere).
-DEFAULT_METHOD = "measured"
+# mpq sensitivity runs for mpq's default method, which the plans use unless --plan-method says
+# otherwise, and for hawq_v2 beside it; --max-probes and --time-budget-s reach the methods that run
+# Hutchinson probes only (mpq refuses them elsewhere).
 SENSITIVITY_METHODS = (DEFAULT_METHOD, "hawq_v2")
-PROBING_METHODS = ("hawq_v2", "interlayer")
-PLAN_METHODS = ("measured", "hawq_v2", "interlayer", "fisher")
 
 # issue 12's targets on the 2-core machine
 TARGET_HAWQ_S, TARGET_HAWQ_RSS_MB = 180.0, 4096.0

@@ -71,7 +71,7 @@ def sensitivity_options(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-# The plan methods whose analysis runs Hutchinson probes (``--max-probes`` bounds them).
+# planner.request.PROBING_METHODS, written out (a test pins them equal): --max-probes bounds their probes.
 PROBING_METHODS = ("hawq_v2", "interlayer")
 # Which method reads each method-specific option: given with another method, it would be ignored.
 _METHOD_OPTIONS = {

@@ -91,14 +91,16 @@ def test_a_star_import_gives_the_public_names_only():
 
 def test_the_service_copies_of_the_default_candidates_and_method_are_the_planners():
     """The API and the CLI write them out (their processes do not import torch); one definition rules."""
+    from planner.request import PROBING_METHODS
     from service.api import jobs as api_jobs
     from service.api import plans as api_plans
-    from service.cli import local_commands
+    from service.cli import local_commands, options
 
     assert planner.PlanRequest().method == planner.DEFAULT_METHOD
     assert api_plans.PlanRequestIn.model_fields["method"].default == planner.DEFAULT_METHOD
     assert api_jobs.SensitivityRequest.model_fields["method"].default == planner.DEFAULT_METHOD
     assert local_commands.DEFAULT_METHOD == planner.DEFAULT_METHOD
+    assert options.PROBING_METHODS == PROBING_METHODS
 
     assert planner.PlanRequest().candidates == planner.DEFAULT_CANDIDATES
     assert tuple(api_plans.DEFAULT_CANDIDATES) == planner.DEFAULT_CANDIDATES
